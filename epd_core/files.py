@@ -1,0 +1,232 @@
+"""Loading and saving EPD tables.
+
+Two formats are read:
+
+* the project's own ``.safetensors``: tensors ``r_params``, ``weight_s``,
+  ``scale_dir_params``, ``scale_time_params`` (and optionally ``t_steps``),
+  header metadata ``epd_format`` (``"1"``), ``hyper`` (JSON hyper-parameters)
+  and ``provenance`` (JSON: source file and sha256, creating tool, ...);
+* the authors' released ``.pkl`` predictors, through a pickle reader that
+  never runs code (:mod:`epd_core.authors_format`).
+
+Every failure raises :class:`EPDFileError`, which names the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from . import __version__
+from .authors_format import read_authors_pickle
+from .params import TABLE_NAMES, EPDParams
+from .safe_pickle import PickleRefused
+
+__all__ = ["EPDFileError", "load_params", "save_params", "params_from_authors", "MAX_FILE_BYTES"]
+
+MAX_FILE_BYTES = 16 * 1024 * 1024
+FORMAT_VERSION = "1"
+_MAX_HEADER_BYTES = 1024 * 1024
+
+
+class EPDFileError(ValueError):
+    """A table file could not be read or written; the message names the file."""
+
+    def __init__(self, path: str | os.PathLike, problem: str) -> None:
+        self.path = str(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}")
+
+
+def _read_bounded(path: Path) -> bytes:
+    if not path.exists():
+        raise EPDFileError(path, "file does not exist")
+    if not path.is_file():
+        raise EPDFileError(path, "not a regular file")
+    size = path.stat().st_size
+    if size == 0:
+        raise EPDFileError(path, "file is empty")
+    if size > MAX_FILE_BYTES:
+        raise EPDFileError(path, f"file is {size} bytes; EPD tables are at most {MAX_FILE_BYTES} bytes")
+    with path.open("rb") as fh:
+        data = fh.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise EPDFileError(path, "file grew past the size limit while reading")
+    return data
+
+
+def _backend_of(hyper: dict[str, Any]) -> str:
+    backend = hyper.get("backend")
+    if backend in ("ldm", "sd3", "flux"):
+        return backend
+    if backend is not None:
+        raise ValueError(f"unknown backend {backend!r}")
+    if str(hyper.get("dataset_name", "")).endswith("_ldm"):
+        return "ldm"
+    return "edm"
+
+
+def params_from_authors(tables: dict[str, torch.Tensor], hyper: dict[str, Any], provenance: dict) -> EPDParams:
+    """Build :class:`EPDParams` from the authors' predictor state."""
+    missing = [name for name in TABLE_NAMES if name not in tables]
+    if missing:
+        raise ValueError(f"predictor lacks tables {missing}")
+    backend = _backend_of(hyper)
+    shift = hyper.get("flowmatch_shift")
+    if backend == "sd3" and shift is None:
+        shift = 3.0  # SD3-Medium's scheduler config; the released SD3 files rely on it.
+    known = {
+        "dataset_name", "img_resolution", "num_steps", "sampler_stu", "sampler_tea", "M", "guidance_type",
+        "guidance_rate", "schedule_type", "schedule_rho", "afs", "scale_dir", "scale_time", "max_order",
+        "predict_x0", "lower_order_final", "num_points", "fcn", "alpha", "backend", "backend_config",
+        "sigma_min", "sigma_max", "flowmatch_mu", "flowmatch_shift",
+    }  # fmt: skip
+    extra_keys = ("img_resolution", "alpha", "predict_x0", "lower_order_final", "backend_config")
+    extra = {k: hyper[k] for k in extra_keys if hyper.get(k) is not None}
+    unknown = sorted(set(hyper) - known)
+    teacher = hyper.get("sampler_tea")
+    return EPDParams(
+        **{name: tables[name] for name in TABLE_NAMES},
+        num_steps=hyper.get("num_steps"),
+        num_points=hyper.get("num_points"),
+        student=hyper.get("sampler_stu"),
+        max_order=hyper.get("max_order") if hyper.get("max_order") is not None else 4,
+        schedule_type=hyper.get("schedule_type"),
+        schedule_rho=hyper.get("schedule_rho") if hyper.get("schedule_rho") is not None else 1.0,
+        afs=bool(hyper.get("afs", False)),
+        scale_dir=hyper.get("scale_dir") or 0.0,
+        scale_time=hyper.get("scale_time") or 0.0,
+        fcn=bool(hyper.get("fcn", False)),
+        sigma_min=hyper.get("sigma_min"),
+        sigma_max=hyper.get("sigma_max"),
+        flowmatch_shift=shift,
+        flowmatch_mu=hyper.get("flowmatch_mu"),
+        backend=backend,
+        teacher=teacher if isinstance(teacher, str) else None,
+        teacher_steps_m=hyper.get("M") if isinstance(hyper.get("M"), int) else None,
+        guidance_type=hyper.get("guidance_type") if isinstance(hyper.get("guidance_type"), str) else None,
+        guidance_rate=hyper.get("guidance_rate"),
+        dataset_name=hyper.get("dataset_name") if isinstance(hyper.get("dataset_name"), str) else None,
+        metadata={**provenance, "authors_extra": _jsonable(extra), "authors_unknown_keys": unknown},
+    )
+
+
+def _jsonable(value: Any) -> Any:
+    """Keep only JSON-representable parts of the authors' extra hyper-parameters."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    return repr(type(value).__name__)
+
+
+def _load_authors(path: Path, data: bytes) -> EPDParams:
+    try:
+        tables, hyper = read_authors_pickle(data)
+    except PickleRefused as exc:
+        raise EPDFileError(path, f"refused predictor pickle: {exc}") from None
+    provenance = {
+        "source_file": path.name,
+        "source_sha256": hashlib.sha256(data).hexdigest(),
+        "source_format": "authors-pkl",
+        "converted_by": f"epd_core {__version__}",
+    }
+    try:
+        return params_from_authors(tables, hyper, provenance)
+    except (ValueError, TypeError) as exc:
+        raise EPDFileError(path, f"invalid predictor contents: {exc}") from None
+
+
+def _read_safetensors_header(data: bytes) -> dict[str, Any]:
+    if len(data) < 8:
+        raise ValueError("too short for a safetensors header")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > min(_MAX_HEADER_BYTES, len(data) - 8):
+        raise ValueError(f"declared header length {n} is out of range")
+    header = json.loads(data[8 : 8 + n])
+    if not isinstance(header, dict):
+        raise ValueError("header is not a JSON object")
+    return header
+
+
+_HYPER_FIELDS = set(EPDParams.__dataclass_fields__) - set(TABLE_NAMES) - {"t_steps", "metadata"}
+
+
+def _load_own(path: Path, data: bytes) -> EPDParams:
+    try:
+        header = _read_safetensors_header(data)
+        meta = header.get("__metadata__") or {}
+        if not isinstance(meta, dict) or meta.get("epd_format") != FORMAT_VERSION:
+            raise ValueError("not an EPD table (missing epd_format metadata)")
+        hyper = json.loads(meta.get("hyper", "null"))
+        provenance = json.loads(meta.get("provenance", "{}"))
+        if not isinstance(hyper, dict) or not isinstance(provenance, dict):
+            raise ValueError("hyper and provenance metadata must be JSON objects")
+        tensors = st_load(data)
+    except Exception as exc:  # JSON, struct and safetensors' own SafetensorError
+        raise EPDFileError(path, f"invalid safetensors file: {exc}") from None
+    unknown = sorted(set(hyper) - _HYPER_FIELDS)
+    if unknown:
+        raise EPDFileError(path, f"unknown hyper-parameters {unknown}")
+    extra = sorted(set(tensors) - set(TABLE_NAMES) - {"t_steps"})
+    if extra:
+        raise EPDFileError(path, f"unexpected tensors {extra}")
+    missing = [name for name in TABLE_NAMES if name not in tensors]
+    if missing:
+        raise EPDFileError(path, f"missing tensors {missing}")
+    try:
+        return EPDParams(**hyper, **tensors, metadata=provenance)
+    except (ValueError, TypeError) as exc:
+        raise EPDFileError(path, str(exc)) from None
+
+
+def load_params(path: str | os.PathLike) -> EPDParams:
+    """Read a table from the project's ``.safetensors`` or an authors' ``.pkl`` file."""
+    path = Path(path)
+    data = _read_bounded(path)
+    if data[:1] == b"\x80":
+        return _load_authors(path, data)
+    if len(data) >= 9 and data[8:9] == b"{":
+        return _load_own(path, data)
+    raise EPDFileError(path, "neither an EPD .safetensors table nor a predictor pickle")
+
+
+def save_params(params: EPDParams, path: str | os.PathLike) -> Path:
+    """Write ``params`` in the project's format, atomically (a temporary file, then a rename)."""
+    path = Path(path)
+    tensors = {name: getattr(params, name).contiguous() for name in TABLE_NAMES}
+    if params.t_steps is not None:
+        tensors["t_steps"] = params.t_steps.contiguous()
+    provenance = dict(params.metadata)
+    provenance.setdefault("created_by", f"epd_core {__version__}")
+    meta = {
+        "epd_format": FORMAT_VERSION,
+        "hyper": json.dumps(params.hyper(), sort_keys=True),
+        "provenance": json.dumps(_jsonable(provenance), sort_keys=True),
+    }
+    blob = st_save(tensors, metadata=meta)
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise EPDFileError(path, "the destination folder does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(blob)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

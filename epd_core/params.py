@@ -1,0 +1,192 @@
+"""EPD parameter tables.
+
+Per solver step ``i`` (``num_steps - 1`` steps) and intermediate point ``k``
+(``num_points`` of them) a table holds four raw values, stored as released
+by the authors (logits) and decoded at use:
+
+* ``r``          position of point k inside step i, ``tau_k = t_next**r * t_cur**(1 - r)``;
+                 ``r = sigmoid(r_params)``.
+* ``weight``     simplex weight of direction k; ``softmax(weight_s)`` over points.
+* ``scale_dir``  direction scale ``c_k`` near 1; with bound ``s_d`` (hyper-parameter
+                 ``scale_dir``) ``c = 2 * sigmoid(0.5 * p) * s_d + (1 - s_d)``, else 1.
+* ``scale_time`` time scale ``a_k``: the model is evaluated at ``a_k * tau_k``; same form.
+
+With ``fcn`` the last step's ``scale_dir`` is forced to 1.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from types import MappingProxyType
+from typing import Any, NamedTuple
+
+import torch
+
+from .schedules import SCHEDULE_TYPES
+
+__all__ = ["EPDParams", "Decoded", "STUDENTS", "BACKENDS", "TABLE_NAMES"]
+
+STUDENTS = ("epd", "ipndm")
+BACKENDS = ("edm", "ldm", "sd3", "flux")
+TABLE_NAMES = ("r_params", "weight_s", "scale_dir_params", "scale_time_params")
+
+
+class Decoded(NamedTuple):
+    """Per-step values a solver step uses, each ``[num_steps - 1, num_points]``."""
+
+    r: torch.Tensor
+    weight: torch.Tensor
+    scale_dir: torch.Tensor
+    scale_time: torch.Tensor
+
+
+def _bounded_scale(raw: torch.Tensor, bound: float) -> torch.Tensor:
+    if not bound:
+        return torch.ones_like(raw)
+    return 2 * torch.sigmoid(0.5 * raw) * bound + (1 - bound)
+
+
+@dataclass(frozen=True, eq=False)
+class EPDParams:
+    """An immutable EPD table and the hyper-parameters it was trained with.
+
+    ``backend`` is the model family: ``edm`` (pixel VE), ``ldm`` (SD-style
+    discrete VP), ``sd3`` (flow, static shift) or ``flux`` (flow, dynamic
+    ``mu``). ``t_steps`` optionally carries the table's own (learned) grid.
+    ``metadata`` holds provenance (source file, sha256, tool, ...).
+    """
+
+    r_params: torch.Tensor
+    weight_s: torch.Tensor
+    scale_dir_params: torch.Tensor
+    scale_time_params: torch.Tensor
+    num_steps: int
+    num_points: int
+    student: str = "epd"
+    max_order: int = 4
+    schedule_type: str = "polynomial"
+    schedule_rho: float = 7.0
+    afs: bool = False
+    scale_dir: float = 0.0
+    scale_time: float = 0.0
+    fcn: bool = False
+    sigma_min: float | None = None
+    sigma_max: float | None = None
+    flowmatch_shift: float | None = None
+    flowmatch_mu: float | None = None
+    backend: str = "edm"
+    teacher: str | None = None
+    teacher_steps_m: int | None = None
+    guidance_type: str | None = None
+    guidance_rate: float | None = None
+    dataset_name: str | None = None
+    t_steps: torch.Tensor | None = None
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        def fail(name: str, why: str) -> None:
+            raise ValueError(f"EPDParams.{name}: {why}")
+
+        for name in ("num_steps", "num_points", "max_order"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                fail(name, f"must be an integer, got {value!r}")
+        if self.num_steps < 2:
+            fail("num_steps", f"must be >= 2, got {self.num_steps}")
+        if self.num_points < 1:
+            fail("num_points", f"must be >= 1, got {self.num_points}")
+        if not 1 <= self.max_order <= 4:
+            fail("max_order", f"must be in 1..4, got {self.max_order}")
+        if self.student not in STUDENTS:
+            fail("student", f"must be one of {STUDENTS}, got {self.student!r}")
+        if self.schedule_type not in SCHEDULE_TYPES:
+            fail("schedule_type", f"must be one of {SCHEDULE_TYPES}, got {self.schedule_type!r}")
+        if self.backend not in BACKENDS:
+            fail("backend", f"must be one of {BACKENDS}, got {self.backend!r}")
+        shape = (self.num_steps - 1, self.num_points)
+        for name in TABLE_NAMES:
+            value = getattr(self, name)
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                fail(name, "must be a floating-point tensor")
+            if tuple(value.shape) != shape:
+                fail(name, f"shape {tuple(value.shape)} does not match (num_steps - 1, num_points) = {shape}")
+            if not torch.isfinite(value).all():
+                fail(name, "holds non-finite values")
+            object.__setattr__(self, name, value.detach().to("cpu").clone())
+        for name in ("schedule_rho", "scale_dir", "scale_time"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                fail(name, f"must be a finite number, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        if self.schedule_rho <= 0:
+            fail("schedule_rho", "must be > 0")
+        for name in ("scale_dir", "scale_time"):
+            if not 0 <= getattr(self, name) < 1:
+                fail(name, f"bound must be in [0, 1), got {getattr(self, name)}")
+        for name in ("sigma_min", "sigma_max", "flowmatch_shift", "flowmatch_mu", "guidance_rate"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                fail(name, f"must be a finite number or None, got {value!r}")
+            object.__setattr__(self, name, float(value))
+        for name in ("sigma_min", "sigma_max", "flowmatch_shift"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                fail(name, f"must be > 0, got {value}")
+        if self.sigma_min is not None and self.sigma_max is not None and self.sigma_min >= self.sigma_max:
+            fail("sigma_min", "must be below sigma_max")
+        if self.t_steps is not None:
+            t = self.t_steps
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (self.num_steps,):
+                fail("t_steps", f"must be a tensor of shape ({self.num_steps},)")
+            t = t.detach().to("cpu", torch.float64).clone()
+            if not torch.isfinite(t).all() or not (t > 0).all() or not (t[1:] < t[:-1]).all():
+                fail("t_steps", "must be finite, positive and strictly decreasing")
+            object.__setattr__(self, "t_steps", t)
+        if self.afs and self.is_flow:
+            fail("afs", "the analytic first step is defined for variance-exploding models only")
+        for name in ("afs", "fcn"):
+            object.__setattr__(self, name, bool(getattr(self, name)))
+        object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
+
+    @property
+    def is_flow(self) -> bool:
+        """True for rectified-flow tables (SD3, FLUX)."""
+        return self.schedule_type == "flowmatch" or self.backend in ("sd3", "flux")
+
+    @property
+    def nfe(self) -> int:
+        """Sequential model rounds, as the papers count: two per step (K points in parallel), one less with AFS."""
+        steps = self.num_steps - 1
+        return 2 * steps - (1 if self.afs else 0)
+
+    @property
+    def evaluations(self) -> int:
+        """Network evaluations per sample (the K points each count)."""
+        steps = self.num_steps - 1
+        return steps * (1 + self.num_points) - (1 if self.afs else 0)
+
+    def decoded(self, dtype: torch.dtype = torch.float64) -> Decoded:
+        """The per-step ``r``, ``weight``, ``scale_dir``, ``scale_time`` exactly as the authors compute them."""
+        r = torch.sigmoid(self.r_params.to(dtype))
+        weight = torch.softmax(self.weight_s.to(dtype), dim=-1)
+        scale_dir = _bounded_scale(self.scale_dir_params.to(dtype), self.scale_dir)
+        scale_time = _bounded_scale(self.scale_time_params.to(dtype), self.scale_time)
+        if self.fcn:
+            scale_dir = scale_dir.clone()
+            scale_dir[-1] = 1.0
+        return Decoded(r, weight, scale_dir, scale_time)
+
+    def hyper(self) -> dict[str, Any]:
+        """The hyper-parameters as a JSON-friendly dict (no tables, no grid, no metadata)."""
+        skip = set(TABLE_NAMES) | {"t_steps", "metadata"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
+
+    def replace(self, **changes: Any) -> EPDParams:
+        """A copy with some fields changed (validated again)."""
+        current = {f.name: getattr(self, f.name) for f in fields(self)}
+        current.update(changes)
+        return EPDParams(**current)

@@ -1,0 +1,352 @@
+"""A pickle reader that only builds plain data.
+
+Python's ``pickle`` runs whatever callables a file names. This module is a
+small, independent pickle virtual machine: it builds ``None``, bools,
+numbers, strings, bytes, lists, tuples, dicts and sets itself, and every
+``GLOBAL`` must appear in an explicit allow-list supplied by the caller that
+maps the name to a handler written in this project. Nothing is ever imported
+from a name found in a file. Memory is bounded by the input size (a memo is a
+dict, lengths are checked against the remaining bytes) and nothing recurses.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+__all__ = ["PickleRefused", "Global", "Opaque", "load_one"]
+
+
+class PickleRefused(ValueError):
+    """The pickle stream is malformed or asks for something not allowed."""
+
+
+@dataclass(frozen=True)
+class Global:
+    """A reference to an allow-listed global (``module.qualname``)."""
+
+    name: str
+
+
+@dataclass
+class Opaque:
+    """An allow-listed object that is kept as data: its class name and state."""
+
+    name: str
+    args: tuple = ()
+    state: Any = None
+    extra: dict = field(default_factory=dict)
+
+
+# handler(args) -> object, for REDUCE / NEWOBJ of an allow-listed global.
+Handler = Callable[[tuple], Any]
+
+_MARK = object()
+_MAX_PROTO = 5
+
+
+class _Reader:
+    def __init__(self, data: bytes, pos: int) -> None:
+        self.data = data
+        self.pos = pos
+
+    def take(self, n: int) -> bytes:
+        if n < 0 or self.pos + n > len(self.data):
+            raise PickleRefused(f"truncated stream (needs {n} bytes at offset {self.pos})")
+        out = self.data[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
+    def line(self) -> bytes:
+        end = self.data.find(b"\n", self.pos)
+        if end < 0:
+            raise PickleRefused("truncated stream (unterminated text line)")
+        out = self.data[self.pos : end]
+        self.pos = end + 1
+        return out
+
+
+def _pop_mark(stack: list, marks: list) -> list:
+    if not marks:
+        raise PickleRefused("no MARK on the stack")
+    start = marks.pop()
+    items = stack[start:]
+    del stack[start:]
+    return items
+
+
+def _hashable(key: Any) -> Any:
+    try:
+        hash(key)
+    except TypeError as exc:
+        raise PickleRefused(f"unhashable key of type {type(key).__name__}") from exc
+    return key
+
+
+def _decode_long(raw: bytes) -> int:
+    if len(raw) > 64:
+        raise PickleRefused("integer wider than 512 bits")
+    return int.from_bytes(raw, "little", signed=True)
+
+
+def load_one(
+    data: bytes,
+    handlers: Mapping[str, Handler],
+    *,
+    pos: int = 0,
+    persistent_load: Callable[[Any], Any] | None = None,
+) -> tuple[Any, int]:
+    """Run one pickle from ``data[pos:]``; return the value and the offset after STOP.
+
+    ``handlers`` maps ``"module.qualname"`` to a function that receives the
+    call's argument tuple. A global absent from ``handlers`` is refused as
+    soon as it is named. ``persistent_load`` receives persistent ids; without
+    it they are refused.
+    """
+    rd = _Reader(data, pos)
+    stack: list[Any] = []
+    marks: list[int] = []
+    memo: dict[int, Any] = {}
+
+    def fence() -> None:
+        if len(stack) <= (marks[-1] if marks else 0):
+            raise PickleRefused("stack underflow")
+
+    def pop() -> Any:
+        fence()
+        return stack.pop()
+
+    def top() -> Any:
+        fence()
+        return stack[-1]
+
+    def resolve(module: str, name: str) -> Global:
+        full = f"{module}.{name}"
+        if full not in handlers:
+            raise PickleRefused(f"forbidden global {full!r}")
+        return Global(full)
+
+    def call(fn: Any, args: Any) -> Any:
+        if not isinstance(fn, Global):
+            raise PickleRefused(f"call of a non-global ({type(fn).__name__})")
+        if not isinstance(args, tuple):
+            raise PickleRefused("call arguments are not a tuple")
+        return handlers[fn.name](args)
+
+    def setitems(target: Any, items: list) -> None:
+        if len(items) % 2:
+            raise PickleRefused("odd number of items for a dict")
+        if not isinstance(target, dict):
+            raise PickleRefused(f"SETITEMS on {type(target).__name__}")
+        for i in range(0, len(items), 2):
+            target[_hashable(items[i])] = items[i + 1]
+
+    while True:
+        op = rd.take(1)
+        if op == b".":  # STOP
+            if len(stack) != 1 or marks:
+                raise PickleRefused("malformed stream at STOP")
+            return stack[0], rd.pos
+        if op == b"\x80":  # PROTO
+            if rd.take(1)[0] > _MAX_PROTO:
+                raise PickleRefused("unsupported pickle protocol")
+        elif op == b"\x95":  # FRAME
+            rd.take(8)
+        elif op == b"(":
+            marks.append(len(stack))
+        elif op == b"0":
+            pop()
+        elif op == b"1":
+            _pop_mark(stack, marks)
+        elif op == b"2":
+            stack.append(top())
+        # memo
+        elif op == b"p":
+            memo[_memo_key(rd.line())] = top()
+        elif op == b"q":
+            memo[rd.take(1)[0]] = top()
+        elif op == b"r":
+            memo[struct.unpack("<I", rd.take(4))[0]] = top()
+        elif op == b"\x94":  # MEMOIZE
+            memo[len(memo)] = top()
+        elif op in (b"g", b"h", b"j"):
+            if op == b"g":
+                key = _memo_key(rd.line())
+            elif op == b"h":
+                key = rd.take(1)[0]
+            else:
+                key = struct.unpack("<I", rd.take(4))[0]
+            if key not in memo:
+                raise PickleRefused(f"memo entry {key} is missing")
+            stack.append(memo[key])
+        # constants and numbers
+        elif op == b"N":
+            stack.append(None)
+        elif op == b"\x88":
+            stack.append(True)
+        elif op == b"\x89":
+            stack.append(False)
+        elif op == b"K":
+            stack.append(rd.take(1)[0])
+        elif op == b"M":
+            stack.append(struct.unpack("<H", rd.take(2))[0])
+        elif op == b"J":
+            stack.append(struct.unpack("<i", rd.take(4))[0])
+        elif op == b"\x8a":
+            stack.append(_decode_long(rd.take(rd.take(1)[0])))
+        elif op == b"\x8b":
+            stack.append(_decode_long(rd.take(struct.unpack("<i", rd.take(4))[0])))
+        elif op == b"I":
+            stack.append(_parse_int_line(rd.line()))
+        elif op == b"L":
+            stack.append(_parse_int_line(rd.line().rstrip(b"L")))
+        elif op == b"G":
+            stack.append(struct.unpack(">d", rd.take(8))[0])
+        elif op == b"F":
+            stack.append(_parse_float_line(rd.line()))
+        # strings and bytes
+        elif op == b"\x8c":
+            stack.append(_utf8(rd.take(rd.take(1)[0])))
+        elif op == b"X":
+            stack.append(_utf8(rd.take(struct.unpack("<I", rd.take(4))[0])))
+        elif op == b"\x8d":
+            stack.append(_utf8(rd.take(struct.unpack("<Q", rd.take(8))[0])))
+        elif op == b"V":
+            stack.append(rd.line().decode("raw_unicode_escape"))
+        elif op == b"C":
+            stack.append(rd.take(rd.take(1)[0]))
+        elif op == b"B":
+            stack.append(rd.take(struct.unpack("<I", rd.take(4))[0]))
+        elif op == b"\x8e":
+            stack.append(rd.take(struct.unpack("<Q", rd.take(8))[0]))
+        elif op == b"U":
+            stack.append(rd.take(rd.take(1)[0]).decode("latin-1"))
+        elif op == b"T":
+            stack.append(rd.take(struct.unpack("<i", rd.take(4))[0]).decode("latin-1"))
+        # containers
+        elif op == b"]":
+            stack.append([])
+        elif op == b"l":
+            stack.append(_pop_mark(stack, marks))
+        elif op == b"a":
+            item = pop()
+            lst = top()
+            if not isinstance(lst, list):
+                raise PickleRefused(f"APPEND on {type(lst).__name__}")
+            lst.append(item)
+        elif op == b"e":
+            items = _pop_mark(stack, marks)
+            lst = top()
+            if not isinstance(lst, list):
+                raise PickleRefused(f"APPENDS on {type(lst).__name__}")
+            lst.extend(items)
+        elif op == b")":
+            stack.append(())
+        elif op == b"t":
+            stack.append(tuple(_pop_mark(stack, marks)))
+        elif op in (b"\x85", b"\x86", b"\x87"):
+            n = op[0] - 0x84
+            items = [pop() for _ in range(n)][::-1]
+            stack.append(tuple(items))
+        elif op == b"}":
+            stack.append({})
+        elif op == b"d":
+            d: dict = {}
+            setitems(d, _pop_mark(stack, marks))
+            stack.append(d)
+        elif op == b"s":
+            value = pop()
+            key = pop()
+            setitems(top(), [key, value])
+        elif op == b"u":
+            items = _pop_mark(stack, marks)
+            setitems(top(), items)
+        elif op == b"\x8f":  # EMPTY_SET
+            stack.append(set())
+        elif op == b"\x90":  # ADDITEMS
+            items = _pop_mark(stack, marks)
+            target = top()
+            if not isinstance(target, set):
+                raise PickleRefused(f"ADDITEMS on {type(target).__name__}")
+            target.update(_hashable(x) for x in items)
+        elif op == b"\x91":  # FROZENSET
+            stack.append(frozenset(_hashable(x) for x in _pop_mark(stack, marks)))
+        # globals and calls
+        elif op == b"c":
+            module = rd.line().decode("utf-8", "replace")
+            name = rd.line().decode("utf-8", "replace")
+            stack.append(resolve(module, name))
+        elif op == b"\x93":  # STACK_GLOBAL
+            name = pop()
+            module = pop()
+            if not isinstance(module, str) or not isinstance(name, str):
+                raise PickleRefused("STACK_GLOBAL with non-string names")
+            stack.append(resolve(module, name))
+        elif op == b"R":
+            args = pop()
+            fn = pop()
+            stack.append(call(fn, args))
+        elif op == b"\x81":  # NEWOBJ
+            args = pop()
+            cls = pop()
+            stack.append(call(cls, args))
+        elif op == b"\x92":  # NEWOBJ_EX
+            kwargs = pop()
+            args = pop()
+            cls = pop()
+            if kwargs:
+                raise PickleRefused("NEWOBJ_EX with keyword arguments")
+            stack.append(call(cls, args))
+        elif op == b"b":  # BUILD
+            state = pop()
+            obj = top()
+            if not isinstance(obj, Opaque):
+                raise PickleRefused(f"BUILD on {type(obj).__name__}")
+            obj.state = state
+        elif op == b"Q":  # BINPERSID
+            pid = pop()
+            if persistent_load is None:
+                raise PickleRefused("persistent id not allowed here")
+            stack.append(persistent_load(pid))
+        elif op == b"P":
+            raise PickleRefused("text persistent ids are not supported")
+        else:
+            raise PickleRefused(f"unsupported opcode {op!r} at offset {rd.pos - 1}")
+
+
+def _memo_key(raw: bytes) -> int:
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise PickleRefused("bad memo key") from exc
+
+
+def _parse_int_line(raw: bytes) -> int | bool:
+    if raw == b"00":
+        return False
+    if raw == b"01":
+        return True
+    if len(raw) > 160:
+        raise PickleRefused("integer literal too long")
+    try:
+        return int(raw)
+    except ValueError as exc:
+        raise PickleRefused("bad integer literal") from exc
+
+
+def _parse_float_line(raw: bytes) -> float:
+    if len(raw) > 64:
+        raise PickleRefused("float literal too long")
+    try:
+        return float(raw)
+    except ValueError as exc:
+        raise PickleRefused("bad float literal") from exc
+
+
+def _utf8(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8", "surrogatepass")
+    except UnicodeDecodeError as exc:
+        raise PickleRefused("invalid UTF-8 string") from exc

@@ -1,0 +1,152 @@
+"""The EPD solver (Ensemble Parallel Directions) and its iPNDM-plugin student.
+
+One step from ``t_cur`` to ``t_next``, with table values ``r, weight, scale_dir,
+scale_time`` for K points (see :mod:`epd_core.params`)::
+
+    d     = (x - D(x, t_cur)) / t_cur                 # AFS on the first step: x / sqrt(1 + t_cur^2)
+    tau_k = t_next**r_k * t_cur**(1 - r_k)
+    x_k   = x + (tau_k - t_cur) * d                   # ipndm: Adams-Bashforth over past d's
+    d_k   = (x_k - D(x_k, scale_time_k * tau_k)) / tau_k     # the K points: one batched call
+    x     = x + (t_next - t_cur) * sum_k weight_k * scale_dir_k * d_k
+
+``D(x, sigma)`` is any denoiser returning the x0 prediction for a per-sample
+``sigma``. The same update serves variance-exploding grids (``sigma``) and
+rectified-flow grids (``t``), as in the authors' code.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .params import EPDParams
+
+__all__ = ["Denoiser", "sample", "epd_directions", "adams_bashforth", "grid_offset"]
+
+Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+# iPNDM's Adams-Bashforth coefficients for orders 1..4, newest direction first.
+_AB = ((1.0,), (1.5, -0.5), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
+
+
+def adams_bashforth(d: torch.Tensor, history: list[torch.Tensor], max_order: int) -> torch.Tensor:
+    """iPNDM's extrapolated direction from the current ``d`` and past ones (oldest first)."""
+    order = min(max_order, len(history) + 1)
+    if order == 1:
+        return d
+    if order == 2:
+        return (3 * d - history[-1]) / 2
+    if order == 3:
+        return (23 * d - 16 * history[-1] + 5 * history[-2]) / 12
+    return (55 * d - 59 * history[-1] + 37 * history[-2] - 9 * history[-3]) / 24
+
+
+def _per_sample(value: torch.Tensor, batch: int, like: torch.Tensor) -> torch.Tensor:
+    return value.to(like.dtype).reshape(1).expand(batch).to(like.device)
+
+
+def epd_directions(
+    denoiser: Denoiser,
+    x_points: list[torch.Tensor],
+    sigmas: torch.Tensor,
+    tau: torch.Tensor,
+    parallel: bool | int = True,
+) -> list[torch.Tensor]:
+    """``d_k = (x_k - D(x_k, sigma_k)) / tau_k`` for all K points.
+
+    ``parallel=True`` makes ONE denoiser call with batch ``K * B`` laid out
+    point-major (``cat([x_0, x_1, ...])``) with per-sample sigmas; an integer
+    ``n`` makes calls of at most ``n`` points; ``False`` one call per point.
+    """
+    k_total = len(x_points)
+    batch = x_points[0].shape[0]
+    chunk = k_total if parallel is True else 1 if parallel is False else max(1, int(parallel))
+    out: list[torch.Tensor] = []
+    for start in range(0, k_total, chunk):
+        idx = range(start, min(start + chunk, k_total))
+        xs = torch.cat([x_points[k] for k in idx]) if len(idx) > 1 else x_points[idx[0]]
+        sig = torch.cat([_per_sample(sigmas[k], batch, xs) for k in idx])
+        denoised = denoiser(xs, sig)
+        for j, k in enumerate(idx):
+            den_k = denoised[j * batch : (j + 1) * batch]
+            out.append((x_points[k] - den_k) / tau[k].to(xs.dtype))
+    return out
+
+
+def grid_offset(params: EPDParams, sigmas: torch.Tensor) -> tuple[int, bool]:
+    """Which table step the grid starts at, and whether it ends with a zero (final denoise).
+
+    A grid of ``num_steps`` points runs the whole table; a shorter one (``denoise < 1``)
+    runs the table's last steps. A trailing 0 adds one denoise-to-zero call.
+    """
+    n = sigmas.shape[0]
+    to_zero = n >= 2 and float(sigmas[-1]) == 0.0
+    points = n - 1 if to_zero else n
+    if points < 2 and not (to_zero and points == 1):
+        raise ValueError(f"the grid has {n} sigmas; EPD needs at least 2 positive ones")
+    if points > params.num_steps:
+        raise ValueError(
+            f"the grid has {points} positive sigmas but the table has {params.num_steps} time points "
+            f"({params.num_steps - 1} steps); use the table's own schedule"
+        )
+    if not bool(torch.all(sigmas[:points] > 0)) or not bool(torch.all(sigmas[1:] < sigmas[:-1])):
+        raise ValueError("sigmas must be positive and strictly decreasing (a final 0 is allowed)")
+    return params.num_steps - points, to_zero
+
+
+@torch.no_grad()
+def sample(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    params: EPDParams,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    parallel: bool | int = True,
+) -> torch.Tensor:
+    """Run the EPD (or ipndm-plugin) student from ``x`` at ``sigmas[0]`` down the grid.
+
+    ``sigmas`` is a grid from :func:`~epd_core.schedules.make_schedule` (or its
+    last part, see :func:`grid_offset`), optionally ending with 0 for a final
+    denoise. ``x`` is already at noise level ``sigmas[0]``. ``callback`` gets
+    ``{"x", "i", "sigma", "sigma_hat", "denoised"}`` once per step, where
+    ``denoised`` is the ensemble's x0 estimate ``x - t_cur * sum_k w_k c_k d_k``.
+    """
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu()
+    offset, to_zero = grid_offset(params, sigmas)
+    grid = sigmas[:-1] if to_zero else sigmas
+    table = params.decoded(torch.float64)
+    history: list[torch.Tensor] = []
+    batch = x.shape[0]
+
+    for i in range(grid.shape[0] - 1):
+        step = offset + i
+        t_cur, t_next = grid[i], grid[i + 1]
+        if params.afs and step == 0:
+            d = x / torch.sqrt(1 + t_cur**2).to(x.dtype)
+        else:
+            d = (x - denoiser(x, _per_sample(t_cur, batch, x))) / t_cur.to(x.dtype)
+
+        r, weight = table.r[step], table.weight[step]
+        tau = t_next**r * t_cur ** (1 - r)
+        direction = adams_bashforth(d, history, params.max_order) if params.student == "ipndm" else d
+        x_points = [x + (tau[k] - t_cur).to(x.dtype) * direction for k in range(params.num_points)]
+        d_points = epd_directions(denoiser, x_points, table.scale_time[step] * tau, tau, parallel)
+
+        coef = (weight * table.scale_dir[step]).to(x.dtype)
+        d_eff = sum(coef[k] * d_points[k] for k in range(params.num_points))
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": t_cur, "sigma_hat": t_cur, "denoised": x - t_cur.to(x.dtype) * d_eff})
+        if params.student == "ipndm":
+            history = (history + [d])[-(params.max_order - 1) :] if params.max_order > 1 else []
+        x = x + (t_next - t_cur).to(x.dtype) * d_eff
+
+    if to_zero:
+        t_last = grid[-1]
+        denoised = denoiser(x, _per_sample(t_last, batch, x))
+        if callback is not None:
+            i = grid.shape[0] - 1
+            callback({"x": x, "i": i, "sigma": t_last, "sigma_hat": t_last, "denoised": denoised})
+        x = denoised
+    return x

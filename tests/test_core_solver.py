@@ -1,0 +1,128 @@
+"""Solver behaviour beyond parity: batching layout, callbacks, grid conventions, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import official_path
+
+from epd_core import GaussianMixture, load_params, make_schedule, sample
+from epd_core.solver import adams_bashforth, grid_offset
+
+
+class Recorder:
+    """Wraps a denoiser and records each call's batch size and sigmas."""
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.calls: list[tuple[int, torch.Tensor]] = []
+
+    def __call__(self, x, sigma):
+        self.calls.append((x.shape[0], sigma.clone()))
+        return self.fn(x, sigma)
+
+
+def _conv_denoiser(seed: int = 0):
+    torch.manual_seed(seed)
+    net = torch.nn.Sequential(torch.nn.Conv2d(5, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 4, 3, padding=1))
+
+    def den(x, sigma):
+        c = torch.log(sigma.to(x.dtype)).reshape(-1, 1, 1, 1).expand(-1, 1, *x.shape[2:])
+        return net(torch.cat([x / (1 + sigma.reshape(-1, 1, 1, 1) ** 2).sqrt(), c], 1).to(torch.float32)).to(x.dtype)
+
+    return den
+
+
+@pytest.mark.parametrize("name", ["sd15-best.pkl", "00018-cifar10-4-5-ipndm-uni1.0-afs.pkl"])
+def test_one_batched_call_per_step_point_major(name):
+    p = load_params(official_path(name))
+    grid = make_schedule(p)
+    rec = Recorder(GaussianMixture.reference().denoise_ve)
+    batch = 3
+    x = torch.randn(batch, 4, 8, 8, dtype=torch.float64) * grid[0]
+    sample(rec, x, grid, p)
+    steps = p.num_steps - 1
+    point_calls = [c for c in rec.calls if c[0] == batch * p.num_points]
+    assert len(point_calls) == steps
+    assert len(rec.calls) == p.evaluations - steps * (p.num_points - 1)
+    table = p.decoded()
+    for i, (_, sig) in enumerate(point_calls):
+        tau = grid[i + 1] ** table.r[i] * grid[i] ** (1 - table.r[i])
+        expected = (table.scale_time[i] * tau).repeat_interleave(batch)
+        assert torch.allclose(sig, expected, rtol=1e-15)
+
+
+def test_batched_equals_sequential_neural_float32():
+    p = load_params(official_path("sd15-best.pkl"))
+    grid = make_schedule(p)
+    den = _conv_denoiser()
+    x = torch.randn(4, 4, 8, 8) * float(grid[0])
+    a = sample(den, x, grid, p, parallel=True)
+    b = sample(den, x, grid, p, parallel=False)
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert (a - b).abs().max().item() < 1e-4
+
+
+def test_callback_once_per_step_and_denoise_to_zero():
+    p = load_params(official_path("sd3-512-best.pkl"))
+    gm = GaussianMixture.reference()
+    grid = make_schedule(p)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    seen = []
+    out = sample(gm.denoise_flow, x, grid, p, callback=seen.append)
+    assert [s["i"] for s in seen] == list(range(p.num_steps - 1))
+    assert all(set(s) == {"x", "i", "sigma", "sigma_hat", "denoised"} for s in seen)
+    seen.clear()
+    zero = torch.cat([grid, torch.zeros(1, dtype=torch.float64)])
+    out0 = sample(gm.denoise_flow, x, zero, p, callback=seen.append)
+    assert len(seen) == p.num_steps
+    assert torch.allclose(out0, gm.denoise_flow(out, grid[-1:].expand(2)))
+
+
+def test_partial_grid_runs_last_steps():
+    p = load_params(official_path("sd15-best.pkl"))
+    gm = GaussianMixture.reference()
+    grid = make_schedule(p)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64) * grid[0]
+    states = []
+    full = sample(gm.denoise_ve, x, grid, p, callback=lambda s: states.append(s["x"]))
+    assert grid_offset(p, grid[4:]) == (4, False)
+    tail = sample(gm.denoise_ve, states[4], grid[4:], p)
+    assert torch.allclose(tail, full, rtol=1e-13, atol=1e-13)
+
+
+def test_grid_errors():
+    p = load_params(official_path("sd15-best.pkl"))
+    gm = GaussianMixture.reference()
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match="table has 11 time points"):
+        sample(gm.denoise_ve, x, make_schedule(p, num_steps=20), p)
+    with pytest.raises(ValueError, match="strictly decreasing"):
+        sample(gm.denoise_ve, x, torch.tensor([1.0, 2.0, 0.5]), p)
+    with pytest.raises(ValueError, match="at least 2"):
+        sample(gm.denoise_ve, x, torch.tensor([1.0]), p)
+
+
+def test_adams_bashforth_orders():
+    d = torch.tensor(1.0)
+    hist = [torch.tensor(4.0), torch.tensor(3.0), torch.tensor(2.0)]
+    assert adams_bashforth(d, [], 4) == d
+    assert adams_bashforth(d, hist[-1:], 4) == (3 * 1 - 2) / 2
+    assert adams_bashforth(d, hist[-2:], 4) == (23 - 16 * 2 + 5 * 3) / 12
+    assert adams_bashforth(d, hist, 4) == (55 - 59 * 2 + 37 * 3 - 9 * 4) / 24
+    assert adams_bashforth(d, hist, 2) == (3 * 1 - 2) / 2
+
+
+def test_fcn_forces_last_scale_dir():
+    p = load_params(official_path("00002-cifar10-4-5-epd-uni1.0-afs.pkl"))
+    q = p.replace(fcn=True)
+    assert not torch.all(p.decoded().scale_dir[-1] == 1)
+    assert torch.all(q.decoded().scale_dir[-1] == 1)
+    assert torch.equal(q.decoded().scale_dir[:-1], p.decoded().scale_dir[:-1])
+
+
+def test_nfe_matches_authors_naming():
+    for path in sorted(official_path("00001-cifar10-3-3-epd-uni1.0-afs.pkl").parent.glob("*.pkl")):
+        steps, nfe = path.stem.split("-")[2:4]
+        p = load_params(path)
+        assert (p.num_steps, p.nfe) == (int(steps), int(nfe))
