@@ -1,0 +1,256 @@
+"""The pack's ComfyUI nodes (V3 API). Thin: parse inputs, call the core, format outputs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import folder_paths
+import torch
+from comfy_api.latest import io
+
+from ..epd_core import EPDFileError, EPDParams, load_params
+from .analytic_model import FORMS, MIXTURES, analytic_model_patcher
+from .sampling import CONVENTIONS, PARALLEL_MODES, make_sampler
+from .scheduling import epd_sigmas
+
+EPDParamsType = io.Custom("EPD_PARAMS")
+
+FOLDER = "epd"
+EXTENSIONS = {".safetensors", ".pkl"}
+PACK_WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+
+
+def register_folder() -> None:
+    """``models/epd`` (and ``extra_model_paths.yaml`` entries named ``epd``) plus the pack's ``weights/``."""
+    default = os.path.join(folder_paths.models_dir, FOLDER)
+    if FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[FOLDER] = ([default], set(EXTENSIONS))
+    paths, exts = folder_paths.folder_names_and_paths[FOLDER]
+    if isinstance(exts, set):
+        exts.update(EXTENSIONS)
+    for path in (default, str(PACK_WEIGHTS)):
+        if path not in paths:
+            paths.append(path)
+
+
+_CACHE: dict[tuple[str, int, int], EPDParams] = {}
+
+
+def load_table(name: str) -> EPDParams:
+    """Load a table by its name in the ``epd`` folder; errors name the file."""
+    path = folder_paths.get_full_path(FOLDER, name)
+    if path is None:
+        raise ValueError(f"EPD table {name!r} not found in {folder_paths.get_folder_paths(FOLDER)}")
+    stat = os.stat(path)
+    key = (path, stat.st_mtime_ns, stat.st_size)
+    if key not in _CACHE:
+        try:
+            _CACHE.clear()
+            _CACHE[key] = load_params(path)
+        except EPDFileError as exc:
+            raise ValueError(f"cannot load EPD table: {exc}") from None
+    return _CACHE[key]
+
+
+def describe(params: EPDParams) -> str:
+    source = params.metadata.get("source_file", "")
+    return (
+        f"{params.backend} table{' from ' + source if source else ''}: {params.num_steps - 1} steps x "
+        f"{params.num_points} points, NFE {params.nfe}, student {params.student}, schedule {params.schedule_type}"
+    )
+
+
+class EPDParamsLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        register_folder()
+        return io.Schema(
+            node_id="EPDParamsLoader",
+            display_name="EPD Parameters Loader",
+            category="loaders",
+            description="Loads an EPD table (the project's .safetensors or the authors' .pkl, read without running "
+            "code) from models/epd or the pack's weights folder.",
+            inputs=[
+                io.Combo.Input(
+                    "table_name",
+                    options=folder_paths.get_filename_list(FOLDER),
+                    tooltip="EPD table file from models/epd or the pack's weights/ folder.",
+                ),
+            ],
+            outputs=[
+                EPDParamsType.Output(display_name="epd_params"),
+                io.String.Output(display_name="info"),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, table_name: str) -> io.NodeOutput:
+        params = load_table(table_name)
+        return io.NodeOutput(params, describe(params))
+
+
+class EPDSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EPDSampler",
+            display_name="EPD Sampler",
+            category="sampling/custom_sampling/samplers",
+            description="Ensemble Parallel Directions: per step, K learned intermediate points evaluated in one "
+            "batched model call. Pair it with EPD Scheduler (the table fixes the number of steps).",
+            inputs=[
+                EPDParamsType.Input("epd_params", tooltip="The EPD table from EPD Parameters Loader."),
+                io.Combo.Input(
+                    "parallel",
+                    options=list(PARALLEL_MODES),
+                    default="auto",
+                    tooltip="batched: the K points in one call; sequential: one call per point; auto: batched as "
+                    "memory allows, sequential when ControlNet, hooks or timestep ranges are present.",
+                ),
+                io.Boolean.Input(
+                    "continuous_time",
+                    default=True,
+                    tooltip="Discrete models (SD1.5, SDXL) see the exact fractional timestep of each point, as in "
+                    "the authors' code, instead of ComfyUI's nearest integer step.",
+                ),
+                io.Combo.Input(
+                    "convention",
+                    options=list(CONVENTIONS),
+                    default="comfyui",
+                    tooltip="comfyui: ComfyUI's start/end scaling; authors: start from noise * sigma_max and skip "
+                    "the flow end division, exactly as the authors' sampler.",
+                ),
+            ],
+            outputs=[io.Sampler.Output()],
+        )
+
+    @classmethod
+    def execute(cls, epd_params, parallel: str, continuous_time: bool, convention: str) -> io.NodeOutput:
+        return io.NodeOutput(make_sampler(epd_params, parallel, continuous_time, convention))
+
+
+class EPDScheduler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EPDScheduler",
+            display_name="EPD Scheduler",
+            category="sampling/custom_sampling/schedulers",
+            description="The table's time grid in this model's sigmas (its own alphas_cumprod, or its flow shift / "
+            "mu). denoise < 1 keeps the table's last steps.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to sample; its noise schedule or shift is used."),
+                EPDParamsType.Input("epd_params", tooltip="The EPD table from EPD Parameters Loader."),
+                io.Float.Input(
+                    "denoise",
+                    default=1.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Fraction of the table's steps to run (img2img keeps the last round(denoise*steps)).",
+                ),
+                io.Boolean.Input(
+                    "final_denoise",
+                    default=False,
+                    tooltip="Append sigma 0: one extra model call returning the clean prediction. Off follows the "
+                    "table (ends at sigma_min).",
+                ),
+            ],
+            outputs=[io.Sigmas.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, epd_params, denoise: float, final_denoise: bool) -> io.NodeOutput:
+        sigmas = epd_sigmas(epd_params, model.get_model_object("model_sampling"), denoise, final_denoise)
+        return io.NodeOutput(sigmas)
+
+
+class EPDKSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EPDKSampler",
+            display_name="EPD KSampler",
+            category="sampling",
+            description="KSampler with the EPD solver: the table fixes the steps and the intermediate points. Same "
+            "result as SamplerCustom + EPD Sampler + EPD Scheduler.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model used for denoising."),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=True,
+                    tooltip="Seed of the initial noise.",
+                ),
+                io.Float.Input(
+                    "cfg", default=7.5, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Classifier-free guidance."
+                ),
+                io.Conditioning.Input("positive", tooltip="What to include in the image."),
+                io.Conditioning.Input("negative", tooltip="What to exclude from the image."),
+                io.Latent.Input("latent_image", tooltip="The latent to denoise."),
+                EPDParamsType.Input("epd_params", tooltip="The EPD table from EPD Parameters Loader."),
+                io.Float.Input(
+                    "denoise", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="Fraction of the table's steps to run."
+                ),
+                io.Combo.Input(
+                    "parallel", options=list(PARALLEL_MODES), default="auto", tooltip="How the K points are batched."
+                ),
+                io.Boolean.Input("final_denoise", default=False, tooltip="Append one denoise-to-zero call."),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(
+        cls, model, seed, cfg, positive, negative, latent_image, epd_params, denoise, parallel, final_denoise
+    ) -> io.NodeOutput:
+        from comfy_extras.nodes_custom_sampler import SamplerCustom
+
+        sigmas = EPDScheduler.execute(model, epd_params, denoise, final_denoise).result[0]
+        sampler = EPDSampler.execute(epd_params, parallel, True, "comfyui").result[0]
+        out = SamplerCustom.execute(model, True, seed, cfg, positive, negative, sampler, sigmas, latent_image)
+        return io.NodeOutput(out.result[0])
+
+
+class EPDAnalyticModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EPDAnalyticModel",
+            display_name="EPD Analytic Model",
+            category="advanced/model",
+            description="An exact Gaussian-mixture denoiser as a ComfyUI model (no download; its ODE solution is "
+            "known). Use a 64x64 empty latent (4x8x8).",
+            inputs=[
+                io.Combo.Input(
+                    "form",
+                    options=list(FORMS),
+                    default="sd15_eps",
+                    tooltip="sd15_eps: EPS on the SD1.5 schedule; sd3_flow: flow with SD3 shift; flux_flow: flow "
+                    "with FLUX mu.",
+                ),
+                io.Combo.Input(
+                    "mixture", options=list(MIXTURES), default="reference", tooltip="Which Gaussian mixture."
+                ),
+                io.Float.Input(
+                    "shift",
+                    default=0.0,
+                    min=0.0,
+                    max=100.0,
+                    step=0.01,
+                    tooltip="Flow shift (SD3) or mu (FLUX); 0 keeps the default (3.0 / 1.15).",
+                ),
+            ],
+            outputs=[io.Model.Output(), io.Conditioning.Output(display_name="empty_conditioning")],
+        )
+
+    @classmethod
+    def execute(cls, form: str, mixture: str, shift: float) -> io.NodeOutput:
+        model = analytic_model_patcher(form, mixture, shift if shift > 0 else None)
+        return io.NodeOutput(model, [[torch.zeros(1, 1, 8), {}]])
+
+
+NODES = [EPDParamsLoader, EPDSampler, EPDScheduler, EPDKSampler, EPDAnalyticModel]

@@ -1,0 +1,203 @@
+"""EPD inside ComfyUI's sampler contract (``KSAMPLER``).
+
+The core's :func:`~epd_core.solver.sample` runs on ComfyUI's model callable
+``model(x, sigma, **extra_args)``. This module adds what ComfyUI needs:
+
+* the K points of a step go to the model as one call of batch ``K*B``,
+  point-major, so ComfyUI's conditioning tiling lines up; inpainting inputs
+  (``denoise_mask``, the wrapper's ``noise`` and ``latent_image``) are tiled the same way;
+* ``parallel``: ``batched`` (one call), ``sequential`` (one call per point) or
+  ``auto``: sequential when a conditioning reads only the first sigma of a batch
+  (ControlNet, hooks, timestep ranges), else as many points per call as
+  ComfyUI's memory estimate allows; an out-of-memory error on a batched call
+  redoes that call point by point;
+* ``continuous_time``: discrete-time models see the exact continuous timestep
+  of each sigma (the authors' interpolation) instead of ComfyUI's nearest integer;
+* ``convention``: ``comfyui`` keeps ComfyUI's start/end scaling; ``authors``
+  undoes it so the latent equals the authors' sampler started from the same noise.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import comfy.model_management
+import comfy.model_sampling
+import comfy.samplers
+import torch
+
+from ..epd_core import EPDParams
+from ..epd_core import sample as epd_sample
+from ..epd_core.schedules import DiscreteVP
+
+PARALLEL_MODES = ("auto", "batched", "sequential")
+CONVENTIONS = ("comfyui", "authors")
+_FIRST_SIGMA_ONLY = ("control", "hooks", "timestep_start", "timestep_end")
+
+log = logging.getLogger("epd")
+
+
+class _ContinuousTime:
+    """Mixin for ``ModelSamplingDiscrete``: fractional timesteps from the authors' interpolation."""
+
+    def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
+        vp = self.__dict__.get("_epd_vp")
+        if vp is None:
+            vp = DiscreteVP(1.0 / (1.0 + self.sigmas.detach().to("cpu", torch.float64) ** 2))
+            self.__dict__["_epd_vp"] = vp
+        t = vp.timestep(sigma.detach().to("cpu", torch.float64)).clamp(0, len(vp.t_array) - 1)
+        return t.to(device=sigma.device, dtype=sigma.dtype)
+
+
+def is_flow_model(model_sampling) -> bool:
+    return isinstance(model_sampling, comfy.model_sampling.CONST)
+
+
+def is_discrete_model(model_sampling) -> bool:
+    return type(model_sampling).timestep is comfy.model_sampling.ModelSamplingDiscrete.timestep
+
+
+def continuous_model_sampling(model_sampling):
+    """A copy of a discrete ``model_sampling`` whose ``timestep`` is continuous."""
+    patched = copy.copy(model_sampling)
+    patched.__class__ = type(
+        f"EPDContinuous{type(model_sampling).__name__}", (_ContinuousTime, type(model_sampling)), {}
+    )
+    return patched
+
+
+def check_compatible(params: EPDParams, model_sampling) -> None:
+    """A flow table on an EPS/V model (or the reverse) is an error, not a bad image."""
+    flow = is_flow_model(model_sampling)
+    if params.is_flow != flow:
+        kind = "rectified-flow (SD3/FLUX)" if params.is_flow else "variance-exploding (SD1.5/SDXL/EDM)"
+        model_kind = "a flow model" if flow else "an EPS/V-prediction model"
+        raise ValueError(f"this EPD table is for {kind} models but the sampler got {model_kind}")
+
+
+def _conds_need_sequential(guider) -> bool:
+    conds = getattr(guider, "conds", None) or {}
+    for cond_list in conds.values():
+        for cond in cond_list or ():
+            if any(cond.get(key) is not None for key in _FIRST_SIGMA_ONLY):
+                return True
+    return False
+
+
+def _points_per_call(guider, params: EPDParams, x: torch.Tensor) -> int:
+    """How many of the K points fit one call, by ComfyUI's own memory estimate."""
+    base = getattr(guider, "inner_model", None)
+    if base is None or not hasattr(base, "memory_required"):
+        return params.num_points
+    device = x.device
+    patcher = getattr(base, "current_patcher", None)
+    if patcher is not None and hasattr(patcher, "get_free_memory"):
+        free = patcher.get_free_memory(device)
+    else:
+        free = comfy.model_management.get_free_memory(device)
+    per_point = base.memory_required([2 * x.shape[0]] + list(x.shape[1:]))
+    if per_point <= 0:
+        return params.num_points
+    return max(1, min(params.num_points, int(free // (1.5 * per_point))))
+
+
+class _ComfyDenoiser:
+    """``denoiser(x, sigma)`` over ComfyUI's wrapped model, tiling inpainting inputs for K*B batches."""
+
+    def __init__(self, model, extra_args: dict, batch: int) -> None:
+        self.model = model
+        self.extra_args = extra_args
+        self.batch = batch
+
+    def _call(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        n = x.shape[0] // self.batch
+        mask = self.extra_args.get("denoise_mask")
+        if n == 1 or mask is None:
+            return self.model(x, sigma, **self.extra_args)
+        tiled = dict(self.extra_args, denoise_mask=torch.cat([mask] * n) if mask.shape[0] == self.batch else mask)
+        saved = {name: getattr(self.model, name, None) for name in ("noise", "latent_image")}
+        try:
+            for name, value in saved.items():
+                if isinstance(value, torch.Tensor) and value.shape[0] == self.batch:
+                    setattr(self.model, name, torch.cat([value] * n))
+            return self.model(x, sigma, **tiled)
+        finally:
+            for name, value in saved.items():
+                setattr(self.model, name, value)
+
+    def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == self.batch:
+            return self._call(x, sigma)
+        try:
+            return self._call(x, sigma)
+        except comfy.model_management.OOM_EXCEPTION:
+            log.warning("EPD: out of memory on a batch of %d; redoing the points one by one", x.shape[0])
+            comfy.model_management.soft_empty_cache(True)
+            parts = [
+                self._call(x[i : i + self.batch], sigma[i : i + self.batch]) for i in range(0, x.shape[0], self.batch)
+            ]
+            return torch.cat(parts)
+
+
+def epd_sampler_function(
+    model,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args=None,
+    callback=None,
+    disable=None,
+    *,
+    params: EPDParams,
+    parallel: str = "auto",
+    continuous_time: bool = True,
+    convention: str = "comfyui",
+) -> torch.Tensor:
+    """The ``KSAMPLER`` function: EPD on ComfyUI's model wrapper."""
+    extra_args = {} if extra_args is None else extra_args
+    guider = getattr(model, "inner_model", None)
+    base = getattr(guider, "inner_model", None)
+    model_sampling = getattr(base, "model_sampling", None)
+    if model_sampling is not None:
+        check_compatible(params, model_sampling)
+    sigmas = sigmas.detach().to("cpu", torch.float64)
+
+    if parallel == "batched":
+        mode: bool | int = True
+    elif parallel == "sequential" or _conds_need_sequential(guider):
+        mode = False
+    else:
+        mode = _points_per_call(guider, params, x)
+
+    flow = model_sampling is not None and is_flow_model(model_sampling)
+    if convention == "authors" and not flow and model_sampling is not None:
+        s0 = float(sigmas[0])
+        if s0 >= float(model_sampling.sigma_max) * (1 - 1e-5):
+            x = x * (s0 / (1.0 + s0**2) ** 0.5)
+
+    patch = continuous_time and model_sampling is not None and is_discrete_model(model_sampling)
+    if patch:
+        base.model_sampling = continuous_model_sampling(model_sampling)
+    try:
+        out = epd_sample(
+            _ComfyDenoiser(model, extra_args, x.shape[0]), x, sigmas, params, callback=callback, parallel=mode
+        )
+    finally:
+        if patch:
+            base.model_sampling = model_sampling
+
+    if convention == "authors" and flow and float(sigmas[-1]) > 0:
+        out = out * (1.0 - float(sigmas[-1]))
+    return out
+
+
+def make_sampler(
+    params: EPDParams, parallel: str = "auto", continuous_time: bool = True, convention: str = "comfyui"
+) -> comfy.samplers.KSAMPLER:
+    """A ComfyUI ``SAMPLER`` object running the EPD table."""
+    if parallel not in PARALLEL_MODES:
+        raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
+    if convention not in CONVENTIONS:
+        raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+    options = {"params": params, "parallel": parallel, "continuous_time": continuous_time, "convention": convention}
+    return comfy.samplers.KSAMPLER(epd_sampler_function, extra_options=options)

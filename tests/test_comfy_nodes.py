@@ -1,0 +1,222 @@
+"""The nodes inside a real ComfyUI 0.3.75, in-process."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import official_path, reference_meta
+from safetensors.torch import load_file
+
+import epd_core
+
+H = pytest.importorskip("comfy_harness")
+N = H.setup()
+
+import comfy.sample  # noqa: E402
+from comfy_extras.nodes_custom_sampler import SamplerCustom  # noqa: E402
+from conftest import REFERENCE  # noqa: E402
+from tiny_models import conditioning, tiny_model  # noqa: E402
+
+FORMS = {"sd15-best": "sd15_eps", "sd15-distilled": "sd15_eps", "sd3-512-best": "sd3_flow", "flux-best": "flux_flow"}
+
+
+def _nodes_out(node, *args):
+    return node.execute(*args).result
+
+
+def _table(name: str):
+    return epd_core.load_params(official_path(name))
+
+
+@pytest.mark.parametrize("name", sorted(FORMS))
+def test_analytic_model_reproduces_reference_through_comfyui(name):
+    """ComfyUI's wiring adds no error: from the same x, the latent equals the authors' trajectory end."""
+    path = REFERENCE / f"{name}.safetensors"
+    ref, meta = load_file(str(path)), reference_meta(path)
+    model, cond = _nodes_out(N["EPDAnalyticModel"], FORMS[name], "reference", 0.0)
+    params = _table(meta["predictor_file"])
+    (sigmas,) = _nodes_out(N["EPDScheduler"], model, params, 1.0, False)
+    assert torch.allclose(sigmas, ref["t_steps"], rtol=1e-6)
+    (sampler,) = _nodes_out(N["EPDSampler"], params, "auto", True, "authors")
+    steps = []
+    out = comfy.sample.sample_custom(
+        model,
+        ref["latents"].float(),
+        1.0,
+        sampler,
+        sigmas,
+        cond,
+        cond,
+        torch.zeros(3, 4, 8, 8),
+        callback=lambda i, den, x, total: steps.append(i),
+    )
+    rel = ((out.double() - ref["final"]).abs().max() / ref["final"].abs().max()).item()
+    assert rel < 1e-5, rel
+    assert steps == list(range(params.num_steps - 1))
+
+
+@pytest.mark.parametrize("form,table", [("sd15_eps", "sd15-best.pkl"), ("sd3_flow", "sd3-512-best.pkl")])
+def test_comfyui_convention_differs_by_documented_scaling(form, table):
+    """Default ComfyUI convention: EPS starts at noise*sqrt(1+s0^2); flow divides the end by (1 - s_last)."""
+    model, cond = _nodes_out(N["EPDAnalyticModel"], form, "reference", 0.0)
+    params = _table(table)
+    (sigmas,) = _nodes_out(N["EPDScheduler"], model, params, 1.0, False)
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    latent = torch.zeros(2, 4, 8, 8)
+    outs = {}
+    for conv in ("comfyui", "authors"):
+        (sampler,) = _nodes_out(N["EPDSampler"], params, "auto", True, conv)
+        outs[conv] = comfy.sample.sample_custom(model, noise, 1.0, sampler, sigmas, cond, cond, latent)
+    gm = epd_core.GaussianMixture.reference()
+    s0, s_last = float(sigmas[0]), float(sigmas[-1])
+    if form == "sd15_eps":
+        core = epd_core.sample(gm.denoise_ve, noise.double() * (1 + s0**2) ** 0.5, sigmas, params)
+        assert torch.allclose(outs["comfyui"].double(), core, rtol=1e-4, atol=1e-4)
+    else:
+        assert torch.allclose(outs["comfyui"], outs["authors"] / (1 - s_last), rtol=1e-5, atol=1e-6)
+
+
+def test_epd_ksampler_equals_sampler_custom_bit_for_bit():
+    model = tiny_model("eps")
+    pos, neg = conditioning(2, 1), conditioning(2, 2)
+    params = _table("sd15-best.pkl")
+    latent = {"samples": torch.zeros(2, 4, 8, 8)}
+    (a,) = _nodes_out(N["EPDKSampler"], model, 7, 3.0, pos, neg, latent, params, 1.0, "auto", False)
+    (sigmas,) = _nodes_out(N["EPDScheduler"], model, params, 1.0, False)
+    (sampler,) = _nodes_out(N["EPDSampler"], params, "auto", True, "comfyui")
+    b = SamplerCustom.execute(model, True, 7, 3.0, pos, neg, sampler, sigmas, latent).result[0]
+    assert torch.equal(a["samples"], b["samples"])
+    assert torch.isfinite(a["samples"]).all()
+
+
+@pytest.mark.parametrize("kind,table", [("eps", "sd15-best.pkl"), ("flow", "sd3-512-best.pkl")])
+def test_batched_equals_sequential_with_different_prompts(kind, table):
+    model = tiny_model(kind)
+    params = _table(table)
+    batch = 3
+    pos, neg = conditioning(batch, 11), conditioning(batch, 12)
+    latent = {"samples": torch.zeros(batch, 4, 8, 8)}
+    (sigmas,) = _nodes_out(N["EPDScheduler"], model, params, 1.0, False)
+    results = {}
+    for mode in ("batched", "sequential"):
+        (sampler,) = _nodes_out(N["EPDSampler"], params, mode, True, "comfyui")
+        results[mode] = SamplerCustom.execute(model, True, 5, 4.0, pos, neg, sampler, sigmas, latent).result[0]
+    a, b = results["batched"]["samples"], results["sequential"]["samples"]
+    assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (a - b).abs().max()
+    # each image follows its own prompt: swapping prompts changes the image
+    (sampler,) = _nodes_out(N["EPDSampler"], params, "batched", True, "comfyui")
+    pos_rev = [[pos[0][0].flip(0), {}]]
+    c = SamplerCustom.execute(model, True, 5, 4.0, pos_rev, neg, sampler, sigmas, latent).result[0]["samples"]
+    assert not torch.allclose(c[0], a[0], atol=1e-3)
+
+
+def test_batched_call_is_one_model_call_point_major():
+    model = tiny_model("eps")
+    params = _table("sd15-best.pkl")
+    calls = []
+
+    def wrapper(apply_model, args):
+        calls.append((args["input"].shape[0], args["timestep"].clone(), list(args["cond_or_uncond"])))
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    m = model.clone()
+    m.set_model_unet_function_wrapper(wrapper)
+    batch = 2
+    (sigmas,) = _nodes_out(N["EPDScheduler"], m, params, 1.0, False)
+    (sampler,) = _nodes_out(N["EPDSampler"], params, "batched", True, "comfyui")
+    latent = {"samples": torch.zeros(batch, 4, 8, 8)}
+    SamplerCustom.execute(m, True, 1, 2.0, conditioning(batch), conditioning(batch, 3), sampler, sigmas, latent)
+    per_step = params.num_points * batch * 2  # K points x B images x (cond, uncond)
+    big = [c for c in calls if c[0] == per_step]
+    assert len(big) == params.num_steps - 1
+    table = params.decoded()
+    for i, (_, ts, _) in enumerate(big):
+        tau = sigmas[i + 1] ** table.r[i] * sigmas[i] ** (1 - table.r[i])
+        expected = tau.repeat_interleave(batch).repeat(2).float()
+        assert torch.allclose(ts, expected, rtol=1e-6)
+
+
+def test_continuous_timestep_reaches_the_model():
+    model = tiny_model("eps")
+    params = _table("sd15-best.pkl")
+    seen = {True: [], False: []}
+    for flag in (True, False):
+        m = model.clone()
+
+        def wrapper(apply_model, args, flag=flag):
+            base = m.model
+            seen[flag].append(base.model_sampling.timestep(args["timestep"]).clone())
+            return apply_model(args["input"], args["timestep"], **args["c"])
+
+        m.set_model_unet_function_wrapper(wrapper)
+        (sigmas,) = _nodes_out(N["EPDScheduler"], m, params, 1.0, False)
+        (sampler,) = _nodes_out(N["EPDSampler"], params, "batched", flag, "comfyui")
+        latent = {"samples": torch.zeros(1, 4, 8, 8)}
+        SamplerCustom.execute(m, True, 1, 1.0, conditioning(1), conditioning(1), sampler, sigmas, latent)
+    cont = torch.cat(seen[True])
+    assert (cont - cont.round()).abs().max() > 0.01, "model saw only integer timesteps"
+    assert torch.equal(torch.cat(seen[False]), torch.cat(seen[False]).round())
+    assert type(model.model.model_sampling).__name__ == type(model.get_model_object("model_sampling")).__name__
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_inpainting_batched_equals_sequential(batch):
+    model = tiny_model("eps")
+    params = _table("sd15-best.pkl")
+    g = torch.Generator().manual_seed(4)
+    latent = {"samples": torch.randn(batch, 4, 8, 8, generator=g), "noise_mask": torch.zeros(batch, 1, 8, 8)}
+    latent["noise_mask"][:, :, :, 4:] = 1.0
+    (sigmas,) = _nodes_out(N["EPDScheduler"], model, params, 1.0, True)  # final denoise: kept area exact
+    outs = {}
+    for mode in ("batched", "sequential"):
+        (sampler,) = _nodes_out(N["EPDSampler"], params, mode, True, "comfyui")
+        pos, neg = conditioning(batch, 5), conditioning(batch, 6)
+        outs[mode] = SamplerCustom.execute(model, True, 2, 3.0, pos, neg, sampler, sigmas, latent).result[0]["samples"]
+    assert torch.allclose(outs["batched"], outs["sequential"], rtol=1e-4, atol=1e-4)
+    assert torch.allclose(outs["batched"][..., :4], latent["samples"][..., :4], atol=1e-5)
+
+
+def test_flow_table_on_eps_model_is_a_clear_error():
+    model = tiny_model("eps")
+    with pytest.raises(ValueError, match="rectified-flow"):
+        N["EPDScheduler"].execute(model, _table("sd3-512-best.pkl"), 1.0, False)
+    flow = tiny_model("flow")
+    with pytest.raises(ValueError, match="variance-exploding"):
+        N["EPDScheduler"].execute(flow, _table("sd15-best.pkl"), 1.0, False)
+
+
+def test_steps_mismatch_is_a_clear_error():
+    model = tiny_model("eps")
+    params = _table("sd15-best.pkl")
+    (sampler,) = _nodes_out(N["EPDSampler"], params, "auto", True, "comfyui")
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "karras", 20)
+    with pytest.raises(ValueError, match="time points"):
+        SamplerCustom.execute(model, True, 1, 1.0, conditioning(1), conditioning(1), sampler, sigmas,
+                              {"samples": torch.zeros(1, 4, 8, 8)})  # fmt: skip
+
+
+def test_denoise_and_final_denoise_grids():
+    model, _ = _nodes_out(N["EPDAnalyticModel"], "sd15_eps", "reference", 0.0)
+    params = _table("sd15-best.pkl")
+    (full,) = _nodes_out(N["EPDScheduler"], model, params, 1.0, False)
+    (half,) = _nodes_out(N["EPDScheduler"], model, params, 0.5, False)
+    (zero,) = _nodes_out(N["EPDScheduler"], model, params, 0.0, False)
+    (fin,) = _nodes_out(N["EPDScheduler"], model, params, 1.0, True)
+    assert torch.equal(half, full[-6:])
+    assert zero.numel() == 0
+    assert torch.equal(fin[:-1], full) and fin[-1] == 0
+
+
+def test_loader_lists_models_epd_and_names_bad_files(tmp_path):
+    import folder_paths
+
+    good = tmp_path / "good.safetensors"
+    epd_core.save_params(_table("sd15-best.pkl"), good)
+    (tmp_path / "bad.pkl").write_bytes(b"\x80\x04garbage")
+    folder_paths.add_model_folder_path("epd", str(tmp_path))
+    names = folder_paths.get_filename_list("epd")
+    assert "good.safetensors" in names and "bad.pkl" in names
+    params, info = _nodes_out(N["EPDParamsLoader"], "good.safetensors")
+    assert params.num_steps == 11 and "NFE 20" in info
+    with pytest.raises(ValueError, match="bad.pkl"):
+        N["EPDParamsLoader"].execute("bad.pkl")
