@@ -8,6 +8,7 @@ import sys
 import torch
 
 from . import GaussianMixture, load_params, make_schedule, sample, save_params
+from .analytic import heun
 from .files import EPDFileError
 
 
@@ -46,27 +47,15 @@ def _demo(args: argparse.Namespace) -> int:
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(args.batch, *gm.shape, generator=g, dtype=torch.float64)
     x0 = noise if p.is_flow else noise * grid[0]
-    exact = _heun(den, x0, make_schedule(p, num_steps=2001))
+    exact = heun(den, x0, make_schedule(p, num_steps=2001))
     epd = sample(den, x0, grid, p)
     euler_grid = make_schedule(p, num_steps=p.nfe + 1)
-    euler = _heun(den, x0, euler_grid, order=1)
+    euler = heun(den, x0, euler_grid, order=1)
     rmse = lambda a: float(((a - exact) ** 2).mean().sqrt())  # noqa: E731
     print(f"table {args.table}: NFE {p.nfe}, {args.batch} samples")
     print(f"  EPD   RMSE vs exact ODE solution: {rmse(epd):.5f}")
     print(f"  Euler RMSE at NFE {p.nfe}:          {rmse(euler):.5f}")
     return 0
-
-
-def _heun(den, x: torch.Tensor, grid: torch.Tensor, order: int = 2) -> torch.Tensor:
-    for t_cur, t_next in zip(grid[:-1], grid[1:], strict=False):
-        s = t_cur.expand(x.shape[0])
-        d = (x - den(x, s)) / t_cur
-        x_next = x + (t_next - t_cur) * d
-        if order == 2:
-            d2 = (x_next - den(x_next, t_next.expand(x.shape[0]))) / t_next
-            x_next = x + (t_next - t_cur) * (d + d2) / 2
-        x = x_next
-    return x
 
 
 def main(argv: list[str] | None = None) -> int:

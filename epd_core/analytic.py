@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["GaussianMixture"]
+__all__ = ["GaussianMixture", "heun", "ode_endpoint"]
 
 
 @dataclass(frozen=True)
@@ -68,3 +68,30 @@ class GaussianMixture:
         flat = x0.reshape(x0.shape[0], -1)
         mu = self.means.reshape(self.means.shape[0], -1).to(flat)
         return torch.cdist(flat, mu).argmin(dim=1)
+
+
+def heun(denoiser, x: torch.Tensor, grid: torch.Tensor, order: int = 2) -> torch.Tensor:
+    """Euler (``order=1``) or Heun (``order=2``) steps of ``dx/dt = (x - D(x, t)) / t`` along ``grid``."""
+    n = x.shape[0]
+    for t_cur, t_next in zip(grid[:-1], grid[1:], strict=True):
+        d = (x - denoiser(x, t_cur.expand(n))) / t_cur
+        x_next = x + (t_next - t_cur) * d
+        if order == 2:
+            d_next = (x_next - denoiser(x_next, t_next.expand(n))) / t_next
+            x_next = x + (t_next - t_cur) * (d + d_next) / 2
+        x = x_next
+    return x
+
+
+def ode_endpoint(
+    denoiser, x: torch.Tensor, sigma_max: float, steps: int = 2000, sigma_min: float = 1e-4
+) -> torch.Tensor:
+    """The probability-flow ODE solution at sigma 0 (VE form), by Heun on an EDM (rho 7) grid in float64.
+
+    Accurate to far below solver errors for the mixtures here; compare two ``steps`` values to check.
+    """
+    rho = 7.0
+    i = torch.arange(steps, dtype=torch.float64)
+    grid = (sigma_max ** (1 / rho) + i / (steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    x = heun(denoiser, x.to(torch.float64), grid)
+    return denoiser(x, grid[-1].expand(x.shape[0]))

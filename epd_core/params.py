@@ -180,6 +180,21 @@ class EPDParams:
             scale_dir[-1] = 1.0
         return Decoded(r, weight, scale_dir, scale_time)
 
+    @classmethod
+    def start(cls, num_steps: int, num_points: int = 2, **hyper: Any) -> EPDParams:
+        """The untrained starting table: ``r = (k + 1) / (K + 1)`` in every step, equal weights, unit scales."""
+        r = torch.tensor([(k + 1) / (num_points + 1) for k in range(num_points)], dtype=torch.float32)
+        zeros = torch.zeros(num_steps - 1, num_points)
+        return cls(
+            r_params=torch.logit(r).expand(num_steps - 1, num_points).clone(),
+            weight_s=zeros,
+            scale_dir_params=zeros,
+            scale_time_params=zeros,
+            num_steps=num_steps,
+            num_points=num_points,
+            **hyper,
+        )
+
     def hyper(self) -> dict[str, Any]:
         """The hyper-parameters as a JSON-friendly dict (no tables, no grid, no metadata)."""
         skip = set(TABLE_NAMES) | {"t_steps", "metadata"}

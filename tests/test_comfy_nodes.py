@@ -143,7 +143,7 @@ def test_continuous_timestep_reaches_the_model():
     for flag in (True, False):
         m = model.clone()
 
-        def wrapper(apply_model, args, flag=flag):
+        def wrapper(apply_model, args, flag=flag, m=m):
             base = m.model
             seen[flag].append(base.model_sampling.timestep(args["timestep"]).clone())
             return apply_model(args["input"], args["timestep"], **args["c"])

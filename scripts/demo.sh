@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# The main job: install what is needed (once), start ComfyUI headless with this pack,
+# run the analytic-model EPD demo workflow, write output/epd_demo.png and print the comparison.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup_env.sh
+exec "${EPD_VENV:-.venv}/bin/python" scripts/run_demo.py
