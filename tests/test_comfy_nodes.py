@@ -15,7 +15,7 @@ N = H.setup()
 import comfy.sample  # noqa: E402
 from comfy_extras.nodes_custom_sampler import SamplerCustom  # noqa: E402
 from conftest import REFERENCE  # noqa: E402
-from tiny_models import conditioning, tiny_model  # noqa: E402
+from tiny_models import KINDS, conditioning, latent, table_for, tiny_model  # noqa: E402
 
 FORMS = {"sd15-best": "sd15_eps", "sd15-distilled": "sd15_eps", "sd3-512-best": "sd3_flow", "flux-best": "flux_flow"}
 
@@ -89,25 +89,41 @@ def test_epd_ksampler_equals_sampler_custom_bit_for_bit():
     assert torch.isfinite(a["samples"]).all()
 
 
-@pytest.mark.parametrize("kind,table", [("eps", "sd15-best.pkl"), ("flow", "sd3-512-best.pkl")])
-def test_batched_equals_sequential_with_different_prompts(kind, table):
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("cfg", [1.0, 4.0])
+def test_batched_equals_sequential_with_different_prompts(kind, cfg):
     model = tiny_model(kind)
-    params = _table(table)
+    params = _table(table_for(kind))
     batch = 3
     pos, neg = conditioning(batch, 11), conditioning(batch, 12)
-    latent = {"samples": torch.zeros(batch, 4, 8, 8)}
+    lat = latent(kind, batch)
     (sigmas,) = _nodes_out(N["EPDScheduler"], model, params, 1.0, False)
     results = {}
-    for mode in ("batched", "sequential"):
+    for mode in ("batched", "sequential", "auto"):
         (sampler,) = _nodes_out(N["EPDSampler"], params, mode, True, "comfyui")
-        results[mode] = SamplerCustom.execute(model, True, 5, 4.0, pos, neg, sampler, sigmas, latent).result[0]
-    a, b = results["batched"]["samples"], results["sequential"]["samples"]
+        results[mode] = SamplerCustom.execute(model, True, 5, cfg, pos, neg, sampler, sigmas, lat).result[0]["samples"]
+    a, b = results["batched"], results["sequential"]
+    assert torch.isfinite(a).all()
     assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (a - b).abs().max()
-    # each image follows its own prompt: swapping prompts changes the image
+    assert torch.equal(results["auto"], a)
+    # each image follows its own prompt: reversing the prompts reverses the images
     (sampler,) = _nodes_out(N["EPDSampler"], params, "batched", True, "comfyui")
-    pos_rev = [[pos[0][0].flip(0), {}]]
-    c = SamplerCustom.execute(model, True, 5, 4.0, pos_rev, neg, sampler, sigmas, latent).result[0]["samples"]
+    pos_rev = [[pos[0][0].flip(0), {"pooled_output": pos[0][1]["pooled_output"].flip(0)}]]
+    neg_rev = [[neg[0][0].flip(0), {"pooled_output": neg[0][1]["pooled_output"].flip(0)}]]
+    c = SamplerCustom.execute(model, True, 5, cfg, pos_rev, neg_rev, sampler, sigmas, lat).result[0]["samples"]
+    one = SamplerCustom.execute(
+        model,
+        True,
+        5,
+        cfg,
+        [[pos[0][0][:1], {"pooled_output": pos[0][1]["pooled_output"][:1]}]],
+        [[neg[0][0][:1], {"pooled_output": neg[0][1]["pooled_output"][:1]}]],
+        sampler,
+        sigmas,
+        latent(kind, 1),
+    ).result[0]["samples"]
     assert not torch.allclose(c[0], a[0], atol=1e-3)
+    assert torch.allclose(one[0], a[0], rtol=1e-4, atol=1e-4), "batch of B differs from a single run"
 
 
 def test_batched_call_is_one_model_call_point_major():
@@ -180,7 +196,7 @@ def test_flow_table_on_eps_model_is_a_clear_error():
     model = tiny_model("eps")
     with pytest.raises(ValueError, match="rectified-flow"):
         N["EPDScheduler"].execute(model, _table("sd3-512-best.pkl"), 1.0, False)
-    flow = tiny_model("flow")
+    flow = tiny_model("sd3")
     with pytest.raises(ValueError, match="variance-exploding"):
         N["EPDScheduler"].execute(flow, _table("sd15-best.pkl"), 1.0, False)
 

@@ -1,4 +1,4 @@
-"""Tiny genuine ComfyUI models (random weights, deterministic): an SD1.5-architecture UNet as EPS and as flow."""
+"""Tiny genuine ComfyUI models (random weights, deterministic): SD1.5 UNet (EPS, V), SD3 MMDiT, Flux."""
 
 from __future__ import annotations
 
@@ -25,31 +25,80 @@ UNET = {
 
 
 def _init(model: torch.nn.Module, seed: int) -> None:
+    """ComfyUI's layers start uninitialised: fill every parameter and buffer deterministically."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters():
+        for p in list(model.parameters()) + list(model.buffers()):
             p.copy_(torch.randn(p.shape, generator=g) * (0.5 / max(1, p[0].numel()) ** 0.5 if p.ndim > 1 else 0.02))
 
 
+SD3 = {
+    "in_channels": 16,
+    "patch_size": 2,
+    "depth": 2,
+    "adm_in_channels": 32,
+    "pos_embed_max_size": 16,
+    "num_patches": 256,
+    "context_embedder_config": {"target": "torch.nn.Linear", "params": {"in_features": 32, "out_features": 128}},
+    "pos_embed_scaling_factor": None,
+}
+
+FLUX = {
+    "image_model": "flux",
+    "in_channels": 16,
+    "out_channels": 16,
+    "vec_in_dim": 32,
+    "context_in_dim": 32,
+    "hidden_size": 64,
+    "mlp_ratio": 4.0,
+    "num_heads": 2,
+    "depth": 1,
+    "depth_single_blocks": 1,
+    "axes_dim": [8, 12, 12],
+    "theta": 10000,
+    "patch_size": 2,
+    "qkv_bias": True,
+    "guidance_embed": False,
+}
+
+KINDS = ("eps", "v", "sd3", "flux")
+
+
 def tiny_model(kind: str = "eps", seed: int = 0):
-    """A ModelPatcher: ``eps`` (SD1.5 discrete schedule) or ``flow`` (CONST with SD3's shift 3)."""
+    """A ModelPatcher of a real ComfyUI architecture with random weights.
+
+    ``eps`` / ``v``: SD1.5 UNet (discrete schedule, EPS or V-prediction); ``sd3``: MMDiT with
+    ``ModelSamplingDiscreteFlow`` (shift 3); ``flux``: Flux with ``ModelSamplingFlux`` (mu 1.15).
+    """
     import comfy.model_base
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
 
-    config = comfy.supported_models.SD15(dict(UNET))
-    if kind == "eps":
-        model = config.get_model({})
+    if kind in ("eps", "v"):
+        config = comfy.supported_models.SD15(dict(UNET))
+        mtype = comfy.model_base.ModelType.EPS if kind == "eps" else comfy.model_base.ModelType.V_PREDICTION
+        model = comfy.model_base.BaseModel(config, model_type=mtype)
+    elif kind == "sd3":
+        model = comfy.supported_models.SD3(dict(SD3)).get_model({})
+    elif kind == "flux":
+        model = comfy.supported_models.Flux(dict(FLUX)).get_model({})
     else:
-        config.sampling_settings = {"shift": 3.0}
-        model = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.FLOW)
+        raise ValueError(kind)
     _init(model.diffusion_model, seed)
     model.diffusion_model.eval()
     device = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
 
 
+def latent(kind: str, batch: int) -> dict:
+    return {"samples": torch.zeros(batch, 16 if kind in ("sd3", "flux") else 4, 8, 8)}
+
+
+def table_for(kind: str) -> str:
+    return {"eps": "sd15-best.pkl", "v": "sd15-best.pkl", "sd3": "sd3-512-best.pkl", "flux": "flux-best.pkl"}[kind]
+
+
 def conditioning(batch: int, seed: int = 1, tokens: int = 4):
     g = torch.Generator().manual_seed(seed)
-    return [[torch.randn(batch, tokens, 32, generator=g), {}]]
+    return [[torch.randn(batch, tokens, 32, generator=g), {"pooled_output": torch.randn(batch, 32, generator=g)}]]
