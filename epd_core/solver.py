@@ -23,7 +23,16 @@ import torch
 
 from .params import EPDParams
 
-__all__ = ["Denoiser", "sample", "epd_directions", "adams_bashforth", "grid_offset"]
+__all__ = [
+    "Denoiser",
+    "sample",
+    "first_direction",
+    "ensemble_direction",
+    "push_history",
+    "epd_directions",
+    "adams_bashforth",
+    "grid_offset",
+]
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -75,6 +84,40 @@ def epd_directions(
     return out
 
 
+def first_direction(denoiser: Denoiser, x: torch.Tensor, t_cur: torch.Tensor, afs: bool) -> torch.Tensor:
+    """``d = (x - D(x, t_cur)) / t_cur``, or the analytic first step ``x / sqrt(1 + t_cur^2)`` (no model call)."""
+    if afs:
+        return x / torch.sqrt(1 + t_cur**2).to(x.dtype)
+    return (x - denoiser(x, _per_sample(t_cur, x.shape[0], x))) / t_cur.to(x.dtype)
+
+
+def ensemble_direction(
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    d: torch.Tensor,
+    t_cur: torch.Tensor,
+    t_next: torch.Tensor,
+    table,
+    step: int,
+    params: EPDParams,
+    history: list[torch.Tensor],
+    parallel: bool | int = True,
+) -> torch.Tensor:
+    """``sum_k weight_k * scale_dir_k * d_k`` for one step (``table`` = ``params.decoded()``)."""
+    r, weight = table.r[step], table.weight[step]
+    tau = t_next**r * t_cur ** (1 - r)
+    direction = adams_bashforth(d, history, params.max_order) if params.student == "ipndm" else d
+    x_points = [x + (tau[k] - t_cur).to(x.dtype) * direction for k in range(params.num_points)]
+    d_points = epd_directions(denoiser, x_points, table.scale_time[step] * tau, tau, parallel)
+    coef = (weight * table.scale_dir[step]).to(x.dtype)
+    return sum(coef[k] * d_points[k] for k in range(params.num_points))
+
+
+def push_history(history: list[torch.Tensor], d: torch.Tensor, max_order: int) -> list[torch.Tensor]:
+    """iPNDM's buffer of past first directions: the newest ``max_order - 1`` of them."""
+    return (history + [d])[-(max_order - 1) :] if max_order > 1 else []
+
+
 def grid_offset(params: EPDParams, sigmas: torch.Tensor) -> tuple[int, bool]:
     """Which table step the grid starts at, and whether it ends with a zero (final denoise).
 
@@ -118,33 +161,21 @@ def sample(
     grid = sigmas[:-1] if to_zero else sigmas
     table = params.decoded(torch.float64)
     history: list[torch.Tensor] = []
-    batch = x.shape[0]
 
     for i in range(grid.shape[0] - 1):
         step = offset + i
         t_cur, t_next = grid[i], grid[i + 1]
-        if params.afs and step == 0:
-            d = x / torch.sqrt(1 + t_cur**2).to(x.dtype)
-        else:
-            d = (x - denoiser(x, _per_sample(t_cur, batch, x))) / t_cur.to(x.dtype)
-
-        r, weight = table.r[step], table.weight[step]
-        tau = t_next**r * t_cur ** (1 - r)
-        direction = adams_bashforth(d, history, params.max_order) if params.student == "ipndm" else d
-        x_points = [x + (tau[k] - t_cur).to(x.dtype) * direction for k in range(params.num_points)]
-        d_points = epd_directions(denoiser, x_points, table.scale_time[step] * tau, tau, parallel)
-
-        coef = (weight * table.scale_dir[step]).to(x.dtype)
-        d_eff = sum(coef[k] * d_points[k] for k in range(params.num_points))
+        d = first_direction(denoiser, x, t_cur, params.afs and step == 0)
+        d_eff = ensemble_direction(denoiser, x, d, t_cur, t_next, table, step, params, history, parallel)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": t_cur, "sigma_hat": t_cur, "denoised": x - t_cur.to(x.dtype) * d_eff})
         if params.student == "ipndm":
-            history = (history + [d])[-(params.max_order - 1) :] if params.max_order > 1 else []
+            history = push_history(history, d, params.max_order)
         x = x + (t_next - t_cur).to(x.dtype) * d_eff
 
     if to_zero:
         t_last = grid[-1]
-        denoised = denoiser(x, _per_sample(t_last, batch, x))
+        denoised = denoiser(x, _per_sample(t_last, x.shape[0], x))
         if callback is not None:
             i = grid.shape[0] - 1
             callback({"x": x, "i": i, "sigma": t_last, "sigma_hat": t_last, "denoised": denoised})

@@ -7,7 +7,8 @@ checkpoint, and its ODE solution is known exactly. Forms:
 
 * ``sd15_eps``: EPS model on the Stable Diffusion 1.5 discrete schedule (VE sigmas);
 * ``sd3_flow``: rectified flow with SD3's static shift (default 3.0);
-* ``flux_flow``: rectified flow with FLUX's dynamic shift ``mu`` (default 1.15).
+* ``flux_flow``: rectified flow with FLUX's dynamic shift ``mu`` (default 1.15);
+* ``edm_ve``: continuous EDM sigmas in ``[0.002, 80]`` (the authors' pixel-space ICCV setting).
 
 Latents are ``[B, 4, 8, 8]`` (a 64x64 EmptyLatentImage) with an identity latent format.
 """
@@ -24,7 +25,7 @@ import torch
 
 from ..epd_core.analytic import GaussianMixture
 
-FORMS = ("sd15_eps", "sd3_flow", "flux_flow")
+FORMS = ("sd15_eps", "sd3_flow", "flux_flow", "edm_ve")
 MIXTURES = ("reference", "wide", "multimodal")
 
 
@@ -82,6 +83,9 @@ class AnalyticModel(comfy.model_base.BaseModel):
                 AnalyticConfig({"shift": 1.15 if shift is None else shift}),
                 comfy.model_base.ModelType.FLUX,
             )
+        elif form == "edm_ve":
+            config = AnalyticConfig({"sigma_min": 0.002, "sigma_max": 80.0, "sigma_data": 0.5})
+            model_type = comfy.model_base.ModelType.EDM
         else:
             raise ValueError(f"unknown analytic model form {form!r}; expected one of {FORMS}")
         super().__init__(config, model_type=model_type, device=torch.device("cpu"))
@@ -92,7 +96,7 @@ class AnalyticModel(comfy.model_base.BaseModel):
     def _apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
         sigma = t.reshape(-1).to(torch.float64).expand(x.shape[0]).cpu()
         x64 = x.to(torch.float64).cpu()
-        if self.form == "sd15_eps":
+        if self.form in ("sd15_eps", "edm_ve"):
             denoised = self.mixture.denoise_ve(x64, sigma)
         else:
             denoised = self.mixture.denoise_flow(x64, sigma)

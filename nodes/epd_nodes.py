@@ -11,7 +11,7 @@ from comfy_api.latest import io
 
 from ..epd_core import EPDFileError, EPDParams, load_params
 from .analytic_model import FORMS, MIXTURES, analytic_model_patcher
-from .sampling import CONVENTIONS, PARALLEL_MODES, make_sampler
+from .sampling import CONVENTIONS, PARALLEL_MODES, PLUGIN_BASES, make_plugin_sampler, make_sampler
 from .scheduling import epd_sigmas
 
 EPDParamsType = io.Custom("EPD_PARAMS")
@@ -230,7 +230,7 @@ class EPDAnalyticModel(io.ComfyNode):
                     options=list(FORMS),
                     default="sd15_eps",
                     tooltip="sd15_eps: EPS on the SD1.5 schedule; sd3_flow: flow with SD3 shift; flux_flow: flow "
-                    "with FLUX mu.",
+                    "with FLUX mu; edm_ve: EDM sigmas 0.002-80 (the ICCV tables).",
                 ),
                 io.Combo.Input(
                     "mixture", options=list(MIXTURES), default="reference", tooltip="Which Gaussian mixture."
@@ -253,4 +253,33 @@ class EPDAnalyticModel(io.ComfyNode):
         return io.NodeOutput(model, [[torch.zeros(1, 1, 8), {}]])
 
 
-NODES = [EPDParamsLoader, EPDSampler, EPDScheduler, EPDKSampler, EPDAnalyticModel]
+class EPDPlugin(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EPDPlugin",
+            display_name="EPD Plugin",
+            category="sampling/custom_sampling/samplers",
+            description="Adds EPD's parallel directions to a built-in sampler: each model call the sampler makes at "
+            "a grid point is answered with the EPD ensemble prediction. Euler + plugin is exactly EPD. Supported: "
+            + ", ".join(PLUGIN_BASES)
+            + ". Use with EPD Scheduler.",
+            inputs=[
+                io.Sampler.Input(
+                    "sampler", tooltip="The base sampler, e.g. from KSamplerSelect (dpmpp_2m, ipndm, ...)."
+                ),
+                EPDParamsType.Input("epd_params", tooltip="The EPD table from EPD Parameters Loader."),
+                io.Combo.Input(
+                    "parallel", options=list(PARALLEL_MODES), default="auto", tooltip="How the K points are batched."
+                ),
+            ],
+            outputs=[io.Sampler.Output(), io.String.Output(display_name="info")],
+        )
+
+    @classmethod
+    def execute(cls, sampler, epd_params, parallel: str) -> io.NodeOutput:
+        new_sampler, info = make_plugin_sampler(sampler, epd_params, parallel)
+        return io.NodeOutput(new_sampler, info)
+
+
+NODES = [EPDParamsLoader, EPDSampler, EPDScheduler, EPDKSampler, EPDPlugin, EPDAnalyticModel]

@@ -37,14 +37,14 @@ def model_schedule(params: EPDParams, model_sampling) -> torch.Tensor:
 
 
 def epd_sigmas(params: EPDParams, model_sampling, denoise: float = 1.0, final_denoise: bool = False) -> torch.Tensor:
-    """SIGMAS for ComfyUI: the table's grid, cut for ``denoise``, optionally ending with 0."""
+    """SIGMAS for ComfyUI (float32, as its own schedulers): the table's grid, cut for ``denoise``, maybe ending in 0."""
     if not 0.0 <= denoise <= 1.0:
         raise ValueError(f"denoise must be in [0, 1], got {denoise}")
     grid = model_schedule(params, model_sampling)
     steps = round(denoise * (params.num_steps - 1))
     if steps == 0:
-        return torch.zeros(0, dtype=torch.float64)
+        return torch.zeros(0)
     grid = grid[-(steps + 1) :]
     if final_denoise:
         grid = torch.cat([grid, grid.new_zeros(1)])
-    return grid
+    return grid.float()

@@ -1,0 +1,133 @@
+"""EPD Plugin node over ComfyUI's built-in samplers, in a real ComfyUI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import REFERENCE, official_path, reference_meta
+from safetensors.torch import load_file
+
+import epd_core
+
+H = pytest.importorskip("comfy_harness")
+N = H.setup()
+
+import comfy.sample  # noqa: E402
+import comfy.samplers  # noqa: E402
+from comfy_extras.nodes_custom_sampler import SamplerCustom  # noqa: E402
+from tiny_models import KINDS, conditioning, latent, table_for, tiny_model  # noqa: E402
+
+SAMPLING = H.pack_module("nodes.sampling")
+Plugin = N["EPDPlugin"]
+
+
+def _plugin(base: str, params, parallel="auto"):
+    return Plugin.execute(comfy.samplers.sampler_object(base), params, parallel).result
+
+
+@pytest.mark.parametrize(
+    "name,form",
+    [
+        ("sd15-best", "sd15_eps"),
+        ("sd3-512-best", "sd3_flow"),
+        ("flux-best", "flux_flow"),
+        ("00018-cifar10-4-5-ipndm-uni1.0-afs", "edm_ve"),
+        ("00024-ffhq-6-9-ipndm-uni1.0-afs", "edm_ve"),
+        ("00001-cifar10-3-3-epd-uni1.0-afs", "edm_ve"),
+    ],
+)
+def test_euler_plus_plugin_reproduces_reference(name, form):
+    """Euler + EPD Plugin is the authors' sampler (EPD and iPNDM students) through ComfyUI."""
+    path = REFERENCE / f"{name}.safetensors"
+    ref, meta = load_file(str(path)), reference_meta(path)
+    params = epd_core.load_params(official_path(meta["predictor_file"]))
+    model, cond = N["EPDAnalyticModel"].execute(form, "reference", 0.0).result
+    (sigmas,) = N["EPDScheduler"].execute(model, params, 1.0, False).result
+    assert torch.allclose(sigmas.double(), ref["t_steps"], rtol=1e-6)
+    flow = form in ("sd3_flow", "flux_flow")
+    s0, s_last = float(sigmas[0]), float(sigmas[-1])
+    noise = ref["latents"].float() if flow else ref["latents"].float() * s0 / (1 + s0**2) ** 0.5
+    lat = torch.zeros(3, 4, 8, 8)
+    sampler, info = _plugin("euler", params)
+    assert "Warning" not in info
+    out = comfy.sample.sample_custom(model, noise, 1.0, sampler, sigmas, cond, cond, lat).double()
+    if flow:
+        out = out * (1 - s_last)
+    rel = ((out - ref["final"]).abs().max() / ref["final"].abs().max()).item()
+    assert rel < 1e-5, rel
+    (epd,) = N["EPDSampler"].execute(params, "auto", True, "authors").result
+    direct = comfy.sample.sample_custom(model, ref["latents"].float(), 1.0, epd, sigmas, cond, cond, lat).double()
+    assert ((direct - ref["final"]).abs().max() / ref["final"].abs().max()).item() < 1e-5
+
+
+@pytest.mark.parametrize("kind", KINDS + ("analytic",))
+@pytest.mark.parametrize("base", SAMPLING.PLUGIN_BASES)
+def test_every_supported_base_runs(kind, base):
+    if kind == "analytic":
+        model, cond = N["EPDAnalyticModel"].execute("sd15_eps", "reference", 0.0).result
+        pos = neg = cond
+        lat, params = {"samples": torch.zeros(2, 4, 8, 8)}, epd_core.load_params(official_path("sd15-best.pkl"))
+    else:
+        model, pos, neg = tiny_model(kind), conditioning(2, 1), conditioning(2, 2)
+        lat, params = latent(kind, 2), epd_core.load_params(official_path(table_for(kind)))
+    (sigmas,) = N["EPDScheduler"].execute(model, params, 1.0, False).result
+    sampler, info = _plugin(base, params)
+    assert SAMPLING.base_sampler_name(comfy.samplers.sampler_object(base)) in info
+    out = SamplerCustom.execute(model, True, 3, 2.0, pos, neg, sampler, sigmas, lat).result[0]["samples"]
+    assert out.shape == lat["samples"].shape and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("base", ["euler_ancestral", "dpmpp_2m_sde", "heun", "dpm_2", "lcm", "dpm_adaptive"])
+def test_unsupported_bases_are_refused_with_the_list(base):
+    params = epd_core.load_params(official_path("sd15-best.pkl"))
+    with pytest.raises(ValueError, match="supported: euler, ddim, dpmpp_2m"):
+        _plugin(base, params)
+
+
+def test_runtime_guard_for_unknown_multi_call_sampler():
+    """A custom sampler that calls the model between grid points is stopped, not silently changed."""
+    params = epd_core.load_params(official_path("sd15-best.pkl"))
+    model, cond = N["EPDAnalyticModel"].execute("sd15_eps", "reference", 0.0).result
+
+    def sample_midpoint(model, x, sigmas, extra_args=None, callback=None, disable=None):
+        s_in = x.new_ones([x.shape[0]])
+        for i in range(len(sigmas) - 1):
+            mid = (sigmas[i] * sigmas[i + 1]) ** 0.5
+            d = (x - model(x, sigmas[i] * s_in, **extra_args)) / sigmas[i]
+            x_mid = x + (mid - sigmas[i]) * d
+            d_mid = (x_mid - model(x_mid, mid * s_in, **extra_args)) / mid
+            x = x + (sigmas[i + 1] - sigmas[i]) * d_mid
+        return x
+
+    sampler, _ = Plugin.execute(comfy.samplers.KSAMPLER(sample_midpoint), params, "auto").result
+    (sigmas,) = N["EPDScheduler"].execute(model, params, 1.0, False).result
+    with pytest.raises(ValueError, match="between the table's grid points"):
+        comfy.sample.sample_custom(
+            model, torch.randn(1, 4, 8, 8), 1.0, sampler, sigmas, cond, cond, torch.zeros(1, 4, 8, 8)
+        )
+
+
+def test_table_base_mismatch_is_a_warning_in_info():
+    params = epd_core.load_params(official_path("sd15-best.pkl"))
+    _, info = _plugin("dpmpp_2m", params)
+    assert "Warning: this table was trained for euler, not dpmpp_2m" in info
+    tuned = params.replace(metadata={**params.metadata, "plugin_base": "dpmpp_2m"})
+    _, info = _plugin("dpmpp_2m", tuned)
+    assert "Warning" not in info
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_plugin_batched_equals_sequential_with_inpainting(batch):
+    model = tiny_model("eps")
+    params = epd_core.load_params(official_path("sd15-best.pkl"))
+    g = torch.Generator().manual_seed(9)
+    lat = {"samples": torch.randn(batch, 4, 8, 8, generator=g), "noise_mask": torch.zeros(batch, 1, 8, 8)}
+    lat["noise_mask"][..., 4:] = 1.0
+    (sigmas,) = N["EPDScheduler"].execute(model, params, 1.0, True).result
+    outs = {}
+    for mode in ("batched", "sequential"):
+        sampler, _ = _plugin("dpmpp_2m", params, mode)
+        pos, neg = conditioning(batch, 5), conditioning(batch, 6)
+        outs[mode] = SamplerCustom.execute(model, True, 2, 3.0, pos, neg, sampler, sigmas, lat).result[0]["samples"]
+    assert torch.allclose(outs["batched"], outs["sequential"], rtol=1e-4, atol=1e-4)
+    assert torch.allclose(outs["batched"][..., :4], lat["samples"][..., :4], atol=1e-5)
