@@ -7,7 +7,7 @@ import sys
 
 import torch
 
-from . import GaussianMixture, load_params, make_schedule, sample, save_params
+from . import EPDParams, GaussianMixture, load_params, make_schedule, sample, save_params
 from .analytic import heun
 from .files import EPDFileError
 
@@ -58,6 +58,47 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+ANALYTIC_FORMS = {
+    "edm": dict(schedule_type="polynomial", schedule_rho=7.0, backend="edm"),
+    "sd15": dict(schedule_type="discrete", schedule_rho=1.0, backend="ldm"),
+    "sd3": dict(schedule_type="flowmatch", schedule_rho=1.0, backend="sd3", flowmatch_shift=3.0),
+    "flux": dict(schedule_type="flowmatch", schedule_rho=1.0, backend="flux", flowmatch_mu=1.15),
+}
+
+
+def _distill(args: argparse.Namespace, argv: list[str]) -> int:
+    """Distil a table for an analytic Gaussian-mixture model and save it in the project's format."""
+    import shlex
+
+    from .distill import distill
+
+    form = dict(ANALYTIC_FORMS[args.form])
+    if args.schedule:
+        form["schedule_type"] = args.schedule
+        form["schedule_rho"] = args.rho
+    start = EPDParams.start(
+        args.steps, args.points, student=args.student, afs=args.afs, max_order=args.max_order,
+        scale_dir=args.scale_dir, scale_time=args.scale_time, **form,
+    )  # fmt: skip
+    gm = GaussianMixture.named(args.mixture)
+    den = gm.denoise_flow if start.is_flow else gm.denoise_ve
+
+    def progress(i: int, n: int, loss: float) -> None:
+        if i == n or i % max(1, n // 20) == 0:
+            bar = "#" * (30 * i // n)
+            print(f"\r[{bar:<30}] {i}/{n} loss {loss:.5f}", end="" if i < n else "\n", flush=True)
+
+    params = distill(
+        den, start, gm.shape, iterations=args.iterations, batch=args.batch, teacher=args.teacher,
+        teacher_m=args.teacher_m, lr=args.lr, seed=args.seed, learn_grid=args.learn_grid, progress=progress,
+        metadata={"model": f"analytic {args.form} / mixture {args.mixture}",
+                  "command": "python -m epd_core " + shlex.join(argv)},
+    )  # fmt: skip
+    save_params(params, args.out)
+    print(f"wrote {args.out}: NFE {params.nfe}, loss {params.metadata['distilled']['final_loss']:.5f}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m epd_core", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -73,6 +114,28 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--batch", type=int, default=64)
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(fn=_demo)
+    dist = sub.add_parser("distill", help="distil a table for an analytic mixture model (VE/discrete or flow form)")
+    dist.add_argument("--form", choices=sorted(ANALYTIC_FORMS), default="sd15")
+    dist.add_argument("--mixture", default="reference")
+    dist.add_argument("--steps", type=int, default=4, help="time points (NFE is 2 per step, one less with --afs)")
+    dist.add_argument("--points", type=int, default=2)
+    dist.add_argument("--student", choices=["epd", "ipndm"], default="epd")
+    dist.add_argument("--max-order", type=int, default=4)
+    dist.add_argument("--schedule", choices=["polynomial", "logsnr", "time_uniform", "discrete", "flowmatch"])
+    dist.add_argument("--rho", type=float, default=7.0)
+    dist.add_argument("--afs", action="store_true")
+    dist.add_argument("--scale-dir", type=float, default=0.0)
+    dist.add_argument("--scale-time", type=float, default=0.0)
+    dist.add_argument("--teacher", choices=["heun", "dpm2", "dpmpp2m"], default="heun")
+    dist.add_argument("--teacher-m", type=int, default=8)
+    dist.add_argument("--iterations", type=int, default=400)
+    dist.add_argument("--batch", type=int, default=64)
+    dist.add_argument("--lr", type=float, default=1e-2)
+    dist.add_argument("--seed", type=int, default=0)
+    dist.add_argument("--learn-grid", action="store_true")
+    dist.add_argument("--out", required=True)
+    argv = sys.argv[1:] if argv is None else argv
+    dist.set_defaults(fn=lambda a: _distill(a, argv))
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["GaussianMixture", "heun", "ode_endpoint"]
+__all__ = ["GaussianMixture", "MIXTURES", "heun", "ode_endpoint"]
+
+MIXTURES = ("reference", "wide", "multimodal")
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,20 @@ class GaussianMixture:
         means = torch.randn(8, 4, 8, 8, generator=g, dtype=torch.float64) * 0.8
         logits = torch.randn(8, generator=g, dtype=torch.float64) * 0.5
         return cls(means.to(dtype), torch.softmax(logits, 0).to(dtype), 0.3)
+
+    @classmethod
+    def named(cls, name: str) -> GaussianMixture:
+        """``reference`` (8 modes, std 0.3), ``wide`` (8 modes, std 0.6, closer to real data's spread) or
+        ``multimodal`` (32 modes, std 0.2, harder)."""
+        if name == "reference":
+            return cls.reference()
+        if name not in MIXTURES:
+            raise ValueError(f"unknown mixture {name!r}; expected one of {MIXTURES}")
+        g = torch.Generator().manual_seed({"wide": 4321, "multimodal": 777}[name])
+        k = 8 if name == "wide" else 32
+        means = torch.randn(k, 4, 8, 8, generator=g, dtype=torch.float64) * (0.6 if name == "wide" else 1.0)
+        weights = torch.softmax(torch.randn(k, generator=g, dtype=torch.float64) * 0.5, 0)
+        return cls(means, weights, 0.6 if name == "wide" else 0.2)
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -26,7 +26,7 @@ import torch
 
 from .schedules import SCHEDULE_TYPES
 
-__all__ = ["EPDParams", "Decoded", "STUDENTS", "BACKENDS", "TABLE_NAMES"]
+__all__ = ["EPDParams", "Decoded", "decode", "STUDENTS", "BACKENDS", "TABLE_NAMES"]
 
 STUDENTS = ("epd", "ipndm")
 BACKENDS = ("edm", "ldm", "sd3", "flux")
@@ -46,6 +46,25 @@ def _bounded_scale(raw: torch.Tensor, bound: float) -> torch.Tensor:
     if not bound:
         return torch.ones_like(raw)
     return 2 * torch.sigmoid(0.5 * raw) * bound + (1 - bound)
+
+
+def decode(
+    r_params: torch.Tensor,
+    weight_s: torch.Tensor,
+    scale_dir_params: torch.Tensor,
+    scale_time_params: torch.Tensor,
+    scale_dir: float,
+    scale_time: float,
+    fcn: bool,
+) -> Decoded:
+    """Raw tables to per-step values (differentiable; used by sampling and by training)."""
+    r = torch.sigmoid(r_params)
+    weight = torch.softmax(weight_s, dim=-1)
+    c = _bounded_scale(scale_dir_params, scale_dir)
+    a = _bounded_scale(scale_time_params, scale_time)
+    if fcn:
+        c = torch.cat([c[:-1], torch.ones_like(c[-1:])])
+    return Decoded(r, weight, c, a)
 
 
 @dataclass(frozen=True, eq=False)
@@ -171,14 +190,8 @@ class EPDParams:
 
     def decoded(self, dtype: torch.dtype = torch.float64) -> Decoded:
         """The per-step ``r``, ``weight``, ``scale_dir``, ``scale_time`` exactly as the authors compute them."""
-        r = torch.sigmoid(self.r_params.to(dtype))
-        weight = torch.softmax(self.weight_s.to(dtype), dim=-1)
-        scale_dir = _bounded_scale(self.scale_dir_params.to(dtype), self.scale_dir)
-        scale_time = _bounded_scale(self.scale_time_params.to(dtype), self.scale_time)
-        if self.fcn:
-            scale_dir = scale_dir.clone()
-            scale_dir[-1] = 1.0
-        return Decoded(r, weight, scale_dir, scale_time)
+        raw = [getattr(self, name).to(dtype) for name in TABLE_NAMES]
+        return decode(*raw, self.scale_dir, self.scale_time, self.fcn)
 
     @classmethod
     def start(cls, num_steps: int, num_points: int = 2, **hyper: Any) -> EPDParams:

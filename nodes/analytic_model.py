@@ -23,21 +23,15 @@ import comfy.model_sampling
 import comfy.supported_models_base
 import torch
 
+from ..epd_core.analytic import MIXTURES as ANALYTIC_MIXTURES
 from ..epd_core.analytic import GaussianMixture
 
 FORMS = ("sd15_eps", "sd3_flow", "flux_flow", "edm_ve")
-MIXTURES = ("reference", "wide", "multimodal")
+MIXTURES = ANALYTIC_MIXTURES
 
 
 def make_mixture(name: str) -> GaussianMixture:
-    """``reference`` is the mixture of ``shared/epd_reference``; the others vary spread and modes."""
-    if name == "reference":
-        return GaussianMixture.reference()
-    g = torch.Generator().manual_seed({"wide": 4321, "multimodal": 777}[name])
-    k = 8 if name == "wide" else 32
-    means = torch.randn(k, 4, 8, 8, generator=g, dtype=torch.float64) * (0.6 if name == "wide" else 1.0)
-    weights = torch.softmax(torch.randn(k, generator=g, dtype=torch.float64) * 0.5, 0)
-    return GaussianMixture(means, weights, 0.6 if name == "wide" else 0.2)
+    return GaussianMixture.named(name)
 
 
 class IdentityLatent(comfy.latent_formats.LatentFormat):

@@ -9,10 +9,11 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..epd_core import EPDFileError, EPDParams, load_params
+from ..epd_core import EPDFileError, EPDParams, load_params, save_params
 from .analytic_model import FORMS, MIXTURES, analytic_model_patcher
 from .sampling import CONVENTIONS, PARALLEL_MODES, PLUGIN_BASES, make_plugin_sampler, make_sampler
 from .scheduling import epd_sigmas
+from .training import distill_on_model, output_path, start_table
 
 EPDParamsType = io.Custom("EPD_PARAMS")
 
@@ -282,4 +283,78 @@ class EPDPlugin(io.ComfyNode):
         return io.NodeOutput(new_sampler, info)
 
 
-NODES = [EPDParamsLoader, EPDSampler, EPDScheduler, EPDKSampler, EPDPlugin, EPDAnalyticModel]
+class EPDDistill(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EPDDistill",
+            display_name="EPD Distill",
+            category="sampling/epd_training",
+            description="Fits an EPD table to this model (Stage 1 of the papers): a many-step teacher gives the "
+            "target at each grid point and the table learns to reach it in one EPD step. Saves to models/epd.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to fit the table to."),
+                io.Conditioning.Input("positive", tooltip="Prompts to train on (a batch of several works)."),
+                io.Conditioning.Input("negative", tooltip="Negative prompts."),
+                io.Latent.Input(
+                    "latent_image", tooltip="An empty latent of the size to train at (its batch is ignored)."
+                ),
+                io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, tooltip="Guidance used in training."),
+                io.Int.Input(
+                    "steps",
+                    default=6,
+                    min=2,
+                    max=64,
+                    tooltip="Time points of the table (steps + 1); NFE is 2 per step.",
+                ),
+                io.Int.Input("points", default=2, min=1, max=8, tooltip="Parallel intermediate points per step (K)."),
+                io.Combo.Input(
+                    "teacher", options=["heun", "dpm2", "dpmpp2m"], default="dpm2", tooltip="Teacher solver."
+                ),
+                io.Int.Input("teacher_steps", default=3, min=0, max=32, tooltip="Teacher points inside each step (M)."),
+                io.Int.Input("iterations", default=200, min=1, max=100000, tooltip="Optimisation steps."),
+                io.Int.Input("batch", default=4, min=1, max=256, tooltip="Noises per iteration."),
+                io.Float.Input(
+                    "learning_rate",
+                    default=0.01,
+                    min=1e-5,
+                    max=1.0,
+                    step=0.001,
+                    tooltip="Adam learning rate (cosine decay).",
+                ),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of the training noises."),
+                io.Boolean.Input("learn_grid", default=False, tooltip="Also learn the interior grid points."),
+                io.Boolean.Input(
+                    "afs", default=False, tooltip="Analytic first step (saves one call; EPS models only)."
+                ),
+                io.String.Input(
+                    "filename", default="my_epd_table", tooltip="Saved as models/epd/<filename>.safetensors."
+                ),
+                io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of that name."),
+                EPDParamsType.Input(
+                    "start_params", optional=True, tooltip="Start from this table instead of the default start."
+                ),
+            ],
+            outputs=[EPDParamsType.Output(display_name="epd_params"), io.String.Output(display_name="info")],
+        )
+
+    @classmethod
+    def execute(
+        cls, model, positive, negative, latent_image, cfg, steps, points, teacher, teacher_steps, iterations, batch,
+        learning_rate, seed, learn_grid, afs, filename, overwrite, start_params=None,
+    ) -> io.NodeOutput:  # fmt: skip
+        path = output_path(filename, overwrite)
+        model_sampling = model.get_model_object("model_sampling")
+        start = start_params or start_table(model_sampling, steps, points, afs)
+        params = distill_on_model(
+            model, positive, negative, cfg, latent_image["samples"], start, iterations=iterations, batch=batch,
+            teacher=teacher, teacher_m=teacher_steps, lr=learning_rate, seed=seed, learn_grid=learn_grid,
+            metadata={"tool": "EPD Distill node", "cfg": cfg},
+        )  # fmt: skip
+        save_params(params, path)
+        d = params.metadata["distilled"]
+        info = f"{describe(params)}; loss {d['first_loss']:.4g} -> {d['final_loss']:.4g}; saved {path}"
+        return io.NodeOutput(params, info)
+
+
+NODES = [EPDParamsLoader, EPDSampler, EPDScheduler, EPDKSampler, EPDPlugin, EPDDistill, EPDAnalyticModel]

@@ -42,7 +42,15 @@ def setup() -> dict:
     ok = asyncio.run(nodes.load_custom_node(str(ROOT)))
     if not ok:
         raise RuntimeError("ComfyUI failed to load the EPD pack")
-    for node_id in ("EPDParamsLoader", "EPDSampler", "EPDScheduler", "EPDKSampler", "EPDPlugin", "EPDAnalyticModel"):
+    for node_id in (
+        "EPDParamsLoader",
+        "EPDSampler",
+        "EPDScheduler",
+        "EPDKSampler",
+        "EPDPlugin",
+        "EPDDistill",
+        "EPDAnalyticModel",
+    ):
         _STATE[node_id] = nodes.NODE_CLASS_MAPPINGS[node_id]
     _STATE["pack"] = sys.modules[str(ROOT).replace(".", "_x_")]
     return _STATE

@@ -1,0 +1,220 @@
+"""Stage 1: distil an EPD table from a many-step teacher (the authors' recipe).
+
+Per iteration: draw a batch of starting noises; a teacher solver with ``M``
+extra points inside every student interval gives the reference state at each
+student grid point; the student takes one EPD step from its *own* current
+state; the loss is the squared distance to the teacher at the matching time,
+summed over steps (the student continues from its detached output). Adam with
+a cosine learning-rate schedule. Optionally the interior grid points are
+learned too (the table then carries its grid), and the final step's loss can
+be replaced by a caller's feature loss.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .params import TABLE_NAMES, EPDParams, decode
+from .schedules import make_schedule
+from .solver import Denoiser, adams_bashforth, ensemble_direction, first_direction, push_history
+from .teachers import TEACHERS, subdivide, teacher_trajectory
+
+__all__ = ["distill", "student_loss"]
+
+
+def _grid_from_logits(ends: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """A decreasing grid between the fixed ``ends`` whose log-gaps are ``softmax(logits)`` of the whole span."""
+    fractions = torch.cumsum(torch.softmax(logits, 0), 0)
+    log_ends = torch.log(ends)
+    inner = torch.exp(log_ends[0] + (log_ends[1] - log_ends[0]) * fractions[:-1])
+    return torch.cat([ends[:1], inner, ends[1:]])
+
+
+class _FiniteDifferenceDenoise(torch.autograd.Function):
+    """``D(x + c * direction, s)`` with gradients for ``c`` and ``s`` from forward differences.
+
+    The table only moves a point along ``direction`` (through ``c = tau - t_cur``) and its time ``s``, so
+    these two directional derivatives are all training needs: two extra (batched) model calls, no backprop
+    through the network (works for models with in-place ops, and needs no activation memory).
+    """
+
+    @staticmethod
+    def forward(ctx, c, s, x, direction, denoiser, eps):
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        with torch.no_grad():
+            base = x + c.detach().reshape(shape) * direction
+            out = denoiser(base, s.detach())
+        ctx.save_for_backward(c.detach(), s.detach(), x, direction, out)
+        ctx.denoiser, ctx.eps = denoiser, eps
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        c, s, x, direction, out = ctx.saved_tensors
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        hc = ctx.eps * s  # a step along the direction, in the units of the current noise level
+        hs = ctx.eps * s
+        with torch.no_grad():
+            xs = torch.cat([x + (c + hc).reshape(shape) * direction, x + c.reshape(shape) * direction])
+            both = ctx.denoiser(xs, torch.cat([s, s + hs]))
+        n = x.shape[0]
+        d_c = (both[:n] - out) / hc.reshape(shape)
+        d_s = (both[n:] - out) / hs.reshape(shape)
+        return (grad * d_c).flatten(1).sum(1), (grad * d_s).flatten(1).sum(1), None, None, None, None
+
+
+def _ensemble_direction_fd(denoiser, x, d, t_cur, t_next, table, step, params, history, eps=1e-3):
+    """:func:`ensemble_direction` with finite-difference gradients through the model (all K in one call)."""
+    r, weight = table.r[step], table.weight[step]
+    tau = t_next**r * t_cur ** (1 - r)
+    direction = adams_bashforth(d, history, params.max_order) if params.student == "ipndm" else d
+    k, b = params.num_points, x.shape[0]
+    c = (tau - t_cur).to(x.dtype).repeat_interleave(b)
+    s = (table.scale_time[step] * tau).to(x.dtype).repeat_interleave(b)
+    xk, dk = x.repeat(k, *([1] * (x.ndim - 1))), direction.repeat(k, *([1] * (x.ndim - 1)))
+    out = _FiniteDifferenceDenoise.apply(c, s, xk, dk.detach(), denoiser, eps)
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    d_points = ((xk + c.reshape(shape) * dk - out) / tau.to(x.dtype).repeat_interleave(b).reshape(shape)).split(b)
+    coef = (weight * table.scale_dir[step]).to(x.dtype)
+    return sum(coef[i] * d_points[i] for i in range(k))
+
+
+def student_loss(
+    denoiser: Denoiser,
+    params: EPDParams,
+    raw: dict[str, torch.Tensor],
+    grid: torch.Tensor,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    feature_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    gradient: str = "autograd",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum over steps of the mean squared distance to the teacher; returns (loss, student's final state).
+
+    ``gradient``: ``autograd`` backpropagates through the denoiser; ``fd`` uses finite differences.
+    """
+    step_fn = ensemble_direction if gradient == "autograd" else _ensemble_direction_fd
+    table = decode(*(raw[name] for name in TABLE_NAMES), params.scale_dir, params.scale_time, params.fcn)
+    history: list[torch.Tensor] = []
+    total = x.new_zeros(())
+    steps = grid.shape[0] - 1
+    for i in range(steps):
+        t_cur, t_next = grid[i], grid[i + 1]
+        afs = params.afs and i == 0
+        with torch.set_grad_enabled(torch.is_grad_enabled() and (gradient == "autograd" or afs)):
+            d = first_direction(denoiser, x, t_cur, afs)
+        d_eff = step_fn(denoiser, x, d, t_cur, t_next, table, i, params, history)
+        x_next = x + (t_next - t_cur).to(x.dtype) * d_eff
+        if feature_loss is not None and i == steps - 1:
+            total = total + feature_loss(x_next, targets[i + 1])
+        else:
+            total = total + ((x_next - targets[i + 1]) ** 2).mean()
+        if params.student == "ipndm":
+            history = push_history(history, d.detach(), params.max_order)
+        x = x_next.detach()
+    return total, x
+
+
+def distill(
+    denoiser: Denoiser,
+    start: EPDParams,
+    shape: tuple[int, ...],
+    *,
+    iterations: int = 300,
+    batch: int = 32,
+    teacher: str = "heun",
+    teacher_m: int = 3,
+    lr: float = 1e-2,
+    seed: int = 0,
+    learn_grid: bool = False,
+    gradient: str = "autograd",
+    grid: torch.Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
+    device: torch.device | str | None = None,
+    feature_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    progress: Callable[[int, int, float], None] | None = None,
+    metadata: dict[str, Any] | None = None,
+) -> EPDParams:
+    """Fit ``start``'s tables (and, with ``learn_grid``, its interior grid points) to a teacher.
+
+    ``denoiser(x, sigma)`` may close over conditioning and guidance; it gets batches of ``K * batch``
+    (point-major) for the student's points. ``shape`` is one sample's shape. Deterministic for a seed.
+    ``progress(iteration, iterations, loss)`` is called after every iteration (raise to stop; nothing is kept).
+    ``gradient="fd"`` takes the table's gradients by finite differences instead of backpropagating
+    through the denoiser (for large models, or models whose forward is not differentiable).
+    """
+    if gradient not in ("autograd", "fd"):
+        raise ValueError(f"gradient must be 'autograd' or 'fd', got {gradient!r}")
+    if teacher not in TEACHERS:
+        raise ValueError(f"teacher must be one of {TEACHERS}, got {teacher!r}")
+    if iterations < 1 or batch < 1 or teacher_m < 0:
+        raise ValueError("iterations and batch must be >= 1 and teacher_m >= 0")
+    base_grid = (make_schedule(start) if grid is None else torch.as_tensor(grid, dtype=torch.float64)).to(device)
+    if base_grid.shape[0] != start.num_steps:
+        raise ValueError(f"the grid has {base_grid.shape[0]} points; the table has {start.num_steps}")
+    fine_fixed = None
+    if not learn_grid and grid is None and start.t_steps is None:
+        fine = make_schedule(start, num_steps=(teacher_m + 1) * (start.num_steps - 1) + 1).to(device)
+        if torch.allclose(fine[:: teacher_m + 1], base_grid, rtol=1e-9):
+            fine_fixed = fine  # the authors' teacher grid: the same schedule with (M + 1)x the steps
+
+    raw = {name: getattr(start, name).to(device, dtype).clone().requires_grad_(True) for name in TABLE_NAMES}
+    trainable = [raw["r_params"], raw["weight_s"]]
+    trainable += [raw["scale_dir_params"]] if start.scale_dir else []
+    trainable += [raw["scale_time_params"]] if start.scale_time else []
+    ends = base_grid[[0, -1]]
+    logits = torch.log(-torch.diff(torch.log(base_grid))).clone().requires_grad_(learn_grid)
+    if learn_grid:
+        trainable.append(logits)
+    opt = torch.optim.Adam(trainable, lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iterations)
+    gen = torch.Generator().manual_seed(seed)
+    history: list[float] = []
+    x = None
+
+    for it in range(iterations):
+        grid_now = _grid_from_logits(ends, logits) if learn_grid else base_grid
+        noise = torch.randn((batch, *shape), generator=gen, dtype=torch.float64).to(device, dtype)
+        x = noise if start.is_flow else noise * grid_now[0].detach().to(dtype)
+        with torch.no_grad():
+            fine = fine_fixed if fine_fixed is not None else subdivide(grid_now.detach(), teacher_m)
+            targets = teacher_trajectory(denoiser, x, fine, teacher)[:: teacher_m + 1]
+        with torch.enable_grad():
+            loss, _ = student_loss(denoiser, start, raw, grid_now, x, targets, feature_loss, gradient)
+            opt.zero_grad(set_to_none=True)
+            if torch.isfinite(loss):
+                loss.backward()
+                for p in trainable:
+                    if p.grad is not None:
+                        torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+                opt.step()
+        sched.step()
+        history.append(float(loss.detach()))
+        if progress is not None:
+            progress(it + 1, iterations, history[-1])
+
+    tables = {name: raw[name].detach().to("cpu", torch.float32) for name in TABLE_NAMES}
+    learned = _grid_from_logits(ends, logits).detach().cpu() if learn_grid else None
+    tail = [v for v in history[-max(1, iterations // 10) :] if math.isfinite(v)]
+    provenance = {
+        **dict(start.metadata),
+        **(metadata or {}),
+        "distilled": {
+            "teacher": teacher,
+            "teacher_m": teacher_m,
+            "iterations": iterations,
+            "batch": batch,
+            "lr": lr,
+            "seed": seed,
+            "learn_grid": learn_grid,
+            "gradient": gradient,
+            "first_loss": history[0],
+            "final_loss": sum(tail) / max(1, len(tail)),
+        },
+    }
+    return start.replace(**tables, t_steps=learned, teacher=teacher, teacher_steps_m=teacher_m, metadata=provenance)

@@ -1,0 +1,99 @@
+"""Distillation inside ComfyUI: the core's ``distill`` on a ComfyUI model with its guidance.
+
+ComfyUI prepares a model (loading, conditioning, guidance) only inside
+sampling, so distillation runs as a "sampler" passed to ``CFGGuider.sample``,
+like ComfyUI's own training node: it receives the ready model callable, trains
+with autograd enabled, and hands the input back unchanged. Progress goes to
+ComfyUI's progress bar; an interrupt stops it and nothing is saved.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import comfy.model_management
+import comfy.model_sampling
+import comfy.samplers
+import comfy.utils
+import folder_paths
+import torch
+
+from ..epd_core import EPDParams
+from ..epd_core.distill import distill
+from .sampling import _ComfyDenoiser, continuous_model_sampling, is_discrete_model, is_flow_model
+from .scheduling import model_schedule
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")
+
+
+def start_table(model_sampling, steps: int, points: int, afs: bool) -> EPDParams:
+    """The untrained start table matching a ComfyUI model's kind of noise schedule."""
+    if is_flow_model(model_sampling):
+        shift = float(getattr(model_sampling, "shift", 3.0))
+        if isinstance(model_sampling, comfy.model_sampling.ModelSamplingFlux):
+            return EPDParams.start(steps, points, schedule_type="flowmatch", schedule_rho=1.0, backend="flux",
+                                   flowmatch_mu=shift)  # fmt: skip
+        return EPDParams.start(steps, points, schedule_type="flowmatch", schedule_rho=1.0, backend="sd3",
+                               flowmatch_shift=shift)  # fmt: skip
+    if is_discrete_model(model_sampling):
+        return EPDParams.start(steps, points, schedule_type="discrete", schedule_rho=1.0, backend="ldm", afs=afs)
+    lo, hi = float(model_sampling.sigma_min), float(model_sampling.sigma_max)
+    return EPDParams.start(steps, points, schedule_type="polynomial", schedule_rho=7.0, backend="edm", afs=afs,
+                           sigma_min=lo, sigma_max=hi)  # fmt: skip
+
+
+def output_path(filename: str, overwrite: bool) -> Path:
+    """``models/epd/<filename>.safetensors``; refuses odd names and, unless asked, existing files."""
+    stem = filename.removesuffix(".safetensors")
+    if not _NAME.match(stem) or ".." in stem:
+        raise ValueError(f"invalid table name {filename!r}: use letters, digits, '.', '_' and '-'")
+    folder = Path(folder_paths.get_folder_paths("epd")[0])
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{stem}.safetensors"
+    if path.exists() and not overwrite:
+        raise ValueError(f"{path} exists; set overwrite to replace it")
+    return path
+
+
+def distill_on_model(
+    model, positive, negative, cfg: float, latent: torch.Tensor, start: EPDParams, **options
+) -> EPDParams:
+    """Run :func:`epd_core.distill.distill` on a ComfyUI ``MODEL`` with CFG guidance."""
+    model_sampling = model.get_model_object("model_sampling")
+    grid = model_schedule(start, model_sampling)
+    result: dict[str, EPDParams] = {}
+    iterations = options.get("iterations", 300)
+
+    def train(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
+        guider = model_k.inner_model
+        base = guider.inner_model
+        pbar = comfy.utils.ProgressBar(iterations)
+
+        def progress(i: int, n: int, loss: float) -> None:
+            comfy.model_management.throw_exception_if_processing_interrupted()
+            pbar.update_absolute(i, n)
+
+        patch = is_discrete_model(base.model_sampling)
+        saved = base.model_sampling
+        if patch:
+            base.model_sampling = continuous_model_sampling(saved)
+        try:
+            with torch.inference_mode(False), torch.enable_grad():
+                den = _ComfyDenoiser(model_k, dict(extra_args or {}, denoise_mask=None), x.shape[0])
+                result["params"] = distill(
+                    den, start, tuple(x.shape[1:]), grid=grid, dtype=torch.float32, device=x.device,
+                    progress=progress, gradient="fd", **options,
+                )  # fmt: skip
+        finally:
+            if patch:
+                base.model_sampling = saved
+        return x
+
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    shape = (1, *latent.shape[1:])
+    guider.sample(torch.zeros(shape), torch.zeros(shape), comfy.samplers.KSAMPLER(train), grid.float(),
+                  seed=options.get("seed", 0))  # fmt: skip
+    return result["params"]

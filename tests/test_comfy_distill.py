@@ -1,0 +1,87 @@
+"""EPD Distill node on real ComfyUI models."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import epd_core
+
+H = pytest.importorskip("comfy_harness")
+N = H.setup()
+
+import comfy.model_management  # noqa: E402
+import comfy.utils  # noqa: E402
+import folder_paths  # noqa: E402
+from tiny_models import conditioning, latent, tiny_model  # noqa: E402
+
+Distill = N["EPDDistill"]
+
+
+@pytest.fixture
+def epd_dir(tmp_path, monkeypatch):
+    paths, exts = folder_paths.folder_names_and_paths["epd"]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "epd", ([str(tmp_path)] + list(paths), exts))
+    return tmp_path
+
+
+def _run(model, kind, name, iterations=6, overwrite=False, **kw):
+    args = dict(cfg=2.0, steps=4, points=2, teacher="dpm2", teacher_steps=2, iterations=iterations, batch=2)
+    args.update(learning_rate=0.01, seed=0, learn_grid=False, afs=False, filename=name, overwrite=overwrite)
+    args.update(kw)
+    return Distill.execute(model, conditioning(2, 1), conditioning(2, 2), latent(kind, 1), **args).result
+
+
+@pytest.mark.parametrize("kind", ["eps", "sd3", "flux"])
+def test_distill_node_saves_a_table_that_samples(epd_dir, kind):
+    model = tiny_model(kind)
+    params, info = _run(model, kind, f"t_{kind}", learn_grid=kind == "eps", afs=kind == "eps")
+    path = epd_dir / f"t_{kind}.safetensors"
+    assert path.exists() and "saved" in info
+    loaded = epd_core.load_params(path)
+    assert torch.equal(loaded.r_params, params.r_params)
+    assert loaded.metadata["distilled"]["gradient"] == "fd"
+    assert loaded.is_flow == (kind != "eps")
+    (table,) = N["EPDParamsLoader"].execute(path.name).result[:1]
+    (sigmas,) = N["EPDScheduler"].execute(model, table, 1.0, False).result
+    (sampler,) = N["EPDSampler"].execute(table, "auto", True, "comfyui").result
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+
+    out = SamplerCustom.execute(model, True, 1, 2.0, conditioning(1), conditioning(1), sampler, sigmas,
+                                latent(kind, 1)).result[0]["samples"]  # fmt: skip
+    assert torch.isfinite(out).all()
+
+
+def test_never_overwrites_without_asking(epd_dir):
+    model = tiny_model("eps")
+    _run(model, "eps", "same", iterations=1)
+    before = (epd_dir / "same.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="exists; set overwrite"):
+        _run(model, "eps", "same", iterations=1)
+    assert (epd_dir / "same.safetensors").read_bytes() == before
+    _run(model, "eps", "same", iterations=2, overwrite=True, seed=5)
+    assert (epd_dir / "same.safetensors").read_bytes() != before
+    with pytest.raises(ValueError, match="invalid table name"):
+        _run(model, "eps", "../escape", iterations=1)
+
+
+def test_interrupt_stops_and_saves_nothing(epd_dir):
+    model = tiny_model("eps")
+    seen = []
+
+    def hook(value, total, preview, node_id=None):
+        seen.append(value)
+        if value == 2:
+            comfy.model_management.interrupt_current_processing(True)
+        comfy.model_management.throw_exception_if_processing_interrupted()
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            _run(model, "eps", "interrupted", iterations=50)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        comfy.model_management.interrupt_current_processing(False)
+    assert max(seen) < 50
+    assert sorted(p.name for p in epd_dir.iterdir()) == []
+    assert type(model.model.model_sampling).__name__.startswith("ModelSampling")

@@ -1,0 +1,114 @@
+"""Stage 1 distillation in the core: it learns, deterministically, safely."""
+
+from __future__ import annotations
+
+import io
+from contextlib import redirect_stdout
+
+import pytest
+import torch
+
+from epd_core import EPDParams, GaussianMixture, load_params, make_schedule, sample
+from epd_core.__main__ import main as cli_main
+from epd_core.analytic import ode_endpoint
+from epd_core.distill import distill, student_loss
+from epd_core.params import TABLE_NAMES
+from epd_core.teachers import TEACHERS, subdivide, teacher_trajectory
+
+GM = GaussianMixture.reference()
+
+
+def _start(**kw):
+    hyper = dict(schedule_type="polynomial", schedule_rho=7.0, backend="edm")
+    hyper.update(kw)
+    return EPDParams.start(4, 2, **hyper)
+
+
+def _error(params, n=256):
+    grid = make_schedule(params)
+    x = torch.randn(n, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(99)) * grid[0]
+    exact = ode_endpoint(GM.denoise_ve, x, float(grid[0]), steps=400)
+    return float(((sample(GM.denoise_ve, x, grid, params) - exact) ** 2).mean().sqrt())
+
+
+@pytest.mark.parametrize("student,learn_grid", [("epd", False), ("ipndm", False), ("epd", True)])
+def test_distillation_reduces_loss_and_beats_start(student, learn_grid):
+    start = _start(student=student, max_order=3)
+    p = distill(GM.denoise_ve, start, GM.shape, iterations=60, batch=32, teacher_m=4, learn_grid=learn_grid)
+    d = p.metadata["distilled"]
+    assert d["final_loss"] < 0.5 * d["first_loss"]
+    assert _error(p) < 0.8 * _error(start)
+    assert (p.t_steps is not None) == learn_grid
+    if learn_grid:
+        assert torch.all(p.t_steps[1:] < p.t_steps[:-1])
+        assert p.t_steps[0] == make_schedule(start)[0] and p.t_steps[-1] == make_schedule(start)[-1]
+
+
+def test_deterministic_for_a_seed():
+    a = distill(GM.denoise_ve, _start(), GM.shape, iterations=5, batch=8, seed=3)
+    b = distill(GM.denoise_ve, _start(), GM.shape, iterations=5, batch=8, seed=3)
+    c = distill(GM.denoise_ve, _start(), GM.shape, iterations=5, batch=8, seed=4)
+    assert all(torch.equal(getattr(a, n), getattr(b, n)) for n in TABLE_NAMES)
+    assert not torch.equal(a.r_params, c.r_params)
+
+
+def test_finite_difference_gradients_match_autograd():
+    start = _start(scale_time=0.05, scale_dir=0.05)
+    g = torch.Generator().manual_seed(0)
+    start = start.replace(r_params=start.r_params + 0.3 * torch.randn(3, 2, generator=g))
+    grid = make_schedule(start)
+    x = torch.randn(8, 4, 8, 8, dtype=torch.float64, generator=g) * grid[0]
+    targets = teacher_trajectory(GM.denoise_ve, x, subdivide(grid, 3))[::4]
+    grads = {}
+    for mode in ("autograd", "fd"):
+        raw = {n: getattr(start, n).double().clone().requires_grad_(True) for n in TABLE_NAMES}
+        loss, _ = student_loss(GM.denoise_ve, start, raw, grid, x, targets, gradient=mode)
+        loss.backward()
+        grads[mode] = torch.cat([raw[n].grad.flatten() for n in TABLE_NAMES])
+    rel = (grads["fd"] - grads["autograd"]).norm() / grads["autograd"].norm()
+    assert rel < 1e-2, rel
+
+
+@pytest.mark.parametrize("teacher", TEACHERS)
+def test_teachers_converge_to_the_exact_solution(teacher):
+    grid = make_schedule(_start(), num_steps=200)
+    x = torch.randn(16, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) * grid[0]
+    exact = ode_endpoint(GM.denoise_ve, x, float(grid[0]), steps=800, sigma_min=float(grid[-1]))
+    end = teacher_trajectory(GM.denoise_ve, x, grid, teacher)[-1]
+    assert float(((GM.denoise_ve(end, grid[-1:].expand(16)) - exact) ** 2).mean().sqrt()) < 2e-2
+
+
+def test_nan_gradients_do_not_poison_the_table():
+    def flaky(x, sigma):
+        out = GM.denoise_ve(x, sigma)
+        if x.requires_grad or x.shape[0] > 8:  # the K points of a step
+            out = out + (sigma.reshape(-1, 1, 1, 1) * float("nan")) * (sigma.reshape(-1, 1, 1, 1) < 1.0)
+        return out
+
+    p = distill(flaky, _start(), GM.shape, iterations=5, batch=8)
+    assert all(torch.isfinite(getattr(p, n)).all() for n in TABLE_NAMES)
+
+
+def test_progress_can_stop_and_nothing_is_returned():
+    calls = []
+
+    def progress(i, n, loss):
+        calls.append(i)
+        if i == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        distill(GM.denoise_ve, _start(), GM.shape, iterations=50, batch=4, progress=progress)
+    assert calls == [1, 2, 3]
+
+
+@pytest.mark.parametrize("form", ["sd15", "flux"])
+def test_cli_distill_writes_a_loadable_table(tmp_path, form):
+    out = tmp_path / f"{form}.safetensors"
+    argv = ["distill", "--form", form, "--steps", "3", "--iterations", "5", "--batch", "4", "--out", str(out)]
+    with redirect_stdout(io.StringIO()) as buf:
+        assert cli_main(argv) == 0
+    p = load_params(out)
+    assert "wrote" in buf.getvalue()
+    assert p.metadata["command"] == "python -m epd_core " + " ".join(argv)
+    assert p.is_flow == (form == "flux")
