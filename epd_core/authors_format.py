@@ -22,6 +22,7 @@ __all__ = ["read_authors_pickle"]
 _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 _MAX_TENSOR_DIMS = 8
+_MAX_TENSOR_ELEMENTS = 1 << 20  # EPD tables hold a few dozen values
 
 _STORAGE_DTYPES = {
     "FloatStorage": torch.float32,
@@ -148,6 +149,8 @@ def _rebuild_tensor(args: tuple) -> torch.Tensor:
     numel = 1
     for s in size:
         numel *= s
+    if numel > _MAX_TENSOR_ELEMENTS:
+        raise PickleRefused(f"tensor of {numel} elements is too large for an EPD table")
     if numel:
         last = offset + sum((s - 1) * st for s, st in zip(size, stride, strict=False))
         if last >= storage.numel():

@@ -136,6 +136,8 @@ def _load_authors(path: Path, data: bytes) -> EPDParams:
         tables, hyper = read_authors_pickle(data)
     except PickleRefused as exc:
         raise EPDFileError(path, f"refused predictor pickle: {exc}") from None
+    except (RecursionError, MemoryError, OverflowError, ValueError, TypeError, RuntimeError) as exc:
+        raise EPDFileError(path, f"malformed predictor pickle ({type(exc).__name__})") from None
     provenance = {
         "source_file": path.name,
         "source_sha256": hashlib.sha256(data).hexdigest(),

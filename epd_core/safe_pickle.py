@@ -82,6 +82,8 @@ def _hashable(key: Any) -> Any:
         hash(key)
     except TypeError as exc:
         raise PickleRefused(f"unhashable key of type {type(key).__name__}") from exc
+    except RecursionError as exc:
+        raise PickleRefused("key nested too deeply") from exc
     return key
 
 
