@@ -92,10 +92,14 @@ def student_loss(
     targets: torch.Tensor,
     feature_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     gradient: str = "autograd",
+    weighting: str = "uniform",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum over steps of the mean squared distance to the teacher; returns (loss, student's final state).
 
     ``gradient``: ``autograd`` backpropagates through the denoiser; ``fd`` uses finite differences.
+    ``weighting``: ``uniform`` (the authors') or ``snr``: each step's error divided by ``1 + t_next^2``, i.e.
+    measured at the model's input scale, so the early high-noise steps that decide the image's layout count
+    as much as the late ones.
     """
     step_fn = ensemble_direction if gradient == "autograd" else _ensemble_direction_fd
     table = decode(*(raw[name] for name in TABLE_NAMES), params.scale_dir, params.scale_time, params.fcn)
@@ -112,7 +116,8 @@ def student_loss(
         if feature_loss is not None and i == steps - 1:
             total = total + feature_loss(x_next, targets[i + 1])
         else:
-            total = total + ((x_next - targets[i + 1]) ** 2).mean()
+            w = 1.0 / (1.0 + t_next.to(x.dtype) ** 2) if weighting == "snr" else 1.0
+            total = total + w * ((x_next - targets[i + 1]) ** 2).mean()
         if params.student == "ipndm":
             history = push_history(history, d.detach(), params.max_order)
         x = x_next.detach()
@@ -132,6 +137,7 @@ def distill(
     seed: int = 0,
     learn_grid: bool = False,
     gradient: str = "autograd",
+    weighting: str = "uniform",
     grid: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
@@ -149,6 +155,8 @@ def distill(
     """
     if gradient not in ("autograd", "fd"):
         raise ValueError(f"gradient must be 'autograd' or 'fd', got {gradient!r}")
+    if weighting not in ("uniform", "snr"):
+        raise ValueError(f"weighting must be 'uniform' or 'snr', got {weighting!r}")
     if teacher not in TEACHERS:
         raise ValueError(f"teacher must be one of {TEACHERS}, got {teacher!r}")
     if iterations < 1 or batch < 1 or teacher_m < 0:
@@ -184,7 +192,7 @@ def distill(
             fine = fine_fixed if fine_fixed is not None else subdivide(grid_now.detach(), teacher_m)
             targets = teacher_trajectory(denoiser, x, fine, teacher)[:: teacher_m + 1]
         with torch.enable_grad():
-            loss, _ = student_loss(denoiser, start, raw, grid_now, x, targets, feature_loss, gradient)
+            loss, _ = student_loss(denoiser, start, raw, grid_now, x, targets, feature_loss, gradient, weighting)
             opt.zero_grad(set_to_none=True)
             if torch.isfinite(loss):
                 loss.backward()
@@ -213,6 +221,7 @@ def distill(
             "seed": seed,
             "learn_grid": learn_grid,
             "gradient": gradient,
+            "weighting": weighting,
             "first_loss": history[0],
             "final_loss": sum(tail) / max(1, len(tail)),
         },

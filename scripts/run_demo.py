@@ -25,7 +25,7 @@ from epd_core import GaussianMixture, load_params  # noqa: E402
 from epd_core.analytic import ode_endpoint  # noqa: E402
 from epd_core.schedules import sd15_alphas_cumprod  # noqa: E402
 
-WORKFLOW = ROOT / "example_workflows" / "epd_analytic_demo_api.json"
+WORKFLOW = ROOT / "example_workflows" / "api" / "epd_analytic_demo.json"
 
 
 def _latent(base: Path, prefix: str) -> torch.Tensor:

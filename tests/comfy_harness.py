@@ -56,6 +56,16 @@ def setup() -> dict:
     return _STATE
 
 
+def load_builtin_extras() -> None:
+    """Register ComfyUI's own extra nodes (comfy_extras: SamplerCustom, CFGGuider, ...) as the server does."""
+    setup()
+    if not _STATE.get("extras"):
+        import nodes
+
+        asyncio.run(nodes.init_builtin_extra_nodes())
+        _STATE["extras"] = True
+
+
 def pack_module(name: str):
     """A submodule of the loaded pack, e.g. ``pack_module('nodes.sampling')``."""
     setup()
