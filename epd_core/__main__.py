@@ -91,6 +91,7 @@ def _distill(args: argparse.Namespace, argv: list[str]) -> int:
     params = distill(
         den, start, gm.shape, iterations=args.iterations, batch=args.batch, teacher=args.teacher,
         teacher_m=args.teacher_m, lr=args.lr, seed=args.seed, learn_grid=args.learn_grid, progress=progress,
+        weighting=args.weighting,
         metadata={"model": f"analytic {args.form} / mixture {args.mixture}",
                   "command": "python -m epd_core " + shlex.join(argv)},
     )  # fmt: skip
@@ -133,6 +134,12 @@ def main(argv: list[str] | None = None) -> int:
     dist.add_argument("--lr", type=float, default=1e-2)
     dist.add_argument("--seed", type=int, default=0)
     dist.add_argument("--learn-grid", action="store_true")
+    dist.add_argument(
+        "--weighting",
+        choices=["uniform", "snr"],
+        default="uniform",
+        help="per-step loss weights: the authors' uniform, or 1/(1+t^2)",
+    )
     dist.add_argument("--out", required=True)
     argv = sys.argv[1:] if argv is None else argv
     dist.set_defaults(fn=lambda a: _distill(a, argv))

@@ -88,6 +88,11 @@ class AnalyticModel(comfy.model_base.BaseModel):
         self.diffusion_model = _NoNetwork()
 
     def _apply_model(self, x, t, c_concat=None, c_crossattn=None, control=None, transformer_options=None, **kwargs):
+        if tuple(x.shape[1:]) != self.mixture.shape:
+            raise ValueError(
+                f"EPD Analytic Model works on latents of shape {self.mixture.shape} (a 64x64 EmptyLatentImage); "
+                f"got {tuple(x.shape[1:])}"
+            )
         sigma = t.reshape(-1).to(torch.float64).expand(x.shape[0]).cpu()
         x64 = x.to(torch.float64).cpu()
         if self.form in ("sd15_eps", "edm_ve"):

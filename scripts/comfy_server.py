@@ -90,7 +90,10 @@ class ComfyServer:
         code, answer = self.post(graph)
         if code != 200:
             raise RuntimeError(f"prompt rejected ({code}): {answer}")
-        pid = answer["prompt_id"]
+        return self.run_wait(answer["prompt_id"], timeout)
+
+    def run_wait(self, pid: str, timeout: float = 300) -> dict:
+        """Wait for a queued prompt's history entry."""
         deadline = time.time() + timeout
         while time.time() < deadline:
             hist = self.get(f"/history/{pid}")
