@@ -53,7 +53,14 @@ def adams_bashforth(d: torch.Tensor, history: list[torch.Tensor], max_order: int
 
 
 def _per_sample(value: torch.Tensor, batch: int, like: torch.Tensor) -> torch.Tensor:
-    return value.to(like.dtype).reshape(1).expand(batch).to(like.device)
+    """A scalar or one value per sample, as the ``[batch]`` sigma vector a denoiser takes."""
+    return value.to(like.dtype).reshape(-1).expand(batch).to(like.device)
+
+
+def _point(values: torch.Tensor, k: int, like: torch.Tensor) -> torch.Tensor:
+    """Point ``k`` of a per-step value: a scalar (``[K]`` tables) or one per sample (``[B, K]``), broadcastable."""
+    col = values[..., k].to(like.dtype)
+    return col.reshape(-1, *([1] * (like.ndim - 1))).to(like.device) if col.ndim else col
 
 
 def epd_directions(
@@ -76,11 +83,11 @@ def epd_directions(
     for start in range(0, k_total, chunk):
         idx = range(start, min(start + chunk, k_total))
         xs = torch.cat([x_points[k] for k in idx]) if len(idx) > 1 else x_points[idx[0]]
-        sig = torch.cat([_per_sample(sigmas[k], batch, xs) for k in idx])
+        sig = torch.cat([_per_sample(sigmas[..., k], batch, xs) for k in idx])
         denoised = denoiser(xs, sig)
         for j, k in enumerate(idx):
             den_k = denoised[j * batch : (j + 1) * batch]
-            out.append((x_points[k] - den_k) / tau[k].to(xs.dtype))
+            out.append((x_points[k] - den_k) / _point(tau, k, xs))
     return out
 
 
@@ -103,14 +110,18 @@ def ensemble_direction(
     history: list[torch.Tensor],
     parallel: bool | int = True,
 ) -> torch.Tensor:
-    """``sum_k weight_k * scale_dir_k * d_k`` for one step (``table`` = ``params.decoded()``)."""
+    """``sum_k weight_k * scale_dir_k * d_k`` for one step.
+
+    ``table`` holds ``[steps, K]`` values (``params.decoded()``), or ``[steps, B, K]`` for a different
+    table per sample (RDPO's rollouts).
+    """
     r, weight = table.r[step], table.weight[step]
     tau = t_next**r * t_cur ** (1 - r)
     direction = adams_bashforth(d, history, params.max_order) if params.student == "ipndm" else d
-    x_points = [x + (tau[k] - t_cur).to(x.dtype) * direction for k in range(params.num_points)]
+    x_points = [x + _point(tau - t_cur, k, x) * direction for k in range(params.num_points)]
     d_points = epd_directions(denoiser, x_points, table.scale_time[step] * tau, tau, parallel)
-    coef = (weight * table.scale_dir[step]).to(x.dtype)
-    return sum(coef[k] * d_points[k] for k in range(params.num_points))
+    coef = weight * table.scale_dir[step]
+    return sum(_point(coef, k, x) * d_points[k] for k in range(params.num_points))
 
 
 def push_history(history: list[torch.Tensor], d: torch.Tensor, max_order: int) -> list[torch.Tensor]:

@@ -21,6 +21,8 @@ import torch
 
 from ..epd_core import EPDParams
 from ..epd_core.distill import distill
+from ..epd_core.rdpo import rdpo
+from ..epd_core.teachers import subdivide, teacher_trajectory
 from .sampling import _ComfyDenoiser, continuous_model_sampling, is_discrete_model, is_flow_model
 from .scheduling import model_schedule
 
@@ -60,9 +62,36 @@ def distill_on_model(
     model, positive, negative, cfg: float, latent: torch.Tensor, start: EPDParams, **options
 ) -> EPDParams:
     """Run :func:`epd_core.distill.distill` on a ComfyUI ``MODEL`` with CFG guidance."""
+
+    def fit(den, shape, grid, device, progress):
+        return distill(den, start, shape, grid=grid, dtype=torch.float32, device=device, progress=progress,
+                       gradient="fd", **options)  # fmt: skip
+
+    return _train_on_model(model, positive, negative, cfg, latent, start, options, fit)
+
+
+def rdpo_on_model(
+    model, positive, negative, cfg: float, latent: torch.Tensor, start: EPDParams, teacher_m: int = 4, **options
+) -> tuple[EPDParams, list[float]]:
+    """Run :func:`epd_core.rdpo.rdpo` on a ComfyUI ``MODEL``; the reward is the fidelity to a DPM-Solver-2
+    teacher with ``teacher_m`` extra points per step, from the same noise."""
+
+    def fit(den, shape, grid, device, progress):
+        def reference(x0):
+            with torch.no_grad():
+                return teacher_trajectory(den, x0, subdivide(grid.to(x0.device), teacher_m), "dpm2")[-1]
+
+        return rdpo(den, start, shape, reference=reference, dtype=torch.float32, device=device, progress=progress,
+                    **options)  # fmt: skip
+
+    return _train_on_model(model, positive, negative, cfg, latent, start, options, fit)
+
+
+def _train_on_model(model, positive, negative, cfg, latent, start, options, fit):
+    """Run ``fit(denoiser, shape, grid, device, progress)`` inside ComfyUI's prepared sampling context."""
     model_sampling = model.get_model_object("model_sampling")
     grid = model_schedule(start, model_sampling)
-    result: dict[str, EPDParams] = {}
+    result: dict = {}
     iterations = options.get("iterations", 300)
 
     def train(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
@@ -81,10 +110,7 @@ def distill_on_model(
         try:
             with torch.inference_mode(False), torch.enable_grad():
                 den = _ComfyDenoiser(model_k, dict(extra_args or {}, denoise_mask=None), x.shape[0])
-                result["params"] = distill(
-                    den, start, tuple(x.shape[1:]), grid=grid, dtype=torch.float32, device=x.device,
-                    progress=progress, gradient="fd", **options,
-                )  # fmt: skip
+                result["out"] = fit(den, tuple(x.shape[1:]), grid, x.device, progress)
         finally:
             if patch:
                 base.model_sampling = saved
@@ -96,4 +122,4 @@ def distill_on_model(
     shape = (1, *latent.shape[1:])
     guider.sample(torch.zeros(shape), torch.zeros(shape), comfy.samplers.KSAMPLER(train), grid.float(),
                   seed=options.get("seed", 0))  # fmt: skip
-    return result["params"]
+    return result["out"]

@@ -42,17 +42,13 @@ def setup() -> dict:
     ok = asyncio.run(nodes.load_custom_node(str(ROOT)))
     if not ok:
         raise RuntimeError("ComfyUI failed to load the EPD pack")
-    for node_id in (
-        "EPDParamsLoader",
-        "EPDSampler",
-        "EPDScheduler",
-        "EPDKSampler",
-        "EPDPlugin",
-        "EPDDistill",
-        "EPDAnalyticModel",
-    ):
+    from importlib import import_module
+
+    pack = sys.modules[str(ROOT).replace(".", "_x_")]
+    for cls in import_module(f"{pack.__name__}.nodes.epd_nodes").NODES:
+        node_id = cls.define_schema().node_id
         _STATE[node_id] = nodes.NODE_CLASS_MAPPINGS[node_id]
-    _STATE["pack"] = sys.modules[str(ROOT).replace(".", "_x_")]
+    _STATE["pack"] = pack
     return _STATE
 
 

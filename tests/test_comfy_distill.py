@@ -85,3 +85,49 @@ def test_interrupt_stops_and_saves_nothing(epd_dir):
     assert max(seen) < 50
     assert sorted(p.name for p in epd_dir.iterdir()) == []
     assert type(model.model.model_sampling).__name__.startswith("ModelSampling")
+
+
+@pytest.mark.parametrize("kind", ["eps", "flux"])
+def test_rdpo_node_saves_a_table_with_provenance(epd_dir, kind):
+    model = tiny_model(kind)
+    start, _ = _run(model, kind, f"start_{kind}", iterations=2)
+    params, info = (
+        N["EPDRDPO"]
+        .execute(
+            model,
+            conditioning(2, 1),
+            conditioning(2, 2),
+            latent(kind, 1),
+            start,
+            2.0,
+            "fidelity",
+            2,
+            3,
+            2,
+            2,
+            20.0,
+            1e-3,
+            0,
+            f"rdpo_{kind}",
+            False,
+        )
+        .result
+    )
+    loaded = epd_core.load_params(epd_dir / f"rdpo_{kind}.safetensors")
+    assert loaded.metadata["rdpo"]["iterations"] == 3 and "reward" in info
+    assert torch.isfinite(loaded.r_params).all() and loaded.num_steps == start.num_steps
+
+
+def test_cli_rdpo(tmp_path):
+    import io
+    from contextlib import redirect_stdout
+
+    from epd_core.__main__ import main as cli_main
+
+    start = tmp_path / "start.safetensors"
+    epd_core.save_params(epd_core.EPDParams.start(4, 2, schedule_type="polynomial", schedule_rho=7.0), start)
+    out = tmp_path / "rdpo.safetensors"
+    with redirect_stdout(io.StringIO()):
+        assert cli_main(["rdpo", str(start), "--iterations", "2", "--groups", "2", "--k", "2",
+                         "--exact-steps", "20", "--out", str(out)]) == 0  # fmt: skip
+    assert epd_core.load_params(out).metadata["rdpo"]["iterations"] == 2
