@@ -11,6 +11,7 @@ from comfy_api.latest import io
 
 from ..epd_core import EPDFileError, EPDParams, load_params, save_params
 from .analytic_model import FORMS, MIXTURES, analytic_model_patcher
+from .preview import table_image
 from .sampling import CONVENTIONS, PARALLEL_MODES, PLUGIN_BASES, make_plugin_sampler, make_sampler
 from .scheduling import epd_sigmas
 from .training import distill_on_model, output_path, rdpo_on_model, start_table
@@ -424,4 +425,25 @@ class EPDRDPO(io.ComfyNode):
         return io.NodeOutput(params, info)
 
 
-NODES = [EPDParamsLoader, EPDSampler, EPDScheduler, EPDKSampler, EPDPlugin, EPDDistill, EPDRDPO, EPDAnalyticModel]
+class EPDParamsPreview(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EPDParamsPreview",
+            display_name="EPD Parameters Preview",
+            category="loaders",
+            description="Draws an EPD table: each step's interval on a log-sigma axis, where its intermediate points "
+            "sit and how much each weighs, with the time and direction scales.",
+            inputs=[EPDParamsType.Input("epd_params", tooltip="The EPD table to draw.")],
+            outputs=[io.Image.Output()],
+        )
+
+    @classmethod
+    def execute(cls, epd_params) -> io.NodeOutput:
+        return io.NodeOutput(table_image(epd_params))
+
+
+NODES = [
+    EPDParamsLoader, EPDParamsPreview, EPDSampler, EPDScheduler, EPDKSampler, EPDPlugin, EPDDistill, EPDRDPO,
+    EPDAnalyticModel,
+]  # fmt: skip

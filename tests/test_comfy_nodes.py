@@ -236,3 +236,12 @@ def test_loader_lists_models_epd_and_names_bad_files(tmp_path):
     assert params.num_steps == 11 and "NFE 20" in info
     with pytest.raises(ValueError, match="bad.pkl"):
         N["EPDParamsLoader"].execute("bad.pkl")
+
+
+@pytest.mark.parametrize("name", ["sd15-best.pkl", "flux-best.pkl", "00024-ffhq-6-9-ipndm-uni1.0-afs.pkl"])
+def test_preview_draws_the_table(name):
+    params = _table(name)
+    (image,) = N["EPDParamsPreview"].execute(params).result
+    assert image.ndim == 4 and image.shape[0] == 1 and image.shape[-1] == 3
+    assert image.shape[1] == 46 + 34 * (params.num_steps - 1)
+    assert 0.0 <= float(image.min()) < 0.5 < float(image.max()) <= 1.0

@@ -1,0 +1,58 @@
+"""A picture of an EPD table: each step's interval on a log-sigma axis, its points and their weights."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+from ..epd_core import EPDParams, make_schedule
+
+_BG, _AXIS, _POINT, _TEXT = (250, 250, 247), (120, 120, 120), (214, 96, 39), (30, 30, 30)
+
+
+def draw_table(params: EPDParams, width: int = 760, row: int = 34) -> Image.Image:
+    """Rows = steps. A grey bar spans [t_cur, t_next] (log scale, largest sigma left); an orange mark sits at
+    each point's position r inside the interval, as tall as its weight; a / c are the time / direction scales."""
+    grid = make_schedule(params)
+    table = params.decoded()
+    steps = params.num_steps - 1
+    height = 46 + row * steps
+    img = Image.new("RGB", (width, height), _BG)
+    draw = ImageDraw.Draw(img)
+    left, right = 70, width - 200
+    lo, hi = math.log(float(grid[-1])), math.log(float(grid[0]))
+
+    def x_of(t: float) -> float:
+        return left + (hi - math.log(t)) / (hi - lo) * (right - left)
+
+    kind = "flow t" if params.is_flow else "sigma"
+    draw.text((8, 6), f"EPD table: {steps} steps x {params.num_points} points, NFE {params.nfe}, "
+                      f"{params.schedule_type} grid ({kind}, log scale)", fill=_TEXT)  # fmt: skip
+    for t in grid.tolist():
+        draw.line([(x_of(t), 24), (x_of(t), height - 6)], fill=(225, 225, 222))
+    for i in range(steps):
+        y = 40 + row * i
+        t_cur, t_next = float(grid[i]), float(grid[i + 1])
+        draw.text((8, y - 6), f"step {i}", fill=_TEXT)
+        draw.line([(x_of(t_cur), y + 10), (x_of(t_next), y + 10)], fill=_AXIS, width=3)
+        labels = []
+        for k in range(params.num_points):
+            r, w = float(table.r[i, k]), float(table.weight[i, k])
+            tau = t_next**r * t_cur ** (1 - r)
+            x = x_of(tau)
+            draw.rectangle([x - 2, y + 10 - 16 * w, x + 2, y + 10], fill=_POINT)
+            labels.append(f"r{k}={r:.2f} w={w:.2f}")
+        a = float(table.scale_time[i].mean())
+        c = float(table.scale_dir[i].mean())
+        draw.text((right + 8, y - 4), " ".join(labels)[:34], fill=_TEXT)
+        draw.text((right + 8, y + 8), f"a={a:.3f} c={c:.3f}", fill=_AXIS)
+    return img
+
+
+def table_image(params: EPDParams) -> torch.Tensor:
+    """ComfyUI IMAGE: ``[1, H, W, 3]`` floats in [0, 1]."""
+    arr = np.asarray(draw_table(params), dtype=np.float32) / 255.0
+    return torch.from_numpy(arr)[None]

@@ -1,0 +1,83 @@
+"""The pack as the Comfy registry sees it: metadata, `comfy node validate`, `comfy node pack`, security rules."""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import tomllib
+
+ROOT = Path(__file__).resolve().parents[1]
+COMFY = Path(sys.executable).with_name("comfy")
+
+
+def test_pyproject_metadata():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project = meta["project"]
+    assert "comfyui" not in project["name"].lower()
+    assert project["version"].count(".") == 2 and all(p.isdigit() for p in project["version"].split("."))
+    assert isinstance(project["license"], dict) and project["description"]
+    assert "Repository" in project["urls"]
+    assert not any(dep.startswith("torch") for dep in project["dependencies"])
+    reqs = [line.strip() for line in (ROOT / "requirements.txt").read_text().splitlines()
+            if line.strip() and not line.startswith("#")]  # fmt: skip
+    assert sorted(project["dependencies"]) == sorted(reqs)
+    comfy = meta["tool"]["comfy"]
+    assert {"PublisherId", "DisplayName", "Icon", "includes"} <= set(comfy)
+    assert {"weights", "example_workflows"} <= set(comfy["includes"])
+
+
+def test_comfy_node_validate_and_pack(tmp_path):
+    clone = tmp_path / "epd_solver"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)  # noqa: S603, S607
+    for path in ("nodes", "epd_core", "weights", "example_workflows", "__init__.py", "pyproject.toml"):
+        src = ROOT / path  # the working tree, so the test also checks uncommitted edits
+        dst = clone / path
+        if src.is_dir():
+            shutil.rmtree(dst, ignore_errors=True)
+            shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            shutil.copy(src, dst)
+    env = {"PATH": str(COMFY.parent) + ":/usr/bin:/bin", "HOME": str(tmp_path)}
+    subprocess.run([str(COMFY), "--skip-prompt", "tracking", "disable"], cwd=clone, env=env, capture_output=True)  # noqa: S603
+    validate = subprocess.run([str(COMFY), "--skip-prompt", "node", "validate"], cwd=clone, env=env,  # noqa: S603
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert validate.returncode == 0 and "checks passed" in validate.stdout + validate.stderr, validate.stderr
+    pack = subprocess.run([str(COMFY), "--skip-prompt", "node", "pack"], cwd=clone, env=env,  # noqa: S603
+                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert pack.returncode == 0, pack.stdout + pack.stderr
+    with zipfile.ZipFile(clone / "node.zip") as zf:
+        names = set(zf.namelist())
+    for required in ("__init__.py", "pyproject.toml", "nodes/epd_nodes.py", "nodes/sampling.py", "epd_core/solver.py",
+                     "epd_core/safe_pickle.py", "example_workflows/epd_analytic_demo.json"):  # fmt: skip
+        assert required in names, required
+    assert any(n.startswith("weights/") and n.endswith(".safetensors") for n in names)
+    assert not any(n.endswith(".pkl") for n in names), "the authors' files must never be bundled"
+
+
+def _dotted(node: ast.AST) -> str:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return f"{_dotted(node.value)}.{node.attr}"
+    return ""
+
+
+def test_no_eval_exec_or_unsafe_pickle_in_the_product():
+    """Belt and braces beside ruff's S102/S307/S301: no dynamic code, unpickling or subprocess in the product."""
+    banned_calls = {"eval", "exec", "compile", "pickle.load", "pickle.loads", "pickle.Unpickler", "torch.load",
+                    "os.system", "os.popen", "__import__"}  # fmt: skip
+    banned_imports = {"subprocess", "pickle", "marshal", "shelve"}
+    for path in list((ROOT / "epd_core").glob("*.py")) + list((ROOT / "nodes").glob("*.py")) + [ROOT / "__init__.py"]:
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                assert _dotted(node.func) not in banned_calls, f"{path.name}: {_dotted(node.func)}"
+            if isinstance(node, ast.Import):
+                assert not {a.name for a in node.names} & banned_imports, path.name
+            if isinstance(node, ast.ImportFrom):
+                assert node.module not in banned_imports, path.name
