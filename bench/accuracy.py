@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small run for CI: one model, few samplers")
     ap.add_argument("--samples", type=int)
+    ap.add_argument("--forms", nargs="*", default=list(FORMS))
+    ap.add_argument("--mixtures", nargs="*", default=["reference", "wide", "multimodal"])
+    ap.add_argument("--nfes", nargs="*", type=int, default=list(NFES))
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     t0 = time.time()
@@ -202,8 +205,8 @@ def main(argv: list[str] | None = None) -> int:
         plan = [("sd15_eps", "reference")]
         samplers, schedulers, nfes, n = ["euler", "dpmpp_2m", "ipndm"], ["karras", "normal"], (5, 10), 128
     else:
-        plan = [(f, m) for f in FORMS for m in ("reference", "wide", "multimodal")]
-        samplers, schedulers, nfes, n = DETERMINISTIC, comfy.samplers.SCHEDULER_NAMES, NFES, 1024
+        plan = [(f, m) for f in args.forms for m in args.mixtures]
+        samplers, schedulers, nfes, n = DETERMINISTIC, comfy.samplers.SCHEDULER_NAMES, tuple(args.nfes), 1024
     n = args.samples or n
     rows = []
     for form, mixture in plan:

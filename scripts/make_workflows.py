@@ -17,7 +17,7 @@ OUT = ROOT / "example_workflows"
 API = OUT / "api"
 
 ANALYTIC = {"form": "sd15_eps", "mixture": "reference", "shift": 0.0}
-TABLE = "analytic-sd15-start-nfe10.safetensors"
+TABLE = "analytic-sd15-reference-nfe10.safetensors"
 
 WORKFLOWS: dict[str, dict] = {
     "epd_analytic_demo": {
@@ -26,7 +26,7 @@ WORKFLOWS: dict[str, dict] = {
         "3": ("EmptyLatentImage", {"width": 64, "height": 64, "batch_size": 16}),
         "4": ("EPDKSampler", {"model": ["1", 0], "seed": 42, "cfg": 1.0, "positive": ["1", 1], "negative": ["1", 1],
                               "latent_image": ["3", 0], "epd_params": ["2", 0], "denoise": 1.0, "parallel": "auto",
-                              "final_denoise": True}),
+                              "final_denoise": False}),
         "5": ("SaveLatent", {"samples": ["4", 0], "filename_prefix": "latents/epd_demo_epd"}),
         "6": ("KSampler", {"model": ["1", 0], "seed": 42, "steps": 10, "cfg": 1.0, "sampler_name": "euler",
                            "scheduler": "normal", "positive": ["1", 1], "negative": ["1", 1],
