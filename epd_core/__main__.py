@@ -91,7 +91,7 @@ def _distill(args: argparse.Namespace, argv: list[str]) -> int:
     params = distill(
         den, start, gm.shape, iterations=args.iterations, batch=args.batch, teacher=args.teacher,
         teacher_m=args.teacher_m, lr=args.lr, seed=args.seed, learn_grid=args.learn_grid, progress=progress,
-        weighting=args.weighting,
+        weighting=args.weighting, plugin_base=args.plugin_base,
         metadata={"model": f"analytic {args.form} / mixture {args.mixture}",
                   "command": "python -m epd_core " + shlex.join(argv)},
     )  # fmt: skip
@@ -163,6 +163,12 @@ def main(argv: list[str] | None = None) -> int:
     dist.add_argument("--lr", type=float, default=1e-2)
     dist.add_argument("--seed", type=int, default=0)
     dist.add_argument("--learn-grid", action="store_true")
+    dist.add_argument(
+        "--plugin-base",
+        choices=["euler", "dpmpp_2m", "ipndm"],
+        default="euler",
+        help="distil for EPD Plugin over this base sampler (euler = the EPD solver itself)",
+    )
     dist.add_argument(
         "--weighting",
         choices=["uniform", "snr"],

@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from .bases import BASES, base_update
 from .params import TABLE_NAMES, EPDParams, decode
 from .schedules import make_schedule
 from .solver import Denoiser, adams_bashforth, ensemble_direction, first_direction, push_history
@@ -93,6 +94,7 @@ def student_loss(
     feature_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     gradient: str = "autograd",
     weighting: str = "uniform",
+    plugin_base: str = "euler",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum over steps of the mean squared distance to the teacher; returns (loss, student's final state).
 
@@ -100,10 +102,12 @@ def student_loss(
     ``weighting``: ``uniform`` (the authors') or ``snr``: each step's error divided by ``1 + t_next^2``, i.e.
     measured at the model's input scale, so the early high-noise steps that decide the image's layout count
     as much as the late ones.
+    ``plugin_base``: the base solver the table will run under as an EPD Plugin (see :mod:`epd_core.bases`).
     """
     step_fn = ensemble_direction if gradient == "autograd" else _ensemble_direction_fd
     table = decode(*(raw[name] for name in TABLE_NAMES), params.scale_dir, params.scale_time, params.fcn)
     history: list[torch.Tensor] = []
+    base_state: dict = {}
     total = x.new_zeros(())
     steps = grid.shape[0] - 1
     for i in range(steps):
@@ -112,7 +116,13 @@ def student_loss(
         with torch.set_grad_enabled(torch.is_grad_enabled() and (gradient == "autograd" or afs)):
             d = first_direction(denoiser, x, t_cur, afs)
         d_eff = step_fn(denoiser, x, d, t_cur, t_next, table, i, params, history)
-        x_next = x + (t_next - t_cur).to(x.dtype) * d_eff
+        if plugin_base == "euler":
+            x_next = x + (t_next - t_cur).to(x.dtype) * d_eff
+        else:
+            x_next = base_update(plugin_base, x, x - t_cur.to(x.dtype) * d_eff, t_cur, t_next, base_state)
+            base_state = {
+                k: ([h.detach() for h in v] if isinstance(v, list) else v.detach()) for k, v in base_state.items()
+            }
         if feature_loss is not None and i == steps - 1:
             total = total + feature_loss(x_next, targets[i + 1])
         else:
@@ -138,6 +148,7 @@ def distill(
     learn_grid: bool = False,
     gradient: str = "autograd",
     weighting: str = "uniform",
+    plugin_base: str = "euler",
     grid: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
@@ -155,6 +166,8 @@ def distill(
     """
     if gradient not in ("autograd", "fd"):
         raise ValueError(f"gradient must be 'autograd' or 'fd', got {gradient!r}")
+    if plugin_base not in BASES:
+        raise ValueError(f"plugin_base must be one of {BASES}, got {plugin_base!r}")
     if weighting not in ("uniform", "snr"):
         raise ValueError(f"weighting must be 'uniform' or 'snr', got {weighting!r}")
     if teacher not in TEACHERS:
@@ -192,7 +205,9 @@ def distill(
             fine = fine_fixed if fine_fixed is not None else subdivide(grid_now.detach(), teacher_m)
             targets = teacher_trajectory(denoiser, x, fine, teacher)[:: teacher_m + 1]
         with torch.enable_grad():
-            loss, _ = student_loss(denoiser, start, raw, grid_now, x, targets, feature_loss, gradient, weighting)
+            loss, _ = student_loss(
+                denoiser, start, raw, grid_now, x, targets, feature_loss, gradient, weighting, plugin_base
+            )
             opt.zero_grad(set_to_none=True)
             if torch.isfinite(loss):
                 loss.backward()
@@ -212,6 +227,7 @@ def distill(
     provenance = {
         **dict(start.metadata),
         **(metadata or {}),
+        **({"plugin_base": plugin_base} if plugin_base != "euler" else {}),
         "distilled": {
             "teacher": teacher,
             "teacher_m": teacher_m,

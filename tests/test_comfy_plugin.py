@@ -131,3 +131,39 @@ def test_plugin_batched_equals_sequential_with_inpainting(batch):
         outs[mode] = SamplerCustom.execute(model, True, 2, 3.0, pos, neg, sampler, sigmas, lat).result[0]["samples"]
     assert torch.allclose(outs["batched"], outs["sequential"], rtol=1e-4, atol=1e-4)
     assert torch.allclose(outs["batched"][..., :4], lat["samples"][..., :4], atol=1e-5)
+
+
+@pytest.mark.parametrize("base", ["dpmpp_2m", "ipndm"])
+def test_core_base_updates_match_comfyui_plugin(base):
+    """The core's copies of the base updates (used to distil plugin tables) equal ComfyUI's samplers + plugin."""
+    import math
+
+    from epd_core.bases import base_update
+    from epd_core.plugin import PluginDenoiser
+
+    gm = epd_core.GaussianMixture.reference()
+    model, cond = N["EPDAnalyticModel"].execute("sd15_eps", "reference", 0.0).result
+    params = epd_core.load_params(official_path("sd15-best.pkl"))
+    (sigmas,) = N["EPDScheduler"].execute(model, params, 1.0, True).result
+    noise = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    grid = sigmas.double()
+    x = noise.double() * math.sqrt(1 + float(grid[0]) ** 2)
+    plugin, state = PluginDenoiser(params, grid), {}
+    for i in range(grid.shape[0] - 1):
+        x = base_update(base, x, plugin(gm.denoise_ve, x, grid[i].expand(4)), grid[i], grid[i + 1], state)
+    sampler, _ = _plugin(base, params)
+    out = comfy.sample.sample_custom(model, noise, 1.0, sampler, sigmas, cond, cond, torch.zeros_like(noise))
+    assert torch.allclose(out.double(), x, rtol=1e-4, atol=1e-3)
+
+
+def test_distilled_for_a_base_records_it():
+    from epd_core.distill import distill
+
+    gm = epd_core.GaussianMixture.reference()
+    start = epd_core.EPDParams.start(4, 2, schedule_type="discrete", schedule_rho=1.0, backend="ldm")
+    table = distill(gm.denoise_ve, start, gm.shape, iterations=3, batch=4, plugin_base="dpmpp_2m")
+    assert table.metadata["plugin_base"] == "dpmpp_2m"
+    _, info = _plugin("dpmpp_2m", table)
+    assert "Warning" not in info
+    _, info = _plugin("euler", table)
+    assert "trained for dpmpp_2m, not euler" in info
