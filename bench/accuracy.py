@@ -130,9 +130,10 @@ def bench_model(form: str, mixture: str, samplers, schedulers, nfes, n: int, log
         for final in (False, True):
             sigmas = NODES["EPDScheduler"].execute(model, params, 1.0, final).result[0]
             contenders = [("epd", NODES["EPDSampler"].execute(params, "auto", True, "comfyui").result[0])]
-            for base_name in ("dpmpp_2m", "ipndm"):
+            base_name = params.metadata.get("plugin_base")
+            if base_name:  # a plugin table runs over the base it was distilled for
                 plugin = NODES["EPDPlugin"].execute(comfy.samplers.sampler_object(base_name), params, "auto")
-                contenders.append((f"epd_plugin_{base_name}", plugin.result[0]))
+                contenders = [(f"epd_plugin_{base_name}", plugin.result[0])]
             for name, sampler in contenders:
                 out, c = run(model, sampler, sigmas, noise)
                 rows.append({**base, "sampler": name, "scheduler": f"table:{path.stem}" + ("+final" if final else ""),
@@ -143,15 +144,16 @@ def bench_model(form: str, mixture: str, samplers, schedulers, nfes, n: int, log
 
 def summarize(rows: list[dict]) -> tuple[str, list[dict]]:
     """Per model and NFE: the best built-in (sampler, scheduler) and the best EPD run; their ratio."""
-    lines = ["| model | mixture | NFE | best built-in (sampler / scheduler) | RMSE | EPD (table) | RMSE | ratio |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| model | mixture | NFE | best built-in (sampler / scheduler) | RMSE | wrong mode | RMSE right mode | "
+             "EPD (table) | RMSE | wrong mode | RMSE right mode | ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     summary = []
     keys = sorted({(r["model"], r["mixture"]) for r in rows})
     for model, mixture in keys:
         sub = [r for r in rows if r["model"] == model and r["mixture"] == mixture]
         for nfe in sorted({r["nfe"] for r in sub}):
             builtin = [r for r in sub if r["nfe"] == nfe and not r["sampler"].startswith("epd")]
-            epd = [r for r in sub if r["nfe"] == nfe and r["sampler"] == "epd"]
+            epd = [r for r in sub if r["nfe"] == nfe and r["sampler"].startswith("epd")]
             if not builtin or not epd:
                 continue
             b = min(builtin, key=lambda r: r["rmse"])
@@ -159,8 +161,11 @@ def summarize(rows: list[dict]) -> tuple[str, list[dict]]:
             ratio = b["rmse"] / e["rmse"]
             summary.append({"model": model, "mixture": mixture, "nfe": nfe, "best_builtin": b, "epd": e,
                             "ratio": ratio})  # fmt: skip
-            lines.append(f"| {model} | {mixture} | {nfe} | {b['sampler']} / {b['scheduler']} | {b['rmse']:.4f} | "
-                         f"{e['scheduler'].removeprefix('table:')} | {e['rmse']:.4f} | {ratio:.2f}x |")  # fmt: skip
+            cells = [model, mixture, nfe, f"{b['sampler']} / {b['scheduler']}", f"{b['rmse']:.4f}",
+                     f"{b['wrong_mode']}/{b['samples']}", f"{b['rmse_right_mode']:.4f}",
+                     e["scheduler"].removeprefix("table:"), f"{e['rmse']:.4f}", f"{e['wrong_mode']}/{e['samples']}",
+                     f"{e['rmse_right_mode']:.4f}", f"{ratio:.2f}x"]  # fmt: skip
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n", summary
 
 
@@ -189,6 +194,16 @@ def plot(rows: list[dict], path: Path) -> None:
     axes[0][-1].legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
+
+
+def rewrite_summary(out: Path) -> str:
+    """Re-create the Markdown table and plot from an existing accuracy.json."""
+    rows = json.loads((out / "accuracy.json").read_text())
+    table, summary = summarize(rows)
+    (out / "accuracy.md").write_text(table)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    plot(rows, out / "accuracy.png")
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:

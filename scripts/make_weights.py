@@ -27,6 +27,10 @@ DISTILLED = {
     "analytic-sd3-reference-nfe10.safetensors": f"--form sd3 --steps 6 {COMMON}",
     "analytic-flux-reference-nfe6.safetensors": f"--form flux --steps 4 {COMMON}",
     "analytic-flux-reference-nfe10.safetensors": f"--form flux --steps 6 {COMMON}",
+    **{
+        f"analytic-sd15-reference-nfe10-plugin-{b}.safetensors": f"--form sd15 --steps 6 --plugin-base {b} {COMMON}"
+        for b in ("dpmpp_2m", "ipndm")
+    },
 }
 
 

@@ -1,0 +1,27 @@
+"""CI runs a small version of the accuracy benchmark so it never rots."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def test_quick_accuracy_benchmark(tmp_path):
+    import accuracy
+
+    assert accuracy.main(["--quick", "--samples", "64", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "accuracy.json").read_text())
+    required = {"model", "sampler", "scheduler", "nfe", "evaluations", "rmse", "right_mode_fraction", "wrong_mode"}
+    assert rows and all(required <= set(r) for r in rows)
+    builtin = [r for r in rows if not r["sampler"].startswith("epd")]
+    assert {r["nfe"] for r in builtin} == {5, 10}
+    assert all(r["evaluations"] == r["nfe"] for r in builtin)
+    epd = [r for r in rows if r["sampler"] == "epd"]
+    assert epd and all(r["evaluations"] > r["nfe"] for r in epd)  # K points count once in NFE
+    assert all(r["answer_key_gap"] < 1e-3 for r in rows)
+    assert (tmp_path / "accuracy.md").read_text().startswith("| model")
+    assert (tmp_path / "accuracy.png").stat().st_size > 1000
