@@ -48,6 +48,8 @@ def main() -> None:
     for path in sorted((ROOT / "weights").glob("*.safetensors")):
         p = load_params(path)
         model = p.metadata.get("model", "analytic sd15 (untrained)")
+        if p.metadata.get("plugin_base"):
+            model += f", EPD Plugin over {p.metadata['plugin_base']}"
         lines.append(f"| `{path.name}` | {model} | {p.nfe} | `{p.metadata.get('command', '')}` |")
     (ROOT / "weights" / "README.md").write_text("\n".join(lines) + "\n")
 
