@@ -227,6 +227,7 @@ def save_params(params: EPDParams, path: str | os.PathLike) -> Path:
             fh.write(blob)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a table is a shareable file
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -229,7 +229,9 @@ def rdpo(
     if (reward is None) == (reference is None):
         raise ValueError("pass exactly one of reward and reference")
     grid = make_schedule(start).to(device)
-    policy = DirichletPolicy(start, concentration).to(device)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the residual network's initial weights: deterministic for a seed
+        policy = DirichletPolicy(start, concentration).to(device)
     opt = torch.optim.Adam(policy.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     curve: list[float] = []

@@ -98,3 +98,15 @@ def test_rdpo_improves_a_known_answer():
     assert last > first, (first, last)
     assert err(new) < err(start), (err(new), err(start))
     assert math.isfinite(err(new))
+
+
+def test_rdpo_is_deterministic_for_a_seed():
+    start = EPDParams.start(3, 2, schedule_type="polynomial", schedule_rho=7.0, backend="edm")
+    grid = make_schedule(start)
+
+    def ref(x0):
+        return ode_endpoint(GM.denoise_ve, x0, float(grid[0]), steps=40)
+
+    runs = [rdpo(GM.denoise_ve, start, GM.shape, reference=ref, iterations=3, groups=2, k=2, seed=5) for _ in range(2)]
+    assert runs[0][1] == runs[1][1]
+    assert torch.equal(runs[0][0].r_params, runs[1][0].r_params)
