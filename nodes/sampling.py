@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import copy
 import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import comfy.model_management
 import comfy.model_sampling
@@ -66,6 +68,41 @@ def continuous_model_sampling(model_sampling):
         f"EPDContinuous{type(model_sampling).__name__}", (_ContinuousTime, type(model_sampling)), {}
     )
     return patched
+
+
+@contextmanager
+def exact_timesteps(base, enabled: bool = True) -> Iterator[None]:
+    """While inside, a discrete model ``base`` sees continuous timesteps; restored on exit (also on interrupt)."""
+    saved = getattr(base, "model_sampling", None)
+    patch = enabled and saved is not None and is_discrete_model(saved)
+    if patch:
+        base.model_sampling = continuous_model_sampling(saved)
+    try:
+        yield
+    finally:
+        if patch:
+            base.model_sampling = saved
+
+
+@contextmanager
+def epd_run(model, params: EPDParams, x: torch.Tensor, parallel: str, continuous_time: bool):
+    """Checks the table against ComfyUI's wrapped model, picks how the K points are batched, patches time.
+
+    Yields ``(mode, model_sampling)``: ``mode`` for :func:`epd_core.sample`'s ``parallel``.
+    """
+    guider = getattr(model, "inner_model", None)
+    base = getattr(guider, "inner_model", None)
+    model_sampling = getattr(base, "model_sampling", None)
+    if model_sampling is not None:
+        check_compatible(params, model_sampling)
+    if parallel == "batched":
+        mode: bool | int = True
+    elif parallel == "sequential" or _conds_need_sequential(guider):
+        mode = False
+    else:
+        mode = _points_per_call(guider, params, x)
+    with exact_timesteps(base, continuous_time):
+        yield mode, model_sampling
 
 
 def check_compatible(params: EPDParams, model_sampling) -> None:
@@ -156,37 +193,16 @@ def epd_sampler_function(
 ) -> torch.Tensor:
     """The ``KSAMPLER`` function: EPD on ComfyUI's model wrapper."""
     extra_args = {} if extra_args is None else extra_args
-    guider = getattr(model, "inner_model", None)
-    base = getattr(guider, "inner_model", None)
-    model_sampling = getattr(base, "model_sampling", None)
-    if model_sampling is not None:
-        check_compatible(params, model_sampling)
     sigmas = sigmas.detach().to("cpu", torch.float64)
-
-    if parallel == "batched":
-        mode: bool | int = True
-    elif parallel == "sequential" or _conds_need_sequential(guider):
-        mode = False
-    else:
-        mode = _points_per_call(guider, params, x)
-
-    flow = model_sampling is not None and is_flow_model(model_sampling)
-    if convention == "authors" and not flow and model_sampling is not None:
-        s0 = float(sigmas[0])
-        if s0 >= float(model_sampling.sigma_max) * (1 - 1e-5):
-            x = x * (s0 / (1.0 + s0**2) ** 0.5)
-
-    patch = continuous_time and model_sampling is not None and is_discrete_model(model_sampling)
-    if patch:
-        base.model_sampling = continuous_model_sampling(model_sampling)
-    try:
+    with epd_run(model, params, x, parallel, continuous_time) as (mode, model_sampling):
+        flow = model_sampling is not None and is_flow_model(model_sampling)
+        if convention == "authors" and not flow and model_sampling is not None:
+            s0 = float(sigmas[0])
+            if s0 >= float(model_sampling.sigma_max) * (1 - 1e-5):
+                x = x * (s0 / (1.0 + s0**2) ** 0.5)
         out = epd_sample(
             _ComfyDenoiser(model, extra_args, x.shape[0]), x, sigmas, params, callback=callback, parallel=mode
         )
-    finally:
-        if patch:
-            base.model_sampling = model_sampling
-
     if convention == "authors" and flow and float(sigmas[-1]) > 0:
         out = out * (1.0 - float(sigmas[-1]))
     return out
@@ -258,31 +274,14 @@ def make_plugin_sampler(base, params: EPDParams, parallel: str = "auto", continu
         raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
 
     def plugin_function(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
-        guider = getattr(model, "inner_model", None)
-        base_model = getattr(guider, "inner_model", None)
-        model_sampling = getattr(base_model, "model_sampling", None)
-        if model_sampling is not None:
-            check_compatible(params, model_sampling)
-        if parallel == "batched":
-            mode: bool | int = True
-        elif parallel == "sequential" or _conds_need_sequential(guider):
-            mode = False
-        else:
-            mode = _points_per_call(guider, params, x)
         if name in ("uni_pc", "uni_pc_bh2") and float(sigmas[-1]) == 0.0:
             raise ValueError(f"{name} replaces a final sigma 0 by its own grid end; turn final_denoise off")
-        plugin = PluginDenoiser(params, sigmas, mode)
-        patch = continuous_time and model_sampling is not None and is_discrete_model(model_sampling)
-        if patch:
-            base_model.model_sampling = continuous_model_sampling(model_sampling)
-        try:
+        with epd_run(model, params, x, parallel, continuous_time) as (mode, _):
+            plugin = PluginDenoiser(params, sigmas, mode)
             return base.sampler_function(
                 _PluginModel(model, plugin), x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
                 **options,
             )  # fmt: skip
-        finally:
-            if patch:
-                base_model.model_sampling = model_sampling
 
     trained = table_base(params)
     info = f"EPD Plugin over {name}: {params.num_points} points per step, NFE {params.nfe}"

@@ -23,7 +23,7 @@ from ..epd_core import EPDParams
 from ..epd_core.distill import distill
 from ..epd_core.rdpo import rdpo
 from ..epd_core.teachers import subdivide, teacher_trajectory
-from .sampling import _ComfyDenoiser, continuous_model_sampling, is_discrete_model, is_flow_model
+from .sampling import _ComfyDenoiser, exact_timesteps, is_discrete_model, is_flow_model
 from .scheduling import model_schedule
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")
@@ -103,17 +103,9 @@ def _train_on_model(model, positive, negative, cfg, latent, start, options, fit)
             comfy.model_management.throw_exception_if_processing_interrupted()
             pbar.update_absolute(i, n)
 
-        patch = is_discrete_model(base.model_sampling)
-        saved = base.model_sampling
-        if patch:
-            base.model_sampling = continuous_model_sampling(saved)
-        try:
-            with torch.inference_mode(False), torch.enable_grad():
-                den = _ComfyDenoiser(model_k, dict(extra_args or {}, denoise_mask=None), x.shape[0])
-                result["out"] = fit(den, tuple(x.shape[1:]), grid, x.device, progress)
-        finally:
-            if patch:
-                base.model_sampling = saved
+        with exact_timesteps(base), torch.inference_mode(False), torch.enable_grad():
+            den = _ComfyDenoiser(model_k, dict(extra_args or {}, denoise_mask=None), x.shape[0])
+            result["out"] = fit(den, tuple(x.shape[1:]), grid, x.device, progress)
         return x
 
     guider = comfy.samplers.CFGGuider(model)

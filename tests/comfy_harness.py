@@ -10,6 +10,7 @@ import asyncio
 import os
 import sys
 import sysconfig
+from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -60,6 +61,26 @@ def load_builtin_extras() -> None:
 
         asyncio.run(nodes.init_builtin_extra_nodes())
         _STATE["extras"] = True
+
+
+@contextmanager
+def interrupt_at(step: int, seen: list[int]):
+    """ComfyUI's server hook: at progress ``step`` the user presses "cancel"; expects the interrupt to surface."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    def hook(value, total, preview, node_id=None):
+        seen.append(value)
+        if value == step:
+            mm.interrupt_current_processing(True)
+        mm.throw_exception_if_processing_interrupted()
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        yield
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        mm.interrupt_current_processing(False)
 
 
 def pack_module(name: str):

@@ -67,21 +67,9 @@ def test_never_overwrites_without_asking(epd_dir):
 
 def test_interrupt_stops_and_saves_nothing(epd_dir):
     model = tiny_model("eps")
-    seen = []
-
-    def hook(value, total, preview, node_id=None):
-        seen.append(value)
-        if value == 2:
-            comfy.model_management.interrupt_current_processing(True)
-        comfy.model_management.throw_exception_if_processing_interrupted()
-
-    comfy.utils.set_progress_bar_global_hook(hook)
-    try:
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
-            _run(model, "eps", "interrupted", iterations=50)
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-        comfy.model_management.interrupt_current_processing(False)
+    seen: list[int] = []
+    with H.interrupt_at(2, seen), pytest.raises(comfy.model_management.InterruptProcessingException):
+        _run(model, "eps", "interrupted", iterations=50)
     assert max(seen) < 50
     assert sorted(p.name for p in epd_dir.iterdir()) == []
     assert type(model.model.model_sampling).__name__.startswith("ModelSampling")

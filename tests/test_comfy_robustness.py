@@ -94,21 +94,9 @@ def test_interrupt_mid_sampling_and_next_run_is_fresh():
     model = tiny_model("eps")
     fresh = _run(model, params, "auto")
     base_sampling = type(model.model.model_sampling)
-    steps = []
-
-    def hook(value, total, preview, node_id=None):
-        steps.append(value)
-        if value == 3:
-            comfy.model_management.interrupt_current_processing(True)
-        comfy.model_management.throw_exception_if_processing_interrupted()
-
-    comfy.utils.set_progress_bar_global_hook(hook)
-    try:
-        with pytest.raises(comfy.model_management.InterruptProcessingException):
-            _run(model, params, "auto")
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-        comfy.model_management.interrupt_current_processing(False)
+    steps: list[int] = []
+    with H.interrupt_at(3, steps), pytest.raises(comfy.model_management.InterruptProcessingException):
+        _run(model, params, "auto")
     assert steps[-1] == 3
     assert type(model.model.model_sampling) is base_sampling, "continuous-time patch left behind"
     assert torch.equal(_run(model, params, "auto"), fresh)
