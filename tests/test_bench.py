@@ -25,3 +25,14 @@ def test_quick_accuracy_benchmark(tmp_path):
     assert all(r["answer_key_gap"] < 1e-3 for r in rows)
     assert (tmp_path / "accuracy.md").read_text().startswith("| model")
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
+
+
+def test_cost_benchmark_runs(tmp_path):
+    import cost
+
+    assert cost.main(["--reps", "1", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "cost.json").read_text())
+    assert {r["sampler"] for r in result["wall_time"]} == {"epd", "euler", "dpmpp_2m"}
+    assert all(r["seconds_per_image"] > 0 for r in result["wall_time"])
+    assert result["overhead"]["microseconds_per_step"] > 0
+    assert result["memory"]["ratio"] > 1.0
