@@ -31,8 +31,9 @@ def free_port() -> int:
 class ComfyServer:
     """``with ComfyServer(base_dir) as srv: srv.run(graph)``; the pack is linked as custom_nodes/epd_solver."""
 
-    def __init__(self, base: Path, port: int | None = None) -> None:
+    def __init__(self, base: Path, port: int | None = None, frontend: bool = False) -> None:
         self.base = Path(base)
+        self.frontend = frontend
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
@@ -43,13 +44,14 @@ class ComfyServer:
         link = self.base / "custom_nodes" / "epd_solver"
         if not link.exists():
             link.symlink_to(ROOT, target_is_directory=True)
-        front = self.base / "frontend"
-        front.mkdir(exist_ok=True)
         cmd = [
             sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-            "--base-directory", str(self.base), "--database-url", "sqlite:///:memory:",
-            "--disable-api-nodes", "--front-end-root", str(front),
+            "--base-directory", str(self.base), "--database-url", "sqlite:///:memory:", "--disable-api-nodes",
         ]  # fmt: skip
+        if not self.frontend:  # the API alone; GET / is then 404
+            front = self.base / "frontend"
+            front.mkdir(exist_ok=True)
+            cmd += ["--front-end-root", str(front)]
         self.log = open(self.base / "server.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, cwd=comfyui_path(), stdout=self.log, stderr=subprocess.STDOUT)  # noqa: S603
         deadline = time.time() + 120

@@ -7,6 +7,12 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV="${EPD_VENV:-.venv}"
 STAMP="$VENV/.epd-setup-$(cat scripts/setup_env.sh requirements-dev.txt | sha256sum | cut -c1-16)"
+# The browser test drives ComfyUI's real frontend in Debian's headless Chromium.
+if ! command -v chromium >/dev/null 2>&1 && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  echo "[setup] installing chromium for the browser test" >&2
+  apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null 2>&1 \
+    || { apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq --no-install-recommends chromium fonts-dejavu-core >/dev/null; }
+fi
 if [ -f "$STAMP" ]; then
   exit 0
 fi
