@@ -133,7 +133,9 @@ def _raw_scale(value: torch.Tensor, bound: float) -> torch.Tensor:
 def _dirichlet(alpha: torch.Tensor, n: int, generator: torch.Generator | None) -> torch.Tensor:
     """Dirichlet samples from normalised Gamma draws (seedable, unlike torch.distributions)."""
     a = alpha.unsqueeze(0).expand(n, *alpha.shape).double().cpu()
-    g = _gamma(a, generator if generator is not None else torch.Generator().manual_seed(0))
+    if generator is None:  # draw from torch's global stream, so unseeded calls differ
+        generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,))))
+    g = _gamma(a, generator)
     p = (g / g.sum(-1, keepdim=True)).clamp_min(1e-6)  # keeps log-probabilities finite in float32
     return (p / p.sum(-1, keepdim=True)).to(alpha)
 

@@ -23,15 +23,9 @@ import comfy.model_sampling
 import comfy.supported_models_base
 import torch
 
-from ..epd_core.analytic import MIXTURES as ANALYTIC_MIXTURES
 from ..epd_core.analytic import GaussianMixture
 
 FORMS = ("sd15_eps", "sd3_flow", "flux_flow", "edm_ve")
-MIXTURES = ANALYTIC_MIXTURES
-
-
-def make_mixture(name: str) -> GaussianMixture:
-    return GaussianMixture.named(name)
 
 
 class IdentityLatent(comfy.latent_formats.LatentFormat):
@@ -104,6 +98,6 @@ class AnalyticModel(comfy.model_base.BaseModel):
 
 def analytic_model_patcher(form: str, mixture: str = "reference", shift: float | None = None):
     """A ComfyUI ``MODEL`` (ModelPatcher) for the analytic mixture."""
-    model = AnalyticModel(make_mixture(mixture), form, shift)
+    model = AnalyticModel(GaussianMixture.named(mixture), form, shift)
     device = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))

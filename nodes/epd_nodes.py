@@ -10,7 +10,8 @@ import torch
 from comfy_api.latest import io
 
 from ..epd_core import EPDFileError, EPDParams, load_params, save_params
-from .analytic_model import FORMS, MIXTURES, analytic_model_patcher
+from ..epd_core.analytic import MIXTURES
+from .analytic_model import FORMS, analytic_model_patcher
 from .preview import table_image
 from .sampling import CONVENTIONS, PARALLEL_MODES, PLUGIN_BASES, make_plugin_sampler, make_sampler
 from .scheduling import epd_sigmas

@@ -1,6 +1,6 @@
 """Thumbnails for the template browser: each example workflow as ComfyUI's real frontend draws it.
 
-    python scripts/make_thumbnails.py     (needs Debian's chromium)
+python scripts/make_thumbnails.py     (needs Debian's chromium)
 """
 
 from __future__ import annotations
