@@ -1,4 +1,4 @@
-"""Command line: ``python -m epd_core {info,convert,demo} ...``."""
+"""Command line: ``python -m epd_core {info,convert,demo,distill,rdpo,catalogue,fetch} ...``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 
 from . import EPDParams, GaussianMixture, load_params, make_schedule, sample, save_params
 from .analytic import heun
+from .catalogue import DEFAULT_TIMEOUT, MIRROR_ENV, fetch, find_entry, load_catalogue
 from .files import EPDFileError
 
 
@@ -55,6 +56,21 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"table {args.table}: NFE {p.nfe}, {args.batch} samples")
     print(f"  EPD   RMSE vs exact ODE solution: {rmse(epd):.5f}")
     print(f"  Euler RMSE at NFE {p.nfe}:          {rmse(euler):.5f}")
+    return 0
+
+
+def _catalogue(args: argparse.Namespace) -> int:
+    """List the published tables that ``fetch`` can download."""
+    print(f"{'name':<38} {'comfyui':<8} {'steps':>5} {'points':>6} {'NFE':>4}  schedule")
+    for e in load_catalogue().values():
+        yes = "yes" if e.comfyui else "no"
+        print(f"{e.name:<38} {yes:<8} {e.num_steps - 1:>5} {e.num_points:>6} {e.nfe:>4}  {e.schedule_type}")
+    return 0
+
+
+def _fetch(args: argparse.Namespace) -> int:
+    path = fetch(find_entry(args.name), args.out, base_url=args.mirror, timeout=args.timeout)
+    print(f"{path}")
     return 0
 
 
@@ -176,6 +192,14 @@ def main(argv: list[str] | None = None) -> int:
         help="per-step loss weights: the authors' uniform, or 1/(1+t^2)",
     )
     dist.add_argument("--out", required=True)
+    cat = sub.add_parser("catalogue", help="list the authors' published tables (download one with fetch)")
+    cat.set_defaults(fn=_catalogue)
+    fe = sub.add_parser("fetch", help="download a published table, verify its sha256, convert it to .safetensors")
+    fe.add_argument("name", help="a catalogue entry (see `python -m epd_core catalogue`)")
+    fe.add_argument("--out", default=".", help="folder to store <name>.safetensors in (e.g. ComfyUI/models/epd)")
+    fe.add_argument("--mirror", help=f"base URL replacing the upstream one (default: ${MIRROR_ENV})")
+    fe.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds (network waits and transfer)")
+    fe.set_defaults(fn=_fetch)
     rd = sub.add_parser("rdpo", help="RDPO fine-tuning of a table on an analytic mixture (VE/discrete form)")
     rd.add_argument("table")
     rd.add_argument("--mixture", default="reference")
