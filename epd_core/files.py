@@ -197,10 +197,12 @@ def load_params(path: str | os.PathLike) -> EPDParams:
     """Read a table from the project's ``.safetensors`` or an authors' ``.pkl`` file."""
     path = Path(path)
     data = _read_bounded(path)
+    # A safetensors header length of 128 mod 256 starts with 0x80 like a pickle: the length must fit the file.
+    own = len(data) >= 9 and data[8:9] == b"{"
+    if own and (data[:1] != b"\x80" or struct.unpack("<Q", data[:8])[0] <= len(data) - 8):
+        return _load_own(path, data)
     if data[:1] == b"\x80":
         return _load_authors(path, data)
-    if len(data) >= 9 and data[8:9] == b"{":
-        return _load_own(path, data)
     raise EPDFileError(path, "neither an EPD .safetensors table nor a predictor pickle")
 
 
