@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from comfy_api.latest import io
 
 from ..epd_core import EPDFileError, EPDParams, load_params, save_params
 from ..epd_core.analytic import MIXTURES
+from ..epd_core.catalogue import CatalogueEntry, fetch, load_catalogue
 from .analytic_model import FORMS, analytic_model_patcher
 from .preview import table_image
 from .sampling import CONVENTIONS, PARALLEL_MODES, PLUGIN_BASES, make_plugin_sampler, make_sampler
@@ -22,6 +24,8 @@ EPDParamsType = io.Custom("EPD_PARAMS")
 FOLDER = "epd"
 EXTENSIONS = {".safetensors", ".pkl"}
 PACK_WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
+DOWNLOAD = "[download] "
+log = logging.getLogger("epd")
 
 
 def register_folder() -> None:
@@ -56,6 +60,40 @@ def load_table(name: str) -> EPDParams:
     return _CACHE[key]
 
 
+def _comfyui_entries() -> list[CatalogueEntry]:
+    try:
+        return [e for e in load_catalogue().values() if e.comfyui]
+    except EPDFileError as exc:
+        log.warning("EPD catalogue unavailable: %s", exc)
+        return []
+
+
+def table_choices() -> list[str]:
+    """Local tables, then the catalogue's ComfyUI tables not downloaded yet, as ``[download] <name>``."""
+    local = folder_paths.get_filename_list(FOLDER)
+    return local + [DOWNLOAD + e.name for e in _comfyui_entries() if e.filename not in local]
+
+
+def catalogue_choice(choice: str) -> CatalogueEntry | None:
+    """The catalogue entry behind a ``[download]`` choice (downloaded or not), else None."""
+    if not choice.startswith(DOWNLOAD):
+        return None
+    name = choice[len(DOWNLOAD) :]
+    return next((e for e in _comfyui_entries() if e.name == name), None)
+
+
+def resolve_table(choice: str) -> str:
+    """The file name for a choice; a ``[download]`` table missing locally is fetched into models/epd first."""
+    if not choice.startswith(DOWNLOAD):
+        return choice
+    entry = catalogue_choice(choice)
+    if entry is None:
+        raise ValueError(f"{choice!r}: no such published table in the EPD catalogue")
+    if folder_paths.get_full_path(FOLDER, entry.filename) is None:
+        fetch(entry, folder_paths.get_folder_paths(FOLDER)[0])
+    return entry.filename
+
+
 def describe(params: EPDParams) -> str:
     source = params.metadata.get("source_file", "")
     return (
@@ -73,12 +111,14 @@ class EPDParamsLoader(io.ComfyNode):
             display_name="EPD Parameters Loader",
             category="loaders",
             description="Loads an EPD table (the project's .safetensors or the authors' .pkl, read without running "
-            "code) from models/epd or the pack's weights folder.",
+            "code) from models/epd or the pack's weights folder. '[download]' entries are the authors' published "
+            "tables: fetched on first run from their pinned commit, sha256-checked, stored in models/epd.",
             inputs=[
                 io.Combo.Input(
                     "table_name",
-                    options=folder_paths.get_filename_list(FOLDER),
-                    tooltip="EPD table file from models/epd or the pack's weights/ folder.",
+                    options=table_choices(),
+                    tooltip="EPD table file from models/epd or the pack's weights/ folder; '[download] <name>' "
+                    "downloads that published table when the graph runs.",
                 ),
             ],
             outputs=[
@@ -88,8 +128,15 @@ class EPDParamsLoader(io.ComfyNode):
         )
 
     @classmethod
+    def validate_inputs(cls, table_name: str | None = None) -> bool | str:
+        """Like the combo check, but a ``[download]`` choice stays valid after its table was downloaded."""
+        if table_name is None or table_name in folder_paths.get_filename_list(FOLDER) or catalogue_choice(table_name):
+            return True
+        return f"EPD table {table_name!r} not found in {folder_paths.get_folder_paths(FOLDER)} nor in the catalogue"
+
+    @classmethod
     def execute(cls, table_name: str) -> io.NodeOutput:
-        params = load_table(table_name)
+        params = load_table(resolve_table(table_name))
         return io.NodeOutput(params, describe(params))
 
 

@@ -56,6 +56,7 @@ def test_comfy_node_validate_and_pack(tmp_path):
                      "epd_core/safe_pickle.py", "example_workflows/epd_analytic_demo.json"):  # fmt: skip
         assert required in names, required
     assert any(n.startswith("weights/") and n.endswith(".safetensors") for n in names)
+    assert "weights/catalogue.json" in names  # the loader lists and fetches published tables from it
     assert not any(n.endswith(".pkl") for n in names), "the authors' files must never be bundled"
 
 
