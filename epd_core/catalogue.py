@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .files import EPDFileError, load_params, save_params
+from .files import MAX_FILE_BYTES, EPDFileError, load_params, save_params
 
 __all__ = ["CatalogueEntry", "load_catalogue", "find_entry", "source_url", "fetch", "UPSTREAM", "MIRROR_ENV"]
 
@@ -76,7 +76,7 @@ class CatalogueEntry:
             raise ValueError(f"bad catalogue name {self.name!r} / file name {self.filename!r}")
         if not _PINNED.match(self.url) or ".." in self.url:
             raise ValueError(f"{self.name}: url {self.url!r} is not pinned to a commit of {UPSTREAM}")
-        if not re.fullmatch(r"[0-9a-f]{64}", self.sha256) or not 0 < self.size <= 16 * 1024 * 1024:
+        if not re.fullmatch(r"[0-9a-f]{64}", self.sha256) or not 0 < self.size <= MAX_FILE_BYTES:
             raise ValueError(f"{self.name}: bad sha256 or size")
 
 
