@@ -227,7 +227,7 @@ def test_a_server_that_never_answers_times_out_and_leaves_nothing(mirror, tmp_pa
     with pytest.raises(EPDFileError, match="timeout") as err:
         fetch("tpami-flux-best", dest, base_url=mirror.url, timeout=1.0)
     elapsed = time.monotonic() - start
-    assert 0.9 < elapsed < 2.5, elapsed
+    assert 0.9 < elapsed < 3.0, elapsed  # the socket timeout, plus a little slack on a busy machine
     assert "tpami-flux-best" in str(err.value) and mirror.requests
     assert not (tmp_path / "models").exists()
 
