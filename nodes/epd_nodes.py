@@ -14,6 +14,7 @@ from ..epd_core import EPDFileError, EPDParams, load_params, save_params
 from ..epd_core.analytic import MIXTURES
 from ..epd_core.catalogue import CatalogueEntry, fetch, load_catalogue
 from .analytic_model import FORMS, analytic_model_patcher
+from .digits_model import digits_model_patcher
 from .preview import table_image
 from .sampling import CONVENTIONS, PARALLEL_MODES, PLUGIN_BASES, make_plugin_sampler, make_sampler
 from .scheduling import epd_sigmas
@@ -303,6 +304,31 @@ class EPDAnalyticModel(io.ComfyNode):
         return io.NodeOutput(model, [[torch.zeros(1, 1, 8), {}]])
 
 
+class EPDDigitsModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EPDDigitsModel",
+            display_name="EPD Demo Digits Model",
+            category="advanced/model",
+            description="A small neural diffusion model trained by this pack (ComfyUI's own UNet, 1M parameters, "
+            "on scikit-learn's 8x8 digits; SD1.5 EPS schedule; no download). Unconditional: use a 64x64 empty "
+            "latent (4x8x8) and the empty conditioning; pixel_shuffle(2) of the latent is a 16x16 grey digit.",
+            inputs=[],
+            outputs=[
+                io.Model.Output(tooltip="The digits UNet as a ComfyUI model (weights/digits-unet.safetensors)."),
+                io.Conditioning.Output(
+                    display_name="empty_conditioning",
+                    tooltip="A conditioning for positive and negative; the model ignores it (use cfg 1).",
+                ),
+            ],
+        )
+
+    @classmethod
+    def execute(cls) -> io.NodeOutput:
+        return io.NodeOutput(digits_model_patcher(), [[torch.zeros(1, 1, 8), {}]])
+
+
 class EPDPlugin(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -493,5 +519,5 @@ class EPDParamsPreview(io.ComfyNode):
 
 NODES = [
     EPDParamsLoader, EPDParamsPreview, EPDSampler, EPDScheduler, EPDKSampler, EPDPlugin, EPDDistill, EPDRDPO,
-    EPDAnalyticModel,
+    EPDAnalyticModel, EPDDigitsModel,
 ]  # fmt: skip
