@@ -107,7 +107,7 @@ def _distill(args: argparse.Namespace, argv: list[str]) -> int:
     params = distill(
         den, start, gm.shape, iterations=args.iterations, batch=args.batch, teacher=args.teacher,
         teacher_m=args.teacher_m, lr=args.lr, seed=args.seed, learn_grid=args.learn_grid, progress=progress,
-        weighting=args.weighting, plugin_base=args.plugin_base,
+        weighting=args.weighting, plugin_base=args.plugin_base, objective=args.objective,
         metadata={"model": f"analytic {args.form} / mixture {args.mixture}",
                   "command": "python -m epd_core " + shlex.join(argv)},
     )  # fmt: skip
@@ -173,6 +173,12 @@ def main(argv: list[str] | None = None) -> int:
     dist.add_argument("--scale-dir", type=float, default=0.0)
     dist.add_argument("--scale-time", type=float, default=0.0)
     dist.add_argument("--teacher", choices=["heun", "dpm2", "dpmpp2m"], default="heun")
+    dist.add_argument(
+        "--objective",
+        choices=["local", "global"],
+        default="local",
+        help="local: the authors' per-step loss; global: the final state's error through all steps",
+    )
     dist.add_argument("--teacher-m", type=int, default=8)
     dist.add_argument("--iterations", type=int, default=400)
     dist.add_argument("--batch", type=int, default=64)

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["GaussianMixture", "MIXTURES", "heun", "ode_endpoint"]
+__all__ = ["GaussianMixture", "MIXTURES", "heun", "rk4", "ode_endpoint"]
 
 MIXTURES = ("reference", "wide", "multimodal")
 
@@ -62,11 +62,11 @@ class GaussianMixture:
         mu = self.means.reshape(self.means.shape[0], -1).to(x)
         a = a.to(x).reshape(n, 1)
         var = var.to(x).reshape(n, 1)
-        diff = flat[:, None, :] - a[:, :, None] * mu[None]  # [N, K, D]
-        logits = torch.log(self.weights.to(x))[None] - (diff**2).sum(-1) / (2 * var)
-        g = torch.softmax(logits, dim=1)  # [N, K]
-        comp = mu[None] + (a * self.std**2 / var)[:, :, None] * diff
-        return (g[:, :, None] * comp).sum(1).reshape(x.shape)
+        # |x - a mu_k|^2 = |x|^2 - 2 a x.mu_k + a^2 |mu_k|^2; the |x|^2 term cancels in the softmax
+        dist = a**2 * (mu**2).sum(1)[None] - 2 * a * (flat @ mu.T)  # [N, K]
+        g = torch.softmax(torch.log(self.weights.to(x))[None] - dist / (2 * var), dim=1)
+        shrink = a * self.std**2 / var  # each component's posterior: mu_k + shrink * (x - a mu_k)
+        return (shrink * flat + (1 - shrink * a) * (g @ mu)).reshape(x.shape)
 
     def denoise_ve(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """``E[x0 | x0 + sigma * eps = x]`` with one ``sigma`` per sample."""
@@ -96,6 +96,23 @@ def heun(denoiser, x: torch.Tensor, grid: torch.Tensor, order: int = 2) -> torch
             d_next = (x_next - denoiser(x_next, t_next.expand(n))) / t_next
             x_next = x + (t_next - t_cur) * (d + d_next) / 2
         x = x_next
+    return x
+
+
+def rk4(denoiser, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+    """Classic fourth-order Runge-Kutta steps of ``dx/dt = (x - D(x, t)) / t`` along ``grid`` (midpoints in t)."""
+    n = x.shape[0]
+
+    def f(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return (y - denoiser(y, t.expand(n))) / t
+
+    for t_cur, t_next in zip(grid[:-1], grid[1:], strict=True):
+        h, t_mid = t_next - t_cur, (t_cur + t_next) / 2
+        k1 = f(x, t_cur)
+        k2 = f(x + h / 2 * k1, t_mid)
+        k3 = f(x + h / 2 * k2, t_mid)
+        k4 = f(x + h * k3, t_next)
+        x = x + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
     return x
 
 

@@ -95,8 +95,13 @@ def student_loss(
     gradient: str = "autograd",
     weighting: str = "uniform",
     plugin_base: str = "euler",
+    objective: str = "local",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum over steps of the mean squared distance to the teacher; returns (loss, student's final state).
+    """The student's distance to the teacher; returns (loss, student's final state).
+
+    ``objective``: ``local`` (the authors'): the sum over steps of the mean squared distance at each grid
+    point, every step taken from the student's detached state; ``global``: only the final state's distance,
+    backpropagated through the whole student trajectory (every step's table answers for the end result).
 
     ``gradient``: ``autograd`` backpropagates through the denoiser; ``fd`` uses finite differences.
     ``weighting``: ``uniform`` (the authors') or ``snr``: each step's error divided by ``1 + t_next^2``, i.e.
@@ -105,6 +110,7 @@ def student_loss(
     ``plugin_base``: the base solver the table will run under as an EPD Plugin (see :mod:`epd_core.bases`).
     """
     step_fn = ensemble_direction if gradient == "autograd" else _ensemble_direction_fd
+    local = objective == "local"
     table = decode(*(raw[name] for name in TABLE_NAMES), params.scale_dir, params.scale_time, params.fcn)
     history: list[torch.Tensor] = []
     base_state: dict = {}
@@ -114,23 +120,24 @@ def student_loss(
         t_cur, t_next = grid[i], grid[i + 1]
         afs = params.afs and i == 0
         with torch.set_grad_enabled(torch.is_grad_enabled() and (gradient == "autograd" or afs)):
-            d = first_direction(denoiser, x, t_cur, afs)
+            d = first_direction(denoiser, x, t_cur, afs, params.is_flow)
         d_eff = step_fn(denoiser, x, d, t_cur, t_next, table, i, params, history)
         if plugin_base == "euler":
             x_next = x + (t_next - t_cur).to(x.dtype) * d_eff
         else:
             x_next = base_update(plugin_base, x, x - t_cur.to(x.dtype) * d_eff, t_cur, t_next, base_state)
-            base_state = {
-                k: ([h.detach() for h in v] if isinstance(v, list) else v.detach()) for k, v in base_state.items()
-            }
+            if local:
+                base_state = {
+                    k: ([h.detach() for h in v] if isinstance(v, list) else v.detach()) for k, v in base_state.items()
+                }
         if feature_loss is not None and i == steps - 1:
             total = total + feature_loss(x_next, targets[i + 1])
-        else:
+        elif local or i == steps - 1:
             w = 1.0 / (1.0 + t_next.to(x.dtype) ** 2) if weighting == "snr" else 1.0
             total = total + w * ((x_next - targets[i + 1]) ** 2).mean()
         if params.student == "ipndm":
-            history = push_history(history, d.detach(), params.max_order)
-        x = x_next.detach()
+            history = push_history(history, d.detach() if local else d, params.max_order)
+        x = x_next.detach() if local else x_next
     return total, x
 
 
@@ -149,6 +156,7 @@ def distill(
     gradient: str = "autograd",
     weighting: str = "uniform",
     plugin_base: str = "euler",
+    objective: str = "local",
     grid: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
@@ -168,6 +176,10 @@ def distill(
         raise ValueError(f"gradient must be 'autograd' or 'fd', got {gradient!r}")
     if plugin_base not in BASES:
         raise ValueError(f"plugin_base must be one of {BASES}, got {plugin_base!r}")
+    if objective not in ("local", "global"):
+        raise ValueError(f"objective must be 'local' or 'global', got {objective!r}")
+    if objective == "global" and gradient != "autograd":
+        raise ValueError("objective='global' backpropagates through the trajectory: it needs gradient='autograd'")
     if weighting not in ("uniform", "snr"):
         raise ValueError(f"weighting must be 'uniform' or 'snr', got {weighting!r}")
     if teacher not in TEACHERS:
@@ -206,7 +218,7 @@ def distill(
             targets = teacher_trajectory(denoiser, x, fine, teacher)[:: teacher_m + 1]
         with torch.enable_grad():
             loss, _ = student_loss(
-                denoiser, start, raw, grid_now, x, targets, feature_loss, gradient, weighting, plugin_base
+                denoiser, start, raw, grid_now, x, targets, feature_loss, gradient, weighting, plugin_base, objective
             )
             opt.zero_grad(set_to_none=True)
             if torch.isfinite(loss):
@@ -238,6 +250,7 @@ def distill(
             "learn_grid": learn_grid,
             "gradient": gradient,
             "weighting": weighting,
+            "objective": objective,
             "first_loss": history[0],
             "final_loss": sum(tail) / max(1, len(tail)),
         },

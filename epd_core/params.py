@@ -165,8 +165,6 @@ class EPDParams:
             if not torch.isfinite(t).all() or not (t > 0).all() or not (t[1:] < t[:-1]).all():
                 fail("t_steps", "must be finite, positive and strictly decreasing")
             object.__setattr__(self, "t_steps", t)
-        if self.afs and self.is_flow:
-            fail("afs", "the analytic first step is defined for variance-exploding models only")
         for name in ("afs", "fcn"):
             object.__setattr__(self, name, bool(getattr(self, name)))
         object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))

@@ -69,7 +69,7 @@ class PluginDenoiser:
             return denoiser(x, sigma)
         step = self.offset + i
         t_cur, t_next = self.grid[i], self.grid[i + 1]
-        d = first_direction(denoiser, x, t_cur, self.params.afs and step == 0)
+        d = first_direction(denoiser, x, t_cur, self.params.afs and step == 0, self.params.is_flow)
         d_eff = ensemble_direction(
             denoiser, x, d, t_cur, t_next, self.table, step, self.params, self.history, self.parallel
         )

@@ -184,7 +184,7 @@ def sample_with_tables(denoiser: Denoiser, x: torch.Tensor, grid: torch.Tensor, 
     history: list[torch.Tensor] = []
     for i in range(grid.shape[0] - 1):
         t_cur, t_next = grid[i], grid[i + 1]
-        d = first_direction(denoiser, x, t_cur, params.afs and i == 0)
+        d = first_direction(denoiser, x, t_cur, params.afs and i == 0, params.is_flow)
         d_eff = ensemble_direction(denoiser, x, d, t_cur, t_next, table, i, params, history)
         if params.student == "ipndm":
             history = push_history(history, d, params.max_order)

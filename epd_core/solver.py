@@ -3,7 +3,7 @@
 One step from ``t_cur`` to ``t_next``, with table values ``r, weight, scale_dir,
 scale_time`` for K points (see :mod:`epd_core.params`)::
 
-    d     = (x - D(x, t_cur)) / t_cur                 # AFS on the first step: x / sqrt(1 + t_cur^2)
+    d     = (x - D(x, t_cur)) / t_cur                 # AFS on the first step: x / sqrt(1 + t_cur^2), flow: x / t_cur
     tau_k = t_next**r_k * t_cur**(1 - r_k)
     x_k   = x + (tau_k - t_cur) * d                   # ipndm: Adams-Bashforth over past d's
     d_k   = (x_k - D(x_k, scale_time_k * tau_k)) / tau_k     # the K points: one batched call
@@ -91,10 +91,17 @@ def epd_directions(
     return out
 
 
-def first_direction(denoiser: Denoiser, x: torch.Tensor, t_cur: torch.Tensor, afs: bool) -> torch.Tensor:
-    """``d = (x - D(x, t_cur)) / t_cur``, or the analytic first step ``x / sqrt(1 + t_cur^2)`` (no model call)."""
+def first_direction(
+    denoiser: Denoiser, x: torch.Tensor, t_cur: torch.Tensor, afs: bool, flow: bool = False
+) -> torch.Tensor:
+    """``d = (x - D(x, t_cur)) / t_cur``, or the analytic first step (AFS, no model call).
+
+    AFS is the authors' ``x / sqrt(1 + t_cur^2)`` on variance-exploding grids; on rectified-flow grids
+    (our extension) it assumes ``D(x, t_cur) = 0``, exact at ``t = 1`` for zero-mean data: ``x / t_cur``.
+    """
     if afs:
-        return x / torch.sqrt(1 + t_cur**2).to(x.dtype)
+        scale = t_cur if flow else torch.sqrt(1 + t_cur**2)
+        return x / scale.to(x.dtype)
     return (x - denoiser(x, _per_sample(t_cur, x.shape[0], x))) / t_cur.to(x.dtype)
 
 
@@ -176,7 +183,7 @@ def sample(
     for i in range(grid.shape[0] - 1):
         step = offset + i
         t_cur, t_next = grid[i], grid[i + 1]
-        d = first_direction(denoiser, x, t_cur, params.afs and step == 0)
+        d = first_direction(denoiser, x, t_cur, params.afs and step == 0, params.is_flow)
         d_eff = ensemble_direction(denoiser, x, d, t_cur, t_next, table, step, params, history, parallel)
         if callback is not None:
             callback({"x": x, "i": i, "sigma": t_cur, "sigma_hat": t_cur, "denoised": x - t_cur.to(x.dtype) * d_eff})

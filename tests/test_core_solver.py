@@ -126,3 +126,24 @@ def test_nfe_matches_authors_naming():
         steps, nfe = path.stem.split("-")[2:4]
         p = load_params(path)
         assert (p.num_steps, p.nfe) == (int(steps), int(nfe))
+
+
+def test_flow_afs_first_step_assumes_zero_denoised():
+    """On a flow grid, AFS replaces the first call by D = 0: the same as the full sampler with D(x, t0) = 0."""
+    p = load_params(official_path("sd3-512-best.pkl"))
+    grid = make_schedule(p)
+    gm = GaussianMixture.reference()
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64)
+    zero_first = {"done": False}
+
+    def den_zero_first(xs, sigma):
+        if not zero_first["done"]:
+            zero_first["done"] = True
+            return torch.zeros_like(xs)
+        return gm.denoise_flow(xs, sigma)
+
+    rec = Recorder(gm.denoise_flow)
+    with_afs = sample(rec, x, grid, p.replace(afs=True))
+    assert len(rec.calls) == p.replace(afs=True).evaluations - (p.num_steps - 1) * (p.num_points - 1)
+    assert p.replace(afs=True).nfe == p.nfe - 1
+    assert torch.allclose(with_afs, sample(den_zero_first, x, grid, p), rtol=0, atol=1e-12)
