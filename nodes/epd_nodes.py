@@ -14,6 +14,7 @@ from ..epd_core import EPDFileError, EPDParams, load_params, save_params
 from ..epd_core.analytic import MIXTURES
 from ..epd_core.catalogue import CatalogueEntry, fetch, load_catalogue
 from .analytic_model import FORMS, analytic_model_patcher
+from .digits_model import WEIGHTS as DIGITS_WEIGHTS
 from .digits_model import digits_model_patcher
 from .preview import table_image
 from .sampling import CONVENTIONS, PARALLEL_MODES, PLUGIN_BASES, make_plugin_sampler, make_sampler
@@ -71,7 +72,7 @@ def _comfyui_entries() -> list[CatalogueEntry]:
 
 def table_choices() -> list[str]:
     """Local tables, then the catalogue's ComfyUI tables not downloaded yet, as ``[download] <name>``."""
-    local = folder_paths.get_filename_list(FOLDER)
+    local = [name for name in folder_paths.get_filename_list(FOLDER) if name != DIGITS_WEIGHTS.name]  # a UNet
     return local + [DOWNLOAD + e.name for e in _comfyui_entries() if e.filename not in local]
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import comfy_harness as H  # noqa: E402
 import pytest
 import torch
 from safetensors import safe_open
@@ -14,7 +15,6 @@ from sklearn.datasets import load_digits
 import epd_core
 from epd_core.schedules import sd15_alphas_cumprod
 
-H = pytest.importorskip("comfy_harness")
 N = H.setup()
 
 import comfy.model_base  # noqa: E402
@@ -178,3 +178,9 @@ def test_training_script_quick_mode(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
     with pytest.raises(SystemExit):
         train.main(["--quick"])
+
+
+def test_loader_does_not_offer_the_unet_as_a_table():
+    choices = H.pack_module("nodes.epd_nodes").table_choices()
+    assert WEIGHTS.name not in choices
+    assert "analytic-sd15-reference-nfe5.safetensors" in choices
