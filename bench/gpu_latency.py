@@ -1,0 +1,130 @@
+"""GPU latency: batch-1 wall time of EPD (K = 2, one batched call for both points) against dpmpp_2m and euler at
+equal NFE, on a mid-size SD1.5-architecture UNet (random weights, 228M parameters, 512x512 image = 64x64 latent,
+cfg 4), through ComfyUI's sampling path. Run it where a GPU is lent; on a CPU use ``--size tiny`` (a smoke test).
+
+    python bench/gpu_latency.py [--reps 20] [--nfe 10]   -> bench/results/gpu_latency.json (cost.json's format)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+import comfy_harness  # noqa: E402
+
+NODES = comfy_harness.setup()
+
+import comfy.model_base  # noqa: E402
+import comfy.model_management  # noqa: E402
+import comfy.model_patcher  # noqa: E402
+import comfy.sample  # noqa: E402
+import comfy.samplers  # noqa: E402
+import comfy.supported_models  # noqa: E402
+from tiny_models import UNET, _init  # noqa: E402
+
+from epd_core import EPDParams  # noqa: E402
+
+RESULTS = ROOT / "bench" / "results"
+SIZES = {
+    "mid": dict(UNET, model_channels=192, channel_mult=[1, 2, 4], num_res_blocks=[2, 2, 2],
+                transformer_depth=[1] * 6, transformer_depth_output=[1] * 9,
+                context_dim=768, num_head_channels=64),
+    "tiny": dict(UNET),
+}  # fmt: skip
+
+
+def unet(size: str):
+    """A ModelPatcher of an SD1.5-architecture UNet of the given size, random weights, on ComfyUI's device."""
+    config = {k: list(v) if isinstance(v, list) else v for k, v in SIZES[size].items()}
+    model = comfy.model_base.BaseModel(comfy.supported_models.SD15(config))
+    _init(model.diffusion_model, 0)
+    model.diffusion_model.eval()
+    device = comfy.model_management.get_torch_device()
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+
+
+def _timed(fn, reps: int) -> float:
+    def sync() -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    fn()  # warm-up (loads the model onto the device)
+    times = []
+    for _ in range(reps):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def latency(size: str, nfe: int, reps: int, hw: int) -> list[dict]:
+    model = unet(size)
+    ms = model.get_model_object("model_sampling")
+    context = SIZES[size]["context_dim"]
+    g = torch.Generator().manual_seed(1)
+    pos = [[torch.randn(1, 77, context, generator=g), {}]]
+    neg = [[torch.randn(1, 77, context, generator=g), {}]]
+    latent = torch.zeros(1, 4, hw, hw)
+    noise = torch.randn(1, 4, hw, hw, generator=g)
+    # timing does not depend on the table's values: the untrained K = 2 table with NFE = nfe (even)
+    params = EPDParams.start(nfe // 2 + 1, 2, schedule_type="discrete", schedule_rho=1.0, backend="ldm")
+    runs = {
+        "epd": (NODES["EPDSampler"].execute(params, "batched", True, "comfyui").result[0],
+                NODES["EPDScheduler"].execute(model, params, 1.0, False).result[0]),
+        "epd_sequential": (NODES["EPDSampler"].execute(params, "sequential", True, "comfyui").result[0],
+                           NODES["EPDScheduler"].execute(model, params, 1.0, False).result[0]),
+    }  # fmt: skip
+    for name in ("euler", "dpmpp_2m"):
+        runs[name] = (comfy.samplers.sampler_object(name), comfy.samplers.calculate_sigmas(ms, "karras", nfe))
+    out = []
+    for name, (sampler, sigmas) in runs.items():
+
+        def go(sampler=sampler, sigmas=sigmas):
+            comfy.sample.sample_custom(model, noise, 4.0, sampler, sigmas, pos, neg, latent, disable_pbar=True, seed=0)
+
+        out.append({"sampler": name, "nfe": params.nfe, "seconds_per_image": _timed(go, reps)})
+    base = {r["sampler"]: r["seconds_per_image"] for r in out}
+    for r in out:
+        r["ratio_to_euler"] = r["seconds_per_image"] / base["euler"]
+        r["ratio_to_dpmpp_2m"] = r["seconds_per_image"] / base["dpmpp_2m"]
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--size", choices=sorted(SIZES), default="mid")
+    ap.add_argument("--nfe", type=int, default=10)
+    ap.add_argument("--reps", type=int, default=20)
+    ap.add_argument("--latent", type=int, default=64, help="latent side (64 = a 512x512 image)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    if args.nfe % 2:
+        ap.error("--nfe must be even (EPD without the analytic first step: two rounds per step)")
+    device = comfy.model_management.get_torch_device()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
+    params = sum(p.numel() for p in unet(args.size).model.diffusion_model.parameters())
+    result = {"device": name, "model": f"SD1.5-architecture UNet '{args.size}', {params / 1e6:.0f}M parameters",
+              "batch": 1, "latent": f"4x{args.latent}x{args.latent}", "cfg": 4.0,
+              "wall_time": latency(args.size, args.nfe, args.reps, args.latent)}  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "gpu_latency.json").write_text(json.dumps(result, indent=1))
+    for r in result["wall_time"]:
+        print(f"{r['sampler']:>15}  NFE {r['nfe']}  {1000 * r['seconds_per_image']:8.1f} ms  "
+              f"x{r['ratio_to_dpmpp_2m']:.2f} dpmpp_2m")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
