@@ -24,6 +24,8 @@ def test_quick_accuracy_benchmark(tmp_path):
     assert epd and all(r["evaluations"] > r["nfe"] for r in epd)  # K points count once in NFE
     assert all(r["answer_key_gap"] < 1e-3 for r in rows)
     assert (tmp_path / "accuracy.md").read_text().startswith("| model")
+    assert "| analytic-sd15_eps | reference | 5 |" in (tmp_path / "distillation.md").read_text()
+    assert all(r["sliced_wasserstein"] >= 0 for r in rows)
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
 
 
