@@ -96,7 +96,7 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 128)
 def metrics(gm: GaussianMixture | None, out: torch.Tensor, exact: torch.Tensor) -> dict:
     """RMSE to the answer key and a distribution metric: the sliced Wasserstein distance to the exact samples, and
     on a mixture which samples landed in another component than the exact solution (they dominate the RMSE)."""
-    out = out.double()
+    out, exact = out.detach().double(), exact.detach()
     rmse = float(((out - exact) ** 2).mean().sqrt())
     result = {"rmse": rmse, "sliced_wasserstein": sliced_wasserstein(out, exact)}
     if gm is not None:
