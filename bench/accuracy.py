@@ -273,8 +273,12 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     keys = sorted({(r["model"], r["mixture"]) for r in rows})
-    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 4), squeeze=False)
-    for ax, (model, mixture) in zip(axes[0], keys, strict=True):
+    cols = min(4, len(keys))
+    rows_n = math.ceil(len(keys) / cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, 4 * rows_n), squeeze=False)
+    for ax in axes.flat[len(keys) :]:
+        ax.axis("off")
+    for ax, (model, mixture) in zip(axes.flat, keys, strict=False):
         sub = [r for r in rows if r["model"] == model and r["mixture"] == mixture]
         for name in sorted({r["sampler"] for r in sub}):
             best = {}
@@ -288,7 +292,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_xlabel("NFE")
         ax.set_ylabel("RMSE vs exact ODE solution")
         ax.set_title(f"{model} / {mixture}")
-    axes[0][-1].legend(fontsize=6, ncol=2)
+    axes.flat[0].legend(fontsize=6, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
 
