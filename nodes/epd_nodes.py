@@ -401,7 +401,7 @@ class EPDDistill(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of the training noises."),
                 io.Boolean.Input("learn_grid", default=False, tooltip="Also learn the interior grid points."),
                 io.Boolean.Input(
-                    "afs", default=False, tooltip="Analytic first step (saves one call; EPS models only)."
+                    "afs", default=False, tooltip="Analytic first step: skips the first model call (NFE one less)."
                 ),
                 io.String.Input(
                     "filename", default="my_epd_table", tooltip="Saved as models/epd/<filename>.safetensors."

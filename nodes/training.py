@@ -35,9 +35,9 @@ def start_table(model_sampling, steps: int, points: int, afs: bool) -> EPDParams
         shift = float(getattr(model_sampling, "shift", 3.0))
         if isinstance(model_sampling, comfy.model_sampling.ModelSamplingFlux):
             return EPDParams.start(steps, points, schedule_type="flowmatch", schedule_rho=1.0, backend="flux",
-                                   flowmatch_mu=shift)  # fmt: skip
+                                   flowmatch_mu=shift, afs=afs)  # fmt: skip
         return EPDParams.start(steps, points, schedule_type="flowmatch", schedule_rho=1.0, backend="sd3",
-                               flowmatch_shift=shift)  # fmt: skip
+                               flowmatch_shift=shift, afs=afs)  # fmt: skip
     if is_discrete_model(model_sampling):
         return EPDParams.start(steps, points, schedule_type="discrete", schedule_rho=1.0, backend="ldm", afs=afs)
     lo, hi = float(model_sampling.sigma_min), float(model_sampling.sigma_max)
