@@ -41,6 +41,8 @@ import comfy.samplers  # noqa: E402
 from epd_core import EPDParams, GaussianMixture, load_params  # noqa: E402
 from epd_core.__main__ import ANALYTIC_FORMS  # noqa: E402
 from epd_core.analytic import MIXTURES, rk4  # noqa: E402
+from epd_core.params import time_points_for_nfe  # noqa: E402
+from epd_core.schedules import polynomial  # noqa: E402
 
 DETERMINISTIC = [
     "euler", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "ipndm", "ipndm_v", "deis", "res_multistep",
@@ -77,8 +79,7 @@ def answer_key(gm: GaussianMixture, form: str, noise: torch.Tensor, model) -> tu
         x, den, hi = noise.double(), gm.denoise_flow, 1.0
     ends = []
     for steps in (200, 400):
-        i = torch.arange(steps, dtype=torch.float64)
-        grid = (hi ** (1 / 7) + i / (steps - 1) * (1e-5 ** (1 / 7) - hi ** (1 / 7))) ** 7
+        grid = polynomial(steps, 1e-5, hi)
         end = rk4(den, x, grid)
         ends.append(den(end, grid[-1].expand(x.shape[0])))
     return ends[1], float((ends[1] - ends[0]).abs().max())
@@ -121,8 +122,7 @@ def digits_answer_key(model, noise: torch.Tensor, steps=(40, 80)) -> tuple[torch
     x = noise.double() * math.sqrt(1 + hi**2)
     ends = []
     for n in steps:
-        i = torch.arange(n, dtype=torch.float64)
-        grid = (hi ** (1 / 7) + i / (n - 1) * (lo ** (1 / 7) - hi ** (1 / 7))) ** 7
+        grid = polynomial(n, lo, hi)
         ends.append(den(rk4(den, x, grid), grid[-1].expand(x.shape[0])))
     return ends[1], float((ends[1] - ends[0]).abs().max())
 
@@ -155,7 +155,8 @@ def start_tables(form: str, nfes) -> list[tuple[str, EPDParams]]:
     out = []
     for nfe in nfes:
         if nfe >= 3:
-            out.append((f"start-nfe{nfe}", EPDParams.start(nfe // 2 + 1 + nfe % 2, 2, afs=bool(nfe % 2), **hyper)))
+            steps, afs = time_points_for_nfe(nfe)
+            out.append((f"start-nfe{nfe}", EPDParams.start(steps, 2, afs=afs, **hyper)))
     return out
 
 

@@ -33,6 +33,7 @@ import comfy.supported_models  # noqa: E402
 from tiny_models import UNET, _init  # noqa: E402
 
 from epd_core import EPDParams  # noqa: E402
+from epd_core.params import time_points_for_nfe  # noqa: E402
 
 RESULTS = ROOT / "bench" / "results"
 SIZES = {
@@ -79,7 +80,8 @@ def latency(size: str, nfe: int, reps: int, hw: int) -> list[dict]:
     latent = torch.zeros(1, 4, hw, hw)
     noise = torch.randn(1, 4, hw, hw, generator=g)
     # timing does not depend on the table's values: the untrained K = 2 table with NFE = nfe (even)
-    params = EPDParams.start(nfe // 2 + 1, 2, schedule_type="discrete", schedule_rho=1.0, backend="ldm")
+    steps, afs = time_points_for_nfe(nfe)
+    params = EPDParams.start(steps, 2, afs=afs, schedule_type="discrete", schedule_rho=1.0, backend="ldm")
     runs = {
         "epd": (NODES["EPDSampler"].execute(params, "batched", True, "comfyui").result[0],
                 NODES["EPDScheduler"].execute(model, params, 1.0, False).result[0]),

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .schedules import polynomial
+
 __all__ = ["GaussianMixture", "MIXTURES", "heun", "rk4", "ode_endpoint"]
 
 MIXTURES = ("reference", "wide", "multimodal")
@@ -123,8 +125,6 @@ def ode_endpoint(
 
     Accurate to far below solver errors for the mixtures here; compare two ``steps`` values to check.
     """
-    rho = 7.0
-    i = torch.arange(steps, dtype=torch.float64)
-    grid = (sigma_max ** (1 / rho) + i / (steps - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
+    grid = polynomial(steps, sigma_min, sigma_max, 7.0)
     x = heun(denoiser, x.to(torch.float64), grid)
     return denoiser(x, grid[-1].expand(x.shape[0]))

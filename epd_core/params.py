@@ -26,7 +26,7 @@ import torch
 
 from .schedules import SCHEDULE_TYPES
 
-__all__ = ["EPDParams", "Decoded", "decode", "STUDENTS", "BACKENDS", "TABLE_NAMES"]
+__all__ = ["EPDParams", "Decoded", "decode", "time_points_for_nfe", "STUDENTS", "BACKENDS", "TABLE_NAMES"]
 
 STUDENTS = ("epd", "ipndm")
 BACKENDS = ("edm", "ldm", "sd3", "flux")
@@ -40,6 +40,14 @@ class Decoded(NamedTuple):
     weight: torch.Tensor
     scale_dir: torch.Tensor
     scale_time: torch.Tensor
+
+
+def time_points_for_nfe(nfe: int) -> tuple[int, bool]:
+    """``(num_steps, afs)`` of a table with this NFE (the inverse of :attr:`EPDParams.nfe`): two rounds per
+    step, one less with the analytic first step, so odd NFE uses AFS."""
+    if nfe < 2:
+        raise ValueError(f"an EPD table needs NFE >= 2, got {nfe}")
+    return nfe // 2 + 1 + nfe % 2, bool(nfe % 2)
 
 
 def _bounded_scale(raw: torch.Tensor, bound: float) -> torch.Tensor:

@@ -22,9 +22,7 @@ import comfy_harness  # noqa: E402
 NODES = comfy_harness.setup()
 training = comfy_harness.pack_module("nodes.training")
 files = comfy_harness.pack_module("epd_core.files")
-
-# NFE -> (time points, AFS): NFE = 2 * (points - 1), one less with the analytic first step.
-TABLES = {5: (4, True), 10: (6, False)}
+time_points_for_nfe = comfy_harness.pack_module("epd_core.params").time_points_for_nfe
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,7 +32,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--points", type=int, default=3)
     ap.add_argument("--teacher-m", type=int, default=3)
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--nfe", type=int, nargs="*", default=sorted(TABLES))
+    ap.add_argument("--nfe", type=int, nargs="*", default=[5, 10])
     ap.add_argument("--out-dir", type=Path, default=ROOT / "weights")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -42,7 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     latent = torch.zeros(1, 4, 8, 8)
     command = "python scripts/make_digits_tables.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     for nfe in args.nfe:
-        steps, afs = TABLES[nfe]
+        steps, afs = time_points_for_nfe(nfe)
         start = training.start_table(model.get_model_object("model_sampling"), steps, args.points, afs)
         params = training.distill_on_model(
             model, cond, cond, 1.0, latent, start, iterations=args.iterations, batch=args.batch,

@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from epd_core import EPDParams, load_params, save_params  # noqa: E402
+from epd_core.params import time_points_for_nfe  # noqa: E402
 
 START = "analytic-sd15-start-nfe10.safetensors"
 # The recipe that measured best on the answer key (bench/accuracy.py): K = 3 points and a learned grid; odd NFE
@@ -27,9 +28,9 @@ FORMS = ("sd15", "sd3", "flux")
 
 
 def recipe(form: str, mixture: str, nfe: int) -> str:
-    steps = nfe // 2 + 1 + (nfe % 2)  # time points: NFE = 2 * (points - 1), one less with the analytic first step
+    steps, afs = time_points_for_nfe(nfe)
     loss = "--objective global" if 5 <= nfe <= 7 else "--objective local --weighting snr"
-    return f"--form {form} --mixture {mixture} --steps {steps} {COMMON}{' --afs' if nfe % 2 else ''} {loss}"
+    return f"--form {form} --mixture {mixture} --steps {steps} {COMMON}{' --afs' if afs else ''} {loss}"
 
 
 DISTILLED = {
@@ -38,7 +39,8 @@ DISTILLED = {
        for n in (5, 10)},
     **{
         f"analytic-sd15-reference-nfe10-plugin-{b}.safetensors": f"--form sd15 --steps 6 --plugin-base {b} "
-        f"--points 2 --learn-grid --teacher heun --teacher-m 8 --iterations 400 --batch 128 --seed 1 --weighting snr"
+        "--mixture reference --points 2 --learn-grid --teacher heun --teacher-m 8 --iterations 400 --batch 128 "
+        "--seed 1 --weighting snr"
         for b in ("dpmpp_2m", "ipndm")
     },
 }  # fmt: skip

@@ -139,3 +139,20 @@ def test_cli_distill_writes_a_loadable_table(tmp_path, form):
     assert "wrote" in buf.getvalue()
     assert p.metadata["command"] == "python -m epd_core " + " ".join(argv)
     assert p.is_flow == (form == "flux")
+
+
+def test_bundled_tables_record_the_command_that_regenerates_them():
+    """Each analytic table in weights/ carries exactly the command scripts/make_weights.py runs for it."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("make_weights", root / "scripts" / "make_weights.py")
+    make_weights = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_weights)
+    assert set(make_weights.DISTILLED) == {p.name for p in (root / "weights").glob("analytic-*.safetensors")} - {
+        make_weights.START
+    }
+    for name, args in make_weights.DISTILLED.items():
+        command = load_params(root / "weights" / name).metadata["command"]
+        assert command == f"python -m epd_core distill {args} --out weights/{name}", name

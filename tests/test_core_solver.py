@@ -6,7 +6,8 @@ import pytest
 import torch
 from conftest import official_path
 
-from epd_core import GaussianMixture, load_params, make_schedule, sample
+from epd_core import EPDParams, GaussianMixture, load_params, make_schedule, sample
+from epd_core.params import time_points_for_nfe
 from epd_core.solver import adams_bashforth, grid_offset
 
 
@@ -147,3 +148,12 @@ def test_flow_afs_first_step_assumes_zero_denoised():
     assert len(rec.calls) == p.replace(afs=True).evaluations - (p.num_steps - 1) * (p.num_points - 1)
     assert p.replace(afs=True).nfe == p.nfe - 1
     assert torch.allclose(with_afs, sample(den_zero_first, x, grid, p), rtol=0, atol=1e-12)
+
+
+def test_time_points_for_nfe_inverts_nfe():
+    for nfe in range(2, 21):
+        steps, afs = time_points_for_nfe(nfe)
+        p = EPDParams.start(steps, 2, afs=afs)
+        assert p.nfe == nfe and afs == bool(nfe % 2)
+    with pytest.raises(ValueError, match="NFE"):
+        time_points_for_nfe(1)
