@@ -1,8 +1,9 @@
-"""GPU latency: batch-1 wall time of EPD (K = 2, one batched call for both points) against dpmpp_2m and euler at
-equal NFE, on a mid-size SD1.5-architecture UNet (random weights, 228M parameters, 512x512 image = 64x64 latent,
-cfg 4), through ComfyUI's sampling path. Run it where a GPU is lent; on a CPU use ``--size tiny`` (a smoke test).
+"""GPU latency: batch-1 wall time of EPD (K = 2 and K = 3, the K points in one batched call, and K = 2 one call per
+point) against dpmpp_2m and euler at equal NFE, on a mid-size SD1.5-architecture UNet (random weights, 228M
+parameters, 512x512 image = 64x64 latent, cfg 4, float16 on a GPU), through ComfyUI's sampling path. Run it where a
+GPU is lent; on a CPU use ``--size tiny`` (a smoke test).
 
-    python bench/gpu_latency.py [--reps 20] [--nfe 10]   -> bench/results/gpu_latency.json (cost.json's format)
+    python bench/gpu_latency.py [--reps 20] [--nfe 6 10]   -> bench/results/gpu_latency.json (cost.json's format)
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import comfy_harness  # noqa: E402
 
-NODES = comfy_harness.setup()
+NODES = comfy_harness.setup(cpu=not torch.cuda.is_available())
 
 import comfy.model_base  # noqa: E402
 import comfy.model_management  # noqa: E402
@@ -47,10 +48,13 @@ SIZES = {
 def unet(size: str):
     """A ModelPatcher of an SD1.5-architecture UNet of the given size, random weights, on ComfyUI's device."""
     config = {k: list(v) if isinstance(v, list) else v for k, v in SIZES[size].items()}
-    model = comfy.model_base.BaseModel(comfy.supported_models.SD15(config))
+    model_config = comfy.supported_models.SD15(config)
+    device = comfy.model_management.get_torch_device()
+    if device.type == "cuda":
+        model_config.set_inference_dtype(torch.float16, None)
+    model = comfy.model_base.BaseModel(model_config)
     _init(model.diffusion_model, 0)
     model.diffusion_model.eval()
-    device = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
 
 
@@ -79,15 +83,13 @@ def latency(size: str, nfe: int, reps: int, hw: int) -> list[dict]:
     neg = [[torch.randn(1, 77, context, generator=g), {}]]
     latent = torch.zeros(1, 4, hw, hw)
     noise = torch.randn(1, 4, hw, hw, generator=g)
-    # timing does not depend on the table's values: the untrained K = 2 table with NFE = nfe (even)
+    # timing does not depend on the table's values: untrained tables with NFE = nfe (even: no analytic first step)
     steps, afs = time_points_for_nfe(nfe)
-    params = EPDParams.start(steps, 2, afs=afs, schedule_type="discrete", schedule_rho=1.0, backend="ldm")
-    runs = {
-        "epd": (NODES["EPDSampler"].execute(params, "batched", True, "comfyui").result[0],
-                NODES["EPDScheduler"].execute(model, params, 1.0, False).result[0]),
-        "epd_sequential": (NODES["EPDSampler"].execute(params, "sequential", True, "comfyui").result[0],
-                           NODES["EPDScheduler"].execute(model, params, 1.0, False).result[0]),
-    }  # fmt: skip
+    runs = {}
+    for name, k, mode in (("epd", 2, "batched"), ("epd_sequential", 2, "sequential"), ("epd_k3", 3, "batched")):
+        params = EPDParams.start(steps, k, afs=afs, schedule_type="discrete", schedule_rho=1.0, backend="ldm")
+        runs[name] = (NODES["EPDSampler"].execute(params, mode, True, "comfyui").result[0],
+                      NODES["EPDScheduler"].execute(model, params, 1.0, False).result[0])  # fmt: skip
     for name in ("euler", "dpmpp_2m"):
         runs[name] = (comfy.samplers.sampler_object(name), comfy.samplers.calculate_sigmas(ms, "karras", nfe))
     out = []
@@ -96,7 +98,7 @@ def latency(size: str, nfe: int, reps: int, hw: int) -> list[dict]:
         def go(sampler=sampler, sigmas=sigmas):
             comfy.sample.sample_custom(model, noise, 4.0, sampler, sigmas, pos, neg, latent, disable_pbar=True, seed=0)
 
-        out.append({"sampler": name, "nfe": params.nfe, "seconds_per_image": _timed(go, reps)})
+        out.append({"sampler": name, "nfe": nfe, "seconds_per_image": _timed(go, reps)})
     base = {r["sampler"]: r["seconds_per_image"] for r in out}
     for r in out:
         r["ratio_to_euler"] = r["seconds_per_image"] / base["euler"]
@@ -107,19 +109,21 @@ def latency(size: str, nfe: int, reps: int, hw: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--size", choices=sorted(SIZES), default="mid")
-    ap.add_argument("--nfe", type=int, default=10)
+    ap.add_argument("--nfe", type=int, nargs="+", default=[6, 10])
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--latent", type=int, default=64, help="latent side (64 = a 512x512 image)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    if args.nfe % 2:
+    if any(n % 2 for n in args.nfe):
         ap.error("--nfe must be even (EPD without the analytic first step: two rounds per step)")
     device = comfy.model_management.get_torch_device()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     params = sum(p.numel() for p in unet(args.size).model.diffusion_model.parameters())
+    dtype = "float16" if device.type == "cuda" else "float32"
     result = {"device": name, "model": f"SD1.5-architecture UNet '{args.size}', {params / 1e6:.0f}M parameters",
-              "batch": 1, "latent": f"4x{args.latent}x{args.latent}", "cfg": 4.0,
-              "wall_time": latency(args.size, args.nfe, args.reps, args.latent)}  # fmt: skip
+              "batch": 1, "latent": f"4x{args.latent}x{args.latent}", "cfg": 4.0, "dtype": dtype,
+              "torch": torch.__version__, "reps": args.reps,
+              "wall_time": [r for n in args.nfe for r in latency(args.size, n, args.reps, args.latent)]}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "gpu_latency.json").write_text(json.dumps(result, indent=1))
     for r in result["wall_time"]:

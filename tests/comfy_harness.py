@@ -25,8 +25,9 @@ def comfyui_path() -> Path:
     return path
 
 
-def setup() -> dict:
-    """Import ComfyUI (CPU), load this pack through ComfyUI's own loader; return its node classes by id."""
+def setup(cpu: bool = True) -> dict:
+    """Import ComfyUI (on the CPU unless ``cpu=False``), load this pack through ComfyUI's own loader; return its
+    node classes by id. The device is fixed by the first call."""
     if _STATE:
         return _STATE
     path = comfyui_path()
@@ -34,7 +35,7 @@ def setup() -> dict:
         sys.path.insert(0, str(path))
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = True
+    comfy.cli_args.args.cpu = cpu
     import utils.extra_config  # noqa: F401  (must precede `nodes`, which shadows `utils`)
     import utils.install_util  # noqa: F401
 
