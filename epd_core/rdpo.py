@@ -14,15 +14,22 @@ reward with a small PPO, touching only the solver's parameters:
   (RLOO) within groups of ``k`` images sharing a noise, then normalised; the
   clipped PPO objective (clip 0.2), no KL or entropy term, gradient-norm clip
   1.0, Adam; one PPO epoch per rollout in minibatches;
-* the trained policy's mean table is exported as a normal table.
-
-``scale_dir`` / ``scale_time`` stay at the start table's values (the optional
-log-normal heads of the paper are not implemented).
+* optionally (``scale_heads``, on by default) the per-point direction and time
+  scales whose bound is non-zero get log-normal heads,
+  ``log c ~ Normal(log c_start + delta_c, scale_std)``, ``delta_c = scale_std * h``
+  with ``h`` extra zero-initialised outputs of the same head (so the head moves
+  a scale in units of its exploration noise); rollouts clamp them into the
+  table's bounds, and scales the table keeps fixed are neither sampled nor part
+  of the log-probability;
+* the trained policy's centre (Dirichlet means, log-normal medians clamped into
+  the bounds) is exported as a normal table.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,12 +41,15 @@ from .solver import Denoiser, ensemble_direction, first_direction, push_history
 
 __all__ = [
     "DirichletPolicy",
+    "TableSample",
     "rloo_advantages",
     "ppo_clip_loss",
     "sample_with_tables",
     "fidelity_reward",
     "rdpo",
 ]
+
+SCALES = ("scale_dir", "scale_time")
 
 
 class _Block(nn.Module):
@@ -51,11 +61,53 @@ class _Block(nn.Module):
         return h + self.net(h)
 
 
-class DirichletPolicy(nn.Module):
-    """Per-step Dirichlet distributions around a start table (positions: K+1 segments; weights: K)."""
+@dataclass(frozen=True, eq=False)
+class TableSample:
+    """A batch of ``n`` tables in the policy's point order (sorted by ``r``).
 
-    def __init__(self, start: EPDParams, concentration: float = 20.0, width: int = 256, blocks: int = 2) -> None:
+    ``segments`` ``[n, steps, K+1]`` (the positions as segments of ``[0, 1]``), ``weights`` ``[n, steps, K]``;
+    ``scale_dir`` / ``scale_time`` ``[n, steps, K]`` where the policy samples them, else ``None``.
+    """
+
+    segments: torch.Tensor
+    weights: torch.Tensor
+    scale_dir: torch.Tensor | None = None
+    scale_time: torch.Tensor | None = None
+
+    def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> TableSample:
+        """The same tables with ``fn`` applied to every tensor (indexing, casting, expanding)."""
+        values = (self.segments, self.weights, self.scale_dir, self.scale_time)
+        return TableSample(*(None if v is None else fn(v) for v in values))
+
+    def __getitem__(self, index: Any) -> TableSample:
+        """The tables at ``index`` along the batch dimension."""
+        return self.map(lambda v: v[index])
+
+
+class DirichletPolicy(nn.Module):
+    """Per-step distributions around a start table.
+
+    Positions: a Dirichlet over the K+1 segments; weights: a Dirichlet over the K weights; with
+    ``scale_heads``, each scale whose bound is non-zero: ``log c ~ Normal(log c_start + delta_c, scale_std)``
+    per point (``scale_std`` is the standard deviation of ``log c``; keep it below the bound) with
+    ``delta_c = scale_std * h``. One zero-initialised head gives every ``delta`` and ``h``, so at
+    initialisation the Dirichlet means and the log-normal medians are the start table. Scales the table
+    keeps fixed (bound 0, or with ``fcn`` the last step's direction scale) are not sampled and not part of
+    the log-probability.
+    """
+
+    def __init__(
+        self,
+        start: EPDParams,
+        concentration: float = 20.0,
+        width: int = 256,
+        blocks: int = 2,
+        scale_std: float = 0.02,
+        scale_heads: bool = True,
+    ) -> None:
         super().__init__()
+        if not scale_std > 0:
+            raise ValueError(f"scale_std must be > 0, got {scale_std}")
         self.start = start
         self.steps, self.k = start.num_steps - 1, start.num_points
         table = start.decoded(torch.float64)
@@ -66,76 +118,147 @@ class DirichletPolicy(nn.Module):
         self.register_buffer("order", order)
         self.register_buffer("log_base_pos", torch.log(concentration * segments.clamp_min(1e-6)).float())
         self.register_buffer("log_base_w", torch.log(concentration * weights.clamp_min(1e-6)).float())
-        self.register_buffer("scale_dir", torch.gather(table.scale_dir, -1, order).float())
-        self.register_buffer("scale_time", torch.gather(table.scale_time, -1, order).float())
+        names = []
+        for name in SCALES:
+            mask = _learnable_scales(start, name)
+            self.register_buffer(name, torch.gather(getattr(table, name), -1, order).float())
+            self.register_buffer(f"{name}_mask", mask)
+            if scale_heads and bool(mask.any()):
+                names.append(name)
+        self.scale_names: tuple[str, ...] = tuple(names)
+        self.scale_std = scale_std
         self.embed = nn.Embedding(self.steps, width)
         self.blocks = nn.Sequential(*[_Block(width) for _ in range(blocks)])
-        self.head = nn.Linear(width, 2 * self.k + 1)
+        self.head = nn.Linear(width, (2 + len(self.scale_names)) * self.k + 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         self.concentration = concentration
 
+    def _outputs(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """Position and weight concentrations, and the log-normal locations of the sampled scales."""
+        delta = self.head(self.blocks(self.embed.weight))
+        k = self.k
+        a_pos = torch.exp(self.log_base_pos + delta[:, : k + 1])
+        a_w = torch.exp(self.log_base_w + delta[:, k + 1 : 2 * k + 1])
+        locs = {}
+        for j, name in enumerate(self.scale_names):
+            log_start = torch.log(getattr(self, name))
+            h = delta[:, (2 + j) * k + 1 : (3 + j) * k + 1]
+            locs[name] = torch.where(getattr(self, f"{name}_mask"), log_start + self.scale_std * h, log_start)
+        return a_pos, a_w, locs
+
     def alphas(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Concentrations ``[steps, K+1]`` (positions) and ``[steps, K]`` (weights)."""
-        delta = self.head(self.blocks(self.embed.weight))
-        return torch.exp(self.log_base_pos + delta[:, : self.k + 1]), torch.exp(
-            self.log_base_w + delta[:, self.k + 1 :]
-        )
+        a_pos, a_w, _ = self._outputs()
+        return a_pos, a_w
 
-    def distributions(self) -> tuple[torch.distributions.Dirichlet, torch.distributions.Dirichlet]:
-        a_pos, a_w = self.alphas()
-        return torch.distributions.Dirichlet(a_pos), torch.distributions.Dirichlet(a_w)
+    def locs(self) -> dict[str, torch.Tensor]:
+        """Locations ``log c_start + delta_c`` of the sampled scales' log-normals, ``[steps, K]`` each."""
+        return self._outputs()[2]
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``n`` tables: segments ``[n, steps, K+1]`` and weights ``[n, steps, K]`` (reparameterisation-free)."""
-        a_pos, a_w = (a.detach() for a in self.alphas())
-        return _dirichlet(a_pos, n, generator), _dirichlet(a_w, n, generator)
+    def sample(self, n: int, generator: torch.Generator | None = None) -> TableSample:
+        """``n`` tables (reparameterisation-free): positions, weights, then each sampled scale."""
+        generator = _generator(generator)
+        a_pos, a_w, locs = self._outputs()
+        segments, weights = _dirichlet(a_pos.detach(), n, generator), _dirichlet(a_w.detach(), n, generator)
+        scales = {}
+        for name, loc in locs.items():
+            value = _log_normal(loc.detach(), self.scale_std, n, generator)
+            scales[name] = torch.where(getattr(self, f"{name}_mask"), value, getattr(self, name))
+        return TableSample(segments, weights, **scales)
 
-    def log_prob(self, segments: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        """Log-probability of whole tables, ``[n]`` (sum over steps of both Dirichlets)."""
-        pos, w = self.distributions()
-        return pos.log_prob(segments).sum(-1) + w.log_prob(weights).sum(-1)
+    def log_prob(self, tables: TableSample) -> torch.Tensor:
+        """Log-probability of whole tables, ``[n]``: both Dirichlets and the sampled scales, summed over steps."""
+        a_pos, a_w, locs = self._outputs()
+        dirichlet = torch.distributions.Dirichlet
+        out = dirichlet(a_pos).log_prob(tables.segments).sum(-1) + dirichlet(a_w).log_prob(tables.weights).sum(-1)
+        for name, loc in locs.items():
+            value = getattr(tables, name)
+            if value is None:
+                raise ValueError(f"the tables lack {name}, which this policy samples")
+            lp = _log_normal_log_prob(value, loc.to(value), self.scale_std)
+            out = out + lp[:, getattr(self, f"{name}_mask")].sum(-1)
+        return out
 
-    def mean(self) -> tuple[torch.Tensor, torch.Tensor]:
-        a_pos, a_w = self.alphas()
-        return a_pos / a_pos.sum(-1, keepdim=True), a_w / a_w.sum(-1, keepdim=True)
+    def mean(self) -> TableSample:
+        """The policy's centre, ``n = 1``: the Dirichlet means and the log-normal medians ``exp(loc)``."""
+        a_pos, a_w, locs = self._outputs()
+        scales = {name: torch.exp(loc).unsqueeze(0) for name, loc in locs.items()}
+        return TableSample((a_pos / a_pos.sum(-1, keepdim=True)).unsqueeze(0),
+                           (a_w / a_w.sum(-1, keepdim=True)).unsqueeze(0), **scales)  # fmt: skip
 
-    def decoded(self, segments: torch.Tensor, weights: torch.Tensor) -> Decoded:
-        """Per-sample tables ``[steps, n, K]`` for :func:`sample_with_tables`."""
-        r = torch.cumsum(segments, -1)[..., : self.k].transpose(0, 1)
-        n = segments.shape[0]
-        expand = lambda v: v.unsqueeze(0).expand(n, -1, -1).transpose(0, 1)  # noqa: E731
-        return Decoded(r, weights.transpose(0, 1), expand(self.scale_dir), expand(self.scale_time))
+    def decoded(self, tables: TableSample) -> Decoded:
+        """Per-sample tables ``[steps, n, K]`` for :func:`sample_with_tables`; sampled scales are clamped
+        into the table's bounds ``[1 - bound, 1 + bound]``, unsampled ones are the start table's."""
+        n = tables.segments.shape[0]
+        r = torch.cumsum(tables.segments, -1)[..., : self.k].transpose(0, 1)
+        scales = []
+        for name in SCALES:
+            value = getattr(tables, name)
+            if value is None:
+                value = getattr(self, name).to(tables.weights).unsqueeze(0).expand(n, -1, -1)
+            else:
+                bound = getattr(self.start, name)
+                value = value.clamp(1 - bound, 1 + bound)
+            scales.append(value.transpose(0, 1))
+        return Decoded(r, tables.weights.transpose(0, 1), *scales)
 
     def export(self, metadata: dict[str, Any] | None = None) -> EPDParams:
-        """The policy's mean as a normal table (positions sorted; the K points are interchangeable)."""
+        """The policy's centre as a normal table (positions sorted; the K points are interchangeable); scales
+        are the log-normal medians, clamped into the open interval the table's bounds can represent."""
         with torch.no_grad():
-            seg, w = self.mean()
-            r = torch.cumsum(seg.double(), -1)[:, : self.k].clamp(1e-6, 1 - 1e-6)
-            w = w.double().clamp_min(1e-12)
-            inv_dir = _raw_scale(self.scale_dir.double(), self.start.scale_dir)
-            inv_time = _raw_scale(self.scale_time.double(), self.start.scale_time)
+            centre = self.mean()
+            r = torch.cumsum(centre.segments[0].double(), -1)[:, : self.k].clamp(1e-6, 1 - 1e-6)
+            w = centre.weights[0].double().clamp_min(1e-12)
+            raw = {}
+            for name in SCALES:
+                value = getattr(centre, name)
+                value = getattr(self, name) if value is None else value[0]
+                raw[f"{name}_params"] = _raw_scale(value.double(), getattr(self.start, name)).float()
         meta = {**dict(self.start.metadata), **(metadata or {})}
-        return self.start.replace(
-            r_params=torch.logit(r).float(), weight_s=torch.log(w).float(), scale_dir_params=inv_dir.float(),
-            scale_time_params=inv_time.float(), metadata=meta,
-        )  # fmt: skip
+        return self.start.replace(r_params=torch.logit(r).float(), weight_s=torch.log(w).float(), metadata=meta, **raw)
+
+
+def _learnable_scales(params: EPDParams, name: str) -> torch.Tensor:
+    """Which entries ``[steps, K]`` of scale ``name`` a table can change: all when its bound is non-zero,
+    except the last step's direction scale with ``fcn``."""
+    mask = torch.full((params.num_steps - 1, params.num_points), bool(getattr(params, name)))
+    if name == "scale_dir" and params.fcn:
+        mask[-1] = False
+    return mask
+
+
+def _log_normal_log_prob(value: torch.Tensor, loc: torch.Tensor, std: float) -> torch.Tensor:
+    """Elementwise log-density of ``LogNormal(loc, std)`` at ``value``."""
+    log_value = torch.log(value)
+    return -((log_value - loc) ** 2) / (2 * std**2) - log_value - math.log(std) - 0.5 * math.log(2 * math.pi)
 
 
 def _raw_scale(value: torch.Tensor, bound: float) -> torch.Tensor:
-    """Inverse of ``2 * sigmoid(p / 2) * bound + 1 - bound``."""
+    """Inverse of ``2 * sigmoid(p / 2) * bound + 1 - bound`` (clamped into the open interval)."""
     if not bound:
         return torch.zeros_like(value)
     u = ((value - (1 - bound)) / (2 * bound)).clamp(1e-6, 1 - 1e-6)
     return 2 * torch.logit(u)
 
 
+def _generator(generator: torch.Generator | None) -> torch.Generator:
+    """``generator``, or one seeded from torch's global stream, so unseeded calls differ."""
+    if generator is not None:
+        return generator
+    return torch.Generator().manual_seed(int(torch.randint(2**62, (1,))))
+
+
+def _log_normal(loc: torch.Tensor, std: float, n: int, generator: torch.Generator) -> torch.Tensor:
+    """``n`` draws of ``exp(loc + std * z)`` with the (CPU) generator."""
+    z = torch.randn((n, *loc.shape), generator=generator, dtype=torch.float64)
+    return torch.exp(loc.double().cpu() + std * z).to(loc)
+
+
 def _dirichlet(alpha: torch.Tensor, n: int, generator: torch.Generator | None) -> torch.Tensor:
     """Dirichlet samples from normalised Gamma draws (seedable, unlike torch.distributions)."""
     a = alpha.unsqueeze(0).expand(n, *alpha.shape).double().cpu()
-    if generator is None:  # draw from torch's global stream, so unseeded calls differ
-        generator = torch.Generator().manual_seed(int(torch.randint(2**62, (1,))))
-    g = _gamma(a, generator)
+    g = _gamma(a, _generator(generator))
     p = (g / g.sum(-1, keepdim=True)).clamp_min(1e-6)  # keeps log-probabilities finite in float32
     return (p / p.sum(-1, keepdim=True)).to(alpha)
 
@@ -216,6 +339,8 @@ def rdpo(
     concentration: float = 20.0,
     lr: float = 7e-5,
     clip: float = 0.2,
+    scale_heads: bool = True,
+    scale_std: float = 0.02,
     seed: int = 0,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
@@ -226,14 +351,15 @@ def rdpo(
 
     Per iteration: ``groups`` noises, each shared by ``k`` rollouts with their own sampled tables. Either
     pass ``reward(final_x, context)`` (``context`` = the rollouts' group indices into this iteration's
-    noises) or ``reference(x_start) -> target`` for the built-in fidelity reward.
+    noises) or ``reference(x_start) -> target`` for the built-in fidelity reward. ``scale_heads`` also
+    trains the table's learnable ``scale_dir`` / ``scale_time`` (log-normal heads of std ``scale_std``).
     """
     if (reward is None) == (reference is None):
         raise ValueError("pass exactly one of reward and reference")
     grid = make_schedule(start).to(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)  # the residual network's initial weights: deterministic for a seed
-        policy = DirichletPolicy(start, concentration).to(device)
+        policy = DirichletPolicy(start, concentration, scale_std=scale_std, scale_heads=scale_heads).to(device)
     opt = torch.optim.Adam(policy.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     curve: list[float] = []
@@ -242,16 +368,16 @@ def rdpo(
         x0 = noise if start.is_flow else noise * grid[0].to(dtype)
         context = torch.arange(groups, device=device).repeat_interleave(k)
         x = x0[context]
-        seg, w = policy.sample(groups * k, gen)
-        final = sample_with_tables(denoiser, x, grid, start, policy.decoded(seg.to(dtype), w.to(dtype)))
+        tables = policy.sample(groups * k, gen)
+        final = sample_with_tables(denoiser, x, grid, start, policy.decoded(tables.map(lambda v: v.to(dtype))))
         with torch.no_grad():
             score = reward(final, context) if reward is not None else fidelity_reward(reference(x0))(final, context)
-            logp_old = policy.log_prob(seg, w)
+            logp_old = policy.log_prob(tables)
         adv = rloo_advantages(score.float(), k)
         perm = torch.randperm(groups * k, generator=gen).to(context.device)
         for s in range(0, groups * k, minibatch):
             idx = perm[s : s + minibatch]
-            loss = ppo_clip_loss(policy.log_prob(seg[idx], w[idx]), logp_old[idx], adv[idx], clip)
+            loss = ppo_clip_loss(policy.log_prob(tables[idx]), logp_old[idx], adv[idx], clip)
             if not torch.isfinite(loss):
                 continue
             opt.zero_grad(set_to_none=True)
@@ -268,6 +394,7 @@ def rdpo(
             "start_source": start.metadata.get("source_file") or start.metadata.get("command", ""),
             "reward": "fidelity" if reward is None else getattr(reward, "__name__", "custom"),
             "iterations": iterations, "groups": groups, "k": k, "concentration": concentration, "lr": lr,
+            "scale_heads": list(policy.scale_names), "scale_std": scale_std if policy.scale_names else None,
             "seed": seed, "first_reward": curve[0], "final_reward": sum(tail) / len(tail),
         },
     }  # fmt: skip

@@ -10,7 +10,7 @@ from conftest import official_path
 
 from epd_core import EPDParams, GaussianMixture, load_params, make_schedule, sample
 from epd_core.analytic import ode_endpoint
-from epd_core.rdpo import DirichletPolicy, ppo_clip_loss, rdpo, rloo_advantages, sample_with_tables
+from epd_core.rdpo import DirichletPolicy, TableSample, ppo_clip_loss, rdpo, rloo_advantages, sample_with_tables
 
 GM = GaussianMixture.reference()
 
@@ -18,14 +18,17 @@ GM = GaussianMixture.reference()
 def test_log_prob_matches_torch_dirichlet():
     p = load_params(official_path("sd15-best.pkl"))
     policy = DirichletPolicy(p, concentration=20.0)
-    seg, w = policy.sample(5, torch.Generator().manual_seed(0))
+    tables = policy.sample(5, torch.Generator().manual_seed(0))
+    seg, w = tables.segments, tables.weights
+    assert policy.scale_names == () and tables.scale_dir is None and tables.scale_time is None
+    assert policy.head.out_features == 2 * p.num_points + 1
     a_pos, a_w = policy.alphas()
     expected = sum(
         torch.distributions.Dirichlet(a_pos[i]).log_prob(seg[:, i])
         + torch.distributions.Dirichlet(a_w[i]).log_prob(w[:, i])
         for i in range(policy.steps)
     )
-    assert torch.allclose(policy.log_prob(seg, w), expected, rtol=1e-5)
+    assert torch.allclose(policy.log_prob(tables), expected, rtol=1e-5)
     assert torch.allclose(seg.sum(-1), torch.ones(5, policy.steps), atol=1e-5)
 
 
@@ -33,7 +36,8 @@ def test_log_prob_matches_torch_dirichlet():
 def test_policy_mean_at_init_is_the_start_table(name):
     p = load_params(official_path(name))
     policy = DirichletPolicy(p, concentration=10.0)
-    seg, w = policy.mean()
+    centre = policy.mean()
+    seg, w = centre.segments[0], centre.weights[0]
     r = torch.cumsum(seg.double(), -1)[:, : p.num_points]
     table = p.decoded()
     assert torch.allclose(r, torch.sort(table.r, -1).values, atol=1e-6)
@@ -44,6 +48,112 @@ def test_policy_mean_at_init_is_the_start_table(name):
     grid = make_schedule(p)
     x = torch.randn(4, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * grid[0]
     assert torch.allclose(sample(den, x, grid, exported), sample(den, x, grid, p), rtol=1e-5, atol=1e-5)
+
+
+def _bounded_start(num_steps: int = 4, **hyper) -> EPDParams:
+    """A start table with learnable scales, moved off 1 so that ordering and inverses matter."""
+    p = EPDParams.start(num_steps, 2, schedule_type="polynomial", schedule_rho=7.0, backend="edm",
+                        scale_dir=0.05, scale_time=0.1, **hyper)  # fmt: skip
+    g = torch.Generator().manual_seed(3)
+    noisy = lambda t: t + torch.randn(t.shape, generator=g)  # noqa: E731
+    return p.replace(r_params=noisy(p.r_params), scale_dir_params=noisy(p.scale_dir_params),
+                     scale_time_params=noisy(p.scale_time_params))  # fmt: skip
+
+
+def _perturbed(policy: DirichletPolicy) -> DirichletPolicy:
+    with torch.no_grad():
+        policy.head.weight.normal_(0.0, 0.05, generator=torch.Generator().manual_seed(4))
+    return policy
+
+
+def test_log_normal_log_prob_matches_torch():
+    p = _bounded_start(fcn=True)
+    policy = _perturbed(DirichletPolicy(p, concentration=20.0, scale_std=0.03))
+    assert policy.scale_names == ("scale_dir", "scale_time")
+    tables = policy.sample(6, torch.Generator().manual_seed(0))
+    a_pos, a_w = policy.alphas()
+    locs = policy.locs()
+    dirichlets = torch.distributions.Dirichlet(a_pos).log_prob(tables.segments).sum(-1) + torch.distributions.Dirichlet(
+        a_w
+    ).log_prob(tables.weights).sum(-1)
+    lp_dir = torch.distributions.LogNormal(locs["scale_dir"], 0.03).log_prob(tables.scale_dir)
+    lp_time = torch.distributions.LogNormal(locs["scale_time"], 0.03).log_prob(tables.scale_time)
+    # fcn: the last step's direction scale is fixed at 1, neither sampled nor counted
+    assert torch.equal(tables.scale_dir[:, -1], torch.ones(6, 2))
+    assert not torch.equal(tables.scale_dir[:, :-1], tables.scale_dir[:1, :-1].expand(6, -1, -1))
+    expected = dirichlets + lp_dir[:, :-1].sum((-2, -1)) + lp_time.sum((-2, -1))
+    assert torch.allclose(policy.log_prob(tables), expected, rtol=1e-5)
+    assert torch.isfinite(expected).all() and not torch.allclose(expected, dirichlets)
+    with pytest.raises(ValueError, match="scale_dir"):
+        policy.log_prob(TableSample(tables.segments, tables.weights, None, tables.scale_time))
+
+
+def test_log_normal_draws_have_the_policy_median_and_std():
+    policy = _perturbed(DirichletPolicy(_bounded_start(), scale_std=0.03))
+    tables = policy.sample(4000, torch.Generator().manual_seed(1))
+    z = (torch.log(tables.scale_time.double()) - policy.locs()["scale_time"].detach().double()) / 0.03
+    assert float(z.mean().abs()) < 0.01 and abs(float(z.std()) - 1) < 0.01
+
+
+def test_scale_heads_at_init_export_the_start_scales():
+    for p in (_bounded_start(), load_params(official_path("00018-cifar10-4-5-ipndm-uni1.0-afs.pkl"))):
+        policy = DirichletPolicy(p)
+        assert policy.scale_names == ("scale_dir", "scale_time")
+        exported, table = policy.export().decoded(), p.decoded()
+        for name in ("scale_dir", "scale_time"):
+            start = torch.gather(getattr(table, name), -1, policy.order)
+            assert torch.allclose(getattr(exported, name), start, atol=1e-6, rtol=0), name
+            assert torch.allclose(policy.locs()[name].double(), torch.log(start), atol=1e-6, rtol=0)
+
+
+def test_exported_scales_stay_inside_the_bounds():
+    p = _bounded_start()
+    policy = DirichletPolicy(p, scale_std=0.03)
+    with torch.no_grad():
+        # head outputs: 3 segments, 2 weights, then scale_dir and scale_time of the two (sorted) points
+        # (in units of scale_std: 30 * 0.03 = 0.9 in log c)
+        policy.head.bias[5] = 30.0  # scale_dir of point 0: median far above 1 + 0.05
+        policy.head.bias[6] = -30.0  # scale_dir of point 1: median far below 1 - 0.05
+        policy.head.bias[7:9] = -30.0  # both time scales far below 1 - 0.1
+    table = policy.export().decoded()
+    c, a = table.scale_dir, table.scale_time
+    assert (c[:, 0] > 1.05 - 1e-6).all() and (c[:, 0] < 1.05).all()
+    assert (c[:, 1] < 0.95 + 1e-6).all() and (c[:, 1] > 0.95).all()
+    assert (a < 0.9 + 1e-6).all() and (a > 0.9).all()
+    decoded = policy.decoded(policy.sample(3, torch.Generator().manual_seed(0)))
+    f32 = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731  (rollouts run on float32 samples)
+    assert decoded.scale_dir.max() == f32(1.05) and decoded.scale_dir.min() == f32(0.95)
+    assert torch.equal(decoded.scale_time, torch.full_like(decoded.scale_time, 0.9))
+
+
+def test_bound_zero_or_heads_off_sample_no_scales():
+    p = _bounded_start()
+    on = DirichletPolicy(p)
+    off = DirichletPolicy(p, scale_heads=False)
+    fixed = DirichletPolicy(p.replace(scale_dir=0.0), scale_heads=True)
+    assert off.scale_names == () and fixed.scale_names == ("scale_time",)
+    t_on, t_off = (pol.sample(4, torch.Generator().manual_seed(2)) for pol in (on, off))
+    t_fixed = fixed.sample(4, torch.Generator().manual_seed(2))
+    assert t_off.scale_dir is None and t_off.scale_time is None and t_fixed.scale_dir is None
+    # the Dirichlets are drawn first, so the heads do not change them for a seed
+    assert torch.equal(t_on.segments, t_off.segments) and torch.equal(t_on.weights, t_off.weights)
+    a_pos, a_w = off.alphas()
+    expected = torch.distributions.Dirichlet(a_pos).log_prob(t_off.segments).sum(-1) + torch.distributions.Dirichlet(
+        a_w
+    ).log_prob(t_off.weights).sum(-1)
+    assert torch.allclose(off.log_prob(t_off), expected, rtol=1e-6)
+    exported = off.export().decoded()
+    assert torch.allclose(exported.scale_dir, torch.gather(p.decoded().scale_dir, -1, off.order), atol=1e-6)
+
+
+def test_policy_sampling_is_deterministic_for_a_seed():
+    p = _bounded_start()
+    policy = _perturbed(DirichletPolicy(p))
+    a, b = (policy.sample(3, torch.Generator().manual_seed(9)) for _ in range(2))
+    for name in ("segments", "weights", "scale_dir", "scale_time"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    c = policy.sample(3, torch.Generator().manual_seed(10))
+    assert not torch.equal(a.scale_time, c.scale_time)
 
 
 def test_rloo_hand_example():
@@ -70,10 +180,9 @@ def test_per_sample_tables_equal_the_solver():
     policy = DirichletPolicy(p)
     grid = make_schedule(p, sigma_min=0.002, sigma_max=80.0)
     x = torch.randn(3, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * grid[0]
-    seg, w = policy.mean()
-    seg, w = seg.double().expand(3, -1, -1), w.double().expand(3, -1, -1)
+    tables = policy.mean().map(lambda v: v.double().expand(3, -1, -1))
     exported = policy.export()
-    got = sample_with_tables(GM.denoise_ve, x, grid, p, policy.decoded(seg, w))
+    got = sample_with_tables(GM.denoise_ve, x, grid, p, policy.decoded(tables))
     assert torch.allclose(got, sample(GM.denoise_ve, x, grid, exported), rtol=1e-5, atol=1e-5)
 
 
@@ -100,8 +209,38 @@ def test_rdpo_improves_a_known_answer():
     assert math.isfinite(err(new))
 
 
-def test_rdpo_is_deterministic_for_a_seed():
-    start = EPDParams.start(3, 2, schedule_type="polynomial", schedule_rho=7.0, backend="edm")
+def test_rdpo_with_scale_heads_improves_a_known_answer():
+    """The same known answer from a table with learnable scales: the heads train, the result stays in bounds."""
+    start = EPDParams.start(4, 2, schedule_type="polynomial", schedule_rho=7.0, backend="edm",
+                            scale_dir=0.05, scale_time=0.05)  # fmt: skip
+    grid = make_schedule(start)
+
+    def exact(x0):
+        return ode_endpoint(GM.denoise_ve, x0, float(grid[0]), steps=120)
+
+    new, curve = rdpo(GM.denoise_ve, start, GM.shape, reference=exact, iterations=25, groups=8, k=4,
+                      lr=1e-3, concentration=20.0, seed=0)  # fmt: skip
+    assert new.metadata["rdpo"]["scale_heads"] == ["scale_dir", "scale_time"]
+    assert new.metadata["rdpo"]["scale_std"] == 0.02
+    first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
+    x = torch.randn(128, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(77)) * grid[0]
+    target = exact(x)
+
+    def err(p):
+        return float(((sample(GM.denoise_ve, x, grid, p) - target) ** 2).mean().sqrt())
+
+    assert last > first, (first, last)
+    assert err(new) < err(start), (err(new), err(start))
+    table = new.decoded()
+    for c in (table.scale_dir, table.scale_time):
+        assert not torch.allclose(c, torch.ones_like(c), atol=1e-4)  # the heads moved the scales
+        assert float(c.min()) > 0.95 and float(c.max()) < 1.05
+
+
+@pytest.mark.parametrize("bounds", [(0.0, 0.0), (0.05, 0.1)])
+def test_rdpo_is_deterministic_for_a_seed(bounds):
+    start = EPDParams.start(3, 2, schedule_type="polynomial", schedule_rho=7.0, backend="edm",
+                            scale_dir=bounds[0], scale_time=bounds[1])  # fmt: skip
     grid = make_schedule(start)
 
     def ref(x0):
@@ -109,4 +248,6 @@ def test_rdpo_is_deterministic_for_a_seed():
 
     runs = [rdpo(GM.denoise_ve, start, GM.shape, reference=ref, iterations=3, groups=2, k=2, seed=5) for _ in range(2)]
     assert runs[0][1] == runs[1][1]
-    assert torch.equal(runs[0][0].r_params, runs[1][0].r_params)
+    for name in ("r_params", "weight_s", "scale_dir_params", "scale_time_params"):
+        assert torch.equal(getattr(runs[0][0], name), getattr(runs[1][0], name)), name
+    assert runs[0][0].metadata["rdpo"]["scale_heads"] == (["scale_dir", "scale_time"] if bounds[0] else [])
