@@ -138,6 +138,7 @@ def _rdpo(args: argparse.Namespace, argv: list[str]) -> int:
     params, curve = rdpo(
         gm.denoise_ve, start, gm.shape, reference=exact, iterations=args.iterations, groups=args.groups, k=args.k,
         concentration=args.concentration, lr=args.lr, seed=args.seed, progress=progress,
+        scale_heads=args.scale_heads, scale_std=args.scale_std,
         metadata={"command": "python -m epd_core " + shlex.join(argv), "rdpo_start_file": str(args.table)},
     )  # fmt: skip
     save_params(params, args.out)
@@ -216,6 +217,13 @@ def main(argv: list[str] | None = None) -> int:
     rd.add_argument("--lr", type=float, default=3e-4)
     rd.add_argument("--seed", type=int, default=0)
     rd.add_argument("--exact-steps", type=int, default=200)
+    rd.add_argument(
+        "--no-scale-heads",
+        dest="scale_heads",
+        action="store_false",
+        help="keep scale_dir / scale_time fixed (default: log-normal heads where the table bounds them)",
+    )
+    rd.add_argument("--scale-std", type=float, default=0.02, help="std of the log-normal scale heads")
     rd.add_argument("--out", required=True)
     argv = sys.argv[1:] if argv is None else argv
     dist.set_defaults(fn=lambda a: _distill(a, argv))

@@ -114,9 +114,13 @@ def test_cli_rdpo(tmp_path):
     from epd_core.__main__ import main as cli_main
 
     start = tmp_path / "start.safetensors"
-    epd_core.save_params(epd_core.EPDParams.start(4, 2, schedule_type="polynomial", schedule_rho=7.0), start)
-    out = tmp_path / "rdpo.safetensors"
-    with redirect_stdout(io.StringIO()):
-        assert cli_main(["rdpo", str(start), "--iterations", "2", "--groups", "2", "--k", "2",
-                         "--exact-steps", "20", "--out", str(out)]) == 0  # fmt: skip
-    assert epd_core.load_params(out).metadata["rdpo"]["iterations"] == 2
+    table = epd_core.EPDParams.start(4, 2, schedule_type="polynomial", schedule_rho=7.0, scale_dir=0.05)
+    epd_core.save_params(table, start)
+    for extra, heads in (([], ["scale_dir"]), (["--no-scale-heads"], [])):
+        out = tmp_path / "rdpo.safetensors"
+        with redirect_stdout(io.StringIO()):
+            assert cli_main(["rdpo", str(start), "--iterations", "2", "--groups", "2", "--k", "2",
+                             "--exact-steps", "20", "--scale-std", "0.01", "--out", str(out), *extra]) == 0  # fmt: skip
+        meta = epd_core.load_params(out).metadata["rdpo"]
+        assert meta["iterations"] == 2 and meta["scale_heads"] == heads
+        assert meta["scale_std"] == (0.01 if heads else None)
