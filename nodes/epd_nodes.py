@@ -17,6 +17,7 @@ from .analytic_model import FORMS, analytic_model_patcher
 from .digits_model import WEIGHTS as DIGITS_WEIGHTS
 from .digits_model import digits_model_patcher
 from .preview import table_image
+from .rewards import clip_score_reward
 from .sampling import CONVENTIONS, PARALLEL_MODES, PLUGIN_BASES, make_plugin_sampler, make_sampler
 from .scheduling import epd_sigmas
 from .training import distill_on_model, output_path, rdpo_on_model, start_table
@@ -27,6 +28,7 @@ FOLDER = "epd"
 EXTENSIONS = {".safetensors", ".pkl"}
 PACK_WEIGHTS = Path(__file__).resolve().parents[1] / "weights"
 DOWNLOAD = "[download] "
+REWARDS = ["fidelity", "clip_score"]
 log = logging.getLogger("epd")
 
 
@@ -441,8 +443,9 @@ class EPDRDPO(io.ComfyNode):
             display_name="EPD RDPO",
             category="sampling/epd_training",
             description="Fine-tunes an EPD table with RDPO (Stage 2 of the TPAMI paper): the table becomes a "
-            "Dirichlet policy improved by PPO against a reward; only the table changes, never the model. Reward: "
-            "fidelity to a many-step teacher from the same noise. Saves to models/epd.",
+            "Dirichlet policy improved by PPO against a reward; only the table changes, never the model. Rewards: "
+            "fidelity to a many-step teacher from the same noise, or a CLIP score of the decoded images against a "
+            "prompt (needs vae, clip_vision, clip and prompt). Saves to models/epd.",
             inputs=[
                 io.Model.Input("model", tooltip="The model the table is for."),
                 io.Conditioning.Input("positive", tooltip="Prompts to train on."),
@@ -452,9 +455,11 @@ class EPDRDPO(io.ComfyNode):
                 io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, tooltip="Guidance used in training."),
                 io.Combo.Input(
                     "reward",
-                    options=["fidelity"],
+                    options=REWARDS,
                     default="fidelity",
-                    tooltip="fidelity: minus the distance to a DPM-Solver-2 teacher's result.",
+                    tooltip="fidelity: minus the distance to a DPM-Solver-2 teacher's result. clip_score: 100 x "
+                    "the cosine between the CLIP embeddings of the decoded image and of the prompt (needs vae, "
+                    "clip_vision, clip and prompt; the two CLIP models must be one CLIP's towers).",
                 ),  # fmt: skip
                 io.Int.Input("teacher_steps", default=4, min=1, max=32, tooltip="Teacher points inside each step."),
                 io.Int.Input("iterations", default=30, min=1, max=100000, tooltip="Rollout / PPO iterations."),
@@ -478,6 +483,18 @@ class EPDRDPO(io.ComfyNode):
                     "filename", default="my_epd_rdpo", tooltip="Saved as models/epd/<filename>.safetensors."
                 ),
                 io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of that name."),
+                io.Vae.Input("vae", optional=True, tooltip="clip_score: decodes the final latents."),
+                io.ClipVision.Input("clip_vision", optional=True, tooltip="clip_score: embeds the decoded images."),
+                io.Clip.Input(
+                    "clip", optional=True, tooltip="clip_score: embeds the prompt (the text tower of the same CLIP)."
+                ),
+                io.String.Input(
+                    "prompt",
+                    optional=True,
+                    default="",
+                    multiline=True,
+                    tooltip="clip_score: the text to score against.",
+                ),
             ],
             outputs=[EPDParamsType.Output(display_name="epd_params"), io.String.Output(display_name="info")],
         )
@@ -485,19 +502,34 @@ class EPDRDPO(io.ComfyNode):
     @classmethod
     def execute(
         cls, model, positive, negative, latent_image, epd_params, cfg, reward, teacher_steps, iterations, groups,
-        group_size, concentration, learning_rate, seed, filename, overwrite,
+        group_size, concentration, learning_rate, seed, filename, overwrite, vae=None, clip_vision=None, clip=None,
+        prompt="",
     ) -> io.NodeOutput:  # fmt: skip
+        metadata = {"tool": "EPD RDPO node", "cfg": cfg}
+        scorer = None
+        if reward == "clip_score":
+            scorer = _clip_score(vae, clip_vision, clip, prompt)
+            metadata["reward_prompt"] = prompt
         path = output_path(filename, overwrite)
         params, curve = rdpo_on_model(
             model, positive, negative, cfg, latent_image["samples"], epd_params, teacher_m=teacher_steps,
-            iterations=iterations, groups=groups, k=group_size, concentration=concentration, lr=learning_rate,
-            seed=seed, metadata={"tool": "EPD RDPO node", "cfg": cfg},
+            reward=scorer, iterations=iterations, groups=groups, k=group_size, concentration=concentration,
+            lr=learning_rate, seed=seed, metadata=metadata,
         )  # fmt: skip
         save_params(params, path)
         info = (
             f"{describe(params)}; reward {curve[0]:.4g} -> {params.metadata['rdpo']['final_reward']:.4g}; saved {path}"
         )
         return io.NodeOutput(params, info)
+
+
+def _clip_score(vae, clip_vision, clip, prompt: str | None):
+    """The clip_score reward, or a ValueError naming the inputs it lacks."""
+    given = {"vae": vae, "clip_vision": clip_vision, "clip": clip, "prompt": (prompt or "").strip() or None}
+    missing = [name for name, value in given.items() if value is None]
+    if missing:
+        raise ValueError(f"reward clip_score needs vae, clip_vision, clip and a prompt; missing: {', '.join(missing)}")
+    return clip_score_reward(vae, clip_vision, clip, prompt)
 
 
 class EPDParamsPreview(io.ComfyNode):

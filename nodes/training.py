@@ -4,16 +4,22 @@ ComfyUI prepares a model (loading, conditioning, guidance) only inside
 sampling, so distillation runs as a "sampler" passed to ``CFGGuider.sample``,
 like ComfyUI's own training node: it receives the ready model callable, trains
 with autograd enabled, and hands the input back unchanged. Progress goes to
-ComfyUI's progress bar; an interrupt stops it and nothing is saved.
+ComfyUI's progress bar; an interrupt stops it and nothing is saved. An RDPO
+reward may run models of its own (a VAE, CLIP) inside that context; loading
+them may push the sampled model off the device, so it is loaded back after
+each reward call.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import comfy.model_management
 import comfy.model_sampling
+import comfy.sampler_helpers
 import comfy.samplers
 import comfy.utils
 import folder_paths
@@ -23,6 +29,7 @@ from ..epd_core import EPDParams
 from ..epd_core.distill import distill
 from ..epd_core.rdpo import rdpo
 from ..epd_core.teachers import subdivide, teacher_trajectory
+from .rewards import Reward
 from .sampling import _ComfyDenoiser, exact_timesteps, is_discrete_model, is_flow_model
 from .scheduling import model_schedule
 
@@ -58,60 +65,100 @@ def output_path(filename: str, overwrite: bool) -> Path:
     return path
 
 
+@dataclass
+class Session:
+    """What a fit gets from ComfyUI's sampling context."""
+
+    denoiser: _ComfyDenoiser
+    shape: tuple[int, ...]
+    grid: torch.Tensor
+    device: torch.device
+    progress: Callable[[int, int, float], None]
+    latent_out: Callable[[torch.Tensor], torch.Tensor]
+    reload: Callable[[], None]
+
+
 def distill_on_model(
     model, positive, negative, cfg: float, latent: torch.Tensor, start: EPDParams, **options
 ) -> EPDParams:
     """Run :func:`epd_core.distill.distill` on a ComfyUI ``MODEL`` with CFG guidance."""
 
-    def fit(den, shape, grid, device, progress):
-        return distill(den, start, shape, grid=grid, dtype=torch.float32, device=device, progress=progress,
-                       gradient="fd", **options)  # fmt: skip
+    def fit(s: Session) -> EPDParams:
+        return distill(s.denoiser, start, s.shape, grid=s.grid, dtype=torch.float32, device=s.device,
+                       progress=s.progress, gradient="fd", **options)  # fmt: skip
 
     return _train_on_model(model, positive, negative, cfg, latent, start, options, fit)
 
 
 def rdpo_on_model(
-    model, positive, negative, cfg: float, latent: torch.Tensor, start: EPDParams, teacher_m: int = 4, **options
-) -> tuple[EPDParams, list[float]]:
-    """Run :func:`epd_core.rdpo.rdpo` on a ComfyUI ``MODEL``; the reward is the fidelity to a DPM-Solver-2
-    teacher with ``teacher_m`` extra points per step, from the same noise."""
+    model, positive, negative, cfg: float, latent: torch.Tensor, start: EPDParams, teacher_m: int = 4,
+    reward: Reward | None = None, **options,
+) -> tuple[EPDParams, list[float]]:  # fmt: skip
+    """Run :func:`epd_core.rdpo.rdpo` on a ComfyUI ``MODEL``.
 
-    def fit(den, shape, grid, device, progress):
+    ``reward(latents, context)`` scores the rollouts' final latents in ComfyUI's LATENT format (what VAE Decode
+    takes); its ``__name__`` is recorded. Default: the fidelity to a DPM-Solver-2 teacher with ``teacher_m``
+    extra points per step, from the same noise.
+    """
+
+    def fit(s: Session) -> tuple[EPDParams, list[float]]:
+        common = dict(dtype=torch.float32, device=s.device, progress=s.progress, **options)
+        if reward is not None:
+            return rdpo(s.denoiser, start, s.shape, in_sampling(reward, s), **common)
+
         def reference(x0):
             with torch.no_grad():
-                return teacher_trajectory(den, x0, subdivide(grid.to(x0.device), teacher_m), "dpm2")[-1]
+                return teacher_trajectory(s.denoiser, x0, subdivide(s.grid.to(x0.device), teacher_m), "dpm2")[-1]
 
-        return rdpo(den, start, shape, reference=reference, dtype=torch.float32, device=device, progress=progress,
-                    **options)  # fmt: skip
+        return rdpo(s.denoiser, start, s.shape, reference=reference, **common)
 
     return _train_on_model(model, positive, negative, cfg, latent, start, options, fit)
 
 
+def in_sampling(reward: Reward, session: Session) -> Reward:
+    """``reward`` on LATENT-format latents inside the sampling; afterwards the sampled model is loaded back."""
+
+    def scored(final: torch.Tensor, context) -> torch.Tensor:
+        try:
+            return reward(session.latent_out(final), context)
+        finally:
+            session.reload()
+
+    scored.__name__ = getattr(reward, "__name__", "custom")
+    return scored
+
+
 def _train_on_model(model, positive, negative, cfg, latent, start, options, fit):
-    """Run ``fit(denoiser, shape, grid, device, progress)`` inside ComfyUI's prepared sampling context."""
+    """Run ``fit(session)`` inside ComfyUI's prepared sampling context."""
     model_sampling = model.get_model_object("model_sampling")
     grid = model_schedule(start, model_sampling)
     result: dict = {}
     iterations = options.get("iterations", 300)
+    guider = comfy.samplers.CFGGuider(model)
+    guider.set_conds(positive, negative)
+    guider.set_cfg(cfg)
+    shape = (1, *latent.shape[1:])
+    memory, minimum = comfy.sampler_helpers.estimate_memory(model, shape, guider.original_conds)
 
     def train(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
-        guider = model_k.inner_model
-        base = guider.inner_model
+        sampling = model_k.inner_model
+        base = sampling.inner_model
         pbar = comfy.utils.ProgressBar(iterations)
 
         def progress(i: int, n: int, loss: float) -> None:
             comfy.model_management.throw_exception_if_processing_interrupted()
             pbar.update_absolute(i, n)
 
+        def reload() -> None:
+            comfy.model_management.load_models_gpu([sampling.model_patcher, *sampling.loaded_models],
+                                                   memory_required=memory, minimum_memory_required=minimum)  # fmt: skip
+
         with exact_timesteps(base), torch.inference_mode(False), torch.enable_grad():
             den = _ComfyDenoiser(model_k, dict(extra_args or {}, denoise_mask=None), x.shape[0])
-            result["out"] = fit(den, tuple(x.shape[1:]), grid, x.device, progress)
+            session = Session(den, tuple(x.shape[1:]), grid, x.device, progress, base.process_latent_out, reload)
+            result["out"] = fit(session)
         return x
 
-    guider = comfy.samplers.CFGGuider(model)
-    guider.set_conds(positive, negative)
-    guider.set_cfg(cfg)
-    shape = (1, *latent.shape[1:])
     guider.sample(torch.zeros(shape), torch.zeros(shape), comfy.samplers.KSAMPLER(train), grid.float(),
                   seed=options.get("seed", 0))  # fmt: skip
     return result["out"]

@@ -1,0 +1,203 @@
+"""EPD RDPO's clip_score reward on tiny genuine ComfyUI models: VAE, CLIP vision, CLIP text (random weights)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import epd_core
+
+H = pytest.importorskip("comfy_harness")
+N = H.setup()
+
+import comfy.clip_vision  # noqa: E402
+import comfy.model_management  # noqa: E402
+import comfy.sd  # noqa: E402
+import comfy.sd1_clip  # noqa: E402
+import comfy.supported_models_base  # noqa: E402
+import folder_paths  # noqa: E402
+from comfy.ldm.models.autoencoder import AutoencoderKL  # noqa: E402
+from tiny_models import conditioning, latent, tiny_model  # noqa: E402
+
+rewards = H.pack_module("nodes.rewards")
+training = H.pack_module("nodes.training")
+RDPO = N["EPDRDPO"]
+PROMPT = "a photo of a red bicycle"
+VISION = {
+    "attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 32, "image_size": 32,
+    "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 64, "layer_norm_eps": 1e-05,
+    "model_type": "clip_vision_model", "num_attention_heads": 2, "num_channels": 3, "num_hidden_layers": 2,
+    "patch_size": 8, "projection_dim": 16, "torch_dtype": "float32",
+}  # fmt: skip
+DDCONFIG = {
+    "double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
+    "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
+}  # fmt: skip
+
+
+def _fill(module: torch.nn.Module, seed: int) -> None:
+    """ComfyUI's layers start uninitialised: matrices ~ 1/sqrt(fan-in), norm gains ~ 1, biases small."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            r = torch.randn(p.shape, generator=g)
+            if p.ndim > 1:
+                value = r / p[0].numel() ** 0.5
+            elif name.endswith("weight"):
+                value = 1 + 0.1 * r
+            else:
+                value = 0.1 * r
+            p.copy_(value)
+
+
+def tiny_vae(seed: int = 3):
+    config = {"params": {"embed_dim": 4, "ddconfig": DDCONFIG}}
+    autoencoder = AutoencoderKL(**config["params"])
+    _fill(autoencoder, seed)
+    return comfy.sd.VAE(sd=autoencoder.state_dict(), config=config)
+
+
+def tiny_clip_vision(tmp_path, seed: int = 4):
+    path = tmp_path / "clip_vision_tiny.json"
+    path.write_text(json.dumps(VISION))
+    clip_vision = comfy.clip_vision.ClipVisionModel(str(path))
+    _fill(clip_vision.model, seed)
+    return clip_vision
+
+
+def tiny_clip(hidden: int = 16, seed: int = 5):
+    """An SD1-style CLIP-L text encoder (ComfyUI's SD1ClipModel and its bundled tokenizer) at width ``hidden``."""
+    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
+    size = {"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_attention_heads": 2, "num_hidden_layers": 2}
+    clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": size})
+    _fill(clip.cond_stage_model, seed)
+    return clip
+
+
+@pytest.fixture(scope="module")
+def towers(tmp_path_factory):
+    return tiny_vae(), tiny_clip_vision(tmp_path_factory.mktemp("cv")), tiny_clip()
+
+
+@pytest.fixture
+def epd_dir(tmp_path, monkeypatch):
+    paths, exts = folder_paths.folder_names_and_paths["epd"]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "epd", ([str(tmp_path)] + list(paths), exts))
+    return tmp_path
+
+
+def _start(model) -> epd_core.EPDParams:
+    return training.start_table(model.get_model_object("model_sampling"), 4, 2, False)
+
+
+def _run_node(model, name: str, reward: str = "clip_score", **optional):
+    args = (conditioning(2, 1), conditioning(2, 2), latent("eps", 1), _start(model), 2.0, reward, 2, 2, 2, 2, 20.0)
+    with torch.inference_mode():  # as ComfyUI's executor runs nodes
+        return RDPO.execute(model, *args, 1e-3, 0, name, False, **optional).result
+
+
+def test_clip_score_is_100_cosine_of_the_projected_embeddings(towers):
+    vae, clip_vision, clip = towers
+    latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    reward = rewards.clip_score_reward(vae, clip_vision, clip, PROMPT)
+    got = reward(latents, torch.arange(4))
+    assert reward.__name__ == "clip_score" and got.shape == (4,)
+
+    transformer = clip.cond_stage_model.clip_l.transformer
+    ids = torch.tensor([[token for token, _ in clip.tokenize(PROMPT)["l"][0]]])
+    with torch.no_grad():
+        pooled = transformer.text_model(input_tokens=ids)[2][0]
+        text = transformer.text_projection(pooled)
+        images = ((vae.first_stage_model.decode(latents) + 1) / 2).clamp(0, 1).movedim(1, -1)
+        pixels = comfy.clip_vision.clip_preprocess(images, size=VISION["image_size"])
+        image = clip_vision.model(pixel_values=pixels, intermediate_output=-2)[2]
+    cos = (image @ text) / (image.norm(dim=-1) * text.norm())
+    torch.testing.assert_close(got, 100 * cos, atol=2e-3, rtol=1e-4)
+    assert float(got.std()) > 1e-3  # the score depends on the image
+
+    # ComfyUI's own pooled output for an SD1 CLIP is the unprojected one; the reward asks for the projection
+    unprojected = clip.encode_from_tokens(clip.tokenize(PROMPT), return_pooled=True)[1][0]
+    torch.testing.assert_close(unprojected, pooled, atol=1e-3, rtol=1e-3)
+    assert not torch.allclose(rewards.prompt_embedding(clip, PROMPT), pooled, atol=1e-2)
+
+
+def test_rdpo_node_trains_on_clip_score(epd_dir, towers):
+    vae, clip_vision, clip = towers
+    model = tiny_model("eps")
+    params, info = _run_node(model, "clip", vae=vae, clip_vision=clip_vision, clip=clip, prompt=PROMPT)
+    loaded = epd_core.load_params(epd_dir / "clip.safetensors")
+    assert loaded.metadata["rdpo"]["reward"] == "clip_score" and loaded.metadata["reward_prompt"] == PROMPT
+    assert -100 <= loaded.metadata["rdpo"]["first_reward"] <= 100 and "reward" in info
+    assert torch.isfinite(loaded.r_params).all() and torch.equal(loaded.r_params, params.r_params)
+    loaded_models = comfy.model_management.loaded_models()
+    assert {id(m) for m in (model, vae.patcher, clip_vision.patcher)} <= {id(m) for m in loaded_models}
+
+
+def test_reward_may_push_the_model_off_the_device(epd_dir):
+    """Loading a reward's models can unload the sampled one (low VRAM); it is loaded back, with its patches."""
+
+    def patched():
+        model = tiny_model("eps")
+        weight = model.model.state_dict()["diffusion_model.out.2.weight"]
+        model.add_patches({"diffusion_model.out.2.weight": (torch.full_like(weight, 0.05),)})
+        return model
+
+    def run(squeeze: bool):
+        model = patched()
+
+        def contrast(latents, context):
+            if squeeze:
+                comfy.model_management.unload_all_models()
+            return latents.flatten(1).std(1)
+
+        return training.rdpo_on_model(model, conditioning(1, 1), conditioning(1, 2), 1.0, latent("eps", 1)["samples"],
+                                      _start(model), reward=contrast, iterations=3, groups=2, k=2, seed=0)  # fmt: skip
+
+    (squeezed, curve_squeezed), (calm, curve_calm) = run(True), run(False)
+    assert curve_squeezed == curve_calm
+    assert torch.equal(squeezed.r_params, calm.r_params) and squeezed.metadata["rdpo"]["reward"] == "contrast"
+
+
+def test_a_reward_gets_latents_in_comfyui_latent_format():
+    """A model that always denoises to 10 ends near 10 inside the sampling, near 10 / 0.18215 as a LATENT."""
+    model = tiny_model("eps")
+    model.set_model_sampler_post_cfg_function(lambda args: torch.full_like(args["denoised"], 10.0))
+    seen: list[torch.Tensor] = []
+
+    def record(latents, context):
+        seen.append(latents.clone())
+        return latents.flatten(1).std(1)
+
+    training.rdpo_on_model(model, conditioning(1, 1), conditioning(1, 2), 1.0, latent("eps", 1)["samples"],
+                           _start(model), reward=record, iterations=1, groups=2, k=2, seed=0)  # fmt: skip
+    inside = seen[0] * model.model.latent_format.scale_factor
+    assert seen[0].shape == (4, 4, 8, 8) and (inside - 10).abs().max() < 0.5
+
+
+def test_a_clip_without_its_text_projection_is_refused(towers):
+    """An SD1.5 checkpoint stores no projection for its CLIP-L; ComfyUI leaves the weight uninitialised (zeros)."""
+    vae, clip_vision, _ = towers
+    clip = tiny_clip()
+    with torch.no_grad():
+        clip.cond_stage_model.clip_l.transformer.text_projection.weight.zero_()
+    with pytest.raises(ValueError, match="lacks its projection"):
+        rewards.clip_score_reward(vae, clip_vision, clip, PROMPT)
+
+
+@pytest.mark.parametrize("missing", ["vae", "clip_vision", "clip", "prompt"])
+def test_clip_score_without_its_inputs_is_a_clear_error(epd_dir, towers, missing):
+    vae, clip_vision, clip = towers
+    given = {"vae": vae, "clip_vision": clip_vision, "clip": clip, "prompt": PROMPT}
+    given[missing] = "  " if missing == "prompt" else None
+    with pytest.raises(ValueError, match=f"clip_score needs .*missing: {missing}$"):
+        _run_node(tiny_model("eps"), "missing", **given)
+    assert list(epd_dir.iterdir()) == []
+
+
+def test_text_and_vision_widths_must_match(epd_dir, towers):
+    vae, clip_vision, _ = towers
+    with pytest.raises(ValueError, match="text embedding has 24 dimensions but the CLIP vision embedding 16"):
+        _run_node(tiny_model("eps"), "mismatch", vae=vae, clip_vision=clip_vision, clip=tiny_clip(24), prompt=PROMPT)
+    assert list(epd_dir.iterdir()) == []
