@@ -136,6 +136,9 @@ def push_history(history: list[torch.Tensor], d: torch.Tensor, max_order: int) -
     return (history + [d])[-(max_order - 1) :] if max_order > 1 else []
 
 
+FINAL_STEPS = ("denoise", "estimate")
+
+
 def grid_offset(params: EPDParams, sigmas: torch.Tensor) -> tuple[int, bool]:
     """Which table step the grid starts at, and whether it ends with a zero (final denoise).
 
@@ -165,35 +168,45 @@ def sample(
     params: EPDParams,
     callback: Callable[[dict[str, Any]], None] | None = None,
     parallel: bool | int = True,
+    final: str = "denoise",
 ) -> torch.Tensor:
     """Run the EPD (or ipndm-plugin) student from ``x`` at ``sigmas[0]`` down the grid.
 
     ``sigmas`` is a grid from :func:`~epd_core.schedules.make_schedule` (or its
-    last part, see :func:`grid_offset`), optionally ending with 0 for a final
-    denoise. ``x`` is already at noise level ``sigmas[0]``. ``callback`` gets
+    last part, see :func:`grid_offset`), optionally ending with 0. ``x`` is
+    already at noise level ``sigmas[0]``. ``callback`` gets
     ``{"x", "i", "sigma", "sigma_hat", "denoised"}`` once per step, where
     ``denoised`` is the ensemble's x0 estimate ``x - t_cur * sum_k w_k c_k d_k``.
+
+    ``final`` says how a trailing 0 is reached: ``denoise`` calls the model once
+    more at the last sigma; ``estimate`` returns the last step's own x0 estimate
+    (its update extended to sigma 0), at no extra call.
     """
+    if final not in FINAL_STEPS:
+        raise ValueError(f"final must be one of {FINAL_STEPS}, got {final!r}")
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu()
     offset, to_zero = grid_offset(params, sigmas)
     grid = sigmas[:-1] if to_zero else sigmas
     table = params.decoded(torch.float64)
     history: list[torch.Tensor] = []
+    estimate = None
 
     for i in range(grid.shape[0] - 1):
         step = offset + i
         t_cur, t_next = grid[i], grid[i + 1]
         d = first_direction(denoiser, x, t_cur, params.afs and step == 0, params.is_flow)
         d_eff = ensemble_direction(denoiser, x, d, t_cur, t_next, table, step, params, history, parallel)
+        estimate = x - t_cur.to(x.dtype) * d_eff
         if callback is not None:
-            callback({"x": x, "i": i, "sigma": t_cur, "sigma_hat": t_cur, "denoised": x - t_cur.to(x.dtype) * d_eff})
+            callback({"x": x, "i": i, "sigma": t_cur, "sigma_hat": t_cur, "denoised": estimate})
         if params.student == "ipndm":
             history = push_history(history, d, params.max_order)
         x = x + (t_next - t_cur).to(x.dtype) * d_eff
 
     if to_zero:
         t_last = grid[-1]
-        denoised = denoiser(x, _per_sample(t_last, x.shape[0], x))
+        free = final == "estimate" and estimate is not None  # a lone sigma before the 0 has no step to extend
+        denoised = estimate if free else denoiser(x, _per_sample(t_last, x.shape[0], x))
         if callback is not None:
             i = grid.shape[0] - 1
             callback({"x": x, "i": i, "sigma": t_last, "sigma_hat": t_last, "denoised": denoised})

@@ -18,7 +18,7 @@ from .digits_model import WEIGHTS as DIGITS_WEIGHTS
 from .digits_model import digits_model_patcher
 from .preview import table_image
 from .rewards import clip_score_reward
-from .sampling import CONVENTIONS, PARALLEL_MODES, PLUGIN_BASES, make_plugin_sampler, make_sampler
+from .sampling import CONVENTIONS, FINAL_STEPS, PARALLEL_MODES, PLUGIN_BASES, make_plugin_sampler, make_sampler
 from .scheduling import epd_sigmas
 from .training import distill_on_model, output_path, rdpo_on_model, start_table
 
@@ -144,6 +144,17 @@ class EPDParamsLoader(io.ComfyNode):
         return io.NodeOutput(params, describe(params))
 
 
+def _final_step_input() -> io.Combo.Input:
+    return io.Combo.Input(
+        "final_step",
+        options=list(FINAL_STEPS),
+        default="denoise",
+        optional=True,
+        tooltip="How sigmas ending in 0 (final_denoise) reach it: denoise = one more model call; estimate = the "
+        "last step's own x0 estimate (its update extended to 0), no extra call.",
+    )
+
+
 class EPDSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -175,13 +186,16 @@ class EPDSampler(io.ComfyNode):
                     tooltip="comfyui: ComfyUI's start/end scaling; authors: start from noise * sigma_max and skip "
                     "the flow end division, exactly as the authors' sampler.",
                 ),
+                _final_step_input(),
             ],
             outputs=[io.Sampler.Output()],
         )
 
     @classmethod
-    def execute(cls, epd_params, parallel: str, continuous_time: bool, convention: str) -> io.NodeOutput:
-        return io.NodeOutput(make_sampler(epd_params, parallel, continuous_time, convention))
+    def execute(
+        cls, epd_params, parallel: str, continuous_time: bool, convention: str, final_step: str = "denoise"
+    ) -> io.NodeOutput:
+        return io.NodeOutput(make_sampler(epd_params, parallel, continuous_time, convention, final_step))
 
 
 class EPDScheduler(io.ComfyNode):
@@ -252,19 +266,21 @@ class EPDKSampler(io.ComfyNode):
                 io.Combo.Input(
                     "parallel", options=list(PARALLEL_MODES), default="auto", tooltip="How the K points are batched."
                 ),
-                io.Boolean.Input("final_denoise", default=False, tooltip="Append one denoise-to-zero call."),
+                io.Boolean.Input("final_denoise", default=False, tooltip="End at sigma 0 (see final_step)."),
+                _final_step_input(),
             ],
             outputs=[io.Latent.Output()],
         )
 
     @classmethod
     def execute(
-        cls, model, seed, cfg, positive, negative, latent_image, epd_params, denoise, parallel, final_denoise
-    ) -> io.NodeOutput:
+        cls, model, seed, cfg, positive, negative, latent_image, epd_params, denoise, parallel, final_denoise,
+        final_step: str = "denoise",
+    ) -> io.NodeOutput:  # fmt: skip
         from comfy_extras.nodes_custom_sampler import SamplerCustom
 
         sigmas = EPDScheduler.execute(model, epd_params, denoise, final_denoise).result[0]
-        sampler = EPDSampler.execute(epd_params, parallel, True, "comfyui").result[0]
+        sampler = EPDSampler.execute(epd_params, parallel, True, "comfyui", final_step).result[0]
         out = SamplerCustom.execute(model, True, seed, cfg, positive, negative, sampler, sigmas, latent_image)
         return io.NodeOutput(out.result[0])
 

@@ -33,6 +33,7 @@ from ..epd_core import EPDParams
 from ..epd_core import sample as epd_sample
 from ..epd_core.plugin import PluginDenoiser
 from ..epd_core.schedules import DiscreteVP
+from ..epd_core.solver import FINAL_STEPS
 
 PARALLEL_MODES = ("auto", "batched", "sequential")
 CONVENTIONS = ("comfyui", "authors")
@@ -190,6 +191,7 @@ def epd_sampler_function(
     parallel: str = "auto",
     continuous_time: bool = True,
     convention: str = "comfyui",
+    final: str = "denoise",
 ) -> torch.Tensor:
     """The ``KSAMPLER`` function: EPD on ComfyUI's model wrapper."""
     extra_args = {} if extra_args is None else extra_args
@@ -201,7 +203,13 @@ def epd_sampler_function(
             if s0 >= float(model_sampling.sigma_max) * (1 - 1e-5):
                 x = x * (s0 / (1.0 + s0**2) ** 0.5)
         out = epd_sample(
-            _ComfyDenoiser(model, extra_args, x.shape[0]), x, sigmas, params, callback=callback, parallel=mode
+            _ComfyDenoiser(model, extra_args, x.shape[0]),
+            x,
+            sigmas,
+            params,
+            callback=callback,
+            parallel=mode,
+            final=final,
         )
     if convention == "authors" and flow and float(sigmas[-1]) > 0:
         out = out * (1.0 - float(sigmas[-1]))
@@ -209,14 +217,22 @@ def epd_sampler_function(
 
 
 def make_sampler(
-    params: EPDParams, parallel: str = "auto", continuous_time: bool = True, convention: str = "comfyui"
+    params: EPDParams,
+    parallel: str = "auto",
+    continuous_time: bool = True,
+    convention: str = "comfyui",
+    final: str = "denoise",
 ) -> comfy.samplers.KSAMPLER:
-    """A ComfyUI ``SAMPLER`` object running the EPD table."""
+    """A ComfyUI ``SAMPLER`` object running the EPD table (``final``: how a trailing sigma 0 is reached, see
+    :func:`epd_core.solver.sample`)."""
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
     if convention not in CONVENTIONS:
         raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
-    options = {"params": params, "parallel": parallel, "continuous_time": continuous_time, "convention": convention}
+    if final not in FINAL_STEPS:
+        raise ValueError(f"final must be one of {FINAL_STEPS}, got {final!r}")
+    options = {"params": params, "parallel": parallel, "continuous_time": continuous_time, "convention": convention,
+               "final": final}  # fmt: skip
     return comfy.samplers.KSAMPLER(epd_sampler_function, extra_options=options)
 
 

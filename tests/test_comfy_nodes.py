@@ -89,6 +89,38 @@ def test_epd_ksampler_equals_sampler_custom_bit_for_bit():
     assert torch.isfinite(a["samples"]).all()
 
 
+def test_final_step_estimate_costs_no_call():
+    """final_step="estimate" reaches sigma 0 without the extra call (the core's semantics are tested there);
+    the EPD KSampler equals SamplerCustom with EPD Scheduler + EPD Sampler."""
+    model = tiny_model("eps")
+    params = _table("sd15-best.pkl")
+    calls = []
+
+    def wrapper(apply_model, args):
+        calls.append(args["input"].shape[0])
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    m = model.clone()
+    m.set_model_unet_function_wrapper(wrapper)
+    pos, latent = conditioning(2, 1), {"samples": torch.zeros(2, 4, 8, 8)}
+    outs = {}
+    for final_denoise, final_step in ((False, "denoise"), (True, "estimate"), (True, "denoise")):
+        calls.clear()
+        (out,) = _nodes_out(N["EPDKSampler"], m, 7, 1.0, pos, pos, latent, params, 1.0, "auto", final_denoise,
+                            final_step)  # fmt: skip
+        outs[final_denoise, final_step] = (out["samples"], len(calls))
+    assert outs[True, "estimate"][1] == outs[False, "denoise"][1] == params.nfe
+    assert outs[True, "denoise"][1] == params.nfe + 1
+    estimate = outs[True, "estimate"][0]
+    assert torch.isfinite(estimate).all()
+    assert not torch.allclose(estimate, outs[False, "denoise"][0])
+    assert not torch.equal(estimate, outs[True, "denoise"][0])
+    (sigmas,) = _nodes_out(N["EPDScheduler"], model, params, 1.0, True)
+    (sampler,) = _nodes_out(N["EPDSampler"], params, "auto", True, "comfyui", "estimate")
+    custom = SamplerCustom.execute(m, True, 7, 1.0, pos, pos, sampler, sigmas, latent).result[0]
+    assert torch.equal(custom["samples"], estimate)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("cfg", [1.0, 4.0])
 def test_batched_equals_sequential_with_different_prompts(kind, cfg):

@@ -80,6 +80,33 @@ def test_callback_once_per_step_and_denoise_to_zero():
     assert torch.allclose(out0, gm.denoise_flow(out, grid[-1:].expand(2)))
 
 
+@pytest.mark.parametrize("name", ["sd15-best.pkl", "sd3-512-best.pkl"])
+def test_final_estimate_extends_the_last_step_to_zero_at_no_call(name):
+    p = load_params(official_path(name))
+    gm = GaussianMixture.reference()
+    exact = gm.denoise_flow if p.is_flow else gm.denoise_ve
+    den = Recorder(exact)
+    grid = make_schedule(p)
+    x = torch.randn(3, 4, 8, 8, dtype=torch.float64) * (1 if p.is_flow else grid[0])
+    states = []
+    end = sample(den, x, grid, p, callback=lambda s: states.append(s["x"]))
+    calls = len(den.calls)
+    zero = torch.cat([grid, torch.zeros(1, dtype=torch.float64)])
+    seen = []
+    out = sample(den, x, zero, p, callback=seen.append, final="estimate")
+    assert len(den.calls) == 2 * calls and len(seen) == p.num_steps
+    # the last step's update x_N = x_{N-1} + (t_N - t_{N-1}) d, continued to sigma 0
+    d = (end - states[-1]) / (grid[-1] - grid[-2])
+    assert torch.allclose(out, end - grid[-1] * d, rtol=1e-10, atol=1e-10)
+    assert torch.equal(seen[-1]["denoised"], out) and torch.equal(seen[-2]["denoised"], out)
+    denoised = sample(den, x, zero, p, final="denoise")
+    assert not torch.allclose(out, denoised) and len(den.calls) == 3 * calls + 1
+    lone = sample(den, x, zero[-2:], p, final="estimate")  # no step to extend: falls back to one denoise call
+    assert torch.equal(lone, exact(x, grid[-1:].expand(3)))
+    with pytest.raises(ValueError, match="final"):
+        sample(den, x, zero, p, final="skip")
+
+
 def test_partial_grid_runs_last_steps():
     p = load_params(official_path("sd15-best.pkl"))
     gm = GaussianMixture.reference()
