@@ -69,6 +69,10 @@ class Counter:
         return apply_model(args["input"], args["timestep"], **args["c"])
 
 
+# an EPD table ends at its own sigma_min; "+final": one denoise call to 0; "+estimate": its last step extended to 0
+TABLE_ENDINGS = ((False, "denoise", ""), (True, "denoise", "+final"), (True, "estimate", "+estimate"))
+
+
 def answer_key(gm: GaussianMixture, form: str, noise: torch.Tensor, model) -> tuple[torch.Tensor, float]:
     """Exact ODE endpoint (RK4, 400 steps, float64) and its gap to a 200-step solve (accuracy check)."""
     ms = model.get_model_object("model_sampling")
@@ -188,18 +192,20 @@ def bench_model(form: str, mixture: str, samplers, schedulers, nfes, n: int, log
                              "evaluations": c.evals, **metrics(gm, out, exact)})  # fmt: skip
     tables = [(path.stem, load_params(path)) for path in epd_tables(form, mixture)] + start_tables(form, nfes)
     for stem, params in tables:
-        for final in (False, True):
+        for final, final_step, label in TABLE_ENDINGS:
             sigmas = NODES["EPDScheduler"].execute(model, params, 1.0, final).result[0]
             name = "epd_start" if stem.startswith("start-") else "epd"
-            contenders = [(name, NODES["EPDSampler"].execute(params, "auto", True, "comfyui").result[0])]
+            contenders = [(name, NODES["EPDSampler"].execute(params, "auto", True, "comfyui", final_step).result[0])]
             base_name = params.metadata.get("plugin_base")
             if base_name:  # a plugin table runs over the base it was distilled for
+                if final_step == "estimate":
+                    continue
                 plugin = NODES["EPDPlugin"].execute(comfy.samplers.sampler_object(base_name), params, "auto")
                 contenders = [(f"epd_plugin_{base_name}", plugin.result[0])]
             for name, sampler in contenders:
                 out, c = run(model, sampler, sigmas, noise)
-                rows.append({**base, "sampler": name, "scheduler": f"table:{stem}" + ("+final" if final else ""),
-                             "nfe": c.rounds, "evaluations": c.evals, **metrics(gm, out, exact)})  # fmt: skip
+                rows.append({**base, "sampler": name, "scheduler": f"table:{stem}{label}", "nfe": c.rounds,
+                             "evaluations": c.evals, **metrics(gm, out, exact)})  # fmt: skip
     log(f"{form}/{mixture}: {len(rows)} runs, answer-key gap {key_gap:.1e}")
     return rows
 

@@ -22,6 +22,12 @@ def test_quick_accuracy_benchmark(tmp_path):
     assert all(r["evaluations"] == r["nfe"] for r in builtin)
     epd = [r for r in rows if r["sampler"] == "epd"]
     assert epd and all(r["evaluations"] > r["nfe"] for r in epd)  # K points count once in NFE
+    by_table = {(r["model"], r["scheduler"]): r for r in epd}
+    estimates = [r for r in epd if r["scheduler"].endswith("+estimate")]
+    assert estimates, "the tables' free final estimate is benchmarked"
+    for r in estimates:  # the estimate costs no call; the denoise to 0 costs one
+        table = r["scheduler"].removesuffix("+estimate")
+        assert r["nfe"] == by_table[r["model"], table]["nfe"] == by_table[r["model"], table + "+final"]["nfe"] - 1
     assert all(r["answer_key_gap"] < 1e-3 for r in rows)
     assert (tmp_path / "accuracy.md").read_text().startswith("| model")
     assert "| analytic-sd15_eps | reference | 5 |" in (tmp_path / "distillation.md").read_text()
