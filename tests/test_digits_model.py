@@ -184,3 +184,37 @@ def test_loader_does_not_offer_the_unet_as_a_table():
     choices = H.pack_module("nodes.epd_nodes").table_choices()
     assert WEIGHTS.name not in choices
     assert "analytic-sd15-reference-nfe5.safetensors" in choices
+
+
+def test_tables_script_distils_then_refines_with_rdpo(tmp_path):
+    """make_digits_tables: Stage 1 through ComfyUI, then Stage 2 (RDPO) from the Stage 1 file it wrote."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import make_digits_tables
+
+    threads = torch.get_num_threads()
+    args = ["--iterations", "2", "--batch", "4", "--rdpo-iterations", "2", "--nfe", "4", "--rdpo-nfe", "4",
+            "--out-dir", str(tmp_path)]  # fmt: skip
+    try:
+        assert make_digits_tables.main(args) == 0
+    finally:
+        torch.set_num_threads(threads)
+    distilled = epd_core.load_params(tmp_path / "digits-nfe4.safetensors")
+    refined = epd_core.load_params(tmp_path / "digits-nfe4-rdpo.safetensors")
+    assert distilled.nfe == refined.nfe == 4 and distilled.metadata["distilled"]["iterations"] == 2
+    rdpo = refined.metadata["rdpo"]
+    assert rdpo["iterations"] == 2 and rdpo["reward"] == "fidelity"
+    assert refined.metadata["rdpo_start_file"] == "digits-nfe4.safetensors"
+    assert torch.equal(refined.t_steps, distilled.t_steps)
+    assert not torch.equal(refined.weight_s, distilled.weight_s)
+
+
+def test_bundled_digits_tables_record_their_generator():
+    """The bundled digits tables were made by make_digits_tables (Stage 2 ones from the bundled Stage 1 file)."""
+    for nfe in (5,):
+        distilled = epd_core.load_params(ROOT / "weights" / f"digits-nfe{nfe}.safetensors")
+        refined = epd_core.load_params(ROOT / "weights" / f"digits-nfe{nfe}-rdpo.safetensors")
+        for table in (distilled, refined):
+            assert table.metadata["command"].startswith("python scripts/make_digits_tables.py")
+            assert table.nfe == nfe
+        assert refined.metadata["rdpo_start_file"] == f"digits-nfe{nfe}.safetensors"
+        assert refined.metadata["distilled"] == distilled.metadata["distilled"]
