@@ -108,6 +108,7 @@ def _distill(args: argparse.Namespace, argv: list[str]) -> int:
         den, start, gm.shape, iterations=args.iterations, batch=args.batch, teacher=args.teacher,
         teacher_m=args.teacher_m, lr=args.lr, seed=args.seed, learn_grid=args.learn_grid, progress=progress,
         weighting=args.weighting, plugin_base=args.plugin_base, objective=args.objective,
+        final_estimate=args.final_estimate,
         metadata={"model": f"analytic {args.form} / mixture {args.mixture}",
                   "command": "python -m epd_core " + shlex.join(argv)},
     )  # fmt: skip
@@ -197,6 +198,11 @@ def main(argv: list[str] | None = None) -> int:
         choices=["uniform", "snr"],
         default="uniform",
         help="per-step loss weights: the authors' uniform, or 1/(1+t^2)",
+    )
+    dist.add_argument(
+        "--final-estimate",
+        action="store_true",
+        help="fit the table for sampling to sigma 0 with final_step 'estimate' (last step extended to 0, no call)",
     )
     dist.add_argument("--out", required=True)
     cat = sub.add_parser("catalogue", help="list the authors' published tables (download one with fetch)")

@@ -96,6 +96,7 @@ def student_loss(
     weighting: str = "uniform",
     plugin_base: str = "euler",
     objective: str = "local",
+    final_estimate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The student's distance to the teacher; returns (loss, student's final state).
 
@@ -108,6 +109,8 @@ def student_loss(
     measured at the model's input scale, so the early high-noise steps that decide the image's layout count
     as much as the late ones.
     ``plugin_base``: the base solver the table will run under as an EPD Plugin (see :mod:`epd_core.bases`).
+    ``final_estimate``: the last step is extended to sigma 0 (sampling with ``final="estimate"``); ``targets[-1]``
+    is then the teacher's denoised end point.
     """
     step_fn = ensemble_direction if gradient == "autograd" else _ensemble_direction_fd
     local = objective == "local"
@@ -122,7 +125,9 @@ def student_loss(
         with torch.set_grad_enabled(torch.is_grad_enabled() and (gradient == "autograd" or afs)):
             d = first_direction(denoiser, x, t_cur, afs, params.is_flow)
         d_eff = step_fn(denoiser, x, d, t_cur, t_next, table, i, params, history)
-        if plugin_base == "euler":
+        if final_estimate and i == steps - 1:
+            x_next = x - t_cur.to(x.dtype) * d_eff
+        elif plugin_base == "euler":
             x_next = x + (t_next - t_cur).to(x.dtype) * d_eff
         else:
             x_next = base_update(plugin_base, x, x - t_cur.to(x.dtype) * d_eff, t_cur, t_next, base_state)
@@ -133,7 +138,8 @@ def student_loss(
         if feature_loss is not None and i == steps - 1:
             total = total + feature_loss(x_next, targets[i + 1])
         elif local or i == steps - 1:
-            w = 1.0 / (1.0 + t_next.to(x.dtype) ** 2) if weighting == "snr" else 1.0
+            t_end = 0.0 if final_estimate and i == steps - 1 else t_next.to(x.dtype)
+            w = 1.0 / (1.0 + t_end**2) if weighting == "snr" else 1.0
             total = total + w * ((x_next - targets[i + 1]) ** 2).mean()
         if params.student == "ipndm":
             history = push_history(history, d.detach() if local else d, params.max_order)
@@ -157,6 +163,7 @@ def distill(
     weighting: str = "uniform",
     plugin_base: str = "euler",
     objective: str = "local",
+    final_estimate: bool = False,
     grid: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
@@ -171,6 +178,8 @@ def distill(
     ``progress(iteration, iterations, loss)`` is called after every iteration (raise to stop; nothing is kept).
     ``gradient="fd"`` takes the table's gradients by finite differences instead of backpropagating
     through the denoiser (for large models, or models whose forward is not differentiable).
+    ``final_estimate=True`` fits the table for sampling to sigma 0 with ``final="estimate"`` (its last step
+    extended to 0, no extra call) against the teacher's denoised end point.
     """
     if gradient not in ("autograd", "fd"):
         raise ValueError(f"gradient must be 'autograd' or 'fd', got {gradient!r}")
@@ -180,6 +189,8 @@ def distill(
         raise ValueError(f"objective must be 'local' or 'global', got {objective!r}")
     if objective == "global" and gradient != "autograd":
         raise ValueError("objective='global' backpropagates through the trajectory: it needs gradient='autograd'")
+    if final_estimate and plugin_base != "euler":
+        raise ValueError("final_estimate extends an EPD step to 0; it has no meaning for a plugin table")
     if weighting not in ("uniform", "snr"):
         raise ValueError(f"weighting must be 'uniform' or 'snr', got {weighting!r}")
     if teacher not in TEACHERS:
@@ -216,9 +227,23 @@ def distill(
         with torch.no_grad():
             fine = fine_fixed if fine_fixed is not None else subdivide(grid_now.detach(), teacher_m)
             targets = teacher_trajectory(denoiser, x, fine, teacher)[:: teacher_m + 1]
+            if final_estimate:
+                end = fine[-1].expand(x.shape[0]).to(x.dtype)
+                targets = torch.cat([targets[:-1], denoiser(targets[-1], end).unsqueeze(0)])
         with torch.enable_grad():
             loss, _ = student_loss(
-                denoiser, start, raw, grid_now, x, targets, feature_loss, gradient, weighting, plugin_base, objective
+                denoiser,
+                start,
+                raw,
+                grid_now,
+                x,
+                targets,
+                feature_loss,
+                gradient,
+                weighting,
+                plugin_base,
+                objective,
+                final_estimate,
             )
             opt.zero_grad(set_to_none=True)
             if torch.isfinite(loss):
@@ -251,6 +276,7 @@ def distill(
             "gradient": gradient,
             "weighting": weighting,
             "objective": objective,
+            "final_estimate": final_estimate,
             "first_loss": history[0],
             "final_loss": sum(tail) / max(1, len(tail)),
         },

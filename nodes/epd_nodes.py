@@ -428,6 +428,13 @@ class EPDDistill(io.ComfyNode):
                 EPDParamsType.Input(
                     "start_params", optional=True, tooltip="Start from this table instead of the default start."
                 ),
+                io.Boolean.Input(
+                    "final_estimate",
+                    default=False,
+                    optional=True,
+                    tooltip="Fit the table for sampling to sigma 0 with final_denoise on and final_step 'estimate' "
+                    "(its last step extended to 0 at no extra call), against the teacher's denoised end point.",
+                ),
             ],
             outputs=[EPDParamsType.Output(display_name="epd_params"), io.String.Output(display_name="info")],
         )
@@ -435,7 +442,7 @@ class EPDDistill(io.ComfyNode):
     @classmethod
     def execute(
         cls, model, positive, negative, latent_image, cfg, steps, points, teacher, teacher_steps, iterations, batch,
-        learning_rate, seed, learn_grid, afs, filename, overwrite, start_params=None,
+        learning_rate, seed, learn_grid, afs, filename, overwrite, start_params=None, final_estimate=False,
     ) -> io.NodeOutput:  # fmt: skip
         path = output_path(filename, overwrite)
         model_sampling = model.get_model_object("model_sampling")
@@ -443,7 +450,7 @@ class EPDDistill(io.ComfyNode):
         params = distill_on_model(
             model, positive, negative, cfg, latent_image["samples"], start, iterations=iterations, batch=batch,
             teacher=teacher, teacher_m=teacher_steps, lr=learning_rate, seed=seed, learn_grid=learn_grid,
-            metadata={"tool": "EPD Distill node", "cfg": cfg},
+            final_estimate=final_estimate, metadata={"tool": "EPD Distill node", "cfg": cfg},
         )  # fmt: skip
         save_params(params, path)
         d = params.metadata["distilled"]

@@ -35,17 +35,19 @@ def _run(model, kind, name, iterations=6, overwrite=False, **kw):
 @pytest.mark.parametrize("kind", ["eps", "sd3", "flux"])
 def test_distill_node_saves_a_table_that_samples(epd_dir, kind):
     model = tiny_model(kind)
-    params, info = _run(model, kind, f"t_{kind}", learn_grid=kind == "eps", afs=kind != "sd3")
+    estimate = kind == "flux"  # fitted for final_step "estimate"
+    params, info = _run(model, kind, f"t_{kind}", learn_grid=kind == "eps", afs=kind != "sd3", final_estimate=estimate)
     path = epd_dir / f"t_{kind}.safetensors"
     assert path.exists() and "saved" in info
     loaded = epd_core.load_params(path)
     assert torch.equal(loaded.r_params, params.r_params)
     assert loaded.metadata["distilled"]["gradient"] == "fd"
+    assert loaded.metadata["distilled"]["final_estimate"] == estimate
     assert loaded.is_flow == (kind != "eps")
     assert loaded.afs == (kind != "sd3") and loaded.nfe == 6 - loaded.afs  # flow tables take AFS too
     (table,) = N["EPDParamsLoader"].execute(path.name).result[:1]
-    (sigmas,) = N["EPDScheduler"].execute(model, table, 1.0, False).result
-    (sampler,) = N["EPDSampler"].execute(table, "auto", True, "comfyui").result
+    (sigmas,) = N["EPDScheduler"].execute(model, table, 1.0, estimate).result
+    (sampler,) = N["EPDSampler"].execute(table, "auto", True, "comfyui", "estimate" if estimate else "denoise").result
     from comfy_extras.nodes_custom_sampler import SamplerCustom
 
     out = SamplerCustom.execute(model, True, 1, 2.0, conditioning(1), conditioning(1), sampler, sigmas,

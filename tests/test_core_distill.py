@@ -156,3 +156,30 @@ def test_bundled_tables_record_the_command_that_regenerates_them():
     for name, args in make_weights.DISTILLED.items():
         command = load_params(root / "weights" / name).metadata["command"]
         assert command == f"python -m epd_core distill {args} --out weights/{name}", name
+
+
+@pytest.mark.parametrize("gradient", ["autograd", "fd"])
+def test_final_estimate_trains_what_sampling_with_the_estimate_returns(gradient):
+    """``final_estimate``: the student's last step is extended to sigma 0 exactly as ``sample(final="estimate")``
+    does, its target is the teacher's denoised end, and the fitted table beats its start there."""
+    start = _start()
+    grid = make_schedule(start)
+    zero = torch.cat([grid, torch.zeros(1, dtype=torch.float64)])
+    x = torch.randn(8, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * grid[0]
+    raw = {n: getattr(start, n).double().clone() for n in TABLE_NAMES}
+    targets = teacher_trajectory(GM.denoise_ve, x, grid)
+    _, end = student_loss(GM.denoise_ve, start, raw, grid, x, targets, gradient=gradient, final_estimate=True)
+    assert torch.allclose(end, sample(GM.denoise_ve, x, zero, start, final="estimate"), rtol=1e-12, atol=1e-12)
+
+    p = distill(GM.denoise_ve, start, GM.shape, iterations=60, batch=32, teacher_m=4, final_estimate=True,
+                gradient=gradient)  # fmt: skip
+    assert p.metadata["distilled"]["final_estimate"] is True
+    x = torch.randn(256, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(99)) * grid[0]
+    exact = GM.denoise_ve(ode_endpoint(GM.denoise_ve, x, float(grid[0]), steps=400), grid[-1:].expand(256))
+
+    def err(table):
+        return float(((sample(GM.denoise_ve, x, zero, table, final="estimate") - exact) ** 2).mean().sqrt())
+
+    assert err(p) < 0.8 * err(start), (err(p), err(start))
+    with pytest.raises(ValueError, match="plugin"):
+        distill(GM.denoise_ve, start, GM.shape, iterations=1, final_estimate=True, plugin_base="dpmpp_2m")
