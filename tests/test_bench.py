@@ -6,6 +6,8 @@ import json
 import sys
 from pathlib import Path
 
+import torch
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -33,6 +35,21 @@ def test_quick_accuracy_benchmark(tmp_path):
     assert "| analytic-sd15_eps | reference | 5 |" in (tmp_path / "distillation.md").read_text()
     assert all(r["sliced_wasserstein"] >= 0 for r in rows)
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
+
+
+def test_digit_classes_count_samples_that_change_digit():
+    """On the neural model a "wrong mode" is a sample whose nearest training digit has another label than the
+    exact solution's."""
+    import accuracy
+
+    classes = accuracy.DigitClasses()
+    train = classes.train.reshape(-1, 4, 8, 8)
+    assert torch.equal(classes.component(train[:50]), classes.labels[:50])
+    exact = train[:10]  # labels 0..9
+    out = torch.cat([exact[:7] + 0.01, train[11:14]])  # the last three become other digits (1, 2, 3)
+    m = accuracy.metrics(classes, out, exact)
+    assert m["wrong_mode"] == 3 and abs(m["right_mode_fraction"] - 0.7) < 1e-6
+    assert abs(m["rmse_right_mode"] - 0.01) < 1e-9 and m["rmse"] > 0.1
 
 
 def test_cost_benchmark_runs(tmp_path):
