@@ -115,12 +115,8 @@ class DigitClasses:
     space), so a run that turns a 3 into an 8 counts as a wrong mode, like a wrong component on a mixture."""
 
     def __init__(self) -> None:
-        from sklearn.datasets import load_digits
-
-        data = load_digits()
-        to_latent = comfy_harness.pack_module("nodes.digits_model").digits_to_latent
-        self.train = to_latent(torch.from_numpy(data.images)).double().flatten(1)
-        self.labels = torch.from_numpy(data.target)
+        train, self.labels = comfy_harness.pack_module("nodes.digits_model").training_digits()
+        self.train = train.double().flatten(1)
 
     def component(self, x: torch.Tensor) -> torch.Tensor:
         return self.labels[torch.cdist(x.double().flatten(1), self.train).argmin(1)]

@@ -42,13 +42,6 @@ def digits_module():
     return comfy_harness.pack_module("nodes.digits_model")
 
 
-def training_data(dm) -> torch.Tensor:
-    from sklearn.datasets import load_digits
-
-    images = torch.from_numpy(load_digits().images)
-    return dm.digits_to_latent(images)
-
-
 def init_weights(unet: torch.nn.Module) -> None:
     """ComfyUI builds its layers uninitialised: PyTorch's default init, and zero for the last conv of each
     residual branch and of the output (as in the original openaimodel), so training starts from eps = 0."""
@@ -77,7 +70,7 @@ def train(
     iterations: int, batch: int, lr: float, seed: int, ema_decay: float, log_every: int = 100
 ) -> tuple[dict[str, torch.Tensor], dict]:
     dm = digits_module()
-    data = training_data(dm)
+    data, _ = dm.training_digits()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = dm.DigitsModel(device=torch.device("cpu"))

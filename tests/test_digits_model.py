@@ -10,7 +10,6 @@ import comfy_harness as H  # noqa: E402
 import pytest
 import torch
 from safetensors import safe_open
-from sklearn.datasets import load_digits
 
 import epd_core
 from epd_core.schedules import sd15_alphas_cumprod
@@ -33,8 +32,7 @@ dm = H.pack_module("nodes.digits_model")
 
 @pytest.fixture(scope="module")
 def digits():
-    data = load_digits()
-    return dm.digits_to_latent(torch.from_numpy(data.images)), torch.from_numpy(data.target)
+    return dm.training_digits()
 
 
 @pytest.fixture(scope="module")
