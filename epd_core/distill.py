@@ -232,19 +232,9 @@ def distill(
                 targets = torch.cat([targets[:-1], denoiser(targets[-1], end).unsqueeze(0)])
         with torch.enable_grad():
             loss, _ = student_loss(
-                denoiser,
-                start,
-                raw,
-                grid_now,
-                x,
-                targets,
-                feature_loss,
-                gradient,
-                weighting,
-                plugin_base,
-                objective,
-                final_estimate,
-            )
+                denoiser, start, raw, grid_now, x, targets, feature_loss, gradient=gradient, weighting=weighting,
+                plugin_base=plugin_base, objective=objective, final_estimate=final_estimate,
+            )  # fmt: skip
             opt.zero_grad(set_to_none=True)
             if torch.isfinite(loss):
                 loss.backward()

@@ -202,15 +202,8 @@ def epd_sampler_function(
             s0 = float(sigmas[0])
             if s0 >= float(model_sampling.sigma_max) * (1 - 1e-5):
                 x = x * (s0 / (1.0 + s0**2) ** 0.5)
-        out = epd_sample(
-            _ComfyDenoiser(model, extra_args, x.shape[0]),
-            x,
-            sigmas,
-            params,
-            callback=callback,
-            parallel=mode,
-            final=final,
-        )
+        den = _ComfyDenoiser(model, extra_args, x.shape[0])
+        out = epd_sample(den, x, sigmas, params, callback=callback, parallel=mode, final=final)
     if convention == "authors" and flow and float(sigmas[-1]) > 0:
         out = out * (1.0 - float(sigmas[-1]))
     return out

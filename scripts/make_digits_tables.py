@@ -37,8 +37,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nfe", type=int, nargs="*", default=[5, 10])
     ap.add_argument("--out-dir", type=Path, default=ROOT / "weights")
     ap.add_argument("--stage", choices=["both", "distill", "rdpo"], default="both")
-    ap.add_argument("--final-estimate-nfe", type=int, nargs="*", default=[],
-                    help="tables fitted for sampling to sigma 0 with final_step 'estimate'")  # fmt: skip
     ap.add_argument("--rdpo-iterations", type=int, default=200)
     ap.add_argument("--rdpo-nfe", type=int, nargs="*", default=[5], help="the tables Stage 2 refines")
     ap.add_argument("--rdpo-teacher-m", type=int, default=8, help="DPM-Solver-2 teacher points per step (reward)")
@@ -56,7 +54,6 @@ def main(argv: list[str] | None = None) -> int:
             params = training.distill_on_model(
                 model, cond, cond, 1.0, latent, start, iterations=args.iterations, batch=args.batch,
                 teacher="heun", teacher_m=args.teacher_m, seed=args.seed, learn_grid=True, weighting="snr",
-                final_estimate=nfe in args.final_estimate_nfe,
                 metadata={"model": "digits UNet (weights/digits-unet.safetensors)", "command": command},
             )  # fmt: skip
             files.save_params(params, out)
