@@ -1,6 +1,7 @@
 """The authors' published tables, downloaded on request.
 
-``weights/catalogue.json`` (written by ``scripts/make_catalogue.py``) lists every
+A catalogue file (the pack ships ``weights/catalogue.json``, written by
+``scripts/make_catalogue.py``; callers pass its path) lists every
 predictor file the EPD authors published, pinned to a commit of their
 repository, with its sha256 and size; the files themselves are not
 redistributed. :func:`fetch` downloads one entry, checks its size and sha256,
@@ -38,7 +39,6 @@ __all__ = ["CatalogueEntry", "load_catalogue", "find_entry", "source_url", "fetc
 
 UPSTREAM = "https://raw.githubusercontent.com/BeierZhu/EPD"
 MIRROR_ENV = "EPD_CATALOGUE_MIRROR"
-CATALOGUE_PATH = Path(__file__).resolve().parents[1] / "weights" / "catalogue.json"
 DEFAULT_TIMEOUT = 60.0
 _CHUNK = 64 * 1024
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
@@ -83,9 +83,9 @@ class CatalogueEntry:
 _LOADED: dict[tuple[str, int], dict[str, CatalogueEntry]] = {}
 
 
-def load_catalogue(path: str | os.PathLike | None = None) -> dict[str, CatalogueEntry]:
-    """The catalogue's entries by name (cached while the file is unchanged)."""
-    path = Path(path) if path is not None else CATALOGUE_PATH
+def load_catalogue(path: str | os.PathLike) -> dict[str, CatalogueEntry]:
+    """The entries of the catalogue file ``path`` by name (cached while the file is unchanged)."""
+    path = Path(path)
     try:
         key = (str(path), path.stat().st_mtime_ns)
         if key not in _LOADED:
@@ -98,10 +98,9 @@ def load_catalogue(path: str | os.PathLike | None = None) -> dict[str, Catalogue
     return _LOADED[key]
 
 
-def find_entry(name: str, catalogue: dict[str, CatalogueEntry] | None = None) -> CatalogueEntry:
+def find_entry(name: str, catalogue: dict[str, CatalogueEntry]) -> CatalogueEntry:
     """The entry called ``name`` (``.safetensors`` suffix allowed); an unknown name is an ``EPDFileError``."""
-    entries = load_catalogue() if catalogue is None else catalogue
-    entry = entries.get(name.removesuffix(".safetensors"))
+    entry = catalogue.get(name.removesuffix(".safetensors"))
     if entry is None:
         raise EPDFileError(name, "not in the catalogue (`python -m epd_core catalogue` lists the entries)")
     return entry
@@ -172,7 +171,7 @@ def _network_problem(exc: BaseException, timeout: float) -> str:
 
 
 def fetch(
-    entry: CatalogueEntry | str,
+    entry: CatalogueEntry,
     dest_dir: str | os.PathLike,
     *,
     base_url: str | None = None,
@@ -185,7 +184,6 @@ def fetch(
     ``timeout`` bounds each network wait and the whole transfer; ``opener(url, timeout)`` returns a response
     (default ``urllib.request.urlopen``). Every failure is an ``EPDFileError`` and leaves nothing on disk.
     """
-    entry = find_entry(entry) if isinstance(entry, str) else entry
     dest = Path(dest_dir)
     final = dest / entry.filename
     if final.exists():
