@@ -26,6 +26,7 @@ import folder_paths
 import torch
 
 from ..epd_core import EPDParams
+from ..epd_core.config import DistillConfig, RDPOConfig
 from ..epd_core.distill import distill
 from ..epd_core.rdpo import rdpo
 from ..epd_core.teachers import subdivide, teacher_trajectory
@@ -79,20 +80,21 @@ class Session:
 
 
 def distill_on_model(
-    model, positive, negative, cfg: float, latent: torch.Tensor, start: EPDParams, **options
-) -> EPDParams:
+    model, positive, negative, cfg: float, latent: torch.Tensor, start: EPDParams, config: DistillConfig,
+    metadata: dict | None = None,
+) -> EPDParams:  # fmt: skip
     """Run :func:`epd_core.distill.distill` on a ComfyUI ``MODEL`` with CFG guidance."""
 
     def fit(s: Session) -> EPDParams:
-        return distill(s.denoiser, start, s.shape, grid=s.grid, dtype=torch.float32, device=s.device,
-                       progress=s.progress, gradient="fd", **options)  # fmt: skip
+        return distill(s.denoiser, start, s.shape, config, grid=s.grid, dtype=torch.float32, device=s.device,
+                       progress=s.progress, metadata=metadata)  # fmt: skip
 
-    return _train_on_model(model, positive, negative, cfg, latent, start, options, fit)
+    return _train_on_model(model, positive, negative, cfg, latent, start, config, fit)
 
 
 def rdpo_on_model(
-    model, positive, negative, cfg: float, latent: torch.Tensor, start: EPDParams, teacher_m: int = 4,
-    reward: Reward | None = None, **options,
+    model, positive, negative, cfg: float, latent: torch.Tensor, start: EPDParams, config: RDPOConfig,
+    teacher_m: int = 4, reward: Reward | None = None, metadata: dict | None = None,
 ) -> tuple[EPDParams, list[float]]:  # fmt: skip
     """Run :func:`epd_core.rdpo.rdpo` on a ComfyUI ``MODEL``.
 
@@ -102,17 +104,17 @@ def rdpo_on_model(
     """
 
     def fit(s: Session) -> tuple[EPDParams, list[float]]:
-        common = dict(dtype=torch.float32, device=s.device, progress=s.progress, **options)
+        common = dict(dtype=torch.float32, device=s.device, progress=s.progress, metadata=metadata)
         if reward is not None:
-            return rdpo(s.denoiser, start, s.shape, in_sampling(reward, s), **common)
+            return rdpo(s.denoiser, start, s.shape, config, reward=in_sampling(reward, s), **common)
 
         def reference(x0):
             with torch.no_grad():
                 return teacher_trajectory(s.denoiser, x0, subdivide(s.grid.to(x0.device), teacher_m), "dpm2")[-1]
 
-        return rdpo(s.denoiser, start, s.shape, reference=reference, **common)
+        return rdpo(s.denoiser, start, s.shape, config, reference=reference, **common)
 
-    return _train_on_model(model, positive, negative, cfg, latent, start, options, fit)
+    return _train_on_model(model, positive, negative, cfg, latent, start, config, fit)
 
 
 def in_sampling(reward: Reward, session: Session) -> Reward:
@@ -128,12 +130,11 @@ def in_sampling(reward: Reward, session: Session) -> Reward:
     return scored
 
 
-def _train_on_model(model, positive, negative, cfg, latent, start, options, fit):
+def _train_on_model(model, positive, negative, cfg, latent, start, config, fit):
     """Run ``fit(session)`` inside ComfyUI's prepared sampling context."""
     model_sampling = model.get_model_object("model_sampling")
     grid = model_schedule(start, model_sampling)
     result: dict = {}
-    iterations = options.get("iterations", 300)
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
@@ -143,7 +144,7 @@ def _train_on_model(model, positive, negative, cfg, latent, start, options, fit)
     def train(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
         sampling = model_k.inner_model
         base = sampling.inner_model
-        pbar = comfy.utils.ProgressBar(iterations)
+        pbar = comfy.utils.ProgressBar(config.iterations)
 
         def progress(i: int, n: int, loss: float) -> None:
             comfy.model_management.throw_exception_if_processing_interrupted()
@@ -160,5 +161,5 @@ def _train_on_model(model, positive, negative, cfg, latent, start, options, fit)
         return x
 
     guider.sample(torch.zeros(shape), torch.zeros(shape), comfy.samplers.KSAMPLER(train), grid.float(),
-                  seed=options.get("seed", 0))  # fmt: skip
+                  seed=config.seed)  # fmt: skip
     return result["out"]
