@@ -240,11 +240,12 @@ def test_named_hostile_cases_are_refused(tmp_path, name):
 
 
 def test_safe_pickle_opcode_names_are_the_protocol_s():
-    """The reader's named opcodes are the pickle protocol's bytes, and it names every opcode up to protocol 5
-    except those that could only run code it refuses anyway (INST, OBJ, EXT1/2/4, NEXT_BUFFER, READONLY_BUFFER)."""
+    """The reader's named opcodes are the pickle protocol's bytes, and it names every opcode up to protocol 5 except
+    those it refuses as unsupported: calls by name or registry (INST, OBJ, EXT1/2/4), out-of-band buffers, and two
+    string forms no table writer emits (protocol 0's quoted STRING, BYTEARRAY8)."""
     from epd_core import safe_pickle
 
     named = {n: v for n, v in vars(safe_pickle).items() if n.isupper() and isinstance(v, bytes)}
     assert named and all(getattr(pickle, n) == v for n, v in named.items())
-    unsupported = {"INST", "OBJ", "EXT1", "EXT2", "EXT4", "NEXT_BUFFER", "READONLY_BUFFER"}
+    unsupported = {"INST", "OBJ", "EXT1", "EXT2", "EXT4", "NEXT_BUFFER", "READONLY_BUFFER", "STRING", "BYTEARRAY8"}
     assert {op.name for op in pickletools.opcodes} - set(named) == unsupported
