@@ -2,9 +2,9 @@
 with the EPD Distill node, then refine them with RDPO as the EPD RDPO node does (Stage 2, fidelity reward), and
 store both in weights/ (each records its command and options in its metadata).
 
-python scripts/make_digits_tables.py                   # digits-nfe5, digits-nfe10 (Stage 1), digits-nfe5-rdpo
-python scripts/make_digits_tables.py --stage rdpo      # only Stage 2, from the Stage 1 tables in --out-dir
-python scripts/make_digits_tables.py --iterations 5 --rdpo-iterations 2 --out-dir /tmp/x   # a quick check
+python -m scripts.make_digits_tables                   # digits-nfe5, digits-nfe10 (Stage 1), digits-nfe5-rdpo
+python -m scripts.make_digits_tables --stage rdpo      # only Stage 2, from the Stage 1 tables in --out-dir
+python -m scripts.make_digits_tables --iterations 5 --rdpo-iterations 2 --out-dir /tmp/x   # a quick check
 """
 
 from __future__ import annotations
@@ -16,15 +16,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-import comfy_harness  # noqa: E402
-
-NODES = comfy_harness.setup()
-training = comfy_harness.pack_module("nodes.training")
-files = comfy_harness.pack_module("epd_core.files")
-time_points_for_nfe = comfy_harness.pack_module("epd_core.params").time_points_for_nfe
+from epd_dev import ROOT, comfy_harness
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,9 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    model, cond = NODES["EPDDigitsModel"].execute().result
+    nodes = comfy_harness.setup()
+    training = comfy_harness.pack_module("nodes.training")
+    files = comfy_harness.pack_module("epd_core.files")
+    time_points_for_nfe = comfy_harness.pack_module("epd_core.params").time_points_for_nfe
+    model, cond = nodes["EPDDigitsModel"].execute().result
     latent = torch.zeros(1, 4, 8, 8)
-    command = "python scripts/make_digits_tables.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = "python -m scripts.make_digits_tables " + shlex.join(argv if argv is not None else sys.argv[1:])
     for nfe in args.nfe:
         out = args.out_dir / f"digits-nfe{nfe}.safetensors"
         if args.stage != "rdpo":

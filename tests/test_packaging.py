@@ -9,7 +9,10 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 import tomllib
+
+pytestmark = pytest.mark.core
 
 ROOT = Path(__file__).resolve().parents[1]
 COMFY = Path(sys.executable).with_name("comfy")
