@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Iterator, Mapping
 
 import pytest
+import torch
 
 from epd_dev.catalogue_mirror import Mirror
 from epd_dev.shared_data import OFFICIAL, REFERENCE
@@ -25,6 +26,22 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def _shared_present() -> None:
     if not OFFICIAL.is_dir() or not REFERENCE.is_dir():
         pytest.fail(f"test data missing: expected {OFFICIAL} and {REFERENCE} (set EPD_SHARED)")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_for_core(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Core tests run on tiny tensors, where a second intra-op thread gains nothing; on a busy machine the two
+    threads wait on each other at every small op (the core layer took 15 minutes instead of 2 on the shared
+    2-core machine). The other layers keep torch's default."""
+    if request.node.get_closest_marker("core") is None:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
