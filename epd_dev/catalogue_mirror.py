@@ -10,6 +10,9 @@ from pathlib import Path
 
 import torch
 
+from epd_core import EPDParams
+from epd_core.catalogue import CatalogueEntry
+
 from .shared_data import OFFICIAL
 
 COMMITS = {"88a91f0914069afd700bfee1b590c7b61ceae240": "tpami", "94c00d0f18de0636153440df7f1a9a13b80df247": "iccv"}
@@ -92,11 +95,13 @@ def dead_url() -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def local_copy(entry) -> Path:
+def local_copy(entry: CatalogueEntry) -> Path:
+    """The shared copy of a catalogue entry's published file."""
     return OFFICIAL / entry.release / entry.source_file
 
 
-def assert_same_table(got, ref) -> None:
+def assert_same_table(got: EPDParams, ref: EPDParams) -> None:
+    """The same raw tables bit for bit (dtype included), no learned grid, the same hyper-parameters."""
     for name in TABLES:
         a, b = getattr(got, name), getattr(ref, name)
         assert a.dtype == b.dtype and torch.equal(a, b), name

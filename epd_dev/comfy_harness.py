@@ -26,7 +26,7 @@ class _Nodes(Mapping):
 
     def _ids(self) -> list[str]:
         if not _STATE:
-            raise RuntimeError("ComfyUI is not started: call comfy_harness.setup() (tests: use the comfy_nodes fixture)")
+            raise RuntimeError("ComfyUI is not started: call comfy_harness.setup() (tests: the comfy_nodes fixture)")
         return [k for k in _STATE if k not in ("pack", "extras")]
 
     def __getitem__(self, node_id: str) -> type:

@@ -15,14 +15,17 @@ REFERENCE = SHARED / "epd_reference"
 
 
 def official_files() -> list[Path]:
+    """Every published table (43: 11 TPAMI, 32 ICCV)."""
     return sorted(OFFICIAL.glob("*/*.pkl"))
 
 
 def reference_files() -> list[Path]:
+    """The authors' reference trajectories (the mixture itself, gmm.safetensors, left out)."""
     return sorted(p for p in REFERENCE.glob("*.safetensors") if p.name != "gmm.safetensors")
 
 
 def reference_meta(path: Path) -> dict:
+    """A reference trajectory's metadata (net kind, table file, sigma range)."""
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as fh:
@@ -30,5 +33,6 @@ def reference_meta(path: Path) -> dict:
 
 
 def official_path(name: str) -> Path:
+    """The one published table of that file name, whichever release holds it."""
     (found,) = list(OFFICIAL.glob(f"*/{name}"))
     return found

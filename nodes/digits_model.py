@@ -121,7 +121,7 @@ def load_digits_weights(model: DigitsModel, path: str | Path = WEIGHTS) -> Digit
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"digits model weights not found at {path}; train them with python scripts/train_digits_unet.py"
+            f"digits model weights not found at {path}; train them with python -m scripts.train_digits_unet"
         )
     meta = read_metadata(path)
     if meta.get("format") != FORMAT:

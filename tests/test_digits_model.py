@@ -41,6 +41,7 @@ def test_weights_file_is_small_and_records_its_training():
     assert WEIGHTS.stat().st_size <= 10 * 1024 * 1024
     meta = dm.read_metadata(WEIGHTS)
     assert meta["format"] == dm.FORMAT
+    # the bundled file predates scripts/ as a package, when the command was "python scripts/train_digits_unet.py"
     assert meta["command"].startswith(("python -m scripts.train_digits_unet", "python scripts/train_digits_unet.py"))
     for key in ("seed", "iterations", "dataset", "final_loss", "wall_time_s", "unet_config"):
         assert meta[key], key
