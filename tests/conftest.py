@@ -28,20 +28,15 @@ def _shared_present() -> None:
         pytest.fail(f"test data missing: expected {OFFICIAL} and {REFERENCE} (set EPD_SHARED)")
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_for_core(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Core tests run on tiny tensors, where a second intra-op thread gains nothing; on a busy machine the two
-    threads wait on each other at every small op (the core layer took 15 minutes instead of 2 on the shared
-    2-core machine). The other layers keep torch's default."""
-    if request.node.get_closest_marker("core") is None:
-        yield
-        return
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """The tests run on tiny tensors, where a second intra-op thread gains nothing; on a busy machine the threads
+    wait on each other at every small op (the core layer took 15 minutes instead of 2 on the shared 2-core
+    machine, and the other layers were slowed alike). ComfyUI servers started by the tests keep torch's default."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")
