@@ -5,8 +5,10 @@ Gaussian-mixture model, whose probability-flow ODE solution is computed to high 
 by comparing two resolutions). NFE counts sequential model rounds (the K parallel points of an EPD step count
 once); ``evaluations`` counts every network evaluation per sample.
 
-    python bench/accuracy.py            # full run -> bench/results/accuracy.{json,md,png}
-    python bench/accuracy.py --quick    # a small version (CI)
+    python -m bench.accuracy            # full run -> bench/results/accuracy.{json,md,png}
+    python -m bench.accuracy --quick    # a small version (CI)
+
+(from the repository root; ComfyUI starts in-process, on the CPU, when a run begins).
 
 The full run: the three forms of the reference mixture at every NFE, the wide and multimodal mixtures at NFE 5
 and 10, and the digits UNet at NFE 5 and 10 with three schedulers, one process per CPU core.
@@ -27,22 +29,13 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-import comfy_harness  # noqa: E402
-
-NODES = comfy_harness.setup()
-
-import comfy.sample  # noqa: E402
-import comfy.samplers  # noqa: E402
-
-from epd_core import EPDParams, GaussianMixture, load_params  # noqa: E402
-from epd_core.__main__ import ANALYTIC_FORMS  # noqa: E402
-from epd_core.analytic import MIXTURES, rk4  # noqa: E402
-from epd_core.params import time_points_for_nfe  # noqa: E402
-from epd_core.schedules import polynomial  # noqa: E402
+from epd_core import EPDParams, GaussianMixture, load_params
+from epd_core.__main__ import ANALYTIC_FORMS
+from epd_core.analytic import MIXTURES, rk4
+from epd_core.params import time_points_for_nfe
+from epd_core.schedules import polynomial
+from epd_dev import ROOT, comfy_harness
+from epd_dev.digits import training_digits
 
 DETERMINISTIC = [
     "euler", "heun", "heunpp2", "dpm_2", "lms", "dpmpp_2m", "ipndm", "ipndm_v", "deis", "res_multistep",
@@ -115,7 +108,7 @@ class DigitClasses:
     space), so a run that turns a 3 into an 8 counts as a wrong mode, like a wrong component on a mixture."""
 
     def __init__(self) -> None:
-        train, self.labels = comfy_harness.pack_module("nodes.digits_model").training_digits()
+        train, self.labels = training_digits()
         self.train = train.double().flatten(1)
 
     def component(self, x: torch.Tensor) -> torch.Tensor:
@@ -142,6 +135,8 @@ def digits_answer_key(model, noise: torch.Tensor, steps=(40, 80)) -> tuple[torch
 
 
 def run(model, sampler, sigmas, noise) -> tuple[torch.Tensor, Counter]:
+    import comfy.sample
+
     counter = Counter(noise.shape[0])
     m = model.clone()
     m.set_model_unet_function_wrapper(counter)
@@ -175,13 +170,16 @@ def start_tables(form: str, nfes) -> list[tuple[str, EPDParams]]:
 
 
 def bench_model(form: str, mixture: str, samplers, schedulers, nfes, n: int, log) -> list[dict]:
+    import comfy.samplers
+
+    nodes = comfy_harness.setup()
     noise = torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(HELD_OUT_SEED))
     if form == "digits_eps":
-        model, gm = NODES["EPDDigitsModel"].execute().result[0], DigitClasses()
+        model, gm = nodes["EPDDigitsModel"].execute().result[0], DigitClasses()
         exact, key_gap = digits_answer_key(model, noise)
         name = "digits-unet"
     else:
-        model, gm = NODES["EPDAnalyticModel"].execute(form, mixture, 0.0).result[0], GaussianMixture.named(mixture)
+        model, gm = nodes["EPDAnalyticModel"].execute(form, mixture, 0.0).result[0], GaussianMixture.named(mixture)
         exact, key_gap = answer_key(gm, form, noise, model)
         name = f"analytic-{form}"
     ms = model.get_model_object("model_sampling")
@@ -203,14 +201,14 @@ def bench_model(form: str, mixture: str, samplers, schedulers, nfes, n: int, log
     tables = [(path.stem, load_params(path)) for path in epd_tables(form, mixture)] + start_tables(form, nfes)
     for stem, params in tables:
         for final, final_step, label in TABLE_ENDINGS:
-            sigmas = NODES["EPDScheduler"].execute(model, params, 1.0, final).result[0]
+            sigmas = nodes["EPDScheduler"].execute(model, params, 1.0, final).result[0]
             name = "epd_start" if stem.startswith("start-") else "epd"
-            contenders = [(name, NODES["EPDSampler"].execute(params, "auto", True, "comfyui", final_step).result[0])]
+            contenders = [(name, nodes["EPDSampler"].execute(params, "auto", True, "comfyui", final_step).result[0])]
             base_name = params.metadata.get("plugin_base")
             if base_name:  # a plugin table runs over the base it was distilled for
                 if final_step == "estimate":
                     continue
-                plugin = NODES["EPDPlugin"].execute(comfy.samplers.sampler_object(base_name), params, "auto")
+                plugin = nodes["EPDPlugin"].execute(comfy.samplers.sampler_object(base_name), params, "auto")
                 contenders = [(f"epd_plugin_{base_name}", plugin.result[0])]
             for name, sampler in contenders:
                 out, c = run(model, sampler, sigmas, noise)
@@ -335,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-neural", dest="neural", action="store_false", help="skip the digits UNet")
     ap.add_argument("--job", help=argparse.SUPPRESS)  # internal: run one JSON-described job, write its rows
     args = ap.parse_args(argv)
+    comfy_harness.setup()
+    import comfy.samplers
+
     if args.job:
         job = json.loads(args.job)
         rows = _bench_job(*job["job"])
@@ -372,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run_in_processes(jobs: list[tuple], workers: int) -> list[dict]:
-    """Each job in its own process (this script with ``--job``), ``workers`` at a time, one thread each:
+    """Each job in its own process (this module with ``--job``), ``workers`` at a time, one thread each:
     oversubscribed threads are far slower than one per core."""
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as tmp:
@@ -381,7 +382,8 @@ def _run_in_processes(jobs: list[tuple], workers: int) -> list[dict]:
             i, job = i_job
             out = Path(tmp) / f"{i}.json"
             spec = json.dumps({"job": list(job), "out": str(out)})
-            subprocess.run([sys.executable, __file__, "--job", spec], check=True, env=env)  # noqa: S603
+            subprocess.run([sys.executable, "-m", "bench.accuracy", "--job", spec], cwd=ROOT, check=True,  # noqa: S603
+                           env=env)  # fmt: skip
             return json.loads(out.read_text())
 
         with ThreadPoolExecutor(workers) as pool:

@@ -5,7 +5,7 @@
 * overhead: the solver's own time per step with a near-free denoiser (``x -> 0.9 x``), core only;
 * memory: ComfyUI's own estimate for one model call of the batched K points against a single point.
 
-    python bench/cost.py [--reps 7]   -> bench/results/cost.json and cost.md
+    python -m bench.cost [--reps 7]   -> bench/results/cost.json and cost.md     (from the repository root)
 """
 
 from __future__ import annotations
@@ -19,19 +19,9 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-import comfy_harness  # noqa: E402
-
-NODES = comfy_harness.setup()
-
-import comfy.sample  # noqa: E402
-import comfy.samplers  # noqa: E402
-from tiny_models import conditioning, tiny_model  # noqa: E402
-
-from epd_core import EPDParams, load_params, make_schedule, sample  # noqa: E402
+from epd_core import EPDParams, load_params, make_schedule, sample
+from epd_dev import ROOT, comfy_harness
+from epd_dev.tiny_models import conditioning, tiny_model
 
 RESULTS = ROOT / "bench" / "results"
 
@@ -47,14 +37,18 @@ def _median_time(fn, reps: int) -> float:
 
 
 def wall_time(reps: int, nfe_table: str = "analytic-sd15-reference-nfe10.safetensors") -> list[dict]:
+    import comfy.sample
+    import comfy.samplers
+
+    nodes = comfy_harness.setup()
     model = tiny_model("eps")
     params = load_params(ROOT / "weights" / nfe_table)
     ms = model.get_model_object("model_sampling")
     pos, neg = conditioning(1, 1), conditioning(1, 2)
     latent = torch.zeros(1, 4, 8, 8)
     noise = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
-    epd_sigmas = NODES["EPDScheduler"].execute(model, params, 1.0, False).result[0]
-    epd = NODES["EPDSampler"].execute(params, "batched", True, "comfyui").result[0]
+    epd_sigmas = nodes["EPDScheduler"].execute(model, params, 1.0, False).result[0]
+    epd = nodes["EPDSampler"].execute(params, "batched", True, "comfyui").result[0]
     runs = {"epd": (epd, epd_sigmas)}
     for name in ("euler", "dpmpp_2m"):
         runs[name] = (comfy.samplers.sampler_object(name), comfy.samplers.calculate_sigmas(ms, "karras", params.nfe))
@@ -98,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
+    comfy_harness.setup()
     result = {"device": "cpu", "wall_time": wall_time(args.reps), "overhead": solver_overhead(args.reps),
               "memory": batched_memory()}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,9 @@ point) against dpmpp_2m and euler at equal NFE, on a mid-size SD1.5-architecture
 parameters, 512x512 image = 64x64 latent, cfg 4, float16 on a GPU), through ComfyUI's sampling path. Run it where a
 GPU is lent; on a CPU use ``--size tiny`` (a smoke test).
 
-    python bench/gpu_latency.py [--reps 20] [--nfe 6 10]   -> bench/results/gpu_latency.json (cost.json's format)
+    python -m bench.gpu_latency [--reps 20] [--nfe 6 10]   -> bench/results/gpu_latency.json (cost.json's format)
+
+(from the repository root; ComfyUI starts in-process on the GPU when there is one).
 """
 
 from __future__ import annotations
@@ -17,24 +19,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "tests"))
-
-import comfy_harness  # noqa: E402
-
-NODES = comfy_harness.setup(cpu=not torch.cuda.is_available())
-
-import comfy.model_base  # noqa: E402
-import comfy.model_management  # noqa: E402
-import comfy.model_patcher  # noqa: E402
-import comfy.sample  # noqa: E402
-import comfy.samplers  # noqa: E402
-import comfy.supported_models  # noqa: E402
-from tiny_models import UNET, _init  # noqa: E402
-
-from epd_core import EPDParams  # noqa: E402
-from epd_core.params import time_points_for_nfe  # noqa: E402
+from epd_core import EPDParams
+from epd_core.params import time_points_for_nfe
+from epd_dev import ROOT, comfy_harness
+from epd_dev.tiny_models import UNET, _init
 
 RESULTS = ROOT / "bench" / "results"
 SIZES = {
@@ -47,6 +35,11 @@ SIZES = {
 
 def unet(size: str):
     """A ModelPatcher of an SD1.5-architecture UNet of the given size, random weights, on ComfyUI's device."""
+    import comfy.model_base
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
     config = {k: list(v) if isinstance(v, list) else v for k, v in SIZES[size].items()}
     model_config = comfy.supported_models.SD15(config)
     device = comfy.model_management.get_torch_device()
@@ -75,6 +68,10 @@ def _timed(fn, reps: int) -> float:
 
 
 def latency(size: str, nfe: int, reps: int, hw: int) -> list[dict]:
+    import comfy.sample
+    import comfy.samplers
+
+    nodes = comfy_harness.setup()
     model = unet(size)
     ms = model.get_model_object("model_sampling")
     context = SIZES[size]["context_dim"]
@@ -88,8 +85,8 @@ def latency(size: str, nfe: int, reps: int, hw: int) -> list[dict]:
     runs = {}
     for name, k, mode in (("epd", 2, "batched"), ("epd_sequential", 2, "sequential"), ("epd_k3", 3, "batched")):
         params = EPDParams.start(steps, k, afs=afs, schedule_type="discrete", schedule_rho=1.0, backend="ldm")
-        runs[name] = (NODES["EPDSampler"].execute(params, mode, True, "comfyui").result[0],
-                      NODES["EPDScheduler"].execute(model, params, 1.0, False).result[0])  # fmt: skip
+        runs[name] = (nodes["EPDSampler"].execute(params, mode, True, "comfyui").result[0],
+                      nodes["EPDScheduler"].execute(model, params, 1.0, False).result[0])  # fmt: skip
     for name in ("euler", "dpmpp_2m"):
         runs[name] = (comfy.samplers.sampler_object(name), comfy.samplers.calculate_sigmas(ms, "karras", nfe))
     out = []
@@ -116,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if any(n % 2 for n in args.nfe):
         ap.error("--nfe must be even (EPD without the analytic first step: two rounds per step)")
+    comfy_harness.setup(cpu=not torch.cuda.is_available())  # the device is fixed by ComfyUI's first start
+    import comfy.model_management
+
     device = comfy.model_management.get_torch_device()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
     params = sum(p.numel() for p in unet(args.size).model.diffusion_model.parameters())

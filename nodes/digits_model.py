@@ -77,15 +77,6 @@ def digits_to_latent(images: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pixel_unshuffle(x * 2.0 - 1.0, 2)
 
 
-def training_digits() -> tuple[torch.Tensor, torch.Tensor]:
-    """scikit-learn's bundled digits (no download) as latents ``[1797, 4, 8, 8]`` and their labels ``[1797]``.
-    Needs scikit-learn, a development requirement: training, tests and the benchmark use it, sampling never."""
-    from sklearn.datasets import load_digits
-
-    data = load_digits()
-    return digits_to_latent(torch.from_numpy(data.images)), torch.from_numpy(data.target)
-
-
 def latent_to_image(latent: torch.Tensor) -> torch.Tensor:
     """Latents ``[B, 4, 8, 8]`` -> grey images ``[B, 16, 16]`` in ``[0, 1]`` (white digit on black)."""
     x = torch.nn.functional.pixel_shuffle(latent.to(torch.float32), 2)[:, 0]
@@ -130,7 +121,7 @@ def load_digits_weights(model: DigitsModel, path: str | Path = WEIGHTS) -> Digit
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"digits model weights not found at {path}; train them with python scripts/train_digits_unet.py"
+            f"digits model weights not found at {path}; train them with python -m scripts.train_digits_unet"
         )
     meta = read_metadata(path)
     if meta.get("format") != FORMAT:

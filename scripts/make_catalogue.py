@@ -1,6 +1,6 @@
 """Write weights/catalogue.json: metadata of every table the EPD authors published (never the files themselves).
 
-python scripts/make_catalogue.py [SHARED_DIR] [--out FILE]
+python -m scripts.make_catalogue [SHARED_DIR] [--out FILE]
 
 SHARED_DIR holds local copies laid out as ``tpami/<file>.pkl`` (branch EPD-Solver++, upstream
 ``exps/<family>/<file>``) and ``iccv/<run>.pkl`` (tag ICCV-2025, upstream
@@ -13,16 +13,14 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import re
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from epd_core import load_params  # noqa: E402
-from epd_core.catalogue import UPSTREAM, CatalogueEntry  # noqa: E402
+from epd_core import load_params
+from epd_core.catalogue import UPSTREAM, CatalogueEntry
+from epd_dev import ROOT
+from epd_dev.shared_data import OFFICIAL
 
 RELEASES = {
     "tpami": {"commit": "88a91f0914069afd700bfee1b590c7b61ceae240", "ref": "branch EPD-Solver++ (TPAMI)"},
@@ -86,7 +84,7 @@ def build(shared: Path) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    default = Path(os.environ.get("EPD_SHARED", ROOT.parent / "shared")) / "epd_official"
+    default = OFFICIAL
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("shared", nargs="?", type=Path, default=default)
     parser.add_argument("--out", type=Path, default=ROOT / "weights" / "catalogue.json")

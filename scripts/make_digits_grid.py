@@ -1,6 +1,6 @@
 """Draw 16 samples of the demo digits model (ComfyUI's KSampler, euler, 30 steps) as docs/digits_samples.png.
 
-python scripts/make_digits_grid.py [--weights PATH] [--steps 30] [--seed 0] [--out docs/digits_samples.png]
+python -m scripts.make_digits_grid [--weights PATH] [--steps 30] [--seed 0] [--out docs/digits_samples.png]
 
 Runs inside a real ComfyUI (CPU): EmptyLatentImage 64x64 x16 -> KSampler(euler, normal, cfg 1) on the model
 from the EPD Demo Digits Model node; each latent is decoded with ``latent_to_image`` (16x16 grey) and upscaled
@@ -10,16 +10,12 @@ with PIL nearest.
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-import comfy_harness  # noqa: E402
+from epd_dev import ROOT, comfy_harness
 
 
 def sample_digits(weights: Path | None = None, count: int = 16, steps: int = 30, seed: int = 0) -> torch.Tensor:

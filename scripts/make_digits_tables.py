@@ -2,9 +2,9 @@
 with the EPD Distill node, then refine them with RDPO as the EPD RDPO node does (Stage 2, fidelity reward), and
 store both in weights/ (each records its command and options in its metadata).
 
-python scripts/make_digits_tables.py                   # digits-nfe5, digits-nfe10 (Stage 1), digits-nfe5-rdpo
-python scripts/make_digits_tables.py --stage rdpo      # only Stage 2, from the Stage 1 tables in --out-dir
-python scripts/make_digits_tables.py --iterations 5 --rdpo-iterations 2 --out-dir /tmp/x   # a quick check
+python -m scripts.make_digits_tables                   # digits-nfe5, digits-nfe10 (Stage 1), digits-nfe5-rdpo
+python -m scripts.make_digits_tables --stage rdpo      # only Stage 2, from the Stage 1 tables in --out-dir
+python -m scripts.make_digits_tables --iterations 5 --rdpo-iterations 2 --out-dir /tmp/x   # a quick check
 """
 
 from __future__ import annotations
@@ -16,17 +16,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-import comfy_harness  # noqa: E402
-
-NODES = comfy_harness.setup()
-training = comfy_harness.pack_module("nodes.training")
-files = comfy_harness.pack_module("epd_core.files")
-config = comfy_harness.pack_module("epd_core.config")
-DistillConfig, RDPOConfig = config.DistillConfig, config.RDPOConfig
-time_points_for_nfe = comfy_harness.pack_module("epd_core.params").time_points_for_nfe
+from epd_dev import ROOT, comfy_harness
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,28 +35,35 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    model, cond = NODES["EPDDigitsModel"].execute().result
+    nodes = comfy_harness.setup()
+    training = comfy_harness.pack_module("nodes.training")
+    files = comfy_harness.pack_module("epd_core.files")
+    config = comfy_harness.pack_module("epd_core.config")
+    time_points_for_nfe = comfy_harness.pack_module("epd_core.params").time_points_for_nfe
+    model, cond = nodes["EPDDigitsModel"].execute().result
     latent = torch.zeros(1, 4, 8, 8)
-    command = "python scripts/make_digits_tables.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = "python -m scripts.make_digits_tables " + shlex.join(argv if argv is not None else sys.argv[1:])
     for nfe in args.nfe:
         out = args.out_dir / f"digits-nfe{nfe}.safetensors"
         if args.stage != "rdpo":
             steps, afs = time_points_for_nfe(nfe)
             start = training.start_table(model.get_model_object("model_sampling"), steps, args.points, afs)
-            config = DistillConfig(iterations=args.iterations, batch=args.batch, teacher="heun",
-                                   teacher_m=args.teacher_m, seed=args.seed, learn_grid=True, weighting="snr",
-                                   gradient="fd")  # fmt: skip
+            distill_config = config.DistillConfig(
+                iterations=args.iterations, batch=args.batch, teacher="heun", teacher_m=args.teacher_m,
+                seed=args.seed, learn_grid=True, weighting="snr", gradient="fd",
+            )  # fmt: skip
             meta = {"model": "digits UNet (demo_models/digits-unet.safetensors)", "command": command}
-            params = training.distill_on_model(model, cond, cond, 1.0, latent, start, config, metadata=meta)
+            params = training.distill_on_model(model, cond, cond, 1.0, latent, start, distill_config, metadata=meta)
             files.save_params(params, out)
             print(f"wrote {out}: NFE {params.nfe}, loss {params.metadata['distilled']['first_loss']:.4f} -> "
                   f"{params.metadata['distilled']['final_loss']:.4f}", flush=True)  # fmt: skip
         if args.stage != "distill" and nfe in args.rdpo_nfe:
             start = files.load_params(out)
-            config = RDPOConfig(iterations=args.rdpo_iterations, groups=8, k=4, concentration=20.0, lr=3e-4,
-                                seed=args.seed)  # fmt: skip
+            rdpo_config = config.RDPOConfig(
+                iterations=args.rdpo_iterations, groups=8, k=4, concentration=20.0, lr=3e-4, seed=args.seed
+            )
             meta = {"command": command, "rdpo_start_file": out.name}
-            params, curve = training.rdpo_on_model(model, cond, cond, 1.0, latent, start, config,
+            params, curve = training.rdpo_on_model(model, cond, cond, 1.0, latent, start, rdpo_config,
                                                    teacher_m=args.rdpo_teacher_m, metadata=meta)  # fmt: skip
             refined = out.with_name(f"{out.stem}-rdpo.safetensors")
             files.save_params(params, refined)

@@ -1,6 +1,6 @@
 """Thumbnails for the template browser: each example workflow as ComfyUI's real frontend draws it.
 
-python scripts/make_thumbnails.py     (needs Debian's chromium)
+python -m scripts.make_thumbnails     (from the repository root; needs Debian's chromium)
 """
 
 from __future__ import annotations
@@ -10,17 +10,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from comfy_server import ComfyServer  # noqa: E402
-from test_browser import _browse  # noqa: E402
+from epd_dev import ROOT
+from epd_dev.browser import browse
+from epd_dev.comfy_server import ComfyServer
 
 
 def main() -> int:
     with tempfile.TemporaryDirectory() as tmp, ComfyServer(Path(tmp) / "base", frontend=True) as server:
-        asyncio.run(_browse(server.url + "/", ROOT / "example_workflows", fmt="jpeg"))
+        asyncio.run(browse(server.url + "/", ROOT / "example_workflows", fmt="jpeg"))
     for shot in (ROOT / "example_workflows").glob("*.jpeg"):
         shot.replace(shot.with_suffix(".jpg"))
         print(f"wrote example_workflows/{shot.stem}.jpg")

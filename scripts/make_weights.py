@@ -1,7 +1,7 @@
 """Regenerate every table bundled in weights/ (each records its own command in its metadata) and weights/README.md.
 
-python scripts/make_weights.py                  # all tables: about 15 minutes on 2 CPU cores
-python scripts/make_weights.py NAME.safetensors # only the named ones
+python -m scripts.make_weights                  # all tables: about 15 minutes on 2 CPU cores
+python -m scripts.make_weights NAME.safetensors # only the named ones
 """
 
 from __future__ import annotations
@@ -11,13 +11,10 @@ import shlex
 import subprocess  # noqa: S404  (runs this project's own command line, never user input)
 import sys
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from epd_core import EPDParams, load_params, save_params  # noqa: E402
-from epd_core.params import time_points_for_nfe  # noqa: E402
+from epd_core import EPDParams, load_params, save_params
+from epd_core.params import time_points_for_nfe
+from epd_dev import ROOT
 
 START = "analytic-sd15-start-nfe10.safetensors"
 # The recipe that measured best on the answer key (bench/accuracy.py): K = 3 points and a learned grid; odd NFE
@@ -57,17 +54,17 @@ def distil(name: str, args: str) -> None:
 def main() -> None:
     start = EPDParams.start(6, 2, schedule_type="discrete", schedule_rho=1.0, backend="ldm", max_order=2,
                             metadata={"source": "untrained start table (r at 1/3 and 2/3, equal weights)",
-                                      "command": "python scripts/make_weights.py"})  # fmt: skip
+                                      "command": "python -m scripts.make_weights"})  # fmt: skip
     save_params(start, ROOT / "weights" / START)
     only = set(sys.argv[1:])
     jobs = [(n, a) for n, a in DISTILLED.items() if not only or n in only]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         list(pool.map(lambda job: distil(*job), jobs))
     lines = ["# Bundled tables", "", "Made by this project (the authors' tables are not redistributed; see the main",
-             "README). Regenerate all with `python scripts/make_weights.py`; each file's metadata records its command.",
+             "README). Regenerate all with `python -m scripts.make_weights`; each file's metadata records its command.",
              "", "| file | model | NFE | command |", "|---|---|---|---|"]  # fmt: skip
     paths = sorted((ROOT / "weights").glob("analytic-*.safetensors")) + sorted(
-        (ROOT / "weights").glob("digits-nfe*.safetensors")  # made by scripts/make_digits_tables.py
+        (ROOT / "weights").glob("digits-nfe*.safetensors")  # made by python -m scripts.make_digits_tables
     )
     for path in paths:
         p = load_params(path)

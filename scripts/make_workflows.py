@@ -3,16 +3,16 @@
 The graphs are defined once here, in API form; node input order, widget order and output types come from the
 real ComfyUI's node definitions, so the UI files match what the frontend expects.
 
-    python scripts/make_workflows.py
+    python -m scripts.make_workflows     (from the repository root)
 """
 
 from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from epd_dev import ROOT, comfy_harness
+
 OUT = ROOT / "example_workflows"
 API = OUT / "api"
 
@@ -198,9 +198,6 @@ def ui_graph(name: str, object_info: dict) -> dict:
 
 
 def object_info_in_process() -> dict:
-    sys.path.insert(0, str(ROOT / "tests"))
-    import comfy_harness
-
     comfy_harness.load_builtin_extras()
     import nodes
 

@@ -15,15 +15,11 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "scripts"))
-
-from comfy_server import ComfyServer  # noqa: E402
-
-from epd_core import GaussianMixture, load_params  # noqa: E402
-from epd_core.analytic import ode_endpoint  # noqa: E402
-from epd_core.schedules import sd15_alphas_cumprod  # noqa: E402
+from epd_core import GaussianMixture, load_params
+from epd_core.analytic import ode_endpoint
+from epd_core.schedules import sd15_alphas_cumprod
+from epd_dev import ROOT
+from epd_dev.comfy_server import ComfyServer
 
 WORKFLOW = ROOT / "example_workflows" / "api" / "epd_analytic_demo.json"
 

@@ -1,7 +1,7 @@
 """Train the demo digits UNet (nodes/digits_model.py) on scikit-learn's bundled digits, on the CPU.
 
-python scripts/train_digits_unet.py                                    # demo_models/digits-unet.safetensors
-python scripts/train_digits_unet.py --quick --out /tmp/digits.safetensors   # a few iterations (the test)
+python -m scripts.train_digits_unet                                    # demo_models/digits-unet.safetensors
+python -m scripts.train_digits_unet --quick --out /tmp/digits.safetensors   # a few iterations (the test)
 
 The network is ComfyUI's own ``UNetModel``, built by the ComfyUI wrapper ``DigitsModel`` itself, and the loss is
 the standard epsilon loss on exactly the parametrisation ComfyUI samples with: for a timestep ``t`` (continuous,
@@ -28,10 +28,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
-
-import comfy_harness  # noqa: E402
+from epd_dev import ROOT, comfy_harness
+from epd_dev.digits import training_digits
 
 DEFAULT_OUT = ROOT / "demo_models" / "digits-unet.safetensors"
 
@@ -70,7 +68,7 @@ def train(
     iterations: int, batch: int, lr: float, seed: int, ema_decay: float, log_every: int = 100
 ) -> tuple[dict[str, torch.Tensor], dict]:
     dm = digits_module()
-    data, _ = dm.training_digits()
+    data, _ = training_digits()
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     model = dm.DigitsModel(device=torch.device("cpu"))
@@ -188,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
         "format": dm.FORMAT,
         "unet_config": dm.config_json(),
         "sampling": json.dumps({"model_type": "EPS", **dm.SAMPLING_SETTINGS}),
-        "command": shlex.join(["python", "scripts/train_digits_unet.py", *argv]),
+        "command": shlex.join(["python", "-m", "scripts.train_digits_unet", *argv]),
         "seed": str(args.seed),
         "iterations": str(args.iterations),
         "batch": str(args.batch),

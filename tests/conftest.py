@@ -1,40 +1,64 @@
-"""Shared fixtures: the authors' files and reference trajectories live in ../shared."""
+"""Shared fixtures: the test layers, ComfyUI in-process (started once, by the first test that needs it), the
+authors' files and reference trajectories in ../shared (epd_dev.shared_data), the local catalogue mirror."""
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
+from collections.abc import Iterator, Mapping
 
 import pytest
+import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("EPD_SHARED", ROOT.parent / "shared"))
-OFFICIAL = SHARED / "epd_official"
-REFERENCE = SHARED / "epd_reference"
+from epd_dev.catalogue_mirror import Mirror
+from epd_dev.shared_data import OFFICIAL, REFERENCE
 
-
-def official_files() -> list[Path]:
-    return sorted(OFFICIAL.glob("*/*.pkl"))
+LAYERS = ("core", "comfy", "server", "browser")
 
 
-def reference_files() -> list[Path]:
-    return sorted(p for p in REFERENCE.glob("*.safetensors") if p.name != "gmm.safetensors")
-
-
-def reference_meta(path: Path) -> dict:
-    from safetensors import safe_open
-
-    with safe_open(str(path), "pt") as fh:
-        return json.loads(fh.metadata()["meta"])
-
-
-def official_path(name: str) -> Path:
-    (found,) = list(OFFICIAL.glob(f"*/{name}"))
-    return found
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test belongs to exactly one layer (``pytestmark`` of its module), so ``-m core`` etc. split the suite."""
+    for item in items:
+        layers = sorted({m.name for m in item.iter_markers() if m.name in LAYERS})
+        if len(layers) != 1:
+            raise pytest.UsageError(f"{item.nodeid}: needs exactly one layer marker of {LAYERS}, has {layers}")
 
 
 @pytest.fixture(scope="session", autouse=True)
 def _shared_present() -> None:
     if not OFFICIAL.is_dir() or not REFERENCE.is_dir():
         pytest.fail(f"test data missing: expected {OFFICIAL} and {REFERENCE} (set EPD_SHARED)")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread() -> Iterator[None]:
+    """The tests run on tiny tensors, where a second intra-op thread gains nothing; on a busy machine the threads
+    wait on each other at every small op (the core layer took 15 minutes instead of 2 on the shared 2-core
+    machine, and the other layers were slowed alike). ComfyUI servers started by the tests keep torch's default."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def comfy_nodes() -> Mapping[str, type]:
+    """ComfyUI in-process on the CPU with this pack loaded through its own loader; the pack's node classes by id
+    (also readable as ``epd_dev.comfy_harness.NODES`` once this fixture has run)."""
+    from epd_dev import comfy_harness
+
+    comfy_harness.setup()
+    return comfy_harness.NODES
+
+
+@pytest.fixture(scope="module")
+def _mirror() -> Iterator[Mirror]:
+    m = Mirror()
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def mirror(_mirror: Mirror) -> Mirror:
+    """The local mirror of the authors' repository, answering correctly and with no requests recorded yet."""
+    _mirror.mode = "ok"
+    _mirror.requests.clear()
+    return _mirror

@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
+import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
+pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("comfy_nodes")]
 
 
 def test_quick_accuracy_benchmark(tmp_path):
-    import accuracy
+    from bench import accuracy
 
     assert accuracy.main(["--quick", "--samples", "64", "--out", str(tmp_path)]) == 0
     rows = json.loads((tmp_path / "accuracy.json").read_text())
@@ -40,7 +38,7 @@ def test_quick_accuracy_benchmark(tmp_path):
 def test_digit_classes_count_samples_that_change_digit():
     """On the neural model a "wrong mode" is a sample whose nearest training digit has another label than the
     exact solution's."""
-    import accuracy
+    from bench import accuracy
 
     classes = accuracy.DigitClasses()
     train = classes.train.reshape(-1, 4, 8, 8)
@@ -53,7 +51,7 @@ def test_digit_classes_count_samples_that_change_digit():
 
 
 def test_cost_benchmark_runs(tmp_path):
-    import cost
+    from bench import cost
 
     assert cost.main(["--reps", "1", "--out", str(tmp_path)]) == 0
     result = json.loads((tmp_path / "cost.json").read_text())
@@ -65,7 +63,7 @@ def test_cost_benchmark_runs(tmp_path):
 
 def test_gpu_latency_script_runs_on_the_cpu(tmp_path):
     """The GPU latency script (run where a GPU is lent) as a CPU smoke test on the tiny UNet."""
-    import gpu_latency
+    from bench import gpu_latency
 
     args = ["--size", "tiny", "--reps", "1", "--latent", "8", "--nfe", "4", "6", "--out", str(tmp_path)]
     assert gpu_latency.main(args) == 0

@@ -7,136 +7,27 @@ and can misbehave on request: flip a byte, close early, send too much, never ans
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import io
 import json
 import re
-import socket
-import sys
-import threading
 import time
 from contextlib import redirect_stdout
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
 
 import pytest
-import torch
-from conftest import OFFICIAL, ROOT, official_files
 
 from epd_core import EPDFileError, load_params, save_params
 from epd_core.__main__ import main as cli_main
 from epd_core.catalogue import MIRROR_ENV, UPSTREAM, fetch, find_entry, load_catalogue
+from epd_dev import ROOT
+from epd_dev.catalogue_mirror import COMMITS, assert_same_table, dead_url, local_copy, upstream_copy
+from epd_dev.shared_data import OFFICIAL, official_files
+from scripts import make_catalogue
 
-sys.path.insert(0, str(ROOT / "scripts"))
-import make_catalogue  # noqa: E402
+pytestmark = pytest.mark.core
 
-COMMITS = {"88a91f0914069afd700bfee1b590c7b61ceae240": "tpami", "94c00d0f18de0636153440df7f1a9a13b80df247": "iccv"}
-TABLES = ("r_params", "weight_s", "scale_dir_params", "scale_time_params")
 CATALOGUE = load_catalogue(ROOT / "weights" / "catalogue.json")
 ENTRIES = list(CATALOGUE.values())
-
-
-def upstream_copy(request_path: str) -> Path | None:
-    """The shared copy of an upstream path, from the README's layout (independent of the catalogue)."""
-    parts = request_path.split("/")
-    if len(parts) != 5 or parts[0] or parts[2] != "exps":
-        return None
-    release = COMMITS.get(parts[1])
-    if release == "tpami" and parts[4].startswith(parts[3] + "-"):
-        path = OFFICIAL / "tpami" / parts[4]
-    elif release == "iccv" and parts[4] == "network-snapshot-000010.pkl":
-        path = OFFICIAL / "iccv" / f"{parts[3]}.pkl"
-    else:
-        return None
-    return path if path.is_file() else None
-
-
-class Mirror:
-    """A local mirror; ``mode``: ok, tamper, truncate, oversize, announce_more, hang."""
-
-    def __init__(self) -> None:
-        self.mode = "ok"
-        self.requests: list[str] = []
-        self.release = threading.Event()
-        mirror = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args) -> None:
-                pass
-
-            def do_GET(self) -> None:
-                mirror.requests.append(self.path)
-                if mirror.mode == "hang":  # accepts the request, never answers
-                    mirror.release.wait(30)
-                    return
-                path = upstream_copy(self.path)
-                if path is None:
-                    self.send_error(404)
-                    return
-                data = path.read_bytes()
-                body, length = data, len(data)
-                if mirror.mode == "tamper":
-                    body = data[:100] + bytes([data[100] ^ 0x01]) + data[101:]
-                elif mirror.mode == "truncate":  # announces the full size, closes halfway
-                    body = data[: len(data) // 2]
-                elif mirror.mode == "oversize":  # no Content-Length, more bytes than published
-                    body, length = data + b"\0" * 4096, None
-                elif mirror.mode == "announce_more":
-                    body = data + b"\0" * 10
-                    length = len(body)
-                self.send_response(200)
-                if length is not None:
-                    self.send_header("Content-Length", str(length))
-                self.end_headers()
-                self.wfile.write(body)
-                self.wfile.flush()
-                self.close_connection = True
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
-@pytest.fixture(scope="module")
-def _mirror():
-    m = Mirror()
-    yield m
-    m.close()
-
-
-@pytest.fixture
-def mirror(_mirror):
-    _mirror.mode = "ok"
-    _mirror.requests.clear()
-    return _mirror
-
-
-def dead_url() -> str:
-    """A local port nobody listens on: connection refused, as when offline."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
-
-
-def local_copy(entry) -> Path:
-    return OFFICIAL / entry.release / entry.source_file
-
-
-def assert_same_table(got, ref) -> None:
-    for name in TABLES:
-        a, b = getattr(got, name), getattr(ref, name)
-        assert a.dtype == b.dtype and torch.equal(a, b), name
-    assert got.t_steps is None and ref.t_steps is None
-    assert got.hyper() == ref.hyper()
 
 
 # --- the catalogue itself ---------------------------------------------------------------------------------------
@@ -297,95 +188,3 @@ def test_cli_catalogue_and_fetch(mirror, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tpami-sd3-1024-best.safetensors"]
     assert_same_table(load_params(tmp_path / "tpami-sd3-1024-best.safetensors"),
                       load_params(OFFICIAL / "tpami" / "sd3-1024-best.pkl"))  # fmt: skip
-
-
-# --- through the ComfyUI loader node ----------------------------------------------------------------------------
-
-
-class _Server:
-    """What ComfyUI's PromptExecutor needs of its server."""
-
-    client_id = None
-    last_node_id = None
-
-    def send_sync(self, *args, **kwargs) -> None:
-        pass
-
-
-@pytest.fixture
-def comfy(tmp_path, monkeypatch):
-    """In-process ComfyUI with models/epd in a temporary folder that does not exist yet."""
-    import comfy_harness
-
-    nodes = comfy_harness.setup()
-    import execution
-    import folder_paths
-
-    epd_dir = tmp_path / "models" / "epd"
-    paths, exts = folder_paths.folder_names_and_paths["epd"]
-    monkeypatch.setitem(folder_paths.folder_names_and_paths, "epd", ([str(epd_dir)] + list(paths), exts))
-    return nodes, execution, epd_dir
-
-
-def _graph(table_name: str) -> dict:
-    return {
-        "1": {"class_type": "EPDParamsLoader", "inputs": {"table_name": table_name}},
-        "2": {"class_type": "EPDParamsPreview", "inputs": {"epd_params": ["1", 0]}},
-        "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}},
-    }
-
-
-def _options(loader) -> list[str]:
-    spec = loader.INPUT_TYPES()["required"]["table_name"]
-    return spec[1]["options"] if spec[0] == "COMBO" else spec[0]
-
-
-def test_loader_downloads_a_listed_table_when_the_graph_runs(comfy, mirror, monkeypatch):
-    nodes, execution, epd_dir = comfy
-    loader = nodes["EPDParamsLoader"]
-    monkeypatch.setenv(MIRROR_ENV, mirror.url)
-    choice = "[download] tpami-sd15-best"
-    options = _options(loader)
-    assert {f"[download] {e.name}" for e in ENTRIES if e.comfyui} <= set(options)
-    assert not any(o.startswith("[download] iccv-") for o in options)
-    assert "analytic-sd15-start-nfe10.safetensors" in options
-    assert mirror.requests == [] and not epd_dir.exists()  # listing never downloads
-
-    graph = _graph(choice)
-    assert asyncio.run(execution.validate_prompt("p1", graph, None))[0]
-    executor = execution.PromptExecutor(_Server(), cache_args={"lru": 0, "ram": 0})
-    executor.execute(graph, "p1", {}, ["3"])
-    assert executor.success, executor.status_messages
-    assert len(mirror.requests) == 1
-    assert sorted(p.name for p in epd_dir.iterdir()) == ["tpami-sd15-best.safetensors"]
-    assert_same_table(load_params(epd_dir / "tpami-sd15-best.safetensors"), load_params(local_copy(find_entry(
-        "tpami-sd15-best", CATALOGUE))))  # fmt: skip
-
-    # now a local file: listed as such, and the old choice (saved workflows) still validates and runs, offline
-    options = _options(loader)
-    assert "tpami-sd15-best.safetensors" in options and choice not in options
-    assert asyncio.run(execution.validate_prompt("p2", graph, None))[0]
-    monkeypatch.setenv(MIRROR_ENV, dead_url())
-    params, info = loader.execute(choice).result
-    assert_same_table(params, load_params(OFFICIAL / "tpami" / "sd15-best.pkl"))
-    assert "sd15-best.pkl" in info and "NFE 20" in info
-    assert len(mirror.requests) == 1
-    bad = asyncio.run(execution.validate_prompt("p3", _graph("[download] no-such-table"), None))
-    assert not bad[0] and bad[3]["1"]["errors"][0]["extra_info"]["input_name"] == "table_name"
-
-
-def test_loader_with_a_bad_mirror_is_a_node_error(comfy, monkeypatch):
-    nodes, execution, epd_dir = comfy
-    monkeypatch.setenv(MIRROR_ENV, dead_url())
-    graph = _graph("[download] tpami-flux-best")
-    assert asyncio.run(execution.validate_prompt("p1", graph, None))[0]
-    executor = execution.PromptExecutor(_Server(), cache_args={"lru": 0, "ram": 0})
-    executor.execute(graph, "p1", {}, ["3"])
-    assert not executor.success
-    errors = [data for event, data in executor.status_messages if event == "execution_error"]
-    assert len(errors) == 1 and errors[0]["node_type"] == "EPDParamsLoader"
-    message = errors[0]["exception_message"]
-    assert "tpami-flux-best" in message and "connection refused" in message
-    assert not epd_dir.exists()
-    with pytest.raises(ValueError, match="connection refused"):  # the pack's own copy of EPDFileError
-        nodes["EPDParamsLoader"].execute("[download] tpami-flux-best")

@@ -6,20 +6,17 @@ import pytest
 import torch
 
 import epd_core
+from epd_dev import comfy_harness as H
+from epd_dev.comfy_harness import NODES as N
+from epd_dev.tiny_models import conditioning, latent, tiny_model
 
-H = pytest.importorskip("comfy_harness")
-N = H.setup()
-
-import comfy.model_management  # noqa: E402
-import comfy.utils  # noqa: E402
-import folder_paths  # noqa: E402
-from tiny_models import conditioning, latent, tiny_model  # noqa: E402
-
-Distill = N["EPDDistill"]
+pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("comfy_nodes")]
 
 
 @pytest.fixture
 def epd_dir(tmp_path, monkeypatch):
+    import folder_paths
+
     paths, exts = folder_paths.folder_names_and_paths["epd"]
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "epd", ([str(tmp_path)] + list(paths), exts))
     return tmp_path
@@ -29,7 +26,7 @@ def _run(model, kind, name, iterations=6, overwrite=False, **kw):
     args = dict(cfg=2.0, steps=4, points=2, teacher="dpm2", teacher_steps=2, iterations=iterations, batch=2)
     args.update(learning_rate=0.01, seed=0, learn_grid=False, afs=False, filename=name, overwrite=overwrite)
     args.update(kw)
-    return Distill.execute(model, conditioning(2, 1), conditioning(2, 2), latent(kind, 1), **args).result
+    return N["EPDDistill"].execute(model, conditioning(2, 1), conditioning(2, 2), latent(kind, 1), **args).result
 
 
 @pytest.mark.parametrize("kind", ["eps", "sd3", "flux"])
@@ -77,6 +74,8 @@ def test_never_overwrites_without_asking(epd_dir):
 
 
 def test_interrupt_stops_and_saves_nothing(epd_dir):
+    import comfy.model_management
+
     model = tiny_model("eps")
     seen: list[int] = []
     with H.interrupt_at(2, seen), pytest.raises(comfy.model_management.InterruptProcessingException):

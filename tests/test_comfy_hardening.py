@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import official_path
 from safetensors.torch import load_file
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-from comfy_server import ComfyServer  # noqa: E402
+from epd_dev import ROOT
+from epd_dev.comfy_server import ComfyServer
+from epd_dev.shared_data import official_path
 
+pytestmark = pytest.mark.server
 GRAPH = json.loads((ROOT / "example_workflows" / "api" / "epd_sampler_custom_advanced.json").read_text())
 
 

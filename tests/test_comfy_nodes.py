@@ -4,18 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import official_path, reference_meta
 from safetensors.torch import load_file
 
 import epd_core
+from epd_dev.comfy_harness import NODES as N
+from epd_dev.shared_data import REFERENCE, official_path, reference_meta
+from epd_dev.tiny_models import KINDS, conditioning, latent, table_for, tiny_model
 
-H = pytest.importorskip("comfy_harness")
-N = H.setup()
-
-import comfy.sample  # noqa: E402
-from comfy_extras.nodes_custom_sampler import SamplerCustom  # noqa: E402
-from conftest import REFERENCE  # noqa: E402
-from tiny_models import KINDS, conditioning, latent, table_for, tiny_model  # noqa: E402
+pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("comfy_nodes")]
 
 FORMS = {"sd15-best": "sd15_eps", "sd15-distilled": "sd15_eps", "sd3-512-best": "sd3_flow", "flux-best": "flux_flow"}
 
@@ -31,6 +27,8 @@ def _table(name: str):
 @pytest.mark.parametrize("name", sorted(FORMS))
 def test_analytic_model_reproduces_reference_through_comfyui(name):
     """ComfyUI's wiring adds no error: from the same x, the latent equals the authors' trajectory end."""
+    import comfy.sample
+
     path = REFERENCE / f"{name}.safetensors"
     ref, meta = load_file(str(path)), reference_meta(path)
     model, cond = _nodes_out(N["EPDAnalyticModel"], FORMS[name], "reference", 0.0)
@@ -58,6 +56,8 @@ def test_analytic_model_reproduces_reference_through_comfyui(name):
 @pytest.mark.parametrize("form,table", [("sd15_eps", "sd15-best.pkl"), ("sd3_flow", "sd3-512-best.pkl")])
 def test_comfyui_convention_differs_by_documented_scaling(form, table):
     """Default ComfyUI convention: EPS starts at noise*sqrt(1+s0^2); flow divides the end by (1 - s_last)."""
+    import comfy.sample
+
     model, cond = _nodes_out(N["EPDAnalyticModel"], form, "reference", 0.0)
     params = _table(table)
     (sigmas,) = _nodes_out(N["EPDScheduler"], model, params, 1.0, False)
@@ -77,6 +77,8 @@ def test_comfyui_convention_differs_by_documented_scaling(form, table):
 
 
 def test_epd_ksampler_equals_sampler_custom_bit_for_bit():
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+
     model = tiny_model("eps")
     pos, neg = conditioning(2, 1), conditioning(2, 2)
     params = _table("sd15-best.pkl")
@@ -92,6 +94,8 @@ def test_epd_ksampler_equals_sampler_custom_bit_for_bit():
 def test_final_step_estimate_costs_no_call():
     """final_step="estimate" reaches sigma 0 without the extra call (the core's semantics are tested there);
     the EPD KSampler equals SamplerCustom with EPD Scheduler + EPD Sampler."""
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+
     model = tiny_model("eps")
     params = _table("sd15-best.pkl")
     calls = []
@@ -124,6 +128,8 @@ def test_final_step_estimate_costs_no_call():
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("cfg", [1.0, 4.0])
 def test_batched_equals_sequential_with_different_prompts(kind, cfg):
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+
     model = tiny_model(kind)
     params = _table(table_for(kind))
     batch = 3
@@ -159,6 +165,8 @@ def test_batched_equals_sequential_with_different_prompts(kind, cfg):
 
 
 def test_batched_call_is_one_model_call_point_major():
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+
     model = tiny_model("eps")
     params = _table("sd15-best.pkl")
     calls = []
@@ -185,6 +193,8 @@ def test_batched_call_is_one_model_call_point_major():
 
 
 def test_continuous_timestep_reaches_the_model():
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+
     model = tiny_model("eps")
     params = _table("sd15-best.pkl")
     seen = {True: [], False: []}
@@ -209,6 +219,8 @@ def test_continuous_timestep_reaches_the_model():
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_inpainting_batched_equals_sequential(batch):
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+
     model = tiny_model("eps")
     params = _table("sd15-best.pkl")
     g = torch.Generator().manual_seed(4)
@@ -234,6 +246,9 @@ def test_flow_table_on_eps_model_is_a_clear_error():
 
 
 def test_steps_mismatch_is_a_clear_error():
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+
     model = tiny_model("eps")
     params = _table("sd15-best.pkl")
     (sampler,) = _nodes_out(N["EPDSampler"], params, "auto", True, "comfyui")

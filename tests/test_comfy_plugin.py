@@ -4,26 +4,29 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import REFERENCE, official_path, reference_meta
 from safetensors.torch import load_file
 
 import epd_core
 from epd_core.config import DistillConfig
+from epd_dev import comfy_harness as H
+from epd_dev.comfy_harness import NODES as N
+from epd_dev.shared_data import REFERENCE, official_path, reference_meta
+from epd_dev.tiny_models import KINDS, conditioning, latent, table_for, tiny_model
 
-H = pytest.importorskip("comfy_harness")
-N = H.setup()
-
-import comfy.sample  # noqa: E402
-import comfy.samplers  # noqa: E402
-from comfy_extras.nodes_custom_sampler import SamplerCustom  # noqa: E402
-from tiny_models import KINDS, conditioning, latent, table_for, tiny_model  # noqa: E402
-
-SAMPLING = H.pack_module("nodes.sampling")
-Plugin = N["EPDPlugin"]
+pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("comfy_nodes")]
+# the pack's nodes.sampling.PLUGIN_BASES (a parameter list is fixed before ComfyUI starts; checked equal below)
+PLUGIN_BASES = ("euler", "ddim", "dpmpp_2m", "lms", "ipndm", "ipndm_v", "deis", "res_multistep",
+                "gradient_estimation", "uni_pc", "uni_pc_bh2")  # fmt: skip
 
 
 def _plugin(base: str, params, parallel="auto"):
-    return Plugin.execute(comfy.samplers.sampler_object(base), params, parallel).result
+    import comfy.samplers
+
+    return N["EPDPlugin"].execute(comfy.samplers.sampler_object(base), params, parallel).result
+
+
+def test_plugin_bases_parametrized_here_are_the_packs():
+    assert H.pack_module("nodes.sampling").PLUGIN_BASES == PLUGIN_BASES
 
 
 @pytest.mark.parametrize(
@@ -39,6 +42,8 @@ def _plugin(base: str, params, parallel="auto"):
 )
 def test_euler_plus_plugin_reproduces_reference(name, form):
     """Euler + EPD Plugin is the authors' sampler (EPD and iPNDM students) through ComfyUI."""
+    import comfy.sample
+
     path = REFERENCE / f"{name}.safetensors"
     ref, meta = load_file(str(path)), reference_meta(path)
     params = epd_core.load_params(official_path(meta["predictor_file"]))
@@ -62,8 +67,11 @@ def test_euler_plus_plugin_reproduces_reference(name, form):
 
 
 @pytest.mark.parametrize("kind", KINDS + ("analytic",))
-@pytest.mark.parametrize("base", SAMPLING.PLUGIN_BASES)
+@pytest.mark.parametrize("base", PLUGIN_BASES)
 def test_every_supported_base_runs(kind, base):
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+
     if kind == "analytic":
         model, cond = N["EPDAnalyticModel"].execute("sd15_eps", "reference", 0.0).result
         pos = neg = cond
@@ -73,7 +81,7 @@ def test_every_supported_base_runs(kind, base):
         lat, params = latent(kind, 2), epd_core.load_params(official_path(table_for(kind)))
     (sigmas,) = N["EPDScheduler"].execute(model, params, 1.0, False).result
     sampler, info = _plugin(base, params)
-    assert SAMPLING.base_sampler_name(comfy.samplers.sampler_object(base)) in info
+    assert H.pack_module("nodes.sampling").base_sampler_name(comfy.samplers.sampler_object(base)) in info
     out = SamplerCustom.execute(model, True, 3, 2.0, pos, neg, sampler, sigmas, lat).result[0]["samples"]
     assert out.shape == lat["samples"].shape and torch.isfinite(out).all()
 
@@ -87,8 +95,10 @@ def test_unsupported_bases_are_refused_with_the_list(base):
 
 def test_every_other_comfyui_sampler_is_refused():
     """An allow-list: each sampler of this ComfyUI outside PLUGIN_BASES (new ones such as exp_heun_2_x0 included)."""
+    import comfy.samplers
+
     params = epd_core.load_params(official_path("sd15-best.pkl"))
-    others = [name for name in comfy.samplers.KSampler.SAMPLERS if name not in SAMPLING.PLUGIN_BASES]
+    others = [name for name in comfy.samplers.KSampler.SAMPLERS if name not in PLUGIN_BASES]
     assert "heun" in others and "euler_ancestral" in others
     for name in others:
         with pytest.raises(ValueError, match="supported: euler, ddim, dpmpp_2m"):
@@ -97,6 +107,9 @@ def test_every_other_comfyui_sampler_is_refused():
 
 def test_runtime_guard_for_unknown_multi_call_sampler():
     """A custom sampler that calls the model between grid points is stopped, not silently changed."""
+    import comfy.sample
+    import comfy.samplers
+
     params = epd_core.load_params(official_path("sd15-best.pkl"))
     model, cond = N["EPDAnalyticModel"].execute("sd15_eps", "reference", 0.0).result
 
@@ -110,7 +123,7 @@ def test_runtime_guard_for_unknown_multi_call_sampler():
             x = x + (sigmas[i + 1] - sigmas[i]) * d_mid
         return x
 
-    sampler, _ = Plugin.execute(comfy.samplers.KSAMPLER(sample_midpoint), params, "auto").result
+    sampler, _ = N["EPDPlugin"].execute(comfy.samplers.KSAMPLER(sample_midpoint), params, "auto").result
     (sigmas,) = N["EPDScheduler"].execute(model, params, 1.0, False).result
     with pytest.raises(ValueError, match="between the table's grid points"):
         comfy.sample.sample_custom(
@@ -129,6 +142,8 @@ def test_table_base_mismatch_is_a_warning_in_info():
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_plugin_batched_equals_sequential_with_inpainting(batch):
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+
     model = tiny_model("eps")
     params = epd_core.load_params(official_path("sd15-best.pkl"))
     g = torch.Generator().manual_seed(9)
@@ -148,6 +163,8 @@ def test_plugin_batched_equals_sequential_with_inpainting(batch):
 def test_core_base_updates_match_comfyui_plugin(base):
     """The core's copies of the base updates (used to distil plugin tables) equal ComfyUI's samplers + plugin."""
     import math
+
+    import comfy.sample
 
     from epd_core.bases import base_update
     from epd_core.plugin import PluginDenoiser

@@ -8,23 +8,11 @@ import pytest
 import torch
 
 import epd_core
+from epd_dev import comfy_harness as H
+from epd_dev.comfy_harness import NODES as N
+from epd_dev.tiny_models import conditioning, latent, tiny_model
 
-H = pytest.importorskip("comfy_harness")
-N = H.setup()
-
-import comfy.clip_vision  # noqa: E402
-import comfy.model_management  # noqa: E402
-import comfy.sd  # noqa: E402
-import comfy.sd1_clip  # noqa: E402
-import comfy.supported_models_base  # noqa: E402
-import folder_paths  # noqa: E402
-from comfy.ldm.models.autoencoder import AutoencoderKL  # noqa: E402
-from tiny_models import conditioning, latent, tiny_model  # noqa: E402
-
-rewards = H.pack_module("nodes.rewards")
-training = H.pack_module("nodes.training")
-RDPOConfig = H.pack_module("epd_core.config").RDPOConfig
-RDPO = N["EPDRDPO"]
+pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("comfy_nodes")]
 PROMPT = "a photo of a red bicycle"
 VISION = {
     "attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 32, "image_size": 32,
@@ -54,6 +42,9 @@ def _fill(module: torch.nn.Module, seed: int) -> None:
 
 
 def tiny_vae(seed: int = 3):
+    import comfy.sd
+    from comfy.ldm.models.autoencoder import AutoencoderKL
+
     config = {"params": {"embed_dim": 4, "ddconfig": DDCONFIG}}
     autoencoder = AutoencoderKL(**config["params"])
     _fill(autoencoder, seed)
@@ -61,6 +52,8 @@ def tiny_vae(seed: int = 3):
 
 
 def tiny_clip_vision(tmp_path, seed: int = 4):
+    import comfy.clip_vision
+
     path = tmp_path / "clip_vision_tiny.json"
     path.write_text(json.dumps(VISION))
     clip_vision = comfy.clip_vision.ClipVisionModel(str(path))
@@ -70,6 +63,10 @@ def tiny_clip_vision(tmp_path, seed: int = 4):
 
 def tiny_clip(hidden: int = 16, seed: int = 5):
     """An SD1-style CLIP-L text encoder (ComfyUI's SD1ClipModel and its bundled tokenizer) at width ``hidden``."""
+    import comfy.sd
+    import comfy.sd1_clip
+    import comfy.supported_models_base
+
     target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
     size = {"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_attention_heads": 2, "num_hidden_layers": 2}
     clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": size})
@@ -84,22 +81,29 @@ def towers(tmp_path_factory):
 
 @pytest.fixture
 def epd_dir(tmp_path, monkeypatch):
+    import folder_paths
+
     paths, exts = folder_paths.folder_names_and_paths["epd"]
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "epd", ([str(tmp_path)] + list(paths), exts))
     return tmp_path
 
 
 def _start(model) -> epd_core.EPDParams:
+    training = H.pack_module("nodes.training")
+
     return training.start_table(model.get_model_object("model_sampling"), 4, 2, False)
 
 
 def _run_node(model, name: str, reward: str = "clip_score", **optional):
     args = (conditioning(2, 1), conditioning(2, 2), latent("eps", 1), _start(model), 2.0, reward, 2, 2, 2, 2, 20.0)
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
-        return RDPO.execute(model, *args, 1e-3, 0, name, False, **optional).result
+        return N["EPDRDPO"].execute(model, *args, 1e-3, 0, name, False, **optional).result
 
 
 def test_clip_score_is_100_cosine_of_the_projected_embeddings(towers):
+    import comfy.clip_vision
+    rewards = H.pack_module("nodes.rewards")
+
     vae, clip_vision, clip = towers
     latents = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     reward = rewards.clip_score_reward(vae, clip_vision, clip, PROMPT)
@@ -125,6 +129,8 @@ def test_clip_score_is_100_cosine_of_the_projected_embeddings(towers):
 
 
 def test_rdpo_node_trains_on_clip_score(epd_dir, towers):
+    import comfy.model_management
+
     vae, clip_vision, clip = towers
     model = tiny_model("eps")
     params, info = _run_node(model, "clip", vae=vae, clip_vision=clip_vision, clip=clip, prompt=PROMPT)
@@ -138,6 +144,9 @@ def test_rdpo_node_trains_on_clip_score(epd_dir, towers):
 
 def test_reward_may_push_the_model_off_the_device(epd_dir):
     """Loading a reward's models can unload the sampled one (low VRAM); it is loaded back, with its patches."""
+    import comfy.model_management
+    training = H.pack_module("nodes.training")
+
 
     def patched():
         model = tiny_model("eps")
@@ -153,7 +162,7 @@ def test_reward_may_push_the_model_off_the_device(epd_dir):
                 comfy.model_management.unload_all_models()
             return latents.flatten(1).std(1)
 
-        config = RDPOConfig(iterations=3, groups=2, k=2)
+        config = H.pack_module("epd_core.config").RDPOConfig(iterations=3, groups=2, k=2)
         return training.rdpo_on_model(model, conditioning(1, 1), conditioning(1, 2), 1.0, latent("eps", 1)["samples"],
                                       _start(model), config, reward=contrast)  # fmt: skip
 
@@ -164,6 +173,8 @@ def test_reward_may_push_the_model_off_the_device(epd_dir):
 
 def test_a_reward_gets_latents_in_comfyui_latent_format():
     """A model that always denoises to 10 ends near 10 inside the sampling, near 10 / 0.18215 as a LATENT."""
+    training = H.pack_module("nodes.training")
+    config = H.pack_module("epd_core.config").RDPOConfig(iterations=1, groups=2, k=2)
     model = tiny_model("eps")
     model.set_model_sampler_post_cfg_function(lambda args: torch.full_like(args["denoised"], 10.0))
     seen: list[torch.Tensor] = []
@@ -173,13 +184,15 @@ def test_a_reward_gets_latents_in_comfyui_latent_format():
         return latents.flatten(1).std(1)
 
     training.rdpo_on_model(model, conditioning(1, 1), conditioning(1, 2), 1.0, latent("eps", 1)["samples"],
-                           _start(model), RDPOConfig(iterations=1, groups=2, k=2), reward=record)  # fmt: skip
+                           _start(model), config, reward=record)  # fmt: skip
     inside = seen[0] * model.model.latent_format.scale_factor
     assert seen[0].shape == (4, 4, 8, 8) and (inside - 10).abs().max() < 0.5
 
 
 def test_a_clip_without_its_text_projection_is_refused(towers):
     """An SD1.5 checkpoint stores no projection for its CLIP-L; ComfyUI leaves the weight uninitialised (zeros)."""
+    rewards = H.pack_module("nodes.rewards")
+
     vae, clip_vision, _ = towers
     clip = tiny_clip()
     with torch.no_grad():

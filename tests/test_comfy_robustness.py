@@ -6,20 +6,18 @@ import pytest
 import torch
 
 import epd_core
+from epd_dev import comfy_harness as H
+from epd_dev.comfy_harness import NODES as N
+from epd_dev.shared_data import official_path
+from epd_dev.tiny_models import conditioning, latent, tiny_model
 
-H = pytest.importorskip("comfy_harness")
-N = H.setup()
-
-import comfy.model_management  # noqa: E402
-import comfy.utils  # noqa: E402
-from comfy_extras.nodes_custom_sampler import SamplerCustom  # noqa: E402
-from conftest import official_path  # noqa: E402
-from tiny_models import conditioning, latent, tiny_model  # noqa: E402
-
+pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("comfy_nodes")]
 BATCH = 2
 
 
 def _run(model, params, mode, pos=None, neg=None, seed=3):
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+
     sigmas = N["EPDScheduler"].execute(model, params, 1.0, False).result[0]
     sampler = N["EPDSampler"].execute(params, mode, True, "comfyui").result[0]
     pos = pos or conditioning(BATCH, 1)
@@ -58,6 +56,8 @@ def test_auto_goes_sequential_with_timestep_range_conditioning():
 
 
 def test_low_free_memory_splits_points_with_same_result(monkeypatch):
+    import comfy.model_management
+
     params = _params()
     reference = _run(tiny_model("eps"), params, "batched")
     model, sizes = _recording(tiny_model("eps"))
@@ -72,6 +72,8 @@ def test_low_free_memory_splits_points_with_same_result(monkeypatch):
 
 
 def test_out_of_memory_on_batched_call_redone_sequentially():
+    import comfy.model_management
+
     params = _params()
     reference = _run(tiny_model("eps"), params, "sequential")
     m = tiny_model("eps").clone()
@@ -90,6 +92,8 @@ def test_out_of_memory_on_batched_call_redone_sequentially():
 
 
 def test_interrupt_mid_sampling_and_next_run_is_fresh():
+    import comfy.model_management
+
     params = _params()
     model = tiny_model("eps")
     fresh = _run(model, params, "auto")

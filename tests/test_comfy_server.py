@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -12,11 +10,10 @@ from safetensors.torch import load_file
 
 import epd_core
 from epd_core.schedules import sd15_alphas_cumprod
+from epd_dev import ROOT
+from epd_dev.comfy_server import ComfyServer
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "scripts"))
-from comfy_server import ComfyServer  # noqa: E402
-
+pytestmark = pytest.mark.server
 API = ROOT / "example_workflows" / "api"
 RUNNABLE = [
     API / f"{name}.json"

@@ -16,6 +16,8 @@ from epd_core.distill import distill, student_loss
 from epd_core.params import TABLE_NAMES
 from epd_core.teachers import TEACHERS, subdivide, teacher_trajectory
 
+pytestmark = pytest.mark.core
+
 GM = GaussianMixture.reference()
 
 
@@ -146,13 +148,9 @@ def test_cli_distill_writes_a_loadable_table(tmp_path, form):
 
 def test_bundled_tables_record_the_command_that_regenerates_them():
     """Each analytic table in weights/ carries exactly the command scripts/make_weights.py runs for it."""
-    import importlib.util
-    from pathlib import Path
+    from epd_dev import ROOT as root
+    from scripts import make_weights
 
-    root = Path(__file__).resolve().parents[1]
-    spec = importlib.util.spec_from_file_location("make_weights", root / "scripts" / "make_weights.py")
-    make_weights = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(make_weights)
     assert set(make_weights.DISTILLED) == {p.name for p in (root / "weights").glob("analytic-*.safetensors")} - {
         make_weights.START
     }

@@ -11,12 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import official_files, official_path
 
 import epd_core
 from epd_core import EPDFileError, EPDParams, load_params, make_schedule, sample, save_params
 from epd_core.__main__ import main as cli_main
 from epd_core.files import MAX_FILE_BYTES
+from epd_dev.shared_data import official_files, official_path
+
+pytestmark = pytest.mark.core
 
 OFFICIAL = official_files()
 TABLES = ("r_params", "weight_s", "scale_dir_params", "scale_time_params")

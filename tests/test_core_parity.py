@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import REFERENCE, official_path, reference_files, reference_meta
 from safetensors.torch import load_file
 
 from epd_core import GaussianMixture, load_params, make_schedule, sample
+from epd_dev.shared_data import REFERENCE, official_path, reference_files, reference_meta
+
+pytestmark = pytest.mark.core
 
 REFS = reference_files()
 

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import official_path
 
 from epd_core import GaussianMixture, load_params, make_schedule, sample
 from epd_core.plugin import PluginDenoiser, PluginMisuse
+from epd_dev.shared_data import official_path
+
+pytestmark = pytest.mark.core
 
 
 def _euler(plugin, denoiser, x, sigmas):

@@ -6,12 +6,14 @@ import math
 
 import pytest
 import torch
-from conftest import official_path
 
 from epd_core import EPDParams, GaussianMixture, load_params, make_schedule, sample
 from epd_core.analytic import ode_endpoint
 from epd_core.config import RDPOConfig
 from epd_core.rdpo import DirichletPolicy, TableSample, ppo_clip_loss, rdpo, rloo_advantages
+from epd_dev.shared_data import official_path
+
+pytestmark = pytest.mark.core
 
 GM = GaussianMixture.reference()
 

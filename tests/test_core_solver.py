@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import official_path
 
 from epd_core import EPDParams, GaussianMixture, load_params, make_schedule, sample
 from epd_core.params import time_points_for_nfe
 from epd_core.solver import adams_bashforth, grid_offset
+from epd_dev.shared_data import official_path
+
+pytestmark = pytest.mark.core
 
 
 class Recorder:

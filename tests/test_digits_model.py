@@ -3,41 +3,30 @@ ComfyUI's KSampler and by the EPD sampler, and its training script."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-import comfy_harness as H  # noqa: E402
 import pytest
 import torch
 from safetensors import safe_open
 
 import epd_core
 from epd_core.schedules import sd15_alphas_cumprod
+from epd_dev import ROOT
+from epd_dev import comfy_harness as H
+from epd_dev.comfy_harness import NODES as N
+from epd_dev.digits import training_digits
 
-N = H.setup()
-
-import comfy.model_base  # noqa: E402
-import comfy.model_patcher  # noqa: E402
-import comfy.model_sampling  # noqa: E402
-from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel  # noqa: E402
-from comfy_extras.nodes_custom_sampler import SamplerCustom  # noqa: E402
-
-import nodes  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("comfy_nodes")]
 WEIGHTS = ROOT / "demo_models" / "digits-unet.safetensors"
 START_TABLE = ROOT / "weights" / "analytic-sd15-start-nfe10.safetensors"
-dm = H.pack_module("nodes.digits_model")
 
 
 @pytest.fixture(scope="module")
 def digits():
-    return dm.training_digits()
+    return training_digits()
 
 
 @pytest.fixture(scope="module")
-def model_and_cond():
-    return N["EPDDigitsModel"].execute().result
+def model_and_cond(comfy_nodes):
+    return comfy_nodes["EPDDigitsModel"].execute().result
 
 
 def _nearest(samples: torch.Tensor, data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,10 +36,13 @@ def _nearest(samples: torch.Tensor, data: torch.Tensor) -> tuple[torch.Tensor, t
 
 
 def test_weights_file_is_small_and_records_its_training():
+    dm = H.pack_module("nodes.digits_model")
+
     assert WEIGHTS.stat().st_size <= 10 * 1024 * 1024
     meta = dm.read_metadata(WEIGHTS)
     assert meta["format"] == dm.FORMAT
-    assert meta["command"].startswith("python scripts/train_digits_unet.py")
+    # the bundled file predates scripts/ as a package, when the command was "python scripts/train_digits_unet.py"
+    assert meta["command"].startswith(("python -m scripts.train_digits_unet", "python scripts/train_digits_unet.py"))
     for key in ("seed", "iterations", "dataset", "final_loss", "wall_time_s", "unet_config"):
         assert meta[key], key
     assert "load_digits" in meta["dataset"]
@@ -60,6 +52,11 @@ def test_weights_file_is_small_and_records_its_training():
 
 
 def test_loads_into_a_genuine_comfyui_model(model_and_cond):
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.model_sampling
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
     model, cond = model_and_cond
     assert isinstance(model, comfy.model_patcher.ModelPatcher)
     base = model.model
@@ -106,6 +103,10 @@ def test_ksampler_euler_samples_are_digits(model_and_cond, digits):
     """ComfyUI's KSampler (euler, 20 steps) through the real nodes gives latents near the digits data: their mean
     nearest-neighbour distance to the training set is far below that of noise or of a per-pixel Gaussian fitted to
     the data, and they are not all the same digit."""
+    import nodes
+
+    dm = H.pack_module("nodes.digits_model")
+
     model, cond = model_and_cond
     data, labels = digits
     (latent,) = nodes.EmptyLatentImage().generate(64, 64, 32)
@@ -127,6 +128,8 @@ def test_ksampler_euler_samples_are_digits(model_and_cond, digits):
 def test_epd_sampler_batched_equals_sequential(model_and_cond, digits):
     """The EPD sampler with the bundled untrained start table (SD1.5 schedule) runs on the neural model;
     batched and sequential evaluation of the parallel points agree, and the result is near the data."""
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+
     model, cond = model_and_cond
     params = epd_core.load_params(START_TABLE)
     (sigmas,) = N["EPDScheduler"].execute(model, params, 1.0, True).result
@@ -143,6 +146,8 @@ def test_epd_sampler_batched_equals_sequential(model_and_cond, digits):
 
 
 def test_refuses_files_that_are_not_its_weights(tmp_path):
+    dm = H.pack_module("nodes.digits_model")
+
     with pytest.raises(ValueError, match="not an EPD digits UNet"):
         dm.digits_model(START_TABLE)
     with pytest.raises(FileNotFoundError, match="train_digits_unet"):
@@ -150,14 +155,15 @@ def test_refuses_files_that_are_not_its_weights(tmp_path):
 
 
 def _train_script():
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import train_digits_unet
+    from scripts import train_digits_unet
 
     return train_digits_unet
 
 
 def test_training_script_quick_mode(tmp_path):
     """--quick trains a few iterations (loss decreases), writes a loadable file, and is deterministic for a seed."""
+    dm = H.pack_module("nodes.digits_model")
+
     train = _train_script()
     threads = torch.get_num_threads()
     try:
@@ -186,8 +192,7 @@ def test_loader_does_not_offer_the_unet_as_a_table():
 
 def test_tables_script_distils_then_refines_with_rdpo(tmp_path):
     """make_digits_tables: Stage 1 through ComfyUI, then Stage 2 (RDPO) from the Stage 1 file it wrote."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    import make_digits_tables
+    from scripts import make_digits_tables
 
     threads = torch.get_num_threads()
     args = ["--iterations", "2", "--batch", "4", "--rdpo-iterations", "2", "--nfe", "4", "--rdpo-nfe", "4",
@@ -212,7 +217,8 @@ def test_bundled_digits_tables_record_their_generator():
         distilled = epd_core.load_params(ROOT / "weights" / f"digits-nfe{nfe}.safetensors")
         refined = epd_core.load_params(ROOT / "weights" / f"digits-nfe{nfe}-rdpo.safetensors")
         for table in (distilled, refined):
-            assert table.metadata["command"].startswith("python scripts/make_digits_tables.py")
+            assert table.metadata["command"].startswith(("python -m scripts.make_digits_tables",
+                                                         "python scripts/make_digits_tables.py"))  # fmt: skip
             assert table.nfe == nfe
         assert refined.metadata["rdpo_start_file"] == f"digits-nfe{nfe}.safetensors"
         assert refined.metadata["distilled"] == distilled.metadata["distilled"]

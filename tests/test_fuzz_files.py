@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import official_files
 
 from epd_core import EPDFileError, EPDParams, load_params, save_params
+from epd_dev.shared_data import official_files
+
+pytestmark = pytest.mark.core
 
 FORBIDDEN = [
     ("os", "system"), ("posix", "system"), ("nt", "system"), ("subprocess", "Popen"), ("subprocess", "call"),

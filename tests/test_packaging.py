@@ -9,9 +9,12 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
 import tomllib
 
 import epd_core
+
+pytestmark = pytest.mark.core
 
 ROOT = Path(__file__).resolve().parents[1]
 COMFY = Path(sys.executable).with_name("comfy")

