@@ -40,7 +40,7 @@ setup_base() {
   local venv="${EPD_VENV:-.venv}" stamp comfy t0=$SECONDS
   stamp="$(stamp_of "$venv")"
   [ -f "$stamp" ] && return 0
-  echo "[setup] creating $venv (torch, ComfyUI 0.3.75, test tools); the first run takes about 3 minutes" >&2
+  echo "[setup] creating $venv (torch, ComfyUI 0.3.75, test tools): 3-4 minutes on an idle 2-core machine" >&2
   python3 -m venv "$venv"
   vpip "$venv" --upgrade pip
   # A genuine torch/torchvision pair (ComfyUI imports torchvision); both run on the CPU.
@@ -62,7 +62,7 @@ setup_comfy033() {
   [ -n "$tarball" ] || { echo "[setup] no $SHARED/comfyui/comfyui-0.33.0-*.tar.gz (set EPD_SHARED)" >&2; exit 1; }
   stamp="$(stamp_of "$venv" <(basename "$tarball"))"
   [ -f "$stamp" ] && [ -d "$tree/ComfyUI/comfy" ] && return 0
-  echo "[setup] creating $venv + $tree (torch, ComfyUI 0.33.0, test tools); the first run takes about 3 minutes" >&2
+  echo "[setup] creating $venv + $tree (torch, ComfyUI 0.33.0, test tools): 3-4 minutes on an idle 2-core machine" >&2
   rm -rf "$tree"
   mkdir -p "$tree"
   tar xzf "$tarball" -C "$tree"
