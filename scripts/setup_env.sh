@@ -32,6 +32,10 @@ comfy_requirements() {  # ComfyUI's own requirements without the torch family (p
   grep -v -E '^(torch|torchvision|torchaudio)([<>=~ ]|$)' "$1/requirements.txt" > "$2"
 }
 
+verb() {  # what a (re)run does to a venv
+  if [ -x "$1/bin/python" ]; then echo "updating"; else echo "creating"; fi
+}
+
 stamp_of() {
   echo "$1/.epd-setup-$(cat scripts/setup_env.sh requirements-dev.txt "${@:2}" | sha256sum | cut -c1-16)"
 }
@@ -40,7 +44,7 @@ setup_base() {
   local venv="${EPD_VENV:-.venv}" stamp comfy t0=$SECONDS
   stamp="$(stamp_of "$venv")"
   [ -f "$stamp" ] && return 0
-  echo "[setup] creating $venv (torch, ComfyUI 0.3.75, test tools): 3-4 minutes on an idle 2-core machine" >&2
+  echo "[setup] $(verb "$venv") $venv (torch, ComfyUI 0.3.75, test tools; first time: 3-4 min on 2 idle cores)" >&2
   python3 -m venv "$venv"
   vpip "$venv" --upgrade pip
   # A genuine torch/torchvision pair (ComfyUI imports torchvision); both run on the CPU.
@@ -62,7 +66,8 @@ setup_comfy033() {
   [ -n "$tarball" ] || { echo "[setup] no $SHARED/comfyui/comfyui-0.33.0-*.tar.gz (set EPD_SHARED)" >&2; exit 1; }
   stamp="$(stamp_of "$venv" <(basename "$tarball"))"
   [ -f "$stamp" ] && [ -d "$tree/ComfyUI/comfy" ] && return 0
-  echo "[setup] creating $venv + $tree (torch, ComfyUI 0.33.0, test tools): 3-4 minutes on an idle 2-core machine" >&2
+  echo "[setup] $(verb "$venv") $venv + $tree (torch, ComfyUI 0.33.0, test tools; first time: 3-4 min on 2 idle" \
+    "cores)" >&2
   rm -rf "$tree"
   mkdir -p "$tree"
   tar xzf "$tarball" -C "$tree"
