@@ -64,6 +64,19 @@ FLUX = {
 KINDS = ("eps", "v", "sd3", "flux")
 
 
+def flux_config() -> dict:
+    """``FLUX`` plus what this ComfyUI's ``FluxParams`` requires: newer versions need ``txt_ids_dims`` (Flux 1: none),
+    which older ones reject."""
+    import dataclasses
+
+    import comfy.ldm.flux.model
+
+    config = dict(FLUX)
+    if "txt_ids_dims" in {f.name for f in dataclasses.fields(comfy.ldm.flux.model.FluxParams)}:
+        config["txt_ids_dims"] = []
+    return config
+
+
 def tiny_model(kind: str = "eps", seed: int = 0):
     """A ModelPatcher of a real ComfyUI architecture with random weights.
 
@@ -82,7 +95,7 @@ def tiny_model(kind: str = "eps", seed: int = 0):
     elif kind == "sd3":
         model = comfy.supported_models.SD3(dict(SD3)).get_model({})
     elif kind == "flux":
-        model = comfy.supported_models.Flux(dict(FLUX)).get_model({})
+        model = comfy.supported_models.Flux(flux_config()).get_model({})
     else:
         raise ValueError(kind)
     _init(model.diffusion_model, seed)

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -58,6 +59,72 @@ def is_flow_model(model_sampling) -> bool:
     return isinstance(model_sampling, comfy.model_sampling.CONST)
 
 
+def model_type_names(model_sampling) -> set[str]:
+    """The class names a ComfyUI ``model_sampling`` is built from (its prediction type and its sigma schedule)."""
+    return {cls.__name__ for cls in type(model_sampling).__mro__}
+
+
+def is_flux_shift(model_sampling) -> bool:
+    """``ModelSamplingFlux`` (FLUX, Flux 2, Chroma, Qwen-Image, LTXV, ...): its ``shift`` is the grid's ``mu``."""
+    return "ModelSamplingFlux" in model_type_names(model_sampling)
+
+
+# Model kinds EPD does not sample, by the class name of their prediction type or sigma schedule (names, so the
+# types of newer ComfyUI versions need no import).
+_REFUSED_TYPES = {
+    "IMG_TO_IMG_FLOW": "an image-to-image flow model (IMG_TO_IMG_FLOW, e.g. WAN 2.1 FlowRVS)",
+    "IMG_TO_IMG_VELOCITY": "an image-to-image velocity model (IMG_TO_IMG_VELOCITY)",
+    "IMG_TO_IMG": "an image-to-image model (IMG_TO_IMG)",
+    "COSMOS_RFLOW": "a Cosmos rectified-flow model (FLOW_COSMOS, e.g. Cosmos Predict2)",
+    "V_PREDICTION_DDPM": "a zero-terminal-SNR v-prediction model (V_PREDICTION_DDPM, e.g. CogVideoX)",
+    "StableCascadeSampling": "Stable Cascade's cosine schedule (StableCascadeSampling)",
+}
+SUPPORTED_MODELS = (
+    "EPD supports discrete-time EPS and v-prediction models (SD1.5, SDXL, ...) with discrete tables, flow models "
+    "with a static shift (SD3, Wan, HunyuanVideo, Z-Image, ...) or ModelSamplingFlux (FLUX, Flux 2, Chroma, "
+    "Qwen-Image, LTXV, ...) with flow tables, and continuous EDM models with EDM tables"
+)
+
+
+def check_model_family(model_sampling) -> None:
+    """Refuse, by name, the model kinds whose sampling EPD's grid and update do not match."""
+    names = model_type_names(model_sampling)
+    for name, what in _REFUSED_TYPES.items():
+        if name in names:
+            raise ValueError(f"EPD cannot sample {what}. {SUPPORTED_MODELS}")
+    noise_scale = float(getattr(model_sampling, "noise_scale", 1.0))
+    if noise_scale != 1.0:
+        raise ValueError(
+            f"EPD cannot sample a flow model with noise_scale {noise_scale:g} (e.g. HiDream-O1): its tables are made "
+            f"for unit noise. {SUPPORTED_MODELS}"
+        )
+
+
+def check_cfg(guider) -> None:
+    """A non-finite guidance scale gives an all-NaN latent: refuse it."""
+    cfg = getattr(guider, "cfg", None)
+    if isinstance(cfg, (int, float)) and not math.isfinite(cfg):
+        raise ValueError(f"cfg must be a finite number, got {cfg}")
+
+
+def check_grid(params: EPDParams, model_sampling, sigmas: torch.Tensor) -> None:
+    """The sigmas must be the table's own grid for this model (EPD Scheduler's), or its last steps (``denoise``),
+    optionally ending in 0: a grid of another length or spacing would run the table's steps at the wrong times."""
+    from .scheduling import model_schedule
+
+    positive = sigmas[:-1] if sigmas.shape[0] >= 2 and float(sigmas[-1]) == 0.0 else sigmas
+    grid = model_schedule(params, model_sampling)
+    n = positive.shape[0]
+    if 1 <= n <= grid.shape[0] and torch.allclose(positive.double(), grid[-n:].float().double(), rtol=1e-5, atol=0):
+        return
+    got = f"{sigmas.shape[0]} sigmas" + (f" from {float(sigmas[0]):.4g} to {float(sigmas[-1]):.4g}" if n else "")
+    raise ValueError(
+        f"the sigmas are not this EPD table's grid: got {got}, but the table's grid for this model has "
+        f"{grid.shape[0]} time points from {float(grid[0]):.4g} to {float(grid[-1]):.4g} (a denoise < 1 keeps its last "
+        f"ones). Use EPD Scheduler with the same model and table for the sigmas, or EPD KSampler"
+    )
+
+
 def is_discrete_model(model_sampling) -> bool:
     return type(model_sampling).timestep is comfy.model_sampling.ModelSamplingDiscrete.timestep
 
@@ -86,16 +153,19 @@ def exact_timesteps(base, enabled: bool = True) -> Iterator[None]:
 
 
 @contextmanager
-def epd_run(model, params: EPDParams, x: torch.Tensor, parallel: str, continuous_time: bool):
-    """Checks the table against ComfyUI's wrapped model, picks how the K points are batched, patches time.
+def epd_run(model, params: EPDParams, x: torch.Tensor, parallel: str, continuous_time: bool, sigmas: torch.Tensor):
+    """Checks the table, the grid and cfg against ComfyUI's wrapped model, picks how the K points are batched,
+    patches time.
 
     Yields ``(mode, model_sampling)``: ``mode`` for :func:`epd_core.sample`'s ``parallel``.
     """
     guider = getattr(model, "inner_model", None)
     base = getattr(guider, "inner_model", None)
     model_sampling = getattr(base, "model_sampling", None)
+    check_cfg(guider)
     if model_sampling is not None:
         check_compatible(params, model_sampling)
+        check_grid(params, model_sampling, sigmas)
     if parallel == "batched":
         mode: bool | int = True
     elif parallel == "sequential" or _conds_need_sequential(guider):
@@ -107,7 +177,9 @@ def epd_run(model, params: EPDParams, x: torch.Tensor, parallel: str, continuous
 
 
 def check_compatible(params: EPDParams, model_sampling) -> None:
-    """A flow table on an EPS/V model (or the reverse) is an error, not a bad image."""
+    """A model kind EPD does not sample, or a flow table on an EPS/V model (or the reverse), is an error, not a bad
+    image."""
+    check_model_family(model_sampling)
     flow = is_flow_model(model_sampling)
     if params.is_flow != flow:
         kind = "rectified-flow (SD3/FLUX)" if params.is_flow else "variance-exploding (SD1.5/SDXL/EDM)"
@@ -196,7 +268,7 @@ def epd_sampler_function(
     """The ``KSAMPLER`` function: EPD on ComfyUI's model wrapper."""
     extra_args = {} if extra_args is None else extra_args
     sigmas = sigmas.detach().to("cpu", torch.float64)
-    with epd_run(model, params, x, parallel, continuous_time) as (mode, model_sampling):
+    with epd_run(model, params, x, parallel, continuous_time, sigmas) as (mode, model_sampling):
         flow = model_sampling is not None and is_flow_model(model_sampling)
         if convention == "authors" and not flow and model_sampling is not None:
             s0 = float(sigmas[0])
@@ -285,7 +357,8 @@ def make_plugin_sampler(base, params: EPDParams, parallel: str = "auto", continu
     def plugin_function(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
         if name in ("uni_pc", "uni_pc_bh2") and float(sigmas[-1]) == 0.0:
             raise ValueError(f"{name} replaces a final sigma 0 by its own grid end; turn final_denoise off")
-        with epd_run(model, params, x, parallel, continuous_time) as (mode, _):
+        grid = sigmas.detach().to("cpu", torch.float64)
+        with epd_run(model, params, x, parallel, continuous_time, grid) as (mode, _):
             plugin = PluginDenoiser(params, sigmas, mode)
             return base.sampler_function(
                 _PluginModel(model, plugin), x, sigmas, extra_args=extra_args, callback=callback, disable=disable,

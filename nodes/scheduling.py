@@ -13,11 +13,10 @@
 
 from __future__ import annotations
 
-import comfy.model_sampling
 import torch
 
 from ..epd_core import EPDParams, make_schedule
-from .sampling import check_compatible, is_discrete_model, is_flow_model
+from .sampling import check_compatible, is_discrete_model, is_flow_model, is_flux_shift
 
 
 def model_schedule(params: EPDParams, model_sampling) -> torch.Tensor:
@@ -25,7 +24,7 @@ def model_schedule(params: EPDParams, model_sampling) -> torch.Tensor:
     check_compatible(params, model_sampling)
     if is_flow_model(model_sampling):
         shift = float(getattr(model_sampling, "shift", 3.0))
-        if isinstance(model_sampling, comfy.model_sampling.ModelSamplingFlux):
+        if is_flux_shift(model_sampling):
             return make_schedule(params, mu=shift)
         return make_schedule(params, shift=shift)
     if params.schedule_type == "discrete" or params.backend == "ldm":

@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import comfy.model_management
-import comfy.model_sampling
 import comfy.sampler_helpers
 import comfy.samplers
 import comfy.utils
@@ -31,7 +30,7 @@ from ..epd_core.distill import distill
 from ..epd_core.rdpo import rdpo
 from ..epd_core.teachers import subdivide, teacher_trajectory
 from .rewards import Reward
-from .sampling import _ComfyDenoiser, exact_timesteps, is_discrete_model, is_flow_model
+from .sampling import _ComfyDenoiser, exact_timesteps, is_discrete_model, is_flow_model, is_flux_shift
 from .scheduling import model_schedule
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")
@@ -41,7 +40,7 @@ def start_table(model_sampling, steps: int, points: int, afs: bool) -> EPDParams
     """The untrained start table matching a ComfyUI model's kind of noise schedule."""
     if is_flow_model(model_sampling):
         shift = float(getattr(model_sampling, "shift", 3.0))
-        if isinstance(model_sampling, comfy.model_sampling.ModelSamplingFlux):
+        if is_flux_shift(model_sampling):
             return EPDParams.start(steps, points, schedule_type="flowmatch", schedule_rho=1.0, backend="flux",
                                    flowmatch_mu=shift, afs=afs)  # fmt: skip
         return EPDParams.start(steps, points, schedule_type="flowmatch", schedule_rho=1.0, backend="sd3",

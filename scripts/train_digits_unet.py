@@ -74,6 +74,7 @@ def train(
     model = dm.DigitsModel(device=torch.device("cpu"))
     unet, ms = model.diffusion_model, model.model_sampling
     init_weights(unet)
+    unet.requires_grad_(True)  # newer ComfyUI's BaseModel freezes its network; training needs it back
     unet.train()
     live = unet.state_dict()  # detached views of the parameters: they follow the optimiser's in-place updates
     ema = {k: v.clone() for k, v in live.items()}

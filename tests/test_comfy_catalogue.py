@@ -66,7 +66,7 @@ def test_loader_downloads_a_listed_table_when_the_graph_runs(loader_env, mirror,
 
     graph = _graph(choice)
     assert asyncio.run(execution.validate_prompt("p1", graph, None))[0]
-    executor = execution.PromptExecutor(_Server(), cache_args={"lru": 0, "ram": 0})
+    executor = execution.PromptExecutor(_Server(), cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
     executor.execute(graph, "p1", {}, ["3"])
     assert executor.success, executor.status_messages
     assert len(mirror.requests) == 1
@@ -92,7 +92,7 @@ def test_loader_with_a_bad_mirror_is_a_node_error(loader_env, monkeypatch):
     monkeypatch.setenv(MIRROR_ENV, dead_url())
     graph = _graph("[download] tpami-flux-best")
     assert asyncio.run(execution.validate_prompt("p1", graph, None))[0]
-    executor = execution.PromptExecutor(_Server(), cache_args={"lru": 0, "ram": 0})
+    executor = execution.PromptExecutor(_Server(), cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
     executor.execute(graph, "p1", {}, ["3"])
     assert not executor.success
     errors = [data for event, data in executor.status_messages if event == "execution_error"]

@@ -1,0 +1,192 @@
+"""Every model kind of the ComfyUI under test is sampled knowingly or refused by name; honest errors for a grid that
+is not the table's own and for a non-finite cfg."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import epd_core
+from epd_dev import comfy_harness as H
+from epd_dev.comfy_harness import NODES as N
+from epd_dev.shared_data import official_path
+from epd_dev.tiny_models import conditioning, tiny_model
+
+pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("comfy_nodes")]
+
+# What EPD does with each ComfyUI model type. A type that a newer ComfyUI adds fails the completeness test below
+# until it is handled knowingly here and in nodes/sampling.py.
+KINDS = {
+    "EPS": "discrete",
+    "V_PREDICTION": "discrete",
+    "V_PREDICTION_EDM": "continuous",
+    "EDM": "continuous",
+    "V_PREDICTION_CONTINUOUS": "continuous",
+    "STABLE_CASCADE": "refused",
+    "FLOW": "static shift",
+    "FLOW_AV": "static shift",
+    "FLUX": "flux shift",
+    "IMG_TO_IMG": "refused",
+    "FLOW_COSMOS": "refused",
+    "IMG_TO_IMG_FLOW": "refused",
+    "IMG_TO_IMG_VELOCITY": "refused",
+    "V_PREDICTION_DDPM": "refused",
+}
+REFUSED_AS = {
+    "STABLE_CASCADE": "StableCascadeSampling",
+    "IMG_TO_IMG": "IMG_TO_IMG",
+    "FLOW_COSMOS": "FLOW_COSMOS",
+    "IMG_TO_IMG_FLOW": "IMG_TO_IMG_FLOW",
+    "IMG_TO_IMG_VELOCITY": "IMG_TO_IMG_VELOCITY",
+    "V_PREDICTION_DDPM": "V_PREDICTION_DDPM",
+}
+TABLES = {
+    "discrete": "sd15-best.pkl",
+    "continuous": "00002-cifar10-4-5-epd-uni1.0-afs.pkl",
+    "static shift": "sd3-512-best.pkl",
+    "flux shift": "flux-best.pkl",
+    "refused": "sd3-512-best.pkl",
+}
+def _model_types() -> list[str]:
+    """The model types of the ComfyUI under test."""
+    import comfy.model_base
+
+    return [t.name for t in comfy.model_base.ModelType]
+
+
+def _model_sampling(type_name: str, **settings):
+    """ComfyUI's own ``model_sampling`` for a model type, as its checkpoints' configs build it."""
+    import comfy.model_base
+
+    config = H.pack_module("nodes.analytic_model").AnalyticConfig(settings)
+    return comfy.model_base.model_sampling(config, comfy.model_base.ModelType[type_name])
+
+
+def test_every_model_type_of_this_comfyui_is_handled_knowingly():
+    types = set(_model_types())
+    assert types <= set(KINDS), f"new ComfyUI model types to handle: {types - set(KINDS)}"
+
+
+def test_each_model_type_gets_its_grid_or_a_refusal_by_name():
+    for type_name in _model_types():
+        _check_model_type(type_name)
+
+
+def _check_model_type(type_name: str) -> None:
+    scheduling = H.pack_module("nodes.scheduling")
+    kind = KINDS[type_name]
+    params = epd_core.load_params(official_path(TABLES[kind]))
+    ms = _model_sampling(type_name, shift=5.0)
+    if kind == "refused":
+        with pytest.raises(ValueError, match=REFUSED_AS[type_name]) as err:
+            scheduling.epd_sigmas(params, ms)
+        assert "EPD supports" in str(err.value)
+        return
+    grid = scheduling.epd_sigmas(params, ms).double()
+    assert grid.shape == (params.num_steps,) and bool(torch.all(grid[1:] < grid[:-1]))
+    if kind == "discrete":  # the model's own alphas_cumprod (here ComfyUI's default SD schedule)
+        alphas = 1.0 / (1.0 + ms.sigmas.double() ** 2)
+        assert torch.allclose(grid, epd_core.make_schedule(params, alphas_cumprod=alphas), rtol=1e-6)
+    elif kind == "continuous":
+        assert torch.allclose(grid, epd_core.make_schedule(params), rtol=1e-6)
+    elif kind == "static shift":  # the authors' (diffusers') grid for the model's shift, by ComfyUI's own sigma(t)
+        t = torch.linspace(float(ms.sigma(torch.tensor(1000.0))), float(ms.sigma(torch.tensor(1.0))), params.num_steps)
+        assert ms.shift == 5.0 and torch.allclose(grid, ms.sigma(t.double() * 1000).double(), rtol=1e-5)
+    else:  # ModelSamplingFlux: its shift is the grid's mu
+        base = torch.linspace(1.0, 1e-3, params.num_steps, dtype=torch.float64)
+        assert ms.shift == 5.0 and torch.allclose(grid, ms.sigma(base).double(), rtol=1e-5)
+    other = epd_core.load_params(official_path(TABLES["discrete" if kind != "discrete" else "static shift"]))
+    with pytest.raises(ValueError):
+        scheduling.epd_sigmas(other, ms)
+
+
+def test_noise_scale_other_than_one_is_refused_where_comfyui_applies_it():
+    """HiDream-O1's flow scales its noise by 8 (newer ComfyUI); EPD's tables are for unit noise."""
+    scheduling = H.pack_module("nodes.scheduling")
+    ms = _model_sampling("FLOW", shift=3.0, noise_scale=8.0)
+    params = epd_core.load_params(official_path("sd3-512-best.pkl"))
+    if getattr(ms, "noise_scale", 1.0) == 1.0:  # this ComfyUI has no noise_scale: the model samples as usual
+        assert scheduling.epd_sigmas(params, ms).shape == (params.num_steps,)
+    else:
+        with pytest.raises(ValueError, match="noise_scale 8"):
+            scheduling.epd_sigmas(params, ms)
+
+
+def test_model_sampling_flux_node_upstream_sets_the_grid_mu():
+    """FLUX / Flux 2 / Qwen-Image: ComfyUI's ModelSamplingFlux node (the resolution's mu) decides EPD's grid."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingFlux
+
+    model = tiny_model("flux")
+    params = epd_core.load_params(official_path("flux-best.pkl"))
+    (patched,) = ModelSamplingFlux().patch(model, 1.15, 0.5, 512, 512)
+    mu = float(patched.get_model_object("model_sampling").shift)
+    (sigmas,) = N["EPDScheduler"].execute(patched, params, 1.0, False).result
+    assert mu != 1.15
+    assert torch.allclose(sigmas.double(), epd_core.make_schedule(params, mu=mu).float().double())
+    (default,) = N["EPDScheduler"].execute(model, params, 1.0, False).result
+    assert not torch.allclose(sigmas, default)
+
+
+def _analytic(form: str = "sd15_eps"):
+    return N["EPDAnalyticModel"].execute(form, "reference", 0.0).result
+
+
+@pytest.mark.parametrize("steps", [2, 3, 4, 5, 6])
+def test_a_builtin_scheduler_grid_on_epd_sampler_is_an_error_naming_epd_scheduler(steps):
+    """A BasicScheduler grid of any length on a 4-point table used to run as if it were the table's own."""
+    from comfy_extras.nodes_custom_sampler import BasicScheduler, SamplerCustom
+
+    model, cond = _analytic()
+    params = epd_core.load_params(H.ROOT / "weights" / "analytic-sd15-reference-nfe5.safetensors")
+    assert params.num_steps == 4
+    (sigmas,) = BasicScheduler.execute(model, "normal", steps, 1.0).result
+    (sampler,) = N["EPDSampler"].execute(params, "auto", True, "comfyui").result
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    with pytest.raises(ValueError, match="EPD Scheduler"):
+        SamplerCustom.execute(model, True, 0, 1.0, cond, cond, sampler, sigmas, latent)
+
+
+def test_the_tables_own_grid_and_its_denoise_cut_still_run():
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+
+    model, cond = _analytic()
+    params = epd_core.load_params(H.ROOT / "weights" / "analytic-sd15-reference-nfe5.safetensors")
+    (sampler,) = N["EPDSampler"].execute(params, "auto", True, "comfyui").result
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    for denoise, final in ((1.0, False), (1.0, True), (0.67, False), (0.67, True)):
+        (sigmas,) = N["EPDScheduler"].execute(model, params, denoise, final).result
+        out = SamplerCustom.execute(model, True, 0, 1.0, cond, cond, sampler, sigmas, latent).result[0]
+        assert torch.isfinite(out["samples"]).all()
+    (sigmas,) = N["EPDScheduler"].execute(model, params, 1.0, False).result
+    with pytest.raises(ValueError, match="EPD Scheduler"):  # the grid's first part is not a denoise cut
+        SamplerCustom.execute(model, True, 0, 1.0, cond, cond, sampler, sigmas[:-1], latent)
+
+
+def test_a_builtin_scheduler_grid_under_epd_plugin_is_an_error_naming_epd_scheduler():
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import BasicScheduler, SamplerCustom
+
+    model, cond = _analytic()
+    params = epd_core.load_params(H.ROOT / "weights" / "analytic-sd15-reference-nfe10-plugin-dpmpp_2m.safetensors")
+    (sampler, _) = N["EPDPlugin"].execute(comfy.samplers.sampler_object("dpmpp_2m"), params, "auto").result
+    (sigmas,) = BasicScheduler.execute(model, "karras", params.num_steps - 1, 1.0).result
+    with pytest.raises(ValueError, match="EPD Scheduler"):
+        SamplerCustom.execute(model, True, 0, 1.0, cond, cond, sampler, sigmas, {"samples": torch.zeros(1, 4, 8, 8)})
+
+
+@pytest.mark.parametrize("cfg", [math.nan, math.inf])
+def test_non_finite_cfg_is_refused(cfg):
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+
+    model = tiny_model("eps")
+    pos, neg = conditioning(1, 1), conditioning(1, 2)
+    params = epd_core.load_params(official_path("sd15-best.pkl"))
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    with pytest.raises(ValueError, match="cfg must be a finite number"):
+        N["EPDKSampler"].execute(model, 0, cfg, pos, neg, latent, params, 1.0, "auto", False)
+    (sigmas,) = N["EPDScheduler"].execute(model, params, 1.0, False).result
+    (sampler,) = N["EPDSampler"].execute(params, "auto", True, "comfyui").result
+    with pytest.raises(ValueError, match="cfg must be a finite number"):
+        SamplerCustom.execute(model, True, 0, cfg, pos, neg, sampler, sigmas, latent)
