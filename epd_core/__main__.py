@@ -10,7 +10,7 @@ import torch
 from . import EPDParams, GaussianMixture, load_params, make_schedule, sample, save_params
 from .analytic import heun
 from .catalogue import DEFAULT_TIMEOUT, MIRROR_ENV, fetch, find_entry, load_catalogue
-from .files import EPDFileError
+from .files import EPDFileError, check_destination
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -33,8 +33,9 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    check_destination(args.dst, args.force)
     p = load_params(args.src)
-    save_params(p, args.dst)
+    save_params(p, args.dst, overwrite=args.force)
     print(f"wrote {args.dst} ({p.num_steps - 1} steps, {p.num_points} points, NFE {p.nfe})")
     return 0
 
@@ -88,6 +89,7 @@ def _distill(args: argparse.Namespace, argv: list[str]) -> int:
 
     from .distill import distill
 
+    check_destination(args.out, args.force)
     form = dict(ANALYTIC_FORMS[args.form])
     if args.schedule:
         form["schedule_type"] = args.schedule
@@ -112,7 +114,7 @@ def _distill(args: argparse.Namespace, argv: list[str]) -> int:
         metadata={"model": f"analytic {args.form} / mixture {args.mixture}",
                   "command": "python -m epd_core " + shlex.join(argv)},
     )  # fmt: skip
-    save_params(params, args.out)
+    save_params(params, args.out, overwrite=args.force)
     print(f"wrote {args.out}: NFE {params.nfe}, loss {params.metadata['distilled']['final_loss']:.5f}")
     return 0
 
@@ -124,6 +126,7 @@ def _rdpo(args: argparse.Namespace, argv: list[str]) -> int:
     from .analytic import ode_endpoint
     from .rdpo import rdpo
 
+    check_destination(args.out, args.force)
     start = load_params(args.table)
     gm = GaussianMixture.named(args.mixture)
     if start.is_flow:
@@ -142,7 +145,7 @@ def _rdpo(args: argparse.Namespace, argv: list[str]) -> int:
         scale_heads=args.scale_heads, scale_std=args.scale_std,
         metadata={"command": "python -m epd_core " + shlex.join(argv), "rdpo_start_file": str(args.table)},
     )  # fmt: skip
-    save_params(params, args.out)
+    save_params(params, args.out, overwrite=args.force)
     print(f"wrote {args.out}: mean reward {curve[0]:.5f} -> {params.metadata['rdpo']['final_reward']:.5f}")
     return 0
 
@@ -156,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     conv = sub.add_parser("convert", help="convert an authors' .pkl (or any table) to the project's .safetensors")
     conv.add_argument("src")
     conv.add_argument("dst")
+    conv.add_argument("--force", action="store_true", help="replace an existing file")
     conv.set_defaults(fn=_convert)
     demo = sub.add_parser("demo", help="EPD vs Euler on the exact Gaussian-mixture denoiser")
     demo.add_argument("table")
@@ -205,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         help="fit the table for sampling to sigma 0 with final_step 'estimate' (last step extended to 0, no call)",
     )
     dist.add_argument("--out", required=True)
+    dist.add_argument("--force", action="store_true", help="replace an existing --out file")
     cat = sub.add_parser("catalogue", help="list the authors' published tables (download one with fetch)")
     cat.set_defaults(fn=_catalogue)
     fe = sub.add_parser("fetch", help="download a published table, verify its sha256, convert it to .safetensors")
@@ -231,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     rd.add_argument("--scale-std", type=float, default=0.02, help="std of the log-normal scale heads")
     rd.add_argument("--out", required=True)
+    rd.add_argument("--force", action="store_true", help="replace an existing --out file")
     argv = sys.argv[1:] if argv is None else argv
     dist.set_defaults(fn=lambda a: _distill(a, argv))
     rd.set_defaults(fn=lambda a: _rdpo(a, argv))
@@ -239,6 +245,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except EPDFileError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        name = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {name}{exc.strerror or exc}", file=sys.stderr)
         return 2
 
 
