@@ -287,8 +287,9 @@ def save_params(params: EPDParams, path: str | os.PathLike, *, overwrite: bool =
     try:
         _write_atomic(blob, path, overwrite)
     except FileExistsError:
-        raise EPDFileError(path, "appeared while this table was made; not replacing it (overwrite replaces it)") \
-            from None
+        raise EPDFileError(
+            path, "appeared while this table was made; not replacing it (overwrite replaces it)"
+        ) from None
     except OSError as exc:
         raise EPDFileError(path, f"cannot write: {exc.strerror or exc}") from None
     return path
