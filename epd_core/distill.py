@@ -13,12 +13,14 @@ be replaced by a caller's feature loss.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from .bases import BASES, base_update
+from .checkpoint import Checkpointer, RunState, interruptible, probe, table_digest
 from .params import TABLE_NAMES, EPDParams, decode
 from .schedules import make_schedule
 from .solver import Denoiser, adams_bashforth, ensemble_direction, first_direction, push_history
@@ -170,6 +172,9 @@ def distill(
     feature_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     progress: Callable[[int, int, float], None] | None = None,
     metadata: dict[str, Any] | None = None,
+    check_interrupt: Callable[[], None] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
 ) -> EPDParams:
     """Fit ``start``'s tables (and, with ``learn_grid``, its interior grid points) to a teacher.
 
@@ -180,7 +185,11 @@ def distill(
     through the denoiser (for large models, or models whose forward is not differentiable).
     ``final_estimate=True`` fits the table for sampling to sigma 0 with ``final="estimate"`` (its last step
     extended to 0, no extra call) against the teacher's denoised end point.
+    ``check_interrupt()`` runs before every model call, the teacher's included (raise to stop).
+    ``checkpoint``: a file the run's state is saved to every ``checkpoint_every`` iterations and resumed
+    from (see :mod:`epd_core.checkpoint`): a resumed run ends with the same table as an uninterrupted one.
     """
+    denoiser = interruptible(denoiser, check_interrupt)
     if gradient not in ("autograd", "fd"):
         raise ValueError(f"gradient must be 'autograd' or 'fd', got {gradient!r}")
     if plugin_base not in BASES:
@@ -219,8 +228,20 @@ def distill(
     gen = torch.Generator().manual_seed(seed)
     history: list[float] = []
     x = None
+    ckpt = None
+    if checkpoint is not None:
+        config = _run_config(start, shape, base_grid, dict(
+            iterations=iterations, batch=batch, teacher=teacher, teacher_m=teacher_m, lr=lr, seed=seed,
+            learn_grid=learn_grid, gradient=gradient, weighting=weighting, plugin_base=plugin_base, objective=objective,
+            final_estimate=final_estimate, dtype=str(dtype), feature_loss=feature_loss is not None))  # fmt: skip
+        state = RunState({**raw, "grid_logits": logits}, opt, sched, gen)
+        fingerprint = probe(denoiser, shape, float(base_grid[0]), dtype, device)
+        ckpt = Checkpointer(checkpoint, checkpoint_every, state, config, fingerprint)
+        first, history = ckpt.resume()
+        if first and progress is not None:
+            progress(first, iterations, history[-1])
 
-    for it in range(iterations):
+    for it in range(ckpt.resumed_at if ckpt else 0, iterations):
         grid_now = _grid_from_logits(ends, logits) if learn_grid else base_grid
         noise = torch.randn((batch, *shape), generator=gen, dtype=torch.float64).to(device, dtype)
         x = noise if start.is_flow else noise * grid_now[0].detach().to(dtype)
@@ -247,6 +268,8 @@ def distill(
         history.append(float(loss.detach()))
         if progress is not None:
             progress(it + 1, iterations, history[-1])
+        if ckpt is not None:
+            ckpt.step(it + 1, history, iterations)
 
     tables = {name: raw[name].detach().to("cpu", torch.float32) for name in TABLE_NAMES}
     learned = _grid_from_logits(ends, logits).detach().cpu() if learn_grid else None
@@ -272,3 +295,9 @@ def distill(
         },
     }
     return start.replace(**tables, t_steps=learned, teacher=teacher, teacher_steps_m=teacher_m, metadata=provenance)
+
+
+def _run_config(start: EPDParams, shape: tuple[int, ...], grid: torch.Tensor, options: dict[str, Any]) -> dict:
+    """What a checkpoint must agree on to be resumed: the options, the start table, the sample shape, the grid."""
+    return {**options, "start": table_digest(*(getattr(start, n) for n in TABLE_NAMES)), "start_hyper": start.hyper(),
+            "shape": list(shape), "grid": [float(t) for t in grid.detach().cpu()]}  # fmt: skip

@@ -28,6 +28,7 @@ reward with a small PPO, touching only the solver's parameters:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,7 +36,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .params import Decoded, EPDParams
+from .checkpoint import Checkpointer, RunState, interruptible, probe, table_digest
+from .params import TABLE_NAMES, Decoded, EPDParams
 from .schedules import make_schedule
 from .solver import Denoiser, ensemble_direction, first_direction, push_history
 
@@ -346,6 +348,9 @@ def rdpo(
     device: torch.device | str | None = None,
     progress: Callable[[int, int, float], None] | None = None,
     metadata: dict[str, Any] | None = None,
+    check_interrupt: Callable[[], None] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 5,
 ) -> tuple[EPDParams, list[float]]:
     """Fine-tune ``start`` with RDPO; returns the exported mean table and the mean reward per iteration.
 
@@ -353,7 +358,10 @@ def rdpo(
     pass ``reward(final_x, context)`` (``context`` = the rollouts' group indices into this iteration's
     noises) or ``reference(x_start) -> target`` for the built-in fidelity reward. ``scale_heads`` also
     trains the table's learnable ``scale_dir`` / ``scale_time`` (log-normal heads of std ``scale_std``).
+    ``check_interrupt()`` runs before every model call of the rollouts (raise to stop); ``checkpoint`` /
+    ``checkpoint_every``: periodic saves and resume, as in :func:`epd_core.distill.distill`.
     """
+    denoiser = interruptible(denoiser, check_interrupt)
     if (reward is None) == (reference is None):
         raise ValueError("pass exactly one of reward and reference")
     grid = make_schedule(start).to(device)
@@ -363,7 +371,22 @@ def rdpo(
     opt = torch.optim.Adam(policy.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     curve: list[float] = []
-    for it in range(iterations):
+    ckpt = None
+    if checkpoint is not None:
+        config = {
+            "iterations": iterations, "groups": groups, "k": k, "minibatch": minibatch, "concentration": concentration,
+            "lr": lr, "clip": clip, "scale_heads": scale_heads, "scale_std": scale_std, "seed": seed,
+            "dtype": str(dtype), "shape": list(shape), "start_hyper": start.hyper(),
+            "reward": "fidelity" if reward is None else getattr(reward, "__name__", "custom"),
+            "start": table_digest(*(getattr(start, n) for n in TABLE_NAMES)),
+        }  # fmt: skip
+        state = RunState(policy.state_dict(), opt, None, gen)
+        fingerprint = probe(denoiser, shape, float(grid[0]), dtype, device)
+        ckpt = Checkpointer(checkpoint, checkpoint_every, state, config, fingerprint)
+        first, curve = ckpt.resume()
+        if first and progress is not None:
+            progress(first, iterations, curve[-1])
+    for it in range(ckpt.resumed_at if ckpt else 0, iterations):
         noise = torch.randn((groups, *shape), generator=gen, dtype=torch.float64).to(device, dtype)
         x0 = noise if start.is_flow else noise * grid[0].to(dtype)
         context = torch.arange(groups, device=device).repeat_interleave(k)
@@ -387,6 +410,8 @@ def rdpo(
         curve.append(float(score.mean()))
         if progress is not None:
             progress(it + 1, iterations, curve[-1])
+        if ckpt is not None:
+            ckpt.step(it + 1, curve, iterations)
     tail = curve[-max(1, iterations // 5) :]
     provenance = {
         **(metadata or {}),

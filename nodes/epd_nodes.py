@@ -10,17 +10,18 @@ import folder_paths
 import torch
 from comfy_api.latest import io
 
-from ..epd_core import EPDFileError, EPDParams, load_params, save_params
+from ..epd_core import EPDFileError, EPDParams, load_params
 from ..epd_core.analytic import MIXTURES
-from ..epd_core.catalogue import CatalogueEntry, fetch, load_catalogue
+from ..epd_core.catalogue import CatalogueEntry, load_catalogue
 from .analytic_model import FORMS, analytic_model_patcher
 from .digits_model import WEIGHTS as DIGITS_WEIGHTS
 from .digits_model import digits_model_patcher
+from .guard import catalogue_file, user_error, user_text
 from .preview import table_image
 from .rewards import clip_score_reward
 from .sampling import CONVENTIONS, FINAL_STEPS, PARALLEL_MODES, PLUGIN_BASES, make_plugin_sampler, make_sampler
 from .scheduling import epd_sigmas
-from .training import distill_on_model, output_path, rdpo_on_model, start_table
+from .training import distill_on_model, output_path, rdpo_on_model, save_output, start_table
 
 EPDParamsType = io.Custom("EPD_PARAMS")
 
@@ -52,7 +53,7 @@ def load_table(name: str) -> EPDParams:
     """Load a table by its name in the ``epd`` folder; errors name the file."""
     path = folder_paths.get_full_path(FOLDER, name)
     if path is None:
-        raise ValueError(f"EPD table {name!r} not found in {folder_paths.get_folder_paths(FOLDER)}")
+        raise user_error(ValueError(f"EPD table {name!r} not found in {folder_paths.get_folder_paths(FOLDER)}"))
     stat = os.stat(path)
     key = (path, stat.st_mtime_ns, stat.st_size)
     if key not in _CACHE:
@@ -60,7 +61,7 @@ def load_table(name: str) -> EPDParams:
             _CACHE.clear()
             _CACHE[key] = load_params(path)
         except EPDFileError as exc:
-            raise ValueError(f"cannot load EPD table: {exc}") from None
+            raise user_error(ValueError(f"cannot load EPD table: {exc}")) from None
     return _CACHE[key]
 
 
@@ -93,9 +94,7 @@ def resolve_table(choice: str) -> str:
     entry = catalogue_choice(choice)
     if entry is None:
         raise ValueError(f"{choice!r}: no such published table in the EPD catalogue")
-    if folder_paths.get_full_path(FOLDER, entry.filename) is None:
-        fetch(entry, folder_paths.get_folder_paths(FOLDER)[0])
-    return entry.filename
+    return catalogue_file(entry)
 
 
 def describe(params: EPDParams) -> str:
@@ -136,7 +135,8 @@ class EPDParamsLoader(io.ComfyNode):
         """Like the combo check, but a ``[download]`` choice stays valid after its table was downloaded."""
         if table_name is None or table_name in folder_paths.get_filename_list(FOLDER) or catalogue_choice(table_name):
             return True
-        return f"EPD table {table_name!r} not found in {folder_paths.get_folder_paths(FOLDER)} nor in the catalogue"
+        where = user_text(str(folder_paths.get_folder_paths(FOLDER)))
+        return f"EPD table {table_name!r} not found in {where} nor in the catalogue"
 
     @classmethod
     def execute(cls, table_name: str) -> io.NodeOutput:
@@ -452,9 +452,9 @@ class EPDDistill(io.ComfyNode):
             teacher=teacher, teacher_m=teacher_steps, lr=learning_rate, seed=seed, learn_grid=learn_grid,
             final_estimate=final_estimate, metadata={"tool": "EPD Distill node", "cfg": cfg},
         )  # fmt: skip
-        save_params(params, path)
+        saved = save_output(params, path, overwrite)
         d = params.metadata["distilled"]
-        info = f"{describe(params)}; loss {d['first_loss']:.4g} -> {d['final_loss']:.4g}; saved {path}"
+        info = f"{describe(params)}; loss {d['first_loss']:.4g} -> {d['final_loss']:.4g}; saved {saved}"
         return io.NodeOutput(params, info)
 
 
@@ -539,9 +539,9 @@ class EPDRDPO(io.ComfyNode):
             reward=scorer, iterations=iterations, groups=groups, k=group_size, concentration=concentration,
             lr=learning_rate, seed=seed, metadata=metadata,
         )  # fmt: skip
-        save_params(params, path)
+        saved = save_output(params, path, overwrite)
         info = (
-            f"{describe(params)}; reward {curve[0]:.4g} -> {params.metadata['rdpo']['final_reward']:.4g}; saved {path}"
+            f"{describe(params)}; reward {curve[0]:.4g} -> {params.metadata['rdpo']['final_reward']:.4g}; saved {saved}"
         )
         return io.NodeOutput(params, info)
 

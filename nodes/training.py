@@ -26,14 +26,17 @@ import folder_paths
 import torch
 
 from ..epd_core import EPDParams
+from ..epd_core.catalogue import load_catalogue
 from ..epd_core.distill import distill
+from ..epd_core.files import EPDFileError, save_params
 from ..epd_core.rdpo import rdpo
 from ..epd_core.teachers import subdivide, teacher_trajectory
+from .guard import PACK, user_error, user_path
 from .rewards import Reward
 from .sampling import _ComfyDenoiser, exact_timesteps, is_discrete_model, is_flow_model
 from .scheduling import model_schedule
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,100}")  # used with fullmatch: "$" would accept "name\n"
 
 
 def start_table(model_sampling, steps: int, points: int, afs: bool) -> EPDParams:
@@ -53,16 +56,34 @@ def start_table(model_sampling, steps: int, points: int, afs: bool) -> EPDParams
 
 
 def output_path(filename: str, overwrite: bool) -> Path:
-    """``models/epd/<filename>.safetensors``; refuses odd names and, unless asked, existing files."""
+    """``models/epd/<filename>.safetensors``; refuses odd names, names of the pack's bundled or downloadable
+    tables (the trained file would shadow them) and, unless asked, existing files."""
     stem = filename.removesuffix(".safetensors")
-    if not _NAME.match(stem) or ".." in stem:
+    if not _NAME.fullmatch(stem) or ".." in stem:
         raise ValueError(f"invalid table name {filename!r}: use letters, digits, '.', '_' and '-'")
+    reserved = {p.stem.lower() for p in (PACK / "weights").iterdir() if p.suffix in (".safetensors", ".pkl")}
+    try:
+        reserved |= {name.lower() for name in load_catalogue()}
+    except EPDFileError:
+        pass
+    if stem.lower() in reserved:
+        raise ValueError(f"{stem!r} is the name of a table bundled with or published for the pack; choose another")
     folder = Path(folder_paths.get_folder_paths("epd")[0])
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{stem}.safetensors"
-    if path.exists() and not overwrite:
-        raise ValueError(f"{path} exists; set overwrite to replace it")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise ValueError(f"{user_path(path)} exists; set overwrite to replace it")
     return path
+
+
+def save_output(params: EPDParams, path: Path, overwrite: bool) -> str:
+    """Save a trained table; without ``overwrite`` a file that appeared during training is kept. Returns the
+    file's name as the user knows it."""
+    try:
+        save_params(params, path, overwrite=overwrite)
+    except EPDFileError as exc:
+        raise user_error(exc) from None
+    return user_path(path)
 
 
 @dataclass
