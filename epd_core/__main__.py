@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
 from . import EPDParams, GaussianMixture, load_params, make_schedule, sample, save_params
 from .analytic import heun
 from .catalogue import DEFAULT_TIMEOUT, MIRROR_ENV, fetch, find_entry, load_catalogue
+from .checkpoint import CheckpointMismatch
 from .files import EPDFileError, check_destination
 
 
@@ -110,11 +112,12 @@ def _distill(args: argparse.Namespace, argv: list[str]) -> int:
         den, start, gm.shape, iterations=args.iterations, batch=args.batch, teacher=args.teacher,
         teacher_m=args.teacher_m, lr=args.lr, seed=args.seed, learn_grid=args.learn_grid, progress=progress,
         weighting=args.weighting, plugin_base=args.plugin_base, objective=args.objective,
-        final_estimate=args.final_estimate,
+        final_estimate=args.final_estimate, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
         metadata={"model": f"analytic {args.form} / mixture {args.mixture}",
                   "command": "python -m epd_core " + shlex.join(argv)},
     )  # fmt: skip
     save_params(params, args.out, overwrite=args.force)
+    _done(args.checkpoint)
     print(f"wrote {args.out}: NFE {params.nfe}, loss {params.metadata['distilled']['final_loss']:.5f}")
     return 0
 
@@ -142,12 +145,25 @@ def _rdpo(args: argparse.Namespace, argv: list[str]) -> int:
     params, curve = rdpo(
         gm.denoise_ve, start, gm.shape, reference=exact, iterations=args.iterations, groups=args.groups, k=args.k,
         concentration=args.concentration, lr=args.lr, seed=args.seed, progress=progress,
-        scale_heads=args.scale_heads, scale_std=args.scale_std,
+        scale_heads=args.scale_heads, scale_std=args.scale_std, checkpoint=args.checkpoint,
+        checkpoint_every=args.checkpoint_every,
         metadata={"command": "python -m epd_core " + shlex.join(argv), "rdpo_start_file": str(args.table)},
     )  # fmt: skip
     save_params(params, args.out, overwrite=args.force)
+    _done(args.checkpoint)
     print(f"wrote {args.out}: mean reward {curve[0]:.5f} -> {params.metadata['rdpo']['final_reward']:.5f}")
     return 0
+
+
+def _done(checkpoint: str | None) -> None:
+    """The run's table is saved: its checkpoint is no longer needed."""
+    if checkpoint:
+        Path(checkpoint).unlink(missing_ok=True)
+
+
+def _checkpoint_args(parser: argparse.ArgumentParser, every: int) -> None:
+    parser.add_argument("--checkpoint", help="save the run's state to this file and resume from it (killed runs)")
+    parser.add_argument("--checkpoint-every", type=int, default=every, help="iterations between checkpoints")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     dist.add_argument("--out", required=True)
     dist.add_argument("--force", action="store_true", help="replace an existing --out file")
+    _checkpoint_args(dist, 10)
     cat = sub.add_parser("catalogue", help="list the authors' published tables (download one with fetch)")
     cat.set_defaults(fn=_catalogue)
     fe = sub.add_parser("fetch", help="download a published table, verify its sha256, convert it to .safetensors")
@@ -237,13 +254,14 @@ def main(argv: list[str] | None = None) -> int:
     rd.add_argument("--scale-std", type=float, default=0.02, help="std of the log-normal scale heads")
     rd.add_argument("--out", required=True)
     rd.add_argument("--force", action="store_true", help="replace an existing --out file")
+    _checkpoint_args(rd, 5)
     argv = sys.argv[1:] if argv is None else argv
     dist.set_defaults(fn=lambda a: _distill(a, argv))
     rd.set_defaults(fn=lambda a: _rdpo(a, argv))
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except EPDFileError as exc:
+    except (EPDFileError, CheckpointMismatch) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

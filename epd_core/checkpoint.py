@@ -76,9 +76,7 @@ class RunState:
         state = {}
         for idx, keys in doc["opt_keys"].items():
             device = params[int(idx)].device
-            state[int(idx)] = {
-                key: tensors[f"opt.{idx}.{key}"].to(device if key != "step" else "cpu") for key in keys
-            }
+            state[int(idx)] = {key: tensors[f"opt.{idx}.{key}"].to(device if key != "step" else "cpu") for key in keys}
         self.optimizer.load_state_dict({"state": state, "param_groups": doc["param_groups"]})
         if self.scheduler is not None:
             self.scheduler.load_state_dict(doc["scheduler"])
@@ -148,8 +146,10 @@ def load_checkpoint(path: str | os.PathLike, state: RunState, config: dict[str, 
         raise CheckpointMismatch(f"{path}: a checkpoint of another run (differs in {', '.join(changed)})")
     if fingerprint is not None:
         saved = tensors.get("fingerprint")
-        if saved is None or saved.shape != fingerprint.shape or not torch.allclose(
-            saved.double(), fingerprint.detach().cpu().double(), rtol=1e-3, atol=1e-4
+        if (
+            saved is None
+            or saved.shape != fingerprint.shape
+            or not torch.allclose(saved.double(), fingerprint.detach().cpu().double(), rtol=1e-3, atol=1e-4)
         ):
             raise CheckpointMismatch(f"{path}: a checkpoint made with another model or conditioning")
     try:

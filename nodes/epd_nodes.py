@@ -21,7 +21,7 @@ from .preview import table_image
 from .rewards import clip_score_reward
 from .sampling import CONVENTIONS, FINAL_STEPS, PARALLEL_MODES, PLUGIN_BASES, make_plugin_sampler, make_sampler
 from .scheduling import epd_sigmas
-from .training import distill_on_model, output_path, rdpo_on_model, save_output, start_table
+from .training import distill_on_model, output_path, rdpo_on_model, resume_options, save_output, start_table
 
 EPDParamsType = io.Custom("EPD_PARAMS")
 
@@ -451,6 +451,7 @@ class EPDDistill(io.ComfyNode):
             model, positive, negative, cfg, latent_image["samples"], start, iterations=iterations, batch=batch,
             teacher=teacher, teacher_m=teacher_steps, lr=learning_rate, seed=seed, learn_grid=learn_grid,
             final_estimate=final_estimate, metadata={"tool": "EPD Distill node", "cfg": cfg},
+            **resume_options(path, iterations),
         )  # fmt: skip
         saved = save_output(params, path, overwrite)
         d = params.metadata["distilled"]
@@ -537,7 +538,7 @@ class EPDRDPO(io.ComfyNode):
         params, curve = rdpo_on_model(
             model, positive, negative, cfg, latent_image["samples"], epd_params, teacher_m=teacher_steps,
             reward=scorer, iterations=iterations, groups=groups, k=group_size, concentration=concentration,
-            lr=learning_rate, seed=seed, metadata=metadata,
+            lr=learning_rate, seed=seed, metadata=metadata, **resume_options(path, iterations),
         )  # fmt: skip
         saved = save_output(params, path, overwrite)
         info = (
