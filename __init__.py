@@ -2,13 +2,15 @@
 
 ComfyUI is imported only when ComfyUI calls the entry point, so the package
 (and its plain-PyTorch core, ``epd_core``) also imports without ComfyUI.
+The nodes live in ``nodes/nodes_<feature>.py``, each module listing its own in ``NODES``.
 """
 
 
 async def comfy_entrypoint():
     from comfy_api.latest import ComfyExtension
 
-    from .nodes.epd_nodes import NODES, register_folder
+    from .nodes import nodes_demo, nodes_sampling, nodes_tables, nodes_training
+    from .nodes.nodes_tables import register_folder
 
     class EPDExtension(ComfyExtension):
         async def on_load(self) -> None:
@@ -16,6 +18,6 @@ async def comfy_entrypoint():
 
         async def get_node_list(self) -> list:
             register_folder()
-            return list(NODES)
+            return [*nodes_tables.NODES, *nodes_sampling.NODES, *nodes_training.NODES, *nodes_demo.NODES]
 
     return EPDExtension()

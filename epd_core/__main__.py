@@ -11,8 +11,10 @@ import torch
 from . import EPDParams, GaussianMixture, load_params, make_schedule, sample, save_params
 from .analytic import heun
 from .catalogue import DEFAULT_TIMEOUT, MIRROR_ENV, fetch, find_entry, load_catalogue
-from .checkpoint import CheckpointMismatch
+from .config import DistillConfig, RDPOConfig, add_arguments, from_arguments
 from .files import EPDFileError, check_destination
+from .params import STUDENTS
+from .schedules import SCHEDULE_TYPES
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -65,17 +67,20 @@ def _demo(args: argparse.Namespace) -> int:
 def _catalogue(args: argparse.Namespace) -> int:
     """List the published tables that ``fetch`` can download."""
     print(f"{'name':<38} {'comfyui':<8} {'steps':>5} {'points':>6} {'NFE':>4}  schedule")
-    for e in load_catalogue().values():
+    for e in load_catalogue(args.catalogue).values():
         yes = "yes" if e.comfyui else "no"
         print(f"{e.name:<38} {yes:<8} {e.num_steps - 1:>5} {e.num_points:>6} {e.nfe:>4}  {e.schedule_type}")
     return 0
 
 
 def _fetch(args: argparse.Namespace) -> int:
-    path = fetch(find_entry(args.name), args.out, base_url=args.mirror, timeout=args.timeout)
+    entry = find_entry(args.name, load_catalogue(args.catalogue))
+    path = fetch(entry, args.out, base_url=args.mirror, timeout=args.timeout)
     print(f"{path}")
     return 0
 
+
+CATALOGUE = Path(__file__).resolve().parents[1] / "weights" / "catalogue.json"  # the pack's, beside the core
 
 ANALYTIC_FORMS = {
     "edm": dict(schedule_type="polynomial", schedule_rho=7.0, backend="edm"),
@@ -108,14 +113,11 @@ def _distill(args: argparse.Namespace, argv: list[str]) -> int:
             bar = "#" * (30 * i // n)
             print(f"\r[{bar:<30}] {i}/{n} loss {loss:.5f}", end="" if i < n else "\n", flush=True)
 
-    params = distill(
-        den, start, gm.shape, iterations=args.iterations, batch=args.batch, teacher=args.teacher,
-        teacher_m=args.teacher_m, lr=args.lr, seed=args.seed, learn_grid=args.learn_grid, progress=progress,
-        weighting=args.weighting, plugin_base=args.plugin_base, objective=args.objective,
-        final_estimate=args.final_estimate, checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
-        metadata={"model": f"analytic {args.form} / mixture {args.mixture}",
-                  "command": "python -m epd_core " + shlex.join(argv)},
-    )  # fmt: skip
+    config = from_arguments(args, DistillConfig)
+    command = "python -m epd_core " + shlex.join(argv)
+    meta = {"model": f"analytic {args.form} / mixture {args.mixture}", "command": command}
+    params = distill(den, start, gm.shape, config, progress=progress, metadata=meta, checkpoint=args.checkpoint,
+                     checkpoint_every=args.checkpoint_every)  # fmt: skip
     save_params(params, args.out, overwrite=args.force)
     _done(args.checkpoint)
     print(f"wrote {args.out}: NFE {params.nfe}, loss {params.metadata['distilled']['final_loss']:.5f}")
@@ -142,13 +144,10 @@ def _rdpo(args: argparse.Namespace, argv: list[str]) -> int:
     def progress(i: int, n: int, reward: float) -> None:
         print(f"\riteration {i}/{n} mean reward {reward:.5f}", end="" if i < n else "\n", flush=True)
 
-    params, curve = rdpo(
-        gm.denoise_ve, start, gm.shape, reference=exact, iterations=args.iterations, groups=args.groups, k=args.k,
-        concentration=args.concentration, lr=args.lr, seed=args.seed, progress=progress,
-        scale_heads=args.scale_heads, scale_std=args.scale_std, checkpoint=args.checkpoint,
-        checkpoint_every=args.checkpoint_every,
-        metadata={"command": "python -m epd_core " + shlex.join(argv), "rdpo_start_file": str(args.table)},
-    )  # fmt: skip
+    meta = {"command": "python -m epd_core " + shlex.join(argv), "rdpo_start_file": str(args.table)}
+    config = from_arguments(args, RDPOConfig)
+    params, curve = rdpo(gm.denoise_ve, start, gm.shape, config, reference=exact, progress=progress, metadata=meta,
+                         checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every)  # fmt: skip
     save_params(params, args.out, overwrite=args.force)
     _done(args.checkpoint)
     print(f"wrote {args.out}: mean reward {curve[0]:.5f} -> {params.metadata['rdpo']['final_reward']:.5f}")
@@ -187,71 +186,32 @@ def main(argv: list[str] | None = None) -> int:
     dist.add_argument("--mixture", default="reference")
     dist.add_argument("--steps", type=int, default=4, help="time points (NFE is 2 per step, one less with --afs)")
     dist.add_argument("--points", type=int, default=2)
-    dist.add_argument("--student", choices=["epd", "ipndm"], default="epd")
+    dist.add_argument("--student", choices=STUDENTS, default="epd")
     dist.add_argument("--max-order", type=int, default=4)
-    dist.add_argument("--schedule", choices=["polynomial", "logsnr", "time_uniform", "discrete", "flowmatch"])
+    dist.add_argument("--schedule", choices=SCHEDULE_TYPES)
     dist.add_argument("--rho", type=float, default=7.0)
     dist.add_argument("--afs", action="store_true")
     dist.add_argument("--scale-dir", type=float, default=0.0)
     dist.add_argument("--scale-time", type=float, default=0.0)
-    dist.add_argument("--teacher", choices=["heun", "dpm2", "dpmpp2m"], default="heun")
-    dist.add_argument(
-        "--objective",
-        choices=["local", "global"],
-        default="local",
-        help="local: the authors' per-step loss; global: the final state's error through all steps",
-    )
-    dist.add_argument("--teacher-m", type=int, default=8)
-    dist.add_argument("--iterations", type=int, default=400)
-    dist.add_argument("--batch", type=int, default=64)
-    dist.add_argument("--lr", type=float, default=1e-2)
-    dist.add_argument("--seed", type=int, default=0)
-    dist.add_argument("--learn-grid", action="store_true")
-    dist.add_argument(
-        "--plugin-base",
-        choices=["euler", "dpmpp_2m", "ipndm"],
-        default="euler",
-        help="distil for EPD Plugin over this base sampler (euler = the EPD solver itself)",
-    )
-    dist.add_argument(
-        "--weighting",
-        choices=["uniform", "snr"],
-        default="uniform",
-        help="per-step loss weights: the authors' uniform, or 1/(1+t^2)",
-    )
-    dist.add_argument(
-        "--final-estimate",
-        action="store_true",
-        help="fit the table for sampling to sigma 0 with final_step 'estimate' (last step extended to 0, no call)",
-    )
+    add_arguments(dist, DistillConfig)
     dist.add_argument("--out", required=True)
     dist.add_argument("--force", action="store_true", help="replace an existing --out file")
     _checkpoint_args(dist, 10)
     cat = sub.add_parser("catalogue", help="list the authors' published tables (download one with fetch)")
+    cat.add_argument("--catalogue", default=CATALOGUE, help="catalogue file (default: the pack's)")
     cat.set_defaults(fn=_catalogue)
     fe = sub.add_parser("fetch", help="download a published table, verify its sha256, convert it to .safetensors")
     fe.add_argument("name", help="a catalogue entry (see `python -m epd_core catalogue`)")
     fe.add_argument("--out", default=".", help="folder to store <name>.safetensors in (e.g. ComfyUI/models/epd)")
     fe.add_argument("--mirror", help=f"base URL replacing the upstream one (default: ${MIRROR_ENV})")
     fe.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds (network waits and transfer)")
+    fe.add_argument("--catalogue", default=CATALOGUE, help="catalogue file (default: the pack's)")
     fe.set_defaults(fn=_fetch)
     rd = sub.add_parser("rdpo", help="RDPO fine-tuning of a table on an analytic mixture (VE/discrete form)")
     rd.add_argument("table")
     rd.add_argument("--mixture", default="reference")
-    rd.add_argument("--iterations", type=int, default=60)
-    rd.add_argument("--groups", type=int, default=8)
-    rd.add_argument("--k", type=int, default=4)
-    rd.add_argument("--concentration", type=float, default=20.0)
-    rd.add_argument("--lr", type=float, default=3e-4)
-    rd.add_argument("--seed", type=int, default=0)
     rd.add_argument("--exact-steps", type=int, default=200)
-    rd.add_argument(
-        "--no-scale-heads",
-        dest="scale_heads",
-        action="store_false",
-        help="keep scale_dir / scale_time fixed (default: log-normal heads where the table bounds them)",
-    )
-    rd.add_argument("--scale-std", type=float, default=0.02, help="std of the log-normal scale heads")
+    add_arguments(rd, RDPOConfig)
     rd.add_argument("--out", required=True)
     rd.add_argument("--force", action="store_true", help="replace an existing --out file")
     _checkpoint_args(rd, 5)
@@ -261,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except (EPDFileError, CheckpointMismatch) as exc:
+    except (EPDFileError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

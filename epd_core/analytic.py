@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .schedules import polynomial
+from .updates import euler_step, heun_step
 
 __all__ = ["GaussianMixture", "MIXTURES", "heun", "rk4", "ode_endpoint"]
 
@@ -90,14 +91,9 @@ class GaussianMixture:
 
 def heun(denoiser, x: torch.Tensor, grid: torch.Tensor, order: int = 2) -> torch.Tensor:
     """Euler (``order=1``) or Heun (``order=2``) steps of ``dx/dt = (x - D(x, t)) / t`` along ``grid``."""
-    n = x.shape[0]
+    step = heun_step if order == 2 else euler_step
     for t_cur, t_next in zip(grid[:-1], grid[1:], strict=True):
-        d = (x - denoiser(x, t_cur.expand(n))) / t_cur
-        x_next = x + (t_next - t_cur) * d
-        if order == 2:
-            d_next = (x_next - denoiser(x_next, t_next.expand(n))) / t_next
-            x_next = x + (t_next - t_cur) * (d + d_next) / 2
-        x = x_next
+        x = step(denoiser, x, t_cur, t_next)
     return x
 
 

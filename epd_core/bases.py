@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from .solver import adams_bashforth
+from .updates import dpmpp_2m_update
 
 __all__ = ["BASES", "base_update"]
 
@@ -29,18 +30,9 @@ def base_update(
     if base == "euler":
         return x + (t_next - t).to(to) * (x - denoised) / t.to(to)
     if base == "dpmpp_2m":
-        lam, lam_next = -torch.log(t), -torch.log(t_next) if t_next > 0 else None
-        old, t_prev = state.get("old"), state.get("t_prev")
+        out = dpmpp_2m_update(x, denoised, t, t_next, state.get("old"), state.get("t_prev"))
         state["old"], state["t_prev"] = denoised, t
-        if t_next == 0:
-            return denoised
-        h = lam_next - lam
-        ratio = (t_next / t).to(to)
-        if old is None:
-            return ratio * x - torch.expm1(-h).to(to) * denoised
-        r = ((lam + torch.log(t_prev)) / h).to(to)
-        mixed = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old
-        return ratio * x - torch.expm1(-h).to(to) * mixed
+        return out
     if base == "ipndm":
         d = (x - denoised) / t.to(to)
         history = state.setdefault("history", [])

@@ -1,6 +1,7 @@
 """The authors' published tables, downloaded on request.
 
-``weights/catalogue.json`` (written by ``scripts/make_catalogue.py``) lists every
+A catalogue file (the pack ships ``weights/catalogue.json``, written by
+``scripts/make_catalogue.py``; callers pass its path) lists every
 predictor file the EPD authors published, pinned to a commit of their
 repository, with its sha256 and size; the files themselves are not
 redistributed. :func:`fetch` downloads one entry, checks its size and sha256,
@@ -42,7 +43,6 @@ __all__ = [
 
 UPSTREAM = "https://raw.githubusercontent.com/BeierZhu/EPD"
 MIRROR_ENV = "EPD_CATALOGUE_MIRROR"
-CATALOGUE_PATH = Path(__file__).resolve().parents[1] / "weights" / "catalogue.json"
 DEFAULT_TIMEOUT = 60.0
 _CHUNK = 64 * 1024
 _POLL = 0.2  # seconds between checks of the deadline and of an interrupt
@@ -88,9 +88,9 @@ class CatalogueEntry:
 _LOADED: dict[tuple[str, int], dict[str, CatalogueEntry]] = {}
 
 
-def load_catalogue(path: str | os.PathLike | None = None) -> dict[str, CatalogueEntry]:
-    """The catalogue's entries by name (cached while the file is unchanged)."""
-    path = Path(path) if path is not None else CATALOGUE_PATH
+def load_catalogue(path: str | os.PathLike) -> dict[str, CatalogueEntry]:
+    """The entries of the catalogue file ``path`` by name (cached while the file is unchanged)."""
+    path = Path(path)
     try:
         key = (str(path), path.stat().st_mtime_ns)
         if key not in _LOADED:
@@ -103,10 +103,9 @@ def load_catalogue(path: str | os.PathLike | None = None) -> dict[str, Catalogue
     return _LOADED[key]
 
 
-def find_entry(name: str, catalogue: dict[str, CatalogueEntry] | None = None) -> CatalogueEntry:
+def find_entry(name: str, catalogue: dict[str, CatalogueEntry]) -> CatalogueEntry:
     """The entry called ``name`` (``.safetensors`` suffix allowed); an unknown name is an ``EPDFileError``."""
-    entries = load_catalogue() if catalogue is None else catalogue
-    entry = entries.get(name.removesuffix(".safetensors"))
+    entry = catalogue.get(name.removesuffix(".safetensors"))
     if entry is None:
         raise EPDFileError(name, "not in the catalogue (`python -m epd_core catalogue` lists the entries)")
     return entry
@@ -123,13 +122,12 @@ def source_url(entry: CatalogueEntry, base_url: str | None = None) -> str:
     return base + entry.url[len(UPSTREAM) :]
 
 
-def verify_local(entry: CatalogueEntry | str, path: str | os.PathLike) -> Path:
+def verify_local(entry: CatalogueEntry, path: str | os.PathLike) -> Path:
     """``path``, a local file named like ``entry``, when it is that entry's table; else an ``EPDFileError``.
 
     A converted file records the sha256 of the file it came from, and its shape must match the entry; an
     authors' file must have the entry's sha256 itself.
     """
-    entry = find_entry(entry) if isinstance(entry, str) else entry
     return _existing(entry, Path(path))
 
 
@@ -297,7 +295,7 @@ def _network_problem(exc: BaseException, timeout: float) -> str:
 
 
 def fetch(
-    entry: CatalogueEntry | str,
+    entry: CatalogueEntry,
     dest_dir: str | os.PathLike,
     *,
     base_url: str | None = None,
@@ -313,7 +311,6 @@ def fetch(
     scheme, host and port); ``check_interrupt()`` is called every 0.2 s and may raise to stop (ComfyUI's
     interrupt). Every failure is an ``EPDFileError`` (an interrupt: its own exception) and leaves nothing on disk.
     """
-    entry = find_entry(entry) if isinstance(entry, str) else entry
     dest = Path(dest_dir)
     final = dest / entry.filename
     if final.exists():

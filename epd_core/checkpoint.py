@@ -24,7 +24,7 @@ from safetensors.torch import save as st_save
 
 __all__ = [
     "CheckpointMismatch", "RunState", "Checkpointer", "save_checkpoint", "load_checkpoint", "interruptible", "probe",
-    "table_digest",
+    "table_digest", "run_checkpointer",
 ]  # fmt: skip
 
 FORMAT = "epd-checkpoint-1"
@@ -210,3 +210,17 @@ class Checkpointer:
         """After ``done`` iterations: save every ``every`` iterations (not after the last one)."""
         if done % self.every == 0 and done < total:
             save_checkpoint(self.path, self.state, self.config, done, curve, self.fingerprint)
+
+
+def run_checkpointer(path: str | os.PathLike, every: int, state: RunState, denoiser: Callable, start: Any,
+                     shape: tuple[int, ...], grid: torch.Tensor, dtype: torch.dtype, device: torch.device | str | None,
+                     options: dict[str, Any]) -> Checkpointer:  # fmt: skip
+    """Checkpoints of a training run from ``start`` (an ``EPDParams``): resumed only with the same ``options``,
+    start table, sample shape, grid, dtype and model (its answer to a probe input)."""
+    from .params import TABLE_NAMES
+
+    config = {
+        **options, "dtype": str(dtype), "start": table_digest(*(getattr(start, n) for n in TABLE_NAMES)),
+        "start_hyper": start.hyper(), "shape": list(shape), "grid": [float(t) for t in grid.detach().cpu()],
+    }  # fmt: skip
+    return Checkpointer(path, every, state, config, probe(denoiser, shape, float(grid[0]), dtype, device))

@@ -19,12 +19,13 @@ from typing import Any
 
 import torch
 
-from .bases import BASES, base_update
-from .checkpoint import Checkpointer, RunState, interruptible, probe, table_digest
+from .bases import base_update
+from .checkpoint import RunState, interruptible, run_checkpointer
+from .config import DistillConfig
 from .params import TABLE_NAMES, EPDParams, decode
 from .schedules import make_schedule
-from .solver import Denoiser, adams_bashforth, ensemble_direction, first_direction, push_history
-from .teachers import TEACHERS, subdivide, teacher_trajectory
+from .solver import Denoiser, epd_step, evaluate_points
+from .teachers import subdivide, teacher_trajectory
 
 __all__ = ["distill", "student_loss"]
 
@@ -70,20 +71,25 @@ class _FiniteDifferenceDenoise(torch.autograd.Function):
         return (grad * d_c).flatten(1).sum(1), (grad * d_s).flatten(1).sum(1), None, None, None, None
 
 
-def _ensemble_direction_fd(denoiser, x, d, t_cur, t_next, table, step, params, history, eps=1e-3):
-    """:func:`ensemble_direction` with finite-difference gradients through the model (all K in one call)."""
-    r, weight = table.r[step], table.weight[step]
-    tau = t_next**r * t_cur ** (1 - r)
-    direction = adams_bashforth(d, history, params.max_order) if params.student == "ipndm" else d
-    k, b = params.num_points, x.shape[0]
-    c = (tau - t_cur).to(x.dtype).repeat_interleave(b)
-    s = (table.scale_time[step] * tau).to(x.dtype).repeat_interleave(b)
+def _evaluate_points_fd(denoiser, x, direction, offset, sigma, tau, parallel=True, eps=1e-3):
+    """:func:`~epd_core.solver.evaluate_points` with finite-difference gradients through the model (all K in
+    one call, point-major)."""
+    k, b = offset.shape[-1], x.shape[0]
+    c, s = offset.to(x.dtype).repeat_interleave(b), sigma.to(x.dtype).repeat_interleave(b)
     xk, dk = x.repeat(k, *([1] * (x.ndim - 1))), direction.repeat(k, *([1] * (x.ndim - 1)))
     out = _FiniteDifferenceDenoise.apply(c, s, xk, dk.detach(), denoiser, eps)
     shape = (-1,) + (1,) * (x.ndim - 1)
-    d_points = ((xk + c.reshape(shape) * dk - out) / tau.to(x.dtype).repeat_interleave(b).reshape(shape)).split(b)
-    coef = (weight * table.scale_dir[step]).to(x.dtype)
-    return sum(coef[i] * d_points[i] for i in range(k))
+    return list(((xk + c.reshape(shape) * dk - out) / tau.to(x.dtype).repeat_interleave(b).reshape(shape)).split(b))
+
+
+def _no_grad(denoiser: Denoiser) -> Denoiser:
+    """``denoiser`` evaluated without building a graph (finite-difference training never backpropagates it)."""
+
+    def call(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return denoiser(x, sigma)
+
+    return call
 
 
 def student_loss(
@@ -93,14 +99,10 @@ def student_loss(
     grid: torch.Tensor,
     x: torch.Tensor,
     targets: torch.Tensor,
+    config: DistillConfig | None = None,
     feature_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-    gradient: str = "autograd",
-    weighting: str = "uniform",
-    plugin_base: str = "euler",
-    objective: str = "local",
-    final_estimate: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The student's distance to the teacher; returns (loss, student's final state).
+    """The student's distance to the teacher under ``config``; returns (loss, student's final state).
 
     ``objective``: ``local`` (the authors'): the sum over steps of the mean squared distance at each grid
     point, every step taken from the student's detached state; ``global``: only the final state's distance,
@@ -114,8 +116,11 @@ def student_loss(
     ``final_estimate``: the last step is extended to sigma 0 (sampling with ``final="estimate"``); ``targets[-1]``
     is then the teacher's denoised end point.
     """
-    step_fn = ensemble_direction if gradient == "autograd" else _ensemble_direction_fd
-    local = objective == "local"
+    config = config or DistillConfig()
+    autograd, final_estimate, plugin_base = config.gradient == "autograd", config.final_estimate, config.plugin_base
+    evaluate = evaluate_points if autograd else _evaluate_points_fd
+    model = denoiser if autograd else _no_grad(denoiser)
+    local = config.objective == "local"
     table = decode(*(raw[name] for name in TABLE_NAMES), params.scale_dir, params.scale_time, params.fcn)
     history: list[torch.Tensor] = []
     base_state: dict = {}
@@ -124,9 +129,7 @@ def student_loss(
     for i in range(steps):
         t_cur, t_next = grid[i], grid[i + 1]
         afs = params.afs and i == 0
-        with torch.set_grad_enabled(torch.is_grad_enabled() and (gradient == "autograd" or afs)):
-            d = first_direction(denoiser, x, t_cur, afs, params.is_flow)
-        d_eff = step_fn(denoiser, x, d, t_cur, t_next, table, i, params, history)
+        d_eff, history = epd_step(model, x, t_cur, t_next, table, i, params, history, afs, evaluate=evaluate)
         if final_estimate and i == steps - 1:
             x_next = x - t_cur.to(x.dtype) * d_eff
         elif plugin_base == "euler":
@@ -141,10 +144,9 @@ def student_loss(
             total = total + feature_loss(x_next, targets[i + 1])
         elif local or i == steps - 1:
             t_end = 0.0 if final_estimate and i == steps - 1 else t_next.to(x.dtype)
-            w = 1.0 / (1.0 + t_end**2) if weighting == "snr" else 1.0
+            w = 1.0 / (1.0 + t_end**2) if config.weighting == "snr" else 1.0
             total = total + w * ((x_next - targets[i + 1]) ** 2).mean()
-        if params.student == "ipndm":
-            history = push_history(history, d.detach() if local else d, params.max_order)
+        history = [h.detach() for h in history] if local else history
         x = x_next.detach() if local else x_next
     return total, x
 
@@ -153,19 +155,8 @@ def distill(
     denoiser: Denoiser,
     start: EPDParams,
     shape: tuple[int, ...],
+    config: DistillConfig | None = None,
     *,
-    iterations: int = 300,
-    batch: int = 32,
-    teacher: str = "heun",
-    teacher_m: int = 3,
-    lr: float = 1e-2,
-    seed: int = 0,
-    learn_grid: bool = False,
-    gradient: str = "autograd",
-    weighting: str = "uniform",
-    plugin_base: str = "euler",
-    objective: str = "local",
-    final_estimate: bool = False,
     grid: torch.Tensor | None = None,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
@@ -176,43 +167,27 @@ def distill(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 10,
 ) -> EPDParams:
-    """Fit ``start``'s tables (and, with ``learn_grid``, its interior grid points) to a teacher.
+    """Fit ``start``'s tables (and, with ``config.learn_grid``, its interior grid points) to a teacher.
 
     ``denoiser(x, sigma)`` may close over conditioning and guidance; it gets batches of ``K * batch``
     (point-major) for the student's points. ``shape`` is one sample's shape. Deterministic for a seed.
     ``progress(iteration, iterations, loss)`` is called after every iteration (raise to stop; nothing is kept).
-    ``gradient="fd"`` takes the table's gradients by finite differences instead of backpropagating
-    through the denoiser (for large models, or models whose forward is not differentiable).
-    ``final_estimate=True`` fits the table for sampling to sigma 0 with ``final="estimate"`` (its last step
-    extended to 0, no extra call) against the teacher's denoised end point.
+    See :class:`~epd_core.config.DistillConfig` for the hyper-parameters (its defaults when ``config`` is None).
     ``check_interrupt()`` runs before every model call, the teacher's included (raise to stop).
     ``checkpoint``: a file the run's state is saved to every ``checkpoint_every`` iterations and resumed
     from (see :mod:`epd_core.checkpoint`): a resumed run ends with the same table as an uninterrupted one.
     """
+    config = config or DistillConfig()
     denoiser = interruptible(denoiser, check_interrupt)
-    if gradient not in ("autograd", "fd"):
-        raise ValueError(f"gradient must be 'autograd' or 'fd', got {gradient!r}")
-    if plugin_base not in BASES:
-        raise ValueError(f"plugin_base must be one of {BASES}, got {plugin_base!r}")
-    if objective not in ("local", "global"):
-        raise ValueError(f"objective must be 'local' or 'global', got {objective!r}")
-    if objective == "global" and gradient != "autograd":
-        raise ValueError("objective='global' backpropagates through the trajectory: it needs gradient='autograd'")
-    if final_estimate and plugin_base != "euler":
-        raise ValueError("final_estimate extends an EPD step to 0; it has no meaning for a plugin table")
-    if weighting not in ("uniform", "snr"):
-        raise ValueError(f"weighting must be 'uniform' or 'snr', got {weighting!r}")
-    if teacher not in TEACHERS:
-        raise ValueError(f"teacher must be one of {TEACHERS}, got {teacher!r}")
-    if iterations < 1 or batch < 1 or teacher_m < 0:
-        raise ValueError("iterations and batch must be >= 1 and teacher_m >= 0")
-    base_grid = (make_schedule(start) if grid is None else torch.as_tensor(grid, dtype=torch.float64)).to(device)
+    # A copy, so that a grid made under inference mode (ComfyUI's) can be saved for backward.
+    base_grid = make_schedule(start) if grid is None else torch.as_tensor(grid, dtype=torch.float64).clone()
+    base_grid = base_grid.to(device)
     if base_grid.shape[0] != start.num_steps:
         raise ValueError(f"the grid has {base_grid.shape[0]} points; the table has {start.num_steps}")
     fine_fixed = None
-    if not learn_grid and grid is None and start.t_steps is None:
-        fine = make_schedule(start, num_steps=(teacher_m + 1) * (start.num_steps - 1) + 1).to(device)
-        if torch.allclose(fine[:: teacher_m + 1], base_grid, rtol=1e-9):
+    if not config.learn_grid and grid is None and start.t_steps is None:
+        fine = make_schedule(start, num_steps=(config.teacher_m + 1) * (start.num_steps - 1) + 1).to(device)
+        if torch.allclose(fine[:: config.teacher_m + 1], base_grid, rtol=1e-9):
             fine_fixed = fine  # the authors' teacher grid: the same schedule with (M + 1)x the steps
 
     raw = {name: getattr(start, name).to(device, dtype).clone().requires_grad_(True) for name in TABLE_NAMES}
@@ -220,42 +195,35 @@ def distill(
     trainable += [raw["scale_dir_params"]] if start.scale_dir else []
     trainable += [raw["scale_time_params"]] if start.scale_time else []
     ends = base_grid[[0, -1]]
-    logits = torch.log(-torch.diff(torch.log(base_grid))).clone().requires_grad_(learn_grid)
-    if learn_grid:
+    logits = torch.log(-torch.diff(torch.log(base_grid))).clone().requires_grad_(config.learn_grid)
+    if config.learn_grid:
         trainable.append(logits)
-    opt = torch.optim.Adam(trainable, lr=lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=iterations)
-    gen = torch.Generator().manual_seed(seed)
+    opt = torch.optim.Adam(trainable, lr=config.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.iterations)
+    gen = torch.Generator().manual_seed(config.seed)
     history: list[float] = []
     x = None
     ckpt = None
     if checkpoint is not None:
-        config = _run_config(start, shape, base_grid, dict(
-            iterations=iterations, batch=batch, teacher=teacher, teacher_m=teacher_m, lr=lr, seed=seed,
-            learn_grid=learn_grid, gradient=gradient, weighting=weighting, plugin_base=plugin_base, objective=objective,
-            final_estimate=final_estimate, dtype=str(dtype), feature_loss=feature_loss is not None))  # fmt: skip
         state = RunState({**raw, "grid_logits": logits}, opt, sched, gen)
-        fingerprint = probe(denoiser, shape, float(base_grid[0]), dtype, device)
-        ckpt = Checkpointer(checkpoint, checkpoint_every, state, config, fingerprint)
+        ckpt = run_checkpointer(checkpoint, checkpoint_every, state, denoiser, start, shape, base_grid, dtype, device,
+                             {**config.provenance(), "feature_loss": feature_loss is not None})  # fmt: skip
         first, history = ckpt.resume()
         if first and progress is not None:
-            progress(first, iterations, history[-1])
+            progress(first, config.iterations, history[-1])
 
-    for it in range(ckpt.resumed_at if ckpt else 0, iterations):
-        grid_now = _grid_from_logits(ends, logits) if learn_grid else base_grid
-        noise = torch.randn((batch, *shape), generator=gen, dtype=torch.float64).to(device, dtype)
+    for it in range(ckpt.resumed_at if ckpt else 0, config.iterations):
+        grid_now = _grid_from_logits(ends, logits) if config.learn_grid else base_grid
+        noise = torch.randn((config.batch, *shape), generator=gen, dtype=torch.float64).to(device, dtype)
         x = noise if start.is_flow else noise * grid_now[0].detach().to(dtype)
         with torch.no_grad():
-            fine = fine_fixed if fine_fixed is not None else subdivide(grid_now.detach(), teacher_m)
-            targets = teacher_trajectory(denoiser, x, fine, teacher)[:: teacher_m + 1]
-            if final_estimate:
+            fine = fine_fixed if fine_fixed is not None else subdivide(grid_now.detach(), config.teacher_m)
+            targets = teacher_trajectory(denoiser, x, fine, config.teacher)[:: config.teacher_m + 1]
+            if config.final_estimate:
                 end = fine[-1].expand(x.shape[0]).to(x.dtype)
                 targets = torch.cat([targets[:-1], denoiser(targets[-1], end).unsqueeze(0)])
         with torch.enable_grad():
-            loss, _ = student_loss(
-                denoiser, start, raw, grid_now, x, targets, feature_loss, gradient=gradient, weighting=weighting,
-                plugin_base=plugin_base, objective=objective, final_estimate=final_estimate,
-            )  # fmt: skip
+            loss, _ = student_loss(denoiser, start, raw, grid_now, x, targets, config, feature_loss)
             opt.zero_grad(set_to_none=True)
             if torch.isfinite(loss):
                 loss.backward()
@@ -267,37 +235,19 @@ def distill(
         sched.step()
         history.append(float(loss.detach()))
         if progress is not None:
-            progress(it + 1, iterations, history[-1])
+            progress(it + 1, config.iterations, history[-1])
         if ckpt is not None:
-            ckpt.step(it + 1, history, iterations)
+            ckpt.step(it + 1, history, config.iterations)
 
     tables = {name: raw[name].detach().to("cpu", torch.float32) for name in TABLE_NAMES}
-    learned = _grid_from_logits(ends, logits).detach().cpu() if learn_grid else None
-    tail = [v for v in history[-max(1, iterations // 10) :] if math.isfinite(v)]
+    learned = _grid_from_logits(ends, logits).detach().cpu() if config.learn_grid else None
+    tail = [v for v in history[-max(1, config.iterations // 10) :] if math.isfinite(v)]
     provenance = {
         **dict(start.metadata),
         **(metadata or {}),
-        **({"plugin_base": plugin_base} if plugin_base != "euler" else {}),
-        "distilled": {
-            "teacher": teacher,
-            "teacher_m": teacher_m,
-            "iterations": iterations,
-            "batch": batch,
-            "lr": lr,
-            "seed": seed,
-            "learn_grid": learn_grid,
-            "gradient": gradient,
-            "weighting": weighting,
-            "objective": objective,
-            "final_estimate": final_estimate,
-            "first_loss": history[0],
-            "final_loss": sum(tail) / max(1, len(tail)),
-        },
+        **({"plugin_base": config.plugin_base} if config.plugin_base != "euler" else {}),
+        "distilled": {**config.provenance(), "first_loss": history[0], "final_loss": sum(tail) / max(1, len(tail))},
     }
-    return start.replace(**tables, t_steps=learned, teacher=teacher, teacher_steps_m=teacher_m, metadata=provenance)
-
-
-def _run_config(start: EPDParams, shape: tuple[int, ...], grid: torch.Tensor, options: dict[str, Any]) -> dict:
-    """What a checkpoint must agree on to be resumed: the options, the start table, the sample shape, the grid."""
-    return {**options, "start": table_digest(*(getattr(start, n) for n in TABLE_NAMES)), "start_hyper": start.hyper(),
-            "shape": list(shape), "grid": [float(t) for t in grid.detach().cpu()]}  # fmt: skip
+    return start.replace(
+        **tables, t_steps=learned, teacher=config.teacher, teacher_steps_m=config.teacher_m, metadata=provenance
+    )

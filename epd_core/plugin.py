@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from .params import EPDParams
-from .solver import Denoiser, ensemble_direction, first_direction, grid_offset, push_history
+from .solver import Denoiser, epd_step, grid_offset
 
 __all__ = ["PluginDenoiser", "PluginMisuse"]
 
@@ -69,10 +69,8 @@ class PluginDenoiser:
             return denoiser(x, sigma)
         step = self.offset + i
         t_cur, t_next = self.grid[i], self.grid[i + 1]
-        d = first_direction(denoiser, x, t_cur, self.params.afs and step == 0, self.params.is_flow)
-        d_eff = ensemble_direction(
-            denoiser, x, d, t_cur, t_next, self.table, step, self.params, self.history, self.parallel
+        afs = self.params.afs and step == 0
+        d_eff, self.history = epd_step(
+            denoiser, x, t_cur, t_next, self.table, step, self.params, self.history, afs, self.parallel
         )
-        if self.params.student == "ipndm":
-            self.history = push_history(self.history, d, self.params.max_order)
         return x - t_cur.to(x.dtype) * d_eff

@@ -36,17 +36,17 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import Checkpointer, RunState, interruptible, probe, table_digest
-from .params import TABLE_NAMES, Decoded, EPDParams
+from .checkpoint import RunState, interruptible, run_checkpointer
+from .config import RDPOConfig
+from .params import Decoded, EPDParams
 from .schedules import make_schedule
-from .solver import Denoiser, ensemble_direction, first_direction, push_history
+from .solver import Denoiser, sample
 
 __all__ = [
     "DirichletPolicy",
     "TableSample",
     "rloo_advantages",
     "ppo_clip_loss",
-    "sample_with_tables",
     "fidelity_reward",
     "rdpo",
 ]
@@ -190,8 +190,8 @@ class DirichletPolicy(nn.Module):
                            (a_w / a_w.sum(-1, keepdim=True)).unsqueeze(0), **scales)  # fmt: skip
 
     def decoded(self, tables: TableSample) -> Decoded:
-        """Per-sample tables ``[steps, n, K]`` for :func:`sample_with_tables`; sampled scales are clamped
-        into the table's bounds ``[1 - bound, 1 + bound]``, unsampled ones are the start table's."""
+        """Per-sample tables ``[steps, n, K]`` for the ``table`` of :func:`~epd_core.solver.sample`; sampled scales
+        are clamped into the table's bounds ``[1 - bound, 1 + bound]``, unsampled ones are the start table's."""
         n = tables.segments.shape[0]
         r = torch.cumsum(tables.segments, -1)[..., : self.k].transpose(0, 1)
         scales = []
@@ -302,21 +302,6 @@ def ppo_clip_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, adv: torch.Ten
     return -torch.min(ratio * adv, ratio.clamp(1 - clip, 1 + clip) * adv).mean()
 
 
-@torch.no_grad()
-def sample_with_tables(denoiser: Denoiser, x: torch.Tensor, grid: torch.Tensor, params: EPDParams,
-                       table: Decoded) -> torch.Tensor:  # fmt: skip
-    """The EPD solver with a different table per sample (``table`` fields ``[steps, B, K]``)."""
-    history: list[torch.Tensor] = []
-    for i in range(grid.shape[0] - 1):
-        t_cur, t_next = grid[i], grid[i + 1]
-        d = first_direction(denoiser, x, t_cur, params.afs and i == 0, params.is_flow)
-        d_eff = ensemble_direction(denoiser, x, d, t_cur, t_next, table, i, params, history)
-        if params.student == "ipndm":
-            history = push_history(history, d, params.max_order)
-        x = x + (t_next - t_cur).to(x.dtype) * d_eff
-    return x
-
-
 def fidelity_reward(reference: torch.Tensor) -> Callable[[torch.Tensor, Any], torch.Tensor]:
     """Reward = minus the per-sample RMSE to a reference result (a many-step teacher, or the exact solution)."""
 
@@ -331,19 +316,10 @@ def rdpo(
     denoiser: Denoiser,
     start: EPDParams,
     shape: tuple[int, ...],
-    reward: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+    config: RDPOConfig | None = None,
     *,
+    reward: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
     reference: Callable[[torch.Tensor], torch.Tensor] | None = None,
-    iterations: int = 50,
-    groups: int = 8,
-    k: int = 4,
-    minibatch: int = 16,
-    concentration: float = 20.0,
-    lr: float = 7e-5,
-    clip: float = 0.2,
-    scale_heads: bool = True,
-    scale_std: float = 0.02,
-    seed: int = 0,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
     progress: Callable[[int, int, float], None] | None = None,
@@ -354,53 +330,50 @@ def rdpo(
 ) -> tuple[EPDParams, list[float]]:
     """Fine-tune ``start`` with RDPO; returns the exported mean table and the mean reward per iteration.
 
-    Per iteration: ``groups`` noises, each shared by ``k`` rollouts with their own sampled tables. Either
-    pass ``reward(final_x, context)`` (``context`` = the rollouts' group indices into this iteration's
-    noises) or ``reference(x_start) -> target`` for the built-in fidelity reward. ``scale_heads`` also
-    trains the table's learnable ``scale_dir`` / ``scale_time`` (log-normal heads of std ``scale_std``).
+    Per iteration: ``config.groups`` noises, each shared by ``config.k`` rollouts with their own sampled tables.
+    Either pass ``reward(final_x, context)`` (``context`` = the rollouts' group indices into this iteration's
+    noises) or ``reference(x_start) -> target`` for the built-in fidelity reward. See
+    :class:`~epd_core.config.RDPOConfig` for the hyper-parameters (its defaults when ``config`` is None).
     ``check_interrupt()`` runs before every model call of the rollouts (raise to stop); ``checkpoint`` /
     ``checkpoint_every``: periodic saves and resume, as in :func:`epd_core.distill.distill`.
     """
+    config = config or RDPOConfig()
     denoiser = interruptible(denoiser, check_interrupt)
     if (reward is None) == (reference is None):
         raise ValueError("pass exactly one of reward and reference")
     grid = make_schedule(start).to(device)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)  # the residual network's initial weights: deterministic for a seed
-        policy = DirichletPolicy(start, concentration, scale_std=scale_std, scale_heads=scale_heads).to(device)
-    opt = torch.optim.Adam(policy.parameters(), lr=lr)
-    gen = torch.Generator().manual_seed(seed)
+        torch.manual_seed(config.seed)  # the residual network's initial weights: deterministic for a seed
+        policy = DirichletPolicy(start, config.concentration, config.width, config.blocks, config.scale_std,
+                                 config.scale_heads).to(device)  # fmt: skip
+    opt = torch.optim.Adam(policy.parameters(), lr=config.lr)
+    gen = torch.Generator().manual_seed(config.seed)
     curve: list[float] = []
+    groups, k = config.groups, config.k
     ckpt = None
     if checkpoint is not None:
-        config = {
-            "iterations": iterations, "groups": groups, "k": k, "minibatch": minibatch, "concentration": concentration,
-            "lr": lr, "clip": clip, "scale_heads": scale_heads, "scale_std": scale_std, "seed": seed,
-            "dtype": str(dtype), "shape": list(shape), "start_hyper": start.hyper(),
-            "reward": "fidelity" if reward is None else getattr(reward, "__name__", "custom"),
-            "start": table_digest(*(getattr(start, n) for n in TABLE_NAMES)),
-        }  # fmt: skip
+        options = {**config.provenance(), "reward": "fidelity" if reward is None else getattr(reward, "__name__", "?")}
         state = RunState(policy.state_dict(), opt, None, gen)
-        fingerprint = probe(denoiser, shape, float(grid[0]), dtype, device)
-        ckpt = Checkpointer(checkpoint, checkpoint_every, state, config, fingerprint)
+        every = checkpoint_every
+        ckpt = run_checkpointer(checkpoint, every, state, denoiser, start, shape, grid, dtype, device, options)
         first, curve = ckpt.resume()
         if first and progress is not None:
-            progress(first, iterations, curve[-1])
-    for it in range(ckpt.resumed_at if ckpt else 0, iterations):
+            progress(first, config.iterations, curve[-1])
+    for it in range(ckpt.resumed_at if ckpt else 0, config.iterations):
         noise = torch.randn((groups, *shape), generator=gen, dtype=torch.float64).to(device, dtype)
         x0 = noise if start.is_flow else noise * grid[0].to(dtype)
         context = torch.arange(groups, device=device).repeat_interleave(k)
         x = x0[context]
         tables = policy.sample(groups * k, gen)
-        final = sample_with_tables(denoiser, x, grid, start, policy.decoded(tables.map(lambda v: v.to(dtype))))
+        final = sample(denoiser, x, grid, start, table=policy.decoded(tables.map(lambda v: v.to(dtype))))
         with torch.no_grad():
             score = reward(final, context) if reward is not None else fidelity_reward(reference(x0))(final, context)
             logp_old = policy.log_prob(tables)
         adv = rloo_advantages(score.float(), k)
         perm = torch.randperm(groups * k, generator=gen).to(context.device)
-        for s in range(0, groups * k, minibatch):
-            idx = perm[s : s + minibatch]
-            loss = ppo_clip_loss(policy.log_prob(tables[idx]), logp_old[idx], adv[idx], clip)
+        for s in range(0, groups * k, config.minibatch):
+            idx = perm[s : s + config.minibatch]
+            loss = ppo_clip_loss(policy.log_prob(tables[idx]), logp_old[idx], adv[idx], config.clip)
             if not torch.isfinite(loss):
                 continue
             opt.zero_grad(set_to_none=True)
@@ -409,18 +382,20 @@ def rdpo(
             opt.step()
         curve.append(float(score.mean()))
         if progress is not None:
-            progress(it + 1, iterations, curve[-1])
+            progress(it + 1, config.iterations, curve[-1])
         if ckpt is not None:
-            ckpt.step(it + 1, curve, iterations)
-    tail = curve[-max(1, iterations // 5) :]
+            ckpt.step(it + 1, curve, config.iterations)
+    tail = curve[-max(1, config.iterations // 5) :]
     provenance = {
         **(metadata or {}),
         "rdpo": {
+            **config.provenance(),
             "start_source": start.metadata.get("source_file") or start.metadata.get("command", ""),
             "reward": "fidelity" if reward is None else getattr(reward, "__name__", "custom"),
-            "iterations": iterations, "groups": groups, "k": k, "concentration": concentration, "lr": lr,
-            "scale_heads": list(policy.scale_names), "scale_std": scale_std if policy.scale_names else None,
-            "seed": seed, "first_reward": curve[0], "final_reward": sum(tail) / len(tail),
+            "scale_heads": list(policy.scale_names),
+            "scale_std": config.scale_std if policy.scale_names else None,
+            "first_reward": curve[0],
+            "final_reward": sum(tail) / len(tail),
         },
-    }  # fmt: skip
+    }
     return policy.export(provenance), curve

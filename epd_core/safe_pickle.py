@@ -43,7 +43,67 @@ class Opaque:
 # handler(args) -> object, for REDUCE / NEWOBJ of an allow-listed global.
 Handler = Callable[[tuple], Any]
 
-_MARK = object()
+# The opcodes this reader understands, named as in the pickle protocol (``pickletools`` documents each).
+ADDITEMS = b"\x90"
+APPEND = b"a"
+APPENDS = b"e"
+BINBYTES = b"B"
+BINBYTES8 = b"\x8e"
+BINFLOAT = b"G"
+BINGET = b"h"
+BININT = b"J"
+BININT1 = b"K"
+BININT2 = b"M"
+BINPERSID = b"Q"
+BINPUT = b"q"
+BINSTRING = b"T"
+BINUNICODE = b"X"
+BINUNICODE8 = b"\x8d"
+BUILD = b"b"
+DICT = b"d"
+DUP = b"2"
+EMPTY_DICT = b"}"
+EMPTY_LIST = b"]"
+EMPTY_SET = b"\x8f"
+EMPTY_TUPLE = b")"
+FLOAT = b"F"
+FRAME = b"\x95"
+FROZENSET = b"\x91"
+GET = b"g"
+GLOBAL = b"c"
+INT = b"I"
+LIST = b"l"
+LONG = b"L"
+LONG1 = b"\x8a"
+LONG4 = b"\x8b"
+LONG_BINGET = b"j"
+LONG_BINPUT = b"r"
+MARK = b"("
+MEMOIZE = b"\x94"
+NEWFALSE = b"\x89"
+NEWOBJ = b"\x81"
+NEWOBJ_EX = b"\x92"
+NEWTRUE = b"\x88"
+NONE = b"N"
+PERSID = b"P"
+POP = b"0"
+POP_MARK = b"1"
+PROTO = b"\x80"
+PUT = b"p"
+REDUCE = b"R"
+SETITEM = b"s"
+SETITEMS = b"u"
+SHORT_BINBYTES = b"C"
+SHORT_BINSTRING = b"U"
+SHORT_BINUNICODE = b"\x8c"
+STACK_GLOBAL = b"\x93"
+STOP = b"."
+TUPLE = b"t"
+TUPLE1 = b"\x85"
+TUPLE2 = b"\x86"
+TUPLE3 = b"\x87"
+UNICODE = b"V"
+
 _MAX_PROTO = 5
 
 
@@ -147,36 +207,36 @@ def load_one(
 
     while True:
         op = rd.take(1)
-        if op == b".":  # STOP
+        if op == STOP:
             if len(stack) != 1 or marks:
                 raise PickleRefused("malformed stream at STOP")
             return stack[0], rd.pos
-        if op == b"\x80":  # PROTO
+        if op == PROTO:
             if rd.take(1)[0] > _MAX_PROTO:
                 raise PickleRefused("unsupported pickle protocol")
-        elif op == b"\x95":  # FRAME
+        elif op == FRAME:
             rd.take(8)
-        elif op == b"(":
+        elif op == MARK:
             marks.append(len(stack))
-        elif op == b"0":
+        elif op == POP:
             pop()
-        elif op == b"1":
+        elif op == POP_MARK:
             _pop_mark(stack, marks)
-        elif op == b"2":
+        elif op == DUP:
             stack.append(top())
         # memo
-        elif op == b"p":
+        elif op == PUT:
             memo[_memo_key(rd.line())] = top()
-        elif op == b"q":
+        elif op == BINPUT:
             memo[rd.take(1)[0]] = top()
-        elif op == b"r":
+        elif op == LONG_BINPUT:
             memo[struct.unpack("<I", rd.take(4))[0]] = top()
-        elif op == b"\x94":  # MEMOIZE
+        elif op == MEMOIZE:
             memo[len(memo)] = top()
-        elif op in (b"g", b"h", b"j"):
-            if op == b"g":
+        elif op in (GET, BINGET, LONG_BINGET):
+            if op == GET:
                 key = _memo_key(rd.line())
-            elif op == b"h":
+            elif op == BINGET:
                 key = rd.take(1)[0]
             else:
                 key = struct.unpack("<I", rd.take(4))[0]
@@ -184,135 +244,135 @@ def load_one(
                 raise PickleRefused(f"memo entry {key} is missing")
             stack.append(memo[key])
         # constants and numbers
-        elif op == b"N":
+        elif op == NONE:
             stack.append(None)
-        elif op == b"\x88":
+        elif op == NEWTRUE:
             stack.append(True)
-        elif op == b"\x89":
+        elif op == NEWFALSE:
             stack.append(False)
-        elif op == b"K":
+        elif op == BININT1:
             stack.append(rd.take(1)[0])
-        elif op == b"M":
+        elif op == BININT2:
             stack.append(struct.unpack("<H", rd.take(2))[0])
-        elif op == b"J":
+        elif op == BININT:
             stack.append(struct.unpack("<i", rd.take(4))[0])
-        elif op == b"\x8a":
+        elif op == LONG1:
             stack.append(_decode_long(rd.take(rd.take(1)[0])))
-        elif op == b"\x8b":
+        elif op == LONG4:
             stack.append(_decode_long(rd.take(struct.unpack("<i", rd.take(4))[0])))
-        elif op == b"I":
+        elif op == INT:
             stack.append(_parse_int_line(rd.line()))
-        elif op == b"L":
-            stack.append(_parse_int_line(rd.line().rstrip(b"L")))
-        elif op == b"G":
+        elif op == LONG:
+            stack.append(_parse_int_line(rd.line().rstrip(LONG)))
+        elif op == BINFLOAT:
             stack.append(struct.unpack(">d", rd.take(8))[0])
-        elif op == b"F":
+        elif op == FLOAT:
             stack.append(_parse_float_line(rd.line()))
         # strings and bytes
-        elif op == b"\x8c":
+        elif op == SHORT_BINUNICODE:
             stack.append(_utf8(rd.take(rd.take(1)[0])))
-        elif op == b"X":
+        elif op == BINUNICODE:
             stack.append(_utf8(rd.take(struct.unpack("<I", rd.take(4))[0])))
-        elif op == b"\x8d":
+        elif op == BINUNICODE8:
             stack.append(_utf8(rd.take(struct.unpack("<Q", rd.take(8))[0])))
-        elif op == b"V":
+        elif op == UNICODE:
             stack.append(rd.line().decode("raw_unicode_escape"))
-        elif op == b"C":
+        elif op == SHORT_BINBYTES:
             stack.append(rd.take(rd.take(1)[0]))
-        elif op == b"B":
+        elif op == BINBYTES:
             stack.append(rd.take(struct.unpack("<I", rd.take(4))[0]))
-        elif op == b"\x8e":
+        elif op == BINBYTES8:
             stack.append(rd.take(struct.unpack("<Q", rd.take(8))[0]))
-        elif op == b"U":
+        elif op == SHORT_BINSTRING:
             stack.append(rd.take(rd.take(1)[0]).decode("latin-1"))
-        elif op == b"T":
+        elif op == BINSTRING:
             stack.append(rd.take(struct.unpack("<i", rd.take(4))[0]).decode("latin-1"))
         # containers
-        elif op == b"]":
+        elif op == EMPTY_LIST:
             stack.append([])
-        elif op == b"l":
+        elif op == LIST:
             stack.append(_pop_mark(stack, marks))
-        elif op == b"a":
+        elif op == APPEND:
             item = pop()
             lst = top()
             if not isinstance(lst, list):
                 raise PickleRefused(f"APPEND on {type(lst).__name__}")
             lst.append(item)
-        elif op == b"e":
+        elif op == APPENDS:
             items = _pop_mark(stack, marks)
             lst = top()
             if not isinstance(lst, list):
                 raise PickleRefused(f"APPENDS on {type(lst).__name__}")
             lst.extend(items)
-        elif op == b")":
+        elif op == EMPTY_TUPLE:
             stack.append(())
-        elif op == b"t":
+        elif op == TUPLE:
             stack.append(tuple(_pop_mark(stack, marks)))
-        elif op in (b"\x85", b"\x86", b"\x87"):
-            n = op[0] - 0x84
+        elif op in (TUPLE1, TUPLE2, TUPLE3):
+            n = (TUPLE1, TUPLE2, TUPLE3).index(op) + 1
             items = [pop() for _ in range(n)][::-1]
             stack.append(tuple(items))
-        elif op == b"}":
+        elif op == EMPTY_DICT:
             stack.append({})
-        elif op == b"d":
+        elif op == DICT:
             d: dict = {}
             setitems(d, _pop_mark(stack, marks))
             stack.append(d)
-        elif op == b"s":
+        elif op == SETITEM:
             value = pop()
             key = pop()
             setitems(top(), [key, value])
-        elif op == b"u":
+        elif op == SETITEMS:
             items = _pop_mark(stack, marks)
             setitems(top(), items)
-        elif op == b"\x8f":  # EMPTY_SET
+        elif op == EMPTY_SET:
             stack.append(set())
-        elif op == b"\x90":  # ADDITEMS
+        elif op == ADDITEMS:
             items = _pop_mark(stack, marks)
             target = top()
             if not isinstance(target, set):
                 raise PickleRefused(f"ADDITEMS on {type(target).__name__}")
             target.update(_hashable(x) for x in items)
-        elif op == b"\x91":  # FROZENSET
+        elif op == FROZENSET:
             stack.append(frozenset(_hashable(x) for x in _pop_mark(stack, marks)))
         # globals and calls
-        elif op == b"c":
+        elif op == GLOBAL:
             module = rd.line().decode("utf-8", "replace")
             name = rd.line().decode("utf-8", "replace")
             stack.append(resolve(module, name))
-        elif op == b"\x93":  # STACK_GLOBAL
+        elif op == STACK_GLOBAL:
             name = pop()
             module = pop()
             if not isinstance(module, str) or not isinstance(name, str):
                 raise PickleRefused("STACK_GLOBAL with non-string names")
             stack.append(resolve(module, name))
-        elif op == b"R":
+        elif op == REDUCE:
             args = pop()
             fn = pop()
             stack.append(call(fn, args))
-        elif op == b"\x81":  # NEWOBJ
+        elif op == NEWOBJ:
             args = pop()
             cls = pop()
             stack.append(call(cls, args))
-        elif op == b"\x92":  # NEWOBJ_EX
+        elif op == NEWOBJ_EX:
             kwargs = pop()
             args = pop()
             cls = pop()
             if kwargs:
                 raise PickleRefused("NEWOBJ_EX with keyword arguments")
             stack.append(call(cls, args))
-        elif op == b"b":  # BUILD
+        elif op == BUILD:
             state = pop()
             obj = top()
             if not isinstance(obj, Opaque):
                 raise PickleRefused(f"BUILD on {type(obj).__name__}")
             obj.state = state
-        elif op == b"Q":  # BINPERSID
+        elif op == BINPERSID:
             pid = pop()
             if persistent_load is None:
                 raise PickleRefused("persistent id not allowed here")
             stack.append(persistent_load(pid))
-        elif op == b"P":
+        elif op == PERSID:
             raise PickleRefused("text persistent ids are not supported")
         else:
             raise PickleRefused(f"unsupported opcode {op!r} at offset {rd.pos - 1}")

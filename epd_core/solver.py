@@ -21,23 +21,21 @@ from typing import Any
 
 import torch
 
-from .params import EPDParams
+from .params import Decoded, EPDParams
 
 __all__ = [
     "Denoiser",
     "sample",
+    "epd_step",
+    "point_times",
     "first_direction",
-    "ensemble_direction",
+    "evaluate_points",
     "push_history",
-    "epd_directions",
     "adams_bashforth",
     "grid_offset",
 ]
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-
-# iPNDM's Adams-Bashforth coefficients for orders 1..4, newest direction first.
-_AB = ((1.0,), (1.5, -0.5), (23 / 12, -16 / 12, 5 / 12), (55 / 24, -59 / 24, 37 / 24, -9 / 24))
 
 
 def adams_bashforth(d: torch.Tensor, history: list[torch.Tensor], max_order: int) -> torch.Tensor:
@@ -63,27 +61,34 @@ def _point(values: torch.Tensor, k: int, like: torch.Tensor) -> torch.Tensor:
     return col.reshape(-1, *([1] * (like.ndim - 1))).to(like.device) if col.ndim else col
 
 
-def epd_directions(
+def point_times(r: torch.Tensor, t_cur: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+    """``tau_k = t_next**r_k * t_cur**(1 - r_k)``: the K points' times, geometric inside the step."""
+    return t_next**r * t_cur ** (1 - r)
+
+
+def evaluate_points(
     denoiser: Denoiser,
-    x_points: list[torch.Tensor],
-    sigmas: torch.Tensor,
+    x: torch.Tensor,
+    direction: torch.Tensor,
+    offset: torch.Tensor,
+    sigma: torch.Tensor,
     tau: torch.Tensor,
     parallel: bool | int = True,
 ) -> list[torch.Tensor]:
-    """``d_k = (x_k - D(x_k, sigma_k)) / tau_k`` for all K points.
+    """``d_k = (x_k - D(x_k, sigma_k)) / tau_k`` at ``x_k = x + offset_k * direction``, for all K points.
 
     ``parallel=True`` makes ONE denoiser call with batch ``K * B`` laid out
     point-major (``cat([x_0, x_1, ...])``) with per-sample sigmas; an integer
     ``n`` makes calls of at most ``n`` points; ``False`` one call per point.
     """
-    k_total = len(x_points)
-    batch = x_points[0].shape[0]
+    k_total, batch = offset.shape[-1], x.shape[0]
+    x_points = [x + _point(offset, k, x) * direction for k in range(k_total)]
     chunk = k_total if parallel is True else 1 if parallel is False else max(1, int(parallel))
     out: list[torch.Tensor] = []
     for start in range(0, k_total, chunk):
         idx = range(start, min(start + chunk, k_total))
         xs = torch.cat([x_points[k] for k in idx]) if len(idx) > 1 else x_points[idx[0]]
-        sig = torch.cat([_per_sample(sigmas[..., k], batch, xs) for k in idx])
+        sig = torch.cat([_per_sample(sigma[..., k], batch, xs) for k in idx])
         denoised = denoiser(xs, sig)
         for j, k in enumerate(idx):
             den_k = denoised[j * batch : (j + 1) * batch]
@@ -105,30 +110,37 @@ def first_direction(
     return (x - denoiser(x, _per_sample(t_cur, x.shape[0], x))) / t_cur.to(x.dtype)
 
 
-def ensemble_direction(
+PointEvaluator = Callable[..., list[torch.Tensor]]
+
+
+def epd_step(
     denoiser: Denoiser,
     x: torch.Tensor,
-    d: torch.Tensor,
     t_cur: torch.Tensor,
     t_next: torch.Tensor,
-    table,
+    table: Decoded,
     step: int,
     params: EPDParams,
     history: list[torch.Tensor],
+    afs: bool = False,
     parallel: bool | int = True,
-) -> torch.Tensor:
-    """``sum_k weight_k * scale_dir_k * d_k`` for one step.
+    evaluate: PointEvaluator = evaluate_points,
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """One EPD step's direction ``sum_k weight_k * scale_dir_k * d_k``, and the history for the next step.
 
-    ``table`` holds ``[steps, K]`` values (``params.decoded()``), or ``[steps, B, K]`` for a different
-    table per sample (RDPO's rollouts).
+    The step's update is ``x + (t_next - t_cur) * direction`` and its x0 estimate ``x - t_cur * direction``.
+    ``table`` holds ``[steps, K]`` values (``params.decoded()``), or ``[steps, B, K]`` for a different table per
+    sample (RDPO's rollouts). ``history`` holds the past first directions ``d`` (iPNDM students place their points
+    by Adams-Bashforth extrapolation; EPD students keep none). ``evaluate`` computes the K directions (training
+    swaps in finite differences).
     """
-    r, weight = table.r[step], table.weight[step]
-    tau = t_next**r * t_cur ** (1 - r)
+    d = first_direction(denoiser, x, t_cur, afs, params.is_flow)
     direction = adams_bashforth(d, history, params.max_order) if params.student == "ipndm" else d
-    x_points = [x + _point(tau - t_cur, k, x) * direction for k in range(params.num_points)]
-    d_points = epd_directions(denoiser, x_points, table.scale_time[step] * tau, tau, parallel)
-    coef = weight * table.scale_dir[step]
-    return sum(_point(coef, k, x) * d_points[k] for k in range(params.num_points))
+    tau = point_times(table.r[step], t_cur, t_next)
+    d_points = evaluate(denoiser, x, direction, tau - t_cur, table.scale_time[step] * tau, tau, parallel)
+    coef = table.weight[step] * table.scale_dir[step]
+    d_eff = sum(_point(coef, k, x) * d_points[k] for k in range(params.num_points))
+    return d_eff, push_history(history, d, params.max_order) if params.student == "ipndm" else history
 
 
 def push_history(history: list[torch.Tensor], d: torch.Tensor, max_order: int) -> list[torch.Tensor]:
@@ -169,6 +181,7 @@ def sample(
     callback: Callable[[dict[str, Any]], None] | None = None,
     parallel: bool | int = True,
     final: str = "denoise",
+    table: Decoded | None = None,
 ) -> torch.Tensor:
     """Run the EPD (or ipndm-plugin) student from ``x`` at ``sigmas[0]`` down the grid.
 
@@ -180,27 +193,26 @@ def sample(
 
     ``final`` says how a trailing 0 is reached: ``denoise`` calls the model once
     more at the last sigma; ``estimate`` returns the last step's own x0 estimate
-    (its update extended to sigma 0), at no extra call.
+    (its update extended to sigma 0), at no extra call. ``table`` replaces the
+    table's decoded values, e.g. by ``[steps, B, K]`` per-sample tables (RDPO).
     """
     if final not in FINAL_STEPS:
         raise ValueError(f"final must be one of {FINAL_STEPS}, got {final!r}")
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu()
     offset, to_zero = grid_offset(params, sigmas)
     grid = sigmas[:-1] if to_zero else sigmas
-    table = params.decoded(torch.float64)
+    table = params.decoded(torch.float64) if table is None else table
     history: list[torch.Tensor] = []
     estimate = None
 
     for i in range(grid.shape[0] - 1):
         step = offset + i
         t_cur, t_next = grid[i], grid[i + 1]
-        d = first_direction(denoiser, x, t_cur, params.afs and step == 0, params.is_flow)
-        d_eff = ensemble_direction(denoiser, x, d, t_cur, t_next, table, step, params, history, parallel)
+        afs = params.afs and step == 0
+        d_eff, history = epd_step(denoiser, x, t_cur, t_next, table, step, params, history, afs, parallel)
         estimate = x - t_cur.to(x.dtype) * d_eff
         if callback is not None:
             callback({"x": x, "i": i, "sigma": t_cur, "sigma_hat": t_cur, "denoised": estimate})
-        if params.student == "ipndm":
-            history = push_history(history, d, params.max_order)
         x = x + (t_next - t_cur).to(x.dtype) * d_eff
 
     if to_zero:

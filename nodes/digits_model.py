@@ -11,7 +11,7 @@ Latents are ``[B, 4, 8, 8]`` (a 64x64 EmptyLatentImage) with an identity latent 
 (bilinear) to 16x16 grey levels in ``[-1, 1]`` and pixel-unshuffled into 4 channels of 8x8
 (``digits_to_latent``); ``latent_to_image`` is the inverse, for previews.
 
-The weights (``weights/digits-unet.safetensors``) are read with ``safetensors`` only and must match the
+The weights (``demo_models/digits-unet.safetensors``) are read with ``safetensors`` only and must match the
 configuration below key for key.
 """
 
@@ -30,7 +30,7 @@ from safetensors.torch import load_file
 
 from .analytic_model import IdentityLatent
 
-WEIGHTS = Path(__file__).resolve().parents[1] / "weights" / "digits-unet.safetensors"
+WEIGHTS = Path(__file__).resolve().parents[1] / "demo_models" / "digits-unet.safetensors"
 FORMAT = "epd-digits-unet-v1"
 
 # ComfyUI UNetModel keyword arguments (0.98M parameters). Two levels (8x8, 4x4) of 64 channels, one residual

@@ -9,6 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..epd_core import EPDParams, make_schedule
+from ..epd_core.solver import point_times
 
 _BG, _AXIS, _POINT, _TEXT = (250, 250, 247), (120, 120, 120), (214, 96, 39), (30, 30, 30)
 MAX_ROWS = 64  # steps drawn; the image stays below 760 x 2,300 pixels whatever the table
@@ -44,10 +45,10 @@ def draw_table(params: EPDParams, width: int = 760, row: int = 34) -> Image.Imag
         draw.text((8, y - 6), f"step {i}", fill=_TEXT)
         draw.line([(x_of(t_cur), y + 10), (x_of(t_next), y + 10)], fill=_AXIS, width=3)
         labels = []
+        taus = point_times(table.r[i], grid[i], grid[i + 1])
         for k in range(min(params.num_points, MAX_MARKS)):
             r, w = float(table.r[i, k]), float(table.weight[i, k])
-            tau = t_next**r * t_cur ** (1 - r)
-            x = x_of(tau)
+            x = x_of(float(taus[k]))
             draw.rectangle([x - 2, y + 10 - 16 * w, x + 2, y + 10], fill=_POINT)
             labels.append(f"r{k}={r:.2f} w={w:.2f}")
         a = float(table.scale_time[i].mean())

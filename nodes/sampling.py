@@ -230,12 +230,12 @@ def make_sampler(
     return comfy.samplers.KSAMPLER(epd_sampler_function, extra_options=options)
 
 
-# Deterministic bases with one model call per grid point; checked at run time as well.
+# The allow-list: deterministic bases with one model call per grid point (checked at run time as well). Anything
+# else (stochastic samplers, several calls per step such as heun or exp_heun_2_x0, samplers added later) is refused.
 PLUGIN_BASES = (
     "euler", "ddim", "dpmpp_2m", "lms", "ipndm", "ipndm_v", "deis", "res_multistep", "gradient_estimation",
     "uni_pc", "uni_pc_bh2",
 )  # fmt: skip
-_STOCHASTIC = ("ancestral", "sde", "ddpm", "lcm", "seeds", "sa_solver", "cfg_pp")
 
 
 def base_sampler_name(sampler) -> str:
@@ -275,10 +275,10 @@ def make_plugin_sampler(base, params: EPDParams, parallel: str = "auto", continu
     Returns the new sampler and an info text (with a warning when the table was trained for another base).
     """
     name = base_sampler_name(base)
-    if any(tag in name for tag in _STOCHASTIC) or name in ("heun", "heunpp2", "dpm_2", "dpm_fast", "dpm_adaptive"):
+    if name not in PLUGIN_BASES:
         raise ValueError(
-            f"EPD Plugin does not support the sampler '{name}' (stochastic, or several model calls per step); "
-            f"supported: {', '.join(PLUGIN_BASES)}"
+            f"EPD Plugin does not support the sampler '{name}' (it needs a deterministic sampler with one model call "
+            f"per step; supported: {', '.join(PLUGIN_BASES)})"
         )
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")

@@ -29,6 +29,7 @@ import torch
 from ..epd_core import EPDParams
 from ..epd_core.catalogue import load_catalogue
 from ..epd_core.checkpoint import CheckpointMismatch
+from ..epd_core.config import DistillConfig, RDPOConfig
 from ..epd_core.distill import distill
 from ..epd_core.files import EPDFileError, save_params
 from ..epd_core.rdpo import rdpo
@@ -66,7 +67,7 @@ def output_path(filename: str, overwrite: bool) -> Path:
         raise ValueError(f"invalid table name {filename!r}: use letters, digits, '.', '_' and '-'")
     reserved = {p.stem.lower() for p in (PACK / "weights").iterdir() if p.suffix in (".safetensors", ".pkl")}
     try:
-        reserved |= {name.lower() for name in load_catalogue()}
+        reserved |= {name.lower() for name in load_catalogue(PACK / "weights" / "catalogue.json")}
     except EPDFileError:
         pass
     if stem.lower() in reserved:
@@ -115,20 +116,22 @@ class Session:
 
 
 def distill_on_model(
-    model, positive, negative, cfg: float, latent: torch.Tensor, start: EPDParams, **options
-) -> EPDParams:
-    """Run :func:`epd_core.distill.distill` on a ComfyUI ``MODEL`` with CFG guidance."""
+    model, positive, negative, cfg: float, latent: torch.Tensor, start: EPDParams, config: DistillConfig,
+    metadata: dict | None = None, **resume,
+) -> EPDParams:  # fmt: skip
+    """Run :func:`epd_core.distill.distill` on a ComfyUI ``MODEL`` with CFG guidance (``resume``: its
+    ``checkpoint`` and ``checkpoint_every``, see :func:`resume_options`)."""
 
     def fit(s: Session) -> EPDParams:
-        return _resuming(distill, s.denoiser, start, s.shape, grid=s.grid, dtype=torch.float32, device=s.device,
-                         progress=s.progress, gradient="fd", **options)  # fmt: skip
+        return _resuming(distill, s.denoiser, start, s.shape, config, grid=s.grid, dtype=torch.float32,
+                         device=s.device, progress=s.progress, metadata=metadata, **resume)  # fmt: skip
 
-    return _train_on_model(model, positive, negative, cfg, latent, start, options, fit)
+    return _train_on_model(model, positive, negative, cfg, latent, start, config, fit)
 
 
 def rdpo_on_model(
-    model, positive, negative, cfg: float, latent: torch.Tensor, start: EPDParams, teacher_m: int = 4,
-    reward: Reward | None = None, **options,
+    model, positive, negative, cfg: float, latent: torch.Tensor, start: EPDParams, config: RDPOConfig,
+    teacher_m: int = 4, reward: Reward | None = None, metadata: dict | None = None, **resume,
 ) -> tuple[EPDParams, list[float]]:  # fmt: skip
     """Run :func:`epd_core.rdpo.rdpo` on a ComfyUI ``MODEL``.
 
@@ -138,17 +141,17 @@ def rdpo_on_model(
     """
 
     def fit(s: Session) -> tuple[EPDParams, list[float]]:
-        common = dict(dtype=torch.float32, device=s.device, progress=s.progress, **options)
+        common = dict(dtype=torch.float32, device=s.device, progress=s.progress, metadata=metadata, **resume)
         if reward is not None:
-            return _resuming(rdpo, s.denoiser, start, s.shape, in_sampling(reward, s), **common)
+            return _resuming(rdpo, s.denoiser, start, s.shape, config, reward=in_sampling(reward, s), **common)
 
         def reference(x0):
             with torch.no_grad():
                 return teacher_trajectory(s.denoiser, x0, subdivide(s.grid.to(x0.device), teacher_m), "dpm2")[-1]
 
-        return _resuming(rdpo, s.denoiser, start, s.shape, reference=reference, **common)
+        return _resuming(rdpo, s.denoiser, start, s.shape, config, reference=reference, **common)
 
-    return _train_on_model(model, positive, negative, cfg, latent, start, options, fit)
+    return _train_on_model(model, positive, negative, cfg, latent, start, config, fit)
 
 
 def _resuming(train: Callable, *args, **options):
@@ -178,12 +181,11 @@ def in_sampling(reward: Reward, session: Session) -> Reward:
     return scored
 
 
-def _train_on_model(model, positive, negative, cfg, latent, start, options, fit):
+def _train_on_model(model, positive, negative, cfg, latent, start, config, fit):
     """Run ``fit(session)`` inside ComfyUI's prepared sampling context."""
     model_sampling = model.get_model_object("model_sampling")
     grid = model_schedule(start, model_sampling)
     result: dict = {}
-    iterations = options.get("iterations", 300)
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
@@ -193,7 +195,7 @@ def _train_on_model(model, positive, negative, cfg, latent, start, options, fit)
     def train(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
         sampling = model_k.inner_model
         base = sampling.inner_model
-        pbar = comfy.utils.ProgressBar(iterations)
+        pbar = comfy.utils.ProgressBar(config.iterations)
 
         def progress(i: int, n: int, loss: float) -> None:
             comfy.model_management.throw_exception_if_processing_interrupted()
@@ -210,5 +212,5 @@ def _train_on_model(model, positive, negative, cfg, latent, start, options, fit)
         return x
 
     guider.sample(torch.zeros(shape), torch.zeros(shape), comfy.samplers.KSAMPLER(train), grid.float(),
-                  seed=options.get("seed", 0))  # fmt: skip
+                  seed=config.seed)  # fmt: skip
     return result["out"]

@@ -24,6 +24,8 @@ import comfy_harness  # noqa: E402
 NODES = comfy_harness.setup()
 training = comfy_harness.pack_module("nodes.training")
 files = comfy_harness.pack_module("epd_core.files")
+config = comfy_harness.pack_module("epd_core.config")
+DistillConfig, RDPOConfig = config.DistillConfig, config.RDPOConfig
 time_points_for_nfe = comfy_harness.pack_module("epd_core.params").time_points_for_nfe
 
 
@@ -51,21 +53,21 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage != "rdpo":
             steps, afs = time_points_for_nfe(nfe)
             start = training.start_table(model.get_model_object("model_sampling"), steps, args.points, afs)
-            params = training.distill_on_model(
-                model, cond, cond, 1.0, latent, start, iterations=args.iterations, batch=args.batch,
-                teacher="heun", teacher_m=args.teacher_m, seed=args.seed, learn_grid=True, weighting="snr",
-                metadata={"model": "digits UNet (weights/digits-unet.safetensors)", "command": command},
-            )  # fmt: skip
+            config = DistillConfig(iterations=args.iterations, batch=args.batch, teacher="heun",
+                                   teacher_m=args.teacher_m, seed=args.seed, learn_grid=True, weighting="snr",
+                                   gradient="fd")  # fmt: skip
+            meta = {"model": "digits UNet (demo_models/digits-unet.safetensors)", "command": command}
+            params = training.distill_on_model(model, cond, cond, 1.0, latent, start, config, metadata=meta)
             files.save_params(params, out)
             print(f"wrote {out}: NFE {params.nfe}, loss {params.metadata['distilled']['first_loss']:.4f} -> "
                   f"{params.metadata['distilled']['final_loss']:.4f}", flush=True)  # fmt: skip
         if args.stage != "distill" and nfe in args.rdpo_nfe:
             start = files.load_params(out)
-            params, curve = training.rdpo_on_model(
-                model, cond, cond, 1.0, latent, start, teacher_m=args.rdpo_teacher_m,
-                iterations=args.rdpo_iterations, groups=8, k=4, concentration=20.0, lr=3e-4, seed=args.seed,
-                metadata={"command": command, "rdpo_start_file": out.name},
-            )  # fmt: skip
+            config = RDPOConfig(iterations=args.rdpo_iterations, groups=8, k=4, concentration=20.0, lr=3e-4,
+                                seed=args.seed)  # fmt: skip
+            meta = {"command": command, "rdpo_start_file": out.name}
+            params, curve = training.rdpo_on_model(model, cond, cond, 1.0, latent, start, config,
+                                                   teacher_m=args.rdpo_teacher_m, metadata=meta)  # fmt: skip
             refined = out.with_name(f"{out.stem}-rdpo.safetensors")
             files.save_params(params, refined)
             print(f"wrote {refined}: mean reward {curve[0]:.4f} -> {params.metadata['rdpo']['final_reward']:.4f}",

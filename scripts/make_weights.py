@@ -75,11 +75,7 @@ def main() -> None:
         if p.metadata.get("plugin_base"):
             model += f", EPD Plugin over {p.metadata['plugin_base']}"
         lines.append(f"| `{path.name}` | {model} | {p.nfe} | `{p.metadata.get('command', '')}` |")
-    lines += ["", "## Not a table: `digits-unet.safetensors`", "",
-              "The weights of the demo digits UNet (node EPD Demo Digits Model, `nodes/digits_model.py`): ComfyUI's "
-              "UNetModel,", "0.98M float32 parameters, trained on scikit-learn's digits by "
-              "`python scripts/train_digits_unet.py` (its metadata", "records the command, seed, iterations, data and "
-              "losses). It is not an EPD table."]  # fmt: skip
+    lines += ["", "Tables only: the demo networks they were fitted to live in `demo_models/` (see its README)."]
     (ROOT / "weights" / "README.md").write_text("\n".join(lines) + "\n")
 
 

@@ -1,6 +1,6 @@
 """Train the demo digits UNet (nodes/digits_model.py) on scikit-learn's bundled digits, on the CPU.
 
-python scripts/train_digits_unet.py                                    # weights/digits-unet.safetensors
+python scripts/train_digits_unet.py                                    # demo_models/digits-unet.safetensors
 python scripts/train_digits_unet.py --quick --out /tmp/digits.safetensors   # a few iterations (the test)
 
 The network is ComfyUI's own ``UNetModel``, built by the ComfyUI wrapper ``DigitsModel`` itself, and the loss is
@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 import comfy_harness  # noqa: E402
 
-DEFAULT_OUT = ROOT / "weights" / "digits-unet.safetensors"
+DEFAULT_OUT = ROOT / "demo_models" / "digits-unet.safetensors"
 
 
 def digits_module():

@@ -44,10 +44,9 @@ def setup(cpu: bool = True) -> dict:
     ok = asyncio.run(nodes.load_custom_node(str(ROOT)))
     if not ok:
         raise RuntimeError("ComfyUI failed to load the EPD pack")
-    from importlib import import_module
-
     pack = sys.modules[str(ROOT).replace(".", "_x_")]
-    for cls in import_module(f"{pack.__name__}.nodes.epd_nodes").NODES:
+    extension = asyncio.run(pack.comfy_entrypoint())
+    for cls in asyncio.run(extension.get_node_list()):
         node_id = cls.define_schema().node_id
         _STATE[node_id] = nodes.NODE_CLASS_MAPPINGS[node_id]
     _STATE["pack"] = pack

@@ -33,7 +33,7 @@ import make_catalogue  # noqa: E402
 
 COMMITS = {"88a91f0914069afd700bfee1b590c7b61ceae240": "tpami", "94c00d0f18de0636153440df7f1a9a13b80df247": "iccv"}
 TABLES = ("r_params", "weight_s", "scale_dir_params", "scale_time_params")
-CATALOGUE = load_catalogue()
+CATALOGUE = load_catalogue(ROOT / "weights" / "catalogue.json")
 ENTRIES = list(CATALOGUE.values())
 
 
@@ -215,7 +215,7 @@ def test_a_wrong_answer_is_refused_and_leaves_nothing(mirror, tmp_path, mode, pr
     dest = tmp_path / "epd"
     dest.mkdir()
     with pytest.raises(EPDFileError, match=problem) as err:
-        fetch("tpami-sd15-best", dest, base_url=mirror.url)
+        fetch(find_entry("tpami-sd15-best", CATALOGUE), dest, base_url=mirror.url)
     assert "tpami-sd15-best" in str(err.value)
     assert list(dest.iterdir()) == []
 
@@ -225,7 +225,7 @@ def test_a_server_that_never_answers_times_out_and_leaves_nothing(mirror, tmp_pa
     dest = tmp_path / "models" / "epd"  # not there yet: created for the download, removed again
     start = time.monotonic()
     with pytest.raises(EPDFileError, match="timeout") as err:
-        fetch("tpami-flux-best", dest, base_url=mirror.url, timeout=1.0)
+        fetch(find_entry("tpami-flux-best", CATALOGUE), dest, base_url=mirror.url, timeout=1.0)
     elapsed = time.monotonic() - start
     assert 0.9 < elapsed < 3.0, elapsed  # the socket timeout, plus a little slack on a busy machine
     assert "tpami-flux-best" in str(err.value) and mirror.requests
@@ -234,24 +234,24 @@ def test_a_server_that_never_answers_times_out_and_leaves_nothing(mirror, tmp_pa
 
 def test_offline_is_a_clear_error_and_leaves_nothing(tmp_path):
     with pytest.raises(EPDFileError, match="connection refused") as err:
-        fetch("tpami-sd3-512-best", tmp_path, base_url=dead_url(), timeout=5)
+        fetch(find_entry("tpami-sd3-512-best", CATALOGUE), tmp_path, base_url=dead_url(), timeout=5)
     assert "tpami-sd3-512-best" in str(err.value)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_http_error_and_bad_mirror_are_clear_errors(mirror, tmp_path):
     with pytest.raises(EPDFileError, match="HTTP 404"):
-        fetch("tpami-sd15-best", tmp_path, base_url=mirror.url + "/elsewhere")
+        fetch(find_entry("tpami-sd15-best", CATALOGUE), tmp_path, base_url=mirror.url + "/elsewhere")
     with pytest.raises(EPDFileError, match="http:// or https://"):
-        fetch("tpami-sd15-best", tmp_path, base_url="file:///etc")
+        fetch(find_entry("tpami-sd15-best", CATALOGUE), tmp_path, base_url="file:///etc")
     with pytest.raises(EPDFileError, match="not in the catalogue"):
-        fetch("sd15-best", tmp_path, base_url=mirror.url)
+        find_entry("sd15-best", CATALOGUE)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_mirror_from_the_environment(mirror, tmp_path, monkeypatch):
     monkeypatch.setenv(MIRROR_ENV, mirror.url + "/")
-    path = fetch("iccv-00021-ffhq-3-3-ipndm", tmp_path)
+    path = fetch(find_entry("iccv-00021-ffhq-3-3-ipndm", CATALOGUE), tmp_path)
     assert mirror.requests == [CATALOGUE["iccv-00021-ffhq-3-3-ipndm"].url[len(UPSTREAM) :]]
     assert load_params(path).student == "ipndm"
 
@@ -275,10 +275,10 @@ def test_another_file_of_that_name_is_never_replaced(mirror, tmp_path):
     save_params(load_params(OFFICIAL / "tpami" / "sd15-distilled.pkl"), other)
     before = other.read_bytes()
     with pytest.raises(EPDFileError, match="not the catalogue's tpami-sd15-best"):
-        fetch("tpami-sd15-best", tmp_path, base_url=mirror.url)
+        fetch(find_entry("tpami-sd15-best", CATALOGUE), tmp_path, base_url=mirror.url)
     other.write_bytes(b"\x00" * 20)
     with pytest.raises(EPDFileError, match="unreadable"):
-        fetch("tpami-sd15-best", tmp_path, base_url=mirror.url)
+        fetch(find_entry("tpami-sd15-best", CATALOGUE), tmp_path, base_url=mirror.url)
     assert mirror.requests == []
     assert sorted(p.name for p in tmp_path.iterdir()) == [other.name]
     assert before != other.read_bytes()
@@ -359,7 +359,7 @@ def test_loader_downloads_a_listed_table_when_the_graph_runs(comfy, mirror, monk
     assert len(mirror.requests) == 1
     assert sorted(p.name for p in epd_dir.iterdir()) == ["tpami-sd15-best.safetensors"]
     assert_same_table(load_params(epd_dir / "tpami-sd15-best.safetensors"), load_params(local_copy(find_entry(
-        "tpami-sd15-best"))))  # fmt: skip
+        "tpami-sd15-best", CATALOGUE))))  # fmt: skip
 
     # now a local file: listed as such, and the old choice (saved workflows) still validates and runs, offline
     options = _options(loader)

@@ -55,6 +55,14 @@ def test_distill_node_saves_a_table_that_samples(epd_dir, kind):
     assert torch.isfinite(out).all()
 
 
+def test_distill_runs_under_inference_mode_as_the_server_does(epd_dir):
+    """ComfyUI's executor runs nodes under torch.inference_mode(); the grid made there must still train."""
+    model = tiny_model("eps")
+    with torch.inference_mode():
+        params, info = _run(model, "eps", "under_inference", iterations=2, learn_grid=False)
+    assert (epd_dir / "under_inference.safetensors").exists() and params.metadata["distilled"]["iterations"] == 2
+
+
 def test_never_overwrites_without_asking(epd_dir):
     model = tiny_model("eps")
     _run(model, "eps", "same", iterations=1)

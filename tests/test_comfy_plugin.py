@@ -8,6 +8,7 @@ from conftest import REFERENCE, official_path, reference_meta
 from safetensors.torch import load_file
 
 import epd_core
+from epd_core.config import DistillConfig
 
 H = pytest.importorskip("comfy_harness")
 N = H.setup()
@@ -82,6 +83,16 @@ def test_unsupported_bases_are_refused_with_the_list(base):
     params = epd_core.load_params(official_path("sd15-best.pkl"))
     with pytest.raises(ValueError, match="supported: euler, ddim, dpmpp_2m"):
         _plugin(base, params)
+
+
+def test_every_other_comfyui_sampler_is_refused():
+    """An allow-list: each sampler of this ComfyUI outside PLUGIN_BASES (new ones such as exp_heun_2_x0 included)."""
+    params = epd_core.load_params(official_path("sd15-best.pkl"))
+    others = [name for name in comfy.samplers.KSampler.SAMPLERS if name not in SAMPLING.PLUGIN_BASES]
+    assert "heun" in others and "euler_ancestral" in others
+    for name in others:
+        with pytest.raises(ValueError, match="supported: euler, ddim, dpmpp_2m"):
+            _plugin(name, params)
 
 
 def test_runtime_guard_for_unknown_multi_call_sampler():
@@ -161,7 +172,7 @@ def test_distilled_for_a_base_records_it():
 
     gm = epd_core.GaussianMixture.reference()
     start = epd_core.EPDParams.start(4, 2, schedule_type="discrete", schedule_rho=1.0, backend="ldm")
-    table = distill(gm.denoise_ve, start, gm.shape, iterations=3, batch=4, plugin_base="dpmpp_2m")
+    table = distill(gm.denoise_ve, start, gm.shape, DistillConfig(iterations=3, batch=4, plugin_base="dpmpp_2m"))
     assert table.metadata["plugin_base"] == "dpmpp_2m"
     _, info = _plugin("dpmpp_2m", table)
     assert "Warning" not in info

@@ -23,6 +23,7 @@ from tiny_models import conditioning, latent, tiny_model  # noqa: E402
 
 rewards = H.pack_module("nodes.rewards")
 training = H.pack_module("nodes.training")
+RDPOConfig = H.pack_module("epd_core.config").RDPOConfig
 RDPO = N["EPDRDPO"]
 PROMPT = "a photo of a red bicycle"
 VISION = {
@@ -152,8 +153,9 @@ def test_reward_may_push_the_model_off_the_device(epd_dir):
                 comfy.model_management.unload_all_models()
             return latents.flatten(1).std(1)
 
+        config = RDPOConfig(iterations=3, groups=2, k=2)
         return training.rdpo_on_model(model, conditioning(1, 1), conditioning(1, 2), 1.0, latent("eps", 1)["samples"],
-                                      _start(model), reward=contrast, iterations=3, groups=2, k=2, seed=0)  # fmt: skip
+                                      _start(model), config, reward=contrast)  # fmt: skip
 
     (squeezed, curve_squeezed), (calm, curve_calm) = run(True), run(False)
     assert curve_squeezed == curve_calm
@@ -171,7 +173,7 @@ def test_a_reward_gets_latents_in_comfyui_latent_format():
         return latents.flatten(1).std(1)
 
     training.rdpo_on_model(model, conditioning(1, 1), conditioning(1, 2), 1.0, latent("eps", 1)["samples"],
-                           _start(model), reward=record, iterations=1, groups=2, k=2, seed=0)  # fmt: skip
+                           _start(model), RDPOConfig(iterations=1, groups=2, k=2), reward=record)  # fmt: skip
     inside = seen[0] * model.model.latent_format.scale_factor
     assert seen[0].shape == (4, 4, 8, 8) and (inside - 10).abs().max() < 0.5
 

@@ -11,6 +11,7 @@ import torch
 from epd_core import EPDParams, GaussianMixture, load_params, make_schedule, sample
 from epd_core.__main__ import main as cli_main
 from epd_core.analytic import ode_endpoint
+from epd_core.config import DistillConfig
 from epd_core.distill import distill, student_loss
 from epd_core.params import TABLE_NAMES
 from epd_core.teachers import TEACHERS, subdivide, teacher_trajectory
@@ -34,7 +35,8 @@ def _error(params, n=256):
 @pytest.mark.parametrize("student,learn_grid", [("epd", False), ("ipndm", False), ("epd", True)])
 def test_distillation_reduces_loss_and_beats_start(student, learn_grid):
     start = _start(student=student, max_order=3)
-    p = distill(GM.denoise_ve, start, GM.shape, iterations=60, batch=32, teacher_m=4, learn_grid=learn_grid)
+    config = DistillConfig(iterations=60, batch=32, teacher_m=4, learn_grid=learn_grid)
+    p = distill(GM.denoise_ve, start, GM.shape, config)
     d = p.metadata["distilled"]
     assert d["final_loss"] < 0.5 * d["first_loss"]
     assert _error(p) < 0.8 * _error(start)
@@ -53,11 +55,12 @@ def test_global_objective_backpropagates_through_the_trajectory():
     x = torch.randn(4, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     targets = teacher_trajectory(GM.denoise_flow, x, subdivide(grid, 3))[::4]
     raw = {n: getattr(start, n).double().clone().requires_grad_(True) for n in TABLE_NAMES}
-    loss, _ = student_loss(GM.denoise_flow, start, raw, grid, x, targets, objective="global")
+    loss, _ = student_loss(GM.denoise_flow, start, raw, grid, x, targets, DistillConfig(objective="global"))
     assert torch.allclose(loss, ((_ - targets[-1]) ** 2).mean())
     loss.backward()
     assert torch.all(raw["r_params"].grad.abs().sum(1) > 0)  # the first steps answer for the end result too
-    p = distill(GM.denoise_flow, start, GM.shape, iterations=60, batch=32, teacher_m=4, objective="global")
+    config = DistillConfig(iterations=60, batch=32, teacher_m=4, objective="global")
+    p = distill(GM.denoise_flow, start, GM.shape, config)
     d = p.metadata["distilled"]
     assert d["objective"] == "global" and d["final_loss"] < 0.85 * d["first_loss"]
     x = torch.randn(256, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(99))
@@ -68,13 +71,13 @@ def test_global_objective_backpropagates_through_the_trajectory():
 
     assert err(p) < 0.8 * err(start)
     with pytest.raises(ValueError, match="objective"):
-        distill(GM.denoise_flow, start, GM.shape, iterations=1, objective="global", gradient="fd")
+        DistillConfig(iterations=1, objective="global", gradient="fd")
 
 
 def test_deterministic_for_a_seed():
-    a = distill(GM.denoise_ve, _start(), GM.shape, iterations=5, batch=8, seed=3)
-    b = distill(GM.denoise_ve, _start(), GM.shape, iterations=5, batch=8, seed=3)
-    c = distill(GM.denoise_ve, _start(), GM.shape, iterations=5, batch=8, seed=4)
+    a = distill(GM.denoise_ve, _start(), GM.shape, DistillConfig(iterations=5, batch=8, seed=3))
+    b = distill(GM.denoise_ve, _start(), GM.shape, DistillConfig(iterations=5, batch=8, seed=3))
+    c = distill(GM.denoise_ve, _start(), GM.shape, DistillConfig(iterations=5, batch=8, seed=4))
     assert all(torch.equal(getattr(a, n), getattr(b, n)) for n in TABLE_NAMES)
     assert not torch.equal(a.r_params, c.r_params)
 
@@ -89,7 +92,7 @@ def test_finite_difference_gradients_match_autograd():
     grads = {}
     for mode in ("autograd", "fd"):
         raw = {n: getattr(start, n).double().clone().requires_grad_(True) for n in TABLE_NAMES}
-        loss, _ = student_loss(GM.denoise_ve, start, raw, grid, x, targets, gradient=mode)
+        loss, _ = student_loss(GM.denoise_ve, start, raw, grid, x, targets, DistillConfig(gradient=mode))
         loss.backward()
         grads[mode] = torch.cat([raw[n].grad.flatten() for n in TABLE_NAMES])
     rel = (grads["fd"] - grads["autograd"]).norm() / grads["autograd"].norm()
@@ -112,7 +115,7 @@ def test_nan_gradients_do_not_poison_the_table():
             out = out + (sigma.reshape(-1, 1, 1, 1) * float("nan")) * (sigma.reshape(-1, 1, 1, 1) < 1.0)
         return out
 
-    p = distill(flaky, _start(), GM.shape, iterations=5, batch=8)
+    p = distill(flaky, _start(), GM.shape, DistillConfig(iterations=5, batch=8))
     assert all(torch.isfinite(getattr(p, n)).all() for n in TABLE_NAMES)
 
 
@@ -125,7 +128,7 @@ def test_progress_can_stop_and_nothing_is_returned():
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        distill(GM.denoise_ve, _start(), GM.shape, iterations=50, batch=4, progress=progress)
+        distill(GM.denoise_ve, _start(), GM.shape, DistillConfig(iterations=50, batch=4), progress=progress)
     assert calls == [1, 2, 3]
 
 
@@ -168,11 +171,12 @@ def test_final_estimate_trains_what_sampling_with_the_estimate_returns(gradient)
     x = torch.randn(8, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * grid[0]
     raw = {n: getattr(start, n).double().clone() for n in TABLE_NAMES}
     targets = teacher_trajectory(GM.denoise_ve, x, grid)
-    _, end = student_loss(GM.denoise_ve, start, raw, grid, x, targets, gradient=gradient, final_estimate=True)
+    config = DistillConfig(gradient=gradient, final_estimate=True)
+    _, end = student_loss(GM.denoise_ve, start, raw, grid, x, targets, config)
     assert torch.allclose(end, sample(GM.denoise_ve, x, zero, start, final="estimate"), rtol=1e-12, atol=1e-12)
 
-    p = distill(GM.denoise_ve, start, GM.shape, iterations=60, batch=32, teacher_m=4, final_estimate=True,
-                gradient=gradient)  # fmt: skip
+    config = DistillConfig(iterations=60, batch=32, teacher_m=4, final_estimate=True, gradient=gradient)
+    p = distill(GM.denoise_ve, start, GM.shape, config)
     assert p.metadata["distilled"]["final_estimate"] is True
     x = torch.randn(256, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(99)) * grid[0]
     exact = GM.denoise_ve(ode_endpoint(GM.denoise_ve, x, float(grid[0]), steps=400), grid[-1:].expand(256))
@@ -182,4 +186,4 @@ def test_final_estimate_trains_what_sampling_with_the_estimate_returns(gradient)
 
     assert err(p) < 0.8 * err(start), (err(p), err(start))
     with pytest.raises(ValueError, match="plugin"):
-        distill(GM.denoise_ve, start, GM.shape, iterations=1, final_estimate=True, plugin_base="dpmpp_2m")
+        DistillConfig(iterations=1, final_estimate=True, plugin_base="dpmpp_2m")

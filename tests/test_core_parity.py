@@ -38,7 +38,8 @@ def test_reference_set_is_complete():
     gmm = load_file(str(REFERENCE / "gmm.safetensors"))
     gm = GaussianMixture.reference()
     assert torch.equal(gmm["means"], gm.means)
-    assert torch.equal(gmm["weights"], gm.weights)
+    # softmax of the same logits: equal up to the last bit, which depends on the CPU's vector kernels
+    assert torch.allclose(gmm["weights"], gm.weights, rtol=4 * torch.finfo(torch.float64).eps, atol=0)
     assert float(gmm["std"]) == gm.std
 
 

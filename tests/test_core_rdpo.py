@@ -10,7 +10,8 @@ from conftest import official_path
 
 from epd_core import EPDParams, GaussianMixture, load_params, make_schedule, sample
 from epd_core.analytic import ode_endpoint
-from epd_core.rdpo import DirichletPolicy, TableSample, ppo_clip_loss, rdpo, rloo_advantages, sample_with_tables
+from epd_core.config import RDPOConfig
+from epd_core.rdpo import DirichletPolicy, TableSample, ppo_clip_loss, rdpo, rloo_advantages
 
 GM = GaussianMixture.reference()
 
@@ -182,7 +183,7 @@ def test_per_sample_tables_equal_the_solver():
     x = torch.randn(3, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * grid[0]
     tables = policy.mean().map(lambda v: v.double().expand(3, -1, -1))
     exported = policy.export()
-    got = sample_with_tables(GM.denoise_ve, x, grid, p, policy.decoded(tables))
+    got = sample(GM.denoise_ve, x, grid, p, table=policy.decoded(tables))
     assert torch.allclose(got, sample(GM.denoise_ve, x, grid, exported), rtol=1e-5, atol=1e-5)
 
 
@@ -214,8 +215,8 @@ def _known_answer_run(start: EPDParams, lr: float) -> EPDParams:
     def exact(x0):
         return ode_endpoint(GM.denoise_ve, x0, float(grid[0]), steps=120)
 
-    new, curve = rdpo(GM.denoise_ve, start, GM.shape, reference=exact, iterations=25, groups=8, k=4,
-                      lr=lr, concentration=20.0, seed=0)  # fmt: skip
+    config = RDPOConfig(iterations=25, groups=8, k=4, lr=lr, concentration=20.0, seed=0)
+    new, curve = rdpo(GM.denoise_ve, start, GM.shape, config, reference=exact)
     first, last = sum(curve[:5]) / 5, sum(curve[-5:]) / 5
     x = torch.randn(128, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(77)) * grid[0]
     target = exact(x)
@@ -237,7 +238,8 @@ def test_rdpo_is_deterministic_for_a_seed(bounds):
     def ref(x0):
         return ode_endpoint(GM.denoise_ve, x0, float(grid[0]), steps=40)
 
-    runs = [rdpo(GM.denoise_ve, start, GM.shape, reference=ref, iterations=3, groups=2, k=2, seed=5) for _ in range(2)]
+    config = RDPOConfig(iterations=3, groups=2, k=2, seed=5)
+    runs = [rdpo(GM.denoise_ve, start, GM.shape, config, reference=ref) for _ in range(2)]
     assert runs[0][1] == runs[1][1]
     for name in ("r_params", "weight_s", "scale_dir_params", "scale_time_params"):
         assert torch.equal(getattr(runs[0][0], name), getattr(runs[1][0], name)), name

@@ -25,7 +25,7 @@ from comfy_extras.nodes_custom_sampler import SamplerCustom  # noqa: E402
 import nodes  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-WEIGHTS = ROOT / "weights" / "digits-unet.safetensors"
+WEIGHTS = ROOT / "demo_models" / "digits-unet.safetensors"
 START_TABLE = ROOT / "weights" / "analytic-sd15-start-nfe10.safetensors"
 dm = H.pack_module("nodes.digits_model")
 
@@ -179,7 +179,7 @@ def test_training_script_quick_mode(tmp_path):
 
 
 def test_loader_does_not_offer_the_unet_as_a_table():
-    choices = H.pack_module("nodes.epd_nodes").table_choices()
+    choices = H.pack_module("nodes.nodes_tables").table_choices()
     assert WEIGHTS.name not in choices
     assert "analytic-sd15-reference-nfe5.safetensors" in choices
 

@@ -237,3 +237,14 @@ def test_named_hostile_cases_are_refused(tmp_path, name):
     path.write_bytes(cases[name])
     with pytest.raises(EPDFileError):
         load_params(path)
+
+
+def test_safe_pickle_opcode_names_are_the_protocol_s():
+    """The reader's named opcodes are the pickle protocol's bytes, and it names every opcode up to protocol 5
+    except those that could only run code it refuses anyway (INST, OBJ, EXT1/2/4, NEXT_BUFFER, READONLY_BUFFER)."""
+    from epd_core import safe_pickle
+
+    named = {n: v for n, v in vars(safe_pickle).items() if n.isupper() and isinstance(v, bytes)}
+    assert named and all(getattr(pickle, n) == v for n, v in named.items())
+    unsupported = {"INST", "OBJ", "EXT1", "EXT2", "EXT4", "NEXT_BUFFER", "READONLY_BUFFER"}
+    assert {op.name for op in pickletools.opcodes} - set(named) == unsupported

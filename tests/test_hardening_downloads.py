@@ -9,12 +9,12 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
-from conftest import OFFICIAL
+from conftest import OFFICIAL, ROOT
 
 from epd_core import EPDFileError, load_params, save_params
-from epd_core.catalogue import UPSTREAM, fetch, find_entry, verify_local
+from epd_core.catalogue import UPSTREAM, fetch, find_entry, load_catalogue, verify_local
 
-ENTRY = find_entry("tpami-sd15-best")
+ENTRY = find_entry("tpami-sd15-best", load_catalogue(ROOT / "weights" / "catalogue.json"))
 DATA = (OFFICIAL / ENTRY.release / ENTRY.source_file).read_bytes()
 PATH = ENTRY.url[len(UPSTREAM) :]
 

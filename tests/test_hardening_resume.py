@@ -16,6 +16,7 @@ from conftest import ROOT
 
 from epd_core import EPDParams, GaussianMixture, load_params, save_params
 from epd_core.checkpoint import CheckpointMismatch
+from epd_core.config import DistillConfig, RDPOConfig
 from epd_core.distill import distill
 from epd_core.params import TABLE_NAMES
 from epd_core.rdpo import rdpo
@@ -49,7 +50,14 @@ def test_an_interrupt_lands_inside_the_teacher_pass():
         pressed.append(time.monotonic())  # pressed right after the first iteration: the second is in flight
 
     with pytest.raises(Stop):
-        distill(den, start, gm.shape, iterations=5, batch=2, teacher_m=32, progress=progress, check_interrupt=check)
+        distill(
+            den,
+            start,
+            gm.shape,
+            DistillConfig(iterations=5, batch=2, teacher_m=32),
+            progress=progress,
+            check_interrupt=check,
+        )
     late = time.monotonic() - pressed[0]
     print(f"\ndistill: stopped {late:.3f} s after the interrupt (one iteration ~{6 * 34 * 0.01:.1f} s)")
     assert late < 0.5, late
@@ -68,7 +76,14 @@ def test_an_interrupt_lands_inside_the_rollouts():
         return -final.flatten(1).pow(2).mean(1)
 
     with pytest.raises(Stop):
-        rdpo(_slow(gm.denoise_ve, 0.05), start, gm.shape, reward, iterations=3, groups=2, k=2, check_interrupt=check)
+        rdpo(
+            _slow(gm.denoise_ve, 0.05),
+            start,
+            gm.shape,
+            RDPOConfig(iterations=3, groups=2, k=2),
+            reward=reward,
+            check_interrupt=check,
+        )
     late = time.monotonic() - t0 - 0.3
     print(f"\nrdpo: stopped {late:.3f} s after the interrupt")
     assert late < 0.5, late
@@ -82,7 +97,8 @@ def _tables_equal(a: EPDParams, b: EPDParams) -> None:
 def test_resume_in_process_equals_an_uninterrupted_run_and_refuses_other_runs(tmp_path):
     gm = GaussianMixture.reference()
     start = EPDParams.start(4, 2, schedule_type="discrete", schedule_rho=1.0, backend="ldm", scale_time=0.1)
-    kw = dict(iterations=9, batch=4, teacher_m=1, seed=5, learn_grid=True)
+    config = DistillConfig(iterations=9, batch=4, teacher_m=1, seed=5, learn_grid=True)
+    kw = {"config": config}
     ref = distill(gm.denoise_ve, start, gm.shape, **kw)
     ck = tmp_path / "run.ckpt"
 
@@ -100,7 +116,8 @@ def test_resume_in_process_equals_an_uninterrupted_run_and_refuses_other_runs(tm
     assert torch.equal(got.t_steps, ref.t_steps)
     assert got.metadata["distilled"] == ref.metadata["distilled"]
     with pytest.raises(CheckpointMismatch, match="another run"):
-        distill(gm.denoise_ve, start, gm.shape, checkpoint=ck, **dict(kw, seed=6))
+        distill(gm.denoise_ve, start, gm.shape, DistillConfig(iterations=9, batch=4, teacher_m=1, seed=6,
+                learn_grid=True), checkpoint=ck)  # fmt: skip
     with pytest.raises(CheckpointMismatch, match="another model"):
         distill(lambda x, s: gm.denoise_ve(x, s) * 1.1, start, gm.shape, checkpoint=ck, checkpoint_every=3, **kw)
     ck.write_bytes(b"\x80\x04garbage")
@@ -163,8 +180,8 @@ def test_node_checkpoint_files_are_not_listed_as_tables(tmp_path):
             raise Stop
 
     with pytest.raises(Stop):
-        distill(gm.denoise_ve, EPDParams.start(3, 2), gm.shape, iterations=4, batch=2, teacher_m=0, checkpoint=ck,
-                checkpoint_every=1, progress=stop)  # fmt: skip
+        distill(gm.denoise_ve, EPDParams.start(3, 2), gm.shape, DistillConfig(iterations=4, batch=2, teacher_m=0),
+                checkpoint=ck, checkpoint_every=1, progress=stop)  # fmt: skip
     assert ck.exists()
     with pytest.raises(Exception, match="not an EPD table"):
         load_params(ck)

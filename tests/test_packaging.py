@@ -11,6 +11,8 @@ from pathlib import Path
 
 import tomllib
 
+import epd_core
+
 ROOT = Path(__file__).resolve().parents[1]
 COMFY = Path(sys.executable).with_name("comfy")
 
@@ -20,6 +22,7 @@ def test_pyproject_metadata():
     project = meta["project"]
     assert "comfyui" not in project["name"].lower()
     assert project["version"].count(".") == 2 and all(p.isdigit() for p in project["version"].split("."))
+    assert project["version"] == epd_core.__version__  # the registry reads pyproject; the core stamps its files
     assert isinstance(project["license"], dict) and project["description"]
     assert "Repository" in project["urls"]
     assert not any(dep.startswith("torch") for dep in project["dependencies"])
@@ -28,13 +31,14 @@ def test_pyproject_metadata():
     assert sorted(project["dependencies"]) == sorted(reqs)
     comfy = meta["tool"]["comfy"]
     assert {"PublisherId", "DisplayName", "Icon", "includes"} <= set(comfy)
-    assert {"weights", "example_workflows"} <= set(comfy["includes"])
+    assert {"weights", "demo_models", "example_workflows"} <= set(comfy["includes"])
 
 
 def test_comfy_node_validate_and_pack(tmp_path):
     clone = tmp_path / "epd_solver"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)  # noqa: S603, S607
-    for path in ("nodes", "epd_core", "weights", "example_workflows", "__init__.py", "pyproject.toml"):
+    product = ("nodes", "epd_core", "weights", "demo_models", "example_workflows", "__init__.py", "pyproject.toml")
+    for path in product:
         src = ROOT / path  # the working tree, so the test also checks uncommitted edits
         dst = clone / path
         if src.is_dir():
@@ -52,11 +56,13 @@ def test_comfy_node_validate_and_pack(tmp_path):
     assert pack.returncode == 0, pack.stdout + pack.stderr
     with zipfile.ZipFile(clone / "node.zip") as zf:
         names = set(zf.namelist())
-    for required in ("__init__.py", "pyproject.toml", "nodes/epd_nodes.py", "nodes/sampling.py", "epd_core/solver.py",
-                     "epd_core/safe_pickle.py", "example_workflows/epd_analytic_demo.json"):  # fmt: skip
+    for required in ("__init__.py", "pyproject.toml", "nodes/nodes_sampling.py", "nodes/sampling.py",
+                     "epd_core/solver.py", "epd_core/safe_pickle.py",
+                     "example_workflows/epd_analytic_demo.json"):  # fmt: skip
         assert required in names, required
     assert any(n.startswith("weights/") and n.endswith(".safetensors") for n in names)
     assert "weights/catalogue.json" in names  # the loader lists and fetches published tables from it
+    assert "demo_models/digits-unet.safetensors" in names  # EPD Demo Digits Model loads it
     assert not any(n.endswith(".pkl") for n in names), "the authors' files must never be bundled"
 
 

@@ -1,0 +1,138 @@
+"""Training hyper-parameters: the one source of defaults, choices and checks for the core, the CLI and the nodes.
+
+One field per hyper-parameter, with its help text; a config validates itself
+on creation and is recorded as the table's provenance (:meth:`provenance`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any
+
+from .bases import BASES
+from .teachers import TEACHERS
+
+__all__ = ["DistillConfig", "RDPOConfig", "OBJECTIVES", "WEIGHTINGS", "GRADIENTS", "add_arguments", "from_arguments"]
+
+OBJECTIVES = ("local", "global")
+WEIGHTINGS = ("uniform", "snr")
+GRADIENTS = ("autograd", "fd")
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+class _Config:
+    """Shared behaviour of the configs: checks, provenance, help texts."""
+
+    def _check_common(self) -> None:
+        for f in fields(self):
+            value, choices = getattr(self, f.name), f.metadata.get("choices")
+            if choices is not None and value not in choices:
+                raise ValueError(f"{f.name} must be one of {choices}, got {value!r}")
+            if isinstance(f.default, bool):
+                if not isinstance(value, bool):
+                    raise ValueError(f"{f.name} must be true or false, got {value!r}")
+            elif isinstance(f.default, int):
+                if isinstance(value, bool) or not isinstance(value, int):
+                    raise ValueError(f"{f.name} must be an integer, got {value!r}")
+            elif isinstance(f.default, float):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                    raise ValueError(f"{f.name} must be a finite number, got {value!r}")
+
+    def provenance(self) -> dict[str, Any]:
+        """The hyper-parameters as recorded in a trained table's metadata."""
+        return asdict(self)
+
+    @classmethod
+    def help(cls, name: str) -> str:
+        """The help text of one hyper-parameter (node tooltips and CLI help)."""
+        return next(f.metadata["help"] for f in fields(cls) if f.name == name)
+
+    @classmethod
+    def default(cls, name: str) -> Any:
+        """The default of one hyper-parameter."""
+        return next(f.default for f in fields(cls) if f.name == name and f.default is not MISSING)
+
+    @classmethod
+    def choices(cls, name: str) -> tuple[str, ...]:
+        """The allowed values of a choice hyper-parameter."""
+        return next(f.metadata["choices"] for f in fields(cls) if f.name == name)
+
+
+@dataclass(frozen=True)
+class DistillConfig(_Config):
+    """Stage 1: fit a table to a many-step teacher (:func:`epd_core.distill.distill`)."""
+
+    iterations: int = _opt(200, "optimisation steps (Adam, cosine learning-rate decay)")
+    batch: int = _opt(4, "starting noises per iteration")
+    teacher: str = _opt("dpm2", "teacher solver", TEACHERS)
+    teacher_m: int = _opt(3, "teacher points inside each student step (M)")
+    lr: float = _opt(1e-2, "Adam learning rate")
+    seed: int = _opt(0, "seed of the training noises")
+    learn_grid: bool = _opt(False, "also learn the interior time points (stored in the table)")
+    gradient: str = _opt("autograd", "autograd: backpropagate through the model; fd: finite differences", GRADIENTS)
+    weighting: str = _opt("uniform", "per-step loss weights: uniform (the authors') or 1/(1+t^2) (snr)", WEIGHTINGS)
+    plugin_base: str = _opt("euler", "fit the table for EPD Plugin over this base (euler = the EPD solver)", BASES)
+    objective: str = _opt("local", "local: the authors' per-step loss; global: the final state's error", OBJECTIVES)
+    final_estimate: bool = _opt(False, "fit the last step extended to sigma 0 (final_step 'estimate', no call)")
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        if self.iterations < 1 or self.batch < 1 or self.teacher_m < 0:
+            raise ValueError("iterations and batch must be >= 1 and teacher_m >= 0")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.objective == "global" and self.gradient != "autograd":
+            raise ValueError("objective='global' backpropagates through the trajectory: it needs gradient='autograd'")
+        if self.final_estimate and self.plugin_base != "euler":
+            raise ValueError("final_estimate extends an EPD step to 0; it has no meaning for a plugin table")
+
+
+@dataclass(frozen=True)
+class RDPOConfig(_Config):
+    """Stage 2: RDPO fine-tuning of a table against a reward (:func:`epd_core.rdpo.rdpo`)."""
+
+    iterations: int = _opt(50, "rollout + PPO iterations")
+    groups: int = _opt(8, "noises per iteration")
+    k: int = _opt(4, "tables sampled per noise (leave-one-out group size)")
+    minibatch: int = _opt(16, "rollouts per PPO minibatch")
+    concentration: float = _opt(20.0, "Dirichlet concentration around the start table (20 SD1.5, 10 SD3/Flux)")
+    lr: float = _opt(7e-5, "Adam learning rate of the residual policy")
+    clip: float = _opt(0.2, "PPO ratio clip")
+    scale_heads: bool = _opt(True, "also train scale_dir / scale_time where the table bounds them (log-normal)")
+    scale_std: float = _opt(0.02, "standard deviation of log(scale) in the log-normal heads")
+    width: int = _opt(256, "width of the residual network")
+    blocks: int = _opt(2, "residual blocks")
+    seed: int = _opt(0, "seed of noises, sampled tables and the network's initial weights")
+
+    def __post_init__(self) -> None:
+        self._check_common()
+        if min(self.iterations, self.groups, self.minibatch, self.width, self.blocks) < 1 or self.k < 2:
+            raise ValueError("iterations, groups, minibatch, width and blocks must be >= 1 and k >= 2")
+        for name in ("concentration", "lr", "clip", "scale_std"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type[_Config], skip: tuple[str, ...] = ()) -> None:
+    """One ``--flag`` per hyper-parameter of ``cls``, with its default, choices and help."""
+    for f in fields(cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default,
+                                help=f.metadata["help"])  # fmt: skip
+        else:
+            parser.add_argument(flag, type=type(f.default), default=f.default, choices=f.metadata["choices"],
+                                help=f.metadata["help"] + " (default: %(default)s)")  # fmt: skip
+
+
+def from_arguments(args: argparse.Namespace, cls: type[_Config], **override: Any) -> Any:
+    """The config of ``cls`` from parsed :func:`add_arguments` flags."""
+    values = {f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}
+    return cls(**{**values, **override})

@@ -1,0 +1,78 @@
+"""Inputs shared by the pack's nodes: each kind of input is defined once here."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+from comfy_api.latest import io
+
+from ..epd_core.solver import FINAL_STEPS
+from .sampling import PARALLEL_MODES
+
+EPDParamsType = io.Custom("EPD_PARAMS")
+SEED_MAX = 0xFFFFFFFFFFFFFFFF
+
+
+def advanced(inp: Any) -> Any:
+    """Mark an expert input as advanced (collapsed in the UI) where this ComfyUI's V3 API knows the flag."""
+    if "advanced" in inspect.signature(type(inp).__init__).parameters:
+        inp.advanced = True
+    return inp
+
+
+def epd_params_input(name: str = "epd_params", tooltip: str = "The EPD table from EPD Parameters Loader.", **kw):
+    return EPDParamsType.Input(name, tooltip=tooltip, **kw)
+
+
+def parallel_input() -> io.Combo.Input:
+    return io.Combo.Input(
+        "parallel",
+        options=list(PARALLEL_MODES),
+        default="auto",
+        tooltip="batched: the K points in one call; sequential: one call per point; auto: batched as memory "
+        "allows, sequential when ControlNet, hooks or timestep ranges are present.",
+    )
+
+
+def final_step_input() -> io.Combo.Input:
+    return io.Combo.Input(
+        "final_step",
+        options=list(FINAL_STEPS),
+        default="denoise",
+        optional=True,
+        tooltip="How sigmas ending in 0 (final_denoise) reach it: denoise = one more model call; estimate = the "
+        "last step's own x0 estimate (its update extended to 0), no extra call.",
+    )
+
+
+def seed_input(tooltip: str, default: int = 0) -> io.Int.Input:
+    """A seed; like KSampler's, the frontend adds its 'control after generate' widget after it."""
+    return io.Int.Input(
+        "seed", default=default, min=0, max=SEED_MAX, control_after_generate=True, tooltip=tooltip
+    )
+
+
+def cfg_input(default: float, tooltip: str) -> io.Float.Input:
+    return io.Float.Input("cfg", default=default, min=0.0, max=100.0, step=0.1, round=0.01, tooltip=tooltip)
+
+
+def output_inputs(default_name: str) -> list:
+    """Where a training node saves its table."""
+    return [
+        io.String.Input("filename", default=default_name, tooltip="Saved as models/epd/<filename>.safetensors."),
+        io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of that name."),
+    ]
+
+
+def config_input(config: type, field: str, name: str | None = None, **limits: Any):
+    """A node input for one training hyper-parameter: its default, choices and help from the core's config."""
+    default, tooltip, name = config.default(field), config.help(field), name or field
+    tooltip = tooltip[0].upper() + tooltip[1:] + "."
+    if isinstance(default, bool):
+        return io.Boolean.Input(name, default=default, tooltip=tooltip, **limits)
+    if isinstance(default, str):
+        return io.Combo.Input(name, options=list(config.choices(field)), default=default, tooltip=tooltip, **limits)
+    if isinstance(default, int):
+        return io.Int.Input(name, default=default, tooltip=tooltip, **limits)
+    return io.Float.Input(name, default=default, tooltip=tooltip, **limits)

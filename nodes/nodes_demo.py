@@ -1,0 +1,76 @@
+"""Demo models that need no download: exact Gaussian-mixture denoisers and the pack's small digits UNet."""
+
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from ..epd_core.analytic import MIXTURES
+from .analytic_model import FORMS, analytic_model_patcher
+from .digits_model import digits_model_patcher
+
+
+class EPDAnalyticModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EPDAnalyticModel",
+            display_name="EPD Analytic Model",
+            category="advanced/model",
+            description="An exact Gaussian-mixture denoiser as a ComfyUI model (no download; its ODE solution is "
+            "known). Use a 64x64 empty latent (4x8x8).",
+            inputs=[
+                io.Combo.Input(
+                    "form",
+                    options=list(FORMS),
+                    default="sd15_eps",
+                    tooltip="sd15_eps: EPS on the SD1.5 schedule; sd3_flow: flow with SD3 shift; flux_flow: flow "
+                    "with FLUX mu; edm_ve: EDM sigmas 0.002-80 (the ICCV tables).",
+                ),
+                io.Combo.Input(
+                    "mixture", options=list(MIXTURES), default="reference", tooltip="Which Gaussian mixture."
+                ),
+                io.Float.Input(
+                    "shift",
+                    default=0.0,
+                    min=0.0,
+                    max=100.0,
+                    step=0.01,
+                    tooltip="Flow shift (SD3) or mu (FLUX); 0 keeps the default (3.0 / 1.15).",
+                ),
+            ],
+            outputs=[io.Model.Output(), io.Conditioning.Output(display_name="empty_conditioning")],
+        )
+
+    @classmethod
+    def execute(cls, form: str, mixture: str, shift: float) -> io.NodeOutput:
+        model = analytic_model_patcher(form, mixture, shift if shift > 0 else None)
+        return io.NodeOutput(model, [[torch.zeros(1, 1, 8), {}]])
+
+
+class EPDDigitsModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EPDDigitsModel",
+            display_name="EPD Demo Digits Model",
+            category="advanced/model",
+            description="A small neural diffusion model trained by this pack (ComfyUI's own UNet, 1M parameters, "
+            "on scikit-learn's 8x8 digits; SD1.5 EPS schedule; no download). Unconditional: use a 64x64 empty "
+            "latent (4x8x8) and the empty conditioning; pixel_shuffle(2) of the latent is a 16x16 grey digit.",
+            inputs=[],
+            outputs=[
+                io.Model.Output(tooltip="The digits UNet as a ComfyUI model (demo_models/digits-unet.safetensors)."),
+                io.Conditioning.Output(
+                    display_name="empty_conditioning",
+                    tooltip="A conditioning for positive and negative; the model ignores it (use cfg 1).",
+                ),
+            ],
+        )
+
+    @classmethod
+    def execute(cls) -> io.NodeOutput:
+        return io.NodeOutput(digits_model_patcher(), [[torch.zeros(1, 1, 8), {}]])
+
+
+NODES = [EPDAnalyticModel, EPDDigitsModel]

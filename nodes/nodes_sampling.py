@@ -1,0 +1,156 @@
+"""Sampling: EPD as a ComfyUI sampler, its scheduler, a one-node KSampler, and the plugin for built-in samplers."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from .inputs import advanced, cfg_input, epd_params_input, final_step_input, parallel_input, seed_input
+from .sampling import CONVENTIONS, PLUGIN_BASES, make_plugin_sampler, make_sampler
+from .scheduling import epd_sigmas
+
+
+class EPDSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EPDSampler",
+            display_name="EPD Sampler",
+            category="sampling/custom_sampling/samplers",
+            description="Ensemble Parallel Directions: per step, K learned intermediate points evaluated in one "
+            "batched model call. Pair it with EPD Scheduler (the table fixes the number of steps).",
+            inputs=[
+                epd_params_input(),
+                parallel_input(),
+                advanced(
+                    io.Boolean.Input(
+                        "continuous_time",
+                        default=True,
+                        tooltip="Discrete models (SD1.5, SDXL) see the exact fractional timestep of each point, as "
+                        "in the authors' code, instead of ComfyUI's nearest integer step.",
+                    )
+                ),
+                advanced(
+                    io.Combo.Input(
+                        "convention",
+                        options=list(CONVENTIONS),
+                        default="comfyui",
+                        tooltip="comfyui: ComfyUI's start/end scaling; authors: start from noise * sigma_max and "
+                        "skip the flow end division, exactly as the authors' sampler.",
+                    )
+                ),
+                final_step_input(),
+            ],
+            outputs=[io.Sampler.Output()],
+        )
+
+    @classmethod
+    def execute(
+        cls, epd_params, parallel: str, continuous_time: bool, convention: str, final_step: str = "denoise"
+    ) -> io.NodeOutput:
+        return io.NodeOutput(make_sampler(epd_params, parallel, continuous_time, convention, final_step))
+
+
+class EPDScheduler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EPDScheduler",
+            display_name="EPD Scheduler",
+            category="sampling/custom_sampling/schedulers",
+            description="The table's time grid in this model's sigmas (its own alphas_cumprod, or its flow shift / "
+            "mu). denoise < 1 keeps the table's last steps.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model to sample; its noise schedule or shift is used."),
+                epd_params_input(),
+                io.Float.Input(
+                    "denoise",
+                    default=1.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Fraction of the table's steps to run (img2img keeps the last round(denoise*steps)).",
+                ),
+                io.Boolean.Input(
+                    "final_denoise",
+                    default=False,
+                    tooltip="Append sigma 0: one extra model call returning the clean prediction. Off follows the "
+                    "table (ends at sigma_min).",
+                ),
+            ],
+            outputs=[io.Sigmas.Output()],
+        )
+
+    @classmethod
+    def execute(cls, model, epd_params, denoise: float, final_denoise: bool) -> io.NodeOutput:
+        sigmas = epd_sigmas(epd_params, model.get_model_object("model_sampling"), denoise, final_denoise)
+        return io.NodeOutput(sigmas)
+
+
+class EPDKSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EPDKSampler",
+            display_name="EPD KSampler",
+            category="sampling",
+            description="KSampler with the EPD solver: the table fixes the steps and the intermediate points. Same "
+            "result as SamplerCustom + EPD Sampler + EPD Scheduler.",
+            inputs=[
+                io.Model.Input("model", tooltip="The model used for denoising."),
+                seed_input("Seed of the initial noise."),
+                cfg_input(7.5, "Classifier-free guidance."),
+                io.Conditioning.Input("positive", tooltip="What to include in the image."),
+                io.Conditioning.Input("negative", tooltip="What to exclude from the image."),
+                io.Latent.Input("latent_image", tooltip="The latent to denoise."),
+                epd_params_input(),
+                io.Float.Input(
+                    "denoise", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="Fraction of the table's steps to run."
+                ),
+                parallel_input(),
+                io.Boolean.Input("final_denoise", default=False, tooltip="End at sigma 0 (see final_step)."),
+                final_step_input(),
+            ],
+            outputs=[io.Latent.Output()],
+        )
+
+    @classmethod
+    def execute(
+        cls, model, seed, cfg, positive, negative, latent_image, epd_params, denoise, parallel, final_denoise,
+        final_step: str = "denoise",
+    ) -> io.NodeOutput:  # fmt: skip
+        from comfy_extras.nodes_custom_sampler import SamplerCustom
+
+        sigmas = EPDScheduler.execute(model, epd_params, denoise, final_denoise).result[0]
+        sampler = EPDSampler.execute(epd_params, parallel, True, "comfyui", final_step).result[0]
+        out = SamplerCustom.execute(model, True, seed, cfg, positive, negative, sampler, sigmas, latent_image)
+        return io.NodeOutput(out.result[0])
+
+
+class EPDPlugin(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EPDPlugin",
+            display_name="EPD Plugin",
+            category="sampling/custom_sampling/samplers",
+            description="Adds EPD's parallel directions to a built-in sampler: each model call the sampler makes at "
+            "a grid point is answered with the EPD ensemble prediction. Euler + plugin is exactly EPD. Supported: "
+            + ", ".join(PLUGIN_BASES)
+            + ". Use with EPD Scheduler.",
+            inputs=[
+                io.Sampler.Input(
+                    "sampler", tooltip="The base sampler, e.g. from KSamplerSelect (dpmpp_2m, ipndm, ...)."
+                ),
+                epd_params_input(),
+                parallel_input(),
+            ],
+            outputs=[io.Sampler.Output(), io.String.Output(display_name="info")],
+        )
+
+    @classmethod
+    def execute(cls, sampler, epd_params, parallel: str) -> io.NodeOutput:
+        new_sampler, info = make_plugin_sampler(sampler, epd_params, parallel)
+        return io.NodeOutput(new_sampler, info)
+
+
+NODES = [EPDSampler, EPDScheduler, EPDKSampler, EPDPlugin]

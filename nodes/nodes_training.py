@@ -1,0 +1,166 @@
+"""Training: EPD Distill (Stage 1) and EPD RDPO (Stage 2) fit a table to the user's own model and save it."""
+
+from __future__ import annotations
+
+from comfy_api.latest import io
+
+from ..epd_core.config import DistillConfig, RDPOConfig
+from .inputs import EPDParamsType, advanced, config_input, epd_params_input, output_inputs, seed_input
+from .nodes_tables import describe
+from .rewards import clip_score_reward
+from .training import distill_on_model, output_path, rdpo_on_model, resume_options, save_output, start_table
+
+REWARDS = ["fidelity", "clip_score"]
+RDPO_TEACHER_M = 4  # teacher points per step of the fidelity reward's reference
+
+
+def _training_inputs() -> list:
+    """The model and what it is sampled with, as in KSampler."""
+    return [
+        io.Model.Input("model", tooltip="The model to fit the table to."),
+        io.Conditioning.Input("positive", tooltip="Prompts to train on (a batch of several works)."),
+        io.Conditioning.Input("negative", tooltip="Negative prompts."),
+        io.Latent.Input("latent_image", tooltip="An empty latent of the size to train at (its batch is ignored)."),
+    ]
+
+
+def _cfg_input() -> io.Float.Input:
+    return io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, tooltip="Guidance used in training.")
+
+
+class EPDDistill(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        d = DistillConfig
+        return io.Schema(
+            node_id="EPDDistill",
+            display_name="EPD Distill",
+            category="sampling/epd_training",
+            description="Fits an EPD table to this model (Stage 1 of the papers): a many-step teacher gives the "
+            "target at each grid point and the table learns to reach it in one EPD step. Saves to models/epd.",
+            inputs=[
+                *_training_inputs(),
+                _cfg_input(),
+                io.Int.Input(
+                    "steps", default=6, min=2, max=64, tooltip="Time points of the table (steps + 1); 2 NFE per step."
+                ),
+                io.Int.Input("points", default=2, min=1, max=8, tooltip="Parallel intermediate points per step (K)."),
+                config_input(d, "teacher"),
+                config_input(d, "teacher_m", "teacher_steps", min=0, max=32),
+                config_input(d, "iterations", min=1, max=100000),
+                config_input(d, "batch", min=1, max=256),
+                advanced(config_input(d, "lr", "learning_rate", min=1e-5, max=1.0, step=0.001)),
+                seed_input(d.help("seed").capitalize() + ".", d.default("seed")),
+                advanced(config_input(d, "learn_grid")),
+                io.Boolean.Input(
+                    "afs", default=False, tooltip="Analytic first step: skips the first model call (NFE one less)."
+                ),
+                *output_inputs("my_epd_table"),
+                epd_params_input(
+                    "start_params", "Start from this table instead of the default start.", optional=True
+                ),
+                advanced(config_input(d, "final_estimate", optional=True)),
+            ],
+            outputs=[EPDParamsType.Output(display_name="epd_params"), io.String.Output(display_name="info")],
+        )
+
+    @classmethod
+    def execute(
+        cls, model, positive, negative, latent_image, cfg, steps, points, teacher, teacher_steps, iterations, batch,
+        learning_rate, seed, learn_grid, afs, filename, overwrite, start_params=None, final_estimate=False,
+    ) -> io.NodeOutput:  # fmt: skip
+        config = DistillConfig(
+            iterations=iterations, batch=batch, teacher=teacher, teacher_m=teacher_steps, lr=learning_rate,
+            seed=seed, learn_grid=learn_grid, final_estimate=final_estimate, gradient="fd",
+        )  # fmt: skip
+        path = output_path(filename, overwrite)
+        start = start_params or start_table(model.get_model_object("model_sampling"), steps, points, afs)
+        params = distill_on_model(model, positive, negative, cfg, latent_image["samples"], start, config,
+                                  metadata={"tool": "EPD Distill node", "cfg": cfg},
+                                  **resume_options(path, iterations))  # fmt: skip
+        saved = save_output(params, path, overwrite)
+        d = params.metadata["distilled"]
+        info = f"{describe(params)}; loss {d['first_loss']:.4g} -> {d['final_loss']:.4g}; saved {saved}"
+        return io.NodeOutput(params, info)
+
+
+class EPDRDPO(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        r = RDPOConfig
+        return io.Schema(
+            node_id="EPDRDPO",
+            display_name="EPD RDPO",
+            category="sampling/epd_training",
+            description="Fine-tunes an EPD table with RDPO (Stage 2 of the TPAMI paper): the table becomes a "
+            "Dirichlet policy improved by PPO against a reward; only the table changes, never the model. Rewards: "
+            "fidelity to a many-step teacher from the same noise, or a CLIP score of the decoded images against a "
+            "prompt (needs vae, clip_vision, clip and prompt). Saves to models/epd.",
+            inputs=[
+                *_training_inputs(),
+                epd_params_input(tooltip="The start table (usually a distilled one)."),
+                _cfg_input(),
+                io.Combo.Input(
+                    "reward",
+                    options=REWARDS,
+                    default="fidelity",
+                    tooltip="fidelity: minus the distance to a DPM-Solver-2 teacher's result. clip_score: 100 x "
+                    "the cosine between the CLIP embeddings of the decoded image and of the prompt (needs vae, "
+                    "clip_vision, clip and prompt; the two CLIP models must be one CLIP's towers).",
+                ),  # fmt: skip
+                io.Int.Input(
+                    "teacher_steps", default=RDPO_TEACHER_M, min=1, max=32, tooltip="Teacher points inside each step."
+                ),
+                config_input(r, "iterations", min=1, max=100000),
+                config_input(r, "groups", min=1, max=256),
+                config_input(r, "k", "group_size", min=2, max=64),
+                advanced(config_input(r, "concentration", min=1.0, max=1000.0, step=1.0)),
+                advanced(config_input(r, "lr", "learning_rate", min=1e-6, max=1.0, step=1e-5)),
+                seed_input(r.help("seed").capitalize() + ".", r.default("seed")),
+                *output_inputs("my_epd_rdpo"),
+                io.Vae.Input("vae", optional=True, tooltip="clip_score: decodes the final latents."),
+                io.ClipVision.Input("clip_vision", optional=True, tooltip="clip_score: embeds the decoded images."),
+                io.Clip.Input(
+                    "clip", optional=True, tooltip="clip_score: embeds the prompt (the text tower of the same CLIP)."
+                ),
+                io.String.Input(
+                    "prompt", optional=True, default="", multiline=True, tooltip="clip_score: the text to score."
+                ),
+            ],
+            outputs=[EPDParamsType.Output(display_name="epd_params"), io.String.Output(display_name="info")],
+        )
+
+    @classmethod
+    def execute(
+        cls, model, positive, negative, latent_image, epd_params, cfg, reward, teacher_steps, iterations, groups,
+        group_size, concentration, learning_rate, seed, filename, overwrite, vae=None, clip_vision=None, clip=None,
+        prompt="",
+    ) -> io.NodeOutput:  # fmt: skip
+        config = RDPOConfig(iterations=iterations, groups=groups, k=group_size, concentration=concentration,
+                            lr=learning_rate, seed=seed)  # fmt: skip
+        metadata = {"tool": "EPD RDPO node", "cfg": cfg}
+        scorer = None
+        if reward == "clip_score":
+            scorer = _clip_score(vae, clip_vision, clip, prompt)
+            metadata["reward_prompt"] = prompt
+        path = output_path(filename, overwrite)
+        params, curve = rdpo_on_model(model, positive, negative, cfg, latent_image["samples"], epd_params, config,
+                                      teacher_m=teacher_steps, reward=scorer, metadata=metadata,
+                                      **resume_options(path, iterations))  # fmt: skip
+        saved = save_output(params, path, overwrite)
+        info = (
+            f"{describe(params)}; reward {curve[0]:.4g} -> {params.metadata['rdpo']['final_reward']:.4g}; saved {saved}"
+        )
+        return io.NodeOutput(params, info)
+
+
+def _clip_score(vae, clip_vision, clip, prompt: str | None):
+    """The clip_score reward, or a ValueError naming the inputs it lacks."""
+    given = {"vae": vae, "clip_vision": clip_vision, "clip": clip, "prompt": (prompt or "").strip() or None}
+    missing = [name for name, value in given.items() if value is None]
+    if missing:
+        raise ValueError(f"reward clip_score needs vae, clip_vision, clip and a prompt; missing: {', '.join(missing)}")
+    return clip_score_reward(vae, clip_vision, clip, prompt)
+
+
+NODES = [EPDDistill, EPDRDPO]
