@@ -37,7 +37,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
-    check_destination(args.dst, args.force)
+    check_destination(args.dst, args.force, "--force replaces it")
     p = load_params(args.src)
     save_params(p, args.dst, overwrite=args.force)
     print(f"wrote {args.dst} ({p.num_steps - 1} steps, {p.num_points} points, NFE {p.nfe})")
@@ -96,7 +96,7 @@ def _distill(args: argparse.Namespace, argv: list[str]) -> int:
 
     from .distill import distill
 
-    check_destination(args.out, args.force)
+    check_destination(args.out, args.force, "--force replaces it")
     form = dict(ANALYTIC_FORMS[args.form])
     if args.schedule:
         form["schedule_type"] = args.schedule
@@ -131,7 +131,7 @@ def _rdpo(args: argparse.Namespace, argv: list[str]) -> int:
     from .analytic import ode_endpoint
     from .rdpo import rdpo
 
-    check_destination(args.out, args.force)
+    check_destination(args.out, args.force, "--force replaces it")
     start = load_params(args.table)
     gm = GaussianMixture.named(args.mixture)
     if start.is_flow:

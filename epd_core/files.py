@@ -246,7 +246,7 @@ def load_params(path: str | os.PathLike) -> EPDParams:
     raise EPDFileError(path, "neither an EPD .safetensors table nor a predictor pickle")
 
 
-def check_destination(path: str | os.PathLike, overwrite: bool = False) -> Path:
+def check_destination(path: str | os.PathLike, overwrite: bool = False, hint: str = "overwrite replaces it") -> Path:
     """``path`` as a place to write a table, or an :class:`EPDFileError`: no name, a folder, a missing folder,
     something that is not a regular file, or (unless ``overwrite``) an existing file."""
     if not str(path):
@@ -258,7 +258,7 @@ def check_destination(path: str | os.PathLike, overwrite: bool = False) -> Path:
         if path.is_symlink() or not path.is_file():
             raise EPDFileError(path, "exists and is not a regular file; not replacing it")
         if not overwrite:
-            raise EPDFileError(path, "exists; not replacing it (overwrite, or --force, replaces it)")
+            raise EPDFileError(path, f"exists; not replacing it ({hint})")
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise EPDFileError(path, "the destination folder does not exist")
