@@ -34,6 +34,12 @@ class HostileMirror:
             def log_message(self, *args) -> None:
                 pass
 
+            def handle(self) -> None:
+                try:
+                    super().handle()
+                except (BrokenPipeError, ConnectionResetError):  # the client cut a transfer it gave up on
+                    pass
+
             def do_GET(self) -> None:
                 mirror.requests.append(self.path)
                 if mirror.mode == "redirect" and self.path == PATH:
