@@ -339,3 +339,40 @@ def test_a_redirect_elsewhere_is_a_node_error(server, mirror, where):
     mirror.target = {"port": "http://127.0.0.1:9/x", "ftp": "ftp://127.0.0.1/x"}[where]
     entry = server.run(_loader_graph(f"[download] {ENTRY.name}"))
     assert entry["status"]["status_str"] == "error" and "refused" in _messages(entry)
+
+
+def test_a_server_killed_mid_distill_resumes_to_the_same_table(tmp_path):
+    """SIGKILL of the whole ComfyUI server during EPD Distill; the same graph on a new server resumes."""
+    import signal
+
+    base = tmp_path / "killed"
+    epd = base / "models" / "epd"
+    ck = epd / "killed_run.epd-checkpoint"
+    graph = _distill_graph("killed_run", iterations=24, batch=4)
+    with ComfyServer(base) as srv:
+        _ok(srv, _distill_graph("killed_ref", iterations=24, batch=4))
+        code, _answer = srv.post(graph)
+        assert code == 200
+        deadline = time.time() + 300
+        while _checkpoint_iteration(ck) < 4 and time.time() < deadline:
+            time.sleep(0.02)
+        os.kill(srv.proc.pid, signal.SIGKILL)
+        srv.proc.wait(30)
+        killed_at = _checkpoint_iteration(ck)
+    assert 4 <= killed_at < 24 and not (epd / "killed_run.safetensors").exists()
+    with ComfyServer(base) as srv:
+        _ok(srv, graph)
+    print(f"\nserver killed after checkpoint {killed_at}/24; the new server resumed")
+    a, b = load_params(epd / "killed_run.safetensors"), load_params(epd / "killed_ref.safetensors")
+    for name in TABLE_NAMES:
+        assert torch.allclose(getattr(a, name), getattr(b, name), rtol=0, atol=1e-6), name
+    assert not ck.exists() and not [p for p in epd.iterdir() if p.name.startswith(".")]
+
+
+def _checkpoint_iteration(ck: Path) -> int:
+    try:
+        data = ck.read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        return int(json.loads(data[8 : 8 + n])["__metadata__"]["iteration"])
+    except (OSError, ValueError, KeyError):
+        return 0
