@@ -12,7 +12,7 @@ from . import EPDParams, GaussianMixture, load_params, make_schedule, sample, sa
 from .analytic import heun
 from .catalogue import DEFAULT_TIMEOUT, MIRROR_ENV, fetch, find_entry, load_catalogue
 from .config import DistillConfig, RDPOConfig, add_arguments, from_arguments
-from .files import EPDFileError
+from .files import EPDFileError, check_destination
 from .params import STUDENTS
 from .schedules import SCHEDULE_TYPES
 
@@ -37,8 +37,9 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace) -> int:
+    check_destination(args.dst, args.force, "--force replaces it")
     p = load_params(args.src)
-    save_params(p, args.dst)
+    save_params(p, args.dst, overwrite=args.force)
     print(f"wrote {args.dst} ({p.num_steps - 1} steps, {p.num_points} points, NFE {p.nfe})")
     return 0
 
@@ -95,6 +96,7 @@ def _distill(args: argparse.Namespace, argv: list[str]) -> int:
 
     from .distill import distill
 
+    check_destination(args.out, args.force, "--force replaces it")
     form = dict(ANALYTIC_FORMS[args.form])
     if args.schedule:
         form["schedule_type"] = args.schedule
@@ -114,8 +116,10 @@ def _distill(args: argparse.Namespace, argv: list[str]) -> int:
     config = from_arguments(args, DistillConfig)
     command = "python -m epd_core " + shlex.join(argv)
     meta = {"model": f"analytic {args.form} / mixture {args.mixture}", "command": command}
-    params = distill(den, start, gm.shape, config, progress=progress, metadata=meta)
-    save_params(params, args.out)
+    params = distill(den, start, gm.shape, config, progress=progress, metadata=meta, checkpoint=args.checkpoint,
+                     checkpoint_every=args.checkpoint_every)  # fmt: skip
+    save_params(params, args.out, overwrite=args.force)
+    _done(args.checkpoint)
     print(f"wrote {args.out}: NFE {params.nfe}, loss {params.metadata['distilled']['final_loss']:.5f}")
     return 0
 
@@ -127,6 +131,7 @@ def _rdpo(args: argparse.Namespace, argv: list[str]) -> int:
     from .analytic import ode_endpoint
     from .rdpo import rdpo
 
+    check_destination(args.out, args.force, "--force replaces it")
     start = load_params(args.table)
     gm = GaussianMixture.named(args.mixture)
     if start.is_flow:
@@ -141,10 +146,23 @@ def _rdpo(args: argparse.Namespace, argv: list[str]) -> int:
 
     meta = {"command": "python -m epd_core " + shlex.join(argv), "rdpo_start_file": str(args.table)}
     config = from_arguments(args, RDPOConfig)
-    params, curve = rdpo(gm.denoise_ve, start, gm.shape, config, reference=exact, progress=progress, metadata=meta)
-    save_params(params, args.out)
+    params, curve = rdpo(gm.denoise_ve, start, gm.shape, config, reference=exact, progress=progress, metadata=meta,
+                         checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every)  # fmt: skip
+    save_params(params, args.out, overwrite=args.force)
+    _done(args.checkpoint)
     print(f"wrote {args.out}: mean reward {curve[0]:.5f} -> {params.metadata['rdpo']['final_reward']:.5f}")
     return 0
+
+
+def _done(checkpoint: str | None) -> None:
+    """The run's table is saved: its checkpoint is no longer needed."""
+    if checkpoint:
+        Path(checkpoint).unlink(missing_ok=True)
+
+
+def _checkpoint_args(parser: argparse.ArgumentParser, every: int) -> None:
+    parser.add_argument("--checkpoint", help="save the run's state to this file and resume from it (killed runs)")
+    parser.add_argument("--checkpoint-every", type=int, default=every, help="iterations between checkpoints")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -156,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     conv = sub.add_parser("convert", help="convert an authors' .pkl (or any table) to the project's .safetensors")
     conv.add_argument("src")
     conv.add_argument("dst")
+    conv.add_argument("--force", action="store_true", help="replace an existing file")
     conv.set_defaults(fn=_convert)
     demo = sub.add_parser("demo", help="EPD vs Euler on the exact Gaussian-mixture denoiser")
     demo.add_argument("table")
@@ -176,6 +195,8 @@ def main(argv: list[str] | None = None) -> int:
     dist.add_argument("--scale-time", type=float, default=0.0)
     add_arguments(dist, DistillConfig)
     dist.add_argument("--out", required=True)
+    dist.add_argument("--force", action="store_true", help="replace an existing --out file")
+    _checkpoint_args(dist, 10)
     cat = sub.add_parser("catalogue", help="list the authors' published tables (download one with fetch)")
     cat.add_argument("--catalogue", default=CATALOGUE, help="catalogue file (default: the pack's)")
     cat.set_defaults(fn=_catalogue)
@@ -192,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     rd.add_argument("--exact-steps", type=int, default=200)
     add_arguments(rd, RDPOConfig)
     rd.add_argument("--out", required=True)
+    rd.add_argument("--force", action="store_true", help="replace an existing --out file")
+    _checkpoint_args(rd, 5)
     argv = sys.argv[1:] if argv is None else argv
     dist.set_defaults(fn=lambda a: _distill(a, argv))
     rd.set_defaults(fn=lambda a: _rdpo(a, argv))
@@ -200,6 +223,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except (EPDFileError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        name = f"{exc.filename}: " if exc.filename else ""
+        print(f"error: {name}{exc.strerror or exc}", file=sys.stderr)
         return 2
 
 

@@ -23,8 +23,10 @@ import re
 import shutil
 import socket
 import tempfile
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -35,14 +37,17 @@ from typing import Any
 from . import __version__
 from .files import MAX_FILE_BYTES, EPDFileError, load_params, save_params
 
-__all__ = ["CatalogueEntry", "load_catalogue", "find_entry", "source_url", "fetch", "UPSTREAM", "MIRROR_ENV"]
+__all__ = [
+    "CatalogueEntry", "load_catalogue", "find_entry", "source_url", "fetch", "verify_local", "UPSTREAM", "MIRROR_ENV",
+]  # fmt: skip
 
 UPSTREAM = "https://raw.githubusercontent.com/BeierZhu/EPD"
 MIRROR_ENV = "EPD_CATALOGUE_MIRROR"
 DEFAULT_TIMEOUT = 60.0
 _CHUNK = 64 * 1024
-_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
-_PINNED = re.compile(re.escape(UPSTREAM) + r"/[0-9a-f]{40}/[A-Za-z0-9._/-]+$")
+_POLL = 0.2  # seconds between checks of the deadline and of an interrupt
+_NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
+_PINNED = re.compile(re.escape(UPSTREAM) + r"/[0-9a-f]{40}/[A-Za-z0-9._/-]+")
 
 Opener = Callable[[str, float], Any]
 
@@ -72,9 +77,9 @@ class CatalogueEntry:
     filename: str
 
     def __post_init__(self) -> None:
-        if not _NAME.match(self.name) or self.filename != f"{self.name}.safetensors":
+        if not _NAME.fullmatch(self.name) or self.filename != f"{self.name}.safetensors":
             raise ValueError(f"bad catalogue name {self.name!r} / file name {self.filename!r}")
-        if not _PINNED.match(self.url) or ".." in self.url:
+        if not _PINNED.fullmatch(self.url) or ".." in self.url:
             raise ValueError(f"{self.name}: url {self.url!r} is not pinned to a commit of {UPSTREAM}")
         if not re.fullmatch(r"[0-9a-f]{64}", self.sha256) or not 0 < self.size <= MAX_FILE_BYTES:
             raise ValueError(f"{self.name}: bad sha256 or size")
@@ -117,40 +122,159 @@ def source_url(entry: CatalogueEntry, base_url: str | None = None) -> str:
     return base + entry.url[len(UPSTREAM) :]
 
 
+def verify_local(entry: CatalogueEntry, path: str | os.PathLike) -> Path:
+    """``path``, a local file named like ``entry``, when it is that entry's table; else an ``EPDFileError``.
+
+    A converted file records the sha256 of the file it came from, and its shape must match the entry; an
+    authors' file must have the entry's sha256 itself.
+    """
+    return _existing(entry, Path(path))
+
+
 def _existing(entry: CatalogueEntry, path: Path) -> Path:
     """Reuse a converted file already at ``path`` when it is this entry's table; refuse to touch anything else."""
+    if path.suffix == ".pkl" and path.is_file() and path.stat().st_size == entry.size:
+        if hashlib.sha256(path.read_bytes()).hexdigest() == entry.sha256:
+            return path
     try:
         params = load_params(path)
     except EPDFileError as exc:
         raise EPDFileError(
             path, f"exists but is unreadable ({exc.problem}); remove it to download {entry.name}"
         ) from None
-    if params.metadata.get("source_sha256") != entry.sha256:
+    shape = (params.num_steps, params.num_points, params.student, params.schedule_type)
+    if params.metadata.get("source_sha256") != entry.sha256 or shape != (
+        entry.num_steps, entry.num_points, entry.student, entry.schedule_type
+    ):  # fmt: skip
         raise EPDFileError(path, f"exists but is not the catalogue's {entry.name}; move it away to download it")
     return path
 
 
-def _default_opener(url: str, timeout: float) -> Any:
-    request = urllib.request.Request(url, headers={"User-Agent": f"epd_core/{__version__}"})  # noqa: S310
-    return urllib.request.urlopen(request, timeout=timeout)  # noqa: S310  (http/https only, checked above)
+class _Transfer:
+    """What the download thread shares with the waiting one: its sockets, its outcome, an abort flag."""
+
+    def __init__(self) -> None:
+        self.sockets: list[socket.socket] = []
+        self.aborted = threading.Event()
+        self.error: BaseException | None = None
+
+    def connection(self, cls: type) -> type:
+        """``cls`` (an ``http.client`` connection) recording its socket, so that a stalled read can be cut."""
+        transfer = self
+
+        class Recording(cls):  # type: ignore[misc, valid-type]
+            def connect(self) -> None:
+                super().connect()
+                transfer.sockets.append(self.sock)
+                if transfer.aborted.is_set():
+                    self.sock.shutdown(socket.SHUT_RDWR)
+
+        return Recording
+
+    def abort(self) -> None:
+        self.aborted.set()
+        for sock in self.sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
-def _download(entry: CatalogueEntry, url: str, out: Path, timeout: float, opener: Opener) -> None:
-    """Stream ``url`` into ``out``: at most ``entry.size`` bytes, within ``timeout``, with the published sha256."""
+def _same_origin(old: str, new: str) -> bool:
+    a, b = urllib.parse.urlsplit(old), urllib.parse.urlsplit(new)
+    default = {"http": 80, "https": 443}
+    return (a.scheme, a.hostname, a.port or default.get(a.scheme)) == (
+        b.scheme,
+        b.hostname,
+        b.port or default.get(b.scheme),
+    )
+
+
+class _SameOriginRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to the same scheme, host and port (a mirror may move files, not the download)."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):  # noqa: ANN001, ANN201
+        if not _same_origin(req.full_url, newurl):
+            raise _Refused(f"redirect to {newurl} (another scheme, host or port) refused")
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _opener_for(transfer: _Transfer) -> Opener:
+    """``urlopen`` with same-origin redirects and sockets the waiting thread can cut."""
+
+    class HTTP(urllib.request.HTTPHandler):
+        def do_open(self, http_class, req, **kwargs):  # noqa: ANN001, ANN201
+            return super().do_open(transfer.connection(http_class), req, **kwargs)
+
+    class HTTPS(urllib.request.HTTPSHandler):
+        def do_open(self, http_class, req, **kwargs):  # noqa: ANN001, ANN201
+            return super().do_open(transfer.connection(http_class), req, **kwargs)
+
+    opener = urllib.request.build_opener(HTTP, HTTPS, _SameOriginRedirects)
+
+    def open_url(url: str, timeout: float) -> Any:
+        request = urllib.request.Request(url, headers={"User-Agent": f"epd_core/{__version__}"})  # noqa: S310
+        return opener.open(request, timeout=timeout)  # http/https only, checked by source_url
+
+    return open_url
+
+
+def _download(
+    entry: CatalogueEntry,
+    url: str,
+    out: Path,
+    timeout: float,
+    opener: Opener | None,
+    check_interrupt: Callable[[], None] | None = None,
+) -> None:
+    """Stream ``url`` into ``out``: at most ``entry.size`` bytes, within ``timeout`` in all, with the published
+    sha256. The transfer runs in a thread; this one checks the deadline and ``check_interrupt()`` every
+    ``_POLL`` seconds and, past the deadline or on an interrupt, cuts the connection."""
+    transfer = _Transfer()
+    open_url = opener or _opener_for(transfer)
     deadline = time.monotonic() + timeout
+    worker = threading.Thread(
+        target=_transfer_body, args=(transfer, entry, url, out, timeout, open_url), name="epd-download", daemon=True
+    )
+    worker.start()
+    try:
+        while worker.is_alive():
+            worker.join(min(_POLL, max(0.0, deadline - time.monotonic())))
+            if check_interrupt is not None:
+                check_interrupt()
+            if worker.is_alive() and time.monotonic() >= deadline:
+                raise _Refused(f"transfer not finished within {timeout:g} s (timeout)")
+    finally:
+        transfer.abort()
+        worker.join(_POLL)
+    if transfer.error is not None:
+        raise transfer.error
+
+
+def _transfer_body(transfer: _Transfer, entry: CatalogueEntry, url: str, out: Path, timeout: float,
+                   open_url: Opener) -> None:  # fmt: skip
+    try:
+        _stream(transfer, entry, url, out, timeout, open_url)
+    except BaseException as exc:  # handed to the waiting thread
+        transfer.error = exc
+
+
+def _stream(transfer: _Transfer, entry: CatalogueEntry, url: str, out: Path, timeout: float,
+            open_url: Opener) -> None:  # fmt: skip
     digest, received = hashlib.sha256(), 0
-    with opener(url, timeout) as response, out.open("wb") as fh:
+    with open_url(url, timeout) as response, out.open("wb") as fh:
         announced = response.headers.get("Content-Length") if getattr(response, "headers", None) else None
         if announced is not None and announced.isdigit() and int(announced) != entry.size:
             raise _Refused(f"the server announces {announced} bytes, the published file has {entry.size}")
-        while chunk := response.read(min(_CHUNK, entry.size + 1 - received)):
+        read = getattr(response, "read1", response.read)  # read1: whatever one receive brings, never waits for more
+        while not transfer.aborted.is_set() and (chunk := read(min(_CHUNK, entry.size + 1 - received))):
             received += len(chunk)
             if received > entry.size:
                 raise _Refused(f"the server sent more than the published {entry.size} bytes")
-            if time.monotonic() > deadline:
-                raise _Refused(f"transfer not finished within {timeout:g} s (timeout)")
             digest.update(chunk)
             fh.write(chunk)
+    if transfer.aborted.is_set():
+        return
     if received < entry.size:
         raise _Refused(f"truncated transfer: {received} of {entry.size} bytes")
     if digest.hexdigest() != entry.sha256:
@@ -177,12 +301,15 @@ def fetch(
     base_url: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
     opener: Opener | None = None,
+    check_interrupt: Callable[[], None] | None = None,
 ) -> Path:
     """Download, verify and convert ``entry`` into ``dest_dir/<name>.safetensors``; reuse a valid existing file.
 
     ``base_url`` replaces the upstream prefix (default: ``$EPD_CATALOGUE_MIRROR``, else the pinned URL);
-    ``timeout`` bounds each network wait and the whole transfer; ``opener(url, timeout)`` returns a response
-    (default ``urllib.request.urlopen``). Every failure is an ``EPDFileError`` and leaves nothing on disk.
+    ``timeout`` bounds the whole transfer (checked every 0.2 s, also while the server sends nothing);
+    ``opener(url, timeout)`` returns a response (default: ``urlopen`` following redirects only within the same
+    scheme, host and port); ``check_interrupt()`` is called every 0.2 s and may raise to stop (ComfyUI's
+    interrupt). Every failure is an ``EPDFileError`` (an interrupt: its own exception) and leaves nothing on disk.
     """
     dest = Path(dest_dir)
     final = dest / entry.filename
@@ -200,7 +327,7 @@ def fetch(
             raise EPDFileError(final, f"cannot write {entry.name} into {dest}: {exc.strerror or exc}") from None
         raw = work / entry.source_file
         try:
-            _download(entry, url, raw, timeout, opener or _default_opener)
+            _download(entry, url, raw, timeout, opener, check_interrupt)
         except _Refused as exc:
             raise EPDFileError(final, f"download of {entry.name} from {url} refused: {exc}") from None
         except (urllib.error.URLError, HTTPException, OSError) as exc:

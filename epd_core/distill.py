@@ -13,12 +13,14 @@ be replaced by a caller's feature loss.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from .bases import base_update
+from .checkpoint import RunState, interruptible, run_checkpointer
 from .config import DistillConfig
 from .params import TABLE_NAMES, EPDParams, decode
 from .schedules import make_schedule
@@ -161,6 +163,9 @@ def distill(
     feature_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     progress: Callable[[int, int, float], None] | None = None,
     metadata: dict[str, Any] | None = None,
+    check_interrupt: Callable[[], None] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
 ) -> EPDParams:
     """Fit ``start``'s tables (and, with ``config.learn_grid``, its interior grid points) to a teacher.
 
@@ -168,8 +173,12 @@ def distill(
     (point-major) for the student's points. ``shape`` is one sample's shape. Deterministic for a seed.
     ``progress(iteration, iterations, loss)`` is called after every iteration (raise to stop; nothing is kept).
     See :class:`~epd_core.config.DistillConfig` for the hyper-parameters (its defaults when ``config`` is None).
+    ``check_interrupt()`` runs before every model call, the teacher's included (raise to stop).
+    ``checkpoint``: a file the run's state is saved to every ``checkpoint_every`` iterations and resumed
+    from (see :mod:`epd_core.checkpoint`): a resumed run ends with the same table as an uninterrupted one.
     """
     config = config or DistillConfig()
+    denoiser = interruptible(denoiser, check_interrupt)
     # A copy, so that a grid made under inference mode (ComfyUI's) can be saved for backward.
     base_grid = make_schedule(start) if grid is None else torch.as_tensor(grid, dtype=torch.float64).clone()
     base_grid = base_grid.to(device)
@@ -194,8 +203,16 @@ def distill(
     gen = torch.Generator().manual_seed(config.seed)
     history: list[float] = []
     x = None
+    ckpt = None
+    if checkpoint is not None:
+        state = RunState({**raw, "grid_logits": logits}, opt, sched, gen)
+        ckpt = run_checkpointer(checkpoint, checkpoint_every, state, denoiser, start, shape, base_grid, dtype, device,
+                             {**config.provenance(), "feature_loss": feature_loss is not None})  # fmt: skip
+        first, history = ckpt.resume()
+        if first and progress is not None:
+            progress(first, config.iterations, history[-1])
 
-    for it in range(config.iterations):
+    for it in range(ckpt.resumed_at if ckpt else 0, config.iterations):
         grid_now = _grid_from_logits(ends, logits) if config.learn_grid else base_grid
         noise = torch.randn((config.batch, *shape), generator=gen, dtype=torch.float64).to(device, dtype)
         x = noise if start.is_flow else noise * grid_now[0].detach().to(dtype)
@@ -219,6 +236,8 @@ def distill(
         history.append(float(loss.detach()))
         if progress is not None:
             progress(it + 1, config.iterations, history[-1])
+        if ckpt is not None:
+            ckpt.step(it + 1, history, config.iterations)
 
     tables = {name: raw[name].detach().to("cpu", torch.float32) for name in TABLE_NAMES}
     learned = _grid_from_logits(ends, logits).detach().cpu() if config.learn_grid else None

@@ -14,6 +14,7 @@ Every failure raises :class:`EPDFileError`, which names the file.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -31,9 +32,16 @@ from .authors_format import read_authors_pickle
 from .params import TABLE_NAMES, EPDParams
 from .safe_pickle import PickleRefused
 
-__all__ = ["EPDFileError", "load_params", "save_params", "params_from_authors", "MAX_FILE_BYTES"]
+__all__ = [
+    "EPDFileError", "load_params", "save_params", "check_destination", "params_from_authors", "check_table_size",
+    "MAX_FILE_BYTES", "MAX_TIME_POINTS", "MAX_POINTS",
+]  # fmt: skip
 
 MAX_FILE_BYTES = 16 * 1024 * 1024
+# The largest published tables have 11 time points and 2 points per step, the nodes train up to 65 and 8:
+# these bounds leave ample room and keep sampling, training, previews and listings of a table small.
+MAX_TIME_POINTS = 257
+MAX_POINTS = 32
 FORMAT_VERSION = "1"
 _MAX_HEADER_BYTES = 1024 * 1024
 
@@ -64,6 +72,25 @@ def _read_bounded(path: Path) -> bytes:
     return data
 
 
+def check_table_size(num_steps: Any, num_points: Any) -> None:
+    """Refuse a table whose time points or points per step exceed :data:`MAX_TIME_POINTS` / :data:`MAX_POINTS`."""
+    if isinstance(num_steps, int) and num_steps > MAX_TIME_POINTS:
+        raise ValueError(f"{num_steps} time points; EPD tables have at most {MAX_TIME_POINTS}")
+    if isinstance(num_points, int) and num_points > MAX_POINTS:
+        raise ValueError(f"{num_points} points per step; EPD tables have at most {MAX_POINTS}")
+
+
+def _check_tensor_shapes(shapes: dict[str, Any]) -> None:
+    """Every tensor of a table is at most ``[MAX_TIME_POINTS - 1, MAX_POINTS]`` (``t_steps``: MAX_TIME_POINTS)."""
+    limit = (MAX_TIME_POINTS - 1) * MAX_POINTS
+    for name, shape in shapes.items():
+        numel = 1
+        for n in shape:
+            numel *= n
+        if numel > limit:
+            raise ValueError(f"tensor {name} of shape {list(shape)} exceeds the size limit of {limit} values")
+
+
 def _backend_of(hyper: dict[str, Any]) -> str:
     backend = hyper.get("backend")
     if backend in ("ldm", "sd3", "flux"):
@@ -80,6 +107,8 @@ def params_from_authors(tables: dict[str, torch.Tensor], hyper: dict[str, Any], 
     missing = [name for name in TABLE_NAMES if name not in tables]
     if missing:
         raise ValueError(f"predictor lacks tables {missing}")
+    check_table_size(hyper.get("num_steps"), hyper.get("num_points"))
+    _check_tensor_shapes({name: tuple(t.shape) for name, t in tables.items()})
     backend = _backend_of(hyper)
     shift = hyper.get("flowmatch_shift")
     if backend == "sd3" and shift is None:
@@ -175,6 +204,17 @@ def _load_own(path: Path, data: bytes) -> EPDParams:
         provenance = json.loads(meta.get("provenance", "{}"))
         if not isinstance(hyper, dict) or not isinstance(provenance, dict):
             raise ValueError("hyper and provenance metadata must be JSON objects")
+        shapes = {k: v.get("shape", ()) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
+        if not all(isinstance(v, list) and all(isinstance(n, int) for n in v) for v in shapes.values()):
+            raise ValueError("tensor shapes must be lists of integers")
+    except Exception as exc:  # JSON, struct
+        raise EPDFileError(path, f"invalid safetensors file: {exc}") from None
+    try:
+        check_table_size(hyper.get("num_steps"), hyper.get("num_points"))
+        _check_tensor_shapes(shapes)
+    except ValueError as exc:
+        raise EPDFileError(path, str(exc)) from None
+    try:
         tensors = st_load(data)
     except Exception as exc:  # JSON, struct and safetensors' own SafetensorError
         raise EPDFileError(path, f"invalid safetensors file: {exc}") from None
@@ -206,9 +246,33 @@ def load_params(path: str | os.PathLike) -> EPDParams:
     raise EPDFileError(path, "neither an EPD .safetensors table nor a predictor pickle")
 
 
-def save_params(params: EPDParams, path: str | os.PathLike) -> Path:
-    """Write ``params`` in the project's format, atomically (a temporary file, then a rename)."""
+def check_destination(path: str | os.PathLike, overwrite: bool = False, hint: str = "overwrite replaces it") -> Path:
+    """``path`` as a place to write a table, or an :class:`EPDFileError`: no name, a folder, a missing folder,
+    something that is not a regular file, or (unless ``overwrite``) an existing file."""
+    if not str(path):
+        raise EPDFileError("''", "no file name given")
     path = Path(path)
+    if path.is_dir():
+        raise EPDFileError(path, "is a folder; give a file name")
+    if path.exists() or path.is_symlink():
+        if path.is_symlink() or not path.is_file():
+            raise EPDFileError(path, "exists and is not a regular file; not replacing it")
+        if not overwrite:
+            raise EPDFileError(path, f"exists; not replacing it ({hint})")
+    parent = path.parent if str(path.parent) else Path(".")
+    if not parent.is_dir():
+        raise EPDFileError(path, "the destination folder does not exist")
+    return path
+
+
+def save_params(params: EPDParams, path: str | os.PathLike, *, overwrite: bool = True) -> Path:
+    """Write ``params`` in the project's format, atomically: a temporary file in the same folder, then a rename.
+
+    With ``overwrite=False`` the final step itself refuses an existing file (a hard link, which fails if the
+    name exists), so a file that appeared meanwhile is never replaced. Only a regular file is ever replaced;
+    every failure is an :class:`EPDFileError` and leaves nothing behind.
+    """
+    path = check_destination(path, overwrite)
     tensors = {name: getattr(params, name).contiguous() for name in TABLE_NAMES}
     if params.t_steps is not None:
         tensors["t_steps"] = params.t_steps.contiguous()
@@ -220,18 +284,36 @@ def save_params(params: EPDParams, path: str | os.PathLike) -> Path:
         "provenance": json.dumps(_jsonable(provenance), sort_keys=True),
     }
     blob = st_save(tensors, metadata=meta)
-    parent = path.parent if str(path.parent) else Path(".")
-    if not parent.is_dir():
-        raise EPDFileError(path, "the destination folder does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=parent)
+    try:
+        _write_atomic(blob, path, overwrite)
+    except FileExistsError:
+        raise EPDFileError(
+            path, "appeared while this table was made; not replacing it (overwrite replaces it)"
+        ) from None
+    except OSError as exc:
+        raise EPDFileError(path, f"cannot write: {exc.strerror or exc}") from None
+    return path
+
+
+def _write_atomic(blob: bytes, path: Path, overwrite: bool) -> None:
+    """``blob`` into ``path`` through a temporary file in the same folder; never a half-written file."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(blob)
             fh.flush()
             os.fsync(fh.fileno())
         os.chmod(tmp, 0o644)  # mkstemp creates 0600; a table is a shareable file
-        os.replace(tmp, path)
-    except BaseException:
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)  # atomic, and FileExistsError if the name is taken
+            except OSError as exc:
+                if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                    raise
+                if path.exists():  # a folder without hard links: check, then rename (a tiny window)
+                    raise FileExistsError(path) from None
+                os.replace(tmp, path)
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
-    return path

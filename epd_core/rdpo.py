@@ -28,6 +28,7 @@ reward with a small PPO, touching only the solver's parameters:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -35,6 +36,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checkpoint import RunState, interruptible, run_checkpointer
 from .config import RDPOConfig
 from .params import Decoded, EPDParams
 from .schedules import make_schedule
@@ -322,6 +324,9 @@ def rdpo(
     device: torch.device | str | None = None,
     progress: Callable[[int, int, float], None] | None = None,
     metadata: dict[str, Any] | None = None,
+    check_interrupt: Callable[[], None] | None = None,
+    checkpoint: str | os.PathLike | None = None,
+    checkpoint_every: int = 5,
 ) -> tuple[EPDParams, list[float]]:
     """Fine-tune ``start`` with RDPO; returns the exported mean table and the mean reward per iteration.
 
@@ -329,8 +334,11 @@ def rdpo(
     Either pass ``reward(final_x, context)`` (``context`` = the rollouts' group indices into this iteration's
     noises) or ``reference(x_start) -> target`` for the built-in fidelity reward. See
     :class:`~epd_core.config.RDPOConfig` for the hyper-parameters (its defaults when ``config`` is None).
+    ``check_interrupt()`` runs before every model call of the rollouts (raise to stop); ``checkpoint`` /
+    ``checkpoint_every``: periodic saves and resume, as in :func:`epd_core.distill.distill`.
     """
     config = config or RDPOConfig()
+    denoiser = interruptible(denoiser, check_interrupt)
     if (reward is None) == (reference is None):
         raise ValueError("pass exactly one of reward and reference")
     grid = make_schedule(start).to(device)
@@ -342,7 +350,16 @@ def rdpo(
     gen = torch.Generator().manual_seed(config.seed)
     curve: list[float] = []
     groups, k = config.groups, config.k
-    for it in range(config.iterations):
+    ckpt = None
+    if checkpoint is not None:
+        options = {**config.provenance(), "reward": "fidelity" if reward is None else getattr(reward, "__name__", "?")}
+        state = RunState(policy.state_dict(), opt, None, gen)
+        every = checkpoint_every
+        ckpt = run_checkpointer(checkpoint, every, state, denoiser, start, shape, grid, dtype, device, options)
+        first, curve = ckpt.resume()
+        if first and progress is not None:
+            progress(first, config.iterations, curve[-1])
+    for it in range(ckpt.resumed_at if ckpt else 0, config.iterations):
         noise = torch.randn((groups, *shape), generator=gen, dtype=torch.float64).to(device, dtype)
         x0 = noise if start.is_flow else noise * grid[0].to(dtype)
         context = torch.arange(groups, device=device).repeat_interleave(k)
@@ -366,6 +383,8 @@ def rdpo(
         curve.append(float(score.mean()))
         if progress is not None:
             progress(it + 1, config.iterations, curve[-1])
+        if ckpt is not None:
+            ckpt.step(it + 1, curve, config.iterations)
     tail = curve[-max(1, config.iterations // 5) :]
     provenance = {
         **(metadata or {}),

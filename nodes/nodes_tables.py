@@ -10,7 +10,8 @@ import folder_paths
 from comfy_api.latest import io
 
 from ..epd_core import EPDFileError, EPDParams, load_params
-from ..epd_core.catalogue import CatalogueEntry, fetch, load_catalogue
+from ..epd_core.catalogue import CatalogueEntry, load_catalogue
+from .guard import catalogue_file, user_error, user_text
 from .inputs import EPDParamsType, epd_params_input
 from .preview import table_image
 
@@ -42,7 +43,7 @@ def load_table(name: str) -> EPDParams:
     """Load a table by its name in the ``epd`` folder; errors name the file."""
     path = folder_paths.get_full_path(FOLDER, name)
     if path is None:
-        raise ValueError(f"EPD table {name!r} not found in {folder_paths.get_folder_paths(FOLDER)}")
+        raise user_error(ValueError(f"EPD table {name!r} not found in {folder_paths.get_folder_paths(FOLDER)}"))
     stat = os.stat(path)
     key = (path, stat.st_mtime_ns, stat.st_size)
     if key not in _CACHE:
@@ -50,7 +51,7 @@ def load_table(name: str) -> EPDParams:
             _CACHE.clear()
             _CACHE[key] = load_params(path)
         except EPDFileError as exc:
-            raise ValueError(f"cannot load EPD table: {exc}") from None
+            raise user_error(ValueError(f"cannot load EPD table: {exc}")) from None
     return _CACHE[key]
 
 
@@ -83,9 +84,7 @@ def resolve_table(choice: str) -> str:
     entry = catalogue_choice(choice)
     if entry is None:
         raise ValueError(f"{choice!r}: no such published table in the EPD catalogue")
-    if folder_paths.get_full_path(FOLDER, entry.filename) is None:
-        fetch(entry, folder_paths.get_folder_paths(FOLDER)[0])
-    return entry.filename
+    return catalogue_file(entry)
 
 
 def describe(params: EPDParams) -> str:
@@ -126,7 +125,8 @@ class EPDParamsLoader(io.ComfyNode):
         """Like the combo check, but a ``[download]`` choice stays valid after its table was downloaded."""
         if table_name is None or table_name in folder_paths.get_filename_list(FOLDER) or catalogue_choice(table_name):
             return True
-        return f"EPD table {table_name!r} not found in {folder_paths.get_folder_paths(FOLDER)} nor in the catalogue"
+        where = user_text(str(folder_paths.get_folder_paths(FOLDER)))
+        return f"EPD table {table_name!r} not found in {where} nor in the catalogue"
 
     @classmethod
     def execute(cls, table_name: str) -> io.NodeOutput:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..epd_core import save_params
 from ..epd_core.config import DistillConfig, RDPOConfig
 from .inputs import EPDParamsType, advanced, config_input, epd_params_input, output_inputs, seed_input
 from .nodes_tables import describe
 from .rewards import clip_score_reward
-from .training import distill_on_model, output_path, rdpo_on_model, start_table
+from .training import distill_on_model, output_path, rdpo_on_model, resume_options, save_output, start_table
 
 REWARDS = ["fidelity", "clip_score"]
 RDPO_TEACHER_M = 4  # teacher points per step of the fidelity reward's reference
@@ -77,10 +76,11 @@ class EPDDistill(io.ComfyNode):
         path = output_path(filename, overwrite)
         start = start_params or start_table(model.get_model_object("model_sampling"), steps, points, afs)
         params = distill_on_model(model, positive, negative, cfg, latent_image["samples"], start, config,
-                                  metadata={"tool": "EPD Distill node", "cfg": cfg})  # fmt: skip
-        save_params(params, path)
+                                  metadata={"tool": "EPD Distill node", "cfg": cfg},
+                                  **resume_options(path, iterations))  # fmt: skip
+        saved = save_output(params, path, overwrite)
         d = params.metadata["distilled"]
-        info = f"{describe(params)}; loss {d['first_loss']:.4g} -> {d['final_loss']:.4g}; saved {path}"
+        info = f"{describe(params)}; loss {d['first_loss']:.4g} -> {d['final_loss']:.4g}; saved {saved}"
         return io.NodeOutput(params, info)
 
 
@@ -145,10 +145,11 @@ class EPDRDPO(io.ComfyNode):
             metadata["reward_prompt"] = prompt
         path = output_path(filename, overwrite)
         params, curve = rdpo_on_model(model, positive, negative, cfg, latent_image["samples"], epd_params, config,
-                                      teacher_m=teacher_steps, reward=scorer, metadata=metadata)  # fmt: skip
-        save_params(params, path)
+                                      teacher_m=teacher_steps, reward=scorer, metadata=metadata,
+                                      **resume_options(path, iterations))  # fmt: skip
+        saved = save_output(params, path, overwrite)
         info = (
-            f"{describe(params)}; reward {curve[0]:.4g} -> {params.metadata['rdpo']['final_reward']:.4g}; saved {path}"
+            f"{describe(params)}; reward {curve[0]:.4g} -> {params.metadata['rdpo']['final_reward']:.4g}; saved {saved}"
         )
         return io.NodeOutput(params, info)
 

@@ -12,6 +12,8 @@ from ..epd_core import EPDParams, make_schedule
 from ..epd_core.solver import point_times
 
 _BG, _AXIS, _POINT, _TEXT = (250, 250, 247), (120, 120, 120), (214, 96, 39), (30, 30, 30)
+MAX_ROWS = 64  # steps drawn; the image stays below 760 x 2,300 pixels whatever the table
+MAX_MARKS = 16  # points drawn per step
 
 
 def draw_table(params: EPDParams, width: int = 760, row: int = 34) -> Image.Image:
@@ -20,7 +22,8 @@ def draw_table(params: EPDParams, width: int = 760, row: int = 34) -> Image.Imag
     grid = make_schedule(params)
     table = params.decoded()
     steps = params.num_steps - 1
-    height = 46 + row * steps
+    shown = min(steps, MAX_ROWS)
+    height = 46 + row * shown + (row if shown < steps else 0)
     img = Image.new("RGB", (width, height), _BG)
     draw = ImageDraw.Draw(img)
     left, right = 70, width - 200
@@ -32,16 +35,18 @@ def draw_table(params: EPDParams, width: int = 760, row: int = 34) -> Image.Imag
     kind = "flow t" if params.is_flow else "sigma"
     draw.text((8, 6), f"EPD table: {steps} steps x {params.num_points} points, NFE {params.nfe}, "
                       f"{params.schedule_type} grid ({kind}, log scale)", fill=_TEXT)  # fmt: skip
-    for t in grid.tolist():
+    for t in grid.tolist()[: MAX_ROWS + 1]:
         draw.line([(x_of(t), 24), (x_of(t), height - 6)], fill=(225, 225, 222))
-    for i in range(steps):
+    if shown < steps:
+        draw.text((8, 40 + row * shown), f"... {steps - shown} more steps not drawn", fill=_TEXT)
+    for i in range(shown):
         y = 40 + row * i
         t_cur, t_next = float(grid[i]), float(grid[i + 1])
         draw.text((8, y - 6), f"step {i}", fill=_TEXT)
         draw.line([(x_of(t_cur), y + 10), (x_of(t_next), y + 10)], fill=_AXIS, width=3)
         labels = []
         taus = point_times(table.r[i], grid[i], grid[i + 1])
-        for k in range(params.num_points):
+        for k in range(min(params.num_points, MAX_MARKS)):
             r, w = float(table.r[i, k]), float(table.weight[i, k])
             x = x_of(float(taus[k]))
             draw.rectangle([x - 2, y + 10 - 16 * w, x + 2, y + 10], fill=_POINT)

@@ -222,6 +222,7 @@ class _ComfyDenoiser:
         self.batch = batch
 
     def _call(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        comfy.model_management.throw_exception_if_processing_interrupted()  # between chunks, teacher steps, ...
         n = x.shape[0] // self.batch
         mask = self.extra_args.get("denoise_mask")
         if n == 1 or mask is None:

@@ -12,6 +12,7 @@ each reward call.
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,15 +26,20 @@ import folder_paths
 import torch
 
 from ..epd_core import EPDParams
+from ..epd_core.catalogue import load_catalogue
+from ..epd_core.checkpoint import CheckpointMismatch
 from ..epd_core.config import DistillConfig, RDPOConfig
 from ..epd_core.distill import distill
+from ..epd_core.files import EPDFileError, save_params
 from ..epd_core.rdpo import rdpo
 from ..epd_core.teachers import subdivide, teacher_trajectory
+from .guard import PACK, user_error, user_path, user_text
 from .rewards import Reward
 from .sampling import _ComfyDenoiser, exact_timesteps, is_discrete_model, is_flow_model, is_flux_shift
 from .scheduling import model_schedule
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,100}$")
+log = logging.getLogger("epd")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,100}")  # used with fullmatch: "$" would accept "name\n"
 
 
 def start_table(model_sampling, steps: int, points: int, afs: bool) -> EPDParams:
@@ -53,16 +59,46 @@ def start_table(model_sampling, steps: int, points: int, afs: bool) -> EPDParams
 
 
 def output_path(filename: str, overwrite: bool) -> Path:
-    """``models/epd/<filename>.safetensors``; refuses odd names and, unless asked, existing files."""
+    """``models/epd/<filename>.safetensors``; refuses odd names, names of the pack's bundled or downloadable
+    tables (the trained file would shadow them) and, unless asked, existing files."""
     stem = filename.removesuffix(".safetensors")
-    if not _NAME.match(stem) or ".." in stem:
+    if not _NAME.fullmatch(stem) or ".." in stem:
         raise ValueError(f"invalid table name {filename!r}: use letters, digits, '.', '_' and '-'")
+    reserved = {p.stem.lower() for p in (PACK / "weights").iterdir() if p.suffix in (".safetensors", ".pkl")}
+    try:
+        reserved |= {name.lower() for name in load_catalogue(PACK / "weights" / "catalogue.json")}
+    except EPDFileError:
+        pass
+    if stem.lower() in reserved:
+        raise ValueError(f"{stem!r} is the name of a table bundled with or published for the pack; choose another")
     folder = Path(folder_paths.get_folder_paths("epd")[0])
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{stem}.safetensors"
-    if path.exists() and not overwrite:
-        raise ValueError(f"{path} exists; set overwrite to replace it")
+    if (path.exists() or path.is_symlink()) and not overwrite:
+        raise ValueError(f"{user_path(path)} exists; set overwrite to replace it")
     return path
+
+
+def save_output(params: EPDParams, path: Path, overwrite: bool) -> str:
+    """Save a trained table; without ``overwrite`` a file that appeared during training is kept. Returns the
+    file's name as the user knows it. The run's checkpoint goes once the table is saved."""
+    try:
+        save_params(params, path, overwrite=overwrite)
+    except EPDFileError as exc:
+        raise user_error(exc) from None
+    checkpoint_path(path).unlink(missing_ok=True)
+    return user_path(path)
+
+
+def checkpoint_path(path: Path) -> Path:
+    """Where a run writing ``path`` keeps its checkpoint (not a table: the loader does not list it)."""
+    return path.with_name(path.name.removesuffix(".safetensors") + ".epd-checkpoint")
+
+
+def resume_options(path: Path, iterations: int) -> dict:
+    """Checkpoint options for a node's run writing ``path``: about 20 saves per run, at least every 25
+    iterations; a later run with the same settings and model resumes from it."""
+    return {"checkpoint": checkpoint_path(path), "checkpoint_every": max(1, min(25, iterations // 20))}
 
 
 @dataclass
@@ -80,20 +116,21 @@ class Session:
 
 def distill_on_model(
     model, positive, negative, cfg: float, latent: torch.Tensor, start: EPDParams, config: DistillConfig,
-    metadata: dict | None = None,
+    metadata: dict | None = None, **resume,
 ) -> EPDParams:  # fmt: skip
-    """Run :func:`epd_core.distill.distill` on a ComfyUI ``MODEL`` with CFG guidance."""
+    """Run :func:`epd_core.distill.distill` on a ComfyUI ``MODEL`` with CFG guidance (``resume``: its
+    ``checkpoint`` and ``checkpoint_every``, see :func:`resume_options`)."""
 
     def fit(s: Session) -> EPDParams:
-        return distill(s.denoiser, start, s.shape, config, grid=s.grid, dtype=torch.float32, device=s.device,
-                       progress=s.progress, metadata=metadata)  # fmt: skip
+        return _resuming(distill, s.denoiser, start, s.shape, config, grid=s.grid, dtype=torch.float32,
+                         device=s.device, progress=s.progress, metadata=metadata, **resume)  # fmt: skip
 
     return _train_on_model(model, positive, negative, cfg, latent, start, config, fit)
 
 
 def rdpo_on_model(
     model, positive, negative, cfg: float, latent: torch.Tensor, start: EPDParams, config: RDPOConfig,
-    teacher_m: int = 4, reward: Reward | None = None, metadata: dict | None = None,
+    teacher_m: int = 4, reward: Reward | None = None, metadata: dict | None = None, **resume,
 ) -> tuple[EPDParams, list[float]]:  # fmt: skip
     """Run :func:`epd_core.rdpo.rdpo` on a ComfyUI ``MODEL``.
 
@@ -103,17 +140,31 @@ def rdpo_on_model(
     """
 
     def fit(s: Session) -> tuple[EPDParams, list[float]]:
-        common = dict(dtype=torch.float32, device=s.device, progress=s.progress, metadata=metadata)
+        common = dict(dtype=torch.float32, device=s.device, progress=s.progress, metadata=metadata, **resume)
         if reward is not None:
-            return rdpo(s.denoiser, start, s.shape, config, reward=in_sampling(reward, s), **common)
+            return _resuming(rdpo, s.denoiser, start, s.shape, config, reward=in_sampling(reward, s), **common)
 
         def reference(x0):
             with torch.no_grad():
                 return teacher_trajectory(s.denoiser, x0, subdivide(s.grid.to(x0.device), teacher_m), "dpm2")[-1]
 
-        return rdpo(s.denoiser, start, s.shape, config, reference=reference, **common)
+        return _resuming(rdpo, s.denoiser, start, s.shape, config, reference=reference, **common)
 
     return _train_on_model(model, positive, negative, cfg, latent, start, config, fit)
+
+
+def _resuming(train: Callable, *args, **options):
+    """``train`` (distill or rdpo) with ComfyUI's interrupt checked before every model call; a checkpoint of
+    other settings or another model is dropped (logged) and the run starts afresh."""
+    options["check_interrupt"] = comfy.model_management.throw_exception_if_processing_interrupted
+    try:
+        return train(*args, **options)
+    except CheckpointMismatch as exc:
+        if options.get("checkpoint") is None:
+            raise
+        log.warning("EPD: not resuming: %s", user_text(str(exc)))
+        Path(options["checkpoint"]).unlink(missing_ok=True)
+        return train(*args, **options)
 
 
 def in_sampling(reward: Reward, session: Session) -> Reward:

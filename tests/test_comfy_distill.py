@@ -128,7 +128,7 @@ def test_cli_rdpo(tmp_path):
     for extra, heads in (([], ["scale_dir"]), (["--no-scale-heads"], [])):
         out = tmp_path / "rdpo.safetensors"
         with redirect_stdout(io.StringIO()):
-            assert cli_main(["rdpo", str(start), "--iterations", "2", "--groups", "2", "--k", "2",
+            assert cli_main(["rdpo", str(start), "--iterations", "2", "--groups", "2", "--k", "2", "--force",
                              "--exact-steps", "20", "--scale-std", "0.01", "--out", str(out), *extra]) == 0  # fmt: skip
         meta = epd_core.load_params(out).metadata["rdpo"]
         assert meta["iterations"] == 2 and meta["scale_heads"] == heads

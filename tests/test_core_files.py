@@ -317,6 +317,6 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError):
+    with pytest.raises(EPDFileError, match="disk full"):
         save_params(p, dst)
     assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,226 @@
+"""Checkpoints of a training run (distillation, RDPO): resume after a crash or a kill with the same result.
+
+A checkpoint is ONE ``.safetensors`` file (never a pickle): the tensors of the run's state (tables or policy
+weights, Adam's moments, the random generator's state) and, in its metadata, JSON for the rest (iteration,
+loss curve, scheduler and optimizer hyper-parameters, the run's configuration). It is written atomically
+(a temporary file in the same folder, then a rename), so a kill at any moment leaves either the previous
+checkpoint or the new one, never a half-written file. A run resumes only from a checkpoint of the same
+configuration and, where the caller gives one, of the same model (its answer to a fixed probe input).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+__all__ = [
+    "CheckpointMismatch", "RunState", "Checkpointer", "save_checkpoint", "load_checkpoint", "interruptible", "probe",
+    "table_digest", "run_checkpointer",
+]  # fmt: skip
+
+FORMAT = "epd-checkpoint-1"
+_MAX_BYTES = 1 << 30
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint belongs to another run (configuration or model)."""
+
+
+class RunState:
+    """What a training loop needs to continue exactly: its modules' tensors, optimizer, scheduler, generator."""
+
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any | None,
+        generator: torch.Generator,
+    ) -> None:
+        self.tensors, self.optimizer, self.scheduler, self.generator = tensors, optimizer, scheduler, generator
+
+    def pack(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """Tensors and JSON of the current state."""
+        out = {f"t.{name}": value.detach().cpu().contiguous() for name, value in self.tensors.items()}
+        opt = self.optimizer.state_dict()
+        for idx, state in opt["state"].items():
+            for key, value in state.items():
+                if not isinstance(value, torch.Tensor):
+                    value = torch.tensor(value)
+                out[f"opt.{idx}.{key}"] = value.detach().cpu().contiguous()
+        out["rng"] = self.generator.get_state()
+        doc = {
+            "param_groups": opt["param_groups"],
+            "opt_keys": {str(idx): sorted(state) for idx, state in opt["state"].items()},
+            "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+        }
+        return out, doc
+
+    def unpack(self, tensors: dict[str, torch.Tensor], doc: dict[str, Any]) -> None:
+        """Restore the state saved by :meth:`pack` (in place)."""
+        with torch.no_grad():
+            for name, value in self.tensors.items():
+                saved = tensors[f"t.{name}"]
+                if saved.shape != value.shape:
+                    raise CheckpointMismatch(f"tensor {name}: shape {tuple(saved.shape)}, not {tuple(value.shape)}")
+                value.copy_(saved.to(value.device, value.dtype))
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        state = {}
+        for idx, keys in doc["opt_keys"].items():
+            device = params[int(idx)].device
+            state[int(idx)] = {key: tensors[f"opt.{idx}.{key}"].to(device if key != "step" else "cpu") for key in keys}
+        self.optimizer.load_state_dict({"state": state, "param_groups": doc["param_groups"]})
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(doc["scheduler"])
+        self.generator.set_state(tensors["rng"])
+
+
+def save_checkpoint(path: str | os.PathLike, state: RunState, config: dict[str, Any], iteration: int,
+                    curve: list[float], fingerprint: torch.Tensor | None = None) -> Path:  # fmt: skip
+    """Write the run's state after ``iteration`` iterations atomically to ``path``."""
+    path = Path(path)
+    tensors, doc = state.pack()
+    if fingerprint is not None:
+        tensors["fingerprint"] = fingerprint.detach().cpu().contiguous()
+    meta = {
+        "format": FORMAT,
+        "config": json.dumps(config, sort_keys=True),
+        "iteration": str(iteration),
+        "curve": json.dumps(curve),
+        "state": json.dumps(doc),
+    }
+    blob = st_save(tensors, metadata=meta)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(blob)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def remove_leftovers(path: str | os.PathLike) -> None:
+    """Temporary files of ``path``'s checkpoint writes that a kill left behind."""
+    path = Path(path)
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | os.PathLike, state: RunState, config: dict[str, Any],
+                    fingerprint: torch.Tensor | None = None) -> tuple[int, list[float]] | None:  # fmt: skip
+    """Restore ``state`` from ``path`` and return ``(iterations done, curve)``; ``None`` if there is no
+    checkpoint. A checkpoint of another configuration or model raises :class:`CheckpointMismatch`."""
+    path = Path(path)
+    remove_leftovers(path)
+    if not path.exists():
+        return None
+    if not path.is_file() or path.stat().st_size > _MAX_BYTES:
+        raise CheckpointMismatch(f"{path}: not a checkpoint file")
+    data = path.read_bytes()
+    try:
+        tensors = st_load(data)
+        n = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+        if meta.get("format") != FORMAT:
+            raise ValueError("not an EPD checkpoint")
+        saved_config = json.loads(meta["config"])
+        iteration = int(meta["iteration"])
+        curve = [float(v) for v in json.loads(meta["curve"])]
+        doc = json.loads(meta["state"])
+    except Exception as exc:  # safetensors, JSON, missing keys
+        raise CheckpointMismatch(f"{path}: unreadable checkpoint ({exc})") from None
+    if saved_config != json.loads(json.dumps(config, sort_keys=True)):
+        changed = sorted(k for k in set(saved_config) | set(config) if saved_config.get(k) != config.get(k))
+        raise CheckpointMismatch(f"{path}: a checkpoint of another run (differs in {', '.join(changed)})")
+    if fingerprint is not None:
+        saved = tensors.get("fingerprint")
+        if (
+            saved is None
+            or saved.shape != fingerprint.shape
+            or not torch.allclose(saved.double(), fingerprint.detach().cpu().double(), rtol=1e-3, atol=1e-4)
+        ):
+            raise CheckpointMismatch(f"{path}: a checkpoint made with another model or conditioning")
+    try:
+        state.unpack(tensors, doc)
+    except (KeyError, ValueError, RuntimeError, TypeError) as exc:
+        raise CheckpointMismatch(f"{path}: checkpoint does not fit this run ({exc})") from None
+    return iteration, curve
+
+
+def interruptible(denoiser: Callable, check_interrupt: Callable[[], None] | None) -> Callable:
+    """``denoiser`` calling ``check_interrupt()`` before every model call (a stop lands within one call)."""
+    if check_interrupt is None:
+        return denoiser
+
+    def checked(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        check_interrupt()
+        return denoiser(x, sigma)
+
+    return checked
+
+
+def probe(denoiser: Callable, shape: tuple[int, ...], sigma: float, dtype: torch.dtype,
+          device: torch.device | str | None) -> torch.Tensor:  # fmt: skip
+    """The model's answer to a fixed input: tells a checkpoint's model from another."""
+    x = torch.randn((1, *shape), generator=torch.Generator().manual_seed(20240229), dtype=torch.float64)
+    with torch.no_grad():
+        out = denoiser((x * sigma).to(device, dtype), torch.full((1,), sigma, dtype=dtype, device=device))
+    return out.detach().to("cpu", torch.float32)
+
+
+def table_digest(*tensors: torch.Tensor) -> str:
+    """sha256 of tensors' values (a start table in a run's configuration)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().to("cpu", torch.float64).contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class Checkpointer:
+    """Resume and periodic saves for one training loop (see :func:`epd_core.distill.distill`)."""
+
+    def __init__(self, path: str | os.PathLike, every: int, state: RunState, config: dict[str, Any],
+                 fingerprint: torch.Tensor | None) -> None:  # fmt: skip
+        if every < 1:
+            raise ValueError(f"checkpoint_every must be >= 1, got {every}")
+        self.path, self.every, self.state, self.config, self.fingerprint = Path(path), every, state, config, fingerprint
+        self.resumed_at = 0
+
+    def resume(self) -> tuple[int, list[float]]:
+        """``(iterations done, curve so far)``: from the checkpoint if there is one, else ``(0, [])``."""
+        found = load_checkpoint(self.path, self.state, self.config, self.fingerprint)
+        if found is None:
+            return 0, []
+        self.resumed_at = found[0]
+        return found
+
+    def step(self, done: int, curve: list[float], total: int) -> None:
+        """After ``done`` iterations: save every ``every`` iterations (not after the last one)."""
+        if done % self.every == 0 and done < total:
+            save_checkpoint(self.path, self.state, self.config, done, curve, self.fingerprint)
+
+
+def run_checkpointer(path: str | os.PathLike, every: int, state: RunState, denoiser: Callable, start: Any,
+                     shape: tuple[int, ...], grid: torch.Tensor, dtype: torch.dtype, device: torch.device | str | None,
+                     options: dict[str, Any]) -> Checkpointer:  # fmt: skip
+    """Checkpoints of a training run from ``start`` (an ``EPDParams``): resumed only with the same ``options``,
+    start table, sample shape, grid, dtype and model (its answer to a probe input)."""
+    from .params import TABLE_NAMES
+
+    config = {
+        **options, "dtype": str(dtype), "start": table_digest(*(getattr(start, n) for n in TABLE_NAMES)),
+        "start_hyper": start.hyper(), "shape": list(shape), "grid": [float(t) for t in grid.detach().cpu()],
+    }  # fmt: skip
+    return Checkpointer(path, every, state, config, probe(denoiser, shape, float(grid[0]), dtype, device))

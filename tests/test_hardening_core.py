@@ -1,0 +1,166 @@
+"""Hardening, round two, outside ComfyUI: bounds at load, CLI destinations, exclusive final writes."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import resource
+import struct
+import subprocess
+import sys
+import time
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+import torch
+
+from epd_core import EPDFileError, load_params, save_params
+from epd_core.__main__ import main as cli_main
+from epd_core.files import MAX_POINTS, MAX_TIME_POINTS, check_destination
+from epd_dev import ROOT
+from epd_dev.hostile import huge_table
+from epd_dev.shared_data import official_files, official_path
+
+pytestmark = pytest.mark.core
+
+WEIGHTS = ROOT / "weights"
+
+
+def test_bounds_leave_room_over_every_real_table():
+    real = [load_params(p) for p in official_files()] + [load_params(p) for p in WEIGHTS.glob("*.safetensors")
+                                                          if p.name != "digits-unet.safetensors"]  # fmt: skip
+    assert real
+    assert max(p.num_steps for p in real) * 10 < MAX_TIME_POINTS
+    assert max(p.num_points for p in real) * 10 < MAX_POINTS
+
+
+@pytest.mark.parametrize(("steps", "points", "limit"), [(300_000, 1, "time points"), (3, 50_000, "points per step"),
+                                                         (MAX_TIME_POINTS + 1, 2, "at most 257")])  # fmt: skip
+def test_oversized_tables_are_refused_quickly_with_the_limit_named(tmp_path, steps, points, limit):
+    path = huge_table(tmp_path, steps, points)
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    t0 = time.process_time()  # CPU time: the cost of the refusal, whatever else the machine runs
+    with pytest.raises(EPDFileError, match=limit) as err:
+        load_params(path)
+    assert path.name in str(err.value)
+    assert time.process_time() - t0 < 1.0
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss) / 1024 < 100
+
+
+def test_lying_tensor_shapes_are_refused_before_reading_them(tmp_path):
+    path = huge_table(tmp_path, 3, 2)
+    data = path.read_bytes()
+    n = struct.unpack("<Q", data[:8])[0]
+    header = json.loads(data[8 : 8 + n])
+    header["t_steps_x"] = {"dtype": "F32", "shape": [100_000], "data_offsets": [0, 4]}
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+    with pytest.raises(EPDFileError, match="exceeds the size limit"):
+        load_params(path)
+
+
+def test_authors_pickle_with_too_many_points_is_refused(tmp_path):
+    from epd_core.files import params_from_authors
+
+    tables = {n: torch.zeros(2, MAX_POINTS + 1) for n in ("r_params", "weight_s", "scale_dir_params",
+                                                           "scale_time_params")}  # fmt: skip
+    with pytest.raises(ValueError, match="points per step"):
+        params_from_authors(tables, {"num_steps": 3, "num_points": MAX_POINTS + 1}, {})
+
+
+def test_cli_info_of_an_oversized_table_is_a_short_clean_error(tmp_path):
+    path = huge_table(tmp_path, 300_000, 1)
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err):
+        assert cli_main(["info", str(path)]) == 2
+    assert out.getvalue() == "" and "time points" in err.getvalue() and len(err.getvalue()) < 300
+
+
+# --- CLI destinations -----------------------------------------------------------------------------------------
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "epd_core", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)  # fmt: skip
+
+
+def test_cli_convert_bad_destinations_are_clean_errors(tmp_path):
+    src = str(official_path("sd15-best.pkl"))
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    existing = tmp_path / "existing.safetensors"
+    existing.write_bytes(b"keep me")
+    cases = {
+        str(tmp_path): "is a folder",
+        "": "no file name",
+        "/proc/version": "exists",
+        str(fifo): "not a regular file",
+        str(existing): "exists",
+        str(tmp_path / "missing" / "x.safetensors"): "folder does not exist",
+    }
+    for dst, problem in cases.items():
+        for force in ([], ["--force"]):
+            res = _cli("convert", *force, src, dst)
+            if force and dst == str(existing):
+                assert res.returncode == 0, res.stderr
+                continue
+            if force and dst == "/proc/version":
+                problem = "cannot write"
+            assert res.returncode == 2, (dst, force, res.stdout, res.stderr)
+            assert "Traceback" not in res.stderr and problem in res.stderr, (dst, res.stderr)
+            assert res.stderr.startswith("error: ")
+    assert load_params(existing).num_points == load_params(src).num_points
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing.safetensors", "fifo"]
+
+
+def test_cli_distill_refuses_an_existing_out_before_training(tmp_path):
+    out = tmp_path / "t.safetensors"
+    out.write_bytes(b"keep")
+    t0 = time.monotonic()
+    err = io.StringIO()
+    with redirect_stderr(err), redirect_stdout(io.StringIO()):
+        assert cli_main(["distill", "--iterations", "100000", "--out", str(out)]) == 2
+    assert time.monotonic() - t0 < 5 and "exists" in err.getvalue() and out.read_bytes() == b"keep"
+    with redirect_stdout(io.StringIO()):
+        assert cli_main(["distill", "--iterations", "2", "--batch", "4", "--force", "--out", str(out)]) == 0
+    assert load_params(out).num_steps == 4
+
+
+# --- exclusive final write -------------------------------------------------------------------------------------
+
+
+def test_save_without_overwrite_never_replaces_a_file_that_appeared(tmp_path, monkeypatch):
+    p = load_params(official_path("sd15-best.pkl"))
+    dst = tmp_path / "t.safetensors"
+    check_destination(dst, overwrite=False)  # free when checked ...
+    dst.write_bytes(b"written meanwhile")  # ... taken before the final write
+    with pytest.raises(EPDFileError, match="exists; not replacing"):
+        save_params(p, dst, overwrite=False)
+    assert dst.read_bytes() == b"written meanwhile"
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["t.safetensors"]
+    save_params(p, dst, overwrite=True)
+    assert load_params(dst).num_steps == p.num_steps
+    fresh = save_params(p, tmp_path / "new.safetensors", overwrite=False)
+    assert load_params(fresh).num_steps == p.num_steps and oct(fresh.stat().st_mode & 0o777) == "0o644"
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["new.safetensors", "t.safetensors"]
+
+
+def test_save_checks_the_race_after_check_destination(tmp_path, monkeypatch):
+    """The file appears between the temporary file's write and the final link: still refused."""
+    import epd_core.files as files
+
+    p = load_params(official_path("sd15-best.pkl"))
+    dst = tmp_path / "race.safetensors"
+    real_link = os.link
+
+    def racing_link(src, target):
+        Path(target).write_bytes(b"other")
+        return real_link(src, target)
+
+    monkeypatch.setattr(files.os, "link", racing_link)
+    with pytest.raises(EPDFileError, match="appeared while"):
+        save_params(p, dst, overwrite=False)
+    assert dst.read_bytes() == b"other"
+    assert [x.name for x in tmp_path.iterdir()] == ["race.safetensors"]

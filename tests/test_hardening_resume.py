@@ -1,0 +1,189 @@
+"""Long runs: interrupts inside the teacher pass and the rollouts, checkpoints, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from epd_core import EPDParams, GaussianMixture, load_params, save_params
+from epd_core.checkpoint import CheckpointMismatch
+from epd_core.config import DistillConfig, RDPOConfig
+from epd_core.distill import distill
+from epd_core.params import TABLE_NAMES
+from epd_core.rdpo import rdpo
+from epd_dev import ROOT
+
+pytestmark = pytest.mark.core
+
+
+class Stop(Exception):
+    pass
+
+
+def _slow(den, delay: float):
+    def call(x, sigma):
+        time.sleep(delay)
+        return den(x, sigma)
+
+    return call
+
+
+def test_an_interrupt_lands_inside_the_teacher_pass():
+    """One iteration has ~200 model calls of 10 ms; the interrupt is honoured within one call, not after the
+    iteration."""
+    gm = GaussianMixture.reference()
+    start = EPDParams.start(6, 2, schedule_type="discrete", schedule_rho=1.0, backend="ldm")
+    den = _slow(gm.denoise_ve, 0.01)
+    pressed = []
+
+    def check() -> None:
+        if pressed and time.monotonic() > pressed[0]:
+            raise Stop
+
+    def progress(i, n, loss):
+        pressed.append(time.monotonic())  # pressed right after the first iteration: the second is in flight
+
+    with pytest.raises(Stop):
+        distill(
+            den,
+            start,
+            gm.shape,
+            DistillConfig(iterations=5, batch=2, teacher_m=32),
+            progress=progress,
+            check_interrupt=check,
+        )
+    late = time.monotonic() - pressed[0]
+    print(f"\ndistill: stopped {late:.3f} s after the interrupt (one iteration ~{6 * 34 * 0.01:.1f} s)")
+    assert late < 0.5, late
+
+
+def test_an_interrupt_lands_inside_the_rollouts():
+    gm = GaussianMixture.reference()
+    start = load_params(ROOT / "weights" / "analytic-sd15-reference-nfe10.safetensors")
+    t0 = time.monotonic()
+
+    def check() -> None:
+        if time.monotonic() > t0 + 0.3:
+            raise Stop
+
+    def reward(final, context):
+        return -final.flatten(1).pow(2).mean(1)
+
+    with pytest.raises(Stop):
+        rdpo(
+            _slow(gm.denoise_ve, 0.05),
+            start,
+            gm.shape,
+            RDPOConfig(iterations=3, groups=2, k=2),
+            reward=reward,
+            check_interrupt=check,
+        )
+    late = time.monotonic() - t0 - 0.3
+    print(f"\nrdpo: stopped {late:.3f} s after the interrupt")
+    assert late < 0.5, late
+
+
+def _tables_equal(a: EPDParams, b: EPDParams) -> None:
+    for name in TABLE_NAMES:
+        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=1e-6)
+
+
+def test_resume_in_process_equals_an_uninterrupted_run_and_refuses_other_runs(tmp_path):
+    gm = GaussianMixture.reference()
+    start = EPDParams.start(4, 2, schedule_type="discrete", schedule_rho=1.0, backend="ldm", scale_time=0.1)
+    config = DistillConfig(iterations=9, batch=4, teacher_m=1, seed=5, learn_grid=True)
+    kw = {"config": config}
+    ref = distill(gm.denoise_ve, start, gm.shape, **kw)
+    ck = tmp_path / "run.ckpt"
+
+    def stop_at_7(i, n, loss):
+        if i == 7:
+            raise Stop
+
+    with pytest.raises(Stop):
+        distill(gm.denoise_ve, start, gm.shape, progress=stop_at_7, checkpoint=ck, checkpoint_every=3, **kw)
+    seen = []
+    got = distill(gm.denoise_ve, start, gm.shape, checkpoint=ck, checkpoint_every=3,
+                  progress=lambda i, n, loss: seen.append(i), **kw)  # fmt: skip
+    assert seen[0] == 6 and seen[1:] == [7, 8, 9]  # resumed from the checkpoint after iteration 6
+    _tables_equal(got, ref)
+    assert torch.equal(got.t_steps, ref.t_steps)
+    assert got.metadata["distilled"] == ref.metadata["distilled"]
+    with pytest.raises(CheckpointMismatch, match="another run"):
+        distill(gm.denoise_ve, start, gm.shape, DistillConfig(iterations=9, batch=4, teacher_m=1, seed=6,
+                learn_grid=True), checkpoint=ck)  # fmt: skip
+    with pytest.raises(CheckpointMismatch, match="another model"):
+        distill(lambda x, s: gm.denoise_ve(x, s) * 1.1, start, gm.shape, checkpoint=ck, checkpoint_every=3, **kw)
+    ck.write_bytes(b"\x80\x04garbage")
+    with pytest.raises(CheckpointMismatch, match="unreadable"):
+        distill(gm.denoise_ve, start, gm.shape, checkpoint=ck, **kw)
+
+
+def _iteration(ck: Path) -> int:
+    try:
+        data = ck.read_bytes()
+        n = int.from_bytes(data[:8], "little")
+        return int(json.loads(data[8 : 8 + n])["__metadata__"]["iteration"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
+COMMANDS = {
+    "distill": ["distill", "--steps", "3", "--iterations", "40", "--batch", "4", "--teacher-m", "1", "--seed", "2",
+                "--learn-grid", "--scale-time", "0.1"],
+    "rdpo": ["rdpo", "TABLE", "--iterations", "24", "--groups", "2", "--k", "2", "--exact-steps", "10", "--seed", "2",
+             "--lr", "1e-3"],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_a_run_killed_with_sigkill_resumes_to_the_same_table(tmp_path, command):
+    args = [a.replace("TABLE", str(ROOT / "weights" / "analytic-sd15-reference-nfe5.safetensors"))
+            for a in COMMANDS[command]]  # fmt: skip
+    run = [sys.executable, "-m", "epd_core", *args]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    ref, out, ck = tmp_path / "ref.safetensors", tmp_path / "out.safetensors", tmp_path / "run.ckpt"
+    subprocess.run([*run, "--out", str(ref)], cwd=tmp_path, env=env, check=True, capture_output=True, timeout=600)
+
+    resumable = [*run, "--out", str(out), "--checkpoint", str(ck), "--checkpoint-every", "2"]
+    proc = subprocess.Popen(resumable, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 600
+    while _iteration(ck) < 6 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = _iteration(ck)
+    assert proc.returncode == -signal.SIGKILL and not out.exists() and killed_at >= 6, proc.stderr.read()
+    total = int(args[args.index("--iterations") + 1])
+    assert killed_at < total
+
+    subprocess.run(resumable, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=600)
+    print(f"\n{command}: killed after checkpoint {killed_at}/{total}, resumed")
+    _tables_equal(load_params(out), load_params(ref))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors", "ref.safetensors"]  # no checkpoint, no tmp
+
+
+def test_node_checkpoint_files_are_not_listed_as_tables(tmp_path):
+    """A checkpoint is a safetensors file but never a table the loader offers or loads."""
+    ck = tmp_path / "t.epd-checkpoint"
+    save_params(EPDParams.start(3, 2), tmp_path / "t.safetensors")
+    gm = GaussianMixture.reference()
+
+    def stop(i, n, loss):
+        if i == 2:
+            raise Stop
+
+    with pytest.raises(Stop):
+        distill(gm.denoise_ve, EPDParams.start(3, 2), gm.shape, DistillConfig(iterations=4, batch=2, teacher_m=0),
+                checkpoint=ck, checkpoint_every=1, progress=stop)  # fmt: skip
+    assert ck.exists()
+    with pytest.raises(Exception, match="not an EPD table"):
+        load_params(ck)
