@@ -105,8 +105,9 @@ def test_every_other_comfyui_sampler_is_refused():
             _plugin(name, params)
 
 
-def test_runtime_guard_for_unknown_multi_call_sampler():
-    """A custom sampler that calls the model between grid points is stopped, not silently changed."""
+def test_runtime_guard_for_a_multi_call_sampler_under_an_allowed_name():
+    """An unknown sampler is refused by name (above); one that passes the allow-list but calls the model between
+    grid points (say a future ComfyUI changes euler) is still stopped at run time, not silently changed."""
     import comfy.sample
     import comfy.samplers
 
@@ -123,6 +124,9 @@ def test_runtime_guard_for_unknown_multi_call_sampler():
             x = x + (sigmas[i + 1] - sigmas[i]) * d_mid
         return x
 
+    with pytest.raises(ValueError, match="does not support the sampler 'midpoint'"):
+        N["EPDPlugin"].execute(comfy.samplers.KSAMPLER(sample_midpoint), params, "auto")
+    sample_midpoint.__name__ = "sample_euler"  # the same method under an allowed name
     sampler, _ = N["EPDPlugin"].execute(comfy.samplers.KSAMPLER(sample_midpoint), params, "auto").result
     (sigmas,) = N["EPDScheduler"].execute(model, params, 1.0, False).result
     with pytest.raises(ValueError, match="between the table's grid points"):
