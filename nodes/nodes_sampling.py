@@ -5,7 +5,8 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from .inputs import advanced, cfg_input, epd_params_input, final_step_input, parallel_input, seed_input
-from .sampling import CONVENTIONS, PLUGIN_BASES, make_plugin_sampler, make_sampler
+from .plugin import PLUGIN_BASES, make_plugin_sampler
+from .sampling import CONVENTIONS, make_sampler
 from .scheduling import epd_sigmas
 
 

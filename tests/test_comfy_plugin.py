@@ -14,7 +14,7 @@ from epd_dev.shared_data import REFERENCE, official_path, reference_meta
 from epd_dev.tiny_models import KINDS, conditioning, latent, table_for, tiny_model
 
 pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("comfy_nodes")]
-# the pack's nodes.sampling.PLUGIN_BASES (a parameter list is fixed before ComfyUI starts; checked equal below)
+# the pack's nodes.plugin.PLUGIN_BASES (a parameter list is fixed before ComfyUI starts; checked equal below)
 PLUGIN_BASES = ("euler", "ddim", "dpmpp_2m", "lms", "ipndm", "ipndm_v", "deis", "res_multistep",
                 "gradient_estimation", "uni_pc", "uni_pc_bh2")  # fmt: skip
 
@@ -26,7 +26,7 @@ def _plugin(base: str, params, parallel="auto"):
 
 
 def test_plugin_bases_parametrized_here_are_the_packs():
-    assert H.pack_module("nodes.sampling").PLUGIN_BASES == PLUGIN_BASES
+    assert H.pack_module("nodes.plugin").PLUGIN_BASES == PLUGIN_BASES
 
 
 @pytest.mark.parametrize(
@@ -81,7 +81,7 @@ def test_every_supported_base_runs(kind, base):
         lat, params = latent(kind, 2), epd_core.load_params(official_path(table_for(kind)))
     (sigmas,) = N["EPDScheduler"].execute(model, params, 1.0, False).result
     sampler, info = _plugin(base, params)
-    assert H.pack_module("nodes.sampling").base_sampler_name(comfy.samplers.sampler_object(base)) in info
+    assert H.pack_module("nodes.plugin").base_sampler_name(comfy.samplers.sampler_object(base)) in info
     out = SamplerCustom.execute(model, True, 3, 2.0, pos, neg, sampler, sigmas, lat).result[0]["samples"]
     assert out.shape == lat["samples"].shape and torch.isfinite(out).all()
 
