@@ -1,0 +1,1 @@
+"""Development tools of the EPD pack (never imported by ComfyUI at run time)."""
