@@ -44,20 +44,25 @@ DEMO_MODELS = ROOT / "demo_models"
 KINDS = ("eps", "flow", "classifier")
 
 
-def mnist_module():
-    """The pack's ``nodes.mnist_model``, imported inside a real ComfyUI (CPU)."""
-    # the harness already loaded (by the tests), else the package's (epd_dev on the tooling branch, tests here)
+def harness():
+    """The ComfyUI test harness, set up (CPU): the one already loaded (by the tests), else the package's
+    (``epd_dev.comfy_harness`` on the tooling branch, ``tests/comfy_harness.py`` here)."""
     for name in ("comfy_harness", "epd_dev.comfy_harness", "tests.comfy_harness"):
         if name in sys.modules or importlib.util.find_spec(name.split(".")[0]) is not None:
             try:
-                comfy_harness = importlib.import_module(name)
+                module = importlib.import_module(name)
                 break
             except ImportError:
                 continue
     else:
         raise RuntimeError("no ComfyUI test harness found (tests/comfy_harness.py)")
-    comfy_harness.setup()
-    return comfy_harness.pack_module("nodes.mnist_model")
+    module.setup()
+    return module
+
+
+def mnist_module():
+    """The pack's ``nodes.mnist_model``, imported inside a real ComfyUI (CPU)."""
+    return harness().pack_module("nodes.mnist_model")
 
 
 def init_weights(unet: torch.nn.Module) -> None:
