@@ -45,19 +45,10 @@ NUM_CLASSES = 10
 LATENT_SHAPE = (4, 14, 14)
 IMAGE_SIDE = 28
 
-# ComfyUI UNetModel keyword arguments (1.0M parameters): three levels (14x14, 7x7, 4x4) of 32, 64, 64 channels,
-# one residual block each, a plain residual middle block and no attention. The class reaches the network as
-# ``y`` through ``label_emb`` (num_classes "sequential": Linear(10, 128) - SiLU - Linear(128, 128)). Sized for
-# training on two CPU cores in under half an hour; wider networks were 3-7x slower per iteration.
-UNET_CONFIG = {
+_COMMON = {
     "image_size": 14,
     "in_channels": 4,
     "out_channels": 4,
-    "model_channels": 32,
-    "num_res_blocks": [1, 1, 1],
-    "channel_mult": [1, 2, 2],
-    "transformer_depth": [0, 0, 0],
-    "transformer_depth_output": [0, 0, 0, 0, 0, 0],
     "transformer_depth_middle": -1,
     "num_head_channels": 32,
     "use_spatial_transformer": False,
@@ -68,6 +59,32 @@ UNET_CONFIG = {
     "use_temporal_attention": False,
     "use_temporal_resblock": False,
     "dtype": torch.float32,
+}
+# ComfyUI UNetModel keyword arguments per kind: three levels (14x14, 7x7, 4x4), a plain residual middle block, no
+# attention; the class reaches the network as ``y`` through ``label_emb`` (num_classes "sequential": Linear(10, 4C)
+# - SiLU - Linear). Sized for training on two CPU cores in under half an hour.
+# flow (1.0M parameters): 32, 64, 64 channels, one residual block per level.
+# eps (1.25M parameters): 64 channels throughout, no encoder block at 14x14 (one decoder block there). The output
+# GroupNorm has 32 groups: over 32 channels it normalises each channel of each image on its own and erases the
+# per-channel mean, which an eps model must predict to within 1/sigma_max = 1/14.6 (the flow model's x0 error is not
+# amplified so, and its later steps correct it); 64 channels (two per group) at about the same cost.
+UNET_CONFIGS = {
+    "flow": {
+        **_COMMON,
+        "model_channels": 32,
+        "num_res_blocks": [1, 1, 1],
+        "channel_mult": [1, 2, 2],
+        "transformer_depth": [0, 0, 0],
+        "transformer_depth_output": [0, 0, 0, 0, 0, 0],
+    },
+    "eps": {
+        **_COMMON,
+        "model_channels": 64,
+        "num_res_blocks": [0, 1, 1],
+        "channel_mult": [1, 1, 1],
+        "transformer_depth": [0, 0],
+        "transformer_depth_output": [0, 0, 0, 0, 0],
+    },
 }
 
 # ComfyUI's sampling settings per kind: SD1.5's ModelSamplingDiscrete and SD3's ModelSamplingDiscreteFlow.
@@ -89,9 +106,10 @@ def _check_kind(kind: str) -> None:
         raise ValueError(f"MNIST model kind must be one of {KINDS}, not {kind!r}")
 
 
-def config_json() -> str:
-    """The UNet configuration as recorded in the weights' metadata."""
-    return json.dumps({k: (str(v) if k == "dtype" else v) for k, v in UNET_CONFIG.items()}, sort_keys=True)
+def config_json(kind: str) -> str:
+    """The UNet configuration of ``kind`` as recorded in the weights' metadata."""
+    _check_kind(kind)
+    return json.dumps({k: (str(v) if k == "dtype" else v) for k, v in UNET_CONFIGS[kind].items()}, sort_keys=True)
 
 
 def sampling_json(kind: str) -> str:
@@ -127,7 +145,7 @@ def latent_to_images(latent: torch.Tensor) -> torch.Tensor:
 
 
 class MnistConfig(comfy.supported_models_base.BASE):
-    unet_config = UNET_CONFIG
+    unet_config = UNET_CONFIGS["flow"]
     unet_extra_config = {}
     latent_format = IdentityLatent
     memory_usage_factor = 0.01
@@ -135,7 +153,7 @@ class MnistConfig(comfy.supported_models_base.BASE):
 
     def __init__(self, kind: str) -> None:
         _check_kind(kind)
-        super().__init__(dict(self.unet_config))
+        super().__init__(dict(UNET_CONFIGS[kind]))
         self.sampling_settings = dict(SAMPLING_SETTINGS[kind])
 
 
@@ -191,7 +209,7 @@ def load_mnist_weights(model: MnistModel, path: str | Path) -> MnistModel:
         raise ValueError(f"{path.name} is not an EPD MNIST UNet (format {meta.get('format')!r}, expected {FORMAT!r})")
     if meta.get("kind") != model.kind:
         raise ValueError(f"{path.name} is the {meta.get('kind')!r} MNIST model, not {model.kind!r}")
-    if meta.get("unet_config") is None or json.loads(meta["unet_config"]) != json.loads(config_json()):
+    if meta.get("unet_config") is None or json.loads(meta["unet_config"]) != json.loads(config_json(model.kind)):
         raise ValueError(f"{path.name} was trained for another UNet configuration: {meta.get('unet_config')}")
     if meta.get("sampling") is None or json.loads(meta["sampling"]) != json.loads(sampling_json(model.kind)):
         raise ValueError(f"{path.name} was trained for another schedule: {meta.get('sampling')}")

@@ -206,7 +206,7 @@ def train_diffusion(
     meta = {
         "format": mm.FORMAT,
         "kind": kind,
-        "unet_config": mm.config_json(),
+        "unet_config": mm.config_json(kind),
         "sampling": mm.sampling_json(kind),
         "label_dropout": str(label_dropout),
         "storage": "float16 (load as float32)",

@@ -30,12 +30,9 @@ mn = H.pack_module("nodes.mnist_nodes")
 KINDS = ("eps", "flow")
 SAMPLES_PER_CLASS = 10
 # Floors under what the shipped weights give here (dpmpp_2m, 20 steps, cfg 3, seeds 0-9, 10 per class): class
-# accuracy, and digits FID as a share of uniform noise's. flow: 1.00 and 0.03 (README). eps falls short of the 90%
-# target (0.31 / 0.43 with 100 per class): its final GroupNorm has one channel per group (32 channels), which erases
-# each image's per-channel mean, and an eps model must predict the noise's to within 1/14.6 at sigma_max; the
-# samples come out with grey or checkered backgrounds. These floors catch regressions; retraining eps with
-# 64 channels at 14x14 is the fix (README).
-FLOORS = {"flow": (0.9, 0.1), "eps": (0.2, 0.6)}
+# accuracy, and digits FID as a share of uniform noise's (README: 100 per class, flow 99.9% / FID 59, eps 90.8% /
+# FID 56; eps mixes up some 3s and 5s).
+FLOORS = {"flow": (0.9, 0.1), "eps": (0.8, 0.1)}
 
 
 @pytest.fixture(autouse=True)
@@ -171,10 +168,10 @@ def _sample(model, digit: int | None, count: int, seed: int, cfg: float = 3.0, s
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_ksampler_with_cfg_draws_the_prompted_digit(kind, heldout, classifier, tmp_path):
+def test_ksampler_with_cfg_draws_the_prompted_digit(kind, heldout, classifier):
     """ComfyUI's KSampler (dpmpp_2m, 20 steps, cfg 3) per class through the pack's nodes: the classifier reads the
-    prompted digit (flow: in at least 90% of the samples), and their digits FID against the held-out digits is far
-    below that of uniform noise."""
+    prompted digit (flow: in at least 90% of the samples, eps: 80%), and their digits FID against the held-out
+    digits is far below that of uniform noise."""
     (model,) = mn.EPDMnistModel.execute(kind).result
     images, labels = [], []
     for digit in range(10):
