@@ -1,7 +1,7 @@
 """Class-conditional MNIST diffusion models trained by this project, as genuine ComfyUI models.
 
-Two models share one network, ComfyUI's own SD-style ``UNetModel`` in a small configuration (no attention), and
-differ in their schedule and parametrisation, exactly as ComfyUI samples them:
+Two models, each ComfyUI's own SD-style ``UNetModel`` in a small configuration (no attention, ``UNET_CONFIGS``), on
+their schedule and parametrisation, exactly as ComfyUI samples them:
 
 - ``eps``: an EPS model on the Stable Diffusion 1.5 discrete schedule (``ModelSamplingDiscrete``, linear betas
   0.00085-0.012 over 1000 steps): ``x = x0 + sigma * eps``; the network sees ``x / sqrt(1 + sigma^2)`` and

@@ -18,7 +18,7 @@ class EPDMnistModel(io.ComfyNode):
             display_name="EPD MNIST Model",
             category="advanced/model",
             description="A class-conditional diffusion model trained by this pack on real MNIST digits (ComfyUI's "
-            "own UNet, 1M parameters, no download). eps: SD1.5 discrete schedule; flow: rectified flow on the SD3 "
+            "own UNet, 1-1.25M parameters, no download). eps: SD1.5 discrete schedule; flow: rectified flow on the SD3 "
             "schedule (shift 3). Use a 112x112 empty latent (4x14x14), EPD MNIST Class for positive (a digit) and "
             "negative (none), cfg about 3, and EPD MNIST Decode for the image.",
             inputs=[io.Combo.Input("which", options=list(KINDS), default="eps", tooltip="eps (SD1.5) or flow (SD3).")],
