@@ -196,6 +196,16 @@ def test_ksampler_with_cfg_draws_the_prompted_digit(kind, heldout, classifier):
     assert fid < max_fid_share * fid_noise
 
 
+def test_nodes_module_declares_the_three_nodes():
+    """One module with a NODES list, as the entry point collects them; schemas ComfyUI can turn into node info."""
+    ids = {cls.GET_SCHEMA().node_id: cls for cls in mn.NODES}
+    assert set(ids) == {"EPDMnistModel", "EPDMnistClass", "EPDMnistDecode"}
+    assert ids["EPDMnistModel"].RETURN_TYPES == ["MODEL"]
+    assert ids["EPDMnistClass"].RETURN_TYPES == ["CONDITIONING", "CONDITIONING"]
+    assert ids["EPDMnistDecode"].RETURN_TYPES == ["IMAGE"]
+    assert ids["EPDMnistModel"].INPUT_TYPES()["required"]["which"][1]["options"] == ["eps", "flow"]
+
+
 def test_class_node_and_decode_node():
     positive, negative = mn.EPDMnistClass.execute("7").result
     assert torch.equal(positive[0][0], mm.class_token([7])) and positive[0][0].shape == (1, 1, 10)
