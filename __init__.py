@@ -9,7 +9,7 @@ The nodes live in ``nodes/nodes_<feature>.py``, each module listing its own in `
 async def comfy_entrypoint():
     from comfy_api.latest import ComfyExtension
 
-    from .nodes import nodes_demo, nodes_sampling, nodes_tables, nodes_training
+    from .nodes import nodes_demo, nodes_mnist, nodes_sampling, nodes_tables, nodes_training
     from .nodes.nodes_tables import register_folder
 
     class EPDExtension(ComfyExtension):
@@ -18,6 +18,7 @@ async def comfy_entrypoint():
 
         async def get_node_list(self) -> list:
             register_folder()
-            return [*nodes_tables.NODES, *nodes_sampling.NODES, *nodes_training.NODES, *nodes_demo.NODES]
+            nodes = (nodes_tables, nodes_sampling, nodes_training, nodes_demo, nodes_mnist)
+            return [node for module in nodes for node in module.NODES]
 
     return EPDExtension()

@@ -1,0 +1,82 @@
+"""Nodes of the class-conditional MNIST demo models (nodes/mnist_model.py): model, class, decode."""
+
+from __future__ import annotations
+
+import torch
+from comfy_api.latest import io
+
+from .mnist_model import KINDS, class_token, latent_to_images, mnist_model_patcher, weights_path
+
+CLASSES = [str(d) for d in range(10)] + ["none"]
+
+
+class EPDMnistModel(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EPDMnistModel",
+            display_name="EPD MNIST Model",
+            category="advanced/model",
+            description="A class-conditional diffusion model trained by this pack on real MNIST digits (ComfyUI's "
+            "own UNet, 1-1.25M parameters, no download). eps: SD1.5 discrete schedule; flow: rectified flow on the SD3 "
+            "schedule (shift 3). Use a 112x112 empty latent (4x14x14), EPD MNIST Class for positive (a digit) and "
+            "negative (none), cfg about 3, and EPD MNIST Decode for the image.",
+            inputs=[io.Combo.Input("which", options=list(KINDS), default="eps", tooltip="eps (SD1.5) or flow (SD3).")],
+            outputs=[io.Model.Output(tooltip="The MNIST UNet as a ComfyUI model (demo_models/mnist-*.safetensors).")],
+        )
+
+    @classmethod
+    def execute(cls, which: str) -> io.NodeOutput:
+        weights_path(which)  # a clear error for an unknown kind
+        return io.NodeOutput(mnist_model_patcher(which))
+
+
+class EPDMnistClass(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EPDMnistClass",
+            display_name="EPD MNIST Class",
+            category="conditioning",
+            description="The conditioning of an EPD MNIST model: a digit 0-9, or none (the unconditional branch; "
+            "use it as negative for classifier-free guidance).",
+            inputs=[io.Combo.Input("digit", options=CLASSES, default="7", tooltip="The digit to draw, or none.")],
+            outputs=[
+                io.Conditioning.Output(display_name="conditioning", tooltip="The class token [1, 1, 10]."),
+                io.Conditioning.Output(display_name="no_class", tooltip="The 'none' class, for the negative."),
+            ],
+        )
+
+    @classmethod
+    def execute(cls, digit: str) -> io.NodeOutput:
+        if digit not in CLASSES:
+            raise ValueError(f"digit must be one of {CLASSES}, not {digit!r}")
+        label = None if digit == "none" else int(digit)
+        return io.NodeOutput([[class_token([label]), {}]], [[class_token([None]), {}]])
+
+
+class EPDMnistDecode(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EPDMnistDecode",
+            display_name="EPD MNIST Decode",
+            category="latent",
+            description="Turns an EPD MNIST latent (4x14x14) into the 28x28 grey digit it encodes (pixel shuffle), "
+            "enlarged by an integer factor (nearest neighbour).",
+            inputs=[
+                io.Latent.Input("samples"),
+                io.Int.Input("scale", default=4, min=1, max=16, tooltip="Enlargement: 4 gives 112x112 images."),
+            ],
+            outputs=[io.Image.Output(tooltip="White digits on black, [B, 28*scale, 28*scale, 3].")],
+        )
+
+    @classmethod
+    def execute(cls, samples: dict, scale: int = 4) -> io.NodeOutput:
+        grey = latent_to_images(samples["samples"])
+        if scale > 1:
+            grey = grey.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
+        return io.NodeOutput(grey[..., None].expand(-1, -1, -1, 3).contiguous().to(torch.float32))
+
+
+NODES = [EPDMnistModel, EPDMnistClass, EPDMnistDecode]

@@ -1,0 +1,308 @@
+"""The class-conditional MNIST demo models: genuine ComfyUI models sampled by ComfyUI's own KSampler with CFG,
+judged by a classifier trained here (class accuracy, digits FID); their data, training script and weight checks."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from epd_core.schedules import sd15_alphas_cumprod
+from epd_dev import comfy_harness as H
+from epd_dev import mnist_data, mnist_metrics
+
+pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("comfy_nodes")]
+ROOT = Path(__file__).resolve().parents[1]
+comfy = nodes = UNetModel = mm = mn = None  # ComfyUI's modules and the pack's MNIST modules, once ComfyUI runs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _comfy_modules(comfy_nodes):
+    """Import ComfyUI's modules and the pack's MNIST modules once the session has started ComfyUI."""
+    global comfy, nodes, UNetModel, mm, mn
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.model_sampling
+    from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
+
+    import nodes
+
+    mm, mn = H.pack_module("nodes.mnist_model"), H.pack_module("nodes.nodes_mnist")
+
+
+KINDS = ("eps", "flow")
+SAMPLES_PER_CLASS = 10
+# Floors under what the shipped weights give here (dpmpp_2m, 20 steps, cfg 3, seeds 0-9, 10 per class): class
+# accuracy, and digits FID as a share of uniform noise's (README: 100 per class, flow 99.9% / FID 59, eps 90.8% /
+# FID 56; eps mixes up some 3s and 5s).
+FLOORS = {"flow": (0.9, 0.1), "eps": (0.8, 0.1)}
+
+
+@pytest.fixture(scope="module")
+def heldout():
+    return mnist_data.split("heldout")
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    return mnist_metrics.load_classifier()
+
+
+def test_data_is_pinned_and_split():
+    images, labels = mnist_data.split("train")
+    held_images, held_labels = mnist_data.split("heldout")
+    assert images.shape == (9000, 28, 28) and held_images.shape == (1000, 28, 28)
+    assert torch.equal(held_labels.bincount(), torch.full((10,), 100))
+    assert 0 <= images.min() and images.max() <= 1
+    assert mnist_data._sha256(mnist_data.tarball(download=False)) == mnist_data.TARBALL_SHA256
+    # no held-out digit is also a training digit
+    flat = images.flatten(1)
+    assert torch.cdist(held_images.flatten(1)[:200], flat).min() > 0
+    with pytest.raises(ValueError, match="part must be"):
+        mnist_data.split("test")
+
+
+def test_tampered_tarball_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("EPD_MNIST_CACHE", str(tmp_path))
+    (tmp_path / mnist_data.TARBALL).write_bytes(b"not the package")
+    with pytest.raises(ValueError, match="sha256"):
+        mnist_data.tarball(download=False)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_weights_are_small_and_record_their_training(kind):
+    path = mm.weights_path(kind)
+    assert path.stat().st_size <= 10 * 1024 * 1024
+    meta = mm.read_metadata(path)
+    assert meta["format"] == mm.FORMAT and meta["kind"] == kind
+    assert meta["command"] == f"python -m scripts.train_mnist --kind {kind}"
+    assert meta["data_sha256"] == mnist_data.TARBALL_SHA256 and "mnist@1.1.0" in meta["dataset"]
+    for key in ("seed", "iterations", "batch", "lr", "ema_decay", "label_dropout", "wall_time_s", "versions"):
+        assert meta[key], key
+    curve = json.loads(meta["loss_curve"])
+    assert len(curve) >= 10 and curve[-1] < 0.5 * curve[0]
+    assert float(meta["eval_loss_final_ema_fp16"]) < 0.5 * float(meta["eval_loss_start"])
+    assert json.loads(meta["sampling"]) == json.loads(mm.sampling_json(kind))
+    with safe_open(str(path), "pt") as fh:
+        assert all(fh.get_slice(k).get_dtype() == "F16" for k in fh.keys())
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_loads_into_a_genuine_comfyui_model(kind):
+    (model,) = mn.EPDMnistModel.execute(kind).result
+    assert isinstance(model, comfy.model_patcher.ModelPatcher)
+    base = model.model
+    assert isinstance(base, comfy.model_base.BaseModel) and type(base.diffusion_model) is UNetModel
+    ms = model.get_model_object("model_sampling")
+    if kind == "eps":
+        assert base.model_type == comfy.model_base.ModelType.EPS
+        assert isinstance(ms, comfy.model_sampling.ModelSamplingDiscrete) and isinstance(ms, comfy.model_sampling.EPS)
+        sd15 = ((1 - sd15_alphas_cumprod()) / sd15_alphas_cumprod()).sqrt()
+        assert torch.allclose(ms.sigmas.double(), sd15, rtol=1e-5)
+    else:
+        assert base.model_type == comfy.model_base.ModelType.FLOW
+        assert isinstance(ms, comfy.model_sampling.ModelSamplingDiscreteFlow)
+        assert isinstance(ms, comfy.model_sampling.CONST) and ms.shift == 3.0 and ms.multiplier == 1000
+        t = torch.arange(1, 1001) / 1000
+        assert torch.allclose(ms.sigmas, 3 * t / (1 + 2 * t), atol=1e-6)
+    state = base.diffusion_model.state_dict()
+    for key, tensor in load_file(str(mm.weights_path(kind))).items():
+        assert state[key].dtype == torch.float32 and torch.equal(state[key], tensor.float()), key
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_prediction_is_the_training_parametrisation(kind):
+    """ComfyUI's denoised output is the training script's parametrisation, and the loss it trained is the same
+    network call: eps: D = x - sigma * unet(x / sqrt(1 + sigma^2), t); flow: D = x - sigma * unet(x, 1000 sigma)."""
+    from scripts import train_mnist
+
+    base = mm.mnist_model(kind)
+    ms = base.model_sampling
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.rand(4, *mm.LATENT_SHAPE, generator=g) * 2 - 1
+    eps = torch.randn(4, *mm.LATENT_SHAPE, generator=g)
+    y = mm.class_token([3, 7, None, 0])[:, 0]
+    u = torch.tensor([0.0, 0.25, 0.6, 1.0])
+    if kind == "eps":
+        t = u * 999
+        sigma = ms.sigma(t)
+        x = x0 + sigma.reshape(-1, 1, 1, 1) * eps
+        net_in, target = x / (1 + sigma.reshape(-1, 1, 1, 1) ** 2).sqrt(), eps
+    else:
+        sigma = ms.sigma(u * 1000)
+        t = sigma * 1000
+        x = (1 - sigma.reshape(-1, 1, 1, 1)) * x0 + sigma.reshape(-1, 1, 1, 1) * eps
+        net_in, target = x, eps - x0
+    with torch.no_grad():
+        pred = base.diffusion_model(net_in, t, y=y, transformer_options={})
+        loss = train_mnist.diffusion_loss(kind, base.diffusion_model, ms, x0, y, u, eps)
+        if kind == "flow":  # ComfyUI's timestep for these sigmas is the training one (continuous)
+            denoised = base.apply_model(x, sigma, y=y)
+            assert torch.allclose(denoised, x - sigma.reshape(-1, 1, 1, 1) * pred, rtol=1e-4, atol=1e-4)
+        else:  # ComfyUI rounds sigma to the schedule's integer timestep; compare at integer t
+            ti = torch.tensor([0.0, 250.0, 600.0, 999.0])
+            si = ms.sigma(ti)
+            xi = x0 + si.reshape(-1, 1, 1, 1) * eps
+            pi = base.diffusion_model(xi / (1 + si.reshape(-1, 1, 1, 1) ** 2).sqrt(), ti, y=y, transformer_options={})
+            assert torch.allclose(base.apply_model(xi, si, y=y), xi - si.reshape(-1, 1, 1, 1) * pi, atol=1e-4)
+    assert torch.allclose(loss, torch.nn.functional.mse_loss(pred, target), rtol=1e-5)
+    # the class changes the prediction (the conditioning is read)
+    with torch.no_grad():
+        other = base.diffusion_model(net_in, t, y=mm.class_token([5, 1, 8, 9])[:, 0], transformer_options={})
+    assert (other - pred).abs().mean() > 1e-3
+    with pytest.raises(ValueError, match="112x112 EmptyLatentImage"):
+        base.apply_model(torch.zeros(1, 4, 8, 8), sigma[:1], y=y[:1])
+
+
+def _sample(model, digit: int | None, count: int, seed: int, cfg: float = 3.0, sampler: str = "dpmpp_2m"):
+    positive, negative = mn.EPDMnistClass.execute("none" if digit is None else str(digit)).result
+    (latent,) = nodes.EmptyLatentImage().generate(112, 112, count)
+    (out,) = nodes.KSampler().sample(model, seed, 20, cfg, sampler, "normal", positive, negative, latent, denoise=1.0)
+    return out
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ksampler_with_cfg_draws_the_prompted_digit(kind, heldout, classifier):
+    """ComfyUI's KSampler (dpmpp_2m, 20 steps, cfg 3) per class through the pack's nodes: the classifier reads the
+    prompted digit (flow: in at least 90% of the samples, eps: 80%), and their digits FID against the held-out
+    digits is far below that of uniform noise."""
+    (model,) = mn.EPDMnistModel.execute(kind).result
+    images, labels = [], []
+    for digit in range(10):
+        out = _sample(model, digit, SAMPLES_PER_CLASS, seed=digit)
+        (decoded,) = mn.EPDMnistDecode.execute(out, 1).result
+        assert decoded.shape == (SAMPLES_PER_CLASS, 28, 28, 3)
+        images.append(decoded[..., 0])
+        labels.append(torch.full((SAMPLES_PER_CLASS,), digit))
+    images, labels = torch.cat(images), torch.cat(labels)
+    assert torch.isfinite(images).all()
+    accuracy = mnist_metrics.class_accuracy(images, labels, classifier)
+    held_images, _ = heldout
+    fid = mnist_metrics.digits_fid(images, held_images, classifier)
+    noise = torch.rand(len(images), 28, 28, generator=torch.Generator().manual_seed(0))
+    fid_noise = mnist_metrics.digits_fid(noise, held_images, classifier)
+    # the same number of real training digits: the floor that the sample count allows
+    train_images, _ = mnist_data.split("train")
+    fid_real = mnist_metrics.digits_fid(train_images[:: len(train_images) // len(images)][: len(images)], held_images)
+    print(f"{kind}: accuracy {accuracy:.3f}, digits FID {fid:.2f} (real {fid_real:.2f}, noise {fid_noise:.2f})")
+    min_accuracy, max_fid_share = FLOORS[kind]
+    assert accuracy >= min_accuracy
+    assert fid < max_fid_share * fid_noise
+
+
+def test_nodes_module_declares_the_three_nodes():
+    """One module with a NODES list, as the entry point collects them; schemas ComfyUI can turn into node info."""
+    ids = {cls.GET_SCHEMA().node_id: cls for cls in mn.NODES}
+    assert set(ids) == {"EPDMnistModel", "EPDMnistClass", "EPDMnistDecode"}
+    assert ids["EPDMnistModel"].RETURN_TYPES == ["MODEL"]
+    assert ids["EPDMnistClass"].RETURN_TYPES == ["CONDITIONING", "CONDITIONING"]
+    assert ids["EPDMnistDecode"].RETURN_TYPES == ["IMAGE"]
+    assert ids["EPDMnistModel"].INPUT_TYPES()["required"]["which"][1]["options"] == ["eps", "flow"]
+
+
+def test_class_node_and_decode_node():
+    positive, negative = mn.EPDMnistClass.execute("7").result
+    assert torch.equal(positive[0][0], mm.class_token([7])) and positive[0][0].shape == (1, 1, 10)
+    assert torch.equal(negative[0][0], torch.zeros(1, 1, 10))
+    none, _ = mn.EPDMnistClass.execute("none").result
+    assert torch.equal(none[0][0], torch.zeros(1, 1, 10))
+    with pytest.raises(ValueError, match="digit must be"):
+        mn.EPDMnistClass.execute("12")
+    images, _ = mnist_data.split("heldout")
+    latent = mm.images_to_latent(images[:3])
+    assert latent.shape == (3, *mm.LATENT_SHAPE)
+    (decoded,) = mn.EPDMnistDecode.execute({"samples": latent}, 4).result
+    assert decoded.shape == (3, 112, 112, 3)
+    assert torch.allclose(decoded[:, ::4, ::4, 0], images[:3], atol=1e-6)
+    with pytest.raises(ValueError, match="MNIST latents"):
+        mn.EPDMnistDecode.execute({"samples": torch.zeros(1, 4, 8, 8)}, 1)
+
+
+def test_a_text_prompt_is_refused_with_a_clear_error():
+    (model,) = mn.EPDMnistModel.execute("flow").result
+    positive = [[torch.zeros(1, 77, 768), {}]]
+    (latent,) = nodes.EmptyLatentImage().generate(112, 112, 1)
+    with pytest.raises(ValueError, match="class token"):
+        nodes.KSampler().sample(model, 0, 2, 3.0, "euler", "normal", positive, positive, latent, denoise=1.0)
+
+
+def _bad(tmp_path: Path, name: str, state: dict, meta: dict) -> Path:
+    path = tmp_path / name
+    save_file(state, str(path), metadata=meta)
+    return path
+
+
+def test_bad_weight_files_are_refused(tmp_path):
+    good = mm.weights_path("eps")
+    meta = mm.read_metadata(good)
+    state = load_file(str(good))
+    with pytest.raises(FileNotFoundError, match="train them"):
+        mm.mnist_model("eps", tmp_path / "missing.safetensors")
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        mm.mnist_model("eps", junk)
+    with pytest.raises(ValueError, match="is the 'eps' MNIST model, not 'flow'"):
+        mm.mnist_model("flow", good)
+    cases = {
+        "format": ({**meta, "format": "something-else"}, state, "not an EPD MNIST UNet"),
+        "config": ({**meta, "unet_config": json.dumps({"model_channels": 64})}, state, "another UNet configuration"),
+        "sampling": ({**meta, "sampling": json.dumps({"model_type": "EPS"})}, state, "another schedule"),
+        "missing": (meta, {k: v for k, v in state.items() if k != "out.2.weight"}, "missing"),
+        "extra": (meta, {**state, "extra.weight": torch.zeros(1)}, "unexpected"),
+        "shape": (meta, {**state, "out.2.bias": torch.zeros(5, dtype=torch.float16)}, "expected float16/float32"),
+        "dtype": (meta, {**state, "out.2.bias": state["out.2.bias"].to(torch.int16)}, "expected float16/float32"),
+        "nan": (meta, {**state, "out.2.bias": torch.full_like(state["out.2.bias"], float("nan"))}, "non-finite"),
+    }
+    for name, (bad_meta, bad_state, message) in cases.items():
+        path = _bad(tmp_path, f"{name}.safetensors", bad_state, bad_meta)
+        with pytest.raises(ValueError, match=message):
+            mm.mnist_model("eps", path)
+    with pytest.raises(ValueError, match="kind must be one of"):
+        mm.weights_path("v")
+
+
+def test_training_script_quick_mode(tmp_path):
+    """--quick trains a few iterations, writes a loadable file with its provenance, and is deterministic."""
+    from scripts import train_mnist
+
+    runs = []
+    for name in ("a", "b"):
+        with torch.random.fork_rng():
+            runs.append(train_mnist.main(["--kind", "flow", "--quick", "--out", str(tmp_path / f"{name}.safetensors")]))
+    first, again = runs
+    assert first["iterations"] == "20" and "--quick" in first["command"] and first["kind"] == "flow"
+    assert float(first["final_loss"]) < float(first["first_loss"])
+    assert again["losses"] == first["losses"]
+    a = mm.mnist_model("flow", tmp_path / "a.safetensors").diffusion_model.state_dict()
+    b = mm.mnist_model("flow", tmp_path / "b.safetensors").diffusion_model.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(tmp_path.glob(".*.tmp"))
+    with pytest.raises(SystemExit):
+        train_mnist.main(["--kind", "eps", "--quick"])
+
+
+def test_classifier_and_metrics(heldout, classifier):
+    meta = safe_open(str(mnist_metrics.CLASSIFIER), "pt").metadata()
+    assert meta["command"] == "python -m scripts.train_mnist --kind classifier"
+    images, labels = heldout
+    accuracy = mnist_metrics.class_accuracy(images, labels, classifier)
+    assert accuracy >= 0.97 and f"{accuracy:.4f}" == meta["heldout_accuracy"]
+    feats = mnist_metrics.features(images, classifier)
+    assert feats.shape == (1000, mnist_metrics.FEATURES) and feats.dtype == torch.float64
+    assert abs(mnist_metrics.frechet_distance(feats, feats)) < 1e-6
+    # exact moments: the 8 sign patterns of 3 dimensions have mean 0 and sample covariance 8/7 I; an affine map
+    # diag(s) x + mu of them is at distance |mu|^2 + 8/7 sum (1 - s)^2
+    a = torch.tensor([[(i >> j & 1) * 2.0 - 1.0 for j in range(3)] for i in range(8)], dtype=torch.float64)
+    s, mu = torch.tensor([2.0, 1.0, 0.5], dtype=torch.float64), torch.tensor([1.0, 0.0, -2.0], dtype=torch.float64)
+    expected = 5.0 + 8 / 7 * (1.0 + 0.0 + 0.25)
+    assert abs(mnist_metrics.frechet_distance(a, a * s + mu) - expected) < 1e-9
+    with pytest.raises(ValueError, match="same D"):
+        mnist_metrics.frechet_distance(feats, feats[:, :5])
+    bad = mnist_metrics.CLASSIFIER.parent / "not-there.safetensors"
+    with pytest.raises(FileNotFoundError):
+        mnist_metrics.load_classifier(bad)
