@@ -285,7 +285,7 @@ def save_params(params: EPDParams, path: str | os.PathLike, *, overwrite: bool =
     }
     blob = st_save(tensors, metadata=meta)
     try:
-        _write_atomic(blob, path, overwrite)
+        write_atomic(blob, path, overwrite)
     except FileExistsError:
         raise EPDFileError(
             path, "appeared while this table was made; not replacing it (overwrite replaces it)"
@@ -295,7 +295,7 @@ def save_params(params: EPDParams, path: str | os.PathLike, *, overwrite: bool =
     return path
 
 
-def _write_atomic(blob: bytes, path: Path, overwrite: bool) -> None:
+def write_atomic(blob: bytes, path: Path, overwrite: bool) -> None:
     """``blob`` into ``path`` through a temporary file in the same folder; never a half-written file."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
