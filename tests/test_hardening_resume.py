@@ -2,13 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,9 +11,9 @@ from epd_core import EPDParams, GaussianMixture, load_params, save_params
 from epd_core.checkpoint import CheckpointMismatch
 from epd_core.config import DistillConfig, RDPOConfig
 from epd_core.distill import distill
-from epd_core.params import TABLE_NAMES
 from epd_core.rdpo import rdpo
 from epd_dev import ROOT
+from epd_dev.tables import assert_tables_close
 
 pytestmark = pytest.mark.core
 
@@ -91,11 +85,6 @@ def test_an_interrupt_lands_inside_the_rollouts():
     assert late < 0.5, late
 
 
-def _tables_equal(a: EPDParams, b: EPDParams) -> None:
-    for name in TABLE_NAMES:
-        torch.testing.assert_close(getattr(a, name), getattr(b, name), rtol=0, atol=1e-6)
-
-
 def test_resume_in_process_equals_an_uninterrupted_run_and_refuses_other_runs(tmp_path):
     gm = GaussianMixture.reference()
     start = EPDParams.start(4, 2, schedule_type="discrete", schedule_rho=1.0, backend="ldm", scale_time=0.1)
@@ -114,7 +103,7 @@ def test_resume_in_process_equals_an_uninterrupted_run_and_refuses_other_runs(tm
     got = distill(gm.denoise_ve, start, gm.shape, checkpoint=ck, checkpoint_every=3,
                   progress=lambda i, n, loss: seen.append(i), **kw)  # fmt: skip
     assert seen[0] == 6 and seen[1:] == [7, 8, 9]  # resumed from the checkpoint after iteration 6
-    _tables_equal(got, ref)
+    assert_tables_close(got, ref)
     assert torch.equal(got.t_steps, ref.t_steps)
     assert got.metadata["distilled"] == ref.metadata["distilled"]
     with pytest.raises(CheckpointMismatch, match="another run"):
@@ -125,50 +114,6 @@ def test_resume_in_process_equals_an_uninterrupted_run_and_refuses_other_runs(tm
     ck.write_bytes(b"\x80\x04garbage")
     with pytest.raises(CheckpointMismatch, match="unreadable"):
         distill(gm.denoise_ve, start, gm.shape, checkpoint=ck, **kw)
-
-
-def _iteration(ck: Path) -> int:
-    try:
-        data = ck.read_bytes()
-        n = int.from_bytes(data[:8], "little")
-        return int(json.loads(data[8 : 8 + n])["__metadata__"]["iteration"])
-    except (OSError, ValueError, KeyError):
-        return 0
-
-
-COMMANDS = {
-    "distill": ["distill", "--steps", "3", "--iterations", "40", "--batch", "4", "--teacher-m", "1", "--seed", "2",
-                "--learn-grid", "--scale-time", "0.1"],
-    "rdpo": ["rdpo", "TABLE", "--iterations", "24", "--groups", "2", "--k", "2", "--exact-steps", "10", "--seed", "2",
-             "--lr", "1e-3"],
-}  # fmt: skip
-
-
-@pytest.mark.parametrize("command", sorted(COMMANDS))
-def test_a_run_killed_with_sigkill_resumes_to_the_same_table(tmp_path, command):
-    args = [a.replace("TABLE", str(ROOT / "weights" / "analytic-sd15-reference-nfe5.safetensors"))
-            for a in COMMANDS[command]]  # fmt: skip
-    run = [sys.executable, "-m", "epd_core", *args]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    ref, out, ck = tmp_path / "ref.safetensors", tmp_path / "out.safetensors", tmp_path / "run.ckpt"
-    subprocess.run([*run, "--out", str(ref)], cwd=tmp_path, env=env, check=True, capture_output=True, timeout=600)
-
-    resumable = [*run, "--out", str(out), "--checkpoint", str(ck), "--checkpoint-every", "2"]
-    proc = subprocess.Popen(resumable, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    deadline = time.monotonic() + 600
-    while _iteration(ck) < 6 and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    killed_at = _iteration(ck)
-    assert proc.returncode == -signal.SIGKILL and not out.exists() and killed_at >= 6, proc.stderr.read()
-    total = int(args[args.index("--iterations") + 1])
-    assert killed_at < total
-
-    subprocess.run(resumable, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=600)
-    print(f"\n{command}: killed after checkpoint {killed_at}/{total}, resumed")
-    _tables_equal(load_params(out), load_params(ref))
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.safetensors", "ref.safetensors"]  # no checkpoint, no tmp
 
 
 def test_node_checkpoint_files_are_not_listed_as_tables(tmp_path):
