@@ -15,11 +15,11 @@ from safetensors.torch import load_file
 
 from epd_core import load_params
 from epd_core.catalogue import MIRROR_ENV
-from epd_core.params import TABLE_NAMES
 from epd_dev import ROOT
 from epd_dev.comfy_server import ComfyServer
 from epd_dev.hostile import ENTRY, HostileMirror, huge_table
 from epd_dev.shared_data import official_path
+from epd_dev.tables import assert_tables_close, checkpoint_iteration
 
 pytestmark = pytest.mark.server
 GRAPH = json.loads((ROOT / "example_workflows" / "api" / "epd_sampler_custom_advanced.json").read_text())
@@ -302,8 +302,7 @@ def test_an_interrupted_distill_resumes_to_the_same_table(server):
     assert "execution_interrupted" in _messages(entry) and ck.exists()
     _ok(server, _distill_graph("resume_run", iterations=20, batch=4))
     a, b = load_params(epd / "resume_run.safetensors"), load_params(epd / "resume_ref.safetensors")
-    for name in TABLE_NAMES:
-        assert torch.allclose(getattr(a, name), getattr(b, name), rtol=0, atol=1e-6), name
+    assert_tables_close(a, b)
     assert torch.allclose(a.t_steps, b.t_steps, rtol=0, atol=1e-9)
     assert not ck.exists()
 
@@ -351,25 +350,16 @@ def test_a_server_killed_mid_distill_resumes_to_the_same_table(tmp_path):
         code, _answer = srv.post(graph)
         assert code == 200
         deadline = time.time() + 300
-        while _checkpoint_iteration(ck) < 4 and time.time() < deadline:
+        while checkpoint_iteration(ck) < 4 and time.time() < deadline:
             time.sleep(0.02)
         os.kill(srv.proc.pid, signal.SIGKILL)
         srv.proc.wait(30)
-        killed_at = _checkpoint_iteration(ck)
+        killed_at = checkpoint_iteration(ck)
     assert 4 <= killed_at < 24 and not (epd / "killed_run.safetensors").exists()
     with ComfyServer(base) as srv:
         _ok(srv, graph)
     print(f"\nserver killed after checkpoint {killed_at}/24; the new server resumed")
     a, b = load_params(epd / "killed_run.safetensors"), load_params(epd / "killed_ref.safetensors")
-    for name in TABLE_NAMES:
-        assert torch.allclose(getattr(a, name), getattr(b, name), rtol=0, atol=1e-6), name
+    assert_tables_close(a, b)
     assert not ck.exists() and not [p for p in epd.iterdir() if p.name.startswith(".")]
 
-
-def _checkpoint_iteration(ck: Path) -> int:
-    try:
-        data = ck.read_bytes()
-        n = int.from_bytes(data[:8], "little")
-        return int(json.loads(data[8 : 8 + n])["__metadata__"]["iteration"])
-    except (OSError, ValueError, KeyError):
-        return 0

@@ -3,30 +3,19 @@ ends with the same table as an uninterrupted run, and leaves nothing behind. Rea
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 
 from epd_core import load_params
 from epd_dev import ROOT
-from epd_dev.tables import assert_tables_close
+from epd_dev.tables import assert_tables_close, checkpoint_iteration
 
 pytestmark = pytest.mark.server
-
-
-def _iteration(ck: Path) -> int:
-    try:
-        data = ck.read_bytes()
-        n = int.from_bytes(data[:8], "little")
-        return int(json.loads(data[8 : 8 + n])["__metadata__"]["iteration"])
-    except (OSError, ValueError, KeyError):
-        return 0
 
 
 COMMANDS = {
@@ -49,11 +38,11 @@ def test_a_run_killed_with_sigkill_resumes_to_the_same_table(tmp_path, command):
     resumable = [*run, "--out", str(out), "--checkpoint", str(ck), "--checkpoint-every", "2"]
     proc = subprocess.Popen(resumable, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 600
-    while _iteration(ck) < 6 and proc.poll() is None and time.monotonic() < deadline:
+    while checkpoint_iteration(ck) < 6 and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    killed_at = _iteration(ck)
+    killed_at = checkpoint_iteration(ck)
     assert proc.returncode == -signal.SIGKILL and not out.exists() and killed_at >= 6, proc.stderr.read()
     total = int(args[args.index("--iterations") + 1])
     assert killed_at < total
