@@ -16,7 +16,7 @@ from .teachers import TEACHERS
 
 __all__ = ["DistillConfig", "RDPOConfig", "OBJECTIVES", "WEIGHTINGS", "GRADIENTS", "add_arguments", "from_arguments"]
 
-OBJECTIVES = ("local", "global")
+OBJECTIVES = ("local", "global", "authors")
 WEIGHTINGS = ("uniform", "snr")
 GRADIENTS = ("autograd", "fd")
 
@@ -77,7 +77,13 @@ class DistillConfig(_Config):
     gradient: str = _opt("autograd", "autograd: backpropagate through the model; fd: finite differences", GRADIENTS)
     weighting: str = _opt("uniform", "per-step loss weights: uniform (the authors') or 1/(1+t^2) (snr)", WEIGHTINGS)
     plugin_base: str = _opt("euler", "fit the table for EPD Plugin over this base (euler = the EPD solver)", BASES)
-    objective: str = _opt("local", "local: the authors' per-step loss; global: the final state's error", OBJECTIVES)
+    objective: str = _opt(
+        "local",
+        "local: per-step loss from the student's detached state, one update per iteration; global: the final "
+        "state's error; authors: the authors' loop (an Adam step after every student step, the rollout not "
+        "detached, no gradient clipping, cosine decay to an lr floor of 0.01)",
+        OBJECTIVES,
+    )
     final_estimate: bool = _opt(False, "fit the last step extended to sigma 0 (final_step 'estimate', no call)")
 
     def __post_init__(self) -> None:
@@ -86,8 +92,9 @@ class DistillConfig(_Config):
             raise ValueError("iterations and batch must be >= 1 and teacher_m >= 0")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.objective == "global" and self.gradient != "autograd":
-            raise ValueError("objective='global' backpropagates through the trajectory: it needs gradient='autograd'")
+        if self.objective in ("global", "authors") and self.gradient != "autograd":
+            raise ValueError(f"objective={self.objective!r} backpropagates through the trajectory: it needs "
+                             "gradient='autograd'")  # fmt: skip
         if self.final_estimate and self.plugin_base != "euler":
             raise ValueError("final_estimate extends an EPD step to 0; it has no meaning for a plugin table")
 

@@ -29,6 +29,8 @@ from .teachers import subdivide, teacher_trajectory
 
 __all__ = ["distill", "student_loss"]
 
+AUTHORS_LR_FLOOR = 0.01  # the authors' cosine schedule ends at this learning rate (eta_min)
+
 
 def _grid_from_logits(ends: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
     """A decreasing grid between the fixed ``ends`` whose log-gaps are ``softmax(logits)`` of the whole span."""
@@ -104,9 +106,11 @@ def student_loss(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The student's distance to the teacher under ``config``; returns (loss, student's final state).
 
-    ``objective``: ``local`` (the authors'): the sum over steps of the mean squared distance at each grid
-    point, every step taken from the student's detached state; ``global``: only the final state's distance,
-    backpropagated through the whole student trajectory (every step's table answers for the end result).
+    ``objective``: ``local``: the sum over steps of the mean squared distance at each grid point, every step
+    taken from the student's detached state; ``global``: only the final state's distance, backpropagated
+    through the whole student trajectory (every step's table answers for the end result); ``authors``: the
+    per-step losses of the undetached rollout (the training loop then updates after every step, see
+    :func:`distill`; here their sum, for evaluation).
 
     ``gradient``: ``autograd`` backpropagates through the denoiser; ``fd`` uses finite differences.
     ``weighting``: ``uniform`` (the authors') or ``snr``: each step's error divided by ``1 + t_next^2``, i.e.
@@ -117,38 +121,87 @@ def student_loss(
     is then the teacher's denoised end point.
     """
     config = config or DistillConfig()
-    autograd, final_estimate, plugin_base = config.gradient == "autograd", config.final_estimate, config.plugin_base
-    evaluate = evaluate_points if autograd else _evaluate_points_fd
-    model = denoiser if autograd else _no_grad(denoiser)
-    local = config.objective == "local"
-    table = decode(*(raw[name] for name in TABLE_NAMES), params.scale_dir, params.scale_time, params.fcn)
-    history: list[torch.Tensor] = []
-    base_state: dict = {}
+    rollout = _Rollout(denoiser, params, raw, grid, x, config)
     total = x.new_zeros(())
-    steps = grid.shape[0] - 1
-    for i in range(steps):
+    for i in range(rollout.steps):
+        loss = rollout.step(i, targets, feature_loss)
+        if config.objective != "global" or i == rollout.steps - 1:
+            total = total + loss
+    return total, rollout.x
+
+
+def _detached(value):
+    return [h.detach() for h in value] if isinstance(value, list) else value.detach()
+
+
+class _Rollout:
+    """The student walking the grid from ``x``, one step at a time, with each step's loss against the teacher."""
+
+    def __init__(self, denoiser, params, raw, grid, x, config: DistillConfig) -> None:
+        autograd = config.gradient == "autograd"
+        self.evaluate = evaluate_points if autograd else _evaluate_points_fd
+        self.model = denoiser if autograd else _no_grad(denoiser)
+        self.params, self.raw, self.grid, self.x, self.config = params, raw, grid, x, config
+        self.local = config.objective == "local"
+        self.steps = grid.shape[0] - 1
+        self.history: list[torch.Tensor] = []
+        self.base_state: dict = {}
+
+    def table(self):
+        p = self.params
+        return decode(*(self.raw[name] for name in TABLE_NAMES), p.scale_dir, p.scale_time, p.fcn)
+
+    def step(self, i: int, targets: torch.Tensor, feature_loss=None) -> torch.Tensor:
+        """Take step ``i`` (the table decoded afresh: the authors' loop updates it between steps); its loss."""
+        config, x, grid = self.config, self.x, self.grid
         t_cur, t_next = grid[i], grid[i + 1]
-        afs = params.afs and i == 0
-        d_eff, history = epd_step(model, x, t_cur, t_next, table, i, params, history, afs, evaluate=evaluate)
-        if final_estimate and i == steps - 1:
+        afs = self.params.afs and i == 0
+        d_eff, history = epd_step(self.model, x, t_cur, t_next, self.table(), i, self.params, self.history, afs,
+                                  evaluate=self.evaluate)  # fmt: skip
+        last = i == self.steps - 1
+        if config.final_estimate and last:
             x_next = x - t_cur.to(x.dtype) * d_eff
-        elif plugin_base == "euler":
+        elif config.plugin_base == "euler":
             x_next = x + (t_next - t_cur).to(x.dtype) * d_eff
         else:
-            x_next = base_update(plugin_base, x, x - t_cur.to(x.dtype) * d_eff, t_cur, t_next, base_state)
-            if local:
-                base_state = {
-                    k: ([h.detach() for h in v] if isinstance(v, list) else v.detach()) for k, v in base_state.items()
-                }
-        if feature_loss is not None and i == steps - 1:
-            total = total + feature_loss(x_next, targets[i + 1])
-        elif local or i == steps - 1:
-            t_end = 0.0 if final_estimate and i == steps - 1 else t_next.to(x.dtype)
+            x_next = base_update(config.plugin_base, x, x - t_cur.to(x.dtype) * d_eff, t_cur, t_next, self.base_state)
+            if self.local:
+                self.base_state = {k: _detached(v) for k, v in self.base_state.items()}
+        if feature_loss is not None and last:
+            loss = feature_loss(x_next, targets[i + 1])
+        else:
+            t_end = 0.0 if config.final_estimate and last else t_next.to(x.dtype)
             w = 1.0 / (1.0 + t_end**2) if config.weighting == "snr" else 1.0
-            total = total + w * ((x_next - targets[i + 1]) ** 2).mean()
-        history = [h.detach() for h in history] if local else history
-        x = x_next.detach() if local else x_next
-    return total, x
+            loss = w * ((x_next - targets[i + 1]) ** 2).mean()
+        self.history = [h.detach() for h in history] if self.local else history
+        self.x = x_next.detach() if self.local else x_next
+        return loss
+
+
+def _update(opt: torch.optim.Optimizer, trainable: list[torch.Tensor], clip: bool) -> None:
+    """One Adam step; non-finite gradient entries are zeroed, the norm clipped to 1 unless ``clip`` is off."""
+    for p in trainable:
+        if p.grad is not None:
+            torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
+    if clip:
+        torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+    opt.step()
+
+
+def _authors_iteration(denoiser, start, raw, grid, x, targets, config, feature_loss, opt) -> torch.Tensor:
+    """The authors' training iteration: after every student step, backpropagate its loss through the rollout so
+    far (not detached) and take an Adam step, unclipped; returns the summed step losses."""
+    rollout = _Rollout(denoiser, start, raw, grid, x, config)
+    trainable = [p for group in opt.param_groups for p in group["params"]]
+    total = x.new_zeros(())
+    for i in range(rollout.steps):
+        opt.zero_grad(set_to_none=True)
+        loss = rollout.step(i, targets, feature_loss)
+        if torch.isfinite(loss):
+            loss.backward(retain_graph=i < rollout.steps - 1)
+            _update(opt, trainable, clip=False)
+        total = total + loss.detach()
+    return total
 
 
 def distill(
@@ -199,7 +252,8 @@ def distill(
     if config.learn_grid:
         trainable.append(logits)
     opt = torch.optim.Adam(trainable, lr=config.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.iterations)
+    floor = min(config.lr, AUTHORS_LR_FLOOR) if config.objective == "authors" else 0.0
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.iterations, eta_min=floor)
     gen = torch.Generator().manual_seed(config.seed)
     history: list[float] = []
     x = None
@@ -223,15 +277,14 @@ def distill(
                 end = fine[-1].expand(x.shape[0]).to(x.dtype)
                 targets = torch.cat([targets[:-1], denoiser(targets[-1], end).unsqueeze(0)])
         with torch.enable_grad():
-            loss, _ = student_loss(denoiser, start, raw, grid_now, x, targets, config, feature_loss)
-            opt.zero_grad(set_to_none=True)
-            if torch.isfinite(loss):
-                loss.backward()
-                for p in trainable:
-                    if p.grad is not None:
-                        torch.nan_to_num_(p.grad, nan=0.0, posinf=0.0, neginf=0.0)
-                torch.nn.utils.clip_grad_norm_(trainable, 1.0)
-                opt.step()
+            if config.objective == "authors":
+                loss = _authors_iteration(denoiser, start, raw, grid_now, x, targets, config, feature_loss, opt)
+            else:
+                loss, _ = student_loss(denoiser, start, raw, grid_now, x, targets, config, feature_loss)
+                opt.zero_grad(set_to_none=True)
+                if torch.isfinite(loss):
+                    loss.backward()
+                    _update(opt, trainable, clip=True)
         sched.step()
         history.append(float(loss.detach()))
         if progress is not None:

@@ -7,6 +7,7 @@ from contextlib import redirect_stdout
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from epd_core import EPDParams, GaussianMixture, load_params, make_schedule, sample
 from epd_core.__main__ import main as cli_main
@@ -74,6 +75,38 @@ def test_global_objective_backpropagates_through_the_trajectory():
     assert err(p) < 0.8 * err(start)
     with pytest.raises(ValueError, match="objective"):
         DistillConfig(iterations=1, objective="global", gradient="fd")
+
+
+def test_authors_objective_updates_after_every_step_through_the_undetached_rollout():
+    """``objective="authors"``: one unclipped Adam step per student step (so an iteration of a 3-step table moves
+    the table three times), each step's loss backpropagated through the rollout so far (the first step's row
+    gets gradient from the later steps' losses); it learns, and its learning rate decays to the 0.01 floor."""
+    start = _start(scale_time=0.05, scale_dir=0.05)
+    grid = make_schedule(start)
+    x = torch.randn(4, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(1)) * grid[0]
+    targets = teacher_trajectory(GM.denoise_ve, x, subdivide(grid, 3))[::4]
+    raw = {n: getattr(start, n).double().clone().requires_grad_(True) for n in TABLE_NAMES}
+    config = DistillConfig(objective="authors")
+    loss, end = student_loss(GM.denoise_ve, start, raw, grid, x, targets, config)
+    local, _ = student_loss(GM.denoise_ve, start, raw, grid, x, targets, DistillConfig())
+    assert torch.allclose(loss.detach(), local.detach())  # same forward pass: only the gradients differ
+    end_loss = ((end - targets[-1]) ** 2).mean()
+    end_loss.backward()
+    assert float(raw["r_params"].grad[0].abs().sum()) > 0  # undetached: the last loss reaches the first step
+    steps = []
+    hook = register_optimizer_step_post_hook(lambda opt, *_: steps.append(opt))
+    try:
+        distill(GM.denoise_ve, start, GM.shape, DistillConfig(iterations=2, batch=4, objective="authors"))
+        authors_steps = len(steps)
+        distill(GM.denoise_ve, start, GM.shape, DistillConfig(iterations=2, batch=4))
+    finally:
+        hook.remove()
+    assert (authors_steps, len(steps) - authors_steps) == (2 * 3, 2)
+    p = distill(GM.denoise_ve, start, GM.shape, DistillConfig(iterations=60, batch=32, teacher_m=4, lr=0.05,
+                                                             objective="authors"))  # fmt: skip
+    d = p.metadata["distilled"]
+    assert d["objective"] == "authors" and d["final_loss"] < 0.5 * d["first_loss"]
+    assert _error(p) < 0.8 * _error(start)
 
 
 def test_deterministic_for_a_seed():
