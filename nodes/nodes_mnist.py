@@ -7,7 +7,7 @@ from comfy_api.latest import io
 
 from .mnist_model import KINDS, class_token, latent_to_images, mnist_model_patcher, weights_path
 
-CLASSES = [str(d) for d in range(10)] + ["none"]
+CLASSES = [str(d) for d in range(10)] + ["none", "all"]
 
 
 class EPDMnistModel(io.ComfyNode):
@@ -38,11 +38,14 @@ class EPDMnistClass(io.ComfyNode):
             node_id="EPDMnistClass",
             display_name="EPD MNIST Class",
             category="conditioning",
-            description="The conditioning of an EPD MNIST model: a digit 0-9, or none (the unconditional branch; "
-            "use it as negative for classifier-free guidance).",
-            inputs=[io.Combo.Input("digit", options=CLASSES, default="7", tooltip="The digit to draw, or none.")],
+            description="The conditioning of an EPD MNIST model: a digit 0-9, none (the unconditional branch; "
+            "use it as negative for classifier-free guidance), or all: the ten digits as a batch of ten prompts "
+            "(sampling a batch of n draws digit i mod 10 for sample i; EPD Distill trains on all ten).",
+            inputs=[
+                io.Combo.Input("digit", options=CLASSES, default="7", tooltip="The digit to draw, none, or all ten.")
+            ],
             outputs=[
-                io.Conditioning.Output(display_name="conditioning", tooltip="The class token [1, 1, 10]."),
+                io.Conditioning.Output(display_name="conditioning", tooltip="Class tokens [B, 1, 10]."),
                 io.Conditioning.Output(display_name="no_class", tooltip="The 'none' class, for the negative."),
             ],
         )
@@ -51,8 +54,8 @@ class EPDMnistClass(io.ComfyNode):
     def execute(cls, digit: str) -> io.NodeOutput:
         if digit not in CLASSES:
             raise ValueError(f"digit must be one of {CLASSES}, not {digit!r}")
-        label = None if digit == "none" else int(digit)
-        return io.NodeOutput([[class_token([label]), {}]], [[class_token([None]), {}]])
+        labels = list(range(10)) if digit == "all" else [None if digit == "none" else int(digit)]
+        return io.NodeOutput([[class_token(labels), {}]], [[class_token([None]), {}]])
 
 
 class EPDMnistDecode(io.ComfyNode):

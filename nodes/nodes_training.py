@@ -5,12 +5,14 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..epd_core.config import DistillConfig, RDPOConfig
+from ..epd_core.params import time_points_for_nfe
 from .inputs import EPDParamsType, advanced, config_input, epd_params_input, output_inputs, seed_input
 from .nodes_tables import describe
 from .rewards import clip_score_reward
 from .training import distill_on_model, output_path, rdpo_on_model, resume_options, save_output, start_table
 
 REWARDS = ["fidelity", "clip_score"]
+DEFAULT_NFE = 10
 RDPO_TEACHER_M = 4  # teacher points per step of the fidelity reward's reference
 
 
@@ -42,7 +44,13 @@ class EPDDistill(io.ComfyNode):
                 *_training_inputs(),
                 _cfg_input(),
                 io.Int.Input(
-                    "steps", default=6, min=2, max=64, tooltip="Time points of the table (steps + 1); 2 NFE per step."
+                    "nfe",
+                    default=DEFAULT_NFE,
+                    min=2,
+                    max=64,
+                    tooltip="Model rounds per image the table will take (what KSampler's steps are for one-call "
+                    "samplers): each EPD step costs 2 (its K points are one batched call); an odd NFE starts with "
+                    "the analytic first step, which costs none.",
                 ),
                 io.Int.Input("points", default=2, min=1, max=8, tooltip="Parallel intermediate points per step (K)."),
                 config_input(d, "teacher"),
@@ -52,13 +60,8 @@ class EPDDistill(io.ComfyNode):
                 advanced(config_input(d, "lr", "learning_rate", min=1e-5, max=1.0, step=0.001)),
                 seed_input(d.help("seed").capitalize() + ".", d.default("seed")),
                 advanced(config_input(d, "learn_grid")),
-                io.Boolean.Input(
-                    "afs", default=False, tooltip="Analytic first step: skips the first model call (NFE one less)."
-                ),
                 *output_inputs("my_epd_table"),
-                epd_params_input(
-                    "start_params", "Start from this table instead of the default start.", optional=True
-                ),
+                epd_params_input("start_params", "Start from this table instead of the default start.", optional=True),
                 advanced(config_input(d, "final_estimate", optional=True)),
             ],
             outputs=[EPDParamsType.Output(display_name="epd_params"), io.String.Output(display_name="info")],
@@ -66,14 +69,15 @@ class EPDDistill(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls, model, positive, negative, latent_image, cfg, steps, points, teacher, teacher_steps, iterations, batch,
-        learning_rate, seed, learn_grid, afs, filename, overwrite, start_params=None, final_estimate=False,
+        cls, model, positive, negative, latent_image, cfg, nfe, points, teacher, teacher_steps, iterations, batch,
+        learning_rate, seed, learn_grid, filename, overwrite, start_params=None, final_estimate=False,
     ) -> io.NodeOutput:  # fmt: skip
         config = DistillConfig(
             iterations=iterations, batch=batch, teacher=teacher, teacher_m=teacher_steps, lr=learning_rate,
             seed=seed, learn_grid=learn_grid, final_estimate=final_estimate, gradient="fd",
         )  # fmt: skip
         path = output_path(filename, overwrite)
+        steps, afs = time_points_for_nfe(nfe)
         start = start_params or start_table(model.get_model_object("model_sampling"), steps, points, afs)
         params = distill_on_model(model, positive, negative, cfg, latent_image["samples"], start, config,
                                   metadata={"tool": "EPD Distill node", "cfg": cfg},

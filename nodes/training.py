@@ -12,6 +12,7 @@ each reward call.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from collections.abc import Callable
@@ -121,6 +122,10 @@ def distill_on_model(
     """Run :func:`epd_core.distill.distill` on a ComfyUI ``MODEL`` with CFG guidance (``resume``: its
     ``checkpoint`` and ``checkpoint_every``, see :func:`resume_options`)."""
 
+    prompts = conditioning_batch(positive, negative)
+    config = per_prompt_batch(config, prompts)
+    metadata = {**(metadata or {}), "prompts": prompts}
+
     def fit(s: Session) -> EPDParams:
         return _resuming(distill, s.denoiser, start, s.shape, config, grid=s.grid, dtype=torch.float32,
                          device=s.device, progress=s.progress, metadata=metadata, **resume)  # fmt: skip
@@ -178,6 +183,19 @@ def in_sampling(reward: Reward, session: Session) -> Reward:
 
     scored.__name__ = getattr(reward, "__name__", "custom")
     return scored
+
+
+def conditioning_batch(*conditionings) -> int:
+    """How many prompts a CONDITIONING batch carries (the largest batch of its tensors; 1 for none)."""
+    sizes = [c[0].shape[0] for cond in conditionings for c in (cond or []) if isinstance(c[0], torch.Tensor)]
+    return max(sizes, default=1)
+
+
+def per_prompt_batch(config, prompts: int):
+    """``config`` with its batch rounded up to a multiple of ``prompts``: ComfyUI tiles a conditioning batch over
+    the noises by index, so every iteration then trains on every prompt (the K points line up the same way)."""
+    batch = -(-config.batch // prompts) * prompts
+    return config if batch == config.batch else dataclasses.replace(config, batch=batch)
 
 
 def _train_on_model(model, positive, negative, cfg, latent, start, config, fit):

@@ -237,7 +237,7 @@ def test_preview_of_a_large_valid_table_is_bounded(server):
 
 
 def test_distill_stops_within_2_s_of_an_interrupt_at_the_nodes_maximum_settings(server):
-    graph = _distill_graph("interrupted_max", steps=64, points=8, teacher_steps=32, iterations=100000, batch=256,
+    graph = _distill_graph("interrupted_max", nfe=64, points=8, teacher_steps=32, iterations=100000, batch=256,
                            learn_grid=False, afs=False, teacher="dpm2")  # fmt: skip
     seconds, entry = _seconds_to_stop(server, graph, after=3.0)
     print(f"\nEPD Distill at the maximum settings: stopped {seconds:.2f} s after /interrupt (before: 97 s)")
@@ -362,4 +362,3 @@ def test_a_server_killed_mid_distill_resumes_to_the_same_table(tmp_path):
     a, b = load_params(epd / "killed_run.safetensors"), load_params(epd / "killed_ref.safetensors")
     assert_tables_close(a, b)
     assert not ck.exists() and not [p for p in epd.iterdir() if p.name.startswith(".")]
-
