@@ -61,7 +61,7 @@ def test_loader_downloads_a_listed_table_when_the_graph_runs(loader_env, mirror,
     options = _options(loader)
     assert {f"[download] {e.name}" for e in ENTRIES if e.comfyui} <= set(options)
     assert not any(o.startswith("[download] iccv-") for o in options)
-    assert "analytic-sd15-start-nfe10.safetensors" in options
+    assert "demo/analytic-sd15-start-nfe10.safetensors" in options
     assert mirror.requests == [] and not epd_dir.exists()  # listing never downloads
 
     graph = _graph(choice)

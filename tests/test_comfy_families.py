@@ -139,7 +139,7 @@ def test_a_builtin_scheduler_grid_on_epd_sampler_is_an_error_naming_epd_schedule
     from comfy_extras.nodes_custom_sampler import BasicScheduler, SamplerCustom
 
     model, cond = _analytic()
-    params = epd_core.load_params(H.ROOT / "weights" / "analytic-sd15-reference-nfe5.safetensors")
+    params = epd_core.load_params(H.ROOT / "weights" / "demo" / "analytic-sd15-reference-nfe5.safetensors")
     assert params.num_steps == 4
     (sigmas,) = BasicScheduler.execute(model, "normal", steps, 1.0).result
     (sampler,) = N["EPDSampler"].execute(params, "auto", True, "comfyui").result
@@ -152,7 +152,7 @@ def test_the_tables_own_grid_and_its_denoise_cut_still_run():
     from comfy_extras.nodes_custom_sampler import SamplerCustom
 
     model, cond = _analytic()
-    params = epd_core.load_params(H.ROOT / "weights" / "analytic-sd15-reference-nfe5.safetensors")
+    params = epd_core.load_params(H.ROOT / "weights" / "demo" / "analytic-sd15-reference-nfe5.safetensors")
     (sampler,) = N["EPDSampler"].execute(params, "auto", True, "comfyui").result
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     for denoise, final in ((1.0, False), (1.0, True), (0.67, False), (0.67, True)):
@@ -169,7 +169,7 @@ def test_a_builtin_scheduler_grid_under_epd_plugin_is_an_error_naming_epd_schedu
     from comfy_extras.nodes_custom_sampler import BasicScheduler, SamplerCustom
 
     model, cond = _analytic()
-    params = epd_core.load_params(H.ROOT / "weights" / "analytic-sd15-reference-nfe10-plugin-dpmpp_2m.safetensors")
+    params = epd_core.load_params(H.ROOT / "weights" / "demo" / "analytic-sd15-reference-nfe10-plugin-dpmpp_2m.safetensors")
     (sampler, _) = N["EPDPlugin"].execute(comfy.samplers.sampler_object("dpmpp_2m"), params, "auto").result
     (sigmas,) = BasicScheduler.execute(model, "karras", params.num_steps - 1, 1.0).result
     with pytest.raises(ValueError, match="EPD Scheduler"):

@@ -41,7 +41,7 @@ def test_nodes_registered(server):
         assert info[node]["description"]
     spec = info["EPDParamsLoader"]["input"]["required"]["table_name"]
     tables = spec[1]["options"] if spec[0] == "COMBO" else spec[0]
-    assert "analytic-sd15-start-nfe10.safetensors" in tables
+    assert "demo/analytic-sd15-start-nfe10.safetensors" in tables
     assert "[download] tpami-sd15-best" in tables  # the catalogue's ComfyUI tables, fetched when a graph runs
 
 

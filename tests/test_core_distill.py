@@ -151,12 +151,12 @@ def test_bundled_tables_record_the_command_that_regenerates_them():
     from epd_dev import ROOT as root
     from scripts import make_weights
 
-    assert set(make_weights.DISTILLED) == {p.name for p in (root / "weights").glob("analytic-*.safetensors")} - {
+    assert set(make_weights.DISTILLED) == {p.name for p in (root / "weights" / "demo").glob("analytic-*.safetensors")} - {
         make_weights.START
     }
     for name, args in make_weights.DISTILLED.items():
-        command = load_params(root / "weights" / name).metadata["command"]
-        assert command == f"python -m epd_core distill {args} --out weights/{name}", name
+        command = load_params(root / "weights" / "demo" / name).metadata["command"]
+        assert command == f"python -m epd_core distill {args} --out weights/demo/{name}", name
 
 
 @pytest.mark.parametrize("gradient", ["autograd", "fd"])

@@ -306,3 +306,17 @@ def test_classifier_and_metrics(heldout, classifier):
     bad = mnist_metrics.CLASSIFIER.parent / "not-there.safetensors"
     with pytest.raises(FileNotFoundError):
         mnist_metrics.load_classifier(bad)
+
+
+def test_all_digits_class_conditions_sample_i_on_digit_i():
+    """'0-9' is a batch of the ten class tokens: in a batch of 10, sample i is what digit i gives on its noise."""
+    (model,) = mn.EPDMnistModel.execute("eps").result
+    all_pos, neg = mn.EPDMnistClass.execute("0-9").result
+    assert torch.equal(all_pos[0][0], mm.class_token(list(range(10))))
+    (latent,) = nodes.EmptyLatentImage().generate(112, 112, 10)
+    (everything,) = nodes.KSampler().sample(model, 5, 3, 3.0, "euler", "normal", all_pos, neg, latent)
+    for digit in (2, 7):
+        pos, _ = mn.EPDMnistClass.execute(str(digit)).result
+        (one,) = nodes.KSampler().sample(model, 5, 3, 3.0, "euler", "normal", pos, neg, latent)
+        assert torch.allclose(everything["samples"][digit], one["samples"][digit], atol=1e-5)
+        assert not torch.allclose(everything["samples"][digit + 1], one["samples"][digit + 1], atol=1e-2)
