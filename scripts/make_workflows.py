@@ -241,10 +241,19 @@ SEED_NAMES = ("seed", "noise_seed")  # the frontend adds "control after generate
 TITLE_H, SLOT_H, WIDGET_H, GAP_X, GAP_Y = 30, 22, 28, 70, 50
 NOTE_SIZE = (520, 190)
 PREVIEW_SIZE = (760, 560)
+MAX_COLUMN_H = 1100
 
 
-def api_graph(name: str) -> dict:
-    return {nid: {"class_type": cls, "inputs": dict(inputs)} for nid, (cls, inputs) in WORKFLOWS[name].items()}
+def api_graph(name: str, object_info: dict) -> dict:
+    """The API-format graph; widget inputs the definition leaves out get their defaults, as in the UI file."""
+    graph = {}
+    for nid, (cls, inputs) in WORKFLOWS[name].items():
+        full = dict(inputs)
+        for key, kind, opts in _inputs(object_info[cls]):
+            if kind in WIDGET_TYPES and key not in full and "default" in opts:
+                full[key] = opts["default"]
+        graph[nid] = {"class_type": cls, "inputs": full}
+    return graph
 
 
 def _inputs(info: dict) -> list[tuple[str, str, dict]]:
@@ -326,11 +335,14 @@ def ui_graph(name: str, object_info: dict) -> dict:
     x = 40
     for col in sorted(set(depth.values())):
         members = [n for n in nodes if depth[str(n["id"])] == col]
-        y = top + TITLE_H
+        y, width = top + TITLE_H, 0
         for n in members:
+            if y > top + TITLE_H and y + n["size"][1] > top + MAX_COLUMN_H:  # a long column wraps into another
+                x, y, width = x + width + GAP_X, top + TITLE_H, 0
             n["pos"] = [x, y]
             y += n["size"][1] + TITLE_H + GAP_Y
-        x += max(n["size"][0] for n in members) + GAP_X
+            width = max(width, n["size"][0])
+        x += width + GAP_X
     note_id = max(int(n) for n in graph) + 1
     nodes.append({
         "id": note_id, "type": "Note", "pos": [40, 40 + TITLE_H], "size": list(NOTE_SIZE), "flags": {},
@@ -370,7 +382,7 @@ def main() -> int:
     for example in EXAMPLES:
         name = example["id"]
         ui_path(name).write_text(json.dumps(ui_graph(name, info), indent=1) + "\n")
-        (API / f"{name}.json").write_text(json.dumps(api_graph(name), indent=1) + "\n")
+        (API / f"{name}.json").write_text(json.dumps(api_graph(name, info), indent=1) + "\n")
         print(f"wrote example_workflows/{ui_path(name).name} and api/{name}.json")
     return 0
 
