@@ -154,8 +154,8 @@ def builtin_steps(sampler: str, nfe: int) -> int | None:
 
 def epd_tables(form: str, mixture: str) -> list[Path]:
     if form == "digits_eps":
-        return sorted((ROOT / "weights").glob("digits-nfe*.safetensors"))
-    return sorted((ROOT / "weights").glob(f"analytic-{form.split('_')[0]}-{mixture}-*.safetensors"))
+        return sorted((ROOT / "weights" / "demo").glob("digits-nfe*.safetensors"))
+    return sorted((ROOT / "weights" / "demo").glob(f"analytic-{form.split('_')[0]}-{mixture}-*.safetensors"))
 
 
 def start_tables(form: str, nfes) -> list[tuple[str, EPDParams]]:

@@ -42,7 +42,7 @@ def wall_time(reps: int, nfe_table: str = "analytic-sd15-reference-nfe10.safeten
 
     nodes = comfy_harness.setup()
     model = tiny_model("eps")
-    params = load_params(ROOT / "weights" / nfe_table)
+    params = load_params(ROOT / "weights" / "demo" / nfe_table)
     ms = model.get_model_object("model_sampling")
     pos, neg = conditioning(1, 1), conditioning(1, 2)
     latent = torch.zeros(1, 4, 8, 8)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import shutil
 import subprocess
 import tempfile
@@ -59,10 +60,45 @@ async def _close_dialogs(dt: DevTools) -> None:
         await asyncio.sleep(0.3)
 
 
-async def browse(url: str, shots: Path, fmt: str = "png", workflows: list[Path] | None = None) -> dict:
-    """Open ComfyUI's frontend at ``url``, load each workflow (default: the example workflows) through
-    ``app.loadGraphData`` and save a screenshot ``shots/<stem>.<fmt>``. Returns ``registered`` (the node types the
-    page knows) and, per workflow stem, its node ``types`` and the ``missing`` ones."""
+NODE_INFO = """(() => app.graph._nodes.map(n => {
+  const b = n.getBounding ? Array.from(n.getBounding()) : [n.pos[0], n.pos[1] - LiteGraph.NODE_TITLE_HEIGHT,
+            n.size[0], n.size[1] + LiteGraph.NODE_TITLE_HEIGHT];
+  return {id: n.id, type: n.type, bounding: b, size: Array.from(n.size),
+          min_size: n.computeSize ? Array.from(n.computeSize()) : null,
+          widgets: (n.widgets || []).map(w => ({name: w.name, value: w.value})),
+          missing: !LiteGraph.registered_node_types[n.type]};
+}))()"""
+
+FIT_VIEW = """(() => { const ns = app.graph._nodes; if (!ns.length) return true;
+  const bs = ns.map(n => n.getBounding ? Array.from(n.getBounding())
+                                       : [n.pos[0], n.pos[1] - 30, n.size[0], n.size[1] + 30]);
+  const x0 = Math.min(...bs.map(b => b[0])), y0 = Math.min(...bs.map(b => b[1]));
+  const x1 = Math.max(...bs.map(b => b[0] + b[2])), y1 = Math.max(...bs.map(b => b[1] + b[3]));
+  const r = window.devicePixelRatio || 1, W = app.canvas.canvas.width / r, H = app.canvas.canvas.height / r;
+  const ds = app.canvas.ds; ds.scale = Math.min(1.0, (W - 120) / (x1 - x0), (H - 200) / (y1 - y0));
+  ds.offset = [90 / ds.scale - x0, 170 / ds.scale - y0]; app.canvas.setDirty(true, true); return true; })()"""
+
+
+async def _wait(dt: DevTools, expression: str, timeout: float, what: str):
+    deadline = time.time() + timeout
+    while True:
+        value = await dt.js(expression)
+        if value:
+            return value
+        if time.time() > deadline:
+            raise RuntimeError(f"timed out after {timeout:.0f} s waiting for {what}")
+        await asyncio.sleep(0.5)
+
+
+async def browse(url: str, shots: Path, fmt: str = "png", workflows: list[Path] | None = None,
+                 run: Path | None = None, module: str = "epd_solver") -> dict:  # fmt: skip
+    """Open ComfyUI's frontend at ``url`` and load each workflow (default: the example workflows) as the template
+    browser does: fetched from ``/api/workflow_templates/<module>/<name>.json`` and given to
+    ``app.loadGraphData``; save a screenshot ``shots/<stem>.<fmt>``. Returns ``registered`` (the node types the
+    page knows) and, per workflow stem, its ``nodes`` after loading (type, bounding box, size, the frontend's
+    minimum size, widgets by name and value, whether the type is missing). ``run``: a workflow among them to
+    queue from the page afterwards (``app.queuePrompt``); its ``run`` entry then holds the prompt's outputs as
+    the page received them, and ``<stem>-run.<fmt>`` the screenshot with the result."""
     if CHROMIUM is None:
         raise RuntimeError("Chromium is required (apt-get install chromium); scripts/setup_env.sh installs it as root")
     port = free_port()
@@ -71,7 +107,7 @@ async def browse(url: str, shots: Path, fmt: str = "png", workflows: list[Path] 
         proc = subprocess.Popen(  # noqa: S603
             [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-             f"--user-data-dir={profile}", f"--remote-debugging-port={port}", "--window-size=1400,900",
+             f"--user-data-dir={profile}", f"--remote-debugging-port={port}", "--window-size=1600,1000",
              "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
@@ -91,31 +127,48 @@ async def browse(url: str, shots: Path, fmt: str = "png", workflows: list[Path] 
                     dt = DevTools(ws)
                     await dt.call("Page.enable")
                     await dt.call("Page.navigate", url=url)
-                    deadline = time.time() + 120
-                    while not await dt.js("!!(window.app && window.app.graph && window.LiteGraph)"):
-                        if time.time() > deadline:
-                            raise RuntimeError("ComfyUI's frontend did not load")
-                        await asyncio.sleep(0.5)
+                    await _wait(dt, "!!(window.app && window.app.graph && window.LiteGraph)", 120, "the frontend")
                     await asyncio.sleep(1.0)
                     await _close_dialogs(dt)
                     results["registered"] = await dt.js("Object.keys(LiteGraph.registered_node_types)")
                     for path in WORKFLOWS if workflows is None else workflows:
-                        data = path.read_text()
-                        await dt.js(f"app.loadGraphData({data}).then(() => true)")
+                        name = json.dumps(path.stem)
+                        await dt.js(
+                            f"fetch('api/workflow_templates/{module}/' + encodeURIComponent({name}) + '.json')"
+                            ".then(r => { if (!r.ok) throw new Error('template ' + r.status); return r.json(); })"
+                            ".then(d => app.loadGraphData(d)).then(() => true)"
+                        )
                         await asyncio.sleep(0.5)
                         await _close_dialogs(dt)
-                        await dt.js("(() => { const ds = app.canvas.ds; ds.scale = 0.65; ds.offset = [40, 120];"
-                                    " app.canvas.setDirty(true, true); return true; })()")  # fmt: skip
-                        await asyncio.sleep(0.3)
-                        info = await dt.js(
-                            "({types: app.graph._nodes.map(n => n.type),"
-                            " missing: app.graph._nodes.filter(n => !LiteGraph.registered_node_types[n.type])"
-                            ".map(n => n.type)})"
-                        )
+                        await dt.js(FIT_VIEW)
+                        await asyncio.sleep(0.5)
+                        results[path.stem] = {"nodes": await dt.js(NODE_INFO)}
                         shot = await dt.call("Page.captureScreenshot", format=fmt)
                         (shots / f"{path.stem}.{fmt}").write_bytes(base64.b64decode(shot["data"]))
-                        results[path.stem] = info
+                    if run is not None:
+                        results["run"] = await _run_from_page(dt, run, shots, fmt)
         finally:
             proc.terminate()
             proc.wait(20)
     return results
+
+
+async def _run_from_page(dt: DevTools, path: Path, shots: Path, fmt: str) -> dict:
+    """Load ``path`` in the page, queue it as the Queue button does, wait until the page shows its outputs."""
+    await dt.js(f"app.loadGraphData({path.read_text()}).then(() => true)")
+    await asyncio.sleep(0.5)
+    await _close_dialogs(dt)
+    await dt.js("(() => { window.__epd_outputs = {}; app.api.addEventListener('executed', e => {"
+                " window.__epd_outputs[e.detail.node] = e.detail.output; }); return true; })()")  # fmt: skip
+    await dt.js("app.queuePrompt(0, 1).then(() => true)")
+    outputs = await _wait(dt, "Object.keys(window.__epd_outputs).length ? window.__epd_outputs : null", 300,
+                          "the queued workflow's outputs")  # fmt: skip
+    await asyncio.sleep(1.0)
+    await dt.js(FIT_VIEW)
+    await asyncio.sleep(1.0)
+    shown = await dt.js("app.graph._nodes.filter(n => n.imgs && n.imgs.length && n.imgs[0].naturalWidth > 0)"
+                        ".map(n => ({id: n.id, type: n.type, width: n.imgs[0].naturalWidth,"
+                        " height: n.imgs[0].naturalHeight}))")  # fmt: skip
+    shot = await dt.call("Page.captureScreenshot", format=fmt)
+    (shots / f"{path.stem}-run.{fmt}").write_bytes(base64.b64decode(shot["data"]))
+    return {"outputs": outputs, "shown": shown}

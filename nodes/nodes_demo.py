@@ -1,4 +1,5 @@
-"""Demo models that need no download: exact Gaussian-mixture denoisers and the pack's small digits UNet."""
+"""Demo models that need no download (exact Gaussian-mixture denoisers, the pack's small digits UNet) and the
+labelled image grid the demo workflow ends in."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from comfy_api.latest import io
 from ..epd_core.analytic import MIXTURES
 from .analytic_model import FORMS, analytic_model_patcher
 from .digits_model import digits_model_patcher
+from .image_grid import MAX_ROWS, labelled_grid
 
 
 class EPDAnalyticModel(io.ComfyNode):
@@ -73,4 +75,29 @@ class EPDDigitsModel(io.ComfyNode):
         return io.NodeOutput(digits_model_patcher(), [[torch.zeros(1, 1, 8), {}]])
 
 
-NODES = [EPDAnalyticModel, EPDDigitsModel]
+class EPDImageGrid(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EPDImageGrid",
+            display_name="EPD Image Grid",
+            category="image",
+            description="Stacks image batches into one labelled picture: each batch is a row (its images side by "
+            "side), labelled by the matching line of 'labels'. For comparing samplers on the same noises.",
+            inputs=[
+                io.String.Input("labels", multiline=True, default="row 1", tooltip="One label per line, one line "
+                                "per connected row, in the order of the inputs."),
+                *(io.Image.Input(f"row_{i}", optional=i > 1, tooltip=f"The images of row {i}.")
+                  for i in range(1, MAX_ROWS + 1)),
+            ],
+            outputs=[io.Image.Output(tooltip="One image [1, H, W, 3]: the rows, labels on the left.")],
+        )  # fmt: skip
+
+    @classmethod
+    def execute(cls, labels: str, **rows) -> io.NodeOutput:
+        batches = [rows[f"row_{i}"] for i in range(1, MAX_ROWS + 1) if rows.get(f"row_{i}") is not None]
+        lines = [line.strip() for line in labels.strip().splitlines()]
+        return io.NodeOutput(labelled_grid(batches, lines))
+
+
+NODES = [EPDAnalyticModel, EPDDigitsModel, EPDImageGrid]

@@ -7,7 +7,8 @@ from comfy_api.latest import io
 
 from .mnist_model import KINDS, class_token, latent_to_images, mnist_model_patcher, weights_path
 
-CLASSES = [str(d) for d in range(10)] + ["none", "all"]
+CLASSES = [str(d) for d in range(10)] + ["none"]
+ALL_DIGITS = "0-9"
 
 
 class EPDMnistModel(io.ComfyNode):
@@ -38,11 +39,13 @@ class EPDMnistClass(io.ComfyNode):
             node_id="EPDMnistClass",
             display_name="EPD MNIST Class",
             category="conditioning",
-            description="The conditioning of an EPD MNIST model: a digit 0-9, none (the unconditional branch; "
-            "use it as negative for classifier-free guidance), or all: the ten digits as a batch of ten prompts "
-            "(sampling a batch of n draws digit i mod 10 for sample i; EPD Distill trains on all ten).",
+            description="The conditioning of an EPD MNIST model: a digit 0-9, or none (the unconditional branch; "
+            "use it as negative for classifier-free guidance), or 0-9: a batch of the ten digits (use a latent batch "
+            "of 10, or a multiple: sample i draws digit i mod 10; EPD Distill trains on all ten).",
             inputs=[
-                io.Combo.Input("digit", options=CLASSES, default="7", tooltip="The digit to draw, none, or all ten.")
+                io.Combo.Input(
+                    "digit", options=[*CLASSES, ALL_DIGITS], default="7", tooltip="The digit to draw, none, or 0-9."
+                )
             ],
             outputs=[
                 io.Conditioning.Output(display_name="conditioning", tooltip="Class tokens [B, 1, 10]."),
@@ -52,9 +55,9 @@ class EPDMnistClass(io.ComfyNode):
 
     @classmethod
     def execute(cls, digit: str) -> io.NodeOutput:
-        if digit not in CLASSES:
-            raise ValueError(f"digit must be one of {CLASSES}, not {digit!r}")
-        labels = list(range(10)) if digit == "all" else [None if digit == "none" else int(digit)]
+        if digit not in (*CLASSES, ALL_DIGITS):
+            raise ValueError(f"digit must be one of {[*CLASSES, ALL_DIGITS]}, not {digit!r}")
+        labels = list(range(10)) if digit == ALL_DIGITS else [None if digit == "none" else int(digit)]
         return io.NodeOutput([[class_token(labels), {}]], [[class_token([None]), {}]])
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import folder_paths
 from comfy_api.latest import io
 
-from ..epd_core import EPDFileError, EPDParams, load_params
+from ..epd_core import EPDFileError, EPDParams, load_params, make_schedule
 from ..epd_core.catalogue import CatalogueEntry, load_catalogue
 from .guard import catalogue_file, user_error, user_text
 from .inputs import EPDParamsType, epd_params_input
@@ -55,26 +55,37 @@ def load_table(name: str) -> EPDParams:
     return _CACHE[key]
 
 
-def _comfyui_entries() -> list[CatalogueEntry]:
+def _all_entries() -> dict[str, CatalogueEntry]:
     try:
-        return [e for e in load_catalogue(CATALOGUE).values() if e.comfyui]
+        return load_catalogue(CATALOGUE)
     except EPDFileError as exc:
         log.warning("EPD catalogue unavailable: %s", exc)
-        return []
+        return {}
+
+
+def _comfyui_entries() -> list[CatalogueEntry]:
+    return [e for e in _all_entries().values() if e.comfyui]
+
+
+def download_choice(entry: CatalogueEntry) -> str:
+    """``[download] <model family>/<name>``: the loader's list groups published tables by the model they fit."""
+    return f"{DOWNLOAD}{entry.family}/{entry.name}"
 
 
 def table_choices() -> list[str]:
-    """Local tables, then the catalogue's ComfyUI tables not downloaded yet, as ``[download] <name>``."""
+    """Local tables (those for the pack's demo models under ``demo/``), then the catalogue's ComfyUI tables not
+    downloaded yet, as ``[download] <family>/<name>``."""
     local = folder_paths.get_filename_list(FOLDER)
-    return local + [DOWNLOAD + e.name for e in _comfyui_entries() if e.filename not in local]
+    return local + [download_choice(e) for e in _comfyui_entries() if e.filename not in local]
 
 
 def catalogue_choice(choice: str) -> CatalogueEntry | None:
-    """The catalogue entry behind a ``[download]`` choice (downloaded or not), else None."""
+    """The catalogue entry behind a ``[download]`` choice (downloaded or not), else None; the older form
+    ``[download] <name>`` (without the family) still names its entry, so saved workflows keep loading."""
     if not choice.startswith(DOWNLOAD):
         return None
     name = choice[len(DOWNLOAD) :]
-    return next((e for e in _comfyui_entries() if e.name == name), None)
+    return next((e for e in _comfyui_entries() if name in (e.name, f"{e.family}/{e.name}")), None)
 
 
 def resolve_table(choice: str) -> str:
@@ -87,11 +98,41 @@ def resolve_table(choice: str) -> str:
     return catalogue_file(entry)
 
 
+_BACKENDS = {
+    "ldm": "a discrete (SD1.5/SDXL-type) latent model",
+    "sd3": "a flow model with a static shift (SD3-type)",
+    "flux": "a flow model with ModelSamplingFlux's mu (FLUX-type)",
+    "edm": "a pixel-space EDM model (the ICCV tables: CIFAR-10, FFHQ, ImageNet 64; not a ComfyUI model)",
+}
+
+
+def made_for(params: EPDParams) -> str:
+    """Which model a table was made for, from its metadata: the model or catalogue family, its kind, its grid."""
+    meta = params.metadata
+    model = meta.get("model") or meta.get("source_file") or "an unrecorded model"
+    if meta.get("catalogue_entry"):
+        entry = _all_entries().get(meta["catalogue_entry"])
+        model = f"the {entry.family} models of the authors ({entry.name})" if entry else meta["catalogue_entry"]
+    kind = _BACKENDS.get(params.backend, f"backend {params.backend!r}")
+    if params.backend == "edm" and (params.sigma_min is None or params.sigma_max is None):
+        grid = f"sigma {float(make_schedule(params)[-1]):g} to {float(make_schedule(params)[0]):g}"
+    elif params.sigma_min is None or params.sigma_max is None:
+        grid = "the model's own sigma range"
+    else:
+        grid = f"sigma {params.sigma_min:g} to {params.sigma_max:g}"
+    if params.flowmatch_shift is not None:
+        grid += f", shift {params.flowmatch_shift:g}"
+    if params.flowmatch_mu is not None:
+        grid += f", mu {params.flowmatch_mu:g}"
+    return f"made for {model}: {kind}; schedule {params.schedule_type}, {grid}"
+
+
 def describe(params: EPDParams) -> str:
     source = params.metadata.get("source_file", "")
     return (
         f"{params.backend} table{' from ' + source if source else ''}: {params.num_steps - 1} steps x "
-        f"{params.num_points} points, NFE {params.nfe}, student {params.student}, schedule {params.schedule_type}"
+        f"{params.num_points} points, NFE {params.nfe}, student {params.student}, schedule {params.schedule_type}\n"
+        f"{made_for(params)}"
     )
 
 
@@ -104,14 +145,16 @@ class EPDParamsLoader(io.ComfyNode):
             display_name="EPD Parameters Loader",
             category="loaders",
             description="Loads an EPD table (the project's .safetensors or the authors' .pkl, read without running "
-            "code) from models/epd or the pack's weights folder. '[download]' entries are the authors' published "
-            "tables: fetched on first run from their pinned commit, sha256-checked, stored in models/epd.",
+            "code) from models/epd or the pack's weights folder (demo/...: tables for the pack's demo models). "
+            "'[download] <model family>/<name>' entries are the authors' published tables: fetched on first run from "
+            "their pinned commit, sha256-checked, stored in models/epd. info says which model a table was made for.",
             inputs=[
                 io.Combo.Input(
                     "table_name",
                     options=table_choices(),
-                    tooltip="EPD table file from models/epd or the pack's weights/ folder; '[download] <name>' "
-                    "downloads that published table when the graph runs.",
+                    tooltip="EPD table file from models/epd or the pack's weights/ folder; "
+                    "'[download] <family>/<name>' downloads that published table when the graph runs; demo/ tables "
+                    "fit the pack's demo models.",
                 ),
             ],
             outputs=[

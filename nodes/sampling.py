@@ -30,7 +30,7 @@ import comfy.model_sampling
 import comfy.samplers
 import torch
 
-from ..epd_core import EPDParams
+from ..epd_core import EPDParams, make_schedule
 from ..epd_core import sample as epd_sample
 from ..epd_core.schedules import DiscreteVP
 from ..epd_core.solver import FINAL_STEPS
@@ -179,11 +179,23 @@ def check_compatible(params: EPDParams, model_sampling) -> None:
     """A model kind EPD does not sample, or a flow table on an EPS/V model (or the reverse), is an error, not a bad
     image."""
     check_model_family(model_sampling)
+    if params.backend == "edm" and is_discrete_model(model_sampling):
+        raise ValueError(
+            f"this EPD table was made for {_table_model(params)}, a pixel-space EDM model (sigma up to "
+            f"{float(make_schedule(params)[0]):g}), not for a discrete latent model like this one "
+            "(SD1.5/SDXL-type): its time points would fall outside this model's sigmas. Use a table made for this "
+            "model (a [download] sd15/... table, or one from EPD Distill)"
+        )
     flow = is_flow_model(model_sampling)
     if params.is_flow != flow:
         kind = "rectified-flow (SD3/FLUX)" if params.is_flow else "variance-exploding (SD1.5/SDXL/EDM)"
         model_kind = "a flow model" if flow else "an EPS/V-prediction model"
         raise ValueError(f"this EPD table is for {kind} models but the sampler got {model_kind}")
+
+
+def _table_model(params: EPDParams) -> str:
+    meta = params.metadata
+    return meta.get("model") or meta.get("catalogue_entry") or meta.get("source_file") or "another model"
 
 
 def _conds_need_sequential(guider) -> bool:

@@ -65,7 +65,7 @@ def output_path(filename: str, overwrite: bool) -> Path:
     stem = filename.removesuffix(".safetensors")
     if not _NAME.fullmatch(stem) or ".." in stem:
         raise ValueError(f"invalid table name {filename!r}: use letters, digits, '.', '_' and '-'")
-    reserved = {p.stem.lower() for p in (PACK / "weights").iterdir() if p.suffix in (".safetensors", ".pkl")}
+    reserved = {p.stem.lower() for p in (PACK / "weights").rglob("*") if p.suffix in (".safetensors", ".pkl")}
     try:
         reserved |= {name.lower() for name in load_catalogue(PACK / "weights" / "catalogue.json")}
     except EPDFileError:

@@ -1,6 +1,6 @@
 """Distil EPD tables for the demo digits UNet (node EPD Demo Digits Model) through ComfyUI, as a user would
 with the EPD Distill node, then refine them with RDPO as the EPD RDPO node does (Stage 2, fidelity reward), and
-store both in weights/ (each records its command and options in its metadata).
+store both in weights/demo/ (each records its command and options in its metadata).
 
 python -m scripts.make_digits_tables                   # digits-nfe5, digits-nfe10 (Stage 1), digits-nfe5-rdpo
 python -m scripts.make_digits_tables --stage rdpo      # only Stage 2, from the Stage 1 tables in --out-dir
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--teacher-m", type=int, default=3)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--nfe", type=int, nargs="*", default=[5, 10])
-    ap.add_argument("--out-dir", type=Path, default=ROOT / "weights")
+    ap.add_argument("--out-dir", type=Path, default=ROOT / "weights" / "demo")
     ap.add_argument("--stage", choices=["both", "distill", "rdpo"], default="both")
     ap.add_argument("--rdpo-iterations", type=int, default=200)
     ap.add_argument("--rdpo-nfe", type=int, nargs="*", default=[5], help="the tables Stage 2 refines")

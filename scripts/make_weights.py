@@ -1,4 +1,4 @@
-"""Regenerate every table bundled in weights/ (each records its own command in its metadata) and weights/README.md.
+"""Regenerate every table bundled in weights/demo/ (each records its own command in its metadata) and weights/README.md.
 
 python -m scripts.make_weights                  # all tables: about 15 minutes on 2 CPU cores
 python -m scripts.make_weights NAME.safetensors # only the named ones
@@ -44,7 +44,7 @@ DISTILLED = {
 
 
 def distil(name: str, args: str) -> None:
-    argv = ["distill", *shlex.split(args), "--out", f"weights/{name}"]
+    argv = ["distill", *shlex.split(args), "--out", f"weights/demo/{name}"]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per job: oversubscribed threads are far slower
     subprocess.run([sys.executable, "-m", "epd_core", *argv], cwd=ROOT, check=True, env=env,  # noqa: S603
                    stdout=subprocess.DEVNULL)  # fmt: skip
@@ -55,23 +55,26 @@ def main() -> None:
     start = EPDParams.start(6, 2, schedule_type="discrete", schedule_rho=1.0, backend="ldm", max_order=2,
                             metadata={"source": "untrained start table (r at 1/3 and 2/3, equal weights)",
                                       "command": "python -m scripts.make_weights"})  # fmt: skip
-    save_params(start, ROOT / "weights" / START)
+    save_params(start, ROOT / "weights" / "demo" / START)
     only = set(sys.argv[1:])
     jobs = [(n, a) for n, a in DISTILLED.items() if not only or n in only]
     with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
         list(pool.map(lambda job: distil(*job), jobs))
     lines = ["# Bundled tables", "", "Made by this project (the authors' tables are not redistributed; see the main",
              "README). Regenerate all with `python -m scripts.make_weights`; each file's metadata records its command.",
+             "They are for the pack's demo models, so they live in `demo/` (the loader lists them as `demo/<name>`),",
+             "apart from tables for real models.",
              "", "| file | model | NFE | command |", "|---|---|---|---|"]  # fmt: skip
-    paths = sorted((ROOT / "weights").glob("analytic-*.safetensors")) + sorted(
-        (ROOT / "weights").glob("digits-nfe*.safetensors")  # made by python -m scripts.make_digits_tables
-    )
+    demo = ROOT / "weights" / "demo"  # digits-* and mnist-* come from scripts.make_digits_tables / make_mnist_tables
+    paths = [
+        p for pattern in ("analytic-*", "digits-nfe*", "mnist-*") for p in sorted(demo.glob(pattern + ".safetensors"))
+    ]
     for path in paths:
         p = load_params(path)
         model = p.metadata.get("model", "analytic sd15 (untrained)")
         if p.metadata.get("plugin_base"):
             model += f", EPD Plugin over {p.metadata['plugin_base']}"
-        lines.append(f"| `{path.name}` | {model} | {p.nfe} | `{p.metadata.get('command', '')}` |")
+        lines.append(f"| `demo/{path.name}` | {model} | {p.nfe} | `{p.metadata.get('command', '')}` |")
     lines += ["", "Tables only: the demo networks they were fitted to live in `demo_models/` (see its README)."]
     (ROOT / "weights" / "README.md").write_text("\n".join(lines) + "\n")
 

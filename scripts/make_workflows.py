@@ -17,7 +17,113 @@ OUT = ROOT / "example_workflows"
 API = OUT / "api"
 
 ANALYTIC = {"form": "sd15_eps", "mixture": "reference", "shift": 0.0}
-TABLE = "analytic-sd15-reference-nfe10.safetensors"
+TABLE = "demo/analytic-sd15-reference-nfe10.safetensors"
+MNIST_TABLE = "demo/mnist-eps-nfe5.safetensors"
+MNIST_NFE = 5
+MNIST_CFG = 3.0
+MNIST_SEED = 0
+EXACT = {"sampler_name": "heun", "steps": 100}  # the "exact ODE": 199 model rounds of a second-order solver
+BUILTINS = ("uni_pc", "dpmpp_2m", "ipndm", "euler")  # one model round per step: steps = NFE
+MNIST_LABELS = [f"exact ODE ({EXACT['sampler_name']}, {EXACT['steps']} steps)", f"EPD, NFE {MNIST_NFE}",
+                *(f"{name}, NFE {MNIST_NFE}" for name in BUILTINS)]  # fmt: skip
+
+
+def _mnist_demo() -> dict:
+    common = {"model": ["1", 0], "seed": MNIST_SEED, "cfg": MNIST_CFG, "positive": ["2", 0], "negative": ["2", 1],
+              "latent_image": ["3", 0], "denoise": 1.0}  # fmt: skip
+    graph = {
+        "1": ("EPDMnistModel", {"which": "eps"}),
+        "2": ("EPDMnistClass", {"digit": "0-9"}),
+        "3": ("EmptyLatentImage", {"width": 112, "height": 112, "batch_size": 10}),
+        "4": ("EPDParamsLoader", {"table_name": MNIST_TABLE}),
+        "5": ("KSampler", {**common, **EXACT, "scheduler": "normal"}),
+        "6": ("EPDKSampler", {**common, "epd_params": ["4", 0], "parallel": "auto", "final_denoise": True,
+                              "final_step": "estimate"}),
+    }  # fmt: skip
+    for i, name in enumerate(BUILTINS):
+        graph[str(7 + i)] = ("KSampler", {**common, "steps": MNIST_NFE, "sampler_name": name, "scheduler": "normal"})
+    samplers = [str(i) for i in range(5, 7 + len(BUILTINS))]
+    decodes = [str(int(samplers[-1]) + 1 + i) for i in range(len(samplers))]
+    for s, d in zip(samplers, decodes, strict=True):
+        graph[d] = ("EPDMnistDecode", {"samples": [s, 0], "scale": 3})
+    grid, preview = str(int(decodes[-1]) + 1), str(int(decodes[-1]) + 2)
+    rows = {f"row_{i + 1}": [d, 0] for i, d in enumerate(decodes)}
+    graph[grid] = ("EPDImageGrid", {"labels": "\n".join(MNIST_LABELS), **rows})
+    graph[preview] = ("PreviewImage", {"images": [grid, 0]})
+    return graph
+
+
+# Each example: its API-format file name (api/<id>.json), the UI file's name (the template browser's title: ComfyUI
+# lists a custom node's templates by file name, so the number orders them), the Note shown in the graph, the graph.
+EXAMPLES: list[dict] = [
+    {
+        "id": "epd_mnist_demo",
+        "title": "1 EPD vs built-in samplers on MNIST digits (no download)",
+        "note": "EPD next to ComfyUI's best built-in samplers at the same NFE (5 sequential model rounds), and the "
+        "exact ODE solution (Heun, 100 steps), on the same ten noises: one row per sampler, digits 0-9 (Queue, then "
+        "see EPD Image Grid's preview).\n\nNeeds nothing to download: EPD MNIST Model is a small class-conditional "
+        "UNet bundled with the pack (SD1.5-type EPS schedule), and the table demo/mnist-eps-nfe5 was distilled for "
+        "it with EPD Distill (cfg 3).",
+        "graph": _mnist_demo(),
+    },
+    {
+        "id": "epd_analytic_demo",
+        "title": "2 EPD KSampler vs Euler on an exact model (no download)",
+        "note": "EPD KSampler and KSampler (euler) at NFE 10 on an exact Gaussian-mixture model whose ODE solution "
+        "is known (scripts/run_demo.py measures both errors). Results are 4x8x8 latents saved to "
+        "output/latents.\n\nNeeds nothing to download: EPD Analytic Model is computed, the table is bundled.",
+        "graph": None,
+    },
+    {
+        "id": "epd_sampler_custom_advanced",
+        "title": "3 EPD Sampler in SamplerCustomAdvanced (no download)",
+        "note": "The building blocks: EPD Sampler gives SamplerCustomAdvanced its SAMPLER and EPD Scheduler the "
+        "table's own sigmas for this model (any guider works). Same result as EPD KSampler.\n\nNeeds nothing "
+        "to download (analytic model, bundled table).",
+        "graph": None,
+    },
+    {
+        "id": "epd_plugin_dpmpp_2m",
+        "title": "4 EPD Plugin over dpmpp_2m (no download)",
+        "note": "EPD Plugin keeps your sampler (here dpmpp_2m from KSamplerSelect) and answers its model calls with "
+        "the EPD ensemble's prediction. Use EPD Scheduler's sigmas.\n\nNeeds nothing to download (analytic "
+        "model, bundled table).",
+        "graph": None,
+    },
+    {
+        "id": "epd_distill_analytic",
+        "title": "5 EPD Distill a table for your model (no download)",
+        "note": "EPD Distill fits a table to the model it is given (here the analytic model, about a minute on a "
+        "CPU) and saves it as models/epd/my_analytic_table.safetensors; EPD KSampler then samples with it.\n\n"
+        "Needs nothing to download. For your own model, connect its MODEL and prompts instead.",
+        "graph": None,
+    },
+    {
+        "id": "epd_sd15",
+        "title": "6 SD1.5 with EPD KSampler (needs an SD1.5 checkpoint)",
+        "note": "Stable Diffusion 1.5 sampled by EPD KSampler with the authors' published SD1.5 table (NFE 20 "
+        "incl. the final denoise).\n\nNeeds models/checkpoints/v1-5-pruned-emaonly.safetensors; the table "
+        "([download] sd15/tpami-sd15-best) is fetched on the first run (a few kB, sha256-checked).",
+        "graph": None,
+    },
+    {
+        "id": "epd_sd3",
+        "title": "7 SD3 with EPD Sampler (needs SD3 medium)",
+        "note": "SD3 medium with SamplerCustom, EPD Sampler and EPD Scheduler (the table's grid at this model's "
+        "shift, from ModelSamplingSD3).\n\nNeeds models/checkpoints/sd3_medium_incl_clips.safetensors; the "
+        "table ([download] sd3-1024/tpami-sd3-1024-best) is fetched on the first run.",
+        "graph": None,
+    },
+    {
+        "id": "epd_flux",
+        "title": "8 FLUX.1 dev with EPD Sampler (needs FLUX.1 dev)",
+        "note": "FLUX.1 dev with SamplerCustomAdvanced, EPD Sampler and EPD Scheduler (the grid at the mu of "
+        "ModelSamplingFlux).\n\nNeeds models/unet/flux1-dev.safetensors, models/clip/clip_l.safetensors and "
+        "t5xxl_fp16.safetensors, models/vae/ae.safetensors; the table ([download] flux/tpami-flux-best) is "
+        "fetched on the first run.",
+        "graph": None,
+    },
+]
 
 WORKFLOWS: dict[str, dict] = {
     "epd_analytic_demo": {
@@ -77,7 +183,7 @@ WORKFLOWS: dict[str, dict] = {
         "2": ("CLIPTextEncode", {"text": "a photograph of a lighthouse at dawn, detailed", "clip": ["1", 1]}),
         "3": ("CLIPTextEncode", {"text": "blurry, low quality", "clip": ["1", 1]}),
         "4": ("EmptyLatentImage", {"width": 512, "height": 512, "batch_size": 1}),
-        "5": ("EPDParamsLoader", {"table_name": "[download] tpami-sd15-best"}),
+        "5": ("EPDParamsLoader", {"table_name": "[download] sd15/tpami-sd15-best"}),
         "6": ("EPDKSampler", {"model": ["1", 0], "seed": 0, "cfg": 7.5, "positive": ["2", 0], "negative": ["3", 0],
                               "latent_image": ["4", 0], "epd_params": ["5", 0], "denoise": 1.0, "parallel": "auto",
                               "final_denoise": True}),
@@ -90,7 +196,7 @@ WORKFLOWS: dict[str, dict] = {
         "3": ("CLIPTextEncode", {"text": "a red fox in fresh snow, golden hour", "clip": ["1", 1]}),
         "4": ("CLIPTextEncode", {"text": "", "clip": ["1", 1]}),
         "5": ("EmptySD3LatentImage", {"width": 1024, "height": 1024, "batch_size": 1}),
-        "6": ("EPDParamsLoader", {"table_name": "[download] tpami-sd3-1024-best"}),
+        "6": ("EPDParamsLoader", {"table_name": "[download] sd3-1024/tpami-sd3-1024-best"}),
         "7": ("EPDSampler", {"epd_params": ["6", 0], "parallel": "auto", "continuous_time": True,
                              "convention": "comfyui"}),
         "8": ("EPDScheduler", {"model": ["2", 0], "epd_params": ["6", 0], "denoise": 1.0, "final_denoise": True}),
@@ -110,7 +216,7 @@ WORKFLOWS: dict[str, dict] = {
         "5": ("CLIPTextEncode", {"text": "a cosy reading nook with plants, soft window light", "clip": ["2", 0]}),
         "6": ("FluxGuidance", {"conditioning": ["5", 0], "guidance": 3.5}),
         "7": ("BasicGuider", {"model": ["4", 0], "conditioning": ["6", 0]}),
-        "8": ("EPDParamsLoader", {"table_name": "[download] tpami-flux-best"}),
+        "8": ("EPDParamsLoader", {"table_name": "[download] flux/tpami-flux-best"}),
         "9": ("EPDSampler", {"epd_params": ["8", 0], "parallel": "auto", "continuous_time": True,
                              "convention": "comfyui"}),
         "10": ("EPDScheduler", {"model": ["4", 0], "epd_params": ["8", 0], "denoise": 1.0, "final_denoise": True}),
@@ -123,11 +229,31 @@ WORKFLOWS: dict[str, dict] = {
     },
 }  # fmt: skip
 
+for _example in EXAMPLES:
+    _example["graph"] = _example["graph"] or WORKFLOWS[_example["id"]]
+WORKFLOWS.update({e["id"]: e["graph"] for e in EXAMPLES})
+BY_ID = {e["id"]: e for e in EXAMPLES}
+
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
+SEED_NAMES = ("seed", "noise_seed")  # the frontend adds "control after generate" to these INTs, and where asked
+# Node sizes, generous: LiteGraph draws the title bar (30 px) above a node's position, slots 20 px apart, widgets
+# about 24 px apart; a multiline text box and an image preview need room of their own.
+TITLE_H, SLOT_H, WIDGET_H, GAP_X, GAP_Y = 30, 22, 28, 70, 50
+NOTE_SIZE = (520, 190)
+PREVIEW_SIZE = (760, 560)
+MAX_COLUMN_H = 1100
 
 
-def api_graph(name: str) -> dict:
-    return {nid: {"class_type": cls, "inputs": dict(inputs)} for nid, (cls, inputs) in WORKFLOWS[name].items()}
+def api_graph(name: str, object_info: dict) -> dict:
+    """The API-format graph; widget inputs the definition leaves out get their defaults, as in the UI file."""
+    graph = {}
+    for nid, (cls, inputs) in WORKFLOWS[name].items():
+        full = dict(inputs)
+        for key, kind, opts in _inputs(object_info[cls]):
+            if kind in WIDGET_TYPES and key not in full and "default" in opts:
+                full[key] = opts["default"]
+        graph[nid] = {"class_type": cls, "inputs": full}
+    return graph
 
 
 def _inputs(info: dict) -> list[tuple[str, str, dict]]:
@@ -141,8 +267,23 @@ def _inputs(info: dict) -> list[tuple[str, str, dict]]:
     return out
 
 
+def has_control(name: str, kind: str, opts: dict) -> bool:
+    """Whether the frontend adds a "control after generate" widget after this input."""
+    return kind == "INT" and (bool(opts.get("control_after_generate")) or name in SEED_NAMES)
+
+
+def _size(cls: str, n_in: int, n_out: int, widgets: list, multiline: int) -> list[int]:
+    if cls in ("PreviewImage", "SaveImage"):
+        return list(PREVIEW_SIZE)
+    longest = max([len(str(w)) for w in widgets if isinstance(w, str) and "\n" not in w] + [0])
+    width = max(340, min(520, 150 + 7 * longest))
+    height = SLOT_H * max(n_in, n_out, 1) + WIDGET_H * (len(widgets) - multiline) + 150 * multiline + 24
+    return [width, height]
+
+
 def ui_graph(name: str, object_info: dict) -> dict:
-    """The UI-format workflow: nodes with positions, links, and widgets in the frontend's order."""
+    """The UI-format workflow: nodes laid out in columns by depth without overlaps, links, widgets in the
+    frontend's order (with the "control after generate" values it adds), and a Note on top."""
     graph = WORKFLOWS[name]
     depth: dict[str, int] = {}
 
@@ -154,7 +295,7 @@ def ui_graph(name: str, object_info: dict) -> dict:
 
     for nid in graph:
         level(nid)
-    links, nodes, rows = [], [], {}
+    links, nodes = [], []
     out_links: dict[tuple[str, int], list[int]] = {}
     for nid, (cls, inputs) in graph.items():
         for key, value in inputs.items():
@@ -165,15 +306,13 @@ def ui_graph(name: str, object_info: dict) -> dict:
                 out_links.setdefault((value[0], value[1]), []).append(link_id)
     for order, (nid, (cls, inputs)) in enumerate(sorted(graph.items(), key=lambda kv: (depth[kv[0]], int(kv[0])))):
         info = object_info[cls]
-        col = depth[nid]
-        row = rows.get(col, 0)
-        rows[col] = row + 1
-        node_inputs, widgets = [], []
+        node_inputs, widgets, multiline = [], [], 0
         for key, kind, opts in _inputs(info):
             value = inputs.get(key)
             if kind in WIDGET_TYPES and not isinstance(value, list):
                 widgets.append(value if value is not None else opts.get("default"))
-                if opts.get("control_after_generate"):
+                multiline += int(bool(opts.get("multiline")))
+                if has_control(key, kind, opts):
                     widgets.append("fixed")
             elif isinstance(value, list) or kind not in WIDGET_TYPES:
                 link = next((lk for lk in links if lk[3] == int(nid) and lk[6] == key), None)
@@ -185,16 +324,41 @@ def ui_graph(name: str, object_info: dict) -> dict:
         for slot, (kind, oname) in enumerate(zip(info["output"], info["output_name"], strict=True)):
             outputs.append({"name": oname, "type": kind if isinstance(kind, str) else "COMBO",
                             "links": out_links.get((nid, slot), []), "slot_index": slot})  # fmt: skip
+        size = _size(cls, len(node_inputs), len(outputs), widgets, multiline)
         nodes.append({
-            "id": int(nid), "type": cls, "pos": [40 + 360 * col, 40 + 260 * row], "size": [320, 200], "flags": {},
+            "id": int(nid), "type": cls, "pos": [0, 0], "size": size, "flags": {},
             "order": order, "mode": 0, "inputs": node_inputs, "outputs": outputs,
             "properties": {"Node name for S&R": cls}, "widgets_values": widgets,
         })  # fmt: skip
+    # Columns by depth, each as wide as its widest node; nodes stacked with their title bars; the Note above all.
+    top = 40 + TITLE_H + NOTE_SIZE[1] + GAP_Y
+    x = 40
+    for col in sorted(set(depth.values())):
+        members = [n for n in nodes if depth[str(n["id"])] == col]
+        y, width = top + TITLE_H, 0
+        for n in members:
+            if y > top + TITLE_H and y + n["size"][1] > top + MAX_COLUMN_H:  # a long column wraps into another
+                x, y, width = x + width + GAP_X, top + TITLE_H, 0
+            n["pos"] = [x, y]
+            y += n["size"][1] + TITLE_H + GAP_Y
+            width = max(width, n["size"][0])
+        x += width + GAP_X
+    note_id = max(int(n) for n in graph) + 1
+    nodes.append({
+        "id": note_id, "type": "Note", "pos": [40, 40 + TITLE_H], "size": list(NOTE_SIZE), "flags": {},
+        "order": len(nodes), "mode": 0, "inputs": [], "outputs": [], "properties": {},
+        "widgets_values": [BY_ID[name]["note"]], "color": "#432", "bgcolor": "#653",
+    })  # fmt: skip
     return {
-        "last_node_id": max(int(n) for n in graph), "last_link_id": len(links), "nodes": nodes,
+        "last_node_id": note_id, "last_link_id": len(links), "nodes": nodes,
         "links": [lk[:6] for lk in links], "groups": [], "config": {},
-        "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4,
+        "extra": {"ds": {"scale": 0.7, "offset": [0, 0]}, "epd_api": f"api/{name}.json"}, "version": 0.4,
     }  # fmt: skip
+
+
+def ui_path(name: str):
+    """The UI file of example ``name`` (its title is the file name)."""
+    return OUT / f"{BY_ID[name]['title']}.json"
 
 
 def object_info_in_process() -> dict:
@@ -213,10 +377,13 @@ def object_info_in_process() -> dict:
 def main() -> int:
     info = object_info_in_process()
     API.mkdir(parents=True, exist_ok=True)
-    for name in WORKFLOWS:
-        (OUT / f"{name}.json").write_text(json.dumps(ui_graph(name, info), indent=1) + "\n")
-        (API / f"{name}.json").write_text(json.dumps(api_graph(name), indent=1) + "\n")
-        print(f"wrote example_workflows/{name}.json and api/{name}.json")
+    for old in list(OUT.glob("*.json")) + list(API.glob("*.json")):
+        old.unlink()
+    for example in EXAMPLES:
+        name = example["id"]
+        ui_path(name).write_text(json.dumps(ui_graph(name, info), indent=1) + "\n")
+        (API / f"{name}.json").write_text(json.dumps(api_graph(name, info), indent=1) + "\n")
+        print(f"wrote example_workflows/{ui_path(name).name} and api/{name}.json")
     return 0
 
 

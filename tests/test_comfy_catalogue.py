@@ -57,11 +57,11 @@ def test_loader_downloads_a_listed_table_when_the_graph_runs(loader_env, mirror,
     nodes, execution, epd_dir = loader_env
     loader = nodes["EPDParamsLoader"]
     monkeypatch.setenv(MIRROR_ENV, mirror.url)
-    choice = "[download] tpami-sd15-best"
+    choice = "[download] sd15/tpami-sd15-best"  # listed by model family
     options = _options(loader)
-    assert {f"[download] {e.name}" for e in ENTRIES if e.comfyui} <= set(options)
-    assert not any(o.startswith("[download] iccv-") for o in options)
-    assert "analytic-sd15-start-nfe10.safetensors" in options
+    assert {f"[download] {e.family}/{e.name}" for e in ENTRIES if e.comfyui} <= set(options)
+    assert not any("iccv-" in o for o in options)
+    assert "demo/analytic-sd15-start-nfe10.safetensors" in options
     assert mirror.requests == [] and not epd_dir.exists()  # listing never downloads
 
     graph = _graph(choice)
@@ -90,7 +90,7 @@ def test_loader_downloads_a_listed_table_when_the_graph_runs(loader_env, mirror,
 def test_loader_with_a_bad_mirror_is_a_node_error(loader_env, monkeypatch):
     nodes, execution, epd_dir = loader_env
     monkeypatch.setenv(MIRROR_ENV, dead_url())
-    graph = _graph("[download] tpami-flux-best")
+    graph = _graph("[download] tpami-flux-best")  # the form before families: saved workflows still load
     assert asyncio.run(execution.validate_prompt("p1", graph, None))[0]
     executor = execution.PromptExecutor(_Server(), cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
     executor.execute(graph, "p1", {}, ["3"])

@@ -141,7 +141,7 @@ def test_a_builtin_scheduler_grid_on_epd_sampler_is_an_error_naming_epd_schedule
     from comfy_extras.nodes_custom_sampler import BasicScheduler, SamplerCustom
 
     model, cond = _analytic()
-    params = epd_core.load_params(H.ROOT / "weights" / "analytic-sd15-reference-nfe5.safetensors")
+    params = epd_core.load_params(H.ROOT / "weights" / "demo" / "analytic-sd15-reference-nfe5.safetensors")
     assert params.num_steps == 4
     (sigmas,) = BasicScheduler.execute(model, "normal", steps, 1.0).result
     (sampler,) = N["EPDSampler"].execute(params, "auto", True, "comfyui").result
@@ -154,7 +154,7 @@ def test_the_tables_own_grid_and_its_denoise_cut_still_run():
     from comfy_extras.nodes_custom_sampler import SamplerCustom
 
     model, cond = _analytic()
-    params = epd_core.load_params(H.ROOT / "weights" / "analytic-sd15-reference-nfe5.safetensors")
+    params = epd_core.load_params(H.ROOT / "weights" / "demo" / "analytic-sd15-reference-nfe5.safetensors")
     (sampler,) = N["EPDSampler"].execute(params, "auto", True, "comfyui").result
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     for denoise, final in ((1.0, False), (1.0, True), (0.67, False), (0.67, True)):
@@ -171,7 +171,8 @@ def test_a_builtin_scheduler_grid_under_epd_plugin_is_an_error_naming_epd_schedu
     from comfy_extras.nodes_custom_sampler import BasicScheduler, SamplerCustom
 
     model, cond = _analytic()
-    params = epd_core.load_params(H.ROOT / "weights" / "analytic-sd15-reference-nfe10-plugin-dpmpp_2m.safetensors")
+    table = "analytic-sd15-reference-nfe10-plugin-dpmpp_2m.safetensors"
+    params = epd_core.load_params(H.ROOT / "weights" / "demo" / table)
     (sampler, _) = N["EPDPlugin"].execute(comfy.samplers.sampler_object("dpmpp_2m"), params, "auto").result
     (sigmas,) = BasicScheduler.execute(model, "karras", params.num_steps - 1, 1.0).result
     with pytest.raises(ValueError, match="EPD Scheduler"):
@@ -192,3 +193,29 @@ def test_non_finite_cfg_is_refused(cfg):
     (sampler,) = N["EPDSampler"].execute(params, "auto", True, "comfyui").result
     with pytest.raises(ValueError, match="cfg must be a finite number"):
         SamplerCustom.execute(model, True, 0, cfg, pos, neg, sampler, sigmas, latent)
+
+
+def test_a_pixel_space_edm_table_on_a_latent_model_is_an_error_that_says_what_it_was_made_for():
+    """The authors' ICCV tables (sigma up to 80, for CIFAR-10/FFHQ/ImageNet 64) used to run on an SD1.5-type model
+    without a word; on a continuous EDM model they still run."""
+    params = epd_core.load_params(official_path("00001-cifar10-3-3-epd-uni1.0-afs.pkl"))
+    assert params.backend == "edm"
+    model, cond = _analytic("sd15_eps")
+    with pytest.raises(ValueError, match="pixel-space EDM") as err:
+        N["EPDScheduler"].execute(model, params, 1.0, False)
+    assert "00001-cifar10-3-3-epd-uni1.0-afs.pkl" in str(err.value)
+    with pytest.raises(ValueError, match="pixel-space EDM"):
+        N["EPDKSampler"].execute(model, 0, 1.0, cond, cond, {"samples": torch.zeros(1, 4, 8, 8)}, params, 1.0,
+                                 "auto", False)  # fmt: skip
+    edm, _ = _analytic("edm_ve")
+    (sigmas,) = N["EPDScheduler"].execute(edm, params, 1.0, False).result
+    assert float(sigmas[0]) == pytest.approx(80.0, rel=1e-4)
+
+
+def test_the_loader_info_says_which_model_a_table_was_made_for():
+    tables = H.pack_module("nodes.nodes_tables")
+    demo = epd_core.load_params(H.ROOT / "weights" / "demo" / "analytic-sd3-reference-nfe5.safetensors")
+    info = tables.describe(demo)
+    assert "made for analytic sd3" in info and "static shift" in info and "shift 3" in info
+    iccv = tables.describe(epd_core.load_params(official_path("00001-cifar10-3-3-epd-uni1.0-afs.pkl")))
+    assert "pixel-space EDM" in iccv and "sigma 0.002 to 80" in iccv

@@ -253,7 +253,7 @@ def test_rdpo_stops_within_2_s_of_an_interrupt(server):
         "epd_params": ["4", 0], "cfg": 1.0, "reward": "fidelity", "teacher_steps": 32, "iterations": 100000,
         "groups": 256, "group_size": 64, "concentration": 20.0, "learning_rate": 7e-5, "seed": 0,
         "filename": "rdpo_interrupted", "overwrite": False}}  # fmt: skip
-    table = "analytic-sd15-reference-nfe10.safetensors"
+    table = "demo/analytic-sd15-reference-nfe10.safetensors"
     graph["4"] = {"class_type": "EPDParamsLoader", "inputs": {"table_name": table}}
     seconds, entry = _seconds_to_stop(server, graph, after=3.0)
     print(f"\nEPD RDPO: stopped {seconds:.2f} s after /interrupt")
@@ -309,7 +309,7 @@ def test_an_interrupted_distill_resumes_to_the_same_table(server):
 
 def test_a_local_file_claiming_a_catalogue_entry_is_refused(server):
     other = server.base / "models" / "epd" / ENTRY.filename
-    shutil.copy(ROOT / "weights" / "analytic-sd15-reference-nfe10.safetensors", other)
+    shutil.copy(ROOT / "weights" / "demo" / "analytic-sd15-reference-nfe10.safetensors", other)
     try:
         entry = server.run(_loader_graph(f"[download] {ENTRY.name}"))
         text = _messages(entry)

@@ -17,7 +17,8 @@ pytestmark = pytest.mark.server
 API = ROOT / "example_workflows" / "api"
 RUNNABLE = [
     API / f"{name}.json"
-    for name in ("epd_analytic_demo", "epd_sampler_custom_advanced", "epd_plugin_dpmpp_2m", "epd_distill_analytic")
+    for name in ("epd_mnist_demo", "epd_analytic_demo", "epd_sampler_custom_advanced", "epd_plugin_dpmpp_2m",
+                 "epd_distill_analytic")
 ]
 NEEDS_DOWNLOADS = [p for p in sorted(API.glob("*.json")) if p not in RUNNABLE]
 
@@ -41,8 +42,8 @@ def test_nodes_registered(server):
         assert info[node]["description"]
     spec = info["EPDParamsLoader"]["input"]["required"]["table_name"]
     tables = spec[1]["options"] if spec[0] == "COMBO" else spec[0]
-    assert "analytic-sd15-start-nfe10.safetensors" in tables
-    assert "[download] tpami-sd15-best" in tables  # the catalogue's ComfyUI tables, fetched when a graph runs
+    assert "demo/analytic-sd15-start-nfe10.safetensors" in tables
+    assert "[download] sd15/tpami-sd15-best" in tables  # the catalogue's ComfyUI tables, fetched when a graph runs
 
 
 @pytest.mark.parametrize("path", RUNNABLE, ids=lambda p: p.stem)
@@ -70,18 +71,22 @@ def test_checkpoint_workflows_only_miss_their_files(server, path):
 
 
 def test_ui_workflows_match_api_twins(server):
-    """The UI-format files list the same nodes and links as their API twins, in node types the server knows."""
+    """The UI-format files (named by their titles) list the same nodes and links as their API twins, plus one Note,
+    in node types the server knows."""
     info = server.get("/object_info")
-    for api_path in sorted(API.glob("*.json")):
-        ui = json.loads((ROOT / "example_workflows" / api_path.name).read_text())
+    uis = {p: json.loads(p.read_text()) for p in sorted((ROOT / "example_workflows").glob("*.json"))}
+    assert sorted(ui["extra"]["epd_api"] for ui in uis.values()) == sorted(f"api/{p.name}" for p in API.glob("*.json"))
+    for ui in uis.values():
+        api_path = ROOT / "example_workflows" / ui["extra"]["epd_api"]
         api = json.loads(api_path.read_text())
-        assert {str(n["id"]): n["type"] for n in ui["nodes"]} == {k: v["class_type"] for k, v in api.items()}
+        assert [n["type"] for n in ui["nodes"] if n["type"] not in info] == ["Note"]
+        nodes = {str(n["id"]): n["type"] for n in ui["nodes"] if n["type"] != "Note"}
+        assert nodes == {k: v["class_type"] for k, v in api.items()}
         api_links = {(v[0], v[1], k, name) for k, node in api.items() for name, v in node["inputs"].items()
                      if isinstance(v, list)}  # fmt: skip
         by_id = {n["id"]: n for n in ui["nodes"]}
         ui_links = {(str(lk[1]), lk[2], str(lk[3]), by_id[lk[3]]["inputs"][lk[4]]["name"]) for lk in ui["links"]}
         assert ui_links == api_links, api_path.name
-        assert all(n["type"] in info for n in ui["nodes"])
 
 
 def test_demo_result_equals_core(server):

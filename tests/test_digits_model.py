@@ -16,7 +16,7 @@ from epd_dev.digits import training_digits
 
 pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("comfy_nodes")]
 WEIGHTS = ROOT / "demo_models" / "digits-unet.safetensors"
-START_TABLE = ROOT / "weights" / "analytic-sd15-start-nfe10.safetensors"
+START_TABLE = ROOT / "weights" / "demo" / "analytic-sd15-start-nfe10.safetensors"
 
 
 @pytest.fixture(scope="module")
@@ -187,7 +187,7 @@ def test_training_script_quick_mode(tmp_path):
 def test_loader_does_not_offer_the_unet_as_a_table():
     choices = H.pack_module("nodes.nodes_tables").table_choices()
     assert WEIGHTS.name not in choices
-    assert "analytic-sd15-reference-nfe5.safetensors" in choices
+    assert "demo/analytic-sd15-reference-nfe5.safetensors" in choices
 
 
 def test_tables_script_distils_then_refines_with_rdpo(tmp_path):
@@ -214,8 +214,8 @@ def test_tables_script_distils_then_refines_with_rdpo(tmp_path):
 def test_bundled_digits_tables_record_their_generator():
     """The bundled digits tables were made by make_digits_tables (Stage 2 ones from the bundled Stage 1 file)."""
     for nfe in (5,):
-        distilled = epd_core.load_params(ROOT / "weights" / f"digits-nfe{nfe}.safetensors")
-        refined = epd_core.load_params(ROOT / "weights" / f"digits-nfe{nfe}-rdpo.safetensors")
+        distilled = epd_core.load_params(ROOT / "weights" / "demo" / f"digits-nfe{nfe}.safetensors")
+        refined = epd_core.load_params(ROOT / "weights" / "demo" / f"digits-nfe{nfe}-rdpo.safetensors")
         for table in (distilled, refined):
             assert table.metadata["command"].startswith(("python -m scripts.make_digits_tables",
                                                          "python scripts/make_digits_tables.py"))  # fmt: skip

@@ -29,7 +29,7 @@ WEIGHTS = ROOT / "weights"
 
 
 def test_bounds_leave_room_over_every_real_table():
-    real = [load_params(p) for p in official_files()] + [load_params(p) for p in WEIGHTS.glob("*.safetensors")
+    real = [load_params(p) for p in official_files()] + [load_params(p) for p in WEIGHTS.rglob("*.safetensors")
                                                           if p.name != "digits-unet.safetensors"]  # fmt: skip
     assert real
     assert max(p.num_steps for p in real) * 10 < MAX_TIME_POINTS

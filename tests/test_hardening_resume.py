@@ -61,7 +61,7 @@ def test_an_interrupt_lands_inside_the_teacher_pass():
 
 def test_an_interrupt_lands_inside_the_rollouts():
     gm = GaussianMixture.reference()
-    start = load_params(ROOT / "weights" / "analytic-sd15-reference-nfe10.safetensors")
+    start = load_params(ROOT / "weights" / "demo" / "analytic-sd15-reference-nfe10.safetensors")
     t0 = time.monotonic()
 
     def check() -> None:

@@ -61,7 +61,7 @@ def test_comfy_node_validate_and_pack(tmp_path):
         names = set(zf.namelist())
     for required in ("__init__.py", "pyproject.toml", "nodes/nodes_sampling.py", "nodes/sampling.py",
                      "epd_core/solver.py", "epd_core/safe_pickle.py",
-                     "example_workflows/epd_analytic_demo.json"):  # fmt: skip
+                     "example_workflows/api/epd_mnist_demo.json"):  # fmt: skip
         assert required in names, required
     assert any(n.startswith("weights/") and n.endswith(".safetensors") for n in names)
     assert "weights/catalogue.json" in names  # the loader lists and fetches published tables from it

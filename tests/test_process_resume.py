@@ -28,7 +28,7 @@ COMMANDS = {
 
 @pytest.mark.parametrize("command", sorted(COMMANDS))
 def test_a_run_killed_with_sigkill_resumes_to_the_same_table(tmp_path, command):
-    args = [a.replace("TABLE", str(ROOT / "weights" / "analytic-sd15-reference-nfe5.safetensors"))
+    args = [a.replace("TABLE", str(ROOT / "weights" / "demo" / "analytic-sd15-reference-nfe5.safetensors"))
             for a in COMMANDS[command]]  # fmt: skip
     run = [sys.executable, "-m", "epd_core", *args]
     env = dict(os.environ, PYTHONPATH=str(ROOT))

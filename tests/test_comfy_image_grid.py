@@ -1,0 +1,55 @@
+"""EPD Image Grid: image batches as labelled rows of one picture (the demo's comparison grid)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from epd_dev import comfy_harness as H
+
+pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("comfy_nodes")]
+
+
+def _node():
+    return H.pack_module("nodes.nodes_demo").EPDImageGrid
+
+
+def test_rows_are_pasted_in_order_right_of_their_labels():
+    grid = _node()
+    red = torch.zeros(3, 10, 12, 3)
+    red[..., 0] = 1.0
+    blue = torch.zeros(2, 10, 12, 3)
+    blue[..., 2] = 1.0
+    (out,) = grid.execute("first row\nsecond", row_1=red, row_2=blue).result
+    assert out.shape[0] == 1 and out.shape[-1] == 3 and out.dtype == torch.float32
+    image = out[0]
+    gap = 4
+    assert image.shape[0] == 2 * (10 + gap) + gap
+    label_w = image.shape[1] - 3 * (12 + gap)  # three columns: the longest row
+    assert label_w > 40  # room for the text
+    first = image[gap : gap + 10, label_w : label_w + 12]
+    second = image[2 * gap + 10 : 2 * gap + 20, label_w + 12 + gap : label_w + 24 + gap]
+    assert torch.equal(first, red[0]) and torch.equal(second, blue[1])
+    assert torch.equal(
+        image[2 * gap + 10 :, label_w + 2 * (12 + gap) :],
+        torch.ones_like(image[2 * gap + 10 :, label_w + 2 * (12 + gap) :]),
+    )
+    labels = image[:, : label_w - gap]
+    assert (labels < 0.5).any(dim=-1).sum() > 20  # dark text pixels where the labels are
+    assert (labels[: gap + 10] < 0.5).any() and (labels[2 * gap + 10 :] < 0.5).any()
+
+
+def test_grey_images_and_errors():
+    grid = _node()
+    (out,) = grid.execute("a", row_1=torch.full((2, 8, 8, 1), 0.5)).result
+    assert out.shape[-1] == 3
+    with pytest.raises(ValueError, match="labels"):
+        grid.execute("a\nb\nc", row_1=torch.zeros(1, 8, 8, 3), row_2=torch.zeros(1, 8, 8, 3))
+    with pytest.raises(ValueError, match="one size"):
+        grid.execute("a\nb", row_1=torch.zeros(1, 8, 8, 3), row_2=torch.zeros(1, 9, 8, 3))
+
+
+def test_the_node_declares_eight_rows_the_first_required():
+    spec = _node().INPUT_TYPES()
+    assert list(spec["required"]) == ["labels", "row_1"]
+    assert list(spec["optional"]) == [f"row_{i}" for i in range(2, 9)]
