@@ -85,6 +85,11 @@ class DistillConfig(_Config):
         OBJECTIVES,
     )
     final_estimate: bool = _opt(False, "fit the last step extended to sigma 0 (final_step 'estimate', no call)")
+    afs_mean: bool = _opt(
+        True,
+        "with the analytic first step: estimate the data's per-channel mean (the model's denoised average at the "
+        "first time point) and store it in the table (mean-aware AFS)",
+    )
 
     def __post_init__(self) -> None:
         self._check_common()

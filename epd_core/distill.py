@@ -24,7 +24,7 @@ from .checkpoint import RunState, interruptible, run_checkpointer
 from .config import DistillConfig
 from .params import TABLE_NAMES, EPDParams, decode
 from .schedules import make_schedule
-from .solver import Denoiser, epd_step, evaluate_points
+from .solver import Denoiser, epd_step, evaluate_points, sample
 from .teachers import subdivide, teacher_trajectory
 
 __all__ = ["distill", "student_loss"]
@@ -178,6 +178,22 @@ class _Rollout:
         return loss
 
 
+@torch.no_grad()
+def first_step_mean(denoiser, start: EPDParams, shape, t0: torch.Tensor, config: DistillConfig, dtype, device,
+                    noises: int = 64) -> torch.Tensor:  # fmt: skip
+    """The data's per-channel mean as the model sees it at the first time point: ``D(x, t0)`` averaged over
+    ``noises`` starting noises (in batches of ``config.batch``, so a conditioning batch tiles as in training)."""
+    gen = torch.Generator().manual_seed(config.seed + 1)
+    total, count = None, 0
+    while count < noises:
+        noise = torch.randn((config.batch, *shape), generator=gen, dtype=torch.float64).to(device, dtype)
+        x = noise if start.is_flow else noise * t0.to(dtype)
+        denoised = denoiser(x, t0.to(dtype).expand(x.shape[0])).double()
+        part = denoised.transpose(0, 1).flatten(1).sum(1)
+        total, count = (part if total is None else total + part), count + x.shape[0]
+    return (total / (count * math.prod(shape[1:]))).cpu()
+
+
 def _update(opt: torch.optim.Optimizer, trainable: list[torch.Tensor], clip: bool) -> None:
     """One Adam step; non-finite gradient entries are zeroed, the norm clipped to 1 unless ``clip`` is off."""
     for p in trainable:
@@ -243,6 +259,8 @@ def distill(
         if torch.allclose(fine[:: config.teacher_m + 1], base_grid, rtol=1e-9):
             fine_fixed = fine  # the authors' teacher grid: the same schedule with (M + 1)x the steps
 
+    if config.afs_mean and start.afs and start.afs_mean is None:
+        start = start.replace(afs_mean=first_step_mean(denoiser, start, shape, base_grid[0], config, dtype, device))
     raw = {name: getattr(start, name).to(device, dtype).clone().requires_grad_(True) for name in TABLE_NAMES}
     trainable = [raw["r_params"], raw["weight_s"]]
     trainable += [raw["scale_dir_params"]] if start.scale_dir else []
@@ -295,12 +313,34 @@ def distill(
     tables = {name: raw[name].detach().to("cpu", torch.float32) for name in TABLE_NAMES}
     learned = _grid_from_logits(ends, logits).detach().cpu() if config.learn_grid else None
     tail = [v for v in history[-max(1, config.iterations // 10) :] if math.isfinite(v)]
+    fitted = start.replace(**tables, t_steps=learned, teacher=config.teacher, teacher_steps_m=config.teacher_m)
+    errors = {}
+    if config.plugin_base == "euler":  # a plugin table's student is its base's method: not sampled here
+        final_grid = base_grid if learned is None else learned.to(base_grid)
+        errors = held_out_errors(denoiser, fitted, final_grid, shape, config, dtype)
     provenance = {
         **dict(start.metadata),
         **(metadata or {}),
         **({"plugin_base": config.plugin_base} if config.plugin_base != "euler" else {}),
-        "distilled": {**config.provenance(), "first_loss": history[0], "final_loss": sum(tail) / max(1, len(tail))},
-    }
-    return start.replace(
-        **tables, t_steps=learned, teacher=config.teacher, teacher_steps_m=config.teacher_m, metadata=provenance
-    )
+        "distilled": {**config.provenance(), "first_loss": history[0], "final_loss": sum(tail) / max(1, len(tail)),
+                      **errors},
+    }  # fmt: skip
+    return fitted.replace(metadata=provenance)
+
+
+@torch.no_grad()
+def held_out_errors(denoiser, params: EPDParams, grid: torch.Tensor, shape, config: DistillConfig, dtype) -> dict:
+    """How good the teacher and the student are along ``grid``, on ``config.batch`` noises training never saw.
+
+    The reference is the teacher with ``2M + 1`` points per step (twice as fine); ``teacher_error`` is the RMS
+    distance of the training teacher (``M``) to it at the last grid point, ``student_error`` the student's. A
+    student cannot get much closer to the truth than its teacher: a small ratio says the teacher limits it.
+    """
+    gen = torch.Generator().manual_seed(config.seed + 2)
+    noise = torch.randn((config.batch, *shape), generator=gen, dtype=torch.float64).to(grid.device, dtype)
+    x = noise if params.is_flow else noise * grid[0].to(dtype)
+    fine = teacher_trajectory(denoiser, x, subdivide(grid, 2 * config.teacher_m + 1), config.teacher)[-1]
+    teacher = teacher_trajectory(denoiser, x, subdivide(grid, config.teacher_m), config.teacher)[-1]
+    student = sample(denoiser, x, grid.cpu(), params)
+    rms = lambda a: float(((a - fine) ** 2).mean().sqrt())  # noqa: E731
+    return {"teacher_error": rms(teacher), "student_error": rms(student), "held_out_noises": config.batch}

@@ -3,7 +3,7 @@
 Two formats are read:
 
 * the project's own ``.safetensors``: tensors ``r_params``, ``weight_s``,
-  ``scale_dir_params``, ``scale_time_params`` (and optionally ``t_steps``),
+  ``scale_dir_params``, ``scale_time_params`` (and optionally ``t_steps`` and ``afs_mean``),
   header metadata ``epd_format`` (``"1"``), ``hyper`` (JSON hyper-parameters)
   and ``provenance`` (JSON: source file and sha256, creating tool, ...);
 * the authors' released ``.pkl`` predictors, through a pickle reader that
@@ -191,7 +191,8 @@ def _read_safetensors_header(data: bytes) -> dict[str, Any]:
     return header
 
 
-_HYPER_FIELDS = set(EPDParams.__dataclass_fields__) - set(TABLE_NAMES) - {"t_steps", "metadata"}
+OPTIONAL_TENSORS = ("t_steps", "afs_mean")
+_HYPER_FIELDS = set(EPDParams.__dataclass_fields__) - set(TABLE_NAMES) - {*OPTIONAL_TENSORS, "metadata"}
 
 
 def _load_own(path: Path, data: bytes) -> EPDParams:
@@ -221,7 +222,7 @@ def _load_own(path: Path, data: bytes) -> EPDParams:
     unknown = sorted(set(hyper) - _HYPER_FIELDS)
     if unknown:
         raise EPDFileError(path, f"unknown hyper-parameters {unknown}")
-    extra = sorted(set(tensors) - set(TABLE_NAMES) - {"t_steps"})
+    extra = sorted(set(tensors) - set(TABLE_NAMES) - set(OPTIONAL_TENSORS))
     if extra:
         raise EPDFileError(path, f"unexpected tensors {extra}")
     missing = [name for name in TABLE_NAMES if name not in tensors]
@@ -274,8 +275,9 @@ def save_params(params: EPDParams, path: str | os.PathLike, *, overwrite: bool =
     """
     path = check_destination(path, overwrite)
     tensors = {name: getattr(params, name).contiguous() for name in TABLE_NAMES}
-    if params.t_steps is not None:
-        tensors["t_steps"] = params.t_steps.contiguous()
+    for name in OPTIONAL_TENSORS:
+        if getattr(params, name) is not None:
+            tensors[name] = getattr(params, name).contiguous()
     provenance = dict(params.metadata)
     provenance.setdefault("created_by", f"epd_core {__version__}")
     meta = {

@@ -31,6 +31,7 @@ __all__ = ["EPDParams", "Decoded", "decode", "time_points_for_nfe", "STUDENTS", 
 STUDENTS = ("epd", "ipndm")
 BACKENDS = ("edm", "ldm", "sd3", "flux")
 TABLE_NAMES = ("r_params", "weight_s", "scale_dir_params", "scale_time_params")
+MAX_CHANNELS = 256  # latent channels an afs_mean may have
 
 
 class Decoded(NamedTuple):
@@ -82,6 +83,8 @@ class EPDParams:
     ``backend`` is the model family: ``edm`` (pixel VE), ``ldm`` (SD-style
     discrete VP), ``sd3`` (flow, static shift) or ``flux`` (flow, dynamic
     ``mu``). ``t_steps`` optionally carries the table's own (learned) grid.
+    ``afs_mean`` optionally carries the data's per-channel mean for a mean-aware
+    analytic first step (see :func:`~epd_core.solver.first_direction`).
     ``metadata`` holds provenance (source file, sha256, tool, ...).
     """
 
@@ -110,6 +113,7 @@ class EPDParams:
     guidance_rate: float | None = None
     dataset_name: str | None = None
     t_steps: torch.Tensor | None = None
+    afs_mean: torch.Tensor | None = None
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -173,6 +177,14 @@ class EPDParams:
             if not torch.isfinite(t).all() or not (t > 0).all() or not (t[1:] < t[:-1]).all():
                 fail("t_steps", "must be finite, positive and strictly decreasing")
             object.__setattr__(self, "t_steps", t)
+        if self.afs_mean is not None:
+            m = self.afs_mean
+            if not isinstance(m, torch.Tensor) or m.ndim != 1 or not 1 <= m.numel() <= MAX_CHANNELS:
+                fail("afs_mean", f"must be a 1-D tensor of 1 to {MAX_CHANNELS} per-channel means")
+            m = m.detach().to("cpu", torch.float64).clone()
+            if not torch.isfinite(m).all() or float(m.abs().max()) > 1e4:
+                fail("afs_mean", "must be finite and at most 1e4 in size")
+            object.__setattr__(self, "afs_mean", m)
         for name in ("afs", "fcn"):
             object.__setattr__(self, name, bool(getattr(self, name)))
         object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
@@ -216,7 +228,7 @@ class EPDParams:
 
     def hyper(self) -> dict[str, Any]:
         """The hyper-parameters as a JSON-friendly dict (no tables, no grid, no metadata)."""
-        skip = set(TABLE_NAMES) | {"t_steps", "metadata"}
+        skip = set(TABLE_NAMES) | {"t_steps", "afs_mean", "metadata"}
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
     def replace(self, **changes: Any) -> EPDParams:

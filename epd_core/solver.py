@@ -97,15 +97,28 @@ def evaluate_points(
 
 
 def first_direction(
-    denoiser: Denoiser, x: torch.Tensor, t_cur: torch.Tensor, afs: bool, flow: bool = False
+    denoiser: Denoiser,
+    x: torch.Tensor,
+    t_cur: torch.Tensor,
+    afs: bool,
+    flow: bool = False,
+    mean: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``d = (x - D(x, t_cur)) / t_cur``, or the analytic first step (AFS, no model call).
 
     AFS is the authors' ``x / sqrt(1 + t_cur^2)`` on variance-exploding grids; on rectified-flow grids
     (our extension) it assumes ``D(x, t_cur) = 0``, exact at ``t = 1`` for zero-mean data: ``x / t_cur``.
+    With the data's per-channel ``mean`` (a table's ``afs_mean``) it is mean-aware: ``x - mean`` replaces
+    ``x`` (at ``t = 1`` a flow model's ``D`` *is* the data mean).
     """
     if afs:
         scale = t_cur if flow else torch.sqrt(1 + t_cur**2)
+        if mean is not None:
+            if x.ndim < 2 or x.shape[1] != mean.numel():
+                raise ValueError(
+                    f"the table's first-step mean has {mean.numel()} channels; the latent has shape {list(x.shape)}"
+                )
+            x = x - mean.to(x).reshape(1, -1, *([1] * (x.ndim - 2)))
         return x / scale.to(x.dtype)
     return (x - denoiser(x, _per_sample(t_cur, x.shape[0], x))) / t_cur.to(x.dtype)
 
@@ -134,7 +147,7 @@ def epd_step(
     by Adams-Bashforth extrapolation; EPD students keep none). ``evaluate`` computes the K directions (training
     swaps in finite differences).
     """
-    d = first_direction(denoiser, x, t_cur, afs, params.is_flow)
+    d = first_direction(denoiser, x, t_cur, afs, params.is_flow, params.afs_mean)
     direction = adams_bashforth(d, history, params.max_order) if params.student == "ipndm" else d
     tau = point_times(table.r[step], t_cur, t_next)
     d_points = evaluate(denoiser, x, direction, tau - t_cur, table.scale_time[step] * tau, tau, parallel)

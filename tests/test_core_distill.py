@@ -217,3 +217,42 @@ def test_final_estimate_trains_what_sampling_with_the_estimate_returns(gradient)
     assert err(p) < 0.8 * err(start), (err(p), err(start))
     with pytest.raises(ValueError, match="plugin"):
         DistillConfig(iterations=1, final_estimate=True, plugin_base="dpmpp_2m")
+
+
+def test_mean_aware_first_step_on_a_non_centred_mixture(tmp_path):
+    """Real latents are not centred; the plain analytic first step assumes they are. Distillation estimates the
+    per-channel data mean (``afs_mean``) and the table carries it through a file. On a flow model at t = 1 the
+    denoiser returns the data mean, so with it the first step is exact where the plain one is off by the mean."""
+    from epd_core import save_params
+    from epd_core.solver import first_direction
+
+    shift = torch.tensor([0.8, -0.6, 0.3, -0.9], dtype=torch.float64).reshape(1, 4, 1, 1)
+    half = GM.means[:4]
+    gm = GaussianMixture(torch.cat([half, -half]) + shift, torch.full((8,), 1 / 8, dtype=torch.float64), GM.std)
+    start = EPDParams.start(3, 2, schedule_type="flowmatch", schedule_rho=1.0, backend="sd3", flowmatch_shift=3.0,
+                            afs=True)  # fmt: skip
+    config = dict(iterations=2, batch=16, teacher_m=1)
+    aware = distill(gm.denoise_flow, start, gm.shape, DistillConfig(**config))
+    plain = distill(gm.denoise_flow, start, gm.shape, DistillConfig(**config, afs_mean=False))
+    assert plain.afs_mean is None and torch.allclose(aware.afs_mean, shift.flatten(), atol=1e-9)
+    loaded = load_params(save_params(aware, tmp_path / "aware.safetensors"))
+    assert torch.equal(loaded.afs_mean, aware.afs_mean) and loaded.hyper() == aware.hyper()
+    x = torch.randn(3, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5))
+    one = torch.tensor(1.0, dtype=torch.float64)
+    exact = first_direction(gm.denoise_flow, x, one, afs=False)
+    assert torch.allclose(first_direction(gm.denoise_flow, x, one, True, True, loaded.afs_mean), exact, atol=1e-9)
+    assert torch.allclose(first_direction(gm.denoise_flow, x, one, True, True) - exact, shift.expand_as(x))
+    with pytest.raises(ValueError, match="4 channels"):
+        first_direction(gm.denoise_flow, x[:, :3], one, True, True, loaded.afs_mean)
+    with pytest.raises(ValueError, match="afs_mean"):
+        aware.replace(afs_mean=torch.tensor([float("nan")]))
+
+
+def test_distill_reports_teacher_and_student_errors_on_held_out_noises():
+    """The table records how far its teacher (M points per step) and the table itself are from a twice-finer
+    teacher on noises training never saw: a finer teacher is closer, and a trained table beats the start."""
+    coarse = distill(GM.denoise_ve, _start(), GM.shape, DistillConfig(iterations=1, batch=16, teacher_m=1))
+    fine = distill(GM.denoise_ve, _start(), GM.shape, DistillConfig(iterations=40, batch=16, teacher_m=6))
+    c, f = coarse.metadata["distilled"], fine.metadata["distilled"]
+    assert f["teacher_error"] < 0.5 * c["teacher_error"] and f["held_out_noises"] == 16
+    assert f["student_error"] < c["student_error"]
