@@ -84,8 +84,21 @@ class EPDDistill(io.ComfyNode):
                                   **resume_options(path, iterations))  # fmt: skip
         saved = save_output(params, path, overwrite)
         d = params.metadata["distilled"]
-        info = f"{describe(params)}; loss {d['first_loss']:.4g} -> {d['final_loss']:.4g}; saved {saved}"
+        loss = f"loss {d['first_loss']:.4g} -> {d['final_loss']:.4g}"
+        info = f"{describe(params)}; {loss}; {fit_report(d)}; saved {saved}"
         return io.NodeOutput(params, info)
+
+
+def fit_report(distilled: dict) -> str:
+    """The held-out errors of a distilled table, and what they mean for the user."""
+    if "student_error" not in distilled:
+        return "no held-out check (plugin table)"
+    student, teacher = distilled["student_error"], distilled["teacher_error"]
+    text = (f"held-out RMS error vs a 2x finer teacher: table {student:.4g}, teacher {teacher:.4g} "
+            f"({distilled['held_out_noises']} noises)")  # fmt: skip
+    if teacher > 0.2 * student:
+        text += " - the teacher limits the table: raise teacher_steps"
+    return text
 
 
 class EPDRDPO(io.ComfyNode):

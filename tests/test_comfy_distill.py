@@ -41,6 +41,7 @@ def test_distill_node_saves_a_table_that_samples(epd_dir, kind):
     params, info = _run(model, kind, f"t_{kind}", learn_grid=kind == "eps", nfe=nfe, final_estimate=estimate)
     path = epd_dir / f"t_{kind}.safetensors"
     assert path.exists() and "saved" in info
+    assert "held-out RMS error" in info and params.metadata["distilled"]["student_error"] > 0
     loaded = epd_core.load_params(path)
     assert torch.equal(loaded.r_params, params.r_params)
     assert loaded.metadata["distilled"]["gradient"] == "fd"
