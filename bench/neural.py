@@ -1,0 +1,289 @@
+"""Neural benchmark: EPD against ComfyUI's samplers and tuned schedules on the class-conditional MNIST models.
+
+The models of ``demo_models/`` are sampled as a user samples them: classifier-free guidance (cfg 3) with a batch of
+the ten classes as positive (sample i draws digit i mod 10) and "no class" as negative, through ComfyUI's real
+sampling path (``comfy.sample.sample_custom``). Every contender starts from the same held-out noises.
+
+Metrics, each with a 95% interval:
+
+* RMSE to the network's own ODE endpoint (Heun on ComfyUI's path with many steps; the answer key's step-halving
+  gap is reported), with a delta-method interval from the per-sample errors;
+* digits FID: Frechet distance of the decoded images' classifier features (``epd_dev.mnist_metrics``) to the
+  1,000 held-out real digits;
+* class accuracy (the classifier agrees with the prompted digit) and the wrong-class rate (the classifier's class
+  differs from that of the exact endpoint: the neural "wrong mode"), with Wilson intervals.
+
+The built-in field: every deterministic sampler x every KSampler scheduler, plus the tuned schedules that fit the
+model's sigma range through SamplerCustom (AlignYourSteps SD1 and GITS on the EPS model, OptimalSteps FLUX / Wan /
+Chroma on the flow model). The best built-in is picked on the same data it is scored on.
+
+    python -m bench.neural                    # full run -> bench/results/neural.{json,md}, rows in accuracy.json
+    python -m bench.neural --quick            # a small version (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench.accuracy import DETERMINISTIC, RESULTS, TWO_CALLS, builtin_steps
+from epd_core import load_params
+from epd_dev import ROOT, comfy_harness, mnist_data, mnist_metrics
+
+KINDS = ("eps", "flow")
+CFG = 3.0
+NFES = (5, 10)
+HELD_OUT_SEED = 2**31 - 1
+KEY_STEPS = 100  # the answer key: Heun with this many steps, checked against half as many
+TUNED = {
+    "eps": [("AlignYourSteps", "SD1"), ("GITS", 1.2)],
+    "flow": [("OptimalSteps", m) for m in ("FLUX", "Wan", "Chroma")],
+}
+TABLES = ROOT / "weights" / "demo"
+
+
+class Rounds:
+    """Counts guided model evaluations (one per CFG evaluation, whatever the batch) through ComfyUI's cfg hook."""
+
+    def __init__(self, batch: int) -> None:
+        self.batch, self.rounds, self.evals = batch, 0, 0
+
+    def __call__(self, args: dict) -> torch.Tensor:
+        self.rounds += 1
+        self.evals += args["input"].shape[0] // self.batch
+        return args["uncond"] + (args["cond"] - args["uncond"]) * args["cond_scale"]
+
+
+def setup(kind: str):
+    """The MNIST model ``kind`` and its conditionings: all ten classes (positive) and no class (negative)."""
+    nodes = comfy_harness.setup()
+    (model,) = nodes["EPDMnistModel"].execute(kind).result
+    positive, negative = nodes["EPDMnistClass"].execute("0-9").result
+    return nodes, model, positive, negative
+
+
+def run(model, positive, negative, sampler, sigmas, noise) -> tuple[torch.Tensor, Rounds]:
+    """One contender on ComfyUI's sampling path: the final latent and its round count."""
+    import comfy.sample
+
+    counter = Rounds(noise.shape[0])
+    m = model.clone()
+    m.set_model_sampler_cfg_function(counter)
+    with torch.no_grad():
+        out = comfy.sample.sample_custom(m, noise, CFG, sampler, sigmas, positive, negative,
+                                         torch.zeros_like(noise), disable_pbar=True, seed=0)  # fmt: skip
+    return out, counter
+
+
+def key_sigmas(model, kind: str, steps: int) -> torch.Tensor:
+    """The answer key's grid: rho-7 polynomial over the EPS model's range, ComfyUI's simple schedule for flow."""
+    import comfy.samplers
+
+    from epd_core.schedules import polynomial
+
+    ms = model.get_model_object("model_sampling")
+    if kind == "flow":
+        return comfy.samplers.calculate_sigmas(ms, "simple", steps)
+    grid = polynomial(steps, float(ms.sigma_min), float(ms.sigma_max)).float()
+    return torch.cat([grid, grid.new_zeros(1)])
+
+
+def answer_key(model, kind, positive, negative, noise, steps: int = KEY_STEPS) -> tuple[torch.Tensor, float]:
+    """The network's own guided ODE endpoint (Heun, ``steps``) and its RMSE gap to ``steps // 2``."""
+    import comfy.samplers
+
+    heun = comfy.samplers.sampler_object("heun")
+    ends = [run(model, positive, negative, heun, key_sigmas(model, kind, n), noise)[0] for n in (steps // 2, steps)]
+    return ends[1], rmse(ends[1], ends[0])
+
+
+def tuned_schedules(kind: str, nfe: int) -> dict[str, torch.Tensor]:
+    """The tuned schedules that fit the model, for the one-call samplers at this NFE (``nfe`` steps)."""
+    comfy_harness.load_builtin_extras()
+    from comfy_extras.nodes_align_your_steps import AlignYourStepsScheduler
+    from comfy_extras.nodes_gits import GITSScheduler
+    from comfy_extras.nodes_optimalsteps import OptimalStepsScheduler
+
+    out = {}
+    for name, option in TUNED[kind]:
+        if name == "AlignYourSteps":
+            sigmas = AlignYourStepsScheduler.execute(option, nfe, 1.0).result[0]
+        elif name == "GITS":
+            sigmas = GITSScheduler.execute(option, nfe, 1.0).result[0]
+        else:
+            sigmas = OptimalStepsScheduler.execute(option, nfe, 1.0).result[0]
+        out[f"{name}({option})"] = sigmas.float()
+    return out
+
+
+def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(((a.double() - b.double()) ** 2).mean().sqrt())
+
+
+def rmse_interval(out: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
+    """95% interval of the RMSE over samples (delta method on the per-sample mean squared errors)."""
+    per = ((out.double() - exact.double()) ** 2).flatten(1).mean(1)
+    mean, se = float(per.mean()), float(per.std() / math.sqrt(per.numel()))
+    return math.sqrt(max(mean - 1.96 * se, 0.0)), math.sqrt(mean + 1.96 * se)
+
+
+def wilson(k: int, n: int) -> tuple[float, float]:
+    """95% Wilson interval of a rate ``k / n``."""
+    if n == 0:
+        return 0.0, 1.0
+    z, p = 1.96, k / n
+    centre, half = (p + z * z / (2 * n)), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+
+
+class Scorer:
+    """Decodes latents and scores them against the answer key, the prompted classes and the held-out digits."""
+
+    def __init__(self, exact: torch.Tensor, labels: torch.Tensor) -> None:
+        self.latent_to_images = comfy_harness.pack_module("nodes.mnist_model").latent_to_images
+        self.classifier = mnist_metrics.load_classifier()
+        self.real = mnist_metrics.features(mnist_data.split("heldout")[0], self.classifier)
+        self.exact, self.labels = exact, labels
+        self.exact_class = mnist_metrics.predict(self.images(exact), self.classifier)
+
+    def images(self, latent: torch.Tensor) -> torch.Tensor:
+        return self.latent_to_images(latent.float())
+
+    def __call__(self, out: torch.Tensor) -> dict:
+        images = self.images(out)
+        predicted = mnist_metrics.predict(images, self.classifier)
+        n = out.shape[0]
+        right = int((predicted == self.labels).sum())
+        wrong = int((predicted != self.exact_class).sum())
+        fid = mnist_metrics.frechet_distance(mnist_metrics.features(images, self.classifier), self.real)
+        return {"rmse": rmse(out, self.exact), "rmse_ci": rmse_interval(out, self.exact), "fid": fid,
+                "accuracy": right / n, "accuracy_ci": wilson(right, n), "wrong_mode": wrong,
+                "wrong_mode_rate": wrong / n, "wrong_mode_ci": wilson(wrong, n)}  # fmt: skip
+
+
+def epd_tables(kind: str) -> list[Path]:
+    return sorted(TABLES.glob(f"mnist-{kind}-nfe*.safetensors"))
+
+
+def bench_kind(kind: str, nfes, n: int, samplers, schedulers, log=print) -> list[dict]:
+    import comfy.samplers
+
+    nodes, model, positive, negative = setup(kind)
+    ms = model.get_model_object("model_sampling")
+    noise = torch.randn(n, 4, 14, 14, generator=torch.Generator().manual_seed(HELD_OUT_SEED))
+    labels = torch.arange(n) % 10
+    t0 = time.time()
+    exact, gap = answer_key(model, kind, positive, negative, noise)
+    log(f"mnist-{kind}: answer key in {time.time() - t0:.0f} s, step-halving gap {gap:.2e}")
+    score = Scorer(exact, labels)
+    base = {"model": f"mnist-{kind}", "mixture": "mnist", "cfg": CFG, "samples": n, "answer_key_gap": gap}
+    rows = [{**base, "sampler": "exact", "scheduler": f"heun/{KEY_STEPS}", "nfe": 2 * KEY_STEPS, **score(exact)}]
+
+    def add(sampler_name, scheduler, sampler, sigmas, nfe=None):
+        out, c = run(model, positive, negative, sampler, sigmas, noise)
+        if nfe is not None and c.rounds != nfe:
+            return
+        rows.append({**base, "sampler": sampler_name, "scheduler": scheduler, "nfe": c.rounds,
+                     "evaluations": c.evals, **score(out)})  # fmt: skip
+
+    for nfe in nfes:
+        for sampler in samplers:
+            steps = builtin_steps(sampler, nfe)
+            for scheduler in schedulers:
+                sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, steps)
+                if sampler in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS:
+                    sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, steps + 1)
+                    sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+                add(sampler, scheduler, comfy.samplers.sampler_object(sampler), sigmas, nfe)
+            if sampler not in TWO_CALLS:
+                for name, sigmas in tuned_schedules(kind, nfe).items():
+                    add(sampler, name, comfy.samplers.sampler_object(sampler), sigmas, nfe)
+        log(f"mnist-{kind}: built-ins at NFE {nfe} done ({time.time() - t0:.0f} s)")
+    for path in epd_tables(kind):
+        params = load_params(path)
+        for final, final_step, label in ((True, "denoise", "+final"), (True, "estimate", "+estimate")):
+            sigmas = nodes["EPDScheduler"].execute(model, params, 1.0, final).result[0]
+            sampler = nodes["EPDSampler"].execute(params, "auto", True, "comfyui", final_step).result[0]
+            add("epd", f"table:{path.stem}{label}", sampler, sigmas)
+    log(f"mnist-{kind}: {len(rows)} runs in {time.time() - t0:.0f} s")
+    return rows
+
+
+def summarize(rows: list[dict]) -> tuple[str, list[dict]]:
+    """Per model and NFE: the best built-in by RMSE and by FID, and the best EPD table; the ratios."""
+    lines = ["| model | NFE | best built-in (RMSE) | RMSE [95%] | FID | EPD table | RMSE [95%] | FID | accuracy | "
+             "wrong class [95%] | RMSE ratio | best built-in (FID) | FID | FID ratio |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    summary = []
+    for model in sorted({r["model"] for r in rows}):
+        sub = [r for r in rows if r["model"] == model and r["sampler"] != "exact"]
+        for nfe in sorted({r["nfe"] for r in sub if r["sampler"] == "epd"}):
+            builtin = [r for r in sub if r["nfe"] == nfe and r["sampler"] != "epd"]
+            epd = [r for r in sub if r["nfe"] == nfe and r["sampler"] == "epd"]
+            if not builtin or not epd:
+                continue
+            b, e = min(builtin, key=lambda r: r["rmse"]), min(epd, key=lambda r: r["rmse"])
+            bf = min(builtin, key=lambda r: r["fid"])
+            s = {"model": model, "nfe": nfe, "best_builtin": b, "best_builtin_fid": bf, "epd": e,
+                 "ratio": b["rmse"] / e["rmse"], "fid_ratio": bf["fid"] / e["fid"]}  # fmt: skip
+            summary.append(s)
+            cells = [model, nfe, f"{b['sampler']} / {b['scheduler']}", _ci(b["rmse"], b["rmse_ci"]), f"{b['fid']:.2f}",
+                     e["scheduler"].removeprefix("table:"), _ci(e["rmse"], e["rmse_ci"]), f"{e['fid']:.2f}",
+                     f"{e['accuracy']:.3f}", _ci(e["wrong_mode_rate"], e["wrong_mode_ci"], 3),
+                     f"{s['ratio']:.2f}x", f"{bf['sampler']} / {bf['scheduler']}", f"{bf['fid']:.2f}",
+                     f"{s['fid_ratio']:.2f}x"]  # fmt: skip
+            lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n", summary
+
+
+def _ci(value: float, ci, digits: int = 4) -> str:
+    return f"{value:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def merge_into_accuracy(rows: list[dict], path: Path) -> None:
+    """Replace the MNIST models' rows of ``accuracy.json`` by ``rows`` (other rows stay)."""
+    models = {r["model"] for r in rows}
+    old = json.loads(path.read_text()) if path.exists() else []
+    path.write_text(json.dumps([r for r in old if r["model"] not in models] + rows, indent=1))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small run for CI: 20 samples, three samplers")
+    ap.add_argument("--samples", type=int, help="noises per model (a multiple of 10; default 2048 rounded up)")
+    ap.add_argument("--kinds", nargs="*", default=list(KINDS))
+    ap.add_argument("--nfes", nargs="*", type=int, default=list(NFES))
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    comfy_harness.setup()
+    import comfy.samplers
+
+    t0 = time.time()
+    n = args.samples or (20 if args.quick else 2050)
+    n = -(-n // 10) * 10
+    samplers = ["euler", "dpmpp_2m", "uni_pc"] if args.quick else DETERMINISTIC
+    schedulers = ["karras", "simple"] if args.quick else list(comfy.samplers.SCHEDULER_NAMES)
+    rows = [r for kind in args.kinds for r in bench_kind(kind, args.nfes, n, samplers, schedulers)]
+    args.out.mkdir(parents=True, exist_ok=True)
+    table, summary = summarize(rows)
+    (args.out / "neural.json").write_text(json.dumps(rows, indent=1))
+    (args.out / "neural.md").write_text(table)
+    (args.out / "neural_summary.json").write_text(json.dumps(summary, indent=1))
+    if not args.quick:
+        merge_into_accuracy(rows, args.out / "accuracy.json")
+    print(table)
+    print(f"{len(rows)} runs in {time.time() - t0:.0f} s -> {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""Distil the MNIST demo models' EPD tables with EPD Distill's own code path, and record how each was made.
+
+For each model (eps, flow) and NFE: the model through the pack's nodes, the ten digits as one conditioning batch
+(EPD MNIST Class "0-9") against "none", cfg 3, a 112x112 latent; ``nodes.training.distill_on_model`` (what the
+EPD Distill node runs) with :class:`epd_core.config.DistillConfig` (its defaults unless a flag says otherwise);
+saved as ``weights/demo/mnist-<kind>-nfe<N>.safetensors`` with this command in the table's metadata.
+
+    python -m scripts.make_mnist_tables                         # eps and flow, NFE 4-10
+    python -m scripts.make_mnist_tables --kinds flow --nfes 5 10 --iterations 100
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from epd_core.config import DistillConfig, add_arguments, from_arguments
+from epd_core.params import time_points_for_nfe
+from epd_dev import ROOT, comfy_harness
+
+CFG = 3.0
+OUT = ROOT / "weights" / "demo"
+
+
+def make_table(kind: str, nfe: int, points: int, config: DistillConfig, command: str, out: Path) -> Path:
+    """One table, distilled and saved; returns its path."""
+    nodes = comfy_harness.setup()
+    training = comfy_harness.pack_module("nodes.training")
+    (model,) = nodes["EPDMnistModel"].execute(kind).result
+    positive, negative = nodes["EPDMnistClass"].execute("0-9").result
+    steps, afs = time_points_for_nfe(nfe)
+    start = training.start_table(model.get_model_object("model_sampling"), steps, points, afs)
+    metadata = {"tool": "scripts/make_mnist_tables.py", "model": f"demo_models/mnist-{kind}", "cfg": CFG,
+                "command": command}  # fmt: skip
+    params = training.distill_on_model(model, positive, negative, CFG, torch.zeros(1, 4, 14, 14), start, config,
+                                       metadata=metadata)  # fmt: skip
+    path = out / f"mnist-{kind}-nfe{nfe}.safetensors"
+    training.save_params(params, path, overwrite=True)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--kinds", nargs="+", default=["eps", "flow"])
+    ap.add_argument("--nfes", nargs="+", type=int, default=list(range(4, 11)))
+    ap.add_argument("--points", type=int, default=2, help="parallel points per step (K)")
+    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    add_arguments(ap, DistillConfig)
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = from_arguments(args, DistillConfig)
+    command = "python -m scripts.make_mnist_tables " + shlex.join(sys.argv[1:] if argv is None else argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for kind in args.kinds:
+        for nfe in args.nfes:
+            t0 = time.time()
+            path = make_table(kind, nfe, args.points, config, command, args.out)
+            print(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: {time.time() - t0:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
