@@ -49,7 +49,8 @@ TABLES = ROOT / "weights" / "demo"
 
 
 class Rounds:
-    """Counts guided model evaluations (one per CFG evaluation, whatever the batch) through ComfyUI's cfg hook."""
+    """Counts guided model rounds through ComfyUI's cfg hook: ``rounds`` sequential ones, ``evals`` per sample (the
+    K points of an EPD step count K times; a CFG evaluation counts once)."""
 
     def __init__(self, batch: int) -> None:
         self.batch, self.rounds, self.evals = batch, 0, 0
@@ -207,6 +208,8 @@ def bench_kind(kind: str, nfes, n: int, samplers, schedulers, log=print) -> list
         log(f"mnist-{kind}: built-ins at NFE {nfe} done ({time.time() - t0:.0f} s)")
     for path in epd_tables(kind):
         params = load_params(path)
+        if params.nfe not in nfes:
+            continue
         for final, final_step, label in ((True, "denoise", "+final"), (True, "estimate", "+estimate")):
             sigmas = nodes["EPDScheduler"].execute(model, params, 1.0, final).result[0]
             sampler = nodes["EPDSampler"].execute(params, "auto", True, "comfyui", final_step).result[0]

@@ -72,3 +72,32 @@ def test_gpu_latency_script_runs_on_the_cpu(tmp_path):
     runs = sorted((r["sampler"], r["nfe"]) for r in result["wall_time"])
     assert runs == sorted((s, n) for s in names for n in (4, 6))
     assert all(r["seconds_per_image"] > 0 for r in result["wall_time"])
+
+
+def test_quick_neural_benchmark(tmp_path):
+    """The MNIST benchmark's small version: the answer key, built-ins with KSampler schedulers and the tuned
+    schedules, the bundled EPD table, with intervals; the summary compares EPD with the best built-in."""
+    from bench import neural
+
+    assert neural.main(["--quick", "--kinds", "eps", "--nfes", "5", "--out", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "neural.json").read_text())
+    assert {"AlignYourSteps(SD1)", "GITS(1.2)", "karras"} <= {r["scheduler"] for r in rows}
+    for r in rows:
+        assert r["rmse_ci"][0] <= r["rmse"] <= r["rmse_ci"][1] and r["fid"] >= 0
+        assert r["wrong_mode_ci"][0] <= r["wrong_mode_rate"] <= r["wrong_mode_ci"][1]
+    builtin = [r for r in rows if r["sampler"] not in ("epd", "exact")]
+    assert builtin and all(r["nfe"] == r["evaluations"] == 5 for r in builtin)
+    epd = [r for r in rows if r["sampler"] == "epd"]
+    assert epd and {r["nfe"] for r in epd} == {5, 6}  # the free estimate, and one more call to denoise to 0
+    assert rows[0]["sampler"] == "exact" and rows[0]["answer_key_gap"] < 0.02
+    summary = json.loads((tmp_path / "neural_summary.json").read_text())
+    assert summary and summary[0]["ratio"] > 0 and "| mnist-eps | 5 |" in (tmp_path / "neural.md").read_text()
+
+
+def test_wilson_interval():
+    from bench.neural import wilson
+
+    low, high = wilson(0, 100)
+    assert low == 0 and 0.03 < high < 0.04  # the rule of three, roughly
+    low, high = wilson(50, 100)
+    assert 0.40 < low < 0.41 and 0.59 < high < 0.60
