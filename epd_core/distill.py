@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 
-from .bases import base_update
+from .bases import Base
 from .checkpoint import RunState, interruptible, run_checkpointer
 from .config import DistillConfig
 from .params import TABLE_NAMES, EPDParams, decode
+from .plugin import placement
 from .schedules import make_schedule
 from .solver import Denoiser, epd_step, evaluate_points
 from .teachers import subdivide, teacher_trajectory
@@ -112,7 +113,8 @@ def student_loss(
     ``weighting``: ``uniform`` (the authors') or ``snr``: each step's error divided by ``1 + t_next^2``, i.e.
     measured at the model's input scale, so the early high-noise steps that decide the image's layout count
     as much as the late ones.
-    ``plugin_base``: the base solver the table will run under as an EPD Plugin (see :mod:`epd_core.bases`).
+    ``plugin_base``: the base solver the table will run under as an EPD Plugin: its method places the points,
+    the step stays EPD's (see :mod:`epd_core.plugin`).
     ``final_estimate``: the last step is extended to sigma 0 (sampling with ``final="estimate"``); ``targets[-1]``
     is then the teacher's denoised end point.
     """
@@ -123,23 +125,21 @@ def student_loss(
     local = config.objective == "local"
     table = decode(*(raw[name] for name in TABLE_NAMES), params.scale_dir, params.scale_time, params.fcn)
     history: list[torch.Tensor] = []
-    base_state: dict = {}
+    placer = Base(plugin_base, grid.detach()) if plugin_base != "euler" else None
     total = x.new_zeros(())
     steps = grid.shape[0] - 1
     for i in range(steps):
         t_cur, t_next = grid[i], grid[i + 1]
         afs = params.afs and i == 0
-        d_eff, history = epd_step(model, x, t_cur, t_next, table, i, params, history, afs, evaluate=evaluate)
+        place = placement(placer, i, x, t_cur) if placer is not None else None
+        d_eff, history = epd_step(model, x, t_cur, t_next, table, i, params, history, afs, evaluate=evaluate,
+                                  place=place)  # fmt: skip
         if final_estimate and i == steps - 1:
             x_next = x - t_cur.to(x.dtype) * d_eff
-        elif plugin_base == "euler":
-            x_next = x + (t_next - t_cur).to(x.dtype) * d_eff
         else:
-            x_next = base_update(plugin_base, x, x - t_cur.to(x.dtype) * d_eff, t_cur, t_next, base_state)
-            if local:
-                base_state = {
-                    k: ([h.detach() for h in v] if isinstance(v, list) else v.detach()) for k, v in base_state.items()
-                }
+            x_next = x + (t_next - t_cur).to(x.dtype) * d_eff
+        if placer is not None and local:
+            placer.past = [h.detach() for h in placer.past]
         if feature_loss is not None and i == steps - 1:
             total = total + feature_loss(x_next, targets[i + 1])
         elif local or i == steps - 1:

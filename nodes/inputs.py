@@ -48,9 +48,7 @@ def final_step_input() -> io.Combo.Input:
 
 def seed_input(tooltip: str, default: int = 0) -> io.Int.Input:
     """A seed; like KSampler's, the frontend adds its 'control after generate' widget after it."""
-    return io.Int.Input(
-        "seed", default=default, min=0, max=SEED_MAX, control_after_generate=True, tooltip=tooltip
-    )
+    return io.Int.Input("seed", default=default, min=0, max=SEED_MAX, control_after_generate=True, tooltip=tooltip)
 
 
 def cfg_input(default: float, tooltip: str) -> io.Float.Input:

@@ -56,9 +56,7 @@ class EPDDistill(io.ComfyNode):
                     "afs", default=False, tooltip="Analytic first step: skips the first model call (NFE one less)."
                 ),
                 *output_inputs("my_epd_table"),
-                epd_params_input(
-                    "start_params", "Start from this table instead of the default start.", optional=True
-                ),
+                epd_params_input("start_params", "Start from this table instead of the default start.", optional=True),
                 advanced(config_input(d, "final_estimate", optional=True)),
             ],
             outputs=[EPDParamsType.Output(display_name="epd_params"), io.String.Output(display_name="info")],

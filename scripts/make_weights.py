@@ -30,16 +30,23 @@ def recipe(form: str, mixture: str, nfe: int) -> str:
     return f"--form {form} --mixture {mixture} --steps {steps} {COMMON}{' --afs' if afs else ''} {loss}"
 
 
+# EPD Plugin tables: one per base the plugin places points with (euler's are the EPD tables above), from the
+# untrained start table, so the learned grid suits the base's placement (a table fitted for Euler's placement and
+# then tuned for a multistep base's got worse: its long last step is where multistep extrapolation is poorest).
+PLUGIN_BASES = ("dpmpp_2m", "ipndm", "ipndm_v", "deis", "lms", "res_multistep", "gradient_estimation")
+
+
+def plugin_recipe(form: str, nfe: int, base: str) -> str:
+    return (f"--form {form} --mixture reference --steps {nfe // 2 + 1} --points 3 --learn-grid --teacher heun "
+            f"--teacher-m 3 --iterations 200 --batch 96 --seed 1 --weighting snr --plugin-base {base}")  # fmt: skip
+
+
 DISTILLED = {
     **{f"analytic-{f}-reference-nfe{n}.safetensors": recipe(f, "reference", n) for f in FORMS for n in range(3, 11)},
     **{f"analytic-{f}-{m}-nfe{n}.safetensors": recipe(f, m, n) for f in FORMS for m in ("wide", "multimodal")
        for n in (5, 10)},
-    **{
-        f"analytic-sd15-reference-nfe10-plugin-{b}.safetensors": f"--form sd15 --steps 6 --plugin-base {b} "
-        "--mixture reference --points 2 --learn-grid --teacher heun --teacher-m 8 --iterations 400 --batch 128 "
-        "--seed 1 --weighting snr"
-        for b in ("dpmpp_2m", "ipndm")
-    },
+    **{f"analytic-{f}-reference-nfe{n}-plugin-{b}.safetensors": plugin_recipe(f, n, b)
+       for n in (10,) for f in ("sd15", "sd3") for b in PLUGIN_BASES},
 }  # fmt: skip
 
 

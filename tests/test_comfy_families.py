@@ -49,6 +49,8 @@ TABLES = {
     "flux shift": "flux-best.pkl",
     "refused": "sd3-512-best.pkl",
 }
+
+
 def _model_types() -> list[str]:
     """The model types of the ComfyUI under test."""
     import comfy.model_base

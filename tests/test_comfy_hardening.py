@@ -362,4 +362,3 @@ def test_a_server_killed_mid_distill_resumes_to_the_same_table(tmp_path):
     a, b = load_params(epd / "killed_run.safetensors"), load_params(epd / "killed_ref.safetensors")
     assert_tables_close(a, b)
     assert not ck.exists() and not [p for p in epd.iterdir() if p.name.startswith(".")]
-

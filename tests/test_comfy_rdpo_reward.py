@@ -102,6 +102,7 @@ def _run_node(model, name: str, reward: str = "clip_score", **optional):
 
 def test_clip_score_is_100_cosine_of_the_projected_embeddings(towers):
     import comfy.clip_vision
+
     rewards = H.pack_module("nodes.rewards")
 
     vae, clip_vision, clip = towers
@@ -145,8 +146,8 @@ def test_rdpo_node_trains_on_clip_score(epd_dir, towers):
 def test_reward_may_push_the_model_off_the_device(epd_dir):
     """Loading a reward's models can unload the sampled one (low VRAM); it is loaded back, with its patches."""
     import comfy.model_management
-    training = H.pack_module("nodes.training")
 
+    training = H.pack_module("nodes.training")
 
     def patched():
         model = tiny_model("eps")
