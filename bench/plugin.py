@@ -35,12 +35,14 @@ NFES = (6, 8, 10)
 SAMPLES = 8192
 
 
-def plugin_tables(form: str, nfe: int, base: str) -> list[Path]:
-    """The bundled tables the plugin runs over ``base`` at ``nfe``: the EPD table (its points on the Euler step)
-    and, where one is bundled, the table distilled for ``base``'s placement."""
-    stem = ROOT / "weights" / f"analytic-{form.split('_')[0]}-reference-nfe{nfe}"
-    paths = [Path(f"{stem}.safetensors"), Path(f"{stem}-plugin-{base}.safetensors")]
-    return [p for p in dict.fromkeys(paths) if p.exists()]
+def plugin_runs(form: str, nfe: int, base: str) -> list[tuple[Path, bool]]:
+    """The bundled tables the plugin runs over ``base`` at ``nfe`` rounds, with whether a final denoise is added:
+    the EPD tables (their points on the Euler step) of ``nfe``, and of ``nfe - 1`` plus a final denoise (the odd
+    ones start with AFS), and the table distilled for ``base``'s placement where one is bundled."""
+    stem = f"analytic-{form.split('_')[0]}-reference-nfe"
+    runs = [(f"{stem}{nfe}", False), (f"{stem}{nfe - 1}", True), (f"{stem}{nfe}-plugin-{base}", False)]
+    paths = [(ROOT / "weights" / f"{name}.safetensors", final) for name, final in runs]
+    return [(path, final) for path, final in paths if path.exists()]
 
 
 def bench_plugin(form: str, bases, nfes, n: int, log=lambda m: print(m, flush=True)) -> list[dict]:
@@ -63,14 +65,14 @@ def bench_plugin(form: str, bases, nfes, n: int, log=lambda m: print(m, flush=Tr
                     rows.append({**common, "sampler": base, "scheduler": scheduler, "nfe": c.rounds,
                                  "evaluations": c.evals, **metrics(gm, out, exact)})  # fmt: skip
         for nfe in nfes:
-            for path in plugin_tables(form, nfe, base):
+            for path, final in plugin_runs(form, nfe, base):
                 params = load_params(path)
                 sampler = nodes["EPDPlugin"].execute(comfy.samplers.sampler_object(base), params, "auto").result[0]
-                for final, label in ((False, ""), (True, "+final")):
-                    sigmas = nodes["EPDScheduler"].execute(model, params, 1.0, final).result[0]
-                    out, c = run(model, sampler, sigmas, noise)
-                    rows.append({**common, "sampler": f"epd_plugin_{base}", "nfe": c.rounds, "evaluations": c.evals,
-                                 "scheduler": f"table:{path.stem}{label}", **metrics(gm, out, exact)})  # fmt: skip
+                sigmas = nodes["EPDScheduler"].execute(model, params, 1.0, final).result[0]
+                out, c = run(model, sampler, sigmas, noise)
+                rows.append({**common, "sampler": f"epd_plugin_{base}", "nfe": c.rounds, "evaluations": c.evals,
+                             "scheduler": f"table:{path.stem}{'+final' if final else ''}",
+                             **metrics(gm, out, exact)})  # fmt: skip
         log(f"{form}/{base}: done")
     return rows
 

@@ -72,3 +72,24 @@ def test_gpu_latency_script_runs_on_the_cpu(tmp_path):
     runs = sorted((r["sampler"], r["nfe"]) for r in result["wall_time"])
     assert runs == sorted((s, n) for s in names for n in (4, 6))
     assert all(r["seconds_per_image"] > 0 for r in result["wall_time"])
+
+
+def test_plugin_benchmark_compares_each_base_at_equal_nfe_and_replaces_plugin_rows(tmp_path):
+    from bench import plugin
+
+    rows = plugin.bench_plugin("sd15_eps", ["dpmpp_2m"], [10], 32, log=lambda m: None)
+    bare = [r for r in rows if r["sampler"] == "dpmpp_2m"]
+    plug = [r for r in rows if r["sampler"] == "epd_plugin_dpmpp_2m"]
+    assert bare and all(r["nfe"] == r["evaluations"] == 10 for r in bare)
+    assert {r["scheduler"] for r in plug} >= {"table:analytic-sd15-reference-nfe10",
+                                              "table:analytic-sd15-reference-nfe9+final"}  # fmt: skip
+    assert all(r["nfe"] == 10 and r["evaluations"] > r["nfe"] for r in plug)  # K points count once in NFE
+    table, summary = plugin.compare(rows)
+    assert len(summary) == 1 and summary[0]["bare"]["rmse"] == min(r["rmse"] for r in bare)
+    assert summary[0]["plugin"]["rmse"] == min(r["rmse"] for r in plug) and "| dpmpp_2m | 10 |" in table
+    old = [{"sampler": "epd_plugin_ipndm", "rmse": 1.0}, {"sampler": "euler", "rmse": 0.5}]
+    (tmp_path / "accuracy.json").write_text(json.dumps(old))
+    plugin.merge_into_accuracy(rows, tmp_path / "accuracy.json")
+    merged = json.loads((tmp_path / "accuracy.json").read_text())
+    assert {"sampler": "euler", "rmse": 0.5} in merged and not any(r["sampler"] == "epd_plugin_ipndm" for r in merged)
+    assert len(merged) == 1 + len(plug)
