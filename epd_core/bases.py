@@ -22,7 +22,7 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["BASES", "Base", "base_update"]
+__all__ = ["BASES", "Base"]
 
 # The bases the plugin supports. uni_pc / uni_pc_bh2 are not among them: UniPC's corrector rewrites the state after
 # each model call, so the point the model is asked at is not the state the next step starts from.
@@ -180,16 +180,3 @@ class Base:
         denoised = (target - rest) / gain
         self._remember(i, x, denoised)
         return denoised
-
-
-def base_update(
-    base: str, x: torch.Tensor, denoised: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor, state: dict
-) -> torch.Tensor:
-    """One step of ``base`` from ``t`` to ``t_next``; ``state`` carries the base (and its grid) between steps."""
-    run = state.get("base")
-    if run is None:
-        run = state["base"] = Base(base, [float(t)])
-    if float(t) != run.sigmas[-1]:
-        raise ValueError("base_update: steps must follow each other along one grid")
-    run.sigmas.append(float(t_next))
-    return run.step(len(run.sigmas) - 2, x, denoised)
