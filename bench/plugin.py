@@ -5,9 +5,10 @@ answer key of :mod:`bench.accuracy`.
     python -m bench.plugin                          # SD1.5 and SD3 forms of the reference mixture, NFE 6 8 10
     python -m bench.plugin --forms sd15_eps --nfes 10 --samples 1024
 
-Writes ``bench/results/plugin.json`` (bare and plugin rows at this run's sample count) and ``plugin.md`` (per
-base and NFE: the bare base at its best scheduler against the plugin, and their ratio), and merges the plugin
-rows (``sampler = "epd_plugin_<base>"``) into ``accuracy.json``, replacing the plugin rows there. NFE counts
+Merges its rows into ``bench/results/plugin.json`` (bare and plugin rows; a row of the same model, sampler and
+NFE is replaced) and writes ``plugin.md`` from it (per base and NFE: the bare base at its best scheduler against
+the plugin, and their ratio); merges the plugin rows (``sampler = "epd_plugin_<base>"``) into ``accuracy.json``
+the same way. NFE counts
 sequential model rounds: an EPD step is two (the plain prediction, then the K points in one batched call).
 Over ``euler`` the plugin is the EPD solver, so its tables are the EPD tables of the same NFE.
 """
@@ -99,11 +100,18 @@ def compare(rows: list[dict]) -> tuple[str, list[dict]]:
     return "\n".join(lines) + "\n", out
 
 
-def merge_into_accuracy(rows: list[dict], path: Path) -> None:
-    """Replace ``accuracy.json``'s plugin rows by this run's."""
+def _same_run(a: dict, b: dict) -> bool:
+    return all(a.get(k) == b.get(k) for k in ("model", "mixture", "sampler", "nfe"))
+
+
+def merge_rows(rows: list[dict], path: Path, only_plugin: bool) -> list[dict]:
+    """``path``'s rows with those this run redid (same model, mixture, sampler and NFE) replaced by this run's
+    (``only_plugin``: only plugin rows, as in ``accuracy.json``, whose bare rows have other sample counts)."""
+    new = [r for r in rows if r["sampler"].startswith("epd_plugin_") or not only_plugin]
     old = json.loads(path.read_text()) if path.exists() else []
-    keep = [r for r in old if not r["sampler"].startswith("epd_plugin_")]
-    path.write_text(json.dumps(keep + [r for r in rows if r["sampler"].startswith("epd_plugin_")], indent=1))
+    merged = [r for r in old if not any(_same_run(r, n) for n in new)] + new
+    path.write_text(json.dumps(merged, indent=1))
+    return merged
 
 
 def _job(spec: str) -> None:
@@ -143,10 +151,9 @@ def main(argv: list[str] | None = None) -> int:
         with ThreadPoolExecutor(min(len(jobs), args.workers or os.cpu_count() or 1)) as pool:
             rows = [r for part in pool.map(one, enumerate(jobs)) for r in part]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "plugin.json").write_text(json.dumps(rows, indent=1))
-    table, _ = compare(rows)
+    table, _ = compare(merge_rows(rows, args.out / "plugin.json", only_plugin=False))
     (args.out / "plugin.md").write_text(table)
-    merge_into_accuracy(rows, args.out / "accuracy.json")
+    merge_rows(rows, args.out / "accuracy.json", only_plugin=True)
     print(table)
     print(f"{len(rows)} runs in {time.time() - t0:.0f} s -> {args.out}")
     return 0

@@ -87,9 +87,9 @@ def test_plugin_benchmark_compares_each_base_at_equal_nfe_and_replaces_plugin_ro
     table, summary = plugin.compare(rows)
     assert len(summary) == 1 and summary[0]["bare"]["rmse"] == min(r["rmse"] for r in bare)
     assert summary[0]["plugin"]["rmse"] == min(r["rmse"] for r in plug) and "| dpmpp_2m | 10 |" in table
-    old = [{"sampler": "epd_plugin_ipndm", "rmse": 1.0}, {"sampler": "euler", "rmse": 0.5}]
+    key = {"model": "analytic-sd15_eps", "mixture": "reference", "nfe": 10}
+    old = [{**key, "sampler": "epd_plugin_dpmpp_2m", "rmse": 1.0}, {**key, "sampler": "epd_plugin_ipndm", "rmse": 1.0},
+           {**key, "sampler": "dpmpp_2m", "rmse": 0.5}]  # fmt: skip
     (tmp_path / "accuracy.json").write_text(json.dumps(old))
-    plugin.merge_into_accuracy(rows, tmp_path / "accuracy.json")
-    merged = json.loads((tmp_path / "accuracy.json").read_text())
-    assert {"sampler": "euler", "rmse": 0.5} in merged and not any(r["sampler"] == "epd_plugin_ipndm" for r in merged)
-    assert len(merged) == 1 + len(plug)
+    merged = plugin.merge_rows(rows, tmp_path / "accuracy.json", only_plugin=True)
+    assert merged == old[1:] + plug  # the redone plugin row replaced; the other base's and the bare rows kept
