@@ -19,10 +19,11 @@ from typing import Any
 
 import torch
 
-from .bases import base_update
+from .bases import Base
 from .checkpoint import RunState, interruptible, run_checkpointer
 from .config import DistillConfig
 from .params import TABLE_NAMES, EPDParams, decode
+from .plugin import placement
 from .schedules import make_schedule
 from .solver import Denoiser, epd_step, evaluate_points, sample
 from .teachers import subdivide, teacher_trajectory
@@ -116,7 +117,8 @@ def student_loss(
     ``weighting``: ``uniform`` (the authors') or ``snr``: each step's error divided by ``1 + t_next^2``, i.e.
     measured at the model's input scale, so the early high-noise steps that decide the image's layout count
     as much as the late ones.
-    ``plugin_base``: the base solver the table will run under as an EPD Plugin (see :mod:`epd_core.bases`).
+    ``plugin_base``: the base solver the table will run under as an EPD Plugin: its method places the points,
+    the step stays EPD's (see :mod:`epd_core.plugin`).
     ``final_estimate``: the last step is extended to sigma 0 (sampling with ``final="estimate"``); ``targets[-1]``
     is then the teacher's denoised end point.
     """
@@ -130,10 +132,6 @@ def student_loss(
     return total, rollout.x
 
 
-def _detached(value):
-    return [h.detach() for h in value] if isinstance(value, list) else value.detach()
-
-
 class _Rollout:
     """The student walking the grid from ``x``, one step at a time, with each step's loss against the teacher."""
 
@@ -145,7 +143,7 @@ class _Rollout:
         self.local = config.objective == "local"
         self.steps = grid.shape[0] - 1
         self.history: list[torch.Tensor] = []
-        self.base_state: dict = {}
+        self.placer = Base(config.plugin_base, grid.detach()) if config.plugin_base != "euler" else None
 
     def table(self):
         p = self.params
@@ -156,17 +154,16 @@ class _Rollout:
         config, x, grid = self.config, self.x, self.grid
         t_cur, t_next = grid[i], grid[i + 1]
         afs = self.params.afs and i == 0
+        place = placement(self.placer, i, x, t_cur) if self.placer is not None else None
         d_eff, history = epd_step(self.model, x, t_cur, t_next, self.table(), i, self.params, self.history, afs,
-                                  evaluate=self.evaluate)  # fmt: skip
+                                  evaluate=self.evaluate, place=place)  # fmt: skip
         last = i == self.steps - 1
         if config.final_estimate and last:
             x_next = x - t_cur.to(x.dtype) * d_eff
-        elif config.plugin_base == "euler":
-            x_next = x + (t_next - t_cur).to(x.dtype) * d_eff
         else:
-            x_next = base_update(config.plugin_base, x, x - t_cur.to(x.dtype) * d_eff, t_cur, t_next, self.base_state)
-            if self.local:
-                self.base_state = {k: _detached(v) for k, v in self.base_state.items()}
+            x_next = x + (t_next - t_cur).to(x.dtype) * d_eff
+        if self.placer is not None and self.local:
+            self.placer.past = [h.detach() for h in self.placer.past]
         if feature_loss is not None and last:
             loss = feature_loss(x_next, targets[i + 1])
         else:

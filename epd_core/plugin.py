@@ -1,40 +1,67 @@
 """EPD as a plugin for another solver ("EPD-Plugin").
 
-A base solver (Euler, DPM-Solver++(2M), iPNDM, ...) walks the grid and asks
-for one x0 prediction per grid point. :class:`PluginDenoiser` answers the
-request at grid point ``t_cur`` with the EPD ensemble's prediction::
+A base solver (Euler, DPM-Solver++(2M), iPNDM, ...) walks the grid and asks for one x0 prediction per grid
+point. At grid point ``t_cur`` :class:`PluginDenoiser` takes one EPD step (the authors' EPD-Plugin):
 
-    denoised_eff = x - t_cur * sum_k weight_k * scale_dir_k * d_k
+1. the plain prediction ``D(x, t_cur)`` (the first round; none with AFS) and its direction ``d``;
+2. the K points are placed on a proposed step, ``x_k = x + (tau_k - t_cur) * direction``, and evaluated in one
+   batched call (the second round). The table says which method proposes it (:func:`table_placement`): a table
+   distilled for a base (``DistillConfig.plugin_base``) uses that base's own update, fed the plain predictions
+   of the past grid points (the history it is made for); an EPD table uses Euler's direction ``d``; an
+   ``ipndm`` table its own Adams-Bashforth extrapolation (the authors' EPD-Plugin);
+3. the step is EPD's: ``x_next = x + (t_next - t_cur) * sum_k weight_k * scale_dir_k * d_k``;
+4. the answer is the x0 for which the base's own update, with the base's own history, lands on ``x_next``
+   (:meth:`epd_core.bases.Base.answer`; over Euler that is the ensemble's ``x - t_cur * sum_k w_k c_k d_k``).
 
-(the K points in one batched call; for an ``ipndm`` table the points come from
-Adams-Bashforth extrapolation of the past first directions). Euler's update
-``x + (t_next - t_cur) * (x - denoised_eff) / t_cur`` is then exactly one EPD
-step, and multistep bases combine EPD directions with their own history.
+So the trajectory is the table's EPD trajectory over every supported base, taken by the base's own update
+with its own history: **Euler + plugin is exactly the EPD solver**, and so is dpmpp_2m + plugin with an EPD
+table (the wrapped sampler's update and history stay consistent; a multistep base no longer adds its history
+correction on top of a step that already integrates the interval).
 
-A request at the grid's last point (the step to sigma 0, if any) is a plain
-model call. Any other request, between grid points or twice at the same point,
-means the base evaluates the model several times per step: that would be a
-different algorithm, so it raises :class:`PluginMisuse`.
+A request at the grid's last point (the step to sigma 0, if any) is a plain model call, answered so that the
+base lands on that prediction. Any other request, between grid points or twice at the same point, means the
+base evaluates the model several times per step: that would be a different algorithm, so it raises
+:class:`PluginMisuse`.
 """
 
 from __future__ import annotations
 
 import torch
 
+from .bases import Base
 from .params import EPDParams
 from .solver import Denoiser, epd_step, grid_offset
 
-__all__ = ["PluginDenoiser", "PluginMisuse"]
+__all__ = ["PluginDenoiser", "PluginMisuse", "placement", "table_placement"]
 
 
 class PluginMisuse(ValueError):
     """The base solver asked for a model evaluation the plugin cannot answer faithfully."""
 
 
+def placement(base: Base, i: int, x: torch.Tensor, t_cur: torch.Tensor):
+    """``place(d)`` for :func:`~epd_core.solver.epd_step`: the base's proposed direction at step ``i`` from the
+    plain prediction ``x - t_cur * d`` (remembered in ``base``'s history)."""
+
+    def place(d: torch.Tensor) -> torch.Tensor:
+        if base.name == "euler":
+            base.step(i, x, x - t_cur.to(x.dtype) * d)  # Euler's direction is d itself (kept exact)
+            return d
+        return base.propose(i, x, x - t_cur.to(x.dtype) * d)
+
+    return place
+
+
+def table_placement(params: EPDParams) -> str:
+    """The base whose method places a table's points: the one it was distilled for (``plugin_base`` in its
+    metadata), else ``euler`` (the EPD solver's straight line; an ``ipndm`` student keeps its own rule)."""
+    return str(params.metadata.get("plugin_base") or "euler")
+
+
 class PluginDenoiser:
     """Stateful answer to a base solver's model calls along ``sigmas`` (one sampling run)."""
 
-    def __init__(self, params: EPDParams, sigmas: torch.Tensor, parallel: bool | int = True) -> None:
+    def __init__(self, params: EPDParams, sigmas: torch.Tensor, parallel: bool | int = True, base: str = "euler"):
         self.params = params
         self.sigmas = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu()
         self.offset, self.to_zero = grid_offset(params, self.sigmas)
@@ -43,6 +70,8 @@ class PluginDenoiser:
         self.parallel = parallel
         self.history: list[torch.Tensor] = []
         self.next_index = 0
+        self.placer = Base(table_placement(params), self.sigmas)  # fed the plain predictions: places the points
+        self.base = Base(base, self.sigmas)  # mirrors the real base sampler's state: turns steps into answers
 
     def _index(self, sigma: torch.Tensor) -> int:
         s = sigma.detach().reshape(-1).to("cpu", torch.float64)
@@ -64,13 +93,16 @@ class PluginDenoiser:
                 "EPD Plugin supports samplers with exactly one model call per step"
             )
         self.next_index += 1
-        last = i == self.grid.shape[0] - 1
-        if last:
-            return denoiser(x, sigma)
+        if i == self.grid.shape[0] - 1:
+            return self.base.answer(i, x, denoiser(x, sigma))
         step = self.offset + i
         t_cur, t_next = self.grid[i], self.grid[i + 1]
         afs = self.params.afs and step == 0
+        place = placement(self.placer, i, x, t_cur)
         d_eff, self.history = epd_step(
-            denoiser, x, t_cur, t_next, self.table, step, self.params, self.history, afs, self.parallel
+            denoiser, x, t_cur, t_next, self.table, step, self.params, self.history, afs, self.parallel, place=place
         )
-        return x - t_cur.to(x.dtype) * d_eff
+        if self.base.name == "euler":  # the ensemble's x0 estimate, exactly as the EPD solver's
+            self.base.step(i, x, x - t_cur.to(x.dtype) * d_eff)
+            return x - t_cur.to(x.dtype) * d_eff
+        return self.base.answer(i, x, x + (t_next - t_cur).to(x.dtype) * d_eff)

@@ -138,6 +138,7 @@ def epd_step(
     afs: bool = False,
     parallel: bool | int = True,
     evaluate: PointEvaluator = evaluate_points,
+    place: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """One EPD step's direction ``sum_k weight_k * scale_dir_k * d_k``, and the history for the next step.
 
@@ -145,10 +146,14 @@ def epd_step(
     ``table`` holds ``[steps, K]`` values (``params.decoded()``), or ``[steps, B, K]`` for a different table per
     sample (RDPO's rollouts). ``history`` holds the past first directions ``d`` (iPNDM students place their points
     by Adams-Bashforth extrapolation; EPD students keep none). ``evaluate`` computes the K directions (training
-    swaps in finite differences).
+    swaps in finite differences). ``place(d)``, if given, turns the first direction into the direction the points
+    are placed along (the EPD Plugin's base sampler, :mod:`epd_core.bases`); an iPNDM student keeps its own rule.
     """
     d = first_direction(denoiser, x, t_cur, afs, params.is_flow, params.afs_mean)
-    direction = adams_bashforth(d, history, params.max_order) if params.student == "ipndm" else d
+    if params.student == "ipndm":
+        direction = adams_bashforth(d, history, params.max_order)
+    else:
+        direction = d if place is None else place(d)
     tau = point_times(table.r[step], t_cur, t_next)
     d_points = evaluate(denoiser, x, direction, tau - t_cur, table.scale_time[step] * tau, tau, parallel)
     coef = table.weight[step] * table.scale_dir[step]

@@ -1,7 +1,6 @@
 """Classic one-step updates of the probability-flow ODE ``dx/dt = (x - D(x, t)) / t``.
 
-Shared by the distillation teachers (:mod:`epd_core.teachers`), the plugin
-bases (:mod:`epd_core.bases`) and the analytic reference solutions
+Shared by the distillation teachers (:mod:`epd_core.teachers`) and the analytic reference solutions
 (:mod:`epd_core.analytic`), so each method is written once:
 
 * :func:`euler_step` and :func:`heun_step` (EDM's second-order Heun, two calls);

@@ -134,10 +134,12 @@ class EPDPlugin(io.ComfyNode):
             node_id="EPDPlugin",
             display_name="EPD Plugin",
             category="sampling/custom_sampling/samplers",
-            description="Adds EPD's parallel directions to a built-in sampler: each model call the sampler makes at "
-            "a grid point is answered with the EPD ensemble prediction. Euler + plugin is exactly EPD. Supported: "
+            description="Adds EPD's parallel directions to a built-in sampler: at each grid point the sampler's own "
+            "method (fed the plain model predictions) places the K points, EPD combines their directions into the "
+            "step, and the sampler's model call is answered so that its own update takes that step. Two sequential "
+            "model rounds per step (one on an AFS first step). Euler + plugin is exactly EPD. Supported: "
             + ", ".join(PLUGIN_BASES)
-            + ". Use with EPD Scheduler.",
+            + ". Use with EPD Scheduler and a table distilled for the sampler.",
             inputs=[
                 io.Sampler.Input(
                     "sampler", tooltip="The base sampler, e.g. from KSamplerSelect (dpmpp_2m, ipndm, ...)."

@@ -1,7 +1,8 @@
-"""EPD Plugin inside ComfyUI: a built-in sampler whose model calls at grid points get EPD's ensemble prediction.
+"""EPD Plugin inside ComfyUI: a built-in sampler whose model calls at grid points are answered by the EPD plugin.
 
-Only samplers on an allow-list are wrapped (deterministic, one model call per grid point); the core's
-:class:`~epd_core.plugin.PluginDenoiser` also stops at run time a sampler that calls the model elsewhere.
+Only samplers on an allow-list are wrapped (deterministic, one model call per grid point, and an update rule the
+core knows, :mod:`epd_core.bases`); the core's :class:`~epd_core.plugin.PluginDenoiser` also stops at run time a
+sampler that calls the model elsewhere.
 """
 
 from __future__ import annotations
@@ -10,14 +11,14 @@ import comfy.samplers
 import torch
 
 from ..epd_core import EPDParams
-from ..epd_core.plugin import PluginDenoiser
+from ..epd_core.plugin import PluginDenoiser, table_placement
 from .sampling import PARALLEL_MODES, _ComfyDenoiser, epd_run
 
-# The allow-list: deterministic bases with one model call per grid point (checked at run time as well). Anything
-# else (stochastic samplers, several calls per step such as heun or exp_heun_2_x0, samplers added later) is refused.
+# The allow-list: deterministic bases with one model call per grid point whose update the core mirrors (checked at
+# run time as well). Anything else (stochastic samplers, several calls per step such as heun or exp_heun_2_x0,
+# UniPC whose corrector moves the state after each call, samplers added later) is refused.
 PLUGIN_BASES = (
     "euler", "ddim", "dpmpp_2m", "lms", "ipndm", "ipndm_v", "deis", "res_multistep", "gradient_estimation",
-    "uni_pc", "uni_pc_bh2",
 )  # fmt: skip
 
 
@@ -29,13 +30,28 @@ def base_sampler_name(sampler) -> str:
     return {"unipc": "uni_pc", "unipc_bh2": "uni_pc_bh2"}.get(name, name)
 
 
-def table_base(params: EPDParams) -> str:
-    """The base a table was trained for: recorded by distillation, else ``euler``.
+def core_base(name: str) -> str:
+    """The core's update rule for a ComfyUI sampler name (``ddim`` is ComfyUI's Euler)."""
+    return "euler" if name == "ddim" else name
 
-    The authors' tables (``epd`` and ``ipndm`` students alike) combine the K directions with an Euler-type
-    update; an ``ipndm`` table only places its points by iPNDM extrapolation, which the plugin does itself.
-    """
-    return str(params.metadata.get("plugin_base") or "euler")
+
+def plugin_info(name: str, params: EPDParams) -> str:
+    """What the plugin does over ``name`` with this table, and what it costs."""
+    k = params.num_points
+    rounds = f"2 sequential model rounds per step{' (1 on the AFS first step)' if params.afs else ''}"
+    placed = table_placement(params)
+    if params.student == "ipndm":
+        place = "the table's iPNDM extrapolation of the plain directions places the points (the authors' EPD-Plugin)"
+    elif placed == "euler":
+        place = "the points lie on the Euler step from the plain prediction (the table is an EPD table)"
+    else:
+        place = f"{placed}'s own update, fed the plain predictions at the grid points, places the points"
+    return (
+        f"EPD Plugin over {name}: {params.num_steps - 1} steps, NFE {params.nfe} ({rounds}: the plain prediction at "
+        f"the grid point, then {k} points in one batched call; {params.evaluations} evaluations per sample). Each "
+        f"step: {place}; the step is EPD's weighted sum of the {k} directions, and {name} is answered with the x0 "
+        "for which its own update, with its own history, takes that step (so the run is the table's EPD trajectory)"
+    )
 
 
 class _PluginModel:
@@ -53,7 +69,7 @@ class _PluginModel:
 
 
 def make_plugin_sampler(base, params: EPDParams, parallel: str = "auto", continuous_time: bool = True):
-    """Wrap a base ``SAMPLER``: its model calls at grid points get EPD's ensemble prediction.
+    """Wrap a base ``SAMPLER``: its model calls at grid points are answered by the EPD plugin.
 
     Returns the new sampler and an info text (with a warning when the table was trained for another base).
     """
@@ -61,25 +77,24 @@ def make_plugin_sampler(base, params: EPDParams, parallel: str = "auto", continu
     if name not in PLUGIN_BASES:
         raise ValueError(
             f"EPD Plugin does not support the sampler '{name}' (it needs a deterministic sampler with one model call "
-            f"per step; supported: {', '.join(PLUGIN_BASES)})"
+            f"per step whose update the plugin knows; supported: {', '.join(PLUGIN_BASES)})"
+        )
+    if base.extra_options:
+        raise ValueError(
+            f"EPD Plugin supports '{name}' with its default options only (the plugin mirrors its update); "
+            f"got {sorted(base.extra_options)}"
         )
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
 
     def plugin_function(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
-        if name in ("uni_pc", "uni_pc_bh2") and float(sigmas[-1]) == 0.0:
-            raise ValueError(f"{name} replaces a final sigma 0 by its own grid end; turn final_denoise off")
         grid = sigmas.detach().to("cpu", torch.float64)
         with epd_run(model, params, x, parallel, continuous_time, grid) as (mode, _):
-            plugin = PluginDenoiser(params, sigmas, mode)
+            plugin = PluginDenoiser(params, sigmas, mode, base=core_base(name))
             return base.sampler_function(
                 _PluginModel(model, plugin), x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
                 **options,
             )  # fmt: skip
 
-    trained = table_base(params)
-    info = f"EPD Plugin over {name}: {params.num_points} points per step, NFE {params.nfe}"
-    if trained != name and not (trained == "euler" and name == "ddim"):
-        info += f". Warning: this table was trained for {trained}, not {name}"
     sampler = comfy.samplers.KSAMPLER(plugin_function, dict(base.extra_options), dict(base.inpaint_options))
-    return sampler, info
+    return sampler, plugin_info(name, params)

@@ -101,3 +101,24 @@ def test_wilson_interval():
     assert low == 0 and 0.03 < high < 0.04  # the rule of three, roughly
     low, high = wilson(50, 100)
     assert 0.40 < low < 0.41 and 0.59 < high < 0.60
+
+
+def test_plugin_benchmark_compares_each_base_at_equal_nfe_and_replaces_plugin_rows(tmp_path):
+    from bench import plugin
+
+    rows = plugin.bench_plugin("sd15_eps", ["dpmpp_2m"], [10], 32, log=lambda m: None)
+    bare = [r for r in rows if r["sampler"] == "dpmpp_2m"]
+    plug = [r for r in rows if r["sampler"] == "epd_plugin_dpmpp_2m"]
+    assert bare and all(r["nfe"] == r["evaluations"] == 10 for r in bare)
+    assert {r["scheduler"] for r in plug} >= {"table:analytic-sd15-reference-nfe10",
+                                              "table:analytic-sd15-reference-nfe9+final"}  # fmt: skip
+    assert all(r["nfe"] == 10 and r["evaluations"] > r["nfe"] for r in plug)  # K points count once in NFE
+    table, summary = plugin.compare(rows)
+    assert len(summary) == 1 and summary[0]["bare"]["rmse"] == min(r["rmse"] for r in bare)
+    assert summary[0]["plugin"]["rmse"] == min(r["rmse"] for r in plug) and "| dpmpp_2m | 10 |" in table
+    key = {"model": "analytic-sd15_eps", "mixture": "reference", "nfe": 10}
+    old = [{**key, "sampler": "epd_plugin_dpmpp_2m", "rmse": 1.0}, {**key, "sampler": "epd_plugin_ipndm", "rmse": 1.0},
+           {**key, "sampler": "dpmpp_2m", "rmse": 0.5}]  # fmt: skip
+    (tmp_path / "accuracy.json").write_text(json.dumps(old))
+    merged = plugin.merge_rows(rows, tmp_path / "accuracy.json", only_plugin=True)
+    assert merged == old[1:] + plug  # the redone plugin row replaced; the other base's and the bare rows kept

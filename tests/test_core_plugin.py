@@ -6,7 +6,9 @@ import pytest
 import torch
 
 from epd_core import GaussianMixture, load_params, make_schedule, sample
-from epd_core.plugin import PluginDenoiser, PluginMisuse
+from epd_core.bases import BASES, Base
+from epd_core.plugin import PluginDenoiser, PluginMisuse, placement
+from epd_core.solver import epd_step
 from epd_dev.shared_data import official_path
 
 pytestmark = pytest.mark.core
@@ -55,3 +57,91 @@ def test_plugin_refuses_intermediate_and_repeated_calls():
         plugin(gm.denoise_ve, x, (grid[1:2] + grid[2:3]) / 2)
     with pytest.raises(PluginMisuse, match="point 0 was due"):
         PluginDenoiser(p, grid)(gm.denoise_ve, x, grid[1:2])
+
+
+def _base_run(plugin, base, denoiser, x, sigmas):
+    """The base sampler's own loop (the core's copy of ComfyUI's rule), its model calls answered by ``plugin``."""
+    run = Base(base, sigmas)
+    for i in range(sigmas.shape[0] - 1):
+        x = run.step(i, x, plugin(denoiser, x, sigmas[i].expand(x.shape[0])))
+    return x
+
+
+def _epd_with_placement(params, base, denoiser, x, sigmas):
+    """The plugin's contract written out: the base (fed plain predictions) places the points, the step is EPD's."""
+    grid = sigmas[:-1] if float(sigmas[-1]) == 0 else sigmas
+    placer, history, table = Base(base, sigmas), [], params.decoded()
+    for i in range(grid.shape[0] - 1):
+        afs = params.afs and i == 0
+        place = placement(placer, i, x, grid[i])
+        d_eff, history = epd_step(denoiser, x, grid[i], grid[i + 1], table, i, params, history, afs, place=place)
+        x = x + (grid[i + 1] - grid[i]) * d_eff
+    return denoiser(x, grid[-1:].expand(x.shape[0])) if grid.shape[0] < sigmas.shape[0] else x
+
+
+@pytest.mark.parametrize("base", BASES)
+@pytest.mark.parametrize("to_zero", [False, True])
+def test_every_base_takes_the_tables_epd_step(base, to_zero):
+    """Whatever the base does with its history, the answers make it take the table's EPD step: with an EPD table the
+    run is the EPD solver over every base; with a table distilled for a base, that base's method places the points
+    (which changes the run: a multistep placement differs from Euler's)."""
+    p = load_params(official_path("sd15-best.pkl"))
+    gm = GaussianMixture.reference()
+    grid = make_schedule(p)
+    if to_zero:
+        grid = torch.cat([grid, torch.zeros(1, dtype=torch.float64)])
+    x = torch.randn(3, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * grid[0]
+    epd = sample(gm.denoise_ve, x, grid, p)
+    got = _base_run(PluginDenoiser(p, grid, base=base), base, gm.denoise_ve, x, grid)
+    assert torch.allclose(got, epd, rtol=1e-10, atol=1e-10)
+    placed = "dpmpp_2m" if base == "euler" else base
+    tuned = p.replace(metadata={**p.metadata, "plugin_base": placed})
+    got = _base_run(PluginDenoiser(tuned, grid, base=base), base, gm.denoise_ve, x, grid)
+    assert torch.allclose(got, _epd_with_placement(tuned, placed, gm.denoise_ve, x, grid), rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(got, epd, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("base", ["dpmpp_2m", "ipndm", "lms", "res_multistep"])
+def test_ipndm_table_over_any_base_is_the_authors_ipndm_plugin(base):
+    """An iPNDM-student table keeps its own Adams-Bashforth placement: over every base the run is the authors'
+    EPD-Plugin (the core's sampler, itself checked against the authors' trajectories)."""
+    p = load_params(official_path("00018-cifar10-4-5-ipndm-uni1.0-afs.pkl"))
+    gm = GaussianMixture.reference()
+    grid = make_schedule(p)
+    x = torch.randn(3, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(4)) * grid[0]
+    got = _base_run(PluginDenoiser(p, grid, base=base), base, gm.denoise_ve, x, grid)
+    assert torch.allclose(got, sample(gm.denoise_ve, x, grid, p), rtol=1e-10, atol=1e-10)
+
+
+def test_distillation_trains_the_plugins_trajectory():
+    """``plugin_base`` makes the student's steps the plugin's over that base (placement included)."""
+    from epd_core.config import DistillConfig
+    from epd_core.distill import student_loss
+    from epd_core.params import TABLE_NAMES
+
+    p = load_params(official_path("sd15-best.pkl"))
+    gm = GaussianMixture.reference()
+    grid = make_schedule(p)
+    x = torch.randn(3, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(5)) * grid[0]
+    raw = {n: getattr(p, n).double().clone() for n in TABLE_NAMES}
+    targets = torch.zeros(grid.shape[0], *x.shape, dtype=torch.float64)
+    for base in ("dpmpp_2m", "deis"):
+        config = DistillConfig(plugin_base=base, objective="global")
+        _, end = student_loss(gm.denoise_ve, p, raw, grid, x, targets, config)
+        tuned = p.replace(metadata={**p.metadata, "plugin_base": base})
+        expected = _base_run(PluginDenoiser(tuned, grid, base="lms"), "lms", gm.denoise_ve, x, grid)
+        assert torch.allclose(end, expected, rtol=1e-10, atol=1e-10)
+
+
+def test_answers_invert_each_bases_update():
+    """``Base.answer`` returns the x0 for which the base's own step (with the history it keeps) reaches a target."""
+    grid = torch.tensor([14.6, 7.3, 4.3, 2.7, 1.7, 0.03], dtype=torch.float64)
+    g = torch.Generator().manual_seed(6)
+    for name in BASES:
+        answering, checking = Base(name, grid), Base(name, grid)
+        x = torch.randn(2, 5, dtype=torch.float64, generator=g) * grid[0]
+        for i in range(grid.shape[0] - 1):
+            target = torch.randn(2, 5, dtype=torch.float64, generator=g) * grid[i + 1]
+            answer = answering.answer(i, x, target)
+            assert torch.allclose(checking.step(i, x, answer), target, rtol=1e-10, atol=1e-10), (name, i)
+            x = target
