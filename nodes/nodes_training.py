@@ -63,6 +63,7 @@ class EPDDistill(io.ComfyNode):
                 *output_inputs("my_epd_table"),
                 epd_params_input("start_params", "Start from this table instead of the default start.", optional=True),
                 advanced(config_input(d, "final_estimate", optional=True)),
+                advanced(config_input(d, "objective", optional=True)),
             ],
             outputs=[EPDParamsType.Output(display_name="epd_params"), io.String.Output(display_name="info")],
         )
@@ -71,10 +72,16 @@ class EPDDistill(io.ComfyNode):
     def execute(
         cls, model, positive, negative, latent_image, cfg, nfe, points, teacher, teacher_steps, iterations, batch,
         learning_rate, seed, learn_grid, filename, overwrite, start_params=None, final_estimate=False,
+        objective=None,
     ) -> io.NodeOutput:  # fmt: skip
+        # The per-step objective needs only the derivatives along the two ways a table moves a point: finite
+        # differences, no backpropagation through the network (any architecture, no activation memory). The
+        # objectives that reach earlier steps through the rollout need autograd through the model.
+        objective = objective or DistillConfig.default("objective")
+        gradient = "fd" if objective == "local" else "autograd"
         config = DistillConfig(
             iterations=iterations, batch=batch, teacher=teacher, teacher_m=teacher_steps, lr=learning_rate,
-            seed=seed, learn_grid=learn_grid, final_estimate=final_estimate, gradient="fd",
+            seed=seed, learn_grid=learn_grid, final_estimate=final_estimate, gradient=gradient, objective=objective,
         )  # fmt: skip
         path = output_path(filename, overwrite)
         steps, afs = time_points_for_nfe(nfe)

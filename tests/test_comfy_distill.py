@@ -72,6 +72,15 @@ def test_distill_trains_on_every_prompt_of_a_conditioning_batch(epd_dir):
     assert not torch.equal(params.r_params, other.r_params)
 
 
+@pytest.mark.parametrize("objective", ["global", "authors"])
+def test_objectives_through_the_rollout_backpropagate_through_the_model(epd_dir, objective):
+    """The node's per-step objective uses finite differences; the ones that reach earlier steps through the
+    rollout need autograd through ComfyUI's model, and get it."""
+    params, info = _run(tiny_model("sd3"), "sd3", f"obj_{objective}", iterations=2, objective=objective)
+    d = params.metadata["distilled"]
+    assert (d["objective"], d["gradient"]) == (objective, "autograd") and "held-out" in info
+
+
 def test_distill_runs_under_inference_mode_as_the_server_does(epd_dir):
     """ComfyUI's executor runs nodes under torch.inference_mode(); the grid made there must still train."""
     model = tiny_model("eps")
