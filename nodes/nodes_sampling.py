@@ -6,7 +6,7 @@ from comfy_api.latest import io
 
 from .inputs import advanced, cfg_input, epd_params_input, final_step_input, parallel_input, seed_input
 from .plugin import PLUGIN_BASES, make_plugin_sampler
-from .sampling import CONVENTIONS, make_sampler
+from .sampling import CONVENTIONS, make_sampler, resolution_mu
 from .scheduling import epd_sigmas
 
 
@@ -77,13 +77,21 @@ class EPDScheduler(io.ComfyNode):
                     tooltip="Append sigma 0: one extra model call returning the clean prediction. Off follows the "
                     "table (ends at sigma_min).",
                 ),
+                io.Latent.Input(
+                    "latent_image",
+                    optional=True,
+                    tooltip="Flux 2 only: the latent to sample, whose size sets the grid's mu as in Flux2Scheduler "
+                    "(without it, the model's own mu).",
+                ),
             ],
             outputs=[io.Sigmas.Output()],
         )
 
     @classmethod
-    def execute(cls, model, epd_params, denoise: float, final_denoise: bool) -> io.NodeOutput:
-        sigmas = epd_sigmas(epd_params, model.get_model_object("model_sampling"), denoise, final_denoise)
+    def execute(cls, model, epd_params, denoise: float, final_denoise: bool, latent_image=None) -> io.NodeOutput:
+        shape = None if latent_image is None else tuple(latent_image["samples"].shape)
+        mu = resolution_mu(model.model, shape, epd_params.num_steps - 1)
+        sigmas = epd_sigmas(epd_params, model.get_model_object("model_sampling"), denoise, final_denoise, mu)
         return io.NodeOutput(sigmas)
 
 
@@ -121,7 +129,7 @@ class EPDKSampler(io.ComfyNode):
     ) -> io.NodeOutput:  # fmt: skip
         from comfy_extras.nodes_custom_sampler import SamplerCustom
 
-        sigmas = EPDScheduler.execute(model, epd_params, denoise, final_denoise).result[0]
+        sigmas = EPDScheduler.execute(model, epd_params, denoise, final_denoise, latent_image).result[0]
         sampler = EPDSampler.execute(epd_params, parallel, True, "comfyui", final_step).result[0]
         out = SamplerCustom.execute(model, True, seed, cfg, positive, negative, sampler, sigmas, latent_image)
         return io.NodeOutput(out.result[0])

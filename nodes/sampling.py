@@ -85,6 +85,16 @@ SUPPORTED_MODELS = (
 )
 
 
+def resolution_mu(base_model, latent_shape, steps: int) -> float | None:
+    """Flux 2's ``mu`` for this latent size and number of steps, as ComfyUI's Flux2Scheduler computes it (its
+    tokens are the latent's pixels); None for every other model, whose grid does not depend on the resolution."""
+    if type(base_model).__name__ != "Flux2" or latent_shape is None or len(latent_shape) < 4:
+        return None
+    from comfy_extras.nodes_flux import compute_empirical_mu
+
+    return float(compute_empirical_mu(int(latent_shape[-2]) * int(latent_shape[-1]), steps))
+
+
 def check_model_family(model_sampling) -> None:
     """Refuse, by name, the model kinds whose sampling EPD's grid and update do not match."""
     names = model_type_names(model_sampling)
@@ -106,13 +116,13 @@ def check_cfg(guider) -> None:
         raise ValueError(f"cfg must be a finite number, got {cfg}")
 
 
-def check_grid(params: EPDParams, model_sampling, sigmas: torch.Tensor) -> None:
+def check_grid(params: EPDParams, model_sampling, sigmas: torch.Tensor, mu: float | None = None) -> None:
     """The sigmas must be the table's own grid for this model (EPD Scheduler's), or its last steps (``denoise``),
     optionally ending in 0: a grid of another length or spacing would run the table's steps at the wrong times."""
     from .scheduling import model_schedule
 
     positive = sigmas[:-1] if sigmas.shape[0] >= 2 and float(sigmas[-1]) == 0.0 else sigmas
-    grid = model_schedule(params, model_sampling)
+    grid = model_schedule(params, model_sampling, mu)
     n = positive.shape[0]
     if 1 <= n <= grid.shape[0] and torch.allclose(positive.double(), grid[-n:].float().double(), rtol=1e-5, atol=0):
         return
@@ -164,7 +174,7 @@ def epd_run(model, params: EPDParams, x: torch.Tensor, parallel: str, continuous
     check_cfg(guider)
     if model_sampling is not None:
         check_compatible(params, model_sampling)
-        check_grid(params, model_sampling, sigmas)
+        check_grid(params, model_sampling, sigmas, resolution_mu(base, x.shape, params.num_steps - 1))
     if parallel == "batched":
         mode: bool | int = True
     elif parallel == "sequential" or _conds_need_sequential(guider):

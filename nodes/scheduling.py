@@ -5,7 +5,8 @@
   other schedules get the grid the authors' code would build for them;
 * flow models: the model's own shift decides (``ModelSamplingSD3`` /
   ``ModelSamplingFlux`` nodes upstream are honoured): a FLUX-style
-  ``ModelSamplingFlux`` gives ``mu = shift``, a ``ModelSamplingDiscreteFlow`` a static shift;
+  ``ModelSamplingFlux`` gives ``mu = shift``, a ``ModelSamplingDiscreteFlow`` a static shift; Flux 2 takes the
+  ``mu`` of its resolution and step count, as ComfyUI's Flux2Scheduler does (given a latent);
 * ``denoise < 1`` keeps the last ``round(denoise * steps)`` steps of the table's grid
   (img2img); 0 steps gives an empty grid, which ComfyUI treats as "return the input";
 * ``final_denoise`` appends 0: one extra model call that returns the x0 prediction.
@@ -19,13 +20,13 @@ from ..epd_core import EPDParams, make_schedule
 from .sampling import check_compatible, is_discrete_model, is_flow_model, is_flux_shift
 
 
-def model_schedule(params: EPDParams, model_sampling) -> torch.Tensor:
-    """The table's full grid (float64, ``num_steps`` points) for this model."""
+def model_schedule(params: EPDParams, model_sampling, mu: float | None = None) -> torch.Tensor:
+    """The table's full grid (float64, ``num_steps`` points) for this model (``mu``: a resolution's, Flux 2)."""
     check_compatible(params, model_sampling)
     if is_flow_model(model_sampling):
         shift = float(getattr(model_sampling, "shift", 3.0))
         if is_flux_shift(model_sampling):
-            return make_schedule(params, mu=shift)
+            return make_schedule(params, mu=shift if mu is None else mu)
         return make_schedule(params, shift=shift)
     if params.schedule_type == "discrete" or params.backend == "ldm":
         if not is_discrete_model(model_sampling):
@@ -35,11 +36,13 @@ def model_schedule(params: EPDParams, model_sampling) -> torch.Tensor:
     return make_schedule(params)
 
 
-def epd_sigmas(params: EPDParams, model_sampling, denoise: float = 1.0, final_denoise: bool = False) -> torch.Tensor:
+def epd_sigmas(
+    params: EPDParams, model_sampling, denoise: float = 1.0, final_denoise: bool = False, mu: float | None = None
+) -> torch.Tensor:
     """SIGMAS for ComfyUI (float32, as its own schedulers): the table's grid, cut for ``denoise``, maybe ending in 0."""
     if not 0.0 <= denoise <= 1.0:
         raise ValueError(f"denoise must be in [0, 1], got {denoise}")
-    grid = model_schedule(params, model_sampling)
+    grid = model_schedule(params, model_sampling, mu)
     steps = round(denoise * (params.num_steps - 1))
     if steps == 0:
         return torch.zeros(0)

@@ -116,6 +116,28 @@ def test_noise_scale_other_than_one_is_refused_where_comfyui_applies_it():
             scheduling.epd_sigmas(params, ms)
 
 
+def test_flux2_grid_takes_the_mu_of_its_resolution_like_flux2scheduler():
+    """Flux 2: ComfyUI's Flux2Scheduler picks mu from the latent's size and the step count; EPD Scheduler given the
+    latent does the same (EPD KSampler passes it), the sampler accepts that grid, and without a latent the grid
+    keeps the model's own mu."""
+    from comfy_extras.nodes_flux import compute_empirical_mu
+
+    model = tiny_model("flux2")
+    params = epd_core.load_params(official_path("flux-best.pkl"))
+    steps = params.num_steps - 1
+    for side in (64, 128):  # 1024 and 2048 pixels: 4,096 and 16,384 tokens
+        latent = {"samples": torch.zeros(1, 128, side, side)}
+        (sigmas,) = N["EPDScheduler"].execute(model, params, 1.0, False, latent).result
+        mu = compute_empirical_mu(side * side, steps)
+        assert torch.allclose(sigmas.double(), epd_core.make_schedule(params, mu=mu).float().double())
+        sampling = H.pack_module("nodes.sampling")
+        sampling.check_grid(params, model.get_model_object("model_sampling"), sigmas, mu)
+    (default,) = N["EPDScheduler"].execute(model, params, 1.0, False).result
+    shift = float(model.get_model_object("model_sampling").shift)
+    assert torch.allclose(default.double(), epd_core.make_schedule(params, mu=shift).float().double())
+    assert not torch.allclose(default, sigmas)
+
+
 def test_model_sampling_flux_node_upstream_sets_the_grid_mu():
     """FLUX / Flux 2 / Qwen-Image: ComfyUI's ModelSamplingFlux node (the resolution's mu) decides EPD's grid."""
     from comfy_extras.nodes_model_advanced import ModelSamplingFlux
