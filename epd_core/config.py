@@ -104,22 +104,43 @@ class DistillConfig(_Config):
             raise ValueError("final_estimate extends an EPD step to 0; it has no meaning for a plugin table")
 
 
+GROUPINGS = ("noise", "prompt")
+GUARD_ACTIONS = ("warn", "stop")
+
+
 @dataclass(frozen=True)
 class RDPOConfig(_Config):
-    """Stage 2: RDPO fine-tuning of a table against a reward (:func:`epd_core.rdpo.rdpo`)."""
+    """Stage 2: RDPO fine-tuning of a table against a reward (:func:`epd_core.rdpo.rdpo`).
+
+    :meth:`authors` gives the authors' settings (``training/ppo`` of ``BeierZhu/EPD``, branch ``EPD-Solver++``).
+    """
 
     iterations: int = _opt(50, "rollout + PPO iterations")
-    groups: int = _opt(8, "noises per iteration")
-    k: int = _opt(4, "tables sampled per noise (leave-one-out group size)")
+    groups: int = _opt(8, "leave-one-out groups per iteration (a multiple of the number of prompts)")
+    k: int = _opt(4, "rollouts per group (leave-one-out group size)")
+    grouping: str = _opt(
+        "noise",
+        "what a group's k rollouts share: noise (one noise and prompt, k sampled tables; ours) or prompt (one "
+        "prompt, k noises and k tables; the authors')",
+        GROUPINGS,
+    )
     minibatch: int = _opt(16, "rollouts per PPO minibatch")
     concentration: float = _opt(20.0, "Dirichlet concentration around the start table (20 SD1.5, 10 SD3/Flux)")
     lr: float = _opt(7e-5, "Adam learning rate of the residual policy")
     clip: float = _opt(0.2, "PPO ratio clip")
     scale_heads: bool = _opt(True, "also train scale_dir / scale_time where the table bounds them (log-normal)")
-    scale_std: float = _opt(0.02, "standard deviation of log(scale) in the log-normal heads")
+    scale_std: float = _opt(
+        0.02, "standard deviation of log(scale) in the log-normal heads (initial one with learn_std)"
+    )
+    learn_std: bool = _opt(False, "the scale heads also learn their log-std per step and point (the authors')")
     width: int = _opt(256, "width of the residual network")
     blocks: int = _opt(2, "residual blocks")
     seed: int = _opt(0, "seed of noises, sampled tables and the network's initial weights")
+    guard_every: int = _opt(5, "check the guard metric (when one is given) every N iterations; 0: never")
+    guard_tolerance: float = _opt(0.05, "the guard metric may get this much worse (relative to the start) before "
+                                        "the guard acts")  # fmt: skip
+    guard_action: str = _opt("stop", "when the guard metric degrades: warn, or stop and keep the last good table",
+                             GUARD_ACTIONS)  # fmt: skip
 
     def __post_init__(self) -> None:
         self._check_common()
@@ -128,6 +149,27 @@ class RDPOConfig(_Config):
         for name in ("concentration", "lr", "clip", "scale_std"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if self.guard_every < 0 or self.guard_tolerance < 0:
+            raise ValueError("guard_every and guard_tolerance must be >= 0")
+
+    @classmethod
+    def authors(cls, **override: Any) -> RDPOConfig:
+        """The authors' settings: groups of k rollouts sharing a prompt with their own noises, learnable log-std
+        of the scale heads starting at 0.05, width 128 with 2 blocks, concentration 20 (SD1.5; 10 for SD3),
+        PPO clip 0.2, lr 7e-5, minibatch 4 (``cfgs/sd15.yaml``); ``override`` changes any of them."""
+        preset = dict(grouping="prompt", learn_std=True, scale_std=0.05, width=128, blocks=2, concentration=20.0,
+                      clip=0.2, lr=7e-5, minibatch=4)  # fmt: skip
+        return cls(**{**preset, **override})
+
+
+PRESETS = ("ours", "authors")
+
+
+def rdpo_preset(name: str, **override: Any) -> RDPOConfig:
+    """``RDPOConfig`` of a named preset (:data:`PRESETS`) with ``override``."""
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {PRESETS}, got {name!r}")
+    return RDPOConfig.authors(**override) if name == "authors" else RDPOConfig(**override)
 
 
 def add_arguments(parser: argparse.ArgumentParser, cls: type[_Config], skip: tuple[str, ...] = ()) -> None:

@@ -27,6 +27,7 @@ reward with a small PPO, touching only the solver's parameters:
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from collections.abc import Callable
@@ -52,6 +53,7 @@ __all__ = [
 ]
 
 SCALES = ("scale_dir", "scale_time")
+_log = logging.getLogger("epd")
 
 
 class _Block(nn.Module):
@@ -106,6 +108,7 @@ class DirichletPolicy(nn.Module):
         blocks: int = 2,
         scale_std: float = 0.02,
         scale_heads: bool = True,
+        learn_std: bool = False,
     ) -> None:
         super().__init__()
         if not scale_std > 0:
@@ -129,62 +132,87 @@ class DirichletPolicy(nn.Module):
                 names.append(name)
         self.scale_names: tuple[str, ...] = tuple(names)
         self.scale_std = scale_std
+        self.learn_std = learn_std and bool(names)
         self.embed = nn.Embedding(self.steps, width)
         self.blocks = nn.Sequential(*[_Block(width) for _ in range(blocks)])
-        self.head = nn.Linear(width, (2 + len(self.scale_names)) * self.k + 1)
+        self.head = nn.Linear(width, (2 + len(names) * (2 if self.learn_std else 1)) * self.k + 1)
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.head.bias)
         self.concentration = concentration
 
-    def _outputs(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """Position and weight concentrations, and the log-normal locations of the sampled scales."""
+    def _outputs(self) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """Position and weight concentrations, and the log-normal locations and standard deviations of the
+        sampled scales (with ``learn_std``: ``exp(log(scale_std) + h')``, ``log std`` clamped into [-7, 2] as
+        the authors do; else ``scale_std``)."""
         delta = self.head(self.blocks(self.embed.weight))
-        k = self.k
+        k, n = self.k, len(self.scale_names)
         a_pos = torch.exp(self.log_base_pos + delta[:, : k + 1])
         a_w = torch.exp(self.log_base_w + delta[:, k + 1 : 2 * k + 1])
-        locs = {}
+        locs, stds = {}, {}
         for j, name in enumerate(self.scale_names):
             log_start = torch.log(getattr(self, name))
             h = delta[:, (2 + j) * k + 1 : (3 + j) * k + 1]
             locs[name] = torch.where(getattr(self, f"{name}_mask"), log_start + self.scale_std * h, log_start)
-        return a_pos, a_w, locs
+            if self.learn_std:
+                g = delta[:, (2 + n + j) * k + 1 : (3 + n + j) * k + 1]
+                stds[name] = torch.exp((math.log(self.scale_std) + g).clamp(-7.0, 2.0))
+            else:
+                stds[name] = torch.full_like(log_start, self.scale_std)
+        return a_pos, a_w, locs, stds
 
     def alphas(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Concentrations ``[steps, K+1]`` (positions) and ``[steps, K]`` (weights)."""
-        a_pos, a_w, _ = self._outputs()
+        a_pos, a_w, _, _ = self._outputs()
         return a_pos, a_w
 
     def locs(self) -> dict[str, torch.Tensor]:
         """Locations ``log c_start + delta_c`` of the sampled scales' log-normals, ``[steps, K]`` each."""
         return self._outputs()[2]
 
+    def stds(self) -> dict[str, torch.Tensor]:
+        """Standard deviations of ``log c`` of the sampled scales, ``[steps, K]`` each."""
+        return self._outputs()[3]
+
+    def kl_to_start(self) -> torch.Tensor:
+        """``KL(policy || start policy)`` of whole tables (the zero-initialised policy around the start table):
+        both Dirichlets per step, and the sampled scales' log-normals, summed. 0 at initialisation."""
+        a_pos, a_w, locs, stds = self._outputs()
+        kl_div, dirichlet = torch.distributions.kl_divergence, torch.distributions.Dirichlet
+        out = kl_div(dirichlet(a_pos), dirichlet(torch.exp(self.log_base_pos))).sum()
+        out = out + kl_div(dirichlet(a_w), dirichlet(torch.exp(self.log_base_w))).sum()
+        for name, loc in locs.items():
+            std, log_start = stds[name], torch.log(getattr(self, name))
+            kl = torch.log(self.scale_std / std) + (std**2 + (loc - log_start) ** 2) / (2 * self.scale_std**2) - 0.5
+            out = out + kl[getattr(self, f"{name}_mask")].sum()
+        return out
+
     def sample(self, n: int, generator: torch.Generator | None = None) -> TableSample:
         """``n`` tables (reparameterisation-free): positions, weights, then each sampled scale."""
         generator = _generator(generator)
-        a_pos, a_w, locs = self._outputs()
+        a_pos, a_w, locs, stds = self._outputs()
         segments, weights = _dirichlet(a_pos.detach(), n, generator), _dirichlet(a_w.detach(), n, generator)
         scales = {}
         for name, loc in locs.items():
-            value = _log_normal(loc.detach(), self.scale_std, n, generator)
+            value = _log_normal(loc.detach(), stds[name].detach(), n, generator)
             scales[name] = torch.where(getattr(self, f"{name}_mask"), value, getattr(self, name))
         return TableSample(segments, weights, **scales)
 
     def log_prob(self, tables: TableSample) -> torch.Tensor:
         """Log-probability of whole tables, ``[n]``: both Dirichlets and the sampled scales, summed over steps."""
-        a_pos, a_w, locs = self._outputs()
+        a_pos, a_w, locs, stds = self._outputs()
         dirichlet = torch.distributions.Dirichlet
         out = dirichlet(a_pos).log_prob(tables.segments).sum(-1) + dirichlet(a_w).log_prob(tables.weights).sum(-1)
         for name, loc in locs.items():
             value = getattr(tables, name)
             if value is None:
                 raise ValueError(f"the tables lack {name}, which this policy samples")
-            lp = _log_normal_log_prob(value, loc.to(value), self.scale_std)
+            lp = _log_normal_log_prob(value, loc.to(value), stds[name].to(value))
             out = out + lp[:, getattr(self, f"{name}_mask")].sum(-1)
         return out
 
     def mean(self) -> TableSample:
         """The policy's centre, ``n = 1``: the Dirichlet means and the log-normal medians ``exp(loc)``."""
-        a_pos, a_w, locs = self._outputs()
+        a_pos, a_w, locs, _ = self._outputs()
         scales = {name: torch.exp(loc).unsqueeze(0) for name, loc in locs.items()}
         return TableSample((a_pos / a_pos.sum(-1, keepdim=True)).unsqueeze(0),
                            (a_w / a_w.sum(-1, keepdim=True)).unsqueeze(0), **scales)  # fmt: skip
@@ -230,10 +258,11 @@ def _learnable_scales(params: EPDParams, name: str) -> torch.Tensor:
     return mask
 
 
-def _log_normal_log_prob(value: torch.Tensor, loc: torch.Tensor, std: float) -> torch.Tensor:
+def _log_normal_log_prob(value: torch.Tensor, loc: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:
     """Elementwise log-density of ``LogNormal(loc, std)`` at ``value``."""
     log_value = torch.log(value)
-    return -((log_value - loc) ** 2) / (2 * std**2) - log_value - math.log(std) - 0.5 * math.log(2 * math.pi)
+    std = torch.as_tensor(std, dtype=value.dtype, device=value.device)
+    return -((log_value - loc) ** 2) / (2 * std**2) - log_value - torch.log(std) - 0.5 * math.log(2 * math.pi)
 
 
 def _raw_scale(value: torch.Tensor, bound: float) -> torch.Tensor:
@@ -251,9 +280,10 @@ def _generator(generator: torch.Generator | None) -> torch.Generator:
     return torch.Generator().manual_seed(int(torch.randint(2**62, (1,))))
 
 
-def _log_normal(loc: torch.Tensor, std: float, n: int, generator: torch.Generator) -> torch.Tensor:
+def _log_normal(loc: torch.Tensor, std: torch.Tensor | float, n: int, generator: torch.Generator) -> torch.Tensor:
     """``n`` draws of ``exp(loc + std * z)`` with the (CPU) generator."""
     z = torch.randn((n, *loc.shape), generator=generator, dtype=torch.float64)
+    std = torch.as_tensor(std, dtype=torch.float64).cpu()
     return torch.exp(loc.double().cpu() + std * z).to(loc)
 
 
@@ -312,6 +342,9 @@ def fidelity_reward(reference: torch.Tensor) -> Callable[[torch.Tensor, Any], to
     return reward
 
 
+GUARD_SEED = 2**31 - 2  # the guard's held-out noises: the same for every run and training seed
+
+
 def rdpo(
     denoiser: Denoiser,
     start: EPDParams,
@@ -320,6 +353,9 @@ def rdpo(
     *,
     reward: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
     reference: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    prompts: int = 1,
+    guard: Callable[[torch.Tensor], float] | None = None,
+    guard_samples: int = 100,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
     progress: Callable[[int, int, float], None] | None = None,
@@ -330,10 +366,21 @@ def rdpo(
 ) -> tuple[EPDParams, list[float]]:
     """Fine-tune ``start`` with RDPO; returns the exported mean table and the mean reward per iteration.
 
-    Per iteration: ``config.groups`` noises, each shared by ``config.k`` rollouts with their own sampled tables.
-    Either pass ``reward(final_x, context)`` (``context`` = the rollouts' group indices into this iteration's
-    noises) or ``reference(x_start) -> target`` for the built-in fidelity reward. See
+    Per iteration ``config.groups * config.k`` rollouts, rollout ``j = m * groups + g`` in group ``g``; with
+    ``grouping`` "noise" a group's rollouts share one noise, with "prompt" each has its own. ``prompts``: how
+    many prompts the denoiser tiles over its batch (rollout ``j`` has prompt ``j % prompts``, as ComfyUI does
+    with a conditioning batch); ``groups`` must be a multiple of it, so that a group's rollouts share a prompt.
+    Either pass ``reward(final_x, context)`` (``context`` = each rollout's index into this iteration's noises)
+    or ``reference(x_start) -> target`` for the built-in fidelity reward. See
     :class:`~epd_core.config.RDPOConfig` for the hyper-parameters (its defaults when ``config`` is None).
+
+    Guard against reward hacking: the policy's KL to the start policy is recorded at every check, and with
+    ``guard(final_x) -> metric`` (lower is better, e.g. an FID) the policy's mean table samples
+    ``guard_samples`` fixed held-out noises (seed :data:`GUARD_SEED`, rounded up to a multiple of ``prompts``)
+    at the start and every ``config.guard_every`` iterations; when the metric exceeds the start's by more than
+    ``config.guard_tolerance`` (relative), a warning is logged and with ``guard_action`` "stop" training ends
+    with the last table that passed. The checks are in ``metadata["rdpo"]["guard"]``.
+
     ``check_interrupt()`` runs before every model call of the rollouts (raise to stop); ``checkpoint`` /
     ``checkpoint_every``: periodic saves and resume, as in :func:`epd_core.distill.distill`.
     """
@@ -341,37 +388,76 @@ def rdpo(
     denoiser = interruptible(denoiser, check_interrupt)
     if (reward is None) == (reference is None):
         raise ValueError("pass exactly one of reward and reference")
+    if prompts < 1 or config.groups % prompts:
+        raise ValueError(f"groups ({config.groups}) must be a multiple of the number of prompts ({prompts})")
     grid = make_schedule(start).to(device)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)  # the residual network's initial weights: deterministic for a seed
         policy = DirichletPolicy(start, config.concentration, config.width, config.blocks, config.scale_std,
-                                 config.scale_heads).to(device)  # fmt: skip
+                                 config.scale_heads, config.learn_std).to(device)  # fmt: skip
     opt = torch.optim.Adam(policy.parameters(), lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
     curve: list[float] = []
     groups, k = config.groups, config.k
+    n = groups * k
     ckpt = None
     if checkpoint is not None:
-        options = {**config.provenance(), "reward": "fidelity" if reward is None else getattr(reward, "__name__", "?")}
+        options = {**config.provenance(), "reward": "fidelity" if reward is None else getattr(reward, "__name__", "?"),
+                   "prompts": prompts}  # fmt: skip
         state = RunState(policy.state_dict(), opt, None, gen)
         every = checkpoint_every
         ckpt = run_checkpointer(checkpoint, every, state, denoiser, start, shape, grid, dtype, device, options)
         first, curve = ckpt.resume()
         if first and progress is not None:
             progress(first, config.iterations, curve[-1])
-    for it in range(ckpt.resumed_at if ckpt else 0, config.iterations):
-        noise = torch.randn((groups, *shape), generator=gen, dtype=torch.float64).to(device, dtype)
+    checks: list[dict[str, float]] = []
+    held_out = None
+    if guard is not None:
+        count = -(-guard_samples // prompts) * prompts
+        g = torch.Generator().manual_seed(GUARD_SEED)
+        held_out = torch.randn((count, *shape), generator=g, dtype=torch.float64).to(device, dtype)
+        held_out = held_out if start.is_flow else held_out * grid[0].to(dtype)
+    good = {name: v.detach().clone() for name, v in policy.state_dict().items()}
+    stopped_at = None
+
+    def check(it: int) -> bool:
+        """Record the KL and the guard metric; False when the guard says stop."""
+        with torch.no_grad():
+            entry = {"iteration": it, "kl": float(policy.kl_to_start())}
+            if held_out is not None:
+                entry["metric"] = float(guard(sample(denoiser, held_out, grid, policy.export())))
+        checks.append(entry)
+        if held_out is None:
+            return True
+        if it == 0 or entry["metric"] <= checks[0]["metric"] * (1 + config.guard_tolerance):
+            good.update({name: v.detach().clone() for name, v in policy.state_dict().items()})
+            return True
+        _log.warning("EPD RDPO: the guard metric rose from %.4g to %.4g at iteration %d (more than %g%%)%s",
+                     checks[0]["metric"], entry["metric"], it, 100 * config.guard_tolerance,
+                     "; stopping with the last table that passed" if config.guard_action == "stop" else "")  # fmt: skip
+        return config.guard_action != "stop"
+
+    first_it = ckpt.resumed_at if ckpt else 0
+    if first_it:  # resumed: the guard's reference is still the start table
+        with torch.no_grad():
+            base = {} if held_out is None else {"metric": float(guard(sample(denoiser, held_out, grid, start)))}
+        checks.append({"iteration": 0, "kl": 0.0, **base})
+    check(first_it)
+    for it in range(first_it, config.iterations):
+        shared = config.grouping == "noise"
+        noise = torch.randn((groups if shared else n, *shape), generator=gen, dtype=torch.float64).to(device, dtype)
         x0 = noise if start.is_flow else noise * grid[0].to(dtype)
-        context = torch.arange(groups, device=device).repeat_interleave(k)
+        context = torch.arange(n, device=device) % groups if shared else torch.arange(n, device=device)
         x = x0[context]
-        tables = policy.sample(groups * k, gen)
+        tables = policy.sample(n, gen)
         final = sample(denoiser, x, grid, start, table=policy.decoded(tables.map(lambda v: v.to(dtype))))
         with torch.no_grad():
             score = reward(final, context) if reward is not None else fidelity_reward(reference(x0))(final, context)
             logp_old = policy.log_prob(tables)
-        adv = rloo_advantages(score.float(), k)
-        perm = torch.randperm(groups * k, generator=gen).to(context.device)
-        for s in range(0, groups * k, config.minibatch):
+        # groups are the columns of [k, groups]: rollouts g, g + groups, ...
+        adv = rloo_advantages(score.float().reshape(k, groups).T.reshape(-1), k).reshape(groups, k).T.reshape(-1)
+        perm = torch.randperm(n, generator=gen).to(context.device)
+        for s in range(0, n, config.minibatch):
             idx = perm[s : s + config.minibatch]
             loss = ppo_clip_loss(policy.log_prob(tables[idx]), logp_old[idx], adv[idx], config.clip)
             if not torch.isfinite(loss):
@@ -385,17 +471,28 @@ def rdpo(
             progress(it + 1, config.iterations, curve[-1])
         if ckpt is not None:
             ckpt.step(it + 1, curve, config.iterations)
-    tail = curve[-max(1, config.iterations // 5) :]
+        last = it + 1 == config.iterations
+        if (config.guard_every and (it + 1) % config.guard_every == 0) or last:
+            if not check(it + 1):
+                stopped_at = it + 1
+                policy.load_state_dict(good)
+                break
+    tail = curve[-max(1, len(curve) // 5) :]
     provenance = {
         **(metadata or {}),
         "rdpo": {
             **config.provenance(),
             "start_source": start.metadata.get("source_file") or start.metadata.get("command", ""),
             "reward": "fidelity" if reward is None else getattr(reward, "__name__", "custom"),
+            "prompts": prompts,
             "scale_heads": list(policy.scale_names),
             "scale_std": config.scale_std if policy.scale_names else None,
-            "first_reward": curve[0],
-            "final_reward": sum(tail) / len(tail),
+            "first_reward": curve[0] if curve else None,
+            "final_reward": sum(tail) / len(tail) if tail else None,
+            "kl_to_start": float(policy.kl_to_start().detach()),
+            "guard": checks,
+            "guard_metric": getattr(guard, "__name__", "custom") if guard is not None else None,
+            "stopped_at": stopped_at,
         },
     }
     return policy.export(provenance), curve

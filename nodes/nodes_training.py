@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..epd_core.config import DistillConfig, RDPOConfig
+from ..epd_core.config import PRESETS, DistillConfig, RDPOConfig, rdpo_preset
 from ..epd_core.params import time_points_for_nfe
 from .inputs import EPDParamsType, advanced, config_input, epd_params_input, output_inputs, seed_input
 from .nodes_tables import describe
-from .rewards import clip_score_reward
+from .rewards import clip_score_reward, preference_reward
 from .training import distill_on_model, output_path, rdpo_on_model, resume_options, save_output, start_table
 
-REWARDS = ["fidelity", "clip_score"]
+REWARDS = ["fidelity", "clip_score", "preference"]
+REWARD_FOLDER = "epd_rewards"  # models/epd_rewards: preference heads (safetensors)
 DEFAULT_NFE = 10
 RDPO_TEACHER_M = 4  # teacher points per step of the fidelity reward's reference
 
@@ -119,7 +120,9 @@ class EPDRDPO(io.ComfyNode):
             description="Fine-tunes an EPD table with RDPO (Stage 2 of the TPAMI paper): the table becomes a "
             "Dirichlet policy improved by PPO against a reward; only the table changes, never the model. Rewards: "
             "fidelity to a many-step teacher from the same noise, or a CLIP score of the decoded images against a "
-            "prompt (needs vae, clip_vision, clip and prompt). Saves to models/epd.",
+            "prompt (needs vae, clip_vision, clip and prompt), or a preference head from models/epd_rewards on the "
+            "CLIP vision embedding (needs vae, clip_vision, reward_model). A conditioning batch of several prompts "
+            "trains on all of them (each group of rollouts shares one). Saves to models/epd.",
             inputs=[
                 *_training_inputs(),
                 epd_params_input(tooltip="The start table (usually a distilled one)."),
@@ -130,7 +133,8 @@ class EPDRDPO(io.ComfyNode):
                     default="fidelity",
                     tooltip="fidelity: minus the distance to a DPM-Solver-2 teacher's result. clip_score: 100 x "
                     "the cosine between the CLIP embeddings of the decoded image and of the prompt (needs vae, "
-                    "clip_vision, clip and prompt; the two CLIP models must be one CLIP's towers).",
+                    "clip_vision, clip and prompt; the two CLIP models must be one CLIP's towers). preference: a "
+                    "preference head (safetensors in models/epd_rewards) on the CLIP vision embedding.",
                 ),  # fmt: skip
                 io.Int.Input(
                     "teacher_steps", default=RDPO_TEACHER_M, min=1, max=32, tooltip="Teacher points inside each step."
@@ -150,6 +154,22 @@ class EPDRDPO(io.ComfyNode):
                 io.String.Input(
                     "prompt", optional=True, default="", multiline=True, tooltip="clip_score: the text to score."
                 ),
+                io.String.Input(
+                    "reward_model",
+                    optional=True,
+                    default="",
+                    tooltip="preference: the head's file name in models/epd_rewards.",
+                ),
+                advanced(
+                    io.Combo.Input(
+                        "preset",
+                        options=list(PRESETS),
+                        default="ours",
+                        optional=True,
+                        tooltip="ours: groups share a noise; authors: groups share a prompt with their "
+                        "own noises, learnable log-std 0.05, width 128 (the other inputs apply)",
+                    )
+                ),
             ],
             outputs=[EPDParamsType.Output(display_name="epd_params"), io.String.Output(display_name="info")],
         )
@@ -158,23 +178,27 @@ class EPDRDPO(io.ComfyNode):
     def execute(
         cls, model, positive, negative, latent_image, epd_params, cfg, reward, teacher_steps, iterations, groups,
         group_size, concentration, learning_rate, seed, filename, overwrite, vae=None, clip_vision=None, clip=None,
-        prompt="",
+        prompt="", reward_model="", preset="ours",
     ) -> io.NodeOutput:  # fmt: skip
-        config = RDPOConfig(iterations=iterations, groups=groups, k=group_size, concentration=concentration,
-                            lr=learning_rate, seed=seed)  # fmt: skip
+        config = rdpo_preset(preset, iterations=iterations, groups=groups, k=group_size, concentration=concentration,
+                             lr=learning_rate, seed=seed)  # fmt: skip
         metadata = {"tool": "EPD RDPO node", "cfg": cfg}
         scorer = None
         if reward == "clip_score":
             scorer = _clip_score(vae, clip_vision, clip, prompt)
             metadata["reward_prompt"] = prompt
+        elif reward == "preference":
+            scorer = preference_reward(*_needs("preference", vae=vae, clip_vision=clip_vision),
+                                       _reward_file(reward_model))  # fmt: skip
+            metadata["reward_model"] = reward_model
         path = output_path(filename, overwrite)
         params, curve = rdpo_on_model(model, positive, negative, cfg, latent_image["samples"], epd_params, config,
                                       teacher_m=teacher_steps, reward=scorer, metadata=metadata,
                                       **resume_options(path, iterations))  # fmt: skip
         saved = save_output(params, path, overwrite)
-        info = (
-            f"{describe(params)}; reward {curve[0]:.4g} -> {params.metadata['rdpo']['final_reward']:.4g}; saved {saved}"
-        )
+        r = params.metadata["rdpo"]
+        info = (f"{describe(params)}; {r['prompts']} prompt(s); reward {curve[0]:.4g} -> {r['final_reward']:.4g}; "
+                f"KL to the start {r['kl_to_start']:.3g}; saved {saved}")  # fmt: skip
         return io.NodeOutput(params, info)
 
 
@@ -185,6 +209,29 @@ def _clip_score(vae, clip_vision, clip, prompt: str | None):
     if missing:
         raise ValueError(f"reward clip_score needs vae, clip_vision, clip and a prompt; missing: {', '.join(missing)}")
     return clip_score_reward(vae, clip_vision, clip, prompt)
+
+
+def _needs(reward: str, **given):
+    missing = [name for name, value in given.items() if value is None]
+    if missing:
+        raise ValueError(f"reward {reward} needs {', '.join(given)}; missing: {', '.join(missing)}")
+    return list(given.values())
+
+
+def _reward_file(name: str) -> str:
+    """The full path of a preference head in models/epd_rewards (safetensors only; no other folders)."""
+    import os
+
+    import folder_paths
+
+    if REWARD_FOLDER not in folder_paths.folder_names_and_paths:
+        folder_paths.folder_names_and_paths[REWARD_FOLDER] = (
+            [os.path.join(folder_paths.models_dir, REWARD_FOLDER)], {".safetensors"})  # fmt: skip
+    name = (name or "").strip()
+    path = folder_paths.get_full_path(REWARD_FOLDER, name) if name.endswith(".safetensors") else None
+    if path is None:
+        raise ValueError(f"reward preference: no safetensors file {name!r} in models/{REWARD_FOLDER}")
+    return path
 
 
 NODES = [EPDDistill, EPDRDPO]

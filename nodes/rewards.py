@@ -93,3 +93,66 @@ def clip_score_reward(vae, clip_vision, clip, prompt: str) -> Reward:
         return score.to(latents.device)
 
     return clip_score
+
+
+HEAD_FORMAT = "epd-reward-head-v1"
+ACTIVATIONS = {"none": torch.nn.Identity, "relu": torch.nn.ReLU, "gelu": torch.nn.GELU}
+
+
+def load_reward_head(path: str) -> tuple[torch.nn.Sequential, bool]:
+    """A preference head from a safetensors file (never a pickle): ``layers.<i>.weight`` / ``layers.<i>.bias`` of
+    Linear layers applied in order, the metadata's ``activation`` (none, relu, gelu) between them, ending in one
+    output; ``normalize`` "true": the image embedding is L2-normalised first. Returns the head and ``normalize``."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, "pt") as fh:
+            meta = fh.metadata() or {}
+            tensors = {name: fh.get_tensor(name).float() for name in fh.keys()}
+    except (SafetensorError, OSError) as exc:
+        raise ValueError(f"preference: cannot read the reward head ({exc})") from None
+    if meta.get("format") != HEAD_FORMAT or meta.get("activation", "none") not in ACTIVATIONS:
+        raise ValueError(f"preference: the reward head needs metadata format {HEAD_FORMAT!r} and an activation in "
+                         f"{sorted(ACTIVATIONS)}")  # fmt: skip
+    count = len(tensors) // 2
+    if not count or set(tensors) != {f"layers.{i}.{p}" for i in range(count) for p in ("weight", "bias")}:
+        raise ValueError("preference: the reward head holds layers.<i>.weight and layers.<i>.bias, i = 0, 1, ...")
+    layers: list[torch.nn.Module] = []
+    for i in range(count):
+        weight, bias = tensors[f"layers.{i}.weight"], tensors[f"layers.{i}.bias"]
+        if (
+            weight.ndim != 2
+            or bias.shape != weight.shape[:1]
+            or (layers and weight.shape[1] != layers[-2].out_features)
+        ):
+            raise ValueError(f"preference: layer {i} of the reward head has mismatched shapes")
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0])
+        linear.load_state_dict({"weight": weight, "bias": bias})
+        layers += [linear, ACTIVATIONS[meta.get("activation", "none")]()]
+    if layers[-2].out_features != 1:
+        raise ValueError("preference: the reward head's last layer must have one output")
+    return torch.nn.Sequential(*layers[:-1]).eval(), meta.get("normalize", "true") == "true"
+
+
+def preference_reward(vae, clip_vision, path: str) -> Reward:
+    """A reward: decode with ``vae``, embed with ``clip_vision``, score with the preference head in ``path``
+    (:func:`load_reward_head`; e.g. the LAION aesthetic predictor on CLIP ViT-L/14 image embeddings). Its input
+    width is checked against the vision model's before any training."""
+    head, normalize = load_reward_head(path)
+    size = int(getattr(clip_vision, "image_size", 224))
+    with torch.no_grad():
+        width = image_embeddings(clip_vision, torch.zeros(1, size, size, 3)).shape[-1]
+    if head[0].in_features != width:
+        raise ValueError(f"preference: the reward head takes {head[0].in_features}-dimensional embeddings but the "
+                         f"CLIP vision model gives {width}")  # fmt: skip
+
+    def preference(latents: torch.Tensor, context: Any) -> torch.Tensor:
+        with torch.no_grad():
+            images = vae.decode(latents)
+            embeds = image_embeddings(clip_vision, images)
+            if normalize:
+                embeds = torch.nn.functional.normalize(embeds, dim=-1)
+            score = head.to(embeds.device)(embeds)[:, 0]
+        return score.to(latents.device)
+
+    return preference

@@ -135,17 +135,26 @@ def distill_on_model(
 
 def rdpo_on_model(
     model, positive, negative, cfg: float, latent: torch.Tensor, start: EPDParams, config: RDPOConfig,
-    teacher_m: int = 4, reward: Reward | None = None, metadata: dict | None = None, **resume,
+    teacher_m: int = 4, reward: Reward | None = None, metadata: dict | None = None,
+    guard: Callable[[torch.Tensor], float] | None = None, guard_samples: int = 100, **resume,
 ) -> tuple[EPDParams, list[float]]:  # fmt: skip
     """Run :func:`epd_core.rdpo.rdpo` on a ComfyUI ``MODEL``.
 
     ``reward(latents, context)`` scores the rollouts' final latents in ComfyUI's LATENT format (what VAE Decode
     takes); its ``__name__`` is recorded. Default: the fidelity to a DPM-Solver-2 teacher with ``teacher_m``
-    extra points per step, from the same noise.
+    extra points per step, from the same noise. A conditioning batch of C prompts trains on all of them:
+    ``config.groups`` is rounded up to a multiple of C and rollout ``j`` has prompt ``j % C``, so a group's
+    rollouts share one. ``guard(latents) -> metric`` (LATENT format, lower is better): see ``rdpo``.
     """
+    prompts = conditioning_batch(positive, negative)
+    config = per_prompt_groups(config, prompts)
+    metadata = {**(metadata or {}), "prompts": prompts}
 
     def fit(s: Session) -> tuple[EPDParams, list[float]]:
-        common = dict(dtype=torch.float32, device=s.device, progress=s.progress, metadata=metadata, **resume)
+        common = dict(dtype=torch.float32, device=s.device, progress=s.progress, metadata=metadata, prompts=prompts,
+                      **resume)  # fmt: skip
+        if guard is not None:
+            common.update(guard=lambda final: guard(s.latent_out(final)), guard_samples=guard_samples)
         if reward is not None:
             return _resuming(rdpo, s.denoiser, start, s.shape, config, reward=in_sampling(reward, s), **common)
 
@@ -196,6 +205,12 @@ def per_prompt_batch(config, prompts: int):
     the noises by index, so every iteration then trains on every prompt (the K points line up the same way)."""
     batch = -(-config.batch // prompts) * prompts
     return config if batch == config.batch else dataclasses.replace(config, batch=batch)
+
+
+def per_prompt_groups(config: RDPOConfig, prompts: int) -> RDPOConfig:
+    """``config`` with its groups rounded up to a multiple of ``prompts`` (see :func:`per_prompt_batch`)."""
+    groups = -(-config.groups // prompts) * prompts
+    return config if groups == config.groups else dataclasses.replace(config, groups=groups)
 
 
 def _train_on_model(model, positive, negative, cfg, latent, start, config, fit):

@@ -217,3 +217,90 @@ def test_text_and_vision_widths_must_match(epd_dir, towers):
     with pytest.raises(ValueError, match="text embedding has 24 dimensions but the CLIP vision embedding 16"):
         _run_node(tiny_model("eps"), "mismatch", vae=vae, clip_vision=clip_vision, clip=tiny_clip(24), prompt=PROMPT)
     assert list(epd_dir.iterdir()) == []
+
+
+@pytest.fixture
+def rewards_dir(tmp_path, monkeypatch):
+    import folder_paths
+
+    folder = tmp_path / "epd_rewards"
+    folder.mkdir()
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "epd_rewards", ([str(folder)], {".safetensors"}))
+    return folder
+
+
+def _tiny_head(path, width: int = 16, seed: int = 6, **meta) -> list[torch.Tensor]:
+    """A stand-in preference head (the LAION aesthetic predictor's form, scaled down): width -> 8 -> 1."""
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(8, width), (1, 8)]
+    tensors = {}
+    for i, shape in enumerate(shapes):
+        tensors[f"layers.{i}.weight"] = torch.randn(shape, generator=g)
+        tensors[f"layers.{i}.bias"] = torch.randn(shape[0], generator=g)
+    save_file(tensors, str(path), metadata={"format": "epd-reward-head-v1", "activation": "relu", **meta})
+    return [tensors[f"layers.{i}.{p}"] for i in range(2) for p in ("weight", "bias")]
+
+
+def test_preference_head_scores_the_normalised_image_embedding(towers, rewards_dir, epd_dir):
+    rewards = H.pack_module("nodes.rewards")
+    vae, clip_vision, _ = towers
+    w0, b0, w1, b1 = _tiny_head(rewards_dir / "head.safetensors")
+    reward = rewards.preference_reward(vae, clip_vision, str(rewards_dir / "head.safetensors"))
+    latents = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    got = reward(latents, torch.arange(3))
+    with torch.no_grad():
+        embeds = rewards.image_embeddings(clip_vision, vae.decode(latents))
+        e = torch.nn.functional.normalize(embeds, dim=-1)
+        expected = (torch.relu(e @ w0.T + b0) @ w1.T + b1)[:, 0]
+    assert reward.__name__ == "preference" and got.shape == (3,)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-5)
+    assert float(got.std()) > 1e-4
+
+    model = tiny_model("eps")
+    params, info = _run_node(
+        model, "pref", "preference", vae=vae, clip_vision=clip_vision, reward_model="head.safetensors"
+    )
+    loaded = epd_core.load_params(epd_dir / "pref.safetensors")
+    assert loaded.metadata["rdpo"]["reward"] == "preference" and loaded.metadata["reward_model"] == "head.safetensors"
+    assert "KL to the start" in info and torch.isfinite(loaded.r_params).all()
+
+
+def test_preference_head_files_are_checked(towers, rewards_dir, epd_dir):
+    rewards = H.pack_module("nodes.rewards")
+    vae, clip_vision, _ = towers
+    torch.save({"layers.0.weight": torch.zeros(1, 16)}, rewards_dir / "head.pt")
+    with pytest.raises(ValueError, match="no safetensors file 'head.pt'"):
+        _run_node(tiny_model("eps"), "x", "preference", vae=vae, clip_vision=clip_vision, reward_model="head.pt")
+    with pytest.raises(ValueError, match="no safetensors file"):
+        _run_node(tiny_model("eps"), "x", "preference", vae=vae, clip_vision=clip_vision,
+                  reward_model="../epd_rewards/head.safetensors")  # fmt: skip
+    _tiny_head(rewards_dir / "wide.safetensors", width=24)
+    with pytest.raises(ValueError, match="takes 24-dimensional embeddings but the CLIP vision model gives 16"):
+        rewards.preference_reward(vae, clip_vision, str(rewards_dir / "wide.safetensors"))
+    _tiny_head(rewards_dir / "odd.safetensors", format="something-else")
+    with pytest.raises(ValueError, match="metadata format"):
+        rewards.preference_reward(vae, clip_vision, str(rewards_dir / "odd.safetensors"))
+    with pytest.raises(ValueError, match="needs vae, clip_vision; missing: clip_vision"):
+        _run_node(tiny_model("eps"), "x", "preference", vae=vae, reward_model="wide.safetensors")
+    assert list(epd_dir.glob("x*")) == []
+
+
+@pytest.mark.parametrize("preset", ["ours", "authors"])
+def test_rdpo_node_trains_on_every_prompt_of_a_batch(epd_dir, preset):
+    """Three prompts: groups round up to 3 and rollout j is scored as prompt j % 3, as ComfyUI tiles them."""
+    seen = []
+
+    def by_index(latents, context):
+        seen.append(len(latents))
+        return latents.flatten(1).std(1)
+
+    training = H.pack_module("nodes.training")
+    model = tiny_model("eps")
+    config = H.pack_module("epd_core.config").rdpo_preset(preset, iterations=2, groups=2, k=2)
+    params, _ = training.rdpo_on_model(model, conditioning(3, 1), conditioning(1, 2), 2.0, latent("eps", 1)["samples"],
+                                       _start(model), config, reward=by_index)  # fmt: skip
+    info = params.metadata["rdpo"]
+    assert info["prompts"] == 3 and info["groups"] == 3 and seen == [6, 6]
+    assert info["grouping"] == ("prompt" if preset == "authors" else "noise") and params.metadata["prompts"] == 3

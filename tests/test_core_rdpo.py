@@ -246,3 +246,105 @@ def test_rdpo_is_deterministic_for_a_seed(bounds):
     for name in ("r_params", "weight_s", "scale_dir_params", "scale_time_params"):
         assert torch.equal(getattr(runs[0][0], name), getattr(runs[1][0], name)), name
     assert runs[0][0].metadata["rdpo"]["scale_heads"] == (["scale_dir", "scale_time"] if bounds[0] else [])
+
+
+def test_authors_preset_and_checks():
+    a = RDPOConfig.authors()
+    assert (a.grouping, a.learn_std, a.scale_std, a.width, a.blocks) == ("prompt", True, 0.05, 128, 2)
+    assert (a.concentration, a.clip, a.lr) == (20.0, 0.2, 7e-5)
+    assert RDPOConfig.authors(concentration=10.0).concentration == 10.0
+    assert RDPOConfig().grouping == "noise" and not RDPOConfig().learn_std
+    with pytest.raises(ValueError, match="grouping"):
+        RDPOConfig(grouping="seed")
+    with pytest.raises(ValueError, match="multiple of the number of prompts"):
+        rdpo(GM.denoise_ve, _bounded_start(), GM.shape, RDPOConfig(groups=3), reward=lambda x, c: x.mean((1, 2, 3)),
+             prompts=2)  # fmt: skip
+
+
+def test_learned_log_std_log_prob_and_kl_match_torch():
+    p = _bounded_start()
+    policy = DirichletPolicy(p, scale_std=0.05, learn_std=True)
+    assert policy.head.out_features == (2 + 2 * 2) * p.num_points + 1
+    stds = policy.stds()
+    assert all(torch.allclose(v, torch.full_like(v, 0.05)) for v in stds.values())
+    assert float(policy.kl_to_start().detach()) == pytest.approx(0.0, abs=1e-5)
+    _perturbed(policy)
+    stds, locs = policy.stds(), policy.locs()
+    assert not torch.allclose(stds["scale_time"], torch.full_like(stds["scale_time"], 0.05))
+    tables = policy.sample(5, torch.Generator().manual_seed(0))
+    a_pos, a_w = policy.alphas()
+    dist = torch.distributions
+    expected = dist.Dirichlet(a_pos).log_prob(tables.segments).sum(-1) + dist.Dirichlet(a_w).log_prob(
+        tables.weights
+    ).sum(-1)
+    kl = dist.kl_divergence(dist.Dirichlet(a_pos), dist.Dirichlet(torch.exp(policy.log_base_pos))).sum()
+    kl = kl + dist.kl_divergence(dist.Dirichlet(a_w), dist.Dirichlet(torch.exp(policy.log_base_w))).sum()
+    for name in ("scale_dir", "scale_time"):
+        expected = expected + dist.LogNormal(locs[name], stds[name]).log_prob(getattr(tables, name)).sum((-2, -1))
+        start = dist.Normal(torch.log(getattr(policy, name)), 0.05)
+        kl = kl + dist.kl_divergence(dist.Normal(locs[name], stds[name]), start).sum()
+    assert torch.allclose(policy.log_prob(tables), expected, rtol=1e-5)
+    assert (
+        float(policy.kl_to_start().detach()) == pytest.approx(float(kl.detach()), rel=1e-4) and float(kl.detach()) > 0
+    )
+
+
+@pytest.mark.parametrize("grouping", ["noise", "prompt"])
+def test_groups_share_a_prompt(grouping):
+    """Rollout j has prompt j % prompts; a reward that only depends on the prompt gives zero leave-one-out
+    advantages within every group, so the policy must not move; the noises follow the grouping."""
+    start = _bounded_start(3)
+    seen = []
+
+    def by_prompt(final, context):
+        seen.append(context.clone())
+        return (torch.arange(len(final)) % 2).double() * 10.0
+
+    den = lambda x, s: (seen.append(x.clone()), GM.denoise_ve(x, s))[1]  # noqa: E731
+    config = RDPOConfig(iterations=3, groups=4, k=3, grouping=grouping, lr=1e-2, guard_every=0)
+    new, _ = rdpo(den, start, GM.shape, config, reward=by_prompt, prompts=2)
+    assert _same_results(new, start)
+    x, context = seen[0], seen[-1]
+    assert x.shape[0] == 12
+    if grouping == "noise":
+        assert torch.equal(context, torch.arange(12) % 4) and torch.equal(x[:4], x[4:8])
+    else:
+        assert torch.equal(context, torch.arange(12)) and not torch.allclose(x[:4], x[4:8])
+    # the same reward with groups that mixed prompts would move the policy: check the test can fail
+    moved, _ = rdpo(den, start, GM.shape, config, reward=lambda f, c: (torch.arange(len(f)) // 6).double(),
+                    prompts=2)  # fmt: skip
+    assert not _same_results(moved, start)
+
+
+def _same_results(a: EPDParams, b: EPDParams) -> bool:
+    grid = make_schedule(a)
+    x = torch.randn(4, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * grid[0]
+    return torch.allclose(sample(GM.denoise_ve, x, grid, a), sample(GM.denoise_ve, x, grid, b), atol=1e-5)
+
+
+@pytest.mark.parametrize("action", ["stop", "warn"])
+def test_guard_stops_on_a_degrading_metric(action, caplog):
+    start = EPDParams.start(4, 2, schedule_type="polynomial", schedule_rho=7.0, backend="edm")
+    grid = make_schedule(start)
+    calls = []
+
+    def spread(final):  # any positive metric; it degrades after the first check
+        calls.append(final.shape[0])
+        return 1.0 if len(calls) == 1 else 1.2
+
+    def ref(x0):
+        return ode_endpoint(GM.denoise_ve, x0, float(grid[0]), steps=40)
+
+    config = RDPOConfig(iterations=6, groups=2, k=2, lr=1e-2, guard_every=2, guard_action=action)
+    new, curve = rdpo(GM.denoise_ve, start, GM.shape, config, reference=ref, guard=spread, guard_samples=7, prompts=1)
+    info = new.metadata["rdpo"]
+    assert calls[0] == 7 and "guard metric rose from 1 to 1.2 at iteration 2" in caplog.text
+    assert info["guard"][0] == {"iteration": 0, "kl": pytest.approx(0.0, abs=1e-5), "metric": 1.0}
+    if action == "stop":
+        assert info["stopped_at"] == 2 and len(curve) == 2
+        assert _same_results(new, start)  # the last table that passed: the start
+    else:
+        assert (
+            info["stopped_at"] is None and len(curve) == 6 and [c["iteration"] for c in info["guard"]] == [0, 2, 4, 6]
+        )
+        assert info["guard"][-1]["kl"] > 0 and not _same_results(new, start)
