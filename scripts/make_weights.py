@@ -66,12 +66,12 @@ def distil(name: str, args: str) -> None:
 
 
 def main() -> None:
-    start = EPDParams.start(6, 2, schedule_type="discrete", schedule_rho=1.0, backend="ldm", max_order=2,
-                            metadata={"source": "untrained start table (r at 1/3 and 2/3, equal weights)",
-                                      "command": "python -m scripts.make_weights"})  # fmt: skip
-    save_params(start, ROOT / "weights" / "demo" / START)
     only = set(sys.argv[1:])
     if only != {"--readme"}:
+        start = EPDParams.start(6, 2, schedule_type="discrete", schedule_rho=1.0, backend="ldm", max_order=2,
+                                metadata={"source": "untrained start table (r at 1/3 and 2/3, equal weights)",
+                                          "command": "python -m scripts.make_weights"})  # fmt: skip
+        save_params(start, ROOT / "weights" / "demo" / START)
         jobs = [(n, a) for n, a in DISTILLED.items() if not only or n in only]
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             list(pool.map(lambda job: distil(*job), jobs))
