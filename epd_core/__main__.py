@@ -186,7 +186,8 @@ def main(argv: list[str] | None = None) -> int:
     dist.add_argument("--mixture", default="reference")
     dist.add_argument("--steps", type=int, default=4, help="time points (NFE is 2 per step, one less with --afs)")
     dist.add_argument("--points", type=int, default=2)
-    dist.add_argument("--student", choices=STUDENTS, default="epd")
+    dist.add_argument("--student", choices=STUDENTS, default="epd",
+                      help="epd: the authors' two rounds per step; carry: one (NFE = steps - 1, with --afs)")
     dist.add_argument("--max-order", type=int, default=4)
     dist.add_argument("--schedule", choices=SCHEDULE_TYPES)
     dist.add_argument("--rho", type=float, default=7.0)

@@ -244,6 +244,9 @@ def distill(
     from (see :mod:`epd_core.checkpoint`): a resumed run ends with the same table as an uninterrupted one.
     """
     config = config or DistillConfig()
+    if start.student == "carry" and config.plugin_base != "euler":
+        raise ValueError("a carry table places its points along its own carried direction; plugin_base needs an "
+                         "epd start table")  # fmt: skip
     denoiser = interruptible(denoiser, check_interrupt)
     # A copy, so that a grid made under inference mode (ComfyUI's) can be saved for backward.
     base_grid = make_schedule(start) if grid is None else torch.as_tensor(grid, dtype=torch.float64).clone()
@@ -310,7 +313,8 @@ def distill(
     tables = {name: raw[name].detach().to("cpu", torch.float32) for name in TABLE_NAMES}
     learned = _grid_from_logits(ends, logits).detach().cpu() if config.learn_grid else None
     tail = [v for v in history[-max(1, config.iterations // 10) :] if math.isfinite(v)]
-    fitted = start.replace(**tables, t_steps=learned, teacher=config.teacher, teacher_steps_m=config.teacher_m)
+    fitted = start.replace(**tables, t_steps=learned if learned is not None else start.t_steps, teacher=config.teacher,
+                           teacher_steps_m=config.teacher_m)  # fmt: skip
     errors = {}
     if config.plugin_base == "euler":  # a plugin table's student is its base's method: not sampled here
         final_grid = base_grid if learned is None else learned.to(base_grid)

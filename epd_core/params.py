@@ -26,9 +26,12 @@ import torch
 
 from .schedules import SCHEDULE_TYPES
 
-__all__ = ["EPDParams", "Decoded", "decode", "time_points_for_nfe", "STUDENTS", "BACKENDS", "TABLE_NAMES"]
+__all__ = [
+    "EPDParams", "Decoded", "decode", "time_points_for_nfe", "STUDENTS", "DEFAULT_STUDENT", "BACKENDS", "TABLE_NAMES",
+]  # fmt: skip
 
-STUDENTS = ("epd", "ipndm")
+STUDENTS = ("epd", "ipndm", "carry")
+DEFAULT_STUDENT = "carry"  # what EPD Distill fits unless told otherwise (measured better at equal NFE; README)
 BACKENDS = ("edm", "ldm", "sd3", "flux")
 TABLE_NAMES = ("r_params", "weight_s", "scale_dir_params", "scale_time_params")
 MAX_CHANNELS = 256  # latent channels an afs_mean may have
@@ -43,9 +46,16 @@ class Decoded(NamedTuple):
     scale_time: torch.Tensor
 
 
-def time_points_for_nfe(nfe: int) -> tuple[int, bool]:
-    """``(num_steps, afs)`` of a table with this NFE (the inverse of :attr:`EPDParams.nfe`): two rounds per
-    step, one less with the analytic first step, so odd NFE uses AFS."""
+def time_points_for_nfe(nfe: int, student: str = "epd") -> tuple[int, bool]:
+    """``(num_steps, afs)`` of a table with this NFE (the inverse of :attr:`EPDParams.nfe`).
+
+    ``epd`` / ``ipndm``: two rounds per step, one less with the analytic first step, so odd NFE uses AFS.
+    ``carry``: one round per step with AFS, so ``nfe`` steps.
+    """
+    if student == "carry":
+        if nfe < 1:
+            raise ValueError(f"a carry table needs NFE >= 1, got {nfe}")
+        return nfe + 1, True
     if nfe < 2:
         raise ValueError(f"an EPD table needs NFE >= 2, got {nfe}")
     return nfe // 2 + 1 + nfe % 2, bool(nfe % 2)
@@ -196,14 +206,19 @@ class EPDParams:
 
     @property
     def nfe(self) -> int:
-        """Sequential model rounds, as the papers count: two per step (K points in parallel), one less with AFS."""
+        """Sequential model rounds, as the papers count: two per step (K points in parallel), one less with AFS;
+        a ``carry`` table one per step (plus one without AFS)."""
         steps = self.num_steps - 1
+        if self.student == "carry":
+            return steps + (0 if self.afs else 1)
         return 2 * steps - (1 if self.afs else 0)
 
     @property
     def evaluations(self) -> int:
         """Network evaluations per sample (the K points each count)."""
         steps = self.num_steps - 1
+        if self.student == "carry":
+            return steps * self.num_points + (0 if self.afs else 1)
         return steps * (1 + self.num_points) - (1 if self.afs else 0)
 
     def decoded(self, dtype: torch.dtype = torch.float64) -> Decoded:
@@ -213,8 +228,10 @@ class EPDParams:
 
     @classmethod
     def start(cls, num_steps: int, num_points: int = 2, **hyper: Any) -> EPDParams:
-        """The untrained starting table: ``r = (k + 1) / (K + 1)`` in every step, equal weights, unit scales."""
-        r = torch.tensor([(k + 1) / (num_points + 1) for k in range(num_points)], dtype=torch.float32)
+        """The untrained starting table: ``r = (k + 1) / (K + 1)`` in every step (``carry``: ``(k + 1/2) / (K + 1)``,
+        nearer the start, where its carried direction is accurate), equal weights, unit scales."""
+        first = 0.5 if hyper.get("student") == "carry" else 1.0
+        r = torch.tensor([(k + first) / (num_points + 1) for k in range(num_points)], dtype=torch.float32)
         zeros = torch.zeros(num_steps - 1, num_points)
         return cls(
             r_params=torch.logit(r).expand(num_steps - 1, num_points).clone(),

@@ -46,7 +46,7 @@ def subdivide(grid: torch.Tensor, m: int) -> torch.Tensor:
     """Insert ``m`` points log-uniformly inside every interval of ``grid`` (the teacher's finer grid)."""
     log = torch.log(grid)
     parts = [
-        torch.exp(log[i] + (log[i + 1] - log[i]) * torch.arange(m + 1, dtype=grid.dtype) / (m + 1))
+        torch.exp(log[i] + (log[i + 1] - log[i]) * torch.arange(m + 1, dtype=grid.dtype, device=grid.device) / (m + 1))
         for i in range(grid.shape[0] - 1)
     ]
     return torch.cat(parts + [grid[-1:]])

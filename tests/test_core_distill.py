@@ -35,9 +35,9 @@ def _error(params, n=256):
     return float(((sample(GM.denoise_ve, x, grid, params) - exact) ** 2).mean().sqrt())
 
 
-@pytest.mark.parametrize("student,learn_grid", [("epd", False), ("ipndm", False), ("epd", True)])
+@pytest.mark.parametrize("student,learn_grid", [("epd", False), ("ipndm", False), ("epd", True), ("carry", False)])
 def test_distillation_reduces_loss_and_beats_start(student, learn_grid):
-    start = _start(student=student, max_order=3)
+    start = _start(student=student, max_order=3, afs=student == "carry")
     config = DistillConfig(iterations=60, batch=32, teacher_m=4, learn_grid=learn_grid)
     p = distill(GM.denoise_ve, start, GM.shape, config)
     d = p.metadata["distilled"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from epd_core import GaussianMixture, load_params, make_schedule, sample
+from epd_core import EPDParams, GaussianMixture, load_params, make_schedule, sample
 from epd_core.bases import BASES, Base
 from epd_core.plugin import PluginDenoiser, PluginMisuse, placement
 from epd_core.solver import epd_step
@@ -44,6 +44,29 @@ def test_euler_plus_plugin_is_epd(name, to_zero):
     expected = sample(den, x, grid, p)
     got = _euler(PluginDenoiser(p, grid), den, x, grid)
     assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("base", ["euler", "dpmpp_2m", "ipndm"])
+def test_plugin_over_a_carry_table_costs_one_round_per_step_like_its_base(base):
+    """A carry table needs no plain prediction at the grid points: each base call is answered with one batched
+    call of the K points, so plugin + base keeps the base's NFE and runs the carry trajectory."""
+    p = EPDParams.start(6, 2, student="carry", afs=True, schedule_type="polynomial", backend="edm")
+    gen = torch.Generator().manual_seed(4)
+    r, w = torch.randn(p.r_params.shape, generator=gen), torch.randn(p.weight_s.shape, generator=gen)
+    p = p.replace(r_params=r, weight_s=w)
+    gm = GaussianMixture.reference()
+    grid = torch.cat([make_schedule(p), torch.zeros(1, dtype=torch.float64)])
+    x = torch.randn(3, 4, 8, 8, dtype=torch.float64, generator=gen) * grid[0]
+    calls = []
+
+    def den(x, sigma):
+        calls.append(x.shape[0])
+        return gm.denoise_ve(x, sigma)
+
+    expected = sample(gm.denoise_ve, x, grid, p)
+    got = _base_run(PluginDenoiser(p, grid, base=base), base, den, x, grid)
+    assert torch.allclose(got, expected, rtol=1e-10, atol=1e-10)
+    assert calls == [6] * 5 + [3]  # five steps of 2 points in one call, then the base's final denoise
 
 
 def test_plugin_refuses_intermediate_and_repeated_calls():

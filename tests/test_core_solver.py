@@ -186,3 +186,49 @@ def test_time_points_for_nfe_inverts_nfe():
         assert p.nfe == nfe and afs == bool(nfe % 2)
     with pytest.raises(ValueError, match="NFE"):
         time_points_for_nfe(1)
+    for nfe in range(1, 21):
+        steps, afs = time_points_for_nfe(nfe, "carry")
+        p = EPDParams.start(steps, 3, afs=afs, student="carry")
+        assert p.nfe == nfe and p.num_steps == nfe + 1 and p.evaluations == 3 * nfe
+
+
+def _carry_reference(den, x, grid, table, afs_scale):
+    """The carry student written out by hand: the first step's points along AFS's direction, every later step's
+    along the previous step's weighted direction; the last step extended to sigma 0."""
+    d = x / afs_scale
+    for i in range(grid.shape[0] - 1):
+        t_cur, t_next = grid[i], grid[i + 1]
+        d_eff = torch.zeros_like(x)
+        for k in range(table.r.shape[1]):
+            tau = t_next ** table.r[i, k] * t_cur ** (1 - table.r[i, k])
+            xk = x + (tau - t_cur) * d
+            sigma = (table.scale_time[i, k] * tau).expand(x.shape[0])
+            d_eff = d_eff + table.weight[i, k] * table.scale_dir[i, k] * (xk - den(xk, sigma)) / tau
+        if i == grid.shape[0] - 2:
+            return x - t_cur * d_eff
+        x, d = x + (t_next - t_cur) * d_eff, d_eff
+
+
+@pytest.mark.parametrize("parallel", [True, False])
+def test_carry_student_takes_one_round_per_step_along_the_carried_direction(parallel):
+    gen = torch.Generator().manual_seed(3)
+    p = EPDParams.start(6, 3, student="carry", afs=True, schedule_type="polynomial", backend="edm", scale_dir=0.05,
+                        scale_time=0.05)  # fmt: skip
+    p = p.replace(**{name: torch.randn(getattr(p, name).shape, generator=gen) for name in
+                     ("r_params", "weight_s", "scale_dir_params", "scale_time_params")})  # fmt: skip
+    grid = make_schedule(p)
+    rec = Recorder(GaussianMixture.reference().denoise_ve)
+    x = torch.randn(5, 4, 8, 8, dtype=torch.float64, generator=gen) * grid[0]
+    out = sample(rec, x, torch.cat([grid, grid.new_zeros(1)]), p, parallel=parallel, final="estimate")
+    assert len(rec.calls) == (p.nfe if parallel else p.evaluations) and p.nfe == 5
+    expected = _carry_reference(GaussianMixture.reference().denoise_ve, x, grid, p.decoded(), (1 + grid[0] ** 2).sqrt())
+    assert torch.allclose(out, expected, rtol=0, atol=1e-12)
+
+
+def test_carry_student_from_a_later_step_starts_with_a_model_call():
+    p = EPDParams.start(6, 2, student="carry", afs=True, schedule_type="polynomial", backend="edm")
+    grid = make_schedule(p)
+    rec = Recorder(GaussianMixture.reference().denoise_ve)
+    x = torch.randn(2, 4, 8, 8, dtype=torch.float64) * grid[2]
+    sample(rec, x, grid[2:], p)
+    assert [c[0] for c in rec.calls] == [2, 4, 4, 4]  # d at the first point, then one batched call per step
