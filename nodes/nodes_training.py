@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..epd_core.config import PRESETS, DistillConfig, RDPOConfig, rdpo_preset
-from ..epd_core.params import time_points_for_nfe
+from ..epd_core.params import DEFAULT_STUDENT, time_points_for_nfe
 from .inputs import EPDParamsType, advanced, config_input, epd_params_input, output_inputs, seed_input
 from .nodes_tables import describe
 from .rewards import clip_score_reward, preference_reward
@@ -50,8 +50,8 @@ class EPDDistill(io.ComfyNode):
                     min=2,
                     max=64,
                     tooltip="Model rounds per image the table will take (what KSampler's steps are for one-call "
-                    "samplers): each EPD step costs 2 (its K points are one batched call); an odd NFE starts with "
-                    "the analytic first step, which costs none.",
+                    "samplers). Its K points are one batched call; a carry step costs 1 round, an epd step 2 (an "
+                    "odd NFE starts with the analytic first step, which costs none).",
                 ),
                 io.Int.Input("points", default=2, min=1, max=8, tooltip="Parallel intermediate points per step (K)."),
                 config_input(d, "teacher"),
@@ -65,6 +65,17 @@ class EPDDistill(io.ComfyNode):
                 epd_params_input("start_params", "Start from this table instead of the default start.", optional=True),
                 advanced(config_input(d, "final_estimate", optional=True)),
                 advanced(config_input(d, "objective", optional=True)),
+                advanced(
+                    io.Combo.Input(
+                        "student",
+                        options=["carry", "epd"],
+                        default=DEFAULT_STUDENT,
+                        optional=True,
+                        tooltip="carry: one model round per step, the points placed along the previous step's "
+                        "direction (NFE 5 = 5 steps); epd: the authors' EPD-Solver, a plain model call then the "
+                        "points, 2 rounds per step (NFE 5 = 3 steps).",
+                    )
+                ),
             ],
             outputs=[EPDParamsType.Output(display_name="epd_params"), io.String.Output(display_name="info")],
         )
@@ -73,7 +84,7 @@ class EPDDistill(io.ComfyNode):
     def execute(
         cls, model, positive, negative, latent_image, cfg, nfe, points, teacher, teacher_steps, iterations, batch,
         learning_rate, seed, learn_grid, filename, overwrite, start_params=None, final_estimate=False,
-        objective=None,
+        objective=None, student=None,
     ) -> io.NodeOutput:  # fmt: skip
         # The per-step objective needs only the derivatives along the two ways a table moves a point: finite
         # differences, no backpropagation through the network (any architecture, no activation memory). The
@@ -85,8 +96,10 @@ class EPDDistill(io.ComfyNode):
             seed=seed, learn_grid=learn_grid, final_estimate=final_estimate, gradient=gradient, objective=objective,
         )  # fmt: skip
         path = output_path(filename, overwrite)
-        steps, afs = time_points_for_nfe(nfe)
-        start = start_params or start_table(model.get_model_object("model_sampling"), steps, points, afs)
+        student = student or DEFAULT_STUDENT
+        steps, afs = time_points_for_nfe(nfe, student)
+        ms = model.get_model_object("model_sampling")
+        start = start_params or start_table(ms, steps, points, afs, student)
         params = distill_on_model(model, positive, negative, cfg, latent_image["samples"], start, config,
                                   metadata={"tool": "EPD Distill node", "cfg": cfg},
                                   **resume_options(path, iterations))  # fmt: skip

@@ -40,6 +40,15 @@ def plugin_info(name: str, params: EPDParams) -> str:
     k = params.num_points
     rounds = f"2 sequential model rounds per step{' (1 on the AFS first step)' if params.afs else ''}"
     placed = table_placement(params)
+    if params.student == "carry":
+        rounds = "1 model round per step, like the bare base"
+        place = "the points lie along the direction carried from the previous step (no plain prediction)"
+        return (
+            f"EPD Plugin over {name}: {params.num_steps - 1} steps, NFE {params.nfe} ({rounds}: {k} points in one "
+            f"batched call; {params.evaluations} evaluations per sample). Each step: {place}; the step is EPD's "
+            f"weighted sum of the {k} directions, and {name} is answered with the x0 for which its own update, "
+            "with its own history, takes that step (so the run is the table's carry trajectory)"
+        )
     if params.student == "ipndm":
         place = "the table's iPNDM extrapolation of the plain directions places the points (the authors' EPD-Plugin)"
     elif placed == "euler":

@@ -33,6 +33,7 @@ from ..epd_core.config import DistillConfig, RDPOConfig
 from ..epd_core.distill import distill
 from ..epd_core.files import EPDFileError, save_params
 from ..epd_core.rdpo import rdpo
+from ..epd_core.schedules import polynomial
 from ..epd_core.teachers import subdivide, teacher_trajectory
 from .guard import PACK, user_error, user_path, user_text
 from .rewards import Reward
@@ -43,20 +44,38 @@ log = logging.getLogger("epd")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,100}")  # used with fullmatch: "$" would accept "name\n"
 
 
-def start_table(model_sampling, steps: int, points: int, afs: bool) -> EPDParams:
-    """The untrained start table matching a ComfyUI model's kind of noise schedule."""
+def start_table(model_sampling, steps: int, points: int, afs: bool, student: str = "epd") -> EPDParams:
+    """The untrained start table matching a ComfyUI model's kind of noise schedule.
+
+    A ``carry`` table starts on its own grid between the model grid's ends: rho-7 polynomial on EPS models, uniform
+    in t on flow models with a fixed shift (measured better for it than the models' grids); Flux's
+    resolution-dependent grid stays.
+    """
+    start = _start_for(model_sampling, steps, points, afs, student)
+    if student != "carry" or (is_flow_model(model_sampling) and is_flux_shift(model_sampling)):
+        return start
+    grid = model_schedule(start, model_sampling)
+    lo, hi = float(grid[-1]), float(grid[0])
+    if is_flow_model(model_sampling):
+        return start.replace(t_steps=torch.linspace(hi, lo, steps, dtype=torch.float64))
+    return start.replace(t_steps=polynomial(steps, lo, hi, 7.0))
+
+
+def _start_for(model_sampling, steps: int, points: int, afs: bool, student: str) -> EPDParams:
     if is_flow_model(model_sampling):
         shift = float(getattr(model_sampling, "shift", 3.0))
         if is_flux_shift(model_sampling):
             return EPDParams.start(steps, points, schedule_type="flowmatch", schedule_rho=1.0, backend="flux",
-                                   flowmatch_mu=shift, afs=afs)  # fmt: skip
+                                   flowmatch_mu=shift, afs=afs, student=student)  # fmt: skip
         return EPDParams.start(steps, points, schedule_type="flowmatch", schedule_rho=1.0, backend="sd3",
-                               flowmatch_shift=shift, afs=afs)  # fmt: skip
+                               flowmatch_shift=shift, afs=afs, student=student)  # fmt: skip
     if is_discrete_model(model_sampling):
-        return EPDParams.start(steps, points, schedule_type="discrete", schedule_rho=1.0, backend="ldm", afs=afs)
+        return EPDParams.start(
+            steps, points, schedule_type="discrete", schedule_rho=1.0, backend="ldm", afs=afs, student=student
+        )
     lo, hi = float(model_sampling.sigma_min), float(model_sampling.sigma_max)
     return EPDParams.start(steps, points, schedule_type="polynomial", schedule_rho=7.0, backend="edm", afs=afs,
-                           sigma_min=lo, sigma_max=hi)  # fmt: skip
+                           sigma_min=lo, sigma_max=hi, student=student)  # fmt: skip
 
 
 def output_path(filename: str, overwrite: bool) -> Path:

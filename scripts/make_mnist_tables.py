@@ -20,21 +20,23 @@ from pathlib import Path
 import torch
 
 from epd_core.config import DistillConfig, add_arguments, from_arguments
-from epd_core.params import time_points_for_nfe
+from epd_core.params import DEFAULT_STUDENT, STUDENTS, time_points_for_nfe
 from epd_dev import ROOT, comfy_harness
 
 CFG = 3.0
 OUT = ROOT / "weights" / "demo"
 
 
-def make_table(kind: str, nfe: int, points: int, config: DistillConfig, command: str, out: Path) -> Path:
+def make_table(
+    kind: str, nfe: int, points: int, config: DistillConfig, command: str, out: Path, student: str = DEFAULT_STUDENT
+) -> Path:
     """One table, distilled and saved; returns its path."""
     nodes = comfy_harness.setup()
     training = comfy_harness.pack_module("nodes.training")
     (model,) = nodes["EPDMnistModel"].execute(kind).result
     positive, negative = nodes["EPDMnistClass"].execute("0-9").result
-    steps, afs = time_points_for_nfe(nfe)
-    start = training.start_table(model.get_model_object("model_sampling"), steps, points, afs)
+    steps, afs = time_points_for_nfe(nfe, student)
+    start = training.start_table(model.get_model_object("model_sampling"), steps, points, afs, student)
     metadata = {"tool": "scripts/make_mnist_tables.py", "model": f"demo_models/mnist-{kind}", "cfg": CFG,
                 "command": command}  # fmt: skip
     params = training.distill_on_model(model, positive, negative, CFG, torch.zeros(1, 4, 14, 14), start, config,
@@ -49,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kinds", nargs="+", default=["eps", "flow"])
     ap.add_argument("--nfes", nargs="+", type=int, default=list(range(4, 11)))
     ap.add_argument("--points", type=int, default=2, help="parallel points per step (K)")
+    ap.add_argument("--student", choices=STUDENTS, default=DEFAULT_STUDENT, help="carry: one round per step")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     add_arguments(ap, DistillConfig)
@@ -61,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind in args.kinds:
         for nfe in args.nfes:
             t0 = time.time()
-            path = make_table(kind, nfe, args.points, config, command, args.out)
+            path = make_table(kind, nfe, args.points, config, command, args.out, args.student)
             print(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: {time.time() - t0:.0f} s")
     return 0
 

@@ -38,7 +38,8 @@ def test_distill_node_saves_a_table_that_samples(epd_dir, kind):
     model = tiny_model(kind)
     estimate = kind == "flux"  # fitted for final_step "estimate"
     nfe = 6 if kind == "sd3" else 5  # odd: the analytic first step (flow tables take it too)
-    params, info = _run(model, kind, f"t_{kind}", learn_grid=kind == "eps", nfe=nfe, final_estimate=estimate)
+    params, info = _run(model, kind, f"t_{kind}", learn_grid=kind == "eps", nfe=nfe, final_estimate=estimate,
+                        student="epd")  # fmt: skip
     path = epd_dir / f"t_{kind}.safetensors"
     assert path.exists() and "saved" in info
     assert "held-out RMS error" in info and params.metadata["distilled"]["student_error"] > 0
@@ -56,6 +57,38 @@ def test_distill_node_saves_a_table_that_samples(epd_dir, kind):
     out = SamplerCustom.execute(model, True, 1, 2.0, conditioning(1), conditioning(1), sampler, sigmas,
                                 latent(kind, 1)).result[0]["samples"]  # fmt: skip
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("kind", ["eps", "sd3"])
+def test_distill_node_fits_a_carry_table_of_one_round_per_step(epd_dir, kind):
+    """student "carry": NFE 5 is five steps, on the start grid made for it (rho-7 on EPS models, uniform in t on
+    flow models), kept in the table; sampled through ComfyUI it takes one guided round per step."""
+    model = tiny_model(kind)
+    params, info = _run(model, kind, f"c_{kind}", nfe=5, student="carry", final_estimate=True)
+    assert params.student == "carry" and params.num_steps == 6 and params.nfe == 5 and params.afs
+    assert "NFE 5" in info and params.t_steps is not None
+    grid = params.t_steps
+    if kind == "eps":
+        lo, hi = float(grid[-1]), float(grid[0])
+        assert torch.allclose(grid, epd_core.schedules.polynomial(6, lo, hi, 7.0), rtol=1e-6)
+    else:
+        assert torch.allclose(torch.diff(grid[:-1]), torch.diff(grid[:-1])[:1].expand(4), rtol=1e-6)
+    (sigmas,) = N["EPDScheduler"].execute(model, params, 1.0, True).result
+    (sampler,) = N["EPDSampler"].execute(params, "auto", True, "comfyui", "estimate").result
+    rounds = []
+    m = model.clone()
+    m.set_model_sampler_cfg_function(lambda a: rounds.append(1) or a["uncond"] + (a["cond"] - a["uncond"]) * 2.0)
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+
+    out = SamplerCustom.execute(m, True, 1, 2.0, conditioning(1), conditioning(1), sampler, sigmas,
+                                latent(kind, 1)).result[0]["samples"]  # fmt: skip
+    assert torch.isfinite(out).all() and len(rounds) == 5
+
+
+def test_distill_defaults_to_the_carry_student(epd_dir):
+    """The node's defaults (no optional input given) fit a carry table: NFE steps of one round each."""
+    params, info = _run(tiny_model("eps"), "eps", "d_eps", nfe=4, iterations=2)
+    assert params.student == "carry" and params.nfe == 4 and params.num_steps == 5 and "student carry" in info
 
 
 def test_distill_trains_on_every_prompt_of_a_conditioning_batch(epd_dir):
