@@ -168,11 +168,16 @@ class Scorer:
                 "wrong_mode_rate": wrong / n, "wrong_mode_ci": wilson(wrong, n)}  # fmt: skip
 
 
-def epd_tables(kind: str) -> list[Path]:
-    return sorted(TABLES.glob(f"mnist-{kind}-nfe*.safetensors"))
+def epd_tables(kind: str, folders=(TABLES,)) -> list[tuple[str, Path]]:
+    """The MNIST tables of ``kind`` in ``folders``, each with its label (``<folder>/<stem>`` outside the pack's)."""
+    found = []
+    for folder in folders:
+        for path in sorted(Path(folder).glob(f"mnist-{kind}-nfe*.safetensors")):
+            found.append((path.stem if Path(folder) == TABLES else f"{Path(folder).name}/{path.stem}", path))
+    return found
 
 
-def bench_kind(kind: str, nfes, n: int, samplers, schedulers, log=print) -> list[dict]:
+def bench_kind(kind: str, nfes, n: int, samplers, schedulers, log=print, tables=(TABLES,)) -> list[dict]:
     import comfy.samplers
 
     nodes, model, positive, negative = setup(kind)
@@ -205,15 +210,16 @@ def bench_kind(kind: str, nfes, n: int, samplers, schedulers, log=print) -> list
             if sampler not in TWO_CALLS:
                 for name, sigmas in tuned_schedules(kind, nfe).items():
                     add(sampler, name, comfy.samplers.sampler_object(sampler), sigmas, nfe)
+            log(f"mnist-{kind}: {sampler} at NFE {nfe} ({time.time() - t0:.0f} s)")
         log(f"mnist-{kind}: built-ins at NFE {nfe} done ({time.time() - t0:.0f} s)")
-    for path in epd_tables(kind):
+    for name, path in epd_tables(kind, tables):
         params = load_params(path)
         if params.nfe not in nfes:
             continue
         for final, final_step, label in ((True, "denoise", "+final"), (True, "estimate", "+estimate")):
             sigmas = nodes["EPDScheduler"].execute(model, params, 1.0, final).result[0]
             sampler = nodes["EPDSampler"].execute(params, "auto", True, "comfyui", final_step).result[0]
-            add("epd", f"table:{path.stem}{label}", sampler, sigmas)
+            add("epd", f"table:{name}{label}", sampler, sigmas)
     log(f"mnist-{kind}: {len(rows)} runs in {time.time() - t0:.0f} s")
     return rows
 
@@ -264,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nfes", nargs="*", type=int, default=list(NFES))
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    ap.add_argument("--tables", nargs="*", type=Path, default=[TABLES], help="folders of mnist-<kind>-nfe<N> tables")
+    ap.add_argument("--samplers", nargs="*", help="the built-in samplers to run (default: every deterministic one)")
+    ap.add_argument("--no-merge", action="store_true", help="leave accuracy.json as it is")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -274,14 +283,15 @@ def main(argv: list[str] | None = None) -> int:
     n = args.samples or (20 if args.quick else 2050)
     n = -(-n // 10) * 10
     samplers = ["euler", "dpmpp_2m", "uni_pc"] if args.quick else DETERMINISTIC
+    samplers = samplers if args.samplers is None else args.samplers
     schedulers = ["karras", "simple"] if args.quick else list(comfy.samplers.SCHEDULER_NAMES)
-    rows = [r for kind in args.kinds for r in bench_kind(kind, args.nfes, n, samplers, schedulers)]
+    rows = [r for kind in args.kinds for r in bench_kind(kind, args.nfes, n, samplers, schedulers, tables=args.tables)]
     args.out.mkdir(parents=True, exist_ok=True)
     table, summary = summarize(rows)
     (args.out / "neural.json").write_text(json.dumps(rows, indent=1))
     (args.out / "neural.md").write_text(table)
     (args.out / "neural_summary.json").write_text(json.dumps(summary, indent=1))
-    if not args.quick:
+    if not args.quick and not args.no_merge:
         merge_into_accuracy(rows, args.out / "accuracy.json")
     print(table)
     print(f"{len(rows)} runs in {time.time() - t0:.0f} s -> {args.out}")

@@ -52,11 +52,16 @@ def comfyui_path() -> Path:
     return path
 
 
-def setup(cpu: bool = True) -> dict:
-    """Import ComfyUI (on the CPU unless ``cpu=False``), load this pack through ComfyUI's own loader; return its
-    node classes by id. The device is fixed by the first call."""
+def setup(cpu: bool | None = None) -> dict:
+    """Import ComfyUI (on the CPU unless ``cpu=False``, or by default ``EPD_GPU=1`` in the environment and CUDA),
+    load this pack through ComfyUI's own loader; return its node classes by id. The device is fixed by the first
+    call."""
     if _STATE:
         return _STATE
+    if cpu is None:
+        import torch
+
+        cpu = os.environ.get("EPD_GPU") != "1" or not torch.cuda.is_available()
     path = comfyui_path()
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
