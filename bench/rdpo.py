@@ -31,7 +31,7 @@ from epd_core import load_params
 from epd_core.config import RDPOConfig, add_arguments, rdpo_preset
 from epd_dev import ROOT, comfy_harness, mnist_data, mnist_metrics, mnist_rewards
 
-START = ROOT / "weights" / "demo" / "mnist-eps-nfe5.safetensors"
+START = ROOT / "weights" / "demo" / "mnist-eps-nfe5-epd.safetensors"  # the Stage-1 table the recorded runs started from
 OUT = ROOT / "bench" / "results" / "rdpo.json"
 EVAL_SEED = 2**30 + 11
 

@@ -31,6 +31,13 @@ def recipe(form: str, mixture: str, nfe: int) -> str:
     return f"--form {form} --mixture {mixture} --steps {steps} {COMMON}{' --afs' if afs else ''} {loss}"
 
 
+def carry_recipe(form: str, mixture: str, nfe: int) -> str:
+    """The carry student (one round per step): NFE steps, all with AFS first; the end-to-end objective, fitted for
+    the free final estimate."""
+    return (f"--form {form} --mixture {mixture} --steps {nfe + 1} --student carry {COMMON} --afs --objective global "
+            "--final-estimate")  # fmt: skip
+
+
 # EPD Plugin tables: one per base the plugin places points with (euler's are the EPD tables above), from the
 # untrained start table, so the learned grid suits the base's placement (a table fitted for Euler's placement and
 # then tuned for a multistep base's got worse: its long last step is where multistep extrapolation is poorest).
@@ -54,6 +61,8 @@ DISTILLED = {
        for n in (5, 10)},
     **{f"analytic-{f}-reference-nfe{n}-plugin-{b}.safetensors": plugin_recipe(f, n, b)
        for n in (10,) for f in ("sd15", "sd3") for b in PLUGIN_BASES},
+    **{f"analytic-{f}-{m}-nfe{n}-carry.safetensors": carry_recipe(f, m, n) for f in FORMS
+       for m in ("reference", "wide", "multimodal") for n in (5, 10)},
 }  # fmt: skip
 
 
