@@ -122,3 +122,17 @@ def test_plugin_benchmark_compares_each_base_at_equal_nfe_and_replaces_plugin_ro
     (tmp_path / "accuracy.json").write_text(json.dumps(old))
     merged = plugin.merge_rows(rows, tmp_path / "accuracy.json", only_plugin=True)
     assert merged == old[1:] + plug  # the redone plugin row replaced; the other base's and the bare rows kept
+
+
+def test_carry_benchmark_compares_both_students_with_the_best_builtins(tmp_path):
+    """bench.carry's small version: the best built-ins of accuracy.json against the bundled epd and carry tables
+    of one case, each run to its round count."""
+    from bench import carry
+
+    assert carry.main(["--samples", "32", "--forms", "sd3_flow", "--mixtures", "reference", "--nfes", "5",
+                       "--top", "2", "--workers", "1", "--out", str(tmp_path)]) == 0  # fmt: skip
+    rows = json.loads((tmp_path / "carry.json").read_text())
+    assert {r["sampler"] for r in rows} >= {"epd_epd", "epd_carry"} and all(r["nfe"] == 5 for r in rows)
+    assert len([r for r in rows if not r["sampler"].startswith("epd")]) == 2
+    table = (tmp_path / "carry.md").read_text()
+    assert "analytic-sd3-reference-nfe5-carry+estimate" in table and table.count("x |") == 2
