@@ -152,6 +152,17 @@ def builtin_steps(sampler: str, nfe: int) -> int | None:
     return steps if steps >= 1 else None
 
 
+def builtin_sigmas(model_sampling, sampler: str, scheduler: str, steps: int) -> torch.Tensor:
+    """The sigmas KSampler gives ``sampler`` for ``steps`` steps of ``scheduler`` (one step more with the
+    penultimate sigma dropped, for the samplers that discard it)."""
+    import comfy.samplers
+
+    if sampler in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS:
+        sigmas = comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps + 1)
+        return torch.cat([sigmas[:-2], sigmas[-1:]])
+    return comfy.samplers.calculate_sigmas(model_sampling, scheduler, steps)
+
+
 def epd_tables(form: str, mixture: str) -> list[Path]:
     if form == "digits_eps":
         return sorted((ROOT / "weights" / "demo").glob("digits-nfe*.safetensors"))
@@ -188,11 +199,7 @@ def bench_model(form: str, mixture: str, samplers, schedulers, nfes, n: int, log
     for sampler in samplers:
         for scheduler in schedulers:
             for nfe in nfes:
-                steps = builtin_steps(sampler, nfe)
-                sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, steps)
-                if sampler in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS:
-                    sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, steps + 1)
-                    sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+                sigmas = builtin_sigmas(ms, sampler, scheduler, builtin_steps(sampler, nfe))
                 out, c = run(model, comfy.samplers.sampler_object(sampler), sigmas, noise)
                 if c.rounds != nfe:
                     continue

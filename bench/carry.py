@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from bench.accuracy import FORMS, HELD_OUT_SEED, RESULTS, answer_key, builtin_steps, metrics, run
+from bench.accuracy import FORMS, HELD_OUT_SEED, RESULTS, answer_key, builtin_sigmas, builtin_steps, metrics, run
 from epd_core import GaussianMixture, load_params
 from epd_dev import ROOT, comfy_harness
 
@@ -42,11 +42,7 @@ def case(form: str, mixture: str, nfe: int, n: int, top: int, ranking: list[dict
                      and not r["sampler"].startswith("epd")), key=lambda r: r["rmse"])  # fmt: skip
     for r in ranked[:top]:
         sampler, scheduler = r["sampler"], r["scheduler"]
-        steps = builtin_steps(sampler, nfe)
-        sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, steps)
-        if sampler in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS:
-            sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, steps + 1)
-            sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+        sigmas = builtin_sigmas(ms, sampler, scheduler, builtin_steps(sampler, nfe))
         out, c = run(model, comfy.samplers.sampler_object(sampler), sigmas, noise)
         rows.append({**base, "sampler": sampler, "scheduler": scheduler, "nfe": c.rounds, **metrics(gm, out, exact)})
     for path in sorted(TABLES.glob(f"analytic-{form.split('_')[0]}-{mixture}-nfe{nfe}*.safetensors")):

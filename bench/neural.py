@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from bench.accuracy import DETERMINISTIC, RESULTS, TWO_CALLS, builtin_steps
+from bench.accuracy import DETERMINISTIC, RESULTS, TWO_CALLS, builtin_sigmas, builtin_steps
 from epd_core import load_params
 from epd_dev import ROOT, comfy_harness, mnist_data, mnist_metrics
 
@@ -202,10 +202,7 @@ def bench_kind(kind: str, nfes, n: int, samplers, schedulers, log=print, tables=
         for sampler in samplers:
             steps = builtin_steps(sampler, nfe)
             for scheduler in schedulers:
-                sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, steps)
-                if sampler in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS:
-                    sigmas = comfy.samplers.calculate_sigmas(ms, scheduler, steps + 1)
-                    sigmas = torch.cat([sigmas[:-2], sigmas[-1:]])
+                sigmas = builtin_sigmas(ms, sampler, scheduler, steps)
                 add(sampler, scheduler, comfy.samplers.sampler_object(sampler), sigmas, nfe)
             if sampler not in TWO_CALLS:
                 for name, sigmas in tuned_schedules(kind, nfe).items():

@@ -156,7 +156,7 @@ def epd_step(
     swaps in finite differences). ``place(d)``, if given, turns the first direction into the direction the points
     are placed along (the EPD Plugin's base sampler, :mod:`epd_core.bases`); an iPNDM student keeps its own rule.
     """
-    if params.student == "carry" and history and not afs:
+    if params.student == "carry" and history:
         d = history[-1]
     else:
         d = first_direction(denoiser, x, t_cur, afs, params.is_flow, params.afs_mean)
