@@ -1,7 +1,7 @@
 """MNIST metrics for the demo models: a small classifier trained here, class accuracy, and a "digits FID".
 
-The classifier (``demo_models/mnist-classifier.safetensors``, trained by ``python -m scripts.train_mnist --kind
-classifier`` on the 9,000 training digits of ``epd_dev.mnist_data``) is a plain PyTorch CNN; no ComfyUI needed.
+The classifier (``demo_models/mnist-classifier.safetensors``, defined in the pack's ``nodes/mnist_classifier.py``,
+trained by ``python -m scripts.train_mnist --kind classifier``) is a plain PyTorch CNN; no ComfyUI needed.
 Its penultimate layer (128 ReLU features) is the feature space of :func:`frechet_distance`, the Frechet distance
 between Gaussians fitted to two sets of features, as FID does with Inception features; the reference set is the
 1,000 held-out real digits.
@@ -12,54 +12,26 @@ of a sample, or ``mnist_data.split``).
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 ROOT = Path(__file__).resolve().parents[1]
-CLASSIFIER = ROOT / "demo_models" / "mnist-classifier.safetensors"
-FORMAT = "epd-mnist-classifier-v1"
-ARCHITECTURE = "conv3x3(1,32)-relu-maxpool2-conv3x3(32,64)-relu-maxpool2-linear(3136,128)-relu[features]-linear(128,10)"
-FEATURES = 128
 
 
-class Classifier(torch.nn.Module):
-    """A small CNN for 28x28 digits; ``features`` is its penultimate layer."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.conv1 = torch.nn.Conv2d(1, 32, 3, padding=1)
-        self.conv2 = torch.nn.Conv2d(32, 64, 3, padding=1)
-        self.fc1 = torch.nn.Linear(64 * 7 * 7, FEATURES)
-        self.fc2 = torch.nn.Linear(FEATURES, 10)
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        x = images.to(torch.float32).reshape(-1, 1, 28, 28) * 2.0 - 1.0
-        x = torch.nn.functional.max_pool2d(torch.relu(self.conv1(x)), 2)
-        x = torch.nn.functional.max_pool2d(torch.relu(self.conv2(x)), 2)
-        return torch.relu(self.fc1(x.flatten(1)))
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.features(images))
+def _pack_module(name: str):
+    """A plain-PyTorch module of the pack's ``nodes/`` by its file (``import nodes`` is ComfyUI's own module)."""
+    spec = importlib.util.spec_from_file_location(f"epd_pack_{name}", ROOT / "nodes" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
-def load_classifier(path: str | Path = CLASSIFIER) -> Classifier:
-    """The trained classifier (safetensors only, checked key for key), in eval mode."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; train it with python -m scripts.train_mnist --kind classifier")
-    net = Classifier()
-    try:
-        with safe_open(str(path), "pt") as fh:
-            meta = fh.metadata() or {}
-            if meta.get("format") != FORMAT or meta.get("architecture") != ARCHITECTURE:
-                raise ValueError(f"{path.name} is not the EPD MNIST classifier (format {meta.get('format')!r})")
-            state = {k: fh.get_tensor(k).to(torch.float32) for k in fh.keys()}
-    except SafetensorError as exc:
-        raise ValueError(f"{path.name} is not a readable safetensors file: {exc}") from exc
-    net.load_state_dict(state, strict=True)
-    return net.eval()
+_classifier = _pack_module("mnist_classifier")
+Classifier, load_classifier = _classifier.Classifier, _classifier.load_classifier
+CLASSIFIER, FORMAT, ARCHITECTURE, FEATURES = (_classifier.CLASSIFIER, _classifier.FORMAT, _classifier.ARCHITECTURE,
+                                              _classifier.FEATURES)  # fmt: skip
 
 
 _LOADED: dict[str, Classifier] = {}

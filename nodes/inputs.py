@@ -11,6 +11,7 @@ from ..epd_core.solver import FINAL_STEPS
 from .sampling import PARALLEL_MODES
 
 EPDParamsType = io.Custom("EPD_PARAMS")
+EncoderType = io.Custom("EPD_ENCODER")  # nodes.features.Encoder: latents -> image features, for a feature loss
 SEED_MAX = 0xFFFFFFFFFFFFFFFF
 
 

@@ -1,10 +1,14 @@
-"""Nodes of the class-conditional MNIST demo models (nodes/mnist_model.py): model, class, decode."""
+"""Nodes of the class-conditional MNIST demo models (nodes/mnist_model.py): model, class, decode, features."""
 
 from __future__ import annotations
 
 import torch
 from comfy_api.latest import io
 
+from .autograd import make_differentiable
+from .features import Encoder
+from .inputs import EncoderType
+from .mnist_classifier import load_classifier
 from .mnist_model import KINDS, class_token, latent_to_images, mnist_model_patcher, weights_path
 
 CLASSES = [str(d) for d in range(10)] + ["none"]
@@ -85,4 +89,34 @@ class EPDMnistDecode(io.ComfyNode):
         return io.NodeOutput(grey[..., None].expand(-1, -1, -1, 3).contiguous().to(torch.float32))
 
 
-NODES = [EPDMnistModel, EPDMnistClass, EPDMnistDecode]
+def mnist_encoder() -> Encoder:
+    """The demo classifier's penultimate features (128) of the digits that MNIST latents encode."""
+    net = load_classifier().requires_grad_(False)
+
+    def embed(latents: torch.Tensor) -> torch.Tensor:
+        make_differentiable(net.to(latents.device))
+        return net.features(latent_to_images(latents))
+
+    return Encoder("mnist_classifier", embed)
+
+
+class EPDMnistFeatures(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EPDMnistFeatures",
+            display_name="EPD MNIST Features",
+            category="sampling/epd_training",
+            description="The feature encoder of the MNIST demo models for EPD Distill's feature loss: the digits the "
+            "latents encode, through the demo classifier (demo_models/mnist-classifier.safetensors) up to its "
+            "penultimate layer, the features of the digits FID.",
+            inputs=[],
+            outputs=[EncoderType.Output(display_name="feature_encoder")],
+        )
+
+    @classmethod
+    def execute(cls) -> io.NodeOutput:
+        return io.NodeOutput(mnist_encoder())
+
+
+NODES = [EPDMnistModel, EPDMnistClass, EPDMnistDecode, EPDMnistFeatures]

@@ -6,7 +6,8 @@ from comfy_api.latest import io
 
 from ..epd_core.config import PRESETS, DistillConfig, RDPOConfig, rdpo_preset
 from ..epd_core.params import DEFAULT_STUDENT, time_points_for_nfe
-from .inputs import EPDParamsType, advanced, config_input, epd_params_input, output_inputs, seed_input
+from .features import clip_vision_encoder
+from .inputs import EncoderType, EPDParamsType, advanced, config_input, epd_params_input, output_inputs, seed_input
 from .nodes_tables import describe
 from .rewards import clip_score_reward, preference_reward
 from .training import distill_on_model, output_path, rdpo_on_model, resume_options, save_output, start_table
@@ -76,6 +77,25 @@ class EPDDistill(io.ComfyNode):
                         "points, 2 rounds per step (NFE 5 = 3 steps).",
                     )
                 ),
+                EncoderType.Input(
+                    "feature_encoder",
+                    optional=True,
+                    tooltip="Judge the last step on decoded images (the authors' feature loss): from EPD Feature "
+                    "Encoder (your VAE and CLIP vision model) or EPD MNIST Features. Needs autograd through the VAE "
+                    "and the encoder: more memory and time per iteration.",
+                ),
+                advanced(
+                    io.Float.Input(
+                        "feature_weight",
+                        default=1.0,
+                        min=0.0,
+                        max=1e6,
+                        step=0.1,
+                        optional=True,
+                        tooltip="With a feature_encoder: the last step's loss is this times the mean squared "
+                        "distance between the features of the table's and the teacher's decoded images.",
+                    )
+                ),
             ],
             outputs=[EPDParamsType.Output(display_name="epd_params"), io.String.Output(display_name="info")],
         )
@@ -84,7 +104,7 @@ class EPDDistill(io.ComfyNode):
     def execute(
         cls, model, positive, negative, latent_image, cfg, nfe, points, teacher, teacher_steps, iterations, batch,
         learning_rate, seed, learn_grid, filename, overwrite, start_params=None, final_estimate=False,
-        objective=None, student=None,
+        objective=None, student=None, feature_encoder=None, feature_weight=1.0,
     ) -> io.NodeOutput:  # fmt: skip
         # The per-step objective needs only the derivatives along the two ways a table moves a point: finite
         # differences, no backpropagation through the network (any architecture, no activation memory). The
@@ -101,8 +121,8 @@ class EPDDistill(io.ComfyNode):
         ms = model.get_model_object("model_sampling")
         start = start_params or start_table(ms, steps, points, afs, student)
         params = distill_on_model(model, positive, negative, cfg, latent_image["samples"], start, config,
-                                  metadata={"tool": "EPD Distill node", "cfg": cfg},
-                                  **resume_options(path, iterations))  # fmt: skip
+                                  metadata={"tool": "EPD Distill node", "cfg": cfg}, encoder=feature_encoder,
+                                  feature_weight=feature_weight, **resume_options(path, iterations))  # fmt: skip
         saved = save_output(params, path, overwrite)
         d = params.metadata["distilled"]
         loss = f"loss {d['first_loss']:.4g} -> {d['final_loss']:.4g}"
@@ -120,6 +140,27 @@ def fit_report(distilled: dict) -> str:
     if teacher > 0.2 * student:
         text += " - the teacher limits the table: raise teacher_steps"
     return text
+
+
+class EPDFeatureEncoder(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="EPDFeatureEncoder",
+            display_name="EPD Feature Encoder",
+            category="sampling/epd_training",
+            description="A feature encoder for EPD Distill's feature loss: decodes latents with the VAE and embeds "
+            "the images with the CLIP vision model (its projected image embedding), keeping gradients.",
+            inputs=[
+                io.Vae.Input("vae", tooltip="The VAE that decodes the model's latents."),
+                io.ClipVision.Input("clip_vision", tooltip="A CLIP or SigLIP vision model (CLIP Vision Loader)."),
+            ],
+            outputs=[EncoderType.Output(display_name="feature_encoder")],
+        )
+
+    @classmethod
+    def execute(cls, vae, clip_vision) -> io.NodeOutput:
+        return io.NodeOutput(clip_vision_encoder(vae, clip_vision))
 
 
 class EPDRDPO(io.ComfyNode):
@@ -247,4 +288,4 @@ def _reward_file(name: str) -> str:
     return path
 
 
-NODES = [EPDDistill, EPDRDPO]
+NODES = [EPDDistill, EPDFeatureEncoder, EPDRDPO]

@@ -35,6 +35,8 @@ from ..epd_core.files import EPDFileError, save_params
 from ..epd_core.rdpo import rdpo
 from ..epd_core.schedules import polynomial
 from ..epd_core.teachers import subdivide, teacher_trajectory
+from .autograd import make_differentiable
+from .features import Encoder, final_feature_loss
 from .guard import PACK, user_error, user_path, user_text
 from .rewards import Reward
 from .sampling import _ComfyDenoiser, exact_timesteps, is_discrete_model, is_flow_model, is_flux_shift
@@ -136,18 +138,23 @@ class Session:
 
 def distill_on_model(
     model, positive, negative, cfg: float, latent: torch.Tensor, start: EPDParams, config: DistillConfig,
-    metadata: dict | None = None, **resume,
+    metadata: dict | None = None, encoder: Encoder | None = None, feature_weight: float = 1.0, **resume,
 ) -> EPDParams:  # fmt: skip
     """Run :func:`epd_core.distill.distill` on a ComfyUI ``MODEL`` with CFG guidance (``resume``: its
-    ``checkpoint`` and ``checkpoint_every``, see :func:`resume_options`)."""
+    ``checkpoint`` and ``checkpoint_every``, see :func:`resume_options`). With an ``encoder`` the final step's
+    loss is ``feature_weight`` times the squared distance of the decoded images' features (:mod:`.features`)."""
 
     prompts = conditioning_batch(positive, negative)
     config = per_prompt_batch(config, prompts)
     metadata = {**(metadata or {}), "prompts": prompts}
+    if encoder is not None:
+        metadata["feature_loss"] = {"encoder": encoder.name, "weight": feature_weight}
 
     def fit(s: Session) -> EPDParams:
+        features = None if encoder is None else final_feature_loss(encoder, feature_weight, s.latent_out, s.reload)
         return _resuming(distill, s.denoiser, start, s.shape, config, grid=s.grid, dtype=torch.float32,
-                         device=s.device, progress=s.progress, metadata=metadata, **resume)  # fmt: skip
+                         device=s.device, progress=s.progress, metadata=metadata, feature_loss=features,
+                         **resume)  # fmt: skip
 
     return _train_on_model(model, positive, negative, cfg, latent, start, config, fit)
 
@@ -259,6 +266,8 @@ def _train_on_model(model, positive, negative, cfg, latent, start, config, fit):
         with exact_timesteps(base), torch.inference_mode(False), torch.enable_grad():
             den = _ComfyDenoiser(model_k, dict(extra_args or {}, denoise_mask=None), x.shape[0])
             session = Session(den, tuple(x.shape[1:]), grid, x.device, progress, base.process_latent_out, reload)
+            if getattr(config, "gradient", None) == "autograd":  # distillation through the model
+                make_differentiable(base)
             result["out"] = fit(session)
         return x
 

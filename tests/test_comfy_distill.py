@@ -108,10 +108,18 @@ def test_distill_trains_on_every_prompt_of_a_conditioning_batch(epd_dir):
 @pytest.mark.parametrize("objective", ["global", "authors"])
 def test_objectives_through_the_rollout_backpropagate_through_the_model(epd_dir, objective):
     """The node's per-step objective uses finite differences; the ones that reach earlier steps through the
-    rollout need autograd through ComfyUI's model, and get it."""
-    params, info = _run(tiny_model("sd3"), "sd3", f"obj_{objective}", iterations=2, objective=objective)
+    rollout need autograd through ComfyUI's model, and get it, also for a model built under inference mode as
+    ComfyUI's loader nodes build them (its inference tensors are swapped for copies of the same values)."""
+    with torch.inference_mode():
+        model = tiny_model("sd3")
+        diffusion = model.model.diffusion_model
+        weights = {name: p.clone() for name, p in diffusion.named_parameters()}
+        assert all(p.is_inference() for p in diffusion.parameters())
+        params, info = _run(model, "sd3", f"obj_{objective}", iterations=2, objective=objective)
     d = params.metadata["distilled"]
     assert (d["objective"], d["gradient"]) == (objective, "autograd") and "held-out" in info
+    assert not any(p.is_inference() for p in diffusion.parameters())
+    assert all(torch.equal(p, weights[name]) for name, p in diffusion.named_parameters())
 
 
 def test_distill_runs_under_inference_mode_as_the_server_does(epd_dir):

@@ -2,76 +2,16 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 import epd_core
 from epd_dev import comfy_harness as H
 from epd_dev.comfy_harness import NODES as N
-from epd_dev.tiny_models import conditioning, latent, tiny_model
+from epd_dev.tiny_models import VISION, conditioning, latent, tiny_clip, tiny_clip_vision, tiny_model, tiny_vae
 
 pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("comfy_nodes")]
 PROMPT = "a photo of a red bicycle"
-VISION = {
-    "attention_dropout": 0.0, "dropout": 0.0, "hidden_act": "quick_gelu", "hidden_size": 32, "image_size": 32,
-    "initializer_factor": 1.0, "initializer_range": 0.02, "intermediate_size": 64, "layer_norm_eps": 1e-05,
-    "model_type": "clip_vision_model", "num_attention_heads": 2, "num_channels": 3, "num_hidden_layers": 2,
-    "patch_size": 8, "projection_dim": 16, "torch_dtype": "float32",
-}  # fmt: skip
-DDCONFIG = {
-    "double_z": True, "z_channels": 4, "resolution": 64, "in_channels": 3, "out_ch": 3, "ch": 32,
-    "ch_mult": [1, 1, 1, 1], "num_res_blocks": 1, "attn_resolutions": [], "dropout": 0.0,
-}  # fmt: skip
-
-
-def _fill(module: torch.nn.Module, seed: int) -> None:
-    """ComfyUI's layers start uninitialised: matrices ~ 1/sqrt(fan-in), norm gains ~ 1, biases small."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in module.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if p.ndim > 1:
-                value = r / p[0].numel() ** 0.5
-            elif name.endswith("weight"):
-                value = 1 + 0.1 * r
-            else:
-                value = 0.1 * r
-            p.copy_(value)
-
-
-def tiny_vae(seed: int = 3):
-    import comfy.sd
-    from comfy.ldm.models.autoencoder import AutoencoderKL
-
-    config = {"params": {"embed_dim": 4, "ddconfig": DDCONFIG}}
-    autoencoder = AutoencoderKL(**config["params"])
-    _fill(autoencoder, seed)
-    return comfy.sd.VAE(sd=autoencoder.state_dict(), config=config)
-
-
-def tiny_clip_vision(tmp_path, seed: int = 4):
-    import comfy.clip_vision
-
-    path = tmp_path / "clip_vision_tiny.json"
-    path.write_text(json.dumps(VISION))
-    clip_vision = comfy.clip_vision.ClipVisionModel(str(path))
-    _fill(clip_vision.model, seed)
-    return clip_vision
-
-
-def tiny_clip(hidden: int = 16, seed: int = 5):
-    """An SD1-style CLIP-L text encoder (ComfyUI's SD1ClipModel and its bundled tokenizer) at width ``hidden``."""
-    import comfy.sd
-    import comfy.sd1_clip
-    import comfy.supported_models_base
-
-    target = comfy.supported_models_base.ClipTarget(comfy.sd1_clip.SD1Tokenizer, comfy.sd1_clip.SD1ClipModel)
-    size = {"hidden_size": hidden, "intermediate_size": 2 * hidden, "num_attention_heads": 2, "num_hidden_layers": 2}
-    clip = comfy.sd.CLIP(target, model_options={"clip_l_model_config": size})
-    _fill(clip.cond_stage_model, seed)
-    return clip
 
 
 @pytest.fixture(scope="module")

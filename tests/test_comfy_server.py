@@ -17,8 +17,13 @@ pytestmark = pytest.mark.server
 API = ROOT / "example_workflows" / "api"
 RUNNABLE = [
     API / f"{name}.json"
-    for name in ("epd_mnist_demo", "epd_analytic_demo", "epd_sampler_custom_advanced", "epd_plugin_dpmpp_2m",
-                 "epd_distill_analytic")
+    for name in (
+        "epd_mnist_demo",
+        "epd_analytic_demo",
+        "epd_sampler_custom_advanced",
+        "epd_plugin_dpmpp_2m",
+        "epd_distill_analytic",
+    )
 ]
 NEEDS_DOWNLOADS = [p for p in sorted(API.glob("*.json")) if p not in RUNNABLE]
 
@@ -125,3 +130,31 @@ def test_bad_table_is_a_node_error_and_server_goes_on(server):
     else:
         assert code == 400 and "missing.safetensors" in json.dumps(answer)
     assert server.run(graph)["status"]["status_str"] == "success"
+
+
+def test_distill_with_the_mnist_feature_loss_over_http(server):
+    """EPD MNIST Features into EPD Distill's feature_encoder: the table saved with its loss recorded, and used."""
+    graph = {
+        "1": {"class_type": "EPDMnistModel", "inputs": {"which": "eps"}},
+        "2": {"class_type": "EPDMnistClass", "inputs": {"digit": "0-9"}},
+        "3": {"class_type": "EmptyLatentImage", "inputs": {"width": 112, "height": 112, "batch_size": 10}},
+        "4": {"class_type": "EPDMnistFeatures", "inputs": {}},
+        "5": {"class_type": "EPDDistill", "inputs": {
+            "model": ["1", 0], "positive": ["2", 0], "negative": ["2", 1], "latent_image": ["3", 0], "cfg": 3.0,
+            "nfe": 4, "points": 2, "teacher": "dpm2", "teacher_steps": 1, "iterations": 2, "batch": 10,
+            "learning_rate": 0.01, "seed": 0, "learn_grid": False, "filename": "mnist_features", "overwrite": True,
+            "objective": "global", "feature_encoder": ["4", 0], "feature_weight": 0.5}},
+        "6": {"class_type": "EPDKSampler", "inputs": {
+            "model": ["1", 0], "seed": 1, "cfg": 3.0, "positive": ["2", 0], "negative": ["2", 1],
+            "latent_image": ["3", 0], "epd_params": ["5", 0], "denoise": 1.0, "parallel": "auto",
+            "final_denoise": False}},
+        "7": {"class_type": "SaveLatent", "inputs": {"samples": ["6", 0], "filename_prefix": "latents/mnist_features"}},
+    }  # fmt: skip
+    entry = server.run(graph)
+    errors = [m[1].get("exception_message") for m in entry["status"]["messages"]]
+    assert entry["status"]["status_str"] == "success", errors
+    table = epd_core.load_params(server.base / "models" / "epd" / "mnist_features.safetensors")
+    assert table.metadata["feature_loss"] == {"encoder": "mnist_classifier", "weight": 0.5}
+    assert table.nfe == 4 and table.metadata["distilled"]["iterations"] == 2
+    got = _latents(server, "mnist_features")
+    assert got.shape == (10, 4, 14, 14) and torch.isfinite(got).all()

@@ -194,10 +194,11 @@ def test_ksampler_with_cfg_draws_the_prompted_digit(kind, heldout, classifier):
     assert fid < max_fid_share * fid_noise
 
 
-def test_nodes_module_declares_the_three_nodes():
+def test_nodes_module_declares_its_four_nodes():
     """One module with a NODES list, as the entry point collects them; schemas ComfyUI can turn into node info."""
     ids = {cls.GET_SCHEMA().node_id: cls for cls in mn.NODES}
-    assert set(ids) == {"EPDMnistModel", "EPDMnistClass", "EPDMnistDecode"}
+    assert set(ids) == {"EPDMnistModel", "EPDMnistClass", "EPDMnistDecode", "EPDMnistFeatures"}
+    assert ids["EPDMnistFeatures"].RETURN_TYPES == ["EPD_ENCODER"]
     assert ids["EPDMnistModel"].RETURN_TYPES == ["MODEL"]
     assert ids["EPDMnistClass"].RETURN_TYPES == ["CONDITIONING", "CONDITIONING"]
     assert ids["EPDMnistDecode"].RETURN_TYPES == ["IMAGE"]
