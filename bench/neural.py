@@ -177,7 +177,10 @@ def epd_tables(kind: str, folders=(TABLES,)) -> list[tuple[str, Path]]:
     return found
 
 
-def bench_kind(kind: str, nfes, n: int, samplers, schedulers, log=print, tables=(TABLES,)) -> list[dict]:
+def bench_kind(kind: str, nfes, n: int, samplers, schedulers, log=print, tables=(TABLES,),
+               reuse: list[dict] = ()) -> list[dict]:  # fmt: skip
+    """Every run of one model. ``reuse``: rows of an earlier run; its built-in rows on the same noises and answer
+    key (same model, sample count and key gap) are kept instead of being run again."""
     import comfy.samplers
 
     nodes, model, positive, negative = setup(kind)
@@ -190,8 +193,14 @@ def bench_kind(kind: str, nfes, n: int, samplers, schedulers, log=print, tables=
     score = Scorer(exact, labels)
     base = {"model": f"mnist-{kind}", "mixture": "mnist", "cfg": CFG, "samples": n, "answer_key_gap": gap}
     rows = [{**base, "sampler": "exact", "scheduler": f"heun/{KEY_STEPS}", "nfe": 2 * KEY_STEPS, **score(exact)}]
+    kept = reusable(reuse, base)
+    if kept:
+        log(f"mnist-{kind}: {len(kept)} built-in runs kept from the earlier results")
 
     def add(sampler_name, scheduler, sampler, sigmas, nfe=None):
+        if (sampler_name, scheduler, nfe) in kept:
+            rows.append(kept[sampler_name, scheduler, nfe])
+            return
         out, c = run(model, positive, negative, sampler, sigmas, noise)
         if nfe is not None and c.rounds != nfe:
             return
@@ -219,6 +228,19 @@ def bench_kind(kind: str, nfes, n: int, samplers, schedulers, log=print, tables=
             add("epd", f"table:{name}{label}", sampler, sigmas)
     log(f"mnist-{kind}: {len(rows)} runs in {time.time() - t0:.0f} s")
     return rows
+
+
+def reusable(rows, base: dict) -> dict[tuple, dict]:
+    """The built-in rows of ``rows`` measured on ``base``'s model, noises and answer key (its step-halving gap to
+    1e-6 relative), by (sampler, scheduler, NFE)."""
+
+    def same(r: dict) -> bool:
+        return (r["model"], r["samples"]) == (base["model"], base["samples"]) and math.isclose(
+            r["answer_key_gap"], base["answer_key_gap"], rel_tol=1e-6
+        )
+
+    builtin = [r for r in rows if r["sampler"] not in ("epd", "exact") and same(r)]
+    return {(r["sampler"], r["scheduler"], r["nfe"]): r for r in builtin}
 
 
 def summarize(rows: list[dict]) -> tuple[str, list[dict]]:
@@ -270,7 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tables", nargs="*", type=Path, default=[TABLES], help="folders of mnist-<kind>-nfe<N> tables")
     ap.add_argument("--samplers", nargs="*", help="the built-in samplers to run (default: every deterministic one)")
     ap.add_argument("--no-merge", action="store_true", help="leave accuracy.json as it is")
+    ap.add_argument("--reuse", type=Path, help="a neural.json whose built-in runs on the same noises are kept")
     args = ap.parse_args(argv)
+    reuse = json.loads(args.reuse.read_text()) if args.reuse else []
     if args.threads:
         torch.set_num_threads(args.threads)
     comfy_harness.setup()
@@ -282,7 +306,11 @@ def main(argv: list[str] | None = None) -> int:
     samplers = ["euler", "dpmpp_2m", "uni_pc"] if args.quick else DETERMINISTIC
     samplers = samplers if args.samplers is None else args.samplers
     schedulers = ["karras", "simple"] if args.quick else list(comfy.samplers.SCHEDULER_NAMES)
-    rows = [r for kind in args.kinds for r in bench_kind(kind, args.nfes, n, samplers, schedulers, tables=args.tables)]
+    rows = [
+        r
+        for kind in args.kinds
+        for r in bench_kind(kind, args.nfes, n, samplers, schedulers, tables=args.tables, reuse=reuse)
+    ]
     args.out.mkdir(parents=True, exist_ok=True)
     table, summary = summarize(rows)
     (args.out / "neural.json").write_text(json.dumps(rows, indent=1))

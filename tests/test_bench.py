@@ -93,6 +93,24 @@ def test_quick_neural_benchmark(tmp_path):
     summary = json.loads((tmp_path / "neural_summary.json").read_text())
     assert summary and summary[0]["ratio"] > 0 and "| mnist-eps | 5 |" in (tmp_path / "neural.md").read_text()
 
+    # a second run that reuses these built-in rows runs only the tables, and reproduces them
+    again = tmp_path / "again"
+    argv = ["--quick", "--kinds", "eps", "--nfes", "5", "--out", str(again), "--reuse", str(tmp_path / "neural.json")]
+    assert neural.main(argv) == 0
+    rerun = json.loads((again / "neural.json").read_text())
+    assert [r for r in rerun if r["sampler"] != "epd"] == [r for r in rows if r["sampler"] != "epd"]
+    assert [r["rmse"] for r in rerun if r["sampler"] == "epd"] == [r["rmse"] for r in epd]
+
+
+def test_neural_benchmark_reuses_only_runs_on_the_same_noises():
+    from bench.neural import reusable
+
+    base = {"model": "mnist-eps", "samples": 100, "answer_key_gap": 0.01}
+    row = {**base, "sampler": "deis", "scheduler": "beta", "nfe": 5, "rmse": 0.09}
+    others = [{**row, "samples": 2050}, {**row, "answer_key_gap": 0.011}, {**row, "model": "mnist-flow"},
+              {**row, "sampler": "epd"}, {**row, "sampler": "exact"}]  # fmt: skip
+    assert reusable([row, *others], base) == {("deis", "beta", 5): row}
+
 
 def test_wilson_interval():
     from bench.neural import wilson
