@@ -91,8 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nfes", nargs="*", type=int, default=[5, 10])
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--ranking", type=Path, default=RESULTS / "accuracy.json", help="the field the built-ins come from")
     args = ap.parse_args(argv)
-    ranking = json.loads((RESULTS / "accuracy.json").read_text())
+    ranking = json.loads(args.ranking.read_text())
     jobs = [(f, m, n) for f in args.forms for m in args.mixtures for n in args.nfes]
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         forms, mixtures, nfes = ([job[i] for job in jobs] for i in range(3))

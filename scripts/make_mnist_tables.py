@@ -7,6 +7,7 @@ saved as ``weights/demo/mnist-<kind>-nfe<N>.safetensors`` with this command in t
 
     python -m scripts.make_mnist_tables                         # eps and flow, NFE 4-10
     python -m scripts.make_mnist_tables --kinds flow --nfes 5 10 --iterations 100
+    python -m scripts.make_mnist_tables --nfes 5 --feature-weight 0.1 --out /tmp/featured   # EPD MNIST Features
 """
 
 from __future__ import annotations
@@ -28,9 +29,11 @@ OUT = ROOT / "weights" / "demo"
 
 
 def make_table(
-    kind: str, nfe: int, points: int, config: DistillConfig, command: str, out: Path, student: str = DEFAULT_STUDENT
-) -> Path:
-    """One table, distilled and saved; returns its path."""
+    kind: str, nfe: int, points: int, config: DistillConfig, command: str, out: Path, student: str = DEFAULT_STUDENT,
+    feature_weight: float | None = None,
+) -> Path:  # fmt: skip
+    """One table, distilled and saved; returns its path. With ``feature_weight`` the final step's loss is the
+    feature loss of EPD MNIST Features (the demo classifier's features of the decoded digits)."""
     nodes = comfy_harness.setup()
     training = comfy_harness.pack_module("nodes.training")
     (model,) = nodes["EPDMnistModel"].execute(kind).result
@@ -39,8 +42,10 @@ def make_table(
     start = training.start_table(model.get_model_object("model_sampling"), steps, points, afs, student)
     metadata = {"tool": "scripts/make_mnist_tables.py", "model": f"demo_models/mnist-{kind}", "cfg": CFG,
                 "command": command}  # fmt: skip
+    encoder = None if feature_weight is None else nodes["EPDMnistFeatures"].execute().result[0]
     params = training.distill_on_model(model, positive, negative, CFG, torch.zeros(1, 4, 14, 14), start, config,
-                                       metadata=metadata)  # fmt: skip
+                                       metadata=metadata, encoder=encoder,
+                                       feature_weight=feature_weight or 0.0)  # fmt: skip
     path = out / f"mnist-{kind}-nfe{nfe}.safetensors"
     training.save_params(params, path, overwrite=True)
     return path
@@ -54,6 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--student", choices=STUDENTS, default=DEFAULT_STUDENT, help="carry: one round per step")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
+    ap.add_argument("--feature-weight", type=float, help="train the last step on the demo classifier's features")
     add_arguments(ap, DistillConfig)
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
@@ -64,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind in args.kinds:
         for nfe in args.nfes:
             t0 = time.time()
-            path = make_table(kind, nfe, args.points, config, command, args.out, args.student)
+            path = make_table(kind, nfe, args.points, config, command, args.out, args.student, args.feature_weight)
             print(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: {time.time() - t0:.0f} s")
     return 0
 

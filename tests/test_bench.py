@@ -10,10 +10,18 @@ import torch
 pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("comfy_nodes")]
 
 
-def test_quick_accuracy_benchmark(tmp_path):
-    from bench import accuracy
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """``python -m bench.all --quick``: the quick accuracy, carry and neural benchmarks, then the headline."""
+    from bench import all as bench_all
 
-    assert accuracy.main(["--quick", "--samples", "64", "--out", str(tmp_path)]) == 0
+    out = tmp_path_factory.mktemp("bench")
+    assert bench_all.main(["--quick", "--out", str(out)]) == 0
+    return out
+
+
+def test_quick_accuracy_benchmark(quick):
+    tmp_path = quick
     rows = json.loads((tmp_path / "accuracy.json").read_text())
     required = {"model", "sampler", "scheduler", "nfe", "evaluations", "rmse", "right_mode_fraction", "wrong_mode"}
     assert rows and all(required <= set(r) for r in rows)
@@ -74,13 +82,12 @@ def test_gpu_latency_script_runs_on_the_cpu(tmp_path):
     assert all(r["seconds_per_image"] > 0 for r in result["wall_time"])
 
 
-def test_quick_neural_benchmark(tmp_path):
+def test_quick_neural_benchmark(quick, tmp_path):
     """The MNIST benchmark's small version: the answer key, built-ins with KSampler schedulers and the tuned
     schedules, the bundled EPD table, with intervals; the summary compares EPD with the best built-in."""
     from bench import neural
 
-    assert neural.main(["--quick", "--kinds", "eps", "--nfes", "5", "--out", str(tmp_path)]) == 0
-    rows = json.loads((tmp_path / "neural.json").read_text())
+    rows = json.loads((quick / "neural.json").read_text())
     assert {"AlignYourSteps(SD1)", "GITS(1.2)", "karras"} <= {r["scheduler"] for r in rows}
     for r in rows:
         assert r["rmse_ci"][0] <= r["rmse"] <= r["rmse_ci"][1] and r["fid"] >= 0
@@ -90,12 +97,12 @@ def test_quick_neural_benchmark(tmp_path):
     epd = [r for r in rows if r["sampler"] == "epd"]
     assert epd and {r["nfe"] for r in epd} == {5, 6}  # the free estimate, and one more call to denoise to 0
     assert rows[0]["sampler"] == "exact" and rows[0]["answer_key_gap"] < 0.02
-    summary = json.loads((tmp_path / "neural_summary.json").read_text())
-    assert summary and summary[0]["ratio"] > 0 and "| mnist-eps | 5 |" in (tmp_path / "neural.md").read_text()
+    summary = json.loads((quick / "neural_summary.json").read_text())
+    assert summary and summary[0]["ratio"] > 0 and "| mnist-eps | 5 |" in (quick / "neural.md").read_text()
 
     # a second run that reuses these built-in rows runs only the tables, and reproduces them
     again = tmp_path / "again"
-    argv = ["--quick", "--kinds", "eps", "--nfes", "5", "--out", str(again), "--reuse", str(tmp_path / "neural.json")]
+    argv = ["--quick", "--kinds", "eps", "--nfes", "5", "--out", str(again), "--reuse", str(quick / "neural.json")]
     assert neural.main(argv) == 0
     rerun = json.loads((again / "neural.json").read_text())
     assert [r for r in rerun if r["sampler"] != "epd"] == [r for r in rows if r["sampler"] != "epd"]
@@ -142,15 +149,34 @@ def test_plugin_benchmark_compares_each_base_at_equal_nfe_and_replaces_plugin_ro
     assert merged == old[1:] + plug  # the redone plugin row replaced; the other base's and the bare rows kept
 
 
-def test_carry_benchmark_compares_both_students_with_the_best_builtins(tmp_path):
-    """bench.carry's small version: the best built-ins of accuracy.json against the bundled epd and carry tables
-    of one case, each run to its round count."""
-    from bench import carry
-
-    assert carry.main(["--samples", "32", "--forms", "sd3_flow", "--mixtures", "reference", "--nfes", "5",
-                       "--top", "2", "--workers", "1", "--out", str(tmp_path)]) == 0  # fmt: skip
-    rows = json.loads((tmp_path / "carry.json").read_text())
+def test_carry_benchmark_compares_both_students_with_the_best_builtins(quick):
+    """bench.carry's small version: the best built-ins of the quick field against the bundled epd and carry
+    tables of one case, each run to its round count."""
+    rows = json.loads((quick / "carry.json").read_text())
+    field = json.loads((quick / "accuracy.json").read_text())
     assert {r["sampler"] for r in rows} >= {"epd_epd", "epd_carry"} and all(r["nfe"] == 5 for r in rows)
-    assert len([r for r in rows if not r["sampler"].startswith("epd")]) == 2
-    table = (tmp_path / "carry.md").read_text()
-    assert "analytic-sd3-reference-nfe5-carry+estimate" in table and table.count("x |") == 2
+    builtin = [r for r in rows if not r["sampler"].startswith("epd")]
+    ranked = sorted((r for r in field if r["nfe"] == 5 and not r["sampler"].startswith("epd")), key=lambda r: r["rmse"])
+    assert [(r["sampler"], r["scheduler"]) for r in builtin] == [(r["sampler"], r["scheduler"]) for r in ranked[:2]]
+    table = (quick / "carry.md").read_text()
+    assert "analytic-sd15-reference-nfe5-carry+estimate" in table and table.count("x |") == 2
+
+
+def test_headline_is_rendered_from_the_records(quick):
+    """bench.all ends with bench.report: the README copy's block is the three tables of the quick records."""
+    from bench import report
+
+    block = (quick / "headline.md").read_text()
+    assert "**Analytic mixtures**" in block and "**MNIST models**" in block and "**The whole field" in block
+    assert "| analytic SD1.5 | " in block and "| mnist-eps | 5 |" in block
+    assert "| analytic-sd15_eps | reference |" in block
+    readme = (quick / "README.md").read_text()
+    assert f"{report.BEGIN}\n{block}{report.END}" in readme
+    assert report.replace_block(readme, "") == report.replace_block(report.README.read_text(), "")  # only the block
+
+
+def test_readme_headline_matches_the_committed_records():
+    """The README's headline is what bench.report renders from bench/results (regenerate, never edit by hand)."""
+    from bench import report
+
+    assert report.main(["--check"]) == 0

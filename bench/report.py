@@ -1,0 +1,182 @@
+"""The benchmark headline: the README's tables, rendered from the records in ``bench/results``.
+
+    python -m bench.report                 # headline.md, accuracy.png, and the README's block between the markers
+    python -m bench.report --check         # exit 1 when the README's block is not what the records say (CI)
+
+Three tables, each from one benchmark's records: the analytic mixtures at many noises (``carry.json``, written by
+``python -m bench.carry``), the MNIST models (``neural.json``, ``python -m bench.neural``) and the whole field at
+1,024 noises (``accuracy.json``, ``python -m bench.accuracy``). ``python -m bench.all`` runs them all, then this.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from bench import neural
+from bench.accuracy import RESULTS, plot
+from epd_dev import ROOT
+
+README = ROOT / "README.md"
+BEGIN = "<!-- headline: begin (python -m bench.report writes this block from bench/results; do not edit) -->"
+END = "<!-- headline: end -->"
+MIXTURES = ("reference", "wide", "multimodal")
+FORMS = {
+    "analytic-sd15_eps": "analytic SD1.5",
+    "analytic-sd3_flow": "analytic SD3",
+    "analytic-flux_flow": "analytic FLUX",
+}
+MIXTURE_TARGET = {5: 1.5, 10: 1.0}  # best built-in's RMSE / the table's, at equal NFE
+NEURAL_TARGET = {5: 2.0, 10: 1.5}
+
+
+def _ratio(value: float | None, target: float | None = None) -> str:
+    if value is None:
+        return "-"
+    text = f"{value:.2f}x"
+    return f"**{text}**" if target is not None and value >= target else text
+
+
+def mixture_ratios(rows: list[dict]) -> dict[tuple, dict[str, float]]:
+    """Per (model, mixture, NFE): best built-in RMSE / best table RMSE, for each student (``epd``, ``carry``)."""
+    out: dict[tuple, dict[str, float]] = {}
+    for key in sorted({(r["model"], r["mixture"], r["nfe"]) for r in rows}):
+        sub = [r for r in rows if (r["model"], r["mixture"], r["nfe"]) == key]
+        builtin = [r["rmse"] for r in sub if not r["sampler"].startswith("epd")]
+        if not builtin:
+            continue
+        for student in ("epd", "carry"):
+            mine = [r["rmse"] for r in sub if r["sampler"] == f"epd_{student}"]
+            if mine:
+                out.setdefault(key, {})[student] = min(builtin) / min(mine)
+    return out
+
+
+def mixtures_table(rows: list[dict]) -> str:
+    ratios = mixture_ratios(rows)
+    nfes = sorted({k[2] for k in ratios})
+    samples = sorted({r["samples"] for r in rows})
+    head = ["model", *(f"NFE {n}: " + " / ".join(MIXTURES) + ", `epd` → `carry`" for n in nfes)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    met = {s: {n: [0, 0] for n in nfes} for s in ("epd", "carry")}
+    for model, label in FORMS.items():
+        cells = [label]
+        for n in nfes:
+            parts = []
+            for mixture in MIXTURES:
+                r = ratios.get((model, mixture, n), {})
+                target = MIXTURE_TARGET.get(n)
+                for s in ("epd", "carry"):
+                    if s in r and target is not None:
+                        met[s][n][0] += r[s] >= target
+                        met[s][n][1] += 1
+                parts.append(f"{_ratio(r.get('epd'))} → {_ratio(r.get('carry'), target)}")
+            cells.append(" / ".join(parts))
+        lines.append("| " + " | ".join(cells) + " |")
+    counts = "; ".join(
+        f"NFE {n} (target {MIXTURE_TARGET[n]}x): `carry` {met['carry'][n][0]} of {met['carry'][n][1]}, "
+        f"`epd` {met['epd'][n][0]} of {met['epd'][n][1]}"
+        for n in nfes
+        if n in MIXTURE_TARGET
+    )
+    intro = (f"**Analytic mixtures** (`python -m bench.carry`, {', '.join(f'{s:,}' for s in samples)} held-out "
+             "noises; each case re-runs the 8 best built-ins of the 1,024-noise field). Ratio = the best built-in's "
+             "RMSE against the exact ODE solution / the table's, at equal NFE; bold: the target met.")  # fmt: skip
+    return f"{intro}\n\n" + "\n".join(lines) + f"\n\nTargets met: {counts}.\n"
+
+
+def neural_table(rows: list[dict]) -> str:
+    _, summary = neural.summarize(rows)
+    exact = {r["model"]: r for r in rows if r["sampler"] == "exact"}
+    head = ["model", "NFE", "best built-in (RMSE)", "RMSE [95%]", "EPD table", "RMSE [95%]", "ratio",
+            "FID: best built-in / EPD / exact ODE"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for s in summary:
+        b, e, bf = s["best_builtin"], s["epd"], s["best_builtin_fid"]
+        x = exact.get(s["model"])
+        cells = [s["model"], s["nfe"], f"{b['sampler']} / {b['scheduler']}", neural._ci(b["rmse"], b["rmse_ci"]),
+                 e["scheduler"].removeprefix("table:"), neural._ci(e["rmse"], e["rmse_ci"]),
+                 _ratio(s["ratio"], NEURAL_TARGET.get(s["nfe"])),
+                 f"{bf['fid']:.1f} ({bf['sampler']} / {bf['scheduler']}) / {e['fid']:.1f} / "
+                 + (f"{x['fid']:.1f}" if x else "-")]  # fmt: skip
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    samples = sorted({r["samples"] for r in rows})
+    intro = (f"**MNIST models** (`python -m bench.neural`, {', '.join(f'{s:,}' for s in samples)} noises, ten per "
+             "digit, cfg 3; every deterministic sampler x KSampler scheduler and the tuned schedules; RMSE to the "
+             "network's own ODE end point with 95% intervals; targets 2x at NFE 5, 1.5x at NFE 10, bold when "
+             "met):")  # fmt: skip
+    return f"{intro}\n\n" + "\n".join(lines) + "\n"
+
+
+def field_table(rows: list[dict]) -> str:
+    """Best built-in / best EPD KSampler table per model, mixture and NFE, over the whole field."""
+    epd = [r for r in rows if r["sampler"] == "epd"]
+    keys = sorted({(r["model"], r["mixture"]) for r in epd})
+    cells = {}
+    for r in epd:
+        key = (r["model"], r["mixture"], r["nfe"])
+        if key in cells:
+            continue
+        sub = [q for q in rows if (q["model"], q["mixture"], q["nfe"]) == key]
+        builtin = [q["rmse"] for q in sub if not q["sampler"].startswith("epd")]
+        if builtin:
+            cells[key] = min(builtin) / min(q["rmse"] for q in sub if q["sampler"] == "epd")
+    nfes = sorted({k[2] for k in cells})
+    head = ["model", "mixture", *(f"NFE {n}" for n in nfes)]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for model, mixture in keys:
+        if any((model, mixture, n) in cells for n in nfes):
+            row = [model, mixture, *(_ratio(cells[model, mixture, n]) if (model, mixture, n) in cells else ""
+                                     for n in nfes)]  # fmt: skip
+            lines.append("| " + " | ".join(row) + " |")
+    students = sorted({"carry" if "-carry" in r["scheduler"] else "epd" for r in epd})
+    intro = ("**The whole field at 1,024 noises** (`python -m bench.accuracy`: every deterministic sampler x "
+             f"scheduler against the tables in `weights/demo` when it ran, students: {', '.join(students)}; ratio "
+             "of RMSEs, best built-in / best EPD table, at equal NFE; the plot below draws it):")  # fmt: skip
+    return f"{intro}\n\n" + "\n".join(lines) + "\n"
+
+
+def headline(results: Path) -> str:
+    parts = []
+    for name, render in (("carry.json", mixtures_table), ("neural.json", neural_table), ("accuracy.json", field_table)):
+        path = results / name
+        if path.exists():
+            parts.append(render(json.loads(path.read_text())))
+    return "\n".join(parts)
+
+
+def replace_block(text: str, block: str) -> str:
+    """``text`` with what stands between the markers replaced by ``block``."""
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"the README has no headline markers ({BEGIN} ... {END})")
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    return f"{head}{BEGIN}\n{block}{END}{tail}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--results", type=Path, default=RESULTS)
+    ap.add_argument("--readme", type=Path, default=README)
+    ap.add_argument("--check", action="store_true", help="only compare the README's block with the records")
+    args = ap.parse_args(argv)
+    block = headline(args.results)
+    text = args.readme.read_text()
+    updated = replace_block(text, block)
+    if args.check:
+        if updated != text:
+            print(f"{args.readme} is out of date with {args.results}: run python -m bench.report", file=sys.stderr)
+            return 1
+        return 0
+    (args.results / "headline.md").write_text(block)
+    if (args.results / "accuracy.json").exists():
+        plot(json.loads((args.results / "accuracy.json").read_text()), args.results / "accuracy.png")
+    args.readme.write_text(updated)
+    print(block)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
