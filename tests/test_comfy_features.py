@@ -115,3 +115,8 @@ def test_distill_node_trains_on_the_feature_loss(epd_dir, towers):
     torch.testing.assert_close(zero.r_params, start.r_params)
     torch.testing.assert_close(zero.weight_s, start.weight_s)
     assert not torch.allclose(plain.r_params, start.r_params)
+    # the default objective (per step, finite differences through the model) takes the feature loss at its last step
+    local_plain, _ = _distill(model, "local_plain", objective="local")
+    local, _ = _distill(model, "local", encoder, weight=10.0, objective="local")
+    assert local.metadata["distilled"]["gradient"] == "fd" and torch.isfinite(local.r_params).all()
+    assert not torch.allclose(local.r_params, local_plain.r_params)
