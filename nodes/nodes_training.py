@@ -126,6 +126,8 @@ class EPDDistill(io.ComfyNode):
         saved = save_output(params, path, overwrite)
         d = params.metadata["distilled"]
         loss = f"loss {d['first_loss']:.4g} -> {d['final_loss']:.4g}"
+        if feature_encoder is not None:
+            loss += f" (last step: {feature_encoder.name} features x {feature_weight:g})"
         info = f"{describe(params)}; {loss}; {fit_report(d)}; saved {saved}"
         return io.NodeOutput(params, info)
 

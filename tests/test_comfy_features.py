@@ -105,6 +105,7 @@ def test_distill_node_trains_on_the_feature_loss(epd_dir, towers):
     featured, info = _distill(model, "featured", encoder, weight=10.0)
     saved = epd_core.load_params(epd_dir / "featured.safetensors")
     assert saved.metadata["feature_loss"] == {"encoder": "clip_vision", "weight": 10.0}
+    assert "(last step: clip_vision features x 10)" in info
     assert "feature_loss" not in plain.metadata
     assert not torch.allclose(featured.r_params, plain.r_params)  # the final step's loss is another one
     # the global objective's only loss is the last step's: weight 0 leaves the start table's tables untouched
