@@ -30,8 +30,7 @@ from pathlib import Path
 import torch
 
 from epd_core import EPDParams, GaussianMixture, load_params
-from epd_core.__main__ import ANALYTIC_FORMS
-from epd_core.analytic import MIXTURES, rk4
+from epd_core.analytic import ANALYTIC_FORMS, MIXTURES, rk4
 from epd_core.params import time_points_for_nfe
 from epd_core.schedules import polynomial
 from epd_dev import ROOT, comfy_harness

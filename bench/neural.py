@@ -157,12 +157,13 @@ class Scorer:
         return self.latent_to_images(latent.float())
 
     def __call__(self, out: torch.Tensor) -> dict:
-        images = self.images(out)
-        predicted = mnist_metrics.predict(images, self.classifier)
+        features = mnist_metrics.features(self.images(out), self.classifier)
+        with torch.no_grad():  # the classifier's head on the same features: its prediction, without a second pass
+            predicted = self.classifier.fc2(features.float()).argmax(1)
         n = out.shape[0]
         right = int((predicted == self.labels).sum())
         wrong = int((predicted != self.exact_class).sum())
-        fid = mnist_metrics.frechet_distance(mnist_metrics.features(images, self.classifier), self.real)
+        fid = mnist_metrics.frechet_distance(features, self.real)
         return {"rmse": rmse(out, self.exact), "rmse_ci": rmse_interval(out, self.exact), "fid": fid,
                 "accuracy": right / n, "accuracy_ci": wilson(right, n), "wrong_mode": wrong,
                 "wrong_mode_rate": wrong / n, "wrong_mode_ci": wilson(wrong, n)}  # fmt: skip

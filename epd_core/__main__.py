@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from . import EPDParams, GaussianMixture, load_params, make_schedule, sample, save_params
-from .analytic import heun
+from .analytic import ANALYTIC_FORMS, heun
 from .catalogue import DEFAULT_TIMEOUT, MIRROR_ENV, fetch, find_entry, load_catalogue
 from .config import DistillConfig, RDPOConfig, add_arguments, from_arguments
 from .files import EPDFileError, check_destination
@@ -81,13 +81,6 @@ def _fetch(args: argparse.Namespace) -> int:
 
 
 CATALOGUE = Path(__file__).resolve().parents[1] / "weights" / "catalogue.json"  # the pack's, beside the core
-
-ANALYTIC_FORMS = {
-    "edm": dict(schedule_type="polynomial", schedule_rho=7.0, backend="edm"),
-    "sd15": dict(schedule_type="discrete", schedule_rho=1.0, backend="ldm"),
-    "sd3": dict(schedule_type="flowmatch", schedule_rho=1.0, backend="sd3", flowmatch_shift=3.0),
-    "flux": dict(schedule_type="flowmatch", schedule_rho=1.0, backend="flux", flowmatch_mu=1.15),
-}
 
 
 def _distill(args: argparse.Namespace, argv: list[str]) -> int:
@@ -186,8 +179,12 @@ def main(argv: list[str] | None = None) -> int:
     dist.add_argument("--mixture", default="reference")
     dist.add_argument("--steps", type=int, default=4, help="time points (NFE is 2 per step, one less with --afs)")
     dist.add_argument("--points", type=int, default=2)
-    dist.add_argument("--student", choices=STUDENTS, default="epd",
-                      help="epd: the authors' two rounds per step; carry: one (NFE = steps - 1, with --afs)")
+    dist.add_argument(
+        "--student",
+        choices=STUDENTS,
+        default="epd",
+        help="epd: the authors' two rounds per step; carry: one (NFE = steps - 1, with --afs)",
+    )
     dist.add_argument("--max-order", type=int, default=4)
     dist.add_argument("--schedule", choices=SCHEDULE_TYPES)
     dist.add_argument("--rho", type=float, default=7.0)

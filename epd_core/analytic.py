@@ -124,3 +124,12 @@ def ode_endpoint(
     grid = polynomial(steps, sigma_min, sigma_max, 7.0)
     x = heun(denoiser, x.to(torch.float64), grid)
     return denoiser(x, grid[-1].expand(x.shape[0]))
+
+
+# The table settings (EPDParams.start keywords) of each form of the analytic model: its schedule and backend.
+ANALYTIC_FORMS = {
+    "edm": dict(schedule_type="polynomial", schedule_rho=7.0, backend="edm"),
+    "sd15": dict(schedule_type="discrete", schedule_rho=1.0, backend="ldm"),
+    "sd3": dict(schedule_type="flowmatch", schedule_rho=1.0, backend="sd3", flowmatch_shift=3.0),
+    "flux": dict(schedule_type="flowmatch", schedule_rho=1.0, backend="flux", flowmatch_mu=1.15),
+}

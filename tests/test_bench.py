@@ -180,3 +180,17 @@ def test_readme_headline_matches_the_committed_records():
     from bench import report
 
     assert report.main(["--check"]) == 0
+
+
+def test_neural_scorer_predicts_as_the_classifier():
+    """The scorer reuses the FID features for its class predictions: the same classes as the classifier's own pass."""
+    from bench.neural import Scorer
+    from epd_dev import comfy_harness, mnist_data, mnist_metrics
+
+    images, labels = mnist_data.split("heldout")
+    images, labels = images[:200], labels[:200]
+    latents = comfy_harness.pack_module("nodes.mnist_model").images_to_latent(images)
+    scorer = Scorer(latents, labels)
+    row = scorer(latents)
+    assert row["wrong_mode"] == 0 and row["rmse"] == 0
+    assert row["accuracy"] == mnist_metrics.class_accuracy(scorer.images(latents), labels) > 0.9
