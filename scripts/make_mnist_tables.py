@@ -8,6 +8,8 @@ saved as ``weights/demo/mnist-<kind>-nfe<N>.safetensors`` with this command in t
     python -m scripts.make_mnist_tables                         # eps and flow, NFE 4-10
     python -m scripts.make_mnist_tables --kinds flow --nfes 5 10 --iterations 100
     python -m scripts.make_mnist_tables --nfes 5 --feature-weight 0.1 --out /tmp/featured   # EPD MNIST Features
+    python -m scripts.make_mnist_tables --nfes 5 10 --points 4 --learn-grid --objective global --final-estimate \
+        --suffix -k4                                                          # the K = 4 learned-grid tables
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ OUT = ROOT / "weights" / "demo"
 
 def make_table(
     kind: str, nfe: int, points: int, config: DistillConfig, command: str, out: Path, student: str = DEFAULT_STUDENT,
-    feature_weight: float | None = None,
+    feature_weight: float | None = None, suffix: str = "",
 ) -> Path:  # fmt: skip
     """One table, distilled and saved; returns its path. With ``feature_weight`` the final step's loss is the
     feature loss of EPD MNIST Features (the demo classifier's features of the decoded digits)."""
@@ -46,7 +48,7 @@ def make_table(
     params = training.distill_on_model(model, positive, negative, CFG, torch.zeros(1, 4, 14, 14), start, config,
                                        metadata=metadata, encoder=encoder,
                                        feature_weight=feature_weight or 0.0)  # fmt: skip
-    path = out / f"mnist-{kind}-nfe{nfe}.safetensors"
+    path = out / f"mnist-{kind}-nfe{nfe}{suffix}.safetensors"
     training.save_params(params, path, overwrite=True)
     return path
 
@@ -60,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     ap.add_argument("--feature-weight", type=float, help="train the last step on the demo classifier's features")
+    ap.add_argument("--suffix", default="", help="appended to the file names (mnist-<kind>-nfe<N><suffix>)")
     add_arguments(ap, DistillConfig)
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
@@ -70,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     for kind in args.kinds:
         for nfe in args.nfes:
             t0 = time.time()
-            path = make_table(kind, nfe, args.points, config, command, args.out, args.student, args.feature_weight)
+            path = make_table(kind, nfe, args.points, config, command, args.out, args.student, args.feature_weight,
+                              args.suffix)  # fmt: skip
             print(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: {time.time() - t0:.0f} s")
     return 0
 
