@@ -38,10 +38,10 @@ __all__ = [
 ]  # fmt: skip
 
 MAX_FILE_BYTES = 16 * 1024 * 1024
-# The largest published tables have 11 time points and 2 points per step, the nodes train up to 65 and 8:
+# The largest published tables have 11 time points and 2 points per step (bundled: 4), the nodes train up to 65 and 8:
 # these bounds leave ample room and keep sampling, training, previews and listings of a table small.
 MAX_TIME_POINTS = 257
-MAX_POINTS = 32
+MAX_POINTS = 64
 FORMAT_VERSION = "1"
 _MAX_HEADER_BYTES = 1024 * 1024
 

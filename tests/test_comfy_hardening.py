@@ -208,7 +208,7 @@ def _loader_graph(table: str) -> dict:
     }
 
 
-@pytest.mark.parametrize(("steps", "points", "limit"), [(300_000, 1, "at most 257"), (3, 50_000, "at most 32")])
+@pytest.mark.parametrize(("steps", "points", "limit"), [(300_000, 1, "at most 257"), (3, 50_000, "at most 64")])
 def test_oversized_tables_are_node_errors_naming_the_limit_and_the_server_stays_small(server, steps, points, limit):
     path = huge_table(server.base / "models" / "epd", steps, points)
     rss = _rss_kb(server.proc.pid)
