@@ -18,9 +18,10 @@ with its own history: **Euler + plugin is exactly the EPD solver**, and so is dp
 table (the wrapped sampler's update and history stay consistent; a multistep base no longer adds its history
 correction on top of a step that already integrates the interval).
 
-A request at the grid's last point (the step to sigma 0, if any) is a plain model call, answered so that the
-base lands on that prediction. Any other request, between grid points or twice at the same point, means the
-base evaluates the model several times per step: that would be a different algorithm, so it raises
+A request at the grid's last point (the step to sigma 0, if any) is answered so that the base lands on the plain
+prediction there (``final = "denoise"``, one more call) or on the last EPD step's own x0 estimate (``"estimate"``,
+no call, as :func:`epd_core.solver.sample`). Any other request, between grid points or twice at the same point,
+means the base evaluates the model several times per step: that would be a different algorithm, so it raises
 :class:`PluginMisuse`.
 """
 
@@ -30,7 +31,7 @@ import torch
 
 from .bases import Base
 from .params import EPDParams
-from .solver import Denoiser, epd_step, grid_offset
+from .solver import FINAL_STEPS, Denoiser, epd_step, grid_offset
 
 __all__ = ["PluginDenoiser", "PluginMisuse", "placement", "table_placement"]
 
@@ -61,8 +62,13 @@ def table_placement(params: EPDParams) -> str:
 class PluginDenoiser:
     """Stateful answer to a base solver's model calls along ``sigmas`` (one sampling run)."""
 
-    def __init__(self, params: EPDParams, sigmas: torch.Tensor, parallel: bool | int = True, base: str = "euler"):
-        self.params = params
+    def __init__(
+        self, params: EPDParams, sigmas: torch.Tensor, parallel: bool | int = True, base: str = "euler",
+        final: str = "denoise",
+    ):  # fmt: skip
+        if final not in FINAL_STEPS:
+            raise ValueError(f"final must be one of {FINAL_STEPS}, got {final!r}")
+        self.params, self.final, self.estimate = params, final, None
         self.sigmas = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu()
         self.offset, self.to_zero = grid_offset(params, self.sigmas)
         self.grid = self.sigmas[:-1] if self.to_zero else self.sigmas
@@ -94,7 +100,8 @@ class PluginDenoiser:
             )
         self.next_index += 1
         if i == self.grid.shape[0] - 1:
-            return self.base.answer(i, x, denoiser(x, sigma))
+            free = self.final == "estimate" and self.estimate is not None
+            return self.base.answer(i, x, self.estimate if free else denoiser(x, sigma))
         step = self.offset + i
         t_cur, t_next = self.grid[i], self.grid[i + 1]
         afs = self.params.afs and step == 0
@@ -102,7 +109,8 @@ class PluginDenoiser:
         d_eff, self.history = epd_step(
             denoiser, x, t_cur, t_next, self.table, step, self.params, self.history, afs, self.parallel, place=place
         )
-        if self.base.name == "euler":  # the ensemble's x0 estimate, exactly as the EPD solver's
-            self.base.step(i, x, x - t_cur.to(x.dtype) * d_eff)
-            return x - t_cur.to(x.dtype) * d_eff
+        self.estimate = x - t_cur.to(x.dtype) * d_eff  # the ensemble's x0 estimate, as the EPD solver's
+        if self.base.name == "euler":
+            self.base.step(i, x, self.estimate)
+            return self.estimate
         return self.base.answer(i, x, x + (t_next - t_cur).to(x.dtype) * d_eff)

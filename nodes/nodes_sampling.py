@@ -154,13 +154,14 @@ class EPDPlugin(io.ComfyNode):
                 ),
                 epd_params_input(),
                 parallel_input(),
+                final_step_input(),
             ],
             outputs=[io.Sampler.Output(), io.String.Output(display_name="info")],
         )
 
     @classmethod
-    def execute(cls, sampler, epd_params, parallel: str) -> io.NodeOutput:
-        new_sampler, info = make_plugin_sampler(sampler, epd_params, parallel)
+    def execute(cls, sampler, epd_params, parallel: str, final_step: str = "denoise") -> io.NodeOutput:
+        new_sampler, info = make_plugin_sampler(sampler, epd_params, parallel, final_step=final_step)
         return io.NodeOutput(new_sampler, info)
 
 

@@ -12,6 +12,7 @@ import torch
 
 from ..epd_core import EPDParams
 from ..epd_core.plugin import PluginDenoiser, table_placement
+from ..epd_core.solver import FINAL_STEPS
 from .sampling import PARALLEL_MODES, _ComfyDenoiser, epd_run
 
 # The allow-list: deterministic bases with one model call per grid point whose update the core mirrors (checked at
@@ -77,8 +78,11 @@ class _PluginModel:
         return getattr(self._model, name)
 
 
-def make_plugin_sampler(base, params: EPDParams, parallel: str = "auto", continuous_time: bool = True):
-    """Wrap a base ``SAMPLER``: its model calls at grid points are answered by the EPD plugin.
+def make_plugin_sampler(
+    base, params: EPDParams, parallel: str = "auto", continuous_time: bool = True, final_step: str = "denoise"
+):
+    """Wrap a base ``SAMPLER``: its model calls at grid points are answered by the EPD plugin; ``final_step`` says
+    how sigmas ending in 0 reach it (``denoise``: the base's own call; ``estimate``: the last step's x0 estimate).
 
     Returns the new sampler and an info text (with a warning when the table was trained for another base).
     """
@@ -95,11 +99,13 @@ def make_plugin_sampler(base, params: EPDParams, parallel: str = "auto", continu
         )
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
+    if final_step not in FINAL_STEPS:
+        raise ValueError(f"final_step must be one of {FINAL_STEPS}, got {final_step!r}")
 
     def plugin_function(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
         grid = sigmas.detach().to("cpu", torch.float64)
         with epd_run(model, params, x, parallel, continuous_time, grid) as (mode, _):
-            plugin = PluginDenoiser(params, sigmas, mode, base=core_base(name))
+            plugin = PluginDenoiser(params, sigmas, mode, base=core_base(name), final=final_step)
             return base.sampler_function(
                 _PluginModel(model, plugin), x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
                 **options,

@@ -157,7 +157,7 @@ WORKFLOWS: dict[str, dict] = {
         "2": ("EPDParamsLoader", {"table_name": TABLE}),
         "3": ("EmptyLatentImage", {"width": 64, "height": 64, "batch_size": 2}),
         "4": ("KSamplerSelect", {"sampler_name": "dpmpp_2m"}),
-        "5": ("EPDPlugin", {"sampler": ["4", 0], "epd_params": ["2", 0], "parallel": "auto"}),
+        "5": ("EPDPlugin", {"sampler": ["4", 0], "epd_params": ["2", 0], "parallel": "auto", "final_step": "denoise"}),
         "6": ("EPDScheduler", {"model": ["1", 0], "epd_params": ["2", 0], "denoise": 1.0, "final_denoise": True}),
         "7": ("RandomNoise", {"noise_seed": 7}),
         "8": ("CFGGuider", {"model": ["1", 0], "positive": ["1", 1], "negative": ["1", 1], "cfg": 1.0}),

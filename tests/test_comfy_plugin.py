@@ -19,10 +19,10 @@ PLUGIN_BASES = ("euler", "ddim", "dpmpp_2m", "lms", "ipndm", "ipndm_v", "deis", 
                 "gradient_estimation")  # fmt: skip
 
 
-def _plugin(base: str, params, parallel="auto"):
+def _plugin(base: str, params, parallel="auto", final_step="denoise"):
     import comfy.samplers
 
-    return N["EPDPlugin"].execute(comfy.samplers.sampler_object(base), params, parallel).result
+    return N["EPDPlugin"].execute(comfy.samplers.sampler_object(base), params, parallel, final_step).result
 
 
 def test_plugin_bases_parametrized_here_are_the_packs():
@@ -200,7 +200,8 @@ def test_core_base_rules_and_plugin_match_comfyui(base, to_zero):
                                       torch.zeros_like(noise))  # fmt: skip
     assert rel(bare, _core_base_run(base, gm.denoise_ve, scale(sigmas.double()), sigmas.double())) < 1e-4
 
-    path = H.ROOT / "weights" / f"analytic-sd15-reference-nfe10-plugin-{base}.safetensors"
+    path = H.ROOT / "weights" / "demo" / f"analytic-sd15-reference-nfe10-plugin-{base}.safetensors"
+    assert path.exists() or base in ("euler", "ddim")
     params = epd_core.load_params(path if path.exists() else official_path("sd15-best.pkl"))
     (sigmas,) = N["EPDScheduler"].execute(model, params, 1.0, to_zero).result
     grid = sigmas.double()
@@ -208,6 +209,26 @@ def test_core_base_rules_and_plugin_match_comfyui(base, to_zero):
     sampler, _ = _plugin(base, params)
     out = comfy.sample.sample_custom(model, noise, 1.0, sampler, sigmas, cond, cond, torch.zeros_like(noise))
     assert rel(out, core) < 1e-4
+
+
+@pytest.mark.parametrize("final_step", ["denoise", "estimate"])
+@pytest.mark.parametrize("base", ["dpmpp_2m", "ipndm", "deis"])
+def test_carry_table_over_a_base_is_the_carry_sampler_at_the_bases_rounds(base, final_step):
+    """A bundled carry table over a multistep base: the same latent as EPD Sampler with that table, one model round
+    per step, and the step to 0 by the base's call (``denoise``) or by the last step's estimate at no call."""
+    from bench.accuracy import run
+
+    params = epd_core.load_params(H.ROOT / "weights" / "demo" / "analytic-sd15-reference-nfe10-carry.safetensors")
+    model, _ = N["EPDAnalyticModel"].execute("sd15_eps", "reference", 0.0).result
+    noise = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    (sigmas,) = N["EPDScheduler"].execute(model, params, 1.0, True).result
+    (epd,) = N["EPDSampler"].execute(params, "auto", True, "comfyui", final_step).result
+    expected, c_epd = run(model, epd, sigmas, noise)
+    sampler, info = _plugin(base, params, final_step=final_step)
+    got, c = run(model, sampler, sigmas, noise)
+    assert float((got - expected).abs().max() / expected.abs().max()) < 1e-5
+    assert c.rounds == c_epd.rounds == params.num_steps - 1 + (final_step == "denoise")
+    assert "1 model round per step" in info
 
 
 def test_distilled_for_a_base_records_it():

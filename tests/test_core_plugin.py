@@ -46,10 +46,12 @@ def test_euler_plus_plugin_is_epd(name, to_zero):
     assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("final", ["denoise", "estimate"])
 @pytest.mark.parametrize("base", ["euler", "dpmpp_2m", "ipndm"])
-def test_plugin_over_a_carry_table_costs_one_round_per_step_like_its_base(base):
+def test_plugin_over_a_carry_table_costs_one_round_per_step_like_its_base(base, final):
     """A carry table needs no plain prediction at the grid points: each base call is answered with one batched
-    call of the K points, so plugin + base keeps the base's NFE and runs the carry trajectory."""
+    call of the K points, so plugin + base keeps the base's NFE and runs the carry trajectory. The step to 0 is
+    the base's final denoise, or the last step's x0 estimate at no call (as EPD Sampler's ``final_step``)."""
     p = EPDParams.start(6, 2, student="carry", afs=True, schedule_type="polynomial", backend="edm")
     gen = torch.Generator().manual_seed(4)
     r, w = torch.randn(p.r_params.shape, generator=gen), torch.randn(p.weight_s.shape, generator=gen)
@@ -63,10 +65,10 @@ def test_plugin_over_a_carry_table_costs_one_round_per_step_like_its_base(base):
         calls.append(x.shape[0])
         return gm.denoise_ve(x, sigma)
 
-    expected = sample(gm.denoise_ve, x, grid, p)
-    got = _base_run(PluginDenoiser(p, grid, base=base), base, den, x, grid)
+    expected = sample(gm.denoise_ve, x, grid, p, final=final)
+    got = _base_run(PluginDenoiser(p, grid, base=base, final=final), base, den, x, grid)
     assert torch.allclose(got, expected, rtol=1e-10, atol=1e-10)
-    assert calls == [6] * 5 + [3]  # five steps of 2 points in one call, then the base's final denoise
+    assert calls == [6] * 5 + ([3] if final == "denoise" else [])  # five steps of 2 points in one call, then 0
 
 
 def test_plugin_refuses_intermediate_and_repeated_calls():
@@ -117,6 +119,11 @@ def test_every_base_takes_the_tables_epd_step(base, to_zero):
     epd = sample(gm.denoise_ve, x, grid, p)
     got = _base_run(PluginDenoiser(p, grid, base=base), base, gm.denoise_ve, x, grid)
     assert torch.allclose(got, epd, rtol=1e-10, atol=1e-10)
+    if to_zero:
+        estimate = sample(gm.denoise_ve, x, grid, p, final="estimate")
+        got = _base_run(PluginDenoiser(p, grid, base=base, final="estimate"), base, gm.denoise_ve, x, grid)
+        assert torch.allclose(got, estimate, rtol=1e-10, atol=1e-10)
+        assert not torch.allclose(estimate, epd, rtol=1e-6, atol=1e-6)
     placed = "dpmpp_2m" if base == "euler" else base
     tuned = p.replace(metadata={**p.metadata, "plugin_base": placed})
     got = _base_run(PluginDenoiser(tuned, grid, base=base), base, gm.denoise_ve, x, grid)
