@@ -30,11 +30,12 @@ def plan(out: Path, quick: bool, neural_samples: int | None) -> list[tuple[str, 
             ("neural", neural, ["--quick", "--kinds", "eps", "--nfes", "5", *o]),
         ]  # fmt: skip
     samples = ["--samples", str(neural_samples)] if neural_samples else []
+    mnist_samples = ["--mnist-samples", str(neural_samples)] if neural_samples else []
     return [
         ("accuracy", accuracy, o),
         ("carry", carry, o),
         ("neural", neural, [*samples, *o]),
-        ("plugin", plugin, o),
+        ("plugin", plugin, [*mnist_samples, "--reuse", str(out / "neural.json"), *o]),
     ]
 
 

@@ -1,16 +1,18 @@
 """EPD Plugin benchmark: each supported base sampler bare (every ComfyUI scheduler) against the same base under
-EPD Plugin with the table distilled for it, at equal NFE, through ComfyUI's real sampling path, with the exact
-answer key of :mod:`bench.accuracy`.
+EPD Plugin with the tables bundled for it, at equal NFE, through ComfyUI's real sampling path: on the reference
+mixture with the exact answer key of :mod:`bench.accuracy`, on the MNIST models as :mod:`bench.neural` samples and
+scores them.
 
-    python -m bench.plugin                          # SD1.5 and SD3 forms of the reference mixture, NFE 6 8 10
-    python -m bench.plugin --forms sd15_eps --nfes 10 --samples 1024
+    python -m bench.plugin                          # SD1.5 and SD3 forms of the reference mixture, NFE 6 8 10,
+                                                    # and the MNIST models (bench.neural's sampling and scores)
+    python -m bench.plugin --forms sd15_eps --mnist --nfes 10 --samples 1024
 
 Merges its rows into ``bench/results/plugin.json`` (bare and plugin rows; a row of the same model, sampler and
 NFE is replaced) and writes ``plugin.md`` from it (per base and NFE: the bare base at its best scheduler against
 the plugin, and their ratio); merges the plugin rows (``sampler = "epd_plugin_<base>"``) into ``accuracy.json``
 the same way. NFE counts
-sequential model rounds: an EPD step is two (the plain prediction, then the K points in one batched call).
-Over ``euler`` the plugin is the EPD solver, so its tables are the EPD tables of the same NFE.
+sequential model rounds: an EPD step is two (the plain prediction, then the K points in one batched call), a carry
+step one. Over ``euler`` the plugin is the EPD solver, so its tables are the EPD tables of the same NFE.
 """
 
 from __future__ import annotations
@@ -27,23 +29,37 @@ from pathlib import Path
 
 import torch
 
-from bench.accuracy import HELD_OUT_SEED, RESULTS, answer_key, builtin_steps, metrics, run
+from bench.accuracy import (
+    HELD_OUT_SEED,
+    RESULTS,
+    TABLE_ENDINGS,
+    answer_key,
+    builtin_sigmas,
+    builtin_steps,
+    metrics,
+    run,
+)
 from epd_core import GaussianMixture, load_params
 from epd_dev import ROOT, comfy_harness
 
 FORMS = ("sd15_eps", "sd3_flow")
 NFES = (6, 8, 10)
 SAMPLES = 8192
+MNIST_KINDS = ("eps", "flow")
+MNIST_SAMPLES = 2050  # bench.neural's
+ENDINGS = {label: (final, final_step) for final, final_step, label in TABLE_ENDINGS}
 
 
-def plugin_runs(form: str, nfe: int, base: str) -> list[tuple[Path, bool]]:
-    """The bundled tables the plugin runs over ``base`` at ``nfe`` rounds, with whether a final denoise is added:
-    the EPD tables (their points on the Euler step) of ``nfe``, and of ``nfe - 1`` plus a final denoise (the odd
-    ones start with AFS), and the table distilled for ``base``'s placement where one is bundled."""
+def plugin_runs(form: str, nfe: int, base: str) -> list[tuple[Path, str]]:
+    """The bundled tables the plugin runs over ``base`` at ``nfe`` rounds, each with how it ends (an ending of
+    :data:`bench.accuracy.TABLE_ENDINGS`): the EPD tables (their points on the Euler step) of ``nfe``, and of
+    ``nfe - 1`` plus a final denoise (the odd ones start with AFS), the table distilled for ``base``'s placement,
+    and the carry table of ``nfe`` (one round per step) ending on its last step's estimate."""
     stem = f"analytic-{form.split('_')[0]}-reference-nfe"
-    runs = [(f"{stem}{nfe}", False), (f"{stem}{nfe - 1}", True), (f"{stem}{nfe}-plugin-{base}", False)]
-    paths = [(ROOT / "weights" / "demo" / f"{name}.safetensors", final) for name, final in runs]
-    return [(path, final) for path, final in paths if path.exists()]
+    runs = [(f"{stem}{nfe}", ""), (f"{stem}{nfe - 1}", "+final"), (f"{stem}{nfe}-plugin-{base}", ""),
+            (f"{stem}{nfe}-carry", "+estimate")]  # fmt: skip
+    paths = [(ROOT / "weights" / "demo" / f"{name}.safetensors", ending) for name, ending in runs]
+    return [(path, ending) for path, ending in paths if path.exists()]
 
 
 def bench_plugin(form: str, bases, nfes, n: int, log=lambda m: print(m, flush=True)) -> list[dict]:
@@ -66,22 +82,67 @@ def bench_plugin(form: str, bases, nfes, n: int, log=lambda m: print(m, flush=Tr
                     rows.append({**common, "sampler": base, "scheduler": scheduler, "nfe": c.rounds,
                                  "evaluations": c.evals, **metrics(gm, out, exact)})  # fmt: skip
         for nfe in nfes:
-            for path, final in plugin_runs(form, nfe, base):
+            for path, ending in plugin_runs(form, nfe, base):
                 params = load_params(path)
-                sampler = nodes["EPDPlugin"].execute(comfy.samplers.sampler_object(base), params, "auto").result[0]
+                final, final_step = ENDINGS[ending]
+                sampler = nodes["EPDPlugin"].execute(comfy.samplers.sampler_object(base), params, "auto", final_step)
                 sigmas = nodes["EPDScheduler"].execute(model, params, 1.0, final).result[0]
-                out, c = run(model, sampler, sigmas, noise)
+                out, c = run(model, sampler.result[0], sigmas, noise)
                 rows.append({**common, "sampler": f"epd_plugin_{base}", "nfe": c.rounds, "evaluations": c.evals,
-                             "scheduler": f"table:{path.stem}{'+final' if final else ''}",
-                             **metrics(gm, out, exact)})  # fmt: skip
+                             "scheduler": f"table:{path.stem}{ending}", **metrics(gm, out, exact)})  # fmt: skip
         log(f"{form}/{base}: done")
+    return rows
+
+
+def bench_plugin_mnist(kind: str, bases, nfes, n: int, reuse=(), log=lambda m: print(m, flush=True)) -> list[dict]:
+    """The same comparison on the MNIST model ``kind``, sampled as :mod:`bench.neural` samples it (cfg, the ten
+    classes, its noises, answer key and scores): each base bare at every KSampler scheduler and every tuned schedule
+    that fits, against the base under the plugin with each bundled ``mnist-<kind>-nfe<N>`` table of that NFE (ended
+    on its last step's estimate, so a carry table keeps the base's rounds). ``reuse``: rows of an earlier
+    ``bench.neural`` or ``bench.plugin`` run whose bare runs on the same noises and answer key are kept."""
+    import comfy.samplers
+
+    from bench import neural
+
+    nodes, model, positive, negative = neural.setup(kind)
+    ms = model.get_model_object("model_sampling")
+    noise = torch.randn(n, 4, 14, 14, generator=torch.Generator().manual_seed(neural.HELD_OUT_SEED))
+    exact, gap = neural.answer_key(model, kind, positive, negative, noise)
+    score = neural.Scorer(exact, torch.arange(n) % 10)
+    common = {"model": f"mnist-{kind}", "mixture": "mnist", "cfg": neural.CFG, "samples": n, "answer_key_gap": gap}
+    kept = neural.reusable(reuse, common)
+    rows = []
+
+    def add(name: str, scheduler: str, sampler, sigmas, nfe: int) -> None:
+        if not name.startswith("epd") and (name, scheduler, nfe) in kept:  # a table may have changed: re-run
+            rows.append(kept[name, scheduler, nfe])
+            return
+        out, c = neural.run(model, positive, negative, sampler, sigmas, noise)
+        if c.rounds == nfe:
+            rows.append({**common, "sampler": name, "scheduler": scheduler, "nfe": nfe, "evaluations": c.evals,
+                         **score(out)})  # fmt: skip
+
+    tables = [(path, load_params(path)) for _, path in neural.epd_tables(kind)]
+    for base in bases:
+        for nfe in nfes:
+            for scheduler in comfy.samplers.SCHEDULER_NAMES:
+                add(base, scheduler, comfy.samplers.sampler_object(base), builtin_sigmas(ms, base, scheduler, nfe), nfe)
+            for scheduler, sigmas in neural.tuned_schedules(kind, nfe).items():
+                add(base, scheduler, comfy.samplers.sampler_object(base), sigmas, nfe)
+            for path, params in tables:
+                if params.nfe != nfe:
+                    continue
+                sampler = nodes["EPDPlugin"].execute(comfy.samplers.sampler_object(base), params, "auto", "estimate")
+                sigmas = nodes["EPDScheduler"].execute(model, params, 1.0, True).result[0]
+                add(f"epd_plugin_{base}", f"table:{path.stem}+estimate", sampler.result[0], sigmas, nfe)
+        log(f"mnist-{kind}/{base}: done")
     return rows
 
 
 def compare(rows: list[dict]) -> tuple[str, list[dict]]:
     """Per model, base and NFE: the bare base at its best scheduler against the best plugin run."""
     lines = ["| model | base | NFE | bare (best scheduler) RMSE | plugin RMSE (table) | ratio | wrong mode bare / "
-             "plugin | samples |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "plugin | digits FID bare / plugin | samples |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     out = []
     for model in sorted({r["model"] for r in rows}):
         for base in dict.fromkeys(r["sampler"] for r in rows if not r["sampler"].startswith("epd_plugin_")):
@@ -93,10 +154,11 @@ def compare(rows: list[dict]) -> tuple[str, list[dict]]:
                     continue
                 b, p = min(bare, key=lambda r: r["rmse"]), min(plug, key=lambda r: r["rmse"])
                 ratio = b["rmse"] / p["rmse"]
+                fid = f"{b['fid']:.1f} / {p['fid']:.1f}" if "fid" in b and "fid" in p else ""
                 out.append({"model": model, "base": base, "nfe": nfe, "bare": b, "plugin": p, "ratio": ratio})
                 lines.append(f"| {model} | {base} | {nfe} | {b['rmse']:.4f} ({b['scheduler']}) | {p['rmse']:.4f} "
                              f"({p['scheduler'].removeprefix('table:')}) | {ratio:.2f}x | {b['wrong_mode']} / "
-                             f"{p['wrong_mode']} | {p['samples']} |")  # fmt: skip
+                             f"{p['wrong_mode']} | {fid} | {p['samples']} |")  # fmt: skip
     return "\n".join(lines) + "\n", out
 
 
@@ -116,7 +178,11 @@ def merge_rows(rows: list[dict], path: Path, only_plugin: bool) -> list[dict]:
 
 def _job(spec: str) -> None:
     job = json.loads(spec)
-    rows = bench_plugin(job["form"], job["bases"], job["nfes"], job["n"])
+    if "kind" in job:
+        reuse = json.loads(Path(job["reuse"]).read_text()) if job["reuse"] else []
+        rows = bench_plugin_mnist(job["kind"], job["bases"], job["nfes"], job["n"], reuse)
+    else:
+        rows = bench_plugin(job["form"], job["bases"], job["nfes"], job["n"])
     Path(job["out"]).write_text(json.dumps(rows))
 
 
@@ -125,7 +191,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--forms", nargs="*", default=list(FORMS))
     ap.add_argument("--bases", nargs="*", help="default: every supported base (ddim is ComfyUI's euler)")
     ap.add_argument("--nfes", nargs="*", type=int, default=list(NFES))
-    ap.add_argument("--samples", type=int, default=SAMPLES)
+    ap.add_argument("--samples", type=int, default=SAMPLES, help="noises per mixture")
+    ap.add_argument("--mnist", nargs="*", default=list(MNIST_KINDS), help="the MNIST models (none: mixtures only)")
+    ap.add_argument("--mnist-samples", type=int, default=MNIST_SAMPLES, help="noises per MNIST model")
+    ap.add_argument("--reuse", type=Path, help="a neural.json or plugin.json whose bare MNIST runs are kept")
     ap.add_argument("--workers", type=int, help="processes (default: one per CPU core)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--job", help=argparse.SUPPRESS)
@@ -138,6 +207,9 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     # one job per form: the answer key (RK4, 400 steps) costs more than all the sampler runs
     jobs = [{"form": f, "bases": bases, "nfes": args.nfes, "n": args.samples} for f in args.forms]
+    reuse = str(args.reuse) if args.reuse else None
+    jobs += [{"kind": kind, "bases": bases, "nfes": args.nfes, "n": args.mnist_samples, "reuse": reuse}
+             for kind in args.mnist]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     with tempfile.TemporaryDirectory() as tmp:
 

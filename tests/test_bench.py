@@ -136,7 +136,8 @@ def test_plugin_benchmark_compares_each_base_at_equal_nfe_and_replaces_plugin_ro
     plug = [r for r in rows if r["sampler"] == "epd_plugin_dpmpp_2m"]
     assert bare and all(r["nfe"] == r["evaluations"] == 10 for r in bare)
     assert {r["scheduler"] for r in plug} >= {"table:analytic-sd15-reference-nfe10",
-                                              "table:analytic-sd15-reference-nfe9+final"}  # fmt: skip
+                                              "table:analytic-sd15-reference-nfe9+final",
+                                              "table:analytic-sd15-reference-nfe10-carry+estimate"}  # fmt: skip
     assert all(r["nfe"] == 10 and r["evaluations"] > r["nfe"] for r in plug)  # K points count once in NFE
     table, summary = plugin.compare(rows)
     assert len(summary) == 1 and summary[0]["bare"]["rmse"] == min(r["rmse"] for r in bare)
@@ -194,3 +195,21 @@ def test_neural_scorer_predicts_as_the_classifier():
     row = scorer(latents)
     assert row["wrong_mode"] == 0 and row["rmse"] == 0
     assert row["accuracy"] == mnist_metrics.class_accuracy(scorer.images(latents), labels) > 0.9
+
+
+def test_plugin_benchmark_on_mnist_scores_bare_and_plugin_runs_at_equal_rounds():
+    """The MNIST comparison: each bare run and each plugin run (a carry table ended on its estimate) at the NFE's
+    rounds, with the digits FID; a second run reusing the first keeps its bare rows."""
+    from bench import plugin
+
+    rows = plugin.bench_plugin_mnist("eps", ["dpmpp_2m"], [6], 10, log=lambda m: None)
+    bare = [r for r in rows if r["sampler"] == "dpmpp_2m"]
+    plug = [r for r in rows if r["sampler"] == "epd_plugin_dpmpp_2m"]
+    assert {r["scheduler"] for r in bare} >= {"karras", "AlignYourSteps(SD1)"}
+    assert [r["scheduler"] for r in plug] == ["table:mnist-eps-nfe6+estimate"]
+    assert all(r["nfe"] == 6 and r["fid"] > 0 and r["samples"] == 10 for r in rows)
+    assert plug[0]["evaluations"] > 6  # the K points count once in the NFE, K times in the evaluations
+    table, summary = plugin.compare(rows)
+    assert len(summary) == 1 and "| mnist-eps | dpmpp_2m | 6 |" in table
+    again = plugin.bench_plugin_mnist("eps", ["dpmpp_2m"], [6], 10, reuse=bare[:1], log=lambda m: None)
+    assert again[0] is bare[0] and [r["rmse"] for r in again[1:]] == [r["rmse"] for r in rows[1:]]
