@@ -145,7 +145,8 @@ class EPDPlugin(io.ComfyNode):
             description="Adds EPD's parallel directions to a built-in sampler: at each grid point the sampler's own "
             "method (fed the plain model predictions) places the K points, EPD combines their directions into the "
             "step, and the sampler's model call is answered so that its own update takes that step. Two sequential "
-            "model rounds per step (one on an AFS first step). Euler + plugin is exactly EPD. Supported: "
+            "model rounds per step with an EPD table (one on an AFS first step), one with a carry table (the bare "
+            "sampler's cost; end it with final_step = estimate). Euler + plugin is exactly EPD. Supported: "
             + ", ".join(PLUGIN_BASES)
             + ". Use with EPD Scheduler and a table distilled for the sampler.",
             inputs=[

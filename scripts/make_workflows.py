@@ -18,6 +18,7 @@ API = OUT / "api"
 
 ANALYTIC = {"form": "sd15_eps", "mixture": "reference", "shift": 0.0}
 TABLE = "demo/analytic-sd15-reference-nfe10.safetensors"
+PLUGIN_TABLE = "demo/analytic-sd15-reference-nfe10-carry.safetensors"  # one round per step over any base
 MNIST_TABLE = "demo/mnist-eps-nfe5.safetensors"
 MNIST_NFE = 5
 MNIST_CFG = 3.0
@@ -85,9 +86,10 @@ EXAMPLES: list[dict] = [
     {
         "id": "epd_plugin_dpmpp_2m",
         "title": "4 EPD Plugin over dpmpp_2m (no download)",
-        "note": "EPD Plugin keeps your sampler (here dpmpp_2m from KSamplerSelect) and answers its model calls with "
-        "the EPD ensemble's prediction. Use EPD Scheduler's sigmas.\n\nNeeds nothing to download (analytic "
-        "model, bundled table).",
+        "note": "EPD Plugin keeps your sampler (here dpmpp_2m from KSamplerSelect) and answers its model calls so "
+        "that its own update takes the EPD table's step. Use EPD Scheduler's sigmas. With a carry table (this one) "
+        "the run costs the bare sampler's rounds: 10 here, ended on the last step's estimate (final_step).\n\n"
+        "Needs nothing to download (analytic model, bundled table).",
         "graph": None,
     },
     {
@@ -154,10 +156,11 @@ WORKFLOWS: dict[str, dict] = {
     },
     "epd_plugin_dpmpp_2m": {
         "1": ("EPDAnalyticModel", ANALYTIC),
-        "2": ("EPDParamsLoader", {"table_name": TABLE}),
+        "2": ("EPDParamsLoader", {"table_name": PLUGIN_TABLE}),
         "3": ("EmptyLatentImage", {"width": 64, "height": 64, "batch_size": 2}),
         "4": ("KSamplerSelect", {"sampler_name": "dpmpp_2m"}),
-        "5": ("EPDPlugin", {"sampler": ["4", 0], "epd_params": ["2", 0], "parallel": "auto", "final_step": "denoise"}),
+        "5": ("EPDPlugin", {"sampler": ["4", 0], "epd_params": ["2", 0], "parallel": "auto",
+                            "final_step": "estimate"}),  # fmt: skip
         "6": ("EPDScheduler", {"model": ["1", 0], "epd_params": ["2", 0], "denoise": 1.0, "final_denoise": True}),
         "7": ("RandomNoise", {"noise_seed": 7}),
         "8": ("CFGGuider", {"model": ["1", 0], "positive": ["1", 1], "negative": ["1", 1], "cfg": 1.0}),
