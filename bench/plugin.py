@@ -3,7 +3,7 @@ EPD Plugin with the tables bundled for it, at equal NFE, through ComfyUI's real 
 mixture with the exact answer key of :mod:`bench.accuracy`, on the MNIST models as :mod:`bench.neural` samples and
 scores them.
 
-    python -m bench.plugin                          # SD1.5 and SD3 forms of the reference mixture, NFE 6 8 10,
+    python -m bench.plugin                          # SD1.5 and SD3 forms of the reference mixture, NFE 6-10,
                                                     # and the MNIST models (bench.neural's sampling and scores)
     python -m bench.plugin --forms sd15_eps --mnist --nfes 10 --samples 1024
 
@@ -43,7 +43,7 @@ from epd_core import GaussianMixture, load_params
 from epd_dev import ROOT, comfy_harness
 
 FORMS = ("sd15_eps", "sd3_flow")
-NFES = (6, 8, 10)
+NFES = (6, 7, 8, 9, 10)
 SAMPLES = 8192
 MNIST_KINDS = ("eps", "flow")
 MNIST_SAMPLES = 2050  # bench.neural's
@@ -100,11 +100,11 @@ def bench_plugin_mnist(kind: str, bases, nfes, n: int, reuse=(), log=lambda m: p
     that fits, against the base under the plugin with each bundled ``mnist-<kind>-nfe<N>`` table of that NFE (ended
     on its last step's estimate, so a carry table keeps the base's rounds). ``reuse``: rows of an earlier
     ``bench.neural`` or ``bench.plugin`` run whose bare runs on the same noises and answer key are kept."""
-    import comfy.samplers
-
     from bench import neural
 
     nodes, model, positive, negative = neural.setup(kind)
+    import comfy.samplers
+
     ms = model.get_model_object("model_sampling")
     noise = torch.randn(n, 4, 14, 14, generator=torch.Generator().manual_seed(neural.HELD_OUT_SEED))
     exact, gap = neural.answer_key(model, kind, positive, negative, noise)

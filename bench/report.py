@@ -1,11 +1,13 @@
 """The benchmark headline: the README's tables, rendered from the records in ``bench/results``.
 
-    python -m bench.report                 # headline.md, accuracy.png, and the README's block between the markers
-    python -m bench.report --check         # exit 1 when the README's block is not what the records say (CI)
+    python -m bench.report                 # headline.md, accuracy.png, and the README's blocks between the markers
+    python -m bench.report --check         # exit 1 when the README's blocks are not what the records say (CI)
 
 Three tables, each from one benchmark's records: the analytic mixtures at many noises (``carry.json``, written by
 ``python -m bench.carry``), the MNIST models (``neural.json``, ``python -m bench.neural``) and the whole field at
-1,024 noises (``accuracy.json``, ``python -m bench.accuracy``). ``python -m bench.all`` runs them all, then this.
+1,024 noises (``accuracy.json``, ``python -m bench.accuracy``). A second block, in the plugin section, is the EPD
+Plugin against each base it wraps (``plugin.json``, ``python -m bench.plugin``). ``python -m bench.all`` runs
+them all, then this.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ from epd_dev import ROOT
 README = ROOT / "README.md"
 BEGIN = "<!-- headline: begin (python -m bench.report writes this block from bench/results; do not edit) -->"
 END = "<!-- headline: end -->"
+PLUGIN_BEGIN = "<!-- plugin: begin (python -m bench.report writes this block from bench/results; do not edit) -->"
+PLUGIN_END = "<!-- plugin: end -->"
+PLUGIN_TARGET = 1.2  # bare base's RMSE / plugin's, at equal NFE
 MIXTURES = ("reference", "wide", "multimodal")
 FORMS = {
     "analytic-sd15_eps": "analytic SD1.5",
@@ -147,13 +152,49 @@ def headline(results: Path) -> str:
     return "\n".join(parts)
 
 
-def replace_block(text: str, block: str) -> str:
+def plugin_table(rows: list[dict]) -> str:
+    """Per model and NFE, for each base: the bare base at its best schedule / the base under EPD Plugin."""
+    from bench.plugin import compare
+
+    _, summary = compare(rows)
+    bases = list(dict.fromkeys(s["base"] for s in summary))
+    head = ["model", "NFE", "plugin table (most bases)", *bases]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    met = [0, 0]
+    for model, nfe in dict.fromkeys((s["model"], s["nfe"]) for s in summary):
+        cells = {s["base"]: s for s in summary if (s["model"], s["nfe"]) == (model, nfe)}
+        tables = [s["plugin"]["scheduler"].removeprefix("table:") for s in cells.values()]
+        met[0] += sum(s["ratio"] >= PLUGIN_TARGET for s in cells.values())
+        met[1] += len(cells)
+        row = [FORMS.get(model, model), nfe, max(set(tables), key=tables.count),
+               *(_ratio(cells[b]["ratio"], PLUGIN_TARGET) if b in cells else "" for b in bases)]  # fmt: skip
+        lines.append("| " + " | ".join(str(c) for c in row) + " |")
+    counts = {("MNIST models" if r["model"].startswith("mnist") else "mixtures", r["samples"]) for r in rows}
+    samples = "; ".join(f"{n:,} noises on the {group}" for group, n in sorted(counts))
+    intro = (f"Each cell: the bare base's RMSE at its best schedule / the base under EPD Plugin's (`python -m "
+             f"bench.plugin`, {samples}; `bench/results/plugin.md` has the RMSEs, schedules, tables, wrong modes and "
+             f"FIDs). Bold: at least {PLUGIN_TARGET}x. {met[0]} of {met[1]} cells.")  # fmt: skip
+    return f"{intro}\n\n" + "\n".join(lines) + "\n"
+
+
+def replace_block(text: str, block: str, begin: str = BEGIN, end: str = END) -> str:
     """``text`` with what stands between the markers replaced by ``block``."""
-    if BEGIN not in text or END not in text:
-        raise ValueError(f"the README has no headline markers ({BEGIN} ... {END})")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    return f"{head}{BEGIN}\n{block}{END}{tail}"
+    if begin not in text or end not in text:
+        raise ValueError(f"the README has no markers {begin} ... {end}")
+    head, rest = text.split(begin, 1)
+    _, tail = rest.split(end, 1)
+    return f"{head}{begin}\n{block}{end}{tail}"
+
+
+def render(text: str, results: Path) -> tuple[str, str]:
+    """The README ``text`` with its blocks rendered from ``results`` (the plugin block only where ``plugin.json``
+    is there), and the headline block."""
+    block = headline(results)
+    text = replace_block(text, block)
+    if (results / "plugin.json").exists():
+        rows = json.loads((results / "plugin.json").read_text())
+        text = replace_block(text, plugin_table(rows), PLUGIN_BEGIN, PLUGIN_END)
+    return text, block
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -162,9 +203,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--readme", type=Path, default=README)
     ap.add_argument("--check", action="store_true", help="only compare the README's block with the records")
     args = ap.parse_args(argv)
-    block = headline(args.results)
     text = args.readme.read_text()
-    updated = replace_block(text, block)
+    updated, block = render(text, args.results)
     if args.check:
         if updated != text:
             print(f"{args.readme} is out of date with {args.results}: run python -m bench.report", file=sys.stderr)

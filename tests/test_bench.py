@@ -176,6 +176,25 @@ def test_headline_is_rendered_from_the_records(quick):
     assert report.replace_block(readme, "") == report.replace_block(report.README.read_text(), "")  # only the block
 
 
+def test_plugin_block_is_rendered_from_the_plugin_records(tmp_path):
+    """The README's plugin block: per model and NFE, each base's best bare RMSE / its best plugin RMSE."""
+    from bench import report
+
+    def row(sampler, scheduler, rmse):
+        return {"model": "analytic-sd15_eps", "mixture": "reference", "nfe": 10, "samples": 64, "wrong_mode": 0,
+                "sampler": sampler, "scheduler": scheduler, "rmse": rmse}  # fmt: skip
+
+    rows = [row("dpmpp_2m", "karras", 0.1), row("dpmpp_2m", "simple", 0.2), row("epd_plugin_dpmpp_2m", "table:t", 0.05),
+            row("ipndm", "beta", 0.06), row("epd_plugin_ipndm", "table:t", 0.055)]  # fmt: skip
+    (tmp_path / "plugin.json").write_text(json.dumps(rows))
+    readme = report.README.read_text()
+    text, _ = report.render(readme, tmp_path)
+    block = text.split(report.PLUGIN_BEGIN)[1].split(report.PLUGIN_END)[0]
+    assert "| analytic SD1.5 | 10 | t | **2.00x** | 1.09x |" in block and "1 of 2 cells" in block
+    blank = lambda t: report.replace_block(report.replace_block(t, ""), "", report.PLUGIN_BEGIN, report.PLUGIN_END)  # noqa: E731
+    assert blank(text) == blank(readme)  # only the blocks change
+
+
 def test_readme_headline_matches_the_committed_records():
     """The README's headline is what bench.report renders from bench/results (regenerate, never edit by hand)."""
     from bench import report
