@@ -178,45 +178,56 @@ def epd_tables(kind: str, folders=(TABLES,)) -> list[tuple[str, Path]]:
     return found
 
 
+class Contest:
+    """One MNIST model's contest: its held-out noises, answer key and scorer. ``add`` runs one contender on them
+    (or keeps its row from ``reuse``, an earlier run on the same noises and answer key) and records its scored row
+    in ``rows``."""
+
+    def __init__(self, kind: str, n: int, reuse=(), log=print) -> None:
+        self.nodes, self.model, self.positive, self.negative = setup(kind)
+        self.noise = torch.randn(n, 4, 14, 14, generator=torch.Generator().manual_seed(HELD_OUT_SEED))
+        t0 = time.time()
+        self.exact, gap = answer_key(self.model, kind, self.positive, self.negative, self.noise)
+        log(f"mnist-{kind}: answer key in {time.time() - t0:.0f} s, step-halving gap {gap:.2e}")
+        self.score = Scorer(self.exact, torch.arange(n) % 10)
+        self.common = {"model": f"mnist-{kind}", "mixture": "mnist", "cfg": CFG, "samples": n, "answer_key_gap": gap}
+        self.kept = reusable(reuse, self.common)
+        if self.kept:
+            log(f"mnist-{kind}: {len(self.kept)} built-in runs kept from the earlier results")
+        self.rows: list[dict] = []
+
+    def add(self, name: str, scheduler: str, sampler, sigmas, nfe: int | None = None) -> None:
+        """Run (or keep) one contender; with ``nfe``, a run whose round count differs is dropped."""
+        if (name, scheduler, nfe) in self.kept:
+            self.rows.append(self.kept[name, scheduler, nfe])
+            return
+        out, c = run(self.model, self.positive, self.negative, sampler, sigmas, self.noise)
+        if nfe is not None and c.rounds != nfe:
+            return
+        self.rows.append({**self.common, "sampler": name, "scheduler": scheduler, "nfe": c.rounds,
+                          "evaluations": c.evals, **self.score(out)})  # fmt: skip
+
+
 def bench_kind(kind: str, nfes, n: int, samplers, schedulers, log=print, tables=(TABLES,),
                reuse: list[dict] = ()) -> list[dict]:  # fmt: skip
     """Every run of one model. ``reuse``: rows of an earlier run; its built-in rows on the same noises and answer
     key (same model, sample count and key gap) are kept instead of being run again."""
     import comfy.samplers
 
-    nodes, model, positive, negative = setup(kind)
-    ms = model.get_model_object("model_sampling")
-    noise = torch.randn(n, 4, 14, 14, generator=torch.Generator().manual_seed(HELD_OUT_SEED))
-    labels = torch.arange(n) % 10
     t0 = time.time()
-    exact, gap = answer_key(model, kind, positive, negative, noise)
-    log(f"mnist-{kind}: answer key in {time.time() - t0:.0f} s, step-halving gap {gap:.2e}")
-    score = Scorer(exact, labels)
-    base = {"model": f"mnist-{kind}", "mixture": "mnist", "cfg": CFG, "samples": n, "answer_key_gap": gap}
-    rows = [{**base, "sampler": "exact", "scheduler": f"heun/{KEY_STEPS}", "nfe": 2 * KEY_STEPS, **score(exact)}]
-    kept = reusable(reuse, base)
-    if kept:
-        log(f"mnist-{kind}: {len(kept)} built-in runs kept from the earlier results")
-
-    def add(sampler_name, scheduler, sampler, sigmas, nfe=None):
-        if (sampler_name, scheduler, nfe) in kept:
-            rows.append(kept[sampler_name, scheduler, nfe])
-            return
-        out, c = run(model, positive, negative, sampler, sigmas, noise)
-        if nfe is not None and c.rounds != nfe:
-            return
-        rows.append({**base, "sampler": sampler_name, "scheduler": scheduler, "nfe": c.rounds,
-                     "evaluations": c.evals, **score(out)})  # fmt: skip
-
+    contest = Contest(kind, n, reuse, log)
+    ms = contest.model.get_model_object("model_sampling")
+    contest.rows.append({**contest.common, "sampler": "exact", "scheduler": f"heun/{KEY_STEPS}",
+                         "nfe": 2 * KEY_STEPS, **contest.score(contest.exact)})  # fmt: skip
     for nfe in nfes:
         for sampler in samplers:
             steps = builtin_steps(sampler, nfe)
             for scheduler in schedulers:
                 sigmas = builtin_sigmas(ms, sampler, scheduler, steps)
-                add(sampler, scheduler, comfy.samplers.sampler_object(sampler), sigmas, nfe)
+                contest.add(sampler, scheduler, comfy.samplers.sampler_object(sampler), sigmas, nfe)
             if sampler not in TWO_CALLS:
                 for name, sigmas in tuned_schedules(kind, nfe).items():
-                    add(sampler, name, comfy.samplers.sampler_object(sampler), sigmas, nfe)
+                    contest.add(sampler, name, comfy.samplers.sampler_object(sampler), sigmas, nfe)
             log(f"mnist-{kind}: {sampler} at NFE {nfe} ({time.time() - t0:.0f} s)")
         log(f"mnist-{kind}: built-ins at NFE {nfe} done ({time.time() - t0:.0f} s)")
     for name, path in epd_tables(kind, tables):
@@ -224,23 +235,24 @@ def bench_kind(kind: str, nfes, n: int, samplers, schedulers, log=print, tables=
         if params.nfe not in nfes:
             continue
         for final, final_step, label in ((True, "denoise", "+final"), (True, "estimate", "+estimate")):
-            sigmas = nodes["EPDScheduler"].execute(model, params, 1.0, final).result[0]
-            sampler = nodes["EPDSampler"].execute(params, "auto", True, "comfyui", final_step).result[0]
-            add("epd", f"table:{name}{label}", sampler, sigmas)
-    log(f"mnist-{kind}: {len(rows)} runs in {time.time() - t0:.0f} s")
-    return rows
+            sigmas = contest.nodes["EPDScheduler"].execute(contest.model, params, 1.0, final).result[0]
+            sampler = contest.nodes["EPDSampler"].execute(params, "auto", True, "comfyui", final_step).result[0]
+            contest.add("epd", f"table:{name}{label}", sampler, sigmas)
+    log(f"mnist-{kind}: {len(contest.rows)} runs in {time.time() - t0:.0f} s")
+    return contest.rows
 
 
 def reusable(rows, base: dict) -> dict[tuple, dict]:
     """The built-in rows of ``rows`` measured on ``base``'s model, noises and answer key (its step-halving gap to
-    1e-6 relative), by (sampler, scheduler, NFE)."""
+    1e-6 relative), by (sampler, scheduler, NFE). EPD rows (``epd``, ``epd_plugin_*``) are never kept: a table may
+    have changed since."""
 
     def same(r: dict) -> bool:
         return (r["model"], r["samples"]) == (base["model"], base["samples"]) and math.isclose(
             r["answer_key_gap"], base["answer_key_gap"], rel_tol=1e-6
         )
 
-    builtin = [r for r in rows if r["sampler"] not in ("epd", "exact") and same(r)]
+    builtin = [r for r in rows if not r["sampler"].startswith("epd") and r["sampler"] != "exact" and same(r)]
     return {(r["sampler"], r["scheduler"], r["nfe"]): r for r in builtin}
 
 

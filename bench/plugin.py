@@ -102,41 +102,27 @@ def bench_plugin_mnist(kind: str, bases, nfes, n: int, reuse=(), log=lambda m: p
     ``bench.neural`` or ``bench.plugin`` run whose bare runs on the same noises and answer key are kept."""
     from bench import neural
 
-    nodes, model, positive, negative = neural.setup(kind)
+    contest = neural.Contest(kind, n, reuse, log)
+    nodes, model = contest.nodes, contest.model
     import comfy.samplers
 
     ms = model.get_model_object("model_sampling")
-    noise = torch.randn(n, 4, 14, 14, generator=torch.Generator().manual_seed(neural.HELD_OUT_SEED))
-    exact, gap = neural.answer_key(model, kind, positive, negative, noise)
-    score = neural.Scorer(exact, torch.arange(n) % 10)
-    common = {"model": f"mnist-{kind}", "mixture": "mnist", "cfg": neural.CFG, "samples": n, "answer_key_gap": gap}
-    kept = neural.reusable(reuse, common)
-    rows = []
-
-    def add(name: str, scheduler: str, sampler, sigmas, nfe: int) -> None:
-        if not name.startswith("epd") and (name, scheduler, nfe) in kept:  # a table may have changed: re-run
-            rows.append(kept[name, scheduler, nfe])
-            return
-        out, c = neural.run(model, positive, negative, sampler, sigmas, noise)
-        if c.rounds == nfe:
-            rows.append({**common, "sampler": name, "scheduler": scheduler, "nfe": nfe, "evaluations": c.evals,
-                         **score(out)})  # fmt: skip
-
     tables = [(path, load_params(path)) for _, path in neural.epd_tables(kind)]
     for base in bases:
         for nfe in nfes:
+            bare = comfy.samplers.sampler_object(base)
             for scheduler in comfy.samplers.SCHEDULER_NAMES:
-                add(base, scheduler, comfy.samplers.sampler_object(base), builtin_sigmas(ms, base, scheduler, nfe), nfe)
+                contest.add(base, scheduler, bare, builtin_sigmas(ms, base, scheduler, nfe), nfe)
             for scheduler, sigmas in neural.tuned_schedules(kind, nfe).items():
-                add(base, scheduler, comfy.samplers.sampler_object(base), sigmas, nfe)
+                contest.add(base, scheduler, bare, sigmas, nfe)
             for path, params in tables:
                 if params.nfe != nfe:
                     continue
-                sampler = nodes["EPDPlugin"].execute(comfy.samplers.sampler_object(base), params, "auto", "estimate")
+                sampler = nodes["EPDPlugin"].execute(bare, params, "auto", "estimate").result[0]
                 sigmas = nodes["EPDScheduler"].execute(model, params, 1.0, True).result[0]
-                add(f"epd_plugin_{base}", f"table:{path.stem}+estimate", sampler.result[0], sigmas, nfe)
+                contest.add(f"epd_plugin_{base}", f"table:{path.stem}+estimate", sampler, sigmas, nfe)
         log(f"mnist-{kind}/{base}: done")
-    return rows
+    return contest.rows
 
 
 def compare(rows: list[dict]) -> tuple[str, list[dict]]:

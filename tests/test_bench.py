@@ -115,7 +115,8 @@ def test_neural_benchmark_reuses_only_runs_on_the_same_noises():
     base = {"model": "mnist-eps", "samples": 100, "answer_key_gap": 0.01}
     row = {**base, "sampler": "deis", "scheduler": "beta", "nfe": 5, "rmse": 0.09}
     others = [{**row, "samples": 2050}, {**row, "answer_key_gap": 0.011}, {**row, "model": "mnist-flow"},
-              {**row, "sampler": "epd"}, {**row, "sampler": "exact"}]  # fmt: skip
+              {**row, "sampler": "epd"}, {**row, "sampler": "epd_plugin_deis"},
+              {**row, "sampler": "exact"}]  # fmt: skip
     assert reusable([row, *others], base) == {("deis", "beta", 5): row}
 
 
