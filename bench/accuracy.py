@@ -285,31 +285,43 @@ def distillation_view(rows: list[dict], nfes=(5, 7, 9)) -> str:
     )
 
 
+PLUGIN_LINE = "epd_plugin (best base)"
+
+
+def plot_lines(rows: list[dict]) -> dict[tuple[str, str], dict[str, dict[int, float]]]:
+    """The plot's data: per (model, mixture), per sampler, the best RMSE at each NFE over its schedulers. EPD
+    Plugin is one line, its best base at each NFE (the per-base comparison is ``plugin.md``'s); the answer key's
+    own rows are left out."""
+    lines: dict[tuple[str, str], dict[str, dict[int, float]]] = {}
+    for r in rows:
+        if r["sampler"] == "exact":
+            continue
+        name = PLUGIN_LINE if r["sampler"].startswith("epd_plugin_") else r["sampler"]
+        best = lines.setdefault((r["model"], r["mixture"]), {}).setdefault(name, {})
+        best[r["nfe"]] = min(r["rmse"], best.get(r["nfe"], math.inf))
+    return lines
+
+
 def plot(rows: list[dict], path: Path) -> None:
-    """RMSE against NFE per model and mixture, the best scheduler of each sampler; one colour per sampler across
-    the panels, EPD's thick (the answer key's own rows are left out)."""
+    """RMSE against NFE per model and mixture (:func:`plot_lines`); one colour per sampler across the panels,
+    EPD's thick."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [r for r in rows if r["sampler"] != "exact"]
-    names = sorted({r["sampler"] for r in rows})
+    panels = plot_lines(rows)
+    names = sorted({name for lines in panels.values() for name in lines})
     cmap = plt.get_cmap("tab20")
     colour = {name: cmap(i % 20) for i, name in enumerate(names)}
-    keys = sorted({(r["model"], r["mixture"]) for r in rows})
+    keys = sorted(panels)
     cols = min(4, len(keys))
     rows_n = math.ceil(len(keys) / cols)
     fig, axes = plt.subplots(rows_n, cols, figsize=(5 * cols, 4 * rows_n), squeeze=False)
     for ax in axes.flat[len(keys) :]:
         ax.axis("off")
-    for ax, (model, mixture) in zip(axes.flat, keys, strict=False):
-        sub = [r for r in rows if r["model"] == model and r["mixture"] == mixture]
-        for name in sorted({r["sampler"] for r in sub}):
-            best = {}
-            for r in sub:
-                if r["sampler"] == name and r["rmse"] < best.get(r["nfe"], math.inf):
-                    best[r["nfe"]] = r["rmse"]
+    for ax, key in zip(axes.flat, keys, strict=False):
+        for name, best in sorted(panels[key].items()):
             xs = sorted(best)
             thick = name.startswith("epd")
             style = dict(lw=2.5, marker="o") if thick else dict(lw=1, alpha=0.6, marker=".", ms=4)
@@ -317,7 +329,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.set_yscale("log")
         ax.set_xlabel("NFE")
         ax.set_ylabel("RMSE vs exact ODE solution")
-        ax.set_title(f"{model} / {mixture}")
+        ax.set_title(f"{key[0]} / {key[1]}")
     handles = [plt.Line2D([], [], color=colour[n], lw=2.5 if n.startswith("epd") else 1, label=n) for n in names]
     fig.legend(handles=handles, loc="lower center", ncol=min(8, len(names)), fontsize=7)
     fig.tight_layout(rect=(0, 0.06, 1, 1))

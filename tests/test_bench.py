@@ -43,6 +43,18 @@ def test_quick_accuracy_benchmark(quick):
     assert (tmp_path / "accuracy.png").stat().st_size > 1000
 
 
+def test_plot_draws_the_plugin_as_one_line_at_its_best_base():
+    from bench.accuracy import PLUGIN_LINE, plot_lines
+
+    row = {"model": "mnist-eps", "mixture": "mnist", "scheduler": "karras"}
+    rows = [{**row, "sampler": "deis", "nfe": 6, "rmse": 0.09}, {**row, "sampler": "deis", "nfe": 6, "rmse": 0.07},
+            {**row, "sampler": "epd_plugin_deis", "nfe": 6, "rmse": 0.05},
+            {**row, "sampler": "epd_plugin_ipndm", "nfe": 6, "rmse": 0.04},
+            {**row, "sampler": "epd_plugin_ipndm", "nfe": 7, "rmse": 0.03},
+            {**row, "sampler": "exact", "nfe": 200, "rmse": 0.0}]  # fmt: skip
+    assert plot_lines(rows) == {("mnist-eps", "mnist"): {"deis": {6: 0.07}, PLUGIN_LINE: {6: 0.04, 7: 0.03}}}
+
+
 def test_digit_classes_count_samples_that_change_digit():
     """On the neural model a "wrong mode" is a sample whose nearest training digit has another label than the
     exact solution's."""
