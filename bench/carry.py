@@ -6,6 +6,7 @@ case (ranked there on 1,024 noises) with the tables on ``--samples`` noises (def
 hinges on a few samples that commit to another mixture component), through ComfyUI's sampling path.
 
     python -m bench.carry          # -> bench/results/carry.{json,md}
+    python -m bench.carry --forms sd15_eps --mixtures wide --nfes 10   # one case, merged into carry.json
 """
 
 from __future__ import annotations
@@ -58,6 +59,15 @@ def case(form: str, mixture: str, nfe: int, n: int, top: int, ranking: list[dict
     return rows
 
 
+def merge_cases(rows: list[dict], path: Path) -> list[dict]:
+    """``rows`` in place of the records in ``path`` of the same cases (model, mixture, NFE); other cases stay, so
+    one case can be re-run alone."""
+    case_of = lambda r: (r["model"], r["mixture"], r["nfe"])  # noqa: E731
+    redone = {case_of(r) for r in rows}
+    old = json.loads(path.read_text()) if path.exists() else []
+    return [r for r in old if case_of(r) not in redone] + rows
+
+
 def summarize(rows: list[dict]) -> str:
     head = (
         "| model | mixture | NFE | best built-in | RMSE | `epd` table | RMSE | ratio | `carry` table | RMSE | ratio |"
@@ -101,6 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         parts = pool.map(case, forms, mixtures, nfes, *rest)
         rows = [r for part in parts for r in part]
     args.out.mkdir(parents=True, exist_ok=True)
+    rows = merge_cases(rows, args.out / "carry.json")
     (args.out / "carry.json").write_text(json.dumps(rows, indent=1))
     table = summarize(rows)
     (args.out / "carry.md").write_text(table)

@@ -176,6 +176,18 @@ def test_carry_benchmark_compares_both_students_with_the_best_builtins(quick):
     assert "analytic-sd15-reference-nfe5-carry+estimate" in table and table.count("x |") == 2
 
 
+def test_carry_benchmark_replaces_only_the_cases_it_reruns(tmp_path):
+    from bench.carry import merge_cases
+
+    case = {"model": "analytic-sd15_eps", "mixture": "wide", "nfe": 10}
+    old = [{**case, "sampler": "uni_pc", "rmse": 0.02}, {**case, "sampler": "epd_carry", "rmse": 0.03},
+           {**case, "nfe": 5, "sampler": "epd_carry", "rmse": 0.05}]  # fmt: skip
+    (tmp_path / "carry.json").write_text(json.dumps(old))
+    new = [{**case, "sampler": "uni_pc", "rmse": 0.02}, {**case, "sampler": "epd_carry", "rmse": 0.01}]
+    assert merge_cases(new, tmp_path / "carry.json") == old[2:] + new
+    assert merge_cases(new, tmp_path / "none.json") == new
+
+
 def test_headline_is_rendered_from_the_records(quick):
     """bench.all ends with bench.report: the README copy's block is the three tables of the quick records."""
     from bench import report
