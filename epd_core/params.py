@@ -46,16 +46,17 @@ class Decoded(NamedTuple):
     scale_time: torch.Tensor
 
 
-def time_points_for_nfe(nfe: int, student: str = "epd") -> tuple[int, bool]:
+def time_points_for_nfe(nfe: int, student: str = "epd", afs: bool = True) -> tuple[int, bool]:
     """``(num_steps, afs)`` of a table with this NFE (the inverse of :attr:`EPDParams.nfe`).
 
     ``epd`` / ``ipndm``: two rounds per step, one less with the analytic first step, so odd NFE uses AFS.
-    ``carry``: one round per step with AFS, so ``nfe`` steps.
+    ``carry``: one round per step; with AFS ``nfe`` steps, without (``afs=False``: a plain first prediction,
+    then one round per step) ``nfe - 1`` steps.
     """
     if student == "carry":
-        if nfe < 1:
-            raise ValueError(f"a carry table needs NFE >= 1, got {nfe}")
-        return nfe + 1, True
+        if nfe < 1 + (not afs):
+            raise ValueError(f"a carry table needs NFE >= {1 + (not afs)}, got {nfe}")
+        return (nfe + 1, True) if afs else (nfe, False)
     if nfe < 2:
         raise ValueError(f"an EPD table needs NFE >= 2, got {nfe}")
     return nfe // 2 + 1 + nfe % 2, bool(nfe % 2)

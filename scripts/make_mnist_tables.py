@@ -32,7 +32,7 @@ OUT = ROOT / "weights" / "demo"
 
 def make_table(
     kind: str, nfe: int, points: int, config: DistillConfig, command: str, out: Path, student: str = DEFAULT_STUDENT,
-    feature_weight: float | None = None, suffix: str = "",
+    feature_weight: float | None = None, suffix: str = "", afs: bool = True,
 ) -> Path:  # fmt: skip
     """One table, distilled and saved; returns its path. With ``feature_weight`` the final step's loss is the
     feature loss of EPD MNIST Features (the demo classifier's features of the decoded digits)."""
@@ -40,7 +40,7 @@ def make_table(
     training = comfy_harness.pack_module("nodes.training")
     (model,) = nodes["EPDMnistModel"].execute(kind).result
     positive, negative = nodes["EPDMnistClass"].execute("0-9").result
-    steps, afs = time_points_for_nfe(nfe, student)
+    steps, afs = time_points_for_nfe(nfe, student, afs)
     start = training.start_table(model.get_model_object("model_sampling"), steps, points, afs, student)
     metadata = {"tool": "scripts/make_mnist_tables.py", "model": f"demo_models/mnist-{kind}", "cfg": CFG,
                 "command": command}  # fmt: skip
@@ -63,6 +63,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
     ap.add_argument("--feature-weight", type=float, help="train the last step on the demo classifier's features")
     ap.add_argument("--suffix", default="", help="appended to the file names (mnist-<kind>-nfe<N><suffix>)")
+    ap.add_argument("--afs", action=argparse.BooleanOptionalAction, default=True,
+                    help="carry: start with the analytic first step (or a plain prediction)")  # fmt: skip
     add_arguments(ap, DistillConfig)
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
@@ -74,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         for nfe in args.nfes:
             t0 = time.time()
             path = make_table(kind, nfe, args.points, config, command, args.out, args.student, args.feature_weight,
-                              args.suffix)  # fmt: skip
+                              args.suffix, args.afs)  # fmt: skip
             print(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: {time.time() - t0:.0f} s")
     return 0
 

@@ -190,6 +190,12 @@ def test_time_points_for_nfe_inverts_nfe():
         steps, afs = time_points_for_nfe(nfe, "carry")
         p = EPDParams.start(steps, 3, afs=afs, student="carry")
         assert p.nfe == nfe and p.num_steps == nfe + 1 and p.evaluations == 3 * nfe
+    for nfe in range(2, 21):  # without AFS: a plain first prediction, then one round per step
+        steps, afs = time_points_for_nfe(nfe, "carry", afs=False)
+        p = EPDParams.start(steps, 3, afs=afs, student="carry")
+        assert not afs and p.nfe == nfe and p.num_steps == nfe and p.evaluations == 3 * (nfe - 1) + 1
+    with pytest.raises(ValueError, match="NFE >= 2"):
+        time_points_for_nfe(1, "carry", afs=False)
 
 
 def _carry_reference(den, x, grid, table, afs_scale):
