@@ -31,15 +31,15 @@ def recipe(form: str, mixture: str, nfe: int) -> str:
     return f"--form {form} --mixture {mixture} --steps {steps} {COMMON}{' --afs' if afs else ''} {loss}"
 
 
-def carry_recipe(form: str, mixture: str, nfe: int, afs: bool = True, iterations: int = 400) -> str:
-    """The carry student (one round per step): NFE steps with AFS first (without: NFE - 1 steps after a plain first
-    prediction); the end-to-end objective, fitted for the free final estimate."""
-    common = COMMON.replace("--iterations 400", f"--iterations {iterations}")
-    if not afs:  # the same arguments, in the order the commands of these tables were recorded
-        common = common.replace(" --seed 1", f" --seed 1 --steps {nfe}")
-        return f"--form {form} --mixture {mixture} {common} --student carry --objective global --final-estimate"
-    return (f"--form {form} --mixture {mixture} --steps {nfe + 1} --student carry {common} --afs --objective global "
-            "--final-estimate")  # fmt: skip
+def carry_recipe(form: str, mixture: str, nfe: int) -> str:
+    """The carry student (one round per step): NFE steps with AFS first, or, where ``CARRY_VARIANTS`` says so,
+    NFE - 1 steps after a plain first prediction or another number of iterations; the end-to-end objective, fitted
+    for the free final estimate."""
+    variant = CARRY_VARIANTS.get((form, mixture, nfe), {})
+    steps, afs = time_points_for_nfe(nfe, "carry", variant.get("afs", True))
+    common = COMMON.replace("--iterations 400", f"--iterations {variant.get('iterations', 400)}")
+    return (f"--form {form} --mixture {mixture} --steps {steps} --student carry {common}{' --afs' if afs else ''} "
+            "--objective global --final-estimate")  # fmt: skip
 
 
 # EPD Plugin tables: one per base the plugin places points with (euler's are the EPD tables above), from the
@@ -59,10 +59,11 @@ def plugin_recipe(form: str, nfe: int, base: str) -> str:
             f"--teacher-m 3 {budget} --seed 1 --weighting snr --plugin-base {base}")  # fmt: skip
 
 
-# Carry tables made another way than carry_recipe's default, each measured both ways on the 8,192 held-out noises
-# (bench.carry, bench.plugin; RMSE and wrong-component samples, default -> this way). Without AFS: on the SD1.5 form
-# the analytic first step commits samples to the wrong component. The default stays where it measured better:
-# SD1.5 reference NFE 10 (0.022 with AFS, 0.034 without) and multimodal NFE 5 (0.135, 0.275).
+# Carry tables made another way than carry_recipe's default (AFS first, 400 iterations), each measured both ways on
+# the 8,192 held-out noises (bench.carry, bench.plugin; RMSE and wrong-component samples, default -> this way).
+# Without AFS: on the SD1.5 form the analytic first step commits samples to the wrong component. The default stays
+# where it measured better: SD1.5 reference NFE 10 (0.022 with AFS, 0.034 without) and multimodal NFE 5 (0.135,
+# 0.275).
 CARRY_VARIANTS = {
     ("sd15", "reference", 5): {"afs": False},  # 0.090 (70) -> 0.057 (27)
     ("sd15", "reference", 7): {"afs": False},  # 0.076 (49) -> 0.044 (17)
@@ -82,12 +83,11 @@ DISTILLED = {
        for n in (5, 10)},
     **{f"analytic-{f}-reference-nfe{n}-plugin-{b}.safetensors": plugin_recipe(f, n, b)
        for n in (10,) for f in ("sd15", "sd3") for b in PLUGIN_BASES},
-    **{f"analytic-{f}-{m}-nfe{n}-carry.safetensors": carry_recipe(f, m, n, **CARRY_VARIANTS.get((f, m, n), {}))
-       for f in FORMS for m in ("reference", "wide", "multimodal") for n in (5, 10)},
+    **{f"analytic-{f}-{m}-nfe{n}-carry.safetensors": carry_recipe(f, m, n) for f in FORMS
+       for m in ("reference", "wide", "multimodal") for n in (5, 10)},
     # the odd NFEs of the plugin benchmark, where the two-round tables left gradient_estimation and ipndm < 1.2x
-    **{f"analytic-{f}-reference-nfe{n}-carry.safetensors": carry_recipe(f, "reference", n,
-                                                                       **CARRY_VARIANTS.get((f, "reference", n), {}))
-       for f in ("sd15", "sd3") for n in (7, 9)},
+    **{f"analytic-{f}-reference-nfe{n}-carry.safetensors": carry_recipe(f, "reference", n) for f in ("sd15", "sd3")
+       for n in (7, 9)},
 }  # fmt: skip
 
 
