@@ -62,10 +62,13 @@ def case(form: str, mixture: str, nfe: int, n: int, top: int, ranking: list[dict
 def merge_cases(rows: list[dict], path: Path) -> list[dict]:
     """``rows`` in place of the records in ``path`` of the same cases (model, mixture, NFE); other cases stay, so
     one case can be re-run alone."""
-    case_of = lambda r: (r["model"], r["mixture"], r["nfe"])  # noqa: E731
-    redone = {case_of(r) for r in rows}
+    redone = {_case(r) for r in rows}
     old = json.loads(path.read_text()) if path.exists() else []
-    return [r for r in old if case_of(r) not in redone] + rows
+    return [r for r in old if _case(r) not in redone] + rows
+
+
+def _case(row: dict) -> tuple:
+    return row["model"], row["mixture"], row["nfe"]
 
 
 def summarize(rows: list[dict]) -> str:

@@ -54,8 +54,9 @@ def time_points_for_nfe(nfe: int, student: str = "epd", afs: bool = True) -> tup
     then one round per step) ``nfe - 1`` steps.
     """
     if student == "carry":
-        if nfe < 1 + (not afs):
-            raise ValueError(f"a carry table needs NFE >= {1 + (not afs)}, got {nfe}")
+        least = 1 if afs else 2
+        if nfe < least:
+            raise ValueError(f"a carry table needs NFE >= {least}, got {nfe}")
         return (nfe + 1, True) if afs else (nfe, False)
     if nfe < 2:
         raise ValueError(f"an EPD table needs NFE >= 2, got {nfe}")
