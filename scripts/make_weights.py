@@ -21,14 +21,23 @@ START = "analytic-sd15-start-nfe10.safetensors"
 # The recipe that measured best on the answer key (bench/accuracy.py): K = 3 points and a learned grid; odd NFE
 # with the analytic first step; from NFE 5 to 7 the end-to-end ("global") objective, otherwise the authors'
 # per-step loss (at NFE 4 the global objective measured 2-3x worse).
-COMMON = "--points 3 --learn-grid --teacher heun --teacher-m 8 --iterations 400 --batch 256 --seed 1"
+COMMON = dict(points=3, learn_grid=True, teacher="heun", teacher_m=8, iterations=400, batch=256, seed=1)
 FORMS = ("sd15", "sd3", "flux")
+
+
+def flags(**args: str | int | bool | None) -> str:
+    """``epd_core distill`` flags in the order given: ``--name value``; True gives a bare ``--name``, False or None
+    leaves the flag out (its default)."""
+    words = [f"--{name.replace('_', '-')}" + ("" if value is True else f" {value}")
+             for name, value in args.items() if value is not None and value is not False]  # fmt: skip
+    return " ".join(words)
 
 
 def recipe(form: str, mixture: str, nfe: int) -> str:
     steps, afs = time_points_for_nfe(nfe)
-    loss = "--objective global" if 5 <= nfe <= 7 else "--objective local --weighting snr"
-    return f"--form {form} --mixture {mixture} --steps {steps} {COMMON}{' --afs' if afs else ''} {loss}"
+    local = not 5 <= nfe <= 7
+    return flags(form=form, mixture=mixture, steps=steps, **COMMON, afs=afs,
+                 objective="local" if local else "global", weighting="snr" if local else None)  # fmt: skip
 
 
 def carry_recipe(form: str, mixture: str, nfe: int) -> str:
@@ -37,9 +46,9 @@ def carry_recipe(form: str, mixture: str, nfe: int) -> str:
     for the free final estimate."""
     variant = CARRY_VARIANTS.get((form, mixture, nfe), {})
     steps, afs = time_points_for_nfe(nfe, "carry", variant.get("afs", True))
-    common = COMMON.replace("--iterations 400", f"--iterations {variant.get('iterations', 400)}")
-    return (f"--form {form} --mixture {mixture} --steps {steps} --student carry {common}{' --afs' if afs else ''} "
-            "--objective global --final-estimate")  # fmt: skip
+    common = {**COMMON, "iterations": variant.get("iterations", COMMON["iterations"])}
+    return flags(form=form, mixture=mixture, steps=steps, student="carry", **common, afs=afs, objective="global",
+                 final_estimate=True)  # fmt: skip
 
 
 # EPD Plugin tables: one per base the plugin places points with (euler's are the EPD tables above), from the
@@ -54,9 +63,10 @@ LONGER = {("sd3", 10, b) for b in ("deis", "gradient_estimation")}
 
 
 def plugin_recipe(form: str, nfe: int, base: str) -> str:
-    budget = "--iterations 400 --batch 128" if (form, nfe, base) in LONGER else "--iterations 200 --batch 96"
-    return (f"--form {form} --mixture reference --steps {nfe // 2 + 1} --points 3 --learn-grid --teacher heun "
-            f"--teacher-m 3 {budget} --seed 1 --weighting snr --plugin-base {base}")  # fmt: skip
+    iterations, batch = (400, 128) if (form, nfe, base) in LONGER else (200, 96)
+    return flags(form=form, mixture="reference", steps=nfe // 2 + 1, points=3, learn_grid=True, teacher="heun",
+                 teacher_m=3, iterations=iterations, batch=batch, seed=1, weighting="snr",
+                 plugin_base=base)  # fmt: skip
 
 
 # Carry tables made another way than carry_recipe's default (AFS first, 400 iterations), each measured both ways on
