@@ -257,3 +257,28 @@ def test_plugin_benchmark_on_mnist_scores_bare_and_plugin_runs_at_equal_rounds()
     assert len(summary) == 1 and "| mnist-eps | dpmpp_2m | 6 |" in table
     again = plugin.bench_plugin_mnist("eps", ["dpmpp_2m"], [6], 10, reuse=bare[:1], log=lambda m: None)
     assert again[0] is bare[0] and [r["rmse"] for r in again[1:]] == [r["rmse"] for r in rows[1:]]
+
+
+def test_defaults_benchmark_fits_with_the_nodes_own_defaults(tmp_path):
+    """bench.defaults takes EPD Distill's inputs from the node's schema (so it measures what a user who changes
+    nothing gets: the config's defaults), runs both endings at the table's NFE, and compares with a built-in only
+    on the same noises."""
+    from bench import defaults
+    from epd_core.config import DistillConfig
+    from epd_dev.comfy_harness import NODES as N
+
+    got = defaults.node_defaults(N["EPDDistill"])
+    names = {"teacher": "teacher", "teacher_steps": "teacher_m", "iterations": "iterations", "batch": "batch",
+             "learning_rate": "lr", "seed": "seed", "learn_grid": "learn_grid"}  # fmt: skip
+    assert {k: got[k] for k in names} == {k: DistillConfig.default(v) for k, v in names.items()}
+    assert got["nfe"] == 10 and got["points"] == 2
+    assert defaults.main(["--forms", "sd3_flow", "--mixtures", "reference", "--nfes", "5", "--samples", "32",
+                          "--set", "iterations=2", "--out", str(tmp_path)]) == 0  # fmt: skip
+    rows = json.loads((tmp_path / "defaults.json").read_text())
+    assert [r["scheduler"] for r in rows] == ["as KSampler comes", "+estimate"]
+    assert all(r["nfe"] == 5 and r["settings"] == {"iterations": 2} and r["rmse"] > 0 for r in rows)
+    assert not any("ratio" in r for r in rows)  # carry.json's built-ins ran on 8,192 other noises
+    case = {"model": "analytic-sd3_flow", "mixture": "reference", "nfe": 5}
+    carry = [{**case, "samples": 32, "sampler": "ipndm", "rmse": 0.2}, {**case, "samples": 32, "sampler": "epd_carry",
+             "rmse": 0.1}, {**case, "samples": 64, "sampler": "euler", "rmse": 0.15}]  # fmt: skip
+    assert defaults.best_builtin(carry, "sd3_flow", "reference", 5, 32)["sampler"] == "ipndm"

@@ -1,0 +1,114 @@
+"""What a user gets from EPD Distill's defaults: fit a table with the node as it comes (only ``nfe`` chosen) on the
+analytic mixtures, sample it as EPD KSampler comes (ends at the table's last sigma) and ended on its free estimate,
+and compare with the best built-in of ``carry.json`` on the same 8,192 held-out noises.
+
+    python -m bench.defaults                                   # -> bench/results/defaults.{json,md}
+    python -m bench.defaults --mixtures reference --nfes 10 --set points=3 objective=global   # other settings
+
+``--set`` changes node inputs (the widgets' names, JSON values), to measure a candidate default the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from bench.accuracy import FORMS, HELD_OUT_SEED, RESULTS, answer_key, metrics, run
+from bench.carry import MIXTURES
+from epd_core import GaussianMixture
+from epd_dev import comfy_harness
+
+ENDINGS = (("as KSampler comes", False, "denoise"), ("+estimate", True, "estimate"))
+
+
+def node_defaults(node) -> dict:
+    """The required inputs of a node with a default, as a user who changes nothing gets them."""
+    inputs = node.define_schema().inputs
+    return {i.id: i.default for i in inputs if getattr(i, "default", None) is not None and not i.optional}
+
+
+def best_builtin(carry: list[dict], form: str, mixture: str, nfe: int, n: int) -> dict | None:
+    """The built-in with the lowest RMSE of ``carry.json``'s case, when it ran on the same ``n`` noises."""
+    rows = [r for r in carry if (r["model"], r["mixture"], r["nfe"], r["samples"]) == (f"analytic-{form}", mixture,
+            nfe, n) and not r["sampler"].startswith("epd")]  # fmt: skip
+    return min(rows, key=lambda r: r["rmse"]) if rows else None
+
+
+def case(form: str, mixture: str, nfe: int, n: int, settings: dict, carry: list[dict]) -> list[dict]:
+    """One form x mixture x NFE: a table fitted by EPD Distill with its defaults (and ``settings``), each ending."""
+    torch.set_num_threads(1)
+    nodes = comfy_harness.setup()
+    import folder_paths
+
+    noise = torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(HELD_OUT_SEED))
+    model, gm = nodes["EPDAnalyticModel"].execute(form, mixture, 0.0).result[0], GaussianMixture.named(mixture)
+    exact, gap = answer_key(gm, form, noise, model)
+    cond, empty = [[torch.zeros(1, 1, 8), {}]], {"samples": torch.zeros(1, 4, 8, 8)}
+    args = {**node_defaults(nodes["EPDDistill"]), **settings, "nfe": nfe, "filename": "bench_defaults",
+            "overwrite": True}  # fmt: skip
+    paths, exts = folder_paths.folder_names_and_paths["epd"]
+    with tempfile.TemporaryDirectory() as tmp:
+        folder_paths.folder_names_and_paths["epd"] = ([tmp, *paths], exts)
+        try:
+            t0 = time.time()
+            params, _ = nodes["EPDDistill"].execute(model, cond, cond, empty, **args).result
+            seconds = time.time() - t0
+        finally:
+            folder_paths.folder_names_and_paths["epd"] = (paths, exts)
+    best = best_builtin(carry, form, mixture, nfe, n)
+    rows = []
+    for label, final_denoise, final_step in ENDINGS:
+        sigmas = nodes["EPDScheduler"].execute(model, params, 1.0, final_denoise).result[0]
+        sampler = nodes["EPDSampler"].execute(params, "auto", True, "comfyui", final_step).result[0]
+        out, c = run(model, sampler, sigmas, noise)
+        row = {"model": f"analytic-{form}", "mixture": mixture, "samples": n, "answer_key_gap": gap, "nfe": c.rounds,
+               "sampler": "epd_defaults", "scheduler": label, "settings": settings, "train_s": round(seconds, 1),
+               **metrics(gm, out, exact)}  # fmt: skip
+        if best is not None:
+            row.update(builtin=f"{best['sampler']} / {best['scheduler']}", builtin_rmse=best["rmse"],
+                       builtin_wrong_mode=best["wrong_mode"], ratio=best["rmse"] / row["rmse"])  # fmt: skip
+        rows.append(row)
+    print(f"{form}/{mixture} NFE {nfe}: {rows[-1]['rmse']:.4f}", flush=True)
+    return rows
+
+
+def summarize(rows: list[dict]) -> str:
+    lines = ["| model | mixture | NFE | ending | RMSE (wrong component) | best built-in | RMSE (wrong) | ratio |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        ratio = f"{r['ratio']:.2f}x" if "ratio" in r else ""
+        builtin = f"{r['builtin']} | {r['builtin_rmse']:.4f} ({r['builtin_wrong_mode']})" if "ratio" in r else " | "
+        lines.append(f"| {r['model']} | {r['mixture']} | {r['nfe']} | {r['scheduler']} | {r['rmse']:.4f} "
+                     f"({r['wrong_mode']}) | {builtin} | {ratio} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--forms", nargs="*", default=list(FORMS))
+    ap.add_argument("--mixtures", nargs="*", default=list(MIXTURES))
+    ap.add_argument("--nfes", nargs="*", type=int, default=[5, 10])
+    ap.add_argument("--samples", type=int, default=8192, help="held-out noises (8,192: carry.json's built-ins)")
+    ap.add_argument("--set", nargs="*", default=[], metavar="INPUT=JSON", help="EPD Distill inputs to change")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+    settings = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+    carry_path = RESULTS / "carry.json"
+    carry = json.loads(carry_path.read_text()) if carry_path.exists() else []
+    rows = [r for form in args.forms for mixture in args.mixtures for nfe in args.nfes
+            for r in case(form, mixture, nfe, args.samples, settings, carry)]  # fmt: skip
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "defaults.json").write_text(json.dumps(rows, indent=1))
+    (args.out / "defaults.md").write_text(summarize(rows))
+    print(summarize(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
