@@ -16,6 +16,7 @@ import json
 import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -27,15 +28,22 @@ MIXTURES = ("reference", "wide", "multimodal")
 TABLES = ROOT / "weights" / "demo"
 
 
-def case(form: str, mixture: str, nfe: int, n: int, top: int, ranking: list[dict]) -> list[dict]:
-    """One form x mixture x NFE: the ``top`` built-ins of ``ranking`` and the bundled tables of that NFE."""
+def held_out(form: str, mixture: str, n: int) -> tuple[dict, torch.Tensor, Any, GaussianMixture, torch.Tensor, float]:
+    """The pack's nodes (ComfyUI in-process, one thread), ``n`` held-out noises, the analytic model of ``form`` and
+    ``mixture``, the mixture, the exact ODE end points and the answer key's step-halving gap."""
     torch.set_num_threads(1)
     nodes = comfy_harness.setup()
-    import comfy.samplers
-
     noise = torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(HELD_OUT_SEED))
     model, gm = nodes["EPDAnalyticModel"].execute(form, mixture, 0.0).result[0], GaussianMixture.named(mixture)
     exact, gap = answer_key(gm, form, noise, model)
+    return nodes, noise, model, gm, exact, gap
+
+
+def case(form: str, mixture: str, nfe: int, n: int, top: int, ranking: list[dict]) -> list[dict]:
+    """One form x mixture x NFE: the ``top`` built-ins of ``ranking`` and the bundled tables of that NFE."""
+    nodes, noise, model, gm, exact, gap = held_out(form, mixture, n)
+    import comfy.samplers
+
     ms = model.get_model_object("model_sampling")
     base = {"model": f"analytic-{form}", "mixture": mixture, "samples": n, "answer_key_gap": gap}
     rows = []

@@ -19,10 +19,8 @@ from pathlib import Path
 
 import torch
 
-from bench.accuracy import FORMS, HELD_OUT_SEED, RESULTS, answer_key, metrics, run
-from bench.carry import MIXTURES
-from epd_core import GaussianMixture
-from epd_dev import comfy_harness
+from bench.accuracy import FORMS, RESULTS, metrics, run
+from bench.carry import MIXTURES, held_out
 
 ENDINGS = (("as KSampler comes", False, "denoise"), ("+estimate", True, "estimate"))
 
@@ -42,13 +40,9 @@ def best_builtin(carry: list[dict], form: str, mixture: str, nfe: int, n: int) -
 
 def case(form: str, mixture: str, nfe: int, n: int, settings: dict, carry: list[dict]) -> list[dict]:
     """One form x mixture x NFE: a table fitted by EPD Distill with its defaults (and ``settings``), each ending."""
-    torch.set_num_threads(1)
-    nodes = comfy_harness.setup()
+    nodes, noise, model, gm, exact, gap = held_out(form, mixture, n)
     import folder_paths
 
-    noise = torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(HELD_OUT_SEED))
-    model, gm = nodes["EPDAnalyticModel"].execute(form, mixture, 0.0).result[0], GaussianMixture.named(mixture)
-    exact, gap = answer_key(gm, form, noise, model)
     cond, empty = [[torch.zeros(1, 1, 8), {}]], {"samples": torch.zeros(1, 4, 8, 8)}
     args = {**node_defaults(nodes["EPDDistill"]), **settings, "nfe": nfe, "filename": "bench_defaults",
             "overwrite": True}  # fmt: skip
