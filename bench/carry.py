@@ -70,12 +70,13 @@ def case(form: str, mixture: str, nfe: int, n: int, top: int, ranking: list[dict
 def merge_cases(rows: list[dict], path: Path) -> list[dict]:
     """``rows`` in place of the records in ``path`` of the same cases (model, mixture, NFE); other cases stay, so
     one case can be re-run alone."""
-    redone = {_case(r) for r in rows}
+    redone = {case_key(r) for r in rows}
     old = json.loads(path.read_text()) if path.exists() else []
-    return [r for r in old if _case(r) not in redone] + rows
+    return [r for r in old if case_key(r) not in redone] + rows
 
 
-def _case(row: dict) -> tuple:
+def case_key(row: dict) -> tuple:
+    """The case a record belongs to: (model, mixture, NFE)."""
     return row["model"], row["mixture"], row["nfe"]
 
 
@@ -84,9 +85,8 @@ def summarize(rows: list[dict]) -> str:
         "| model | mixture | NFE | best built-in | RMSE | `epd` table | RMSE | ratio | `carry` table | RMSE | ratio |"
     )
     lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|"]
-    keys = sorted({(r["model"], r["mixture"], r["nfe"]) for r in rows})
-    for model, mixture, nfe in keys:
-        sub = [r for r in rows if (r["model"], r["mixture"], r["nfe"]) == (model, mixture, nfe)]
+    for model, mixture, nfe in sorted({case_key(r) for r in rows}):
+        sub = [r for r in rows if case_key(r) == (model, mixture, nfe)]
         builtin = [r for r in sub if not r["sampler"].startswith("epd")]
         if not builtin:
             continue

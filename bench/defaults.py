@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from bench.accuracy import FORMS, RESULTS, metrics, run
-from bench.carry import MIXTURES, held_out
+from bench.carry import MIXTURES, case_key, held_out
 
 ENDINGS = (("as KSampler comes", False, "denoise"), ("+estimate", True, "estimate"))
 
@@ -33,8 +33,8 @@ def node_defaults(node) -> dict:
 
 def best_builtin(carry: list[dict], form: str, mixture: str, nfe: int, n: int) -> dict | None:
     """The built-in with the lowest RMSE of ``carry.json``'s case, when it ran on the same ``n`` noises."""
-    rows = [r for r in carry if (r["model"], r["mixture"], r["nfe"], r["samples"]) == (f"analytic-{form}", mixture,
-            nfe, n) and not r["sampler"].startswith("epd")]  # fmt: skip
+    rows = [r for r in carry if case_key(r) == (f"analytic-{form}", mixture, nfe) and r["samples"] == n
+            and not r["sampler"].startswith("epd")]  # fmt: skip
     return min(rows, key=lambda r: r["rmse"]) if rows else None
 
 
@@ -99,8 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             for r in case(form, mixture, nfe, args.samples, settings, carry)]  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "defaults.json").write_text(json.dumps(rows, indent=1))
-    (args.out / "defaults.md").write_text(summarize(rows))
-    print(summarize(rows))
+    table = summarize(rows)
+    (args.out / "defaults.md").write_text(table)
+    print(table)
     return 0
 
 
