@@ -106,7 +106,7 @@ def _distill(args: argparse.Namespace, argv: list[str]) -> int:
             bar = "#" * (30 * i // n)
             print(f"\r[{bar:<30}] {i}/{n} loss {loss:.5f}", end="" if i < n else "\n", flush=True)
 
-    config = from_arguments(args, DistillConfig)
+    config = from_arguments(args, DistillConfig, start_noises=0)  # the form's start: no choice to check
     command = "python -m epd_core " + shlex.join(argv)
     meta = {"model": f"analytic {args.form} / mixture {args.mixture}", "command": command}
     params = distill(den, start, gm.shape, config, progress=progress, metadata=meta, checkpoint=args.checkpoint,
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     dist.add_argument("--afs", action="store_true")
     dist.add_argument("--scale-dir", type=float, default=0.0)
     dist.add_argument("--scale-time", type=float, default=0.0)
-    add_arguments(dist, DistillConfig)
+    add_arguments(dist, DistillConfig, skip=("start_noises",))
     dist.add_argument("--out", required=True)
     dist.add_argument("--force", action="store_true", help="replace an existing --out file")
     _checkpoint_args(dist, 10)

@@ -85,6 +85,13 @@ class DistillConfig(_Config):
         OBJECTIVES,
     )
     final_estimate: bool = _opt(False, "fit the last step extended to sigma 0 (final_step 'estimate', no call)")
+    start_noises: int = _opt(
+        1024,
+        "held-out noises of the untrained check that picks the start grid where there is a choice (EPD Distill's "
+        "carry tables: the pack's grid or the model's): each start samples them against the teacher, about as many "
+        "model rounds as training with the default batch; 0: no check, the pack's grid. Fewer than about 1,000 "
+        "miss the rare samples that change mode, which decide the choice",
+    )
     afs_mean: bool = _opt(
         True,
         "with the analytic first step: estimate the data's per-channel mean (the model's denoised average at the "
@@ -93,8 +100,8 @@ class DistillConfig(_Config):
 
     def __post_init__(self) -> None:
         self._check_common()
-        if self.iterations < 1 or self.batch < 1 or self.teacher_m < 0:
-            raise ValueError("iterations and batch must be >= 1 and teacher_m >= 0")
+        if self.iterations < 1 or self.batch < 1 or self.teacher_m < 0 or self.start_noises < 0:
+            raise ValueError("iterations and batch must be >= 1, teacher_m and start_noises >= 0")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.objective in ("global", "authors") and self.gradient != "autograd":

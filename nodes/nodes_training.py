@@ -10,7 +10,7 @@ from .features import clip_vision_encoder
 from .inputs import EncoderType, EPDParamsType, advanced, config_input, epd_params_input, output_inputs, seed_input
 from .nodes_tables import describe
 from .rewards import clip_score_reward, preference_reward
-from .training import distill_on_model, output_path, rdpo_on_model, resume_options, save_output, start_table
+from .training import distill_on_model, output_path, rdpo_on_model, resume_options, save_output, start_tables
 
 REWARDS = ["fidelity", "clip_score", "preference"]
 REWARD_FOLDER = "epd_rewards"  # models/epd_rewards: preference heads (safetensors)
@@ -63,7 +63,9 @@ class EPDDistill(io.ComfyNode):
                 seed_input(d.help("seed").capitalize() + ".", d.default("seed")),
                 advanced(config_input(d, "learn_grid")),
                 *output_inputs("my_epd_table"),
-                epd_params_input("start_params", "Start from this table instead of the default start.", optional=True),
+                epd_params_input(
+                    "start_params", "Start from this table instead of the one start_check picks.", optional=True
+                ),
                 advanced(config_input(d, "final_estimate", optional=True)),
                 advanced(config_input(d, "objective", optional=True)),
                 advanced(
@@ -96,6 +98,7 @@ class EPDDistill(io.ComfyNode):
                         "distance between the features of the table's and the teacher's decoded images.",
                     )
                 ),
+                advanced(config_input(d, "start_noises", "start_check", min=0, max=65536, optional=True)),
             ],
             outputs=[EPDParamsType.Output(display_name="epd_params"), io.String.Output(display_name="info")],
         )
@@ -104,7 +107,7 @@ class EPDDistill(io.ComfyNode):
     def execute(
         cls, model, positive, negative, latent_image, cfg, nfe, points, teacher, teacher_steps, iterations, batch,
         learning_rate, seed, learn_grid, filename, overwrite, start_params=None, final_estimate=False,
-        objective=None, student=None, feature_encoder=None, feature_weight=1.0,
+        objective=None, student=None, feature_encoder=None, feature_weight=1.0, start_check=None,
     ) -> io.NodeOutput:  # fmt: skip
         # The per-step objective needs only the derivatives along the two ways a table moves a point: finite
         # differences, no backpropagation through the network (any architecture, no activation memory). The
@@ -114,12 +117,13 @@ class EPDDistill(io.ComfyNode):
         config = DistillConfig(
             iterations=iterations, batch=batch, teacher=teacher, teacher_m=teacher_steps, lr=learning_rate,
             seed=seed, learn_grid=learn_grid, final_estimate=final_estimate, gradient=gradient, objective=objective,
+            start_noises=DistillConfig.default("start_noises") if start_check is None else start_check,
         )  # fmt: skip
         path = output_path(filename, overwrite)
         student = student or DEFAULT_STUDENT
         steps, afs = time_points_for_nfe(nfe, student)
         ms = model.get_model_object("model_sampling")
-        start = start_params or start_table(ms, steps, points, afs, student)
+        start = start_params or start_tables(ms, steps, points, afs, student)
         params = distill_on_model(model, positive, negative, cfg, latent_image["samples"], start, config,
                                   metadata={"tool": "EPD Distill node", "cfg": cfg}, encoder=feature_encoder,
                                   feature_weight=feature_weight, **resume_options(path, iterations))  # fmt: skip
@@ -128,8 +132,17 @@ class EPDDistill(io.ComfyNode):
         loss = f"loss {d['first_loss']:.4g} -> {d['final_loss']:.4g}"
         if feature_encoder is not None:
             loss += f" (last step: {feature_encoder.name} features x {feature_weight:g})"
-        info = f"{describe(params)}; {loss}; {fit_report(d)}; saved {saved}"
+        info = f"{describe(params)}; {start_report(params.metadata)}{loss}; {fit_report(d)}; saved {saved}"
         return io.NodeOutput(params, info)
+
+
+def start_report(metadata: dict) -> str:
+    """Which start grid the untrained check chose, and why ("" when there was no choice)."""
+    if "start" not in metadata:
+        return ""
+    errors = metadata["start"]["untrained_error"]
+    measured = ", ".join(f"{name} {error:.4g}" for name, error in errors.items())
+    return f"started on the {metadata['start']['grid']} (untrained error vs the teacher: {measured}); "
 
 
 def fit_report(distilled: dict) -> str:

@@ -28,12 +28,13 @@ import torch
 
 from ..epd_core import EPDParams
 from ..epd_core.catalogue import load_catalogue
-from ..epd_core.checkpoint import CheckpointMismatch
+from ..epd_core.checkpoint import CheckpointMismatch, interruptible
 from ..epd_core.config import DistillConfig, RDPOConfig
-from ..epd_core.distill import distill
+from ..epd_core.distill import distill, first_step_mean
 from ..epd_core.files import EPDFileError, save_params
 from ..epd_core.rdpo import rdpo
 from ..epd_core.schedules import polynomial
+from ..epd_core.starts import start_errors
 from ..epd_core.teachers import subdivide, teacher_trajectory
 from .autograd import make_differentiable
 from .features import Encoder, final_feature_loss
@@ -46,21 +47,28 @@ log = logging.getLogger("epd")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,100}")  # used with fullmatch: "$" would accept "name\n"
 
 
-def start_table(model_sampling, steps: int, points: int, afs: bool, student: str = "epd") -> EPDParams:
-    """The untrained start table matching a ComfyUI model's kind of noise schedule.
+def start_tables(model_sampling, steps: int, points: int, afs: bool, student: str = "epd") -> dict[str, EPDParams]:
+    """The untrained start tables EPD Distill chooses from for a ComfyUI model, by name; the first wins a tie.
 
-    A ``carry`` table starts on its own grid between the model grid's ends: rho-7 polynomial on EPS models, uniform
-    in t on flow models with a fixed shift (measured better for it than the models' grids); Flux's
-    resolution-dependent grid stays.
+    An ``epd`` table starts on the model's own grid. A ``carry`` table may also start on a grid of its own between
+    the model grid's ends: rho-7 polynomial on EPS models, uniform in t on flow models with a fixed shift; which one
+    trains better depends on the model, so :func:`distill_on_model` measures both before training. Flux's
+    resolution-dependent grid is the only start there.
     """
-    start = _start_for(model_sampling, steps, points, afs, student)
+    model_grid = _start_for(model_sampling, steps, points, afs, student)
     if student != "carry" or (is_flow_model(model_sampling) and is_flux_shift(model_sampling)):
-        return start
-    grid = model_schedule(start, model_sampling)
+        return {"model grid": model_grid}
+    grid = model_schedule(model_grid, model_sampling)
     lo, hi = float(grid[-1]), float(grid[0])
     if is_flow_model(model_sampling):
-        return start.replace(t_steps=torch.linspace(hi, lo, steps, dtype=torch.float64))
-    return start.replace(t_steps=polynomial(steps, lo, hi, 7.0))
+        return {"uniform grid": model_grid.replace(t_steps=torch.linspace(hi, lo, steps, dtype=torch.float64)),
+                "model grid": model_grid}  # fmt: skip
+    return {"rho-7 grid": model_grid.replace(t_steps=polynomial(steps, lo, hi, 7.0)), "model grid": model_grid}
+
+
+def start_table(model_sampling, steps: int, points: int, afs: bool, student: str = "epd") -> EPDParams:
+    """The first of :func:`start_tables`: the start a tie keeps."""
+    return next(iter(start_tables(model_sampling, steps, points, afs, student).values()))
 
 
 def _start_for(model_sampling, steps: int, points: int, afs: bool, student: str) -> EPDParams:
@@ -137,26 +145,53 @@ class Session:
 
 
 def distill_on_model(
-    model, positive, negative, cfg: float, latent: torch.Tensor, start: EPDParams, config: DistillConfig,
-    metadata: dict | None = None, encoder: Encoder | None = None, feature_weight: float = 1.0, **resume,
+    model, positive, negative, cfg: float, latent: torch.Tensor, start: EPDParams | dict[str, EPDParams],
+    config: DistillConfig, metadata: dict | None = None, encoder: Encoder | None = None, feature_weight: float = 1.0,
+    **resume,
 ) -> EPDParams:  # fmt: skip
     """Run :func:`epd_core.distill.distill` on a ComfyUI ``MODEL`` with CFG guidance (``resume``: its
     ``checkpoint`` and ``checkpoint_every``, see :func:`resume_options`). With an ``encoder`` the final step's
-    loss is ``feature_weight`` times the squared distance of the decoded images' features (:mod:`.features`)."""
-
+    loss is ``feature_weight`` times the squared distance of the decoded images' features (:mod:`.features`).
+    ``start``: a table, or named candidates (:func:`start_tables`); of several, the one whose untrained samples
+    are closest to the teacher is trained (:func:`epd_core.starts.start_errors`), recorded as ``start`` in the
+    table's metadata."""
     prompts = conditioning_batch(positive, negative)
     config = per_prompt_batch(config, prompts)
     metadata = {**(metadata or {}), "prompts": prompts}
     if encoder is not None:
         metadata["feature_loss"] = {"encoder": encoder.name, "weight": feature_weight}
+    if isinstance(start, EPDParams):  # a given table: no check; an earlier run's record of one is not this run's
+        start = {"given": start.replace(metadata={k: v for k, v in start.metadata.items() if k != "start"})}
+    starts, first = start, next(iter(start.values()))
+    ms = model.get_model_object("model_sampling")
+    grids = {name: model_schedule(table, ms) for name, table in starts.items()}
 
     def fit(s: Session) -> EPDParams:
         features = None if encoder is None else final_feature_loss(encoder, feature_weight, s.latent_out, s.reload)
-        return _resuming(distill, s.denoiser, start, s.shape, config, grid=s.grid, dtype=torch.float32,
-                         device=s.device, progress=s.progress, metadata=metadata, feature_loss=features,
+        table, grid, chosen = first, s.grid, {}
+        if len(starts) > 1 and config.start_noises > 0:
+            table, grid, chosen = _choose_start(s, starts, grids, config)
+        return _resuming(distill, s.denoiser, table, s.shape, config, grid=grid, dtype=torch.float32,
+                         device=s.device, progress=s.progress, metadata={**metadata, **chosen}, feature_loss=features,
                          **resume)  # fmt: skip
 
-    return _train_on_model(model, positive, negative, cfg, latent, start, config, fit)
+    return _train_on_model(model, positive, negative, cfg, latent, first, config, fit)
+
+
+def _choose_start(s: Session, starts: dict[str, EPDParams], grids: dict[str, torch.Tensor], config: DistillConfig):
+    """The candidate start whose untrained samples are closest to the teacher: its table (with the data mean of the
+    mean-aware first step, measured once for all), its grid, and the ``start`` metadata recording the check."""
+    denoiser = interruptible(s.denoiser, comfy.model_management.throw_exception_if_processing_interrupted)
+    first = next(iter(starts.values()))
+    if config.afs_mean and first.afs and first.afs_mean is None:
+        mean = first_step_mean(denoiser, first, s.shape, s.grid[0], config, torch.float32, s.device)
+        starts = {name: table.replace(afs_mean=mean) for name, table in starts.items()}
+    candidates = {name: (table, grids[name].to(s.device)) for name, table in starts.items()}
+    errors = start_errors(denoiser, candidates, s.shape, config, torch.float32)
+    name = min(errors, key=errors.get)
+    log.info("EPD Distill starts on the %s (untrained error vs the teacher: %s)", name,
+             ", ".join(f"{k} {v:.4g}" for k, v in errors.items()))  # fmt: skip
+    return starts[name], candidates[name][1], {"start": {"grid": name, "untrained_error": errors}}
 
 
 def rdpo_on_model(

@@ -2,7 +2,8 @@
 
 For each model (eps, flow) and NFE: the model through the pack's nodes, the ten digits as one conditioning batch
 (EPD MNIST Class "0-9") against "none", cfg 3, a 112x112 latent; ``nodes.training.distill_on_model`` (what the
-EPD Distill node runs) with :class:`epd_core.config.DistillConfig` (its defaults unless a flag says otherwise);
+EPD Distill node runs, its untrained start check included) with :class:`epd_core.config.DistillConfig` (its
+defaults unless a flag says otherwise);
 saved as ``weights/demo/mnist-<kind>-nfe<N>.safetensors`` with this command in the table's metadata.
 
     python -m scripts.make_mnist_tables                         # eps and flow, NFE 4-10
@@ -41,7 +42,7 @@ def make_table(
     (model,) = nodes["EPDMnistModel"].execute(kind).result
     positive, negative = nodes["EPDMnistClass"].execute("0-9").result
     steps, afs = time_points_for_nfe(nfe, student, afs)
-    start = training.start_table(model.get_model_object("model_sampling"), steps, points, afs, student)
+    start = training.start_tables(model.get_model_object("model_sampling"), steps, points, afs, student)
     metadata = {"tool": "scripts/make_mnist_tables.py", "model": f"demo_models/mnist-{kind}", "cfg": CFG,
                 "command": command}  # fmt: skip
     encoder = None if feature_weight is None else nodes["EPDMnistFeatures"].execute().result[0]

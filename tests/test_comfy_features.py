@@ -94,7 +94,7 @@ def _distill(model, name, encoder=None, weight=1.0, objective="global", iteratio
             False, name, False)  # fmt: skip
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
         return N["EPDDistill"].execute(model, *args, objective=objective, feature_encoder=encoder,
-                                       feature_weight=weight).result  # fmt: skip
+                                       feature_weight=weight, start_check=16).result  # fmt: skip
 
 
 def test_distill_node_trains_on_the_feature_loss(epd_dir, towers):

@@ -143,7 +143,7 @@ def test_distill_with_the_mnist_feature_loss_over_http(server):
             "model": ["1", 0], "positive": ["2", 0], "negative": ["2", 1], "latent_image": ["3", 0], "cfg": 3.0,
             "nfe": 4, "points": 2, "teacher": "dpm2", "teacher_steps": 1, "iterations": 2, "batch": 10,
             "learning_rate": 0.01, "seed": 0, "learn_grid": False, "filename": "mnist_features", "overwrite": True,
-            "objective": "global", "feature_encoder": ["4", 0], "feature_weight": 0.5}},
+            "objective": "global", "feature_encoder": ["4", 0], "feature_weight": 0.5, "start_check": 16}},
         "6": {"class_type": "EPDKSampler", "inputs": {
             "model": ["1", 0], "seed": 1, "cfg": 3.0, "positive": ["2", 0], "negative": ["2", 1],
             "latent_image": ["3", 0], "epd_params": ["5", 0], "denoise": 1.0, "parallel": "auto",
