@@ -63,6 +63,7 @@ def case(form: str, mixture: str, nfe: int, n: int, settings: dict, carry: list[
         out, c = run(model, sampler, sigmas, noise)
         row = {"model": f"analytic-{form}", "mixture": mixture, "samples": n, "answer_key_gap": gap, "nfe": c.rounds,
                "sampler": "epd_defaults", "scheduler": label, "settings": settings, "train_s": round(seconds, 1),
+               "start": params.metadata.get("start", {}).get("grid", "model grid (no choice)"),
                **metrics(gm, out, exact)}  # fmt: skip
         if best is not None:
             row.update(builtin=f"{best['sampler']} / {best['scheduler']}", builtin_rmse=best["rmse"],
@@ -73,13 +74,13 @@ def case(form: str, mixture: str, nfe: int, n: int, settings: dict, carry: list[
 
 
 def summarize(rows: list[dict]) -> str:
-    lines = ["| model | mixture | NFE | ending | RMSE (wrong component) | best built-in | RMSE (wrong) | ratio |",
-             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    lines = ["| model | mixture | NFE | start | ending | RMSE (wrong component) | best built-in | RMSE (wrong) "
+             "| ratio |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         ratio = f"{r['ratio']:.2f}x" if "ratio" in r else ""
         builtin = f"{r['builtin']} | {r['builtin_rmse']:.4f} ({r['builtin_wrong_mode']})" if "ratio" in r else " | "
-        lines.append(f"| {r['model']} | {r['mixture']} | {r['nfe']} | {r['scheduler']} | {r['rmse']:.4f} "
-                     f"({r['wrong_mode']}) | {builtin} | {ratio} |")  # fmt: skip
+        lines.append(f"| {r['model']} | {r['mixture']} | {r['nfe']} | {r.get('start', '')} | {r['scheduler']} "
+                     f"| {r['rmse']:.4f} ({r['wrong_mode']}) | {builtin} | {ratio} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 
