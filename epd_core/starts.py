@@ -10,6 +10,8 @@ check needs about a thousand noises: at 256 it saw none and chose the wrong grid
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .config import DistillConfig
@@ -30,6 +32,7 @@ def start_errors(
     config: DistillConfig,
     dtype: torch.dtype = torch.float64,
     noises: int | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, float]:
     """RMS distance of each untrained start table's sample to the training teacher at the grids' last point.
 
@@ -37,7 +40,7 @@ def start_errors(
     the grids with ``config.teacher_m`` points inside every interval, so that it favours no candidate. The noises
     (at least ``noises``, ``config.start_noises`` by default) come in batches of a multiple of ``config.batch`` (so
     a conditioning batch tiles as in training), drawn from ``config.seed + 3``, apart from training's and the
-    held-out check's.
+    held-out check's. ``progress(done, noises)`` is called after every batch (raise to stop).
     """
     grids = [g for _, g in starts.values()]
     ends = grids[0][[0, -1]]
@@ -57,5 +60,7 @@ def start_errors(
         for name, (params, grid) in starts.items():
             sums[name] += float(((sample(denoiser, x, grid.cpu(), params) - teacher).double() ** 2).sum())
         count += x.shape[0]
+        if progress is not None:
+            progress(min(count, noises), noises)
     per_value = count * teacher[0].numel()
     return {name: (total / per_value) ** 0.5 for name, total in sums.items()}

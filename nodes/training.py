@@ -187,7 +187,8 @@ def _choose_start(s: Session, starts: dict[str, EPDParams], grids: dict[str, tor
         mean = first_step_mean(denoiser, first, s.shape, s.grid[0], config, torch.float32, s.device)
         starts = {name: table.replace(afs_mean=mean) for name, table in starts.items()}
     candidates = {name: (table, grids[name].to(s.device)) for name, table in starts.items()}
-    errors = start_errors(denoiser, candidates, s.shape, config, torch.float32)
+    errors = start_errors(denoiser, candidates, s.shape, config, torch.float32,
+                          progress=lambda done, total: s.progress(done, total, float("nan")))  # fmt: skip
     name = min(errors, key=errors.get)
     log.info("EPD Distill starts on the %s (untrained error vs the teacher: %s)", name,
              ", ".join(f"{k} {v:.4g}" for k, v in errors.items()))  # fmt: skip

@@ -170,14 +170,16 @@ def test_never_overwrites_without_asking(epd_dir):
         _run(model, "eps", "../escape", iterations=1)
 
 
-def test_interrupt_stops_and_saves_nothing(epd_dir):
+@pytest.mark.parametrize("check", [16, 0])
+def test_interrupt_stops_and_saves_nothing(epd_dir, check):
+    """Cancel at the first progress report: in the start check (its 16 noises) or, without one, at iteration 1."""
     import comfy.model_management
 
     model = tiny_model("eps")
     seen: list[int] = []
     with H.interrupt_at(1, seen), pytest.raises(comfy.model_management.InterruptProcessingException):
-        _run(model, "eps", "interrupted", iterations=50)
-    assert seen == [1]
+        _run(model, "eps", "interrupted", iterations=50, start_check=check)
+    assert seen == [check or 1]
     assert sorted(p.name for p in epd_dir.iterdir()) == []
     assert type(model.model.model_sampling).__name__.startswith("ModelSampling")
 

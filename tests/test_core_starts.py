@@ -53,3 +53,15 @@ def test_start_errors_are_deterministic_and_need_shared_ends():
     shorter[-1] *= 2
     with pytest.raises(ValueError, match="share the first and last time point"):
         start_errors(GM.denoise_ve, {**starts, "other": (table.replace(t_steps=shorter), shorter)}, GM.shape, config)
+
+
+def test_start_errors_report_progress_and_stop_when_told():
+    seen = []
+    start_errors(GM.denoise_ve, _starts(), GM.shape, DistillConfig(start_noises=40), progress=lambda *a: seen.append(a))
+    assert seen == [(16, 40), (32, 40), (40, 40)]
+
+    def stop(done, total):
+        raise InterruptedError
+
+    with pytest.raises(InterruptedError):
+        start_errors(GM.denoise_ve, _starts(), GM.shape, DistillConfig(start_noises=40), progress=stop)
