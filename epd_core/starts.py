@@ -1,11 +1,11 @@
 """Which untrained start table to distil from: measured on the model before training.
 
 No one start grid suits every model: on the SD3-form mixture the model's own grid trains to 0.062 RMSE where a grid
-uniform in t trains to 0.105, while on the MNIST flow model and the SD1.5 form the other grid wins. The untrained
-tables' errors order the trained ones alike in every case measured (README, "Fit your own table"), so each
-candidate samples the same held-out noises untrained, against the training teacher, and the closest is kept. The
-errors that decide are the few samples a coarse grid sends to another mode (about 1 in 100 on the mixtures), so the
-check needs about a thousand noises: at 256 it saw none and chose the wrong grid on the SD3 form.
+uniform in t trains to 0.105, while on the MNIST flow model and the SD1.5 form the other grid wins. So each
+candidate samples the same held-out noises untrained, against the training teacher, and the closest is kept; on the
+mixtures that picked the grid that trains better in 10 of 12 cases (one tie, one miss; README, "Fit your own
+table"). The errors that decide are the few samples a coarse grid sends to another mode (about 1 in 100 on the
+mixtures), so the check needs about a thousand noises: at 256 it saw none and chose the wrong grid on the SD3 form.
 """
 
 from __future__ import annotations
