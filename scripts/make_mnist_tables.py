@@ -3,8 +3,8 @@
 For each model (eps, flow) and NFE: the model through the pack's nodes, the ten digits as one conditioning batch
 (EPD MNIST Class "0-9") against "none", cfg 3, a 112x112 latent; ``nodes.training.distill_on_model`` (what the
 EPD Distill node runs, its untrained start check included) with :class:`epd_core.config.DistillConfig` (its
-defaults unless a flag says otherwise);
-saved as ``weights/demo/mnist-<kind>-nfe<N>.safetensors`` with this command in the table's metadata.
+defaults unless a flag says otherwise); saved as ``weights/demo/mnist-<kind>-nfe<N>.safetensors`` with this
+command in the table's metadata.
 
     python -m scripts.make_mnist_tables                         # eps and flow, NFE 4-10
     python -m scripts.make_mnist_tables --kinds flow --nfes 5 10 --iterations 100
