@@ -92,6 +92,11 @@ class DistillConfig(_Config):
         "model rounds as training with the default batch; 0: no check, the pack's grid. Fewer than about 1,000 "
         "miss the rare samples that change mode, which decide the choice",
     )
+    micro_batch: int = _opt(
+        0,
+        "noises backpropagated together (memory: the objectives through the rollout keep every step's graph); the "
+        "gradient is the whole batch's; 0: the whole batch",
+    )
     afs_mean: bool = _opt(
         True,
         "with the analytic first step: estimate the data's per-channel mean (the model's denoised average at the "
@@ -100,8 +105,8 @@ class DistillConfig(_Config):
 
     def __post_init__(self) -> None:
         self._check_common()
-        if self.iterations < 1 or self.batch < 1 or self.teacher_m < 0 or self.start_noises < 0:
-            raise ValueError("iterations and batch must be >= 1, teacher_m and start_noises >= 0")
+        if self.iterations < 1 or self.batch < 1 or min(self.teacher_m, self.start_noises, self.micro_batch) < 0:
+            raise ValueError("iterations and batch must be >= 1, teacher_m, start_noises and micro_batch >= 0")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.objective in ("global", "authors") and self.gradient != "autograd":

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 
 from .bases import Base
 from .checkpoint import RunState, interruptible, run_checkpointer
@@ -28,7 +29,7 @@ from .schedules import make_schedule
 from .solver import Denoiser, epd_step, evaluate_points, sample
 from .teachers import subdivide, teacher_trajectory
 
-__all__ = ["distill", "student_loss"]
+__all__ = ["distill", "recomputed", "student_loss"]
 
 AUTHORS_LR_FLOOR = 0.01  # the authors' cosine schedule ends at this learning rate (eta_min)
 
@@ -83,6 +84,19 @@ def _evaluate_points_fd(denoiser, x, direction, offset, sigma, tau, parallel=Tru
     out = _FiniteDifferenceDenoise.apply(c, s, xk, dk.detach(), denoiser, eps)
     shape = (-1,) + (1,) * (x.ndim - 1)
     return list(((xk + c.reshape(shape) * dk - out) / tau.to(x.dtype).repeat_interleave(b).reshape(shape)).split(b))
+
+
+def recomputed(denoiser: Denoiser) -> Denoiser:
+    """``denoiser`` whose activations are not kept for the backward pass but recomputed there (activation
+    checkpointing): backpropagating a rollout then holds one call's activations, not every step's, for a second
+    forward pass per call. The same values and gradients."""
+
+    def call(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if not torch.is_grad_enabled():
+            return denoiser(x, sigma)
+        return torch.utils.checkpoint.checkpoint(denoiser, x, sigma, use_reentrant=False)
+
+    return call
 
 
 def _no_grad(denoiser: Denoiser) -> Denoiser:
@@ -201,6 +215,23 @@ def _update(opt: torch.optim.Optimizer, trainable: list[torch.Tensor], clip: boo
     opt.step()
 
 
+def _accumulate(denoiser, start, raw, ends, logits, grid, x, targets, config, feature_loss) -> torch.Tensor:
+    """Backpropagate :func:`student_loss` over ``x`` in chunks of ``config.micro_batch`` noises (the gradients add
+    up to the whole batch's: the loss is a mean over samples); returns the batch's loss."""
+    n = x.shape[0]
+    size = config.micro_batch or n
+    total = x.new_zeros(())
+    for lo in range(0, n, size):
+        part = slice(lo, min(lo + size, n))
+        grid_part = _grid_from_logits(ends, logits) if config.learn_grid else grid
+        loss, _ = student_loss(denoiser, start, raw, grid_part, x[part], targets[:, part], config, feature_loss)
+        loss = loss * (x[part].shape[0] / n)
+        if torch.isfinite(loss):
+            loss.backward()
+        total = total + loss.detach()
+    return total
+
+
 def _authors_iteration(denoiser, start, raw, grid, x, targets, config, feature_loss, opt) -> torch.Tensor:
     """The authors' training iteration: after every student step, backpropagate its loss through the rollout so
     far (not detached) and take an Adam step, unclipped; returns the summed step losses."""
@@ -298,10 +329,9 @@ def distill(
             if config.objective == "authors":
                 loss = _authors_iteration(denoiser, start, raw, grid_now, x, targets, config, feature_loss, opt)
             else:
-                loss, _ = student_loss(denoiser, start, raw, grid_now, x, targets, config, feature_loss)
                 opt.zero_grad(set_to_none=True)
+                loss = _accumulate(denoiser, start, raw, ends, logits, grid_now, x, targets, config, feature_loss)
                 if torch.isfinite(loss):
-                    loss.backward()
                     _update(opt, trainable, clip=True)
         sched.step()
         history.append(float(loss.detach()))

@@ -99,6 +99,7 @@ class EPDDistill(io.ComfyNode):
                     )
                 ),
                 advanced(config_input(d, "start_noises", "start_check", min=0, max=65536, optional=True)),
+                advanced(config_input(d, "micro_batch", min=0, max=256, optional=True)),
             ],
             outputs=[EPDParamsType.Output(display_name="epd_params"), io.String.Output(display_name="info")],
         )
@@ -108,6 +109,7 @@ class EPDDistill(io.ComfyNode):
         cls, model, positive, negative, latent_image, cfg, nfe, points, teacher, teacher_steps, iterations, batch,
         learning_rate, seed, learn_grid, filename, overwrite, start_params=None, final_estimate=False,
         objective=None, student=None, feature_encoder=None, feature_weight=1.0, start_check=None,
+        micro_batch=None,
     ) -> io.NodeOutput:  # fmt: skip
         # The per-step objective needs only the derivatives along the two ways a table moves a point: finite
         # differences, no backpropagation through the network (any architecture, no activation memory). The
@@ -118,6 +120,7 @@ class EPDDistill(io.ComfyNode):
             iterations=iterations, batch=batch, teacher=teacher, teacher_m=teacher_steps, lr=learning_rate,
             seed=seed, learn_grid=learn_grid, final_estimate=final_estimate, gradient=gradient, objective=objective,
             start_noises=DistillConfig.default("start_noises") if start_check is None else start_check,
+            micro_batch=DistillConfig.default("micro_batch") if micro_batch is None else micro_batch,
         )  # fmt: skip
         path = output_path(filename, overwrite)
         student = student or DEFAULT_STUDENT

@@ -30,7 +30,7 @@ from ..epd_core import EPDParams
 from ..epd_core.catalogue import load_catalogue
 from ..epd_core.checkpoint import CheckpointMismatch, interruptible
 from ..epd_core.config import DistillConfig, RDPOConfig
-from ..epd_core.distill import distill, first_step_mean
+from ..epd_core.distill import distill, first_step_mean, recomputed
 from ..epd_core.files import EPDFileError, save_params
 from ..epd_core.rdpo import rdpo
 from ..epd_core.schedules import polynomial
@@ -171,7 +171,9 @@ def distill_on_model(
         table, grid, chosen = first, s.grid, {}
         if len(starts) > 1 and config.start_noises > 0:
             table, grid, chosen = _choose_start(s, starts, grids, config)
-        return _resuming(distill, s.denoiser, table, s.shape, config, grid=grid, dtype=torch.float32,
+        # Through the rollout, each call's activations are recomputed in the backward pass: memory of one call.
+        denoiser = recomputed(s.denoiser) if config.gradient == "autograd" else s.denoiser
+        return _resuming(distill, denoiser, table, s.shape, config, grid=grid, dtype=torch.float32,
                          device=s.device, progress=s.progress, metadata={**metadata, **chosen}, feature_loss=features,
                          **resume)  # fmt: skip
 
@@ -262,11 +264,12 @@ def conditioning_batch(*conditionings) -> int:
     return max(sizes, default=1)
 
 
-def per_prompt_batch(config, prompts: int):
-    """``config`` with its batch rounded up to a multiple of ``prompts``: ComfyUI tiles a conditioning batch over
-    the noises by index, so every iteration then trains on every prompt (the K points line up the same way)."""
-    batch = -(-config.batch // prompts) * prompts
-    return config if batch == config.batch else dataclasses.replace(config, batch=batch)
+def per_prompt_batch(config: DistillConfig, prompts: int) -> DistillConfig:
+    """``config`` with its batch and micro-batch rounded up to a multiple of ``prompts``: ComfyUI tiles a
+    conditioning batch over the noises by index, so every iteration then trains on every prompt (the K points line
+    up the same way, and so does each micro-batch)."""
+    batch, micro = (-(-n // prompts) * prompts for n in (config.batch, config.micro_batch))
+    return dataclasses.replace(config, batch=batch, micro_batch=micro)
 
 
 def per_prompt_groups(config: RDPOConfig, prompts: int) -> RDPOConfig:

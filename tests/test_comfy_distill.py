@@ -149,6 +149,21 @@ def test_objectives_through_the_rollout_backpropagate_through_the_model(epd_dir,
     assert all(torch.equal(p, weights[name]) for name, p in diffusion.named_parameters())
 
 
+def test_micro_batches_through_a_comfyui_model_train_the_same_table(epd_dir):
+    """The global objective backpropagates through ComfyUI's model with each call's activations recomputed; in
+    micro-batches (rounded up to whole sets of the conditioning's 2 prompts, which ComfyUI tiles by index) it trains
+    the table the whole batch trains."""
+    model = tiny_model("sd3")
+    run = dict(iterations=3, batch=4, objective="global", learn_grid=True, final_estimate=True)
+    whole, _ = _run(model, "sd3", "whole", **run)
+    parts, _ = _run(model, "sd3", "parts", micro_batch=1, **run)
+    assert (whole.metadata["distilled"]["micro_batch"], parts.metadata["distilled"]["micro_batch"]) == (0, 2)
+    for name in (*epd_core.params.TABLE_NAMES, "t_steps"):
+        torch.testing.assert_close(getattr(parts, name), getattr(whole, name), rtol=1e-4, atol=1e-5)
+    one, _ = _run(model, "sd3", "one", **{**run, "iterations": 1})
+    assert (whole.r_params - one.r_params).abs().max() > 100 * (whole.r_params - parts.r_params).abs().max()
+
+
 def test_distill_runs_under_inference_mode_as_the_server_does(epd_dir):
     """ComfyUI's executor runs nodes under torch.inference_mode(); the grid made there must still train."""
     model = tiny_model("eps")
