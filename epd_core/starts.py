@@ -31,16 +31,15 @@ def start_errors(
     shape: tuple[int, ...],
     config: DistillConfig,
     dtype: torch.dtype = torch.float64,
-    noises: int | None = None,
     progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, float]:
     """RMS distance of each untrained start table's sample to the training teacher at the grids' last point.
 
     ``starts`` maps a name to a table and its grid (all grids share their ends). The teacher runs on the union of
     the grids with ``config.teacher_m`` points inside every interval, so that it favours no candidate. The noises
-    (at least ``noises``, ``config.start_noises`` by default) come in batches of a multiple of ``config.batch`` (so
-    a conditioning batch tiles as in training), drawn from ``config.seed + 3``, apart from training's and the
-    held-out check's. ``progress(done, noises)`` is called after every batch (raise to stop).
+    (at least ``config.start_noises``) come in batches of a multiple of ``config.batch`` (so a conditioning batch
+    tiles as in training), drawn from ``config.seed + 3``, apart from training's and the held-out check's.
+    ``progress(done, noises)`` is called after every batch (raise to stop).
     """
     grids = [g for _, g in starts.values()]
     ends = grids[0][[0, -1]]
@@ -50,7 +49,7 @@ def start_errors(
     gen = torch.Generator().manual_seed(config.seed + 3)
     union = torch.unique(torch.cat([g.to(grids[0]) for g in grids])).flip(0)
     fine = subdivide(union, config.teacher_m)
-    noises = config.start_noises if noises is None else noises
+    noises = config.start_noises
     chunk = config.batch * -(-CHUNK // config.batch)
     sums, count = dict.fromkeys(starts, 0.0), 0
     while count < noises:
