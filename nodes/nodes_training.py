@@ -15,6 +15,7 @@ from .training import distill_on_model, output_path, rdpo_on_model, resume_optio
 REWARDS = ["fidelity", "clip_score", "preference"]
 REWARD_FOLDER = "epd_rewards"  # models/epd_rewards: preference heads (safetensors)
 DEFAULT_NFE = 10
+DEFAULT_POINTS = 3  # K of a new table (the bundled analytic tables' K; the benchmark's recipe)
 RDPO_TEACHER_M = 4  # teacher points per step of the fidelity reward's reference
 
 
@@ -54,7 +55,9 @@ class EPDDistill(io.ComfyNode):
                     "samplers). Its K points are one batched call; a carry step costs 1 round, an epd step 2 (an "
                     "odd NFE starts with the analytic first step, which costs none).",
                 ),
-                io.Int.Input("points", default=2, min=1, max=8, tooltip="Parallel intermediate points per step (K)."),
+                io.Int.Input(
+                    "points", default=DEFAULT_POINTS, min=1, max=8, tooltip="Parallel intermediate points per step (K)."
+                ),
                 config_input(d, "teacher"),
                 config_input(d, "teacher_m", "teacher_steps", min=0, max=32),
                 config_input(d, "iterations", min=1, max=100000),
@@ -107,20 +110,22 @@ class EPDDistill(io.ComfyNode):
     @classmethod
     def execute(
         cls, model, positive, negative, latent_image, cfg, nfe, points, teacher, teacher_steps, iterations, batch,
-        learning_rate, seed, learn_grid, filename, overwrite, start_params=None, final_estimate=False,
+        learning_rate, seed, learn_grid, filename, overwrite, start_params=None, final_estimate=None,
         objective=None, student=None, feature_encoder=None, feature_weight=1.0, start_check=None,
         micro_batch=None,
     ) -> io.NodeOutput:  # fmt: skip
         # The per-step objective needs only the derivatives along the two ways a table moves a point: finite
         # differences, no backpropagation through the network (any architecture, no activation memory). The
         # objectives that reach earlier steps through the rollout need autograd through the model.
-        objective = objective or DistillConfig.default("objective")
+        d = DistillConfig
+        objective = objective or d.node_default("objective")
+        final_estimate = d.node_default("final_estimate") if final_estimate is None else final_estimate
         gradient = "fd" if objective == "local" else "autograd"
         config = DistillConfig(
             iterations=iterations, batch=batch, teacher=teacher, teacher_m=teacher_steps, lr=learning_rate,
             seed=seed, learn_grid=learn_grid, final_estimate=final_estimate, gradient=gradient, objective=objective,
-            start_noises=DistillConfig.default("start_noises") if start_check is None else start_check,
-            micro_batch=DistillConfig.default("micro_batch") if micro_batch is None else micro_batch,
+            start_noises=d.node_default("start_noises") if start_check is None else start_check,
+            micro_batch=d.node_default("micro_batch") if micro_batch is None else micro_batch,
         )  # fmt: skip
         path = output_path(filename, overwrite)
         student = student or DEFAULT_STUDENT

@@ -261,8 +261,8 @@ def test_plugin_benchmark_on_mnist_scores_bare_and_plugin_runs_at_equal_rounds()
 
 def test_defaults_benchmark_fits_with_the_nodes_own_defaults(tmp_path):
     """bench.defaults takes EPD Distill's inputs from the node's schema (so it measures what a user who changes
-    nothing gets: the config's defaults), runs both endings at the table's NFE, and compares with a built-in only
-    on the same noises."""
+    nothing gets: the node's defaults, from the core's config), runs both endings at the table's NFE, and compares
+    with a built-in only on the same noises."""
     from bench import defaults
     from epd_core.config import DistillConfig
     from epd_dev.comfy_harness import NODES as N
@@ -270,8 +270,9 @@ def test_defaults_benchmark_fits_with_the_nodes_own_defaults(tmp_path):
     got = defaults.node_defaults(N["EPDDistill"])
     names = {"teacher": "teacher", "teacher_steps": "teacher_m", "iterations": "iterations", "batch": "batch",
              "learning_rate": "lr", "seed": "seed", "learn_grid": "learn_grid"}  # fmt: skip
-    assert {k: got[k] for k in names} == {k: DistillConfig.default(v) for k, v in names.items()}
-    assert got["nfe"] == 10 and got["points"] == 2
+    assert {k: got[k] for k in names} == {k: DistillConfig.node_default(v) for k, v in names.items()}
+    assert (got["batch"], got["iterations"], got["learn_grid"]) == (32, 400, True)  # the node's, not the library's
+    assert got["nfe"] == 10 and got["points"] == 3
     assert defaults.main(["--forms", "sd3_flow", "--mixtures", "reference", "--nfes", "5", "--samples", "32",
                           "--set", "iterations=2", "--out", str(tmp_path)]) == 0  # fmt: skip
     rows = json.loads((tmp_path / "defaults.json").read_text())

@@ -41,14 +41,16 @@ def test_distill_node_saves_a_table_that_samples(epd_dir, kind):
     model = tiny_model(kind)
     estimate = kind == "flux"  # fitted for final_step "estimate"
     nfe = 6 if kind == "sd3" else 5  # odd: the analytic first step (flow tables take it too)
+    per_step = {"objective": "local"} if kind == "eps" else {}  # finite differences; the node's default: global
     params, info = _run(model, kind, f"t_{kind}", learn_grid=kind == "eps", nfe=nfe, final_estimate=estimate,
-                        student="epd")  # fmt: skip
+                        student="epd", **per_step)  # fmt: skip
     path = epd_dir / f"t_{kind}.safetensors"
     assert path.exists() and "saved" in info
     assert "held-out RMS error" in info and params.metadata["distilled"]["student_error"] > 0
     loaded = epd_core.load_params(path)
     assert torch.equal(loaded.r_params, params.r_params)
-    assert loaded.metadata["distilled"]["gradient"] == "fd"
+    d = loaded.metadata["distilled"]
+    assert (d["objective"], d["gradient"]) == (("local", "fd") if kind == "eps" else ("global", "autograd"))
     assert loaded.metadata["distilled"]["final_estimate"] == estimate
     assert loaded.is_flow == (kind != "eps")
     assert loaded.afs == (kind != "sd3") and loaded.nfe == 6 - loaded.afs  # flow tables take AFS too
@@ -155,7 +157,7 @@ def test_micro_batches_through_a_comfyui_model_train_the_same_table(epd_dir):
     the table the whole batch trains."""
     model = tiny_model("sd3")
     run = dict(iterations=3, batch=4, objective="global", learn_grid=True, final_estimate=True)
-    whole, _ = _run(model, "sd3", "whole", **run)
+    whole, _ = _run(model, "sd3", "whole", micro_batch=0, **run)
     parts, _ = _run(model, "sd3", "parts", micro_batch=1, **run)
     assert (whole.metadata["distilled"]["micro_batch"], parts.metadata["distilled"]["micro_batch"]) == (0, 2)
     for name in (*epd_core.params.TABLE_NAMES, "t_steps"):
