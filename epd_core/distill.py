@@ -342,7 +342,10 @@ def distill(
 
     tables = {name: raw[name].detach().to("cpu", torch.float32) for name in TABLE_NAMES}
     learned = _grid_from_logits(ends, logits).detach().cpu() if config.learn_grid else None
-    tail = [v for v in history[-max(1, config.iterations // 10) :] if math.isfinite(v)]
+    # The loss of one batch is noisy (a rare sample that changes mode dominates it): first and final loss are the
+    # means over the first and the last tenth of the run.
+    tenth = max(1, config.iterations // 10)
+    head, tail = ([v for v in part if math.isfinite(v)] for part in (history[:tenth], history[-tenth:]))
     fitted = start.replace(**tables, t_steps=learned if learned is not None else start.t_steps, teacher=config.teacher,
                            teacher_steps_m=config.teacher_m)  # fmt: skip
     errors = {}
@@ -353,7 +356,8 @@ def distill(
         **dict(start.metadata),
         **(metadata or {}),
         **({"plugin_base": config.plugin_base} if config.plugin_base != "euler" else {}),
-        "distilled": {**config.provenance(), "first_loss": history[0], "final_loss": sum(tail) / max(1, len(tail)),
+        "distilled": {**config.provenance(), "first_loss": sum(head) / max(1, len(head)),
+                      "final_loss": sum(tail) / max(1, len(tail)),
                       **errors},
     }  # fmt: skip
     return fitted.replace(metadata=provenance)
