@@ -89,6 +89,11 @@ class AnalyticModel(comfy.model_base.BaseModel):
             )
         sigma = t.reshape(-1).to(torch.float64).expand(x.shape[0]).cpu()
         x64 = x.to(torch.float64).cpu()
+        if torch.is_grad_enabled() and self.mixture.means.is_inference():
+            # Built under a loader's inference mode; autograd through the model (EPD Distill's objectives through
+            # the rollout) cannot save inference tensors: ordinary copies of the same values (see nodes/autograd.py).
+            m = self.mixture
+            self.mixture = GaussianMixture(m.means.clone(), m.weights.clone(), m.std)
         if self.form in ("sd15_eps", "edm_ve"):
             denoised = self.mixture.denoise_ve(x64, sigma)
         else:

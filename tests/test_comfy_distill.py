@@ -174,6 +174,18 @@ def test_distill_runs_under_inference_mode_as_the_server_does(epd_dir):
     assert (epd_dir / "under_inference.safetensors").exists() and params.metadata["distilled"]["iterations"] == 2
 
 
+@pytest.mark.parametrize("objective", ["global", "local"])
+def test_analytic_model_built_by_the_server_trains_with_every_objective(epd_dir, objective):
+    """On the server, EPD Analytic Model builds its mixture under inference mode; the node's default objective
+    backpropagates through it (the example workflow's graph failed with "Inference tensors cannot be saved")."""
+    with torch.inference_mode():
+        model, cond = N["EPDAnalyticModel"].execute("sd15_eps", "reference", 0.0).result[:2]
+        params, info = N["EPDDistill"].execute(model, cond, cond, {"samples": torch.zeros(1, 4, 8, 8)},
+                                               **_args(f"server_{objective}", iterations=2, objective=objective,
+                                                       learn_grid=True, batch=4)).result  # fmt: skip
+    assert params.metadata["distilled"]["objective"] == objective and "held-out" in info
+
+
 def test_never_overwrites_without_asking(epd_dir):
     model = tiny_model("eps")
     _run(model, "eps", "same", iterations=1)
