@@ -141,6 +141,8 @@ class EPDDistill(io.ComfyNode):
         if feature_encoder is not None:
             loss += f" (last step: {feature_encoder.name} features x {feature_weight:g})"
         info = f"{describe(params)}; {start_report(params.metadata)}{loss}; {fit_report(d)}; saved {saved}"
+        if "fallback" in params.metadata:
+            info = f"no backward pass through this model, so {params.metadata['fallback']}; {info}"
         return io.NodeOutput(params, info)
 
 

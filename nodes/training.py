@@ -171,11 +171,27 @@ def distill_on_model(
         table, grid, chosen = first, s.grid, {}
         if len(starts) > 1 and config.start_noises > 0:
             table, grid, chosen = _choose_start(s, starts, grids, config)
-        # Through the rollout, each call's activations are recomputed in the backward pass: memory of one call.
-        denoiser = recomputed(s.denoiser) if config.gradient == "autograd" else s.denoiser
-        return _resuming(distill, denoiser, table, s.shape, config, grid=grid, dtype=torch.float32,
-                         device=s.device, progress=s.progress, metadata={**metadata, **chosen}, feature_loss=features,
-                         **resume)  # fmt: skip
+
+        def run(cfg: DistillConfig, denoiser, extra: dict) -> EPDParams:
+            return _resuming(distill, denoiser, table, s.shape, cfg, grid=grid, dtype=torch.float32, device=s.device,
+                             progress=s.progress, metadata={**metadata, **chosen, **extra}, feature_loss=features,
+                             **resume)  # fmt: skip
+
+        if config.gradient != "autograd":
+            return run(config, s.denoiser, {})
+        try:  # through the rollout, each call's activations are recomputed in the backward pass: one call's memory
+            return run(config, recomputed(s.denoiser), {})
+        except RuntimeError as error:
+            if "autograd" not in str(error) and "derivative" not in str(error):
+                raise
+            # Some models have operations without a backward pass (ComfyUI 0.33's Flux rope kernel): the per-step
+            # objective needs none (finite differences).
+            reason = str(error).split("\n")[0][:200]
+            log.warning(
+                "EPD Distill: no backward pass through this model (%s); training the per-step objective", reason
+            )
+            local = dataclasses.replace(config, objective="local", gradient="fd")
+            return run(local, s.denoiser, {"fallback": f"objective {config.objective} -> local: {reason}"})
 
     return _train_on_model(model, positive, negative, cfg, latent, first, config, fit)
 

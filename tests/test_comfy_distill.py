@@ -50,7 +50,12 @@ def test_distill_node_saves_a_table_that_samples(epd_dir, kind):
     loaded = epd_core.load_params(path)
     assert torch.equal(loaded.r_params, params.r_params)
     d = loaded.metadata["distilled"]
-    assert (d["objective"], d["gradient"]) == (("local", "fd") if kind == "eps" else ("global", "autograd"))
+    # ComfyUI 0.33's Flux has an op without a backward pass (its rope kernel): the node falls back to the per-step
+    # objective and says so.
+    fell_back = "fallback" in loaded.metadata
+    assert fell_back == ("no backward pass through this model" in info) and (not fell_back or kind == "flux")
+    per_step_expected = kind == "eps" or fell_back
+    assert (d["objective"], d["gradient"]) == (("local", "fd") if per_step_expected else ("global", "autograd"))
     assert loaded.metadata["distilled"]["final_estimate"] == estimate
     assert loaded.is_flow == (kind != "eps")
     assert loaded.afs == (kind != "sd3") and loaded.nfe == 6 - loaded.afs  # flow tables take AFS too
