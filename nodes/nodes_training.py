@@ -117,15 +117,15 @@ class EPDDistill(io.ComfyNode):
         # The per-step objective needs only the derivatives along the two ways a table moves a point: finite
         # differences, no backpropagation through the network (any architecture, no activation memory). The
         # objectives that reach earlier steps through the rollout need autograd through the model.
-        d = DistillConfig
-        objective = objective or d.node_default("objective")
-        final_estimate = d.node_default("final_estimate") if final_estimate is None else final_estimate
+        default = DistillConfig.node_default
+        objective = objective or default("objective")
+        final_estimate = default("final_estimate") if final_estimate is None else final_estimate
         gradient = "fd" if objective == "local" else "autograd"
         config = DistillConfig(
             iterations=iterations, batch=batch, teacher=teacher, teacher_m=teacher_steps, lr=learning_rate,
             seed=seed, learn_grid=learn_grid, final_estimate=final_estimate, gradient=gradient, objective=objective,
-            start_noises=d.node_default("start_noises") if start_check is None else start_check,
-            micro_batch=d.node_default("micro_batch") if micro_batch is None else micro_batch,
+            start_noises=default("start_noises") if start_check is None else start_check,
+            micro_batch=default("micro_batch") if micro_batch is None else micro_batch,
         )  # fmt: skip
         path = output_path(filename, overwrite)
         student = student or DEFAULT_STUDENT
