@@ -26,6 +26,7 @@ from .config import DistillConfig
 from .params import TABLE_NAMES, EPDParams, decode
 from .plugin import placement
 from .schedules import make_schedule
+from .selection import HeldOutCheck, check_iterations
 from .solver import Denoiser, epd_step, evaluate_points, sample
 from .teachers import subdivide, teacher_trajectory
 
@@ -306,14 +307,16 @@ def distill(
     gen = torch.Generator().manual_seed(config.seed)
     history: list[float] = []
     x = None
+    keeper = _Keeper(denoiser, start, raw, logits, base_grid, shape, config, dtype, feature_loss)
     ckpt = None
     if checkpoint is not None:
-        state = RunState({**raw, "grid_logits": logits}, opt, sched, gen)
+        state = RunState({**raw, "grid_logits": logits, **keeper.state}, opt, sched, gen)
         ckpt = run_checkpointer(checkpoint, checkpoint_every, state, denoiser, start, shape, base_grid, dtype, device,
                              {**config.provenance(), "feature_loss": feature_loss is not None})  # fmt: skip
         first, history = ckpt.resume()
         if first and progress is not None:
             progress(first, config.iterations, history[-1])
+    keeper.check(ckpt.resumed_at if ckpt else 0)
 
     for it in range(ckpt.resumed_at if ckpt else 0, config.iterations):
         grid_now = _grid_from_logits(ends, logits) if config.learn_grid else base_grid
@@ -335,11 +338,13 @@ def distill(
                     _update(opt, trainable, clip=True)
         sched.step()
         history.append(float(loss.detach()))
+        keeper.check(it + 1)
         if progress is not None:
             progress(it + 1, config.iterations, history[-1])
         if ckpt is not None:
             ckpt.step(it + 1, history, config.iterations)
 
+    raw, logits = keeper.best(raw, logits)
     tables = {name: raw[name].detach().to("cpu", torch.float32) for name in TABLE_NAMES}
     learned = _grid_from_logits(ends, logits).detach().cpu() if config.learn_grid else None
     # The loss of one batch is noisy (a rare sample that changes mode dominates it): first and final loss are the
@@ -358,9 +363,62 @@ def distill(
         **({"plugin_base": config.plugin_base} if config.plugin_base != "euler" else {}),
         "distilled": {**config.provenance(), "first_loss": sum(head) / max(1, len(head)),
                       "final_loss": sum(tail) / max(1, len(tail)),
-                      **errors},
+                      **errors, **keeper.record()},
     }  # fmt: skip
     return fitted.replace(metadata=provenance)
+
+
+class _Keeper:
+    """The run's best table by :class:`~epd_core.selection.HeldOutCheck` (``config.keep_best`` noises), checked at
+    :func:`~epd_core.selection.check_iterations`. Its ``state`` (the best table and grid logits, and every check's
+    error, NaN until made) is part of a checkpoint, so a resumed run keeps the same table. Inactive (no check, the
+    last table kept) without ``keep_best``, with a feature loss (its objective is not the RMS error) or for a
+    plugin table (its student is the base's method)."""
+
+    def __init__(self, denoiser, start, raw, logits, base_grid, shape, config, dtype, feature_loss) -> None:
+        self.active = config.keep_best > 0 and feature_loss is None and config.plugin_base == "euler"
+        self.raw, self.logits, self.start, self.config, self.grid = raw, logits, start, config, base_grid
+        self.ends = base_grid[[0, -1]]
+        self.at = check_iterations(config.iterations) if self.active else []
+        self.state: dict[str, torch.Tensor] = {}
+        if self.active:
+            self.held_out = HeldOutCheck(denoiser, start, base_grid, shape, config, dtype)
+            self.state = {f"best.{name}": value.detach().clone() for name, value in raw.items()}
+            self.state["best.grid_logits"] = logits.detach().clone()
+            self.state["checks"] = torch.full((len(self.at),), math.nan, dtype=torch.float64)
+
+    def check(self, iteration: int) -> None:
+        """At a check iteration not yet checked: measure the current table; keep it if it is the best so far."""
+        if iteration not in self.at or not math.isnan(self.state["checks"][self.at.index(iteration)]):
+            return
+        with torch.no_grad():
+            tables = {name: self.raw[name].detach().to("cpu", torch.float32) for name in TABLE_NAMES}
+            if self.config.learn_grid:
+                grid = _grid_from_logits(self.ends, self.logits.detach())
+                table = self.start.replace(**tables, t_steps=grid.cpu())
+            else:
+                grid, table = self.grid, self.start.replace(**tables)
+            error = self.held_out(table, grid)
+            checks = self.state["checks"]
+            if not bool((checks[~checks.isnan()] <= error).any()):
+                for name, value in self.raw.items():
+                    self.state[f"best.{name}"].copy_(value.detach())
+                self.state["best.grid_logits"].copy_(self.logits.detach())
+            checks[self.at.index(iteration)] = error
+
+    def best(self, raw: dict, logits: torch.Tensor) -> tuple[dict, torch.Tensor]:
+        """The kept table's raw values and grid logits (``raw`` and ``logits`` when inactive)."""
+        if not self.active:
+            return raw, logits
+        return {name: self.state[f"best.{name}"] for name in raw}, self.state["best.grid_logits"]
+
+    def record(self) -> dict:
+        """The checks for the table's metadata: noises, iterations, errors and the iteration kept."""
+        if not self.active:
+            return {}
+        errors = self.state["checks"].tolist()
+        kept = self.at[min(range(len(errors)), key=lambda j: (errors[j], j))]
+        return {"checks": {"noises": self.held_out.size, "iterations": self.at, "errors": errors, "kept": kept}}
 
 
 @torch.no_grad()

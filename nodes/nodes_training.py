@@ -103,6 +103,7 @@ class EPDDistill(io.ComfyNode):
                 ),
                 advanced(config_input(d, "start_noises", "start_check", min=0, max=65536, optional=True)),
                 advanced(config_input(d, "micro_batch", min=0, max=256, optional=True)),
+                advanced(config_input(d, "keep_best", min=0, max=65536, optional=True)),
             ],
             outputs=[EPDParamsType.Output(display_name="epd_params"), io.String.Output(display_name="info")],
         )
@@ -112,7 +113,7 @@ class EPDDistill(io.ComfyNode):
         cls, model, positive, negative, latent_image, cfg, nfe, points, teacher, teacher_steps, iterations, batch,
         learning_rate, seed, learn_grid, filename, overwrite, start_params=None, final_estimate=None,
         objective=None, student=None, feature_encoder=None, feature_weight=1.0, start_check=None,
-        micro_batch=None,
+        micro_batch=None, keep_best=None,
     ) -> io.NodeOutput:  # fmt: skip
         # The per-step objective needs only the derivatives along the two ways a table moves a point: finite
         # differences, no backpropagation through the network (any architecture, no activation memory). The
@@ -126,6 +127,7 @@ class EPDDistill(io.ComfyNode):
             seed=seed, learn_grid=learn_grid, final_estimate=final_estimate, gradient=gradient, objective=objective,
             start_noises=default("start_noises") if start_check is None else start_check,
             micro_batch=default("micro_batch") if micro_batch is None else micro_batch,
+            keep_best=default("keep_best") if keep_best is None else keep_best,
         )  # fmt: skip
         path = output_path(filename, overwrite)
         student = student or DEFAULT_STUDENT
@@ -164,7 +166,21 @@ def fit_report(distilled: dict) -> str:
             f"({distilled['held_out_noises']} noises)")  # fmt: skip
     if teacher > 0.2 * student:
         text += " - the teacher limits the table: raise teacher_steps"
-    return text
+    return text + checks_report(distilled)
+
+
+def checks_report(distilled: dict) -> str:
+    """Which table the held-out checks of ``keep_best`` kept ("" without checks)."""
+    if "checks" not in distilled:
+        return ""
+    c = distilled["checks"]
+    errors = dict(zip(c["iterations"], c["errors"], strict=True))
+    last = c["iterations"][-1]
+    text = f"; checked every tenth of the run on {c['noises']} held-out noises: "
+    if c["kept"] == last:
+        return text + f"kept the last table ({errors[last]:.4g}; untrained {errors[0]:.4g})"
+    return text + (f"kept the table of iteration {c['kept']} ({errors[c['kept']]:.4g}; last {errors[last]:.4g}, "
+                   f"untrained {errors[0]:.4g})")  # fmt: skip
 
 
 class EPDFeatureEncoder(io.ComfyNode):

@@ -33,16 +33,19 @@ OUT = ROOT / "weights" / "demo"
 
 def make_table(
     kind: str, nfe: int, points: int, config: DistillConfig, command: str, out: Path, student: str = DEFAULT_STUDENT,
-    feature_weight: float | None = None, suffix: str = "", afs: bool = True,
+    feature_weight: float | None = None, suffix: str = "", afs: bool = True, init: Path | None = None,
 ) -> Path:  # fmt: skip
     """One table, distilled and saved; returns its path. With ``feature_weight`` the final step's loss is the
-    feature loss of EPD MNIST Features (the demo classifier's features of the decoded digits)."""
+    feature loss of EPD MNIST Features (the demo classifier's features of the decoded digits); with ``init`` the
+    training starts from that table (fine-tuning; no start check)."""
     nodes = comfy_harness.setup()
     training = comfy_harness.pack_module("nodes.training")
     (model,) = nodes["EPDMnistModel"].execute(kind).result
     positive, negative = nodes["EPDMnistClass"].execute("0-9").result
     steps, afs = time_points_for_nfe(nfe, student, afs)
     start = training.start_tables(model.get_model_object("model_sampling"), steps, points, afs, student)
+    if init is not None:
+        start = comfy_harness.pack_module("epd_core.files").load_params(init)  # the pack's EPDParams class
     metadata = {"tool": "scripts/make_mnist_tables.py", "model": f"demo_models/mnist-{kind}", "cfg": CFG,
                 "command": command}  # fmt: skip
     encoder = None if feature_weight is None else nodes["EPDMnistFeatures"].execute().result[0]
@@ -66,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--suffix", default="", help="appended to the file names (mnist-<kind>-nfe<N><suffix>)")
     ap.add_argument("--afs", action=argparse.BooleanOptionalAction, default=True,
                     help="carry: start with the analytic first step (or a plain prediction)")  # fmt: skip
+    ap.add_argument("--init", type=Path, help="start from this table (fine-tune it) instead of the untrained start")
     add_arguments(ap, DistillConfig)
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
@@ -77,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         for nfe in args.nfes:
             t0 = time.time()
             path = make_table(kind, nfe, args.points, config, command, args.out, args.student, args.feature_weight,
-                              args.suffix, args.afs)  # fmt: skip
+                              args.suffix, args.afs, args.init)  # fmt: skip
             print(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: {time.time() - t0:.0f} s")
     return 0
 

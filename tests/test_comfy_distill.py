@@ -24,9 +24,9 @@ def epd_dir(tmp_path, monkeypatch):
 
 
 def _args(name, iterations=6, overwrite=False, **kw) -> dict:
-    """Small settings, the start check's included (its default is tested below)."""
+    """Small settings, the start check's and the held-out checks' included (their defaults are tested below)."""
     args = dict(cfg=2.0, nfe=6, points=2, teacher="dpm2", teacher_steps=2, iterations=iterations, batch=2,
-                start_check=16)  # fmt: skip
+                start_check=16, keep_best=16)  # fmt: skip
     args.update(learning_rate=0.01, seed=0, learn_grid=False, filename=name, overwrite=overwrite)
     return {**args, **kw}
 
@@ -47,6 +47,8 @@ def test_distill_node_saves_a_table_that_samples(epd_dir, kind):
     path = epd_dir / f"t_{kind}.safetensors"
     assert path.exists() and "saved" in info
     assert "held-out RMS error" in info and params.metadata["distilled"]["student_error"] > 0
+    checks = params.metadata["distilled"]["checks"]
+    assert checks["noises"] == 16 and checks["iterations"] == list(range(7)) and "held-out noises: kept" in info
     loaded = epd_core.load_params(path)
     assert torch.equal(loaded.r_params, params.r_params)
     d = loaded.metadata["distilled"]

@@ -85,10 +85,12 @@ def test_an_interrupt_lands_inside_the_rollouts():
     assert late < 0.5, late
 
 
-def test_resume_in_process_equals_an_uninterrupted_run_and_refuses_other_runs(tmp_path):
+@pytest.mark.parametrize("keep_best", [0, 8])
+def test_resume_in_process_equals_an_uninterrupted_run_and_refuses_other_runs(tmp_path, keep_best):
+    """Also with the held-out checks of ``keep_best``: the best table so far and the checks are in the checkpoint."""
     gm = GaussianMixture.reference()
     start = EPDParams.start(4, 2, schedule_type="discrete", schedule_rho=1.0, backend="ldm", scale_time=0.1)
-    config = DistillConfig(iterations=9, batch=4, teacher_m=1, seed=5, learn_grid=True)
+    config = DistillConfig(iterations=9, batch=4, teacher_m=1, seed=5, learn_grid=True, keep_best=keep_best)
     kw = {"config": config}
     ref = distill(gm.denoise_ve, start, gm.shape, **kw)
     ck = tmp_path / "run.ckpt"

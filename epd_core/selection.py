@@ -1,0 +1,75 @@
+"""Keep the best table a distillation run has seen, judged on held-out noises against a fine teacher.
+
+More iterations do not always help: on the SD3-form multimodal mixture at NFE 5 the global objective at lr 0.01
+rose from a loss of 0.061 to 0.141 and ended further from the teacher (0.363 RMS on 32 held-out noises) than its
+untrained start (0.242). So the run checks its table at the start and after every tenth of the iterations on the
+same held-out noises, and ends with the table (and grid) that came closest: never worse, on those noises, than the
+table it started from.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import DistillConfig
+from .params import EPDParams
+from .solver import Denoiser, sample
+from .teachers import subdivide, teacher_trajectory
+
+__all__ = ["HeldOutCheck", "check_iterations", "CHECKS"]
+
+CHECKS = 10  # checks over a run, besides the start's
+CHUNK = 16  # noises per model call (rounded up to a multiple of the training batch)
+
+
+def check_iterations(iterations: int) -> list[int]:
+    """The iterations after which the table is checked: 0 (the untrained start) and every tenth of the run, the
+    last one included (every iteration of a run shorter than :data:`CHECKS`)."""
+    return sorted({round(iterations * j / CHECKS) for j in range(CHECKS + 1)})
+
+
+class HeldOutCheck:
+    """RMS distance of a table's samples to the teacher with ``2M + 1`` points per step, on ``config.keep_best``
+    noises (or the next multiple of the training batch, so a conditioning batch tiles as in training) drawn from
+    ``config.seed + 4``, apart from the other checks'. The reference is computed once, along ``grid``; the
+    samples end as training fits them (with ``config.final_estimate``: the last step's own x0 estimate, against
+    the model's denoised teacher endpoint)."""
+
+    def __init__(
+        self, denoiser: Denoiser, start: EPDParams, grid: torch.Tensor, shape: tuple[int, ...],
+        config: DistillConfig, dtype: torch.dtype,
+    ) -> None:  # fmt: skip
+        self.denoiser, self.estimate = denoiser, config.final_estimate
+        gen = torch.Generator().manual_seed(config.seed + 4)
+        chunk = config.batch * -(-CHUNK // config.batch)
+        fine = subdivide(grid.detach(), 2 * config.teacher_m + 1)
+        self.noises: list[torch.Tensor] = []
+        self.targets: list[torch.Tensor] = []
+        with torch.no_grad():
+            while sum(x.shape[0] for x in self.noises) < config.keep_best:
+                noise = torch.randn((chunk, *shape), generator=gen, dtype=torch.float64).to(grid.device, dtype)
+                x = noise if start.is_flow else noise * grid[0].detach().to(dtype)
+                end = teacher_trajectory(denoiser, x, fine, config.teacher)[-1]
+                if self.estimate:
+                    end = denoiser(end, fine[-1].expand(x.shape[0]).to(x.dtype))
+                self.noises.append(x)
+                self.targets.append(end)
+
+    @property
+    def size(self) -> int:
+        """How many held-out noises the check samples."""
+        return sum(x.shape[0] for x in self.noises)
+
+    @torch.no_grad()
+    def __call__(self, params: EPDParams, grid: torch.Tensor) -> float:
+        """The held-out RMS error of ``params`` sampled along ``grid``."""
+        sigmas = grid.detach().cpu().double()
+        if self.estimate:
+            sigmas = torch.cat([sigmas, sigmas.new_zeros(1)])
+        final = "estimate" if self.estimate else "denoise"
+        total, count = 0.0, 0
+        for x, target in zip(self.noises, self.targets, strict=True):
+            out = sample(self.denoiser, x, sigmas, params, final=final)
+            total += float(((out - target).double() ** 2).sum())
+            count += target.numel()
+        return (total / count) ** 0.5
