@@ -64,6 +64,7 @@ def case(form: str, mixture: str, nfe: int, n: int, settings: dict, carry: list[
         row = {"model": f"analytic-{form}", "mixture": mixture, "samples": n, "answer_key_gap": gap, "nfe": c.rounds,
                "sampler": "epd_defaults", "scheduler": label, "settings": settings, "train_s": round(seconds, 1),
                "start": params.metadata.get("start", {}).get("grid", "model grid (no choice)"),
+               "checks": params.metadata["distilled"].get("checks"),
                **metrics(gm, out, exact)}  # fmt: skip
         if best is not None:
             row.update(builtin=f"{best['sampler']} / {best['scheduler']}", builtin_rmse=best["rmse"],

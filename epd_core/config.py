@@ -100,9 +100,9 @@ class DistillConfig(_Config):
     )
     keep_best: int = _opt(
         0,
-        "held-out noises of a check at the start and after every tenth of the run: the run ends with the table that "
-        "came closest to a 2x finer teacher on them (a run whose error rises, or never beats its start, does not "
-        "end worse than its best). 0: keep the last table. EPD tables; not with a feature loss or a plugin base",
+        "held-out noises of a check at the start and after every tenth of the run against a 2x finer teacher: a "
+        "run whose last table is more than 1.25x further from it than the best checked one (a run that diverged) "
+        "ends with the best. 0: no checks. EPD tables; not with a feature loss or a plugin base",
     )
     afs_mean: bool = _opt(
         True,
@@ -134,8 +134,8 @@ class DistillConfig(_Config):
 # tables' recorded commands keep): the recipe the benchmark chose for a user who only picks the NFE
 # (``python -m bench.defaults``, README "What EPD Distill's defaults give"). The whole trajectory answers for the
 # end result (``global``), fitted for the free final estimate, with a learned grid, on about as many noises as the
-# authors' Stable Diffusion runs (32 x 400; 5,000 there), backpropagated 4 noises at a time, ending with the table
-# that did best on 256 held-out noises (checked every tenth of the run).
+# authors' Stable Diffusion runs (32 x 400; 5,000 there), backpropagated 4 noises at a time, checked on 256
+# held-out noises every tenth of the run (a run that diverged ends with its best checked table).
 NODE_DISTILL: dict[str, Any] = {"objective": "global", "final_estimate": True, "learn_grid": True, "batch": 32,
                                 "iterations": 400, "micro_batch": 4, "keep_best": 256}  # fmt: skip
 

@@ -26,7 +26,7 @@ from .config import DistillConfig
 from .params import TABLE_NAMES, EPDParams, decode
 from .plugin import placement
 from .schedules import make_schedule
-from .selection import HeldOutCheck, check_iterations
+from .selection import DIVERGED, HeldOutCheck, check_iterations
 from .solver import Denoiser, epd_step, evaluate_points, sample
 from .teachers import subdivide, teacher_trajectory
 
@@ -370,10 +370,11 @@ def distill(
 
 class _Keeper:
     """The run's best table by :class:`~epd_core.selection.HeldOutCheck` (``config.keep_best`` noises), checked at
-    :func:`~epd_core.selection.check_iterations`. Its ``state`` (the best table and grid logits, and every check's
-    error, NaN until made) is part of a checkpoint, so a resumed run keeps the same table. Inactive (no check, the
-    last table kept) without ``keep_best``, with a feature loss (its objective is not the RMS error) or for a
-    plugin table (its student is the base's method)."""
+    :func:`~epd_core.selection.check_iterations`, and the table to end with: the last, unless its check error is
+    above :data:`~epd_core.selection.DIVERGED` times the best's (then the best). Its ``state`` (the best table and
+    grid logits, and every check's error, NaN until made) is part of a checkpoint, so a resumed run keeps the same
+    table. Inactive (no check, the last table kept) without ``keep_best``, with a feature loss (its objective is
+    not the RMS error) or for a plugin table (its student is the base's method)."""
 
     def __init__(self, denoiser, start, raw, logits, base_grid, shape, config, dtype, feature_loss) -> None:
         self.active = config.keep_best > 0 and feature_loss is None and config.plugin_base == "euler"
@@ -406,9 +407,13 @@ class _Keeper:
                 self.state["best.grid_logits"].copy_(self.logits.detach())
             checks[self.at.index(iteration)] = error
 
+    def _diverged(self) -> bool:
+        errors = self.state["checks"]
+        return bool(errors[-1] > DIVERGED * errors.min())
+
     def best(self, raw: dict, logits: torch.Tensor) -> tuple[dict, torch.Tensor]:
-        """The kept table's raw values and grid logits (``raw`` and ``logits`` when inactive)."""
-        if not self.active:
+        """The table to end with: the best checked one if the last diverged from it, else ``raw`` and ``logits``."""
+        if not self.active or not self._diverged():
             return raw, logits
         return {name: self.state[f"best.{name}"] for name in raw}, self.state["best.grid_logits"]
 
@@ -417,7 +422,8 @@ class _Keeper:
         if not self.active:
             return {}
         errors = self.state["checks"].tolist()
-        kept = self.at[min(range(len(errors)), key=lambda j: (errors[j], j))]
+        best = self.at[min(range(len(errors)), key=lambda j: (errors[j], j))]
+        kept = best if self._diverged() else self.at[-1]
         return {"checks": {"noises": self.held_out.size, "iterations": self.at, "errors": errors, "kept": kept}}
 
 

@@ -179,8 +179,8 @@ def checks_report(distilled: dict) -> str:
     text = f"; checked every tenth of the run on {c['noises']} held-out noises: "
     if c["kept"] == last:
         return text + f"kept the last table ({errors[last]:.4g}; untrained {errors[0]:.4g})"
-    return text + (f"kept the table of iteration {c['kept']} ({errors[c['kept']]:.4g}; last {errors[last]:.4g}, "
-                   f"untrained {errors[0]:.4g})")  # fmt: skip
+    return text + (f"the run diverged: kept the table of iteration {c['kept']} ({errors[c['kept']]:.4g}; last "
+                   f"{errors[last]:.4g}, untrained {errors[0]:.4g})")  # fmt: skip
 
 
 class EPDFeatureEncoder(io.ComfyNode):
