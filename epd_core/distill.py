@@ -344,18 +344,14 @@ def distill(
         if ckpt is not None:
             ckpt.step(it + 1, history, config.iterations)
 
-    raw, logits = keeper.best(raw, logits)
-    tables = {name: raw[name].detach().to("cpu", torch.float32) for name in TABLE_NAMES}
-    learned = _grid_from_logits(ends, logits).detach().cpu() if config.learn_grid else None
+    table, final_grid = _table(start, *keeper.best(raw, logits), base_grid, config.learn_grid)
     # The loss of one batch is noisy (a rare sample that changes mode dominates it): first and final loss are the
     # means over the first and the last tenth of the run.
     tenth = max(1, config.iterations // 10)
     head, tail = ([v for v in part if math.isfinite(v)] for part in (history[:tenth], history[-tenth:]))
-    fitted = start.replace(**tables, t_steps=learned if learned is not None else start.t_steps, teacher=config.teacher,
-                           teacher_steps_m=config.teacher_m)  # fmt: skip
+    fitted = table.replace(teacher=config.teacher, teacher_steps_m=config.teacher_m)
     errors = {}
     if config.plugin_base == "euler":  # a plugin table's student is its base's method: not sampled here
-        final_grid = base_grid if learned is None else learned.to(base_grid)
         errors = held_out_errors(denoiser, fitted, final_grid, shape, config, dtype)
     provenance = {
         **dict(start.metadata),
@@ -366,6 +362,16 @@ def distill(
                       **errors, **keeper.record()},
     }  # fmt: skip
     return fitted.replace(metadata=provenance)
+
+
+def _table(start: EPDParams, raw: dict, logits: torch.Tensor, base_grid: torch.Tensor, learn_grid: bool):
+    """The table that ``raw`` (and, with ``learn_grid``, the grid ``logits``) stand for, in float32 on the CPU
+    with its learned grid stored, and the grid it samples along."""
+    tables = {name: raw[name].detach().to("cpu", torch.float32) for name in TABLE_NAMES}
+    if not learn_grid:
+        return start.replace(**tables), base_grid
+    grid = _grid_from_logits(base_grid[[0, -1]], logits.detach())
+    return start.replace(**tables, t_steps=grid.cpu()), grid
 
 
 class _Keeper:
@@ -379,7 +385,6 @@ class _Keeper:
     def __init__(self, denoiser, start, raw, logits, base_grid, shape, config, dtype, feature_loss) -> None:
         self.active = config.keep_best > 0 and feature_loss is None and config.plugin_base == "euler"
         self.raw, self.logits, self.start, self.config, self.grid = raw, logits, start, config, base_grid
-        self.ends = base_grid[[0, -1]]
         self.at = check_iterations(config.iterations) if self.active else []
         self.state: dict[str, torch.Tensor] = {}
         if self.active:
@@ -393,13 +398,7 @@ class _Keeper:
         if iteration not in self.at or not math.isnan(self.state["checks"][self.at.index(iteration)]):
             return
         with torch.no_grad():
-            tables = {name: self.raw[name].detach().to("cpu", torch.float32) for name in TABLE_NAMES}
-            if self.config.learn_grid:
-                grid = _grid_from_logits(self.ends, self.logits.detach())
-                table = self.start.replace(**tables, t_steps=grid.cpu())
-            else:
-                grid, table = self.grid, self.start.replace(**tables)
-            error = self.held_out(table, grid)
+            error = self.held_out(*_table(self.start, self.raw, self.logits, self.grid, self.config.learn_grid))
             checks = self.state["checks"]
             if not bool((checks[~checks.isnan()] <= error).any()):
                 for name, value in self.raw.items():

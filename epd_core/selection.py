@@ -20,13 +20,13 @@ import torch
 from .config import DistillConfig
 from .params import EPDParams
 from .solver import Denoiser, sample
+from .starts import held_out_noises
 from .teachers import subdivide, teacher_trajectory
 
 __all__ = ["HeldOutCheck", "check_iterations", "CHECKS", "DIVERGED"]
 
 CHECKS = 10  # checks over a run, besides the start's
 DIVERGED = 1.25  # the last table is replaced when its check error exceeds the best check's by this factor
-CHUNK = 16  # noises per model call (rounded up to a multiple of the training batch)
 
 
 def check_iterations(iterations: int) -> list[int]:
@@ -47,15 +47,11 @@ class HeldOutCheck:
         config: DistillConfig, dtype: torch.dtype,
     ) -> None:  # fmt: skip
         self.denoiser, self.estimate = denoiser, config.final_estimate
-        gen = torch.Generator().manual_seed(config.seed + 4)
-        chunk = config.batch * -(-CHUNK // config.batch)
         fine = subdivide(grid.detach(), 2 * config.teacher_m + 1)
         self.noises: list[torch.Tensor] = []
         self.targets: list[torch.Tensor] = []
         with torch.no_grad():
-            while sum(x.shape[0] for x in self.noises) < config.keep_best:
-                noise = torch.randn((chunk, *shape), generator=gen, dtype=torch.float64).to(grid.device, dtype)
-                x = noise if start.is_flow else noise * grid[0].detach().to(dtype)
+            for x in held_out_noises(config, 4, config.keep_best, shape, start.is_flow, grid[0], dtype):
                 end = teacher_trajectory(denoiser, x, fine, config.teacher)[-1]
                 if self.estimate:
                     end = denoiser(end, fine[-1].expand(x.shape[0]).to(x.dtype))

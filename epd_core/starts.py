@@ -10,7 +10,7 @@ mixtures), so the check needs about a thousand noises: at 256 it saw none and ch
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -19,9 +19,23 @@ from .params import EPDParams
 from .solver import Denoiser, sample
 from .teachers import subdivide, teacher_trajectory
 
-__all__ = ["start_errors"]
+__all__ = ["start_errors", "held_out_noises"]
 
-CHUNK = 16  # noises per model call of the check (rounded up to a multiple of the training batch)
+CHUNK = 16  # noises per model call of a held-out check (rounded up to a multiple of the training batch)
+
+
+def held_out_noises(
+    config: DistillConfig, offset: int, count: int, shape: tuple[int, ...], flow: bool, t0: torch.Tensor,
+    dtype: torch.dtype,
+) -> Iterator[torch.Tensor]:  # fmt: skip
+    """Starting states of at least ``count`` noises that training never sees, drawn from ``config.seed + offset``
+    in chunks of a multiple of ``config.batch`` (so a conditioning batch tiles as in training), scaled to ``t0``
+    unless ``flow``."""
+    gen = torch.Generator().manual_seed(config.seed + offset)
+    chunk = config.batch * -(-CHUNK // config.batch)
+    for _ in range(-(-count // chunk)):
+        noise = torch.randn((chunk, *shape), generator=gen, dtype=torch.float64).to(t0.device, dtype)
+        yield noise if flow else noise * t0.detach().to(dtype)
 
 
 @torch.no_grad()
@@ -46,15 +60,11 @@ def start_errors(
     if any(not torch.allclose(g[[0, -1]], ends) for g in grids):
         raise ValueError("start tables to compare must share the first and last time point")
     flow = next(iter(starts.values()))[0].is_flow
-    gen = torch.Generator().manual_seed(config.seed + 3)
     union = torch.unique(torch.cat([g.to(grids[0]) for g in grids])).flip(0)
     fine = subdivide(union, config.teacher_m)
     noises = config.start_noises
-    chunk = config.batch * -(-CHUNK // config.batch)
     sums, count = dict.fromkeys(starts, 0.0), 0
-    while count < noises:
-        noise = torch.randn((chunk, *shape), generator=gen, dtype=torch.float64).to(grids[0].device, dtype)
-        x = noise if flow else noise * ends[0].to(dtype)
+    for x in held_out_noises(config, 3, noises, shape, flow, ends[0], dtype):
         teacher = teacher_trajectory(denoiser, x, fine, config.teacher)[-1]
         for name, (params, grid) in starts.items():
             sums[name] += float(((sample(denoiser, x, grid.cpu(), params) - teacher).double() ** 2).sum())

@@ -46,8 +46,9 @@ def make_table(
     (model,) = nodes["EPDMnistModel"].execute(kind).result
     positive, negative = nodes["EPDMnistClass"].execute("0-9").result
     steps, afs = time_points_for_nfe(nfe, student, afs)
-    start = training.start_tables(model.get_model_object("model_sampling"), steps, points, afs, student)
-    if init is not None:
+    if init is None:
+        start = training.start_tables(model.get_model_object("model_sampling"), steps, points, afs, student)
+    else:
         start = comfy_harness.pack_module("epd_core.files").load_params(init)  # the pack's EPDParams class
     metadata = {"tool": "scripts/make_mnist_tables.py", "model": f"demo_models/mnist-{kind}", "cfg": CFG,
                 "command": command}  # fmt: skip
