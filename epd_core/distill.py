@@ -30,7 +30,7 @@ from .selection import DIVERGED, HeldOutCheck, check_iterations
 from .solver import Denoiser, epd_step, evaluate_points, sample
 from .teachers import subdivide, teacher_trajectory
 
-__all__ = ["distill", "recomputed", "student_loss"]
+__all__ = ["distill", "loss_curve", "recomputed", "student_loss"]
 
 AUTHORS_LR_FLOOR = 0.01  # the authors' cosine schedule ends at this learning rate (eta_min)
 
@@ -345,10 +345,7 @@ def distill(
             ckpt.step(it + 1, history, config.iterations)
 
     table, final_grid = _table(start, *keeper.best(raw, logits), base_grid, config.learn_grid)
-    # The loss of one batch is noisy (a rare sample that changes mode dominates it): first and final loss are the
-    # means over the first and the last tenth of the run.
-    tenth = max(1, config.iterations // 10)
-    head, tail = ([v for v in part if math.isfinite(v)] for part in (history[:tenth], history[-tenth:]))
+    curve = loss_curve(history)
     fitted = table.replace(teacher=config.teacher, teacher_steps_m=config.teacher_m)
     errors = {}
     if config.plugin_base == "euler":  # a plugin table's student is its base's method: not sampled here
@@ -357,11 +354,24 @@ def distill(
         **dict(start.metadata),
         **(metadata or {}),
         **({"plugin_base": config.plugin_base} if config.plugin_base != "euler" else {}),
-        "distilled": {**config.provenance(), "first_loss": sum(head) / max(1, len(head)),
-                      "final_loss": sum(tail) / max(1, len(tail)),
+        "distilled": {**config.provenance(), "first_loss": curve[0], "final_loss": curve[-1], "loss_curve": curve,
                       **errors, **keeper.record()},
     }  # fmt: skip
     return fitted.replace(metadata=provenance)
+
+
+def loss_curve(history: list[float], parts: int = 10) -> list[float]:
+    """The training curve: the mean loss over each tenth of the run (finite values; NaN where a tenth has none).
+
+    The loss of one batch is noisy (a rare sample that changes mode dominates it), so a tenth's mean is what shows
+    whether a run still improves; its first and last are the metadata's ``first_loss`` and ``final_loss``."""
+    n = len(history)
+    bounds = sorted({round(n * j / parts) for j in range(parts + 1)})
+    means = []
+    for lo, hi in zip(bounds, bounds[1:], strict=False):
+        finite = [v for v in history[lo:hi] if math.isfinite(v)]
+        means.append(sum(finite) / len(finite) if finite else math.nan)
+    return means or [math.nan]
 
 
 def _table(start: EPDParams, raw: dict, logits: torch.Tensor, base_grid: torch.Tensor, learn_grid: bool):

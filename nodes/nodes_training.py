@@ -139,7 +139,7 @@ class EPDDistill(io.ComfyNode):
                                   feature_weight=feature_weight, **resume_options(path, iterations))  # fmt: skip
         saved = save_output(params, path, overwrite)
         d = params.metadata["distilled"]
-        loss = f"loss (mean of the first -> last tenth of the run) {d['first_loss']:.4g} -> {d['final_loss']:.4g}"
+        loss = "loss by tenth of the run " + " ".join(f"{v:.3g}" for v in d["loss_curve"])
         if feature_encoder is not None:
             loss += f" (last step: {feature_encoder.name} features x {feature_weight:g})"
         info = f"{describe(params)}; {start_report(params.metadata)}{loss}; {fit_report(d)}; saved {saved}"

@@ -53,6 +53,7 @@ def test_distill_node_saves_a_table_that_samples(epd_dir, kind):
     loaded = epd_core.load_params(path)
     assert torch.equal(loaded.r_params, params.r_params)
     d = loaded.metadata["distilled"]
+    assert "loss by tenth of the run " + " ".join(f"{v:.3g}" for v in d["loss_curve"]) in info
     # ComfyUI 0.33's Flux has an op without a backward pass (its rope kernel): the node falls back to the per-step
     # objective and says so.
     fell_back = "fallback" in loaded.metadata

@@ -14,7 +14,7 @@ from epd_core import EPDParams, GaussianMixture, load_params, make_schedule, sam
 from epd_core.__main__ import main as cli_main
 from epd_core.analytic import ode_endpoint
 from epd_core.config import DistillConfig
-from epd_core.distill import distill, recomputed, student_loss
+from epd_core.distill import distill, loss_curve, recomputed, student_loss
 from epd_core.params import TABLE_NAMES
 from epd_core.selection import DIVERGED, HeldOutCheck, check_iterations
 from epd_core.teachers import TEACHERS, subdivide, teacher_trajectory
@@ -49,6 +49,18 @@ def test_distillation_reduces_loss_and_beats_start(student, learn_grid):
     if learn_grid:
         assert torch.all(p.t_steps[1:] < p.t_steps[:-1])
         assert p.t_steps[0] == make_schedule(start)[0] and p.t_steps[-1] == make_schedule(start)[-1]
+    curve = d["loss_curve"]  # the training curve: ten means, the first and last of them the reported losses
+    assert len(curve) == 10 and curve[0] == d["first_loss"] and curve[-1] == d["final_loss"]
+    assert min(curve) < curve[0]
+
+
+def test_loss_curve_is_the_mean_of_each_tenth():
+    history = [float(i) for i in range(20)]
+    assert loss_curve(history) == [0.5 + 2 * j for j in range(10)]
+    assert loss_curve([1.0, float("nan"), 3.0, float("inf")], parts=2) == [1.0, 3.0]  # a failed batch is left out
+    short = loss_curve([4.0, 2.0, 6.0])  # fewer iterations than tenths: one mean per iteration
+    assert short == [4.0, 2.0, 6.0]
+    assert loss_curve([float("nan")] * 10)[0] != loss_curve([float("nan")] * 10)[0]  # NaN where a tenth has none
 
 
 def test_global_objective_backpropagates_through_the_trajectory():
