@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -38,8 +39,10 @@ def best_builtin(carry: list[dict], form: str, mixture: str, nfe: int, n: int) -
     return min(rows, key=lambda r: r["rmse"]) if rows else None
 
 
-def case(form: str, mixture: str, nfe: int, n: int, settings: dict, carry: list[dict]) -> list[dict]:
-    """One form x mixture x NFE: a table fitted by EPD Distill with its defaults (and ``settings``), each ending."""
+def case(form: str, mixture: str, nfe: int, n: int, settings: dict, carry: list[dict],
+         keep: Path | None = None) -> list[dict]:  # fmt: skip
+    """One form x mixture x NFE: a table fitted by EPD Distill with its defaults (and ``settings``), each ending;
+    the table is copied to ``keep`` (a folder) when given."""
     nodes, noise, model, gm, exact, gap = held_out(form, mixture, n)
     import folder_paths
 
@@ -53,6 +56,10 @@ def case(form: str, mixture: str, nfe: int, n: int, settings: dict, carry: list[
             t0 = time.time()
             params, _ = nodes["EPDDistill"].execute(model, cond, cond, empty, **args).result
             seconds = time.time() - t0
+            if keep is not None:
+                keep.mkdir(parents=True, exist_ok=True)
+                name = f"{form}-{mixture}-nfe{nfe}.safetensors"
+                shutil.copyfile(Path(tmp) / "bench_defaults.safetensors", keep / name)
         finally:
             folder_paths.folder_names_and_paths["epd"] = (paths, exts)
     best = best_builtin(carry, form, mixture, nfe, n)
@@ -65,6 +72,7 @@ def case(form: str, mixture: str, nfe: int, n: int, settings: dict, carry: list[
                "sampler": "epd_defaults", "scheduler": label, "settings": settings, "train_s": round(seconds, 1),
                "start": params.metadata.get("start", {}).get("grid", "model grid (no choice)"),
                "checks": params.metadata["distilled"].get("checks"),
+               "loss_curve": params.metadata["distilled"]["loss_curve"],
                **metrics(gm, out, exact)}  # fmt: skip
         if best is not None:
             row.update(builtin=f"{best['sampler']} / {best['scheduler']}", builtin_rmse=best["rmse"],
@@ -93,12 +101,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samples", type=int, default=8192, help="held-out noises (8,192: carry.json's built-ins)")
     ap.add_argument("--set", nargs="*", default=[], metavar="INPUT=JSON", help="EPD Distill inputs to change")
     ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--keep-tables", type=Path, default=None, metavar="DIR", help="keep the fitted tables here")
     args = ap.parse_args(argv)
     settings = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
     carry_path = RESULTS / "carry.json"
     carry = json.loads(carry_path.read_text()) if carry_path.exists() else []
     rows = [r for form in args.forms for mixture in args.mixtures for nfe in args.nfes
-            for r in case(form, mixture, nfe, args.samples, settings, carry)]  # fmt: skip
+            for r in case(form, mixture, nfe, args.samples, settings, carry, args.keep_tables)]  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "defaults.json").write_text(json.dumps(rows, indent=1))
     table = summarize(rows)

@@ -274,10 +274,23 @@ def test_defaults_benchmark_fits_with_the_nodes_own_defaults(tmp_path):
     assert (got["batch"], got["iterations"], got["learn_grid"]) == (32, 400, True)  # the node's, not the library's
     assert got["nfe"] == 10 and got["points"] == 3
     assert defaults.main(["--forms", "sd3_flow", "--mixtures", "reference", "--nfes", "5", "--samples", "32",
-                          "--set", "iterations=2", "--out", str(tmp_path)]) == 0  # fmt: skip
+                          "--set", "iterations=2", "--out", str(tmp_path),
+                          "--keep-tables", str(tmp_path)]) == 0  # fmt: skip
     rows = json.loads((tmp_path / "defaults.json").read_text())
     assert [r["scheduler"] for r in rows] == ["as KSampler comes", "+estimate"]
     assert all(r["nfe"] == 5 and r["settings"] == {"iterations": 2} and r["rmse"] > 0 for r in rows)
+    assert all(len(r["loss_curve"]) == 2 for r in rows)  # one mean per iteration of a run shorter than ten
+    # bench.diagnose samples the kept table in the core on the same noises: the same error as through ComfyUI, its
+    # wrong-component samples each committed at one step, and the training teacher closer to the exact solution
+    from bench import diagnose
+
+    assert diagnose.main(["--tables", str(tmp_path), "--samples", "32", "--out", str(tmp_path)]) == 0
+    (d,) = json.loads((tmp_path / "diagnosis.json").read_text())
+    assert (d["model"], d["mixture"], d["nfe"]) == ("analytic-sd3_flow", "reference", 5)
+    assert d["rmse"] == pytest.approx(rows[1]["rmse"], rel=1e-3) and d["wrong_mode"] == rows[1]["wrong_mode"]
+    assert sum(d["commit_step"].values()) == d["wrong_mode"]
+    assert set(d["commit_step"]) <= {"1", "2", "3", "4", "5", "end"}
+    assert d["teacher"] == f"dpm2 M={DistillConfig.node_default('teacher_m')}" and d["teacher_rmse"] < d["rmse"]
     assert not any("ratio" in r for r in rows)  # carry.json's built-ins ran on 8,192 other noises
     case = {"model": "analytic-sd3_flow", "mixture": "reference", "nfe": 5}
     carry = [{**case, "samples": 32, "sampler": "ipndm", "rmse": 0.2}, {**case, "samples": 32, "sampler": "epd_carry",
