@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from bench.accuracy import HELD_OUT_SEED, RESULTS
-from bench.carry import case_key
+from bench.defaults import best_builtin
 from epd_core.analytic import GaussianMixture, rk4
 from epd_core.files import load_params
 from epd_core.schedules import make_schedule, polynomial
@@ -76,10 +76,10 @@ def diagnose(path: Path, n: int, builtins: list[dict]) -> dict:
     noise = torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(HELD_OUT_SEED)).double()
     x = noise * math.sqrt(1 + float(grid[0]) ** 2) if form == "sd15_eps" else noise
     exact = exact_from(gm, form, x, float(grid[0]))
-    states: list[torch.Tensor] = []
-    last = sample(den, x, grid, params, callback=lambda step: states.append(step["x"].detach().clone()))
-    states.append(last)  # the student's state at every grid point
-    out = sample(den, x, torch.cat([grid, grid.new_zeros(1)]), params, final="estimate")
+    steps: list[dict] = []
+    last = sample(den, x, grid, params, callback=steps.append)
+    states = [step["x"] for step in steps] + [last]  # the student's state at every grid point
+    out = steps[-1]["denoised"]  # the last step's own x0 estimate: the table ended on its free estimate
     d = params.metadata.get("distilled", {})
     teacher, m_points = d.get("teacher", params.teacher), int(d.get("teacher_m", params.teacher_steps_m))
     fine = subdivide(grid, m_points)
@@ -87,9 +87,7 @@ def diagnose(path: Path, n: int, builtins: list[dict]) -> dict:
     t_end = den(t_end, fine[-1].expand(n))
     rms = lambda a: float(((a - exact) ** 2).mean().sqrt())  # noqa: E731
     wrong = lambda a: int((gm.component(a) != gm.component(exact)).sum())  # noqa: E731
-    key = (f"analytic-{form}", mixture, nfe)
-    best = min((r for r in builtins if case_key(r) == key and r["samples"] == n and not r["sampler"].startswith("epd")),
-               key=lambda r: r["rmse"], default=None)  # fmt: skip
+    best = best_builtin(builtins, form, mixture, nfe, n)
     return {
         "model": f"analytic-{form}", "mixture": mixture, "nfe": nfe, "samples": n,
         "rmse": rms(out), "wrong_mode": wrong(out),
