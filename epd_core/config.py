@@ -104,6 +104,12 @@ class DistillConfig(_Config):
         "run whose last table is more than 1.25x further from it than the best checked one (a run that diverged) "
         "ends with the best. 0: no checks. EPD tables; not with a feature loss or a plugin base",
     )
+    robust: float = _opt(
+        0.0,
+        "pseudo-Huber scale c of each sample's mean squared error e: the loss is 2c(sqrt(e + c^2) - c), e itself "
+        "for e << c^2 and growing like sqrt(e) beyond, so the rare samples that change mode do not set the "
+        "gradient's direction alone; 0: the mean squared error",
+    )
     afs_mean: bool = _opt(
         True,
         "with the analytic first step: estimate the data's per-channel mean (the model's denoised average at the "
@@ -116,6 +122,8 @@ class DistillConfig(_Config):
         if self.iterations < 1 or self.batch < 1 or min(counts) < 0:
             raise ValueError("iterations and batch must be >= 1, teacher_m, start_noises, micro_batch and keep_best "
                              ">= 0")  # fmt: skip
+        if self.robust < 0:
+            raise ValueError(f"robust must be >= 0, got {self.robust}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
         if self.objective in ("global", "authors") and self.gradient != "autograd":

@@ -147,6 +147,15 @@ def student_loss(
     return total, rollout.x
 
 
+def distance(x: torch.Tensor, target: torch.Tensor, robust: float = 0.0) -> torch.Tensor:
+    """The mean over samples of each sample's mean squared error ``e``; with ``robust = c > 0`` of the pseudo-Huber
+    ``2c (sqrt(e + c^2) - c)`` instead (``e`` for small errors, ``2c sqrt(e)`` for large ones)."""
+    err = ((x - target) ** 2).flatten(1).mean(1)
+    if robust > 0:
+        err = 2 * robust * (torch.sqrt(err + robust**2) - robust)
+    return err.mean()
+
+
 class _Rollout:
     """The student walking the grid from ``x``, one step at a time, with each step's loss against the teacher."""
 
@@ -184,7 +193,7 @@ class _Rollout:
         else:
             t_end = 0.0 if config.final_estimate and last else t_next.to(x.dtype)
             w = 1.0 / (1.0 + t_end**2) if config.weighting == "snr" else 1.0
-            loss = w * ((x_next - targets[i + 1]) ** 2).mean()
+            loss = w * distance(x_next, targets[i + 1], config.robust)
         self.history = [h.detach() for h in history] if self.local else history
         self.x = x_next.detach() if self.local else x_next
         return loss

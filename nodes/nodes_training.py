@@ -104,6 +104,7 @@ class EPDDistill(io.ComfyNode):
                 advanced(config_input(d, "start_noises", "start_check", min=0, max=65536, optional=True)),
                 advanced(config_input(d, "micro_batch", min=0, max=256, optional=True)),
                 advanced(config_input(d, "keep_best", min=0, max=65536, optional=True)),
+                advanced(config_input(d, "robust", min=0.0, max=10.0, step=0.001, optional=True)),
             ],
             outputs=[EPDParamsType.Output(display_name="epd_params"), io.String.Output(display_name="info")],
         )
@@ -113,7 +114,7 @@ class EPDDistill(io.ComfyNode):
         cls, model, positive, negative, latent_image, cfg, nfe, points, teacher, teacher_steps, iterations, batch,
         learning_rate, seed, learn_grid, filename, overwrite, start_params=None, final_estimate=None,
         objective=None, student=None, feature_encoder=None, feature_weight=1.0, start_check=None,
-        micro_batch=None, keep_best=None,
+        micro_batch=None, keep_best=None, robust=None,
     ) -> io.NodeOutput:  # fmt: skip
         # The per-step objective needs only the derivatives along the two ways a table moves a point: finite
         # differences, no backpropagation through the network (any architecture, no activation memory). The
@@ -128,6 +129,7 @@ class EPDDistill(io.ComfyNode):
             start_noises=default("start_noises") if start_check is None else start_check,
             micro_batch=default("micro_batch") if micro_batch is None else micro_batch,
             keep_best=default("keep_best") if keep_best is None else keep_best,
+            robust=default("robust") if robust is None else robust,
         )  # fmt: skip
         path = output_path(filename, overwrite)
         student = student or DEFAULT_STUDENT

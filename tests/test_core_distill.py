@@ -14,7 +14,7 @@ from epd_core import EPDParams, GaussianMixture, load_params, make_schedule, sam
 from epd_core.__main__ import main as cli_main
 from epd_core.analytic import ode_endpoint
 from epd_core.config import DistillConfig
-from epd_core.distill import distill, loss_curve, recomputed, student_loss
+from epd_core.distill import distance, distill, loss_curve, recomputed, student_loss
 from epd_core.params import TABLE_NAMES
 from epd_core.selection import DIVERGED, HeldOutCheck, check_iterations
 from epd_core.teachers import TEACHERS, subdivide, teacher_trajectory
@@ -61,6 +61,26 @@ def test_loss_curve_is_the_mean_of_each_tenth():
     short = loss_curve([4.0, 2.0, 6.0])  # fewer iterations than tenths: one mean per iteration
     assert short == [4.0, 2.0, 6.0]
     assert loss_curve([float("nan")] * 10)[0] != loss_curve([float("nan")] * 10)[0]  # NaN where a tenth has none
+
+
+def test_robust_distance_is_the_squared_error_for_small_errors_and_bounds_an_outlier():
+    """``robust=0`` is the mean squared error; ``robust=c`` the pseudo-Huber of each sample's error: equal to it for
+    small errors, and an outlier sample's share of the gradient falls from nearly all to about half."""
+    target = torch.zeros(8, 4, 3, dtype=torch.float64)
+    x = torch.full_like(target, 1e-3)
+    x[0] = 3.0  # one sample in the wrong mode
+    x.requires_grad_(True)
+    assert torch.allclose(distance(x, target), ((x - target) ** 2).mean(), rtol=1e-14, atol=0)
+    small = torch.full_like(target, 1e-3)
+    assert float(distance(small, target, 0.1)) == pytest.approx(1e-6, rel=1e-4)
+    shares = []
+    for robust in (0.0, 0.01):
+        (grad,) = torch.autograd.grad(distance(x, target, robust), x)
+        norms = grad.flatten(1).norm(dim=1)
+        shares.append(float(norms[0] / norms.sum()))
+    assert shares[0] > 0.99 and shares[1] < 0.65
+    with pytest.raises(ValueError, match="robust"):
+        DistillConfig(robust=-1.0)
 
 
 def test_global_objective_backpropagates_through_the_trajectory():
