@@ -5,7 +5,8 @@ extra points inside every student interval gives the reference state at each
 student grid point; the student takes one EPD step from its *own* current
 state; the loss is the squared distance to the teacher at the matching time,
 summed over steps (the student continues from its detached output). Adam with
-a cosine learning-rate schedule. Optionally the interior grid points are
+a cosine learning-rate schedule. Optionally each sample's squared distance goes
+through a pseudo-Huber loss (:func:`distance`), the interior grid points are
 learned too (the table then carries its grid), and the final step's loss can
 be replaced by a caller's feature loss.
 """
@@ -30,7 +31,7 @@ from .selection import DIVERGED, HeldOutCheck, check_iterations
 from .solver import Denoiser, epd_step, evaluate_points, sample
 from .teachers import subdivide, teacher_trajectory
 
-__all__ = ["distill", "loss_curve", "recomputed", "student_loss"]
+__all__ = ["distance", "distill", "loss_curve", "recomputed", "student_loss"]
 
 AUTHORS_LR_FLOOR = 0.01  # the authors' cosine schedule ends at this learning rate (eta_min)
 
@@ -136,6 +137,7 @@ def student_loss(
     the step stays EPD's (see :mod:`epd_core.plugin`).
     ``final_estimate``: the last step is extended to sigma 0 (sampling with ``final="estimate"``); ``targets[-1]``
     is then the teacher's denoised end point.
+    ``robust``: each step's distance is :func:`distance` with that pseudo-Huber scale (0: the squared error).
     """
     config = config or DistillConfig()
     rollout = _Rollout(denoiser, params, raw, grid, x, config)
