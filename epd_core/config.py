@@ -20,6 +20,7 @@ __all__ = ["DistillConfig", "NODE_DISTILL", "RDPOConfig", "OBJECTIVES", "WEIGHTI
 OBJECTIVES = ("local", "global", "authors")
 WEIGHTINGS = ("uniform", "snr")
 GRADIENTS = ("autograd", "fd")
+DIVERGED = 1.25  # keep_best: the last table is replaced when its check error exceeds the best check's by this factor
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:
@@ -101,8 +102,8 @@ class DistillConfig(_Config):
     keep_best: int = _opt(
         0,
         "held-out noises of a check at the start and after every tenth of the run against a 2x finer teacher: a "
-        "run whose last table is more than 1.25x further from it than the best checked one (a run that diverged) "
-        "ends with the best. 0: no checks. EPD tables; not with a feature loss or a plugin base",
+        f"run whose last table is more than {DIVERGED}x further from it than the best checked one (a run that "
+        "diverged) ends with the best. 0: no checks. EPD tables; not with a feature loss or a plugin base",
     )
     robust: float = _opt(
         0.0,

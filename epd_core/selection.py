@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .config import DistillConfig
+from .config import DIVERGED, DistillConfig
 from .params import EPDParams
 from .solver import Denoiser, sample
 from .starts import held_out_noises
@@ -26,7 +26,6 @@ from .teachers import subdivide, teacher_trajectory
 __all__ = ["HeldOutCheck", "check_iterations", "CHECKS", "DIVERGED"]
 
 CHECKS = 10  # checks over a run, besides the start's
-DIVERGED = 1.25  # the last table is replaced when its check error exceeds the best check's by this factor
 
 
 def check_iterations(iterations: int) -> list[int]:
