@@ -24,28 +24,16 @@ from pathlib import Path
 
 import torch
 
-from bench.accuracy import HELD_OUT_SEED, RESULTS
+from bench.accuracy import HELD_OUT_SEED, RESULTS, exact_endpoint, mixture_denoiser
 from bench.defaults import best_builtin
-from epd_core.analytic import GaussianMixture, rk4
+from epd_core.analytic import GaussianMixture
 from epd_core.files import load_params
-from epd_core.schedules import make_schedule, polynomial
+from epd_core.schedules import make_schedule
 from epd_core.solver import sample
 from epd_core.teachers import subdivide, teacher_trajectory
 
 NAME = re.compile(r"(?P<form>\w+?)-(?P<mixture>\w+)-nfe(?P<nfe>\d+)")
 CONTINUATION_STEPS = 200  # RK4 steps of an exact continuation (the answer key uses 400 from sigma max)
-
-
-def denoiser_of(gm: GaussianMixture, form: str):
-    return gm.denoise_ve if form == "sd15_eps" else gm.denoise_flow
-
-
-def exact_from(gm: GaussianMixture, form: str, x: torch.Tensor, t: float) -> torch.Tensor:
-    """The exact ODE end point from state ``x`` at time ``t`` (RK4 in float64, then the denoised end)."""
-    den = denoiser_of(gm, form)
-    grid = polynomial(CONTINUATION_STEPS, 1e-5, t)
-    end = rk4(den, x.double(), grid)
-    return den(end, grid[-1].expand(x.shape[0]))
 
 
 def commit_steps(gm, form, states: list[torch.Tensor], times: list[float], out, exact) -> dict[str, int]:
@@ -56,7 +44,7 @@ def commit_steps(gm, form, states: list[torch.Tensor], times: list[float], out, 
         return {}
     stays = torch.zeros(len(states), wrong.numel(), dtype=torch.bool)  # continuation still in the exact component
     for i, (x, t) in enumerate(zip(states, times, strict=True)):
-        stays[i] = gm.component(exact_from(gm, form, x[wrong], t)) == right[wrong]
+        stays[i] = gm.component(exact_endpoint(gm, form, x[wrong], t, CONTINUATION_STEPS)) == right[wrong]
     counts: dict[str, int] = {}
     for j in range(wrong.numel()):
         kept = stays[:, j].nonzero().flatten()
@@ -71,11 +59,11 @@ def diagnose(path: Path, n: int, builtins: list[dict]) -> dict:
     form, mixture, nfe = m["form"], m["mixture"], int(m["nfe"])
     params = load_params(path)
     gm = GaussianMixture.named(mixture)
-    den = denoiser_of(gm, form)
+    den = mixture_denoiser(gm, form)
     grid = make_schedule(params).double()
     noise = torch.randn(n, 4, 8, 8, generator=torch.Generator().manual_seed(HELD_OUT_SEED)).double()
     x = noise * math.sqrt(1 + float(grid[0]) ** 2) if form == "sd15_eps" else noise
-    exact = exact_from(gm, form, x, float(grid[0]))
+    exact = exact_endpoint(gm, form, x, float(grid[0]), CONTINUATION_STEPS)
     steps: list[dict] = []
     last = sample(den, x, grid, params, callback=steps.append)
     states = [step["x"] for step in steps] + [last]  # the student's state at every grid point
