@@ -169,8 +169,11 @@ def plugin_table(rows: list[dict]) -> str:
         row = [FORMS.get(model, model), nfe, max(set(tables), key=tables.count),
                *(_ratio(cells[b]["ratio"], PLUGIN_TARGET) if b in cells else "" for b in bases)]  # fmt: skip
         lines.append("| " + " | ".join(str(c) for c in row) + " |")
-    counts = {("MNIST models" if r["model"].startswith("mnist") else "mixtures", r["samples"]) for r in rows}
-    samples = "; ".join(f"{n:,} noises on the {group}" for group, n in sorted(counts))
+    counts: dict[str, set[int]] = {}
+    for r in rows:
+        counts.setdefault("MNIST models" if r["model"].startswith("mnist") else "mixtures", set()).add(r["samples"])
+    samples = "; ".join(f"{' or '.join(f'{n:,}' for n in sorted(ns))} noises on the {group}"
+                        for group, ns in sorted(counts.items()))  # fmt: skip
     intro = (f"Each cell: the bare base's RMSE at its best schedule / the base under EPD Plugin's (`python -m "
              f"bench.plugin`, {samples}; `bench/results/plugin.md` has the RMSEs, schedules, tables, wrong modes and "
              f"FIDs). Bold: at least {PLUGIN_TARGET}x. {met[0]} of {met[1]} cells.")  # fmt: skip
