@@ -96,7 +96,7 @@ EXAMPLES: list[dict] = [
         "id": "epd_distill_analytic",
         "title": "5 EPD Distill a table for your model (no download)",
         "note": "EPD Distill fits a table to the model it is given (here the analytic model, with quick settings: "
-        "60 iterations of 16 noises, under a minute on a CPU; the node's defaults, 400 iterations of 32 noises, fit "
+        "60 iterations of 16 noises, under a minute on a CPU; the node's defaults, 800 iterations of 16 noises, fit "
         "a better table in a few minutes) and saves it as models/epd/my_analytic_table.safetensors; EPD KSampler "
         "then samples with it.\n\n"
         "Needs nothing to download. For your own model, connect its MODEL and prompts instead.",
