@@ -36,7 +36,7 @@ from ..epd_core.rdpo import rdpo
 from ..epd_core.schedules import polynomial
 from ..epd_core.starts import start_errors
 from ..epd_core.teachers import subdivide, teacher_trajectory
-from .autograd import make_differentiable
+from .autograd import backward_failure, make_differentiable
 from .features import Encoder, final_feature_loss
 from .guard import PACK, user_error, user_path, user_text
 from .rewards import Reward
@@ -179,19 +179,15 @@ def distill_on_model(
 
         if config.gradient != "autograd":
             return run(config, s.denoiser, {})
-        try:  # through the rollout, each call's activations are recomputed in the backward pass: one call's memory
+        probe = torch.zeros((config.micro_batch or config.batch, *s.shape), device=s.device)
+        reason = backward_failure(s.denoiser, probe, grid[:1].to(probe).expand(probe.shape[0]))
+        if reason is None:  # through the rollout, each call's activations are recomputed in the backward pass
             return run(config, recomputed(s.denoiser), {})
-        except RuntimeError as error:
-            if "autograd" not in str(error) and "derivative" not in str(error):
-                raise
-            # Some models have operations without a backward pass (ComfyUI 0.33's Flux rope kernel): the per-step
-            # objective needs none (finite differences).
-            reason = str(error).split("\n")[0][:200]
-            log.warning(
-                "EPD Distill: no backward pass through this model (%s); training the per-step objective", reason
-            )
-            local = dataclasses.replace(config, objective="local", gradient="fd")
-            return run(local, s.denoiser, {"fallback": f"objective {config.objective} -> local: {reason}"})
+        # A model with an operation that has no backward pass (ComfyUI 0.33's Flux rope kernel): the per-step
+        # objective needs none (finite differences).
+        log.warning("EPD Distill: no backward pass through this model (%s); training the per-step objective", reason)
+        local = dataclasses.replace(config, objective="local", gradient="fd")
+        return run(local, s.denoiser, {"fallback": f"objective {config.objective} -> local: {reason}"})
 
     return _train_on_model(model, positive, negative, cfg, latent, first, config, fit)
 

@@ -160,6 +160,51 @@ def test_objectives_through_the_rollout_backpropagate_through_the_model(epd_dir,
     assert (d["objective"], d["gradient"]) == (objective, "autograd") and "held-out" in info
     assert not any(p.is_inference() for p in diffusion.parameters())
     assert all(torch.equal(p, weights[name]) for name, p in diffusion.named_parameters())
+    # the gradient reaches the table through the model's inputs; the weights are frozen and keep no .grad
+    assert not any(p.requires_grad or p.grad is not None for p in model.model.parameters())
+
+
+class _NoBackward(torch.autograd.Function):
+    """An operation with a forward pass only, as a fused kernel without a derivative formula."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("fused_rope_kernel: unsupported in training\n(second line)")
+
+
+def test_backward_failure_tells_a_model_without_gradients_from_a_broken_one():
+    """The probe behind EPD Distill's fallback judges by what happens, not by the error's wording: a backward
+    pass that raises is a reason to fall back, an error the model raises without gradients too propagates."""
+    probe = H.pack_module("nodes.autograd").backward_failure
+    x, sigma = torch.zeros(2, 3), torch.ones(2)
+    assert probe(lambda x, s: x * s[:, None], x, sigma) is None
+    assert (
+        probe(lambda x, s: _NoBackward.apply(x * s[:, None]), x, sigma) == "fused_rope_kernel: unsupported in training"
+    )
+
+    def broken(x, s):
+        raise RuntimeError("mat1 and mat2 shapes cannot be multiplied")
+
+    with pytest.raises(RuntimeError, match="shapes cannot be multiplied"):
+        probe(broken, x, sigma)
+
+
+def test_a_model_without_a_backward_pass_falls_back_to_the_per_step_objective(epd_dir):
+    """A model with an operation that has no backward pass (here through ComfyUI's own UNet function wrapper; ComfyUI
+    0.33's Flux rope kernel is one) trains the per-step objective by finite differences, and the node says so."""
+    model = tiny_model("sd3").clone()
+    model.set_model_unet_function_wrapper(
+        lambda apply, a: _NoBackward.apply(apply(a["input"], a["timestep"], **a["c"]))
+    )
+    params, info = _run(model, "sd3", "no_backward", iterations=2, objective="global")
+    d = params.metadata["distilled"]
+    assert (d["objective"], d["gradient"]) == ("local", "fd")
+    assert "no backward pass through this model" in info and "fused_rope_kernel: unsupported in training" in info
+    assert params.metadata["fallback"] == "objective global -> local: fused_rope_kernel: unsupported in training"
 
 
 def test_micro_batches_through_a_comfyui_model_train_the_same_table(epd_dir):
