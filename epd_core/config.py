@@ -14,8 +14,8 @@ from typing import Any
 from .bases import BASES
 from .teachers import TEACHERS
 
-__all__ = ["DistillConfig", "NODE_DISTILL", "RDPOConfig", "OBJECTIVES", "WEIGHTINGS", "GRADIENTS", "add_arguments",
-           "from_arguments"]  # fmt: skip
+__all__ = ["DistillConfig", "NODE_DISTILL", "node_iterations", "RDPOConfig", "OBJECTIVES", "WEIGHTINGS", "GRADIENTS",
+           "add_arguments", "from_arguments"]  # fmt: skip
 
 OBJECTIVES = ("local", "global", "authors")
 WEIGHTINGS = ("uniform", "snr")
@@ -143,8 +143,9 @@ class DistillConfig(_Config):
 # recorded commands keep): the recipe the benchmark chose for a user who only picks the NFE (``python -m
 # bench.defaults``, README "What EPD Distill's defaults give"). The whole trajectory answers for the end result
 # (``global``), fitted for the free final estimate, with a learned grid, on about as many noises as the authors'
-# Stable Diffusion runs (12,800; 5,000 there) taken as 800 Adam steps of 16 (as 32 x 400 the mixtures' NFE-10 targets
-# were met in 4 of 9 cases, as 16 x 800 in 6; NFE 5 5 of 9 either way; README "Budget split"), backpropagated 4 noises
+# Stable Diffusion runs (12,800 at NFE 10; 5,000 there) taken as 800 Adam steps of 16 (as 32 x 400 the mixtures'
+# NFE-10 targets were met in 4 of 9 cases, as 16 x 800 in 6; README "Budget split"), and below NFE 10 as many more
+# steps as keep the cost (the iterations input's 0, "auto": :func:`node_iterations`), backpropagated 4 noises
 # at a time, against a teacher with M = 7 points inside every step: with M = 3 the teacher was the ceiling at NFE 10
 # (on the SD3-form wide mixture 0.018 from the exact solution, the best built-in 0.020; M = 7: 0.004; bench.diagnose).
 # Each sample's error goes through a pseudo-Huber loss (robust = 0.01): on the 18 mixture cases the samples that stay
@@ -152,7 +153,17 @@ class DistillConfig(_Config):
 # targets met unchanged (README, "Robust loss"). The divergence guard (keep_best) stays off: it misjudged a run that
 # trained well (README, "Divergence guard").
 NODE_DISTILL: dict[str, Any] = {"objective": "global", "final_estimate": True, "learn_grid": True, "batch": 16,
-                                "iterations": 800, "micro_batch": 4, "teacher_m": 7, "robust": 0.01}  # fmt: skip
+                                "iterations": 0, "micro_batch": 4, "teacher_m": 7, "robust": 0.01}  # fmt: skip
+NODE_ITERATIONS = 800  # EPD Distill's Adam steps from NFE 10 on; below, the same training cost in more steps
+
+
+def node_iterations(nfe: int) -> int:
+    """EPD Distill's iterations when its input is 0 (auto): 800 from NFE 10 on, ``8,000 / NFE`` below (1,600 at NFE
+    5). An iteration's model evaluations grow with the NFE (teacher and student walk NFE steps), so every NFE up to
+    10 trains at about NFE 10's cost; at NFE 5 the 1,600 steps beat 800 on 7 of 8 mixtures (README, "Budget split")."""
+    if nfe < 1:
+        raise ValueError(f"nfe must be >= 1, got {nfe}")
+    return max(NODE_ITERATIONS, round(NODE_ITERATIONS * 10 / nfe))
 
 
 GROUPINGS = ("noise", "prompt")

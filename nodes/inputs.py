@@ -64,11 +64,11 @@ def output_inputs(default_name: str) -> list:
     ]
 
 
-def config_input(config: type, field: str, name: str | None = None, **limits: Any):
+def config_input(config: type, field: str, name: str | None = None, more: str = "", **limits: Any):
     """A node input for one training hyper-parameter: its default (the node's where the config has one), choices
-    and help from the core's config."""
+    and help from the core's config (``more`` added to the help: what the node makes of a value)."""
     default = getattr(config, "node_default", config.default)(field)
-    tooltip, name = config.help(field), name or field
+    tooltip, name = config.help(field) + more, name or field
     tooltip = tooltip[0].upper() + tooltip[1:] + "."
     if isinstance(default, bool):
         return io.Boolean.Input(name, default=default, tooltip=tooltip, **limits)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..epd_core.config import PRESETS, DistillConfig, RDPOConfig, rdpo_preset
+from ..epd_core.config import NODE_ITERATIONS, PRESETS, DistillConfig, RDPOConfig, node_iterations, rdpo_preset
 from ..epd_core.params import DEFAULT_STUDENT, time_points_for_nfe
 from .features import clip_vision_encoder
 from .inputs import EncoderType, EPDParamsType, advanced, config_input, epd_params_input, output_inputs, seed_input
@@ -17,6 +17,8 @@ REWARD_FOLDER = "epd_rewards"  # models/epd_rewards: preference heads (safetenso
 DEFAULT_NFE = 10
 DEFAULT_POINTS = 3  # K of a new table (the bundled analytic tables' K; the benchmark's recipe)
 RDPO_TEACHER_M = 4  # teacher points per step of the fidelity reward's reference
+AUTO_ITERATIONS = (f"; 0: auto, {NODE_ITERATIONS} from NFE 10 on and {NODE_ITERATIONS * 10:,} / NFE below (NFE 5: "
+                   f"{node_iterations(5):,}), about the same training time at every NFE")  # fmt: skip
 
 
 def _training_inputs() -> list:
@@ -60,7 +62,7 @@ class EPDDistill(io.ComfyNode):
                 ),
                 config_input(d, "teacher"),
                 config_input(d, "teacher_m", "teacher_steps", min=0, max=32),
-                config_input(d, "iterations", min=1, max=100000),
+                config_input(d, "iterations", more=AUTO_ITERATIONS, min=0, max=100000),
                 config_input(d, "batch", min=1, max=256),
                 advanced(config_input(d, "lr", "learning_rate", min=1e-5, max=1.0, step=0.001)),
                 seed_input(d.help("seed").capitalize() + ".", d.default("seed")),
@@ -123,6 +125,8 @@ class EPDDistill(io.ComfyNode):
         objective = objective or default("objective")
         final_estimate = default("final_estimate") if final_estimate is None else final_estimate
         gradient = "fd" if objective == "local" else "autograd"
+        auto = iterations == 0
+        iterations = node_iterations(nfe) if auto else iterations
         config = DistillConfig(
             iterations=iterations, batch=batch, teacher=teacher, teacher_m=teacher_steps, lr=learning_rate,
             seed=seed, learn_grid=learn_grid, final_estimate=final_estimate, gradient=gradient, objective=objective,
@@ -141,7 +145,8 @@ class EPDDistill(io.ComfyNode):
                                   feature_weight=feature_weight, **resume_options(path, iterations))  # fmt: skip
         saved = save_output(params, path, overwrite)
         d = params.metadata["distilled"]
-        loss = "loss by tenth of the run " + " ".join(f"{v:.3g}" for v in d["loss_curve"])
+        loss = f"{d['iterations']} iterations{' (auto)' if auto else ''} of {d['batch']} noises, loss by tenth of "
+        loss += "the run " + " ".join(f"{v:.3g}" for v in d["loss_curve"])
         if feature_encoder is not None:
             loss += f" (last step: {feature_encoder.name} features x {feature_weight:g})"
         info = f"{describe(params)}; {start_report(params.metadata)}{loss}; {fit_report(d)}; saved {saved}"

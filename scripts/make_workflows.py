@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
-from epd_core.config import NODE_DISTILL
+from epd_core.config import NODE_DISTILL, node_iterations
 from epd_dev import ROOT, comfy_harness
 
 OUT = ROOT / "example_workflows"
@@ -98,8 +98,9 @@ EXAMPLES: list[dict] = [
         "title": "5 EPD Distill a table for your model (no download)",
         "note": "EPD Distill fits a table to the model it is given (here the analytic model, with quick settings: "
         "60 iterations of 16 noises, under a minute on a CPU; the node's defaults, "
-        f"{NODE_DISTILL['iterations']} iterations of {NODE_DISTILL['batch']} noises, fit a better table in a few "
-        "minutes) and saves it as models/epd/my_analytic_table.safetensors; EPD KSampler then samples with it.\n\n"
+        f"{node_iterations(10)} iterations of {NODE_DISTILL['batch']} noises at NFE 10, {node_iterations(5):,} at "
+        "NFE 5, fit a better table in a few minutes) and saves it as models/epd/my_analytic_table.safetensors; EPD "
+        "KSampler then samples with it.\n\n"
         "Needs nothing to download. For your own model, connect its MODEL and prompts instead.",
         "graph": None,
     },

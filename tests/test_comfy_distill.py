@@ -55,7 +55,7 @@ def test_distill_node_saves_a_table_that_samples(epd_dir, kind):
     assert torch.equal(loaded.r_params, params.r_params)
     d = loaded.metadata["distilled"]
     assert d["robust"] == (0.0 if kind == "sd3" else 0.01)
-    assert "loss by tenth of the run " + " ".join(f"{v:.3g}" for v in d["loss_curve"]) in info
+    assert "6 iterations of 2 noises, loss by tenth of the run " + " ".join(f"{v:.3g}" for v in d["loss_curve"]) in info
     # ComfyUI 0.33's Flux has an op without a backward pass (its rope kernel): the node falls back to the per-step
     # objective and says so.
     fell_back = "fallback" in loaded.metadata
@@ -267,6 +267,31 @@ def test_interrupt_stops_and_saves_nothing(epd_dir, check):
     assert seen == [check or 1]
     assert sorted(p.name for p in epd_dir.iterdir()) == []
     assert type(model.model.model_sampling).__name__.startswith("ModelSampling")
+
+
+@pytest.mark.parametrize("nfe,iterations", [(5, 1600), (10, 800), (12, 800)])
+def test_iterations_auto_trains_below_nfe_10_in_more_steps(epd_dir, nfe, iterations):
+    """The node's iterations default, 0, is auto: 800 Adam steps from NFE 10 on, 8,000 / NFE below, as the progress
+    bar counts them (cancelled at the first report)."""
+    import comfy.model_management as mm
+    import comfy.utils
+
+    assert node_defaults(N["EPDDistill"])["iterations"] == 0
+    totals = []
+
+    def hook(value, total, preview, node_id=None):
+        totals.append(total)
+        mm.interrupt_current_processing(True)
+        mm.throw_exception_if_processing_interrupted()
+
+    comfy.utils.set_progress_bar_global_hook(hook)
+    try:
+        with pytest.raises(mm.InterruptProcessingException):
+            _run(tiny_model("eps"), "eps", "auto", iterations=0, nfe=nfe, start_check=0, keep_best=0)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+        mm.interrupt_current_processing(False)
+    assert totals == [iterations]
 
 
 @pytest.mark.parametrize("kind", ["eps", "flux"])
