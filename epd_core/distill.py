@@ -29,11 +29,13 @@ from .plugin import placement
 from .schedules import make_schedule
 from .selection import DIVERGED, HeldOutCheck, check_iterations
 from .solver import Denoiser, epd_step, evaluate_points, sample
+from .starts import held_out_noises
 from .teachers import subdivide, teacher_trajectory
 
 __all__ = ["distance", "distill", "loss_curve", "recomputed", "student_loss"]
 
 AUTHORS_LR_FLOOR = 0.01  # the authors' cosine schedule ends at this learning rate (eta_min)
+HELD_OUT = 64  # noises of the held-out errors a table records (about 1% of the node's training evaluations)
 
 
 def _grid_from_logits(ends: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
@@ -448,18 +450,21 @@ class _Keeper:
 
 
 @torch.no_grad()
+@torch.no_grad()
 def held_out_errors(denoiser, params: EPDParams, grid: torch.Tensor, shape, config: DistillConfig, dtype) -> dict:
-    """How good the teacher and the student are along ``grid``, on ``config.batch`` noises training never saw.
+    """How good the teacher and the student are along ``grid``, on at least :data:`HELD_OUT` noises training never
+    saw (:func:`~epd_core.starts.held_out_noises`, in chunks).
 
     The reference is the teacher with ``2M + 1`` points per step (twice as fine); ``teacher_error`` is the RMS
     distance of the training teacher (``M``) to it at the last grid point, ``student_error`` the student's. A
     student cannot get much closer to the truth than its teacher: a small ratio says the teacher limits it.
     """
-    gen = torch.Generator().manual_seed(config.seed + 2)
-    noise = torch.randn((config.batch, *shape), generator=gen, dtype=torch.float64).to(grid.device, dtype)
-    x = noise if params.is_flow else noise * grid[0].to(dtype)
-    fine = teacher_trajectory(denoiser, x, subdivide(grid, 2 * config.teacher_m + 1), config.teacher)[-1]
-    teacher = teacher_trajectory(denoiser, x, subdivide(grid, config.teacher_m), config.teacher)[-1]
-    student = sample(denoiser, x, grid.cpu(), params)
-    rms = lambda a: float(((a - fine) ** 2).mean().sqrt())  # noqa: E731
-    return {"teacher_error": rms(teacher), "student_error": rms(student), "held_out_noises": config.batch}
+    squared, count = torch.zeros(2, dtype=torch.float64), 0
+    for x in held_out_noises(config, 2, HELD_OUT, shape, params.is_flow, grid[0], dtype):
+        fine = teacher_trajectory(denoiser, x, subdivide(grid, 2 * config.teacher_m + 1), config.teacher)[-1]
+        teacher = teacher_trajectory(denoiser, x, subdivide(grid, config.teacher_m), config.teacher)[-1]
+        student = sample(denoiser, x, grid.cpu(), params)
+        squared += torch.stack([((a - fine).double() ** 2).sum().cpu() for a in (teacher, student)])
+        count += x.numel()
+    teacher_error, student_error = (squared / count).sqrt().tolist()
+    return {"teacher_error": teacher_error, "student_error": student_error, "held_out_noises": count // x[0].numel()}
