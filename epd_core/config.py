@@ -14,8 +14,8 @@ from typing import Any
 from .bases import BASES
 from .teachers import TEACHERS
 
-__all__ = ["DistillConfig", "NODE_DISTILL", "node_iterations", "RDPOConfig", "OBJECTIVES", "WEIGHTINGS", "GRADIENTS",
-           "add_arguments", "from_arguments"]  # fmt: skip
+__all__ = ["DistillConfig", "NODE_DISTILL", "node_iterations", "AUTO_ITERATIONS", "RDPOConfig", "OBJECTIVES",
+           "WEIGHTINGS", "GRADIENTS", "add_arguments", "from_arguments"]  # fmt: skip
 
 OBJECTIVES = ("local", "global", "authors")
 WEIGHTINGS = ("uniform", "snr")
@@ -154,16 +154,26 @@ class DistillConfig(_Config):
 # trained well (README, "Divergence guard").
 NODE_DISTILL: dict[str, Any] = {"objective": "global", "final_estimate": True, "learn_grid": True, "batch": 16,
                                 "iterations": 0, "micro_batch": 4, "teacher_m": 7, "robust": 0.01}  # fmt: skip
-NODE_ITERATIONS = 800  # EPD Distill's Adam steps from NFE 10 on; below, the same training cost in more steps
+NODE_ITERATIONS = 800  # EPD Distill's Adam steps from NFE NODE_ITERATIONS_NFE on (below: the same cost in more steps)
+NODE_ITERATIONS_NFE = 10
 
 
 def node_iterations(nfe: int) -> int:
     """EPD Distill's iterations when its input is 0 (auto): 800 from NFE 10 on, ``8,000 / NFE`` below (1,600 at NFE
     5). An iteration's model evaluations grow with the NFE (teacher and student walk NFE steps), so every NFE up to
-    10 trains at about NFE 10's cost; at NFE 5 the 1,600 steps beat 800 on 7 of 8 mixtures (README, "Budget split")."""
+    10 trains at about NFE 10's cost; at NFE 5 the 1,600 steps beat 800 on 8 of 9 mixtures (README, "Iterations by
+    the NFE")."""
     if nfe < 1:
         raise ValueError(f"nfe must be >= 1, got {nfe}")
-    return max(NODE_ITERATIONS, round(NODE_ITERATIONS * 10 / nfe))
+    return max(NODE_ITERATIONS, round(NODE_ITERATIONS * NODE_ITERATIONS_NFE / nfe))
+
+
+# EPD Distill's help for iterations = 0.
+AUTO_ITERATIONS = (
+    f"0: auto, {NODE_ITERATIONS} from NFE {NODE_ITERATIONS_NFE} on and "
+    f"{NODE_ITERATIONS * NODE_ITERATIONS_NFE:,} / NFE below (NFE 5: {node_iterations(5):,}), about the "
+    "same training time at every NFE"
+)
 
 
 GROUPINGS = ("noise", "prompt")

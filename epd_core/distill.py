@@ -450,7 +450,6 @@ class _Keeper:
 
 
 @torch.no_grad()
-@torch.no_grad()
 def held_out_errors(denoiser, params: EPDParams, grid: torch.Tensor, shape, config: DistillConfig, dtype) -> dict:
     """How good the teacher and the student are along ``grid``, on at least :data:`HELD_OUT` noises training never
     saw (:func:`~epd_core.starts.held_out_noises`, in chunks).

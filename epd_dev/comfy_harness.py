@@ -96,15 +96,17 @@ def load_builtin_extras() -> None:
 
 
 @contextmanager
-def interrupt_at(step: int, seen: list[int]):
+def interrupt_at(step: int, seen: list[int], totals: list[int] | None = None):
     """ComfyUI's server hook: at the first progress report at or after ``step`` the user presses "cancel"; expects
     the interrupt to surface. Newer ComfyUI throttles reports (only the first and the last always arrive), so tests
-    that must stop mid-run use ``step=1``."""
+    that must stop mid-run use ``step=1``. ``seen`` collects the reports' values, ``totals`` their totals."""
     import comfy.model_management as mm
     import comfy.utils
 
     def hook(value, total, preview, node_id=None):
         seen.append(value)
+        if totals is not None:
+            totals.append(total)
         if value >= step:
             mm.interrupt_current_processing(True)
         mm.throw_exception_if_processing_interrupted()

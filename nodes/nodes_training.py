@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..epd_core.config import NODE_ITERATIONS, PRESETS, DistillConfig, RDPOConfig, node_iterations, rdpo_preset
+from ..epd_core.config import AUTO_ITERATIONS, PRESETS, DistillConfig, RDPOConfig, node_iterations, rdpo_preset
 from ..epd_core.params import DEFAULT_STUDENT, time_points_for_nfe
 from .features import clip_vision_encoder
 from .inputs import EncoderType, EPDParamsType, advanced, config_input, epd_params_input, output_inputs, seed_input
@@ -17,8 +17,6 @@ REWARD_FOLDER = "epd_rewards"  # models/epd_rewards: preference heads (safetenso
 DEFAULT_NFE = 10
 DEFAULT_POINTS = 3  # K of a new table (the bundled analytic tables' K; the benchmark's recipe)
 RDPO_TEACHER_M = 4  # teacher points per step of the fidelity reward's reference
-AUTO_ITERATIONS = (f"; 0: auto, {NODE_ITERATIONS} from NFE 10 on and {NODE_ITERATIONS * 10:,} / NFE below (NFE 5: "
-                   f"{node_iterations(5):,}), about the same training time at every NFE")  # fmt: skip
 
 
 def _training_inputs() -> list:
@@ -62,7 +60,7 @@ class EPDDistill(io.ComfyNode):
                 ),
                 config_input(d, "teacher"),
                 config_input(d, "teacher_m", "teacher_steps", min=0, max=32),
-                config_input(d, "iterations", more=AUTO_ITERATIONS, min=0, max=100000),
+                config_input(d, "iterations", more=f"; {AUTO_ITERATIONS}", min=0, max=100000),
                 config_input(d, "batch", min=1, max=256),
                 advanced(config_input(d, "lr", "learning_rate", min=1e-5, max=1.0, step=0.001)),
                 seed_input(d.help("seed").capitalize() + ".", d.default("seed")),

@@ -273,25 +273,14 @@ def test_interrupt_stops_and_saves_nothing(epd_dir, check):
 def test_iterations_auto_trains_below_nfe_10_in_more_steps(epd_dir, nfe, iterations):
     """The node's iterations default, 0, is auto: 800 Adam steps from NFE 10 on, 8,000 / NFE below, as the progress
     bar counts them (cancelled at the first report)."""
-    import comfy.model_management as mm
-    import comfy.utils
+    import comfy.model_management
 
     assert node_defaults(N["EPDDistill"])["iterations"] == 0
-    totals = []
-
-    def hook(value, total, preview, node_id=None):
-        totals.append(total)
-        mm.interrupt_current_processing(True)
-        mm.throw_exception_if_processing_interrupted()
-
-    comfy.utils.set_progress_bar_global_hook(hook)
-    try:
-        with pytest.raises(mm.InterruptProcessingException):
-            _run(tiny_model("eps"), "eps", "auto", iterations=0, nfe=nfe, start_check=0, keep_best=0)
-    finally:
-        comfy.utils.set_progress_bar_global_hook(None)
-        mm.interrupt_current_processing(False)
-    assert totals == [iterations]
+    seen: list[int] = []
+    totals: list[int] = []
+    with H.interrupt_at(1, seen, totals), pytest.raises(comfy.model_management.InterruptProcessingException):
+        _run(tiny_model("eps"), "eps", "auto", iterations=0, nfe=nfe, start_check=0, keep_best=0)
+    assert seen == [1] and totals == [iterations]
 
 
 @pytest.mark.parametrize("kind", ["eps", "flux"])
