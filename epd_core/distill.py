@@ -209,11 +209,12 @@ def first_step_mean(denoiser, start: EPDParams, shape, t0: torch.Tensor, config:
     """The data's per-channel mean as the model sees it at the first time point: ``D(x, t0)`` averaged over
     ``noises`` starting noises (in batches of ``config.batch``, so a conditioning batch tiles as in training)."""
     gen = torch.Generator().manual_seed(config.seed + 1)
+    t0 = t0.to(device, dtype)
     total, count = None, 0
     while count < noises:
         noise = torch.randn((config.batch, *shape), generator=gen, dtype=torch.float64).to(device, dtype)
-        x = noise if start.is_flow else noise * t0.to(dtype)
-        denoised = denoiser(x, t0.to(dtype).expand(x.shape[0])).double()
+        x = noise if start.is_flow else noise * t0
+        denoised = denoiser(x, t0.expand(x.shape[0])).double()
         part = denoised.transpose(0, 1).flatten(1).sum(1)
         total, count = (part if total is None else total + part), count + x.shape[0]
     return (total / (count * math.prod(shape[1:]))).cpu()

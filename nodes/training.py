@@ -316,7 +316,9 @@ def _train_on_model(model, positive, negative, cfg, latent, start, config, fit):
 
         with exact_timesteps(base), torch.inference_mode(False), torch.enable_grad():
             den = _ComfyDenoiser(model_k, dict(extra_args or {}, denoise_mask=None), x.shape[0])
-            session = Session(den, tuple(x.shape[1:]), grid, x.device, progress, base.process_latent_out, reload)
+            session = Session(
+                den, tuple(x.shape[1:]), grid.to(x.device), x.device, progress, base.process_latent_out, reload
+            )
             if getattr(config, "gradient", None) == "autograd":  # distillation through the model
                 make_differentiable(base)
             result["out"] = fit(session)
