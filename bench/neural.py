@@ -19,6 +19,10 @@ Chroma on the flow model). The best built-in is picked on the same data it is sc
 
     python -m bench.neural                    # full run -> bench/results/neural.{json,md}, rows in accuracy.json
     python -m bench.neural --quick            # a small version (CI)
+
+With ``EPD_KEY_CACHE`` set to a folder, each model's answer key is kept there (safetensors, with a checksum of the
+noises it was made from) and read back by later runs on the same noises: shards of one benchmark run in parallel
+processes compute it once.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -104,6 +109,28 @@ def answer_key(model, kind, positive, negative, noise, steps: int = KEY_STEPS) -
     return ends[1], rmse(ends[1], ends[0])
 
 
+def cached_answer_key(model, kind, positive, negative, noise) -> tuple[torch.Tensor, float]:
+    """:func:`answer_key`, kept in the folder ``$EPD_KEY_CACHE`` when it is set (written whole or not at all)."""
+    folder = os.environ.get("EPD_KEY_CACHE")
+    if not folder:
+        return answer_key(model, kind, positive, negative, noise)
+    from safetensors.torch import load_file, save_file
+
+    path = Path(folder) / f"mnist-{kind}-{noise.shape[0]}-heun{KEY_STEPS}.safetensors"
+    checksum = noise.double().sum().reshape(1)
+    if path.is_file():
+        saved = load_file(path)
+        if saved["exact"].shape == noise.shape and torch.equal(saved["noise_sum"], checksum):
+            return saved["exact"], float(saved["gap"])
+    exact, gap = answer_key(model, kind, positive, negative, noise)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    save_file({"exact": exact.float().contiguous(), "gap": torch.tensor([gap], dtype=torch.float64),
+               "noise_sum": checksum}, tmp)  # fmt: skip
+    os.replace(tmp, path)
+    return exact, gap
+
+
 def tuned_schedules(kind: str, nfe: int) -> dict[str, torch.Tensor]:
     """The tuned schedules that fit the model, for the one-call samplers at this NFE (``nfe`` steps)."""
     comfy_harness.load_builtin_extras()
@@ -140,7 +167,7 @@ def wilson(k: int, n: int) -> tuple[float, float]:
         return 0.0, 1.0
     z, p = 1.96, k / n
     centre, half = (p + z * z / (2 * n)), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+    return max(0.0, (centre - half) / (1 + z * z / n)), min(1.0, (centre + half) / (1 + z * z / n))
 
 
 class Scorer:
@@ -174,7 +201,8 @@ def epd_tables(kind: str, folders=(TABLES,)) -> list[tuple[str, Path]]:
     found = []
     for folder in folders:
         for path in sorted(Path(folder).glob(f"mnist-{kind}-nfe*.safetensors")):
-            found.append((path.stem if Path(folder) == TABLES else f"{Path(folder).name}/{path.stem}", path))
+            bundled = Path(folder).resolve() == TABLES.resolve()
+            found.append((path.stem if bundled else f"{Path(folder).name}/{path.stem}", path))
     return found
 
 
@@ -187,7 +215,7 @@ class Contest:
         self.nodes, self.model, self.positive, self.negative = setup(kind)
         self.noise = torch.randn(n, 4, 14, 14, generator=torch.Generator().manual_seed(HELD_OUT_SEED))
         t0 = time.time()
-        self.exact, gap = answer_key(self.model, kind, self.positive, self.negative, self.noise)
+        self.exact, gap = cached_answer_key(self.model, kind, self.positive, self.negative, self.noise)
         log(f"mnist-{kind}: answer key in {time.time() - t0:.0f} s, step-halving gap {gap:.2e}")
         self.score = Scorer(self.exact, torch.arange(n) % 10)
         self.common = {"model": f"mnist-{kind}", "mixture": "mnist", "cfg": CFG, "samples": n, "answer_key_gap": gap}
@@ -209,9 +237,10 @@ class Contest:
 
 
 def bench_kind(kind: str, nfes, n: int, samplers, schedulers, log=print, tables=(TABLES,),
-               reuse: list[dict] = ()) -> list[dict]:  # fmt: skip
+               reuse: list[dict] = (), partial: Path | None = None) -> list[dict]:  # fmt: skip
     """Every run of one model. ``reuse``: rows of an earlier run; its built-in rows on the same noises and answer
-    key (same model, sample count and key gap) are kept instead of being run again."""
+    key (same model, sample count and key gap) are kept instead of being run again. ``partial``: a file the rows
+    so far are written to after each sampler (a run stopped at a deadline keeps them)."""
     import comfy.samplers
 
     t0 = time.time()
@@ -229,6 +258,8 @@ def bench_kind(kind: str, nfes, n: int, samplers, schedulers, log=print, tables=
                 for name, sigmas in tuned_schedules(kind, nfe).items():
                     contest.add(sampler, name, comfy.samplers.sampler_object(sampler), sigmas, nfe)
             log(f"mnist-{kind}: {sampler} at NFE {nfe} ({time.time() - t0:.0f} s)")
+            if partial is not None:
+                partial.write_text(json.dumps(contest.rows))
         log(f"mnist-{kind}: built-ins at NFE {nfe} done ({time.time() - t0:.0f} s)")
     for name, path in epd_tables(kind, tables):
         params = load_params(path)
@@ -306,6 +337,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--samplers", nargs="*", help="the built-in samplers to run (default: every deterministic one)")
     ap.add_argument("--no-merge", action="store_true", help="leave accuracy.json as it is")
     ap.add_argument("--reuse", type=Path, help="a neural.json whose built-in runs on the same noises are kept")
+    ap.add_argument("--partial", action="store_true", help="write the rows so far to <out>/partial-<kind>.json")
     args = ap.parse_args(argv)
     reuse = json.loads(args.reuse.read_text()) if args.reuse else []
     if args.threads:
@@ -319,12 +351,11 @@ def main(argv: list[str] | None = None) -> int:
     samplers = ["euler", "dpmpp_2m", "uni_pc"] if args.quick else DETERMINISTIC
     samplers = samplers if args.samplers is None else args.samplers
     schedulers = ["karras", "simple"] if args.quick else list(comfy.samplers.SCHEDULER_NAMES)
-    rows = [
-        r
-        for kind in args.kinds
-        for r in bench_kind(kind, args.nfes, n, samplers, schedulers, tables=args.tables, reuse=reuse)
-    ]
     args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for kind in args.kinds:
+        partial = args.out / f"partial-{kind}.json" if args.partial else None
+        rows += bench_kind(kind, args.nfes, n, samplers, schedulers, tables=args.tables, reuse=reuse, partial=partial)
     table, summary = summarize(rows)
     (args.out / "neural.json").write_text(json.dumps(rows, indent=1))
     (args.out / "neural.md").write_text(table)

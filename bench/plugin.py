@@ -94,12 +94,14 @@ def bench_plugin(form: str, bases, nfes, n: int, log=lambda m: print(m, flush=Tr
     return rows
 
 
-def bench_plugin_mnist(kind: str, bases, nfes, n: int, reuse=(), log=lambda m: print(m, flush=True)) -> list[dict]:
+def bench_plugin_mnist(kind: str, bases, nfes, n: int, reuse=(), log=lambda m: print(m, flush=True),
+                       partial: Path | None = None) -> list[dict]:  # fmt: skip
     """The same comparison on the MNIST model ``kind``, sampled as :mod:`bench.neural` samples it (cfg, the ten
     classes, its noises, answer key and scores): each base bare at every KSampler scheduler and every tuned schedule
     that fits, against the base under the plugin with each bundled ``mnist-<kind>-nfe<N>`` table of that NFE (ended
     on its last step's estimate, so a carry table keeps the base's rounds). ``reuse``: rows of an earlier
-    ``bench.neural`` or ``bench.plugin`` run whose bare runs on the same noises and answer key are kept."""
+    ``bench.neural`` or ``bench.plugin`` run whose bare runs on the same noises and answer key are kept.
+    ``partial``: a file the rows so far are written to after each base."""
     from bench import neural
 
     contest = neural.Contest(kind, n, reuse, log)
@@ -122,6 +124,8 @@ def bench_plugin_mnist(kind: str, bases, nfes, n: int, reuse=(), log=lambda m: p
                 sigmas = nodes["EPDScheduler"].execute(model, params, 1.0, True).result[0]
                 contest.add(f"epd_plugin_{base}", f"table:{path.stem}+estimate", sampler, sigmas, nfe)
         log(f"mnist-{kind}/{base}: done")
+        if partial is not None:
+            partial.write_text(json.dumps(contest.rows))
     return contest.rows
 
 
@@ -166,7 +170,7 @@ def _job(spec: str) -> None:
     job = json.loads(spec)
     if "kind" in job:
         reuse = json.loads(Path(job["reuse"]).read_text()) if job["reuse"] else []
-        rows = bench_plugin_mnist(job["kind"], job["bases"], job["nfes"], job["n"], reuse)
+        rows = bench_plugin_mnist(job["kind"], job["bases"], job["nfes"], job["n"], reuse, partial=Path(job["out"]))
     else:
         rows = bench_plugin(job["form"], job["bases"], job["nfes"], job["n"])
     Path(job["out"]).write_text(json.dumps(rows))

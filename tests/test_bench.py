@@ -139,6 +139,59 @@ def test_wilson_interval():
     assert low == 0 and 0.03 < high < 0.04  # the rule of three, roughly
     low, high = wilson(50, 100)
     assert 0.40 < low < 0.41 and 0.59 < high < 0.60
+    for n in (100, 2050, 8192):  # the bounds stay inside [0, 1] where round-off would cross them
+        assert wilson(0, n)[0] == 0.0 and 1 - 1e-12 < wilson(n, n)[1] <= 1.0
+
+
+def test_answer_key_cache_is_shared_by_runs_on_the_same_noises(tmp_path, monkeypatch):
+    from bench import neural
+
+    calls = []
+
+    def key(model, kind, positive, negative, noise):
+        calls.append(kind)
+        return noise * 2, 0.125
+
+    monkeypatch.setattr(neural, "answer_key", key)
+    noise = torch.randn(20, 4, 14, 14, generator=torch.Generator().manual_seed(0))
+    monkeypatch.delenv("EPD_KEY_CACHE", raising=False)
+    neural.cached_answer_key(None, "eps", None, None, noise)
+    assert calls == ["eps"] and not any(tmp_path.iterdir())  # no cache folder: computed, nothing written
+    monkeypatch.setenv("EPD_KEY_CACHE", str(tmp_path / "keys"))
+    first = neural.cached_answer_key(None, "eps", None, None, noise)
+    again = neural.cached_answer_key(None, "eps", None, None, noise)
+    assert calls == ["eps", "eps"]  # the second run read the key back
+    assert torch.equal(again[0], first[0]) and again[1] == first[1] == 0.125
+    assert [p.name for p in (tmp_path / "keys").iterdir()] == ["mnist-eps-20-heun100.safetensors"]  # no temp left
+    neural.cached_answer_key(None, "eps", None, None, noise + 1)  # other noises, same count: not the cached key
+    assert calls == ["eps", "eps", "eps"]
+
+
+def test_bundled_tables_keep_their_names_by_any_path(monkeypatch):
+    from bench import neural
+    from epd_dev import ROOT
+
+    monkeypatch.chdir(ROOT)
+    names = [name for name, _ in neural.epd_tables("eps", [neural.TABLES.relative_to(ROOT)])]
+    assert names == [name for name, _ in neural.epd_tables("eps")] and all("/" not in name for name in names)
+
+
+def test_gpu_shards_merge_into_one_run(tmp_path):
+    from bench import gpu_merge
+
+    common = {"model": "mnist-eps", "samples": 2050, "answer_key_gap": 0.0094}
+    exact = {**common, "sampler": "exact", "scheduler": "heun/100", "nfe": 200}
+    runs = [{**common, "sampler": s, "scheduler": "beta", "nfe": 5} for s in ("euler", "deis", "ipndm")]
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "neural.json").write_text(json.dumps([exact, runs[0]]))
+    (tmp_path / "b").mkdir()  # stopped at its deadline: only the rows it wrote as it went
+    (tmp_path / "b" / "partial-eps.json").write_text(json.dumps([exact, *runs[1:]]))
+    rows = gpu_merge.neural_rows([tmp_path / "a", tmp_path / "b"])
+    assert rows == [exact, *runs]
+    (tmp_path / "c").mkdir()
+    (tmp_path / "c" / "neural.json").write_text(json.dumps([{**runs[0], "answer_key_gap": 0.01}]))
+    with pytest.raises(ValueError, match="not on the shared answer key"):
+        gpu_merge.neural_rows([tmp_path / "a", tmp_path / "c"])
 
 
 def test_plugin_benchmark_compares_each_base_at_equal_nfe_and_replaces_plugin_rows(tmp_path):

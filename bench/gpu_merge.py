@@ -1,0 +1,74 @@
+"""Fold the results of ``scripts/gpu_mnist.sh`` (its ``results.tar``, unpacked) into ``bench/results``.
+
+    python -m bench.gpu_merge DIR            # DIR: the unpacked results.tar (folders neural/ and plugin/)
+
+``neural/<shard>/``: each shard's ``neural.json`` (or, for a shard stopped at its deadline, the rows it wrote as it
+went, ``partial-<kind>.json``); together they are one :mod:`bench.neural` run (one answer key per model, shared
+through ``EPD_KEY_CACHE``): written to ``neural.json``, ``neural.md`` and ``neural_summary.json`` and merged into
+``accuracy.json`` as ``bench.neural`` does. ``plugin/<shard>.json``: :mod:`bench.plugin`'s MNIST rows, merged into
+``plugin.json`` and ``accuracy.json`` and ``plugin.md`` rewritten as ``bench.plugin`` does. ``--skip`` leaves out
+the shards named (for example the EPD rows of tables that were not bundled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from bench import neural, plugin
+from bench.accuracy import RESULTS
+
+
+def shard_rows(folder: Path) -> list[dict]:
+    """A ``bench.neural`` shard's rows: its ``neural.json``, else what it wrote as it went."""
+    done = folder / "neural.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    return [r for part in sorted(folder.glob("partial-*.json")) for r in json.loads(part.read_text())]
+
+
+def neural_rows(folders: list[Path]) -> list[dict]:
+    """The shards' rows as one run: one ``exact`` row per model; all rows on one answer key per model."""
+    rows, exact = [], {}
+    for folder in folders:
+        for r in shard_rows(folder):
+            if r["sampler"] == "exact":
+                exact.setdefault(r["model"], r)
+            else:
+                rows.append(r)
+    for r in rows:
+        key = exact.get(r["model"])
+        if key is None or r["answer_key_gap"] != key["answer_key_gap"] or r["samples"] != key["samples"]:
+            raise ValueError(f"{r['model']} {r['sampler']} {r['scheduler']}: not on the shared answer key")
+    return list(exact.values()) + rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("dir", type=Path)
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--skip", nargs="*", default=[], help="shard folders or files (names) to leave out")
+    args = ap.parse_args(argv)
+    folders = sorted(p for p in (args.dir / "neural").iterdir() if p.is_dir() and p.name not in args.skip)
+    rows = neural_rows(folders)
+    table, summary = neural.summarize(rows)
+    (args.out / "neural.json").write_text(json.dumps(rows, indent=1))
+    (args.out / "neural.md").write_text(table)
+    (args.out / "neural_summary.json").write_text(json.dumps(summary, indent=1))
+    neural.merge_into_accuracy(rows, args.out / "accuracy.json")
+    print(table)
+    shards = sorted(p for p in (args.dir / "plugin").glob("*.json") if p.name not in args.skip)
+    prows = [r for p in shards for r in json.loads(p.read_text()) if r["sampler"] != "exact"]
+    if prows:
+        ptable, _ = plugin.compare(plugin.merge_rows(prows, args.out / "plugin.json", only_plugin=False))
+        (args.out / "plugin.md").write_text(ptable)
+        plugin.merge_rows(prows, args.out / "accuracy.json", only_plugin=True)
+        print(ptable)
+    print(f"{len(rows)} neural rows from {len(folders)} shards, {len(prows)} plugin rows from {len(shards)} shards")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

