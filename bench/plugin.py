@@ -95,13 +95,14 @@ def bench_plugin(form: str, bases, nfes, n: int, log=lambda m: print(m, flush=Tr
 
 
 def bench_plugin_mnist(kind: str, bases, nfes, n: int, reuse=(), log=lambda m: print(m, flush=True),
-                       partial: Path | None = None) -> list[dict]:  # fmt: skip
+                       partial: Path | None = None, tables=None) -> list[dict]:  # fmt: skip
     """The same comparison on the MNIST model ``kind``, sampled as :mod:`bench.neural` samples it (cfg, the ten
     classes, its noises, answer key and scores): each base bare at every KSampler scheduler and every tuned schedule
     that fits, against the base under the plugin with each bundled ``mnist-<kind>-nfe<N>`` table of that NFE (ended
     on its last step's estimate, so a carry table keeps the base's rounds). ``reuse``: rows of an earlier
     ``bench.neural`` or ``bench.plugin`` run whose bare runs on the same noises and answer key are kept.
-    ``partial``: a file the rows so far are written to after each base."""
+    ``partial``: a file the rows so far are written to after each base. ``tables``: folders to take the tables from
+    instead of the bundled ones (a new table scored without rerunning the others)."""
     from bench import neural
 
     contest = neural.Contest(kind, n, reuse, log)
@@ -109,7 +110,7 @@ def bench_plugin_mnist(kind: str, bases, nfes, n: int, reuse=(), log=lambda m: p
     import comfy.samplers
 
     ms = model.get_model_object("model_sampling")
-    tables = [(path, load_params(path)) for _, path in neural.epd_tables(kind)]
+    tables = [(path, load_params(path)) for _, path in neural.epd_tables(kind, tables or (neural.TABLES,))]
     for base in bases:
         for nfe in nfes:
             bare = comfy.samplers.sampler_object(base)
@@ -170,7 +171,8 @@ def _job(spec: str) -> None:
     job = json.loads(spec)
     if "kind" in job:
         reuse = json.loads(Path(job["reuse"]).read_text()) if job["reuse"] else []
-        rows = bench_plugin_mnist(job["kind"], job["bases"], job["nfes"], job["n"], reuse, partial=Path(job["out"]))
+        rows = bench_plugin_mnist(job["kind"], job["bases"], job["nfes"], job["n"], reuse, partial=Path(job["out"]),
+                                  tables=job.get("tables"))  # fmt: skip
     else:
         rows = bench_plugin(job["form"], job["bases"], job["nfes"], job["n"])
     Path(job["out"]).write_text(json.dumps(rows))
