@@ -62,10 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     shards = sorted(p for p in (args.dir / "plugin").glob("*.json") if p.name not in args.skip)
     prows = [r for p in shards for r in json.loads(p.read_text()) if r["sampler"] != "exact"]
     if prows:
-        ptable, _ = plugin.compare(plugin.merge_rows(prows, args.out / "plugin.json", only_plugin=False))
-        (args.out / "plugin.md").write_text(ptable)
-        plugin.merge_rows(prows, args.out / "accuracy.json", only_plugin=True)
-        print(ptable)
+        print(plugin.record(prows, args.out))
     print(f"{len(rows)} neural rows from {len(folders)} shards, {len(prows)} plugin rows from {len(shards)} shards")
     return 0
 

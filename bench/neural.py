@@ -209,9 +209,10 @@ def epd_tables(kind: str, folders=(TABLES,)) -> list[tuple[str, Path]]:
 class Contest:
     """One MNIST model's contest: its held-out noises, answer key and scorer. ``add`` runs one contender on them
     (or keeps its row from ``reuse``, an earlier run on the same noises and answer key) and records its scored row
-    in ``rows``."""
+    in ``rows``; ``save`` writes them to ``partial`` as the run goes (a run stopped at a deadline keeps them)."""
 
-    def __init__(self, kind: str, n: int, reuse=(), log=print) -> None:
+    def __init__(self, kind: str, n: int, reuse=(), log=print, partial: Path | None = None) -> None:
+        self.partial = partial
         self.nodes, self.model, self.positive, self.negative = setup(kind)
         self.noise = torch.randn(n, 4, 14, 14, generator=torch.Generator().manual_seed(HELD_OUT_SEED))
         t0 = time.time()
@@ -235,6 +236,13 @@ class Contest:
         self.rows.append({**self.common, "sampler": name, "scheduler": scheduler, "nfe": c.rounds,
                           "evaluations": c.evals, **self.score(out)})  # fmt: skip
 
+    def save(self) -> None:
+        """The rows so far, to ``partial`` if there is one (written whole or not at all)."""
+        if self.partial is not None:
+            tmp = self.partial.with_name(f"{self.partial.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(self.rows))
+            os.replace(tmp, self.partial)
+
 
 def bench_kind(kind: str, nfes, n: int, samplers, schedulers, log=print, tables=(TABLES,),
                reuse: list[dict] = (), partial: Path | None = None) -> list[dict]:  # fmt: skip
@@ -244,7 +252,7 @@ def bench_kind(kind: str, nfes, n: int, samplers, schedulers, log=print, tables=
     import comfy.samplers
 
     t0 = time.time()
-    contest = Contest(kind, n, reuse, log)
+    contest = Contest(kind, n, reuse, log, partial)
     ms = contest.model.get_model_object("model_sampling")
     contest.rows.append({**contest.common, "sampler": "exact", "scheduler": f"heun/{KEY_STEPS}",
                          "nfe": 2 * KEY_STEPS, **contest.score(contest.exact)})  # fmt: skip
@@ -258,8 +266,7 @@ def bench_kind(kind: str, nfes, n: int, samplers, schedulers, log=print, tables=
                 for name, sigmas in tuned_schedules(kind, nfe).items():
                     contest.add(sampler, name, comfy.samplers.sampler_object(sampler), sigmas, nfe)
             log(f"mnist-{kind}: {sampler} at NFE {nfe} ({time.time() - t0:.0f} s)")
-            if partial is not None:
-                partial.write_text(json.dumps(contest.rows))
+            contest.save()
         log(f"mnist-{kind}: built-ins at NFE {nfe} done ({time.time() - t0:.0f} s)")
     for name, path in epd_tables(kind, tables):
         params = load_params(path)

@@ -105,7 +105,7 @@ def bench_plugin_mnist(kind: str, bases, nfes, n: int, reuse=(), log=lambda m: p
     instead of the bundled ones (a new table scored without rerunning the others)."""
     from bench import neural
 
-    contest = neural.Contest(kind, n, reuse, log)
+    contest = neural.Contest(kind, n, reuse, log, partial)
     nodes, model = contest.nodes, contest.model
     import comfy.samplers
 
@@ -125,9 +125,18 @@ def bench_plugin_mnist(kind: str, bases, nfes, n: int, reuse=(), log=lambda m: p
                 sigmas = nodes["EPDScheduler"].execute(model, params, 1.0, True).result[0]
                 contest.add(f"epd_plugin_{base}", f"table:{path.stem}+estimate", sampler, sigmas, nfe)
         log(f"mnist-{kind}/{base}: done")
-        if partial is not None:
-            partial.write_text(json.dumps(contest.rows))
+        contest.save()
     return contest.rows
+
+
+def record(rows: list[dict], out: Path) -> str:
+    """Merge a run's rows into ``out``'s ``plugin.json`` (every row) and ``accuracy.json`` (the plugin rows), rewrite
+    ``plugin.md`` from the merged records and return it."""
+    out.mkdir(parents=True, exist_ok=True)
+    table, _ = compare(merge_rows(rows, out / "plugin.json", only_plugin=False))
+    (out / "plugin.md").write_text(table)
+    merge_rows(rows, out / "accuracy.json", only_plugin=True)
+    return table
 
 
 def compare(rows: list[dict]) -> tuple[str, list[dict]]:
@@ -214,11 +223,7 @@ def main(argv: list[str] | None = None) -> int:
 
         with ThreadPoolExecutor(min(len(jobs), args.workers or os.cpu_count() or 1)) as pool:
             rows = [r for part in pool.map(one, enumerate(jobs)) for r in part]
-    args.out.mkdir(parents=True, exist_ok=True)
-    table, _ = compare(merge_rows(rows, args.out / "plugin.json", only_plugin=False))
-    (args.out / "plugin.md").write_text(table)
-    merge_rows(rows, args.out / "accuracy.json", only_plugin=True)
-    print(table)
+    print(record(rows, args.out))
     print(f"{len(rows)} runs in {time.time() - t0:.0f} s -> {args.out}")
     return 0
 

@@ -309,6 +309,8 @@ def _train_on_model(model, positive, negative, cfg, latent, start, config, fit):
         def progress(i: int, n: int, loss: float) -> None:
             comfy.model_management.throw_exception_if_processing_interrupted()
             pbar.update_absolute(i, n)
+            if i == n or i % max(1, n // 20) == 0:  # the training curve in the console, twenty points a run
+                log.info("EPD: %d / %d, loss %.4g", i, n, loss)
 
         def reload() -> None:
             comfy.model_management.load_models_gpu([sampling.model_patcher, *sampling.loaded_models],

@@ -19,6 +19,7 @@ command in the table's metadata.
 from __future__ import annotations
 
 import argparse
+import logging
 import shlex
 import sys
 import time
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    logging.basicConfig()
+    logging.getLogger("epd").setLevel(logging.INFO)  # the training curve (nodes.training logs twenty points a run)
     config = from_arguments(args, DistillConfig)
     command = "python -m scripts.make_mnist_tables " + shlex.join(sys.argv[1:] if argv is None else argv)
     args.out.mkdir(parents=True, exist_ok=True)
