@@ -326,10 +326,12 @@ def _ci(value: float, ci, digits: int = 4) -> str:
 
 
 def merge_into_accuracy(rows: list[dict], path: Path) -> None:
-    """Replace the MNIST models' rows of ``accuracy.json`` by ``rows`` (other rows stay)."""
+    """Replace the MNIST models' rows of ``accuracy.json`` by ``rows``; other models' rows and the plugin's rows
+    (``epd_plugin_*``, which :mod:`bench.plugin` records) stay."""
     models = {r["model"] for r in rows}
     old = json.loads(path.read_text()) if path.exists() else []
-    path.write_text(json.dumps([r for r in old if r["model"] not in models] + rows, indent=1))
+    kept = [r for r in old if r["model"] not in models or r["sampler"].startswith("epd_plugin_")]
+    path.write_text(json.dumps(kept + rows, indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:

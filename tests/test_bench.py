@@ -194,6 +194,20 @@ def test_gpu_shards_merge_into_one_run(tmp_path):
         gpu_merge.neural_rows([tmp_path / "a", tmp_path / "c"])
 
 
+def test_neural_run_replaces_its_own_rows_and_keeps_the_plugins(tmp_path):
+    from bench import neural
+
+    def row(model, sampler, rmse):
+        return {"model": model, "sampler": sampler, "scheduler": "beta", "nfe": 5, "rmse": rmse}
+
+    path = tmp_path / "accuracy.json"
+    old = [row("mnist-eps", "euler", 0.2), row("mnist-eps", "epd_plugin_euler", 0.1), row("sd15", "euler", 0.3)]
+    path.write_text(json.dumps(old))
+    new = [row("mnist-eps", "euler", 0.19), row("mnist-eps", "epd", 0.08)]
+    neural.merge_into_accuracy(new, path)
+    assert sorted(json.loads(path.read_text()), key=json.dumps) == sorted([*old[1:], *new], key=json.dumps)
+
+
 def test_plugin_benchmark_compares_each_base_at_equal_nfe_and_replaces_plugin_rows(tmp_path):
     from bench import plugin
 
