@@ -53,12 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     folders = sorted(p for p in (args.dir / "neural").iterdir() if p.is_dir() and p.name not in args.skip)
     rows = neural_rows(folders)
-    table, summary = neural.summarize(rows)
-    (args.out / "neural.json").write_text(json.dumps(rows, indent=1))
-    (args.out / "neural.md").write_text(table)
-    (args.out / "neural_summary.json").write_text(json.dumps(summary, indent=1))
-    neural.merge_into_accuracy(rows, args.out / "accuracy.json")
-    print(table)
+    print(neural.record(rows, args.out))
     shards = sorted(p for p in (args.dir / "plugin").glob("*.json") if p.name not in args.skip)
     prows = [r for p in shards for r in json.loads(p.read_text()) if r["sampler"] != "exact"]
     if prows:

@@ -39,6 +39,7 @@ import torch
 
 from bench.accuracy import DETERMINISTIC, RESULTS, TWO_CALLS, builtin_sigmas, builtin_steps
 from epd_core import load_params
+from epd_core.files import write_atomic
 from epd_dev import ROOT, comfy_harness, mnist_data, mnist_metrics
 
 KINDS = ("eps", "flow")
@@ -114,7 +115,7 @@ def cached_answer_key(model, kind, positive, negative, noise) -> tuple[torch.Ten
     folder = os.environ.get("EPD_KEY_CACHE")
     if not folder:
         return answer_key(model, kind, positive, negative, noise)
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     path = Path(folder) / f"mnist-{kind}-{noise.shape[0]}-heun{KEY_STEPS}.safetensors"
     checksum = noise.double().sum().reshape(1)
@@ -124,10 +125,9 @@ def cached_answer_key(model, kind, positive, negative, noise) -> tuple[torch.Ten
             return saved["exact"], float(saved["gap"])
     exact, gap = answer_key(model, kind, positive, negative, noise)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    save_file({"exact": exact.float().contiguous(), "gap": torch.tensor([gap], dtype=torch.float64),
-               "noise_sum": checksum}, tmp)  # fmt: skip
-    os.replace(tmp, path)
+    blob = save({"exact": exact.float().contiguous(), "gap": torch.tensor([gap], dtype=torch.float64),
+                 "noise_sum": checksum})  # fmt: skip
+    write_atomic(blob, path, overwrite=True)
     return exact, gap
 
 
@@ -239,9 +239,7 @@ class Contest:
     def save(self) -> None:
         """The rows so far, to ``partial`` if there is one (written whole or not at all)."""
         if self.partial is not None:
-            tmp = self.partial.with_name(f"{self.partial.name}.{os.getpid()}.tmp")
-            tmp.write_text(json.dumps(self.rows))
-            os.replace(tmp, self.partial)
+            write_atomic(json.dumps(self.rows).encode(), self.partial, overwrite=True)
 
 
 def bench_kind(kind: str, nfes, n: int, samplers, schedulers, log=print, tables=(TABLES,),
@@ -325,6 +323,18 @@ def _ci(value: float, ci, digits: int = 4) -> str:
     return f"{value:.{digits}f} [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
 
 
+def record(rows: list[dict], out: Path, merge: bool = True) -> str:
+    """Write a run's rows to ``out``'s ``neural.json``, its summary to ``neural.md`` and ``neural_summary.json``,
+    and (``merge``) its rows into ``accuracy.json``; returns the summary table."""
+    table, summary = summarize(rows)
+    (out / "neural.json").write_text(json.dumps(rows, indent=1))
+    (out / "neural.md").write_text(table)
+    (out / "neural_summary.json").write_text(json.dumps(summary, indent=1))
+    if merge:
+        merge_into_accuracy(rows, out / "accuracy.json")
+    return table
+
+
 def merge_into_accuracy(rows: list[dict], path: Path) -> None:
     """Replace the MNIST models' rows of ``accuracy.json`` by ``rows``; other models' rows and the plugin's rows
     (``epd_plugin_*``, which :mod:`bench.plugin` records) stay."""
@@ -365,13 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind in args.kinds:
         partial = args.out / f"partial-{kind}.json" if args.partial else None
         rows += bench_kind(kind, args.nfes, n, samplers, schedulers, tables=args.tables, reuse=reuse, partial=partial)
-    table, summary = summarize(rows)
-    (args.out / "neural.json").write_text(json.dumps(rows, indent=1))
-    (args.out / "neural.md").write_text(table)
-    (args.out / "neural_summary.json").write_text(json.dumps(summary, indent=1))
-    if not args.quick and not args.no_merge:
-        merge_into_accuracy(rows, args.out / "accuracy.json")
-    print(table)
+    print(record(rows, args.out, merge=not args.quick and not args.no_merge))
     print(f"{len(rows)} runs in {time.time() - t0:.0f} s -> {args.out}")
     return 0
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -310,7 +311,8 @@ def _train_on_model(model, positive, negative, cfg, latent, start, config, fit):
             comfy.model_management.throw_exception_if_processing_interrupted()
             pbar.update_absolute(i, n)
             if i == n or i % max(1, n // 20) == 0:  # the training curve in the console, twenty points a run
-                log.info("EPD: %d / %d, loss %.4g", i, n, loss)
+                shown = f", loss {loss:.4g}" if math.isfinite(loss) else ""  # the start check reports no loss
+                log.info("EPD: %d / %d%s", i, n, shown)
 
         def reload() -> None:
             comfy.model_management.load_models_gpu([sampling.model_patcher, *sampling.loaded_models],
