@@ -121,7 +121,8 @@ def cached_answer_key(model, kind, positive, negative, noise) -> tuple[torch.Ten
     checksum = noise.double().sum().reshape(1)
     if path.is_file():
         saved = load_file(path)
-        if saved["exact"].shape == noise.shape and torch.equal(saved["noise_sum"], checksum):
+        # the sum's last bits depend on the thread count that summed it; other noises differ by far more
+        if saved["exact"].shape == noise.shape and torch.allclose(saved["noise_sum"], checksum, rtol=1e-12, atol=0):
             return saved["exact"], float(saved["gap"])
     exact, gap = answer_key(model, kind, positive, negative, noise)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -167,6 +167,23 @@ def test_answer_key_cache_is_shared_by_runs_on_the_same_noises(tmp_path, monkeyp
     assert calls == ["eps", "eps", "eps"]
 
 
+def test_answer_key_cache_reads_a_key_summed_under_another_thread_count(tmp_path, monkeypatch):
+    """The noises' checksum is a float sum whose last bits follow the thread count that summed it (a key made on a
+    16-core machine and read with one thread differed by 6e-14 in 332): such a key is still the same noises'."""
+    from safetensors.torch import load_file, save_file
+
+    from bench import neural
+
+    monkeypatch.setattr(neural, "answer_key", lambda model, kind, positive, negative, noise: (noise * 2, 0.125))
+    monkeypatch.setenv("EPD_KEY_CACHE", str(tmp_path))
+    noise = torch.randn(20, 4, 14, 14, generator=torch.Generator().manual_seed(0))
+    neural.cached_answer_key(None, "eps", None, None, noise)
+    path = tmp_path / "mnist-eps-20-heun100.safetensors"
+    saved = load_file(path)
+    save_file({**saved, "noise_sum": saved["noise_sum"] + 6e-14, "gap": torch.tensor([0.5], dtype=torch.float64)}, path)
+    assert neural.cached_answer_key(None, "eps", None, None, noise)[1] == 0.5  # read back, not recomputed
+
+
 def test_bundled_tables_keep_their_names_by_any_path(monkeypatch):
     from bench import neural
     from epd_dev import ROOT
