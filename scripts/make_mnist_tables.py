@@ -38,10 +38,13 @@ OUT = ROOT / "weights" / "demo"
 def make_table(
     kind: str, nfe: int, points: int, config: DistillConfig, command: str, out: Path, student: str = DEFAULT_STUDENT,
     feature_weight: float | None = None, suffix: str = "", afs: bool = True, init: Path | None = None,
+    scales: dict[str, float] | None = None,
 ) -> Path:  # fmt: skip
     """One table, distilled and saved; returns its path. With ``feature_weight`` the final step's loss is the
     feature loss of EPD MNIST Features (the demo classifier's features of the decoded digits); with ``init`` the
-    training starts from that table (fine-tuning; no start check)."""
+    training starts from that table (fine-tuning; no start check). ``scales`` sets the start's ``scale_dir`` /
+    ``scale_time`` bounds, so that the training also learns those heads (a start whose heads are zero, as every
+    untrained or scale-free table's are, samples exactly as before: its scales are 1)."""
     nodes = comfy_harness.setup()
     training = comfy_harness.pack_module("nodes.training")
     (model,) = nodes["EPDMnistModel"].execute(kind).result
@@ -51,6 +54,9 @@ def make_table(
         start = training.start_tables(model.get_model_object("model_sampling"), steps, points, afs, student)
     else:
         start = comfy_harness.pack_module("epd_core.files").load_params(init)  # the pack's EPDParams class
+    if scales:
+        start = ({name: table.replace(**scales) for name, table in start.items()} if isinstance(start, dict)
+                 else start.replace(**scales))  # fmt: skip
     metadata = {"tool": "scripts/make_mnist_tables.py", "model": f"demo_models/mnist-{kind}", "cfg": CFG,
                 "command": command}  # fmt: skip
     encoder = None if feature_weight is None else nodes["EPDMnistFeatures"].execute().result[0]
@@ -75,6 +81,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--afs", action=argparse.BooleanOptionalAction, default=True,
                     help="carry: start with the analytic first step (or a plain prediction)")  # fmt: skip
     ap.add_argument("--init", type=Path, help="start from this table (fine-tune it) instead of the untrained start")
+    for name in ("scale_dir", "scale_time"):
+        ap.add_argument(f"--{name.replace('_', '-')}", type=float,
+                        help=f"learn {name} too, within 1 +- this bound (below 1; default: the start's)")  # fmt: skip
     add_arguments(ap, DistillConfig)
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
@@ -83,12 +92,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("epd").setLevel(logging.INFO)  # the training curve (nodes.training logs twenty points a run)
     config = from_arguments(args, DistillConfig)
     command = "python -m scripts.make_mnist_tables " + shlex.join(sys.argv[1:] if argv is None else argv)
+    scales = {name: value for name in ("scale_dir", "scale_time") if (value := getattr(args, name)) is not None}
     args.out.mkdir(parents=True, exist_ok=True)
     for kind in args.kinds:
         for nfe in args.nfes:
             t0 = time.time()
             path = make_table(kind, nfe, args.points, config, command, args.out, args.student, args.feature_weight,
-                              args.suffix, args.afs, args.init)  # fmt: skip
+                              args.suffix, args.afs, args.init, scales)  # fmt: skip
             print(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: {time.time() - t0:.0f} s")
     return 0
 
