@@ -118,7 +118,12 @@ def test_widening_a_trained_tables_scale_bounds_samples_as_before_then_learns_th
     start = EPDParams.start(4, 2, schedule_type="flowmatch", schedule_rho=1.0, backend="sd3", flowmatch_shift=3.0,
                             afs=True)  # fmt: skip
     first = distill(GM.denoise_flow, start, GM.shape, DistillConfig(iterations=40, batch=16, objective="global"))
-    widened = first.replace(scale_dir=0.2, scale_time=0.1)
+    from scripts.make_mnist_tables import widened as widen
+
+    widened = widen(first, {"scale_dir": 0.2, "scale_time": 0.1})
+    assert widen(widened, {"scale_dir": 0.2}).scale_dir == 0.2  # the same bound again: allowed
+    with pytest.raises(SystemExit, match="bounds scale_dir at 0.2"):
+        widen(widened, {"scale_dir": 0.3})  # another bound would decode the same heads to other scales
     grid = make_schedule(start)
     x = torch.randn(256, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(99))
     assert torch.equal(sample(GM.denoise_flow, x, grid, widened), sample(GM.denoise_flow, x, grid, first))
