@@ -255,3 +255,16 @@ class EPDParams:
         current = {f.name: getattr(self, f.name) for f in fields(self)}
         current.update(changes)
         return EPDParams(**current)
+
+    def with_scale_bounds(self, **bounds: float) -> EPDParams:
+        """A copy whose ``scale_dir`` / ``scale_time`` heads are bounded by ``bounds``, so that training learns them.
+        It samples as before: only a table without the head (bound 0 and zero raw values, which decode to 1 under
+        any bound) or with that bound already is allowed, since other heads would decode to other scales."""
+        for name, bound in bounds.items():
+            if name not in ("scale_dir", "scale_time"):
+                raise ValueError(f"with_scale_bounds: no scale head {name!r} (scale_dir, scale_time)")
+            current = getattr(self, name)
+            if current != bound and (current != 0 or bool(getattr(self, f"{name}_params").any())):
+                raise ValueError(f"the table bounds {name} at {current} (raw heads not all zero); bounding it at "
+                                 f"{bound} would change its scales (keep the table's bound)")  # fmt: skip
+        return self.replace(**bounds)

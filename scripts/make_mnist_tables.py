@@ -55,8 +55,8 @@ def make_table(
     else:
         start = comfy_harness.pack_module("epd_core.files").load_params(init)  # the pack's EPDParams class
     if scales:
-        start = {name: widened(table, scales) for name, table in start.items()} if isinstance(start, dict) else \
-            widened(start, scales)  # fmt: skip
+        start = ({name: table.with_scale_bounds(**scales) for name, table in start.items()} if isinstance(start, dict)
+                 else start.with_scale_bounds(**scales))  # fmt: skip
     metadata = {"tool": "scripts/make_mnist_tables.py", "model": f"demo_models/mnist-{kind}", "cfg": CFG,
                 "command": command}  # fmt: skip
     encoder = None if feature_weight is None else nodes["EPDMnistFeatures"].execute().result[0]
@@ -66,18 +66,6 @@ def make_table(
     path = out / f"mnist-{kind}-nfe{nfe}{suffix}.safetensors"
     training.save_params(params, path, overwrite=True)
     return path
-
-
-def widened(table, scales: dict[str, float]):
-    """``table`` with the given scale bounds; only a table whose bound is 0 or already that value (a table with
-    another bound would sample differently: the same raw heads decode to other scales)."""
-    for name, bound in scales.items():
-        if getattr(table, name) not in (0.0, bound):
-            raise SystemExit(
-                f"the start table bounds {name} at {getattr(table, name)}; --{name.replace('_', '-')} "
-                f"{bound} would change its scales (leave the flag out to keep the table's bound)"
-            )
-    return table.replace(**scales)
 
 
 def main(argv: list[str] | None = None) -> int:

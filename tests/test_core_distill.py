@@ -112,18 +112,22 @@ def test_global_objective_backpropagates_through_the_trajectory():
 
 
 def test_widening_a_trained_tables_scale_bounds_samples_as_before_then_learns_the_heads():
-    """Fine-tuning with scale heads (``make_mnist_tables --init T --scale-dir B``): a scale-free table given bounds
-    samples exactly as before (zero heads decode to scales of 1), and a further run moves the heads and, from
-    that same start, lowers the error more than the run without them."""
+    """Fine-tuning with scale heads (``EPDParams.with_scale_bounds``, ``make_mnist_tables --scale-dir B``): a
+    scale-free table given bounds samples exactly as before (zero heads decode to scales of 1), another bound on
+    existing heads is refused, and a further run moves the heads and, from that same start, lowers the error more
+    than the run without them."""
     start = EPDParams.start(4, 2, schedule_type="flowmatch", schedule_rho=1.0, backend="sd3", flowmatch_shift=3.0,
                             afs=True)  # fmt: skip
     first = distill(GM.denoise_flow, start, GM.shape, DistillConfig(iterations=40, batch=16, objective="global"))
-    from scripts.make_mnist_tables import widened as widen
-
-    widened = widen(first, {"scale_dir": 0.2, "scale_time": 0.1})
-    assert widen(widened, {"scale_dir": 0.2}).scale_dir == 0.2  # the same bound again: allowed
-    with pytest.raises(SystemExit, match="bounds scale_dir at 0.2"):
-        widen(widened, {"scale_dir": 0.3})  # another bound would decode the same heads to other scales
+    widened = first.with_scale_bounds(scale_dir=0.2, scale_time=0.1)
+    assert widened.with_scale_bounds(scale_dir=0.2).scale_dir == 0.2  # the same bound again: allowed
+    trained = widened.replace(scale_dir_params=widened.scale_dir_params + 0.5)
+    with pytest.raises(ValueError, match="bounds scale_dir at 0.2"):
+        widened.with_scale_bounds(scale_dir=0.3)  # as before this change: a bound is never replaced by another
+    with pytest.raises(ValueError, match="bounds scale_dir at 0.2"):
+        trained.with_scale_bounds(scale_dir=0.3)  # another bound would decode the same heads to other scales
+    with pytest.raises(ValueError, match="bounds scale_dir at 0.0"):
+        trained.replace(scale_dir=0.0).with_scale_bounds(scale_dir=0.2)  # unused heads that are not zero
     grid = make_schedule(start)
     x = torch.randn(256, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(99))
     assert torch.equal(sample(GM.denoise_flow, x, grid, widened), sample(GM.denoise_flow, x, grid, first))
