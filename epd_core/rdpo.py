@@ -381,7 +381,7 @@ def rdpo(
     ``config.guard_tolerance`` (relative), a warning is logged and with ``guard_action`` "stop" training ends
     with the last table that passed. The checks are in ``metadata["rdpo"]["guard"]``.
 
-    ``check_interrupt()`` runs before every model call of the rollouts (raise to stop); ``checkpoint`` /
+    ``check_interrupt()`` runs before every model call and every PPO minibatch (raise to stop); ``checkpoint`` /
     ``checkpoint_every``: periodic saves and resume, as in :func:`epd_core.distill.distill`.
     """
     config = config or RDPOConfig()
@@ -458,6 +458,8 @@ def rdpo(
         adv = rloo_advantages(score.float().reshape(k, groups).T.reshape(-1), k).reshape(groups, k).T.reshape(-1)
         perm = torch.randperm(n, generator=gen).to(context.device)
         for s in range(0, n, config.minibatch):
+            if check_interrupt is not None:  # many minibatches at large group counts: seconds without a model call
+                check_interrupt()
             idx = perm[s : s + config.minibatch]
             loss = ppo_clip_loss(policy.log_prob(tables[idx]), logp_old[idx], adv[idx], config.clip)
             if not torch.isfinite(loss):
