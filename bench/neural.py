@@ -19,6 +19,11 @@ Chroma on the flow model). The best built-in is picked on the same data it is sc
 
     python -m bench.neural                    # full run -> bench/results/neural.{json,md}, rows in accuracy.json
     python -m bench.neural --quick            # a small version (CI)
+    python -m bench.neural --pair             # paired intervals of each cell's ratio -> neural_paired.json
+
+The ratio of two rows' RMSEs gets a paired interval from ``--pair``: it re-runs each model and NFE's best built-in
+and best EPD table on the recorded noises and bootstraps the noises jointly (both contenders see the same noises, so
+their errors are correlated and the ratio is known better than the two rows' own intervals say).
 
 With ``EPD_KEY_CACHE`` set to a folder, each model's answer key is kept there (safetensors, with a checksum of the
 noises it was made from) and read back by later runs on the same noises: shards of one benchmark run in parallel
@@ -162,6 +167,23 @@ def rmse_interval(out: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]
     return math.sqrt(max(mean - 1.96 * se, 0.0)), math.sqrt(mean + 1.96 * se)
 
 
+def per_sample_mse(out: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
+    return ((out.double() - exact.double()) ** 2).flatten(1).mean(1)
+
+
+def paired_ratio_interval(
+    builtin: torch.Tensor, epd: torch.Tensor, draws: int = 4000, seed: int = 0
+) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of RMSE(built-in) / RMSE(EPD) from per-sample mean squared errors on the
+    same noises, resampling the noises jointly."""
+    n, g, ratios = builtin.numel(), torch.Generator().manual_seed(seed), []
+    for start in range(0, draws, 500):
+        idx = torch.randint(n, (min(500, draws - start), n), generator=g)
+        ratios.append((builtin[idx].mean(1) / epd[idx].mean(1)).sqrt())
+    lo, hi = torch.quantile(torch.cat(ratios), torch.tensor([0.025, 0.975], dtype=torch.float64))
+    return float(lo), float(hi)
+
+
 def wilson(k: int, n: int) -> tuple[float, float]:
     """95% Wilson interval of a rate ``k / n``."""
     if n == 0:
@@ -213,7 +235,7 @@ class Contest:
     in ``rows``; ``save`` writes them to ``partial`` as the run goes (a run stopped at a deadline keeps them)."""
 
     def __init__(self, kind: str, n: int, reuse=(), log=print, partial: Path | None = None) -> None:
-        self.partial = partial
+        self.partial, self.kind = partial, kind
         self.nodes, self.model, self.positive, self.negative = setup(kind)
         self.noise = torch.randn(n, 4, 14, 14, generator=torch.Generator().manual_seed(HELD_OUT_SEED))
         t0 = time.time()
@@ -279,6 +301,66 @@ def bench_kind(kind: str, nfes, n: int, samplers, schedulers, log=print, tables=
     return contest.rows
 
 
+def contender(contest: Contest, row: dict):
+    """The sampler object and sigmas that ran ``row`` (a built-in with its schedule, or a bundled EPD table)."""
+    import comfy.samplers
+
+    name, scheduler, nfe = row["sampler"], row["scheduler"], row["nfe"]
+    if name == "epd":
+        table, label = scheduler.removeprefix("table:").rsplit("+", 1)
+        params = load_params(TABLES / f"{table}.safetensors")
+        sigmas = contest.nodes["EPDScheduler"].execute(contest.model, params, 1.0, True).result[0]
+        final_step = "estimate" if label == "estimate" else "denoise"
+        return contest.nodes["EPDSampler"].execute(params, "auto", True, "comfyui", final_step).result[0], sigmas
+    tuned = tuned_schedules(contest.kind, nfe) if name not in TWO_CALLS else {}
+    if scheduler in tuned:
+        sigmas = tuned[scheduler]
+    else:
+        ms = contest.model.get_model_object("model_sampling")
+        sigmas = builtin_sigmas(ms, name, scheduler, builtin_steps(name, nfe))
+    return comfy.samplers.sampler_object(name), sigmas
+
+
+def pair(kind: str, rows: list[dict], nfes=NFES, log=print) -> list[dict]:
+    """For each NFE of model ``kind``: re-run the best built-in and the best EPD table of ``rows`` on the same
+    noises and answer key, check that they reproduce their rows, and bootstrap the ratio's paired interval."""
+    model = f"mnist-{kind}"
+    _, summary = summarize([r for r in rows if r["model"] == model])
+    summary = [s for s in summary if s["nfe"] in nfes]
+    if not summary:
+        return []
+    contest = Contest(kind, summary[0]["epd"]["samples"], log=log)
+    out = []
+    for s in summary:
+        errors = {}
+        for side in ("best_builtin", "epd"):
+            row = s[side]
+            final, c = run(contest.model, contest.positive, contest.negative, *contender(contest, row), contest.noise)
+            errors[side] = per_sample_mse(final, contest.exact)
+            again = float(errors[side].mean().sqrt())
+            if c.rounds != row["nfe"] or not math.isclose(again, row["rmse"], rel_tol=0.02):
+                raise RuntimeError(f"{model} {contender_label(row)} at NFE {row['nfe']}: the re-run gives RMSE "
+                                   f"{again:.4g} in {c.rounds} rounds, the row {row['rmse']:.4g} in {row['nfe']}; "
+                                   "not the same contender, noises or answer key")  # fmt: skip
+        ratio = float((errors["best_builtin"].mean() / errors["epd"].mean()).sqrt())
+        ci = paired_ratio_interval(errors["best_builtin"], errors["epd"])
+        log(f"{model} NFE {s['nfe']}: ratio {ratio:.3f}x, paired 95% [{ci[0]:.3f}, {ci[1]:.3f}]")
+        out.append({"model": model, "nfe": s["nfe"], "samples": contest.noise.shape[0],
+                    "builtin": contender_label(s["best_builtin"]), "epd": contender_label(s["epd"]),
+                    "ratio": ratio, "ratio_ci": list(ci), "recorded_ratio": s["ratio"]})  # fmt: skip
+    return out
+
+
+def record_paired(entries: list[dict], out: Path) -> None:
+    """Fold ``entries`` into ``out``'s ``neural_paired.json`` (replacing those of the same model and NFE) and
+    rewrite the summary from ``neural.json`` with them."""
+    keys = {(p["model"], p["nfe"]) for p in entries}
+    kept = [p for p in load_paired(out) if (p["model"], p["nfe"]) not in keys]
+    paired = sorted(kept + entries, key=lambda p: (p["model"], p["nfe"]))
+    write_atomic(json.dumps(paired, indent=1).encode(), out / "neural_paired.json", overwrite=True)
+    record(json.loads((out / "neural.json").read_text()), out, merge=False)
+
+
 def reusable(rows, base: dict) -> dict[tuple, dict]:
     """The built-in rows of ``rows`` measured on ``base``'s model, noises and answer key (its step-halving gap to
     1e-6 relative), by (sampler, scheduler, NFE). EPD rows (``epd``, ``epd_plugin_*``) are never kept: a table may
@@ -293,10 +375,11 @@ def reusable(rows, base: dict) -> dict[tuple, dict]:
     return {(r["sampler"], r["scheduler"], r["nfe"]): r for r in builtin}
 
 
-def summarize(rows: list[dict]) -> tuple[str, list[dict]]:
-    """Per model and NFE: the best built-in by RMSE and by FID, and the best EPD table; the ratios."""
+def summarize(rows: list[dict], paired: list[dict] = ()) -> tuple[str, list[dict]]:
+    """Per model and NFE: the best built-in by RMSE and by FID, and the best EPD table; the ratios, with the paired
+    interval of ``paired`` (see :func:`pair`) where it was measured on these two contenders and noises."""
     lines = ["| model | NFE | best built-in (RMSE) | RMSE [95%] | FID | EPD table | RMSE [95%] | FID | accuracy | "
-             "wrong class [95%] | RMSE ratio | best built-in (FID) | FID | FID ratio |",
+             "wrong class [95%] | RMSE ratio [95% paired] | best built-in (FID) | FID | FID ratio |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     summary = []
     for model in sorted({r["model"] for r in rows}):
@@ -309,15 +392,41 @@ def summarize(rows: list[dict]) -> tuple[str, list[dict]]:
             b, e = min(builtin, key=lambda r: r["rmse"]), min(epd, key=lambda r: r["rmse"])
             bf = min(builtin, key=lambda r: r["fid"])
             s = {"model": model, "nfe": nfe, "best_builtin": b, "best_builtin_fid": bf, "epd": e,
-                 "ratio": b["rmse"] / e["rmse"], "fid_ratio": bf["fid"] / e["fid"]}  # fmt: skip
+                 "ratio": b["rmse"] / e["rmse"], "ratio_ci": paired_ci(paired, b, e),
+                 "fid_ratio": bf["fid"] / e["fid"]}  # fmt: skip
             summary.append(s)
             cells = [model, nfe, f"{b['sampler']} / {b['scheduler']}", _ci(b["rmse"], b["rmse_ci"]), f"{b['fid']:.2f}",
                      e["scheduler"].removeprefix("table:"), _ci(e["rmse"], e["rmse_ci"]), f"{e['fid']:.2f}",
                      f"{e['accuracy']:.3f}", _ci(e["wrong_mode_rate"], e["wrong_mode_ci"], 3),
-                     f"{s['ratio']:.2f}x", f"{bf['sampler']} / {bf['scheduler']}", f"{bf['fid']:.2f}",
+                     ratio_text(s), f"{bf['sampler']} / {bf['scheduler']}", f"{bf['fid']:.2f}",
                      f"{s['fid_ratio']:.2f}x"]  # fmt: skip
             lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n", summary
+
+
+def contender_label(row: dict) -> str:
+    return f"{row['sampler']} / {row['scheduler']}"
+
+
+def paired_ci(paired, builtin: dict, epd: dict) -> list[float] | None:
+    """The paired interval of ``paired`` measured for exactly these two rows (model, NFE, contenders, noises and
+    recorded ratio: a row scored again since has no paired interval until ``--pair`` runs again)."""
+    for p in paired:
+        same = (p["model"], p["nfe"], p["samples"]) == (epd["model"], epd["nfe"], epd["samples"])
+        same = same and math.isclose(p["recorded_ratio"], builtin["rmse"] / epd["rmse"], rel_tol=1e-9)
+        if same and (p["builtin"], p["epd"]) == (contender_label(builtin), contender_label(epd)):
+            return p["ratio_ci"]
+    return None
+
+
+def ratio_text(s: dict) -> str:
+    ci = s.get("ratio_ci")
+    return f"{s['ratio']:.2f}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+
+
+def load_paired(folder: Path) -> list[dict]:
+    path = Path(folder) / "neural_paired.json"
+    return json.loads(path.read_text()) if path.exists() else []
 
 
 def _ci(value: float, ci, digits: int = 4) -> str:
@@ -327,7 +436,7 @@ def _ci(value: float, ci, digits: int = 4) -> str:
 def record(rows: list[dict], out: Path, merge: bool = True) -> str:
     """Write a run's rows to ``out``'s ``neural.json``, its summary to ``neural.md`` and ``neural_summary.json``,
     and (``merge``) its rows into ``accuracy.json``; returns the summary table."""
-    table, summary = summarize(rows)
+    table, summary = summarize(rows, load_paired(out))
     (out / "neural.json").write_text(json.dumps(rows, indent=1))
     (out / "neural.md").write_text(table)
     (out / "neural_summary.json").write_text(json.dumps(summary, indent=1))
@@ -358,6 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-merge", action="store_true", help="leave accuracy.json as it is")
     ap.add_argument("--reuse", type=Path, help="a neural.json whose built-in runs on the same noises are kept")
     ap.add_argument("--partial", action="store_true", help="write the rows so far to <out>/partial-<kind>.json")
+    ap.add_argument("--pair", action="store_true",
+                    help="re-run each cell's best built-in and EPD table of <out>/neural.json for the ratio's paired "
+                    "interval (<out>/neural_paired.json)")  # fmt: skip
     args = ap.parse_args(argv)
     reuse = json.loads(args.reuse.read_text()) if args.reuse else []
     if args.threads:
@@ -366,6 +478,12 @@ def main(argv: list[str] | None = None) -> int:
     import comfy.samplers
 
     t0 = time.time()
+    if args.pair:
+        rows = json.loads((args.out / "neural.json").read_text())
+        record_paired([p for kind in args.kinds for p in pair(kind, rows, args.nfes)], args.out)
+        print((args.out / "neural.md").read_text())
+        print(f"paired in {time.time() - t0:.0f} s -> {args.out}")
+        return 0
     n = args.samples or (20 if args.quick else 2050)
     n = -(-n // 10) * 10
     samplers = ["euler", "dpmpp_2m", "uni_pc"] if args.quick else DETERMINISTIC

@@ -92,8 +92,8 @@ def mixtures_table(rows: list[dict]) -> str:
     return f"{intro}\n\n" + "\n".join(lines) + f"\n\nTargets met: {counts}.\n"
 
 
-def neural_table(rows: list[dict]) -> str:
-    _, summary = neural.summarize(rows)
+def neural_table(rows: list[dict], results: Path) -> str:
+    _, summary = neural.summarize(rows, neural.load_paired(results))
     exact = {r["model"]: r for r in rows if r["sampler"] == "exact"}
     head = ["model", "NFE", "best built-in (RMSE)", "RMSE [95%]", "EPD table", "RMSE [95%]", "ratio",
             "FID: best built-in / EPD / exact ODE"]  # fmt: skip
@@ -103,15 +103,16 @@ def neural_table(rows: list[dict]) -> str:
         x = exact.get(s["model"])
         cells = [s["model"], s["nfe"], f"{b['sampler']} / {b['scheduler']}", neural._ci(b["rmse"], b["rmse_ci"]),
                  e["scheduler"].removeprefix("table:"), neural._ci(e["rmse"], e["rmse_ci"]),
-                 _ratio(s["ratio"], NEURAL_TARGET.get(s["nfe"])),
+                 _ratio(s["ratio"], NEURAL_TARGET.get(s["nfe"]))
+                 + (" [{:.2f}, {:.2f}]".format(*s["ratio_ci"]) if s["ratio_ci"] else ""),
                  f"{bf['fid']:.1f} ({bf['sampler']} / {bf['scheduler']}) / {e['fid']:.1f} / "
                  + (f"{x['fid']:.1f}" if x else "-")]  # fmt: skip
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     samples = sorted({r["samples"] for r in rows})
     intro = (f"**MNIST models** (`python -m bench.neural`, {', '.join(f'{s:,}' for s in samples)} noises, ten per "
              "digit, cfg 3; every deterministic sampler x KSampler scheduler and the tuned schedules; RMSE to the "
-             "network's own ODE end point with 95% intervals; targets 2x at NFE 5, 1.5x at NFE 10, bold when "
-             "met):")  # fmt: skip
+             "network's own ODE end point with 95% intervals; ratio with its paired 95% interval where "
+             "`--pair` measured it; targets 2x at NFE 5, 1.5x at NFE 10, bold when met):")  # fmt: skip
     return f"{intro}\n\n" + "\n".join(lines) + "\n"
 
 
@@ -145,7 +146,9 @@ def field_table(rows: list[dict]) -> str:
 
 def headline(results: Path) -> str:
     parts = []
-    for name, render in (("carry.json", mixtures_table), ("neural.json", neural_table), ("accuracy.json", field_table)):
+    renders = (("carry.json", mixtures_table), ("neural.json", lambda rows: neural_table(rows, results)),
+               ("accuracy.json", field_table))  # fmt: skip
+    for name, render in renders:
         path = results / name
         if path.exists():
             parts.append(render(json.loads(path.read_text())))

@@ -121,6 +121,51 @@ def test_quick_neural_benchmark(quick, tmp_path):
     assert [r["rmse"] for r in rerun if r["sampler"] == "epd"] == [r["rmse"] for r in epd]
 
 
+def test_pair_gives_the_ratio_a_paired_interval_from_a_re_run_of_both_contenders(quick, tmp_path):
+    """``--pair`` re-runs the cell's best built-in and EPD table on the recorded noises, reproduces their rows, and
+    the summary and headline show the interval; a row it cannot reproduce is an error, not an interval."""
+    import shutil
+
+    from bench import neural, report
+
+    out = tmp_path / "paired"
+    shutil.copytree(quick, out)
+    assert neural.main(["--pair", "--kinds", "eps", "--nfes", "5", "--out", str(out)]) == 0
+    (entry,) = json.loads((out / "neural_paired.json").read_text())
+    (cell,) = [s for s in json.loads((out / "neural_summary.json").read_text()) if s["model"] == "mnist-eps"]
+    assert (entry["model"], entry["nfe"], entry["samples"]) == ("mnist-eps", 5, 20)
+    assert entry["epd"] == f"epd / {cell['epd']['scheduler']}"
+    assert entry["ratio"] == pytest.approx(cell["ratio"], rel=1e-9) == entry["recorded_ratio"]
+    assert cell["ratio_ci"] == entry["ratio_ci"]
+    lo, hi = entry["ratio_ci"]
+    assert lo < entry["ratio"] < hi
+    assert f"{cell['ratio']:.2f}x [{lo:.2f}, {hi:.2f}]" in (out / "neural.md").read_text()
+    assert f" [{lo:.2f}, {hi:.2f}]" in report.neural_table(json.loads((out / "neural.json").read_text()), out)
+
+    rows = json.loads((out / "neural.json").read_text())  # a row scored again: its old interval no longer applies
+    best = next(r for r in rows if r["scheduler"] == cell["epd"]["scheduler"] and r["sampler"] == "epd")
+    best["rmse"] *= 0.8
+    (out / "neural.json").write_text(json.dumps(rows))
+    assert neural.summarize(rows, neural.load_paired(out))[1][0]["ratio_ci"] is None
+    with pytest.raises(RuntimeError, match="not the same contender, noises or answer key"):
+        neural.main(["--pair", "--kinds", "eps", "--nfes", "5", "--out", str(out)])
+
+
+def test_paired_ratio_interval():
+    from bench.neural import paired_ratio_interval, rmse_interval
+
+    g = torch.Generator().manual_seed(0)
+    builtin = torch.rand(2000, generator=g, dtype=torch.float64) ** 2 * 4e-3
+    assert paired_ratio_interval(builtin, builtin) == (1.0, 1.0)
+    epd = builtin / 4 * (1 + 0.3 * torch.rand(2000, generator=g, dtype=torch.float64))  # correlated errors
+    ratio = float((builtin.mean() / epd.mean()).sqrt())
+    lo, hi = paired_ratio_interval(builtin, epd)
+    assert lo < ratio < hi and paired_ratio_interval(builtin, epd) == (lo, hi)
+    b_ci = rmse_interval(builtin.sqrt()[:, None], torch.zeros(2000, 1))
+    e_ci = rmse_interval(epd.sqrt()[:, None], torch.zeros(2000, 1))
+    assert hi - lo < (b_ci[1] / e_ci[0] - b_ci[0] / e_ci[1]) / 3  # pairing: far tighter than the rows' own spans
+
+
 def test_neural_benchmark_reuses_only_runs_on_the_same_noises():
     from bench.neural import reusable
 
