@@ -20,6 +20,8 @@ Chroma on the flow model). The best built-in is picked on the same data it is sc
     python -m bench.neural                    # full run -> bench/results/neural.{json,md}, rows in accuracy.json
     python -m bench.neural --quick            # a small version (CI)
     python -m bench.neural --pair             # paired intervals of each cell's ratio -> neural_paired.json
+    python -m bench.neural --kinds flow --nfes 5 --samplers --tables weights/demo/<new table> --add
+                                              # score one new table and add its rows to the results
 
 The ratio of two rows' RMSEs gets a paired interval from ``--pair``: it re-runs each model and NFE's best built-in
 and best EPD table on the recorded noises and bootstraps the noises jointly (both contenders see the same noises, so
@@ -220,12 +222,15 @@ class Scorer:
 
 
 def epd_tables(kind: str, folders=(TABLES,)) -> list[tuple[str, Path]]:
-    """The MNIST tables of ``kind`` in ``folders``, each with its label (``<folder>/<stem>`` outside the pack's)."""
+    """The MNIST tables of ``kind`` in ``folders`` (a folder, or one table file), each with its label
+    (``<folder>/<stem>`` outside the pack's)."""
     found = []
-    for folder in folders:
-        for path in sorted(Path(folder).glob(f"mnist-{kind}-nfe*.safetensors")):
-            bundled = Path(folder).resolve() == TABLES.resolve()
-            found.append((path.stem if bundled else f"{Path(folder).name}/{path.stem}", path))
+    for folder in map(Path, folders):
+        paths = [folder] if folder.is_file() else sorted(folder.glob("*.safetensors"))
+        for path in paths:
+            if path.name.startswith(f"mnist-{kind}-nfe") and path.suffix == ".safetensors":
+                bundled = path.parent.resolve() == TABLES.resolve()
+                found.append((path.stem if bundled else f"{path.parent.name}/{path.stem}", path))
     return found
 
 
@@ -361,6 +366,30 @@ def record_paired(entries: list[dict], out: Path) -> None:
     record(json.loads((out / "neural.json").read_text()), out, merge=False)
 
 
+def add_rows(new: list[dict], out: Path) -> str:
+    """Fold the EPD rows of ``new`` (a run on ``out``'s noises: same sample count, and the answer key's gap to
+    1e-3 relative, as a key rebuilt on another machine gives) into ``out``'s results, after each model's last
+    EPD row, replacing rows of the same contender; then :func:`record` them. Returns the summary table."""
+    rows = json.loads((out / "neural.json").read_text())
+    for exact in (r for r in new if r["sampler"] == "exact"):
+        (old,) = [r for r in rows if r["sampler"] == "exact" and r["model"] == exact["model"]]
+        if old["samples"] != exact["samples"] or not math.isclose(old["answer_key_gap"], exact["answer_key_gap"],
+                                                                  rel_tol=1e-3):  # fmt: skip
+            raise ValueError(f"{exact['model']}: this run has {exact['samples']} noises and an answer key gap of "
+                             f"{exact['answer_key_gap']:.4g}, the results {old['samples']} and "
+                             f"{old['answer_key_gap']:.4g}: not the same noises and key")  # fmt: skip
+        for r in new:
+            if r["model"] == exact["model"] and r["sampler"] == "epd":
+                r = {**r, "answer_key_gap": old["answer_key_gap"]}
+                key = (r["model"], r["sampler"], r["scheduler"], r["nfe"])
+                rows = [o for o in rows if (o["model"], o["sampler"], o["scheduler"], o["nfe"]) != key]
+                last = max(
+                    i for i, o in enumerate(rows) if o["model"] == r["model"] and o["sampler"] in ("epd", "exact")
+                )
+                rows.insert(last + 1, r)
+    return record(rows, out)
+
+
 def reusable(rows, base: dict) -> dict[tuple, dict]:
     """The built-in rows of ``rows`` measured on ``base``'s model, noises and answer key (its step-halving gap to
     1e-6 relative), by (sampler, scheduler, NFE). EPD rows (``epd``, ``epd_plugin_*``) are never kept: a table may
@@ -462,7 +491,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nfes", nargs="*", type=int, default=list(NFES))
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
-    ap.add_argument("--tables", nargs="*", type=Path, default=[TABLES], help="folders of mnist-<kind>-nfe<N> tables")
+    ap.add_argument("--tables", nargs="*", type=Path, default=[TABLES],
+                    help="folders of mnist-<kind>-nfe<N> tables, or single table files")  # fmt: skip
     ap.add_argument("--samplers", nargs="*", help="the built-in samplers to run (default: every deterministic one)")
     ap.add_argument("--no-merge", action="store_true", help="leave accuracy.json as it is")
     ap.add_argument("--reuse", type=Path, help="a neural.json whose built-in runs on the same noises are kept")
@@ -470,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pair", action="store_true",
                     help="re-run each cell's best built-in and EPD table of <out>/neural.json for the ratio's paired "
                     "interval (<out>/neural_paired.json)")  # fmt: skip
+    ap.add_argument("--add", action="store_true",
+                    help="add this run's EPD rows to <out>'s results (same noises and answer key) instead of "
+                    "replacing them: score new tables without re-running the field")  # fmt: skip
     args = ap.parse_args(argv)
     reuse = json.loads(args.reuse.read_text()) if args.reuse else []
     if args.threads:
@@ -494,7 +527,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind in args.kinds:
         partial = args.out / f"partial-{kind}.json" if args.partial else None
         rows += bench_kind(kind, args.nfes, n, samplers, schedulers, tables=args.tables, reuse=reuse, partial=partial)
-    print(record(rows, args.out, merge=not args.quick and not args.no_merge))
+    print(add_rows(rows, args.out) if args.add else record(rows, args.out, merge=not args.quick and not args.no_merge))
     print(f"{len(rows)} runs in {time.time() - t0:.0f} s -> {args.out}")
     return 0
 

@@ -151,6 +151,34 @@ def test_pair_gives_the_ratio_a_paired_interval_from_a_re_run_of_both_contenders
         neural.main(["--pair", "--kinds", "eps", "--nfes", "5", "--out", str(out)])
 
 
+def test_add_scores_a_new_table_into_the_results_without_rerunning_the_field(quick, tmp_path):
+    import shutil
+
+    from bench import neural
+
+    out, tables = tmp_path / "results", tmp_path / "new"
+    shutil.copytree(quick, out)
+    before = json.loads((out / "neural.json").read_text())
+    bundled = next(r for r in before if r["sampler"] == "epd" and r["model"] == "mnist-eps" and r["nfe"] == 5)
+    name = bundled["scheduler"].removeprefix("table:").removesuffix("+estimate")
+    tables.mkdir()
+    shutil.copy(neural.TABLES / f"{name}.safetensors", tables / f"{name}-copy.safetensors")
+    argv = ["--quick", "--kinds", "eps", "--nfes", "5", "--samplers", "--out", str(out), "--add"]
+    assert neural.main([*argv, "--tables", str(tables / f"{name}-copy.safetensors")]) == 0
+    after = json.loads((out / "neural.json").read_text())
+    added = [r for r in after if r not in before]
+    assert [r["scheduler"] for r in added] == [f"table:new/{name}-copy+final", f"table:new/{name}-copy+estimate"]
+    assert [r for r in after if r not in added] == before  # nothing else changed, nothing re-run
+    last_eps = max(i for i, r in enumerate(after) if r["model"] == "mnist-eps" and r not in added)
+    assert after.index(added[0]) == last_eps + 1  # after the model's own rows
+    assert added[1]["rmse"] == bundled["rmse"]  # the same table on the same noises scores the same
+    assert [r for r in json.loads((out / "accuracy.json").read_text()) if r in added] == added
+    assert neural.main([*argv, "--tables", str(tables / f"{name}-copy.safetensors")]) == 0  # again: replaced
+    assert json.loads((out / "neural.json").read_text()) == after
+    with pytest.raises(ValueError, match="not the same noises and key"):
+        neural.main([*argv, "--samples", "30", "--tables", str(tables / f"{name}-copy.safetensors")])
+
+
 def test_paired_ratio_interval():
     from bench.neural import paired_ratio_interval, rmse_interval
 
