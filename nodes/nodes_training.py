@@ -5,7 +5,7 @@ from __future__ import annotations
 from comfy_api.latest import io
 
 from ..epd_core.config import AUTO_ITERATIONS, PRESETS, DistillConfig, RDPOConfig, node_iterations, rdpo_preset
-from ..epd_core.params import DEFAULT_STUDENT, time_points_for_nfe
+from ..epd_core.params import DEFAULT_STUDENT, EPDParams, time_points_for_nfe
 from .features import clip_vision_encoder
 from .inputs import EncoderType, EPDParamsType, advanced, config_input, epd_params_input, output_inputs, seed_input
 from .nodes_tables import describe
@@ -105,6 +105,7 @@ class EPDDistill(io.ComfyNode):
                 advanced(config_input(d, "micro_batch", min=0, max=256, optional=True)),
                 advanced(config_input(d, "keep_best", min=0, max=65536, optional=True)),
                 advanced(config_input(d, "robust", min=0.0, max=10.0, step=0.001, optional=True)),
+                *(advanced(_scale_bound_input(name)) for name in SCALE_HEADS),
             ],
             outputs=[EPDParamsType.Output(display_name="epd_params"), io.String.Output(display_name="info")],
         )
@@ -114,7 +115,7 @@ class EPDDistill(io.ComfyNode):
         cls, model, positive, negative, latent_image, cfg, nfe, points, teacher, teacher_steps, iterations, batch,
         learning_rate, seed, learn_grid, filename, overwrite, start_params=None, final_estimate=None,
         objective=None, student=None, feature_encoder=None, feature_weight=1.0, start_check=None,
-        micro_batch=None, keep_best=None, robust=None,
+        micro_batch=None, keep_best=None, robust=None, scale_dir=0.0, scale_time=0.0,
     ) -> io.NodeOutput:  # fmt: skip
         # The per-step objective needs only the derivatives along the two ways a table moves a point: finite
         # differences, no backpropagation through the network (any architecture, no activation memory). The
@@ -138,6 +139,7 @@ class EPDDistill(io.ComfyNode):
         steps, afs = time_points_for_nfe(nfe, student)
         ms = model.get_model_object("model_sampling")
         start = start_params or start_tables(ms, steps, points, afs, student)
+        start = with_scale_heads(start, scale_dir=scale_dir or 0.0, scale_time=scale_time or 0.0)
         params = distill_on_model(model, positive, negative, cfg, latent_image["samples"], start, config,
                                   metadata={"tool": "EPD Distill node", "cfg": cfg}, encoder=feature_encoder,
                                   feature_weight=feature_weight, **resume_options(path, iterations))  # fmt: skip
@@ -151,6 +153,34 @@ class EPDDistill(io.ComfyNode):
         if "fallback" in params.metadata:
             info = f"no backward pass through this model, so {params.metadata['fallback']}; {info}"
         return io.NodeOutput(params, info)
+
+
+SCALE_HEADS = {
+    "scale_dir": "direction scale c of every point, learned in 1 +- this bound",
+    "scale_time": "time scale a of every point (the model is evaluated at a * tau), learned in 1 +- this bound",
+}
+
+
+def _scale_bound_input(name: str) -> io.Float.Input:
+    return io.Float.Input(
+        name, default=0.0, min=0.0, max=0.5, step=0.01, optional=True,
+        tooltip=f"Also learn the {SCALE_HEADS[name]} (the papers' {name}); 0: no such head, the scale stays 1. With "
+        "start_params, a table without the head gains it (it samples as before until trained); a table with it "
+        "keeps its own bound (leave 0).",
+    )  # fmt: skip
+
+
+def with_scale_heads(start: EPDParams | dict[str, EPDParams], **bounds: float) -> EPDParams | dict[str, EPDParams]:
+    """``start`` (a table or named candidates) with learnable scale heads at the non-zero ``bounds``."""
+    bounds = {name: bound for name, bound in bounds.items() if bound > 0}
+    if not bounds:
+        return start
+    if isinstance(start, dict):
+        return {name: table.with_scale_bounds(**bounds) for name, table in start.items()}
+    try:
+        return start.with_scale_bounds(**bounds)
+    except ValueError as exc:
+        raise ValueError(f"EPD Distill: start_params: {exc}; set scale_dir / scale_time to 0 to keep them") from None
 
 
 def start_report(metadata: dict) -> str:

@@ -131,6 +131,44 @@ def test_distill_defaults_to_the_carry_student(epd_dir):
     assert params.student == "carry" and params.nfe == 4 and params.num_steps == 5 and "student carry" in info
 
 
+def _fit_flow(**inputs):
+    """EPD Distill with its defaults and ``inputs`` on the SD3-form analytic mixture."""
+    model = N["EPDAnalyticModel"].execute("sd3_flow", "reference", 0.0).result[0]
+    cond, empty = [[torch.zeros(1, 1, 8), {}]], {"samples": torch.zeros(1, 4, 8, 8)}
+    return N["EPDDistill"].execute(model, cond, cond, empty, **{**node_defaults(N["EPDDistill"]), **inputs}).result[0]
+
+
+@pytest.mark.parametrize("student", ["carry", "epd"])
+def test_scale_bounds_give_a_new_table_learned_scale_heads(epd_dir, student):
+    """scale_dir / scale_time (advanced): the table learns c and a inside 1 +- the bounds; the defaults (0) keep
+    every scale at 1, as before."""
+    args = {"nfe": 5, "iterations": 20, "student": student, "start_check": 0}
+    plain = _fit_flow(**args, filename=f"plain_{student}").decoded()
+    assert torch.equal(plain.scale_dir, torch.ones_like(plain.scale_dir))
+    assert torch.equal(plain.scale_time, torch.ones_like(plain.scale_time))
+    heads = _fit_flow(**args, filename=f"heads_{student}", scale_dir=0.2, scale_time=0.1)
+    saved = epd_core.load_params(epd_dir / f"heads_{student}.safetensors")
+    assert (saved.scale_dir, saved.scale_time) == (0.2, 0.1) and torch.equal(heads.r_params, saved.r_params)
+    table = saved.decoded()
+    for name, bound in (("scale_dir", 0.2), ("scale_time", 0.1)):
+        moved = (getattr(table, name) - 1).abs()
+        assert 1e-4 < float(moved.max()) < bound, (name, moved)
+
+
+def test_scale_bounds_refuse_to_change_a_start_tables_own_bound(epd_dir):
+    """A start table given through EPD Parameters Loader keeps the bound it was trained with."""
+    start = epd_core.EPDParams.start(4, 2, schedule_type="flowmatch", schedule_rho=1.0, backend="sd3",
+                                     flowmatch_shift=3.0, scale_dir=0.05)  # fmt: skip
+    epd_core.save_params(start, epd_dir / "bounded_start.safetensors")
+    (loaded,) = N["EPDParamsLoader"].execute("bounded_start.safetensors").result[:1]
+    args = {"nfe": 5, "iterations": 2, "start_params": loaded, "student": "epd"}
+    with pytest.raises(ValueError, match="start_params: the table bounds scale_dir at 0.05.*scale_time to 0"):
+        _fit_flow(**args, filename="refused", scale_dir=0.2)
+    assert not (epd_dir / "refused.safetensors").exists()
+    kept = _fit_flow(**args, filename="kept", scale_time=0.1)
+    assert (kept.scale_dir, kept.scale_time) == (0.05, 0.1)  # its own head kept, the new one added
+
+
 def test_distill_trains_on_every_prompt_of_a_conditioning_batch(epd_dir):
     """A positive batch of 3 prompts: the training batch grows to a multiple of 3 (ComfyUI tiles a conditioning
     batch over the noises by index, so every iteration sees every prompt), the table records it, and the prompts
