@@ -149,7 +149,8 @@ class EPDDistill(io.ComfyNode):
         loss += "the run " + " ".join(f"{v:.3g}" for v in d["loss_curve"])
         if feature_encoder is not None:
             loss += f" (last step: {feature_encoder.name} features x {feature_weight:g})"
-        info = f"{describe(params)}; {start_report(params.metadata)}{loss}; {fit_report(d)}; saved {saved}"
+        info = f"{describe(params)}; {start_report(params.metadata)}{loss}; {fit_report(d)}{heads_report(params)}; "
+        info += f"saved {saved}"
         if "fallback" in params.metadata:
             info = f"no backward pass through this model, so {params.metadata['fallback']}; {info}"
         return io.NodeOutput(params, info)
@@ -181,6 +182,16 @@ def with_scale_heads(start: EPDParams | dict[str, EPDParams], **bounds: float) -
         return start.with_scale_bounds(**bounds)
     except ValueError as exc:
         raise ValueError(f"EPD Distill: start_params: {exc}; set scale_dir / scale_time to 0 to keep them") from None
+
+
+def heads_report(params: EPDParams) -> str:
+    """The range each learned scale head ended in ("" for a table without heads)."""
+    table, parts = params.decoded(), []
+    for name in SCALE_HEADS:
+        if getattr(params, name) > 0:
+            values = getattr(table, name)
+            parts.append(f"{name} {float(values.min()):.4f}-{float(values.max()):.4f} (1 +- {getattr(params, name):g})")
+    return "; learned " + ", ".join(parts) if parts else ""
 
 
 def start_report(metadata: dict) -> str:

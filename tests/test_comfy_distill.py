@@ -132,10 +132,10 @@ def test_distill_defaults_to_the_carry_student(epd_dir):
 
 
 def _fit_flow(**inputs):
-    """EPD Distill with its defaults and ``inputs`` on the SD3-form analytic mixture."""
+    """EPD Distill with its defaults and ``inputs`` on the SD3-form analytic mixture: (table, info)."""
     model = N["EPDAnalyticModel"].execute("sd3_flow", "reference", 0.0).result[0]
     cond, empty = [[torch.zeros(1, 1, 8), {}]], {"samples": torch.zeros(1, 4, 8, 8)}
-    return N["EPDDistill"].execute(model, cond, cond, empty, **{**node_defaults(N["EPDDistill"]), **inputs}).result[0]
+    return N["EPDDistill"].execute(model, cond, cond, empty, **{**node_defaults(N["EPDDistill"]), **inputs}).result
 
 
 @pytest.mark.parametrize("student", ["carry", "epd"])
@@ -143,16 +143,18 @@ def test_scale_bounds_give_a_new_table_learned_scale_heads(epd_dir, student):
     """scale_dir / scale_time (advanced): the table learns c and a inside 1 +- the bounds; the defaults (0) keep
     every scale at 1, as before."""
     args = {"nfe": 5, "iterations": 20, "student": student, "start_check": 0}
-    plain = _fit_flow(**args, filename=f"plain_{student}").decoded()
-    assert torch.equal(plain.scale_dir, torch.ones_like(plain.scale_dir))
-    assert torch.equal(plain.scale_time, torch.ones_like(plain.scale_time))
-    heads = _fit_flow(**args, filename=f"heads_{student}", scale_dir=0.2, scale_time=0.1)
+    plain, info = _fit_flow(**args, filename=f"plain_{student}")
+    table = plain.decoded()
+    assert torch.equal(table.scale_dir, torch.ones_like(table.scale_dir)) and "learned scale" not in info
+    assert torch.equal(table.scale_time, torch.ones_like(table.scale_time))
+    heads, info = _fit_flow(**args, filename=f"heads_{student}", scale_dir=0.2, scale_time=0.1)
     saved = epd_core.load_params(epd_dir / f"heads_{student}.safetensors")
     assert (saved.scale_dir, saved.scale_time) == (0.2, 0.1) and torch.equal(heads.r_params, saved.r_params)
     table = saved.decoded()
     for name, bound in (("scale_dir", 0.2), ("scale_time", 0.1)):
-        moved = (getattr(table, name) - 1).abs()
-        assert 1e-4 < float(moved.max()) < bound, (name, moved)
+        values = getattr(table, name)
+        assert 1e-4 < float((values - 1).abs().max()) < bound, (name, values)
+        assert f"{name} {float(values.min()):.4f}-{float(values.max()):.4f} (1 +- {bound:g})" in info
 
 
 def test_scale_bounds_refuse_to_change_a_start_tables_own_bound(epd_dir):
@@ -165,7 +167,7 @@ def test_scale_bounds_refuse_to_change_a_start_tables_own_bound(epd_dir):
     with pytest.raises(ValueError, match="start_params: the table bounds scale_dir at 0.05.*scale_time to 0"):
         _fit_flow(**args, filename="refused", scale_dir=0.2)
     assert not (epd_dir / "refused.safetensors").exists()
-    kept = _fit_flow(**args, filename="kept", scale_time=0.1)
+    kept = _fit_flow(**args, filename="kept", scale_time=0.1)[0]
     assert (kept.scale_dir, kept.scale_time) == (0.05, 0.1)  # its own head kept, the new one added
 
 
