@@ -162,15 +162,15 @@ def rmse(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(((a.double() - b.double()) ** 2).mean().sqrt())
 
 
-def rmse_interval(out: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
-    """95% interval of the RMSE over samples (delta method on the per-sample mean squared errors)."""
-    per = ((out.double() - exact.double()) ** 2).flatten(1).mean(1)
-    mean, se = float(per.mean()), float(per.std() / math.sqrt(per.numel()))
-    return math.sqrt(max(mean - 1.96 * se, 0.0)), math.sqrt(mean + 1.96 * se)
-
-
 def per_sample_mse(out: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     return ((out.double() - exact.double()) ** 2).flatten(1).mean(1)
+
+
+def rmse_interval(out: torch.Tensor, exact: torch.Tensor) -> tuple[float, float]:
+    """95% interval of the RMSE over samples (delta method on the per-sample mean squared errors)."""
+    per = per_sample_mse(out, exact)
+    mean, se = float(per.mean()), float(per.std() / math.sqrt(per.numel()))
+    return math.sqrt(max(mean - 1.96 * se, 0.0)), math.sqrt(mean + 1.96 * se)
 
 
 def paired_ratio_interval(
@@ -298,12 +298,19 @@ def bench_kind(kind: str, nfes, n: int, samplers, schedulers, log=print, tables=
         params = load_params(path)
         if params.nfe not in nfes:
             continue
-        for final, final_step, label in ((True, "denoise", "+final"), (True, "estimate", "+estimate")):
-            sigmas = contest.nodes["EPDScheduler"].execute(contest.model, params, 1.0, final).result[0]
-            sampler = contest.nodes["EPDSampler"].execute(params, "auto", True, "comfyui", final_step).result[0]
-            contest.add("epd", f"table:{name}{label}", sampler, sigmas)
+        for label in ENDINGS:
+            contest.add("epd", f"table:{name}+{label}", *epd_contender(contest, params, label))
     log(f"mnist-{kind}: {len(contest.rows)} runs in {time.time() - t0:.0f} s")
     return contest.rows
+
+
+ENDINGS = {"final": "denoise", "estimate": "estimate"}  # a table row's label suffix: EPD Sampler's final_step
+
+
+def epd_contender(contest: Contest, params, label: str):
+    """EPD Sampler and EPD Scheduler for ``params`` on the contest's model, ending as ``label`` (:data:`ENDINGS`)."""
+    sigmas = contest.nodes["EPDScheduler"].execute(contest.model, params, 1.0, True).result[0]
+    return contest.nodes["EPDSampler"].execute(params, "auto", True, "comfyui", ENDINGS[label]).result[0], sigmas
 
 
 def contender(contest: Contest, row: dict):
@@ -313,10 +320,7 @@ def contender(contest: Contest, row: dict):
     name, scheduler, nfe = row["sampler"], row["scheduler"], row["nfe"]
     if name == "epd":
         table, label = scheduler.removeprefix("table:").rsplit("+", 1)
-        params = load_params(TABLES / f"{table}.safetensors")
-        sigmas = contest.nodes["EPDScheduler"].execute(contest.model, params, 1.0, True).result[0]
-        final_step = "estimate" if label == "estimate" else "denoise"
-        return contest.nodes["EPDSampler"].execute(params, "auto", True, "comfyui", final_step).result[0], sigmas
+        return epd_contender(contest, load_params(TABLES / f"{table}.safetensors"), label)
     tuned = tuned_schedules(contest.kind, nfe) if name not in TWO_CALLS else {}
     if scheduler in tuned:
         sigmas = tuned[scheduler]
@@ -448,9 +452,13 @@ def paired_ci(paired, builtin: dict, epd: dict) -> list[float] | None:
     return None
 
 
+def paired_text(ci: list[float] | None) -> str:
+    """`` [lo, hi]`` of a paired interval, "" without one."""
+    return f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+
+
 def ratio_text(s: dict) -> str:
-    ci = s.get("ratio_ci")
-    return f"{s['ratio']:.2f}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+    return f"{s['ratio']:.2f}x" + paired_text(s["ratio_ci"])
 
 
 def load_paired(folder: Path) -> list[dict]:

@@ -103,8 +103,7 @@ def neural_table(rows: list[dict], results: Path) -> str:
         x = exact.get(s["model"])
         cells = [s["model"], s["nfe"], f"{b['sampler']} / {b['scheduler']}", neural._ci(b["rmse"], b["rmse_ci"]),
                  e["scheduler"].removeprefix("table:"), neural._ci(e["rmse"], e["rmse_ci"]),
-                 _ratio(s["ratio"], NEURAL_TARGET.get(s["nfe"]))
-                 + (" [{:.2f}, {:.2f}]".format(*s["ratio_ci"]) if s["ratio_ci"] else ""),
+                 _ratio(s["ratio"], NEURAL_TARGET.get(s["nfe"])) + neural.paired_text(s["ratio_ci"]),
                  f"{bf['fid']:.1f} ({bf['sampler']} / {bf['scheduler']}) / {e['fid']:.1f} / "
                  + (f"{x['fid']:.1f}" if x else "-")]  # fmt: skip
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
