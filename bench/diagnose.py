@@ -11,6 +11,15 @@ same 8,192 held-out noises as the benchmark, in the core (no ComfyUI; its result
 * the **training curve** (the mean loss of each tenth of the run, from the table's metadata).
 
     python -m bench.diagnose --tables DIR            # -> bench/results/diagnosis.{json,md}
+
+On the MNIST models (``--mnist eps:5 flow:5``), for the headline's cell: its best EPD table and best built-in
+re-run on the recorded noises through ComfyUI (checked to reproduce their rows), the share of each one's squared
+error carried by its wrong-class samples and the ratio among the samples both draw in the exact class, the commit
+step of the table's wrong-class samples (the continuation is the network's guided ODE, Heun, to sigma 0), the
+error of the continuation from the table's state after each step (which step adds the error), the teacher ceiling
+and the training curve:
+
+    python -m bench.diagnose --mnist eps:5           # -> bench/results/diagnosis_mnist.{json,md}
 """
 
 from __future__ import annotations
@@ -101,13 +110,160 @@ def summarize(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+MNIST_CONTINUATION = 50  # Heun steps of an MNIST continuation (the answer key: 100 from sigma max)
+MNIST_TRACE = 200  # samples whose continuation after every step says which step adds the error
+TEACHERS = {"dpm2": "dpm_2", "heun": "heun", "dpmpp_2m": "dpmpp_2m"}  # a table's teacher: ComfyUI's sampler
+
+
+def mnist_continuation(contest, x: torch.Tensor, sigma: float, labels: torch.Tensor) -> torch.Tensor:
+    """The network's guided ODE from states ``x`` at ``sigma`` (samples prompted with ``labels``) to 0: Heun on a
+    rho-7 grid. Each sample sits in a batch slot of its class (slot i draws digit i mod 10)."""
+    import comfy.samplers
+
+    from bench import neural
+    from epd_core.schedules import polynomial
+
+    ms = contest.model.get_model_object("model_sampling")
+    width = int(torch.bincount(labels, minlength=10).max())
+    slots = torch.stack([10 * int((labels[:j] == labels[j]).sum()) + labels[j] for j in range(len(labels))])
+    batch = x.new_zeros(10 * width, *x.shape[1:])
+    batch[slots] = x / sigma  # ComfyUI scales the noise by sigma below its sigma max (and flow: + (1 - sigma) * 0)
+    grid = polynomial(MNIST_CONTINUATION, min(float(ms.sigma_min), sigma), sigma).float()
+    sigmas = torch.cat([grid, grid.new_zeros(1)])
+    heun = comfy.samplers.sampler_object("heun")
+    return neural.run(contest.model, contest.positive, contest.negative, heun, sigmas, batch)[0][slots]
+
+
+def mnist_commit_steps(contest, states: list[tuple[float, torch.Tensor]], wrong: torch.Tensor) -> dict[str, int]:
+    """For the ``wrong`` samples: the step after which the exact continuation from the table's state draws another
+    class than the answer key for good (``end``: only the table's last step moved it)."""
+    if wrong.numel() == 0:
+        return {}
+    labels = contest.score.labels[wrong]
+    right = contest.score.exact_class[wrong]
+    stays = torch.ones(len(states) + 1, wrong.numel(), dtype=torch.bool)  # state 0 is the key's own start
+    for i, (sigma, x) in enumerate(states[1:], start=1):
+        end = mnist_continuation(contest, x[wrong], sigma, labels)
+        stays[i] = mnist_classes(contest, end) == right
+    stays[-1] = False
+    counts: dict[str, int] = {}
+    for j in range(wrong.numel()):
+        last = int(stays[:, j].nonzero().flatten().max())
+        label = "end" if last == len(states) - 1 else str(last + 1)
+        counts[label] = counts.get(label, 0) + 1
+    return dict(sorted(counts.items(), key=lambda kv: (kv[0] == "end", int(kv[0]) if kv[0] != "end" else 0)))
+
+
+def mnist_error_after_steps(contest, states: list[tuple[float, torch.Tensor]], end: torch.Tensor) -> list[float]:
+    """On the first :data:`MNIST_TRACE` samples: the RMSE to the answer key of the exact continuation from the
+    table's state after each step, then of the table's own end (the last step's increase is its final move)."""
+    from bench import neural
+
+    some = torch.arange(min(MNIST_TRACE, end.shape[0]))
+    labels, exact = contest.score.labels[some], contest.exact[some]
+    errors = [neural.rmse(mnist_continuation(contest, x[some], sigma, labels), exact) for sigma, x in states[1:]]
+    return [*errors, neural.rmse(end[some], exact)]
+
+
+def mnist_classes(contest, latent: torch.Tensor) -> torch.Tensor:
+    from epd_dev import mnist_metrics
+
+    return mnist_metrics.predict(contest.score.images(latent), contest.score.classifier)
+
+
+def mnist_teacher(contest, params, sigmas: torch.Tensor) -> tuple[str, torch.Tensor]:
+    """The table's training teacher (its recorded solver and M) along the table's grid, ended on its denoised
+    estimate at the grid's last point, as the table ends."""
+    import comfy.samplers
+
+    from bench import neural
+
+    d = params.metadata.get("distilled", {})
+    teacher, m_points = d.get("teacher", params.teacher), int(d.get("teacher_m", params.teacher_steps_m))
+    grid = sigmas[sigmas > 0].double()
+    fine = torch.cat([subdivide(grid, m_points), grid.new_zeros(1)]).float()
+    sampler = comfy.samplers.sampler_object(TEACHERS[teacher])
+    end = neural.run(contest.model, contest.positive, contest.negative, sampler, fine, contest.noise)[0]
+    return f"{teacher} M={m_points}", end
+
+
+def diagnose_mnist(kind: str, nfe: int, rows: list[dict], log=print) -> dict:
+    """Where the headline's EPD table on MNIST model ``kind`` at ``nfe`` loses its error (see the module's text)."""
+    from bench import neural
+
+    model = f"mnist-{kind}"
+    _, summary = neural.summarize([r for r in rows if r["model"] == model])
+    (cell,) = [s for s in summary if s["nfe"] == nfe]
+    contest = neural.Contest(kind, cell["epd"]["samples"], log=log)
+    table = cell["epd"]["scheduler"].removeprefix("table:").rsplit("+", 1)[0]
+    params = load_params(neural.TABLES / f"{table}.safetensors")
+    states: list[tuple[float, torch.Tensor]] = []
+    sigmas = neural.contender(contest, cell["epd"])[1]
+    callback = lambda i, denoised, x, total: states.append((float(sigmas[i]), x.clone()))  # noqa: E731
+    ends = {"epd": neural.rerun(contest, cell["epd"], callback), "builtin": neural.rerun(contest, cell["best_builtin"])}
+    mse = {side: neural.per_sample_mse(end, contest.exact) for side, end in ends.items()}
+    wrong = {side: mnist_classes(contest, end) != contest.score.exact_class for side, end in ends.items()}
+    both_right = ~(wrong["epd"] | wrong["builtin"])
+    teacher, t_end = mnist_teacher(contest, params, sigmas)
+    out = {"model": model, "nfe": nfe, "samples": contest.noise.shape[0], "table": table,
+           "builtin": neural.contender_label(cell["best_builtin"]), "teacher": teacher,
+           "teacher_rmse": neural.rmse(t_end, contest.exact),
+           "teacher_wrong_mode": int((mnist_classes(contest, t_end) != contest.score.exact_class).sum()),
+           "both_right": int(both_right.sum()),
+           "commit_step": mnist_commit_steps(contest, states, wrong["epd"].nonzero().flatten()),
+           "trace_samples": min(MNIST_TRACE, contest.noise.shape[0]),
+           "error_after_step": mnist_error_after_steps(contest, states, ends["epd"]),
+           "loss_curve": params.metadata.get("distilled", {}).get("loss_curve")}  # fmt: skip
+    for side in ("epd", "builtin"):
+        out[f"{side}_rmse"] = float(mse[side].mean().sqrt())
+        out[f"{side}_wrong_mode"] = int(wrong[side].sum())
+        out[f"{side}_wrong_share"] = float(mse[side][wrong[side]].sum() / mse[side].sum())
+        out[f"{side}_rmse_both_right"] = float(mse[side][both_right].mean().sqrt())
+    out["ratio"] = out["builtin_rmse"] / out["epd_rmse"]
+    out["ratio_both_right"] = out["builtin_rmse_both_right"] / out["epd_rmse_both_right"]
+    return out
+
+
+def summarize_mnist(rows: list[dict]) -> str:
+    lines = ["| model | NFE | EPD table: RMSE (wrong class; their share of the squared error) "
+             "| best built-in: RMSE (wrong; share) | ratio | both in the exact class: samples, EPD / built-in RMSE, "
+             "ratio | teacher RMSE (wrong) | wrong classes committed at step | RMSE of the exact continuation after "
+             "each step, then the table's end (samples) | loss by tenth of the run |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in rows:
+        commits = ", ".join(f"{k}: {v}" for k, v in r["commit_step"].items())
+        curve = " ".join(f"{v:.3g}" for v in r["loss_curve"] or [])
+        trace = " ".join(f"{v:.4f}" for v in r["error_after_step"]) + f" ({r['trace_samples']})"
+        lines.append(f"| {r['model']} | {r['nfe']} | {r['table']}: {r['epd_rmse']:.4f} ({r['epd_wrong_mode']}; "
+                     f"{r['epd_wrong_share']:.0%}) | {r['builtin']}: {r['builtin_rmse']:.4f} "
+                     f"({r['builtin_wrong_mode']}; {r['builtin_wrong_share']:.0%}) | {r['ratio']:.2f}x "
+                     f"| {r['both_right']}, {r['epd_rmse_both_right']:.4f} / {r['builtin_rmse_both_right']:.4f}, "
+                     f"{r['ratio_both_right']:.2f}x | {r['teacher']}: {r['teacher_rmse']:.4f} "
+                     f"({r['teacher_wrong_mode']}) | {commits} | {trace} | {curve} |")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tables", type=Path, required=True, help="tables kept by bench.defaults --keep-tables")
+    ap.add_argument("--tables", type=Path, help="tables kept by bench.defaults --keep-tables")
+    ap.add_argument("--mnist", nargs="+", metavar="KIND:NFE", help="MNIST cells of the headline, e.g. eps:5")
     ap.add_argument("--samples", type=int, default=8192)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.mnist:
+        recorded = json.loads((args.out / "neural.json").read_text())
+        found = [diagnose_mnist(kind, int(nfe), recorded) for kind, nfe in (c.split(":") for c in args.mnist)]
+        path = args.out / "diagnosis_mnist.json"
+        keys = {(r["model"], r["nfe"]) for r in found}
+        kept = [r for r in json.loads(path.read_text()) if (r["model"], r["nfe"]) not in keys] if path.is_file() else []
+        rows = sorted(kept + found, key=lambda r: (r["model"], r["nfe"]))
+        path.write_text(json.dumps(rows, indent=1))
+        (args.out / "diagnosis_mnist.md").write_text(summarize_mnist(rows))
+        print(summarize_mnist(rows))
+        return 0
+    if args.tables is None:
+        ap.error("give --tables or --mnist")
     builtins = json.loads((RESULTS / "carry.json").read_text())
     rows = []
     for path in sorted(args.tables.glob("*.safetensors")):

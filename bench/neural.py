@@ -82,16 +82,17 @@ def setup(kind: str):
     return nodes, model, positive, negative
 
 
-def run(model, positive, negative, sampler, sigmas, noise) -> tuple[torch.Tensor, Rounds]:
-    """One contender on ComfyUI's sampling path: the final latent and its round count."""
+def run(model, positive, negative, sampler, sigmas, noise, callback=None) -> tuple[torch.Tensor, Rounds]:
+    """One contender on ComfyUI's sampling path: the final latent and its round count. ``callback``: ComfyUI's
+    per-step callback ``(i, denoised, x, total_steps)``."""
     import comfy.sample
 
     counter = Rounds(noise.shape[0])
     m = model.clone()
     m.set_model_sampler_cfg_function(counter)
     with torch.no_grad():
-        out = comfy.sample.sample_custom(m, noise, CFG, sampler, sigmas, positive, negative,
-                                         torch.zeros_like(noise), disable_pbar=True, seed=0)  # fmt: skip
+        out = comfy.sample.sample_custom(m, noise, CFG, sampler, sigmas, positive, negative, torch.zeros_like(noise),
+                                         callback=callback, disable_pbar=True, seed=0)  # fmt: skip
     return out, counter
 
 
@@ -330,6 +331,18 @@ def contender(contest: Contest, row: dict):
     return comfy.samplers.sampler_object(name), sigmas
 
 
+def rerun(contest: Contest, row: dict, callback=None) -> torch.Tensor:
+    """Run ``row``'s contender again on the contest's noises (``callback`` as in :func:`run`) and check that it
+    reproduces the row (its round count, and its RMSE to 2%: CPU and GPU rows differ by about 1e-4)."""
+    final, c = run(contest.model, contest.positive, contest.negative, *contender(contest, row), contest.noise, callback)
+    again = rmse(final, contest.exact)
+    if c.rounds != row["nfe"] or not math.isclose(again, row["rmse"], rel_tol=0.02):
+        raise RuntimeError(f"{row['model']} {contender_label(row)} at NFE {row['nfe']}: the re-run gives RMSE "
+                           f"{again:.4g} in {c.rounds} rounds, the row {row['rmse']:.4g} in {row['nfe']}; "
+                           "not the same contender, noises or answer key")  # fmt: skip
+    return final
+
+
 def pair(kind: str, rows: list[dict], nfes=NFES, log=print) -> list[dict]:
     """For each NFE of model ``kind``: re-run the best built-in and the best EPD table of ``rows`` on the same
     noises and answer key, check that they reproduce their rows, and bootstrap the ratio's paired interval."""
@@ -341,16 +354,7 @@ def pair(kind: str, rows: list[dict], nfes=NFES, log=print) -> list[dict]:
     contest = Contest(kind, summary[0]["epd"]["samples"], log=log)
     out = []
     for s in summary:
-        errors = {}
-        for side in ("best_builtin", "epd"):
-            row = s[side]
-            final, c = run(contest.model, contest.positive, contest.negative, *contender(contest, row), contest.noise)
-            errors[side] = per_sample_mse(final, contest.exact)
-            again = float(errors[side].mean().sqrt())
-            if c.rounds != row["nfe"] or not math.isclose(again, row["rmse"], rel_tol=0.02):
-                raise RuntimeError(f"{model} {contender_label(row)} at NFE {row['nfe']}: the re-run gives RMSE "
-                                   f"{again:.4g} in {c.rounds} rounds, the row {row['rmse']:.4g} in {row['nfe']}; "
-                                   "not the same contender, noises or answer key")  # fmt: skip
+        errors = {side: per_sample_mse(rerun(contest, s[side]), contest.exact) for side in ("best_builtin", "epd")}
         ratio = float((errors["best_builtin"].mean() / errors["epd"].mean()).sqrt())
         ci = paired_ratio_interval(errors["best_builtin"], errors["epd"])
         log(f"{model} NFE {s['nfe']}: ratio {ratio:.3f}x, paired 95% [{ci[0]:.3f}, {ci[1]:.3f}]")

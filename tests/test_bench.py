@@ -151,6 +151,44 @@ def test_pair_gives_the_ratio_a_paired_interval_from_a_re_run_of_both_contenders
         neural.main(["--pair", "--kinds", "eps", "--nfes", "5", "--out", str(out)])
 
 
+def test_mnist_diagnosis_splits_the_error_and_finds_commit_steps(quick, tmp_path):
+    """``bench.diagnose --mnist``: both contenders reproduce their rows, the wrong-class shares and commit steps
+    account for every wrong sample, and a continuation of a few samples in class slots equals the whole batch's."""
+    import shutil
+
+    from bench import diagnose, neural
+
+    out = tmp_path / "diagnosed"
+    shutil.copytree(quick, out)
+    assert diagnose.main(["--mnist", "eps:5", "--out", str(out)]) == 0
+    (row,) = json.loads((out / "diagnosis_mnist.json").read_text())
+    (cell,) = [s for s in json.loads((out / "neural_summary.json").read_text()) if s["model"] == "mnist-eps"]
+    assert row["epd_rmse"] == pytest.approx(cell["epd"]["rmse"], rel=1e-6)
+    assert row["builtin_rmse"] == pytest.approx(cell["best_builtin"]["rmse"], rel=1e-6)
+    assert row["epd_wrong_mode"] == cell["epd"]["wrong_mode"] == sum(row["commit_step"].values())
+    assert 0 <= row["epd_wrong_share"] <= 1 and 0 <= row["builtin_wrong_share"] <= 1
+    assert row["both_right"] <= row["samples"] - max(row["epd_wrong_mode"], row["builtin_wrong_mode"])
+    assert 0 < row["teacher_rmse"] < row["epd_rmse"]  # the M = 3 teacher is far closer to the ODE than the table
+    assert f"| mnist-eps | 5 | {row['table']}: " in (out / "diagnosis_mnist.md").read_text()
+    assert row["trace_samples"] == 20 and row["error_after_step"][-1] == pytest.approx(row["epd_rmse"], rel=1e-6)
+    assert 0 < row["error_after_step"][0] < row["epd_rmse"]  # the first step alone leaves less error than all
+
+    contest = neural.Contest("eps", 20)
+    states = []
+    sampler, sigmas = neural.contender(contest, cell["epd"])
+    neural.run(contest.model, contest.positive, contest.negative, sampler, sigmas, contest.noise,
+               lambda i, den, x, total: states.append((float(sigmas[i]), x.clone())))  # fmt: skip
+    sigma, x = states[2]
+    labels = contest.score.labels
+    whole = diagnose.mnist_continuation(contest, x, sigma, labels)
+    some = torch.tensor([13, 3, 7, 17, 4])  # two of class 3 and two of class 7, out of order
+    part = diagnose.mnist_continuation(contest, x[some], sigma, labels[some])
+    assert torch.allclose(part, whole[some], atol=1e-4)
+    other = diagnose.mnist_continuation(contest, x[some], sigma, (labels[some] + 1) % 10)
+    assert (other - whole[some]).abs().amax() > 0.1  # a sample in another class's slot is drawn as that class
+    assert sum(diagnose.mnist_commit_steps(contest, states, some).values()) == len(some)
+
+
 def test_add_scores_a_new_table_into_the_results_without_rerunning_the_field(quick, tmp_path):
     import shutil
 
