@@ -166,6 +166,7 @@ def mnist_error_after_steps(contest, states: list[tuple[float, torch.Tensor]], e
 
 
 def mnist_classes(contest, latent: torch.Tensor) -> torch.Tensor:
+    """The benchmark classifier's class of each latent's decoded digit."""
     from epd_dev import mnist_metrics
 
     return mnist_metrics.predict(contest.score.images(latent), contest.score.classifier)
