@@ -144,7 +144,7 @@ def mnist_commit_steps(contest, states: list[tuple[float, torch.Tensor]], wrong:
     stays = torch.ones(len(states) + 1, wrong.numel(), dtype=torch.bool)  # state 0 is the key's own start
     for i, (sigma, x) in enumerate(states[1:], start=1):
         end = mnist_continuation(contest, x[wrong], sigma, labels)
-        stays[i] = mnist_classes(contest, end) == right
+        stays[i] = contest.score.classes(end) == right
     stays[-1] = False
     counts: dict[str, int] = {}
     for j in range(wrong.numel()):
@@ -163,13 +163,6 @@ def mnist_error_after_steps(contest, states: list[tuple[float, torch.Tensor]], e
     labels, exact = contest.score.labels[some], contest.exact[some]
     errors = [neural.rmse(mnist_continuation(contest, x[some], sigma, labels), exact) for sigma, x in states[1:]]
     return [*errors, neural.rmse(end[some], exact)]
-
-
-def mnist_classes(contest, latent: torch.Tensor) -> torch.Tensor:
-    """The benchmark classifier's class of each latent's decoded digit."""
-    from epd_dev import mnist_metrics
-
-    return mnist_metrics.predict(contest.score.images(latent), contest.score.classifier)
 
 
 def mnist_teacher(contest, params, sigmas: torch.Tensor) -> tuple[str, torch.Tensor]:
@@ -196,20 +189,21 @@ def diagnose_mnist(kind: str, nfe: int, rows: list[dict], log=print) -> dict:
     _, summary = neural.summarize([r for r in rows if r["model"] == model])
     (cell,) = [s for s in summary if s["nfe"] == nfe]
     contest = neural.Contest(kind, cell["epd"]["samples"], log=log)
-    table = cell["epd"]["scheduler"].removeprefix("table:").rsplit("+", 1)[0]
+    table = neural.table_of(cell["epd"])[0]
     params = load_params(neural.TABLES / f"{table}.safetensors")
-    states: list[tuple[float, torch.Tensor]] = []
-    sigmas = neural.contender(contest, cell["epd"])[1]
-    callback = lambda i, denoised, x, total: states.append((float(sigmas[i]), x.clone()))  # noqa: E731
-    ends = {"epd": neural.rerun(contest, cell["epd"], callback), "builtin": neural.rerun(contest, cell["best_builtin"])}
+    seen: list[tuple[int, torch.Tensor]] = []
+    callback = lambda i, denoised, x, total: seen.append((i, x.clone()))  # noqa: E731
+    end, sigmas = neural.rerun(contest, cell["epd"], callback)
+    states = [(float(sigmas[i]), x) for i, x in seen]
+    ends = {"epd": end, "builtin": neural.rerun(contest, cell["best_builtin"])[0]}
     mse = {side: neural.per_sample_mse(end, contest.exact) for side, end in ends.items()}
-    wrong = {side: mnist_classes(contest, end) != contest.score.exact_class for side, end in ends.items()}
+    wrong = {side: contest.score.classes(end) != contest.score.exact_class for side, end in ends.items()}
     both_right = ~(wrong["epd"] | wrong["builtin"])
     teacher, t_end = mnist_teacher(contest, params, sigmas)
     out = {"model": model, "nfe": nfe, "samples": contest.noise.shape[0], "table": table,
            "builtin": neural.contender_label(cell["best_builtin"]), "teacher": teacher,
            "teacher_rmse": neural.rmse(t_end, contest.exact),
-           "teacher_wrong_mode": int((mnist_classes(contest, t_end) != contest.score.exact_class).sum()),
+           "teacher_wrong_mode": int((contest.score.classes(t_end) != contest.score.exact_class).sum()),
            "both_right": int(both_right.sum()),
            "commit_step": mnist_commit_steps(contest, states, wrong["epd"].nonzero().flatten()),
            "trace_samples": min(MNIST_TRACE, contest.noise.shape[0]),

@@ -204,10 +204,14 @@ class Scorer:
         self.classifier = mnist_metrics.load_classifier()
         self.real = mnist_metrics.features(mnist_data.split("heldout")[0], self.classifier)
         self.exact, self.labels = exact, labels
-        self.exact_class = mnist_metrics.predict(self.images(exact), self.classifier)
+        self.exact_class = self.classes(exact)
 
     def images(self, latent: torch.Tensor) -> torch.Tensor:
         return self.latent_to_images(latent.float())
+
+    def classes(self, latent: torch.Tensor) -> torch.Tensor:
+        """The classifier's class of each latent's decoded digit."""
+        return mnist_metrics.predict(self.images(latent), self.classifier)
 
     def __call__(self, out: torch.Tensor) -> dict:
         features = mnist_metrics.features(self.images(out), self.classifier)
@@ -314,13 +318,19 @@ def epd_contender(contest: Contest, params, label: str):
     return contest.nodes["EPDSampler"].execute(params, "auto", True, "comfyui", ENDINGS[label]).result[0], sigmas
 
 
+def table_of(row: dict) -> tuple[str, str]:
+    """An EPD row's bundled table (its file stem in :data:`TABLES`) and ending label (:data:`ENDINGS`)."""
+    table, label = row["scheduler"].removeprefix("table:").rsplit("+", 1)
+    return table, label
+
+
 def contender(contest: Contest, row: dict):
     """The sampler object and sigmas that ran ``row`` (a built-in with its schedule, or a bundled EPD table)."""
     import comfy.samplers
 
     name, scheduler, nfe = row["sampler"], row["scheduler"], row["nfe"]
     if name == "epd":
-        table, label = scheduler.removeprefix("table:").rsplit("+", 1)
+        table, label = table_of(row)
         return epd_contender(contest, load_params(TABLES / f"{table}.safetensors"), label)
     tuned = tuned_schedules(contest.kind, nfe) if name not in TWO_CALLS else {}
     if scheduler in tuned:
@@ -331,16 +341,18 @@ def contender(contest: Contest, row: dict):
     return comfy.samplers.sampler_object(name), sigmas
 
 
-def rerun(contest: Contest, row: dict, callback=None) -> torch.Tensor:
+def rerun(contest: Contest, row: dict, callback=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``row``'s contender again on the contest's noises (``callback`` as in :func:`run`) and check that it
-    reproduces the row (its round count, and its RMSE to 2%: CPU and GPU rows differ by about 1e-4)."""
-    final, c = run(contest.model, contest.positive, contest.negative, *contender(contest, row), contest.noise, callback)
+    reproduces the row (its round count, and its RMSE to 2%: CPU and GPU rows differ by about 1e-4). Returns the
+    end and the sigmas it ran."""
+    sampler, sigmas = contender(contest, row)
+    final, c = run(contest.model, contest.positive, contest.negative, sampler, sigmas, contest.noise, callback)
     again = rmse(final, contest.exact)
     if c.rounds != row["nfe"] or not math.isclose(again, row["rmse"], rel_tol=0.02):
         raise RuntimeError(f"{row['model']} {contender_label(row)} at NFE {row['nfe']}: the re-run gives RMSE "
                            f"{again:.4g} in {c.rounds} rounds, the row {row['rmse']:.4g} in {row['nfe']}; "
                            "not the same contender, noises or answer key")  # fmt: skip
-    return final
+    return final, sigmas
 
 
 def pair(kind: str, rows: list[dict], nfes=NFES, log=print) -> list[dict]:
@@ -354,7 +366,7 @@ def pair(kind: str, rows: list[dict], nfes=NFES, log=print) -> list[dict]:
     contest = Contest(kind, summary[0]["epd"]["samples"], log=log)
     out = []
     for s in summary:
-        errors = {side: per_sample_mse(rerun(contest, s[side]), contest.exact) for side in ("best_builtin", "epd")}
+        errors = {side: per_sample_mse(rerun(contest, s[side])[0], contest.exact) for side in ("best_builtin", "epd")}
         ratio = float((errors["best_builtin"].mean() / errors["epd"].mean()).sqrt())
         ci = paired_ratio_interval(errors["best_builtin"], errors["epd"])
         log(f"{model} NFE {s['nfe']}: ratio {ratio:.3f}x, paired 95% [{ci[0]:.3f}, {ci[1]:.3f}]")
