@@ -14,6 +14,9 @@ command in the table's metadata.
     python -m scripts.make_mnist_tables --kinds flow --nfes 10 --points 4 --learn-grid --objective global \
         --final-estimate --init weights/demo/mnist-flow-nfe10-k4.safetensors --seed 1 --lr 0.003 --out /tmp/more
                                                                  # fine-tune a table on more noises
+    python -m scripts.make_mnist_tables --kinds eps --nfes 5 --points 4 --no-learn-grid --objective global \
+        --final-estimate --init weights/demo/mnist-eps-nfe5-k4scg.safetensors \
+        --grid 14.6146 8.4321 3.8631 1.5191 0.3 0.0292 --out /tmp/moved      # the same table on a moved grid
 """
 
 from __future__ import annotations
@@ -38,13 +41,14 @@ OUT = ROOT / "weights" / "demo"
 def make_table(
     kind: str, nfe: int, points: int, config: DistillConfig, command: str, out: Path, student: str = DEFAULT_STUDENT,
     feature_weight: float | None = None, suffix: str = "", afs: bool = True, init: Path | None = None,
-    scales: dict[str, float] | None = None,
+    scales: dict[str, float] | None = None, grid: list[float] | None = None,
 ) -> Path:  # fmt: skip
     """One table, distilled and saved; returns its path. With ``feature_weight`` the final step's loss is the
     feature loss of EPD MNIST Features (the demo classifier's features of the decoded digits); with ``init`` the
     training starts from that table (fine-tuning; no start check). ``scales`` sets the start's ``scale_dir`` /
     ``scale_time`` bounds, so that the training also learns those heads (a start whose heads are zero, as every
-    untrained or scale-free table's are, samples exactly as before: its scales are 1)."""
+    untrained or scale-free table's are, samples exactly as before: its scales are 1). ``grid`` replaces the start's
+    time points (sigma max first, one more than its steps), so that a moved grid is made by its recorded command."""
     nodes = comfy_harness.setup()
     training = comfy_harness.pack_module("nodes.training")
     (model,) = nodes["EPDMnistModel"].execute(kind).result
@@ -57,6 +61,10 @@ def make_table(
     if scales:
         start = ({name: table.with_scale_bounds(**scales) for name, table in start.items()} if isinstance(start, dict)
                  else start.with_scale_bounds(**scales))  # fmt: skip
+    if grid:
+        t = torch.tensor(grid, dtype=torch.float64)
+        start = {name: table.replace(t_steps=t) for name, table in start.items()} if isinstance(start, dict) \
+            else start.replace(t_steps=t)  # fmt: skip
     metadata = {"tool": "scripts/make_mnist_tables.py", "model": f"demo_models/mnist-{kind}", "cfg": CFG,
                 "command": command}  # fmt: skip
     encoder = None if feature_weight is None else nodes["EPDMnistFeatures"].execute().result[0]
@@ -84,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("scale_dir", "scale_time"):
         ap.add_argument(f"--{name.replace('_', '-')}", type=float,
                         help=f"learn {name} too, within 1 +- this bound (below 1; default: the start's)")  # fmt: skip
+    ap.add_argument("--grid", type=float, nargs="+", metavar="SIGMA",
+                    help="start from these time points instead of the start's own (sigma max first, one more than "
+                    "the steps; with --no-learn-grid they stay)")  # fmt: skip
     add_arguments(ap, DistillConfig)
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
@@ -98,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
         for nfe in args.nfes:
             t0 = time.time()
             path = make_table(kind, nfe, args.points, config, command, args.out, args.student, args.feature_weight,
-                              args.suffix, args.afs, args.init, scales)  # fmt: skip
+                              args.suffix, args.afs, args.init, scales, args.grid)  # fmt: skip
             print(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: {time.time() - t0:.0f} s")
     return 0
 

@@ -321,3 +321,24 @@ def test_all_digits_class_conditions_sample_i_on_digit_i():
         (one,) = nodes.KSampler().sample(model, 5, 3, 3.0, "euler", "normal", pos, neg, latent)
         assert torch.allclose(everything["samples"][digit], one["samples"][digit], atol=1e-5)
         assert not torch.allclose(everything["samples"][digit + 1], one["samples"][digit + 1], atol=1e-2)
+
+
+def test_table_script_fine_tunes_on_a_given_grid(tmp_path):
+    """``make_mnist_tables --grid`` starts from the given time points instead of the ``--init`` table's own; with
+    the grid frozen the trained table keeps them and records the command that made it. A grid of the wrong length
+    is refused with the table's own message."""
+    from epd_core.files import load_params
+    from scripts import make_mnist_tables
+
+    init = Path(__file__).resolve().parents[1] / "weights" / "demo" / "mnist-eps-nfe5-k4scg.safetensors"
+    grid = [14.6146, 8.4321, 3.8631, 1.5191, 0.3, 0.0292]
+    args = ["--kinds", "eps", "--nfes", "5", "--points", "4", "--no-learn-grid", "--objective", "global",
+            "--final-estimate", "--init", str(init), "--iterations", "1", "--batch", "2",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert make_mnist_tables.main([*args, "--grid", *map(str, grid)]) == 0
+    made = load_params(tmp_path / "mnist-eps-nfe5.safetensors")
+    assert torch.equal(made.t_steps, torch.tensor(grid, dtype=torch.float64))
+    assert not torch.equal(load_params(init).t_steps, made.t_steps)
+    assert "--grid 14.6146 8.4321 3.8631 1.5191 0.3 0.0292" in made.metadata["command"]
+    with pytest.raises(ValueError, match="t_steps"):
+        make_mnist_tables.main([*args, "--grid", *map(str, grid[:-1])])
