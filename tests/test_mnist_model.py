@@ -323,13 +323,17 @@ def test_all_digits_class_conditions_sample_i_on_digit_i():
         assert not torch.allclose(everything["samples"][digit + 1], one["samples"][digit + 1], atol=1e-2)
 
 
-def test_table_script_fine_tunes_on_a_given_grid(tmp_path):
+def test_table_script_fine_tunes_on_a_given_grid(tmp_path, request):
     """``make_mnist_tables --grid`` starts from the given time points instead of the ``--init`` table's own; with
     the grid frozen the trained table keeps them and records the command that made it. A grid of the wrong length
     is refused with the table's own message."""
+    import logging
+
     from epd_core.files import load_params
     from scripts import make_mnist_tables
 
+    level = logging.getLogger("epd").level
+    request.addfinalizer(lambda: logging.getLogger("epd").setLevel(level))  # main logs the training curve at INFO
     init = Path(__file__).resolve().parents[1] / "weights" / "demo" / "mnist-eps-nfe5-k4scg.safetensors"
     grid = [14.6146, 8.4321, 3.8631, 1.5191, 0.3, 0.0292]
     args = ["--kinds", "eps", "--nfes", "5", "--points", "4", "--no-learn-grid", "--objective", "global",
