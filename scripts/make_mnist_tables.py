@@ -48,23 +48,25 @@ def make_table(
     training starts from that table (fine-tuning; no start check). ``scales`` sets the start's ``scale_dir`` /
     ``scale_time`` bounds, so that the training also learns those heads (a start whose heads are zero, as every
     untrained or scale-free table's are, samples exactly as before: its scales are 1). ``grid`` replaces the start's
-    time points (sigma max first, one more than its steps), so that a moved grid is made by its recorded command."""
+    time points (sigma max first, one more than its steps), so that a moved grid is made by its recorded command;
+    without ``init`` it is the one start (no start check between grids)."""
     nodes = comfy_harness.setup()
     training = comfy_harness.pack_module("nodes.training")
     (model,) = nodes["EPDMnistModel"].execute(kind).result
     positive, negative = nodes["EPDMnistClass"].execute("0-9").result
     steps, afs = time_points_for_nfe(nfe, student, afs)
-    if init is None:
-        start = training.start_tables(model.get_model_object("model_sampling"), steps, points, afs, student)
-    else:
+    ms = model.get_model_object("model_sampling")
+    if init is not None:
         start = comfy_harness.pack_module("epd_core.files").load_params(init)  # the pack's EPDParams class
+    elif grid:
+        start = training.start_table(ms, steps, points, afs, student)  # start_tables' candidates differ only in grid
+    else:
+        start = training.start_tables(ms, steps, points, afs, student)
+    if grid:
+        start = start.replace(t_steps=torch.tensor(grid, dtype=torch.float64))
     if scales:
         start = ({name: table.with_scale_bounds(**scales) for name, table in start.items()} if isinstance(start, dict)
                  else start.with_scale_bounds(**scales))  # fmt: skip
-    if grid:
-        t = torch.tensor(grid, dtype=torch.float64)
-        start = {name: table.replace(t_steps=t) for name, table in start.items()} if isinstance(start, dict) \
-            else start.replace(t_steps=t)  # fmt: skip
     metadata = {"tool": "scripts/make_mnist_tables.py", "model": f"demo_models/mnist-{kind}", "cfg": CFG,
                 "command": command}  # fmt: skip
     encoder = None if feature_weight is None else nodes["EPDMnistFeatures"].execute().result[0]
