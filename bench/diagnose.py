@@ -16,8 +16,9 @@ On the MNIST models (``--mnist eps:5 flow:5``), for the headline's cell: its bes
 re-run on the recorded noises through ComfyUI (checked to reproduce their rows), the share of each one's squared
 error carried by its wrong-class samples and the ratio among the samples both draw in the exact class, the commit
 step of the table's wrong-class samples (the continuation is the network's guided ODE, Heun, to sigma 0), the
-error of the continuation from the table's state after each step (which step adds the error), the teacher ceiling
-and the training curve:
+error of the continuation from the table's state after each step (which step adds the error), the same after the
+first step and at the end with the exact first direction and with a zero-mean AFS in place of the table's own
+(what a better first direction could gain), the teacher ceiling and the training curve:
 
     python -m bench.diagnose --mnist eps:5           # -> bench/results/diagnosis_mnist.{json,md}
 """
@@ -165,6 +166,34 @@ def mnist_error_after_steps(contest, states: list[tuple[float, torch.Tensor]], e
     return [*errors, neural.rmse(end[some], exact)]
 
 
+def mnist_first_step(contest, params, label: str) -> dict[str, dict]:
+    """What a better first direction could gain, for an AFS table: the table run with its own first direction
+    (``table``), with the network's exact one (``exact``: a real model call at sigma max, one round more) and, if
+    its AFS is mean-aware, with the zero-mean AFS (``zero_mean``), each ending as the row does (``label``). For
+    each: the RMSE of the exact continuation after the first step (the first :data:`MNIST_TRACE` samples), of the
+    end (all samples) and the rounds. The table is not retrained for the others: they show what the first
+    direction changes by itself."""
+    from bench import neural
+
+    variants = {"table": params}
+    if params.afs:
+        variants["exact"] = params.replace(afs=False)
+        if params.afs_mean is not None:
+            variants["zero_mean"] = params.replace(afs_mean=None)
+    some = torch.arange(min(MNIST_TRACE, contest.noise.shape[0]))
+    out = {}
+    for name, table in variants.items():
+        seen: dict[int, torch.Tensor] = {}
+        callback = lambda i, denoised, x, total, seen=seen: seen.setdefault(i, x[some].clone())  # noqa: E731
+        sampler, sigmas = neural.epd_contender(contest, table, label)
+        end, rounds = neural.run(contest.model, contest.positive, contest.negative, sampler, sigmas, contest.noise,
+                                 callback)  # fmt: skip
+        after = mnist_continuation(contest, seen[1], float(sigmas[1]), contest.score.labels[some])
+        out[name] = {"after_step_1": neural.rmse(after, contest.exact[some]), "end": neural.rmse(end, contest.exact),
+                     "rounds": rounds.rounds}  # fmt: skip
+    return out
+
+
 def mnist_teacher(contest, params, sigmas: torch.Tensor) -> tuple[str, torch.Tensor]:
     """The table's training teacher (its recorded solver and M) along the table's grid, ended on its denoised
     estimate at the grid's last point, as the table ends."""
@@ -189,7 +218,7 @@ def diagnose_mnist(kind: str, nfe: int, rows: list[dict], log=print) -> dict:
     _, summary = neural.summarize([r for r in rows if r["model"] == model])
     (cell,) = [s for s in summary if s["nfe"] == nfe]
     contest = neural.Contest(kind, cell["epd"]["samples"], log=log)
-    table = neural.table_of(cell["epd"])[0]
+    table, label = neural.table_of(cell["epd"])
     params = load_params(neural.TABLES / f"{table}.safetensors")
     seen: list[tuple[int, torch.Tensor]] = []
     callback = lambda i, denoised, x, total: seen.append((i, x.clone()))  # noqa: E731
@@ -208,6 +237,7 @@ def diagnose_mnist(kind: str, nfe: int, rows: list[dict], log=print) -> dict:
            "commit_step": mnist_commit_steps(contest, states, wrong["epd"].nonzero().flatten()),
            "trace_samples": min(MNIST_TRACE, contest.noise.shape[0]),
            "error_after_step": mnist_error_after_steps(contest, states, ends["epd"]),
+           "first_step": mnist_first_step(contest, params, label),
            "loss_curve": params.metadata.get("distilled", {}).get("loss_curve")}  # fmt: skip
     for side in ("epd", "builtin"):
         out[f"{side}_rmse"] = float(mse[side].mean().sqrt())
@@ -223,18 +253,21 @@ def summarize_mnist(rows: list[dict]) -> str:
     lines = ["| model | NFE | EPD table: RMSE (wrong class; their share of the squared error) "
              "| best built-in: RMSE (wrong; share) | ratio | both in the exact class: samples, EPD / built-in RMSE, "
              "ratio | teacher RMSE (wrong) | wrong classes committed at step | RMSE of the exact continuation after "
-             "each step, then the table's end (samples) | loss by tenth of the run |",
-             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+             "each step, then the table's end (samples) | first direction: after step 1 / end (rounds) | "
+             "loss by tenth of the run |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         commits = ", ".join(f"{k}: {v}" for k, v in r["commit_step"].items())
         curve = " ".join(f"{v:.3g}" for v in r["loss_curve"] or [])
         trace = " ".join(f"{v:.4f}" for v in r["error_after_step"]) + f" ({r['trace_samples']})"
+        first = "; ".join(f"{k} {v['after_step_1']:.4f} / {v['end']:.4f} ({v['rounds']})"
+                          for k, v in r.get("first_step", {}).items())  # fmt: skip
         lines.append(f"| {r['model']} | {r['nfe']} | {r['table']}: {r['epd_rmse']:.4f} ({r['epd_wrong_mode']}; "
                      f"{r['epd_wrong_share']:.0%}) | {r['builtin']}: {r['builtin_rmse']:.4f} "
                      f"({r['builtin_wrong_mode']}; {r['builtin_wrong_share']:.0%}) | {r['ratio']:.2f}x "
                      f"| {r['both_right']}, {r['epd_rmse_both_right']:.4f} / {r['builtin_rmse_both_right']:.4f}, "
                      f"{r['ratio_both_right']:.2f}x | {r['teacher']}: {r['teacher_rmse']:.4f} "
-                     f"({r['teacher_wrong_mode']}) | {commits} | {trace} | {curve} |")  # fmt: skip
+                     f"({r['teacher_wrong_mode']}) | {commits} | {trace} | {first} | {curve} |")  # fmt: skip
     return "\n".join(lines) + "\n"
 
 

@@ -157,6 +157,7 @@ def test_mnist_diagnosis_splits_the_error_and_finds_commit_steps(quick, tmp_path
     import shutil
 
     from bench import diagnose, neural
+    from epd_core.files import load_params
 
     out = tmp_path / "diagnosed"
     shutil.copytree(quick, out)
@@ -172,6 +173,13 @@ def test_mnist_diagnosis_splits_the_error_and_finds_commit_steps(quick, tmp_path
     assert f"| mnist-eps | 5 | {row['table']}: " in (out / "diagnosis_mnist.md").read_text()
     assert row["trace_samples"] == 20 and row["error_after_step"][-1] == pytest.approx(row["epd_rmse"], rel=1e-6)
     assert 0 < row["error_after_step"][0] < row["epd_rmse"]  # the first step alone leaves less error than all
+    first = row["first_step"]  # the table's own first direction reproduces its trace and end
+    assert first["table"]["after_step_1"] == pytest.approx(row["error_after_step"][0], rel=1e-6)
+    assert first["table"]["end"] == pytest.approx(row["epd_rmse"], rel=1e-6) and first["table"]["rounds"] == 5
+    assert first["exact"]["rounds"] == 6  # the exact first direction is one real model call more
+    assert first["exact"]["after_step_1"] != pytest.approx(first["table"]["after_step_1"], rel=1e-3)
+    params = load_params(neural.TABLES / f"{row['table']}.safetensors")
+    assert params.afs and ("zero_mean" in first) == (params.afs_mean is not None)
 
     contest = neural.Contest("eps", 20)
     states = []
