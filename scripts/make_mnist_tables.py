@@ -14,6 +14,9 @@ command in the table's metadata.
     python -m scripts.make_mnist_tables --kinds flow --nfes 10 --points 4 --learn-grid --objective global \
         --final-estimate --init weights/demo/mnist-flow-nfe10-k4.safetensors --seed 1 --lr 0.003 --out /tmp/more
                                                                  # fine-tune a table on more noises
+    python -m scripts.make_mnist_tables --kinds eps --nfes 5 --points 8 --no-learn-grid --objective global \
+        --final-estimate --init weights/demo/mnist-eps-nfe5-k4scg.safetensors --out /tmp/wider
+                                                                 # K = 8 from the K = 4 table, each point split
     python -m scripts.make_mnist_tables --kinds eps --nfes 5 --points 4 --no-learn-grid --objective global \
         --final-estimate --init weights/demo/mnist-eps-nfe5-k4scg.safetensors \
         --grid 14.6146 8.4321 3.8631 1.5191 0.3 0.0292 --out /tmp/moved      # the same table on a moved grid
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import shlex
 import sys
 import time
@@ -31,11 +35,29 @@ from pathlib import Path
 import torch
 
 from epd_core.config import DistillConfig, add_arguments, from_arguments
-from epd_core.params import DEFAULT_STUDENT, STUDENTS, time_points_for_nfe
+from epd_core.params import DEFAULT_STUDENT, STUDENTS, EPDParams, time_points_for_nfe
 from epd_dev import ROOT, comfy_harness
 
 CFG = 3.0
 OUT = ROOT / "weights" / "demo"
+
+
+def split_points(params: EPDParams, points: int, spread: float = 0.1) -> EPDParams:
+    """``params`` with more parallel points per step: each point becomes ``n`` copies whose ``r`` logits are spread
+    by ``+- spread`` around its own, sharing its weight, so that the wider table samples almost as the narrow one
+    and training starts from it rather than from scratch."""
+    k = params.num_points
+    copies = [points // k + (j < points % k) for j in range(k)]
+    index = torch.tensor([j for j, n in enumerate(copies) for _ in range(n)])
+    offset = torch.cat([torch.linspace(-spread, spread, n) if n > 1 else torch.zeros(1) for n in copies])
+    share = torch.tensor([math.log(n) for n in copies])[index]
+    return params.replace(
+        num_points=points,
+        r_params=params.r_params[:, index] + offset,
+        weight_s=params.weight_s[:, index] - share,
+        scale_dir_params=params.scale_dir_params[:, index],
+        scale_time_params=params.scale_time_params[:, index],
+    )
 
 
 def make_table(
@@ -45,7 +67,8 @@ def make_table(
 ) -> Path:  # fmt: skip
     """One table, distilled and saved; returns its path. With ``feature_weight`` the final step's loss is the
     feature loss of EPD MNIST Features (the demo classifier's features of the decoded digits); with ``init`` the
-    training starts from that table (fine-tuning; no start check). ``scales`` sets the start's ``scale_dir`` /
+    training starts from that table (fine-tuning; no start check), its points split (:func:`split_points`) when
+    ``points`` is more than its K. ``scales`` sets the start's ``scale_dir`` /
     ``scale_time`` bounds, so that the training also learns those heads (a start whose heads are zero, as every
     untrained or scale-free table's are, samples exactly as before: its scales are 1). ``grid`` replaces the start's
     time points (sigma max first, one more than its steps), so that a moved grid is made by its recorded command;
@@ -58,6 +81,8 @@ def make_table(
     ms = model.get_model_object("model_sampling")
     if init is not None:
         start = comfy_harness.pack_module("epd_core.files").load_params(init)  # the pack's EPDParams class
+        if points > start.num_points:
+            start = split_points(start, points)
     elif grid:
         start = training.start_table(ms, steps, points, afs, student)  # start_tables' candidates differ only in grid
     else:

@@ -346,3 +346,34 @@ def test_table_script_fine_tunes_on_a_given_grid(tmp_path, request):
     assert "--grid 14.6146 8.4321 3.8631 1.5191 0.3 0.0292" in made.metadata["command"]
     with pytest.raises(ValueError, match="t_steps"):
         make_mnist_tables.main([*args, "--grid", *map(str, grid[:-1])])
+
+
+def test_table_script_splits_points_of_a_narrower_start():
+    """``make_mnist_tables --points 8 --init <K = 4 table>`` starts from the table with each point split in two:
+    with no spread the wider table samples exactly as the narrow one; with the default spread each point's
+    weight is kept, its copies sit on either side of it, and the samples stay close. K = 6 splits the first two."""
+    from epd_core import GaussianMixture, sample
+    from epd_core.files import load_params
+    from scripts.make_mnist_tables import split_points
+
+    narrow = load_params(Path(__file__).resolve().parents[1] / "weights" / "demo" / "mnist-eps-nfe5-k4scg.safetensors")
+    gm = GaussianMixture.reference()
+    x = torch.randn(16, *gm.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    sigmas = torch.cat([narrow.t_steps, torch.zeros(1, dtype=torch.float64)])
+    base = sample(gm.denoise_ve, x * sigmas[0], sigmas, narrow)
+    exact = sample(gm.denoise_ve, x * sigmas[0], sigmas, split_points(narrow, 8, spread=0.0))
+    assert torch.allclose(exact, base, atol=1e-12)
+    for points, copies in ((8, [2, 2, 2, 2]), (6, [2, 2, 1, 1])):
+        wide = split_points(narrow, points)
+        assert wide.num_points == points
+        d, e = narrow.decoded(), wide.decoded()
+        owner = torch.tensor([j for j, n in enumerate(copies) for _ in range(n)])
+        assert torch.allclose(torch.zeros_like(d.weight).index_add_(1, owner, e.weight), d.weight, atol=1e-12)
+        for j, n in enumerate(copies):
+            r = e.r[:, owner == j]
+            if n == 1:
+                assert torch.equal(r[:, 0], d.r[:, j])
+            else:
+                assert bool((r.min(1).values < d.r[:, j]).all() and (r.max(1).values > d.r[:, j]).all())
+        moved = sample(gm.denoise_ve, x * sigmas[0], sigmas, wide)
+        assert 0 < float((moved - base).abs().max()) < 0.01 * float(base.abs().max())
