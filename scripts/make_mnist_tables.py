@@ -107,7 +107,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--kinds", nargs="+", default=["eps", "flow"])
     ap.add_argument("--nfes", nargs="+", type=int, default=list(range(4, 11)))
-    ap.add_argument("--points", type=int, default=2, help="parallel points per step (K)")
+    ap.add_argument("--points", type=int, default=2,
+                    help="parallel points per step (K); with --init, more than its K splits its points (fewer: its "
+                    "K stays)")  # fmt: skip
     ap.add_argument("--student", choices=STUDENTS, default=DEFAULT_STUDENT, help="carry: one round per step")
     ap.add_argument("--out", type=Path, default=OUT)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's)")
