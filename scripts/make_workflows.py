@@ -64,9 +64,9 @@ EXAMPLES: list[dict] = [
         "note": "EPD next to ComfyUI's best built-in samplers at the same NFE (5 sequential model rounds), and the "
         "exact ODE solution (Heun, 100 steps), on the same ten noises: one row per sampler, digits 0-9 (Queue, then "
         "see EPD Image Grid's preview).\n\nNeeds nothing to download: EPD MNIST Model is a small class-conditional "
-        "UNet bundled with the pack (SD1.5-type EPS schedule), and the table demo/mnist-eps-nfe5-k4scg (4 parallel "
-        "points per round) was distilled for it with EPD Distill's core at cfg 3 (its command is in "
-        "weights/README.md).",
+        "UNet bundled with the pack (SD1.5-type EPS schedule), and the table "
+        f"{MNIST_TABLE.removesuffix('.safetensors')} (4 parallel points per round) was distilled for it with EPD "
+        "Distill's core at cfg 3 (its command is in weights/README.md).",
         "graph": _mnist_demo(),
     },
     {
