@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from ..epd_core.config import AUTO_ITERATIONS, PRESETS, DistillConfig, RDPOConfig, node_iterations, rdpo_preset
+from ..epd_core.config import (
+    AUTO_ITERATIONS,
+    NODE_SCALE_BOUNDS,
+    NODE_SCALE_HEADS_UP_TO_NFE,
+    PRESETS,
+    DistillConfig,
+    RDPOConfig,
+    node_iterations,
+    node_scale_bounds,
+    rdpo_preset,
+)
 from ..epd_core.params import DEFAULT_STUDENT, EPDParams, time_points_for_nfe
 from .features import clip_vision_encoder
 from .inputs import EncoderType, EPDParamsType, advanced, config_input, epd_params_input, output_inputs, seed_input
@@ -17,6 +27,7 @@ REWARD_FOLDER = "epd_rewards"  # models/epd_rewards: preference heads (safetenso
 DEFAULT_NFE = 10
 DEFAULT_POINTS = 3  # K of a new table (the bundled analytic tables' K; the benchmark's recipe)
 RDPO_TEACHER_M = 4  # teacher points per step of the fidelity reward's reference
+AUTO = -1.0  # EPD Distill's scale_dir / scale_time: node_scale_bounds(nfe)
 
 
 def _training_inputs() -> list:
@@ -115,7 +126,7 @@ class EPDDistill(io.ComfyNode):
         cls, model, positive, negative, latent_image, cfg, nfe, points, teacher, teacher_steps, iterations, batch,
         learning_rate, seed, learn_grid, filename, overwrite, start_params=None, final_estimate=None,
         objective=None, student=None, feature_encoder=None, feature_weight=1.0, start_check=None,
-        micro_batch=None, keep_best=None, robust=None, scale_dir=0.0, scale_time=0.0,
+        micro_batch=None, keep_best=None, robust=None, scale_dir=AUTO, scale_time=AUTO,
     ) -> io.NodeOutput:  # fmt: skip
         # The per-step objective needs only the derivatives along the two ways a table moves a point: finite
         # differences, no backpropagation through the network (any architecture, no activation memory). The
@@ -139,7 +150,9 @@ class EPDDistill(io.ComfyNode):
         steps, afs = time_points_for_nfe(nfe, student)
         ms = model.get_model_object("model_sampling")
         start = start_params or start_tables(ms, steps, points, afs, student)
-        start = with_scale_heads(start, scale_dir=scale_dir or 0.0, scale_time=scale_time or 0.0)
+        bounds = scale_bounds(start_params.nfe if start_params else nfe, start_params, scale_dir=scale_dir,
+                              scale_time=scale_time)  # fmt: skip
+        start = with_scale_heads(start, **bounds)
         params = distill_on_model(model, positive, negative, cfg, latent_image["samples"], start, config,
                                   metadata={"tool": "EPD Distill node", "cfg": cfg}, encoder=feature_encoder,
                                   feature_weight=feature_weight, **resume_options(path, iterations))  # fmt: skip
@@ -164,11 +177,27 @@ SCALE_HEADS = {
 
 def _scale_bound_input(name: str) -> io.Float.Input:
     return io.Float.Input(
-        name, default=0.0, min=0.0, max=0.5, step=0.01, optional=True,
-        tooltip=f"Also learn the {SCALE_HEADS[name]} (the papers' {name}); 0: no such head, the scale stays 1. With "
-        "start_params, a table without the head gains it (it samples as before until trained); a table with it "
-        "keeps its own bound (leave 0).",
+        name, default=AUTO, min=AUTO, max=0.5, step=0.01, optional=True,
+        tooltip=f"Also learn the {SCALE_HEADS[name]} (the papers' {name}). -1: auto, 1 +- {NODE_SCALE_BOUNDS[name]:g} "
+        f"up to NFE {NODE_SCALE_HEADS_UP_TO_NFE} (where it helped on the benchmark), none above; 0: no such head, "
+        "the scale stays 1. With start_params, a table without the head gains it (it samples as before until "
+        "trained); a table with it keeps its own bound (leave -1 or 0).",
     )  # fmt: skip
+
+
+def scale_bounds(nfe: int, start_params: EPDParams | None, **inputs: float | None) -> dict[str, float]:
+    """The bound of each scale head to add: the input's own, or for auto (negative or absent) that of
+    :func:`node_scale_bounds` at the table's ``nfe``, unless the start table has the head already (it keeps its own).
+    """
+    auto, bounds = node_scale_bounds(nfe), {}
+    for name, value in inputs.items():
+        if value is None or value < 0:
+            own = start_params is not None and (
+                getattr(start_params, name) > 0 or bool(getattr(start_params, f"{name}_params").any())
+            )
+            value = 0.0 if own else auto[name]
+        bounds[name] = value
+    return bounds
 
 
 def with_scale_heads(start: EPDParams | dict[str, EPDParams], **bounds: float) -> EPDParams | dict[str, EPDParams]:
@@ -181,7 +210,8 @@ def with_scale_heads(start: EPDParams | dict[str, EPDParams], **bounds: float) -
     try:
         return start.with_scale_bounds(**bounds)
     except ValueError as exc:
-        raise ValueError(f"EPD Distill: start_params: {exc}; set scale_dir / scale_time to 0 to keep them") from None
+        keep = "leave scale_dir / scale_time at -1 (auto) or 0 to keep them"
+        raise ValueError(f"EPD Distill: start_params: {exc}; {keep}") from None
 
 
 def heads_report(params: EPDParams) -> str:

@@ -140,10 +140,10 @@ def _fit_flow(**inputs):
 
 @pytest.mark.parametrize("student", ["carry", "epd"])
 def test_scale_bounds_give_a_new_table_learned_scale_heads(epd_dir, student):
-    """scale_dir / scale_time (advanced): the table learns c and a inside 1 +- the bounds; the defaults (0) keep
-    every scale at 1, as before."""
+    """scale_dir / scale_time (advanced): the table learns c and a inside 1 +- the bounds; 0 keeps every scale at 1,
+    as before the heads."""
     args = {"nfe": 5, "iterations": 20, "student": student, "start_check": 0}
-    plain, info = _fit_flow(**args, filename=f"plain_{student}")
+    plain, info = _fit_flow(**args, filename=f"plain_{student}", scale_dir=0.0, scale_time=0.0)
     table = plain.decoded()
     assert torch.equal(table.scale_dir, torch.ones_like(table.scale_dir)) and "learned scale" not in info
     assert torch.equal(table.scale_time, torch.ones_like(table.scale_time))
@@ -157,6 +157,20 @@ def test_scale_bounds_give_a_new_table_learned_scale_heads(epd_dir, student):
         assert f"{name} {float(values.min()):.4f}-{float(values.max()):.4f} (1 +- {bound:g})" in info
 
 
+@pytest.mark.parametrize("nfe,bounds", [(4, (0.2, 0.1)), (5, (0.2, 0.1)), (6, (0.0, 0.0)), (10, (0.0, 0.0))])
+def test_scale_heads_default_to_auto_learned_up_to_nfe_5(epd_dir, nfe, bounds):
+    """The inputs' default, -1 (auto), in the schema and for an API prompt without them: heads bounded at 0.2 / 0.1
+    up to NFE 5, where they helped on the benchmark, none above; the info says what was learned."""
+    inputs = {i.id: getattr(i, "default", None) for i in N["EPDDistill"].define_schema().inputs}
+    assert (inputs["scale_dir"], inputs["scale_time"]) == (-1.0, -1.0)
+    params, info = _fit_flow(nfe=nfe, iterations=2, start_check=0, filename=f"auto_{nfe}")
+    assert (params.scale_dir, params.scale_time) == bounds
+    assert ("learned scale_dir" in info and "(1 +- 0.1)" in info) == (bounds[0] > 0)
+    explicit = _fit_flow(nfe=nfe, iterations=1, start_check=0, filename=f"auto_{nfe}_x", scale_dir=-1.0,
+                         scale_time=0.05)[0]  # fmt: skip
+    assert (explicit.scale_dir, explicit.scale_time) == (bounds[0], 0.05)
+
+
 def test_scale_bounds_refuse_to_change_a_start_tables_own_bound(epd_dir):
     """A start table given through EPD Parameters Loader keeps the bound it was trained with."""
     start = epd_core.EPDParams.start(4, 2, schedule_type="flowmatch", schedule_rho=1.0, backend="sd3",
@@ -164,11 +178,14 @@ def test_scale_bounds_refuse_to_change_a_start_tables_own_bound(epd_dir):
     epd_core.save_params(start, epd_dir / "bounded_start.safetensors")
     (loaded,) = N["EPDParamsLoader"].execute("bounded_start.safetensors").result[:1]
     args = {"nfe": 5, "iterations": 2, "start_params": loaded, "student": "epd"}
-    with pytest.raises(ValueError, match="start_params: the table bounds scale_dir at 0.05.*scale_time to 0"):
+    refusal = r"start_params: the table bounds scale_dir at 0.05.*scale_time at -1 \(auto\) or 0 to keep them"
+    with pytest.raises(ValueError, match=refusal):
         _fit_flow(**args, filename="refused", scale_dir=0.2)
     assert not (epd_dir / "refused.safetensors").exists()
-    kept = _fit_flow(**args, filename="kept", scale_time=0.1)[0]
+    kept = _fit_flow(**args, filename="kept", scale_time=0.1)[0]  # scale_dir absent: auto
     assert (kept.scale_dir, kept.scale_time) == (0.05, 0.1)  # its own head kept, the new one added
+    auto = _fit_flow(**args, filename="auto")[0]
+    assert (auto.scale_dir, auto.scale_time) == (0.05, 0.0)  # its own kept; a table of NFE 6: auto adds none
 
 
 def test_distill_trains_on_every_prompt_of_a_conditioning_batch(epd_dir):
