@@ -15,8 +15,8 @@ from .bases import BASES
 from .teachers import TEACHERS
 
 __all__ = ["DistillConfig", "NODE_DISTILL", "node_iterations", "AUTO_ITERATIONS", "NODE_SCALE_BOUNDS",
-           "node_scale_bounds", "RDPOConfig", "OBJECTIVES", "WEIGHTINGS", "GRADIENTS", "add_arguments",
-           "from_arguments"]  # fmt: skip
+           "NODE_SCALE_HEADS_UP_TO_NFE", "node_scale_bounds", "RDPOConfig", "OBJECTIVES", "WEIGHTINGS", "GRADIENTS",
+           "add_arguments", "from_arguments"]  # fmt: skip
 
 OBJECTIVES = ("local", "global", "authors")
 WEIGHTINGS = ("uniform", "snr")

@@ -192,9 +192,7 @@ def scale_bounds(nfe: int, start_params: EPDParams | None, **inputs: float | Non
     auto, bounds = node_scale_bounds(nfe), {}
     for name, value in inputs.items():
         if value is None or value < 0:
-            own = start_params is not None and (
-                getattr(start_params, name) > 0 or bool(getattr(start_params, f"{name}_params").any())
-            )
+            own = start_params is not None and start_params.has_scale_head(name)
             value = 0.0 if own else auto[name]
         bounds[name] = value
     return bounds
