@@ -92,7 +92,7 @@ class DistillConfig(_Config):
         1024,
         "held-out noises of the untrained check that picks the start grid where there is a choice (EPD Distill's "
         "carry tables: the pack's grid or the model's): each start samples them against the teacher, about a "
-        "twentieth of the model evaluations of training with EPD Distill's defaults; 0: no check, the pack's grid. "
+        "fortieth of the model evaluations of training with EPD Distill's defaults; 0: no check, the pack's grid. "
         "Fewer than about 1,000 miss the rare samples that change mode, which decide the choice",
     )
     micro_batch: int = _opt(
@@ -143,27 +143,27 @@ class DistillConfig(_Config):
 # EPD Distill's defaults where they differ from DistillConfig's (which the CLI, the Python API and the bundled tables'
 # recorded commands keep): the recipe the benchmark chose for a user who only picks the NFE (``python -m
 # bench.defaults``, README "What EPD Distill's defaults give"). The whole trajectory answers for the end result
-# (``global``), fitted for the free final estimate, with a learned grid, on about as many noises as the authors'
-# Stable Diffusion runs (12,800 at NFE 10; 5,000 there) taken as 800 Adam steps of 16 (as 32 x 400 the mixtures'
-# NFE-10 targets were met in 4 of 9 cases, as 16 x 800 in 6; README "Budget split"), and below NFE 10 as many more
-# steps as keep the cost (the iterations input's 0, "auto": :func:`node_iterations`), backpropagated 4 noises
-# at a time, against a teacher with M = 7 points inside every step: with M = 3 the teacher was the ceiling at NFE 10
-# (on the SD3-form wide mixture 0.018 from the exact solution, the best built-in 0.020; M = 7: 0.004; bench.diagnose).
-# Each sample's error goes through a pseudo-Huber loss (robust = 0.01): on the 18 mixture cases the samples that stay
-# in their mode came out 2.4x closer to the exact solution (all 18), the distributions closer in 14, the RMSE and the
-# targets met unchanged (README, "Robust loss"). The divergence guard (keep_best) stays off: it misjudged a run that
-# trained well (README, "Divergence guard").
+# (``global``), fitted for the free final estimate, with a learned grid, on 16 noises per Adam step (as 32 x 400 the
+# mixtures' NFE-10 targets were met in 4 of 9 cases, as 16 x 800 in 6; README "Budget split") for 1,600 steps from NFE
+# 5 on (25,600 noises; 800 at NFE 10 met 6 of 9, 1,600 8 of 9; README "Iterations by the NFE"), and below NFE 5 as
+# many more steps as keep NFE 5's cost (the iterations input's 0, "auto": :func:`node_iterations`), backpropagated 4
+# noises at a time, against a teacher with M = 7 points inside every step: with M = 3 the teacher was the ceiling at
+# NFE 10 (on the SD3-form wide mixture 0.018 from the exact solution, the best built-in 0.020; M = 7: 0.004;
+# bench.diagnose). Each sample's error goes through a pseudo-Huber loss (robust = 0.01): on the 18 mixture cases the
+# samples that stay in their mode came out 2.4x closer to the exact solution (all 18), the distributions closer in 14,
+# the RMSE and the targets met unchanged (README, "Robust loss"). The divergence guard (keep_best) stays off: it
+# misjudged a run that trained well (README, "Divergence guard").
 NODE_DISTILL: dict[str, Any] = {"objective": "global", "final_estimate": True, "learn_grid": True, "batch": 16,
                                 "iterations": 0, "micro_batch": 4, "teacher_m": 7, "robust": 0.01}  # fmt: skip
-NODE_ITERATIONS = 800  # EPD Distill's Adam steps from NFE NODE_ITERATIONS_NFE on (below: the same cost in more steps)
-NODE_ITERATIONS_NFE = 10
+NODE_ITERATIONS = 1600  # EPD Distill's Adam steps from NFE NODE_ITERATIONS_NFE on (below: that NFE's cost, more steps)
+NODE_ITERATIONS_NFE = 5
 
 
 def node_iterations(nfe: int) -> int:
-    """EPD Distill's iterations when its input is 0 (auto): 800 from NFE 10 on, ``8,000 / NFE`` below (1,600 at NFE
-    5). An iteration's model evaluations grow with the NFE (teacher and student walk NFE steps), so every NFE up to
-    10 trains at about NFE 10's cost; at NFE 5 the 1,600 steps beat 800 on 8 of 9 mixtures (README, "Iterations by
-    the NFE")."""
+    """EPD Distill's iterations when its input is 0 (auto): 1,600 from NFE 5 on, ``8,000 / NFE`` below (2,000 at NFE
+    4). An iteration's model evaluations grow with the NFE (teacher and student walk NFE steps), so below NFE 5 the
+    same cost buys more steps, and NFE 10 trains on twice NFE 5's evaluations: at NFE 10 the 1,600 steps met the
+    target on 8 of 9 mixtures where 800 met 6, at NFE 5 they beat 800 on 8 of 9 (README, "Iterations by the NFE")."""
     if nfe < 1:
         raise ValueError(f"nfe must be >= 1, got {nfe}")
     return max(NODE_ITERATIONS, round(NODE_ITERATIONS * NODE_ITERATIONS_NFE / nfe))
@@ -171,17 +171,17 @@ def node_iterations(nfe: int) -> int:
 
 # EPD Distill's help for iterations = 0.
 AUTO_ITERATIONS = (
-    f"0: auto, {NODE_ITERATIONS} from NFE {NODE_ITERATIONS_NFE} on and "
-    f"{NODE_ITERATIONS * NODE_ITERATIONS_NFE:,} / NFE below (NFE 5: {node_iterations(5):,}), about the "
-    "same training time at every NFE"
+    f"0: auto, {NODE_ITERATIONS:,} from NFE {NODE_ITERATIONS_NFE} on and "
+    f"{NODE_ITERATIONS * NODE_ITERATIONS_NFE:,} / NFE below (NFE 4: {node_iterations(4):,}), as many as keep NFE "
+    f"{NODE_ITERATIONS_NFE}'s training time"
 )
 
 
 # EPD Distill's scale heads when its scale_dir / scale_time inputs are -1 (auto): every point's direction scale c and
 # time scale a learned within 1 +- these bounds up to NFE 7, none (c = a = 1) above. On the nine mixtures
 # (bench.defaults, 8,192 noises) the heads were better at NFE 5 in 14 of 18 runs over two training seeds (targets met
-# 5 -> 6 and 5 -> 7 of 9), at NFE 7 in 7 of 9 (RMSE 1.18x lower, geometric mean), at NFE 10 in 4 of 9 (met 6 -> 5).
-# README, "Scale heads by the NFE"; NFE 6, 8 and 9 are not measured.
+# 5 -> 6 and 5 -> 7 of 9), at NFE 7 in 7 of 9 (RMSE 1.18x lower, geometric mean), at NFE 10 in 4 of 9 (met 6 -> 5; 800
+# iterations then). README, "Scale heads by the NFE"; NFE 6, 8 and 9 are not measured.
 NODE_SCALE_BOUNDS = {"scale_dir": 0.2, "scale_time": 0.1}
 NODE_SCALE_HEADS_UP_TO_NFE = 7
 

@@ -99,8 +99,8 @@ EXAMPLES: list[dict] = [
         "title": "5 EPD Distill a table for your model (no download)",
         "note": "EPD Distill fits a table to the model it is given (here the analytic model, with quick settings: "
         "60 iterations of 16 noises, under a minute on a CPU; the node's defaults, "
-        f"{node_iterations(10)} iterations of {NODE_DISTILL['batch']} noises at NFE 10, {node_iterations(5):,} at "
-        "NFE 5, fit a better table in a few minutes) and saves it as models/epd/my_analytic_table.safetensors; EPD "
+        f"{node_iterations(5):,} iterations of {NODE_DISTILL['batch']} noises from NFE 5 on, fit a better table in "
+        "minutes) and saves it as models/epd/my_analytic_table.safetensors; EPD "
         "KSampler then samples with it.\n\n"
         "Needs nothing to download. For your own model, connect its MODEL and prompts instead.",
         "graph": None,

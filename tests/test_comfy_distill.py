@@ -327,9 +327,9 @@ def test_interrupt_stops_and_saves_nothing(epd_dir, check):
     assert type(model.model.model_sampling).__name__.startswith("ModelSampling")
 
 
-@pytest.mark.parametrize("nfe,iterations", [(5, 1600), (10, 800), (12, 800)])
-def test_iterations_auto_trains_below_nfe_10_in_more_steps(epd_dir, nfe, iterations):
-    """The node's iterations default, 0, is auto: 800 Adam steps from NFE 10 on, 8,000 / NFE below, as the progress
+@pytest.mark.parametrize("nfe,iterations", [(4, 2000), (5, 1600), (10, 1600), (12, 1600)])
+def test_iterations_auto_trains_below_nfe_5_in_more_steps(epd_dir, nfe, iterations):
+    """The node's iterations default, 0, is auto: 1,600 Adam steps from NFE 5 on, 8,000 / NFE below, as the progress
     bar counts them (cancelled at the first report)."""
     import comfy.model_management
 
