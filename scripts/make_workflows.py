@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
-from epd_core.config import NODE_DISTILL, node_iterations
+from epd_core.config import NODE_DISTILL, NODE_ITERATIONS, NODE_ITERATIONS_NFE
 from epd_dev import ROOT, comfy_harness
 
 OUT = ROOT / "example_workflows"
@@ -99,7 +99,8 @@ EXAMPLES: list[dict] = [
         "title": "5 EPD Distill a table for your model (no download)",
         "note": "EPD Distill fits a table to the model it is given (here the analytic model, with quick settings: "
         "60 iterations of 16 noises, under a minute on a CPU; the node's defaults, "
-        f"{node_iterations(5):,} iterations of {NODE_DISTILL['batch']} noises from NFE 5 on, fit a better table in "
+        f"{NODE_ITERATIONS:,} iterations of {NODE_DISTILL['batch']} noises from NFE {NODE_ITERATIONS_NFE} on, fit a "
+        "better table in "
         "minutes) and saves it as models/epd/my_analytic_table.safetensors; EPD "
         "KSampler then samples with it.\n\n"
         "Needs nothing to download. For your own model, connect its MODEL and prompts instead.",
