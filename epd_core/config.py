@@ -145,25 +145,27 @@ class DistillConfig(_Config):
 # bench.defaults``, README "What EPD Distill's defaults give"). The whole trajectory answers for the end result
 # (``global``), fitted for the free final estimate, with a learned grid, on 16 noises per Adam step (as 32 x 400 the
 # mixtures' NFE-10 targets were met in 4 of 9 cases, as 16 x 800 in 6; README "Budget split") for 1,600 steps from NFE
-# 5 on (25,600 noises; 800 at NFE 10 met 6 of 9, 1,600 8 of 9; README "Iterations by the NFE"), and below NFE 5 as
-# many more steps as keep NFE 5's cost (the iterations input's 0, "auto": :func:`node_iterations`), backpropagated 4
-# noises at a time, against a teacher with M = 7 points inside every step: with M = 3 the teacher was the ceiling at
-# NFE 10 (on the SD3-form wide mixture 0.018 from the exact solution, the best built-in 0.020; M = 7: 0.004;
-# bench.diagnose). Each sample's error goes through a pseudo-Huber loss (robust = 0.01): on the 18 mixture cases the
-# samples that stay in their mode came out 2.4x closer to the exact solution (all 18), the distributions closer in 14,
-# the RMSE and the targets met unchanged (README, "Robust loss"). The divergence guard (keep_best) stays off: it
-# misjudged a run that trained well (README, "Divergence guard").
+# 10 on (25,600 noises; 800 at NFE 10 met 6 of 9, 1,600 8 of 9) and below NFE 10 as many more steps as keep NFE 10's
+# cost (NFE 5: 3,200, which met the NFE-5 target in 17 of 18 runs where 1,600 met 13; README "Iterations by the NFE";
+# the iterations input's 0, "auto": :func:`node_iterations`), backpropagated 4 noises at a time, against a teacher
+# with M = 7 points inside every step: with M = 3 the teacher was the ceiling at NFE 10 (on the SD3-form wide mixture
+# 0.018 from the exact solution, the best built-in 0.020; M = 7: 0.004; bench.diagnose). Each sample's error goes
+# through a pseudo-Huber loss (robust = 0.01): on the 18 mixture cases the samples that stay in their mode came out
+# 2.4x closer to the exact solution (all 18), the distributions closer in 14, the RMSE and the targets met unchanged
+# (README, "Robust loss"). The divergence guard (keep_best) stays off: it misjudged a run that trained well (README,
+# "Divergence guard").
 NODE_DISTILL: dict[str, Any] = {"objective": "global", "final_estimate": True, "learn_grid": True, "batch": 16,
                                 "iterations": 0, "micro_batch": 4, "teacher_m": 7, "robust": 0.01}  # fmt: skip
 NODE_ITERATIONS = 1600  # EPD Distill's Adam steps from NFE NODE_ITERATIONS_NFE on (below: that NFE's cost, more steps)
-NODE_ITERATIONS_NFE = 5
+NODE_ITERATIONS_NFE = 10
 
 
 def node_iterations(nfe: int) -> int:
-    """EPD Distill's iterations when its input is 0 (auto): 1,600 from NFE 5 on, ``8,000 / NFE`` below (2,000 at NFE
-    4). An iteration's model evaluations grow with the NFE (teacher and student walk NFE steps), so below NFE 5 the
-    same cost buys more steps, and NFE 10 trains on twice NFE 5's evaluations: at NFE 10 the 1,600 steps met the
-    target on 8 of 9 mixtures where 800 met 6, at NFE 5 they beat 800 on 8 of 9 (README, "Iterations by the NFE")."""
+    """EPD Distill's iterations when its input is 0 (auto): 1,600 from NFE 10 on, ``16,000 / NFE`` below (3,200 at
+    NFE 5, 4,000 at NFE 4). An iteration's model evaluations grow with the NFE (teacher and student walk NFE steps), so
+    below NFE 10 the same cost buys more steps: at NFE 10 the 1,600 steps met the target on 8 of 9 mixtures where 800
+    met 6; at NFE 5 the 3,200 steps met it in 17 of 18 runs (two seeds) where 1,600 met 13 (README, "Iterations by
+    the NFE")."""
     if nfe < 1:
         raise ValueError(f"nfe must be >= 1, got {nfe}")
     return max(NODE_ITERATIONS, round(NODE_ITERATIONS * NODE_ITERATIONS_NFE / nfe))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import sys
 
-from epd_core.config import NODE_DISTILL, NODE_ITERATIONS, NODE_ITERATIONS_NFE
+from epd_core.config import NODE_DISTILL, NODE_ITERATIONS, NODE_ITERATIONS_NFE, node_iterations
 from epd_dev import ROOT, comfy_harness
 
 OUT = ROOT / "example_workflows"
@@ -22,6 +22,7 @@ TABLE = "demo/analytic-sd15-reference-nfe10.safetensors"
 PLUGIN_TABLE = "demo/analytic-sd15-reference-nfe10-carry.safetensors"  # one round per step over any base
 MNIST_TABLE = "demo/mnist-eps-nfe5-k4scg.safetensors"
 MNIST_NFE = 5
+DISTILL_NFE = 5  # the Distill example's
 MNIST_CFG = 3.0
 MNIST_SEED = 0
 EXACT = {"sampler_name": "heun", "steps": 100}  # the "exact ODE": 199 model rounds of a second-order solver
@@ -99,10 +100,9 @@ EXAMPLES: list[dict] = [
         "title": "5 EPD Distill a table for your model (no download)",
         "note": "EPD Distill fits a table to the model it is given (here the analytic model, with quick settings: "
         "60 iterations of 16 noises, under a minute on a CPU; the node's defaults, "
-        f"{NODE_ITERATIONS:,} iterations of {NODE_DISTILL['batch']} noises from NFE {NODE_ITERATIONS_NFE} on, fit a "
-        "better table in "
-        "minutes) and saves it as models/epd/my_analytic_table.safetensors; EPD "
-        "KSampler then samples with it.\n\n"
+        f"{node_iterations(DISTILL_NFE):,} iterations of {NODE_DISTILL['batch']} noises at NFE {DISTILL_NFE}, "
+        f"{NODE_ITERATIONS:,} from NFE {NODE_ITERATIONS_NFE} on, fit a better table in minutes) and saves it as "
+        "models/epd/my_analytic_table.safetensors; EPD KSampler then samples with it.\n\n"
         "Needs nothing to download. For your own model, connect its MODEL and prompts instead.",
         "graph": None,
     },
@@ -178,7 +178,7 @@ WORKFLOWS: dict[str, dict] = {
         "1": ("EPDAnalyticModel", ANALYTIC),
         "2": ("EmptyLatentImage", {"width": 64, "height": 64, "batch_size": 1}),
         "3": ("EPDDistill", {"model": ["1", 0], "positive": ["1", 1], "negative": ["1", 1], "latent_image": ["2", 0],
-                             "cfg": 1.0, "nfe": 5, "points": 2, "teacher": "heun", "teacher_steps": 4,
+                             "cfg": 1.0, "nfe": DISTILL_NFE, "points": 2, "teacher": "heun", "teacher_steps": 4,
                              "iterations": 60, "batch": 16, "learning_rate": 0.01, "seed": 0, "learn_grid": True,
                              "filename": "my_analytic_table", "overwrite": True}),
         "4": ("EmptyLatentImage", {"width": 64, "height": 64, "batch_size": 4}),

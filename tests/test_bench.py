@@ -477,7 +477,7 @@ def test_defaults_benchmark_fits_with_the_nodes_own_defaults(tmp_path):
     assert (got["batch"], got["iterations"], got["learn_grid"]) == (16, 0, True)  # the node's, not the library's
     from epd_core.config import node_iterations
 
-    assert [node_iterations(n) for n in (2, 4, 5, 8, 10, 20)] == [4000, 2000, 1600, 1600, 1600, 1600]  # 0: auto
+    assert [node_iterations(n) for n in (2, 4, 5, 8, 10, 20)] == [8000, 4000, 3200, 2000, 1600, 1600]  # 0: auto
     assert got["nfe"] == 10 and got["points"] == 3
     assert defaults.main(["--forms", "sd3_flow", "--mixtures", "reference", "--nfes", "5", "--samples", "32",
                           "--set", "iterations=2", "--out", str(tmp_path),
