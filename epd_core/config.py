@@ -174,7 +174,7 @@ def node_iterations(nfe: int) -> int:
 # EPD Distill's help for iterations = 0.
 AUTO_ITERATIONS = (
     f"0: auto, {NODE_ITERATIONS:,} from NFE {NODE_ITERATIONS_NFE} on and "
-    f"{NODE_ITERATIONS * NODE_ITERATIONS_NFE:,} / NFE below (NFE 4: {node_iterations(4):,}), as many as keep NFE "
+    f"{NODE_ITERATIONS * NODE_ITERATIONS_NFE:,} / NFE below (NFE 5: {node_iterations(5):,}), as many as keep NFE "
     f"{NODE_ITERATIONS_NFE}'s training time"
 )
 
