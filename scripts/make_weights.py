@@ -12,6 +12,7 @@ import shlex
 import subprocess  # noqa: S404  (runs this project's own command line, never user input)
 import sys
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from epd_core import EPDParams, load_params, save_params
 from epd_core.params import time_points_for_nfe
@@ -101,11 +102,24 @@ DISTILLED = {
 }  # fmt: skip
 
 
-def distil(name: str, args: str) -> None:
+def distil(name: str, args: str, root: Path = ROOT) -> None:
+    """Run the table's recorded command in ``root``; the table it replaces is kept aside until the new one is
+    written, and put back if the run fails."""
+    target = root / "weights" / "demo" / name
+    aside = target.with_name(target.name + ".previous")
+    if target.exists():
+        target.replace(aside)
     argv = ["distill", *shlex.split(args), "--out", f"weights/demo/{name}"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # one thread per job: oversubscribed threads are far slower
-    subprocess.run([sys.executable, "-m", "epd_core", *argv], cwd=ROOT, check=True, env=env,  # noqa: S603
-                   stdout=subprocess.DEVNULL)  # fmt: skip
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": path}  # one thread a job: more are far slower
+    try:
+        subprocess.run([sys.executable, "-m", "epd_core", *argv], cwd=root, check=True, env=env,  # noqa: S603
+                       stdout=subprocess.DEVNULL)  # fmt: skip
+    except BaseException:
+        if aside.exists():
+            aside.replace(target)
+        raise
+    aside.unlink(missing_ok=True)
     print(f"{name}: {args}", flush=True)
 
 
@@ -115,7 +129,8 @@ def main() -> None:
         start = EPDParams.start(6, 2, schedule_type="discrete", schedule_rho=1.0, backend="ldm", max_order=2,
                                 metadata={"source": "untrained start table (r at 1/3 and 2/3, equal weights)",
                                           "command": "python -m scripts.make_weights"})  # fmt: skip
-        save_params(start, ROOT / "weights" / "demo" / START)
+        if not only or START in only:
+            save_params(start, ROOT / "weights" / "demo" / START)
         jobs = [(n, a) for n, a in DISTILLED.items() if not only or n in only]
         with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
             list(pool.map(lambda job: distil(*job), jobs))

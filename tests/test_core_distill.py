@@ -304,6 +304,28 @@ def test_bundled_tables_record_the_command_that_regenerates_them():
         assert command == f"python -m epd_core distill {args} --out weights/demo/{name}", name
 
 
+def test_make_weights_replaces_a_table_and_puts_it_back_when_the_run_fails(tmp_path):
+    """Regenerating a bundled table replaces it (recording the command as the table test above expects); a run that
+    fails leaves the old file in place and nothing beside it."""
+    import subprocess
+
+    from scripts import make_weights
+
+    demo = tmp_path / "weights" / "demo"
+    demo.mkdir(parents=True)
+    old = (make_weights.ROOT / "weights" / "demo" / make_weights.START).read_bytes()
+    (demo / "t.safetensors").write_bytes(old)
+    with pytest.raises(subprocess.CalledProcessError):
+        make_weights.distil("t.safetensors", "--form sd15 --iterations 0", root=tmp_path)
+    assert (demo / "t.safetensors").read_bytes() == old and sorted(demo.iterdir()) == [demo / "t.safetensors"]
+    args = "--form sd15 --steps 3 --points 1 --iterations 1 --batch 2 --teacher-m 1"
+    make_weights.distil("t.safetensors", args, root=tmp_path)
+    assert sorted(demo.iterdir()) == [demo / "t.safetensors"]
+    table = load_params(demo / "t.safetensors")
+    assert table.num_points == 1 and table.num_steps == 3
+    assert table.metadata["command"] == f"python -m epd_core distill {args} --out weights/demo/t.safetensors"
+
+
 @pytest.mark.parametrize("gradient", ["autograd", "fd"])
 def test_final_estimate_trains_what_sampling_with_the_estimate_returns(gradient):
     """``final_estimate``: the student's last step is extended to sigma 0 exactly as ``sample(final="estimate")``
