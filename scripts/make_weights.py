@@ -86,8 +86,8 @@ def plugin_recipe(form: str, nfe: int, base: str) -> str:
 # earlier recipe (400 x 256, heun M = 8, and the NFE-5 variants: SD1.5 reference and wide without AFS, SD3 and FLUX
 # multimodal at 1,000 iterations) they measured better on 6 of the 9 mixtures and met 1.5x on all nine where it met
 # 8 (SD1.5 multimodal 0.135 (117 wrong-component samples) -> 0.083 (33); geometric-mean ratio 2.38x -> 2.61x;
-# bench.carry, 8,192 noises). At NFE 10 that recipe stays: the defaults measured worse on SD1.5 reference (0.022 ->
-# 0.031) and wide (0.015 -> 0.018).
+# bench.carry, 8,192 noises; at seeds 0 and 2 the same recipe met it on 7 and 9). At NFE 10 that recipe stays: the
+# defaults measured worse on SD1.5 reference (0.022 -> 0.031) and wide (0.015 -> 0.018).
 NODE_RECIPE_NFES = (5,)
 
 # Carry tables made another way than carry_recipe's default (AFS first, 400 iterations), each measured both ways on
