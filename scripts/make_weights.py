@@ -1,8 +1,9 @@
 """Regenerate every table bundled in weights/demo/ (each records its own command in its metadata) and weights/README.md.
 
-python -m scripts.make_weights                  # all tables: about 15 minutes on 2 CPU cores
+python -m scripts.make_weights                  # all tables: about 15 minutes on 2 CPU cores, and 1-2 minutes
+                                                # for each NFE-5 carry table (EPD Distill's defaults)
 python -m scripts.make_weights --readme         # only weights/README.md, from the tables' metadata
-python -m scripts.make_weights NAME.safetensors # only the named ones
+python -m scripts.make_weights NAME.safetensors # only the named ones, replaced in place
 """
 
 from __future__ import annotations
