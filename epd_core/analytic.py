@@ -1,14 +1,17 @@
-"""An exact denoiser: the posterior mean of an isotropic Gaussian mixture.
+"""An exact denoiser: the posterior mean of a Gaussian mixture with diagonal covariances.
 
-For data ``x0 ~ sum_k w_k N(mu_k, s^2 I)`` the optimal denoiser is known in
-closed form, so a solver's error against the exact ODE solution can be
-measured. Two forms:
+For data ``x0 ~ sum_k w_k N(mu_k, diag(s_k^2))`` the optimal denoiser is known
+in closed form, so a solver's error against the exact ODE solution can be
+measured. Two forms, each ``x = a x0 + n eps``:
 
-* variance exploding, ``x = x0 + sigma * eps``: ``a = 1``, ``var = s^2 + sigma^2``;
-* rectified flow, ``x = (1 - t) * x0 + t * eps``: ``a = 1 - t``, ``var = a^2 s^2 + t^2``;
+* variance exploding, ``x = x0 + sigma * eps``: ``a = 1``, ``n = sigma``;
+* rectified flow, ``x = (1 - t) * x0 + t * eps``: ``a = 1 - t``, ``n = t``.
 
-``g_k ∝ w_k exp(-|x - a mu_k|^2 / (2 var))`` and
-``E[x0 | x] = sum_k g_k (mu_k + (a s^2 / var) (x - a mu_k))``.
+With ``var_k = a^2 s_k^2 + n^2`` (per dimension),
+``g_k ∝ w_k N(x; a mu_k, diag(var_k))`` and
+``E[x0 | x] = sum_k g_k (mu_k + (a s_k^2 / var_k) (x - a mu_k))``. The
+bundled mixtures are isotropic (one ``s`` for all); a tensor ``std`` of shape
+``[K, *shape]`` gives each component its own spread per dimension.
 """
 
 from __future__ import annotations
@@ -27,11 +30,12 @@ MIXTURES = ("reference", "wide", "multimodal")
 
 @dataclass(frozen=True)
 class GaussianMixture:
-    """Mixture components ``means [K, *shape]``, ``weights [K]`` and one shared ``std``."""
+    """Mixture components ``means [K, *shape]``, ``weights [K]`` and ``std``: one float shared by every component
+    and dimension (isotropic), or a tensor ``[K, *shape]`` (anisotropic)."""
 
     means: torch.Tensor
     weights: torch.Tensor
-    std: float
+    std: float | torch.Tensor
 
     @classmethod
     def reference(cls, dtype: torch.dtype = torch.float64) -> GaussianMixture:
@@ -59,34 +63,86 @@ class GaussianMixture:
     def shape(self) -> tuple[int, ...]:
         return tuple(self.means.shape[1:])
 
-    def _posterior_mean(self, x: torch.Tensor, a: torch.Tensor, var: torch.Tensor) -> torch.Tensor:
+    @property
+    def isotropic(self) -> bool:
+        return not isinstance(self.std, torch.Tensor)
+
+    def _posterior_mean(self, x: torch.Tensor, a: torch.Tensor, noise_var: torch.Tensor) -> torch.Tensor:
         n = x.shape[0]
         flat = x.reshape(n, -1)
         mu = self.means.reshape(self.means.shape[0], -1).to(x)
         a = a.to(x).reshape(n, 1)
-        var = var.to(x).reshape(n, 1)
+        noise_var = noise_var.to(x).reshape(n, 1)
+        if not self.isotropic:
+            return self._posterior_mean_diagonal(flat, mu, a, noise_var).reshape(x.shape)
+        var = a**2 * self.std**2 + noise_var
         # |x - a mu_k|^2 = |x|^2 - 2 a x.mu_k + a^2 |mu_k|^2; the |x|^2 term cancels in the softmax
         dist = a**2 * (mu**2).sum(1)[None] - 2 * a * (flat @ mu.T)  # [N, K]
         g = torch.softmax(torch.log(self.weights.to(x))[None] - dist / (2 * var), dim=1)
         shrink = a * self.std**2 / var  # each component's posterior: mu_k + shrink * (x - a mu_k)
         return (shrink * flat + (1 - shrink * a) * (g @ mu)).reshape(x.shape)
 
+    def _posterior_mean_diagonal(self, flat, mu, a, noise_var, chunk: int = 512) -> torch.Tensor:
+        """The anisotropic case. Samples that share a noise level (a sampler's batch, EPD's K points) go through
+        matrix products per level; with many levels or a gradient to the levels, element-wise ``[chunk, K, D]``."""
+        s2 = self.std.reshape(mu.shape).to(flat) ** 2
+        log_w = torch.log(self.weights.to(flat))
+        levels, index = torch.unique(torch.cat([a, noise_var], 1).detach(), dim=0, return_inverse=True)
+        if len(levels) * 64 <= flat.shape[0] and not (a.requires_grad or noise_var.requires_grad):
+            out = torch.empty_like(flat)
+            for j, (aj, vj) in enumerate(levels):
+                rows = index == j
+                f, prec = flat[rows], 1 / (aj**2 * s2 + vj)  # [n, D], [K, D]
+                # sum_d (x - a mu)^2 / var + log var, expanded into products over d
+                quad = f**2 @ prec.T - 2 * aj * f @ (mu * prec).T + (aj**2 * mu**2 * prec - torch.log(prec)).sum(1)
+                g = torch.softmax(log_w[None] - 0.5 * quad, dim=1)  # [n, K]
+                shrink = aj * s2 * prec  # each component's posterior: mu_k + shrink_k * (x - a mu_k)
+                out[rows] = g @ (mu - aj * shrink * mu) + f * (g @ shrink)
+            return out
+        out = []
+        for i in range(0, flat.shape[0], chunk):
+            f, ai, ni = flat[i : i + chunk, None], a[i : i + chunk, :, None], noise_var[i : i + chunk, :, None]
+            var = ai**2 * s2[None] + ni  # [c, K, D]
+            r = f - ai * mu[None]
+            g = torch.softmax(log_w[None] - 0.5 * (r**2 / var + torch.log(var)).sum(-1), dim=1)  # [c, K]
+            out.append(torch.einsum("ck,ckd->cd", g, mu[None] + ai * s2[None] / var * r))
+        return torch.cat(out)
+
     def denoise_ve(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """``E[x0 | x0 + sigma * eps = x]`` with one ``sigma`` per sample."""
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
-        return self._posterior_mean(x, torch.ones_like(sigma), self.std**2 + sigma**2)
+        return self._posterior_mean(x, torch.ones_like(sigma), sigma**2)
 
     def denoise_flow(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``E[x0 | (1 - t) x0 + t eps = x]`` with one ``t`` per sample."""
         t = torch.as_tensor(t, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
-        a = 1 - t
-        return self._posterior_mean(x, a, a**2 * self.std**2 + t**2)
+        return self._posterior_mean(x, 1 - t, t**2)
 
     def component(self, x0: torch.Tensor) -> torch.Tensor:
-        """Index of the nearest component mean for each sample (which mode it landed in)."""
+        """Which mode each sample landed in: the nearest component mean, measured in each component's own spread
+        when they differ (the component of highest density, ignoring the weights)."""
         flat = x0.reshape(x0.shape[0], -1)
         mu = self.means.reshape(self.means.shape[0], -1).to(flat)
-        return torch.cdist(flat, mu).argmin(dim=1)
+        if self.isotropic:
+            return torch.cdist(flat, mu).argmin(dim=1)
+        s2 = self.std.reshape(mu.shape).to(flat) ** 2
+        out = []
+        for f in flat.split(512):
+            log_p = -0.5 * ((f[:, None] - mu[None]) ** 2 / s2[None] + torch.log(s2[None])).sum(-1)
+            out.append(log_p.argmax(dim=1))
+        return torch.cat(out)
+
+    def to(self, device=None, dtype=None) -> GaussianMixture:
+        """The same mixture with its tensors on ``device`` / in ``dtype``."""
+        std = self.std if self.isotropic else self.std.to(device=device, dtype=dtype)
+        return GaussianMixture(
+            self.means.to(device=device, dtype=dtype), self.weights.to(device=device, dtype=dtype), std
+        )
+
+    def clone(self) -> GaussianMixture:
+        """Ordinary copies of the tensors (a mixture made under inference mode can then take part in autograd)."""
+        std = self.std if self.isotropic else self.std.clone()
+        return GaussianMixture(self.means.clone(), self.weights.clone(), std)
 
 
 def heun(denoiser, x: torch.Tensor, grid: torch.Tensor, order: int = 2) -> torch.Tensor:

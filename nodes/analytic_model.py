@@ -92,8 +92,7 @@ class AnalyticModel(comfy.model_base.BaseModel):
         if torch.is_grad_enabled() and self.mixture.means.is_inference():
             # Built under a loader's inference mode; autograd through the model (EPD Distill's objectives through
             # the rollout) cannot save inference tensors: ordinary copies of the same values (see nodes/autograd.py).
-            m = self.mixture
-            self.mixture = GaussianMixture(m.means.clone(), m.weights.clone(), m.std)
+            self.mixture = self.mixture.clone()
         if self.form in ("sd15_eps", "edm_ve"):
             denoised = self.mixture.denoise_ve(x64, sigma)
         else:
@@ -101,8 +100,9 @@ class AnalyticModel(comfy.model_base.BaseModel):
         return denoised.to(device=x.device, dtype=torch.float32)
 
 
-def analytic_model_patcher(form: str, mixture: str = "reference", shift: float | None = None):
-    """A ComfyUI ``MODEL`` (ModelPatcher) for the analytic mixture."""
-    model = AnalyticModel(GaussianMixture.named(mixture), form, shift)
+def analytic_model_patcher(form: str, mixture: str | GaussianMixture = "reference", shift: float | None = None):
+    """A ComfyUI ``MODEL`` (ModelPatcher) for an analytic mixture (a bundled one's name, or any mixture)."""
+    gm = GaussianMixture.named(mixture) if isinstance(mixture, str) else mixture
+    model = AnalyticModel(gm, form, shift)
     device = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))

@@ -19,8 +19,7 @@ from epd_dev.shared_data import SHARED
 
 def parity(device: str) -> list[dict]:
     rows = []
-    gm = GaussianMixture.reference()
-    gm = GaussianMixture(gm.means.to(device), gm.weights.to(device), gm.std)
+    gm = GaussianMixture.reference().to(device)
     for path in sorted((SHARED / "epd_reference").glob("*.safetensors")):
         if path.name == "gmm.safetensors":
             continue
