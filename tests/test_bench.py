@@ -502,3 +502,28 @@ def test_defaults_benchmark_fits_with_the_nodes_own_defaults(tmp_path):
     carry = [{**case, "samples": 32, "sampler": "ipndm", "rmse": 0.2}, {**case, "samples": 32, "sampler": "epd_carry",
              "rmse": 0.1}, {**case, "samples": 64, "sampler": "euler", "rmse": 0.15}]  # fmt: skip
     assert defaults.best_builtin(carry, "sd3_flow", "reference", 5, 32)["sampler"] == "ipndm"
+
+
+def test_unseen_benchmark_fits_with_the_nodes_defaults_against_the_whole_field(tmp_path):
+    """bench.unseen: a model the defaults were not chosen on (offset, anisotropic mixture), the whole built-in field
+    with the tuned schedules that fit, and the node's fitted table with its ratio to the best of that field."""
+    import comfy.samplers
+
+    from bench import unseen
+    from bench.accuracy import DETERMINISTIC
+
+    gm = unseen.latent_mixture(2026)
+    assert not gm.isotropic and float(gm.means.mean((0, 2, 3)).abs().max()) > 0.2  # not centred
+    assert unseen.main(["--models", "latent-sd15", "--nfes", "5", "--samples", "48", "--set", "iterations=2",
+                        "start_check=0", "--out", str(tmp_path)]) == 0  # fmt: skip
+    rows = json.loads((tmp_path / "unseen.json").read_text())
+    assert all(r["nfe"] == 5 and r["answer_key_gap"] < 1e-3 for r in rows)
+    field = [r for r in rows if r["sampler"] != "epd_defaults"]
+    assert {r["sampler"] for r in field} == set(DETERMINISTIC) - {"heunpp2"}  # 3 calls a step: no NFE 5
+    assert {"karras", "AlignYourSteps(SD1)", "GITS(1.2)"} <= {r["scheduler"] for r in field}
+    assert len(field) > len(comfy.samplers.SCHEDULER_NAMES) * 10
+    (epd,) = [r for r in rows if r["sampler"] == "epd_defaults"]
+    best = min(field, key=lambda r: r["rmse"])
+    assert epd["builtin"] == f"{best['sampler']} / {best['scheduler']}" and epd["settings"]["iterations"] == 2
+    assert epd["ratio"] == pytest.approx(best["rmse"] / epd["rmse"]) and epd["ratio_ci"][0] <= epd["ratio_ci"][1]
+    assert "| latent-sd15 | 5 |" in (tmp_path / "unseen.md").read_text()
