@@ -67,12 +67,13 @@ def case(form: str, mixture: str, nfe: int, n: int, top: int, ranking: list[dict
     return rows
 
 
-def merge_cases(rows: list[dict], path: Path) -> list[dict]:
-    """``rows`` in place of the records in ``path`` of the same cases (model, mixture, NFE); other cases stay, so
-    one case can be re-run alone."""
-    redone = {case_key(r) for r in rows}
+def merge_cases(rows: list[dict], path: Path, key=None) -> list[dict]:
+    """``rows`` in place of the records in ``path`` of the same cases (``key``, by default ``case_key``); other
+    cases stay, so one case can be re-run alone."""
+    key = key or case_key
+    redone = {key(r) for r in rows}
     old = json.loads(path.read_text()) if path.exists() else []
-    return [r for r in old if case_key(r) not in redone] + rows
+    return [r for r in old if key(r) not in redone] + rows
 
 
 def case_key(row: dict) -> tuple:

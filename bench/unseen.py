@@ -35,6 +35,7 @@ from bench.accuracy import (
     metrics,
     run,
 )
+from bench.carry import merge_cases
 from bench.defaults import node_defaults
 from bench.neural import paired_ratio_interval, per_sample_mse, tuned_schedules, wilson
 from epd_core import GaussianMixture
@@ -144,13 +145,6 @@ def summarize(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def merge(rows: list[dict], path: Path) -> list[dict]:
-    """``rows`` replace the recorded ones of the same model and NFE."""
-    cases = {(r["model"], r["nfe"]) for r in rows}
-    old = json.loads(path.read_text()) if path.exists() else []
-    return [r for r in old if (r["model"], r["nfe"]) not in cases] + rows
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", nargs="*", default=list(MODELS), choices=list(MODELS))
@@ -162,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
     new = [r for name in args.models for nfe in args.nfes for r in case(name, nfe, args.samples, settings)]
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = merge(new, args.out / "unseen.json")
+    rows = merge_cases(new, args.out / "unseen.json", key=lambda r: (r["model"], r["nfe"]))
     rows.sort(key=lambda r: (r["model"], r["nfe"]))
     (args.out / "unseen.json").write_text(json.dumps(rows, indent=1))
     table = summarize(rows)
