@@ -526,4 +526,6 @@ def test_unseen_benchmark_fits_with_the_nodes_defaults_against_the_whole_field(t
     best = min(field, key=lambda r: r["rmse"])
     assert epd["builtin"] == f"{best['sampler']} / {best['scheduler']}" and epd["settings"]["iterations"] == 2
     assert epd["ratio"] == pytest.approx(best["rmse"] / epd["rmse"]) and epd["ratio_ci"][0] <= epd["ratio_ci"][1]
-    assert "| latent-sd15 | 5 |" in (tmp_path / "unseen.md").read_text()
+    table = (tmp_path / "unseen.md").read_text()
+    assert "| latent-sd15 | 5 |" in table
+    assert f"| {epd['rmse_right_mode']:.4f} / {best['rmse_right_mode']:.4f} |" in table  # in-mode: EPD / built-in
