@@ -11,6 +11,7 @@ model), the best picked on the same noises, with a paired 95% interval of the ra
 
     python -m bench.unseen                        # -> bench/results/unseen.{json,md}
     python -m bench.unseen --models latent-sd15 --nfes 5 --samples 1024    # one case, merged into unseen.json
+    python -m bench.unseen --set seed=1           # another training seed: its EPD rows join the records
 """
 
 from __future__ import annotations
@@ -132,20 +133,31 @@ def case(name: str, nfe: int, n: int, settings: dict, log=print) -> list[dict]:
 TARGETS = {5: 1.5, 10: 1.0}  # the mixtures' targets (issue 18)
 
 
+def record_key(row: dict) -> tuple:
+    """What a record answers: (model, NFE, EPD Distill's changed inputs; "" for the built-in field, which is the same
+    for every setting), so a run with other ``--set`` inputs (another training seed) adds its EPD row and keeps the
+    others'."""
+    settings = json.dumps(row["settings"], sort_keys=True) if row["sampler"] == "epd_defaults" else ""
+    return row["model"], row["nfe"], settings
+
+
 def summarize(rows: list[dict]) -> str:
     """The EPD rows as a table, each beside the best built-in of its case. The in-mode RMSE (over the samples each
     sampler leaves in the exact solution's mixture component) separates accuracy from the rare mode changes, which
     decide the RMSE where both are few."""
-    lines = ["| model | NFE | EPD Distill's defaults: RMSE (wrong mode [95%]) | best built-in of the field: RMSE "
-             "(wrong mode) | ratio [paired 95%] | in-mode RMSE: EPD / built-in | target |",
-             "|---|---|---|---|---|---|---|"]  # fmt: skip
-    for r in (r for r in rows if r["sampler"] == "epd_defaults"):
+    lines = ["| model | NFE | inputs changed | EPD Distill's defaults: RMSE (wrong mode [95%]) | best built-in of the "
+             "field: RMSE (wrong mode) | ratio [paired 95%] | in-mode RMSE: EPD / built-in | target |",
+             "|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    fitted = sorted((r for r in rows if r["sampler"] == "epd_defaults"),
+                    key=lambda r: (r["model"], r["nfe"], len(r["settings"]), record_key(r)))  # fmt: skip
+    for r in fitted:
         builtin = next(b for b in rows if (b["model"], b["nfe"]) == (r["model"], r["nfe"])
                        and f"{b['sampler']} / {b['scheduler']}" == r["builtin"])  # fmt: skip
         lo, hi = r["wrong_mode_ci"]
         target = TARGETS.get(r["nfe"])
         met = "" if target is None else f"{target}x: {'met' if r['ratio'] >= target else 'not met'}"
-        lines.append(f"| {r['model']} | {r['nfe']} | {r['rmse']:.4f} ({r['wrong_mode']} of {r['samples']}, "
+        changed = ", ".join(f"{k} {json.dumps(v)}" for k, v in sorted(r["settings"].items())) or "none"
+        lines.append(f"| {r['model']} | {r['nfe']} | {changed} | {r['rmse']:.4f} ({r['wrong_mode']} of {r['samples']}, "
                      f"[{lo:.2%}, {hi:.2%}]) | {r['builtin']}: {r['builtin_rmse']:.4f} ({r['builtin_wrong_mode']}) "
                      f"| {r['ratio']:.2f}x [{r['ratio_ci'][0]:.2f}, {r['ratio_ci'][1]:.2f}] "
                      f"| {r['rmse_right_mode']:.4f} / {builtin['rmse_right_mode']:.4f} | {met} |")  # fmt: skip
@@ -163,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
     new = [r for name in args.models for nfe in args.nfes for r in case(name, nfe, args.samples, settings)]
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = merge_cases(new, args.out / "unseen.json", key=lambda r: (r["model"], r["nfe"]))
-    rows.sort(key=lambda r: (r["model"], r["nfe"]))
+    rows = merge_cases(new, args.out / "unseen.json", key=record_key)
+    rows.sort(key=record_key)
     (args.out / "unseen.json").write_text(json.dumps(rows, indent=1))
     table = summarize(rows)
     (args.out / "unseen.md").write_text(table)

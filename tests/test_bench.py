@@ -527,5 +527,12 @@ def test_unseen_benchmark_fits_with_the_nodes_defaults_against_the_whole_field(t
     assert epd["builtin"] == f"{best['sampler']} / {best['scheduler']}" and epd["settings"]["iterations"] == 2
     assert epd["ratio"] == pytest.approx(best["rmse"] / epd["rmse"]) and epd["ratio_ci"][0] <= epd["ratio_ci"][1]
     table = (tmp_path / "unseen.md").read_text()
-    assert "| latent-sd15 | 5 |" in table
+    assert "| latent-sd15 | 5 | iterations 2, start_check 0 |" in table
     assert f"| {epd['rmse_right_mode']:.4f} / {best['rmse_right_mode']:.4f} |" in table  # in-mode: EPD / built-in
+    # another training seed adds its own EPD row; the built-in field (the same noises) is replaced, not repeated
+    assert unseen.main(["--models", "latent-sd15", "--nfes", "5", "--samples", "48", "--set", "iterations=2",
+                        "start_check=0", "seed=1", "--out", str(tmp_path)]) == 0  # fmt: skip
+    again = json.loads((tmp_path / "unseen.json").read_text())
+    assert [r for r in again if r["sampler"] != "epd_defaults"] == field
+    assert sorted(r["settings"].get("seed", 0) for r in again if r["sampler"] == "epd_defaults") == [0, 1]
+    assert "| latent-sd15 | 5 | iterations 2, seed 1, start_check 0 |" in (tmp_path / "unseen.md").read_text()
