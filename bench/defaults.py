@@ -5,7 +5,9 @@ and compare with the best built-in of ``carry.json`` on the same 8,192 held-out 
     python -m bench.defaults                                   # -> bench/results/defaults.{json,md}
     python -m bench.defaults --mixtures reference --nfes 10 --set points=3 objective=global   # other settings
 
-``--set`` changes node inputs (the widgets' names, JSON values), to measure a candidate default the same way.
+``--set`` changes node inputs (the widgets' names, JSON values), to measure a candidate default the same way;
+``--distill`` changes EPD Distill's defaults of training settings that have no input (``NODE_DISTILL``, e.g.
+``grid_lr=0.03``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 
 from bench.accuracy import FORMS, RESULTS, metrics, run
 from bench.carry import MIXTURES, case_key, held_out
+from epd_dev import comfy_harness
 
 ENDINGS = (("as KSampler comes", False, "denoise"), ("+estimate", True, "estimate"))
 
@@ -73,6 +76,7 @@ def case(form: str, mixture: str, nfe: int, n: int, settings: dict, carry: list[
                "start": params.metadata.get("start", {}).get("grid", "model grid (no choice)"),
                "checks": params.metadata["distilled"].get("checks"),
                "loss_curve": params.metadata["distilled"]["loss_curve"],
+               "grid_lr": params.metadata["distilled"].get("grid_lr", 0.0),
                **metrics(gm, out, exact)}  # fmt: skip
         if best is not None:
             row.update(builtin=f"{best['sampler']} / {best['scheduler']}", builtin_rmse=best["rmse"],
@@ -100,14 +104,30 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nfes", nargs="*", type=int, default=[5, 10])
     ap.add_argument("--samples", type=int, default=8192, help="held-out noises (8,192: carry.json's built-ins)")
     ap.add_argument("--set", nargs="*", default=[], metavar="INPUT=JSON", help="EPD Distill inputs to change")
+    ap.add_argument(
+        "--distill",
+        nargs="*",
+        default=[],
+        metavar="FIELD=JSON",
+        help="EPD Distill's defaults of DistillConfig fields without an input (NODE_DISTILL)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--keep-tables", type=Path, default=None, metavar="DIR", help="keep the fitted tables here")
     args = ap.parse_args(argv)
     settings = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+    distill = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.distill)}
     carry_path = RESULTS / "carry.json"
     carry = json.loads(carry_path.read_text()) if carry_path.exists() else []
-    rows = [r for form in args.forms for mixture in args.mixtures for nfe in args.nfes
-            for r in case(form, mixture, nfe, args.samples, settings, carry, args.keep_tables)]  # fmt: skip
+    comfy_harness.setup()  # the nodes read the defaults of the pack as ComfyUI loaded it, not of epd_core here
+    node_distill = comfy_harness.pack_module("epd_core.config").NODE_DISTILL
+    saved = dict(node_distill)
+    node_distill.update(distill)
+    try:
+        rows = [r for form in args.forms for mixture in args.mixtures for nfe in args.nfes
+                for r in case(form, mixture, nfe, args.samples, settings, carry, args.keep_tables)]  # fmt: skip
+    finally:
+        node_distill.clear()
+        node_distill.update(saved)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "defaults.json").write_text(json.dumps(rows, indent=1))
     table = summarize(rows)

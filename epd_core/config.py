@@ -77,6 +77,7 @@ class DistillConfig(_Config):
     lr: float = _opt(1e-2, "Adam learning rate")
     seed: int = _opt(0, "seed of the training noises")
     learn_grid: bool = _opt(False, "also learn the interior time points (stored in the table)")
+    grid_lr: float = _opt(0.0, "with learn_grid: Adam learning rate of the grid's log-gap logits; 0: lr")
     gradient: str = _opt("autograd", "autograd: backpropagate through the model; fd: finite differences", GRADIENTS)
     weighting: str = _opt("uniform", "per-step loss weights: uniform (the authors') or 1/(1+t^2) (snr)", WEIGHTINGS)
     plugin_base: str = _opt("euler", "fit the table for EPD Plugin over this base (euler = the EPD solver)", BASES)
@@ -128,6 +129,8 @@ class DistillConfig(_Config):
             raise ValueError(f"robust must be >= 0, got {self.robust}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.grid_lr < 0:
+            raise ValueError(f"grid_lr must be >= 0 (0: lr), got {self.grid_lr}")
         if self.objective in ("global", "authors") and self.gradient != "autograd":
             raise ValueError(f"objective={self.objective!r} backpropagates through the trajectory: it needs "
                              "gradient='autograd'")  # fmt: skip

@@ -313,9 +313,13 @@ def distill(
     trainable += [raw["scale_time_params"]] if start.scale_time else []
     ends = base_grid[[0, -1]]
     logits = torch.log(-torch.diff(torch.log(base_grid))).clone().requires_grad_(config.learn_grid)
-    if config.learn_grid:
+    if config.learn_grid and not config.grid_lr:
         trainable.append(logits)
-    opt = torch.optim.Adam(trainable, lr=config.lr)
+    groups = [{"params": trainable}]
+    if config.learn_grid and config.grid_lr:
+        groups.append({"params": [logits], "lr": config.grid_lr})
+    opt = torch.optim.Adam(groups, lr=config.lr)
+    trainable = [p for group in opt.param_groups for p in group["params"]]
     floor = min(config.lr, AUTHORS_LR_FLOOR) if config.objective == "authors" else 0.0
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.iterations, eta_min=floor)
     gen = torch.Generator().manual_seed(config.seed)

@@ -143,7 +143,7 @@ class EPDDistill(io.ComfyNode):
             start_noises=default("start_noises") if start_check is None else start_check,
             micro_batch=default("micro_batch") if micro_batch is None else micro_batch,
             keep_best=default("keep_best") if keep_best is None else keep_best,
-            robust=default("robust") if robust is None else robust,
+            robust=default("robust") if robust is None else robust, grid_lr=default("grid_lr"),
         )  # fmt: skip
         path = output_path(filename, overwrite)
         student = student or DEFAULT_STUDENT

@@ -480,10 +480,15 @@ def test_defaults_benchmark_fits_with_the_nodes_own_defaults(tmp_path):
     assert [node_iterations(n) for n in (2, 4, 5, 8, 10, 20)] == [8000, 4000, 3200, 2000, 1600, 1600]  # 0: auto
     assert got["nfe"] == 10 and got["points"] == 3
     assert defaults.main(["--forms", "sd3_flow", "--mixtures", "reference", "--nfes", "5", "--samples", "32",
-                          "--set", "iterations=2", "--out", str(tmp_path),
+                          "--set", "iterations=2", "--distill", "grid_lr=0.05", "--out", str(tmp_path),
                           "--keep-tables", str(tmp_path)]) == 0  # fmt: skip
     rows = json.loads((tmp_path / "defaults.json").read_text())
     assert [r["scheduler"] for r in rows] == ["as KSampler comes", "+estimate"]
+    # --distill reached the node (the table's recorded config), and the node's own defaults are back afterwards
+    assert all(r["grid_lr"] == 0.05 for r in rows)
+    from epd_dev.comfy_harness import pack_module
+
+    assert pack_module("epd_core.config").DistillConfig.node_default("grid_lr") == DistillConfig.default("grid_lr")
     assert all(r["nfe"] == 5 and r["settings"] == {"iterations": 2} and r["rmse"] > 0 for r in rows)
     assert all(len(r["loss_curve"]) == 2 for r in rows)  # one mean per iteration of a run shorter than ten
     # bench.diagnose samples the kept table in the core on the same noises: the same error as through ComfyUI, its

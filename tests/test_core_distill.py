@@ -199,6 +199,24 @@ def test_micro_batches_give_the_whole_batch_gradient(objective):
     assert parts.metadata["distilled"]["micro_batch"] == 3
 
 
+def test_grid_lr_moves_the_grid_alone():
+    """``grid_lr`` is the grid's own learning rate: equal to ``lr`` it trains what ``grid_lr=0`` (lr) trains; tiny,
+    the grid stays at its start while the tables learn as before (Adam's steps are per parameter)."""
+    start = _start(afs=True)
+    config = DistillConfig(iterations=6, batch=8, objective="global", learn_grid=True, final_estimate=True)
+    same = distill(GM.denoise_ve, start, GM.shape, config)
+    explicit = distill(GM.denoise_ve, start, GM.shape, dataclasses.replace(config, grid_lr=config.lr))
+    frozen = distill(GM.denoise_ve, start, GM.shape, dataclasses.replace(config, grid_lr=1e-12))
+    for name in (*TABLE_NAMES, "t_steps"):
+        torch.testing.assert_close(getattr(explicit, name), getattr(same, name), rtol=1e-6, atol=1e-7)
+    grid = make_schedule(start)
+    torch.testing.assert_close(frozen.t_steps, grid, rtol=1e-9, atol=0)
+    assert (same.t_steps - grid).abs().max() > 1e-3
+    assert not torch.equal(frozen.r_params, start.r_params.float())
+    with pytest.raises(ValueError, match="grid_lr"):
+        DistillConfig(grid_lr=-1.0)
+
+
 def test_recomputed_denoiser_gives_the_same_values_and_gradients():
     """Activation checkpointing of each model call: the same output and gradients (for the input, the time and the
     network's weights), the activations computed again in the backward pass."""
