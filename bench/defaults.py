@@ -6,7 +6,8 @@ and compare with the best built-in of ``carry.json`` on the same 8,192 held-out 
     python -m bench.defaults --mixtures reference --nfes 10 --set points=3 objective=global   # other settings
 
 ``--set`` changes node inputs (the widgets' names, JSON values), to measure a candidate default the same way;
-``--distill`` changes EPD Distill's defaults of training settings that have no input (``NODE_DISTILL``, e.g.
+``--compare`` pairs a candidate's records with the defaults' (better in, targets met, geometric-mean ratio, wrong
+samples). ``--distill`` changes EPD Distill's defaults of training settings that have no input (``NODE_DISTILL``, e.g.
 ``grid_lr=0.03``).
 """
 
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -97,6 +99,41 @@ def summarize(rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+TARGETS = {5: 1.5, 10: 1.0}  # issue 18's ratio targets on the mixtures
+
+
+def compare(base: list[dict], rows: list[dict], base_label: str, label: str) -> str:
+    """Markdown tables, one per NFE, pairing ``rows`` (a candidate's runs) with ``base``'s runs of the same cases,
+    ended on the free estimate: each case's error, ratio and gain, and per NFE the cases the candidate was better in,
+    the targets met, the geometric-mean ratio and the wrong-component samples, each ``base -> candidate``. Runs
+    pair by training seed too: one seed's run is never set against another's."""
+
+    def ended(rs: list[dict]) -> dict:
+        return {(r["model"], r["mixture"], r["nfe"], r.get("settings", {}).get("seed", 0)): r for r in rs
+                if r["scheduler"] == ENDINGS[-1][0]}  # fmt: skip
+
+    def cell(r: dict) -> str:
+        ratio = f"{r['ratio']:.2f}x"
+        return f"{r['rmse']:.4f} ({r['wrong_mode']}) " + (f"**{ratio}**" if r["ratio"] >= TARGETS[r["nfe"]] else ratio)
+
+    old, new = ended(base), ended(rows)
+    out = []
+    for nfe in sorted({k[2] for k in new}):
+        pairs = [(old[k], new[k]) for k in sorted(new) if k[2] == nfe and k in old]
+        sides = {"base": [b for b, _ in pairs], "new": [r for _, r in pairs]}
+        met = {s: sum(x["ratio"] >= TARGETS[nfe] for x in side) for s, side in sides.items()}
+        geo = {s: math.exp(sum(math.log(x["ratio"]) for x in side) / len(side)) for s, side in sides.items()}
+        wrong = {s: sum(x["wrong_mode"] for x in side) for s, side in sides.items()}
+        out += [f"### NFE {nfe}", "", f"| model | mixture | start | best built-in | {base_label} | {label} | gain |",
+                "|---|---|---|---|---|---|---|"]  # fmt: skip
+        out += [f"| {b['model']} | {b['mixture']} | {r['start']} | {b['builtin']} {b['builtin_rmse']:.4f} "
+                f"| {cell(b)} | {cell(r)} | {b['rmse'] / r['rmse']:.2f}x |" for b, r in pairs]  # fmt: skip
+        out += ["", f"{len(pairs)} cases: {label} better in {sum(r['rmse'] < b['rmse'] for b, r in pairs)}; target "
+                f"({TARGETS[nfe]}x) met {met['base']} -> {met['new']}; geometric-mean ratio {geo['base']:.2f}x -> "
+                f"{geo['new']:.2f}x; wrong-component samples {wrong['base']} -> {wrong['new']}", ""]  # fmt: skip
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--forms", nargs="*", default=list(FORMS))
@@ -113,7 +150,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--keep-tables", type=Path, default=None, metavar="DIR", help="keep the fitted tables here")
+    ap.add_argument(
+        "--compare",
+        nargs=2,
+        type=Path,
+        metavar=("BASE", "CANDIDATE"),
+        help="print the paired table of two records (e.g. defaults.json and a --set run's) and stop",
+    )
+    ap.add_argument("--labels", nargs=2, metavar=("BASE", "CANDIDATE"), help="their columns' names")
     args = ap.parse_args(argv)
+    if args.compare:
+        labels = args.labels or [p.stem for p in args.compare]
+        print(compare(*(json.loads(p.read_text()) for p in args.compare), *labels))
+        return 0
     settings = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
     distill = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.distill)}
     carry_path = RESULTS / "carry.json"

@@ -541,3 +541,33 @@ def test_unseen_benchmark_fits_with_the_nodes_defaults_against_the_whole_field(t
     assert [r for r in again if r["sampler"] != "epd_defaults"] == field
     assert sorted(r["settings"].get("seed", 0) for r in again if r["sampler"] == "epd_defaults") == [0, 1]
     assert "| latent-sd15 | 5 | iterations 2, seed 1, start_check 0 |" in (tmp_path / "unseen.md").read_text()
+
+
+def test_defaults_compare_pairs_each_case_and_counts_the_targets(tmp_path, capsys):
+    """bench.defaults --compare: each case of the candidate beside the same case of the base (the estimate ending
+    only), its gain, and per NFE the cases it was better in, the targets met (1.5x at NFE 5, 1.0x at 10), the
+    geometric-mean ratio and the wrong-component samples; runs pair by training seed."""
+    from bench import defaults
+
+    def row(mixture, nfe, rmse, wrong, builtin=0.2, ending="+estimate"):
+        return {"model": "analytic-x", "mixture": mixture, "nfe": nfe, "scheduler": ending, "start": "model grid",
+                "rmse": rmse, "wrong_mode": wrong, "builtin": "euler / beta", "builtin_rmse": builtin,
+                "ratio": builtin / rmse}  # fmt: skip
+
+    base = [row("a", 5, 0.1, 10), row("b", 5, 0.2, 20), row("a", 10, 0.1, 4, builtin=0.1),
+            row("a", 5, 0.5, 99, ending="as KSampler comes")]  # fmt: skip
+    other_seed = {**row("b", 5, 0.01, 0), "settings": {"seed": 1}}  # no base run of seed 1: never paired
+    new = [row("a", 5, 0.05, 5), row("b", 5, 0.25, 30), row("a", 10, 0.2, 8, builtin=0.1), other_seed]
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    (tmp_path / "new.json").write_text(json.dumps(new))
+    assert defaults.main(["--compare", str(tmp_path / "base.json"), str(tmp_path / "new.json")]) == 0
+    text = capsys.readouterr().out
+    assert "| base | new | gain |" in text
+    assert (
+        "| analytic-x | a | model grid | euler / beta 0.2000 | 0.1000 (10) **2.00x** | 0.0500 (5) **4.00x** | 2.00x |"
+    ) in text
+    # NFE 5: a 2.00x -> 4.00x (met both), b 1.00x -> 0.80x (met neither); geometric means sqrt(2) -> sqrt(3.2)
+    assert "2 cases: new better in 1; target (1.5x) met 1 -> 1; geometric-mean ratio 1.41x -> 1.79x; " \
+           "wrong-component samples 30 -> 35" in text  # fmt: skip
+    assert "1 cases: new better in 0; target (1.0x) met 1 -> 0; geometric-mean ratio 1.00x -> 0.50x; " \
+           "wrong-component samples 4 -> 8" in text  # fmt: skip
