@@ -557,7 +557,9 @@ def test_defaults_compare_pairs_each_case_and_counts_the_targets(tmp_path, capsy
     base = [row("a", 5, 0.1, 10), row("b", 5, 0.2, 20), row("a", 10, 0.1, 4, builtin=0.1),
             row("a", 5, 0.5, 99, ending="as KSampler comes")]  # fmt: skip
     other_seed = {**row("b", 5, 0.01, 0), "settings": {"seed": 1}}  # no base run of seed 1: never paired
-    new = [row("a", 5, 0.05, 5), row("b", 5, 0.25, 30), row("a", 10, 0.2, 8, builtin=0.1), other_seed]
+    base.append(row("a", 7, 0.1, 3))
+    new = [row("a", 5, 0.05, 5), row("b", 5, 0.25, 30), row("a", 10, 0.2, 8, builtin=0.1), other_seed,
+           row("a", 7, 0.05, 2)]  # fmt: skip
     (tmp_path / "base.json").write_text(json.dumps(base))
     (tmp_path / "new.json").write_text(json.dumps(new))
     assert defaults.main(["--compare", str(tmp_path / "base.json"), str(tmp_path / "new.json")]) == 0
@@ -571,3 +573,4 @@ def test_defaults_compare_pairs_each_case_and_counts_the_targets(tmp_path, capsy
            "wrong-component samples 30 -> 35" in text  # fmt: skip
     assert "1 cases: new better in 0; target (1.0x) met 1 -> 0; geometric-mean ratio 1.00x -> 0.50x; " \
            "wrong-component samples 4 -> 8" in text  # fmt: skip
+    assert "1 cases: new better in 1; no target; geometric-mean ratio 2.00x -> 4.00x; " in text  # NFE 7: none set
