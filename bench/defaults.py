@@ -109,8 +109,7 @@ def compare(base: list[dict], rows: list[dict], base_label: str, label: str) -> 
     pair by training seed too: one seed's run is never set against another's."""
 
     def ended(rs: list[dict]) -> dict:
-        return {(r["model"], r["mixture"], r["nfe"], r.get("settings", {}).get("seed", 0)): r for r in rs
-                if r["scheduler"] == ENDINGS[-1][0]}  # fmt: skip
+        return {(*case_key(r), r.get("settings", {}).get("seed", 0)): r for r in rs if r["scheduler"] == ENDINGS[-1][0]}
 
     def meets(r: dict) -> bool:
         return r["nfe"] in TARGETS and r["ratio"] >= TARGETS[r["nfe"]]
@@ -123,6 +122,8 @@ def compare(base: list[dict], rows: list[dict], base_label: str, label: str) -> 
     out = []
     for nfe in sorted({k[2] for k in new}):
         pairs = [(old[k], new[k]) for k in sorted(new) if k[2] == nfe and k in old]
+        if not pairs:
+            continue
         sides = {"base": [b for b, _ in pairs], "new": [r for _, r in pairs]}
         met = {s: sum(map(meets, side)) for s, side in sides.items()}
         geo = {s: math.exp(sum(math.log(x["ratio"]) for x in side) / len(side)) for s, side in sides.items()}

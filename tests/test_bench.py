@@ -559,7 +559,7 @@ def test_defaults_compare_pairs_each_case_and_counts_the_targets(tmp_path, capsy
     other_seed = {**row("b", 5, 0.01, 0), "settings": {"seed": 1}}  # no base run of seed 1: never paired
     base.append(row("a", 7, 0.1, 3))
     new = [row("a", 5, 0.05, 5), row("b", 5, 0.25, 30), row("a", 10, 0.2, 8, builtin=0.1), other_seed,
-           row("a", 7, 0.05, 2)]  # fmt: skip
+           row("a", 7, 0.05, 2), row("a", 6, 0.1, 1)]  # fmt: skip
     (tmp_path / "base.json").write_text(json.dumps(base))
     (tmp_path / "new.json").write_text(json.dumps(new))
     assert defaults.main(["--compare", str(tmp_path / "base.json"), str(tmp_path / "new.json")]) == 0
@@ -574,3 +574,4 @@ def test_defaults_compare_pairs_each_case_and_counts_the_targets(tmp_path, capsy
     assert "1 cases: new better in 0; target (1.0x) met 1 -> 0; geometric-mean ratio 1.00x -> 0.50x; " \
            "wrong-component samples 4 -> 8" in text  # fmt: skip
     assert "1 cases: new better in 1; no target; geometric-mean ratio 2.00x -> 4.00x; " in text  # NFE 7: none set
+    assert "### NFE 6" not in text  # a candidate's NFE that the base never ran: nothing to pair
