@@ -7,7 +7,9 @@ went, ``partial-<kind>.json``); together they are one :mod:`bench.neural` run (o
 through ``EPD_KEY_CACHE``): written to ``neural.json``, ``neural.md`` and ``neural_summary.json`` and merged into
 ``accuracy.json`` as ``bench.neural`` does. ``plugin/<shard>.json``: :mod:`bench.plugin`'s MNIST rows, merged into
 ``plugin.json`` and ``accuracy.json`` and ``plugin.md`` rewritten as ``bench.plugin`` does. ``--skip`` leaves out
-the shards named (for example the EPD rows of tables that were not bundled).
+the shards named (for example the EPD rows of tables that were not bundled). ``tables/<job>/``: the checkpoint of
+a training job stopped at its deadline is filed in ``bench/jobs/checkpoints/<job>/``, where the next call of
+``scripts/gpu_mnist.sh`` continues it; a job that finished has its checkpoint removed there.
 """
 
 from __future__ import annotations
@@ -19,6 +21,9 @@ from pathlib import Path
 
 from bench import neural, plugin
 from bench.accuracy import RESULTS
+from epd_dev import ROOT
+
+CHECKPOINTS = ROOT / "bench" / "jobs" / "checkpoints"
 
 
 def shard_rows(folder: Path) -> list[dict]:
@@ -45,15 +50,35 @@ def neural_rows(folders: list[Path]) -> list[dict]:
     return list(exact.values()) + rows
 
 
+def file_checkpoints(tables: Path, into: Path = CHECKPOINTS) -> list[str]:
+    """Copy the unfinished jobs' checkpoints from ``tables/<job>/`` into ``into/<job>/`` and drop those of jobs
+    whose table is there; returns what was done, one line each."""
+    done = []
+    for job in sorted(p for p in tables.iterdir() if p.is_dir()) if tables.is_dir() else []:
+        for table in sorted(job.glob("*.safetensors")):
+            stale = into / job.name / (table.name.removesuffix(".safetensors") + ".epd-checkpoint")
+            if stale.exists():
+                stale.unlink()
+                done.append(f"{job.name}/{table.name}: finished, its checkpoint removed")
+        for checkpoint in sorted(job.glob("*.epd-checkpoint")):
+            (into / job.name).mkdir(parents=True, exist_ok=True)
+            (into / job.name / checkpoint.name).write_bytes(checkpoint.read_bytes())
+            done.append(f"{job.name}/{checkpoint.name}: filed, to be continued")
+    return done
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("dir", type=Path)
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--skip", nargs="*", default=[], help="shard folders or files (names) to leave out")
     args = ap.parse_args(argv)
-    folders = sorted(p for p in (args.dir / "neural").iterdir() if p.is_dir() and p.name not in args.skip)
+    print("\n".join(file_checkpoints(args.dir / "tables")))
+    parts = args.dir / "neural"
+    folders = sorted(p for p in parts.iterdir() if p.is_dir() and p.name not in args.skip) if parts.is_dir() else []
     rows = neural_rows(folders)
-    print(neural.record(rows, args.out))
+    if rows:
+        print(neural.record(rows, args.out))
     shards = sorted(p for p in (args.dir / "plugin").glob("*.json") if p.name not in args.skip)
     prows = [r for p in shards for r in json.loads(p.read_text()) if r["sampler"] != "exact"]
     if prows:

@@ -8,9 +8,13 @@
 #   3. the tables distilled in 2 scored on the same noises (EPD rows only).
 # Every stage runs under a deadline (seconds from the start: STAGE2_S for the benchmarks, TRAIN_S for training,
 # END_S for all); shards write their rows as they go, so a shard stopped at its deadline keeps what it measured.
-# $OUT gets results.tar (rows, logs, tables) and the answer keys (keys-<kind>.safetensors).
+# Training keeps a checkpoint next to its table (--resume) and starts from bench/jobs/checkpoints/<folder>/ where an
+# earlier call left one, so a job longer than one call goes on over several (bench.gpu_merge files the checkpoints).
+# $OUT gets results.tar (rows, logs, tables, checkpoints) and the answer keys (keys-<kind>.safetensors).
+# KEYS=0 skips the answer keys (stage 1), BENCH_KINDS="" the field and the plugin (stage 2): a call for training.
 #
 #   scripts/gpu_mnist.sh bench/jobs/gpu_mnist.txt
+#   KEYS=0 BENCH_KINDS="" TRAIN_S=470 END_S=480 scripts/gpu_mnist.sh bench/jobs/gpu_mnist.txt
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/epd_gpu_out}
@@ -38,7 +42,7 @@ collect() {
 }
 
 # 1. The answer keys (a run with no contender computes and caches the key).
-for kind in eps flow; do
+for kind in $([ "${KEYS:-1}" = 0 ] || echo eps flow); do
     timeout "$(left "$STAGE2_S")" "$PY" -m bench.neural --kinds "$kind" --samples "$SAMPLES" --samplers --tables \
         --no-merge --out "$WORK/neural/key-$kind" > "$WORK/logs/key-$kind.txt" 2>&1 &
 done
@@ -49,8 +53,10 @@ echo "keys in $(( $(date +%s) - t0 )) s"; grep -h "answer key" "$WORK"/logs/key-
 if [ -n "${1:-}" ]; then
     while read -r folder args; do
         [ -z "$folder" ] && continue
+        mkdir -p "$WORK/tables/$folder"
+        cp bench/jobs/checkpoints/"$folder"/*.epd-checkpoint "$WORK/tables/$folder/" 2>/dev/null
         # shellcheck disable=SC2086
-        timeout "$(left "$TRAIN_S")" "$PY" -m scripts.make_mnist_tables $args --out "$WORK/tables/$folder" \
+        timeout "$(left "$TRAIN_S")" "$PY" -m scripts.make_mnist_tables $args --resume --out "$WORK/tables/$folder" \
             > "$WORK/logs/train-$folder.txt" 2>&1 &
     done < "$1"
 fi
@@ -75,8 +81,8 @@ echo "stage 2 in $(( $(date +%s) - t0 )) s"
 for f in "$WORK"/logs/*.txt; do echo "== $(basename "$f"): $(grep -v WARNING "$f" | tail -n 1)"; done
 collect
 
-# 3. The distilled tables on the same noises.
-folders=$(find "$WORK/tables" -mindepth 1 -maxdepth 1 -type d | sort)
+# 3. The distilled tables on the same noises (the folders holding a finished table).
+folders=$(find "$WORK/tables" -mindepth 2 -maxdepth 2 -name '*.safetensors' -printf '%h\n' | sort -u)
 if [ -n "$folders" ]; then
     for kind in eps flow; do
         # shellcheck disable=SC2086

@@ -63,7 +63,7 @@ def split_points(params: EPDParams, points: int, spread: float = 0.1) -> EPDPara
 def make_table(
     kind: str, nfe: int, points: int, config: DistillConfig, command: str, out: Path, student: str = DEFAULT_STUDENT,
     feature_weight: float | None = None, suffix: str = "", afs: bool = True, init: Path | None = None,
-    scales: dict[str, float] | None = None, grid: list[float] | None = None,
+    scales: dict[str, float] | None = None, grid: list[float] | None = None, resume: bool = False,
 ) -> Path:  # fmt: skip
     """One table, distilled and saved; returns its path. With ``feature_weight`` the final step's loss is the
     feature loss of EPD MNIST Features (the demo classifier's features of the decoded digits); with ``init`` the
@@ -72,7 +72,8 @@ def make_table(
     ``scale_time`` bounds, so that the training also learns those heads (a start whose heads are zero, as every
     untrained or scale-free table's are, samples exactly as before: its scales are 1). ``grid`` replaces the start's
     time points (sigma max first, one more than its steps), so that a moved grid is made by its recorded command;
-    without ``init`` it is the one start (no start check between grids)."""
+    without ``init`` it is the one start (no start check between grids). With ``resume`` the run keeps a checkpoint
+    next to the table, as EPD Distill does, and continues from one left there by a run that was stopped."""
     nodes = comfy_harness.setup()
     training = comfy_harness.pack_module("nodes.training")
     (model,) = nodes["EPDMnistModel"].execute(kind).result
@@ -95,11 +96,13 @@ def make_table(
     metadata = {"tool": "scripts/make_mnist_tables.py", "model": f"demo_models/mnist-{kind}", "cfg": CFG,
                 "command": command}  # fmt: skip
     encoder = None if feature_weight is None else nodes["EPDMnistFeatures"].execute().result[0]
-    params = training.distill_on_model(model, positive, negative, CFG, torch.zeros(1, 4, 14, 14), start, config,
-                                       metadata=metadata, encoder=encoder,
-                                       feature_weight=feature_weight or 0.0)  # fmt: skip
     path = out / f"mnist-{kind}-nfe{nfe}{suffix}.safetensors"
+    options = training.resume_options(path, config.iterations) if resume else {}
+    params = training.distill_on_model(model, positive, negative, CFG, torch.zeros(1, 4, 14, 14), start, config,
+                                       metadata=metadata, encoder=encoder, feature_weight=feature_weight or 0.0,
+                                       **options)  # fmt: skip
     training.save_params(params, path, overwrite=True)
+    training.checkpoint_path(path).unlink(missing_ok=True)
     return path
 
 
@@ -124,6 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--grid", type=float, nargs="+", metavar="SIGMA",
                     help="start from these time points instead of the start's own (sigma max first, one more than "
                     "the steps; with --no-learn-grid they stay)")  # fmt: skip
+    ap.add_argument("--resume", action="store_true",
+                    help="keep a checkpoint next to each table (<out>/<name>.epd-checkpoint) and continue from one "
+                    "found there (a run stopped at a deadline; same settings and model)")  # fmt: skip
     add_arguments(ap, DistillConfig)
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
@@ -138,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         for nfe in args.nfes:
             t0 = time.time()
             path = make_table(kind, nfe, args.points, config, command, args.out, args.student, args.feature_weight,
-                              args.suffix, args.afs, args.init, scales, args.grid)  # fmt: skip
+                              args.suffix, args.afs, args.init, scales, args.grid, args.resume)  # fmt: skip
             print(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: {time.time() - t0:.0f} s")
     return 0
 

@@ -330,6 +330,27 @@ def test_gpu_shards_merge_into_one_run(tmp_path):
         gpu_merge.neural_rows([tmp_path / "a", tmp_path / "c"])
 
 
+def test_gpu_merge_files_unfinished_jobs_checkpoints(tmp_path):
+    """A training job stopped at the GPU call's deadline has its checkpoint filed for the next call; a job that
+    finished has the one filed earlier removed; nothing else is touched."""
+    from bench import gpu_merge
+
+    tables, into = tmp_path / "tables", tmp_path / "checkpoints"
+    (tables / "slow").mkdir(parents=True)
+    (tables / "slow" / "mnist-eps-nfe5.epd-checkpoint").write_bytes(b"state at 475")
+    (tables / "done").mkdir()
+    (tables / "done" / "mnist-flow-nfe5.safetensors").write_bytes(b"table")
+    (into / "done").mkdir(parents=True)
+    (into / "done" / "mnist-flow-nfe5.epd-checkpoint").write_bytes(b"state at 750")
+    (into / "done" / "mnist-flow-nfe10.epd-checkpoint").write_bytes(b"another job's state")
+    lines = gpu_merge.file_checkpoints(tables, into)
+    assert lines == ["done/mnist-flow-nfe5.safetensors: finished, its checkpoint removed",
+                     "slow/mnist-eps-nfe5.epd-checkpoint: filed, to be continued"]  # fmt: skip
+    assert (into / "slow" / "mnist-eps-nfe5.epd-checkpoint").read_bytes() == b"state at 475"
+    assert sorted(p.name for p in (into / "done").iterdir()) == ["mnist-flow-nfe10.epd-checkpoint"]
+    assert gpu_merge.file_checkpoints(tmp_path / "absent", into) == []
+
+
 def test_neural_run_replaces_its_own_rows_and_keeps_the_plugins(tmp_path):
     from bench import neural
 

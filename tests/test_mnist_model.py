@@ -348,6 +348,43 @@ def test_table_script_fine_tunes_on_a_given_grid(tmp_path, request):
         make_mnist_tables.main([*args, "--grid", *map(str, grid[:-1])])
 
 
+def test_table_script_resumes_a_stopped_run(tmp_path, request, monkeypatch, caplog):
+    """``make_mnist_tables --resume`` (what scripts/gpu_mnist.sh runs) keeps a checkpoint next to the table: a run
+    stopped before its table was written continues from it, without training again, to the table an uninterrupted
+    run makes, and the checkpoint goes once the table is saved."""
+    import logging
+
+    from epd_core.files import load_params
+    from epd_dev import comfy_harness
+    from scripts import make_mnist_tables
+
+    level = logging.getLogger("epd").level
+    request.addfinalizer(lambda: logging.getLogger("epd").setLevel(level))
+    init = Path(__file__).resolve().parents[1] / "weights" / "demo" / "mnist-eps-nfe5-k4scg.safetensors"
+    args = ["--kinds", "eps", "--nfes", "5", "--points", "4", "--objective", "global", "--final-estimate",
+            "--init", str(init), "--iterations", "3", "--batch", "2"]  # fmt: skip
+    assert make_mnist_tables.main([*args, "--out", str(tmp_path / "whole")]) == 0
+    training = comfy_harness.pack_module("nodes.training")
+
+    def stopped(*_, **__):
+        raise KeyboardInterrupt("stopped at the deadline")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training, "save_params", stopped)
+        with pytest.raises(KeyboardInterrupt):
+            make_mnist_tables.main([*args, "--resume", "--out", str(tmp_path / "resumed")])
+    checkpoint = tmp_path / "resumed" / "mnist-eps-nfe5.epd-checkpoint"
+    assert checkpoint.is_file() and not (tmp_path / "resumed" / "mnist-eps-nfe5.safetensors").exists()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="epd"):
+        assert make_mnist_tables.main([*args, "--resume", "--out", str(tmp_path / "resumed")]) == 0
+    assert not any("EPD: 1 / 3" in message for message in caplog.messages)  # continued, not trained afresh
+    assert not checkpoint.exists()
+    whole, resumed = (load_params(tmp_path / d / "mnist-eps-nfe5.safetensors") for d in ("whole", "resumed"))
+    for name in ("t_steps", "r_params", "weight_s", "scale_dir_params", "scale_time_params"):
+        assert torch.equal(getattr(whole, name), getattr(resumed, name)), name
+
+
 def test_table_script_splits_points_of_a_narrower_start():
     """``make_mnist_tables --points 8 --init <K = 4 table>`` starts from the table with each point split in two:
     with no spread the wider table samples exactly as the narrow one; with the default spread each point's
