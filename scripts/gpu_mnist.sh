@@ -14,7 +14,7 @@
 # KEYS=0 skips the answer keys (stage 1), BENCH_KINDS="" the field and the plugin (stage 2): a call for training.
 #
 #   scripts/gpu_mnist.sh bench/jobs/gpu_mnist.txt
-#   KEYS=0 BENCH_KINDS="" TRAIN_S=470 END_S=480 scripts/gpu_mnist.sh bench/jobs/gpu_mnist.txt
+#   KEYS=0 BENCH_KINDS="" TRAIN_S=480 END_S=490 scripts/gpu_mnist.sh bench/jobs/gpu_mnist.txt
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/epd_gpu_out}
