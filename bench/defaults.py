@@ -7,7 +7,8 @@ and compare with the best built-in of ``carry.json`` on the same 8,192 held-out 
 
 ``--set`` changes node inputs (the widgets' names, JSON values), to measure a candidate default the same way;
 ``--compare`` pairs a candidate's records with the defaults' (better in, targets met, geometric-mean ratio, wrong
-samples). ``--distill`` changes EPD Distill's defaults of training settings that have no input (``NODE_DISTILL``, e.g.
+samples); ``--where`` picks the base's runs by settings where a record holds several of one seed (a budget study).
+``--distill`` changes EPD Distill's defaults of training settings that have no input (``NODE_DISTILL``, e.g.
 ``grid_lr=0.03``).
 """
 
@@ -102,14 +103,28 @@ def summarize(rows: list[dict]) -> str:
 TARGETS = {5: 1.5, 10: 1.0}  # issue 18's ratio targets on the mixtures (none at other NFEs)
 
 
+def where(rows: list[dict], settings: dict) -> list[dict]:
+    """The runs of ``rows`` whose settings hold each of ``settings``."""
+    return [r for r in rows if all(r.get("settings", {}).get(k) == v for k, v in settings.items())]
+
+
 def compare(base: list[dict], rows: list[dict], base_label: str, label: str) -> str:
     """Markdown tables, one per NFE, pairing ``rows`` (a candidate's runs) with ``base``'s runs of the same cases,
     ended on the free estimate: each case's error, ratio and gain, and per NFE the cases the candidate was better in,
     the targets met, the geometric-mean ratio and the wrong-component samples, each ``base -> candidate``. Runs
-    pair by training seed too: one seed's run is never set against another's."""
+    pair by training seed too: one seed's run is never set against another's, and a record with two runs of one case
+    and seed is refused (:func:`where` picks one)."""
 
-    def ended(rs: list[dict]) -> dict:
-        return {(*case_key(r), r.get("settings", {}).get("seed", 0)): r for r in rs if r["scheduler"] == ENDINGS[-1][0]}
+    def ended(rs: list[dict], which: str) -> dict:
+        out = {}
+        for r in (r for r in rs if r["scheduler"] == ENDINGS[-1][0]):
+            key = (*case_key(r), r.get("settings", {}).get("seed", 0))
+            if key in out:
+                raise ValueError(f"{which} holds two runs of {key[0]} / {key[1]} NFE {key[2]} seed {key[3]} (settings "
+                                 f"{out[key].get('settings', {})} and {r.get('settings', {})}): pick one with "
+                                 f"--where (e.g. --where iterations=3200)")  # fmt: skip
+            out[key] = r
+        return out
 
     def meets(r: dict) -> bool:
         return r["nfe"] in TARGETS and r["ratio"] >= TARGETS[r["nfe"]]
@@ -118,7 +133,7 @@ def compare(base: list[dict], rows: list[dict], base_label: str, label: str) -> 
         ratio = f"{r['ratio']:.2f}x"
         return f"{r['rmse']:.4f} ({r['wrong_mode']}) " + (f"**{ratio}**" if meets(r) else ratio)
 
-    old, new = ended(base), ended(rows)
+    old, new = ended(base, base_label), ended(rows, label)
     out = []
     for nfe in sorted({k[2] for k in new}):
         pairs = [(old[k], new[k]) for k in sorted(new) if k[2] == nfe and k in old]
@@ -137,6 +152,11 @@ def compare(base: list[dict], rows: list[dict], base_label: str, label: str) -> 
                 f"geometric-mean ratio {geo['base']:.2f}x -> {geo['new']:.2f}x; wrong-component samples "
                 f"{wrong['base']} -> {wrong['new']}", ""]  # fmt: skip
     return "\n".join(out)
+
+
+def parse_settings(items: list[str]) -> dict:
+    """``["iterations=3200", "seed=1"]`` -> ``{"iterations": 3200, "seed": 1}`` (values are JSON)."""
+    return {k: json.loads(v) for k, v in (s.split("=", 1) for s in items)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -163,13 +183,20 @@ def main(argv: list[str] | None = None) -> int:
         help="print the paired table of two records (e.g. defaults.json and a --set run's) and stop",
     )
     ap.add_argument("--labels", nargs=2, metavar=("BASE", "CANDIDATE"), help="their columns' names")
+    ap.add_argument(
+        "--where", nargs="*", default=[], metavar="INPUT=JSON",
+        help="--compare only the base's runs with these settings (a record may hold several runs of one seed)",
+    )  # fmt: skip
     args = ap.parse_args(argv)
     if args.compare:
         labels = args.labels or [p.stem for p in args.compare]
-        print(compare(*(json.loads(p.read_text()) for p in args.compare), *labels))
+        base, rows = (json.loads(p.read_text()) for p in args.compare)
+        try:
+            print(compare(where(base, parse_settings(args.where)), rows, *labels))
+        except ValueError as e:
+            ap.error(str(e))
         return 0
-    settings = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
-    distill = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.distill)}
+    settings, distill = parse_settings(args.set), parse_settings(args.distill)
     carry_path = RESULTS / "carry.json"
     carry = json.loads(carry_path.read_text()) if carry_path.exists() else []
     comfy_harness.setup()  # the nodes read the defaults of the pack as ComfyUI loaded it, not of epd_core here

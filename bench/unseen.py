@@ -37,7 +37,7 @@ from bench.accuracy import (
     run,
 )
 from bench.carry import merge_cases
-from bench.defaults import node_defaults
+from bench.defaults import node_defaults, parse_settings
 from bench.neural import paired_ratio_interval, per_sample_mse, tuned_schedules, wilson
 from epd_core import GaussianMixture
 from epd_dev import comfy_harness
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", nargs="*", default=[], metavar="INPUT=JSON", help="EPD Distill inputs to change")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
-    settings = {k: json.loads(v) for k, v in (s.split("=", 1) for s in args.set)}
+    settings = parse_settings(args.set)
     new = [r for name in args.models for nfe in args.nfes for r in case(name, nfe, args.samples, settings)]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = merge_cases(new, args.out / "unseen.json", key=record_key)

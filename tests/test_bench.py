@@ -596,3 +596,29 @@ def test_defaults_compare_pairs_each_case_and_counts_the_targets(tmp_path, capsy
            "wrong-component samples 4 -> 8" in text  # fmt: skip
     assert "1 cases: new better in 1; no target; geometric-mean ratio 2.00x -> 4.00x; " in text  # NFE 7: none set
     assert "### NFE 6" not in text  # a candidate's NFE that the base never ran: nothing to pair
+
+
+def test_defaults_compare_refuses_a_record_with_two_runs_of_one_seed(tmp_path, capsys):
+    """A record holding two runs of one case and seed (a budget study: 800, 1,600, 3,200 iterations) is not paired
+    silently with the last: --compare names the case and both settings, and --where picks the base's run."""
+    from bench import defaults
+
+    def row(rmse, settings):
+        return {"model": "analytic-x", "mixture": "a", "nfe": 5, "scheduler": "+estimate", "start": "model grid",
+                "rmse": rmse, "wrong_mode": 1, "builtin": "euler / beta", "builtin_rmse": 0.2, "ratio": 0.2 / rmse,
+                "settings": settings}  # fmt: skip
+
+    base = [row(0.1, {"iterations": 800, "seed": 1}), row(0.05, {"iterations": 3200, "seed": 1}),
+            row(0.2, {"iterations": 1600, "seed": 1})]  # fmt: skip
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    (tmp_path / "new.json").write_text(json.dumps([row(0.04, {"seed": 1, "grid_lr": 0.03})]))
+    files = ["--compare", str(tmp_path / "base.json"), str(tmp_path / "new.json")]
+    with pytest.raises(SystemExit) as stop:
+        defaults.main(files)
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert "base holds two runs of analytic-x / a NFE 5 seed 1" in err and "'iterations': 800" in err
+    assert "--where" in err
+    assert defaults.main([*files, "--where", "iterations=3200"]) == 0
+    text = capsys.readouterr().out
+    assert "| 0.0500 (1) **4.00x** | 0.0400 (1) **5.00x** | 1.25x |" in text  # the 3,200-iteration run, not the last
