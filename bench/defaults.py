@@ -126,6 +126,10 @@ def compare(base: list[dict], rows: list[dict], base_label: str, label: str) -> 
             out[key] = r
         return out
 
+    def seed(r: dict) -> str:
+        n = r.get("settings", {}).get("seed", 0)
+        return f" (seed {n})" if n else ""
+
     def meets(r: dict) -> bool:
         return r["nfe"] in TARGETS and r["ratio"] >= TARGETS[r["nfe"]]
 
@@ -145,7 +149,7 @@ def compare(base: list[dict], rows: list[dict], base_label: str, label: str) -> 
         wrong = {s: sum(x["wrong_mode"] for x in side) for s, side in sides.items()}
         out += [f"### NFE {nfe}", "", f"| model | mixture | start | best built-in | {base_label} | {label} | gain |",
                 "|---|---|---|---|---|---|---|"]  # fmt: skip
-        out += [f"| {b['model']} | {b['mixture']} | {r['start']} | {b['builtin']} {b['builtin_rmse']:.4f} "
+        out += [f"| {b['model']} | {b['mixture']}{seed(b)} | {r['start']} | {b['builtin']} {b['builtin_rmse']:.4f} "
                 f"| {cell(b)} | {cell(r)} | {b['rmse'] / r['rmse']:.2f}x |" for b, r in pairs]  # fmt: skip
         target = f"target ({TARGETS[nfe]}x) met {met['base']} -> {met['new']}" if nfe in TARGETS else "no target"
         out += ["", f"{len(pairs)} cases: {label} better in {sum(r['rmse'] < b['rmse'] for b, r in pairs)}; {target}; "

@@ -596,6 +596,7 @@ def test_defaults_compare_pairs_each_case_and_counts_the_targets(tmp_path, capsy
            "wrong-component samples 4 -> 8" in text  # fmt: skip
     assert "1 cases: new better in 1; no target; geometric-mean ratio 2.00x -> 4.00x; " in text  # NFE 7: none set
     assert "### NFE 6" not in text  # a candidate's NFE that the base never ran: nothing to pair
+    assert "| a (seed 1) |" not in text and "| b (seed 1) |" not in text  # seed 1's run had no base to pair with
 
 
 def test_defaults_compare_refuses_a_record_with_two_runs_of_one_seed(tmp_path, capsys):
@@ -621,4 +622,6 @@ def test_defaults_compare_refuses_a_record_with_two_runs_of_one_seed(tmp_path, c
     assert "--where" in err
     assert defaults.main([*files, "--where", "iterations=3200"]) == 0
     text = capsys.readouterr().out
-    assert "| 0.0500 (1) **4.00x** | 0.0400 (1) **5.00x** | 1.25x |" in text  # the 3,200-iteration run, not the last
+    case_text = "| analytic-x | a (seed 1) | model grid | euler / beta 0.2000 |"
+    # the 3,200-iteration run, not the last; the row names its seed
+    assert f"{case_text} 0.0500 (1) **4.00x** | 0.0400 (1) **5.00x** | 1.25x |" in text
