@@ -111,7 +111,8 @@ def where(rows: list[dict], settings: dict) -> list[dict]:
 def compare(base: list[dict], rows: list[dict], base_label: str, label: str) -> str:
     """Markdown tables, one per NFE, pairing ``rows`` (a candidate's runs) with ``base``'s runs of the same cases,
     ended on the free estimate: each case's error, ratio and gain, and per NFE the cases the candidate was better in,
-    the targets met, the geometric-mean ratio and the wrong-component samples, each ``base -> candidate``. Runs
+    the targets met, the geometric-mean ratio, the wrong-component samples and (where recorded) the RMSE of the samples
+    that stay in their component, the typical sample, each ``base -> candidate``. Runs
     pair by training seed too: one seed's run is never set against another's, and a record with two runs of one case
     and seed is refused (:func:`where` picks one)."""
 
@@ -137,6 +138,13 @@ def compare(base: list[dict], rows: list[dict], base_label: str, label: str) -> 
         ratio = f"{r['ratio']:.2f}x"
         return f"{r['rmse']:.4f} ({r['wrong_mode']}) " + (f"**{ratio}**" if meets(r) else ratio)
 
+    def in_component(pairs: list[tuple[dict, dict]]) -> str:
+        if not all("rmse_right_mode" in x for pair in pairs for x in pair):
+            return ""
+        geo = [math.exp(sum(math.log(pair[i]["rmse_right_mode"]) for pair in pairs) / len(pairs)) for i in (0, 1)]
+        better = sum(r["rmse_right_mode"] < b["rmse_right_mode"] for b, r in pairs)
+        return f"; samples in their component: RMSE geometric mean {geo[0]:.4f} -> {geo[1]:.4f}, better in {better}"
+
     old, new = ended(base, base_label), ended(rows, label)
     out = []
     for nfe in sorted({k[2] for k in new}):
@@ -154,7 +162,7 @@ def compare(base: list[dict], rows: list[dict], base_label: str, label: str) -> 
         target = f"target ({TARGETS[nfe]}x) met {met['base']} -> {met['new']}" if nfe in TARGETS else "no target"
         out += ["", f"{len(pairs)} cases: {label} better in {sum(r['rmse'] < b['rmse'] for b, r in pairs)}; {target}; "
                 f"geometric-mean ratio {geo['base']:.2f}x -> {geo['new']:.2f}x; wrong-component samples "
-                f"{wrong['base']} -> {wrong['new']}", ""]  # fmt: skip
+                f"{wrong['base']} -> {wrong['new']}{in_component(pairs)}", ""]  # fmt: skip
     return "\n".join(out)
 
 
