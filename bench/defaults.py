@@ -112,7 +112,8 @@ def compare(base: list[dict], rows: list[dict], base_label: str, label: str) -> 
     """Markdown tables, one per NFE, pairing ``rows`` (a candidate's runs) with ``base``'s runs of the same cases,
     ended on the free estimate: each case's error, ratio and gain, and per NFE the cases the candidate was better in,
     the targets met, the geometric-mean ratio, the wrong-component samples and (where recorded) the RMSE of the samples
-    that stay in their component, the typical sample, each ``base -> candidate``. Runs
+    that stay in their component (the typical sample) and the sliced Wasserstein distance to the exact samples (the
+    distribution), each ``base -> candidate``. Runs
     pair by training seed too: one seed's run is never set against another's, and a record with two runs of one case
     and seed is refused (:func:`where` picks one)."""
 
@@ -139,11 +140,14 @@ def compare(base: list[dict], rows: list[dict], base_label: str, label: str) -> 
         return f"{r['rmse']:.4f} ({r['wrong_mode']}) " + (f"**{ratio}**" if meets(r) else ratio)
 
     def in_component(pairs: list[tuple[dict, dict]]) -> str:
-        if not all("rmse_right_mode" in x for pair in pairs for x in pair):
-            return ""
-        geo = [math.exp(sum(math.log(pair[i]["rmse_right_mode"]) for pair in pairs) / len(pairs)) for i in (0, 1)]
-        better = sum(r["rmse_right_mode"] < b["rmse_right_mode"] for b, r in pairs)
-        return f"; samples in their component: RMSE geometric mean {geo[0]:.4f} -> {geo[1]:.4f}, better in {better}"
+        out = ""
+        for key, what in (("rmse_right_mode", "samples in their component: RMSE"),
+                          ("sliced_wasserstein", "sliced Wasserstein distance")):  # fmt: skip
+            if all(key in x for pair in pairs for x in pair):
+                geo = [math.exp(sum(math.log(pair[i][key]) for pair in pairs) / len(pairs)) for i in (0, 1)]
+                better = sum(r[key] < b[key] for b, r in pairs)
+                out += f"; {what} geometric mean {geo[0]:.4f} -> {geo[1]:.4f}, better in {better}"
+        return out
 
     old, new = ended(base, base_label), ended(rows, label)
     out = []

@@ -570,16 +570,16 @@ def test_defaults_compare_pairs_each_case_and_counts_the_targets(tmp_path, capsy
     geometric-mean ratio and the wrong-component samples; runs pair by training seed."""
     from bench import defaults
 
-    def row(mixture, nfe, rmse, wrong, builtin=0.2, ending="+estimate", typical=0.01):
+    def row(mixture, nfe, rmse, wrong, builtin=0.2, ending="+estimate", typical=0.01, sw=0.002):
         return {"model": "analytic-x", "mixture": mixture, "nfe": nfe, "scheduler": ending, "start": "model grid",
                 "rmse": rmse, "wrong_mode": wrong, "builtin": "euler / beta", "builtin_rmse": builtin,
-                "ratio": builtin / rmse, "rmse_right_mode": typical}  # fmt: skip
+                "ratio": builtin / rmse, "rmse_right_mode": typical, "sliced_wasserstein": sw}  # fmt: skip
 
     base = [row("a", 5, 0.1, 10), row("b", 5, 0.2, 20), row("a", 10, 0.1, 4, builtin=0.1),
             row("a", 5, 0.5, 99, ending="as KSampler comes")]  # fmt: skip
     other_seed = {**row("b", 5, 0.01, 0), "settings": {"seed": 1}}  # no base run of seed 1: never paired
     base.append(row("a", 7, 0.1, 3))
-    new = [row("a", 5, 0.05, 5, typical=0.04), row("b", 5, 0.25, 30, typical=0.0025),
+    new = [row("a", 5, 0.05, 5, typical=0.04, sw=0.001), row("b", 5, 0.25, 30, typical=0.0025, sw=0.001),
            row("a", 10, 0.2, 8, builtin=0.1), other_seed, row("a", 7, 0.05, 2), row("a", 6, 0.1, 1)]  # fmt: skip
     (tmp_path / "base.json").write_text(json.dumps(base))
     (tmp_path / "new.json").write_text(json.dumps(new))
@@ -590,10 +590,11 @@ def test_defaults_compare_pairs_each_case_and_counts_the_targets(tmp_path, capsy
         "| analytic-x | a | model grid | euler / beta 0.2000 | 0.1000 (10) **2.00x** | 0.0500 (5) **4.00x** | 2.00x |"
     ) in text
     # NFE 5: a 2.00x -> 4.00x (met both), b 1.00x -> 0.80x (met neither); geometric means sqrt(2) -> sqrt(3.2)
-    # and the samples that stay in their component: 0.01 and 0.01 -> 0.04 and 0.0025, geometric mean 0.01 both
+    # and the samples that stay in their component: 0.01 and 0.01 -> 0.04 and 0.0025, geometric mean 0.01 both;
+    # the sliced Wasserstein distance halved in both
     assert "2 cases: new better in 1; target (1.5x) met 1 -> 1; geometric-mean ratio 1.41x -> 1.79x; " \
            "wrong-component samples 30 -> 35; samples in their component: RMSE geometric mean 0.0100 -> 0.0100, " \
-           "better in 1" in text  # fmt: skip
+           "better in 1; sliced Wasserstein distance geometric mean 0.0020 -> 0.0010, better in 2" in text  # fmt: skip
     assert "1 cases: new better in 0; target (1.0x) met 1 -> 0; geometric-mean ratio 1.00x -> 0.50x; " \
            "wrong-component samples 4 -> 8" in text  # fmt: skip
     assert "1 cases: new better in 1; no target; geometric-mean ratio 2.00x -> 4.00x; " in text  # NFE 7: none set
