@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
+from statistics import geometric_mean
 
 import torch
 
@@ -113,9 +113,8 @@ def compare(base: list[dict], rows: list[dict], base_label: str, label: str) -> 
     ended on the free estimate: each case's error, ratio and gain, and per NFE the cases the candidate was better in,
     the targets met, the geometric-mean ratio, the wrong-component samples and (where recorded) the RMSE of the samples
     that stay in their component (the typical sample) and the sliced Wasserstein distance to the exact samples (the
-    distribution), each ``base -> candidate``. Runs
-    pair by training seed too: one seed's run is never set against another's, and a record with two runs of one case
-    and seed is refused (:func:`where` picks one)."""
+    distribution), each ``base -> candidate``. Runs pair by training seed too: one seed's run is never set against
+    another's, and a record with two runs of one case and seed is refused (:func:`where` picks one)."""
 
     def ended(rs: list[dict], which: str) -> dict:
         out = {}
@@ -139,14 +138,14 @@ def compare(base: list[dict], rows: list[dict], base_label: str, label: str) -> 
         ratio = f"{r['ratio']:.2f}x"
         return f"{r['rmse']:.4f} ({r['wrong_mode']}) " + (f"**{ratio}**" if meets(r) else ratio)
 
-    def in_component(pairs: list[tuple[dict, dict]]) -> str:
+    def closeness(pairs: list[tuple[dict, dict]]) -> str:
         out = ""
         for key, what in (("rmse_right_mode", "samples in their component: RMSE"),
                           ("sliced_wasserstein", "sliced Wasserstein distance")):  # fmt: skip
             if all(key in x for pair in pairs for x in pair):
-                geo = [math.exp(sum(math.log(pair[i][key]) for pair in pairs) / len(pairs)) for i in (0, 1)]
+                was, now = (geometric_mean(pair[i][key] for pair in pairs) for i in (0, 1))
                 better = sum(r[key] < b[key] for b, r in pairs)
-                out += f"; {what} geometric mean {geo[0]:.4f} -> {geo[1]:.4f}, better in {better}"
+                out += f"; {what} geometric mean {was:.4f} -> {now:.4f}, better in {better}"
         return out
 
     old, new = ended(base, base_label), ended(rows, label)
@@ -157,7 +156,7 @@ def compare(base: list[dict], rows: list[dict], base_label: str, label: str) -> 
             continue
         sides = {"base": [b for b, _ in pairs], "new": [r for _, r in pairs]}
         met = {s: sum(map(meets, side)) for s, side in sides.items()}
-        geo = {s: math.exp(sum(math.log(x["ratio"]) for x in side) / len(side)) for s, side in sides.items()}
+        geo = {s: geometric_mean(x["ratio"] for x in side) for s, side in sides.items()}
         wrong = {s: sum(x["wrong_mode"] for x in side) for s, side in sides.items()}
         out += [f"### NFE {nfe}", "", f"| model | mixture | start | best built-in | {base_label} | {label} | gain |",
                 "|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -166,7 +165,7 @@ def compare(base: list[dict], rows: list[dict], base_label: str, label: str) -> 
         target = f"target ({TARGETS[nfe]}x) met {met['base']} -> {met['new']}" if nfe in TARGETS else "no target"
         out += ["", f"{len(pairs)} cases: {label} better in {sum(r['rmse'] < b['rmse'] for b, r in pairs)}; {target}; "
                 f"geometric-mean ratio {geo['base']:.2f}x -> {geo['new']:.2f}x; wrong-component samples "
-                f"{wrong['base']} -> {wrong['new']}{in_component(pairs)}", ""]  # fmt: skip
+                f"{wrong['base']} -> {wrong['new']}{closeness(pairs)}", ""]  # fmt: skip
     return "\n".join(out)
 
 
