@@ -108,6 +108,11 @@ def where(rows: list[dict], settings: dict) -> list[dict]:
     return [r for r in rows if all(r.get("settings", {}).get(k) == v for k, v in settings.items())]
 
 
+def seed_of(row: dict) -> int:
+    """The training seed a run was fitted with (0 unless its settings name another)."""
+    return row.get("settings", {}).get("seed", 0)
+
+
 def compare(base: list[dict], rows: list[dict], base_label: str, label: str) -> str:
     """Markdown tables, one per NFE, pairing ``rows`` (a candidate's runs) with ``base``'s runs of the same cases,
     ended on the free estimate: each case's error, ratio and gain, and per NFE the cases the candidate was better in,
@@ -119,7 +124,7 @@ def compare(base: list[dict], rows: list[dict], base_label: str, label: str) -> 
     def ended(rs: list[dict], which: str) -> dict:
         out = {}
         for r in (r for r in rs if r["scheduler"] == ENDINGS[-1][0]):
-            key = (*case_key(r), r.get("settings", {}).get("seed", 0))
+            key = (*case_key(r), seed_of(r))
             if key in out:
                 raise ValueError(f"{which} holds two runs of {key[0]} / {key[1]} NFE {key[2]} seed {key[3]} (settings "
                                  f"{out[key].get('settings', {})} and {r.get('settings', {})}): pick one with "
@@ -128,8 +133,7 @@ def compare(base: list[dict], rows: list[dict], base_label: str, label: str) -> 
         return out
 
     def seed(r: dict) -> str:
-        n = r.get("settings", {}).get("seed", 0)
-        return f" (seed {n})" if n else ""
+        return f" (seed {seed_of(r)})" if seed_of(r) else ""
 
     def meets(r: dict) -> bool:
         return r["nfe"] in TARGETS and r["ratio"] >= TARGETS[r["nfe"]]
