@@ -530,6 +530,36 @@ def test_defaults_benchmark_fits_with_the_nodes_own_defaults(tmp_path):
     assert defaults.best_builtin(carry, "sd3_flow", "reference", 5, 32)["sampler"] == "ipndm"
 
 
+def test_defaults_benchmark_pairs_each_ratio_with_the_builtin_run_again_on_the_same_noises(tmp_path):
+    """bench.defaults runs the recorded best built-in again on its noises: the ratio gets a paired bootstrap interval,
+    and a record the re-run does not reproduce (other noises, another sampler) is refused before any training."""
+    import comfy.samplers
+
+    from bench import defaults
+    from bench.accuracy import builtin_sigmas, metrics, run
+    from bench.carry import held_out
+
+    _, noise, model, gm, exact, _ = held_out("sd3_flow", "reference", 32)
+    sigmas = builtin_sigmas(model.get_model_object("model_sampling"), "euler", "beta", 5)
+    out, c = run(model, comfy.samplers.sampler_object("euler"), sigmas, noise)
+    euler = {"model": "analytic-sd3_flow", "mixture": "reference", "samples": 32, "nfe": c.rounds, "sampler": "euler",
+             "scheduler": "beta", **metrics(gm, out, exact)}  # fmt: skip
+    carry = tmp_path / "carry.json"
+    carry.write_text(json.dumps([euler]))
+    args = ["--forms", "sd3_flow", "--mixtures", "reference", "--nfes", "5", "--samples", "32", "--set", "iterations=2",
+            "--out", str(tmp_path), "--carry", str(carry)]  # fmt: skip
+    assert defaults.main(args) == 0
+    rows = json.loads((tmp_path / "defaults.json").read_text())
+    assert len(rows) == 2 and all(r["builtin"] == "euler / beta" for r in rows)
+    for r in rows:
+        lo, hi = r["ratio_ci"]
+        assert r["ratio"] == pytest.approx(euler["rmse"] / r["rmse"]) and lo < r["ratio"] < hi
+    assert "x [{:.2f}, {:.2f}] |".format(*rows[1]["ratio_ci"]) in (tmp_path / "defaults.md").read_text()
+    carry.write_text(json.dumps([{**euler, "rmse": euler["rmse"] * 1.01}]))
+    with pytest.raises(RuntimeError, match="carry.json records .*run bench.carry again"):
+        defaults.main(args)
+
+
 def test_unseen_benchmark_fits_with_the_nodes_defaults_against_the_whole_field(tmp_path):
     """bench.unseen: a model the defaults were not chosen on (offset, anisotropic mixture), the whole built-in field
     with the tuned schedules that fit, and the node's fitted table with its ratio to the best of that field."""
