@@ -49,6 +49,13 @@ def best_builtin(carry: list[dict], form: str, mixture: str, nfe: int, n: int) -
     return min(rows, key=lambda r: r["rmse"]) if rows else None
 
 
+def numerics() -> str:
+    """The torch build and CPU kernels a table was trained with: round-off differs between them (AVX2 and AVX-512
+    kernels part in the seventh digit of the first losses), and training turns that into another table, so a run
+    reproduces bit for bit only on the same numerics."""
+    return f"torch {torch.__version__}, {torch.backends.cpu.get_cpu_capability()}"
+
+
 def builtin_errors(model, best: dict, nfe: int, noise: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     """Each noise's mean squared error under ``best`` (a ``carry.json`` row) run again on ``noise``; refused unless
     it reproduces the recorded RMSE (the pairing needs the same noises and sampler; round-off may differ: the
@@ -102,7 +109,7 @@ def case(form: str, mixture: str, nfe: int, n: int, settings: dict, carry: list[
                "start": params.metadata.get("start", {}).get("grid", "model grid (no choice)"),
                "checks": params.metadata["distilled"].get("checks"),
                "loss_curve": params.metadata["distilled"]["loss_curve"],
-               "grid_lr": params.metadata["distilled"].get("grid_lr", 0.0),
+               "grid_lr": params.metadata["distilled"].get("grid_lr", 0.0), "numerics": numerics(),
                **metrics(gm, out, exact)}  # fmt: skip
         if best is not None:
             builtin_rmse = float(builtin.mean().sqrt())

@@ -512,6 +512,7 @@ def test_defaults_benchmark_fits_with_the_nodes_own_defaults(tmp_path):
     assert pack_module("epd_core.config").DistillConfig.node_default("grid_lr") == DistillConfig.default("grid_lr")
     assert all(r["nfe"] == 5 and r["settings"] == {"iterations": 2} and r["rmse"] > 0 for r in rows)
     assert all(len(r["loss_curve"]) == 2 for r in rows)  # one mean per iteration of a run shorter than ten
+    assert all(r["numerics"].startswith(f"torch {torch.__version__}, ") for r in rows)  # what reproduces it
     # bench.diagnose samples the kept table in the core on the same noises: the same error as through ComfyUI, its
     # wrong-component samples each committed at one step, and the training teacher closer to the exact solution
     from bench import diagnose
