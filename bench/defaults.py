@@ -153,7 +153,9 @@ def compare(base: list[dict], rows: list[dict], base_label: str, label: str) -> 
     the targets met, the geometric-mean ratio, the wrong-component samples and (where recorded) the RMSE of the samples
     that stay in their component (the typical sample) and the sliced Wasserstein distance to the exact samples (the
     distribution), each ``base -> candidate``. Runs pair by training seed too: one seed's run is never set against
-    another's, and a record with two runs of one case and seed is refused (:func:`where` picks one)."""
+    another's, and a record with two runs of one case and seed is refused (:func:`where` picks one). A first line warns
+    when the paired runs were trained on other numerics (torch build, CPU kernels; rows without them: "not
+    recorded"), since round-off then acts as another training seed."""
 
     def ended(rs: list[dict], which: str) -> dict:
         out = {}
@@ -188,6 +190,16 @@ def compare(base: list[dict], rows: list[dict], base_label: str, label: str) -> 
 
     old, new = ended(base, base_label), ended(rows, label)
     out = []
+    paired = [(old[k], new[k]) for k in new if k in old]
+    kinds = {base_label: {b.get("numerics", "not recorded") for b, _ in paired},
+             label: {r.get("numerics", "not recorded") for _, r in paired}}  # fmt: skip
+    if len(set().union(*kinds.values())) > 1:
+        said = "; ".join(f"{side}: {', '.join(sorted(k))}" for side, k in kinds.items())
+        out += [
+            f"Numerics differ ({said}): round-off acts as a training seed, so a gain mixes the setting with "
+            'the machine (README, "Round-off is a training seed"); train the base again on these numerics.',
+            "",
+        ]
     for nfe in sorted({k[2] for k in new}):
         pairs = [(old[k], new[k]) for k in sorted(new) if k[2] == nfe and k in old]
         if not pairs:

@@ -631,6 +631,12 @@ def test_defaults_compare_pairs_each_case_and_counts_the_targets(tmp_path, capsy
     assert "1 cases: new better in 1; no target; geometric-mean ratio 2.00x -> 4.00x; " in text  # NFE 7: none set
     assert "### NFE 6" not in text  # a candidate's NFE that the base never ran: nothing to pair
     assert "| a (seed 1) |" not in text and "| b (seed 1) |" not in text  # seed 1's run had no base to pair with
+    assert "Numerics differ" not in text  # neither side recorded them: nothing to tell apart
+    # a base trained on other CPU kernels is paired, with a warning naming both sides' numerics
+    (tmp_path / "new.json").write_text(json.dumps([{**r, "numerics": "torch 2.14.1, AVX512"} for r in new]))
+    assert defaults.main(["--compare", str(tmp_path / "base.json"), str(tmp_path / "new.json")]) == 0
+    text = capsys.readouterr().out
+    assert "Numerics differ (base: not recorded; new: torch 2.14.1, AVX512)" in text and "| base | new | gain |" in text
 
 
 def test_defaults_compare_refuses_a_record_with_two_runs_of_one_seed(tmp_path, capsys):
