@@ -59,7 +59,7 @@ def numerics() -> str:
 def builtin_errors(model, best: dict, nfe: int, noise: torch.Tensor, exact: torch.Tensor) -> torch.Tensor:
     """Each noise's mean squared error under ``best`` (a ``carry.json`` row) run again on ``noise``; refused unless
     it reproduces the recorded RMSE (the pairing needs the same noises and sampler; round-off may differ: the
-    record's code may have computed the denoiser in another order)."""
+    record may come from a machine with other CPU kernels, :func:`numerics`)."""
     import comfy.samplers
 
     sampler, scheduler = best["sampler"], best["scheduler"]
@@ -82,6 +82,7 @@ def case(form: str, mixture: str, nfe: int, n: int, settings: dict, carry: list[
 
     best = best_builtin(carry, form, mixture, nfe, n)
     builtin = builtin_errors(model, best, nfe, noise, exact) if best is not None else None
+    builtin_rmse = float(builtin.mean().sqrt()) if builtin is not None else None
 
     cond, empty = [[torch.zeros(1, 1, 8), {}]], {"samples": torch.zeros(1, 4, 8, 8)}
     args = {**node_defaults(nodes["EPDDistill"]), **settings, "nfe": nfe, "filename": "bench_defaults",
@@ -112,7 +113,6 @@ def case(form: str, mixture: str, nfe: int, n: int, settings: dict, carry: list[
                "grid_lr": params.metadata["distilled"].get("grid_lr", 0.0), "numerics": numerics(),
                **metrics(gm, out, exact)}  # fmt: skip
         if best is not None:
-            builtin_rmse = float(builtin.mean().sqrt())
             row.update(builtin=f"{best['sampler']} / {best['scheduler']}", builtin_rmse=builtin_rmse,
                        builtin_wrong_mode=best["wrong_mode"], ratio=builtin_rmse / row["rmse"],
                        ratio_ci=list(paired_ratio_interval(builtin, per_sample_mse(out, exact))))  # fmt: skip
