@@ -190,9 +190,9 @@ def compare(base: list[dict], rows: list[dict], base_label: str, label: str) -> 
 
     old, new = ended(base, base_label), ended(rows, label)
     out = []
-    paired = [(old[k], new[k]) for k in new if k in old]
-    kinds = {base_label: {b.get("numerics", "not recorded") for b, _ in paired},
-             label: {r.get("numerics", "not recorded") for _, r in paired}}  # fmt: skip
+    paired = {k: (old[k], new[k]) for k in sorted(new) if k in old}  # one pairing rule for the warning and the tables
+    kinds = {base_label: {b.get("numerics", "not recorded") for b, _ in paired.values()},
+             label: {r.get("numerics", "not recorded") for _, r in paired.values()}}  # fmt: skip
     if len(set().union(*kinds.values())) > 1:
         said = "; ".join(f"{side}: {', '.join(sorted(k))}" for side, k in kinds.items())
         out += [
@@ -201,7 +201,7 @@ def compare(base: list[dict], rows: list[dict], base_label: str, label: str) -> 
             "",
         ]
     for nfe in sorted({k[2] for k in new}):
-        pairs = [(old[k], new[k]) for k in sorted(new) if k[2] == nfe and k in old]
+        pairs = [pair for k, pair in paired.items() if k[2] == nfe]
         if not pairs:
             continue
         sides = {"base": [b for b, _ in pairs], "new": [r for _, r in pairs]}
