@@ -1,5 +1,5 @@
 """What a user gets from EPD Distill's defaults: fit a table with the node as it comes (only ``nfe`` chosen) on the
-analytic mixtures, sample it as EPD KSampler comes (ends at the table's last sigma) and ended on its free estimate,
+analytic mixtures, sample it as EPD KSampler comes (ended at sigma 0 on its free estimate) and at its last sigma,
 and compare with the best built-in of ``carry.json`` on the same 8,192 held-out noises: the built-in runs again there,
 so each ratio gets a paired 95% interval (bootstrap over the noises; the few samples that change mixture component
 decide most ratios, and the interval shows by how much).
@@ -33,7 +33,9 @@ from bench.carry import MIXTURES, case_key, held_out
 from bench.neural import paired_ratio_interval, per_sample_mse
 from epd_dev import comfy_harness
 
-ENDINGS = (("as KSampler comes", False, "denoise"), ("+estimate", True, "estimate"))
+# Each ending: its label, EPD Scheduler's final_denoise, EPD Sampler's final_step. The last is EPD KSampler's defaults
+# (the headline's); records before 2026-12-05 label the first "as KSampler comes", then the node's default.
+ENDINGS = (("at sigma_min", False, "denoise"), ("+estimate", True, "estimate"))
 
 
 def node_defaults(node) -> dict:

@@ -36,14 +36,18 @@ def parallel_input() -> io.Combo.Input:
     )
 
 
+FINAL_STEP = "estimate"  # the widget's default: sigma 0 on the last step's own x0 estimate, no extra model call
+FINAL_STEP_ABSENT = "denoise"  # a prompt without the input (saved before it existed): a final 0 was a model call
+
+
 def final_step_input() -> io.Combo.Input:
     return io.Combo.Input(
         "final_step",
         options=list(FINAL_STEPS),
-        default="denoise",
+        default=FINAL_STEP,
         optional=True,
-        tooltip="How sigmas ending in 0 (final_denoise) reach it: denoise = one more model call; estimate = the "
-        "last step's own x0 estimate (its update extended to 0), no extra call.",
+        tooltip="How sigmas ending in 0 (final_denoise) reach it: estimate = the last step's own x0 estimate (its "
+        "update extended to 0), no extra call; denoise = one more model call.",
     )
 
 

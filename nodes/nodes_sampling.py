@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
-from .inputs import advanced, cfg_input, epd_params_input, final_step_input, parallel_input, seed_input
+from .inputs import (
+    FINAL_STEP_ABSENT,
+    advanced,
+    cfg_input,
+    epd_params_input,
+    final_step_input,
+    parallel_input,
+    seed_input,
+)
 from .plugin import PLUGIN_BASES, make_plugin_sampler
 from .sampling import CONVENTIONS, make_sampler, resolution_mu
 from .scheduling import epd_sigmas
@@ -46,7 +54,7 @@ class EPDSampler(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls, epd_params, parallel: str, continuous_time: bool, convention: str, final_step: str = "denoise"
+        cls, epd_params, parallel: str, continuous_time: bool, convention: str, final_step: str = FINAL_STEP_ABSENT
     ) -> io.NodeOutput:
         return io.NodeOutput(make_sampler(epd_params, parallel, continuous_time, convention, final_step))
 
@@ -73,9 +81,9 @@ class EPDScheduler(io.ComfyNode):
                 ),
                 io.Boolean.Input(
                     "final_denoise",
-                    default=False,
-                    tooltip="Append sigma 0: one extra model call returning the clean prediction. Off follows the "
-                    "table (ends at sigma_min).",
+                    default=True,
+                    tooltip="Append sigma 0; the sampler's final_step says how it is reached (estimate: no extra "
+                    "call). Off ends at the table's last sigma, as the authors' sampler, with that much noise left.",
                 ),
                 io.Latent.Input(
                     "latent_image",
@@ -116,7 +124,12 @@ class EPDKSampler(io.ComfyNode):
                     "denoise", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="Fraction of the table's steps to run."
                 ),
                 parallel_input(),
-                io.Boolean.Input("final_denoise", default=False, tooltip="End at sigma 0 (see final_step)."),
+                io.Boolean.Input(
+                    "final_denoise",
+                    default=True,
+                    tooltip="End at sigma 0, reached as final_step says (estimate: no extra call). Off ends at the "
+                    "table's last sigma, as the authors' sampler, with that much noise left.",
+                ),
                 final_step_input(),
             ],
             outputs=[io.Latent.Output()],
@@ -125,7 +138,7 @@ class EPDKSampler(io.ComfyNode):
     @classmethod
     def execute(
         cls, model, seed, cfg, positive, negative, latent_image, epd_params, denoise, parallel, final_denoise,
-        final_step: str = "denoise",
+        final_step: str = FINAL_STEP_ABSENT,
     ) -> io.NodeOutput:  # fmt: skip
         from comfy_extras.nodes_custom_sampler import SamplerCustom
 
@@ -161,7 +174,7 @@ class EPDPlugin(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, sampler, epd_params, parallel: str, final_step: str = "denoise") -> io.NodeOutput:
+    def execute(cls, sampler, epd_params, parallel: str, final_step: str = FINAL_STEP_ABSENT) -> io.NodeOutput:
         new_sampler, info = make_plugin_sampler(sampler, epd_params, parallel, final_step=final_step)
         return io.NodeOutput(new_sampler, info)
 

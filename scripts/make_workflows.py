@@ -109,9 +109,10 @@ EXAMPLES: list[dict] = [
     {
         "id": "epd_sd15",
         "title": "6 SD1.5 with EPD KSampler (needs an SD1.5 checkpoint)",
-        "note": "Stable Diffusion 1.5 sampled by EPD KSampler with the authors' published SD1.5 table (NFE 20 "
-        "incl. the final denoise).\n\nNeeds models/checkpoints/v1-5-pruned-emaonly.safetensors; the table "
-        "([download] sd15/tpami-sd15-best) is fetched on the first run (a few kB, sha256-checked).",
+        "note": "Stable Diffusion 1.5 sampled by EPD KSampler with the authors' published SD1.5 table: NFE 20, "
+        "ended at sigma 0 on the last step's own estimate (final_step), no extra call.\n\nNeeds "
+        "models/checkpoints/v1-5-pruned-emaonly.safetensors; the table ([download] sd15/tpami-sd15-best) is "
+        "fetched on the first run (a few kB, sha256-checked).",
         "graph": None,
     },
     {
@@ -139,8 +140,7 @@ WORKFLOWS: dict[str, dict] = {
         "2": ("EPDParamsLoader", {"table_name": TABLE}),
         "3": ("EmptyLatentImage", {"width": 64, "height": 64, "batch_size": 16}),
         "4": ("EPDKSampler", {"model": ["1", 0], "seed": 42, "cfg": 1.0, "positive": ["1", 1], "negative": ["1", 1],
-                              "latent_image": ["3", 0], "epd_params": ["2", 0], "denoise": 1.0, "parallel": "auto",
-                              "final_denoise": False}),
+                              "latent_image": ["3", 0], "epd_params": ["2", 0], "denoise": 1.0, "parallel": "auto"}),
         "5": ("SaveLatent", {"samples": ["4", 0], "filename_prefix": "latents/epd_demo_epd"}),
         "6": ("KSampler", {"model": ["1", 0], "seed": 42, "steps": 10, "cfg": 1.0, "sampler_name": "euler",
                            "scheduler": "normal", "positive": ["1", 1], "negative": ["1", 1],
@@ -183,8 +183,7 @@ WORKFLOWS: dict[str, dict] = {
                              "filename": "my_analytic_table", "overwrite": True}),
         "4": ("EmptyLatentImage", {"width": 64, "height": 64, "batch_size": 4}),
         "5": ("EPDKSampler", {"model": ["1", 0], "seed": 1, "cfg": 1.0, "positive": ["1", 1], "negative": ["1", 1],
-                              "latent_image": ["4", 0], "epd_params": ["3", 0], "denoise": 1.0, "parallel": "auto",
-                              "final_denoise": False}),
+                              "latent_image": ["4", 0], "epd_params": ["3", 0], "denoise": 1.0, "parallel": "auto"}),
         "6": ("SaveLatent", {"samples": ["5", 0], "filename_prefix": "latents/epd_distilled"}),
     },
     "epd_sd15": {

@@ -485,13 +485,15 @@ def test_plugin_benchmark_on_mnist_scores_bare_and_plugin_runs_at_equal_rounds()
 
 def test_defaults_benchmark_fits_with_the_nodes_own_defaults(tmp_path):
     """bench.defaults takes EPD Distill's inputs from the node's schema (so it measures what a user who changes
-    nothing gets: the node's defaults, from the core's config), runs both endings at the table's NFE, and compares
-    with a built-in only on the same noises."""
+    nothing gets: the node's defaults, from the core's config), runs both endings at the table's NFE (the last one
+    EPD KSampler's defaults), and compares with a built-in only on the same noises."""
     from bench import defaults
     from epd_core.config import DistillConfig
     from epd_dev.comfy_harness import NODES as N
 
     got = defaults.node_defaults(N["EPDDistill"])
+    sampled = {i.id: i.default for i in N["EPDKSampler"].define_schema().inputs}
+    assert (sampled["final_denoise"], sampled["final_step"]) == defaults.ENDINGS[-1][1:]  # the headline's ending
     names = {"teacher": "teacher", "teacher_steps": "teacher_m", "iterations": "iterations", "batch": "batch",
              "learning_rate": "lr", "seed": "seed", "learn_grid": "learn_grid"}  # fmt: skip
     assert {k: got[k] for k in names} == {k: DistillConfig.node_default(v) for k, v in names.items()}
@@ -504,7 +506,7 @@ def test_defaults_benchmark_fits_with_the_nodes_own_defaults(tmp_path):
                           "--set", "iterations=2", "--distill", "grid_lr=0.05", "--out", str(tmp_path),
                           "--keep-tables", str(tmp_path)]) == 0  # fmt: skip
     rows = json.loads((tmp_path / "defaults.json").read_text())
-    assert [r["scheduler"] for r in rows] == ["as KSampler comes", "+estimate"]
+    assert [r["scheduler"] for r in rows] == ["at sigma_min", "+estimate"]
     # --distill reached the node (the table's recorded config), and the node's own defaults are back afterwards
     assert all(r["grid_lr"] == 0.05 for r in rows)
     from epd_dev.comfy_harness import pack_module
@@ -607,7 +609,7 @@ def test_defaults_compare_pairs_each_case_and_counts_the_targets(tmp_path, capsy
                 "ratio": builtin / rmse, "rmse_right_mode": typical, "sliced_wasserstein": sw}  # fmt: skip
 
     base = [row("a", 5, 0.1, 10), row("b", 5, 0.2, 20), row("a", 10, 0.1, 4, builtin=0.1),
-            row("a", 5, 0.5, 99, ending="as KSampler comes")]  # fmt: skip
+            row("a", 5, 0.5, 99, ending="at sigma_min")]  # fmt: skip
     other_seed = {**row("b", 5, 0.01, 0), "settings": {"seed": 1}}  # no base run of seed 1: never paired
     base.append(row("a", 7, 0.1, 3))
     new = [row("a", 5, 0.05, 5, typical=0.04, sw=0.001), row("b", 5, 0.25, 30, typical=0.0025, sw=0.001),

@@ -104,11 +104,12 @@ def test_demo_result_equals_core(server):
     params = epd_core.load_params(ROOT / "weights" / graph["2"]["inputs"]["table_name"])
     ac = 1.0 / (1.0 + ((1 - sd15_alphas_cumprod()) / sd15_alphas_cumprod()).float().double())
     sigmas = epd_core.make_schedule(params, alphas_cumprod=ac).float().double()  # SIGMAS are float32 in ComfyUI
-    if graph["4"]["inputs"]["final_denoise"]:
-        sigmas = torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+    inputs = graph["4"]["inputs"]
+    assert (inputs["final_denoise"], inputs["final_step"]) == (True, "estimate")  # EPD KSampler's defaults
+    sigmas = torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
     gm = epd_core.GaussianMixture.reference()
     x = noise.double() * (1 + float(sigmas[0]) ** 2) ** 0.5
-    core = epd_core.sample(gm.denoise_ve, x, sigmas, params)
+    core = epd_core.sample(gm.denoise_ve, x, sigmas, params, final="estimate")
     assert torch.allclose(got, core, rtol=1e-4, atol=1e-4), (got - core).abs().max()
 
 
