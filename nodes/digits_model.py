@@ -121,7 +121,8 @@ def load_digits_weights(model: DigitsModel, path: str | Path = WEIGHTS) -> Digit
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"digits model weights not found at {path}; train them with python -m scripts.train_digits_unet"
+            f"digits model weights {path.name} not found in {path.parent.name}/: the pack's install is incomplete "
+            "(reinstall it), or train them with python -m scripts.train_digits_unet"
         )
     meta = read_metadata(path)
     if meta.get("format") != FORMAT:

@@ -44,7 +44,10 @@ def load_classifier(path: str | Path = CLASSIFIER) -> Classifier:
     """The trained classifier (safetensors only, checked key for key), in eval mode."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path} not found; train it with python -m scripts.train_mnist --kind classifier")
+        raise FileNotFoundError(
+            f"MNIST classifier {path.name} not found in {path.parent.name}/: the pack's install is incomplete "
+            "(reinstall it), or train it with python -m scripts.train_mnist --kind classifier"
+        )
     net = Classifier()
     try:
         with safe_open(str(path), "pt") as fh:

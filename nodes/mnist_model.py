@@ -201,8 +201,8 @@ def load_mnist_weights(model: MnistModel, path: str | Path) -> MnistModel:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"MNIST model weights not found at {path}; "
-            f"train them with python -m scripts.train_mnist --kind {model.kind}"
+            f"MNIST model weights {path.name} not found in {path.parent.name}/: the pack's install is incomplete "
+            f"(reinstall it), or train them with python -m scripts.train_mnist --kind {model.kind}"
         )
     meta = read_metadata(path)
     if meta.get("format") != FORMAT:

@@ -41,7 +41,8 @@ def _training_inputs() -> list:
 
 
 def _cfg_input() -> io.Float.Input:
-    return io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, tooltip="Guidance used in training.")
+    return io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
+                          tooltip="Guidance used in training: set the cfg you will sample with.")  # fmt: skip
 
 
 class EPDDistill(io.ComfyNode):
@@ -63,8 +64,9 @@ class EPDDistill(io.ComfyNode):
                     min=2,
                     max=64,
                     tooltip="Model rounds per image the table will take (what KSampler's steps are for one-call "
-                    "samplers). Its K points are one batched call; a carry step costs 1 round, an epd step 2 (an "
-                    "odd NFE starts with the analytic first step, which costs none).",
+                    "samplers). Its K points are one batched call; a carry step costs 1 round and starts the run "
+                    "with the analytic first step (free); an epd step costs 2, and an odd NFE starts with the "
+                    "analytic first step.",
                 ),
                 io.Int.Input(
                     "points", default=DEFAULT_POINTS, min=1, max=8, tooltip="Parallel intermediate points per step (K)."
@@ -73,12 +75,15 @@ class EPDDistill(io.ComfyNode):
                 config_input(d, "teacher_m", "teacher_steps", min=0, max=32),
                 config_input(d, "iterations", more=f"; {AUTO_ITERATIONS}", min=0, max=100000),
                 config_input(d, "batch", min=1, max=256),
-                advanced(config_input(d, "lr", "learning_rate", min=1e-5, max=1.0, step=0.001)),
+                advanced(config_input(d, "lr", "learning_rate", min=1e-5, max=1.0, step=1e-5)),
                 seed_input(d.help("seed").capitalize() + ".", d.default("seed")),
                 advanced(config_input(d, "learn_grid")),
                 *output_inputs("my_epd_table"),
                 epd_params_input(
-                    "start_params", "Start from this table instead of the one start_check picks.", optional=True
+                    "start_params",
+                    "Start from this table instead of the one start_check picks; its own NFE, "
+                    "points and student then apply (the nfe, points, student and start_check inputs are not used).",
+                    optional=True,
                 ),
                 advanced(config_input(d, "final_estimate", optional=True)),
                 advanced(config_input(d, "objective", optional=True)),
@@ -164,6 +169,9 @@ class EPDDistill(io.ComfyNode):
             loss += f" (last step: {feature_encoder.name} features x {feature_weight:g})"
         info = f"{describe(params)}; {start_report(params.metadata)}{loss}; {fit_report(d)}{heads_report(params)}; "
         info += f"saved {saved}"
+        if d.get("final_estimate"):
+            info += "; fitted to end at sigma 0 on its own estimate: EPD KSampler's defaults (final_denoise on, "
+            info += "final_step estimate) sample it so"
         if "fallback" in params.metadata:
             info = f"no backward pass through this model, so {params.metadata['fallback']}; {info}"
         return io.NodeOutput(params, info)
@@ -306,13 +314,17 @@ class EPDRDPO(io.ComfyNode):
                     "preference head (safetensors in models/epd_rewards) on the CLIP vision embedding.",
                 ),  # fmt: skip
                 io.Int.Input(
-                    "teacher_steps", default=RDPO_TEACHER_M, min=1, max=32, tooltip="Teacher points inside each step."
+                    "teacher_steps",
+                    default=RDPO_TEACHER_M,
+                    min=1,
+                    max=32,
+                    tooltip="fidelity: the teacher's points inside each step (other rewards use no teacher).",
                 ),
                 config_input(r, "iterations", min=1, max=100000),
                 config_input(r, "groups", min=1, max=256),
                 config_input(r, "k", "group_size", min=2, max=64),
                 advanced(config_input(r, "concentration", min=1.0, max=1000.0, step=1.0)),
-                advanced(config_input(r, "lr", "learning_rate", min=1e-6, max=1.0, step=1e-5)),
+                advanced(config_input(r, "lr", "learning_rate", min=1e-6, max=1.0, step=1e-6)),
                 seed_input(r.help("seed").capitalize() + ".", r.default("seed")),
                 *output_inputs("my_epd_rdpo"),
                 io.Vae.Input("vae", optional=True, tooltip="clip_score: decodes the final latents."),

@@ -200,7 +200,10 @@ def check_compatible(params: EPDParams, model_sampling) -> None:
     if params.is_flow != flow:
         kind = "rectified-flow (SD3/FLUX)" if params.is_flow else "variance-exploding (SD1.5/SDXL/EDM)"
         model_kind = "a flow model" if flow else "an EPS/V-prediction model"
-        raise ValueError(f"this EPD table is for {kind} models but the sampler got {model_kind}")
+        raise ValueError(
+            f"this EPD table is for {kind} models but the model is {model_kind}: load a table made for this model's "
+            "family (the loader's info says which) or fit one with EPD Distill"
+        )
 
 
 def _table_model(params: EPDParams) -> str:

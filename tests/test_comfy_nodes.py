@@ -270,13 +270,14 @@ def test_denoise_and_final_denoise_grids():
     assert torch.equal(fin[:-1], full) and fin[-1] == 0
 
 
-def test_loader_lists_models_epd_and_names_bad_files(tmp_path):
+def test_loader_lists_models_epd_and_names_bad_files(tmp_path, monkeypatch):
     import folder_paths
 
     good = tmp_path / "good.safetensors"
     epd_core.save_params(_table("sd15-best.pkl"), good)
     (tmp_path / "bad.pkl").write_bytes(b"\x80\x04garbage")
-    folder_paths.add_model_folder_path("epd", str(tmp_path))
+    paths, extensions = folder_paths.folder_names_and_paths["epd"]  # another models/epd folder, for this test only
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "epd", ([*paths, str(tmp_path)], extensions))
     names = folder_paths.get_filename_list("epd")
     assert "good.safetensors" in names and "bad.pkl" in names
     params, info = _nodes_out(N["EPDParamsLoader"], "good.safetensors")

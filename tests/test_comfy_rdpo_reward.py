@@ -34,6 +34,11 @@ def _start(model) -> epd_core.EPDParams:
     return training.start_table(model.get_model_object("model_sampling"), 4, 2, False)
 
 
+def _moved(table: epd_core.EPDParams, start: epd_core.EPDParams) -> bool:
+    """Whether training changed the table's positions or weights (a node that returned its start would not)."""
+    return not (torch.equal(table.r_params, start.r_params) and torch.equal(table.weight_s, start.weight_s))
+
+
 def _run_node(model, name: str, reward: str = "clip_score", **optional):
     args = (conditioning(2, 1), conditioning(2, 2), latent("eps", 1), _start(model), 2.0, reward, 2, 2, 2, 2, 20.0)
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
@@ -79,6 +84,7 @@ def test_rdpo_node_trains_on_clip_score(epd_dir, towers):
     assert loaded.metadata["rdpo"]["reward"] == "clip_score" and loaded.metadata["reward_prompt"] == PROMPT
     assert -100 <= loaded.metadata["rdpo"]["first_reward"] <= 100 and "reward" in info
     assert torch.isfinite(loaded.r_params).all() and torch.equal(loaded.r_params, params.r_params)
+    assert _moved(loaded, _start(model))
     loaded_models = comfy.model_management.loaded_models()
     assert {id(m) for m in (model, vae.patcher, clip_vision.patcher)} <= {id(m) for m in loaded_models}
 
@@ -204,7 +210,7 @@ def test_preference_head_scores_the_normalised_image_embedding(towers, rewards_d
     )
     loaded = epd_core.load_params(epd_dir / "pref.safetensors")
     assert loaded.metadata["rdpo"]["reward"] == "preference" and loaded.metadata["reward_model"] == "head.safetensors"
-    assert "KL to the start" in info and torch.isfinite(loaded.r_params).all()
+    assert "KL to the start" in info and torch.isfinite(loaded.r_params).all() and _moved(loaded, _start(model))
 
 
 def test_preference_head_files_are_checked(towers, rewards_dir, epd_dir):
