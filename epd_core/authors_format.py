@@ -219,6 +219,8 @@ def read_authors_pickle(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str,
     tables = state.get("_parameters")
     if not isinstance(tables, dict):
         raise PickleRefused("predictor state has no parameter tables")
+    if not all(isinstance(k, str) for k in (*state, *tables)):
+        raise PickleRefused("predictor state has a key that is not text")
     for name, value in tables.items():
         if not isinstance(value, torch.Tensor):
             raise PickleRefused(f"table {name!r} is not a tensor")

@@ -47,6 +47,7 @@ DEFAULT_TIMEOUT = 60.0
 _CHUNK = 64 * 1024
 _POLL = 0.2  # seconds between checks of the deadline and of an interrupt
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
+_SOURCE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\.pkl")
 _PINNED = re.compile(re.escape(UPSTREAM) + r"/[0-9a-f]{40}/[A-Za-z0-9._/-]+")
 
 Opener = Callable[[str, float], Any]
@@ -79,6 +80,8 @@ class CatalogueEntry:
     def __post_init__(self) -> None:
         if not _NAME.fullmatch(self.name) or self.filename != f"{self.name}.safetensors":
             raise ValueError(f"bad catalogue name {self.name!r} / file name {self.filename!r}")
+        if not _SOURCE.fullmatch(self.source_file):  # the download's name in a temporary folder: never a path
+            raise ValueError(f"{self.name}: source_file {self.source_file!r} is not a plain .pkl file name")
         if not _PINNED.fullmatch(self.url) or ".." in self.url:
             raise ValueError(f"{self.name}: url {self.url!r} is not pinned to a commit of {UPSTREAM}")
         if not re.fullmatch(r"[0-9a-f]{64}", self.sha256) or not 0 < self.size <= MAX_FILE_BYTES:
@@ -354,6 +357,6 @@ def _convert(entry: CatalogueEntry, raw: Path, url: str, final: Path) -> None:
     if url != entry.url:
         provenance["downloaded_from"] = url
     try:
-        save_params(params.replace(metadata=provenance), final)
-    except OSError as exc:
-        raise EPDFileError(final, f"cannot save {entry.name}: {exc.strerror or exc}") from None
+        save_params(params.replace(metadata=provenance), final, overwrite=False)  # one that appeared meanwhile stays
+    except EPDFileError as exc:
+        raise EPDFileError(final, f"cannot save {entry.name}: {exc.problem}") from None

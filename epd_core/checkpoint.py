@@ -131,6 +131,8 @@ def load_checkpoint(path: str | os.PathLike, state: RunState, config: dict[str, 
         iteration = int(meta["iteration"])
         curve = [float(v) for v in json.loads(meta["curve"])]
         doc = json.loads(meta["state"])
+        if not isinstance(saved_config, dict) or not isinstance(doc, dict):
+            raise ValueError("its config or state is not a JSON object")
     except Exception as exc:  # safetensors, JSON, missing keys
         raise CheckpointMismatch(f"{path}: unreadable checkpoint ({exc})") from None
     if saved_config != json.loads(json.dumps(config, sort_keys=True)):
@@ -146,8 +148,8 @@ def load_checkpoint(path: str | os.PathLike, state: RunState, config: dict[str, 
             raise CheckpointMismatch(f"{path}: a checkpoint made with another model or conditioning")
     try:
         state.unpack(tensors, doc)
-    except (KeyError, ValueError, RuntimeError, TypeError) as exc:
-        raise CheckpointMismatch(f"{path}: checkpoint does not fit this run ({exc})") from None
+    except (KeyError, IndexError, AttributeError, ValueError, RuntimeError, TypeError) as exc:
+        raise CheckpointMismatch(f"{path}: checkpoint does not fit this run ({type(exc).__name__}: {exc})") from None
     return iteration, curve
 
 

@@ -51,19 +51,29 @@ class _Config:
         return asdict(self)
 
     @classmethod
+    def _field(cls, name: str) -> Any:
+        found = next((f for f in fields(cls) if f.name == name), None)
+        if found is None:
+            raise KeyError(f"{cls.__name__} has no hyper-parameter {name!r}")
+        return found
+
+    @classmethod
     def help(cls, name: str) -> str:
         """The help text of one hyper-parameter (node tooltips and CLI help)."""
-        return next(f.metadata["help"] for f in fields(cls) if f.name == name)
+        return cls._field(name).metadata["help"]
 
     @classmethod
     def default(cls, name: str) -> Any:
         """The default of one hyper-parameter."""
-        return next(f.default for f in fields(cls) if f.name == name and f.default is not MISSING)
+        default = cls._field(name).default
+        if default is MISSING:
+            raise KeyError(f"{cls.__name__}.{name} has no default")
+        return default
 
     @classmethod
     def choices(cls, name: str) -> tuple[str, ...]:
         """The allowed values of a choice hyper-parameter."""
-        return next(f.metadata["choices"] for f in fields(cls) if f.name == name)
+        return cls._field(name).metadata["choices"]
 
 
 @dataclass(frozen=True)

@@ -175,8 +175,8 @@ def _load_authors(path: Path, data: bytes) -> EPDParams:
     }
     try:
         return params_from_authors(tables, hyper, provenance)
-    except (ValueError, TypeError) as exc:
-        raise EPDFileError(path, f"invalid predictor contents: {exc}") from None
+    except (ValueError, TypeError, RuntimeError, RecursionError, OverflowError) as exc:  # e.g. bool() of a tensor
+        raise EPDFileError(path, f"invalid predictor contents ({type(exc).__name__}: {exc})") from None
 
 
 def _read_safetensors_header(data: bytes) -> dict[str, Any]:

@@ -55,6 +55,8 @@ def start_errors(
     tiles as in training), drawn from ``config.seed + 3``, apart from training's and the held-out check's.
     ``progress(done, noises)`` is called after every batch (raise to stop).
     """
+    if config.start_noises < 1:
+        raise ValueError("a start check needs start_noises >= 1 (0 means no check: keep the first start)")
     grids = [g for _, g in starts.values()]
     ends = grids[0][[0, -1]]
     if any(not torch.allclose(g[[0, -1]], ends) for g in grids):

@@ -59,6 +59,21 @@ def test_every_url_is_pinned_to_a_commit():
         assert COMMITS[match[1]] == e.release, e.url
 
 
+@pytest.mark.parametrize("source", ["../outside.pkl", "/tmp/outside.pkl", "sub/dir.pkl", "evil.py", ".hidden.pkl"])
+def test_a_catalogue_whose_source_file_is_a_path_is_refused(tmp_path, source):
+    """The download is written under its source name in a temporary folder, so a catalogue (``--catalogue`` takes
+    any file) naming a path there would write outside it: such a catalogue does not load."""
+    doc = json.loads((ROOT / "weights" / "catalogue.json").read_text())
+    doc["entries"][0]["source_file"] = source
+    path = tmp_path / "catalogue.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(EPDFileError, match="source_file"):
+        load_catalogue(path)
+    doc["entries"][0]["source_file"] = "sd15-best.pkl"  # a plain name loads
+    path.write_text(json.dumps(doc))
+    assert load_catalogue(path)[doc["entries"][0]["name"]].source_file == "sd15-best.pkl"
+
+
 def test_catalogue_json_is_what_the_script_generates(tmp_path):
     out = tmp_path / "catalogue.json"
     with redirect_stdout(io.StringIO()):
@@ -167,12 +182,13 @@ def test_another_file_of_that_name_is_never_replaced(mirror, tmp_path):
     before = other.read_bytes()
     with pytest.raises(EPDFileError, match="not the catalogue's tpami-sd15-best"):
         fetch(find_entry("tpami-sd15-best", CATALOGUE), tmp_path, base_url=mirror.url)
+    assert other.read_bytes() == before
     other.write_bytes(b"\x00" * 20)
     with pytest.raises(EPDFileError, match="unreadable"):
         fetch(find_entry("tpami-sd15-best", CATALOGUE), tmp_path, base_url=mirror.url)
     assert mirror.requests == []
     assert sorted(p.name for p in tmp_path.iterdir()) == [other.name]
-    assert before != other.read_bytes()
+    assert other.read_bytes() == b"\x00" * 20
 
 
 def test_cli_catalogue_and_fetch(mirror, tmp_path):

@@ -53,6 +53,8 @@ def test_start_errors_are_deterministic_and_need_shared_ends():
     shorter[-1] *= 2
     with pytest.raises(ValueError, match="share the first and last time point"):
         start_errors(GM.denoise_ve, {**starts, "other": (table.replace(t_steps=shorter), shorter)}, GM.shape, config)
+    with pytest.raises(ValueError, match="start_noises >= 1"):  # 0 is the config's "no check", not a check of none
+        start_errors(GM.denoise_ve, starts, GM.shape, DistillConfig(start_noises=0))
 
 
 def test_start_errors_report_progress_and_stop_when_told():

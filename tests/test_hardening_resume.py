@@ -116,6 +116,38 @@ def test_resume_in_process_equals_an_uninterrupted_run_and_refuses_other_runs(tm
     ck.write_bytes(b"\x80\x04garbage")
     with pytest.raises(CheckpointMismatch, match="unreadable"):
         distill(gm.denoise_ve, start, gm.shape, checkpoint=ck, **kw)
+    _checkpoint_edited(gm, start, ck, kw)
+
+
+def _checkpoint_edited(gm, start, ck, kw) -> None:
+    """A checkpoint whose JSON parses but is not what a run wrote (a list for the config, a state whose optimizer
+    entries point past the parameters): refused as a mismatch naming the file, never another exception."""
+    import json
+    import struct
+
+    from safetensors.torch import load_file, save_file
+
+    ck.unlink()
+    with pytest.raises(Stop):
+        distill(gm.denoise_ve, start, gm.shape, progress=_stop_at(4), checkpoint=ck, checkpoint_every=3, **kw)
+    n = struct.unpack("<Q", ck.read_bytes()[:8])[0]
+    meta = json.loads(ck.read_bytes()[8 : 8 + n])["__metadata__"]
+    tensors = load_file(str(ck))
+    state = json.loads(meta["state"])
+    for edited in ({**meta, "config": "[1, 2]"},
+                   {**meta, "state": json.dumps({**state, "opt_keys": {"99": ["exp_avg"]}})},
+                   {**meta, "state": json.dumps({**state, "opt_keys": ["not", "a", "mapping"]})}):  # fmt: skip
+        save_file(tensors, str(ck), metadata=edited)
+        with pytest.raises(CheckpointMismatch, match=str(ck)):
+            distill(gm.denoise_ve, start, gm.shape, checkpoint=ck, **kw)
+
+
+def _stop_at(iteration: int):
+    def progress(i, n, loss):
+        if i == iteration:
+            raise Stop
+
+    return progress
 
 
 def test_node_checkpoint_files_are_not_listed_as_tables(tmp_path):
