@@ -159,6 +159,7 @@ def _checkpoint_args(parser: argparse.ArgumentParser, every: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The command line (``python -m epd_core --help``); returns the exit status."""
     parser = argparse.ArgumentParser(prog="python -m epd_core", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
     info = sub.add_parser("info", help="print a table's hyper-parameters, schedule and decoded values")

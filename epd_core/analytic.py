@@ -17,11 +17,15 @@ bundled mixtures are isotropic (one ``s`` for all); a tensor ``std`` of shape
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .schedules import polynomial
 from .updates import euler_step, heun_step
+
+if TYPE_CHECKING:
+    from .solver import Denoiser
 
 __all__ = ["GaussianMixture", "MIXTURES", "heun", "rk4", "ode_endpoint"]
 
@@ -61,10 +65,12 @@ class GaussianMixture:
 
     @property
     def shape(self) -> tuple[int, ...]:
+        """The shape of one sample (``[C, H, W]``)."""
         return tuple(self.means.shape[1:])
 
     @property
     def isotropic(self) -> bool:
+        """Whether every component has one scalar standard deviation."""
         return not isinstance(self.std, torch.Tensor)
 
     def _posterior_mean(self, x: torch.Tensor, a: torch.Tensor, noise_var: torch.Tensor) -> torch.Tensor:
@@ -132,7 +138,7 @@ class GaussianMixture:
             out.append(log_p.argmax(dim=1))
         return torch.cat(out)
 
-    def to(self, device=None, dtype=None) -> GaussianMixture:
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> GaussianMixture:
         """The same mixture with its tensors on ``device`` / in ``dtype``."""
         std = self.std if self.isotropic else self.std.to(device=device, dtype=dtype)
         return GaussianMixture(
@@ -145,7 +151,7 @@ class GaussianMixture:
         return GaussianMixture(self.means.clone(), self.weights.clone(), std)
 
 
-def heun(denoiser, x: torch.Tensor, grid: torch.Tensor, order: int = 2) -> torch.Tensor:
+def heun(denoiser: Denoiser, x: torch.Tensor, grid: torch.Tensor, order: int = 2) -> torch.Tensor:
     """Euler (``order=1``) or Heun (``order=2``) steps of ``dx/dt = (x - D(x, t)) / t`` along ``grid``."""
     step = heun_step if order == 2 else euler_step
     for t_cur, t_next in zip(grid[:-1], grid[1:], strict=True):
@@ -153,7 +159,7 @@ def heun(denoiser, x: torch.Tensor, grid: torch.Tensor, order: int = 2) -> torch
     return x
 
 
-def rk4(denoiser, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+def rk4(denoiser: Denoiser, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
     """Classic fourth-order Runge-Kutta steps of ``dx/dt = (x - D(x, t)) / t`` along ``grid`` (midpoints in t)."""
     n = x.shape[0]
 

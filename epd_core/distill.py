@@ -204,7 +204,8 @@ class _Rollout:
 
 
 @torch.no_grad()
-def first_step_mean(denoiser, start: EPDParams, shape, t0: torch.Tensor, config: DistillConfig, dtype, device,
+def first_step_mean(denoiser: Denoiser, start: EPDParams, shape: tuple[int, ...], t0: torch.Tensor,
+                    config: DistillConfig, dtype: torch.dtype, device: torch.device | str,
                     noises: int = 64) -> torch.Tensor:  # fmt: skip
     """The data's per-channel mean as the model sees it at the first time point: ``D(x, t0)`` averaged over
     ``noises`` starting noises (in batches of ``config.batch``, so a conditioning batch tiles as in training)."""
@@ -455,7 +456,8 @@ class _Keeper:
 
 
 @torch.no_grad()
-def held_out_errors(denoiser, params: EPDParams, grid: torch.Tensor, shape, config: DistillConfig, dtype) -> dict:
+def held_out_errors(denoiser: Denoiser, params: EPDParams, grid: torch.Tensor, shape: tuple[int, ...],
+                    config: DistillConfig, dtype: torch.dtype) -> dict:  # fmt: skip
     """How good the teacher and the student are along ``grid``, on at least :data:`HELD_OUT` noises training never
     saw (:func:`~epd_core.starts.held_out_noises`, in chunks).
 

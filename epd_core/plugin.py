@@ -27,6 +27,8 @@ means the base evaluates the model several times per step: that would be a diffe
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from .bases import Base
@@ -40,7 +42,7 @@ class PluginMisuse(ValueError):
     """The base solver asked for a model evaluation the plugin cannot answer faithfully."""
 
 
-def placement(base: Base, i: int, x: torch.Tensor, t_cur: torch.Tensor):
+def placement(base: Base, i: int, x: torch.Tensor, t_cur: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """``place(d)`` for :func:`~epd_core.solver.epd_step`: the base's proposed direction at step ``i`` from the
     plain prediction ``x - t_cur * d`` (remembered in ``base``'s history)."""
 

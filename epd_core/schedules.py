@@ -9,9 +9,13 @@ where the grid holds ``sigma`` or ``t``. Grids are largest first and end at
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from .params import EPDParams
 
 __all__ = [
     "SCHEDULE_TYPES",
@@ -58,10 +62,12 @@ class DiscreteVP:
         self.log_alpha_array = 0.5 * torch.log(ac)
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """sigma at the continuous time ``t`` in ``(0, 1]``, interpolating ``log(alpha)``."""
         log_alpha = _interp(torch.as_tensor(t, dtype=torch.float64), self.t_array, self.log_alpha_array)
         return torch.sqrt(torch.expm1(-2.0 * log_alpha))
 
     def sigma_inv(self, sigma: torch.Tensor) -> torch.Tensor:
+        """The continuous time in ``(0, 1]`` of ``sigma`` (the inverse of :meth:`sigma`)."""
         log_alpha = -0.5 * torch.log1p(torch.as_tensor(sigma, dtype=torch.float64) ** 2)
         return _interp(log_alpha, self.log_alpha_array.flip(0), self.t_array.flip(0))
 
@@ -152,7 +158,7 @@ def default_sigma_range(backend: str, alphas_cumprod: torch.Tensor | None = None
 
 
 def make_schedule(
-    params,
+    params: EPDParams,
     num_steps: int | None = None,
     *,
     sigma_min: float | None = None,

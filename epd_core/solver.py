@@ -151,8 +151,9 @@ def epd_step(
 
     The step's update is ``x + (t_next - t_cur) * direction`` and its x0 estimate ``x - t_cur * direction``.
     ``table`` holds ``[steps, K]`` values (``params.decoded()``), or ``[steps, B, K]`` for a different table per
-    sample (RDPO's rollouts). ``history`` holds the past first directions ``d`` (iPNDM students place their points
-    by Adams-Bashforth extrapolation; EPD students keep none). ``evaluate`` computes the K directions (training
+    sample (RDPO's rollouts). ``history`` holds the past directions: an iPNDM student's first directions ``d`` (it
+    places its points by Adams-Bashforth extrapolation), a carry student's last step direction (its next step's
+    ``d``, no model call at ``t_cur``); an epd student keeps none. ``evaluate`` computes the K directions (training
     swaps in finite differences). ``place(d)``, if given, turns the first direction into the direction the points
     are placed along (the EPD Plugin's base sampler, :mod:`epd_core.bases`); an iPNDM student keeps its own rule.
     """
@@ -213,13 +214,13 @@ def sample(
     final: str = "denoise",
     table: Decoded | None = None,
 ) -> torch.Tensor:
-    """Run the EPD (or ipndm-plugin) student from ``x`` at ``sigmas[0]`` down the grid.
+    """Run the table's student (epd, carry or ipndm) from ``x`` at ``sigmas[0]`` down the grid.
 
     ``sigmas`` is a grid from :func:`~epd_core.schedules.make_schedule` (or its
     last part, see :func:`grid_offset`), optionally ending with 0. ``x`` is
     already at noise level ``sigmas[0]``. ``callback`` gets
     ``{"x", "i", "sigma", "sigma_hat", "denoised"}`` once per step, where
-    ``denoised`` is the ensemble's x0 estimate ``x - t_cur * sum_k w_k c_k d_k``.
+    ``denoised`` is the ensemble's x0 estimate ``x - t_cur * sum_k weight_k * scale_dir_k * d_k``.
 
     ``final`` says how a trailing 0 is reached: ``denoise`` calls the model once
     more at the last sigma; ``estimate`` returns the last step's own x0 estimate

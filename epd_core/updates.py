@@ -10,23 +10,28 @@ Shared by the distillation teachers (:mod:`epd_core.teachers`) and the analytic 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+
+if TYPE_CHECKING:
+    from .solver import Denoiser
 
 __all__ = ["derivative", "euler_step", "heun_step", "dpmpp_2m_update"]
 
 
-def derivative(denoiser, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def derivative(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x - D(x, t)) / t`` and ``D(x, t)`` for one time ``t`` shared by the batch."""
     denoised = denoiser(x, t.to(x.dtype).expand(x.shape[0]))
     return (x - denoised) / t.to(x.dtype), denoised
 
 
-def euler_step(denoiser, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+def euler_step(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
     """``x + (t_next - t) * d(x, t)``."""
     return x + (t_next - t).to(x.dtype) * derivative(denoiser, x, t)[0]
 
 
-def heun_step(denoiser, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
+def heun_step(denoiser: Denoiser, x: torch.Tensor, t: torch.Tensor, t_next: torch.Tensor) -> torch.Tensor:
     """EDM's Heun step: the mean of the slopes at ``x`` and at the Euler prediction."""
     h = (t_next - t).to(x.dtype)
     d, _ = derivative(denoiser, x, t)
