@@ -159,7 +159,7 @@ class EPDPlugin(io.ComfyNode):
             "method (fed the plain model predictions) places the K points, EPD combines their directions into the "
             "step, and the sampler's model call is answered so that its own update takes that step. Two sequential "
             "model rounds per step with an EPD table (one on an AFS first step), one with a carry table (the bare "
-            "sampler's cost; end it with final_step = estimate). Euler + plugin is exactly EPD. Supported: "
+            "sampler's cost, ended on final_step's estimate, the default). Euler + plugin is exactly EPD. Supported: "
             + ", ".join(PLUGIN_BASES)
             + ". Use with EPD Scheduler and a table distilled for the sampler.",
             inputs=[
