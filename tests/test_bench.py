@@ -492,7 +492,7 @@ def test_defaults_benchmark_fits_with_the_nodes_own_defaults(tmp_path):
     from epd_dev.comfy_harness import NODES as N
 
     got = defaults.node_defaults(N["EPDDistill"])
-    sampled = {i.id: i.default for i in N["EPDKSampler"].define_schema().inputs}
+    sampled = {i.id: getattr(i, "default", None) for i in N["EPDKSampler"].define_schema().inputs}
     assert (sampled["final_denoise"], sampled["final_step"]) == defaults.ENDINGS[-1][1:]  # the headline's ending
     names = {"teacher": "teacher", "teacher_steps": "teacher_m", "iterations": "iterations", "batch": "batch",
              "learning_rate": "lr", "seed": "seed", "learn_grid": "learn_grid"}  # fmt: skip
