@@ -264,6 +264,42 @@ def _authors_iteration(denoiser, start, raw, grid, x, targets, config, feature_l
     return total
 
 
+def _fixed_teacher_grid(start: EPDParams, base_grid: torch.Tensor, config: DistillConfig) -> torch.Tensor | None:
+    """The authors' teacher grid, the same schedule with ``(M + 1)`` times the steps, where it passes through every
+    student grid point (else None: the teacher subdivides the student's grid)."""
+    if config.learn_grid or start.t_steps is not None:
+        return None
+    fine = make_schedule(start, num_steps=(config.teacher_m + 1) * (start.num_steps - 1) + 1).to(base_grid.device)
+    return fine if torch.allclose(fine[:: config.teacher_m + 1], base_grid, rtol=1e-9) else None
+
+
+def _optimizer(start: EPDParams, raw: dict[str, torch.Tensor], logits: torch.Tensor, config: DistillConfig):
+    """Adam over the table's learned rows (and the grid logits, with their own rate if ``grid_lr``) and its cosine
+    schedule (down to :data:`AUTHORS_LR_FLOOR` for the authors' objective, else to 0)."""
+    trainable = [raw["r_params"], raw["weight_s"]]
+    trainable += [raw["scale_dir_params"]] if start.scale_dir else []
+    trainable += [raw["scale_time_params"]] if start.scale_time else []
+    if config.learn_grid and not config.grid_lr:
+        trainable.append(logits)
+    groups = [{"params": trainable}]
+    if config.learn_grid and config.grid_lr:
+        groups.append({"params": [logits], "lr": config.grid_lr})
+    opt = torch.optim.Adam(groups, lr=config.lr)
+    floor = min(config.lr, AUTHORS_LR_FLOOR) if config.objective == "authors" else 0.0
+    return opt, torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.iterations, eta_min=floor)
+
+
+@torch.no_grad()
+def _teacher_targets(denoiser: Denoiser, x: torch.Tensor, fine: torch.Tensor, config: DistillConfig) -> torch.Tensor:
+    """The teacher's states at the student's grid points (``[steps + 1, B, ...]``); with ``final_estimate`` the
+    last one is the model's denoised end point."""
+    targets = teacher_trajectory(denoiser, x, fine, config.teacher)[:: config.teacher_m + 1]
+    if config.final_estimate:
+        end = fine[-1].expand(x.shape[0]).to(x.dtype)
+        targets = torch.cat([targets[:-1], denoiser(targets[-1], end).unsqueeze(0)])
+    return targets
+
+
 def distill(
     denoiser: Denoiser,
     start: EPDParams,
@@ -300,32 +336,17 @@ def distill(
     base_grid = base_grid.to(device)
     if base_grid.shape[0] != start.num_steps:
         raise ValueError(f"the grid has {base_grid.shape[0]} points; the table has {start.num_steps}")
-    fine_fixed = None
-    if not config.learn_grid and grid is None and start.t_steps is None:
-        fine = make_schedule(start, num_steps=(config.teacher_m + 1) * (start.num_steps - 1) + 1).to(device)
-        if torch.allclose(fine[:: config.teacher_m + 1], base_grid, rtol=1e-9):
-            fine_fixed = fine  # the authors' teacher grid: the same schedule with (M + 1)x the steps
-
+    fine_fixed = _fixed_teacher_grid(start, base_grid, config) if grid is None else None
     if config.afs_mean and start.afs and start.afs_mean is None:
         start = start.replace(afs_mean=first_step_mean(denoiser, start, shape, base_grid[0], config, dtype, device))
+
     raw = {name: getattr(start, name).to(device, dtype).clone().requires_grad_(True) for name in TABLE_NAMES}
-    trainable = [raw["r_params"], raw["weight_s"]]
-    trainable += [raw["scale_dir_params"]] if start.scale_dir else []
-    trainable += [raw["scale_time_params"]] if start.scale_time else []
     ends = base_grid[[0, -1]]
     logits = torch.log(-torch.diff(torch.log(base_grid))).clone().requires_grad_(config.learn_grid)
-    if config.learn_grid and not config.grid_lr:
-        trainable.append(logits)
-    groups = [{"params": trainable}]
-    if config.learn_grid and config.grid_lr:
-        groups.append({"params": [logits], "lr": config.grid_lr})
-    opt = torch.optim.Adam(groups, lr=config.lr)
+    opt, sched = _optimizer(start, raw, logits, config)
     trainable = [p for group in opt.param_groups for p in group["params"]]
-    floor = min(config.lr, AUTHORS_LR_FLOOR) if config.objective == "authors" else 0.0
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.iterations, eta_min=floor)
     gen = torch.Generator().manual_seed(config.seed)
     history: list[float] = []
-    x = None
     keeper = _Keeper(denoiser, start, raw, logits, base_grid, shape, config, dtype, feature_loss)
     ckpt = None
     if checkpoint is not None:
@@ -341,12 +362,8 @@ def distill(
         grid_now = _grid_from_logits(ends, logits) if config.learn_grid else base_grid
         noise = torch.randn((config.batch, *shape), generator=gen, dtype=torch.float64).to(device, dtype)
         x = noise if start.is_flow else noise * grid_now[0].detach().to(dtype)
-        with torch.no_grad():
-            fine = fine_fixed if fine_fixed is not None else subdivide(grid_now.detach(), config.teacher_m)
-            targets = teacher_trajectory(denoiser, x, fine, config.teacher)[:: config.teacher_m + 1]
-            if config.final_estimate:
-                end = fine[-1].expand(x.shape[0]).to(x.dtype)
-                targets = torch.cat([targets[:-1], denoiser(targets[-1], end).unsqueeze(0)])
+        fine = fine_fixed if fine_fixed is not None else subdivide(grid_now.detach(), config.teacher_m)
+        targets = _teacher_targets(denoiser, x, fine, config)
         with torch.enable_grad():
             if config.objective == "authors":
                 loss = _authors_iteration(denoiser, start, raw, grid_now, x, targets, config, feature_loss, opt)
@@ -364,11 +381,11 @@ def distill(
             ckpt.step(it + 1, history, config.iterations)
 
     table, final_grid = _table(start, *keeper.best(raw, logits), base_grid, config.learn_grid)
-    curve = loss_curve(history)
     fitted = table.replace(teacher=config.teacher, teacher_steps_m=config.teacher_m)
     errors = {}
     if config.plugin_base == "euler":  # a plugin table's student is its base's method: not sampled here
         errors = held_out_errors(denoiser, fitted, final_grid, shape, config, dtype)
+    curve = loss_curve(history)
     provenance = {
         **dict(start.metadata),
         **(metadata or {}),

@@ -345,6 +345,93 @@ def fidelity_reward(reference: torch.Tensor) -> Callable[[torch.Tensor, Any], to
 GUARD_SEED = 2**31 - 2  # the guard's held-out noises: the same for every run and training seed
 
 
+class _Guard:
+    """The guard against reward hacking (see :func:`rdpo`): the policy's KL to the start at every check and, with a
+    ``metric``, its mean table's metric on fixed held-out noises; ``good`` is the last policy state that passed."""
+
+    def __init__(
+        self, policy: DirichletPolicy, denoiser: Denoiser, start: EPDParams, grid: torch.Tensor,
+        shape: tuple[int, ...], config: RDPOConfig, metric: Callable[[torch.Tensor], float] | None, samples: int,
+        prompts: int, dtype: torch.dtype, device: torch.device | str | None,
+    ) -> None:  # fmt: skip
+        self.policy, self.denoiser, self.grid, self.config, self.metric = policy, denoiser, grid, config, metric
+        self.checks: list[dict[str, float]] = []
+        self.noises = None
+        if metric is not None:
+            count = -(-samples // prompts) * prompts
+            g = torch.Generator().manual_seed(GUARD_SEED)
+            noises = torch.randn((count, *shape), generator=g, dtype=torch.float64).to(device, dtype)
+            self.noises = noises if start.is_flow else noises * grid[0].to(dtype)
+        self.good = self._state()
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        return {name: v.detach().clone() for name, v in self.policy.state_dict().items()}
+
+    @torch.no_grad()
+    def _measure(self, table: EPDParams) -> float:
+        return float(self.metric(sample(self.denoiser, self.noises, self.grid, table)))
+
+    def resumed(self, start: EPDParams) -> None:
+        """A resumed run's first check: the start table's, the guard's reference."""
+        base = {} if self.noises is None else {"metric": self._measure(start)}
+        self.checks.append({"iteration": 0, "kl": 0.0, **base})
+
+    def __call__(self, it: int) -> bool:
+        """Record iteration ``it``'s check; False when the guard says stop."""
+        with torch.no_grad():
+            entry = {"iteration": it, "kl": float(self.policy.kl_to_start())}
+            if self.noises is not None:
+                entry["metric"] = self._measure(self.policy.export())
+        self.checks.append(entry)
+        if self.noises is None:
+            return True
+        config, first = self.config, self.checks[0]["metric"]
+        if it == 0 or entry["metric"] <= first * (1 + config.guard_tolerance):
+            self.good = self._state()
+            return True
+        _log.warning("EPD RDPO: the guard metric rose from %.4g to %.4g at iteration %d (more than %g%%)%s",
+                     first, entry["metric"], it, 100 * config.guard_tolerance,
+                     "; stopping with the last table that passed" if config.guard_action == "stop" else "")  # fmt: skip
+        return config.guard_action != "stop"
+
+
+def _rollouts(denoiser: Denoiser, policy: DirichletPolicy, start: EPDParams, grid: torch.Tensor,
+              shape: tuple[int, ...], config: RDPOConfig, gen: torch.Generator, reward, reference,
+              dtype: torch.dtype, device: torch.device | str | None):  # fmt: skip
+    """One iteration's ``groups * k`` rollouts, each with a table drawn from the policy; returns the tables, their
+    rewards and log-probabilities. Rollout ``j`` belongs to group ``j % groups``; with grouping "noise" a group's
+    rollouts share one noise."""
+    groups, n = config.groups, config.groups * config.k
+    shared = config.grouping == "noise"
+    noise = torch.randn((groups if shared else n, *shape), generator=gen, dtype=torch.float64).to(device, dtype)
+    x0 = noise if start.is_flow else noise * grid[0].to(dtype)
+    context = torch.arange(n, device=device) % groups if shared else torch.arange(n, device=device)
+    tables = policy.sample(n, gen)
+    final = sample(denoiser, x0[context], grid, start, table=policy.decoded(tables.map(lambda v: v.to(dtype))))
+    with torch.no_grad():
+        score = reward(final, context) if reward is not None else fidelity_reward(reference(x0))(final, context)
+        return tables, score, policy.log_prob(tables)
+
+
+def _ppo_epoch(policy: DirichletPolicy, opt: torch.optim.Optimizer, tables: TableSample, logp_old: torch.Tensor,
+               adv: torch.Tensor, config: RDPOConfig, gen: torch.Generator,
+               check_interrupt: Callable[[], None] | None) -> None:  # fmt: skip
+    """One PPO epoch: clipped-objective Adam steps over the rollouts in random minibatches (non-finite ones skipped)."""
+    n = adv.shape[0]
+    perm = torch.randperm(n, generator=gen).to(logp_old.device)
+    for s in range(0, n, config.minibatch):
+        if check_interrupt is not None:  # many minibatches at large group counts: seconds without a model call
+            check_interrupt()
+        idx = perm[s : s + config.minibatch]
+        loss = ppo_clip_loss(policy.log_prob(tables[idx]), logp_old[idx], adv[idx], config.clip)
+        if not torch.isfinite(loss):
+            continue
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
+        opt.step()
+
+
 def rdpo(
     denoiser: Denoiser,
     start: EPDParams,
@@ -398,76 +485,31 @@ def rdpo(
     opt = torch.optim.Adam(policy.parameters(), lr=config.lr)
     gen = torch.Generator().manual_seed(config.seed)
     curve: list[float] = []
-    groups, k = config.groups, config.k
-    n = groups * k
+    reward_name = "fidelity" if reward is None else getattr(reward, "__name__", "custom")
     ckpt = None
     if checkpoint is not None:
         options = {**config.provenance(), "reward": "fidelity" if reward is None else getattr(reward, "__name__", "?"),
                    "prompts": prompts}  # fmt: skip
         state = RunState(policy.state_dict(), opt, None, gen)
-        every = checkpoint_every
-        ckpt = run_checkpointer(checkpoint, every, state, denoiser, start, shape, grid, dtype, device, options)
+        ckpt = run_checkpointer(
+            checkpoint, checkpoint_every, state, denoiser, start, shape, grid, dtype, device, options
+        )
         first, curve = ckpt.resume()
         if first and progress is not None:
             progress(first, config.iterations, curve[-1])
-    checks: list[dict[str, float]] = []
-    held_out = None
-    if guard is not None:
-        count = -(-guard_samples // prompts) * prompts
-        g = torch.Generator().manual_seed(GUARD_SEED)
-        held_out = torch.randn((count, *shape), generator=g, dtype=torch.float64).to(device, dtype)
-        held_out = held_out if start.is_flow else held_out * grid[0].to(dtype)
-    good = {name: v.detach().clone() for name, v in policy.state_dict().items()}
+    watch = _Guard(policy, denoiser, start, grid, shape, config, guard, guard_samples, prompts, dtype, device)
     stopped_at = None
-
-    def check(it: int) -> bool:
-        """Record the KL and the guard metric; False when the guard says stop."""
-        with torch.no_grad():
-            entry = {"iteration": it, "kl": float(policy.kl_to_start())}
-            if held_out is not None:
-                entry["metric"] = float(guard(sample(denoiser, held_out, grid, policy.export())))
-        checks.append(entry)
-        if held_out is None:
-            return True
-        if it == 0 or entry["metric"] <= checks[0]["metric"] * (1 + config.guard_tolerance):
-            good.update({name: v.detach().clone() for name, v in policy.state_dict().items()})
-            return True
-        _log.warning("EPD RDPO: the guard metric rose from %.4g to %.4g at iteration %d (more than %g%%)%s",
-                     checks[0]["metric"], entry["metric"], it, 100 * config.guard_tolerance,
-                     "; stopping with the last table that passed" if config.guard_action == "stop" else "")  # fmt: skip
-        return config.guard_action != "stop"
-
     first_it = ckpt.resumed_at if ckpt else 0
-    if first_it:  # resumed: the guard's reference is still the start table
-        with torch.no_grad():
-            base = {} if held_out is None else {"metric": float(guard(sample(denoiser, held_out, grid, start)))}
-        checks.append({"iteration": 0, "kl": 0.0, **base})
-    check(first_it)
+    if first_it:
+        watch.resumed(start)
+    watch(first_it)
     for it in range(first_it, config.iterations):
-        shared = config.grouping == "noise"
-        noise = torch.randn((groups if shared else n, *shape), generator=gen, dtype=torch.float64).to(device, dtype)
-        x0 = noise if start.is_flow else noise * grid[0].to(dtype)
-        context = torch.arange(n, device=device) % groups if shared else torch.arange(n, device=device)
-        x = x0[context]
-        tables = policy.sample(n, gen)
-        final = sample(denoiser, x, grid, start, table=policy.decoded(tables.map(lambda v: v.to(dtype))))
-        with torch.no_grad():
-            score = reward(final, context) if reward is not None else fidelity_reward(reference(x0))(final, context)
-            logp_old = policy.log_prob(tables)
+        tables, score, logp_old = _rollouts(denoiser, policy, start, grid, shape, config, gen, reward, reference,
+                                            dtype, device)  # fmt: skip
         # groups are the columns of [k, groups]: rollouts g, g + groups, ...
+        k, groups = config.k, config.groups
         adv = rloo_advantages(score.float().reshape(k, groups).T.reshape(-1), k).reshape(groups, k).T.reshape(-1)
-        perm = torch.randperm(n, generator=gen).to(context.device)
-        for s in range(0, n, config.minibatch):
-            if check_interrupt is not None:  # many minibatches at large group counts: seconds without a model call
-                check_interrupt()
-            idx = perm[s : s + config.minibatch]
-            loss = ppo_clip_loss(policy.log_prob(tables[idx]), logp_old[idx], adv[idx], config.clip)
-            if not torch.isfinite(loss):
-                continue
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-            opt.step()
+        _ppo_epoch(policy, opt, tables, logp_old, adv, config, gen, check_interrupt)
         curve.append(float(score.mean()))
         if progress is not None:
             progress(it + 1, config.iterations, curve[-1])
@@ -475,9 +517,9 @@ def rdpo(
             ckpt.step(it + 1, curve, config.iterations)
         last = it + 1 == config.iterations
         if (config.guard_every and (it + 1) % config.guard_every == 0) or last:
-            if not check(it + 1):
+            if not watch(it + 1):
                 stopped_at = it + 1
-                policy.load_state_dict(good)
+                policy.load_state_dict(watch.good)
                 break
     tail = curve[-max(1, len(curve) // 5) :]
     provenance = {
@@ -485,14 +527,14 @@ def rdpo(
         "rdpo": {
             **config.provenance(),
             "start_source": start.metadata.get("source_file") or start.metadata.get("command", ""),
-            "reward": "fidelity" if reward is None else getattr(reward, "__name__", "custom"),
+            "reward": reward_name,
             "prompts": prompts,
             "scale_heads": list(policy.scale_names),
             "scale_std": config.scale_std if policy.scale_names else None,
             "first_reward": curve[0] if curve else None,
             "final_reward": sum(tail) / len(tail) if tail else None,
             "kl_to_start": float(policy.kl_to_start().detach()),
-            "guard": checks,
+            "guard": watch.checks,
             "guard_metric": getattr(guard, "__name__", "custom") if guard is not None else None,
             "stopped_at": stopped_at,
         },
