@@ -22,6 +22,8 @@ import math
 import numpy as np
 import torch
 
+from .solver import adams_bashforth
+
 __all__ = ["BASES", "Base"]
 
 # The bases the plugin supports. uni_pc / uni_pc_bh2 are not among them: UniPC's corrector rewrites the state after
@@ -74,11 +76,8 @@ def _update(name: str, sigmas: list[float], i: int, x, denoised, past: list):
     h = s_next - s
     if name == "euler":
         return x + h * d
-    if name == "ipndm":
-        order = min(4, len(past) + 1)
-        coef = {1: [1.0], 2: [3 / 2, -1 / 2], 3: [23 / 12, -16 / 12, 5 / 12], 4: [55 / 24, -59 / 24, 37 / 24, -9 / 24]}
-        ds = [d, *reversed(past[-(order - 1) :])] if order > 1 else [d]
-        return x + h * sum(c * v for c, v in zip(coef[order], ds, strict=True))
+    if name == "ipndm":  # the iPNDM student's Adams-Bashforth rule, which is ComfyUI's
+        return x + h * adams_bashforth(d, past, 4)
     if name == "ipndm_v":
         return x + h * sum(c * v for c, v in zip(_ipndm_v_coefficients(sigmas, i, min(4, len(past) + 1)),
                                                  [d, *reversed(past[-3:])], strict=False))  # fmt: skip
