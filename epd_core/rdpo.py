@@ -49,6 +49,7 @@ __all__ = [
     "rloo_advantages",
     "ppo_clip_loss",
     "fidelity_reward",
+    "guard_iterations",
     "rdpo",
 ]
 
@@ -345,9 +346,17 @@ def fidelity_reward(reference: torch.Tensor) -> Callable[[torch.Tensor, Any], to
 GUARD_SEED = 2**31 - 2  # the guard's held-out noises: the same for every run and training seed
 
 
+def guard_iterations(config: RDPOConfig) -> list[int]:
+    """The iterations after which the guard checks: 0 (the start), every ``guard_every``-th and the last."""
+    every, n = config.guard_every, config.iterations
+    return [0] + [it for it in range(1, n + 1) if (every and it % every == 0) or it == n]
+
+
 class _Guard:
     """The guard against reward hacking (see :func:`rdpo`): the policy's KL to the start at every check and, with a
-    ``metric``, its mean table's metric on fixed held-out noises; ``good`` is the last policy state that passed."""
+    ``metric``, its mean table's metric on fixed held-out noises. Its ``state`` (every check's KL and metric, NaN
+    until made, and the last policy state that passed) is part of a checkpoint, so a resumed run stops where an
+    uninterrupted one does, with the same table."""
 
     def __init__(
         self, policy: DirichletPolicy, denoiser: Denoiser, start: EPDParams, grid: torch.Tensor,
@@ -355,42 +364,47 @@ class _Guard:
         prompts: int, dtype: torch.dtype, device: torch.device | str | None,
     ) -> None:  # fmt: skip
         self.policy, self.denoiser, self.grid, self.config, self.metric = policy, denoiser, grid, config, metric
-        self.checks: list[dict[str, float]] = []
+        self.at = guard_iterations(config)
+        self.state = {"guard.checks": torch.full((len(self.at), 2), math.nan, dtype=torch.float64)}
         self.noises = None
         if metric is not None:
             count = -(-samples // prompts) * prompts
             g = torch.Generator().manual_seed(GUARD_SEED)
             noises = torch.randn((count, *shape), generator=g, dtype=torch.float64).to(device, dtype)
             self.noises = noises if start.is_flow else noises * grid[0].to(dtype)
-        self.good = self._state()
+            self.state.update({f"guard.good.{name}": v.detach().clone() for name, v in policy.state_dict().items()})
 
-    def _state(self) -> dict[str, torch.Tensor]:
-        return {name: v.detach().clone() for name, v in self.policy.state_dict().items()}
+    @property
+    def checks(self) -> list[dict[str, float]]:
+        """The checks made: iteration, KL to the start and, with a metric, the metric."""
+        out = []
+        for it, (kl, value) in zip(self.at, self.state["guard.checks"].tolist(), strict=True):
+            if not math.isnan(kl):
+                out.append({"iteration": it, "kl": kl, **({} if self.noises is None else {"metric": value})})
+        return out
+
+    @property
+    def good(self) -> dict[str, torch.Tensor]:
+        """The policy state of the last check that passed."""
+        return {name: self.state[f"guard.good.{name}"] for name in self.policy.state_dict()}
 
     @torch.no_grad()
-    def _measure(self, table: EPDParams) -> float:
-        return float(self.metric(sample(self.denoiser, self.noises, self.grid, table)))
-
-    def resumed(self, start: EPDParams) -> None:
-        """A resumed run's first check: the start table's, the guard's reference."""
-        base = {} if self.noises is None else {"metric": self._measure(start)}
-        self.checks.append({"iteration": 0, "kl": 0.0, **base})
-
     def __call__(self, it: int) -> bool:
-        """Record iteration ``it``'s check; False when the guard says stop."""
-        with torch.no_grad():
-            entry = {"iteration": it, "kl": float(self.policy.kl_to_start())}
-            if self.noises is not None:
-                entry["metric"] = self._measure(self.policy.export())
-        self.checks.append(entry)
+        """Check after iteration ``it``; False when the guard says stop."""
+        kl = float(self.policy.kl_to_start())
+        value = math.nan
+        if self.noises is not None:
+            value = float(self.metric(sample(self.denoiser, self.noises, self.grid, self.policy.export())))
+        self.state["guard.checks"][self.at.index(it)] = torch.tensor([kl, value], dtype=torch.float64)
         if self.noises is None:
             return True
-        config, first = self.config, self.checks[0]["metric"]
-        if it == 0 or entry["metric"] <= first * (1 + config.guard_tolerance):
-            self.good = self._state()
+        config, first = self.config, float(self.state["guard.checks"][0, 1])
+        if it == 0 or value <= first * (1 + config.guard_tolerance):
+            for name, v in self.policy.state_dict().items():
+                self.state[f"guard.good.{name}"].copy_(v.detach())
             return True
         _log.warning("EPD RDPO: the guard metric rose from %.4g to %.4g at iteration %d (more than %g%%)%s",
-                     first, entry["metric"], it, 100 * config.guard_tolerance,
+                     first, value, it, 100 * config.guard_tolerance,
                      "; stopping with the last table that passed" if config.guard_action == "stop" else "")  # fmt: skip
         return config.guard_action != "stop"
 
@@ -486,41 +500,38 @@ def rdpo(
     gen = torch.Generator().manual_seed(config.seed)
     curve: list[float] = []
     reward_name = "fidelity" if reward is None else getattr(reward, "__name__", "custom")
+    watch = _Guard(policy, denoiser, start, grid, shape, config, guard, guard_samples, prompts, dtype, device)
     ckpt = None
     if checkpoint is not None:
+        # "?" and not reward_name: the name checkpoints have been saved with, so that they still resume
         options = {**config.provenance(), "reward": "fidelity" if reward is None else getattr(reward, "__name__", "?"),
                    "prompts": prompts}  # fmt: skip
-        state = RunState(policy.state_dict(), opt, None, gen)
-        ckpt = run_checkpointer(
-            checkpoint, checkpoint_every, state, denoiser, start, shape, grid, dtype, device, options
-        )
+        state = RunState({**policy.state_dict(), **watch.state}, opt, None, gen)
+        every = checkpoint_every
+        ckpt = run_checkpointer(checkpoint, every, state, denoiser, start, shape, grid, dtype, device, options)
         first, curve = ckpt.resume()
         if first and progress is not None:
             progress(first, config.iterations, curve[-1])
-    watch = _Guard(policy, denoiser, start, grid, shape, config, guard, guard_samples, prompts, dtype, device)
     stopped_at = None
     first_it = ckpt.resumed_at if ckpt else 0
-    if first_it:
-        watch.resumed(start)
-    watch(first_it)
+    if not first_it:
+        watch(0)
+    k, groups = config.k, config.groups
     for it in range(first_it, config.iterations):
         tables, score, logp_old = _rollouts(denoiser, policy, start, grid, shape, config, gen, reward, reference,
                                             dtype, device)  # fmt: skip
         # groups are the columns of [k, groups]: rollouts g, g + groups, ...
-        k, groups = config.k, config.groups
         adv = rloo_advantages(score.float().reshape(k, groups).T.reshape(-1), k).reshape(groups, k).T.reshape(-1)
         _ppo_epoch(policy, opt, tables, logp_old, adv, config, gen, check_interrupt)
         curve.append(float(score.mean()))
         if progress is not None:
             progress(it + 1, config.iterations, curve[-1])
-        if ckpt is not None:
+        if it + 1 in watch.at and not watch(it + 1):
+            stopped_at = it + 1
+            policy.load_state_dict(watch.good)
+            break
+        if ckpt is not None:  # after the check, which the checkpoint then holds
             ckpt.step(it + 1, curve, config.iterations)
-        last = it + 1 == config.iterations
-        if (config.guard_every and (it + 1) % config.guard_every == 0) or last:
-            if not watch(it + 1):
-                stopped_at = it + 1
-                policy.load_state_dict(watch.good)
-                break
     tail = curve[-max(1, len(curve) // 5) :]
     provenance = {
         **(metadata or {}),

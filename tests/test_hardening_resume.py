@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
 import torch
 
-from epd_core import EPDParams, GaussianMixture, load_params, save_params
+from epd_core import EPDParams, GaussianMixture, load_params, make_schedule, save_params
+from epd_core.analytic import ode_endpoint
 from epd_core.checkpoint import CheckpointMismatch
 from epd_core.config import DistillConfig, RDPOConfig
 from epd_core.distill import distill
-from epd_core.rdpo import rdpo
+from epd_core.rdpo import GUARD_SEED, rdpo
 from epd_dev import ROOT
 from epd_dev.tables import assert_tables_close
 
@@ -117,6 +119,47 @@ def test_resume_in_process_equals_an_uninterrupted_run_and_refuses_other_runs(tm
     with pytest.raises(CheckpointMismatch, match="unreadable"):
         distill(gm.denoise_ve, start, gm.shape, checkpoint=ck, **kw)
     _checkpoint_edited(gm, start, ck, kw)
+
+
+def test_rdpo_resumed_after_a_failing_state_stops_as_an_uninterrupted_run(tmp_path):
+    """The guard's checks and its last passing policy are in the checkpoint: a run resumed from a state the guard
+    would refuse ends where the uninterrupted run ends, with its table and its checks (it used to keep the resumed,
+    refused state as its "last good" one and end with it)."""
+    gm = GaussianMixture.reference()
+    start = EPDParams.start(4, 2, schedule_type="polynomial", schedule_rho=7.0, backend="edm", afs=True)
+    grid = make_schedule(start)
+    noises = torch.randn((8, *gm.shape), generator=torch.Generator().manual_seed(GUARD_SEED), dtype=torch.float64)
+    answer = ode_endpoint(gm.denoise_ve, noises * grid[0], float(grid[0]), steps=60)
+
+    def closeness(final):  # rises as the table learns: a guard that refuses what the reward wants
+        return 1 / float((final - answer).pow(2).mean().sqrt())
+
+    def reference(x0):
+        return ode_endpoint(gm.denoise_ve, x0, float(grid[0]), steps=60)
+
+    def run(config, **kw):
+        return rdpo(gm.denoise_ve, start, gm.shape, config, reference=reference, guard=closeness, guard_samples=8, **kw)
+
+    base = RDPOConfig(iterations=12, groups=4, k=4, minibatch=8, lr=3e-3, guard_every=1, guard_action="warn")
+    metric = [c["metric"] for c in run(base)[0].metadata["rdpo"]["guard"]]  # the guard draws no training noise
+    assert metric[2] < min(metric[3], metric[4])  # a threshold passes iteration 2 and refuses iterations 3 and 4
+    threshold = (metric[2] + min(metric[3], metric[4])) / 2
+    config = dataclasses.replace(base, guard_every=2, guard_action="stop", guard_tolerance=threshold / metric[0] - 1)
+    ref, ref_curve = run(config)
+    assert ref.metadata["rdpo"]["stopped_at"] == 4
+
+    ck = tmp_path / "rdpo.ckpt"
+
+    def stop_at_4(i, n, reward):
+        if i == 4:
+            raise Stop
+
+    with pytest.raises(Stop):
+        run(config, progress=stop_at_4, checkpoint=ck, checkpoint_every=3)
+    got, curve = run(config, checkpoint=ck, checkpoint_every=3)  # resumed after iteration 3, refused by the guard
+    assert curve == ref_curve
+    assert_tables_close(got, ref)
+    assert got.metadata["rdpo"] == ref.metadata["rdpo"]
 
 
 def _checkpoint_edited(gm, start, ck, kw) -> None:
