@@ -266,14 +266,17 @@ def _authors_iteration(denoiser, start, raw, grid, x, targets, config, feature_l
 
 def _fixed_teacher_grid(start: EPDParams, base_grid: torch.Tensor, config: DistillConfig) -> torch.Tensor | None:
     """The authors' teacher grid, the same schedule with ``(M + 1)`` times the steps, where it passes through every
-    student grid point (else None: the teacher subdivides the student's grid)."""
+    student grid point (else None: the teacher subdivides the student's grid). Only for a ``base_grid`` made by
+    ``make_schedule(start)``: a caller's own grid has no finer schedule."""
     if config.learn_grid or start.t_steps is not None:
         return None
     fine = make_schedule(start, num_steps=(config.teacher_m + 1) * (start.num_steps - 1) + 1).to(base_grid.device)
     return fine if torch.allclose(fine[:: config.teacher_m + 1], base_grid, rtol=1e-9) else None
 
 
-def _optimizer(start: EPDParams, raw: dict[str, torch.Tensor], logits: torch.Tensor, config: DistillConfig):
+def _optimizer(
+    start: EPDParams, raw: dict[str, torch.Tensor], logits: torch.Tensor, config: DistillConfig
+) -> tuple[torch.optim.Adam, torch.optim.lr_scheduler.CosineAnnealingLR]:
     """Adam over the table's learned rows (and the grid logits, with their own rate if ``grid_lr``) and its cosine
     schedule (down to :data:`AUTHORS_LR_FLOOR` for the authors' objective, else to 0)."""
     trainable = [raw["r_params"], raw["weight_s"]]
