@@ -140,7 +140,8 @@ def _rdpo(args: argparse.Namespace, argv: list[str]) -> int:
     meta = {"command": "python -m epd_core " + shlex.join(argv), "rdpo_start_file": str(args.table)}
     config = from_arguments(args, RDPOConfig)
     params, curve = rdpo(gm.denoise_ve, start, gm.shape, config, reference=exact, progress=progress, metadata=meta,
-                         checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every)  # fmt: skip
+                         checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
+                         checkpoint_key={"exact_steps": args.exact_steps})  # fmt: skip
     save_params(params, args.out, overwrite=args.force)
     _done(args.checkpoint)
     print(f"wrote {args.out}: mean reward {curve[0]:.5f} -> {params.metadata['rdpo']['final_reward']:.5f}")

@@ -25,7 +25,7 @@ from .files import write_atomic
 
 __all__ = [
     "CheckpointMismatch", "RunState", "Checkpointer", "save_checkpoint", "load_checkpoint", "interruptible", "probe",
-    "table_digest", "run_checkpointer",
+    "PROBE_DIRECTIONS", "table_digest", "run_checkpointer",
 ]  # fmt: skip
 
 FORMAT = "epd-checkpoint-1"
@@ -78,6 +78,9 @@ class RunState:
         for idx, keys in doc["opt_keys"].items():
             device = params[int(idx)].device
             state[int(idx)] = {key: tensors[f"opt.{idx}.{key}"].to(device if key != "step" else "cpu") for key in keys}
+            for key, value in state[int(idx)].items():
+                if key != "step" and value.shape != params[int(idx)].shape:
+                    raise ValueError(f"optimizer {key} of parameter {idx}: shape {tuple(value.shape)}")
         self.optimizer.load_state_dict({"state": state, "param_groups": doc["param_groups"]})
         if self.scheduler is not None:
             self.scheduler.load_state_dict(doc["scheduler"])
@@ -133,6 +136,8 @@ def load_checkpoint(path: str | os.PathLike, state: RunState, config: dict[str, 
         doc = json.loads(meta["state"])
         if not isinstance(saved_config, dict) or not isinstance(doc, dict):
             raise ValueError("its config or state is not a JSON object")
+        if iteration < 1 or len(curve) != iteration:
+            raise ValueError(f"iteration {iteration} with {len(curve)} losses")
     except Exception as exc:  # safetensors, JSON, missing keys
         raise CheckpointMismatch(f"{path}: unreadable checkpoint ({exc})") from None
     if saved_config != json.loads(json.dumps(config, sort_keys=True)):
@@ -145,7 +150,7 @@ def load_checkpoint(path: str | os.PathLike, state: RunState, config: dict[str, 
             or saved.shape != fingerprint.shape
             or not torch.allclose(saved.double(), fingerprint.detach().cpu().double(), rtol=1e-3, atol=1e-4)
         ):
-            raise CheckpointMismatch(f"{path}: a checkpoint made with another model or conditioning")
+            raise CheckpointMismatch(f"{path}: a checkpoint made with another model, conditioning or first-step mean")
     try:
         state.unpack(tensors, doc)
     except (KeyError, IndexError, AttributeError, ValueError, RuntimeError, TypeError) as exc:
@@ -165,13 +170,28 @@ def interruptible(denoiser: Callable, check_interrupt: Callable[[], None] | None
     return checked
 
 
-def probe(denoiser: Callable, shape: tuple[int, ...], sigma: float, dtype: torch.dtype,
-          device: torch.device | str | None) -> torch.Tensor:  # fmt: skip
-    """The model's answer to a fixed input: tells a checkpoint's model from another."""
-    x = torch.randn((1, *shape), generator=torch.Generator().manual_seed(20240229), dtype=torch.float64)
+PROBE_SEED = 20240229
+PROBE_DIRECTIONS = 16  # numbers kept per probe sample: its answer projected on fixed random directions
+
+
+def probe(denoiser: Callable, shape: tuple[int, ...], grid: torch.Tensor, dtype: torch.dtype,
+          device: torch.device | str | None, batch: int = 1) -> torch.Tensor:  # fmt: skip
+    """The model's answers to fixed inputs: tells a checkpoint's model and conditioning from others.
+
+    One call of ``batch`` samples at every point of ``grid``: with ``batch`` the number of prompts the denoiser tiles
+    over its batch, every prompt is asked, and a prompt that only some steps see (ComfyUI's timestep ranges, decided
+    per call) at its steps. Each answer is kept as its projections on :data:`PROBE_DIRECTIONS` fixed random
+    directions, scaled to the answer's RMS: ``[points, batch, PROBE_DIRECTIONS]``."""
+    points = torch.as_tensor(grid, dtype=torch.float64).detach().cpu().reshape(-1)
+    gen = torch.Generator().manual_seed(PROBE_SEED)
+    x = torch.randn((batch, *shape), generator=gen, dtype=torch.float64)
+    directions = torch.randn((x[0].numel(), PROBE_DIRECTIONS), generator=gen, dtype=torch.float32)
+    answers = []
     with torch.no_grad():
-        out = denoiser((x * sigma).to(device, dtype), torch.full((1,), sigma, dtype=dtype, device=device))
-    return out.detach().to("cpu", torch.float32)
+        for sigma in points:
+            out = denoiser((x * sigma).to(device, dtype), sigma.expand(batch).to(device, dtype))
+            answers.append(out.detach().to("cpu", torch.float32).flatten(1) @ directions / x[0].numel() ** 0.5)
+    return torch.stack(answers)
 
 
 def table_digest(*tensors: torch.Tensor) -> str:
@@ -192,11 +212,14 @@ class Checkpointer:
         self.path, self.every, self.state, self.config, self.fingerprint = Path(path), every, state, config, fingerprint
         self.resumed_at = 0
 
-    def resume(self) -> tuple[int, list[float]]:
-        """``(iterations done, curve so far)``: from the checkpoint if there is one, else ``(0, [])``."""
+    def resume(self, total: int | None = None) -> tuple[int, list[float]]:
+        """``(iterations done, curve so far)``: from the checkpoint if there is one, else ``(0, [])``. A run of
+        ``total`` iterations never saves after its last one: a checkpoint that says so does not fit it."""
         found = load_checkpoint(self.path, self.state, self.config, self.fingerprint)
         if found is None:
             return 0, []
+        if total is not None and found[0] >= total:
+            raise CheckpointMismatch(f"{self.path}: checkpoint after iteration {found[0]} of a {total}-iteration run")
         self.resumed_at = found[0]
         return found
 
@@ -208,13 +231,18 @@ class Checkpointer:
 
 def run_checkpointer(path: str | os.PathLike, every: int, state: RunState, denoiser: Callable, start: Any,
                      shape: tuple[int, ...], grid: torch.Tensor, dtype: torch.dtype, device: torch.device | str | None,
-                     options: dict[str, Any]) -> Checkpointer:  # fmt: skip
+                     options: dict[str, Any], batch: int = 1) -> Checkpointer:  # fmt: skip
     """Checkpoints of a training run from ``start`` (an ``EPDParams``): resumed only with the same ``options``,
-    start table, sample shape, grid, dtype and model (its answer to a probe input)."""
+    start table, sample shape, grid, dtype, and model and conditioning (their answers to the :func:`probe` inputs,
+    ``batch``: the number of prompts the denoiser tiles over its batch). The start's first-step mean (measured on the
+    model, so it may differ in its last bits between devices) is compared with the probe's tolerance."""
     from .params import TABLE_NAMES
 
     config = {
         **options, "dtype": str(dtype), "start": table_digest(*(getattr(start, n) for n in TABLE_NAMES)),
         "start_hyper": start.hyper(), "shape": list(shape), "grid": [float(t) for t in grid.detach().cpu()],
     }  # fmt: skip
-    return Checkpointer(path, every, state, config, probe(denoiser, shape, float(grid[0]), dtype, device))
+    fingerprint = probe(denoiser, shape, grid, dtype, device, batch).flatten()
+    if start.afs_mean is not None:
+        fingerprint = torch.cat([fingerprint, start.afs_mean.detach().to("cpu", torch.float32).flatten()])
+    return Checkpointer(path, every, state, config, fingerprint)

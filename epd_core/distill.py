@@ -318,6 +318,8 @@ def distill(
     check_interrupt: Callable[[], None] | None = None,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 10,
+    checkpoint_key: dict[str, Any] | None = None,
+    prompts: int = 1,
 ) -> EPDParams:
     """Fit ``start``'s tables (and, with ``config.learn_grid``, its interior grid points) to a teacher.
 
@@ -328,6 +330,9 @@ def distill(
     ``check_interrupt()`` runs before every model call, the teacher's included (raise to stop).
     ``checkpoint``: a file the run's state is saved to every ``checkpoint_every`` iterations and resumed
     from (see :mod:`epd_core.checkpoint`): a resumed run ends with the same table as an uninterrupted one.
+    ``checkpoint_key``: the caller's settings that change the result but that the run cannot see (e.g. the feature
+    loss's encoder and weight); a checkpoint made with others is not resumed. ``prompts``: how many prompts the
+    denoiser tiles over its batch (a conditioning batch), so that the checkpoint's probe asks each of them.
     """
     config = config or DistillConfig()
     if start.student == "carry" and config.plugin_base != "euler":
@@ -354,9 +359,11 @@ def distill(
     ckpt = None
     if checkpoint is not None:
         state = RunState({**raw, "grid_logits": logits, **keeper.state}, opt, sched, gen)
+        options = {**config.provenance(), "feature_loss": feature_loss is not None, "key": checkpoint_key or {},
+                   "teacher_grid": "schedule" if fine_fixed is not None else "subdivided"}  # fmt: skip
         ckpt = run_checkpointer(checkpoint, checkpoint_every, state, denoiser, start, shape, base_grid, dtype, device,
-                             {**config.provenance(), "feature_loss": feature_loss is not None})  # fmt: skip
-        first, history = ckpt.resume()
+                                options, batch=prompts)  # fmt: skip
+        first, history = ckpt.resume(config.iterations)
         if first and progress is not None:
             progress(first, config.iterations, history[-1])
     keeper.check(ckpt.resumed_at if ckpt else 0)

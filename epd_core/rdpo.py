@@ -464,6 +464,7 @@ def rdpo(
     check_interrupt: Callable[[], None] | None = None,
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 5,
+    checkpoint_key: dict[str, Any] | None = None,
 ) -> tuple[EPDParams, list[float]]:
     """Fine-tune ``start`` with RDPO; returns the exported mean table and the mean reward per iteration.
 
@@ -483,7 +484,8 @@ def rdpo(
     with the last table that passed. The checks are in ``metadata["rdpo"]["guard"]``.
 
     ``check_interrupt()`` runs before every model call and every PPO minibatch (raise to stop); ``checkpoint`` /
-    ``checkpoint_every``: periodic saves and resume, as in :func:`epd_core.distill.distill`.
+    ``checkpoint_every`` / ``checkpoint_key``: periodic saves and resume, as in :func:`epd_core.distill.distill`
+    (the key: e.g. the reward's prompt or model, or the reference's teacher, which the run cannot see).
     """
     config = config or RDPOConfig()
     denoiser = interruptible(denoiser, check_interrupt)
@@ -503,13 +505,13 @@ def rdpo(
     watch = _Guard(policy, denoiser, start, grid, shape, config, guard, guard_samples, prompts, dtype, device)
     ckpt = None
     if checkpoint is not None:
-        # "?" and not reward_name: the name checkpoints have been saved with, so that they still resume
-        options = {**config.provenance(), "reward": "fidelity" if reward is None else getattr(reward, "__name__", "?"),
-                   "prompts": prompts}  # fmt: skip
+        guard_key = None if guard is None else [getattr(guard, "__name__", "custom"), guard_samples]
+        options = {**config.provenance(), "reward": reward_name, "prompts": prompts, "key": checkpoint_key or {},
+                   "guard": guard_key}  # fmt: skip
         state = RunState({**policy.state_dict(), **watch.state}, opt, None, gen)
         every = checkpoint_every
-        ckpt = run_checkpointer(checkpoint, every, state, denoiser, start, shape, grid, dtype, device, options)
-        first, curve = ckpt.resume()
+        ckpt = run_checkpointer(checkpoint, every, state, denoiser, start, shape, grid, dtype, device, options, prompts)
+        first, curve = ckpt.resume(config.iterations)
         if first and progress is not None:
             progress(first, config.iterations, curve[-1])
     stopped_at = None

@@ -176,6 +176,7 @@ def distill_on_model(
         def run(cfg: DistillConfig, denoiser, extra: dict) -> EPDParams:
             return _resuming(distill, denoiser, table, s.shape, cfg, grid=grid, dtype=torch.float32, device=s.device,
                              progress=s.progress, metadata={**metadata, **chosen, **extra}, feature_loss=features,
+                             checkpoint_key={"feature_loss": metadata.get("feature_loss")}, prompts=prompts,
                              **resume)  # fmt: skip
 
         if config.gradient != "autograd":
@@ -225,11 +226,13 @@ def rdpo_on_model(
     """
     prompts = conditioning_batch(positive, negative)
     config = per_prompt_groups(config, prompts)
-    metadata = {**(metadata or {}), "prompts": prompts}
+    metadata = {**(metadata or {}), "prompts": prompts, **({"teacher_steps": teacher_m} if reward is None else {})}
+    # what the reward depends on beyond its name: a checkpoint made with other values is not resumed
+    key = {name: metadata.get(name) for name in ("teacher_steps", "reward_prompt", "reward_model")}
 
     def fit(s: Session) -> tuple[EPDParams, list[float]]:
         common = dict(dtype=torch.float32, device=s.device, progress=s.progress, metadata=metadata, prompts=prompts,
-                      **resume)  # fmt: skip
+                      checkpoint_key=key, **resume)  # fmt: skip
         if guard is not None:
             common.update(guard=lambda final: guard(s.latent_out(final)), guard_samples=guard_samples)
         if reward is not None:

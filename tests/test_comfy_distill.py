@@ -391,3 +391,49 @@ def test_cli_rdpo(tmp_path):
         meta = epd_core.load_params(out).metadata["rdpo"]
         assert meta["iterations"] == 2 and meta["scale_heads"] == heads
         assert meta["scale_std"] == (0.01 if heads else None)
+
+
+@pytest.mark.parametrize("change", ["second prompt", "late prompt", "feature weight", "rdpo teacher_steps"])
+def test_a_checkpoint_of_other_conditioning_or_reward_is_dropped_not_resumed(tmp_path, caplog, change):
+    """What changes a run but is neither the model nor the config: the second prompt of a conditioning batch, a
+    prompt the late steps alone see (a timestep range), the feature loss's weight, RDPO's fidelity teacher. A
+    checkpoint made before the change is dropped ("not resuming"), and the run ends as a fresh one does."""
+    training, features = H.pack_module("nodes.training"), H.pack_module("nodes.features")
+    config_module = H.pack_module("epd_core.config")
+    model, empty = tiny_model("eps"), latent("eps", 1)["samples"]
+    start = training.start_table(model.get_model_object("model_sampling"), 4, 2, False, "epd")
+    encoder = features.Encoder("flat", lambda x: x.flatten(1))
+    negative, positive = conditioning(2, 2), conditioning(2, 1)
+    changed = [[positive[0][0].clone(), {"pooled_output": positive[0][1]["pooled_output"].clone()}]]
+    changed[0][0][1] += 1.0  # the second prompt only
+    early, late, later = conditioning(1, 1), conditioning(1, 3), conditioning(1, 4)
+
+    def ranged(c, lo, hi):
+        return [c[0][0], {**c[0][1], "start_percent": lo, "end_percent": hi}]
+
+    def distill(pos=positive, neg=negative, weight=None, **kw):
+        config = config_module.DistillConfig(iterations=3, batch=2, teacher_m=1, gradient="fd", start_noises=0)
+        return training.distill_on_model(model, pos, neg, 2.0, empty, start, config, feature_weight=weight or 0.0,
+                                         encoder=None if weight is None else encoder, **kw)  # fmt: skip
+
+    def rdpo(teacher_m, **kw):
+        config = config_module.RDPOConfig(iterations=3, groups=2, k=2, minibatch=2, width=8, blocks=1, lr=1e-2)
+        return training.rdpo_on_model(model, positive, negative, 2.0, empty, start, config, teacher_m=teacher_m,
+                                      **kw)[0]  # fmt: skip
+
+    before, after = {
+        "second prompt": (lambda **kw: distill(**kw), lambda **kw: distill(pos=changed, **kw)),
+        "late prompt": (lambda **kw: distill(pos=[ranged(early, 0, 0.5), ranged(late, 0.5, 1)], neg=early, **kw),
+                        lambda **kw: distill(pos=[ranged(early, 0, 0.5), ranged(later, 0.5, 1)], neg=early, **kw)),
+        "feature weight": (lambda **kw: distill(weight=1.0, **kw), lambda **kw: distill(weight=5.0, **kw)),
+        "rdpo teacher_steps": (lambda **kw: rdpo(1, **kw), lambda **kw: rdpo(3, **kw)),
+    }[change]  # fmt: skip
+    ck = tmp_path / "run.epd-checkpoint"
+    before(checkpoint=ck, checkpoint_every=1)  # 3 iterations: the checkpoint after the second is left
+    assert ck.exists()
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="epd"):
+        resumed = after(checkpoint=ck, checkpoint_every=1)
+    assert "not resuming" in caplog.text
+    fresh = after()
+    assert torch.equal(resumed.r_params, fresh.r_params) and torch.equal(resumed.weight_s, fresh.weight_s)

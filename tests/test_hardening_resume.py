@@ -179,10 +179,94 @@ def _checkpoint_edited(gm, start, ck, kw) -> None:
     state = json.loads(meta["state"])
     for edited in ({**meta, "config": "[1, 2]"},
                    {**meta, "state": json.dumps({**state, "opt_keys": {"99": ["exp_avg"]}})},
-                   {**meta, "state": json.dumps({**state, "opt_keys": ["not", "a", "mapping"]})}):  # fmt: skip
+                   {**meta, "state": json.dumps({**state, "opt_keys": ["not", "a", "mapping"]})},
+                   {**meta, "curve": "[]"},  # iteration 3 with no losses
+                   {**meta, "iteration": "9", "curve": json.dumps([0.1] * 9)}):  # fmt: skip  # a finished run's
         save_file(tensors, str(ck), metadata=edited)
         with pytest.raises(CheckpointMismatch, match=str(ck)):
             distill(gm.denoise_ve, start, gm.shape, checkpoint=ck, **kw)
+    moment = next(name for name in tensors if name.startswith("opt.") and name.endswith(".exp_avg"))
+    save_file({**tensors, moment: torch.zeros(3)}, str(ck), metadata=meta)  # Adam's moment of another shape
+    with pytest.raises(CheckpointMismatch, match=str(ck)):
+        distill(gm.denoise_ve, start, gm.shape, checkpoint=ck, **kw)
+
+
+def _prompted(offsets: list[float], below: float = 0.0):
+    """A denoiser that tiles ``len(offsets)`` prompts over its batch (sample ``j`` has prompt ``j % C``, as ComfyUI
+    tiles a conditioning batch) and adds prompt ``c``'s offset to its answer at noise levels below ``below`` (0: at
+    every level; a prompt that only the late steps see, like ComfyUI's timestep ranges)."""
+    gm = GaussianMixture.reference()
+
+    def denoiser(x, sigma):
+        shift = torch.tensor([offsets[j % len(offsets)] for j in range(x.shape[0])], dtype=x.dtype)
+        seen = (sigma < below) if below else torch.ones_like(sigma, dtype=torch.bool)
+        return gm.denoise_ve(x, sigma) + (shift * seen).reshape(-1, 1, 1, 1)
+
+    return denoiser
+
+
+@pytest.mark.parametrize("case", ["second prompt", "late prompt"])
+def test_a_checkpoint_of_other_prompts_is_not_resumed(tmp_path, case):
+    """The probe asks every prompt of a conditioning batch at every grid point: a checkpoint made with another second
+    prompt, or another prompt for the late steps only, is refused (it used to ask prompt 0 at sigma max only)."""
+    gm = GaussianMixture.reference()
+    start = EPDParams.start(4, 2, schedule_type="discrete", schedule_rho=1.0, backend="ldm")
+    config = DistillConfig(iterations=4, batch=2, teacher_m=1)
+    before, after = ([0.0, 0.1], [0.0, 0.3]) if case == "second prompt" else ([0.2], [0.4])
+    below = 1.0 if case == "late prompt" else 0.0
+    ck = tmp_path / "run.ckpt"
+    with pytest.raises(Stop):
+        distill(_prompted(before, below), start, gm.shape, config, prompts=len(before), progress=_stop_at(3),
+                checkpoint=ck, checkpoint_every=2)  # fmt: skip
+    with pytest.raises(CheckpointMismatch, match="another model, conditioning"):
+        distill(_prompted(after, below), start, gm.shape, config, prompts=len(after), checkpoint=ck)
+    distill(_prompted(before, below), start, gm.shape, config, prompts=len(before), checkpoint=ck)  # its own run
+
+
+def test_a_checkpoint_of_other_settings_the_run_cannot_see_is_not_resumed(tmp_path):
+    """A run resumes only with the same caller key (settings outside the config: a feature loss's encoder, a reward's
+    reference), the same first-step mean, the same teacher grid, and for RDPO the same guard."""
+    gm = GaussianMixture.reference()
+    start = EPDParams.start(4, 2, schedule_type="polynomial", schedule_rho=7.0, backend="edm", afs=True)
+    config = DistillConfig(iterations=4, batch=2, teacher_m=1, afs_mean=False)
+    ck = tmp_path / "run.ckpt"
+
+    def first(**kw):
+        ck.unlink(missing_ok=True)
+        with pytest.raises(Stop):
+            distill(gm.denoise_ve, start, gm.shape, config, progress=_stop_at(3), checkpoint=ck, checkpoint_every=2,
+                    **kw)  # fmt: skip
+
+    first(checkpoint_key={"weight": 1.0})
+    with pytest.raises(CheckpointMismatch, match="differs in key"):
+        distill(gm.denoise_ve, start, gm.shape, config, checkpoint=ck, checkpoint_key={"weight": 5.0})
+    first()
+    with pytest.raises(CheckpointMismatch, match="first-step mean"):
+        moved = start.replace(afs_mean=torch.tensor([0.5, -0.5, 0.25, -0.25]))
+        distill(gm.denoise_ve, moved, gm.shape, config, checkpoint=ck)
+    first()
+    with pytest.raises(CheckpointMismatch, match="differs in teacher_grid"):  # a given grid: a subdivided teacher
+        distill(gm.denoise_ve, start, gm.shape, config, grid=make_schedule(start), checkpoint=ck)
+
+    grid = make_schedule(start)
+    rdpo_config = RDPOConfig(iterations=4, groups=2, k=2, minibatch=2, width=8, blocks=1, guard_every=1)
+
+    def reference(x0):
+        return ode_endpoint(gm.denoise_ve, x0, float(grid[0]), steps=20)
+
+    def spread(final):
+        return float(final.std())
+
+    ck.unlink()
+    with pytest.raises(Stop):
+        rdpo(gm.denoise_ve, start, gm.shape, rdpo_config, reference=reference, guard=spread, guard_samples=4,
+             progress=_stop_at(3), checkpoint=ck, checkpoint_every=2)  # fmt: skip
+    with pytest.raises(CheckpointMismatch, match="differs in guard"):
+        rdpo(gm.denoise_ve, start, gm.shape, rdpo_config, reference=reference, guard=spread, guard_samples=16,
+             checkpoint=ck)  # fmt: skip
+    with pytest.raises(CheckpointMismatch, match="differs in key"):
+        rdpo(gm.denoise_ve, start, gm.shape, rdpo_config, reference=reference, guard=spread, guard_samples=4,
+             checkpoint=ck, checkpoint_key={"exact_steps": 200})  # fmt: skip
 
 
 def _stop_at(iteration: int):
