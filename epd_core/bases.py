@@ -23,7 +23,6 @@ import numpy as np
 import torch
 
 from .solver import adams_bashforth
-from .updates import dpmpp_2m_update
 
 __all__ = ["BASES", "Base"]
 
@@ -98,9 +97,12 @@ def _update(name: str, sigmas: list[float], i: int, x, denoised, past: list):
         return out + (d - past[-1]) * h if past else out
     lam, lam_next = -math.log(s), -math.log(s_next)
     step = lam_next - lam
-    if name == "dpmpp_2m":  # the teachers' DPM-Solver++(2M), which is ComfyUI's
-        t = [torch.tensor(v, dtype=torch.float64) for v in (s, s_next, sigmas[i - 1])]
-        return dpmpp_2m_update(x, denoised, t[0], t[1], *((past[-1], t[2]) if past else ()))
+    if name == "dpmpp_2m":
+        ratio = s_next / s
+        if not past:
+            return ratio * x + (1 - ratio) * denoised
+        r = (lam - -math.log(sigmas[i - 1])) / step
+        return ratio * x + (1 - ratio) * ((1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * past[-1])
     if name == "res_multistep":  # eta = 0: sigma_down = sigma_next
         if not past:
             return x + h * d
