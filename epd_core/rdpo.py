@@ -502,10 +502,11 @@ def rdpo(
     gen = torch.Generator().manual_seed(config.seed)
     curve: list[float] = []
     reward_name = "fidelity" if reward is None else getattr(reward, "__name__", "custom")
+    guard_name = None if guard is None else getattr(guard, "__name__", "custom")
     watch = _Guard(policy, denoiser, start, grid, shape, config, guard, guard_samples, prompts, dtype, device)
     ckpt = None
     if checkpoint is not None:
-        guard_key = None if guard is None else [getattr(guard, "__name__", "custom"), guard_samples]
+        guard_key = None if guard is None else [guard_name, guard_samples]
         options = {**config.provenance(), "reward": reward_name, "prompts": prompts, "key": checkpoint_key or {},
                    "guard": guard_key}  # fmt: skip
         state = RunState({**policy.state_dict(), **watch.state}, opt, None, gen)
@@ -548,7 +549,7 @@ def rdpo(
             "final_reward": sum(tail) / len(tail) if tail else None,
             "kl_to_start": float(policy.kl_to_start().detach()),
             "guard": watch.checks,
-            "guard_metric": getattr(guard, "__name__", "custom") if guard is not None else None,
+            "guard_metric": guard_name,
             "stopped_at": stopped_at,
         },
     }
