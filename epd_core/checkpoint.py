@@ -25,7 +25,7 @@ from .files import write_atomic
 
 __all__ = [
     "CheckpointMismatch", "RunState", "Checkpointer", "save_checkpoint", "load_checkpoint", "interruptible", "probe",
-    "PROBE_DIRECTIONS", "table_digest", "run_checkpointer",
+    "PROBE_DIRECTIONS", "answers", "table_digest", "run_checkpointer",
 ]  # fmt: skip
 
 FORMAT = "epd-checkpoint-1"
@@ -150,7 +150,8 @@ def load_checkpoint(path: str | os.PathLike, state: RunState, config: dict[str, 
             or saved.shape != fingerprint.shape
             or not torch.allclose(saved.double(), fingerprint.detach().cpu().double(), rtol=1e-3, atol=1e-4)
         ):
-            raise CheckpointMismatch(f"{path}: a checkpoint made with another model, conditioning or first-step mean")
+            raise CheckpointMismatch(f"{path}: a checkpoint made with another model, conditioning, first-step mean, "
+                                     "feature encoder or reward model")  # fmt: skip
     try:
         state.unpack(tensors, doc)
     except (KeyError, IndexError, AttributeError, ValueError, RuntimeError, TypeError) as exc:
@@ -194,6 +195,21 @@ def probe(denoiser: Callable, shape: tuple[int, ...], grid: torch.Tensor, dtype:
     return torch.stack(answers)
 
 
+def answers(fn: Callable[[torch.Tensor], torch.Tensor], shape: tuple[int, ...], dtype: torch.dtype,
+            device: torch.device | str | None, samples: int = 2) -> torch.Tensor:  # fmt: skip
+    """``fn``'s answers to ``samples`` fixed standard-normal inputs of ``shape``: the caller's other models (a
+    feature loss's encoder, a reward's) told apart as :func:`probe` tells the denoiser, for a run's
+    ``checkpoint_answers``. An answer of more than :data:`PROBE_DIRECTIONS` numbers per sample is kept as its
+    projections on fixed random directions, scaled to its RMS; ``[samples * min(numbers, PROBE_DIRECTIONS)]``."""
+    gen = torch.Generator().manual_seed(PROBE_SEED + 1)
+    x = torch.randn((samples, *shape), generator=gen, dtype=torch.float64)
+    with torch.no_grad():
+        out = fn(x.to(device, dtype)).detach().to("cpu", torch.float32).reshape(samples, -1)
+    if out.shape[1] > PROBE_DIRECTIONS:
+        out = out @ torch.randn((out.shape[1], PROBE_DIRECTIONS), generator=gen) / out.shape[1] ** 0.5
+    return out.flatten()
+
+
 def table_digest(*tensors: torch.Tensor) -> str:
     """sha256 of tensors' values (a start table in a run's configuration)."""
     h = hashlib.sha256()
@@ -231,11 +247,13 @@ class Checkpointer:
 
 def run_checkpointer(path: str | os.PathLike, every: int, state: RunState, denoiser: Callable, start: Any,
                      shape: tuple[int, ...], grid: torch.Tensor, dtype: torch.dtype, device: torch.device | str | None,
-                     options: dict[str, Any], batch: int = 1) -> Checkpointer:  # fmt: skip
+                     options: dict[str, Any], batch: int = 1,
+                     extra: torch.Tensor | None = None) -> Checkpointer:  # fmt: skip
     """Checkpoints of a training run from ``start`` (an ``EPDParams``): resumed only with the same ``options``,
     start table, sample shape, grid, dtype, and model and conditioning (their answers to the :func:`probe` inputs,
     ``batch``: the number of prompts the denoiser tiles over its batch). The start's first-step mean (measured on the
-    model, so it may differ in its last bits between devices) is compared with the probe's tolerance."""
+    model, so it may differ in its last bits between devices) and ``extra`` (the caller's other models'
+    :func:`answers`) are compared with the probe's tolerance."""
     from .params import TABLE_NAMES
 
     config = {
@@ -245,4 +263,6 @@ def run_checkpointer(path: str | os.PathLike, every: int, state: RunState, denoi
     fingerprint = probe(denoiser, shape, grid, dtype, device, batch).flatten()
     if start.afs_mean is not None:
         fingerprint = torch.cat([fingerprint, start.afs_mean.detach().to("cpu", torch.float32).flatten()])
+    if extra is not None:
+        fingerprint = torch.cat([fingerprint, extra.detach().to("cpu", torch.float32).flatten()])
     return Checkpointer(path, every, state, config, fingerprint)

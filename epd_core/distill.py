@@ -319,6 +319,7 @@ def distill(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 10,
     checkpoint_key: dict[str, Any] | None = None,
+    checkpoint_answers: torch.Tensor | None = None,
     prompts: int = 1,
 ) -> EPDParams:
     """Fit ``start``'s tables (and, with ``config.learn_grid``, its interior grid points) to a teacher.
@@ -331,7 +332,9 @@ def distill(
     ``checkpoint``: a file the run's state is saved to every ``checkpoint_every`` iterations and resumed
     from (see :mod:`epd_core.checkpoint`): a resumed run ends with the same table as an uninterrupted one.
     ``checkpoint_key``: the caller's settings that change the result but that the run cannot see (e.g. the feature
-    loss's encoder and weight); a checkpoint made with others is not resumed. ``prompts``: how many prompts the
+    loss's encoder and weight); ``checkpoint_answers``: the caller's other models' answers to fixed inputs
+    (:func:`~epd_core.checkpoint.answers`, e.g. the feature encoder's); a checkpoint made with other settings or
+    answers is not resumed. ``prompts``: how many prompts the
     denoiser tiles over its batch (a conditioning batch), so that the checkpoint's probe asks each of them.
     """
     config = config or DistillConfig()
@@ -362,7 +365,7 @@ def distill(
         options = {**config.provenance(), "feature_loss": feature_loss is not None, "key": checkpoint_key or {},
                    "teacher_grid": "schedule" if fine_fixed is not None else "subdivided"}  # fmt: skip
         ckpt = run_checkpointer(checkpoint, checkpoint_every, state, denoiser, start, shape, base_grid, dtype, device,
-                                options, batch=prompts)  # fmt: skip
+                                options, batch=prompts, extra=checkpoint_answers)  # fmt: skip
         first, history = ckpt.resume(config.iterations)
         if first and progress is not None:
             progress(first, config.iterations, history[-1])

@@ -465,6 +465,7 @@ def rdpo(
     checkpoint: str | os.PathLike | None = None,
     checkpoint_every: int = 5,
     checkpoint_key: dict[str, Any] | None = None,
+    checkpoint_answers: torch.Tensor | None = None,
 ) -> tuple[EPDParams, list[float]]:
     """Fine-tune ``start`` with RDPO; returns the exported mean table and the mean reward per iteration.
 
@@ -484,8 +485,9 @@ def rdpo(
     with the last table that passed. The checks are in ``metadata["rdpo"]["guard"]``.
 
     ``check_interrupt()`` runs before every model call and every PPO minibatch (raise to stop); ``checkpoint`` /
-    ``checkpoint_every`` / ``checkpoint_key``: periodic saves and resume, as in :func:`epd_core.distill.distill`
-    (the key: e.g. the reward's prompt or model, or the reference's teacher, which the run cannot see).
+    ``checkpoint_every`` / ``checkpoint_key`` / ``checkpoint_answers``: periodic saves and resume, as in
+    :func:`epd_core.distill.distill` (the key: e.g. the reward's prompt or model file, or the reference's teacher,
+    which the run cannot see; the answers: e.g. the reward's scores of fixed latents).
     """
     config = config or RDPOConfig()
     denoiser = interruptible(denoiser, check_interrupt)
@@ -511,7 +513,8 @@ def rdpo(
                    "guard": guard_key}  # fmt: skip
         state = RunState({**policy.state_dict(), **watch.state}, opt, None, gen)
         every = checkpoint_every
-        ckpt = run_checkpointer(checkpoint, every, state, denoiser, start, shape, grid, dtype, device, options, prompts)
+        ckpt = run_checkpointer(checkpoint, every, state, denoiser, start, shape, grid, dtype, device, options, prompts,
+                                checkpoint_answers)  # fmt: skip
         first, curve = ckpt.resume(config.iterations)
         if first and progress is not None:
             progress(first, config.iterations, curve[-1])

@@ -29,7 +29,7 @@ import torch
 
 from ..epd_core import EPDParams
 from ..epd_core.catalogue import load_catalogue
-from ..epd_core.checkpoint import CheckpointMismatch, interruptible
+from ..epd_core.checkpoint import CheckpointMismatch, answers, interruptible
 from ..epd_core.config import DistillConfig, RDPOConfig
 from ..epd_core.distill import distill, first_step_mean, recomputed
 from ..epd_core.files import EPDFileError, save_params
@@ -169,6 +169,7 @@ def distill_on_model(
 
     def fit(s: Session) -> EPDParams:
         features = None if encoder is None else final_feature_loss(encoder, feature_weight, s.latent_out, s.reload)
+        encoded = None if encoder is None else lambda x: _reloading(s, lambda: encoder.embed(s.latent_out(x)))
         table, grid, chosen = first, s.grid, {}
         if len(starts) > 1 and config.start_noises > 0:
             table, grid, chosen = _choose_start(s, starts, grids, config)
@@ -177,7 +178,7 @@ def distill_on_model(
             return _resuming(distill, denoiser, table, s.shape, cfg, grid=grid, dtype=torch.float32, device=s.device,
                              progress=s.progress, metadata={**metadata, **chosen, **extra}, feature_loss=features,
                              checkpoint_key={"feature_loss": metadata.get("feature_loss")}, prompts=prompts,
-                             **resume)  # fmt: skip
+                             checkpoint_answers=_answers(encoded, s, resume), **resume)  # fmt: skip
 
         if config.gradient != "autograd":
             return run(config, s.denoiser, {})
@@ -236,7 +237,10 @@ def rdpo_on_model(
         if guard is not None:
             common.update(guard=lambda final: guard(s.latent_out(final)), guard_samples=guard_samples)
         if reward is not None:
-            return _resuming(rdpo, s.denoiser, start, s.shape, config, reward=in_sampling(reward, s), **common)
+            scored = in_sampling(reward, s)
+            scores = _answers(lambda x: scored(x, torch.arange(x.shape[0], device=x.device)), s, resume)
+            return _resuming(rdpo, s.denoiser, start, s.shape, config, reward=scored, checkpoint_answers=scores,
+                             **common)  # fmt: skip
 
         def reference(x0):
             with torch.no_grad():
@@ -245,6 +249,22 @@ def rdpo_on_model(
         return _resuming(rdpo, s.denoiser, start, s.shape, config, reference=reference, **common)
 
     return _train_on_model(model, positive, negative, cfg, latent, start, config, fit)
+
+
+def _reloading(s: Session, call: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``call()`` (which may load another model, a feature encoder), then the sampled model loaded back."""
+    try:
+        return call()
+    finally:
+        s.reload()
+
+
+def _answers(model: Callable[[torch.Tensor], torch.Tensor] | None, s: Session, resume: dict) -> torch.Tensor | None:
+    """With a checkpoint, what the run's other model (a feature encoder, a reward: model-space latents in) answers
+    to fixed inputs, so that a checkpoint made with another one of the same name is not resumed."""
+    if model is None or resume.get("checkpoint") is None:
+        return None
+    return answers(model, s.shape, torch.float32, s.device)
 
 
 def _resuming(train: Callable, *args, **options):
@@ -265,10 +285,7 @@ def in_sampling(reward: Reward, session: Session) -> Reward:
     """``reward`` on LATENT-format latents inside the sampling; afterwards the sampled model is loaded back."""
 
     def scored(final: torch.Tensor, context) -> torch.Tensor:
-        try:
-            return reward(session.latent_out(final), context)
-        finally:
-            session.reload()
+        return _reloading(session, lambda: reward(session.latent_out(final), context))
 
     scored.__name__ = getattr(reward, "__name__", "custom")
     return scored

@@ -393,16 +393,19 @@ def test_cli_rdpo(tmp_path):
         assert meta["scale_std"] == (0.01 if heads else None)
 
 
-@pytest.mark.parametrize("change", ["second prompt", "late prompt", "feature weight", "rdpo teacher_steps"])
+@pytest.mark.parametrize("change", ["second prompt", "late prompt", "feature weight", "feature encoder",
+                                    "rdpo teacher_steps", "rdpo reward model"])  # fmt: skip
 def test_a_checkpoint_of_other_conditioning_or_reward_is_dropped_not_resumed(tmp_path, caplog, change):
     """What changes a run but is neither the model nor the config: the second prompt of a conditioning batch, a
-    prompt the late steps alone see (a timestep range), the feature loss's weight, RDPO's fidelity teacher. A
-    checkpoint made before the change is dropped ("not resuming"), and the run ends as a fresh one does."""
+    prompt the late steps alone see (a timestep range), the feature loss's weight, its encoder (another of the same
+    name), RDPO's fidelity teacher, its reward (another of the same name). A checkpoint made before the change is
+    dropped ("not resuming"), and the run ends as a fresh one does."""
     training, features = H.pack_module("nodes.training"), H.pack_module("nodes.features")
     config_module = H.pack_module("epd_core.config")
     model, empty = tiny_model("eps"), latent("eps", 1)["samples"]
     start = training.start_table(model.get_model_object("model_sampling"), 4, 2, False, "epd")
     encoder = features.Encoder("flat", lambda x: x.flatten(1))
+    renamed = features.Encoder("flat", lambda x: x.flatten(1).roll(1, dims=1))  # another encoder, the same name
     negative, positive = conditioning(2, 2), conditioning(2, 1)
     changed = [[positive[0][0].clone(), {"pooled_output": positive[0][1]["pooled_output"].clone()}]]
     changed[0][0][1] += 1.0  # the second prompt only
@@ -411,15 +414,21 @@ def test_a_checkpoint_of_other_conditioning_or_reward_is_dropped_not_resumed(tmp
     def ranged(c, lo, hi):
         return [c[0][0], {**c[0][1], "start_percent": lo, "end_percent": hi}]
 
-    def distill(pos=positive, neg=negative, weight=None, **kw):
+    def distill(pos=positive, neg=negative, weight=None, encoder=encoder, **kw):
         config = config_module.DistillConfig(iterations=3, batch=2, teacher_m=1, gradient="fd", start_noises=0)
         return training.distill_on_model(model, pos, neg, 2.0, empty, start, config, feature_weight=weight or 0.0,
                                          encoder=None if weight is None else encoder, **kw)  # fmt: skip
 
-    def rdpo(teacher_m, **kw):
+    def rdpo(teacher_m, reward=None, **kw):
         config = config_module.RDPOConfig(iterations=3, groups=2, k=2, minibatch=2, width=8, blocks=1, lr=1e-2)
         return training.rdpo_on_model(model, positive, negative, 2.0, empty, start, config, teacher_m=teacher_m,
-                                      **kw)[0]  # fmt: skip
+                                      reward=reward, **kw)[0]  # fmt: skip
+
+    def scorer(channel):  # rewards of one name that score different things
+        def contrast(latents, context):
+            return latents[:, channel].flatten(1).std(1)
+
+        return contrast
 
     before, after = {
         "second prompt": (lambda **kw: distill(**kw), lambda **kw: distill(pos=changed, **kw)),
@@ -427,6 +436,10 @@ def test_a_checkpoint_of_other_conditioning_or_reward_is_dropped_not_resumed(tmp
                         lambda **kw: distill(pos=[ranged(early, 0, 0.5), ranged(later, 0.5, 1)], neg=early, **kw)),
         "feature weight": (lambda **kw: distill(weight=1.0, **kw), lambda **kw: distill(weight=5.0, **kw)),
         "rdpo teacher_steps": (lambda **kw: rdpo(1, **kw), lambda **kw: rdpo(3, **kw)),
+        "feature encoder": (lambda **kw: distill(weight=1.0, **kw), lambda **kw: distill(weight=1.0, encoder=renamed,
+                                                                                           **kw)),
+        "rdpo reward model": (lambda **kw: rdpo(1, reward=scorer(0), **kw), lambda **kw: rdpo(1, reward=scorer(1),
+                                                                                               **kw)),
     }[change]  # fmt: skip
     ck = tmp_path / "run.epd-checkpoint"
     before(checkpoint=ck, checkpoint_every=1)  # 3 iterations: the checkpoint after the second is left

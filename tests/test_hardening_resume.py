@@ -244,6 +244,9 @@ def test_a_checkpoint_of_other_settings_the_run_cannot_see_is_not_resumed(tmp_pa
     with pytest.raises(CheckpointMismatch, match="first-step mean"):
         moved = start.replace(afs_mean=torch.tensor([0.5, -0.5, 0.25, -0.25]))
         distill(gm.denoise_ve, moved, gm.shape, config, checkpoint=ck)
+    first(checkpoint_answers=torch.tensor([1.0, 2.0]))  # e.g. a feature encoder's answers to the fixed inputs
+    with pytest.raises(CheckpointMismatch, match="feature encoder or reward model"):
+        distill(gm.denoise_ve, start, gm.shape, config, checkpoint=ck, checkpoint_answers=torch.tensor([1.0, 2.1]))
     first()
     with pytest.raises(CheckpointMismatch, match="differs in teacher_grid"):  # a given grid: a subdivided teacher
         distill(gm.denoise_ve, start, gm.shape, config, grid=make_schedule(start), checkpoint=ck)
@@ -267,6 +270,25 @@ def test_a_checkpoint_of_other_settings_the_run_cannot_see_is_not_resumed(tmp_pa
     with pytest.raises(CheckpointMismatch, match="differs in key"):
         rdpo(gm.denoise_ve, start, gm.shape, rdpo_config, reference=reference, guard=spread, guard_samples=4,
              checkpoint=ck, checkpoint_key={"exact_steps": 200})  # fmt: skip
+
+
+def test_answers_tell_models_apart_and_keep_a_few_numbers_per_sample():
+    """:func:`answers` of a caller's other model: the same for the same model, apart for another of the same kind,
+    and at most :data:`PROBE_DIRECTIONS` numbers per sample (scores kept as they are, features projected)."""
+    from epd_core.checkpoint import PROBE_DIRECTIONS, answers
+
+    weights = torch.randn(16, 300, generator=torch.Generator().manual_seed(1))
+
+    def features(w):
+        return lambda x: torch.tanh(x.flatten(1) @ w.to(x.dtype))
+
+    same = answers(features(weights), (4, 2, 2), torch.float64, "cpu")
+    assert same.shape == (2 * PROBE_DIRECTIONS,)
+    assert torch.equal(same, answers(features(weights.clone()), (4, 2, 2), torch.float64, "cpu"))
+    other = answers(features(weights * 1.01), (4, 2, 2), torch.float64, "cpu")
+    assert not torch.allclose(same, other, rtol=1e-3, atol=1e-4)
+    scores = answers(lambda x: x.flatten(1).sum(1), (4, 2, 2), torch.float32, "cpu", samples=3)
+    assert scores.shape == (3,) and scores.abs().min() > 0
 
 
 def _stop_at(iteration: int):
