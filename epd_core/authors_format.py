@@ -23,6 +23,7 @@ _LEGACY_MAGIC = 0x1950A86A20F9469CFC6C
 _LEGACY_PROTOCOL = 1001
 _MAX_TENSOR_DIMS = 8
 _MAX_TENSOR_ELEMENTS = 1 << 20  # EPD tables hold a few dozen values
+_MAX_BUILT_BYTES = 64 << 20  # all tensors and storages one file builds (a memo reference rebuilds one again)
 
 _STORAGE_DTYPES = {
     "FloatStorage": torch.float32,
@@ -47,6 +48,18 @@ _INERT_NAMES = [
         "edm_sampler",
     )
 ]
+
+
+class _Budget:
+    """Bytes of tensors and storages built so far for one file: memory bounded whatever the file repeats."""
+
+    def __init__(self) -> None:
+        self.used = 0
+
+    def charge(self, nbytes: int) -> None:
+        self.used += nbytes
+        if self.used > _MAX_BUILT_BYTES:
+            raise PickleRefused(f"the tensors built exceed {_MAX_BUILT_BYTES >> 20} MiB; not an EPD table")
 
 
 class _StorageRef:
@@ -80,11 +93,12 @@ def _storage_dtype(ref: Any) -> torch.dtype:
     return _STORAGE_DTYPES[short]
 
 
-def _load_legacy_storage(args: tuple) -> torch.Tensor:
+def _load_legacy_storage(args: tuple, budget: _Budget) -> torch.Tensor:
     """``torch.storage._load_from_bytes``: the legacy ``torch.save`` stream of one storage."""
     (blob,) = _args(args, 1, "_load_from_bytes")
     if not isinstance(blob, bytes):
         raise PickleRefused("_load_from_bytes needs bytes")
+    budget.charge(len(blob))
     no_globals: dict = {}
     magic, pos = load_one(blob, no_globals)
     if magic != _LEGACY_MAGIC:
@@ -134,7 +148,7 @@ def _load_legacy_storage(args: tuple) -> torch.Tensor:
     return root.data
 
 
-def _rebuild_tensor(args: tuple) -> torch.Tensor:
+def _rebuild_tensor(args: tuple, budget: _Budget) -> torch.Tensor:
     """``torch._utils._rebuild_tensor_v2(storage, offset, size, stride, ...)`` with bounds checks."""
     storage, offset, size, stride = _args(args, (6, 7), "_rebuild_tensor_v2")[:4]
     if not isinstance(storage, torch.Tensor):
@@ -155,6 +169,7 @@ def _rebuild_tensor(args: tuple) -> torch.Tensor:
         last = offset + sum((s - 1) * st for s, st in zip(size, stride, strict=False))
         if last >= storage.numel():
             raise PickleRefused("tensor reaches past its storage")
+    budget.charge(numel * storage.element_size())
     return torch.as_strided(storage, size, stride, offset).clone()
 
 
@@ -193,21 +208,24 @@ def _inert(name: str):
     return refuse
 
 
-_HANDLERS = {
-    "torch_utils.persistence._reconstruct_persistent_obj": _persistent_obj,
-    "torch._utils._rebuild_tensor_v2": _rebuild_tensor,
-    "torch._utils._rebuild_parameter": _rebuild_parameter,
-    "torch.storage._load_from_bytes": _load_legacy_storage,
-    "collections.OrderedDict": _ordered_dict,
-    "torch.nn.modules.activation.Sigmoid": _module_stub("Sigmoid"),
-    "torch.nn.modules.activation.Softmax": _module_stub("Softmax"),
-    **{name: _inert(name) for name in _INERT_NAMES},
-}
+def _handlers() -> dict[str, Any]:
+    """The allow-list, with a fresh :class:`_Budget` for one file."""
+    budget = _Budget()
+    return {
+        "torch_utils.persistence._reconstruct_persistent_obj": _persistent_obj,
+        "torch._utils._rebuild_tensor_v2": lambda args: _rebuild_tensor(args, budget),
+        "torch._utils._rebuild_parameter": _rebuild_parameter,
+        "torch.storage._load_from_bytes": lambda args: _load_legacy_storage(args, budget),
+        "collections.OrderedDict": _ordered_dict,
+        "torch.nn.modules.activation.Sigmoid": _module_stub("Sigmoid"),
+        "torch.nn.modules.activation.Softmax": _module_stub("Softmax"),
+        **{name: _inert(name) for name in _INERT_NAMES},
+    }
 
 
 def read_authors_pickle(data: bytes) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Return the predictor's raw tables and its hyper-parameters (``state`` minus tables)."""
-    root, end = load_one(data, _HANDLERS)
+    root, end = load_one(data, _handlers())
     if end != len(data):
         raise PickleRefused("trailing bytes after the pickle")
     if not isinstance(root, dict) or "model" not in root:

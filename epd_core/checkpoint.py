@@ -10,6 +10,7 @@ configuration and, where the caller gives one, of the same model (its answer to 
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -109,7 +110,7 @@ def save_checkpoint(path: str | os.PathLike, state: RunState, config: dict[str, 
 def remove_leftovers(path: str | os.PathLike) -> None:
     """Temporary files of ``path``'s checkpoint writes that a kill left behind."""
     path = Path(path)
-    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
         tmp.unlink(missing_ok=True)
 
 

@@ -149,15 +149,32 @@ def params_from_authors(tables: dict[str, torch.Tensor], hyper: dict[str, Any], 
     )
 
 
+_MAX_JSON_DEPTH = 32
+_MAX_JSON_ITEMS = 1 << 16  # counting every reference to a shared list (a pickle's memo makes them cheap)
+_TEXT_PROVENANCE = ("source_file", "source_sha256", "catalogue_entry", "model", "command", "plugin_base")
+
+
 def _jsonable(value: Any) -> Any:
-    """Keep only JSON-representable parts of the authors' extra hyper-parameters."""
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return repr(type(value).__name__)
+    """The JSON-representable parts of metadata (the authors' extra hyper-parameters, a table's provenance), other
+    values as their type's name; a ``ValueError`` past :data:`_MAX_JSON_DEPTH` levels or :data:`_MAX_JSON_ITEMS`
+    items."""
+    count = 0
+
+    def walk(v: Any, depth: int) -> Any:
+        nonlocal count
+        count += 1
+        if depth > _MAX_JSON_DEPTH or count > _MAX_JSON_ITEMS:
+            raise ValueError(f"metadata nested deeper than {_MAX_JSON_DEPTH} levels or of more than "
+                             f"{_MAX_JSON_ITEMS} items")  # fmt: skip
+        if isinstance(v, dict):
+            return {str(k): walk(x, depth + 1) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [walk(x, depth + 1) for x in v]
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        return repr(type(v).__name__)
+
+    return walk(value, 1)
 
 
 def _load_authors(path: Path, data: bytes) -> EPDParams:
@@ -205,6 +222,10 @@ def _load_own(path: Path, data: bytes) -> EPDParams:
         provenance = json.loads(meta.get("provenance", "{}"))
         if not isinstance(hyper, dict) or not isinstance(provenance, dict):
             raise ValueError("hyper and provenance metadata must be JSON objects")
+        _jsonable(provenance)  # what saving it again needs
+        bad = [k for k in _TEXT_PROVENANCE if k in provenance and not isinstance(provenance[k], str)]
+        if bad:
+            raise ValueError(f"provenance {', '.join(bad)} must be text")
         shapes = {k: v.get("shape", ()) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
         if not all(isinstance(v, list) and all(isinstance(n, int) for n in v) for v in shapes.values()):
             raise ValueError("tensor shapes must be lists of integers")
@@ -230,7 +251,7 @@ def _load_own(path: Path, data: bytes) -> EPDParams:
         raise EPDFileError(path, f"missing tensors {missing}")
     try:
         return EPDParams(**hyper, **tensors, metadata=provenance)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, RuntimeError) as exc:  # RuntimeError: an operation a tensor's dtype lacks
         raise EPDFileError(path, str(exc)) from None
 
 
@@ -280,11 +301,14 @@ def save_params(params: EPDParams, path: str | os.PathLike, *, overwrite: bool =
             tensors[name] = getattr(params, name).contiguous()
     provenance = dict(params.metadata)
     provenance.setdefault("created_by", f"epd_core {__version__}")
-    meta = {
-        "epd_format": FORMAT_VERSION,
-        "hyper": json.dumps(params.hyper(), sort_keys=True),
-        "provenance": json.dumps(_jsonable(provenance), sort_keys=True),
-    }
+    try:
+        meta = {
+            "epd_format": FORMAT_VERSION,
+            "hyper": json.dumps(params.hyper(), sort_keys=True),
+            "provenance": json.dumps(_jsonable(provenance), sort_keys=True),
+        }
+    except ValueError as exc:
+        raise EPDFileError(path, f"cannot write its metadata: {exc}") from None
     blob = st_save(tensors, metadata=meta)
     try:
         write_atomic(blob, path, overwrite)

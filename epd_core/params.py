@@ -24,7 +24,7 @@ from typing import Any, NamedTuple
 
 import torch
 
-from .schedules import SCHEDULE_TYPES
+from .schedules import SCHEDULE_TYPES, make_schedule
 
 __all__ = [
     "EPDParams", "Decoded", "decode", "time_points_for_nfe", "STUDENTS", "DEFAULT_STUDENT", "BACKENDS", "TABLE_NAMES",
@@ -35,6 +35,8 @@ DEFAULT_STUDENT = "carry"  # what EPD Distill fits unless told otherwise (measur
 BACKENDS = ("edm", "ldm", "sd3", "flux")
 TABLE_NAMES = ("r_params", "weight_s", "scale_dir_params", "scale_time_params")
 MAX_CHANNELS = 256  # latent channels an afs_mean may have
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # a table's tensors (not float8)
+SIGMA_RANGE = (1e-8, 1e5)  # where a table's own grid must lie (beyond it x * sigma overflows or d = x / sigma does)
 
 
 class Decoded(NamedTuple):
@@ -151,8 +153,8 @@ class EPDParams:
         shape = (self.num_steps - 1, self.num_points)
         for name in TABLE_NAMES:
             value = getattr(self, name)
-            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-                fail(name, "must be a floating-point tensor")
+            if not isinstance(value, torch.Tensor) or value.dtype not in FLOAT_DTYPES:
+                fail(name, "must be a float16, bfloat16, float32 or float64 tensor")
             if tuple(value.shape) != shape:
                 fail(name, f"shape {tuple(value.shape)} does not match (num_steps - 1, num_points) = {shape}")
             if not torch.isfinite(value).all():
@@ -200,6 +202,17 @@ class EPDParams:
         for name in ("afs", "fcn"):
             object.__setattr__(self, name, bool(getattr(self, name)))
         object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
+        try:  # values each in range can still make no grid (rho 0.001: sigma_max ** 1000)
+            grid = make_schedule(self)
+        except (OverflowError, ZeroDivisionError, ValueError) as exc:
+            grid = torch.tensor([math.nan])
+            why = f" ({exc})"
+        else:
+            why = ""
+        lo, hi = SIGMA_RANGE
+        if not (torch.isfinite(grid).all() and (grid[1:] < grid[:-1]).all() and lo <= grid[-1] and grid[0] <= hi):
+            fail("schedule", f"the table's own time grid is not decreasing within [{lo:g}, {hi:g}]{why}; check "
+                             "sigma_min, sigma_max, schedule_rho, flowmatch_shift and flowmatch_mu")  # fmt: skip
 
     @property
     def is_flow(self) -> bool:

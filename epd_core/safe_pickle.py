@@ -137,13 +137,35 @@ def _pop_mark(stack: list, marks: list) -> list:
     return items
 
 
+_MAX_KEY_DEPTH = 32  # nested tuples / frozensets in a dict key or set item
+_MAX_KEY_ITEMS = 1 << 16  # their items, counting every repeat of a shared one
+
+
 def _hashable(key: Any) -> Any:
+    """``key``, checked before ``hash(key)``: hashing a tuple recurses in C without a depth check (a deep enough
+    key kills the process) and visits a shared item once per reference (a few bytes of memo references make a
+    key of billions of items), so both are bounded first, each distinct container measured once."""
+    depth: dict[int, int] = {}
+    items: dict[int, int] = {}
+    stack: list[tuple[Any, bool]] = [(key, False)]
+    while stack:
+        item, done = stack.pop()
+        if not isinstance(item, (tuple, frozenset)):
+            continue
+        if done:
+            depth[id(item)] = 1 + max((depth.get(id(v), 0) for v in item), default=0)
+            items[id(item)] = len(item) + sum(items.get(id(v), 0) for v in item)
+            if depth[id(item)] > _MAX_KEY_DEPTH:
+                raise PickleRefused("key nested too deeply")
+            if items[id(item)] > _MAX_KEY_ITEMS:
+                raise PickleRefused("key too large")
+        elif id(item) not in depth:  # depth-first: a shared item's first visit ends before its next is popped
+            stack.append((item, True))
+            stack.extend((v, False) for v in item)
     try:
         hash(key)
     except TypeError as exc:
         raise PickleRefused(f"unhashable key of type {type(key).__name__}") from exc
-    except RecursionError as exc:
-        raise PickleRefused("key nested too deeply") from exc
     return key
 
 

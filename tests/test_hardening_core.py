@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from epd_core import EPDFileError, load_params, save_params
+from epd_core import EPDFileError, EPDParams, load_params, save_params
 from epd_core.__main__ import main as cli_main
 from epd_core.files import MAX_POINTS, MAX_TIME_POINTS, check_destination
 from epd_dev import ROOT
@@ -174,3 +174,95 @@ def test_save_checks_the_race_after_check_destination(tmp_path, monkeypatch):
         save_params(p, dst, overwrite=False)
     assert dst.read_bytes() == b"other"
     assert [x.name for x in tmp_path.iterdir()] == ["race.safetensors"]
+
+
+# --- crafted files from the review of 2026-12-05: each crashed, hung, ate memory or escaped as a bare error ------
+
+
+def _loads_in_a_child(path: Path) -> subprocess.CompletedProcess:
+    """``load_params(path)`` in a separate process (a crash there is not this test run's), printing its error."""
+    code = f"from epd_core import load_params\ntry:\n load_params({str(path)!r})\nexcept ValueError as e:\n print(e)"
+    return subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name, key",
+    [
+        ("deep", b")" + b"\x85" * 1_000_000),  # ((...,),) a million levels deep: hash() recursed in C and crashed
+        ("shared", b")q\x010" + (b"(" + b"h\x01" * 1000 + b"tq\x010") * 4 + b"h\x01"),  # 1,000 references to the
+    ],  # level below, four times: 10^12 items to hash, from 8 kB
+)
+def test_a_pickle_key_too_deep_or_too_large_is_refused_without_crashing(tmp_path, name, key):
+    path = tmp_path / f"{name}.pkl"
+    path.write_bytes(b"\x80\x02}" + key + b"Ns.")  # {key: None}
+    run = _loads_in_a_child(path)
+    assert run.returncode == 0, run.stderr[-500:]
+    assert f"{path}: refused predictor pickle: key" in run.stdout
+
+
+def test_a_pickle_that_rebuilds_one_storage_again_and_again_is_refused_within_its_memory_bound(tmp_path):
+    """A 1-value storage rebuilt 200 times as a 2^20-element tensor of stride 0 (6 bytes each through the memo)
+    used to allocate 1.6 GB before any check; the tensors one file builds are now bounded (64 MiB)."""
+    import warnings
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.save(torch.DoubleStorage(1), buf, _use_new_zipfile_serialization=False)
+    blob = buf.getvalue()
+    data = b"\x80\x02ctorch.storage\n_load_from_bytes\nB" + struct.pack("<I", len(blob)) + blob + b"\x85Rq\x01"
+    data += b"(h\x01K\x00J" + struct.pack("<i", 1 << 20) + b"\x85K\x00\x85\x89Ntq\x02"  # (storage, 0, (2^20,), (0,))
+    data += b"ctorch._utils\n_rebuild_tensor_v2\nq\x03]" + b"h\x03h\x02Ra" * 200 + b"."
+    path = tmp_path / "repeat.pkl"
+    path.write_bytes(data)
+    with pytest.raises(EPDFileError, match=r"repeat\.pkl: refused predictor pickle: the tensors built exceed 64 MiB"):
+        load_params(path)
+
+
+def _table(tmp_path: Path, name: str, dtype=torch.float32, provenance=None, **hyper) -> Path:
+    from safetensors.torch import save
+
+    tables = {n: torch.zeros(3, 2, dtype=dtype) for n in ("r_params", "weight_s", "scale_dir_params",
+                                                          "scale_time_params")}  # fmt: skip
+    meta = {"epd_format": "1", "hyper": json.dumps({"num_steps": 4, "num_points": 2, **hyper}),
+            "provenance": json.dumps(provenance or {})}  # fmt: skip
+    path = tmp_path / f"{name}.safetensors"
+    path.write_bytes(save(tables, metadata=meta))
+    return path
+
+
+def test_tables_that_load_must_make_a_grid_and_keep_their_metadata_writable(tmp_path):
+    """Each of these loaded (or escaped as a bare NotImplementedError / OverflowError / TypeError later, in the
+    loader node, the CLI or a save); now each is an EPDFileError that names the file and the problem."""
+    deep: list = []
+    for _ in range(100):
+        deep = [deep]
+    cases = {
+        "float8": ({"dtype": torch.float8_e4m3fn}, "must be a float16, bfloat16, float32 or float64 tensor"),
+        "rho": ({"schedule_type": "polynomial", "schedule_rho": 0.001}, "own time grid"),  # sigma_max ** 1000
+        "vp": ({"schedule_type": "time_uniform", "sigma_min": 0.002, "sigma_max": 1e200}, "own time grid"),
+        "mu": ({"schedule_type": "flowmatch", "backend": "flux", "flowmatch_mu": 1000.0}, "own time grid"),
+        "shift": ({"schedule_type": "flowmatch", "backend": "sd3", "flowmatch_shift": 1e308}, "own time grid"),
+        "range": ({"schedule_type": "logsnr", "sigma_min": 1e-300, "sigma_max": 1e300}, "own time grid"),
+        "source": ({"provenance": {"source_file": 5}}, "provenance source_file must be text"),
+        "entry": ({"provenance": {"catalogue_entry": ["x"]}}, "provenance catalogue_entry must be text"),
+        "deep": ({"provenance": {"notes": deep}}, "metadata nested deeper than"),
+    }
+    for name, (hyper, why) in cases.items():
+        with pytest.raises(EPDFileError, match=f"{name}.safetensors: .*{why}"):
+            load_params(_table(tmp_path, name, **hyper))
+    made = EPDParams.start(4, 2, metadata={"notes": deep})  # a table made in code: its save fails cleanly
+    with pytest.raises(EPDFileError, match="cannot write its metadata"):
+        save_params(made, tmp_path / "made.safetensors")
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("made", "."))) == []
+
+
+def test_a_checkpoint_name_with_glob_characters_removes_only_its_own_leftovers(tmp_path):
+    from epd_core.checkpoint import remove_leftovers
+
+    mine, other = tmp_path / ".run[1].ckpt.a1.tmp", tmp_path / ".run1.ckpt.b2.tmp"  # "[1]" matched "1"
+    for p in (mine, other):
+        p.write_bytes(b"x")
+    remove_leftovers(tmp_path / "run[1].ckpt")
+    assert not mine.exists() and other.exists()
