@@ -62,15 +62,16 @@ def table_placement(params: EPDParams) -> str:
 
 
 class PluginDenoiser:
-    """Stateful answer to a base solver's model calls along ``sigmas`` (one sampling run)."""
+    """Stateful answer to a base solver's model calls along ``sigmas`` (one sampling run); ``final`` and
+    ``finish`` as in :func:`~epd_core.solver.sample`."""
 
     def __init__(
         self, params: EPDParams, sigmas: torch.Tensor, parallel: bool | int = True, base: str = "euler",
-        final: str = "denoise",
+        final: str = "denoise", finish: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
     ):  # fmt: skip
         if final not in FINAL_STEPS:
             raise ValueError(f"final must be one of {FINAL_STEPS}, got {final!r}")
-        self.params, self.final, self.estimate = params, final, None
+        self.params, self.final, self.estimate, self.finish = params, final, None, finish
         self.sigmas = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu()
         self.offset, self.to_zero = grid_offset(params, self.sigmas)
         self.grid = self.sigmas[:-1] if self.to_zero else self.sigmas
@@ -102,8 +103,9 @@ class PluginDenoiser:
             )
         self.next_index += 1
         if i == self.grid.shape[0] - 1:
-            free = self.final == "estimate" and self.estimate is not None
-            return self.base.answer(i, x, self.estimate if free else denoiser(x, sigma))
+            if self.final != "estimate" or self.estimate is None:
+                return self.base.answer(i, x, denoiser(x, sigma))
+            return self.base.answer(i, x, self.estimate if self.finish is None else self.finish(self.estimate, sigma))
         step = self.offset + i
         t_cur, t_next = self.grid[i], self.grid[i + 1]
         afs = self.params.afs and step == 0

@@ -213,6 +213,7 @@ def sample(
     parallel: bool | int = True,
     final: str = "denoise",
     table: Decoded | None = None,
+    finish: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Run the table's student (epd, carry or ipndm) from ``x`` at ``sigmas[0]`` down the grid.
 
@@ -226,6 +227,9 @@ def sample(
     more at the last sigma; ``estimate`` returns the last step's own x0 estimate
     (its update extended to sigma 0), at no extra call. ``table`` replaces the
     table's decoded values, e.g. by ``[steps, B, K]`` per-sample tables (RDPO).
+    ``finish(estimate, sigma)``: what the model's wrapper makes of an answer at
+    ``sigma`` (ComfyUI's inpainting puts the source back where the mask keeps it),
+    applied to the estimate that stands in for the last call.
     """
     if final not in FINAL_STEPS:
         raise ValueError(f"final must be one of {FINAL_STEPS}, got {final!r}")
@@ -249,7 +253,8 @@ def sample(
     if to_zero:
         t_last = grid[-1]
         free = final == "estimate" and estimate is not None  # a lone sigma before the 0 has no step to extend
-        denoised = estimate if free else denoiser(x, _per_sample(t_last, x.shape[0], x))
+        sigma = _per_sample(t_last, x.shape[0], x)
+        denoised = denoiser(x, sigma) if not free else estimate if finish is None else finish(estimate, sigma)
         if callback is not None:
             i = grid.shape[0] - 1
             callback({"x": x, "i": i, "sigma": t_last, "sigma_hat": t_last, "denoised": denoised})

@@ -105,7 +105,8 @@ def make_plugin_sampler(
     def plugin_function(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
         grid = sigmas.detach().to("cpu", torch.float64)
         with epd_run(model, params, x, parallel, continuous_time, grid) as (mode, _):
-            plugin = PluginDenoiser(params, sigmas, mode, base=core_base(name), final=final_step)
+            finish = _ComfyDenoiser(model, extra_args or {}, x.shape[0]).finish
+            plugin = PluginDenoiser(params, sigmas, mode, base=core_base(name), final=final_step, finish=finish)
             return base.sampler_function(
                 _PluginModel(model, plugin), x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
                 **options,

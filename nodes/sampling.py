@@ -262,6 +262,18 @@ class _ComfyDenoiser:
             for name, value in saved.items():
                 setattr(self.model, name, value)
 
+    def finish(self, estimate: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """``estimate`` standing in for the model's answer at ``sigma``, as ComfyUI's inpainting wrapper makes every
+        answer (``KSamplerX0Inpaint``): the source latent where the noise mask keeps it."""
+        mask, latent = self.extra_args.get("denoise_mask"), getattr(self.model, "latent_image", None)
+        if mask is None or latent is None:
+            return estimate
+        mask_function = self.extra_args.get("model_options", {}).get("denoise_mask_function")
+        if mask_function is not None:
+            extra = {"model": self.model.inner_model, "sigmas": self.model.sigmas}
+            mask = mask_function(sigma, mask, extra_options=extra)
+        return estimate * mask + latent * (1.0 - mask)
+
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == self.batch:
             return self._call(x, sigma)
@@ -300,7 +312,7 @@ def epd_sampler_function(
             if s0 >= float(model_sampling.sigma_max) * (1 - 1e-5):
                 x = x * (s0 / (1.0 + s0**2) ** 0.5)
         den = _ComfyDenoiser(model, extra_args, x.shape[0])
-        out = epd_sample(den, x, sigmas, params, callback=callback, parallel=mode, final=final)
+        out = epd_sample(den, x, sigmas, params, callback=callback, parallel=mode, final=final, finish=den.finish)
     if convention == "authors" and flow and float(sigmas[-1]) > 0:
         out = out * (1.0 - float(sigmas[-1]))
     return out

@@ -236,6 +236,26 @@ def test_inpainting_batched_equals_sequential(batch):
     assert torch.allclose(outs["batched"][..., :4], latent["samples"][..., :4], atol=1e-5)
 
 
+@pytest.mark.parametrize("final", ["denoise", "estimate"])
+@pytest.mark.parametrize("name", ["sd15-best.pkl", "00016-lsun_bedroom_ldm-6-9-epd-uni1.0-afs.pkl"])
+def test_inpainting_keeps_the_unmasked_area_with_either_final_step(name, final):
+    """ComfyUI gives back the source latent where the noise mask keeps it: every sampler's last answer passes its
+    inpainting wrapper. The ``estimate`` ending stands in for that answer and is blended the same way; with a table
+    whose last step's sum of weight * scale_dir is not 1 (the authors' LSUN table: 0.959) it left noise there."""
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+
+    model, params = tiny_model("eps"), _table(name)
+    g = torch.Generator().manual_seed(4)
+    latent = {"samples": torch.randn(2, 4, 8, 8, generator=g), "noise_mask": torch.zeros(2, 1, 8, 8)}
+    latent["noise_mask"][:, :, :, 4:] = 1.0
+    (sigmas,) = _nodes_out(N["EPDScheduler"], model, params, 1.0, True)
+    (sampler,) = _nodes_out(N["EPDSampler"], params, "auto", True, "comfyui", final)
+    out = SamplerCustom.execute(model, True, 2, 3.0, conditioning(2, 5), conditioning(2, 6), sampler, sigmas,
+                                latent).result[0]["samples"]  # fmt: skip
+    assert torch.allclose(out[..., :4], latent["samples"][..., :4], atol=1e-5)
+    assert (out[..., 4:] - latent["samples"][..., 4:]).abs().max() > 0.1  # the masked area is sampled
+
+
 def test_flow_table_on_eps_model_is_a_clear_error():
     model = tiny_model("eps")
     with pytest.raises(ValueError, match="rectified-flow"):

@@ -145,6 +145,24 @@ def test_info_says_what_the_plugin_does_and_costs():
     assert "iPNDM extrapolation" in _plugin("lms", authors_ipndm)[1]
 
 
+@pytest.mark.parametrize("base", ["euler", "dpmpp_2m"])
+def test_plugin_estimate_ending_keeps_the_unmasked_area(base):
+    """With ``final_step`` estimate the plugin answers the base's last call with the ensemble's estimate, blended
+    as ComfyUI's inpainting wrapper blends every answer (it left noise in the kept area before)."""
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+
+    model = tiny_model("eps")
+    params = epd_core.load_params(official_path("00016-lsun_bedroom_ldm-6-9-epd-uni1.0-afs.pkl"))
+    g = torch.Generator().manual_seed(9)
+    lat = {"samples": torch.randn(2, 4, 8, 8, generator=g), "noise_mask": torch.zeros(2, 1, 8, 8)}
+    lat["noise_mask"][..., 4:] = 1.0
+    (sigmas,) = N["EPDScheduler"].execute(model, params, 1.0, True).result
+    sampler, _ = _plugin(base, params, "auto", "estimate")
+    out = SamplerCustom.execute(model, True, 2, 3.0, conditioning(2, 5), conditioning(2, 6), sampler, sigmas,
+                                lat).result[0]["samples"]  # fmt: skip
+    assert torch.allclose(out[..., :4], lat["samples"][..., :4], atol=1e-5)
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_plugin_batched_equals_sequential_with_inpainting(batch):
     from comfy_extras.nodes_custom_sampler import SamplerCustom
