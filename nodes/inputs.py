@@ -32,7 +32,8 @@ def parallel_input() -> io.Combo.Input:
         options=list(PARALLEL_MODES),
         default="auto",
         tooltip="batched: the K points in one call; sequential: one call per point; auto: batched as memory "
-        "allows, sequential when ControlNet, hooks or timestep ranges are present.",
+        "allows, sequential when ControlNet, hooks, timestep ranges or model patches that read one sigma per call "
+        "(Differential Diffusion, Deep Shrink, APG, Skip Layer Guidance, attention patches) are present.",
     )
 
 

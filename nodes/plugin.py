@@ -104,7 +104,8 @@ def make_plugin_sampler(
 
     def plugin_function(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
         grid = sigmas.detach().to("cpu", torch.float64)
-        with epd_run(model, params, x, parallel, continuous_time, grid) as (mode, _):
+        model_options = (extra_args or {}).get("model_options")
+        with epd_run(model, params, x, parallel, continuous_time, grid, model_options) as (mode, _):
             finish = _ComfyDenoiser(model, extra_args or {}, x.shape[0]).finish
             plugin = PluginDenoiser(params, sigmas, mode, base=core_base(name), final=final_step, finish=finish)
             return base.sampler_function(

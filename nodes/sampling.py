@@ -7,8 +7,9 @@ The core's :func:`~epd_core.solver.sample` runs on ComfyUI's model callable
   point-major, so ComfyUI's conditioning tiling lines up; inpainting inputs
   (``denoise_mask``, the wrapper's ``noise`` and ``latent_image``) are tiled the same way;
 * ``parallel``: ``batched`` (one call), ``sequential`` (one call per point) or
-  ``auto``: sequential when a conditioning reads only the first sigma of a batch
-  (ControlNet, hooks, timestep ranges), else as many points per call as
+  ``auto``: sequential when a conditioning or a model patch may read only the first
+  sigma of a batch (ControlNet, hooks, timestep ranges; a mask function, cfg pre/post
+  functions, block or attention patches), else as many points per call as
   ComfyUI's memory estimate allows; an out-of-memory error on a batched call
   redoes that call point by point;
 * ``continuous_time``: discrete-time models see the exact continuous timestep
@@ -38,6 +39,9 @@ from ..epd_core.solver import FINAL_STEPS
 PARALLEL_MODES = ("auto", "batched", "sequential")
 CONVENTIONS = ("comfyui", "authors")
 _FIRST_SIGMA_ONLY = ("control", "hooks", "timestep_start", "timestep_end")
+# Model patches that may read one sigma per batch (DifferentialDiffusion's mask, APG, Skip Layer Guidance, Deep
+# Shrink's block patches, attention replacements): a batch of K time points would get point 0's treatment.
+_FIRST_SIGMA_PATCHES = ("denoise_mask_function", "sampler_pre_cfg_function", "sampler_post_cfg_function")
 
 log = logging.getLogger("epd")
 
@@ -162,9 +166,10 @@ def exact_timesteps(base, enabled: bool = True) -> Iterator[None]:
 
 
 @contextmanager
-def epd_run(model, params: EPDParams, x: torch.Tensor, parallel: str, continuous_time: bool, sigmas: torch.Tensor):
-    """Checks the table, the grid and cfg against ComfyUI's wrapped model, picks how the K points are batched,
-    patches time.
+def epd_run(model, params: EPDParams, x: torch.Tensor, parallel: str, continuous_time: bool, sigmas: torch.Tensor,
+            model_options: dict | None = None):  # fmt: skip
+    """Checks the table, the grid and cfg against ComfyUI's wrapped model, picks how the K points are batched
+    (``model_options``: the sampler's, whose patches ``auto`` looks at), patches time.
 
     Yields ``(mode, model_sampling)``: ``mode`` for :func:`epd_core.sample`'s ``parallel``.
     """
@@ -178,6 +183,10 @@ def epd_run(model, params: EPDParams, x: torch.Tensor, parallel: str, continuous
     if parallel == "batched":
         mode: bool | int = True
     elif parallel == "sequential" or _conds_need_sequential(guider):
+        mode = False
+    elif patch := _first_sigma_patch(model_options):
+        log.info("EPD: the model carries %s, which may read one sigma per call: the K points go one by one "
+                 "(parallel 'batched' batches them anyway)", patch)  # fmt: skip
         mode = False
     else:
         mode = _points_per_call(guider, params, x)
@@ -218,6 +227,20 @@ def _conds_need_sequential(guider) -> bool:
             if any(cond.get(key) is not None for key in _FIRST_SIGMA_ONLY):
                 return True
     return False
+
+
+def _first_sigma_patch(model_options: dict | None) -> str | None:
+    """The first model patch in ``model_options`` that may read only the first sigma of a batch, or None."""
+    options = model_options or {}
+    for key in _FIRST_SIGMA_PATCHES:
+        if options.get(key):
+            return key
+    transformer = options.get("transformer_options") or {}
+    for key in ("patches", "patches_replace"):
+        for name, value in (transformer.get(key) or {}).items():
+            if value:
+                return f"{key} {name}"
+    return None
 
 
 def _points_per_call(guider, params: EPDParams, x: torch.Tensor) -> int:
@@ -305,7 +328,8 @@ def epd_sampler_function(
     """The ``KSAMPLER`` function: EPD on ComfyUI's model wrapper."""
     extra_args = {} if extra_args is None else extra_args
     sigmas = sigmas.detach().to("cpu", torch.float64)
-    with epd_run(model, params, x, parallel, continuous_time, sigmas) as (mode, model_sampling):
+    options = extra_args.get("model_options")
+    with epd_run(model, params, x, parallel, continuous_time, sigmas, options) as (mode, model_sampling):
         flow = model_sampling is not None and is_flow_model(model_sampling)
         if convention == "authors" and not flow and model_sampling is not None:
             s0 = float(sigmas[0])

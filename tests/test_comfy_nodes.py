@@ -164,6 +164,34 @@ def test_batched_equals_sequential_with_different_prompts(kind, cfg):
     assert torch.allclose(one[0], a[0], rtol=1e-4, atol=1e-4), "batch of B differs from a single run"
 
 
+@pytest.mark.parametrize("patch", ["differential diffusion", "deep shrink"])
+def test_auto_goes_point_by_point_under_model_patches_that_read_one_sigma(patch):
+    """DifferentialDiffusion's mask function and Deep Shrink's block patch read the first sigma of a call: in one
+    call of the K time points every point got point 0's treatment. ``auto`` now runs the points one by one and
+    equals ``sequential`` (the per-point semantics), which ``batched`` does not."""
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+    from comfy_extras.nodes_differential_diffusion import DifferentialDiffusion
+    from comfy_extras.nodes_model_downscale import PatchModelAddDownscale
+
+    base, params = tiny_model("eps"), _table("sd15-best.pkl")
+    g = torch.Generator().manual_seed(4)
+    if patch == "differential diffusion":
+        (model,) = DifferentialDiffusion.execute(base).result
+        soft = torch.linspace(0, 1, 8).reshape(1, 1, 1, 8).expand(2, 1, 8, 8).clone()
+        lat = {"samples": torch.randn(2, 4, 8, 8, generator=g), "noise_mask": soft}
+    else:
+        (model,) = PatchModelAddDownscale.execute(base, 1, 2.0, 0.0, 0.25, True, "bicubic", "bicubic").result
+        lat = {"samples": torch.zeros(2, 4, 16, 16)}
+    (sigmas,) = _nodes_out(N["EPDScheduler"], model, params, 1.0, True)
+    out = {}
+    for mode in ("auto", "batched", "sequential"):
+        (sampler,) = _nodes_out(N["EPDSampler"], params, mode, True, "comfyui", "denoise")
+        out[mode] = SamplerCustom.execute(model, True, 3, 3.0, conditioning(2, 5), conditioning(2, 6), sampler, sigmas,
+                                          lat).result[0]["samples"]  # fmt: skip
+    assert torch.equal(out["auto"], out["sequential"])
+    assert (out["batched"] - out["sequential"]).abs().max() > 1e-3  # the patch does read one sigma per call
+
+
 def test_batched_call_is_one_model_call_point_major():
     from comfy_extras.nodes_custom_sampler import SamplerCustom
 
