@@ -122,14 +122,18 @@ def check_cfg(guider) -> None:
 
 def check_grid(params: EPDParams, model_sampling, sigmas: torch.Tensor, mu: float | None = None) -> None:
     """The sigmas must be the table's own grid for this model (EPD Scheduler's), or its last steps (``denoise``),
-    optionally ending in 0: a grid of another length or spacing would run the table's steps at the wrong times."""
+    optionally ending in 0: a grid of another length or spacing would run the table's steps at the wrong times.
+    With a resolution's ``mu`` (Flux 2) the grid of the model's own ``mu`` is accepted too: EPD Scheduler's without
+    its optional latent."""
     from .scheduling import model_schedule
 
     positive = sigmas[:-1] if sigmas.shape[0] >= 2 and float(sigmas[-1]) == 0.0 else sigmas
-    grid = model_schedule(params, model_sampling, mu)
     n = positive.shape[0]
-    if 1 <= n <= grid.shape[0] and torch.allclose(positive.double(), grid[-n:].float().double(), rtol=1e-5, atol=0):
-        return
+    for option in (mu, None) if mu is not None else (None,):
+        grid = model_schedule(params, model_sampling, option)
+        if 1 <= n <= grid.shape[0] and torch.allclose(positive.double(), grid[-n:].float().double(), rtol=1e-5, atol=0):
+            return
+    grid = model_schedule(params, model_sampling, mu)
     got = f"{sigmas.shape[0]} sigmas" + (f" from {float(sigmas[0]):.4g} to {float(sigmas[-1]):.4g}" if n else "")
     raise ValueError(
         f"the sigmas are not this EPD table's grid: got {got}, but the table's grid for this model has "

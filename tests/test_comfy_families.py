@@ -136,6 +136,9 @@ def test_flux2_grid_takes_the_mu_of_its_resolution_like_flux2scheduler():
     shift = float(model.get_model_object("model_sampling").shift)
     assert torch.allclose(default.double(), epd_core.make_schedule(params, mu=shift).float().double())
     assert not torch.allclose(default, sigmas)
+    sampling.check_grid(params, model.get_model_object("model_sampling"), default, mu)  # the sampler takes it too
+    with pytest.raises(ValueError, match="not this EPD table's grid"):
+        sampling.check_grid(params, model.get_model_object("model_sampling"), default * 0.99, mu)
 
 
 def test_model_sampling_flux_node_upstream_sets_the_grid_mu():
