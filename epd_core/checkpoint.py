@@ -74,6 +74,9 @@ class RunState:
                 if saved.shape != value.shape:
                     raise CheckpointMismatch(f"tensor {name}: shape {tuple(saved.shape)}, not {tuple(value.shape)}")
                 value.copy_(saved.to(value.device, value.dtype))
+        _check_like(doc["param_groups"], self.optimizer.state_dict()["param_groups"], "optimizer settings")
+        if self.scheduler is not None:
+            _check_like(doc["scheduler"], self.scheduler.state_dict(), "scheduler state")
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         state = {}
         for idx, keys in doc["opt_keys"].items():
@@ -86,6 +89,23 @@ class RunState:
         if self.scheduler is not None:
             self.scheduler.load_state_dict(doc["scheduler"])
         self.generator.set_state(tensors["rng"])
+
+
+def _check_like(saved: Any, current: Any, what: str) -> None:
+    """``saved`` (JSON from a checkpoint) has the structure and value types of ``current`` (this run's own state):
+    loading it sets no attribute the run does not have and no setting of another type."""
+    if isinstance(current, dict):
+        if not isinstance(saved, dict) or set(saved) != set(current):
+            raise ValueError(f"{what}: other keys than this run's")
+        for key in current:
+            _check_like(saved[key], current[key], what)
+    elif isinstance(current, (list, tuple)):
+        if not isinstance(saved, list) or len(saved) != len(current):
+            raise ValueError(f"{what}: a list of another length")
+        for a, b in zip(saved, current, strict=True):
+            _check_like(a, b, what)
+    elif not (type(saved) is type(current) or (type(current) is float and type(saved) is int)):
+        raise ValueError(f"{what}: {type(saved).__name__} where this run has {type(current).__name__}")
 
 
 def save_checkpoint(path: str | os.PathLike, state: RunState, config: dict[str, Any], iteration: int,

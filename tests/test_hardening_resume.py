@@ -164,7 +164,8 @@ def test_rdpo_resumed_after_a_failing_state_stops_as_an_uninterrupted_run(tmp_pa
 
 def _checkpoint_edited(gm, start, ck, kw) -> None:
     """A checkpoint whose JSON parses but is not what a run wrote (a list for the config, a state whose optimizer
-    entries point past the parameters): refused as a mismatch naming the file, never another exception."""
+    entries point past the parameters, a scheduler attribute the run does not have, a learning rate in text): refused
+    as a mismatch naming the file, never another exception or a run that fails later."""
     import json
     import struct
 
@@ -180,6 +181,9 @@ def _checkpoint_edited(gm, start, ck, kw) -> None:
     for edited in ({**meta, "config": "[1, 2]"},
                    {**meta, "state": json.dumps({**state, "opt_keys": {"99": ["exp_avg"]}})},
                    {**meta, "state": json.dumps({**state, "opt_keys": ["not", "a", "mapping"]})},
+                   {**meta, "state": json.dumps({**state, "scheduler": {**state["scheduler"], "step": "x"}})},
+                   {**meta, "state": json.dumps({**state, "param_groups": [{**state["param_groups"][0],
+                                                                           "lr": "0.1"}]})},
                    {**meta, "curve": "[]"},  # iteration 3 with no losses
                    {**meta, "iteration": "9", "curve": json.dumps([0.1] * 9)}):  # fmt: skip  # a finished run's
         save_file(tensors, str(ck), metadata=edited)
