@@ -186,11 +186,11 @@ def epd_run(model, params: EPDParams, x: torch.Tensor, parallel: str, continuous
         check_grid(params, model_sampling, sigmas, resolution_mu(base, x.shape, params.num_steps - 1))
     if parallel == "batched":
         mode: bool | int = True
-    elif parallel == "sequential" or _conds_need_sequential(guider):
+    elif parallel == "sequential":
         mode = False
-    elif patch := _first_sigma_patch(model_options):
-        log.info("EPD: the model carries %s, which may read one sigma per call: the K points go one by one "
-                 "(parallel 'batched' batches them anyway)", patch)  # fmt: skip
+    elif reader := first_sigma_reader(guider, model_options):
+        log.info("EPD: %s may read one sigma per call: the K points go one by one (parallel 'batched' batches "
+                 "them anyway)", reader)  # fmt: skip
         mode = False
     else:
         mode = _points_per_call(guider, params, x)
@@ -233,6 +233,14 @@ def _conds_need_sequential(guider) -> bool:
     return False
 
 
+def first_sigma_reader(guider, model_options: dict | None) -> str | None:
+    """What in a sampling context may read only the first sigma of a call: a conditioning's ControlNet, hooks or
+    timestep range, or a model patch (:func:`_first_sigma_patch`); None if nothing does."""
+    if _conds_need_sequential(guider):
+        return "a conditioning with ControlNet, hooks or a timestep range"
+    return _first_sigma_patch(model_options)
+
+
 def _first_sigma_patch(model_options: dict | None) -> str | None:
     """The first model patch in ``model_options`` that may read only the first sigma of a batch, or None."""
     options = model_options or {}
@@ -265,12 +273,15 @@ def _points_per_call(guider, params: EPDParams, x: torch.Tensor) -> int:
 
 
 class _ComfyDenoiser:
-    """``denoiser(x, sigma)`` over ComfyUI's wrapped model, tiling inpainting inputs for K*B batches."""
+    """``denoiser(x, sigma)`` over ComfyUI's wrapped model, tiling inpainting inputs for K*B batches. With
+    ``one_sigma_per_call`` a batch of several sigmas goes as one call per run of equal sigma (for conditionings and
+    patches that read only the first sigma of a call; the core's batches run point-major, one sigma per point)."""
 
-    def __init__(self, model, extra_args: dict, batch: int) -> None:
+    def __init__(self, model, extra_args: dict, batch: int, one_sigma_per_call: bool = False) -> None:
         self.model = model
         self.extra_args = extra_args
         self.batch = batch
+        self.one_sigma_per_call = one_sigma_per_call
 
     def _call(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         comfy.model_management.throw_exception_if_processing_interrupted()  # between chunks, teacher steps, ...
@@ -302,6 +313,9 @@ class _ComfyDenoiser:
         return estimate * mask + latent * (1.0 - mask)
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        if self.one_sigma_per_call and sigma.numel() > 1 and bool((sigma != sigma[0]).any()):
+            starts = [0, *((sigma[1:] != sigma[:-1]).nonzero().flatten() + 1).tolist(), sigma.shape[0]]
+            return torch.cat([self._call(x[a:b], sigma[a:b]) for a, b in zip(starts, starts[1:], strict=False)])
         if x.shape[0] == self.batch:
             return self._call(x, sigma)
         try:

@@ -41,7 +41,14 @@ from .autograd import backward_failure, make_differentiable
 from .features import Encoder, final_feature_loss
 from .guard import PACK, user_error, user_path, user_text
 from .rewards import Reward
-from .sampling import _ComfyDenoiser, exact_timesteps, is_discrete_model, is_flow_model, is_flux_shift
+from .sampling import (
+    _ComfyDenoiser,
+    exact_timesteps,
+    first_sigma_reader,
+    is_discrete_model,
+    is_flow_model,
+    is_flux_shift,
+)
 from .scheduling import model_schedule
 
 log = logging.getLogger("epd")
@@ -339,7 +346,11 @@ def _train_on_model(model, positive, negative, cfg, latent, start, config, fit):
                                                    memory_required=memory, minimum_memory_required=minimum)  # fmt: skip
 
         with exact_timesteps(base), torch.inference_mode(False), torch.enable_grad():
-            den = _ComfyDenoiser(model_k, dict(extra_args or {}, denoise_mask=None), x.shape[0])
+            extra = dict(extra_args or {}, denoise_mask=None)
+            reader = first_sigma_reader(sampling, extra.get("model_options"))
+            if reader:
+                log.info("EPD: %s may read one sigma per call: the student's points go one call per time point", reader)
+            den = _ComfyDenoiser(model_k, extra, x.shape[0], one_sigma_per_call=reader is not None)
             session = Session(
                 den, tuple(x.shape[1:]), grid.to(x.device), x.device, progress, base.process_latent_out, reload
             )

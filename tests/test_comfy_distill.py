@@ -393,6 +393,33 @@ def test_cli_rdpo(tmp_path):
         assert meta["scale_std"] == (0.01 if heads else None)
 
 
+def test_distill_asks_one_sigma_per_call_when_a_conditioning_reads_only_the_first():
+    """ComfyUI decides a timestep range (and ControlNet, hooks, some model patches) per call from its first sigma: the
+    student's K points in one call were all treated as point 0. With such a conditioning every call now has one
+    sigma; without one the points still go together."""
+    training = H.pack_module("nodes.training")
+    config_module = H.pack_module("epd_core.config")
+    base, empty = tiny_model("eps"), latent("eps", 1)["samples"]
+    start = training.start_table(base.get_model_object("model_sampling"), 4, 2, False, "epd")
+    early, late = conditioning(1, 1), conditioning(1, 3)
+    ranged = [[early[0][0], {**early[0][1], "start_percent": 0.0, "end_percent": 0.5}],
+              [late[0][0], {**late[0][1], "start_percent": 0.5, "end_percent": 1.0}]]  # fmt: skip
+    config = config_module.DistillConfig(iterations=2, batch=2, teacher_m=1, gradient="fd", start_noises=0)
+    mixed = {}
+    for name, positive in (("plain", early), ("ranged", ranged)):
+        seen = []
+
+        def wrapper(apply_model, args, seen=seen):
+            seen.append(args["timestep"].clone())
+            return apply_model(args["input"], args["timestep"], **args["c"])
+
+        model = base.clone()
+        model.set_model_unet_function_wrapper(wrapper)
+        training.distill_on_model(model, positive, early, 2.0, empty, start, config)
+        mixed[name] = sum(bool((t != t[0]).any()) for t in seen)
+    assert mixed["plain"] > 0 and mixed["ranged"] == 0, mixed
+
+
 @pytest.mark.parametrize("change", ["second prompt", "late prompt", "feature weight", "feature encoder",
                                     "rdpo teacher_steps", "rdpo reward model"])  # fmt: skip
 def test_a_checkpoint_of_other_conditioning_or_reward_is_dropped_not_resumed(tmp_path, caplog, change):
