@@ -400,7 +400,7 @@ def distill(
         errors = held_out_errors(denoiser, fitted, final_grid, shape, config, dtype)
     curve = loss_curve(history)
     provenance = {
-        **dict(start.metadata),
+        **start.carried_metadata(),
         **(metadata or {}),
         **({"plugin_base": config.plugin_base} if config.plugin_base != "euler" else {}),
         "distilled": {**config.provenance(), "first_loss": curve[0], "final_loss": curve[-1], "loss_curve": curve,

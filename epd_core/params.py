@@ -35,6 +35,9 @@ DEFAULT_STUDENT = "carry"  # what EPD Distill fits unless told otherwise (measur
 BACKENDS = ("edm", "ldm", "sd3", "flux")
 TABLE_NAMES = ("r_params", "weight_s", "scale_dir_params", "scale_time_params")
 MAX_CHANNELS = 256  # latent channels an afs_mean may have
+# Metadata that describes one training run (how it sampled, what it was fed), not carried to a table trained from it
+RUN_METADATA = ("plugin_base", "fallback", "feature_loss", "prompts", "start", "teacher_steps", "reward_prompt",
+                "reward_model", "distilled", "rdpo")  # fmt: skip
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # a table's tensors (not float8)
 SIGMA_RANGE = (1e-8, 1e5)  # where a table's own grid must lie (beyond it x * sigma overflows or d = x / sigma does)
 
@@ -213,6 +216,10 @@ class EPDParams:
         if not (torch.isfinite(grid).all() and (grid[1:] < grid[:-1]).all() and lo <= grid[-1] and grid[0] <= hi):
             fail("schedule", f"the table's own time grid is not decreasing within [{lo:g}, {hi:g}]{why}; check "
                              "sigma_min, sigma_max, schedule_rho, flowmatch_shift and flowmatch_mu")  # fmt: skip
+
+    def carried_metadata(self) -> dict[str, Any]:
+        """What a table trained from this one keeps of its metadata: all but :data:`RUN_METADATA`."""
+        return {k: v for k, v in self.metadata.items() if k not in RUN_METADATA}
 
     @property
     def is_flow(self) -> bool:

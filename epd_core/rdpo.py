@@ -246,7 +246,7 @@ class DirichletPolicy(nn.Module):
                 value = getattr(centre, name)
                 value = getattr(self, name) if value is None else value[0]
                 raw[f"{name}_params"] = _raw_scale(value.double(), getattr(self.start, name)).float()
-        meta = {**dict(self.start.metadata), **(metadata or {})}
+        meta = {**self.start.carried_metadata(), **(metadata or {})}
         return self.start.replace(r_params=torch.logit(r).float(), weight_s=torch.log(w).float(), metadata=meta, **raw)
 
 
@@ -454,6 +454,7 @@ def rdpo(
     *,
     reward: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
     reference: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    grid: torch.Tensor | None = None,
     prompts: int = 1,
     guard: Callable[[torch.Tensor], float] | None = None,
     guard_samples: int = 100,
@@ -476,6 +477,7 @@ def rdpo(
     Either pass ``reward(final_x, context)`` (``context`` = each rollout's index into this iteration's noises)
     or ``reference(x_start) -> target`` for the built-in fidelity reward. See
     :class:`~epd_core.config.RDPOConfig` for the hyper-parameters (its defaults when ``config`` is None).
+    ``grid``: the time points the rollouts run on (the model's, e.g. its shift's; default the table's own schedule).
 
     Guard against reward hacking: the policy's KL to the start policy is recorded at every check, and with
     ``guard(final_x) -> metric`` (lower is better, e.g. an FID) the policy's mean table samples
@@ -495,7 +497,9 @@ def rdpo(
         raise ValueError("pass exactly one of reward and reference")
     if prompts < 1 or config.groups % prompts:
         raise ValueError(f"groups ({config.groups}) must be a multiple of the number of prompts ({prompts})")
-    grid = make_schedule(start).to(device)
+    grid = (make_schedule(start) if grid is None else torch.as_tensor(grid, dtype=torch.float64).clone()).to(device)
+    if grid.shape[0] != start.num_steps:
+        raise ValueError(f"the grid has {grid.shape[0]} points; the table has {start.num_steps}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)  # the residual network's initial weights: deterministic for a seed
         policy = DirichletPolicy(start, config.concentration, config.width, config.blocks, config.scale_std,

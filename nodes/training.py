@@ -240,7 +240,7 @@ def rdpo_on_model(
 
     def fit(s: Session) -> tuple[EPDParams, list[float]]:
         common = dict(dtype=torch.float32, device=s.device, progress=s.progress, metadata=metadata, prompts=prompts,
-                      checkpoint_key=key, **resume)  # fmt: skip
+                      checkpoint_key=key, grid=s.grid, **resume)  # fmt: skip
         if guard is not None:
             common.update(guard=lambda final: guard(s.latent_out(final)), guard_samples=guard_samples)
         if reward is not None:

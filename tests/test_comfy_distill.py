@@ -393,6 +393,31 @@ def test_cli_rdpo(tmp_path):
         assert meta["scale_std"] == (0.01 if heads else None)
 
 
+def test_auto_iterations_follow_a_given_tables_nfe_not_the_unused_nfe_input(epd_dir, monkeypatch):
+    """With ``start_params`` the table's own NFE applies (the tooltip), so auto iterations are its NFE's: an NFE-5
+    table with the nfe input left at 10 trained 1,600 iterations, not 3,200."""
+    nodes_training = H.pack_module("nodes.nodes_training")
+    config_module = H.pack_module("epd_core.config")
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(model, positive, negative, cfg, latent, start, config, **kw):
+        seen["iterations"] = config.iterations
+        raise Stop
+
+    monkeypatch.setattr(nodes_training, "distill_on_model", capture)
+    model = tiny_model("eps")
+    training = H.pack_module("nodes.training")
+    table = training.start_table(model.get_model_object("model_sampling"), 4, 2, False, "carry")  # NFE 4
+    args = {**node_defaults(N["EPDDistill"]), "nfe": 10, "iterations": 0, "filename": "auto_iterations",
+            "start_params": table}  # fmt: skip
+    with pytest.raises(Stop):
+        N["EPDDistill"].execute(model, conditioning(1, 1), conditioning(1, 2), latent("eps", 1), **args)
+    assert table.nfe != 10 and seen["iterations"] == config_module.node_iterations(table.nfe)
+
+
 def test_distill_asks_one_sigma_per_call_when_a_conditioning_reads_only_the_first():
     """ComfyUI decides a timestep range (and ControlNet, hooks, some model patches) per call from its first sigma: the
     student's K points in one call were all treated as point 0. With such a conditioning every call now has one

@@ -455,3 +455,15 @@ def test_keep_best_is_off_where_the_rms_error_is_not_the_objective():
     featured = distill(GM.denoise_ve, _start(), GM.shape, config, feature_loss=lambda a, b: ((a - b) ** 2).mean())
     plugin = distill(GM.denoise_ve, _start(), GM.shape, dataclasses.replace(config, plugin_base="dpmpp_2m"))
     assert "checks" not in featured.metadata["distilled"] and "checks" not in plugin.metadata["distilled"]
+
+
+def test_a_table_distilled_from_another_keeps_what_it_is_not_how_the_other_was_run():
+    """The start's plugin base (which changes how EPD Plugin places the points), fallback, prompts and training
+    record described the start's own run; the new table drops them and keeps the rest (its model, its command)."""
+    gm = GaussianMixture.reference()
+    start = EPDParams.start(4, 2, schedule_type="polynomial", schedule_rho=7.0, backend="edm",
+                            metadata={"model": "m", "plugin_base": "dpmpp_2m", "prompts": 3, "fallback": "x",
+                                      "distilled": {"iterations": 9}})  # fmt: skip
+    table = distill(gm.denoise_ve, start, gm.shape, DistillConfig(iterations=1, batch=2, teacher_m=1))
+    assert table.metadata["model"] == "m" and table.metadata["distilled"]["iterations"] == 1
+    assert not {"plugin_base", "prompts", "fallback"} & set(table.metadata)

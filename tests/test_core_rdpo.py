@@ -378,3 +378,28 @@ def test_guard_stops_on_a_degrading_metric(action, caplog):
             info["stopped_at"] is None and len(curve) == 6 and [c["iteration"] for c in info["guard"]] == [0, 2, 4, 6]
         )
         assert info["guard"][-1]["kl"] > 0 and not _same_results(new, start)
+
+
+def test_rdpo_rolls_out_on_the_given_grid_and_drops_the_start_runs_metadata():
+    """``grid``: the time points the model samples on (a model's shift moves them off the table's own schedule;
+    RDPO trained on the table's own before). The exported table keeps what the start says it is, not what the start's
+    own run recorded (its plugin base, reward, fallback)."""
+    start = EPDParams.start(4, 2, schedule_type="polynomial", schedule_rho=7.0, backend="edm",
+                            metadata={"model": "m", "plugin_base": "dpmpp_2m", "reward_prompt": "old",
+                                      "fallback": "objective global -> local"})  # fmt: skip
+    grid = make_schedule(start) * torch.tensor([1.0, 0.9, 0.8, 1.0], dtype=torch.float64)
+    seen: set[float] = set()
+
+    def recording(x, sigma):
+        seen.update(round(float(s), 9) for s in sigma.flatten())
+        return GM.denoise_ve(x, sigma)
+
+    config = RDPOConfig(iterations=1, groups=2, k=2, minibatch=2, width=8, blocks=1)
+    table, _ = rdpo(recording, start, GM.shape, config, grid=grid,
+                    reference=lambda x0: ode_endpoint(GM.denoise_ve, x0, float(grid[0]), steps=8))  # fmt: skip
+    assert {round(float(t), 9) for t in grid[:-1]} <= seen
+    assert round(float(make_schedule(start)[1]), 9) not in seen
+    assert table.metadata["model"] == "m"
+    assert not {"plugin_base", "reward_prompt", "fallback"} & set(table.metadata)
+    with pytest.raises(ValueError, match="the grid has 3 points"):
+        rdpo(GM.denoise_ve, start, GM.shape, config, grid=grid[:3], reference=lambda x0: x0)
