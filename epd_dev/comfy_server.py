@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -36,7 +37,9 @@ class ComfyServer:
         for sub in ("custom_nodes", "models/epd", "input", "output", "temp", "user"):
             (self.base / sub).mkdir(parents=True, exist_ok=True)
         link = self.base / "custom_nodes" / "epd_solver"
-        if not link.exists():
+        if link.is_symlink() and link.resolve() != ROOT.resolve():  # another checkout's, or a moved one's
+            link.unlink()
+        if not os.path.lexists(link):
             link.symlink_to(ROOT, target_is_directory=True)
         cmd = [
             sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),

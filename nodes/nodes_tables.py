@@ -75,8 +75,15 @@ def download_choice(entry: CatalogueEntry) -> str:
 def table_choices() -> list[str]:
     """Local tables (those for the pack's demo models under ``demo/``), then the catalogue's ComfyUI tables not
     downloaded yet, as ``[download] <family>/<name>``."""
-    local = folder_paths.get_filename_list(FOLDER)
+    local = local_tables()
     return local + [download_choice(e) for e in _comfyui_entries() if e.filename not in local]
+
+
+def local_tables() -> list[str]:
+    """The table files in the epd folders, without hidden ones (a download in progress, or one a stopped server
+    left behind, is written under a hidden folder there)."""
+    names = folder_paths.get_filename_list(FOLDER)
+    return [n for n in names if not any(part.startswith(".") for part in n.replace("\\", "/").split("/"))]
 
 
 def catalogue_choice(choice: str) -> CatalogueEntry | None:
@@ -166,7 +173,7 @@ class EPDParamsLoader(io.ComfyNode):
     @classmethod
     def validate_inputs(cls, table_name: str | None = None) -> bool | str:
         """Like the combo check, but a ``[download]`` choice stays valid after its table was downloaded."""
-        if table_name is None or table_name in folder_paths.get_filename_list(FOLDER) or catalogue_choice(table_name):
+        if table_name is None or table_name in local_tables() or catalogue_choice(table_name):
             return True
         where = user_text(str(folder_paths.get_folder_paths(FOLDER)))
         return f"EPD table {table_name!r} not found in {where} nor in the catalogue"

@@ -102,3 +102,22 @@ def test_loader_with_a_bad_mirror_is_a_node_error(loader_env, monkeypatch):
     assert not epd_dir.exists()
     with pytest.raises(ValueError, match="connection refused"):  # the pack's own copy of EPDFileError
         nodes["EPDParamsLoader"].execute("[download] tpami-flux-best")
+
+
+def test_a_download_in_progress_or_left_by_a_stopped_server_is_not_listed(loader_env):
+    """A download is written under a hidden folder in models/epd; ComfyUI's listing showed its partial ``.pkl`` (and
+    kept showing it after a server stopped mid-download), and the loader accepted the name. Hidden names are not
+    tables."""
+    import shutil
+
+    comfy_nodes, _, epd_dir = loader_env
+    loader = comfy_nodes["EPDParamsLoader"]
+    entry = next(e for e in ENTRIES if e.family == "sd15")
+    partial = epd_dir / f".{entry.name}.abc123.download" / entry.source_file
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"")
+    shutil.copyfile(OFFICIAL / entry.release / entry.source_file, epd_dir / "mine.pkl")
+    hidden = f".{entry.name}.abc123.download/{entry.source_file}"
+    assert "mine.pkl" in _options(loader) and hidden not in _options(loader)
+    assert loader.validate_inputs(table_name="mine.pkl") is True
+    assert "not found" in loader.validate_inputs(table_name=hidden)
