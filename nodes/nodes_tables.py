@@ -179,6 +179,18 @@ class EPDParamsLoader(io.ComfyNode):
         return f"EPD table {table_name!r} not found in {where} nor in the catalogue"
 
     @classmethod
+    def fingerprint_inputs(cls, table_name: str | None = None) -> str:
+        """The file's path, time and size: a table rewritten under its name (EPD Distill with overwrite, the CLI, a
+        copy) is loaded again, not taken from ComfyUI's cache of this node's result."""
+        entry = catalogue_choice(table_name or "")
+        path = folder_paths.get_full_path(FOLDER, entry.filename if entry else table_name or "")
+        try:
+            stat = Path(path).stat()
+        except (TypeError, OSError):  # no such file (yet): the name decides
+            return str(table_name)
+        return f"{path}:{stat.st_mtime_ns}:{stat.st_size}"
+
+    @classmethod
     def execute(cls, table_name: str) -> io.NodeOutput:
         params = load_table(resolve_table(table_name))
         return io.NodeOutput(params, describe(params))

@@ -121,3 +121,23 @@ def test_a_download_in_progress_or_left_by_a_stopped_server_is_not_listed(loader
     assert "mine.pkl" in _options(loader) and hidden not in _options(loader)
     assert loader.validate_inputs(table_name="mine.pkl") is True
     assert "not found" in loader.validate_inputs(table_name=hidden)
+
+
+def test_a_table_rewritten_under_its_name_is_loaded_again(loader_env):
+    """ComfyUI caches the loader's result by its input, the file name, unless the node's fingerprint changes: a table
+    that EPD Distill (overwrite) or the CLI rewrote under the same name kept being served from the cache. The
+    loader's fingerprint is now the file's (path, time, size)."""
+    import os
+    import shutil
+
+    comfy_nodes, _, epd_dir = loader_env
+    loader = comfy_nodes["EPDParamsLoader"]
+    epd_dir.mkdir(parents=True)
+    path = epd_dir / "mine.pkl"
+    shutil.copyfile(OFFICIAL / "tpami" / "sd15-best.pkl", path)
+    first = loader.fingerprint_inputs(table_name="mine.pkl")
+    assert loader.fingerprint_inputs(table_name="mine.pkl") == first
+    shutil.copyfile(OFFICIAL / "tpami" / "sd3-512-best.pkl", path)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert loader.fingerprint_inputs(table_name="mine.pkl") != first
+    assert loader.fingerprint_inputs(table_name="[download] no-such-table") == "[download] no-such-table"
