@@ -493,13 +493,19 @@ def held_out_errors(denoiser: Denoiser, params: EPDParams, grid: torch.Tensor, s
 
     The reference is the teacher with ``2M + 1`` points per step (twice as fine); ``teacher_error`` is the RMS
     distance of the training teacher (``M``) to it at the last grid point, ``student_error`` the student's. A
-    student cannot get much closer to the truth than its teacher: a small ratio says the teacher limits it.
+    student cannot get much closer to the truth than its teacher: a small ratio says the teacher limits it. With
+    ``config.final_estimate`` each ends as it is sampled: the student on its last step's estimate, the teachers on
+    the model's denoised end.
     """
     squared, count = torch.zeros(2, dtype=torch.float64), 0
+    sigmas = torch.cat([grid.cpu(), grid.new_zeros(1).cpu()]) if config.final_estimate else grid.cpu()
     for x in held_out_noises(config, 2, HELD_OUT, shape, params.is_flow, grid[0], dtype):
         fine = teacher_trajectory(denoiser, x, subdivide(grid, 2 * config.teacher_m + 1), config.teacher)[-1]
         teacher = teacher_trajectory(denoiser, x, subdivide(grid, config.teacher_m), config.teacher)[-1]
-        student = sample(denoiser, x, grid.cpu(), params)
+        if config.final_estimate:
+            end = grid[-1].expand(x.shape[0]).to(x.device, x.dtype)
+            fine, teacher = denoiser(fine, end), denoiser(teacher, end)
+        student = sample(denoiser, x, sigmas, params, final="estimate")
         squared += torch.stack([((a - fine).double() ** 2).sum().cpu() for a in (teacher, student)])
         count += x.numel()
     teacher_error, student_error = (squared / count).sqrt().tolist()

@@ -467,3 +467,26 @@ def test_a_table_distilled_from_another_keeps_what_it_is_not_how_the_other_was_r
     table = distill(gm.denoise_ve, start, gm.shape, DistillConfig(iterations=1, batch=2, teacher_m=1))
     assert table.metadata["model"] == "m" and table.metadata["distilled"]["iterations"] == 1
     assert not {"plugin_base", "prompts", "fallback"} & set(table.metadata)
+
+
+def test_the_recorded_held_out_error_scores_the_table_as_it_is_sampled():
+    """With ``final_estimate`` (the node's default) a table ends at sigma 0 on its last step's estimate; the
+    recorded ``student_error`` compared the state at the last grid point instead (14% off on this mixture)."""
+    from epd_core.distill import HELD_OUT
+    from epd_core.starts import held_out_noises
+    from epd_core.teachers import subdivide, teacher_trajectory
+
+    gm = GaussianMixture.reference()
+    start = EPDParams.start(4, 2, schedule_type="polynomial", schedule_rho=7.0, backend="edm", sigma_min=0.0292,
+                            sigma_max=14.6)  # fmt: skip
+    config = DistillConfig(iterations=2, batch=4, teacher_m=1, final_estimate=True, learn_grid=False)
+    table = distill(gm.denoise_ve, start, gm.shape, config)
+    grid = make_schedule(table)
+    squared, count = 0.0, 0
+    for x in held_out_noises(config, 2, HELD_OUT, gm.shape, False, grid[0], torch.float64):
+        fine = teacher_trajectory(gm.denoise_ve, x, subdivide(grid, 2 * config.teacher_m + 1), config.teacher)[-1]
+        fine = gm.denoise_ve(fine, grid[-1].expand(x.shape[0]))
+        end = sample(gm.denoise_ve, x, torch.cat([grid, torch.zeros(1, dtype=grid.dtype)]), table, final="estimate")
+        squared += float(((end - fine) ** 2).sum())
+        count += x.numel()
+    assert table.metadata["distilled"]["student_error"] == pytest.approx((squared / count) ** 0.5, rel=1e-9)
