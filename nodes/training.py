@@ -48,6 +48,7 @@ from .sampling import (
     is_discrete_model,
     is_flow_model,
     is_flux_shift,
+    resolution_mu,
 )
 from .scheduling import model_schedule
 
@@ -172,7 +173,8 @@ def distill_on_model(
         start = {"given": start.replace(metadata={k: v for k, v in start.metadata.items() if k != "start"})}
     starts, first = start, next(iter(start.values()))
     ms = model.get_model_object("model_sampling")
-    grids = {name: model_schedule(table, ms) for name, table in starts.items()}
+    mu = resolution_mu(model.model, latent.shape, first.num_steps - 1)  # Flux 2's, as EPD KSampler takes it
+    grids = {name: model_schedule(table, ms, mu) for name, table in starts.items()}
 
     def fit(s: Session) -> EPDParams:
         features = None if encoder is None else final_feature_loss(encoder, feature_weight, s.latent_out, s.reload)
@@ -319,9 +321,10 @@ def per_prompt_groups(config: RDPOConfig, prompts: int) -> RDPOConfig:
 
 
 def _train_on_model(model, positive, negative, cfg, latent, start, config, fit):
-    """Run ``fit(session)`` inside ComfyUI's prepared sampling context."""
+    """Run ``fit(session)`` inside ComfyUI's prepared sampling context, on the grid EPD KSampler samples the latent's
+    size on (Flux 2's ``mu`` follows the resolution)."""
     model_sampling = model.get_model_object("model_sampling")
-    grid = model_schedule(start, model_sampling)
+    grid = model_schedule(start, model_sampling, resolution_mu(model.model, latent.shape, start.num_steps - 1))
     result: dict = {}
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, negative)

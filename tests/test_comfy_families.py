@@ -244,3 +244,24 @@ def test_the_loader_info_says_which_model_a_table_was_made_for():
     assert "made for analytic sd3" in info and "static shift" in info and "shift 3" in info
     iccv = tables.describe(epd_core.load_params(official_path("00001-cifar10-3-3-epd-uni1.0-afs.pkl")))
     assert "pixel-space EDM" in iccv and "sigma 0.002 to 80" in iccv
+
+
+def test_flux2_training_runs_on_the_grid_epd_ksampler_samples_its_latent_on():
+    """EPD Distill and RDPO fit along the grid of the latent's resolution (Flux 2's mu), as EPD KSampler and EPD
+    Scheduler given the latent sample; they used the model's own mu, so a table without a stored grid was fitted to
+    time points it never sampled at."""
+    training = H.pack_module("nodes.training")
+    config_module = H.pack_module("epd_core.config")
+    model = tiny_model("flux2")
+    params = epd_core.load_params(official_path("flux-best.pkl"))
+    latent = {"samples": torch.zeros(1, 128, 64, 64)}
+    (expected,) = N["EPDScheduler"].execute(model, params, 1.0, False, latent).result
+    seen = {}
+
+    def fit(session):
+        seen["grid"] = session.grid.clone()
+        return params
+
+    training._train_on_model(model, conditioning(1), conditioning(1), 1.0, latent["samples"], params,
+                             config_module.DistillConfig(iterations=1), fit)  # fmt: skip
+    assert torch.allclose(seen["grid"].double(), expected.double(), rtol=1e-6)
