@@ -140,9 +140,9 @@ class EPDDistill(io.ComfyNode):
         objective = objective or default("objective")
         final_estimate = default("final_estimate") if final_estimate is None else final_estimate
         gradient = "fd" if objective == "local" else "autograd"
-        nfe = start_params.nfe if start_params is not None else nfe  # a given table's own, as the tooltip says
+        table_nfe = start_params.nfe if start_params is not None else nfe  # a given table's own (the tooltip)
         auto = iterations == 0
-        iterations = node_iterations(nfe) if auto else iterations
+        iterations = node_iterations(table_nfe) if auto else iterations
         config = DistillConfig(
             iterations=iterations, batch=batch, teacher=teacher, teacher_m=teacher_steps, lr=learning_rate,
             seed=seed, learn_grid=learn_grid, final_estimate=final_estimate, gradient=gradient, objective=objective,
@@ -156,7 +156,7 @@ class EPDDistill(io.ComfyNode):
         steps, afs = time_points_for_nfe(nfe, student)
         ms = model.get_model_object("model_sampling")
         start = start_params or start_tables(ms, steps, points, afs, student)
-        bounds = scale_bounds(nfe, start_params, scale_dir=scale_dir, scale_time=scale_time)
+        bounds = scale_bounds(table_nfe, start_params, scale_dir=scale_dir, scale_time=scale_time)
         start = with_scale_heads(start, **bounds)
         params = distill_on_model(model, positive, negative, cfg, latent_image["samples"], start, config,
                                   metadata={"tool": "EPD Distill node", "cfg": cfg}, encoder=feature_encoder,

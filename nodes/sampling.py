@@ -129,11 +129,11 @@ def check_grid(params: EPDParams, model_sampling, sigmas: torch.Tensor, mu: floa
 
     positive = sigmas[:-1] if sigmas.shape[0] >= 2 and float(sigmas[-1]) == 0.0 else sigmas
     n = positive.shape[0]
-    for option in (mu, None) if mu is not None else (None,):
-        grid = model_schedule(params, model_sampling, option)
+    grids = [model_schedule(params, model_sampling, option) for option in dict.fromkeys((mu, None))]
+    for grid in grids:
         if 1 <= n <= grid.shape[0] and torch.allclose(positive.double(), grid[-n:].float().double(), rtol=1e-5, atol=0):
             return
-    grid = model_schedule(params, model_sampling, mu)
+    grid = grids[0]
     got = f"{sigmas.shape[0]} sigmas" + (f" from {float(sigmas[0]):.4g} to {float(sigmas[-1]):.4g}" if n else "")
     raise ValueError(
         f"the sigmas are not this EPD table's grid: got {got}, but the table's grid for this model has "
