@@ -38,7 +38,8 @@ from . import __version__
 from .files import MAX_FILE_BYTES, EPDFileError, load_params, save_params
 
 __all__ = [
-    "CatalogueEntry", "load_catalogue", "find_entry", "source_url", "fetch", "verify_local", "UPSTREAM", "MIRROR_ENV",
+    "CatalogueEntry", "load_catalogue", "find_entry", "source_url", "fetch", "verify_local", "remove_stale_downloads",
+    "UPSTREAM", "MIRROR_ENV",
 ]  # fmt: skip
 
 UPSTREAM = "https://raw.githubusercontent.com/BeierZhu/EPD"
@@ -297,6 +298,33 @@ def _network_problem(exc: BaseException, timeout: float) -> str:
     return f"{type(reason).__name__}: {reason}" if str(reason) else type(reason).__name__
 
 
+STALE_AFTER_S = 3600.0  # a download's folder untouched this long was left by a server that stopped mid-transfer
+
+
+def _newest_mtime(folder: Path) -> float:
+    return max([folder.stat().st_mtime, *(p.stat().st_mtime for p in folder.iterdir())])
+
+
+def remove_stale_downloads(entry: CatalogueEntry, dest_dir: str | os.PathLike, older_than: float) -> list[Path]:
+    """Remove ``entry``'s download folders in ``dest_dir`` (``.<name>.XXXXXXXX.download``, as :func:`fetch` makes
+    them) untouched for ``older_than`` seconds: a stopped server's leftovers, as a live transfer ends within its
+    timeout. Returns the folders removed."""
+    pattern = re.compile(rf"\.{re.escape(entry.name)}\.[a-z0-9_]{{8}}\.download")
+    now, removed = time.time(), []
+    try:
+        candidates = [p for p in Path(dest_dir).iterdir() if pattern.fullmatch(p.name) and p.is_dir()]
+    except OSError:
+        return removed
+    for folder in candidates:
+        try:
+            if now - _newest_mtime(folder) > older_than and not folder.is_symlink():
+                shutil.rmtree(folder)
+                removed.append(folder)
+        except OSError:
+            continue  # gone meanwhile, or not ours to remove: the download goes on either way
+    return removed
+
+
 def fetch(
     entry: CatalogueEntry,
     dest_dir: str | os.PathLike,
@@ -313,9 +341,13 @@ def fetch(
     ``opener(url, timeout)`` returns a response (default: ``urlopen`` following redirects only within the same
     scheme, host and port); ``check_interrupt()`` is called every 0.2 s and may raise to stop (ComfyUI's
     interrupt). Every failure is an ``EPDFileError`` (an interrupt: its own exception) and leaves nothing on disk.
+    Download folders of this entry that a stopped server left behind (untouched for ``STALE_AFTER_S``, and for
+    longer than ``timeout``) are removed.
     """
     dest = Path(dest_dir)
     final = dest / entry.filename
+    if dest.is_dir():
+        remove_stale_downloads(entry, dest, max(STALE_AFTER_S, 2 * timeout))
     if final.exists():
         return _existing(entry, final)
     url = source_url(entry, base_url)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import re
 import time
 from contextlib import redirect_stdout
@@ -160,6 +161,24 @@ def test_mirror_from_the_environment(mirror, tmp_path, monkeypatch):
     path = fetch(find_entry("iccv-00021-ffhq-3-3-ipndm", CATALOGUE), tmp_path)
     assert mirror.requests == [CATALOGUE["iccv-00021-ffhq-3-3-ipndm"].url[len(UPSTREAM) :]]
     assert load_params(path).student == "ipndm"
+
+
+def test_a_stopped_servers_download_folders_are_removed_not_a_live_one(mirror, tmp_path):
+    """A server killed mid-download leaves ``.<name>.XXXXXXXX.download``; the next fetch of that entry removes it
+    once it is older than any live transfer can be, and leaves younger ones and other entries' alone."""
+    entry = CATALOGUE["tpami-sd15-best"]
+    stale = tmp_path / f".{entry.name}.abcd1234.download"
+    live = tmp_path / f".{entry.name}.efgh5678.download"
+    other = tmp_path / ".tpami-sd3-512-best.ijkl9012.download"
+    lookalike = tmp_path / f".{entry.name}.kept.download"  # not a name fetch makes
+    for folder in (stale, live, other, lookalike):
+        folder.mkdir()
+        (folder / entry.source_file).write_bytes(b"partial")
+    old = time.time() - 2 * 3600
+    for path in (stale / entry.source_file, stale, other / entry.source_file, other, lookalike):
+        os.utime(path, (old, old))
+    fetch(entry, tmp_path, base_url=mirror.url)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([entry.filename, live.name, other.name, lookalike.name])
 
 
 def test_an_existing_download_is_reused_without_network(mirror, tmp_path):
