@@ -137,7 +137,8 @@ def _rdpo(args: argparse.Namespace, argv: list[str]) -> int:
     def progress(i: int, n: int, reward: float) -> None:
         print(f"\riteration {i}/{n} mean reward {reward:.5f}", end="" if i < n else "\n", flush=True)
 
-    meta = {"command": "python -m epd_core " + shlex.join(argv), "rdpo_start_file": str(args.table)}
+    meta = {"model": f"analytic mixture {args.mixture}", "command": "python -m epd_core " + shlex.join(argv),
+            "rdpo_start_file": str(args.table)}  # fmt: skip
     config = from_arguments(args, RDPOConfig)
     params, curve = rdpo(gm.denoise_ve, start, gm.shape, config, reference=exact, progress=progress, metadata=meta,
                          checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,

@@ -38,6 +38,11 @@ MAX_CHANNELS = 256  # latent channels an afs_mean may have
 # Metadata that describes one training run (how it sampled, what it was fed), not carried to a table trained from it
 RUN_METADATA = ("plugin_base", "fallback", "feature_loss", "prompts", "start", "teacher_steps", "reward_prompt",
                 "reward_model", "distilled", "rdpo")  # fmt: skip
+# Metadata that says where one file came from (the model it was fitted to, the command, the download); a table trained
+# from it records these under ``trained_from`` (newest first, at most TRAINED_FROM_DEPTH) instead of claiming them
+SOURCE_METADATA = ("model", "tool", "command", "cfg", "source_file", "source_sha256", "source_url", "downloaded_from",
+                   "catalogue_entry", "rdpo_start_file", "created_by")  # fmt: skip
+TRAINED_FROM_DEPTH = 8
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # a table's tensors (not float8)
 SIGMA_RANGE = (1e-8, 1e5)  # where a table's own grid must lie (beyond it x * sigma overflows or d = x / sigma does)
 
@@ -218,8 +223,15 @@ class EPDParams:
                              "sigma_min, sigma_max, schedule_rho, flowmatch_shift and flowmatch_mu")  # fmt: skip
 
     def carried_metadata(self) -> dict[str, Any]:
-        """What a table trained from this one keeps of its metadata: all but :data:`RUN_METADATA`."""
-        return {k: v for k, v in self.metadata.items() if k not in RUN_METADATA}
+        """What a table trained from this one keeps of its metadata: all but :data:`RUN_METADATA`, with this table's
+        :data:`SOURCE_METADATA` moved to the front of ``trained_from`` (so the new table does not claim this one's
+        model, command or download)."""
+        kept = {k: v for k, v in self.metadata.items() if k not in RUN_METADATA and k not in SOURCE_METADATA}
+        source = {k: self.metadata[k] for k in SOURCE_METADATA if k in self.metadata}
+        earlier = self.metadata.get("trained_from")
+        chain = ([source] if source else []) + (list(earlier) if isinstance(earlier, (list, tuple)) else [])
+        kept.pop("trained_from", None)
+        return {**kept, "trained_from": chain[:TRAINED_FROM_DEPTH]} if chain else kept
 
     @property
     def is_flow(self) -> bool:

@@ -20,7 +20,15 @@ from .features import clip_vision_encoder
 from .inputs import EncoderType, EPDParamsType, advanced, config_input, epd_params_input, output_inputs, seed_input
 from .nodes_tables import describe
 from .rewards import clip_score_reward, preference_reward
-from .training import distill_on_model, output_path, rdpo_on_model, resume_options, save_output, start_tables
+from .training import (
+    distill_on_model,
+    model_name,
+    output_path,
+    rdpo_on_model,
+    resume_options,
+    save_output,
+    start_tables,
+)
 
 REWARDS = ["fidelity", "clip_score", "preference"]
 REWARD_FOLDER = "epd_rewards"  # models/epd_rewards: preference heads (safetensors)
@@ -158,8 +166,9 @@ class EPDDistill(io.ComfyNode):
         start = start_params or start_tables(ms, steps, points, afs, student)
         bounds = scale_bounds(table_nfe, start_params, scale_dir=scale_dir, scale_time=scale_time)
         start = with_scale_heads(start, **bounds)
+        metadata = {"tool": "EPD Distill node", "model": model_name(model), "cfg": cfg}
         params = distill_on_model(model, positive, negative, cfg, latent_image["samples"], start, config,
-                                  metadata={"tool": "EPD Distill node", "cfg": cfg}, encoder=feature_encoder,
+                                  metadata=metadata, encoder=feature_encoder,
                                   feature_weight=feature_weight, **resume_options(path, iterations))  # fmt: skip
         saved = save_output(params, path, overwrite)
         d = params.metadata["distilled"]
@@ -363,7 +372,7 @@ class EPDRDPO(io.ComfyNode):
     ) -> io.NodeOutput:  # fmt: skip
         config = rdpo_preset(preset, iterations=iterations, groups=groups, k=group_size, concentration=concentration,
                              lr=learning_rate, seed=seed)  # fmt: skip
-        metadata = {"tool": "EPD RDPO node", "cfg": cfg}
+        metadata = {"tool": "EPD RDPO node", "model": model_name(model), "cfg": cfg}
         scorer = None
         if reward == "clip_score":
             scorer = _clip_score(vae, clip_vision, clip, prompt)

@@ -97,6 +97,15 @@ def _start_for(model_sampling, steps: int, points: int, afs: bool, student: str)
                            sigma_min=lo, sigma_max=hi, student=student)  # fmt: skip
 
 
+def model_name(model) -> str:
+    """The ComfyUI model a table is fitted to, as its metadata's ``model``: its configuration's class (SD15, SDXL,
+    SD3, Flux, ...), the graph's checkpoint name being unknown to the node."""
+    inner = getattr(model, "model", None)
+    config = getattr(inner, "model_config", None)
+    name = type(config).__name__ if config is not None else type(inner).__name__
+    return f"a ComfyUI {name} model"
+
+
 def output_path(filename: str, overwrite: bool) -> Path:
     """``models/epd/<filename>.safetensors``; refuses odd names, names of the pack's bundled or downloadable
     tables (the trained file would shadow them) and, unless asked, existing files."""

@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
             rdpo_config = config.RDPOConfig(
                 iterations=args.rdpo_iterations, groups=8, k=4, concentration=20.0, lr=3e-4, seed=args.seed
             )
-            meta = {"command": command, "rdpo_start_file": out.name}
+            meta = {"model": "digits UNet (demo_models/digits-unet.safetensors)", "command": command,
+                    "rdpo_start_file": out.name}  # fmt: skip
             params, curve = training.rdpo_on_model(model, cond, cond, 1.0, latent, start, rdpo_config,
                                                    teacher_m=args.rdpo_teacher_m, metadata=meta)  # fmt: skip
             refined = out.with_name(f"{out.stem}-rdpo.safetensors")

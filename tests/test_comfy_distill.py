@@ -370,6 +370,12 @@ def test_rdpo_node_saves_a_table_with_provenance(epd_dir, kind):
     )
     loaded = epd_core.load_params(epd_dir / f"rdpo_{kind}.safetensors")
     assert loaded.metadata["rdpo"]["iterations"] == 3 and "reward" in info
+    # each table names the model it was fitted to, and the RDPO table its start's run under trained_from
+    model_name = {"eps": "a ComfyUI SD15 model", "flux": "a ComfyUI Flux model"}[kind]
+    assert start.metadata["model"] == loaded.metadata["model"] == model_name
+    assert (start.metadata["tool"], loaded.metadata["tool"]) == ("EPD Distill node", "EPD RDPO node")
+    assert loaded.metadata["trained_from"][0]["tool"] == "EPD Distill node"
+    assert f"made for {model_name}" in N["EPDParamsLoader"].execute(f"rdpo_{kind}.safetensors").result[1]
     assert torch.isfinite(loaded.r_params).all() and loaded.num_steps == start.num_steps
     assert not (torch.equal(loaded.r_params, start.r_params) and torch.equal(loaded.weight_s, start.weight_s))
 

@@ -459,14 +459,21 @@ def test_keep_best_is_off_where_the_rms_error_is_not_the_objective():
 
 def test_a_table_distilled_from_another_keeps_what_it_is_not_how_the_other_was_run():
     """The start's plugin base (which changes how EPD Plugin places the points), fallback, prompts and training
-    record described the start's own run; the new table drops them and keeps the rest (its model, its command)."""
+    record described the start's own run; the new table drops them. Where the start came from (its model, command,
+    download) moves to ``trained_from``: a table fine-tuned from a catalogue table on another model claimed that
+    model and catalogue entry, and EPD Parameters Loader said it was made for the authors' models."""
     gm = GaussianMixture.reference()
+    source = {"model": "m", "command": "c0", "catalogue_entry": "tpami-sd15-best", "source_file": "sd15.pkl"}
     start = EPDParams.start(4, 2, schedule_type="polynomial", schedule_rho=7.0, backend="edm",
-                            metadata={"model": "m", "plugin_base": "dpmpp_2m", "prompts": 3, "fallback": "x",
-                                      "distilled": {"iterations": 9}})  # fmt: skip
-    table = distill(gm.denoise_ve, start, gm.shape, DistillConfig(iterations=1, batch=2, teacher_m=1))
-    assert table.metadata["model"] == "m" and table.metadata["distilled"]["iterations"] == 1
-    assert not {"plugin_base", "prompts", "fallback"} & set(table.metadata)
+                            metadata={**source, "plugin_base": "dpmpp_2m", "prompts": 3, "fallback": "x",
+                                      "distilled": {"iterations": 9}, "note": "kept"})  # fmt: skip
+    config = DistillConfig(iterations=1, batch=2, teacher_m=1)
+    table = distill(gm.denoise_ve, start, gm.shape, config, metadata={"command": "c1"})
+    assert table.metadata["distilled"]["iterations"] == 1 and table.metadata["note"] == "kept"
+    assert not {"plugin_base", "prompts", "fallback", "model", "catalogue_entry", "source_file"} & set(table.metadata)
+    assert table.metadata["command"] == "c1" and table.metadata["trained_from"] == [source]
+    again = distill(gm.denoise_ve, table, gm.shape, config, metadata={"model": "m2"})
+    assert again.metadata["model"] == "m2" and again.metadata["trained_from"] == [{"command": "c1"}, source]
 
 
 def test_the_recorded_held_out_error_scores_the_table_as_it_is_sampled():

@@ -399,7 +399,7 @@ def test_rdpo_rolls_out_on_the_given_grid_and_drops_the_start_runs_metadata():
                     reference=lambda x0: ode_endpoint(GM.denoise_ve, x0, float(grid[0]), steps=8))  # fmt: skip
     assert {round(float(t), 9) for t in grid[:-1]} <= seen
     assert round(float(make_schedule(start)[1]), 9) not in seen
-    assert table.metadata["model"] == "m"
-    assert not {"plugin_base", "reward_prompt", "fallback"} & set(table.metadata)
+    assert table.metadata["trained_from"] == [{"model": "m"}]
+    assert not {"plugin_base", "reward_prompt", "fallback", "model"} & set(table.metadata)
     with pytest.raises(ValueError, match="the grid has 3 points"):
         rdpo(GM.denoise_ve, start, GM.shape, config, grid=grid[:3], reference=lambda x0: x0)
