@@ -32,7 +32,7 @@ from ..epd_core.catalogue import load_catalogue
 from ..epd_core.checkpoint import CheckpointMismatch, answers, interruptible
 from ..epd_core.config import DistillConfig, RDPOConfig
 from ..epd_core.distill import distill, first_step_mean, recomputed
-from ..epd_core.files import EPDFileError, save_params
+from ..epd_core.files import EPDFileError, check_destination, save_params
 from ..epd_core.rdpo import rdpo
 from ..epd_core.schedules import polynomial
 from ..epd_core.starts import start_errors
@@ -124,6 +124,10 @@ def output_path(filename: str, overwrite: bool) -> Path:
     path = folder / f"{stem}.safetensors"
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise ValueError(f"{user_path(path)} exists; set overwrite to replace it")
+    try:  # what saving refuses (a folder or a link of that name), refused before the training rather than after
+        check_destination(path, overwrite)
+    except EPDFileError as exc:
+        raise user_error(exc) from None
     return path
 
 

@@ -314,6 +314,21 @@ def test_never_overwrites_without_asking(epd_dir):
         _run(model, "eps", "../escape", iterations=1)
 
 
+def test_a_destination_saving_would_refuse_is_refused_before_training(epd_dir, tmp_path_factory):
+    """With overwrite on, a folder or a link named like the table passed the name check; the whole run trained, then
+    saving refused it, losing the table and leaving the run's checkpoint behind."""
+    model = tiny_model("eps")
+    elsewhere = tmp_path_factory.mktemp("elsewhere") / "other.safetensors"
+    elsewhere.write_bytes(b"someone else's file")
+    (epd_dir / "linked.safetensors").symlink_to(elsewhere)
+    (epd_dir / "folder.safetensors").mkdir()
+    for name, problem in (("linked", "exists and is not a regular file"), ("folder", "is a folder")):
+        with pytest.raises(ValueError, match=problem):
+            _run(model, "eps", name, iterations=4, overwrite=True)
+        assert not list(epd_dir.glob("*.epd-checkpoint"))
+    assert elsewhere.read_bytes() == b"someone else's file"
+
+
 @pytest.mark.parametrize("check", [16, 0])
 def test_interrupt_stops_and_saves_nothing(epd_dir, check):
     """Cancel at the first progress report: in the start check (its 16 noises) or, without one, at iteration 1."""
