@@ -190,7 +190,9 @@ def _persistent_obj(args: tuple) -> Opaque:
     if not isinstance(meta, dict):
         raise PickleRefused("persistent object metadata is not a dict")
     name = meta.get("class_name")
-    return Opaque(name=str(name), state=meta.get("state"))
+    if not isinstance(name, str):
+        raise PickleRefused("persistent object class_name is not text")
+    return Opaque(name=name, state=meta.get("state"))
 
 
 def _module_stub(name: str):

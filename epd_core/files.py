@@ -29,7 +29,7 @@ from safetensors.torch import save as st_save
 
 from . import __version__
 from .authors_format import read_authors_pickle
-from .params import TABLE_NAMES, EPDParams
+from .params import TABLE_NAMES, EPDParams, shown
 from .safe_pickle import PickleRefused
 
 __all__ = [
@@ -96,7 +96,7 @@ def _backend_of(hyper: dict[str, Any]) -> str:
     if backend in ("ldm", "sd3", "flux"):
         return backend
     if backend is not None:
-        raise ValueError(f"unknown backend {backend!r}")
+        raise ValueError(f"unknown backend {shown(backend)}")
     if str(hyper.get("dataset_name", "")).endswith("_ldm"):
         return "ldm"
     return "edm"
@@ -131,10 +131,10 @@ def params_from_authors(tables: dict[str, torch.Tensor], hyper: dict[str, Any], 
         max_order=hyper.get("max_order") if hyper.get("max_order") is not None else 4,
         schedule_type=hyper.get("schedule_type"),
         schedule_rho=hyper.get("schedule_rho") if hyper.get("schedule_rho") is not None else 1.0,
-        afs=bool(hyper.get("afs", False)),
+        afs=hyper.get("afs", False),
         scale_dir=hyper.get("scale_dir") or 0.0,
         scale_time=hyper.get("scale_time") or 0.0,
-        fcn=bool(hyper.get("fcn", False)),
+        fcn=hyper.get("fcn", False),
         sigma_min=hyper.get("sigma_min"),
         sigma_max=hyper.get("sigma_max"),
         flowmatch_shift=shift,

@@ -17,6 +17,7 @@ With ``fcn`` the last step's ``scale_dir`` is forced to 1.
 from __future__ import annotations
 
 import math
+import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from types import MappingProxyType
@@ -45,6 +46,16 @@ SOURCE_METADATA = ("model", "tool", "command", "cfg", "source_file", "source_sha
 TRAINED_FROM_DEPTH = 8
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)  # a table's tensors (not float8)
 SIGMA_RANGE = (1e-8, 1e5)  # where a table's own grid must lie (beyond it x * sigma overflows or d = x / sigma does)
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 2, 60, 60, 40
+_SHORT.maxlist = _SHORT.maxtuple = _SHORT.maxdict = _SHORT.maxset = _SHORT.maxfrozenset = 4
+
+
+def shown(value: Any) -> str:
+    """A value as an error message quotes it: its repr, cut short (a file's value can be any size)."""
+    return _SHORT.repr(value)
 
 
 class Decoded(NamedTuple):
@@ -145,7 +156,7 @@ class EPDParams:
         for name in ("num_steps", "num_points", "max_order"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
-                fail(name, f"must be an integer, got {value!r}")
+                fail(name, f"must be an integer, got {shown(value)}")
         if self.num_steps < 2:
             fail("num_steps", f"must be >= 2, got {self.num_steps}")
         if self.num_points < 1:
@@ -153,11 +164,17 @@ class EPDParams:
         if not 1 <= self.max_order <= 4:
             fail("max_order", f"must be in 1..4, got {self.max_order}")
         if self.student not in STUDENTS:
-            fail("student", f"must be one of {STUDENTS}, got {self.student!r}")
+            fail("student", f"must be one of {STUDENTS}, got {shown(self.student)}")
         if self.schedule_type not in SCHEDULE_TYPES:
-            fail("schedule_type", f"must be one of {SCHEDULE_TYPES}, got {self.schedule_type!r}")
+            fail("schedule_type", f"must be one of {SCHEDULE_TYPES}, got {shown(self.schedule_type)}")
         if self.backend not in BACKENDS:
-            fail("backend", f"must be one of {BACKENDS}, got {self.backend!r}")
+            fail("backend", f"must be one of {BACKENDS}, got {shown(self.backend)}")
+        for name in ("teacher", "guidance_type", "dataset_name"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                fail(name, f"must be text or None, got {shown(getattr(self, name))}")
+        value = self.teacher_steps_m
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            fail("teacher_steps_m", f"must be a count or None, got {shown(value)}")
         shape = (self.num_steps - 1, self.num_points)
         for name in TABLE_NAMES:
             value = getattr(self, name)
@@ -171,7 +188,7 @@ class EPDParams:
         for name in ("schedule_rho", "scale_dir", "scale_time"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                fail(name, f"must be a finite number, got {value!r}")
+                fail(name, f"must be a finite number, got {shown(value)}")
             object.__setattr__(self, name, float(value))
         if self.schedule_rho <= 0:
             fail("schedule_rho", "must be > 0")
@@ -183,7 +200,7 @@ class EPDParams:
             if value is None:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                fail(name, f"must be a finite number or None, got {value!r}")
+                fail(name, f"must be a finite number or None, got {shown(value)}")
             object.__setattr__(self, name, float(value))
         for name in ("sigma_min", "sigma_max", "flowmatch_shift"):
             value = getattr(self, name)
@@ -193,22 +210,25 @@ class EPDParams:
             fail("sigma_min", "must be below sigma_max")
         if self.t_steps is not None:
             t = self.t_steps
-            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (self.num_steps,):
-                fail("t_steps", f"must be a tensor of shape ({self.num_steps},)")
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != (self.num_steps,) or t.dtype not in FLOAT_DTYPES:
+                fail("t_steps", f"must be a float tensor of shape ({self.num_steps},)")
             t = t.detach().to("cpu", torch.float64).clone()
             if not torch.isfinite(t).all() or not (t > 0).all() or not (t[1:] < t[:-1]).all():
                 fail("t_steps", "must be finite, positive and strictly decreasing")
             object.__setattr__(self, "t_steps", t)
         if self.afs_mean is not None:
             m = self.afs_mean
-            if not isinstance(m, torch.Tensor) or m.ndim != 1 or not 1 <= m.numel() <= MAX_CHANNELS:
-                fail("afs_mean", f"must be a 1-D tensor of 1 to {MAX_CHANNELS} per-channel means")
+            if not isinstance(m, torch.Tensor) or m.ndim != 1 or not 1 <= m.numel() <= MAX_CHANNELS or (
+                m.dtype not in FLOAT_DTYPES
+            ):
+                fail("afs_mean", f"must be a 1-D float tensor of 1 to {MAX_CHANNELS} per-channel means")
             m = m.detach().to("cpu", torch.float64).clone()
             if not torch.isfinite(m).all() or float(m.abs().max()) > 1e4:
                 fail("afs_mean", "must be finite and at most 1e4 in size")
             object.__setattr__(self, "afs_mean", m)
         for name in ("afs", "fcn"):
-            object.__setattr__(self, name, bool(getattr(self, name)))
+            if not isinstance(getattr(self, name), bool):  # bool("false") would be True
+                fail(name, f"must be true or false, got {shown(getattr(self, name))}")
         object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
         try:  # values each in range can still make no grid (rho 0.001: sigma_max ** 1000)
             grid = make_schedule(self)

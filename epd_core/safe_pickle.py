@@ -169,6 +169,53 @@ def _hashable(key: Any) -> Any:
     return key
 
 
+_MAX_DEPTH = 64  # nested containers in the value a pickle returns
+_MAX_EXPANDED = 1 << 20  # its size as repr, str or == walk it: every repeat of a shared item counted, text by length
+
+
+def _children(item: Any) -> tuple | None:
+    """The values inside a container (a dict's keys and values, an :class:`Opaque`'s parts), None for a leaf."""
+    if isinstance(item, dict):
+        return (*item.keys(), *item.values())
+    if isinstance(item, (list, tuple, set, frozenset)):
+        return tuple(item)
+    if isinstance(item, Opaque):
+        return (item.name, item.args, item.state, item.extra)
+    return None
+
+
+def _check_expanded(value: Any) -> Any:
+    """``value``, checked before anything walks it: memo references let a few hundred bytes hold a list that holds
+    itself ten times over, ten levels deep, whose ``repr`` or comparison takes minutes and gigabytes; its expanded
+    size and depth are measured from each distinct container once."""
+    depth: dict[int, int] = {}
+    size: dict[int, int] = {}
+    open_: set[int] = set()  # containers whose contents are being measured
+    stack: list[tuple[Any, bool]] = [(value, False)]
+    while stack:
+        item, done = stack.pop()
+        children = _children(item)
+        if children is None:
+            continue
+        if id(item) in open_ and not done:
+            raise PickleRefused("a value contains itself; not an EPD table")
+        if done:
+            open_.discard(id(item))
+            depth[id(item)] = 1 + max((depth.get(id(v), 0) for v in children), default=0)
+            size[id(item)] = 1 + sum(
+                size.get(id(v), 1 + len(v) // 16 if isinstance(v, (str, bytes, bytearray)) else 1) for v in children
+            )
+            if depth[id(item)] > _MAX_DEPTH:
+                raise PickleRefused(f"values nested more than {_MAX_DEPTH} deep; not an EPD table")
+            if size[id(item)] > _MAX_EXPANDED:
+                raise PickleRefused("values repeated by reference past any EPD table's size; not an EPD table")
+        elif id(item) not in depth:  # depth-first: a shared item's first visit ends before its next is popped
+            open_.add(id(item))
+            stack.append((item, True))
+            stack.extend((v, False) for v in children)
+    return value
+
+
 def _decode_long(raw: bytes) -> int:
     if len(raw) > 64:
         raise PickleRefused("integer wider than 512 bits")
@@ -232,7 +279,7 @@ def load_one(
         if op == STOP:
             if len(stack) != 1 or marks:
                 raise PickleRefused("malformed stream at STOP")
-            return stack[0], rd.pos
+            return _check_expanded(stack[0]), rd.pos
         if op == PROTO:
             if rd.take(1)[0] > _MAX_PROTO:
                 raise PickleRefused("unsupported pickle protocol")

@@ -201,6 +201,45 @@ def test_a_pickle_key_too_deep_or_too_large_is_refused_without_crashing(tmp_path
     assert f"{path}: refused predictor pickle: key" in run.stdout
 
 
+def _text(s: str) -> bytes:
+    return b"\x8c" + bytes([len(s)]) + s.encode()
+
+
+def _laughs(levels: int) -> bytes:
+    """A list holding the level below ten times, by memo reference: 25 bytes a level, 10^levels items expanded."""
+    out = b"]q\x000"
+    for i in range(1, levels + 1):
+        out += b"(" + (b"h" + bytes([i - 1])) * 10 + b"lq" + bytes([i]) + b"0"
+    return out + b"h" + bytes([levels])
+
+
+def _predictor(value: bytes, where: str) -> bytes:
+    """An authors' predictor pickle whose ``class_name``, or one of whose hyper-parameters, is ``value``."""
+    name = value if where == "class_name" else _text("EPD_predictor")
+    state = b"}" + _text(where) + value + b"s" if where != "class_name" else b"}"
+    meta = b"}(" + _text("class_name") + name + _text("state") + state + b"u"
+    return (b"\x80\x04}" + _text("model") + _text("torch_utils.persistence") + _text("_reconstruct_persistent_obj")
+            + b"\x93" + meta + b"\x85Rs.")  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "name, data, problem",
+    [  # 289 bytes each: str(), repr() or == of the value took 5 s and 330 MB (one level more: a minute and 5 GB)
+        ("class_name", _predictor(_laughs(8), "class_name"), "persistent object class_name is not text"),
+        ("num_steps", _predictor(_laughs(8), "num_steps"), "values repeated by reference past any EPD table's size"),
+        ("backend", _predictor(_laughs(8), "backend"), "values repeated by reference past any EPD table's size"),
+        ("cycle", b"\x80\x04}" + _text("model") + b"]q\x00h\x00as.", "a value contains itself"),
+        ("deep", b"\x80\x04}" + _text("model") + b"(" * 100 + b"]" + b"l" * 100 + b"s.", "values nested more than 64"),
+    ],
+)
+def test_a_pickle_value_repeated_by_reference_is_refused_before_anything_walks_it(tmp_path, name, data, problem):
+    path = tmp_path / f"{name}.pkl"
+    path.write_bytes(data)
+    run = _loads_in_a_child(path)
+    assert run.returncode == 0, run.stderr[-500:]
+    assert f"{path}: refused predictor pickle: {problem}" in run.stdout and len(run.stdout) < 500
+
+
 def test_a_pickle_that_rebuilds_one_storage_again_and_again_is_refused_within_its_memory_bound(tmp_path):
     """A 1-value storage rebuilt 200 times as a 2^20-element tensor of stride 0 (6 bytes each through the memo)
     used to allocate 1.6 GB before any check; the tensors one file builds are now bounded (64 MiB)."""
@@ -256,6 +295,37 @@ def test_tables_that_load_must_make_a_grid_and_keep_their_metadata_writable(tmp_
     with pytest.raises(EPDFileError, match="cannot write its metadata"):
         save_params(made, tmp_path / "made.safetensors")
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("made", "."))) == []
+
+
+def test_a_tables_fields_must_have_their_types_not_what_python_makes_of_them(tmp_path):
+    """``afs: "false"`` loaded as ``afs=True`` (``bool`` of a string) and sampled with the analytic first step; an
+    integer or boolean ``afs_mean`` and a complex ``t_steps`` (its imaginary part dropped) loaded too; any JSON loaded
+    as ``dataset_name`` or ``teacher_steps_m``. A long value's message is cut short."""
+    from safetensors.torch import save
+
+    def with_tensor(name: str, tensor: torch.Tensor) -> Path:
+        path = _table(tmp_path, name)
+        base = load_params(path)
+        tables = {
+            n: getattr(base, n).float() for n in ("r_params", "weight_s", "scale_dir_params", "scale_time_params")
+        }
+        meta = {"epd_format": "1", "hyper": json.dumps({"num_steps": 4, "num_points": 2}), "provenance": "{}"}
+        path.write_bytes(save({**tables, name: tensor}, metadata=meta))
+        return path
+
+    cases = {
+        "afs": (_table(tmp_path, "afs", afs="false"), "afs: must be true or false, got 'false'"),
+        "fcn": (_table(tmp_path, "fcn", fcn=1), "fcn: must be true or false, got 1"),
+        "dataset_name": (_table(tmp_path, "dataset_name", dataset_name=[1, 2]), "must be text or None"),
+        "teacher_steps_m": (_table(tmp_path, "teacher_steps_m", teacher_steps_m={"x": 1}), "must be a count or None"),
+        "afs_mean": (with_tensor("afs_mean", torch.tensor([1, 2])), "afs_mean: must be a 1-D float tensor"),
+        "t_steps": (with_tensor("t_steps", torch.tensor([80, 10, 3, 1]) + 0j), "t_steps: must be a float tensor"),
+        "long": (_table(tmp_path, "long", backend="x" * 100_000), "backend: must be one of .* got 'xxxxx"),
+    }
+    for name, (path, why) in cases.items():
+        with pytest.raises(EPDFileError, match=f"{path.name}: .*{why}") as err:
+            load_params(path)
+        assert len(str(err.value)) < 400, name
 
 
 def test_a_checkpoint_name_with_glob_characters_removes_only_its_own_leftovers(tmp_path):
