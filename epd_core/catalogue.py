@@ -365,10 +365,10 @@ def fetch(
             _download(entry, url, raw, timeout, opener, check_interrupt)
         except _Refused as exc:
             raise EPDFileError(final, f"download of {entry.name} from {url} refused: {exc}") from None
-        except (urllib.error.URLError, HTTPException, OSError) as exc:
+        except (urllib.error.URLError, HTTPException, OSError, ValueError) as exc:  # ValueError: a malformed URL
             problem = _network_problem(exc, timeout)
             raise EPDFileError(final, f"cannot download {entry.name} from {url}: {problem}") from None
-        _convert(entry, raw, url, final)
+        final = _convert(entry, raw, url, final)
         ok = True
     finally:
         if work is not None:
@@ -379,7 +379,7 @@ def fetch(
     return final
 
 
-def _convert(entry: CatalogueEntry, raw: Path, url: str, final: Path) -> None:
+def _convert(entry: CatalogueEntry, raw: Path, url: str, final: Path) -> Path:
     """The verified download through the safe loader, saved (atomically) with its provenance."""
     try:
         params = load_params(raw)
@@ -391,4 +391,7 @@ def _convert(entry: CatalogueEntry, raw: Path, url: str, final: Path) -> None:
     try:
         save_params(params.replace(metadata=provenance), final, overwrite=False)  # one that appeared meanwhile stays
     except EPDFileError as exc:
+        if final.is_file() and not final.is_symlink():  # another fetch of this entry finished first: use it if it is
+            return _existing(entry, final)
         raise EPDFileError(final, f"cannot save {entry.name}: {exc.problem}") from None
+    return final

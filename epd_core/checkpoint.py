@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .files import write_atomic
+from .files import temp_prefix, write_atomic
 
 __all__ = [
     "CheckpointMismatch", "RunState", "Checkpointer", "save_checkpoint", "load_checkpoint", "interruptible", "probe",
@@ -130,7 +130,7 @@ def save_checkpoint(path: str | os.PathLike, state: RunState, config: dict[str, 
 def remove_leftovers(path: str | os.PathLike) -> None:
     """Temporary files of ``path``'s checkpoint writes that a kill left behind."""
     path = Path(path)
-    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+    for tmp in path.parent.glob(f"{glob.escape(temp_prefix(path))}*.tmp"):
         tmp.unlink(missing_ok=True)
 
 

@@ -321,9 +321,15 @@ def save_params(params: EPDParams, path: str | os.PathLike, *, overwrite: bool =
     return path
 
 
+def temp_prefix(path: Path) -> str:
+    """The start of :func:`write_atomic`'s temporary names for ``path``: ``.<name>.``, the name cut so that with
+    mkstemp's 8 characters and ``.tmp`` it stays within a file system's 255 (a legal long name stays writable)."""
+    return f".{path.name[:241]}."
+
+
 def write_atomic(blob: bytes, path: Path, overwrite: bool) -> None:
     """``blob`` into ``path`` through a temporary file in the same folder; never a half-written file."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(blob)

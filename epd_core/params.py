@@ -218,9 +218,8 @@ class EPDParams:
             object.__setattr__(self, "t_steps", t)
         if self.afs_mean is not None:
             m = self.afs_mean
-            if not isinstance(m, torch.Tensor) or m.ndim != 1 or not 1 <= m.numel() <= MAX_CHANNELS or (
-                m.dtype not in FLOAT_DTYPES
-            ):
+            shaped = isinstance(m, torch.Tensor) and m.ndim == 1 and 1 <= m.numel() <= MAX_CHANNELS
+            if not shaped or m.dtype not in FLOAT_DTYPES:
                 fail("afs_mean", f"must be a 1-D float tensor of 1 to {MAX_CHANNELS} per-channel means")
             m = m.detach().to("cpu", torch.float64).clone()
             if not torch.isfinite(m).all() or float(m.abs().max()) > 1e4:

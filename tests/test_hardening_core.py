@@ -328,6 +328,19 @@ def test_a_tables_fields_must_have_their_types_not_what_python_makes_of_them(tmp
         assert len(str(err.value)) < 400, name
 
 
+def test_a_legal_long_file_name_is_writable_and_its_leftovers_found(tmp_path):
+    """The temporary file's name added 14 characters to the table's: a legal 252-character name failed to save."""
+    from epd_core.checkpoint import remove_leftovers
+
+    path = tmp_path / ("a" * 240 + ".safetensors")
+    save_params(EPDParams.start(4, 2), path)
+    assert load_params(path).num_steps == 4 and [p.name for p in tmp_path.iterdir()] == [path.name]
+    left = tmp_path / f".{path.name[:241]}.abcdefgh.tmp"  # what a write killed mid-way leaves
+    left.write_bytes(b"partial")
+    remove_leftovers(path)
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
 def test_a_checkpoint_name_with_glob_characters_removes_only_its_own_leftovers(tmp_path):
     from epd_core.checkpoint import remove_leftovers
 

@@ -70,6 +70,32 @@ def test_redirects_to_another_scheme_host_or_port_are_refused(mirror, tmp_path, 
         other.close()
 
 
+@pytest.mark.parametrize("target", ["http://[::1", "http://127.0.0.1:99999/x", "http://127.0.0.1:abc/x"])
+def test_a_malformed_redirect_is_an_error_naming_the_entry(mirror, tmp_path, target):
+    """urllib raises a bare ValueError on these; it escaped fetch, naming neither the entry nor the mirror."""
+    mirror.mode, mirror.target = "redirect", target
+    with pytest.raises(EPDFileError, match=f"cannot download {ENTRY.name} from {mirror.url}.*ValueError"):
+        fetch(ENTRY, tmp_path, base_url=mirror.url, timeout=10)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_fetch_that_another_fetch_of_the_entry_overtook_returns_its_file(mirror, tmp_path, monkeypatch):
+    """Two fetches of one entry (two servers sharing models/epd, or the CLI beside the server): the one that saved
+    second failed, 'appeared while this table was made', though the file there was the entry's."""
+    from epd_core import catalogue
+
+    real = catalogue._download
+
+    def overtaken(*args, **kwargs):
+        real(*args, **kwargs)
+        monkeypatch.setattr(catalogue, "_download", real)
+        fetch(ENTRY, tmp_path, base_url=mirror.url, timeout=10)  # the other fetch saves first
+
+    monkeypatch.setattr(catalogue, "_download", overtaken)
+    path = fetch(ENTRY, tmp_path, base_url=mirror.url, timeout=10)
+    assert verify_local(ENTRY, path) == path and sorted(p.name for p in tmp_path.iterdir()) == [ENTRY.filename]
+
+
 def test_a_redirect_on_the_same_server_is_followed(mirror, tmp_path):
     mirror.mode = "redirect"
     mirror.target = "/moved" + PATH
