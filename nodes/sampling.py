@@ -42,6 +42,9 @@ _FIRST_SIGMA_ONLY = ("control", "hooks", "timestep_start", "timestep_end")
 # Model patches that may read one sigma per batch (DifferentialDiffusion's mask, APG, Skip Layer Guidance, Deep
 # Shrink's block patches, attention replacements): a batch of K time points would get point 0's treatment.
 _FIRST_SIGMA_PATCHES = ("denoise_mask_function", "sampler_pre_cfg_function", "sampler_post_cfg_function")
+# Wrappers around each model call (EasyCache, LazyCache: they decide on the first sigma of a call and keep state
+# sized to its batch); the sampling-wide ones (outer_sample, sampler_sample, prepare_sampling) see no single call.
+_PER_CALL_WRAPPERS = ("calc_cond_batch", "predict_noise", "apply_model", "diffusion_model")
 
 log = logging.getLogger("epd")
 
@@ -184,6 +187,7 @@ def epd_run(model, params: EPDParams, x: torch.Tensor, parallel: str, continuous
     if model_sampling is not None:
         check_compatible(params, model_sampling)
         check_grid(params, model_sampling, sigmas, resolution_mu(base, x.shape, params.num_steps - 1))
+    check_context_windows(model_options, sigmas)
     if parallel == "batched":
         mode: bool | int = True
     elif parallel == "sequential":
@@ -247,12 +251,38 @@ def _first_sigma_patch(model_options: dict | None) -> str | None:
     for key in _FIRST_SIGMA_PATCHES:
         if options.get(key):
             return key
+    if options.get("context_handler") is not None:
+        return "context windows"
     transformer = options.get("transformer_options") or {}
     for key in ("patches", "patches_replace"):
         for name, value in (transformer.get(key) or {}).items():
             if value:
                 return f"{key} {name}"
+    wrappers = transformer.get("wrappers") or {}
+    for kind in _PER_CALL_WRAPPERS:
+        for name, value in (wrappers.get(kind) or {}).items():
+            if value:
+                return f"the {kind} wrapper {name}"
     return None
+
+
+def check_context_windows(model_options: dict | None, sigmas: torch.Tensor) -> None:
+    """Context windows whose handler refuses a sigma between the grid's (ComfyUI 0.3.x: 'No sample_sigmas matched
+    current timestep'; a sampler's sub-steps fail the same way) cannot run EPD, whose points lie between them."""
+    handler = (model_options or {}).get("context_handler")
+    if handler is None or not hasattr(handler, "set_step") or len(sigmas) < 2 or float(sigmas[1]) <= 0:
+        return
+    grid = sigmas.detach().to("cpu", torch.float32)
+    between = (grid[0] * grid[1]).sqrt().reshape(1)
+    probe = copy.copy(handler)  # set_step may record the step it found
+    try:
+        probe.set_step(between, {"transformer_options": {"sample_sigmas": grid}})
+    except Exception:  # noqa: BLE001 - ComfyUI raises a bare Exception here
+        raise ValueError(
+            "the context windows of this ComfyUI accept only the grid's own sigmas (multi-step samplers fail the same "
+            "way), and EPD evaluates between them: update ComfyUI (0.33 accepts them) or sample without context "
+            "windows"
+        ) from None
 
 
 def _points_per_call(guider, params: EPDParams, x: torch.Tensor) -> int:

@@ -43,6 +43,7 @@ from .guard import PACK, user_error, user_path, user_text
 from .rewards import Reward
 from .sampling import (
     _ComfyDenoiser,
+    check_context_windows,
     exact_timesteps,
     first_sigma_reader,
     is_discrete_model,
@@ -363,6 +364,7 @@ def _train_on_model(model, positive, negative, cfg, latent, start, config, fit):
 
         with exact_timesteps(base), torch.inference_mode(False), torch.enable_grad():
             extra = dict(extra_args or {}, denoise_mask=None)
+            check_context_windows(extra.get("model_options"), grid)
             reader = first_sigma_reader(sampling, extra.get("model_options"))
             if reader:
                 log.info("EPD: %s may read one sigma per call: the student's points go one call per time point", reader)

@@ -192,6 +192,67 @@ def test_auto_goes_point_by_point_under_model_patches_that_read_one_sigma(patch)
     assert (out["batched"] - out["sequential"]).abs().max() > 1e-3  # the patch does read one sigma per call
 
 
+@pytest.mark.parametrize("cache", ["EasyCacheNode", "LazyCacheNode"])
+def test_auto_goes_point_by_point_under_caches_that_wrap_each_model_call(cache):
+    """EasyCache and LazyCache wrap each model call, decide on its first sigma and keep state sized to its batch:
+    with ``auto`` batching the K points, EPD KSampler failed with a bare tensor-size error at the defaults."""
+    import comfy_extras.nodes_easycache as easycache
+
+    base = tiny_model("flux")
+    (model,) = getattr(easycache, cache).execute(base, 0.2, 0.15, 0.95, False).result
+    params = _table("flux-best.pkl")
+    out = {}
+    for mode in ("auto", "sequential"):
+        args = (7, 3.0, conditioning(2, 1), conditioning(2, 2), latent("flux", 2), params, 1.0, mode, True)
+        out[mode] = N["EPDKSampler"].execute(model, *args, "estimate").result[0]["samples"]
+    assert torch.isfinite(out["auto"]).all() and torch.equal(out["auto"], out["sequential"])
+
+
+def _wan_with_context_windows():
+    """A tiny random Wan 2.1 behind ComfyUI's context windows (3 latent frames at a time along dim 2)."""
+    import inspect
+
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+    from comfy_extras.nodes_context_windows import ContextWindowsManualNode
+
+    from epd_dev.tiny_models import _init
+
+    config = dict(image_model="wan2.1", model_type="t2v", dim=32, ffn_dim=64, freq_dim=16, text_dim=32, num_heads=2,
+                  num_layers=1, in_dim=16, out_dim=16, text_len=8)  # fmt: skip
+    wan = comfy.supported_models.WAN21_T2V(config).get_model({})
+    _init(wan.diffusion_model, 0)
+    device = comfy.model_management.get_torch_device()
+    wan = comfy.model_patcher.ModelPatcher(wan, load_device=device, offload_device=torch.device("cpu"))
+    args = [wan, 3, 1, "standard_static", 1, False, "pyramid", 2]
+    if "freenoise" in inspect.signature(ContextWindowsManualNode.execute).parameters:
+        args.append(False)
+    return ContextWindowsManualNode.execute(*args).result[0]
+
+
+def test_context_windows_run_point_by_point_or_say_why_they_cannot():
+    """ComfyUI 0.33's context windows read the first sigma of a call (``auto`` batching the K points failed with an
+    IndexError); ComfyUI 0.3.75's refuse every sigma between the grid's (a bare 'No sample_sigmas matched current
+    timestep; something went wrong'), which EPD's points are: a node error that says what to do."""
+    import comfyui_version
+
+    model = _wan_with_context_windows()
+    params = _table("sd3-512-best.pkl")
+    cond = [[torch.randn(1, 4, 32, generator=torch.Generator().manual_seed(0)), {}]]
+    video = {"samples": torch.zeros(1, 16, 5, 4, 4)}
+    out = {}
+    for mode in ("auto", "sequential"):
+        run = N["EPDKSampler"].execute
+        if comfyui_version.__version__ == "0.3.75":
+            with pytest.raises(ValueError, match="context windows of this ComfyUI accept only the grid's own sigmas"):
+                run(model, 1, 3.0, cond, cond, video, params, 1.0, mode, True, "estimate")
+            continue
+        out[mode] = run(model, 1, 3.0, cond, cond, video, params, 1.0, mode, True, "estimate").result[0]["samples"]
+        assert torch.isfinite(out[mode]).all()
+    assert not out or torch.equal(out["auto"], out["sequential"])
+
+
 def test_batched_call_is_one_model_call_point_major():
     from comfy_extras.nodes_custom_sampler import SamplerCustom
 
