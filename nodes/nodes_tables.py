@@ -131,6 +131,9 @@ def made_for(params: EPDParams) -> str:
         grid += f", shift {params.flowmatch_shift:g}"
     if params.flowmatch_mu is not None:
         grid += f", mu {params.flowmatch_mu:g}"
+    if params.t_steps is not None:  # sampled on this grid whatever shift or mu the model is given
+        t = params.t_steps
+        grid += f"; its own grid {float(t[0]):.4g} to {float(t[-1]):.4g}, kept whatever shift the model has"
     return f"made for {model}: {kind}; schedule {params.schedule_type}, {grid}"
 
 
