@@ -121,18 +121,23 @@ def _rdpo(args: argparse.Namespace, argv: list[str]) -> int:
     """RDPO fine-tuning of a table on an analytic mixture; reward = minus the error to the exact ODE solution."""
     import shlex
 
-    from .analytic import ode_endpoint
-    from .rdpo import rdpo
+    from .analytic import ode_endpoint, ode_state
+    from .rdpo import fitted_final_estimate, rdpo
 
     check_destination(args.out, args.force, "--force replaces it")
     start = load_params(args.table)
     gm = GaussianMixture.named(args.mixture)
     if start.is_flow:
         raise SystemExit("rdpo on the command line supports variance-exploding tables (edm, sd15)")
-    sigma_max = float(make_schedule(start)[0])
+    grid = make_schedule(start)
+    sigma_max, sigma_end = float(grid[0]), float(grid[-1])
 
     def exact(x0: torch.Tensor) -> torch.Tensor:
-        return ode_endpoint(gm.denoise_ve, x0, sigma_max, steps=args.exact_steps)
+        """The exact end of the rollouts: the ODE solution at 0 (a table fitted to end on its estimate), else at the
+        table's last time point."""
+        if fitted_final_estimate(start):
+            return ode_endpoint(gm.denoise_ve, x0, sigma_max, steps=args.exact_steps)
+        return ode_state(gm.denoise_ve, x0, sigma_max, sigma_end, steps=args.exact_steps)
 
     def progress(i: int, n: int, reward: float) -> None:
         print(f"\riteration {i}/{n} mean reward {reward:.5f}", end="" if i < n else "\n", flush=True)

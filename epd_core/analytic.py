@@ -27,7 +27,7 @@ from .updates import euler_step, heun_step
 if TYPE_CHECKING:
     from .solver import Denoiser
 
-__all__ = ["GaussianMixture", "MIXTURES", "heun", "rk4", "ode_endpoint"]
+__all__ = ["GaussianMixture", "MIXTURES", "heun", "rk4", "ode_endpoint", "ode_state"]
 
 MIXTURES = ("reference", "wide", "multimodal")
 
@@ -186,6 +186,12 @@ def ode_endpoint(
     grid = polynomial(steps, sigma_min, sigma_max, 7.0)
     x = heun(denoiser, x.to(torch.float64), grid)
     return denoiser(x, grid[-1].expand(x.shape[0]))
+
+
+def ode_state(denoiser, x: torch.Tensor, sigma_max: float, sigma_end: float, steps: int = 2000) -> torch.Tensor:
+    """The probability-flow ODE's state at ``sigma_end`` > 0 (VE form), by Heun on an EDM (rho 7) grid in
+    float64: the exact end of a solver that stops there."""
+    return heun(denoiser, x.to(torch.float64), polynomial(steps, sigma_end, sigma_max, 7.0))
 
 
 # The table settings (EPDParams.start keywords) of each form of the analytic model: its schedule and backend.

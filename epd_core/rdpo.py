@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +54,7 @@ __all__ = [
 ]
 
 SCALES = ("scale_dir", "scale_time")
+MAX_DELTA = 10.0  # the residual network's outputs: concentrations within e^10 of the start's, log-scales likewise
 _log = logging.getLogger("epd")
 
 
@@ -145,7 +146,8 @@ class DirichletPolicy(nn.Module):
         """Position and weight concentrations, and the log-normal locations and standard deviations of the
         sampled scales (with ``learn_std``: ``exp(log(scale_std) + h')``, ``log std`` clamped into [-7, 2] as
         the authors do; else ``scale_std``)."""
-        delta = self.head(self.blocks(self.embed.weight))
+        # bounded: a learning rate far too high drives the head to overflow (inf or NaN concentrations, no Dirichlet)
+        delta = self.head(self.blocks(self.embed.weight)).clamp(-MAX_DELTA, MAX_DELTA)
         k, n = self.k, len(self.scale_names)
         a_pos = torch.exp(self.log_base_pos + delta[:, : k + 1])
         a_w = torch.exp(self.log_base_w + delta[:, k + 1 : 2 * k + 1])
@@ -289,21 +291,26 @@ def _log_normal(loc: torch.Tensor, std: torch.Tensor | float, n: int, generator:
 
 
 def _dirichlet(alpha: torch.Tensor, n: int, generator: torch.Generator | None) -> torch.Tensor:
-    """Dirichlet samples from normalised Gamma draws (seedable, unlike torch.distributions)."""
+    """Dirichlet samples from normalised Gamma draws (seedable, unlike torch.distributions), normalised in log
+    space: draws of small concentrations underflow to 0 together."""
     a = alpha.unsqueeze(0).expand(n, *alpha.shape).double().cpu()
-    g = _gamma(a, _generator(generator))
-    p = (g / g.sum(-1, keepdim=True)).clamp_min(1e-6)  # keeps log-probabilities finite in float32
+    p = torch.softmax(_log_gamma(a, _generator(generator)), dim=-1).clamp_min(1e-6)  # finite log-probs in float32
     return (p / p.sum(-1, keepdim=True)).to(alpha)
 
 
-def _gamma(a: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Gamma(a, 1) by Marsaglia-Tsang with a generator (boosted for a < 1)."""
+def _log_gamma(a: torch.Tensor, generator: torch.Generator, rounds: int = 1000) -> torch.Tensor:
+    """``log`` of Gamma(a, 1) draws by Marsaglia-Tsang with a generator (boosted for a < 1). Each round accepts a
+    draw with probability above 0.95, so ``rounds`` only stops a concentration that is not a finite positive number."""
+    if not bool(torch.isfinite(a).all() and (a > 0).all()):
+        raise ValueError(
+            "RDPO's policy diverged (a concentration is not a finite positive number); lower the learning rate"
+        )
     boost = a < 1
     d = torch.where(boost, a + 1, a) - 1 / 3
     c = 1 / torch.sqrt(9 * d)
-    out = torch.empty_like(a)
+    out = torch.ones_like(a)
     todo = torch.ones_like(a, dtype=torch.bool)
-    while todo.any():
+    for _ in range(rounds):
         z = torch.randn(a.shape, generator=generator, dtype=a.dtype)
         u = torch.rand(a.shape, generator=generator, dtype=a.dtype)
         v = (1 + c * z) ** 3
@@ -311,8 +318,12 @@ def _gamma(a: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         ok = todo & (v > 0) & (torch.log(u.clamp_min(1e-300)) < 0.5 * z**2 + d - d * v + d * log_v)
         out = torch.where(ok, d * v, out)
         todo = todo & ~ok
+        if not todo.any():
+            break
+    else:
+        raise ValueError(f"RDPO's Gamma sampler accepted no draw in {rounds} rounds; lower the learning rate")
     u = torch.rand(a.shape, generator=generator, dtype=a.dtype).clamp_min(1e-300)
-    return torch.where(boost, out * u ** (1 / a), out)
+    return torch.log(out) + torch.where(boost, torch.log(u) / a, torch.zeros_like(a))
 
 
 def rloo_advantages(rewards: torch.Tensor, k: int, normalize: bool = True) -> torch.Tensor:
@@ -394,12 +405,13 @@ class _Guard:
         kl = float(self.policy.kl_to_start())
         value = math.nan
         if self.noises is not None:
-            value = float(self.metric(sample(self.denoiser, self.noises, self.grid, self.policy.export())))
+            final = sample(self.denoiser, self.noises, self.grid, self.policy.export(), final="estimate")
+            value = float(self.metric(final))
         self.state["guard.checks"][self.at.index(it)] = torch.tensor([kl, value], dtype=torch.float64)
         if self.noises is None:
             return True
         config, first = self.config, float(self.state["guard.checks"][0, 1])
-        if it == 0 or value <= first * (1 + config.guard_tolerance):
+        if it == 0 or value - first <= config.guard_tolerance * abs(first):  # a negative metric too
             for name, v in self.policy.state_dict().items():
                 self.state[f"guard.good.{name}"].copy_(v.detach())
             return True
@@ -407,6 +419,16 @@ class _Guard:
                      first, value, it, 100 * config.guard_tolerance,
                      "; stopping with the last table that passed" if config.guard_action == "stop" else "")  # fmt: skip
         return config.guard_action != "stop"
+
+
+def fitted_final_estimate(params: EPDParams) -> bool:
+    """Whether ``params`` was fitted to end on its last step's x0 estimate at sigma 0 (EPD Distill's
+    ``final_estimate``, as EPD KSampler samples by default), by its training record; RDPO keeps the ending."""
+    for run in ("rdpo", "distilled"):
+        record = params.metadata.get(run)
+        if isinstance(record, Mapping) and "final_estimate" in record:
+            return bool(record["final_estimate"])
+    return False
 
 
 def _rollouts(denoiser: Denoiser, policy: DirichletPolicy, start: EPDParams, grid: torch.Tensor,
@@ -421,7 +443,8 @@ def _rollouts(denoiser: Denoiser, policy: DirichletPolicy, start: EPDParams, gri
     x0 = noise if start.is_flow else noise * grid[0].to(dtype)
     context = torch.arange(n, device=device) % groups if shared else torch.arange(n, device=device)
     tables = policy.sample(n, gen)
-    final = sample(denoiser, x0[context], grid, start, table=policy.decoded(tables.map(lambda v: v.to(dtype))))
+    decoded = policy.decoded(tables.map(lambda v: v.to(dtype)))
+    final = sample(denoiser, x0[context], grid, start, final="estimate", table=decoded)
     with torch.no_grad():
         score = reward(final, context) if reward is not None else fidelity_reward(reference(x0))(final, context)
         return tables, score, policy.log_prob(tables)
@@ -442,8 +465,8 @@ def _ppo_epoch(policy: DirichletPolicy, opt: torch.optim.Optimizer, tables: Tabl
             continue
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        nn.utils.clip_grad_norm_(policy.parameters(), 1.0)
-        opt.step()
+        if torch.isfinite(nn.utils.clip_grad_norm_(policy.parameters(), 1.0)):  # a non-finite gradient: no step
+            opt.step()
 
 
 def rdpo(
@@ -467,6 +490,7 @@ def rdpo(
     checkpoint_every: int = 5,
     checkpoint_key: dict[str, Any] | None = None,
     checkpoint_answers: torch.Tensor | None = None,
+    final_estimate: bool | None = None,
 ) -> tuple[EPDParams, list[float]]:
     """Fine-tune ``start`` with RDPO; returns the exported mean table and the mean reward per iteration.
 
@@ -478,6 +502,9 @@ def rdpo(
     or ``reference(x_start) -> target`` for the built-in fidelity reward. See
     :class:`~epd_core.config.RDPOConfig` for the hyper-parameters (its defaults when ``config`` is None).
     ``grid``: the time points the rollouts run on (the model's, e.g. its shift's; default the table's own schedule).
+    ``final_estimate``: the rollouts end at sigma 0 on the last step's x0 estimate (as EPD KSampler samples by
+    default) instead of at the grid's last point; default: as the start was fitted (:func:`fitted_final_estimate`).
+    ``reference`` and ``guard`` see that end.
 
     Guard against reward hacking: the policy's KL to the start policy is recorded at every check, and with
     ``guard(final_x) -> metric`` (lower is better, e.g. an FID) the policy's mean table samples
@@ -500,6 +527,9 @@ def rdpo(
     grid = (make_schedule(start) if grid is None else torch.as_tensor(grid, dtype=torch.float64).clone()).to(device)
     if grid.shape[0] != start.num_steps:
         raise ValueError(f"the grid has {grid.shape[0]} points; the table has {start.num_steps}")
+    ending = fitted_final_estimate(start) if final_estimate is None else final_estimate
+    # what the rollouts and the guard sample: the grid, then (with the estimate ending) 0 on the last step's estimate
+    sigmas = torch.cat([grid, grid.new_zeros(1)]) if ending else grid
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)  # the residual network's initial weights: deterministic for a seed
         policy = DirichletPolicy(start, config.concentration, config.width, config.blocks, config.scale_std,
@@ -509,12 +539,12 @@ def rdpo(
     curve: list[float] = []
     reward_name = "fidelity" if reward is None else getattr(reward, "__name__", "custom")
     guard_name = None if guard is None else getattr(guard, "__name__", "custom")
-    watch = _Guard(policy, denoiser, start, grid, shape, config, guard, guard_samples, prompts, dtype, device)
+    watch = _Guard(policy, denoiser, start, sigmas, shape, config, guard, guard_samples, prompts, dtype, device)
     ckpt = None
     if checkpoint is not None:
         guard_key = None if guard is None else [guard_name, guard_samples]
         options = {**config.provenance(), "reward": reward_name, "prompts": prompts, "key": checkpoint_key or {},
-                   "guard": guard_key}  # fmt: skip
+                   "guard": guard_key, "final_estimate": ending}  # fmt: skip
         state = RunState({**policy.state_dict(), **watch.state}, opt, None, gen)
         every = checkpoint_every
         ckpt = run_checkpointer(checkpoint, every, state, denoiser, start, shape, grid, dtype, device, options, prompts,
@@ -528,7 +558,7 @@ def rdpo(
         watch(0)
     k, groups = config.k, config.groups
     for it in range(first_it, config.iterations):
-        tables, score, logp_old = _rollouts(denoiser, policy, start, grid, shape, config, gen, reward, reference,
+        tables, score, logp_old = _rollouts(denoiser, policy, start, sigmas, shape, config, gen, reward, reference,
                                             dtype, device)  # fmt: skip
         # groups are the columns of [k, groups]: rollouts g, g + groups, ...
         adv = rloo_advantages(score.float().reshape(k, groups).T.reshape(-1), k).reshape(groups, k).T.reshape(-1)
@@ -549,6 +579,7 @@ def rdpo(
             **config.provenance(),
             "start_source": start.metadata.get("source_file") or start.metadata.get("command", ""),
             "reward": reward_name,
+            "final_estimate": ending,
             "prompts": prompts,
             "scale_heads": list(policy.scale_names),
             "scale_std": config.scale_std if policy.scale_names else None,

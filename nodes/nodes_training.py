@@ -389,6 +389,8 @@ class EPDRDPO(io.ComfyNode):
         r = params.metadata["rdpo"]
         info = (f"{describe(params)}; {r['prompts']} prompt(s); reward {curve[0]:.4g} -> {r['final_reward']:.4g}; "
                 f"KL to the start {r['kl_to_start']:.3g}; saved {saved}")  # fmt: skip
+        if r["final_reward"] < curve[0]:
+            info += "; the mean reward fell: the table may be worse than its start (a lower learning_rate, or keep it)"
         return io.NodeOutput(params, info)
 
 

@@ -33,7 +33,7 @@ from ..epd_core.checkpoint import CheckpointMismatch, answers, interruptible
 from ..epd_core.config import DistillConfig, RDPOConfig
 from ..epd_core.distill import distill, first_step_mean, recomputed
 from ..epd_core.files import EPDFileError, check_destination, save_params
-from ..epd_core.rdpo import rdpo
+from ..epd_core.rdpo import fitted_final_estimate, rdpo
 from ..epd_core.schedules import polynomial
 from ..epd_core.starts import start_errors
 from ..epd_core.teachers import subdivide, teacher_trajectory
@@ -254,9 +254,11 @@ def rdpo_on_model(
     # what the reward depends on beyond its name: a checkpoint made with other values is not resumed
     key = {name: metadata.get(name) for name in ("teacher_steps", "reward_prompt", "reward_model")}
 
+    ending = fitted_final_estimate(start)  # the rollouts end as the start was fitted to end
+
     def fit(s: Session) -> tuple[EPDParams, list[float]]:
         common = dict(dtype=torch.float32, device=s.device, progress=s.progress, metadata=metadata, prompts=prompts,
-                      checkpoint_key=key, grid=s.grid, **resume)  # fmt: skip
+                      checkpoint_key=key, grid=s.grid, final_estimate=ending, **resume)  # fmt: skip
         if guard is not None:
             common.update(guard=lambda final: guard(s.latent_out(final)), guard_samples=guard_samples)
         if reward is not None:
@@ -267,7 +269,10 @@ def rdpo_on_model(
 
         def reference(x0):
             with torch.no_grad():
-                return teacher_trajectory(s.denoiser, x0, subdivide(s.grid.to(x0.device), teacher_m), "dpm2")[-1]
+                end = teacher_trajectory(s.denoiser, x0, subdivide(s.grid.to(x0.device), teacher_m), "dpm2")[-1]
+                if not ending:
+                    return end
+                return s.denoiser(end, s.grid[-1].expand(x0.shape[0]).to(x0))  # the teacher's denoised end
 
         return _resuming(rdpo, s.denoiser, start, s.shape, config, reference=reference, **common)
 

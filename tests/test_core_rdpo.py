@@ -11,7 +11,7 @@ import torch
 from epd_core import EPDParams, GaussianMixture, load_params, make_schedule, sample
 from epd_core.analytic import ode_endpoint
 from epd_core.config import RDPOConfig
-from epd_core.rdpo import DirichletPolicy, TableSample, ppo_clip_loss, rdpo, rloo_advantages
+from epd_core.rdpo import DirichletPolicy, TableSample, _dirichlet, ppo_clip_loss, rdpo, rloo_advantages
 from epd_dev.shared_data import official_path
 
 pytestmark = pytest.mark.core
@@ -403,3 +403,56 @@ def test_rdpo_rolls_out_on_the_given_grid_and_drops_the_start_runs_metadata():
     assert not {"plugin_base", "reward_prompt", "fallback", "model"} & set(table.metadata)
     with pytest.raises(ValueError, match="the grid has 3 points"):
         rdpo(GM.denoise_ve, start, GM.shape, config, grid=grid[:3], reference=lambda x0: x0)
+
+
+def test_a_metric_below_zero_that_does_not_change_passes_the_guard():
+    """The guard compared ``value <= first * 1.05``: for a negative metric that bound lies below the start's value,
+    so an unchanged metric stopped the run at its first check."""
+    start = EPDParams.start(4, 2, schedule_type="polynomial", schedule_rho=7.0, backend="edm")
+    config = RDPOConfig(iterations=4, groups=2, k=2, guard_every=1)
+    new, curve = rdpo(GM.denoise_ve, start, GM.shape, config, reference=lambda x0: x0, guard=lambda final: -1.0,
+                      guard_samples=2)  # fmt: skip
+    assert new.metadata["rdpo"]["stopped_at"] is None and len(curve) == 4
+
+
+def test_a_learning_rate_far_too_high_neither_hangs_nor_crashes():
+    """At lr 0.01 through the node the head overflowed: inf or NaN concentrations made the Gamma sampler loop forever
+    (past ComfyUI's cancel) or torch raise its own constraint error. The head's outputs are bounded, a step with a
+    non-finite gradient is skipped, and a concentration that is not a finite positive number is a clear error."""
+    with pytest.raises(ValueError, match="policy diverged"):
+        _dirichlet(torch.tensor([[1.0, math.inf]]), 2, torch.Generator().manual_seed(0))
+    tiny = _dirichlet(torch.tensor([[1e-9, 1e-9, 1e-9]]), 64, torch.Generator().manual_seed(0))  # all draws underflow
+    assert torch.isfinite(tiny).all() and torch.allclose(tiny.sum(-1), torch.ones(64, 1, dtype=tiny.dtype))
+    start = load_params("weights/demo/analytic-sd15-reference-nfe5-carry.safetensors")
+    for seed in range(2):
+        config = RDPOConfig(iterations=12, groups=4, k=2, lr=1.0, seed=seed)
+        new, curve = rdpo(GM.denoise_ve, start, GM.shape, config, reference=lambda x0: x0)
+        assert len(curve) == 12 and all(math.isfinite(c) for c in curve)
+        assert torch.isfinite(new.r_params).all() and math.isfinite(new.metadata["rdpo"]["kl_to_start"])
+
+
+def test_rollouts_end_as_the_start_was_fitted_to_end():
+    """A table fitted with ``final_estimate`` (EPD Distill's default, sampled so by EPD KSampler's defaults) is
+    rolled out, scored and guarded on its last step's estimate at sigma 0; RDPO ended every rollout at the grid's last
+    point, trained the last step for an end the user never samples and made the table 3.6x worse as sampled."""
+    start = load_params("weights/demo/analytic-sd15-reference-nfe5-carry.safetensors")
+    assert start.metadata["distilled"]["final_estimate"]
+    grid = make_schedule(start)
+    seen = []
+
+    def metric(final):
+        seen.append(final)
+        return 1.0
+
+    config = RDPOConfig(iterations=1, groups=2, k=2, guard_every=1)
+    new, _ = rdpo(GM.denoise_ve, start, GM.shape, config, reference=lambda x0: x0, guard=metric, guard_samples=4)
+    noises = torch.randn((4, *GM.shape), generator=torch.Generator().manual_seed(2**31 - 2), dtype=torch.float64)
+    x = noises * grid[0]
+    estimate = sample(GM.denoise_ve, x, torch.cat([grid, grid.new_zeros(1)]), start, final="estimate")
+    stopped = sample(GM.denoise_ve, x, grid, start)
+    assert torch.allclose(seen[0], estimate, atol=1e-4) and not torch.allclose(seen[0], stopped, atol=1e-3)
+    assert new.metadata["rdpo"]["final_estimate"] is True
+    again, _ = rdpo(GM.denoise_ve, new, GM.shape, config, reference=lambda x0: x0)  # RDPO's table keeps its ending
+    assert again.metadata["rdpo"]["final_estimate"] is True
+    plain, _ = rdpo(GM.denoise_ve, start, GM.shape, config, reference=lambda x0: x0, final_estimate=False)
+    assert plain.metadata["rdpo"]["final_estimate"] is False
