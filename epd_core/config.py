@@ -173,6 +173,12 @@ NODE_ITERATIONS = 1600  # EPD Distill's Adam steps from NFE NODE_ITERATIONS_NFE 
 NODE_ITERATIONS_NFE = 10
 
 
+def offset_seed(seed: int, offset: int) -> int:
+    """``seed + offset`` for a run's other random streams, within the 64 bits a generator takes (a seed near the
+    top of the nodes' range overflowed)."""
+    return (seed + offset) % 2**64
+
+
 def node_iterations(nfe: int) -> int:
     """EPD Distill's iterations when its input is 0 (auto): 1,600 from NFE 10 on, ``16,000 / NFE`` below (3,200 at
     NFE 5, 4,000 at NFE 4). An iteration's model evaluations grow with the NFE (teacher and student walk NFE steps), so

@@ -23,7 +23,7 @@ import torch.utils.checkpoint
 
 from .bases import Base
 from .checkpoint import RunState, interruptible, run_checkpointer
-from .config import DistillConfig
+from .config import DistillConfig, offset_seed
 from .params import TABLE_NAMES, EPDParams, decode
 from .plugin import placement
 from .schedules import make_schedule
@@ -209,7 +209,7 @@ def first_step_mean(denoiser: Denoiser, start: EPDParams, shape: tuple[int, ...]
                     noises: int = 64) -> torch.Tensor:  # fmt: skip
     """The data's per-channel mean as the model sees it at the first time point: ``D(x, t0)`` averaged over
     ``noises`` starting noises (in batches of ``config.batch``, so a conditioning batch tiles as in training)."""
-    gen = torch.Generator().manual_seed(config.seed + 1)
+    gen = torch.Generator().manual_seed(offset_seed(config.seed, 1))
     t0 = t0.to(device, dtype)
     total, count = None, 0
     while count < noises:

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 
-from .config import DistillConfig
+from .config import DistillConfig, offset_seed
 from .params import EPDParams
 from .solver import Denoiser, sample
 from .teachers import subdivide, teacher_trajectory
@@ -31,7 +31,7 @@ def held_out_noises(
     """Starting states of at least ``count`` noises that training never sees, drawn from ``config.seed + offset``
     in chunks of a multiple of ``config.batch`` (so a conditioning batch tiles as in training), scaled to ``t0``
     unless ``flow``."""
-    gen = torch.Generator().manual_seed(config.seed + offset)
+    gen = torch.Generator().manual_seed(offset_seed(config.seed, offset))
     chunk = config.batch * -(-CHUNK // config.batch)
     for _ in range(-(-count // chunk)):
         noise = torch.randn((chunk, *shape), generator=gen, dtype=torch.float64).to(t0.device, dtype)

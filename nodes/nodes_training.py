@@ -370,6 +370,8 @@ class EPDRDPO(io.ComfyNode):
         group_size, concentration, learning_rate, seed, filename, overwrite, vae=None, clip_vision=None, clip=None,
         prompt="", reward_model="", preset="ours",
     ) -> io.NodeOutput:  # fmt: skip
+        if reward not in REWARDS:  # ComfyUI 0.3.x does not check a V3 combo's value: a typo trained on fidelity
+            raise ValueError(f"reward must be one of {', '.join(REWARDS)}, got {reward!r}")
         config = rdpo_preset(preset, iterations=iterations, groups=groups, k=group_size, concentration=concentration,
                              lr=learning_rate, seed=seed)  # fmt: skip
         metadata = {"tool": "EPD RDPO node", "model": model_name(model), "cfg": cfg}

@@ -112,7 +112,8 @@ def output_path(filename: str, overwrite: bool) -> Path:
     tables (the trained file would shadow them) and, unless asked, existing files."""
     stem = filename.removesuffix(".safetensors")
     if not _NAME.fullmatch(stem) or ".." in stem:
-        raise ValueError(f"invalid table name {filename!r}: use letters, digits, '.', '_' and '-'")
+        raise ValueError(f"invalid table name {filename!r}: up to 101 letters, digits, '.', '_' and '-', starting "
+                         "with a letter or digit, without '..'")  # fmt: skip
     reserved = {p.stem.lower() for p in (PACK / "weights").rglob("*") if p.suffix in (".safetensors", ".pkl")}
     try:
         reserved |= {name.lower() for name in load_catalogue(PACK / "weights" / "catalogue.json")}
@@ -124,7 +125,10 @@ def output_path(filename: str, overwrite: bool) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{stem}.safetensors"
     if (path.exists() or path.is_symlink()) and not overwrite:
-        raise ValueError(f"{user_path(path)} exists; set overwrite to replace it")
+        raise ValueError(
+            f"{user_path(path)} exists; set overwrite to replace it, or another filename (a seed whose "
+            "'control after generate' is 'randomize' trains again on every Queue: set it to 'fixed')"
+        )
     try:  # what saving refuses (a folder or a link of that name), refused before the training rather than after
         check_destination(path, overwrite)
     except EPDFileError as exc:

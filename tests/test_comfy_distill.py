@@ -305,13 +305,16 @@ def test_never_overwrites_without_asking(epd_dir):
     model = tiny_model("eps")
     _run(model, "eps", "same", iterations=1)
     before = (epd_dir / "same.safetensors").read_bytes()
-    with pytest.raises(ValueError, match="exists; set overwrite"):
+    with pytest.raises(ValueError, match="exists; set overwrite .*'control after generate' is 'randomize'.*'fixed'"):
         _run(model, "eps", "same", iterations=1)
     assert (epd_dir / "same.safetensors").read_bytes() == before
     _run(model, "eps", "same", iterations=2, overwrite=True, seed=5)
     assert (epd_dir / "same.safetensors").read_bytes() != before
     with pytest.raises(ValueError, match="invalid table name"):
         _run(model, "eps", "../escape", iterations=1)
+    for name in ("_draft", "v2..final", "x" * 102):  # each of the allowed characters: the message says the rule
+        with pytest.raises(ValueError, match="starting with a letter or digit, without '..'"):
+            _run(model, "eps", name, iterations=1)
 
 
 def test_a_destination_saving_would_refuse_is_refused_before_training(epd_dir, tmp_path_factory):
@@ -393,6 +396,16 @@ def test_rdpo_node_saves_a_table_with_provenance(epd_dir, kind):
     assert f"made for {model_name}" in N["EPDParamsLoader"].execute(f"rdpo_{kind}.safetensors").result[1]
     assert torch.isfinite(loaded.r_params).all() and loaded.num_steps == start.num_steps
     assert not (torch.equal(loaded.r_params, start.r_params) and torch.equal(loaded.weight_s, start.weight_s))
+
+
+def test_rdpo_refuses_an_unknown_reward_before_training(epd_dir):
+    """ComfyUI 0.3.x does not check a V3 combo's value: a typo ('clip-score') trained on fidelity and said success."""
+    model = tiny_model("eps")
+    start = epd_core.EPDParams.start(4, 2, schedule_type="discrete", backend="ldm")
+    with pytest.raises(ValueError, match="reward must be one of fidelity, clip_score, preference, got 'clip-score'"):
+        N["EPDRDPO"].execute(model, conditioning(2, 1), conditioning(2, 2), latent("eps", 1), start, 2.0, "clip-score",
+                             2, 3, 2, 2, 20.0, 1e-3, 0, "typo", False)  # fmt: skip
+    assert not list(epd_dir.iterdir())
 
 
 def test_cli_rdpo(tmp_path):

@@ -497,3 +497,11 @@ def test_the_recorded_held_out_error_scores_the_table_as_it_is_sampled():
         squared += float(((end - fine) ** 2).sum())
         count += x.numel()
     assert table.metadata["distilled"]["student_error"] == pytest.approx((squared / count) ** 0.5, rel=1e-9)
+
+
+def test_a_seed_at_the_top_of_the_nodes_range_trains():
+    """The node's seed goes up to 2^64 - 1; the held-out and training streams, seeded ``seed + k``, overflowed."""
+    gm = GaussianMixture.reference()
+    start = EPDParams.start(4, 2, schedule_type="polynomial", schedule_rho=7.0, backend="edm")
+    config = DistillConfig(iterations=1, batch=2, teacher_m=1, seed=2**64 - 1, keep_best=4)
+    assert distill(gm.denoise_ve, start, gm.shape, config).metadata["distilled"]["seed"] == 2**64 - 1
