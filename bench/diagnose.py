@@ -219,7 +219,7 @@ def diagnose_mnist(kind: str, nfe: int, rows: list[dict], log=print) -> dict:
     (cell,) = [s for s in summary if s["nfe"] == nfe]
     contest = neural.Contest(kind, cell["epd"]["samples"], log=log)
     table, label = neural.table_of(cell["epd"])
-    params = load_params(neural.TABLES / f"{table}.safetensors")
+    params = load_params(neural.table_file(cell["epd"]))
     seen: list[tuple[int, torch.Tensor]] = []
     callback = lambda i, denoised, x, total: seen.append((i, x.clone()))  # noqa: E731
     end, sigmas = neural.rerun(contest, cell["epd"], callback)

@@ -305,6 +305,9 @@ def bench_kind(kind: str, nfes, n: int, samplers, schedulers, log=print, tables=
             continue
         for label in ENDINGS:
             contest.add("epd", f"table:{name}+{label}", *epd_contender(contest, params, label))
+            if path.parent.resolve() != TABLES.resolve() and contest.rows[-1]["sampler"] == "epd":
+                contest.rows[-1]["table_file"] = str(path.resolve())  # where --pair and diagnose find it again
+        contest.save()  # a run stopped at its deadline keeps the tables scored so far
     log(f"mnist-{kind}: {len(contest.rows)} runs in {time.time() - t0:.0f} s")
     return contest.rows
 
@@ -319,9 +322,14 @@ def epd_contender(contest: Contest, params, label: str):
 
 
 def table_of(row: dict) -> tuple[str, str]:
-    """An EPD row's bundled table (its file stem in :data:`TABLES`) and ending label (:data:`ENDINGS`)."""
+    """An EPD row's table label (a bundled table's file stem in :data:`TABLES`) and ending label (:data:`ENDINGS`)."""
     table, label = row["scheduler"].removeprefix("table:").rsplit("+", 1)
     return table, label
+
+
+def table_file(row: dict) -> Path:
+    """The file of an EPD row's table: a bundled one in :data:`TABLES`, another where it was scored from."""
+    return Path(row["table_file"]) if "table_file" in row else TABLES / f"{table_of(row)[0]}.safetensors"
 
 
 def contender(contest: Contest, row: dict):
@@ -330,8 +338,7 @@ def contender(contest: Contest, row: dict):
 
     name, scheduler, nfe = row["sampler"], row["scheduler"], row["nfe"]
     if name == "epd":
-        table, label = table_of(row)
-        return epd_contender(contest, load_params(TABLES / f"{table}.safetensors"), label)
+        return epd_contender(contest, load_params(table_file(row)), table_of(row)[1])
     tuned = tuned_schedules(contest.kind, nfe) if name not in TWO_CALLS else {}
     if scheduler in tuned:
         sigmas = tuned[scheduler]

@@ -7,6 +7,8 @@ import json
 import pytest
 import torch
 
+from epd_dev.comfy_harness import NODES as N
+
 pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("comfy_nodes")]
 
 
@@ -53,6 +55,80 @@ def test_plot_draws_the_plugin_as_one_line_at_its_best_base():
             {**row, "sampler": "epd_plugin_ipndm", "nfe": 7, "rmse": 0.03},
             {**row, "sampler": "exact", "nfe": 200, "rmse": 0.0}]  # fmt: skip
     assert plot_lines(rows) == {("mnist-eps", "mnist"): {"deis": {6: 0.07}, PLUGIN_LINE: {6: 0.04, 7: 0.03}}}
+
+
+def test_plot_and_summary_compare_only_rows_on_the_same_noises():
+    """EPD Plugin's records are on 8,192 noises, the field's on 1,024: drawn in one panel the plugin looked 15x worse
+    than the same table under EPD Sampler, and it could be picked as the best EPD run against another noise set."""
+    from bench.accuracy import PLUGIN_LINE, plot_lines, summarize
+
+    row = {"model": "analytic-sd15_eps", "mixture": "reference", "scheduler": "karras", "wrong_mode": 0,
+           "rmse_right_mode": 0.1}  # fmt: skip
+    rows = [{**row, "sampler": "deis", "nfe": 8, "rmse": 0.01, "samples": 1024},
+            {**row, "sampler": "euler", "nfe": 8, "rmse": 0.02, "samples": 1024},
+            {**row, "sampler": "epd", "nfe": 8, "rmse": 0.0033, "samples": 1024},
+            {**row, "sampler": "epd_plugin_euler", "nfe": 8, "rmse": 0.002, "samples": 8192}]  # fmt: skip
+    assert PLUGIN_LINE not in plot_lines(rows)["analytic-sd15_eps", "reference"]
+    (case,) = summarize(rows)[1]
+    assert case["epd"]["sampler"] == "epd" and case["ratio"] == pytest.approx(0.01 / 0.0033)
+
+
+def test_rerunning_one_case_keeps_every_other_record(tmp_path):
+    """``bench.accuracy --forms ... --nfes 5`` rewrote accuracy.json with its own rows only, dropping the other
+    models', the MNIST rows and EPD Plugin's."""
+    from bench.accuracy import merge_cases
+
+    old = [{"model": m, "mixture": x, "nfe": n, "sampler": s, "rmse": 1.0} for m, x, n, s in
+           [("a", "wide", 5, "euler"), ("a", "wide", 5, "epd_plugin_euler"), ("a", "wide", 10, "euler"),
+            ("b", "wide", 5, "euler"), ("mnist-eps", "mnist", 5, "deis")]]  # fmt: skip
+    path = tmp_path / "accuracy.json"
+    path.write_text(json.dumps(old))
+    new = [{"model": "a", "mixture": "wide", "nfe": 5, "sampler": "euler", "rmse": 0.5}]
+    merged = merge_cases(new, path)
+    assert len(merged) == 5 and new[0] in merged and old[0] not in merged and all(r in merged for r in old[1:])
+
+
+def test_every_deterministic_sampler_gets_the_nfe_it_is_run_at():
+    """heunpp2's last two steps are Heun's and Euler's (3s - 3 calls, not 3s): its steps were always one short, every
+    run was dropped and it never had a row, though the README lists it in the field."""
+    import comfy.samplers
+
+    from bench.accuracy import DETERMINISTIC, builtin_sigmas, builtin_steps, run
+
+    model = N["EPDAnalyticModel"].execute("sd15_eps", "reference", 0.0).result[0]
+    ms = model.get_model_object("model_sampling")
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    cases = [(sampler, nfe) for sampler in DETERMINISTIC for nfe in (3, 7)] + [("heunpp2", 6), ("heunpp2", 9)]
+    for sampler, nfe in cases:  # NFE 7 is no count of heunpp2's (None); 3 and 7 are of every other sampler's
+        steps = builtin_steps(sampler, nfe)
+        if steps is None:
+            assert (sampler, nfe) == ("heunpp2", 7)
+            continue
+        sigmas = builtin_sigmas(ms, sampler, "karras", steps)
+        _, counter = run(model, comfy.samplers.sampler_object(sampler), sigmas, noise)
+        assert counter.rounds == nfe, (sampler, nfe, steps, counter.rounds)
+
+
+def test_a_stopped_shard_keeps_its_table_rows_and_a_table_from_elsewhere_is_found_again(tmp_path):
+    """``--partial`` saved only after each built-in sampler, so a GPU shard stopped while scoring the tables lost their
+    rows; a table scored from another folder was looked for among the bundled ones by ``--pair`` and ``diagnose``."""
+    import shutil
+
+    from bench import neural
+
+    folder = tmp_path / "tables"
+    folder.mkdir()
+    shutil.copy(neural.TABLES / "mnist-eps-nfe5-k4scg.safetensors", folder)
+    partial = tmp_path / "partial-eps.json"
+    rows = neural.bench_kind("eps", [5], 20, ["euler"], ["karras"], log=lambda *a: None, tables=[folder],
+                             partial=partial)  # fmt: skip
+    saved = json.loads(partial.read_text())
+    epd = [r for r in saved if r["sampler"] == "epd"]
+    assert saved == json.loads(json.dumps(rows)) and len(epd) == 2
+    assert {neural.table_file(r) for r in epd} == {(folder / "mnist-eps-nfe5-k4scg.safetensors").resolve()}
+    bundled = {**epd[0], "scheduler": "table:mnist-eps-nfe5-k4scg+final"}
+    del bundled["table_file"]
+    assert neural.table_file(bundled) == neural.TABLES / "mnist-eps-nfe5-k4scg.safetensors"
 
 
 def test_digit_classes_count_samples_that_change_digit():
