@@ -355,6 +355,17 @@ def fidelity_reward(reference: torch.Tensor) -> Callable[[torch.Tensor, Any], to
 
 
 GUARD_SEED = 2**31 - 2  # the guard's held-out noises: the same for every run and training seed
+FIDELITY_GUARD_SAMPLES = 32  # held-out noises of the default guard of a fidelity run (each check samples them)
+
+
+def held_out_fidelity(target: torch.Tensor) -> Callable[[torch.Tensor], float]:
+    """The default guard metric of a run with a ``reference``: the mean table's RMSE to the reference's ends of the
+    guard's held-out noises (lower is better), so fine-tuning a good table cannot make it worse unnoticed."""
+
+    def fidelity(final: torch.Tensor) -> float:
+        return float(((final - target) ** 2).flatten(1).mean(1).sqrt().mean())
+
+    return fidelity
 
 
 def guard_iterations(config: RDPOConfig) -> list[int]:
@@ -373,17 +384,21 @@ class _Guard:
         self, policy: DirichletPolicy, denoiser: Denoiser, start: EPDParams, grid: torch.Tensor,
         shape: tuple[int, ...], config: RDPOConfig, metric: Callable[[torch.Tensor], float] | None, samples: int,
         prompts: int, dtype: torch.dtype, device: torch.device | str | None,
+        reference: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:  # fmt: skip
         self.policy, self.denoiser, self.grid, self.config, self.metric = policy, denoiser, grid, config, metric
         self.at = guard_iterations(config)
         self.state = {"guard.checks": torch.full((len(self.at), 2), math.nan, dtype=torch.float64)}
         self.noises = None
-        if metric is not None:
+        if metric is not None or reference is not None:
             count = -(-samples // prompts) * prompts
             g = torch.Generator().manual_seed(GUARD_SEED)
             noises = torch.randn((count, *shape), generator=g, dtype=torch.float64).to(device, dtype)
             self.noises = noises if start.is_flow else noises * grid[0].to(dtype)
             self.state.update({f"guard.good.{name}": v.detach().clone() for name, v in policy.state_dict().items()})
+            if metric is None:
+                with torch.no_grad():
+                    self.metric = held_out_fidelity(reference(self.noises))
 
     @property
     def checks(self) -> list[dict[str, float]]:
@@ -480,7 +495,7 @@ def rdpo(
     grid: torch.Tensor | None = None,
     prompts: int = 1,
     guard: Callable[[torch.Tensor], float] | None = None,
-    guard_samples: int = 100,
+    guard_samples: int | None = None,
     dtype: torch.dtype = torch.float64,
     device: torch.device | str | None = None,
     progress: Callable[[int, int, float], None] | None = None,
@@ -511,7 +526,9 @@ def rdpo(
     ``guard_samples`` fixed held-out noises (seed :data:`GUARD_SEED`, rounded up to a multiple of ``prompts``)
     at the start and every ``config.guard_every`` iterations; when the metric exceeds the start's by more than
     ``config.guard_tolerance`` (relative), a warning is logged and with ``guard_action`` "stop" training ends
-    with the last table that passed. The checks are in ``metadata["rdpo"]["guard"]``.
+    with the last table that passed. The checks are in ``metadata["rdpo"]["guard"]``. ``guard_samples`` defaults to
+    100; a run with a ``reference`` and no ``guard`` is guarded by :func:`held_out_fidelity` on
+    :data:`FIDELITY_GUARD_SAMPLES` noises (the fidelity reward itself, on noises the rollouts never see).
 
     ``check_interrupt()`` runs before every model call and every PPO minibatch (raise to stop); ``checkpoint`` /
     ``checkpoint_every`` / ``checkpoint_key`` / ``checkpoint_answers``: periodic saves and resume, as in
@@ -538,11 +555,15 @@ def rdpo(
     gen = torch.Generator().manual_seed(config.seed)
     curve: list[float] = []
     reward_name = "fidelity" if reward is None else getattr(reward, "__name__", "custom")
-    guard_name = None if guard is None else getattr(guard, "__name__", "custom")
-    watch = _Guard(policy, denoiser, start, sigmas, shape, config, guard, guard_samples, prompts, dtype, device)
+    guard_name = "held_out_fidelity" if guard is None and reference is not None else getattr(guard, "__name__", None)
+    guard_name = "custom" if guard is not None and guard_name is None else guard_name
+    if guard_samples is None:
+        guard_samples = 100 if guard is not None else FIDELITY_GUARD_SAMPLES
+    watch = _Guard(policy, denoiser, start, sigmas, shape, config, guard, guard_samples, prompts, dtype, device,
+                   reference=reference)  # fmt: skip
     ckpt = None
     if checkpoint is not None:
-        guard_key = None if guard is None else [guard_name, guard_samples]
+        guard_key = None if guard_name is None else [guard_name, guard_samples]
         options = {**config.provenance(), "reward": reward_name, "prompts": prompts, "key": checkpoint_key or {},
                    "guard": guard_key, "final_estimate": ending}  # fmt: skip
         state = RunState({**policy.state_dict(), **watch.state}, opt, None, gen)

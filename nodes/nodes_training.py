@@ -391,7 +391,10 @@ class EPDRDPO(io.ComfyNode):
         r = params.metadata["rdpo"]
         info = (f"{describe(params)}; {r['prompts']} prompt(s); reward {curve[0]:.4g} -> {r['final_reward']:.4g}; "
                 f"KL to the start {r['kl_to_start']:.3g}; saved {saved}")  # fmt: skip
-        if r["final_reward"] < curve[0]:
+        if r["stopped_at"] is not None:
+            info += (f"; stopped after iteration {r['stopped_at']}: the guard metric ({r['guard_metric']}) got worse "
+                     "than the start's, so the table is the last one that passed")  # fmt: skip
+        elif r["final_reward"] < curve[0]:
             info += "; the mean reward fell: the table may be worse than its start (a lower learning_rate, or keep it)"
         return io.NodeOutput(params, info)
 

@@ -456,3 +456,20 @@ def test_rollouts_end_as_the_start_was_fitted_to_end():
     assert again.metadata["rdpo"]["final_estimate"] is True
     plain, _ = rdpo(GM.denoise_ve, start, GM.shape, config, reference=lambda x0: x0, final_estimate=False)
     assert plain.metadata["rdpo"]["final_estimate"] is False
+
+
+def test_a_fidelity_run_is_guarded_by_its_held_out_fidelity():
+    """RDPO with the fidelity reward made EPD Distill's table 2.5x worse as sampled, its own reward the only
+    judge. With a reference and no guard, the mean table's fidelity on held-out noises guards the run: a run that
+    makes the table worse stops with the last table that passed."""
+    start = load_params("weights/demo/analytic-sd15-reference-nfe5-carry.safetensors")
+    grid = make_schedule(start)
+
+    def exact(x0):
+        return ode_endpoint(GM.denoise_ve, x0, float(grid[0]), steps=40)
+
+    config = RDPOConfig(iterations=6, groups=4, k=2, lr=0.3, guard_every=2)
+    new, curve = rdpo(GM.denoise_ve, start, GM.shape, config, reference=exact)
+    info = new.metadata["rdpo"]
+    assert info["guard_metric"] == "held_out_fidelity" and all("metric" in c for c in info["guard"])
+    assert info["stopped_at"] is not None and _same_results(new, start)
