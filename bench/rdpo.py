@@ -59,6 +59,18 @@ def digit_major(images: torch.Tensor, per: int) -> torch.Tensor:
     return images[: 10 * per].reshape(per, 10, 28, 28).transpose(0, 1).reshape(-1, 28, 28)
 
 
+def given_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
+    """The RDPOConfig options that override the preset: those given on the command line, whatever their value, and
+    this benchmark's own sizes (``set_defaults``). A flag equal to RDPOConfig's default (``--grouping noise`` with the
+    authors' preset) was taken for not given, so the preset's value won."""
+    names = [f.name for f in fields(RDPOConfig) if f.name != "seed"]
+    blank = argparse.Namespace(**{name: argparse.SUPPRESS for name in names})
+    parsed = parser.parse_known_args(args._argv, namespace=blank)[0]
+    given = {name for name in names if getattr(parsed, name) is not argparse.SUPPRESS}
+    given |= {name for name in names if parser.get_default(name) != RDPOConfig.default(name)}
+    return {name: getattr(args, name) for name in names if name in given}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="training seeds")
@@ -75,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     add_arguments(ap, RDPOConfig, skip=("seed",))
     ap.set_defaults(iterations=20, groups=10, k=4, guard_every=5)
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    args._argv = sys.argv[1:] if argv is None else list(argv)
     torch.set_num_threads(args.threads)
     command = "python -m bench.rdpo " + shlex.join(sys.argv[1:] if argv is None else argv)
     nodes, model, positive, negative = setup("eps")
@@ -92,10 +105,7 @@ def main(argv: list[str] | None = None) -> int:
           f"accuracy {before['accuracy']:.3f}", flush=True)  # fmt: skip
     runs = []
     for seed in args.seeds:
-        # flags that differ from RDPOConfig's defaults override the preset (the sizes always differ)
-        given = {f.name: getattr(args, f.name) for f in fields(RDPOConfig) if f.name != "seed"}
-        given = {name: value for name, value in given.items() if value != RDPOConfig.default(name)}
-        config = rdpo_preset(args.preset, seed=seed, **given)
+        config = rdpo_preset(args.preset, seed=seed, **given_options(ap, args))
         t0 = time.time()
         params, curve = training.rdpo_on_model(
             model, positive, negative, CFG, torch.zeros(1, 4, 14, 14), start, config, reward=reward,

@@ -131,6 +131,25 @@ def test_a_stopped_shard_keeps_its_table_rows_and_a_table_from_elsewhere_is_foun
     assert neural.table_file(bundled) == neural.TABLES / "mnist-eps-nfe5-k4scg.safetensors"
 
 
+def test_rdpo_bench_flags_override_the_preset_even_at_our_defaults():
+    """``--preset authors --grouping noise`` ran the authors' grouping: a flag equal to RDPOConfig's default was
+    taken for not given, so the single-option ablations could not be run."""
+    import argparse
+
+    from bench.rdpo import given_options
+    from epd_core.config import RDPOConfig, add_arguments, rdpo_preset
+
+    ap = argparse.ArgumentParser()
+    add_arguments(ap, RDPOConfig, skip=("seed",))
+    ap.set_defaults(iterations=20, groups=10)
+    argv = ["--grouping", "noise", "--no-learn-std", "--minibatch", "16", "--width", "256"]
+    args = ap.parse_args(argv)
+    args._argv = argv
+    config = rdpo_preset("authors", seed=0, **given_options(ap, args))
+    assert (config.grouping, config.learn_std, config.minibatch, config.width) == ("noise", False, 16, 256)
+    assert (config.iterations, config.groups, config.scale_std) == (20, 10, RDPOConfig.authors().scale_std)
+
+
 def test_digit_classes_count_samples_that_change_digit():
     """On the neural model a "wrong mode" is a sample whose nearest training digit has another label than the
     exact solution's."""
