@@ -183,9 +183,8 @@ def ode_endpoint(
 
     Accurate to far below solver errors for the mixtures here; compare two ``steps`` values to check.
     """
-    grid = polynomial(steps, sigma_min, sigma_max, 7.0)
-    x = heun(denoiser, x.to(torch.float64), grid)
-    return denoiser(x, grid[-1].expand(x.shape[0]))
+    x = ode_state(denoiser, x, sigma_max, sigma_min, steps)
+    return denoiser(x, torch.tensor(sigma_min, dtype=torch.float64).expand(x.shape[0]))
 
 
 def ode_state(denoiser, x: torch.Tensor, sigma_max: float, sigma_end: float, steps: int = 2000) -> torch.Tensor:
