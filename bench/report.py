@@ -137,7 +137,11 @@ def field_table(rows: list[dict]) -> str:
                                      for n in nfes)]  # fmt: skip
             lines.append("| " + " | ".join(row) + " |")
     students = sorted({"carry" if "-carry" in r["scheduler"] else "epd" for r in epd})
-    intro = ("**The whole field at 1,024 noises** (`python -m bench.accuracy`: every deterministic sampler x "
+    by_count: dict[int, set[str]] = {}
+    for r in epd:
+        by_count.setdefault(r["samples"], set()).add(r["model"])
+    noises = " and ".join(f"{n:,} noises ({', '.join(sorted(models))})" for n, models in sorted(by_count.items()))
+    intro = (f"**The whole field at {noises}** (`python -m bench.accuracy`: every deterministic sampler x "
              f"scheduler against the tables in `weights/demo` when it ran, students: {', '.join(students)}; ratio "
              "of RMSEs, best built-in / best EPD table, at equal NFE; the plot below draws it):")  # fmt: skip
     return f"{intro}\n\n" + "\n".join(lines) + "\n"

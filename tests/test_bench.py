@@ -150,6 +150,16 @@ def test_rdpo_bench_flags_override_the_preset_even_at_our_defaults():
     assert (config.iterations, config.groups, config.scale_std) == (20, 10, RDPOConfig.authors().scale_std)
 
 
+def test_the_field_table_says_the_noise_counts_its_records_have():
+    """The intro said '1,024 noises' as fixed text while the MNIST rows of the same table are on 2,050."""
+    from bench.report import field_table
+
+    rows = [{"model": m, "mixture": x, "nfe": 5, "sampler": s, "scheduler": "karras", "rmse": e, "samples": n}
+            for m, x, n in (("analytic-sd15_eps", "wide", 1024), ("mnist-eps", "mnist", 2050))
+            for s, e in (("euler", 0.2), ("epd", 0.1))]  # fmt: skip
+    assert "at 1,024 noises (analytic-sd15_eps) and 2,050 noises (mnist-eps)" in field_table(rows)
+
+
 def test_digit_classes_count_samples_that_change_digit():
     """On the neural model a "wrong mode" is a sample whose nearest training digit has another label than the
     exact solution's."""
