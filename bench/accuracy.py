@@ -213,7 +213,9 @@ def bench_model(form: str, mixture: str, samplers, schedulers, nfes, n: int, log
     for sampler in samplers:
         for scheduler in schedulers:
             for nfe in nfes:
-                sigmas = builtin_sigmas(ms, sampler, scheduler, builtin_steps(sampler, nfe))
+                if (steps := builtin_steps(sampler, nfe)) is None:  # no step count gives this NFE
+                    continue
+                sigmas = builtin_sigmas(ms, sampler, scheduler, steps)
                 out, c = run(model, comfy.samplers.sampler_object(sampler), sigmas, noise)
                 if c.rounds != nfe:
                     continue

@@ -290,7 +290,7 @@ def bench_kind(kind: str, nfes, n: int, samplers, schedulers, log=print, tables=
     for nfe in nfes:
         for sampler in samplers:
             steps = builtin_steps(sampler, nfe)
-            for scheduler in schedulers:
+            for scheduler in schedulers if steps is not None else ():  # None: no step count gives this NFE
                 sigmas = builtin_sigmas(ms, sampler, scheduler, steps)
                 contest.add(sampler, scheduler, comfy.samplers.sampler_object(sampler), sigmas, nfe)
             if sampler not in TWO_CALLS:

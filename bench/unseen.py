@@ -102,6 +102,8 @@ def case(name: str, nfe: int, n: int, settings: dict, log=print) -> list[dict]:
 
     for sampler in DETERMINISTIC:
         steps = builtin_steps(sampler, nfe)
+        if steps is None:  # no step count gives this NFE
+            continue
         for scheduler in comfy.samplers.SCHEDULER_NAMES:
             score(
                 sampler,
