@@ -250,16 +250,22 @@ def _modes(r: dict) -> list[str]:
     return [f"{r['wrong_mode']}/{r['samples']}", "-" if right is None else f"{right:.4f}"]
 
 
-def _case(r: dict) -> tuple:
-    return r["model"], r["mixture"], r["nfe"], r["sampler"].startswith("epd_plugin")
+def case_key(row: dict) -> tuple:
+    """The case a record belongs to: (model, mixture, NFE)."""
+    return row["model"], row["mixture"], row["nfe"]
 
 
-def merge_cases(rows: list[dict], path: Path) -> list[dict]:
-    """``rows`` in place of the records in ``path`` of the same cases (model, mixture, NFE); the other cases, and
-    EPD Plugin's records (``bench.plugin``'s), stay: re-running one case alone wiped the rest of the file."""
-    redone = {_case(r) for r in rows}
+def field_key(row: dict) -> tuple:
+    """A record's case in the field, apart from EPD Plugin's records of that case (``bench.plugin``'s)."""
+    return *case_key(row), row["sampler"].startswith("epd_plugin")
+
+
+def merge_cases(rows: list[dict], path: Path, key=case_key) -> list[dict]:
+    """``rows`` in place of the records in ``path`` of the same cases (``key``); other cases stay, so one case can be
+    re-run alone (``bench.accuracy`` rewrote the whole file, dropping the rest)."""
+    redone = {key(r) for r in rows}
     old = json.loads(path.read_text()) if path.exists() else []
-    return [r for r in old if _case(r) not in redone] + rows
+    return [r for r in old if key(r) not in redone] + rows
 
 
 def same_noises(rows: list[dict]) -> list[dict]:
@@ -271,11 +277,7 @@ def same_noises(rows: list[dict]) -> list[dict]:
         if r["sampler"] != "exact" and not r["sampler"].startswith("epd"):
             counts.setdefault((r["model"], r["mixture"]), collections.Counter())[r.get("samples")] += 1
     field = {key: c.most_common(1)[0][0] for key, c in counts.items()}
-    return [
-        r
-        for r in rows
-        if (r["model"], r["mixture"]) not in field or r.get("samples") == field[r["model"], r["mixture"]]
-    ]
+    return [r for r in rows if r.get("samples") == field.get((r["model"], r["mixture"]), r.get("samples"))]
 
 
 def summarize(rows: list[dict]) -> tuple[str, list[dict]]:
@@ -437,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for job in jobs for r in _bench_job(*job)]
     args.out.mkdir(parents=True, exist_ok=True)
     # the cases run replace their records; other cases, the MNIST rows (bench.neural) and EPD Plugin's stay
-    rows = merge_cases(rows, args.out / "accuracy.json")
+    rows = merge_cases(rows, args.out / "accuracy.json", key=field_key)
     (args.out / "accuracy.json").write_text(json.dumps(rows, indent=1))
     table, summary = summarize(rows)
     (args.out / "accuracy.md").write_text(table)

@@ -20,7 +20,18 @@ from typing import Any
 
 import torch
 
-from bench.accuracy import FORMS, HELD_OUT_SEED, RESULTS, answer_key, builtin_sigmas, builtin_steps, metrics, run
+from bench.accuracy import (
+    FORMS,
+    HELD_OUT_SEED,
+    RESULTS,
+    answer_key,
+    builtin_sigmas,
+    builtin_steps,
+    case_key,
+    merge_cases,
+    metrics,
+    run,
+)
 from epd_core import GaussianMixture, load_params
 from epd_dev import ROOT, comfy_harness
 
@@ -65,20 +76,6 @@ def case(form: str, mixture: str, nfe: int, n: int, top: int, ranking: list[dict
                      "nfe": c.rounds, **metrics(gm, out, exact)})  # fmt: skip
     print(f"{form}/{mixture} NFE {nfe}: {len(rows)} runs", flush=True)
     return rows
-
-
-def merge_cases(rows: list[dict], path: Path, key=None) -> list[dict]:
-    """``rows`` in place of the records in ``path`` of the same cases (``key``, by default ``case_key``); other
-    cases stay, so one case can be re-run alone."""
-    key = key or case_key
-    redone = {key(r) for r in rows}
-    old = json.loads(path.read_text()) if path.exists() else []
-    return [r for r in old if key(r) not in redone] + rows
-
-
-def case_key(row: dict) -> tuple:
-    """The case a record belongs to: (model, mixture, NFE)."""
-    return row["model"], row["mixture"], row["nfe"]
 
 
 def summarize(rows: list[dict]) -> str:

@@ -28,8 +28,8 @@ from statistics import geometric_mean
 
 import torch
 
-from bench.accuracy import FORMS, RESULTS, builtin_sigmas, builtin_steps, metrics, run
-from bench.carry import MIXTURES, case_key, held_out
+from bench.accuracy import FORMS, RESULTS, builtin_sigmas, builtin_steps, case_key, metrics, run
+from bench.carry import MIXTURES, held_out
 from bench.neural import paired_ratio_interval, per_sample_mse
 from epd_dev import comfy_harness
 

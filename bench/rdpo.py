@@ -59,13 +59,13 @@ def digit_major(images: torch.Tensor, per: int) -> torch.Tensor:
     return images[: 10 * per].reshape(per, 10, 28, 28).transpose(0, 1).reshape(-1, 28, 28)
 
 
-def given_options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> dict:
-    """The RDPOConfig options that override the preset: those given on the command line, whatever their value, and
+def given_options(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> dict:
+    """The RDPOConfig options that override the preset: those given in ``argv``, whatever their value, and
     this benchmark's own sizes (``set_defaults``). A flag equal to RDPOConfig's default (``--grouping noise`` with the
     authors' preset) was taken for not given, so the preset's value won."""
     names = [f.name for f in fields(RDPOConfig) if f.name != "seed"]
     blank = argparse.Namespace(**{name: argparse.SUPPRESS for name in names})
-    parsed = parser.parse_known_args(args._argv, namespace=blank)[0]
+    parsed = parser.parse_known_args(argv, namespace=blank)[0]
     given = {name for name in names if getattr(parsed, name) is not argparse.SUPPRESS}
     given |= {name for name in names if parser.get_default(name) != RDPOConfig.default(name)}
     return {name: getattr(args, name) for name in names if name in given}
@@ -86,10 +86,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     add_arguments(ap, RDPOConfig, skip=("seed",))
     ap.set_defaults(iterations=20, groups=10, k=4, guard_every=5)
-    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
-    args._argv = sys.argv[1:] if argv is None else list(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    command = "python -m bench.rdpo " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python -m bench.rdpo " + shlex.join(argv)
     nodes, model, positive, negative = setup("eps")
     training = comfy_harness.pack_module("nodes.training")
     start = load_params(args.start)
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
           f"accuracy {before['accuracy']:.3f}", flush=True)  # fmt: skip
     runs = []
     for seed in args.seeds:
-        config = rdpo_preset(args.preset, seed=seed, **given_options(ap, args))
+        config = rdpo_preset(args.preset, seed=seed, **given_options(ap, args, argv))
         t0 = time.time()
         params, curve = training.rdpo_on_model(
             model, positive, negative, CFG, torch.zeros(1, 4, 14, 14), start, config, reward=reward,

@@ -33,10 +33,10 @@ from bench.accuracy import (
     answer_key,
     builtin_sigmas,
     builtin_steps,
+    merge_cases,
     metrics,
     run,
 )
-from bench.carry import merge_cases
 from bench.defaults import node_defaults, parse_settings
 from bench.neural import paired_ratio_interval, per_sample_mse, tuned_schedules, wilson
 from epd_core import GaussianMixture

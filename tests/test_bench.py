@@ -76,7 +76,7 @@ def test_plot_and_summary_compare_only_rows_on_the_same_noises():
 def test_rerunning_one_case_keeps_every_other_record(tmp_path):
     """``bench.accuracy --forms ... --nfes 5`` rewrote accuracy.json with its own rows only, dropping the other
     models', the MNIST rows and EPD Plugin's."""
-    from bench.accuracy import merge_cases
+    from bench.accuracy import field_key, merge_cases
 
     old = [{"model": m, "mixture": x, "nfe": n, "sampler": s, "rmse": 1.0} for m, x, n, s in
            [("a", "wide", 5, "euler"), ("a", "wide", 5, "epd_plugin_euler"), ("a", "wide", 10, "euler"),
@@ -84,7 +84,7 @@ def test_rerunning_one_case_keeps_every_other_record(tmp_path):
     path = tmp_path / "accuracy.json"
     path.write_text(json.dumps(old))
     new = [{"model": "a", "mixture": "wide", "nfe": 5, "sampler": "euler", "rmse": 0.5}]
-    merged = merge_cases(new, path)
+    merged = merge_cases(new, path, key=field_key)
     assert len(merged) == 5 and new[0] in merged and old[0] not in merged and all(r in merged for r in old[1:])
 
 
@@ -143,9 +143,7 @@ def test_rdpo_bench_flags_override_the_preset_even_at_our_defaults():
     add_arguments(ap, RDPOConfig, skip=("seed",))
     ap.set_defaults(iterations=20, groups=10)
     argv = ["--grouping", "noise", "--no-learn-std", "--minibatch", "16", "--width", "256"]
-    args = ap.parse_args(argv)
-    args._argv = argv
-    config = rdpo_preset("authors", seed=0, **given_options(ap, args))
+    config = rdpo_preset("authors", seed=0, **given_options(ap, ap.parse_args(argv), argv))
     assert (config.grouping, config.learn_std, config.minibatch, config.width) == ("noise", False, 16, 256)
     assert (config.iterations, config.groups, config.scale_std) == (20, 10, RDPOConfig.authors().scale_std)
 
@@ -506,7 +504,7 @@ def test_carry_benchmark_compares_both_students_with_the_best_builtins(quick):
 
 
 def test_carry_benchmark_replaces_only_the_cases_it_reruns(tmp_path):
-    from bench.carry import merge_cases
+    from bench.accuracy import merge_cases
 
     case = {"model": "analytic-sd15_eps", "mixture": "wide", "nfe": 10}
     old = [{**case, "sampler": "uni_pc", "rmse": 0.02}, {**case, "sampler": "epd_carry", "rmse": 0.03},
