@@ -10,6 +10,7 @@ python -m scripts.make_thumbnails     (from the repository root)
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import sys
@@ -71,7 +72,8 @@ def _saved_latents(base: Path, graph: dict) -> tuple[list[torch.Tensor], list[st
     return latents, labels
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp, ComfyServer(Path(tmp) / "base", frontend=False) as server:
         for example in EXAMPLES:
             name, title = example["id"], example["title"]

@@ -8,6 +8,7 @@ python -m scripts.make_weights NAME.safetensors # only the named ones, replaced 
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import subprocess  # noqa: S404  (runs this project's own command line, never user input)
@@ -139,9 +140,18 @@ def distil(name: str, args: str, root: Path = ROOT) -> None:
     print(f"{name}: {args}", flush=True)
 
 
-def main() -> None:
-    only = set(sys.argv[1:])
-    if only != {"--readme"}:
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("names", nargs="*", help="tables to regenerate in place (file names in weights/demo/, "
+                        "e.g. analytic-sd15-nfe5.safetensors); none: all")  # fmt: skip
+    parser.add_argument("--readme", action="store_true", help="only rewrite weights/README.md")
+    args = parser.parse_args(argv)
+    unknown = sorted(set(args.names) - {START, *DISTILLED})
+    if unknown:
+        parser.error(f"not a table this script makes: {', '.join(unknown)} (the analytic-*.safetensors files in "
+                     "weights/demo/, with the extension)")  # fmt: skip
+    only = set(args.names)
+    if not args.readme:
         start = EPDParams.start(6, 2, schedule_type="discrete", schedule_rho=1.0, backend="ldm", max_order=2,
                                 metadata={"source": "untrained start table (r at 1/3 and 2/3, equal weights)",
                                           "command": "python -m scripts.make_weights"})  # fmt: skip

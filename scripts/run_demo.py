@@ -9,6 +9,7 @@ the digits' pixels in [-1, 1]).
 
 from __future__ import annotations
 
+import argparse
 import json
 import shutil
 import sys
@@ -29,7 +30,8 @@ def _latent(base: Path, prefix: str) -> torch.Tensor:
     return load_file(str(path))["latent_tensor"].to(torch.float64)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter).parse_args(argv)
     base = ROOT / ".comfy-base"
     shutil.rmtree(base / "output", ignore_errors=True)
     graph = json.loads(WORKFLOW.read_text())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import os
 import shutil
 import subprocess
 import sys
@@ -91,3 +92,46 @@ def test_no_eval_exec_or_unsafe_pickle_in_the_product():
                 assert not {a.name for a in node.names} & banned_imports, path.name
             if isinstance(node, ast.ImportFrom):
                 assert node.module not in banned_imports, path.name
+
+
+@pytest.mark.parametrize("trees", ["0.33", "033", "0.3.75,0.4", " "])
+def test_test_script_refuses_an_unknown_or_empty_tree_list(trees):
+    """A mistyped EPD_TREES must fail CI, not pass it having run nothing (it exits before installing anything)."""
+    env = {"PATH": "/usr/bin:/bin", "EPD_TREES": trees}
+    run = subprocess.run(["bash", "scripts/test.sh", "tests/test_packaging.py"], cwd=ROOT, env=env,  # noqa: S603, S607
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert run.returncode == 2, run.stderr
+    assert "EPD_TREES" in run.stderr and "0.3.75, 0.33.0" in run.stderr
+
+
+def test_test_script_combines_a_marker_with_the_033_selection():
+    """``-m EXPR`` narrows both runs: the 0.33 run keeps its "not core" and collects nothing for ``-m core``
+    (pytest's 5, accepted for a narrowed selection); an exported COMFYUI_PATH does not leak into the 0.3.75 run."""
+    env = dict(os.environ, COMFYUI_PATH="/nonexistent")
+    run = subprocess.run(["bash", "scripts/test.sh", "-m", "core", "--collect-only", "-q"], cwd=ROOT, env=env,  # noqa: S603, S607
+                         capture_output=True, text=True, timeout=600)  # fmt: skip
+    out = run.stdout + run.stderr
+    assert run.returncode == 0, out[-3000:]
+    core = sum(1 for line in run.stdout.splitlines() if line.startswith("tests/test_core_"))
+    assert core > 0
+    assert "no tests collected" in out, out[-3000:]
+
+
+@pytest.mark.parametrize("script", ["run_demo", "make_thumbnails", "make_weights"])
+def test_scripts_that_rewrite_tracked_files_answer_help_without_running(script):
+    """``--help`` prints the usage and writes nothing (run_demo and make_thumbnails ran their whole job)."""
+    before = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout  # noqa: S603, S607
+    run = subprocess.run([sys.executable, "-m", f"scripts.{script}", "--help"], cwd=ROOT, capture_output=True,  # noqa: S603
+                         text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 0 and run.stdout.startswith("usage:"), run.stderr[-2000:]
+    assert subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout == before  # noqa: S603, S607
+
+
+def test_make_weights_refuses_a_name_it_does_not_make():
+    """A mistyped table name is an error (exit 2, naming it), not a silent run that only rewrites the README."""
+    readme = (ROOT / "weights" / "README.md").read_bytes()
+    run = subprocess.run([sys.executable, "-m", "scripts.make_weights", "analytic-sd15-nfe5"], cwd=ROOT,  # noqa: S603
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert run.returncode == 2
+    assert "not a table this script makes: analytic-sd15-nfe5" in run.stderr
+    assert (ROOT / "weights" / "README.md").read_bytes() == readme
