@@ -59,6 +59,7 @@ class EPDDistill(io.ComfyNode):
         d = DistillConfig
         return io.Schema(
             node_id="EPDDistill",
+            is_output_node=True,  # it saves a file: a graph that only trains runs
             display_name="EPD Distill",
             category="sampling/epd_training",
             description="Fits an EPD table to this model (Stage 1 of the papers): a many-step teacher gives the "
@@ -301,6 +302,7 @@ class EPDRDPO(io.ComfyNode):
         r = RDPOConfig
         return io.Schema(
             node_id="EPDRDPO",
+            is_output_node=True,  # it saves a file: a graph that only trains runs
             display_name="EPD RDPO",
             category="sampling/epd_training",
             description="Fine-tunes an EPD table with RDPO (Stage 2 of the TPAMI paper): the table becomes a "
