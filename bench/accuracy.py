@@ -51,6 +51,11 @@ RESULTS = ROOT / "bench" / "results"
 KEY_STEPS = 400  # RK4 steps of the mixtures' answer key
 
 
+# How EPD's points are batched in the benchmarks: the round counters (a unet wrapper here, a cfg function in
+# bench.neural) are model patches, under which EPD's "auto" goes point by point; without them auto batches on the CPU.
+PARALLEL = "batched"
+
+
 class Counter:
     """Counts model rounds and per-sample evaluations through ComfyUI's unet wrapper."""
 
@@ -226,12 +231,12 @@ def bench_model(form: str, mixture: str, samplers, schedulers, nfes, n: int, log
         for final, final_step, label in TABLE_ENDINGS:
             sigmas = nodes["EPDScheduler"].execute(model, params, 1.0, final).result[0]
             name = "epd_start" if stem.startswith("start-") else "epd"
-            contenders = [(name, nodes["EPDSampler"].execute(params, "auto", True, "comfyui", final_step).result[0])]
+            contenders = [(name, nodes["EPDSampler"].execute(params, PARALLEL, True, "comfyui", final_step).result[0])]
             base_name = params.metadata.get("plugin_base")
             if base_name:  # a plugin table runs over the base it was distilled for
                 if final_step == "estimate":
                     continue
-                plugin = nodes["EPDPlugin"].execute(comfy.samplers.sampler_object(base_name), params, "auto")
+                plugin = nodes["EPDPlugin"].execute(comfy.samplers.sampler_object(base_name), params, PARALLEL)
                 contenders = [(f"epd_plugin_{base_name}", plugin.result[0])]
             for name, sampler in contenders:
                 out, c = run(model, sampler, sigmas, noise)

@@ -23,6 +23,7 @@ import torch
 from bench.accuracy import (
     FORMS,
     HELD_OUT_SEED,
+    PARALLEL,
     RESULTS,
     answer_key,
     builtin_sigmas,
@@ -70,7 +71,7 @@ def case(form: str, mixture: str, nfe: int, n: int, top: int, ranking: list[dict
         if params.nfe != nfe or "plugin_base" in params.metadata:
             continue
         sigmas = nodes["EPDScheduler"].execute(model, params, 1.0, True).result[0]
-        sampler = nodes["EPDSampler"].execute(params, "auto", True, "comfyui", "estimate").result[0]
+        sampler = nodes["EPDSampler"].execute(params, PARALLEL, True, "comfyui", "estimate").result[0]
         out, c = run(model, sampler, sigmas, noise)
         rows.append({**base, "sampler": f"epd_{params.student}", "scheduler": f"table:{path.stem}+estimate",
                      "nfe": c.rounds, **metrics(gm, out, exact)})  # fmt: skip

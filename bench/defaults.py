@@ -28,7 +28,7 @@ from statistics import geometric_mean
 
 import torch
 
-from bench.accuracy import FORMS, RESULTS, builtin_sigmas, builtin_steps, case_key, metrics, run
+from bench.accuracy import FORMS, PARALLEL, RESULTS, builtin_sigmas, builtin_steps, case_key, metrics, run
 from bench.carry import MIXTURES, held_out
 from bench.neural import paired_ratio_interval, per_sample_mse
 from epd_dev import comfy_harness
@@ -105,7 +105,7 @@ def case(form: str, mixture: str, nfe: int, n: int, settings: dict, carry: list[
     rows = []
     for label, final_denoise, final_step in ENDINGS:
         sigmas = nodes["EPDScheduler"].execute(model, params, 1.0, final_denoise).result[0]
-        sampler = nodes["EPDSampler"].execute(params, "auto", True, "comfyui", final_step).result[0]
+        sampler = nodes["EPDSampler"].execute(params, PARALLEL, True, "comfyui", final_step).result[0]
         out, c = run(model, sampler, sigmas, noise)
         row = {"model": f"analytic-{form}", "mixture": mixture, "samples": n, "answer_key_gap": gap, "nfe": c.rounds,
                "sampler": "epd_defaults", "scheduler": label, "settings": settings, "train_s": round(seconds, 1),

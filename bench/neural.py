@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from bench.accuracy import DETERMINISTIC, RESULTS, TWO_CALLS, builtin_sigmas, builtin_steps
+from bench.accuracy import DETERMINISTIC, PARALLEL, RESULTS, TWO_CALLS, builtin_sigmas, builtin_steps
 from epd_core import load_params
 from epd_core.files import write_atomic
 from epd_dev import ROOT, comfy_harness, mnist_data, mnist_metrics
@@ -318,7 +318,7 @@ ENDINGS = {"final": "denoise", "estimate": "estimate"}  # a table row's label su
 def epd_contender(contest: Contest, params, label: str):
     """EPD Sampler and EPD Scheduler for ``params`` on the contest's model, ending as ``label`` (:data:`ENDINGS`)."""
     sigmas = contest.nodes["EPDScheduler"].execute(contest.model, params, 1.0, True).result[0]
-    return contest.nodes["EPDSampler"].execute(params, "auto", True, "comfyui", ENDINGS[label]).result[0], sigmas
+    return contest.nodes["EPDSampler"].execute(params, PARALLEL, True, "comfyui", ENDINGS[label]).result[0], sigmas
 
 
 def table_of(row: dict) -> tuple[str, str]:

@@ -31,6 +31,7 @@ import torch
 
 from bench.accuracy import (
     HELD_OUT_SEED,
+    PARALLEL,
     RESULTS,
     TABLE_ENDINGS,
     answer_key,
@@ -85,7 +86,7 @@ def bench_plugin(form: str, bases, nfes, n: int, log=lambda m: print(m, flush=Tr
             for path, ending in plugin_runs(form, nfe, base):
                 params = load_params(path)
                 final, final_step = ENDINGS[ending]
-                sampler = nodes["EPDPlugin"].execute(comfy.samplers.sampler_object(base), params, "auto", final_step)
+                sampler = nodes["EPDPlugin"].execute(comfy.samplers.sampler_object(base), params, PARALLEL, final_step)
                 sigmas = nodes["EPDScheduler"].execute(model, params, 1.0, final).result[0]
                 out, c = run(model, sampler.result[0], sigmas, noise)
                 rows.append({**common, "sampler": f"epd_plugin_{base}", "nfe": c.rounds, "evaluations": c.evals,
@@ -121,7 +122,7 @@ def bench_plugin_mnist(kind: str, bases, nfes, n: int, reuse=(), log=lambda m: p
             for path, params in tables:
                 if params.nfe != nfe:
                     continue
-                sampler = nodes["EPDPlugin"].execute(bare, params, "auto", "estimate").result[0]
+                sampler = nodes["EPDPlugin"].execute(bare, params, PARALLEL, "estimate").result[0]
                 sigmas = nodes["EPDScheduler"].execute(model, params, 1.0, True).result[0]
                 contest.add(f"epd_plugin_{base}", f"table:{path.stem}+estimate", sampler, sigmas, nfe)
         log(f"mnist-{kind}/{base}: done")

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from bench.accuracy import PARALLEL
 from bench.neural import CFG, run, setup
 from epd_core import load_params
 from epd_core.config import RDPOConfig, add_arguments, rdpo_preset
@@ -39,7 +40,7 @@ EVAL_SEED = 2**30 + 11
 def sampler_for(nodes, model, params):
     """EPD Scheduler's sigmas (final denoise) and EPD Sampler for ``params``, as a user samples it."""
     sigmas = nodes["EPDScheduler"].execute(model, params, 1.0, True).result[0]
-    sampler = nodes["EPDSampler"].execute(params, "auto", True, "comfyui", "denoise").result[0]
+    sampler = nodes["EPDSampler"].execute(params, PARALLEL, True, "comfyui", "denoise").result[0]
     return sampler, sigmas
 
 

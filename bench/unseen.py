@@ -29,6 +29,7 @@ import torch
 from bench.accuracy import (
     DETERMINISTIC,
     HELD_OUT_SEED,
+    PARALLEL,
     RESULTS,
     answer_key,
     builtin_sigmas,
@@ -119,7 +120,7 @@ def case(name: str, nfe: int, n: int, settings: dict, log=print) -> list[dict]:
     params = fit(nodes, model, nfe, settings)
     train_s = time.time() - t0
     sigmas = nodes["EPDScheduler"].execute(model, params, 1.0, True).result[0]
-    sampler = nodes["EPDSampler"].execute(params, "auto", True, "comfyui", "estimate").result[0]
+    sampler = nodes["EPDSampler"].execute(params, PARALLEL, True, "comfyui", "estimate").result[0]
     score("epd_defaults", "+estimate", sampler, sigmas)
     epd = rows[-1]
     lo, hi = paired_ratio_interval(errors[(best["sampler"], best["scheduler"])], errors[("epd_defaults", "+estimate")])

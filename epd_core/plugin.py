@@ -72,6 +72,7 @@ class PluginDenoiser:
         if final not in FINAL_STEPS:
             raise ValueError(f"final must be one of {FINAL_STEPS}, got {final!r}")
         self.params, self.final, self.estimate, self.finish = params, final, None, finish
+        self.x0: torch.Tensor | None = None  # the x0 estimate at the last call (what a preview shows), not the answer
         self.sigmas = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu()
         self.offset, self.to_zero = grid_offset(params, self.sigmas)
         self.grid = self.sigmas[:-1] if self.to_zero else self.sigmas
@@ -104,8 +105,10 @@ class PluginDenoiser:
         self.next_index += 1
         if i == self.grid.shape[0] - 1:
             if self.final != "estimate" or self.estimate is None:
-                return self.base.answer(i, x, denoiser(x, sigma))
-            return self.base.answer(i, x, self.estimate if self.finish is None else self.finish(self.estimate, sigma))
+                self.x0 = denoiser(x, sigma)
+            else:
+                self.x0 = self.estimate if self.finish is None else self.finish(self.estimate, sigma)
+            return self.base.answer(i, x, self.x0)
         step = self.offset + i
         t_cur, t_next = self.grid[i], self.grid[i + 1]
         afs = self.params.afs and step == 0
@@ -113,7 +116,7 @@ class PluginDenoiser:
         d_eff, self.history = epd_step(
             denoiser, x, t_cur, t_next, self.table, step, self.params, self.history, afs, self.parallel, place=place
         )
-        self.estimate = x - t_cur.to(x.dtype) * d_eff  # the ensemble's x0 estimate, as the EPD solver's
+        self.estimate = self.x0 = x - t_cur.to(x.dtype) * d_eff  # the ensemble's x0 estimate, as the EPD solver's
         if self.base.name == "euler":
             self.base.step(i, x, self.estimate)
             return self.estimate

@@ -4,6 +4,8 @@ vision and CLIP text towers."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 
@@ -109,6 +111,20 @@ def tiny_model(kind: str = "eps", seed: int = 0):
     model.diffusion_model.eval()
     device = comfy.model_management.get_torch_device()
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+
+
+@contextmanager
+def network_calls(model) -> Iterator[list[tuple[int, torch.Tensor]]]:
+    """The batch size and timesteps of every call of ``model``'s network (a ModelPatcher), recorded by a forward hook
+    on the network. Not a ComfyUI patch (a unet wrapper or cfg function): under one, EPD's ``auto`` goes point by
+    point, so the recorder would change what it records."""
+    calls: list[tuple[int, torch.Tensor]] = []
+    net = model.model.diffusion_model
+    handle = net.register_forward_pre_hook(lambda _, args: calls.append((args[0].shape[0], args[1].detach().clone())))
+    try:
+        yield calls
+    finally:
+        handle.remove()
 
 
 def latent(kind: str, batch: int) -> dict:

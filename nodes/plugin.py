@@ -103,14 +103,20 @@ def make_plugin_sampler(
         raise ValueError(f"final_step must be one of {FINAL_STEPS}, got {final_step!r}")
 
     def plugin_function(model, x, sigmas, extra_args=None, callback=None, disable=None, **options):
+        if sigmas.shape[-1] < 2:  # no step: the latent as it is, as ComfyUI's samplers return it
+            return x
         grid = sigmas.detach().to("cpu", torch.float64)
         model_options = (extra_args or {}).get("model_options")
         with epd_run(model, params, x, parallel, continuous_time, grid, model_options) as (mode, _):
             finish = _ComfyDenoiser(model, extra_args or {}, x.shape[0]).finish
             plugin = PluginDenoiser(params, sigmas, mode, base=core_base(name), final=final_step, finish=finish)
+
+            def shown(info: dict) -> None:  # previews and denoised_output get EPD's x0, not the base's answer
+                callback({**info, "denoised": plugin.x0 if plugin.x0 is not None else info["denoised"]})
+
             return base.sampler_function(
-                _PluginModel(model, plugin), x, sigmas, extra_args=extra_args, callback=callback, disable=disable,
-                **options,
+                _PluginModel(model, plugin), x, sigmas, extra_args=extra_args, callback=callback and shown,
+                disable=disable, **options,
             )  # fmt: skip
 
     sampler = comfy.samplers.KSAMPLER(plugin_function, dict(base.extra_options), dict(base.inpaint_options))

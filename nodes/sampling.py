@@ -4,14 +4,15 @@ The core's :func:`~epd_core.solver.sample` runs on ComfyUI's model callable
 ``model(x, sigma, **extra_args)``. This module adds what ComfyUI needs:
 
 * the K points of a step go to the model as one call of batch ``K*B``,
-  point-major, so ComfyUI's conditioning tiling lines up; inpainting inputs
-  (``denoise_mask``, the wrapper's ``noise`` and ``latent_image``) are tiled the same way;
+  point-major, so ComfyUI's conditioning tiling lines up (a conditioning batch that
+  does not divide B is first repeated to B, as ComfyUI gives it at batch B); inpainting
+  inputs (``denoise_mask``, the wrapper's ``noise`` and ``latent_image``) are tiled the same way;
 * ``parallel``: ``batched`` (one call), ``sequential`` (one call per point) or
   ``auto``: sequential when a conditioning or a model patch may read only the first
-  sigma of a batch (ControlNet, hooks, timestep ranges; a mask function, cfg pre/post
-  functions, block or attention patches), else as many points per call as
-  ComfyUI's memory estimate allows; an out-of-memory error on a batched call
-  redoes that call point by point;
+  sigma of a batch (ControlNet, hooks, timestep ranges; a mask function, cfg functions,
+  block or attention patches, wrappers) or when a guider makes its own prediction, else
+  as many points per call as ComfyUI's memory estimate allows; an out-of-memory
+  error on a batched call redoes that call point by point;
 * ``continuous_time``: discrete-time models see the exact continuous timestep
   of each sigma (the authors' interpolation) instead of ComfyUI's nearest integer;
 * ``convention``: ``comfyui`` keeps ComfyUI's start/end scaling; ``authors``
@@ -26,10 +27,12 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import comfy.conds
 import comfy.model_management
 import comfy.model_sampling
 import comfy.samplers
 import torch
+from comfy.utils import repeat_to_batch_size
 
 from ..epd_core import EPDParams, make_schedule
 from ..epd_core import sample as epd_sample
@@ -40,8 +43,12 @@ PARALLEL_MODES = ("auto", "batched", "sequential")
 CONVENTIONS = ("comfyui", "authors")
 _FIRST_SIGMA_ONLY = ("control", "hooks", "timestep_start", "timestep_end")
 # Model patches that may read one sigma per batch (DifferentialDiffusion's mask, APG, Skip Layer Guidance, Deep
-# Shrink's block patches, attention replacements): a batch of K time points would get point 0's treatment.
-_FIRST_SIGMA_PATCHES = ("denoise_mask_function", "sampler_pre_cfg_function", "sampler_post_cfg_function")
+# Shrink's block patches, attention replacements; a cfg function such as RenormCFG's, which also needs a batch of one;
+# ChromaRadianceOptions' legacy model wrapper): a batch of K time points would get point 0's treatment.
+_FIRST_SIGMA_PATCHES = (
+    "denoise_mask_function", "sampler_pre_cfg_function", "sampler_post_cfg_function", "sampler_cfg_function",
+    "sampler_calc_cond_batch_function", "model_function_wrapper",
+)  # fmt: skip
 # Wrappers around each model call (EasyCache, LazyCache: they decide on the first sigma of a call and keep state
 # sized to its batch); the sampling-wide ones (outer_sample, sampler_sample, prepare_sampling) see no single call.
 _PER_CALL_WRAPPERS = ("calc_cond_batch", "predict_noise", "apply_model", "diffusion_model")
@@ -192,13 +199,12 @@ def epd_run(model, params: EPDParams, x: torch.Tensor, parallel: str, continuous
         mode: bool | int = True
     elif parallel == "sequential":
         mode = False
-    elif reader := first_sigma_reader(guider, model_options):
-        log.info("EPD: %s may read one sigma per call: the K points go one by one (parallel 'batched' batches "
-                 "them anyway)", reader)  # fmt: skip
+    elif reason := sequential_reason(guider, model_options):
+        log.info("EPD: the K points go one by one because of %s (parallel 'batched' batches them anyway)", reason)
         mode = False
     else:
         mode = _points_per_call(guider, params, x)
-    with exact_timesteps(base, continuous_time):
+    with exact_timesteps(base, continuous_time), conds_per_sample(guider, x.shape[0]):
         yield mode, model_sampling
 
 
@@ -237,12 +243,57 @@ def _conds_need_sequential(guider) -> bool:
     return False
 
 
+def _per_sample(tensor, batch: int):
+    """A conditioning tensor (or list of them) as ComfyUI's tiling gives it at a latent batch of ``batch``, where that
+    differs from its tiling over K*B rows (ComfyUI repeats a batch of C by index: row j gets row j mod C, sample j's
+    only when C divides B); else the tensor itself."""
+    if isinstance(tensor, list):
+        fitted = [_per_sample(t, batch) for t in tensor]
+        return tensor if all(f is t for f, t in zip(fitted, tensor, strict=True)) else fitted
+    size = tensor.shape[0] if isinstance(tensor, torch.Tensor) and tensor.ndim > 0 else 1
+    return tensor if size == 1 or (size <= batch and batch % size == 0) else repeat_to_batch_size(tensor, batch)
+
+
+@contextmanager
+def conds_per_sample(guider, batch: int) -> Iterator[None]:
+    """The guider's conditionings of this run repeated to the latent batch where their batch does not divide it, so
+    that a call of K*B rows gives each point's rows their own sample's conditioning, as a call of B would."""
+    replaced = []
+    for cond_list in (getattr(guider, "conds", None) or {}).values():
+        for cond in cond_list or ():
+            model_conds = cond.get("model_conds") if isinstance(cond, dict) else None
+            for name, value in list((model_conds or {}).items()):
+                if isinstance(value, comfy.conds.CONDConstant):  # the same for every row, never tiled
+                    continue
+                fitted = _per_sample(value.cond, batch)
+                if fitted is not value.cond:
+                    replaced.append((model_conds, name, value))
+                    model_conds[name] = value._copy_with(fitted)
+    try:
+        yield
+    finally:
+        for model_conds, name, value in replaced:
+            model_conds[name] = value
+
+
 def first_sigma_reader(guider, model_options: dict | None) -> str | None:
     """What in a sampling context may read only the first sigma of a call: a conditioning's ControlNet, hooks or
     timestep range, or a model patch (:func:`_first_sigma_patch`); None if nothing does."""
     if _conds_need_sequential(guider):
         return "a conditioning with ControlNet, hooks or a timestep range"
     return _first_sigma_patch(model_options)
+
+
+def sequential_reason(guider, model_options: dict | None) -> str | None:
+    """Why the K points of a step cannot share one call, or None: something reads only the first
+    sigma of a call (:func:`first_sigma_reader`); a guider with its own ``predict_noise`` (PerpNeg) may combine the
+    rows of a call."""
+    if reader := first_sigma_reader(guider, model_options):
+        return reader
+    predict = getattr(type(guider), "predict_noise", None)
+    if predict is not None and predict is not comfy.samplers.CFGGuider.predict_noise:
+        return f"the guider {type(guider).__name__}, which makes its own prediction from the batch"
+    return None
 
 
 def _first_sigma_patch(model_options: dict | None) -> str | None:
@@ -374,6 +425,8 @@ def epd_sampler_function(
     final: str = "denoise",
 ) -> torch.Tensor:
     """The ``KSAMPLER`` function: EPD on ComfyUI's model wrapper."""
+    if sigmas.shape[-1] < 2:  # no step: the latent as it is, as ComfyUI's samplers return it
+        return x
     extra_args = {} if extra_args is None else extra_args
     sigmas = sigmas.detach().to("cpu", torch.float64)
     options = extra_args.get("model_options")

@@ -9,7 +9,7 @@ import epd_core
 from bench.defaults import node_defaults
 from epd_dev import comfy_harness as H
 from epd_dev.comfy_harness import NODES as N
-from epd_dev.tiny_models import conditioning, latent, tiny_model
+from epd_dev.tiny_models import conditioning, latent, network_calls, tiny_model
 
 pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("comfy_nodes")]
 
@@ -104,13 +104,11 @@ def test_distill_node_fits_a_carry_table_of_one_round_per_step(epd_dir, kind, ch
         assert torch.allclose(torch.diff(grid[:-1]), torch.diff(grid[:-1])[:1].expand(4), rtol=1e-6)
     (sigmas,) = N["EPDScheduler"].execute(model, params, 1.0, True).result
     (sampler,) = N["EPDSampler"].execute(params, "auto", True, "comfyui", "estimate").result
-    rounds = []
-    m = model.clone()
-    m.set_model_sampler_cfg_function(lambda a: rounds.append(1) or a["uncond"] + (a["cond"] - a["uncond"]) * 2.0)
     from comfy_extras.nodes_custom_sampler import SamplerCustom
 
-    out = SamplerCustom.execute(m, True, 1, 2.0, conditioning(1), conditioning(1), sampler, sigmas,
-                                latent(kind, 1)).result[0]["samples"]  # fmt: skip
+    with network_calls(model) as rounds:  # cond and uncond in one call: a call is a round
+        out = SamplerCustom.execute(model, True, 1, 2.0, conditioning(1), conditioning(1), sampler, sigmas,
+                                    latent(kind, 1)).result[0]["samples"]  # fmt: skip
     assert torch.isfinite(out).all() and len(rounds) == 5
 
 
@@ -466,16 +464,9 @@ def test_distill_asks_one_sigma_per_call_when_a_conditioning_reads_only_the_firs
     config = config_module.DistillConfig(iterations=2, batch=2, teacher_m=1, gradient="fd", start_noises=0)
     mixed = {}
     for name, positive in (("plain", early), ("ranged", ranged)):
-        seen = []
-
-        def wrapper(apply_model, args, seen=seen):
-            seen.append(args["timestep"].clone())
-            return apply_model(args["input"], args["timestep"], **args["c"])
-
-        model = base.clone()
-        model.set_model_unet_function_wrapper(wrapper)
-        training.distill_on_model(model, positive, early, 2.0, empty, start, config)
-        mixed[name] = sum(bool((t != t[0]).any()) for t in seen)
+        with network_calls(base) as calls:
+            training.distill_on_model(base, positive, early, 2.0, empty, start, config)
+        mixed[name] = sum(bool((t != t[0]).any()) for _, t in calls)
     assert mixed["plain"] > 0 and mixed["ranged"] == 0, mixed
 
 

@@ -9,7 +9,7 @@ from safetensors.torch import load_file
 import epd_core
 from epd_dev.comfy_harness import NODES as N
 from epd_dev.shared_data import REFERENCE, official_path, reference_meta
-from epd_dev.tiny_models import KINDS, conditioning, latent, table_for, tiny_model
+from epd_dev.tiny_models import KINDS, conditioning, latent, network_calls, table_for, tiny_model
 
 pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("comfy_nodes")]
 
@@ -96,22 +96,14 @@ def test_final_step_estimate_costs_no_call():
     the EPD KSampler equals SamplerCustom with EPD Scheduler + EPD Sampler."""
     from comfy_extras.nodes_custom_sampler import SamplerCustom
 
-    model = tiny_model("eps")
+    m = tiny_model("eps")
     params = _table("sd15-best.pkl")
-    calls = []
-
-    def wrapper(apply_model, args):
-        calls.append(args["input"].shape[0])
-        return apply_model(args["input"], args["timestep"], **args["c"])
-
-    m = model.clone()
-    m.set_model_unet_function_wrapper(wrapper)
     pos, latent = conditioning(2, 1), {"samples": torch.zeros(2, 4, 8, 8)}
     outs = {}
     for final_denoise, final_step in ((False, "denoise"), (True, "estimate"), (True, "denoise")):
-        calls.clear()
-        (out,) = _nodes_out(N["EPDKSampler"], m, 7, 1.0, pos, pos, latent, params, 1.0, "auto", final_denoise,
-                            final_step)  # fmt: skip
+        with network_calls(m) as calls:
+            (out,) = _nodes_out(N["EPDKSampler"], m, 7, 1.0, pos, pos, latent, params, 1.0, "auto", final_denoise,
+                                final_step)  # fmt: skip
         outs[final_denoise, final_step] = (out["samples"], len(calls))
     assert outs[True, "estimate"][1] == outs[False, "denoise"][1] == params.nfe
     assert outs[True, "denoise"][1] == params.nfe + 1
@@ -119,7 +111,7 @@ def test_final_step_estimate_costs_no_call():
     assert torch.isfinite(estimate).all()
     assert not torch.allclose(estimate, outs[False, "denoise"][0])
     assert not torch.equal(estimate, outs[True, "denoise"][0])
-    (sigmas,) = _nodes_out(N["EPDScheduler"], model, params, 1.0, True)
+    (sigmas,) = _nodes_out(N["EPDScheduler"], m, params, 1.0, True)
     (sampler,) = _nodes_out(N["EPDSampler"], params, "auto", True, "comfyui", "estimate")
     custom = SamplerCustom.execute(m, True, 7, 1.0, pos, pos, sampler, sigmas, latent).result[0]
     assert torch.equal(custom["samples"], estimate)

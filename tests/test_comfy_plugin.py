@@ -234,15 +234,15 @@ def test_core_base_rules_and_plugin_match_comfyui(base, to_zero):
 def test_carry_table_over_a_base_is_the_carry_sampler_at_the_bases_rounds(base, final_step):
     """A bundled carry table over a multistep base: the same latent as EPD Sampler with that table, one model round
     per step, and the step to 0 by the base's call (``denoise``) or by the last step's estimate at no call."""
-    from bench.accuracy import run
+    from bench.accuracy import PARALLEL, run
 
     params = epd_core.load_params(H.ROOT / "weights" / "demo" / "analytic-sd15-reference-nfe10-carry.safetensors")
     model, _ = N["EPDAnalyticModel"].execute("sd15_eps", "reference", 0.0).result
     noise = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(5))
     (sigmas,) = N["EPDScheduler"].execute(model, params, 1.0, True).result
-    (epd,) = N["EPDSampler"].execute(params, "auto", True, "comfyui", final_step).result
+    (epd,) = N["EPDSampler"].execute(params, PARALLEL, True, "comfyui", final_step).result
     expected, c_epd = run(model, epd, sigmas, noise)
-    sampler, info = _plugin(base, params, final_step=final_step)
+    sampler, info = _plugin(base, params, parallel=PARALLEL, final_step=final_step)
     got, c = run(model, sampler, sigmas, noise)
     assert float((got - expected).abs().max() / expected.abs().max()) < 1e-5
     assert c.rounds == c_epd.rounds == params.num_steps - 1 + (final_step == "denoise")
@@ -258,3 +258,49 @@ def test_distilled_for_a_base_records_it():
     assert table.metadata["plugin_base"] == "dpmpp_2m"
     _, info = _plugin("euler", table)
     assert "dpmpp_2m's own update" in info
+
+
+@pytest.mark.parametrize("base", ["ipndm", "deis", "dpmpp_2m"])
+def test_plugin_previews_show_the_epd_estimate_not_the_bases_answer(base):
+    """The step callback (the latent preview, SamplerCustom's denoised_output) gets EPD's x0 estimate at each step, as
+    under EPD Sampler; it got the answer that makes the base's update land on the EPD step (3x further from x0 over
+    ipndm and deis)."""
+    import comfy.sample
+
+    params = epd_core.load_params(official_path("sd15-best.pkl"))
+    model, cond = N["EPDAnalyticModel"].execute("sd15_eps", "reference", 0.0).result
+    (sigmas,) = N["EPDScheduler"].execute(model, params, 1.0, True).result
+    noise = torch.randn(3, 4, 8, 8, generator=torch.Generator().manual_seed(5))
+    shown = {}
+    samplers = {"epd": N["EPDSampler"].execute(params, "auto", True, "comfyui", "estimate").result[0],
+                base: _plugin(base, params, final_step="estimate")[0]}  # fmt: skip
+    for name, sampler in samplers.items():
+        x0s = []
+        out = comfy.sample.sample_custom(model, noise, 1.0, sampler, sigmas, cond, cond, torch.zeros(3, 4, 8, 8),
+                                         callback=lambda i, x0, x, n, x0s=x0s: x0s.append(x0.clone()))  # fmt: skip
+        shown[name] = (out, x0s)
+    (out, x0s), (epd_out, epd_x0s) = shown[base], shown["epd"]
+    assert torch.allclose(out, epd_out, rtol=1e-4, atol=1e-4)
+    assert len(x0s) == len(epd_x0s) == len(sigmas) - 1
+    for i, (a, b) in enumerate(zip(x0s, epd_x0s, strict=True)):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-4), (i, float((a - b).abs().max()))
+
+
+@pytest.mark.parametrize("last", ["zero", "sigma_min"])
+def test_a_schedule_of_one_sigma_returns_the_latent_as_comfyuis_samplers_do(last):
+    """SplitSigmas at the last step leaves one sigma: no step to take. ComfyUI's samplers return the latent; EPD
+    Sampler and EPD Plugin refused it as 'not this table's grid'."""
+    import comfy.sample
+    import comfy.samplers
+
+    params = epd_core.load_params(official_path("sd15-best.pkl"))
+    model, cond = N["EPDAnalyticModel"].execute("sd15_eps", "reference", 0.0).result
+    (sigmas,) = N["EPDScheduler"].execute(model, params, 1.0, last == "zero").result
+    one = sigmas[-1:]
+    start = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+    samplers = {"euler": comfy.samplers.sampler_object("euler"),
+                "epd": N["EPDSampler"].execute(params, "auto", True, "comfyui", "estimate").result[0],
+                "plugin": _plugin("euler", params, final_step="estimate")[0]}  # fmt: skip
+    outs = {name: comfy.sample.sample_custom(model, torch.zeros_like(start), 1.0, s, one, cond, cond, start)
+            for name, s in samplers.items()}  # fmt: skip
+    assert torch.equal(outs["epd"], outs["euler"]) and torch.equal(outs["plugin"], outs["euler"])
