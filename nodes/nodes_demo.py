@@ -86,7 +86,8 @@ class EPDImageGrid(io.ComfyNode):
             "side), labelled by the matching line of 'labels'. For comparing samplers on the same noises.",
             inputs=[
                 io.String.Input("labels", multiline=True, default="row 1", tooltip="One label per line, one line "
-                                "per connected row, in the order of the inputs."),
+                                "per connected row, in the order of the inputs (an empty line leaves its row "
+                                "unlabelled)."),
                 *(io.Image.Input(f"row_{i}", optional=i > 1, tooltip=f"The images of row {i}.")
                   for i in range(1, MAX_ROWS + 1)),
             ],
@@ -96,7 +97,11 @@ class EPDImageGrid(io.ComfyNode):
     @classmethod
     def execute(cls, labels: str, **rows) -> io.NodeOutput:
         batches = [rows[f"row_{i}"] for i in range(1, MAX_ROWS + 1) if rows.get(f"row_{i}") is not None]
-        lines = [line.strip() for line in labels.strip().splitlines()]
+        lines = [line.strip() for line in labels.replace("\r\n", "\n").split("\n")]
+        while len(lines) > len(batches) and not lines[-1]:  # a trailing newline, not an empty label
+            lines.pop()
+        while len(lines) > len(batches) and not lines[0]:
+            lines.pop(0)
         return io.NodeOutput(labelled_grid(batches, lines))
 
 

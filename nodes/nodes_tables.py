@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from pathlib import Path
@@ -183,15 +184,16 @@ class EPDParamsLoader(io.ComfyNode):
 
     @classmethod
     def fingerprint_inputs(cls, table_name: str | None = None) -> str:
-        """The file's path, time and size: a table rewritten under its name (EPD Distill with overwrite, the CLI, a
-        copy) is loaded again, not taken from ComfyUI's cache of this node's result."""
+        """A hash of the file's path, time and size: a table rewritten under its name (EPD Distill with overwrite, the
+        CLI, a copy) is loaded again, not taken from ComfyUI's cache of this node's result. Hashed because ComfyUI
+        stores the value in the prompt it writes into every saved image."""
         entry = catalogue_choice(table_name or "")
         path = folder_paths.get_full_path(FOLDER, entry.filename if entry else table_name or "")
         try:
             stat = Path(path).stat()
         except (TypeError, OSError):  # no such file (yet): the name decides
             return str(table_name)
-        return f"{path}:{stat.st_mtime_ns}:{stat.st_size}"
+        return hashlib.sha256(f"{path}:{stat.st_mtime_ns}:{stat.st_size}".encode()).hexdigest()
 
     @classmethod
     def execute(cls, table_name: str) -> io.NodeOutput:

@@ -12,11 +12,23 @@ from ..epd_core import EPDParams, make_schedule
 from ..epd_core.solver import point_times
 
 _BG, _AXIS, _POINT, _TEXT = (250, 250, 247), (120, 120, 120), (214, 96, 39), (30, 30, 30)
-MAX_ROWS = 64  # steps drawn; the image stays below 760 x 2,300 pixels whatever the table
+MAX_ROWS = 56  # steps drawn; the image stays below 760 x 2,330 pixels whatever the table
 MAX_MARKS = 16  # points drawn per step
 
 
-def draw_table(params: EPDParams, width: int = 760, row: int = 34) -> Image.Image:
+def _values(draw: ImageDraw.ImageDraw, name: str, values: list[float], room: float) -> str:
+    """``name`` and the values (two decimals), as many whole values as fit ``room`` pixels, then a count of the rest."""
+    text = f"{name}:"
+    for i, v in enumerate(values):
+        longer = f"{text}  {v:.2f}"
+        rest = f"  +{len(values) - i - 1} more" if i < len(values) - 1 else ""
+        if draw.textlength(longer + rest) > room:
+            return f"{text}  +{len(values) - i} more"
+        text = longer
+    return text
+
+
+def draw_table(params: EPDParams, width: int = 760, row: int = 40) -> Image.Image:
     """Rows = steps. A grey bar spans [t_cur, t_next] (log scale, largest sigma left); an orange mark sits at
     each point's position r inside the interval, as tall as its weight; a / c are the time / direction scales."""
     grid = make_schedule(params)
@@ -44,17 +56,16 @@ def draw_table(params: EPDParams, width: int = 760, row: int = 34) -> Image.Imag
         t_cur, t_next = float(grid[i]), float(grid[i + 1])
         draw.text((8, y - 6), f"step {i}", fill=_TEXT)
         draw.line([(x_of(t_cur), y + 10), (x_of(t_next), y + 10)], fill=_AXIS, width=3)
-        labels = []
         taus = point_times(table.r[i], grid[i], grid[i + 1])
         for k in range(min(params.num_points, MAX_MARKS)):
-            r, w = float(table.r[i, k]), float(table.weight[i, k])
             x = x_of(float(taus[k]))
-            draw.rectangle([x - 2, y + 10 - 16 * w, x + 2, y + 10], fill=_POINT)
-            labels.append(f"r{k}={r:.2f} w={w:.2f}")
+            draw.rectangle([x - 2, y + 10 - 16 * float(table.weight[i, k]), x + 2, y + 10], fill=_POINT)
         a = float(table.scale_time[i].mean())
         c = float(table.scale_dir[i].mean())
-        draw.text((right + 8, y - 4), " ".join(labels)[:34], fill=_TEXT)
-        draw.text((right + 8, y + 8), f"a={a:.3f} c={c:.3f}", fill=_AXIS)
+        room = width - right - 12
+        draw.text((right + 8, y - 10), _values(draw, "r", table.r[i].tolist(), room), fill=_TEXT)
+        draw.text((right + 8, y + 1), _values(draw, "w", table.weight[i].tolist(), room), fill=_TEXT)
+        draw.text((right + 8, y + 12), f"a={a:.3f} c={c:.3f}", fill=_AXIS)
     return img
 
 

@@ -74,7 +74,7 @@ EXAMPLES: list[dict] = [
         "id": "epd_analytic_demo",
         "title": "2 EPD KSampler vs Euler on an exact model (no download)",
         "note": "EPD KSampler and KSampler (euler) at NFE 10 on an exact Gaussian-mixture model whose ODE solution "
-        "is known (scripts/run_demo.py measures both errors). Results are 4x8x8 latents saved to "
+        "is known (the tests compare this workflow's result with the core's). Results are 4x8x8 latents saved to "
         "output/latents.\n\nNeeds nothing to download: EPD Analytic Model is computed, the table is bundled.",
         "graph": None,
     },

@@ -49,6 +49,29 @@ def test_grey_images_and_errors():
         grid.execute("a\nb", row_1=torch.zeros(1, 8, 8, 3), row_2=torch.zeros(1, 9, 8, 3))
 
 
+@pytest.mark.parametrize("labels", ["\nsecond", "first\n", "first\nsecond\n", "first\r\nsecond"])
+def test_an_empty_first_or_last_line_labels_its_row_with_nothing(labels):
+    """Two rows and two lines, one of them empty: the empty one leaves its row unlabelled (the whole text was stripped,
+    so the node counted one label); a trailing newline is not a label."""
+    grid = _node()
+    (out,) = grid.execute(labels, row_1=torch.zeros(1, 10, 12, 3), row_2=torch.zeros(1, 10, 12, 3)).result
+    assert out.shape[1] == 2 * (10 + 4) + 4
+
+
+def test_table_preview_labels_keep_whole_values():
+    """The preview's right margin lists each step's r and w: as many whole values as fit, then how many more (it cut
+    the text at 34 characters, so a third point's r read 0 and its weight was gone)."""
+    from PIL import Image, ImageDraw
+
+    preview = H.pack_module("nodes.preview")
+    draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    assert preview._values(draw, "r", [0.06, 0.19, 0.36, 0.56], 190) == "r:  0.06  0.19  0.36  0.56"
+    many = preview._values(draw, "w", [1 / 16] * 16, 190)
+    shown = many.split("+")[0].split()[1:]
+    assert shown == ["0.06"] * len(shown) and many.endswith(f"+{16 - len(shown)} more")
+    assert draw.textlength(many) <= 190
+
+
 def test_the_node_declares_eight_rows_the_first_required():
     spec = _node().INPUT_TYPES()
     assert list(spec["required"]) == ["labels", "row_1"]
