@@ -11,6 +11,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import epd_core
 from epd_core.schedules import sd15_alphas_cumprod
 from epd_dev import comfy_harness as H
 from epd_dev import mnist_data, mnist_metrics
@@ -321,6 +322,24 @@ def test_all_digits_class_conditions_sample_i_on_digit_i():
         (one,) = nodes.KSampler().sample(model, 5, 3, 3.0, "euler", "normal", pos, neg, latent)
         assert torch.allclose(everything["samples"][digit], one["samples"][digit], atol=1e-5)
         assert not torch.allclose(everything["samples"][digit + 1], one["samples"][digit + 1], atol=1e-2)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_epd_ksampler_keeps_sample_j_on_class_j_mod_10_in_a_batch_of_four(kind):
+    """The demo's '0-9' over a latent batch of 4 (10 does not divide 4): EPD KSampler's batched points drew other
+    digits (ComfyUI tiles the ten class tokens over the K*4 rows of a call). Batched equals one point per call, and
+    each sample equals its own class sampled alone."""
+    (model,) = mn.EPDMnistModel.execute(kind).result
+    all_pos, neg = mn.EPDMnistClass.execute("0-9").result
+    params = epd_core.load_params(H.ROOT / "weights" / "demo" / f"mnist-{kind}-nfe5.safetensors")
+    (latent,) = nodes.EmptyLatentImage().generate(112, 112, 4)
+    epd = H.NODES["EPDKSampler"]
+    runs = {mode: epd.execute(model, 3, 3.0, all_pos, neg, latent, params, 1.0, mode, True, "estimate").result[0]
+            for mode in ("batched", "sequential")}  # fmt: skip
+    assert torch.allclose(runs["batched"]["samples"], runs["sequential"]["samples"], atol=1e-5)
+    pos3, _ = mn.EPDMnistClass.execute("3").result
+    (alone,) = epd.execute(model, 3, 3.0, pos3, neg, latent, params, 1.0, "batched", True, "estimate").result
+    assert torch.allclose(runs["batched"]["samples"][3], alone["samples"][3], atol=1e-5)
 
 
 def test_table_script_fine_tunes_on_a_given_grid(tmp_path, request):
