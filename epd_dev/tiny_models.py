@@ -178,15 +178,29 @@ def tiny_vae(seed: int = 3):
     return comfy.sd.VAE(sd=autoencoder.state_dict(), config=config)
 
 
-def tiny_clip_vision(tmp_path, seed: int = 4):
-    """A CLIP ViT (32x32 images, 16-dim projection) as ComfyUI's ``ClipVisionModel`` (config in ``tmp_path``)."""
+def tiny_clip_vision(tmp_path, seed: int = 4, siglip: bool = False):
+    """A CLIP ViT (32x32 images, 16-dim projection) as ComfyUI's ``ClipVisionModel`` (config in ``tmp_path``);
+    ``siglip``: ComfyUI's SigLIP form of it (no class token, no pooled embedding: one per patch)."""
     import comfy.clip_vision
 
-    path = tmp_path / "clip_vision_tiny.json"
-    path.write_text(json.dumps(VISION))
+    path = tmp_path / f"{'siglip' if siglip else 'clip'}_vision_tiny.json"
+    config = dict(VISION, model_type="siglip_vision_model", hidden_act="gelu_pytorch_tanh") if siglip else VISION
+    path.write_text(json.dumps(config))
     clip_vision = comfy.clip_vision.ClipVisionModel(str(path))
     _fill(clip_vision.model, seed)
     return clip_vision
+
+
+def tiny_wan_vae(seed: int = 7):
+    """A Wan 2.1 video VAE (16 latent channels, 8x spatial and 4x temporal downscale) at width 8, loaded by ComfyUI
+    from its state dict as a user's file is."""
+    import comfy.sd
+    from comfy.ldm.wan.vae import WanVAE
+
+    vae = WanVAE(dim=8, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
+                 temperal_downsample=[False, True, True], dropout=0.0)  # fmt: skip
+    _fill(vae, seed)
+    return comfy.sd.VAE(sd=vae.state_dict())
 
 
 def tiny_clip(hidden: int = 16, seed: int = 5):

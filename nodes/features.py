@@ -50,15 +50,18 @@ def final_feature_loss(encoder: Encoder, weight: float, latent_out: Callable[[to
 
 
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
-    """``vae``'s images ``[B, H, W, 3]`` in ``[0, 1]`` of LATENT-format ``latents``, keeping the graph (ComfyUI's
-    ``VAE.decode`` writes into buffers in place)."""
+    """``vae``'s frames ``[B, T, H, W, 3]`` in ``[0, 1]`` of LATENT-format ``latents`` (T = 1 for an image VAE; a
+    video VAE such as Wan's gives T frames), keeping the graph (ComfyUI's ``VAE.decode`` writes into buffers in
+    place)."""
     comfy.model_management.load_models_gpu([vae.patcher])
     make_differentiable(vae.first_stage_model)
     with saved_copies():
         out = vae.first_stage_model.decode(latents.to(vae.device, vae.vae_dtype))
-    if out.ndim != 4 or out.shape[1] < 3:
-        raise ValueError(f"feature loss: this VAE decodes to shape {list(out.shape)}; an image VAE is needed")
-    return ((out[:, :3].float() + 1.0) / 2.0).clamp(0.0, 1.0).movedim(1, -1)
+    if out.ndim == 4:
+        out = out.unsqueeze(2)
+    if out.ndim != 5 or out.shape[1] < 3:
+        raise ValueError(f"feature loss: this VAE decodes to shape {list(out.shape)}; an image or video VAE is needed")
+    return ((out[:, :3].float() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 4, 1)
 
 
 def clip_pixels(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
@@ -84,12 +87,15 @@ def clip_vision_encoder(vae, clip_vision) -> Encoder:
                          "CLIP or SigLIP vision model")  # fmt: skip
 
     def embed(latents: torch.Tensor) -> torch.Tensor:
-        images = decode(vae, latents)
+        frames = decode(vae, latents)
         comfy.model_management.load_model_gpu(clip_vision.patcher)
-        pixels = clip_pixels(images.to(clip_vision.load_device), int(clip_vision.image_size), clip_vision.image_mean,
-                             clip_vision.image_std)  # fmt: skip
+        pixels = clip_pixels(frames.flatten(0, 1).to(clip_vision.load_device), int(clip_vision.image_size),
+                             clip_vision.image_mean, clip_vision.image_std)  # fmt: skip
         make_differentiable(clip_vision.model)
         with saved_copies():
-            return clip_vision.model(pixel_values=pixels, intermediate_output=-2)[2]
+            features = clip_vision.model(pixel_values=pixels, intermediate_output=-2)[2]
+        if features.ndim == 3:  # SigLIP: one embedding per patch token, no pooled one
+            features = features.mean(dim=1)
+        return features.reshape(frames.shape[0], -1)  # a video's frames side by side: one vector per sample
 
     return Encoder("clip_vision", embed)

@@ -21,6 +21,7 @@ from .inputs import EncoderType, EPDParamsType, advanced, config_input, epd_para
 from .nodes_tables import describe
 from .rewards import clip_score_reward, preference_reward
 from .training import (
+    conditioning_batch,
     distill_on_model,
     model_name,
     output_path,
@@ -310,7 +311,7 @@ class EPDRDPO(io.ComfyNode):
             "fidelity to a many-step teacher from the same noise, or a CLIP score of the decoded images against a "
             "prompt (needs vae, clip_vision, clip and prompt), or a preference head from models/epd_rewards on the "
             "CLIP vision embedding (needs vae, clip_vision, reward_model). A conditioning batch of several prompts "
-            "trains on all of them (each group of rollouts shares one). Saves to models/epd.",
+            "trains on all of them (each group of rollouts shares one; fidelity and preference). Saves to models/epd.",
             inputs=[
                 *_training_inputs(),
                 epd_params_input(tooltip="The start table (usually a distilled one)."),
@@ -379,6 +380,10 @@ class EPDRDPO(io.ComfyNode):
         metadata = {"tool": "EPD RDPO node", "model": model_name(model), "cfg": cfg}
         scorer = None
         if reward == "clip_score":
+            if (prompts := conditioning_batch(positive, negative)) > 1:
+                raise ValueError(f"reward clip_score scores every rollout against one prompt (the node's 'prompt'), "
+                                 f"but the conditioning holds {prompts} prompts: give RDPO a conditioning of that "
+                                 "prompt alone (the fidelity and preference rewards train on several)")  # fmt: skip
             scorer = _clip_score(vae, clip_vision, clip, prompt)
             metadata["reward_prompt"] = prompt
         elif reward == "preference":

@@ -55,15 +55,28 @@ def _pooled(clip, tokens: dict, projected: bool) -> torch.Tensor | None:
     return None if pooled is None else pooled.float().reshape(-1, pooled.shape[-1])[0]
 
 
-def image_embeddings(clip_vision, images: torch.Tensor) -> torch.Tensor:
+def image_embeddings(clip_vision, images: torch.Tensor, reward: str = "clip_score") -> torch.Tensor:
     """Projected image embeddings ``[B, D]`` (float32) of images ``[B, H, W, 3]`` in 0..1; ComfyUI's
-    ``encode_image`` resizes, centre-crops and normalises."""
+    ``encode_image`` resizes, centre-crops and normalises. ``reward`` names the reward in errors."""
     embeds = clip_vision.encode_image(images, crop=True)["image_embeds"]
     if embeds.ndim != 2:
         raise ValueError(
-            f"clip_score: this CLIP vision model gives no pooled image embedding (shape {tuple(embeds.shape)})"
+            f"{reward}: this CLIP vision model gives no pooled image embedding (shape {tuple(embeds.shape)}); "
+            "use a CLIP vision model (SigLIP gives one embedding per patch)"
         )
     return embeds.float()
+
+
+def frame_scores(images: torch.Tensor, latents: torch.Tensor, reward: str,
+                 score: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:  # fmt: skip
+    """``score`` of each rollout's decoded image, or the mean over its frames for a video VAE (images
+    ``[B, T, H, W, 3]``, as ComfyUI's VAE Decode gives for Wan and HunyuanVideo latents)."""
+    if images.ndim == 4:
+        images = images[:, None]
+    if images.ndim != 5 or images.shape[0] != latents.shape[0] or images.shape[-1] < 3:
+        raise ValueError(f"{reward} scores images; this VAE decoded to shape {tuple(images.shape)}")
+    batch, frames = images.shape[:2]
+    return score(images[..., :3].flatten(0, 1)).reshape(batch, frames).mean(dim=1)
 
 
 def clip_score_reward(vae, clip_vision, clip, prompt: str) -> Reward:
@@ -83,13 +96,13 @@ def clip_score_reward(vae, clip_vision, clip, prompt: str) -> Reward:
             f"{vision_dim}; use the text and vision towers of the same CLIP model"
         )
 
+    def cosine(images: torch.Tensor) -> torch.Tensor:
+        embeds = image_embeddings(clip_vision, images)
+        return 100.0 * torch.nn.functional.cosine_similarity(embeds, text.to(embeds.device)[None], dim=-1)
+
     def clip_score(latents: torch.Tensor, context: Any) -> torch.Tensor:
         with torch.no_grad():
-            images = vae.decode(latents)
-            if images.ndim != 4 or images.shape[0] != latents.shape[0]:
-                raise ValueError(f"clip_score scores images; this VAE decoded to shape {tuple(images.shape)}")
-            embeds = image_embeddings(clip_vision, images)
-            score = 100.0 * torch.nn.functional.cosine_similarity(embeds, text.to(embeds.device)[None], dim=-1)
+            score = frame_scores(vae.decode(latents), latents, "clip_score", cosine)
         return score.to(latents.device)
 
     return clip_score
@@ -141,18 +154,20 @@ def preference_reward(vae, clip_vision, path: str) -> Reward:
     head, normalize = load_reward_head(path)
     size = int(getattr(clip_vision, "image_size", 224))
     with torch.no_grad():
-        width = image_embeddings(clip_vision, torch.zeros(1, size, size, 3)).shape[-1]
+        width = image_embeddings(clip_vision, torch.zeros(1, size, size, 3), "preference").shape[-1]
     if head[0].in_features != width:
         raise ValueError(f"preference: the reward head takes {head[0].in_features}-dimensional embeddings but the "
                          f"CLIP vision model gives {width}")  # fmt: skip
 
+    def rate(images: torch.Tensor) -> torch.Tensor:
+        embeds = image_embeddings(clip_vision, images, "preference")
+        if normalize:
+            embeds = torch.nn.functional.normalize(embeds, dim=-1)
+        return head.to(embeds.device)(embeds)[:, 0]
+
     def preference(latents: torch.Tensor, context: Any) -> torch.Tensor:
         with torch.no_grad():
-            images = vae.decode(latents)
-            embeds = image_embeddings(clip_vision, images)
-            if normalize:
-                embeds = torch.nn.functional.normalize(embeds, dim=-1)
-            score = head.to(embeds.device)(embeds)[:, 0]
+            score = frame_scores(vae.decode(latents), latents, "preference", rate)
         return score.to(latents.device)
 
     return preference

@@ -10,7 +10,7 @@ from epd_core.params import time_points_for_nfe
 from epd_dev import comfy_harness as H
 from epd_dev import mnist_metrics
 from epd_dev.comfy_harness import NODES as N
-from epd_dev.tiny_models import VISION, conditioning, latent, tiny_clip_vision, tiny_model, tiny_vae
+from epd_dev.tiny_models import VISION, conditioning, latent, tiny_clip_vision, tiny_model, tiny_vae, tiny_wan_vae
 
 pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("comfy_nodes")]
 
@@ -59,7 +59,42 @@ def test_clip_vision_encoder_is_encode_image_of_the_decoded_latents_and_passes_g
     got.square().sum().backward()
     assert float(x.grad.abs().sum()) > 0
     with torch.no_grad():
-        torch.testing.assert_close(features.decode(vae, latents), vae.decode(latents), atol=1e-5, rtol=0)
+        torch.testing.assert_close(features.decode(vae, latents)[:, 0], vae.decode(latents), atol=1e-5, rtol=0)
+
+
+def test_a_siglip_encoder_gives_one_vector_per_image(tmp_path, towers):
+    """SigLIP's image_embeds are one per patch ([B, tokens, D]); the feature loss refused them after training had
+    begun. The encoder averages the patch embeddings."""
+    vae, _ = towers
+    with torch.inference_mode():
+        siglip = tiny_clip_vision(tmp_path, siglip=True)
+    latents = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    (encoder,) = N["EPDFeatureEncoder"].execute(vae, siglip).result
+    with torch.no_grad():
+        tokens = siglip.encode_image(vae.decode(latents))["image_embeds"]
+    assert tokens.ndim == 3
+    x = latents.clone().requires_grad_(True)
+    got = encoder.embed(x)
+    torch.testing.assert_close(got.detach(), tokens.mean(dim=1), atol=2e-2, rtol=2e-2)  # ComfyUI's 8-bit pixels
+    got.square().sum().backward()
+    assert float(x.grad.abs().sum()) > 0
+
+
+def test_a_video_vaes_frames_are_encoded_side_by_side(towers):
+    """Wan's VAE decodes [B, 16, T, h, w] latents to [B, 3, frames, H, W]; the feature loss wanted 4-D images."""
+    _, clip_vision = towers
+    wan = tiny_wan_vae()
+    latents = torch.randn(2, 16, 2, 4, 4, generator=torch.Generator().manual_seed(2))
+    (encoder,) = N["EPDFeatureEncoder"].execute(wan, clip_vision).result
+    with torch.no_grad():
+        frames = wan.decode(latents)  # ComfyUI's VAE Decode: [B, frames, H, W, 3]
+        reference = clip_vision.encode_image(frames.flatten(0, 1))["image_embeds"].reshape(2, -1)
+    x = latents.clone().requires_grad_(True)
+    got = encoder.embed(x)
+    assert frames.shape[1] == 5 and got.shape == (2, 5 * VISION["projection_dim"])
+    torch.testing.assert_close(got.detach(), reference, atol=2e-2, rtol=2e-2)
+    got.square().sum().backward()
+    assert float(x.grad.abs().sum()) > 0
 
 
 def test_mnist_features_are_the_digits_fid_features():

@@ -8,7 +8,16 @@ import torch
 import epd_core
 from epd_dev import comfy_harness as H
 from epd_dev.comfy_harness import NODES as N
-from epd_dev.tiny_models import VISION, conditioning, latent, tiny_clip, tiny_clip_vision, tiny_model, tiny_vae
+from epd_dev.tiny_models import (
+    VISION,
+    conditioning,
+    latent,
+    tiny_clip,
+    tiny_clip_vision,
+    tiny_model,
+    tiny_vae,
+    tiny_wan_vae,
+)
 
 pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("comfy_nodes")]
 PROMPT = "a photo of a red bicycle"
@@ -39,8 +48,11 @@ def _moved(table: epd_core.EPDParams, start: epd_core.EPDParams) -> bool:
     return not (torch.equal(table.r_params, start.r_params) and torch.equal(table.weight_s, start.weight_s))
 
 
-def _run_node(model, name: str, reward: str = "clip_score", **optional):
-    args = (conditioning(2, 1), conditioning(2, 2), latent("eps", 1), _start(model), 2.0, reward, 2, 2, 2, 2, 20.0)
+def _run_node(model, name: str, reward: str = "clip_score", prompts: int | None = None, **optional):
+    """EPD RDPO's node on two prompts, one for clip_score (which scores against its one prompt)."""
+    prompts = prompts or (1 if reward == "clip_score" else 2)
+    args = (conditioning(prompts, 1), conditioning(prompts, 2), latent("eps", 1), _start(model), 2.0, reward, 2, 2, 2,
+            2, 20.0)  # fmt: skip
     with torch.inference_mode():  # as ComfyUI's executor runs nodes
         return N["EPDRDPO"].execute(model, *args, 1e-3, 0, name, False, **optional).result
 
@@ -163,6 +175,50 @@ def test_text_and_vision_widths_must_match(epd_dir, towers):
     with pytest.raises(ValueError, match="text embedding has 24 dimensions but the CLIP vision embedding 16"):
         _run_node(tiny_model("eps"), "mismatch", vae=vae, clip_vision=clip_vision, clip=tiny_clip(24), prompt=PROMPT)
     assert list(epd_dir.iterdir()) == []
+
+
+def test_clip_score_refuses_a_conditioning_of_several_prompts(epd_dir, towers):
+    """Every rollout is scored against the node's one prompt: with a batch of 'a cat' and 'a dog' the dogs were
+    rewarded for looking like a cat."""
+    vae, clip_vision, clip = towers
+    with pytest.raises(ValueError, match="conditioning holds 2 prompts"):
+        _run_node(tiny_model("eps"), "two", prompts=2, vae=vae, clip_vision=clip_vision, clip=clip, prompt=PROMPT)
+    assert list(epd_dir.iterdir()) == []
+
+
+def test_rewards_score_a_video_vaes_frames(towers, tmp_path):
+    """Wan's VAE decodes a rollout to frames [T, H, W, 3] (ComfyUI's VAE Decode); clip_score refused them and
+    preference failed in torch. A rollout scores the mean over its frames."""
+    from safetensors.torch import save_file
+
+    rewards = H.pack_module("nodes.rewards")
+    _, clip_vision, clip = towers
+    wan = tiny_wan_vae()
+    latents = torch.randn(2, 16, 2, 4, 4, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        frames = wan.decode(latents)
+        embeds = rewards.image_embeddings(clip_vision, frames.flatten(0, 1)).reshape(2, frames.shape[1], -1)
+    text = rewards.prompt_embedding(clip, PROMPT)
+    cos = 100 * torch.nn.functional.cosine_similarity(embeds, text[None, None], dim=-1)
+    got = rewards.clip_score_reward(wan, clip_vision, clip, PROMPT)(latents, torch.arange(2))
+    assert frames.shape[1] == 5 and got.shape == (2,)
+    torch.testing.assert_close(got, cos.mean(dim=1), atol=1e-4, rtol=1e-4)
+    head = tmp_path / "linear.safetensors"
+    weight = torch.randn(1, VISION["projection_dim"], generator=torch.Generator().manual_seed(4))
+    save_file({"layers.0.weight": weight, "layers.0.bias": torch.zeros(1)}, str(head),
+              metadata={"format": "epd-reward-head-v1", "normalize": "false"})  # fmt: skip
+    got = rewards.preference_reward(wan, clip_vision, str(head))(latents, torch.arange(2))
+    torch.testing.assert_close(got, (embeds @ weight[0]).mean(dim=1), atol=1e-4, rtol=1e-4)
+
+
+def test_a_siglip_vision_model_is_refused_by_the_reward_it_was_given(towers, tmp_path):
+    """SigLIP gives no pooled embedding; the preference reward's error said 'clip_score'."""
+    rewards = H.pack_module("nodes.rewards")
+    vae, _, _ = towers
+    siglip = tiny_clip_vision(tmp_path, siglip=True)
+    _tiny_head(tmp_path / "head.safetensors")
+    with pytest.raises(ValueError, match="^preference: this CLIP vision model gives no pooled image embedding"):
+        rewards.preference_reward(vae, siglip, str(tmp_path / "head.safetensors"))
 
 
 @pytest.fixture
