@@ -18,13 +18,15 @@ of that name, with its default options; a test checks ComfyUI's samplers against
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import numpy as np
 import torch
 
+from .params import EPDParams
 from .solver import adams_bashforth
 
-__all__ = ["BASES", "Base"]
+__all__ = ["BASES", "Base", "placement", "table_placement"]
 
 # The bases the plugin supports. uni_pc / uni_pc_bh2 are not among them: UniPC's corrector rewrites the state after
 # each model call, so the point the model is asked at is not the state the next step starts from.
@@ -179,3 +181,22 @@ class Base:
         denoised = (target - rest) / gain
         self._remember(i, x, denoised)
         return denoised
+
+
+def placement(base: Base, i: int, x: torch.Tensor, t_cur: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``place(d)`` for :func:`~epd_core.solver.epd_step`: the base's proposed direction at step ``i`` from the
+    plain prediction ``x - t_cur * d`` (remembered in ``base``'s history)."""
+
+    def place(d: torch.Tensor) -> torch.Tensor:
+        if base.name == "euler":
+            base.step(i, x, x - t_cur.to(x.dtype) * d)  # Euler's direction is d itself (kept exact)
+            return d
+        return base.propose(i, x, x - t_cur.to(x.dtype) * d)
+
+    return place
+
+
+def table_placement(params: EPDParams) -> str:
+    """The base whose method places a table's points: the one it was distilled for (``plugin_base`` in its
+    metadata), else ``euler`` (the EPD solver's straight line; an ``ipndm`` student keeps its own rule)."""
+    return str(params.metadata.get("plugin_base") or "euler")

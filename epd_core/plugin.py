@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 
-from .bases import Base
+from .bases import Base, placement, table_placement
 from .params import EPDParams
 from .solver import FINAL_STEPS, Denoiser, epd_step, grid_offset
 
@@ -40,25 +40,6 @@ __all__ = ["PluginDenoiser", "PluginMisuse", "placement", "table_placement"]
 
 class PluginMisuse(ValueError):
     """The base solver asked for a model evaluation the plugin cannot answer faithfully."""
-
-
-def placement(base: Base, i: int, x: torch.Tensor, t_cur: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``place(d)`` for :func:`~epd_core.solver.epd_step`: the base's proposed direction at step ``i`` from the
-    plain prediction ``x - t_cur * d`` (remembered in ``base``'s history)."""
-
-    def place(d: torch.Tensor) -> torch.Tensor:
-        if base.name == "euler":
-            base.step(i, x, x - t_cur.to(x.dtype) * d)  # Euler's direction is d itself (kept exact)
-            return d
-        return base.propose(i, x, x - t_cur.to(x.dtype) * d)
-
-    return place
-
-
-def table_placement(params: EPDParams) -> str:
-    """The base whose method places a table's points: the one it was distilled for (``plugin_base`` in its
-    metadata), else ``euler`` (the EPD solver's straight line; an ``ipndm`` student keeps its own rule)."""
-    return str(params.metadata.get("plugin_base") or "euler")
 
 
 class PluginDenoiser:

@@ -204,6 +204,19 @@ def grid_offset(params: EPDParams, sigmas: torch.Tensor) -> tuple[int, bool]:
 
 
 @torch.no_grad()
+def _placer(params: EPDParams, sigmas: torch.Tensor) -> Callable[..., Callable] | None:
+    """For a table distilled for EPD Plugin over a multistep base (``plugin_base``), ``placer(i, x, t_cur)`` gives
+    step i's ``place`` (that base's update places the points, as the table was fitted); None for the EPD solver's
+    straight line."""
+    from .bases import Base, placement, table_placement  # bases builds on this module's Adams-Bashforth rule
+
+    name = table_placement(params)
+    if name == "euler":
+        return None
+    base = Base(name, sigmas)
+    return lambda i, x, t_cur: placement(base, i, x, t_cur)
+
+
 def sample(
     denoiser: Denoiser,
     x: torch.Tensor,
@@ -239,12 +252,15 @@ def sample(
     table = params.decoded(torch.float64) if table is None else table
     history: list[torch.Tensor] = []
     estimate = None
+    placer = _placer(params, sigmas)
 
     for i in range(grid.shape[0] - 1):
         step = offset + i
         t_cur, t_next = grid[i], grid[i + 1]
         afs = params.afs and step == 0
-        d_eff, history = epd_step(denoiser, x, t_cur, t_next, table, step, params, history, afs, parallel)
+        place = placer(i, x, t_cur) if placer is not None else None
+        d_eff, history = epd_step(denoiser, x, t_cur, t_next, table, step, params, history, afs, parallel,
+                                  place=place)  # fmt: skip
         estimate = x - t_cur.to(x.dtype) * d_eff
         if callback is not None:
             callback({"x": x, "i": i, "sigma": t_cur, "sigma_hat": t_cur, "denoised": estimate})

@@ -36,16 +36,19 @@ def core_base(name: str) -> str:
     return "euler" if name == "ddim" else name
 
 
-def plugin_info(name: str, params: EPDParams) -> str:
-    """What the plugin does over ``name`` with this table, and what it costs."""
+def plugin_info(name: str, params: EPDParams, final_step: str = "estimate") -> str:
+    """What the plugin does over ``name`` with this table, and what it costs (``final_step`` denoise: one call more
+    when the sigmas end at 0)."""
     k = params.num_points
+    nfe = f"NFE {params.nfe}" + (" (+1 model call when the sigmas end at 0: final_step denoise)"
+                                 if final_step == "denoise" else "")  # fmt: skip
     rounds = f"2 sequential model rounds per step{' (1 on the AFS first step)' if params.afs else ''}"
     placed = table_placement(params)
     if params.student == "carry":
         rounds = "1 model round per step, like the bare base"
         place = "the points lie along the direction carried from the previous step (no plain prediction)"
         return (
-            f"EPD Plugin over {name}: {params.num_steps - 1} steps, NFE {params.nfe} ({rounds}: {k} points in one "
+            f"EPD Plugin over {name}: {params.num_steps - 1} steps, {nfe} ({rounds}: {k} points in one "
             f"batched call; {params.evaluations} evaluations per sample). Each step: {place}; the step is EPD's "
             f"weighted sum of the {k} directions, and {name} is answered with the x0 for which its own update, "
             "with its own history, takes that step (so the run is the table's carry trajectory)"
@@ -57,7 +60,7 @@ def plugin_info(name: str, params: EPDParams) -> str:
     else:
         place = f"{placed}'s own update, fed the plain predictions at the grid points, places the points"
     return (
-        f"EPD Plugin over {name}: {params.num_steps - 1} steps, NFE {params.nfe} ({rounds}: the plain prediction at "
+        f"EPD Plugin over {name}: {params.num_steps - 1} steps, {nfe} ({rounds}: the plain prediction at "
         f"the grid point, then {k} points in one batched call; {params.evaluations} evaluations per sample). Each "
         f"step: {place}; the step is EPD's weighted sum of the {k} directions, and {name} is answered with the x0 "
         "for which its own update, with its own history, takes that step (so the run is the table's EPD trajectory)"
@@ -120,4 +123,4 @@ def make_plugin_sampler(
             )  # fmt: skip
 
     sampler = comfy.samplers.KSAMPLER(plugin_function, dict(base.extra_options), dict(base.inpaint_options))
-    return sampler, plugin_info(name, params)
+    return sampler, plugin_info(name, params, final_step)

@@ -304,3 +304,36 @@ def test_a_schedule_of_one_sigma_returns_the_latent_as_comfyuis_samplers_do(last
     outs = {name: comfy.sample.sample_custom(model, torch.zeros_like(start), 1.0, s, one, cond, cond, start)
             for name, s in samplers.items()}  # fmt: skip
     assert torch.equal(outs["epd"], outs["euler"]) and torch.equal(outs["plugin"], outs["euler"])
+
+
+@pytest.mark.parametrize(("form", "base"), [("sd15", "deis"), ("sd3", "dpmpp_2m")])
+def test_epd_sampler_places_a_plugin_tables_points_by_its_base(form, base):
+    """A table distilled for EPD Plugin over a multistep base (plugin_base) places its points by that base's
+    update. EPD Sampler and EPD KSampler placed them on Euler's line, where the table was never fitted (3.1 off, and
+    1.55x worse against the exact solution on the SD3 form). Now EPD Sampler is the plugin over euler."""
+    import comfy.sample
+
+    params = epd_core.load_params(
+        H.ROOT / "weights" / "demo" / f"analytic-{form}-reference-nfe10-plugin-{base}.safetensors"
+    )
+    assert params.metadata["plugin_base"] == base
+    model, cond = (
+        N["EPDAnalyticModel"].execute(f"{form}_{'eps' if form == 'sd15' else 'flow'}", "reference", 0.0).result
+    )
+    (sigmas,) = N["EPDScheduler"].execute(model, params, 1.0, True).result
+    noise = torch.randn(8, 4, 8, 8, generator=torch.Generator().manual_seed(3))
+    lat = torch.zeros_like(noise)
+    (epd,) = N["EPDSampler"].execute(params, "auto", True, "comfyui", "estimate").result
+    samplers = (epd, *(_plugin(name, params, final_step="estimate")[0] for name in ("euler", base)))
+    outs = [comfy.sample.sample_custom(model, noise, 1.0, s, sigmas, cond, cond, lat) for s in samplers]
+    scale = float(outs[1].abs().max())
+    assert float((outs[0] - outs[1]).abs().max()) < 1e-4 * scale
+    assert float((outs[2] - outs[1]).abs().max()) < 1e-4 * scale
+
+
+def test_plugin_info_counts_the_final_denoise_call():
+    """With final_step denoise and sigmas ending at 0, the base's last call is one more model call than the table's
+    NFE; the info gave the table's NFE alone."""
+    params = epd_core.load_params(official_path("sd15-best.pkl"))
+    assert "+1 model call when the sigmas end at 0" in _plugin("euler", params, final_step="denoise")[1]
+    assert "+1 model call" not in _plugin("euler", params, final_step="estimate")[1]
