@@ -109,7 +109,8 @@ class DistillConfig(_Config):
     micro_batch: int = _opt(
         0,
         "noises backpropagated together (memory: the objectives through the rollout keep every step's graph); the "
-        "gradient is the whole batch's; 0: the whole batch",
+        "gradient is the whole batch's; 0: the whole batch. Rounded up to whole sets of a conditioning's prompts; "
+        "not for the authors' objective, whose loop steps after each student step on the whole batch's rollout",
     )
     keep_best: int = _opt(
         0,

@@ -13,6 +13,7 @@ be replaced by a caller's feature loss.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Callable
@@ -21,11 +22,10 @@ from typing import Any
 import torch
 import torch.utils.checkpoint
 
-from .bases import Base
+from .bases import Base, placement
 from .checkpoint import RunState, interruptible, run_checkpointer
 from .config import DistillConfig, offset_seed
 from .params import TABLE_NAMES, EPDParams, decode
-from .plugin import placement
 from .schedules import make_schedule
 from .selection import DIVERGED, HeldOutCheck, check_iterations
 from .solver import Denoiser, epd_step, evaluate_points, sample
@@ -338,6 +338,8 @@ def distill(
     denoiser tiles over its batch (a conditioning batch), so that the checkpoint's probe asks each of them.
     """
     config = config or DistillConfig()
+    if config.objective == "authors" and config.micro_batch:  # their per-step loop keeps the whole batch's rollout
+        config = dataclasses.replace(config, micro_batch=0)
     if start.student == "carry" and config.plugin_base != "euler":
         raise ValueError("a carry table places its points along its own carried direction; plugin_base needs an "
                          "epd start table")  # fmt: skip

@@ -308,19 +308,22 @@ class EPDParams:
         return EPDParams(**current)
 
     def has_scale_head(self, name: str) -> bool:
-        """Whether the ``scale_dir`` / ``scale_time`` head is the table's own: a bound, or raw values that are not all
-        zero (which a bound would decode to scales other than 1)."""
-        return getattr(self, name) != 0 or bool(getattr(self, f"{name}_params").any())
+        """Whether the table has the ``scale_dir`` / ``scale_time`` head: a bound (under a bound of 0 its raw values,
+        which some authors' tables store, are unused: every scale is 1)."""
+        return getattr(self, name) != 0
 
     def with_scale_bounds(self, **bounds: float) -> EPDParams:
         """A copy whose ``scale_dir`` / ``scale_time`` heads are bounded by ``bounds``, so that training learns them.
         It samples as before: only a table without the head (:meth:`has_scale_head`) or with that bound already is
-        allowed, since other heads would decode to other scales."""
+        allowed, since other heads would decode to other scales. A new head starts at zero raw values (scales 1)."""
+        changes: dict[str, Any] = dict(bounds)
         for name, bound in bounds.items():
             if name not in ("scale_dir", "scale_time"):
                 raise ValueError(f"with_scale_bounds: no scale head {name!r} (scale_dir, scale_time)")
             current = getattr(self, name)
             if current != bound and self.has_scale_head(name):
-                raise ValueError(f"the table bounds {name} at {current} (raw heads not all zero); bounding it at "
-                                 f"{bound} would change its scales (keep the table's bound)")  # fmt: skip
-        return self.replace(**bounds)
+                raise ValueError(f"the table bounds {name} at {current}; bounding it at {bound} would change its "
+                                 "scales (keep the table's bound)")  # fmt: skip
+            if not self.has_scale_head(name):
+                changes[f"{name}_params"] = torch.zeros_like(getattr(self, f"{name}_params"))
+        return self.replace(**changes)

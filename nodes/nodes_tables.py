@@ -110,7 +110,8 @@ _BACKENDS = {
     "ldm": "a discrete (SD1.5/SDXL-type) latent model",
     "sd3": "a flow model with a static shift (SD3-type)",
     "flux": "a flow model with ModelSamplingFlux's mu (FLUX-type)",
-    "edm": "a pixel-space EDM model (the ICCV tables: CIFAR-10, FFHQ, ImageNet 64; not a ComfyUI model)",
+    "edm": "an EDM-schedule model (the ICCV tables' pixel-space CIFAR-10, FFHQ and ImageNet 64 models, or a "
+    "ComfyUI model under ModelSamplingContinuousEDM: Playground v2.5, CosXL)",
 }
 
 

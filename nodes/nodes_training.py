@@ -63,8 +63,9 @@ class EPDDistill(io.ComfyNode):
             is_output_node=True,  # it saves a file: a graph that only trains runs
             display_name="EPD Distill",
             category="sampling/epd_training",
-            description="Fits an EPD table to this model (Stage 1 of the papers): a many-step teacher gives the "
-            "target at each grid point and the table learns to reach it in one EPD step. Saves to models/epd.",
+            description="Fits an EPD table to this model (Stage 1 of the papers): a many-step teacher solves the ODE "
+            "from the same noises and the table learns to reach its end point (objective global, the default) or "
+            "its state at each grid point in one EPD step (local). Saves to models/epd.",
             inputs=[
                 *_training_inputs(),
                 _cfg_input(),
@@ -178,6 +179,11 @@ class EPDDistill(io.ComfyNode):
         loss += "the run " + " ".join(f"{v:.3g}" for v in d["loss_curve"])
         if feature_encoder is not None:
             loss += f" (last step: {feature_encoder.name} features x {feature_weight:g})"
+        if d["batch"] != batch or d["micro_batch"] not in (config.micro_batch, 0):
+            loss += (f"; batch {d['batch']}, micro_batch {d['micro_batch']}: rounded up to whole sets of the "
+                     f"{params.metadata.get('prompts', 1)} prompts")  # fmt: skip
+        if config.micro_batch and not d["micro_batch"]:
+            loss += "; micro_batch unused: the authors' objective steps on the whole batch's rollout"
         info = f"{describe(params)}; {start_report(params.metadata)}{loss}; {fit_report(d)}{heads_report(params)}; "
         info += f"saved {saved}"
         if d.get("final_estimate"):

@@ -271,12 +271,28 @@ def test_micro_batches_through_a_comfyui_model_train_the_same_table(epd_dir):
     model = tiny_model("sd3")
     run = dict(iterations=3, batch=4, objective="global", learn_grid=True, final_estimate=True)
     whole, _ = _run(model, "sd3", "whole", micro_batch=0, **run)
-    parts, _ = _run(model, "sd3", "parts", micro_batch=1, **run)
+    parts, info = _run(model, "sd3", "parts", micro_batch=1, **run)
     assert (whole.metadata["distilled"]["micro_batch"], parts.metadata["distilled"]["micro_batch"]) == (0, 2)
+    assert "batch 4, micro_batch 2: rounded up to whole sets of the 2 prompts" in info  # the memory setting changed
     for name in (*epd_core.params.TABLE_NAMES, "t_steps"):
         torch.testing.assert_close(getattr(parts, name), getattr(whole, name), rtol=1e-4, atol=1e-5)
     one, _ = _run(model, "sd3", "one", **{**run, "iterations": 1})
     assert (whole.r_params - one.r_params).abs().max() > 100 * (whole.r_params - parts.r_params).abs().max()
+
+
+def test_a_continuous_edm_model_starts_on_its_own_grid_once():
+    """Under ModelSamplingContinuousEDM (Playground v2.5, CosXL) the model's grid is the rho-7 grid already: EPD
+    Distill sampled 1,024 noises twice to choose between two equal grids. The loader's text no longer calls such a
+    table's model 'not a ComfyUI model'."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingContinuousEDM
+
+    training, tables = H.pack_module("nodes.training"), H.pack_module("nodes.nodes_tables")
+    (model,) = ModelSamplingContinuousEDM().patch(tiny_model("eps"), "eps", 120.0, 0.002)
+    starts = training.start_tables(model.get_model_object("model_sampling"), 6, 2, True, "carry")
+    assert list(starts) == ["model grid"]
+    assert list(training.start_tables(tiny_model("eps").get_model_object("model_sampling"), 6, 2, True, "carry")) == [
+        "rho-7 grid", "model grid"]  # fmt: skip
+    assert "ModelSamplingContinuousEDM" in tables.made_for(starts["model grid"])
 
 
 def test_distill_runs_under_inference_mode_as_the_server_does(epd_dir):

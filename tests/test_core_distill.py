@@ -126,8 +126,11 @@ def test_widening_a_trained_tables_scale_bounds_samples_as_before_then_learns_th
         widened.with_scale_bounds(scale_dir=0.3)  # as before this change: a bound is never replaced by another
     with pytest.raises(ValueError, match="bounds scale_dir at 0.2"):
         trained.with_scale_bounds(scale_dir=0.3)  # another bound would decode the same heads to other scales
-    with pytest.raises(ValueError, match="bounds scale_dir at 0.0"):
-        trained.replace(scale_dir=0.0).with_scale_bounds(scale_dir=0.2)  # unused heads that are not zero
+    # raw heads under a bound of 0 are unused (some authors' tables store them): a new bound starts them at zero
+    unused = trained.replace(scale_dir=0.0)
+    assert not unused.has_scale_head("scale_dir") and unused.scale_dir_params.any()
+    rebound = unused.with_scale_bounds(scale_dir=0.2)
+    assert not rebound.scale_dir_params.any() and torch.equal(rebound.decoded().scale_dir, unused.decoded().scale_dir)
     grid = make_schedule(start)
     x = torch.randn(256, 4, 8, 8, dtype=torch.float64, generator=torch.Generator().manual_seed(99))
     assert torch.equal(sample(GM.denoise_flow, x, grid, widened), sample(GM.denoise_flow, x, grid, first))
@@ -175,6 +178,10 @@ def test_authors_objective_updates_after_every_step_through_the_undetached_rollo
     d = p.metadata["distilled"]
     assert d["objective"] == "authors" and d["final_loss"] < 0.5 * d["first_loss"]
     assert _error(p) < 0.8 * _error(start)
+    # their loop steps on the whole batch's rollout: a micro_batch is not applied, and the table does not claim it
+    split = distill(GM.denoise_ve, start, GM.shape, DistillConfig(iterations=1, batch=4, objective="authors",
+                                                                 micro_batch=1))  # fmt: skip
+    assert split.metadata["distilled"]["micro_batch"] == 0
 
 
 def test_deterministic_for_a_seed():
