@@ -2,13 +2,13 @@
 
 Public API: :func:`load_params`, :func:`save_params`, :class:`EPDParams`,
 :func:`make_schedule`, :func:`sample`, and the published tables on request:
-:func:`load_catalogue`, :func:`fetch` (see each module's docstring).
+:func:`load_catalogue`, :func:`find_entry`, :func:`fetch` (see each module's docstring).
 """
 
 __version__ = "0.1.0"
 
 from .analytic import GaussianMixture
-from .catalogue import CatalogueEntry, fetch, load_catalogue
+from .catalogue import CatalogueEntry, fetch, find_entry, load_catalogue
 from .files import EPDFileError, load_params, save_params
 from .params import Decoded, EPDParams
 from .schedules import make_schedule
@@ -26,5 +26,6 @@ __all__ = [
     "sample",
     "CatalogueEntry",
     "load_catalogue",
+    "find_entry",
     "fetch",
 ]

@@ -11,6 +11,7 @@ import torch
 from . import EPDParams, GaussianMixture, load_params, make_schedule, sample, save_params
 from .analytic import ANALYTIC_FORMS, heun
 from .catalogue import DEFAULT_TIMEOUT, MIRROR_ENV, fetch, find_entry, load_catalogue
+from .checkpoint import CheckpointMismatch
 from .config import DistillConfig, RDPOConfig, add_arguments, from_arguments
 from .files import EPDFileError, check_destination
 from .params import STUDENTS
@@ -46,6 +47,8 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _demo(args: argparse.Namespace) -> int:
     """EPD against Euler at equal NFE on the exact Gaussian-mixture denoiser."""
+    if args.batch < 1:
+        raise ValueError(f"--batch must be at least 1, got {args.batch}")
     p = load_params(args.table)
     gm = GaussianMixture.reference()
     den = gm.denoise_flow if p.is_flow else gm.denoise_ve
@@ -89,10 +92,17 @@ def _distill(args: argparse.Namespace, argv: list[str]) -> int:
 
     from .distill import distill
 
-    check_destination(args.out, args.force, "--force replaces it")
+    _check_outputs(args)
     form = dict(ANALYTIC_FORMS[args.form])
     if args.schedule:
+        if (args.schedule == "flowmatch") != (form["schedule_type"] == "flowmatch"):
+            kind = "a flow" if form["schedule_type"] == "flowmatch" else "a variance-exploding"
+            raise ValueError(f"--schedule {args.schedule} does not fit --form {args.form}, {kind} model (its own "
+                             f"schedule: {form['schedule_type']})")  # fmt: skip
+        if args.schedule != form["schedule_type"]:
+            form.pop("schedule_rho")  # another schedule: EPDParams' default rho, unless --rho gives one
         form["schedule_type"] = args.schedule
+    if args.rho is not None:
         form["schedule_rho"] = args.rho
     start = EPDParams.start(
         args.steps, args.points, student=args.student, afs=args.afs, max_order=args.max_order,
@@ -124,11 +134,13 @@ def _rdpo(args: argparse.Namespace, argv: list[str]) -> int:
     from .analytic import ode_endpoint, ode_state
     from .rdpo import fitted_final_estimate, rdpo
 
-    check_destination(args.out, args.force, "--force replaces it")
+    _check_outputs(args)
+    if args.exact_steps < 2:
+        raise ValueError(f"--exact-steps must be at least 2 (the exact reference's steps), got {args.exact_steps}")
     start = load_params(args.table)
     gm = GaussianMixture.named(args.mixture)
     if start.is_flow:
-        raise SystemExit("rdpo on the command line supports variance-exploding tables (edm, sd15)")
+        raise ValueError("rdpo on the command line supports variance-exploding tables (edm, sd15)")
     grid = make_schedule(start)
     sigma_max, sigma_end = float(grid[0]), float(grid[-1])
 
@@ -152,6 +164,14 @@ def _rdpo(args: argparse.Namespace, argv: list[str]) -> int:
     _done(args.checkpoint)
     print(f"wrote {args.out}: mean reward {curve[0]:.5f} -> {params.metadata['rdpo']['final_reward']:.5f}")
     return 0
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Before a run trains: ``--out`` can be written, and ``--checkpoint`` is another file (it is removed once the
+    table is saved)."""
+    check_destination(args.out, args.force, "--force replaces it")
+    if args.checkpoint and Path(args.checkpoint).resolve() == Path(args.out).resolve():
+        raise ValueError("--checkpoint and --out name the same file; give the checkpoint another name")
 
 
 def _done(checkpoint: str | None) -> None:
@@ -195,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     dist.add_argument("--max-order", type=int, default=4)
     dist.add_argument("--schedule", choices=SCHEDULE_TYPES)
-    dist.add_argument("--rho", type=float, default=7.0)
+    dist.add_argument("--rho", type=float, help="the schedule's rho (default: the form's; 7 with another --schedule)")
     dist.add_argument("--afs", action="store_true")
     dist.add_argument("--scale-dir", type=float, default=0.0)
     dist.add_argument("--scale-time", type=float, default=0.0)
@@ -227,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
+    except CheckpointMismatch as exc:
+        print(f"error: {exc}; remove it to start this run afresh, or give another --checkpoint", file=sys.stderr)
+        return 2
     except (EPDFileError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

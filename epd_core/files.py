@@ -29,7 +29,7 @@ from safetensors.torch import save as st_save
 
 from . import __version__
 from .authors_format import read_authors_pickle
-from .params import TABLE_NAMES, EPDParams, shown
+from .params import MAX_POINTS, MAX_TIME_POINTS, TABLE_NAMES, EPDParams, shown
 from .safe_pickle import PickleRefused
 
 __all__ = [
@@ -38,10 +38,6 @@ __all__ = [
 ]  # fmt: skip
 
 MAX_FILE_BYTES = 16 * 1024 * 1024
-# The largest published tables have 11 time points and 2 points per step (bundled: 4), the nodes train up to 65 and 8:
-# these bounds leave ample room and keep sampling, training, previews and listings of a table small.
-MAX_TIME_POINTS = 257
-MAX_POINTS = 64
 FORMAT_VERSION = "1"
 _MAX_HEADER_BYTES = 1024 * 1024
 
@@ -269,8 +265,8 @@ def load_params(path: str | os.PathLike) -> EPDParams:
 
 
 def check_destination(path: str | os.PathLike, overwrite: bool = False, hint: str = "overwrite replaces it") -> Path:
-    """``path`` as a place to write a table, or an :class:`EPDFileError`: no name, a folder, a missing folder,
-    something that is not a regular file, or (unless ``overwrite``) an existing file."""
+    """``path`` as a place to write a table, or an :class:`EPDFileError`: no name, a folder, a missing or unwritable
+    folder, something that is not a regular file, or (unless ``overwrite``) an existing file."""
     if not str(path):
         raise EPDFileError("''", "no file name given")
     path = Path(path)
@@ -284,6 +280,12 @@ def check_destination(path: str | os.PathLike, overwrite: bool = False, hint: st
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise EPDFileError(path, "the destination folder does not exist")
+    try:  # a file written and removed at once: the folder takes new files (permissions, read-only mounts, space)
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=temp_prefix(path), suffix=".tmp")
+    except OSError as exc:
+        raise EPDFileError(path, f"cannot write in its folder ({exc.strerror or exc})") from None
+    os.close(fd)
+    os.unlink(probe)
     return path
 
 

@@ -27,6 +27,11 @@ import torch
 
 from .schedules import SCHEDULE_TYPES, make_schedule
 
+# The largest published tables have 11 time points and 2 points per step (bundled: 4), the nodes train up to 65 and 8:
+# these bounds leave ample room and keep sampling, training, previews and listings of a table small.
+MAX_TIME_POINTS = 257
+MAX_POINTS = 64
+
 __all__ = [
     "EPDParams", "Decoded", "decode", "time_points_for_nfe", "STUDENTS", "DEFAULT_STUDENT", "BACKENDS", "TABLE_NAMES",
 ]  # fmt: skip
@@ -109,6 +114,14 @@ def decode(
     return Decoded(r, weight, c, a)
 
 
+def _check_counts(num_steps: int, num_points: int) -> None:
+    """2..MAX_TIME_POINTS time points and 1..MAX_POINTS points per step: a larger table would not load again."""
+    if not 2 <= num_steps <= MAX_TIME_POINTS:
+        raise ValueError(f"EPDParams.num_steps: must be in 2..{MAX_TIME_POINTS} time points, got {num_steps}")
+    if not 1 <= num_points <= MAX_POINTS:
+        raise ValueError(f"EPDParams.num_points: must be in 1..{MAX_POINTS} points per step, got {num_points}")
+
+
 @dataclass(frozen=True, eq=False)
 class EPDParams:
     """An immutable EPD table and the hyper-parameters it was trained with.
@@ -157,10 +170,7 @@ class EPDParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 fail(name, f"must be an integer, got {shown(value)}")
-        if self.num_steps < 2:
-            fail("num_steps", f"must be >= 2, got {self.num_steps}")
-        if self.num_points < 1:
-            fail("num_points", f"must be >= 1, got {self.num_points}")
+        _check_counts(self.num_steps, self.num_points)
         if not 1 <= self.max_order <= 4:
             fail("max_order", f"must be in 1..4, got {self.max_order}")
         if self.student not in STUDENTS:
@@ -283,6 +293,7 @@ class EPDParams:
     def start(cls, num_steps: int, num_points: int = 2, **hyper: Any) -> EPDParams:
         """The untrained starting table: ``r = (k + 1) / (K + 1)`` in every step (``carry``: ``(k + 1/2) / (K + 1)``,
         nearer the start, where its carried direction is accurate), equal weights, unit scales."""
+        _check_counts(num_steps, num_points)
         first = 0.5 if hyper.get("student") == "carry" else 1.0
         r = torch.tensor([(k + first) / (num_points + 1) for k in range(num_points)], dtype=torch.float32)
         zeros = torch.zeros(num_steps - 1, num_points)

@@ -349,3 +349,84 @@ def test_a_checkpoint_name_with_glob_characters_removes_only_its_own_leftovers(t
         p.write_bytes(b"x")
     remove_leftovers(tmp_path / "run[1].ckpt")
     assert not mine.exists() and other.exists()
+
+
+def test_cli_refuses_before_training_what_would_lose_or_misplace_the_table(tmp_path):
+    """From a CLI review: --checkpoint naming --out (the saved table was then removed as the finished run's
+    checkpoint, exit 0), an unwritable folder (found after training), a schedule of the other family (a flux table
+    on a discrete grid), an exact reference of fewer than 2 steps, a demo batch of 0 (a traceback)."""
+    out = tmp_path / "same.safetensors"
+    run = _cli_here("distill", "--iterations", "2", "--out", str(out), "--checkpoint", str(out), "--force")
+    assert run.returncode == 2 and "--checkpoint and --out name the same file" in run.stderr
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    os.chmod(readonly, 0o500)
+    try:
+        writable = os.access(readonly, os.W_OK) and _probe_writable(readonly)
+        run = _cli_here("distill", "--iterations", "2", "--out", str(readonly / "t.safetensors"))
+        if not writable:
+            assert run.returncode == 2 and "cannot write in its folder" in run.stderr
+        run = _cli_here("distill", "--iterations", "2", "--out", "/proc/t.safetensors")
+        assert run.returncode == 2 and "cannot write in its folder" in run.stderr
+    finally:
+        os.chmod(readonly, 0o700)
+    run = _cli_here("distill", "--form", "flux", "--schedule", "discrete", "--out", str(tmp_path / "f.safetensors"))
+    assert run.returncode == 2 and "does not fit --form flux" in run.stderr
+    table = official_path("sd15-best.pkl")
+    run = _cli_here("rdpo", str(table), "--exact-steps", "1", "--out", str(tmp_path / "r.safetensors"))
+    assert run.returncode == 2 and "--exact-steps must be at least 2" in run.stderr
+    run = _cli_here("demo", str(table), "--batch", "0")
+    assert run.returncode == 2 and "--batch must be at least 1" in run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ro"]
+
+
+def _probe_writable(folder) -> bool:
+    try:
+        (folder / "probe").write_bytes(b"")
+    except OSError:
+        return False
+    (folder / "probe").unlink()
+    return True
+
+
+def test_cli_rho_is_the_forms_unless_given(tmp_path):
+    """--rho's default (7) replaced the form's rho whenever --schedule was given: sd15's own 'discrete' schedule
+    then made another grid (loss 9.17 against 0.197); without --schedule, --rho was ignored."""
+    own = tmp_path / "own.safetensors"
+    assert _cli_here("distill", "--iterations", "1", "--batch", "2", "--schedule", "discrete", "--out",
+                     str(own)).returncode == 0  # fmt: skip
+    plain = tmp_path / "plain.safetensors"
+    assert _cli_here("distill", "--iterations", "1", "--batch", "2", "--out", str(plain)).returncode == 0
+    assert load_params(own).schedule_rho == load_params(plain).schedule_rho == 1.0
+    rho = tmp_path / "rho.safetensors"
+    assert _cli_here("distill", "--iterations", "1", "--batch", "2", "--form", "edm", "--rho", "5",
+                     "--out", str(rho)).returncode == 0  # fmt: skip
+    assert load_params(rho).schedule_rho == 5.0
+
+
+def test_a_table_that_would_not_load_again_is_refused_when_made():
+    """EPDParams.start(2, 65) trained and saved a table load_params refuses; start(0) raised a bare torch error."""
+    for steps, points, why in ((2, 65, "1..64 points"), (258, 2, "2..257 time points"), (0, 2, "2..257 time points")):
+        with pytest.raises(ValueError, match=why):
+            EPDParams.start(steps, points)
+
+
+def test_a_mismatched_checkpoint_says_what_to_do(tmp_path):
+    """A checkpoint that does not fit the run (another run's, or no checkpoint at all) stops the CLI; the error said
+    what is wrong but not how to go on."""
+    ck = tmp_path / "run.ckpt"
+    ck.write_bytes(b"")
+    run = _cli_here("distill", "--iterations", "4", "--batch", "2", "--checkpoint", str(ck), "--out",
+                    str(tmp_path / "t.safetensors"))  # fmt: skip
+    assert run.returncode == 2 and "remove it to start this run afresh, or give another --checkpoint" in run.stderr
+
+
+def test_the_readmes_core_calls_work_as_written():
+    """README: ``rdpo(denoiser, start, shape, reward=...)`` (a reward passed as the config said 'pass exactly one of
+    reward and reference') and ``find_entry`` among epd_core's names."""
+    import epd_core
+    from epd_core.rdpo import rdpo
+
+    assert epd_core.find_entry("tpami-sd15-best", epd_core.load_catalogue(ROOT / "weights" / "catalogue.json"))
+    with pytest.raises(TypeError, match="a reward goes as reward="):
+        rdpo(lambda x, s: x, EPDParams.start(3, 2), (1, 2, 2), lambda x, c: x.flatten(1).mean(1))
