@@ -77,7 +77,8 @@ class EPDScheduler(io.ComfyNode):
                     min=0.0,
                     max=1.0,
                     step=0.01,
-                    tooltip="Fraction of the table's steps to run (img2img keeps the last round(denoise*steps)).",
+                    tooltip="Fraction of the table's steps to run (img2img keeps the last round(denoise*steps), at "
+                    "least one; 0 returns the input).",
                 ),
                 io.Boolean.Input(
                     "final_denoise",
@@ -121,7 +122,13 @@ class EPDKSampler(io.ComfyNode):
                 io.Latent.Input("latent_image", tooltip="The latent to denoise."),
                 epd_params_input(),
                 io.Float.Input(
-                    "denoise", default=1.0, min=0.0, max=1.0, step=0.01, tooltip="Fraction of the table's steps to run."
+                    "denoise",
+                    default=1.0,
+                    min=0.0,
+                    max=1.0,
+                    step=0.01,
+                    tooltip="Fraction of the table's steps to run (the last round(denoise*steps), at least one; 0 "
+                    "returns the input).",
                 ),
                 parallel_input(),
                 io.Boolean.Input(

@@ -43,9 +43,9 @@ def epd_sigmas(
     if not 0.0 <= denoise <= 1.0:
         raise ValueError(f"denoise must be in [0, 1], got {denoise}")
     grid = model_schedule(params, model_sampling, mu)
-    steps = round(denoise * (params.num_steps - 1))
-    if steps == 0:
+    if denoise == 0.0:
         return torch.zeros(0)
+    steps = max(1, round(denoise * (params.num_steps - 1)))  # a small denoise still takes the table's last step
     grid = grid[-(steps + 1) :]
     if final_denoise:
         grid = torch.cat([grid, grid.new_zeros(1)])

@@ -18,8 +18,9 @@ OUT = ROOT / "example_workflows"
 API = OUT / "api"
 
 ANALYTIC = {"form": "sd15_eps", "mixture": "reference", "shift": 0.0}
-TABLE = "demo/analytic-sd15-reference-nfe10.safetensors"
-PLUGIN_TABLE = "demo/analytic-sd15-reference-nfe10-carry.safetensors"  # one round per step over any base
+# Fitted (EPD Distill's defaults) for the samplers' default ending, on its own estimate at sigma 0, and one round per
+# step, so EPD Plugin over any base keeps the base's rounds.
+TABLE = PLUGIN_TABLE = "demo/analytic-sd15-reference-nfe10-carry.safetensors"
 MNIST_TABLE = "demo/mnist-eps-nfe5-k4scg.safetensors"
 MNIST_NFE = 5
 DISTILL_NFE = 5  # the Distill example's

@@ -7,6 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 import epd_core
+from epd_dev import comfy_harness as H
 from epd_dev.comfy_harness import NODES as N
 from epd_dev.shared_data import REFERENCE, official_path, reference_meta
 from epd_dev.tiny_models import KINDS, conditioning, latent, network_calls, table_for, tiny_model
@@ -369,6 +370,9 @@ def test_denoise_and_final_denoise_grids():
     assert torch.equal(half, full[-6:])
     assert zero.numel() == 0
     assert torch.equal(fin[:-1], full) and fin[-1] == 0
+    # a small denoise keeps the last step (it returned the input untouched, where KSampler samples)
+    (small,) = _nodes_out(N["EPDScheduler"], model, params, 0.01, False)
+    assert torch.equal(small, full[-2:])
 
 
 def test_loader_lists_models_epd_and_names_bad_files(tmp_path, monkeypatch):
@@ -394,3 +398,22 @@ def test_preview_draws_the_table(name):
     assert image.ndim == 4 and image.shape[0] == 1 and image.shape[-1] == 3
     assert image.shape[1] == 46 + 34 * (params.num_steps - 1)
     assert 0.0 <= float(image.min()) < 0.5 < float(image.max()) <= 1.0
+
+
+def test_the_loader_says_when_a_table_was_not_fitted_for_the_default_ending_and_the_examples_use_fitted_ones():
+    """The samplers end on the table's own estimate at sigma 0 by default; a table fitted to end at sigma_min can be
+    10x less accurate so (the SD1.5-form reference NFE-10 table, which example workflows 2 and 3 used). The bundled
+    tables of the no-download examples are fitted for it (the authors' published ones, 6-8, are not)."""
+    import json
+
+    rdpo = H.pack_module("epd_core.rdpo")
+    loader = N["EPDParamsLoader"]
+    (_, unfitted) = loader.execute("demo/analytic-sd15-reference-nfe10.safetensors").result
+    (_, fitted) = loader.execute("demo/analytic-sd15-reference-nfe10-carry.safetensors").result
+    assert "not on its own estimate at 0" in unfitted and "final_denoise off" in unfitted
+    assert "not on its own estimate" not in fitted
+    for path in sorted((H.ROOT / "example_workflows" / "api").glob("*.json")):
+        for node in json.loads(path.read_text()).values():
+            if node["class_type"] == "EPDParamsLoader" and not node["inputs"]["table_name"].startswith("[download]"):
+                (params, _) = loader.execute(node["inputs"]["table_name"]).result
+                assert rdpo.fitted_final_estimate(params), (path.name, node["inputs"]["table_name"])
