@@ -608,7 +608,7 @@ def rdpo(
             "scale_std": config.scale_std if policy.scale_names else None,
             "first_reward": curve[0] if curve else None,
             "final_reward": sum(tail) / len(tail) if tail else None,
-            "kl_to_start": float(policy.kl_to_start().detach()),
+            "kl_to_start": max(0.0, float(policy.kl_to_start().detach())),  # 0 at the start, less round-off
             "guard": watch.checks,
             "guard_metric": guard_name,
             "stopped_at": stopped_at,

@@ -29,6 +29,7 @@ from .training import (
     resume_options,
     save_output,
     start_tables,
+    training_latent,
 )
 
 REWARDS = ["fidelity", "clip_score", "preference"]
@@ -170,7 +171,7 @@ class EPDDistill(io.ComfyNode):
         bounds = scale_bounds(table_nfe, start_params, scale_dir=scale_dir, scale_time=scale_time)
         start = with_scale_heads(start, **bounds)
         metadata = {"tool": "EPD Distill node", "model": model_name(model), "cfg": cfg}
-        params = distill_on_model(model, positive, negative, cfg, latent_image["samples"], start, config,
+        params = distill_on_model(model, positive, negative, cfg, training_latent(model, latent_image), start, config,
                                   metadata=metadata, encoder=feature_encoder,
                                   feature_weight=feature_weight, **resume_options(path, iterations))  # fmt: skip
         saved = save_output(params, path, overwrite)
@@ -386,7 +387,7 @@ class EPDRDPO(io.ComfyNode):
         metadata = {"tool": "EPD RDPO node", "model": model_name(model), "cfg": cfg}
         scorer = None
         if reward == "clip_score":
-            if (prompts := conditioning_batch(positive, negative)) > 1:
+            if (prompts := conditioning_batch(positive)) > 1:
                 raise ValueError(f"reward clip_score scores every rollout against one prompt (the node's 'prompt'), "
                                  f"but the conditioning holds {prompts} prompts: give RDPO a conditioning of that "
                                  "prompt alone (the fidelity and preference rewards train on several)")  # fmt: skip
@@ -397,18 +398,17 @@ class EPDRDPO(io.ComfyNode):
                                        _reward_file(reward_model))  # fmt: skip
             metadata["reward_model"] = reward_model
         path = output_path(filename, overwrite)
-        params, curve = rdpo_on_model(model, positive, negative, cfg, latent_image["samples"], epd_params, config,
+        params, curve = rdpo_on_model(model, positive, negative, cfg, training_latent(model, latent_image), epd_params,
+                                      config,
                                       teacher_m=teacher_steps, reward=scorer, metadata=metadata,
                                       **resume_options(path, iterations))  # fmt: skip
         saved = save_output(params, path, overwrite)
         r = params.metadata["rdpo"]
-        info = (f"{describe(params)}; {r['prompts']} prompt(s); reward {curve[0]:.4g} -> {r['final_reward']:.4g}; "
-                f"KL to the start {r['kl_to_start']:.3g}; saved {saved}")  # fmt: skip
-        if r["stopped_at"] is not None:
-            info += (f"; stopped after iteration {r['stopped_at']}: the guard metric ({r['guard_metric']}) got worse "
-                     "than the start's, so the table is the last one that passed")  # fmt: skip
-        elif r["final_reward"] < curve[0]:
-            info += "; the mean reward fell: the table may be worse than its start (a lower learning_rate, or keep it)"
+        info = f"{describe(params)}; {r['prompts']} prompt(s)"
+        if r["groups"] != groups:
+            info += f" (groups {groups} -> {r['groups']}: whole sets of the prompts)"
+        info += (f"; the rollouts' mean reward {curve[0]:.4g} in the first iteration, {r['final_reward']:.4g} over the "
+                 f"last fifth; KL to the start {r['kl_to_start']:.3g}{guard_report(r)}; saved {saved}")  # fmt: skip
         return io.NodeOutput(params, info)
 
 
@@ -419,6 +419,26 @@ def _clip_score(vae, clip_vision, clip, prompt: str | None):
     if missing:
         raise ValueError(f"reward clip_score needs vae, clip_vision, clip and a prompt; missing: {', '.join(missing)}")
     return clip_score_reward(vae, clip_vision, clip, prompt)
+
+
+def guard_report(r: dict) -> str:
+    """What RDPO's held-out checks say of the saved table (the rollouts' rewards are on fresh noises each iteration
+    and include iterations a check rejected), or, without checks, whether the rollouts' mean reward fell."""
+    checks = [c for c in r["guard"] if "metric" in c]
+    if not checks:
+        fell = r["final_reward"] < r["first_reward"]
+        return "; the mean reward fell: the table may be worse than its start (a lower learning_rate)" if fell else ""
+    stopped = r["stopped_at"]
+    kept = [c for c in checks if stopped is None or c["iteration"] < stopped][-1]
+    name = {"held_out_fidelity": "fidelity error"}.get(r["guard_metric"], f"metric {r['guard_metric']}")
+    text = (f"; held-out {name} (lower is better) {checks[0]['metric']:.4g} at the start, {kept['metric']:.4g} for "
+            "the saved table")  # fmt: skip
+    if stopped is not None:
+        return text + (f"; stopped after iteration {stopped}: it got worse than the start's, so the table is the "
+                       f"one of iteration {kept['iteration']}")  # fmt: skip
+    if kept["metric"] > checks[0]["metric"]:
+        text += ": worse than its start (a lower learning_rate, or keep the start)"
+    return text
 
 
 def _needs(reward: str, **given):

@@ -13,6 +13,7 @@ each reward call.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import logging
 import math
 import re
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import comfy.model_management
+import comfy.sample
 import comfy.sampler_helpers
 import comfy.samplers
 import comfy.utils
@@ -55,6 +57,15 @@ from .scheduling import model_schedule
 
 log = logging.getLogger("epd")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,100}")  # used with fullmatch: "$" would accept "name\n"
+
+
+def training_latent(model, latent: dict) -> torch.Tensor:
+    """A LATENT's samples as ComfyUI's samplers take them: an empty latent of another latent format (a 4-channel Empty
+    Latent Image for SD3 or FLUX) gets the model's channels (ComfyUI 0.33 also its own downscale ratios)."""
+    fix = comfy.sample.fix_empty_latent_channels
+    ratios = ("downscale_ratio_spacial", "downscale_ratio_temporal")
+    extra = [latent.get(k) for k in ratios] if len(inspect.signature(fix).parameters) > 2 else []
+    return fix(model, latent["samples"], *extra)
 
 
 def start_tables(model_sampling, steps: int, points: int, afs: bool, student: str = "epd") -> dict[str, EPDParams]:
@@ -328,9 +339,11 @@ def in_sampling(reward: Reward, session: Session) -> Reward:
 
 
 def conditioning_batch(*conditionings) -> int:
-    """How many prompts a CONDITIONING batch carries (the largest batch of its tensors; 1 for none)."""
+    """How many rows make one whole set of the conditionings' prompts: ComfyUI tiles each conditioning batch over the
+    latent batch by index, so row j has prompt j mod C of each; the sets repeat every lcm of their batches (a
+    positive of 3 prompts and a negative of 2: 6). 1 for none."""
     sizes = [c[0].shape[0] for cond in conditionings for c in (cond or []) if isinstance(c[0], torch.Tensor)]
-    return max(sizes, default=1)
+    return math.lcm(*sizes) if sizes else 1
 
 
 def per_prompt_batch(config: DistillConfig, prompts: int) -> DistillConfig:

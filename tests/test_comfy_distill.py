@@ -402,6 +402,8 @@ def test_rdpo_node_saves_a_table_with_provenance(epd_dir, kind):
     )
     loaded = epd_core.load_params(epd_dir / f"rdpo_{kind}.safetensors")
     assert loaded.metadata["rdpo"]["iterations"] == 3 and "reward" in info
+    checks = loaded.metadata["rdpo"]["guard"]  # the fidelity reward's held-out checks: what info reports
+    assert f"held-out fidelity error (lower is better) {checks[0]['metric']:.4g} at the start" in info
     # each table names the model it was fitted to, and the RDPO table its start's run under trained_from
     model_name = {"eps": "a ComfyUI SD15 model", "flux": "a ComfyUI Flux model"}[kind]
     assert start.metadata["model"] == loaded.metadata["model"] == model_name
@@ -543,3 +545,35 @@ def test_a_checkpoint_of_other_conditioning_or_reward_is_dropped_not_resumed(tmp
     assert "not resuming" in caplog.text
     fresh = after()
     assert torch.equal(resumed.r_params, fresh.r_params) and torch.equal(resumed.weight_s, fresh.weight_s)
+
+
+def test_rdpo_info_reports_the_held_out_checks_not_the_noisy_rollout_rewards():
+    """The rollouts' first reward is one iteration on fresh noises, the last the mean of the last fifth, rejected
+    iterations included: the info said 'the mean reward fell' over a table 21% better on the held-out check, and a
+    gain over a table the check had reverted to its start."""
+    report = H.pack_module("nodes.nodes_training").guard_report
+    base = {"guard_metric": "held_out_fidelity", "first_reward": -0.03, "final_reward": -0.08, "stopped_at": None}
+    better = [{"iteration": 0, "kl": 0.0, "metric": 0.0545}, {"iteration": 50, "kl": 0.1, "metric": 0.0432}]
+    text = report({**base, "guard": better})
+    assert "0.0545 at the start, 0.0432 for the saved table" in text and "fell" not in text and "worse" not in text
+    stopped = [*better[:1], {"iteration": 5, "kl": 0.2, "metric": 0.06}]
+    text = report({**base, "guard": stopped, "stopped_at": 5, "final_reward": -0.002})
+    assert "0.0545 for the saved table" in text and "the one of iteration 0" in text
+    assert "mean reward fell" in report({**base, "guard": [{"iteration": 0, "kl": 0.0}]})  # no held-out metric
+
+
+def test_training_takes_an_empty_latent_of_another_format_and_whole_sets_of_both_conditionings(epd_dir):
+    """A 4-channel Empty Latent Image on an SD3 model (KSampler and EPD KSampler widen it to 16 channels): EPD
+    Distill and RDPO failed in torch. A positive of 3 prompts and a negative of 2 repeat every 6 rows, so RDPO's
+    groups round to 6, not 3 (a group's rollouts had different negatives), and the info says so."""
+    training = H.pack_module("nodes.training")
+    assert training.conditioning_batch(conditioning(3, 1), conditioning(2, 2)) == 6
+    model = tiny_model("sd3")
+    empty = {"samples": torch.zeros(1, 4, 8, 8)}
+    start, _ = N["EPDDistill"].execute(model, conditioning(1, 1), conditioning(1, 2), empty,
+                                       **_args("empty4", 2, False)).result  # fmt: skip
+    assert start.num_steps > 1
+    params, info = N["EPDRDPO"].execute(model, conditioning(3, 1), conditioning(2, 2), empty, start, 2.0, "fidelity",
+                                        1, 1, 2, 2, 20.0, 1e-3, 0, "empty4_rdpo", False).result  # fmt: skip
+    assert params.metadata["rdpo"]["groups"] == 6 and "(groups 2 -> 6: whole sets of the prompts)" in info
+    assert params.metadata["rdpo"]["kl_to_start"] >= 0
