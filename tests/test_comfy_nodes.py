@@ -396,7 +396,7 @@ def test_preview_draws_the_table(name):
     params = _table(name)
     (image,) = N["EPDParamsPreview"].execute(params).result
     assert image.ndim == 4 and image.shape[0] == 1 and image.shape[-1] == 3
-    assert image.shape[1] == 46 + 34 * (params.num_steps - 1)
+    assert image.shape[1] == 46 + 40 * (params.num_steps - 1)  # a row of three text lines per step
     assert 0.0 <= float(image.min()) < 0.5 < float(image.max()) <= 1.0
 
 
