@@ -203,7 +203,6 @@ def grid_offset(params: EPDParams, sigmas: torch.Tensor) -> tuple[int, bool]:
     return params.num_steps - points, to_zero
 
 
-@torch.no_grad()
 def _placer(params: EPDParams, sigmas: torch.Tensor) -> Callable[..., Callable] | None:
     """For a table distilled for EPD Plugin over a multistep base (``plugin_base``), ``placer(i, x, t_cur)`` gives
     step i's ``place`` (that base's update places the points, as the table was fitted); None for the EPD solver's
@@ -217,6 +216,7 @@ def _placer(params: EPDParams, sigmas: torch.Tensor) -> Callable[..., Callable] 
     return lambda i, x, t_cur: placement(base, i, x, t_cur)
 
 
+@torch.no_grad()
 def sample(
     denoiser: Denoiser,
     x: torch.Tensor,

@@ -245,7 +245,7 @@ def test_the_loader_info_says_which_model_a_table_was_made_for():
     last = f"{float(demo.t_steps[-1]):.4g}"  # a learned grid is kept whatever shift the model is given
     assert f"its own grid 1 to {last}, kept whatever shift the model has" in info
     iccv = tables.describe(epd_core.load_params(official_path("00001-cifar10-3-3-epd-uni1.0-afs.pkl")))
-    assert "pixel-space EDM" in iccv and "sigma 0.002 to 80" in iccv and "its own grid" not in iccv
+    assert "ICCV tables' pixel-space" in iccv and "sigma 0.002 to 80" in iccv and "its own grid" not in iccv
 
 
 def test_flux2_training_runs_on_the_grid_epd_ksampler_samples_its_latent_on():

@@ -238,3 +238,18 @@ def test_carry_student_from_a_later_step_starts_with_a_model_call():
     x = torch.randn(2, 4, 8, 8, dtype=torch.float64) * grid[2]
     sample(rec, x, grid[2:], p)
     assert [c[0] for c in rec.calls] == [2, 4, 4, 4]  # d at the first point, then one batched call per step
+
+
+@pytest.mark.parametrize("plugin_base", [None, "deis"])
+def test_sampling_builds_no_autograd_graph(plugin_base):
+    """sample() runs without gradients (a network whose weights require grad kept every step's graph, and ComfyUI's
+    memory-saving attention refused it outside inference mode); a plugin table's placement is no exception."""
+    weight = torch.ones((), dtype=torch.float64, requires_grad=True)
+    gm = GaussianMixture.reference()
+    params = EPDParams.start(4, 2)
+    if plugin_base:
+        params = params.replace(metadata={"plugin_base": plugin_base})
+    grid = make_schedule(params)
+    x = torch.randn(4, *gm.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * grid[0]
+    out = sample(lambda x, s: gm.denoise_ve(x, s) * weight, x, grid, params)
+    assert not out.requires_grad
