@@ -264,9 +264,12 @@ def load_params(path: str | os.PathLike) -> EPDParams:
     raise EPDFileError(path, "neither an EPD .safetensors table nor a predictor pickle")
 
 
-def check_destination(path: str | os.PathLike, overwrite: bool = False, hint: str = "overwrite replaces it") -> Path:
+def check_destination(
+    path: str | os.PathLike, overwrite: bool = False, hint: str = "overwrite replaces it", probe: bool = True
+) -> Path:
     """``path`` as a place to write a table, or an :class:`EPDFileError`: no name, a folder, a missing or unwritable
-    folder, something that is not a regular file, or (unless ``overwrite``) an existing file."""
+    folder, something that is not a regular file, or (unless ``overwrite``) an existing file. ``probe`` writes and
+    removes a file in the folder, for checks made long before the write (a save's own write reports the same)."""
     if not str(path):
         raise EPDFileError("''", "no file name given")
     path = Path(path)
@@ -280,6 +283,8 @@ def check_destination(path: str | os.PathLike, overwrite: bool = False, hint: st
     parent = path.parent if str(path.parent) else Path(".")
     if not parent.is_dir():
         raise EPDFileError(path, "the destination folder does not exist")
+    if not probe:
+        return path
     try:  # a file written and removed at once: the folder takes new files (permissions, read-only mounts, space)
         fd, probe = tempfile.mkstemp(dir=parent, prefix=temp_prefix(path), suffix=".tmp")
     except OSError as exc:
@@ -296,7 +301,7 @@ def save_params(params: EPDParams, path: str | os.PathLike, *, overwrite: bool =
     name exists), so a file that appeared meanwhile is never replaced. Only a regular file is ever replaced;
     every failure is an :class:`EPDFileError` and leaves nothing behind.
     """
-    path = check_destination(path, overwrite)
+    path = check_destination(path, overwrite, probe=False)
     tensors = {name: getattr(params, name).contiguous() for name in TABLE_NAMES}
     for name in OPTIONAL_TENSORS:
         if getattr(params, name) is not None:

@@ -157,6 +157,19 @@ def test_save_without_overwrite_never_replaces_a_file_that_appeared(tmp_path, mo
     assert sorted(x.name for x in tmp_path.iterdir()) == ["new.safetensors", "t.safetensors"]
 
 
+def test_save_writes_one_temporary_file(tmp_path, monkeypatch):
+    """The folder probe belongs to checks made before training; a save's own atomic write is its probe."""
+    import epd_core.files as files
+
+    made = []
+    real = files.tempfile.mkstemp
+    monkeypatch.setattr(files.tempfile, "mkstemp", lambda *a, **k: made.append(k) or real(*a, **k))
+    save_params(load_params(official_path("sd15-best.pkl")), tmp_path / "t.safetensors")
+    assert len(made) == 1
+    check_destination(tmp_path / "u.safetensors")
+    assert len(made) == 2 and sorted(x.name for x in tmp_path.iterdir()) == ["t.safetensors"]
+
+
 def test_save_checks_the_race_after_check_destination(tmp_path, monkeypatch):
     """The file appears between the temporary file's write and the final link: still refused."""
     import epd_core.files as files
