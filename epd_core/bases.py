@@ -26,7 +26,7 @@ import torch
 from .params import EPDParams
 from .solver import adams_bashforth
 
-__all__ = ["BASES", "Base", "placement", "table_placement"]
+__all__ = ["BASES", "Base", "placement", "table_placement", "table_placer"]
 
 # The bases the plugin supports. uni_pc / uni_pc_bh2 are not among them: UniPC's corrector rewrites the state after
 # each model call, so the point the model is asked at is not the state the next step starts from.
@@ -200,3 +200,14 @@ def table_placement(params: EPDParams) -> str:
     """The base whose method places a table's points: the one it was distilled for (``plugin_base`` in its
     metadata), else ``euler`` (the EPD solver's straight line; an ``ipndm`` student keeps its own rule)."""
     return str(params.metadata.get("plugin_base") or "euler")
+
+
+def table_placer(params: EPDParams, sigmas: torch.Tensor) -> Callable[..., Callable] | None:
+    """``placer(i, x, t_cur)``: step i's ``place`` for a table distilled over a multistep base (a fresh base
+    along ``sigmas``, fed the plain predictions, places the points as the table was fitted); None for the EPD
+    solver's straight line."""
+    name = table_placement(params)
+    if name == "euler":
+        return None
+    base = Base(name, sigmas)
+    return lambda i, x, t_cur: placement(base, i, x, t_cur)

@@ -31,7 +31,7 @@ from collections.abc import Callable
 
 import torch
 
-from .bases import Base, placement, table_placement
+from .bases import Base, placement, table_placement, table_placer
 from .params import EPDParams
 from .solver import FINAL_STEPS, Denoiser, epd_step, grid_offset
 
@@ -61,7 +61,7 @@ class PluginDenoiser:
         self.parallel = parallel
         self.history: list[torch.Tensor] = []
         self.next_index = 0
-        self.placer = Base(table_placement(params), self.sigmas)  # fed the plain predictions: places the points
+        self.placer = table_placer(params, self.sigmas)  # places the points as the table was fitted
         self.base = Base(base, self.sigmas)  # mirrors the real base sampler's state: turns steps into answers
 
     def _index(self, sigma: torch.Tensor) -> int:
@@ -93,7 +93,7 @@ class PluginDenoiser:
         step = self.offset + i
         t_cur, t_next = self.grid[i], self.grid[i + 1]
         afs = self.params.afs and step == 0
-        place = placement(self.placer, i, x, t_cur)
+        place = self.placer(i, x, t_cur) if self.placer is not None else None
         d_eff, self.history = epd_step(
             denoiser, x, t_cur, t_next, self.table, step, self.params, self.history, afs, self.parallel, place=place
         )

@@ -203,19 +203,6 @@ def grid_offset(params: EPDParams, sigmas: torch.Tensor) -> tuple[int, bool]:
     return params.num_steps - points, to_zero
 
 
-def _placer(params: EPDParams, sigmas: torch.Tensor) -> Callable[..., Callable] | None:
-    """For a table distilled for EPD Plugin over a multistep base (``plugin_base``), ``placer(i, x, t_cur)`` gives
-    step i's ``place`` (that base's update places the points, as the table was fitted); None for the EPD solver's
-    straight line."""
-    from .bases import Base, placement, table_placement  # bases builds on this module's Adams-Bashforth rule
-
-    name = table_placement(params)
-    if name == "euler":
-        return None
-    base = Base(name, sigmas)
-    return lambda i, x, t_cur: placement(base, i, x, t_cur)
-
-
 @torch.no_grad()
 def sample(
     denoiser: Denoiser,
@@ -244,6 +231,8 @@ def sample(
     ``sigma`` (ComfyUI's inpainting puts the source back where the mask keeps it),
     applied to the estimate that stands in for the last call.
     """
+    from .bases import table_placer  # bases builds on this module's Adams-Bashforth rule
+
     if final not in FINAL_STEPS:
         raise ValueError(f"final must be one of {FINAL_STEPS}, got {final!r}")
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu()
@@ -252,7 +241,7 @@ def sample(
     table = params.decoded(torch.float64) if table is None else table
     history: list[torch.Tensor] = []
     estimate = None
-    placer = _placer(params, sigmas)
+    placer = table_placer(params, sigmas)
 
     for i in range(grid.shape[0] - 1):
         step = offset + i
