@@ -10,10 +10,20 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 MAX_ROWS = 8
+# Fonts that PIL finds in the system's font folders by name, for labels beyond ASCII (accents, Greek, dashes):
+# PIL's bundled font draws every other character as a box.
+WIDE_FONTS = ("DejaVuSans.ttf", "NotoSans-Regular.ttf", "LiberationSans-Regular.ttf", "Arial.ttf", "arial.ttf")
 
 
-def _font(size: int) -> ImageFont.ImageFont:
-    """PIL's bundled font at ``size`` pixels (Pillow >= 10.1), else its small bitmap font."""
+def _font(size: int, labels: list[str] = ()) -> ImageFont.ImageFont:
+    """PIL's bundled font at ``size`` pixels (Pillow >= 10.1), else its small bitmap font; the first of
+    :data:`WIDE_FONTS` found when a label is not plain ASCII."""
+    if any(ord(c) > 126 for text in labels for c in text):
+        for name in WIDE_FONTS:
+            try:
+                return ImageFont.truetype(name, size)
+            except OSError:
+                continue
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: no sizes
@@ -30,7 +40,7 @@ def labelled_grid(rows: list[torch.Tensor], labels: list[str], gap: int = 4, fon
     shapes = {tuple(r.shape[1:3]) for r in rows}
     if len(shapes) != 1 or any(r.ndim != 4 or r.shape[0] < 1 for r in rows):
         raise ValueError(f"the rows' images must all have one size; got {[list(r.shape) for r in rows]}")
-    (h, w), font = shapes.pop(), _font(font_size)
+    (h, w), font = shapes.pop(), _font(font_size, labels)
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     label_w = max(int(probe.textlength(text, font=font)) for text in labels) + 3 * gap
     columns = max(r.shape[0] for r in rows)

@@ -86,8 +86,9 @@ class EPDImageGrid(io.ComfyNode):
             "side), labelled by the matching line of 'labels'. For comparing samplers on the same noises.",
             inputs=[
                 io.String.Input("labels", multiline=True, default="row 1", tooltip="One label per line, one line "
-                                "per connected row, in the order of the inputs (an empty line leaves its row "
-                                "unlabelled)."),
+                                "per connected row, in the order of the inputs; a row without a line, or with an "
+                                "empty one, is unlabelled. Beyond ASCII, labels need a system font such as DejaVu "
+                                "Sans or Arial."),
                 *(io.Image.Input(f"row_{i}", optional=i > 1, tooltip=f"The images of row {i}.")
                   for i in range(1, MAX_ROWS + 1)),
             ],
@@ -102,6 +103,7 @@ class EPDImageGrid(io.ComfyNode):
             lines.pop()
         while len(lines) > len(batches) and not lines[0]:
             lines.pop(0)
+        lines += [""] * (len(batches) - len(lines))  # rows connected after the labels were typed
         return io.NodeOutput(labelled_grid(batches, lines))
 
 

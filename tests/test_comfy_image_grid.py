@@ -76,3 +76,24 @@ def test_the_node_declares_eight_rows_the_first_required():
     spec = _node().INPUT_TYPES()
     assert list(spec["required"]) == ["labels", "row_1"]
     assert list(spec["optional"]) == [f"row_{i}" for i in range(2, 9)]
+
+
+def test_the_default_label_runs_with_more_rows_connected():
+    """A node added with its default 'row 1' and two rows runs: the second row is unlabelled."""
+    grid = _node()
+    rows = {"row_1": torch.ones(1, 10, 12, 3), "row_2": torch.ones(1, 10, 12, 3)}
+    (out,) = grid.execute(grid.define_schema().inputs[0].default, **rows).result
+    label_w = out.shape[2] - 12 - 4
+    first, second = out[0, 4:14, :label_w], out[0, 18:28, :label_w]
+    assert (first < 0.5).any() and not (second < 0.5).any()
+
+
+def test_labels_beyond_ascii_are_drawn_not_boxed():
+    """PIL's bundled font draws every non-ASCII character as the same box: accents and Greek letters differ."""
+    labelled_grid = H.pack_module("nodes.image_grid").labelled_grid
+
+    def drawn(label):
+        return labelled_grid([torch.ones(1, 24, 8, 3)], [label], font_size=18)[0, :, :-12]
+
+    for a, b in (("Ä", "Â"), ("é", "ê"), ("σ", "τ")):
+        assert (drawn(a) < 0.5).any() and not torch.equal(drawn(a), drawn(b)), (a, b)
