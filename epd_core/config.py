@@ -103,13 +103,15 @@ class DistillConfig(_Config):
         1024,
         "held-out noises of the untrained check that picks the start grid where there is a choice (EPD Distill's "
         "carry tables: the pack's grid or the model's): each start samples them against the teacher, about a "
-        "fortieth of the model evaluations of training with EPD Distill's defaults; 0: no check, the pack's grid. "
+        "thirtieth of the model evaluations of training with EPD Distill's defaults at NFE 5, a fifteenth at NFE "
+        "10; 0: no check, the pack's grid. "
         "Fewer than about 1,000 miss the rare samples that change mode, which decide the choice",
     )
     micro_batch: int = _opt(
         0,
         "noises backpropagated together (memory: the objectives through the rollout keep every step's graph); the "
-        "gradient is the whole batch's; 0: the whole batch. Rounded up to whole sets of a conditioning's prompts; "
+        "gradient is the whole batch's; 0: the whole batch. Rounded up to whole sets of a conditioning's prompts "
+        "(the lcm of the positive's and the negative's counts when they differ); "
         "not for the authors' objective, whose loop steps after each student step on the whole batch's rollout",
     )
     keep_best: int = _opt(
@@ -227,7 +229,11 @@ class RDPOConfig(_Config):
     """
 
     iterations: int = _opt(50, "rollout + PPO iterations")
-    groups: int = _opt(8, "leave-one-out groups per iteration (a multiple of the number of prompts)")
+    groups: int = _opt(
+        8,
+        "leave-one-out groups per iteration (rounded up to a multiple of the number of prompts; of the lcm of the "
+        "positive's and the negative's when they differ)",
+    )
     k: int = _opt(4, "rollouts per group (leave-one-out group size)")
     grouping: str = _opt(
         "noise",

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from comfy_api.latest import io
+import math
+
+from comfy_api.latest import io, ui
 
 from ..epd_core.config import (
     AUTO_ITERATIONS,
@@ -181,8 +183,8 @@ class EPDDistill(io.ComfyNode):
         if feature_encoder is not None:
             loss += f" (last step: {feature_encoder.name} features x {feature_weight:g})"
         if d["batch"] != batch or d["micro_batch"] not in (config.micro_batch, 0):
-            loss += (f"; batch {d['batch']}, micro_batch {d['micro_batch']}: rounded up to whole sets of the "
-                     f"{params.metadata.get('prompts', 1)} prompts")  # fmt: skip
+            loss += (f"; batch {d['batch']}, micro_batch {d['micro_batch']}: rounded up to a multiple of "
+                     f"{params.metadata.get('prompts', 1)} ({prompts_text(positive, negative)})")  # fmt: skip
         if config.micro_batch and not d["micro_batch"]:
             loss += "; micro_batch unused: the authors' objective steps on the whole batch's rollout"
         info = f"{describe(params)}; {start_report(params.metadata)}{loss}; {fit_report(d)}{heads_report(params)}; "
@@ -192,7 +194,7 @@ class EPDDistill(io.ComfyNode):
             info += "final_step estimate) sample it so"
         if "fallback" in params.metadata:
             info = f"no backward pass through this model, so {params.metadata['fallback']}; {info}"
-        return io.NodeOutput(params, info)
+        return io.NodeOutput(params, info, ui=ui.PreviewText(info))  # the report shows in the queue
 
 
 SCALE_HEADS = {
@@ -404,12 +406,21 @@ class EPDRDPO(io.ComfyNode):
                                       **resume_options(path, iterations))  # fmt: skip
         saved = save_output(params, path, overwrite)
         r = params.metadata["rdpo"]
-        info = f"{describe(params)}; {r['prompts']} prompt(s)"
+        info = f"{describe(params)}; {prompts_text(positive, negative)}"
         if r["groups"] != groups:
-            info += f" (groups {groups} -> {r['groups']}: whole sets of the prompts)"
+            info += f" (groups {groups} -> {r['groups']}: a multiple of {r['prompts']})"
         info += (f"; the rollouts' mean reward {curve[0]:.4g} in the first iteration, {r['final_reward']:.4g} over the "
                  f"last fifth; KL to the start {r['kl_to_start']:.3g}{guard_report(r)}; saved {saved}")  # fmt: skip
-        return io.NodeOutput(params, info)
+        return io.NodeOutput(params, info, ui=ui.PreviewText(info))  # the report shows in the queue
+
+
+def prompts_text(positive, negative) -> str:
+    """The prompts a training run went over: ComfyUI tiles each conditioning batch, so a positive and a negative of
+    different counts repeat together every lcm rows."""
+    p, q = conditioning_batch(positive), conditioning_batch(negative)
+    if p == q:
+        return f"{p} prompt(s)"
+    return f"{p} positive and {q} negative prompts, which repeat together every {math.lcm(p, q)}"
 
 
 def _clip_score(vae, clip_vision, clip, prompt: str | None):

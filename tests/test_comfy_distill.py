@@ -273,7 +273,7 @@ def test_micro_batches_through_a_comfyui_model_train_the_same_table(epd_dir):
     whole, _ = _run(model, "sd3", "whole", micro_batch=0, **run)
     parts, info = _run(model, "sd3", "parts", micro_batch=1, **run)
     assert (whole.metadata["distilled"]["micro_batch"], parts.metadata["distilled"]["micro_batch"]) == (0, 2)
-    assert "batch 4, micro_batch 2: rounded up to whole sets of the 2 prompts" in info  # the memory setting changed
+    assert "batch 4, micro_batch 2: rounded up to a multiple of 2 (" in info  # the memory setting changed
     for name in (*epd_core.params.TABLE_NAMES, "t_steps"):
         torch.testing.assert_close(getattr(parts, name), getattr(whole, name), rtol=1e-4, atol=1e-5)
     one, _ = _run(model, "sd3", "one", **{**run, "iterations": 1})
@@ -575,5 +575,6 @@ def test_training_takes_an_empty_latent_of_another_format_and_whole_sets_of_both
     assert start.num_steps > 1
     params, info = N["EPDRDPO"].execute(model, conditioning(3, 1), conditioning(2, 2), empty, start, 2.0, "fidelity",
                                         1, 1, 2, 2, 20.0, 1e-3, 0, "empty4_rdpo", False).result  # fmt: skip
-    assert params.metadata["rdpo"]["groups"] == 6 and "(groups 2 -> 6: whole sets of the prompts)" in info
+    assert params.metadata["rdpo"]["groups"] == 6 and "(groups 2 -> 6: a multiple of 6)" in info
+    assert "3 positive and 2 negative prompts, which repeat together every 6" in info
     assert params.metadata["rdpo"]["kl_to_start"] >= 0
