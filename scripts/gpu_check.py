@@ -6,6 +6,7 @@ and the wall time of one EPD step's K points batched vs one call per point on a 
 
 from __future__ import annotations
 
+import argparse
 import json
 import time
 
@@ -68,6 +69,7 @@ def timing(device: str, k: int = 2, batch: int = 1) -> dict:
 
 
 if __name__ == "__main__":
+    argparse.ArgumentParser(prog="python -m scripts.gpu_check", description=__doc__.split("\n\n")[0]).parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu", "parity": parity(device)}
     if device == "cuda":

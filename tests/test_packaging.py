@@ -117,9 +117,10 @@ def test_test_script_combines_a_marker_with_the_033_selection():
     assert "no tests collected" in out, out[-3000:]
 
 
-@pytest.mark.parametrize("script", ["run_demo", "make_thumbnails", "make_weights"])
+@pytest.mark.parametrize("script", ["run_demo", "make_thumbnails", "make_weights", "make_workflows", "gpu_check"])
 def test_scripts_that_rewrite_tracked_files_answer_help_without_running(script):
-    """``--help`` prints the usage and writes nothing (run_demo and make_thumbnails ran their whole job)."""
+    """``--help`` prints the usage and writes nothing (run_demo, make_thumbnails, make_workflows and gpu_check ran their
+    whole job; make_workflows first deleted every example)."""
     before = subprocess.run(["git", "status", "--porcelain"], cwd=ROOT, capture_output=True, text=True).stdout  # noqa: S603, S607
     run = subprocess.run([sys.executable, "-m", f"scripts.{script}", "--help"], cwd=ROOT, capture_output=True,  # noqa: S603
                          text=True, timeout=120)  # fmt: skip
