@@ -41,7 +41,12 @@ class EPDAnalyticModel(io.ComfyNode):
                     tooltip="Flow shift (SD3) or mu (FLUX); 0 keeps the default (3.0 / 1.15).",
                 ),
             ],
-            outputs=[io.Model.Output(), io.Conditioning.Output(display_name="empty_conditioning")],
+            outputs=[
+                io.Model.Output(tooltip="The exact denoiser of the chosen Gaussian mixture as a ComfyUI model."),
+                io.Conditioning.Output(
+                    display_name="empty_conditioning", tooltip="An empty conditioning for its positive and negative."
+                ),
+            ],
         )
 
     @classmethod

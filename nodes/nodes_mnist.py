@@ -75,7 +75,9 @@ class EPDMnistDecode(io.ComfyNode):
             description="Turns an EPD MNIST latent (4x14x14) into the 28x28 grey digit it encodes (pixel shuffle), "
             "enlarged by an integer factor (nearest neighbour).",
             inputs=[
-                io.Latent.Input("samples"),
+                io.Latent.Input(
+                    "samples", tooltip="An EPD MNIST latent [B, 4, 14, 14] (from a sampler on EPD MNIST Model)."
+                ),
                 io.Int.Input("scale", default=4, min=1, max=16, tooltip="Enlargement: 4 gives 112x112 images."),
             ],
             outputs=[io.Image.Output(tooltip="White digits on black, [B, 28*scale, 28*scale, 3].")],
@@ -111,7 +113,7 @@ class EPDMnistFeatures(io.ComfyNode):
             "latents encode, through the demo classifier (demo_models/mnist-classifier.safetensors) up to its "
             "penultimate layer, the features of the digits FID.",
             inputs=[],
-            outputs=[EncoderType.Output(display_name="feature_encoder")],
+            outputs=[EncoderType.Output(display_name="feature_encoder", tooltip="For EPD Distill's feature_encoder.")],
         )
 
     @classmethod

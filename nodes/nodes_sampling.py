@@ -49,7 +49,9 @@ class EPDSampler(io.ComfyNode):
                 ),
                 final_step_input(),
             ],
-            outputs=[io.Sampler.Output()],
+            outputs=[
+                io.Sampler.Output(tooltip="For SamplerCustom / SamplerCustomAdvanced, with EPD Scheduler's sigmas.")
+            ],
         )
 
     @classmethod
@@ -93,7 +95,9 @@ class EPDScheduler(io.ComfyNode):
                     "(without it, the model's own mu).",
                 ),
             ],
-            outputs=[io.Sigmas.Output()],
+            outputs=[
+                io.Sigmas.Output(tooltip="The table's grid for this model (its denoise cut, a final 0 if asked).")
+            ],
         )
 
     @classmethod
@@ -139,7 +143,7 @@ class EPDKSampler(io.ComfyNode):
                 ),
                 final_step_input(),
             ],
-            outputs=[io.Latent.Output()],
+            outputs=[io.Latent.Output(tooltip="The sampled latent.")],
         )
 
     @classmethod
@@ -177,7 +181,10 @@ class EPDPlugin(io.ComfyNode):
                 parallel_input(),
                 final_step_input(),
             ],
-            outputs=[io.Sampler.Output(), io.String.Output(display_name="info")],
+            outputs=[
+                io.Sampler.Output(tooltip="The base sampler with EPD's steps, for SamplerCustom(Advanced)."),
+                io.String.Output(display_name="info", tooltip="What each step does and what the run costs."),
+            ],
         )
 
     @classmethod

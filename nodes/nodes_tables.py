@@ -182,8 +182,8 @@ class EPDParamsLoader(io.ComfyNode):
                 ),
             ],
             outputs=[
-                EPDParamsType.Output(display_name="epd_params"),
-                io.String.Output(display_name="info"),
+                EPDParamsType.Output(display_name="epd_params", tooltip="The table, for EPD's samplers."),
+                io.String.Output(display_name="info", tooltip="What the table is, what it was made for and how."),
             ],
         )
 
@@ -224,7 +224,7 @@ class EPDParamsPreview(io.ComfyNode):
             description="Draws an EPD table: each step's interval on a log-sigma axis, where its intermediate points "
             "sit and how much each weighs, with the time and direction scales.",
             inputs=[epd_params_input(tooltip="The EPD table to draw.")],
-            outputs=[io.Image.Output()],
+            outputs=[io.Image.Output(tooltip="The table's values per step, as a picture.")],
         )
 
     @classmethod

@@ -137,7 +137,10 @@ class EPDDistill(io.ComfyNode):
                 advanced(config_input(d, "robust", min=0.0, max=10.0, step=0.001, optional=True)),
                 *(advanced(_scale_bound_input(name)) for name in SCALE_HEADS),
             ],
-            outputs=[EPDParamsType.Output(display_name="epd_params"), io.String.Output(display_name="info")],
+            outputs=[
+                EPDParamsType.Output(display_name="epd_params", tooltip="The trained table (also saved)."),
+                io.String.Output(display_name="info", tooltip="The training's report (also in the queue)."),
+            ],
         )
 
     @classmethod
@@ -214,11 +217,13 @@ def _scale_bound_input(name: str) -> io.Float.Input:
 
 
 def scale_bounds(nfe: int, start_params: EPDParams | None, **inputs: float | None) -> dict[str, float]:
-    """The bound of each scale head to add: the input's own, or for auto (negative or absent) that of
+    """The bound of each scale head to add: the input's own, or for auto (-1 or absent) that of
     :func:`node_scale_bounds` at the table's ``nfe``, unless the start table has the head already (it keeps its own).
     """
     auto, bounds = node_scale_bounds(nfe), {}
     for name, value in inputs.items():
+        if value is not None and AUTO < value < 0:  # a widget dragged from -1 towards a small bound
+            raise ValueError(f"{name} {value:g}: -1 is auto, 0 no head, a positive value the bound (1 +- value)")
         if value is None or value < 0:
             own = start_params is not None and start_params.has_scale_head(name)
             value = 0.0 if own else auto[name]
@@ -298,7 +303,7 @@ class EPDFeatureEncoder(io.ComfyNode):
                 io.Vae.Input("vae", tooltip="The VAE that decodes the model's latents."),
                 io.ClipVision.Input("clip_vision", tooltip="A CLIP or SigLIP vision model (CLIP Vision Loader)."),
             ],
-            outputs=[EncoderType.Output(display_name="feature_encoder")],
+            outputs=[EncoderType.Output(display_name="feature_encoder", tooltip="For EPD Distill's feature_encoder.")],
         )
 
     @classmethod
@@ -373,7 +378,10 @@ class EPDRDPO(io.ComfyNode):
                     )
                 ),
             ],
-            outputs=[EPDParamsType.Output(display_name="epd_params"), io.String.Output(display_name="info")],
+            outputs=[
+                EPDParamsType.Output(display_name="epd_params", tooltip="The trained table (also saved)."),
+                io.String.Output(display_name="info", tooltip="The training's report (also in the queue)."),
+            ],
         )
 
     @classmethod

@@ -188,6 +188,15 @@ def test_scale_bounds_refuse_to_change_a_start_tables_own_bound(epd_dir):
     assert (auto.scale_dir, auto.scale_time) == (0.05, 0.0)  # its own kept; a table of NFE 10: auto adds none
 
 
+
+@pytest.mark.parametrize("value", [-0.99, -0.5, -0.01])
+def test_a_scale_bound_between_auto_and_none_is_refused(epd_dir, value):
+    """The widget steps from -1 (auto) by 0.01: -0.99 looked like a bound and trained auto heads of 1 +- 0.2."""
+    with pytest.raises(ValueError, match=rf"scale_dir {value:g}: -1 is auto, 0 no head"):
+        _fit_flow(nfe=5, iterations=1, filename="between", scale_dir=value)
+    assert not (epd_dir / "between.safetensors").exists()
+
+
 def test_distill_trains_on_every_prompt_of_a_conditioning_batch(epd_dir):
     """A positive batch of 3 prompts: the training batch grows to a multiple of 3 (ComfyUI tiles a conditioning
     batch over the noises by index, so every iteration sees every prompt), the table records it, and the prompts

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -417,3 +419,37 @@ def test_the_loader_says_when_a_table_was_not_fitted_for_the_default_ending_and_
             if node["class_type"] == "EPDParamsLoader" and not node["inputs"]["table_name"].startswith("[download]"):
                 (params, _) = loader.execute(node["inputs"]["table_name"]).result
                 assert rdpo.fitted_final_estimate(params), (path.name, node["inputs"]["table_name"])
+
+
+def test_make_workflows_rewrites_the_committed_examples_and_keeps_other_files(tmp_path, monkeypatch):
+    """The example workflows are what the script writes (nothing hand-edited drifts from it); a rerun removes
+    examples renamed or dropped, never a user's own file, and writes every file whole."""
+    import scripts.make_workflows as mw
+
+    out, api = tmp_path / "example_workflows", tmp_path / "example_workflows" / "api"
+    api.mkdir(parents=True)
+    for name in ("my_own.json", "9 an old example.json", "api/epd_old.json", "api/mine.json"):
+        (out / name).write_text("{}")
+    monkeypatch.setattr(mw, "OUT", out)
+    monkeypatch.setattr(mw, "API", api)
+    assert mw.main([]) == 0
+    committed = sorted(
+        p.relative_to(mw.ROOT / "example_workflows") for p in (mw.ROOT / "example_workflows").rglob("*.json")
+    )
+    written = sorted(p.relative_to(out) for p in out.rglob("*.json"))
+    assert written == sorted([*committed, Path("my_own.json"), Path("api/mine.json")])
+    for rel in committed:
+        assert (out / rel).read_text() == (mw.ROOT / "example_workflows" / rel).read_text(), rel
+
+
+def test_every_input_and_output_of_the_packs_nodes_has_a_tooltip():
+    """Hovering any socket or widget of an EPD node says what it takes (EPD MNIST Decode's samples said nothing)."""
+    missing = []
+    for node_id, cls in N.items():
+        if node_id == "pack" or not hasattr(cls, "define_schema"):
+            continue
+        schema = cls.define_schema()
+        missing += [f"{node_id}.{i.id}" for i in schema.inputs if not getattr(i, "tooltip", None)]
+        missing += [f"{node_id} output {o.display_name or o.io_type}" for o in schema.outputs
+                    if not getattr(o, "tooltip", None)]  # fmt: skip
+    assert not missing, missing
