@@ -375,11 +375,13 @@ def _train_on_model(model, positive, negative, cfg, latent, start, config, fit):
     def train(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
         sampling = model_k.inner_model
         base = sampling.inner_model
-        pbar = comfy.utils.ProgressBar(config.iterations)
+        bar = [comfy.utils.ProgressBar(config.iterations)]
 
         def progress(i: int, n: int, loss: float) -> None:
             comfy.model_management.throw_exception_if_processing_interrupted()
-            pbar.update_absolute(i, n)
+            if n != bar[0].total or i < bar[0].current:  # a new phase (the start check, then training): a new bar,
+                bar[0] = comfy.utils.ProgressBar(n)  # as newer ComfyUI sends only values beyond the last one sent
+            bar[0].update_absolute(i, n)
             if i == n or i % max(1, n // 20) == 0:  # the training curve in the console, twenty points a run
                 shown = f", loss {loss:.4g}" if math.isfinite(loss) else ""  # the start check reports no loss
                 log.info("EPD: %d / %d%s", i, n, shown)

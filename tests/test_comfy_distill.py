@@ -188,7 +188,6 @@ def test_scale_bounds_refuse_to_change_a_start_tables_own_bound(epd_dir):
     assert (auto.scale_dir, auto.scale_time) == (0.05, 0.0)  # its own kept; a table of NFE 10: auto adds none
 
 
-
 @pytest.mark.parametrize("value", [-0.99, -0.5, -0.01])
 def test_a_scale_bound_between_auto_and_none_is_refused(epd_dir, value):
     """The widget steps from -1 (auto) by 0.01: -0.99 looked like a bound and trained auto heads of 1 +- 0.2."""
@@ -367,6 +366,21 @@ def test_interrupt_stops_and_saves_nothing(epd_dir, check):
     assert seen == [check or 1]
     assert sorted(p.name for p in epd_dir.iterdir()) == []
     assert type(model.model.model_sampling).__name__.startswith("ModelSampling")
+
+
+def test_the_progress_bar_counts_the_training_after_the_start_check(epd_dir):
+    """The start check's noises, then the iterations: newer ComfyUI sends a bar's value only beyond the last one sent,
+    so on one bar the training (1, 2, ... below the check's 16) showed nothing until its end."""
+    import comfy.utils
+
+    reports: list[tuple[int, int]] = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: reports.append((value, total)))
+    try:
+        _run(tiny_model("eps"), "eps", "progress", iterations=5, start_check=16)
+    finally:
+        comfy.utils.set_progress_bar_global_hook(None)
+    assert reports[0] == (16, 16) or reports[0][1] == 16
+    assert (1, 5) in reports and reports[-1] == (5, 5), reports
 
 
 @pytest.mark.parametrize("nfe,iterations", [(4, 4000), (5, 3200), (9, 1778), (10, 1600), (12, 1600)])
