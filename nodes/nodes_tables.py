@@ -199,9 +199,12 @@ class EPDParamsLoader(io.ComfyNode):
     def fingerprint_inputs(cls, table_name: str | None = None) -> str:
         """A hash of the file's path, time and size: a table rewritten under its name (EPD Distill with overwrite, the
         CLI, a copy) is loaded again, not taken from ComfyUI's cache of this node's result. Hashed because ComfyUI
-        stores the value in the prompt it writes into every saved image."""
+        stores the value in the prompt it writes into every saved image. A ``[download]`` choice is its catalogue
+        entry (the download is checked against its sha256), fetched or not: the node's own download changes nothing."""
         entry = catalogue_choice(table_name or "")
-        path = folder_paths.get_full_path(FOLDER, entry.filename if entry else table_name or "")
+        if entry is not None:
+            return hashlib.sha256(f"{entry.family}/{entry.name}:{entry.sha256}".encode()).hexdigest()
+        path = folder_paths.get_full_path(FOLDER, table_name or "")
         try:
             stat = Path(path).stat()
         except (TypeError, OSError):  # no such file (yet): the name decides

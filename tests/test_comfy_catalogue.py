@@ -66,10 +66,13 @@ def test_loader_downloads_a_listed_table_when_the_graph_runs(loader_env, mirror,
 
     graph = _graph(choice)
     assert asyncio.run(execution.validate_prompt("p1", graph, None))[0]
+    fingerprint = loader.fingerprint_inputs(table_name=choice)
     executor = execution.PromptExecutor(_Server(), cache_args={"lru": 0, "ram": 0, "ram_inactive": 0})
     executor.execute(graph, "p1", {}, ["3"])
     assert executor.success, executor.status_messages
     assert len(mirror.requests) == 1
+    # the node's own download does not change its fingerprint: the unchanged graph queued again is cached
+    assert loader.fingerprint_inputs(table_name=choice) == fingerprint
     assert sorted(p.name for p in epd_dir.iterdir()) == ["tpami-sd15-best.safetensors"]
     assert_same_table(load_params(epd_dir / "tpami-sd15-best.safetensors"), load_params(local_copy(find_entry(
         "tpami-sd15-best", CATALOGUE))))  # fmt: skip
