@@ -128,10 +128,12 @@ def save_checkpoint(path: str | os.PathLike, state: RunState, config: dict[str, 
 
 
 def remove_leftovers(path: str | os.PathLike) -> None:
-    """Temporary files of ``path``'s checkpoint writes that a kill left behind."""
+    """Temporary files of ``path``'s checkpoint writes that a kill left behind (files only: a folder of such a
+    name is not ours)."""
     path = Path(path)
     for tmp in path.parent.glob(f"{glob.escape(temp_prefix(path))}*.tmp"):
-        tmp.unlink(missing_ok=True)
+        if not tmp.is_dir() or tmp.is_symlink():
+            tmp.unlink(missing_ok=True)
 
 
 def load_checkpoint(path: str | os.PathLike, state: RunState, config: dict[str, Any],

@@ -148,6 +148,9 @@ def output_path(filename: str, overwrite: bool) -> Path:
         check_destination(path, overwrite)
     except EPDFileError as exc:
         raise user_error(exc) from None
+    if checkpoint_path(path).is_dir():
+        raise ValueError(f"{user_path(checkpoint_path(path))} is a folder where this run keeps its checkpoint; "
+                         "remove it or give another filename")  # fmt: skip
     return path
 
 

@@ -352,6 +352,12 @@ def test_a_destination_saving_would_refuse_is_refused_before_training(epd_dir, t
             _run(model, "eps", name, iterations=4, overwrite=True)
         assert not list(epd_dir.glob("*.epd-checkpoint"))
     assert elsewhere.read_bytes() == b"someone else's file"
+    (epd_dir / "ckfolder.epd-checkpoint").mkdir()  # where the run would keep its checkpoint: refused, by name
+    with pytest.raises(ValueError, match=r"^<epd folder 0>/ckfolder.epd-checkpoint is a folder where this run"):
+        _run(model, "eps", "ckfolder", iterations=4)
+    (epd_dir / ".run.epd-checkpoint.abcdefgh.tmp").mkdir()  # named like a killed write's leftover: not removed
+    _run(model, "eps", "run", iterations=2, start_check=0)
+    assert (epd_dir / ".run.epd-checkpoint.abcdefgh.tmp").is_dir() and (epd_dir / "run.safetensors").is_file()
 
 
 @pytest.mark.parametrize("check", [16, 0])
