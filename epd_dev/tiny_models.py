@@ -87,8 +87,8 @@ def tiny_model(kind: str = "eps", seed: int = 0):
 
     ``eps`` / ``v``: SD1.5 UNet (discrete schedule, EPS or V-prediction); ``sd3``: MMDiT with
     ``ModelSamplingDiscreteFlow`` (shift 3); ``flux``: Flux with ``ModelSamplingFlux`` (mu 1.15); ``flux2``:
-    ComfyUI's Flux 2 model class and sampling (``ModelSamplingFlux``, mu 2.02) around the tiny Flux network (for
-    scheduling; its latents differ).
+    ComfyUI's Flux 2 model class and sampling (``ModelSamplingFlux``, mu 2.02) around the tiny Flux network with Flux
+    2's 128 latent channels.
     """
     import comfy.model_base
     import comfy.model_management
@@ -104,7 +104,7 @@ def tiny_model(kind: str = "eps", seed: int = 0):
     elif kind == "flux":
         model = comfy.supported_models.Flux(flux_config()).get_model({})
     elif kind == "flux2":  # ComfyUI's Flux 2 model class (its scheduling) over the tiny Flux network
-        model = comfy.supported_models.Flux2(flux_config()).get_model({})
+        model = comfy.supported_models.Flux2({**flux_config(), "in_channels": 128, "out_channels": 128}).get_model({})
     else:
         raise ValueError(kind)
     _init(model.diffusion_model, seed)

@@ -14,7 +14,7 @@ from .inputs import (
     seed_input,
 )
 from .plugin import PLUGIN_BASES, make_plugin_sampler
-from .sampling import CONVENTIONS, make_sampler, resolution_mu
+from .sampling import CONVENTIONS, make_sampler, model_latent, resolution_mu
 from .scheduling import epd_sigmas
 
 
@@ -102,7 +102,7 @@ class EPDScheduler(io.ComfyNode):
 
     @classmethod
     def execute(cls, model, epd_params, denoise: float, final_denoise: bool, latent_image=None) -> io.NodeOutput:
-        shape = None if latent_image is None else tuple(latent_image["samples"].shape)
+        shape = None if latent_image is None else tuple(model_latent(model, latent_image).shape)  # as the sampler's
         mu = resolution_mu(model.model, shape, epd_params.num_steps - 1)
         sigmas = epd_sigmas(epd_params, model.get_model_object("model_sampling"), denoise, final_denoise, mu)
         return io.NodeOutput(sigmas)

@@ -22,6 +22,7 @@ from .features import clip_vision_encoder
 from .inputs import EncoderType, EPDParamsType, advanced, config_input, epd_params_input, output_inputs, seed_input
 from .nodes_tables import describe
 from .rewards import clip_score_reward, preference_reward
+from .sampling import model_latent
 from .training import (
     conditioning_batch,
     distill_on_model,
@@ -31,7 +32,6 @@ from .training import (
     resume_options,
     save_output,
     start_tables,
-    training_latent,
 )
 
 REWARDS = ["fidelity", "clip_score", "preference"]
@@ -176,7 +176,7 @@ class EPDDistill(io.ComfyNode):
         bounds = scale_bounds(table_nfe, start_params, scale_dir=scale_dir, scale_time=scale_time)
         start = with_scale_heads(start, **bounds)
         metadata = {"tool": "EPD Distill node", "model": model_name(model), "cfg": cfg}
-        params = distill_on_model(model, positive, negative, cfg, training_latent(model, latent_image), start, config,
+        params = distill_on_model(model, positive, negative, cfg, model_latent(model, latent_image), start, config,
                                   metadata=metadata, encoder=feature_encoder,
                                   feature_weight=feature_weight, **resume_options(path, iterations))  # fmt: skip
         saved = save_output(params, path, overwrite)
@@ -408,7 +408,7 @@ class EPDRDPO(io.ComfyNode):
                                        _reward_file(reward_model))  # fmt: skip
             metadata["reward_model"] = reward_model
         path = output_path(filename, overwrite)
-        params, curve = rdpo_on_model(model, positive, negative, cfg, training_latent(model, latent_image), epd_params,
+        params, curve = rdpo_on_model(model, positive, negative, cfg, model_latent(model, latent_image), epd_params,
                                       config,
                                       teacher_m=teacher_steps, reward=scorer, metadata=metadata,
                                       **resume_options(path, iterations))  # fmt: skip

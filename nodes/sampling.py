@@ -22,6 +22,7 @@ The core's :func:`~epd_core.solver.sample` runs on ComfyUI's model callable
 from __future__ import annotations
 
 import copy
+import inspect
 import logging
 import math
 from collections.abc import Iterator
@@ -30,6 +31,7 @@ from contextlib import contextmanager
 import comfy.conds
 import comfy.model_management
 import comfy.model_sampling
+import comfy.sample
 import comfy.samplers
 import torch
 from comfy.utils import repeat_to_batch_size
@@ -97,6 +99,16 @@ SUPPORTED_MODELS = (
     "with a static shift (SD3, Wan, HunyuanVideo, Z-Image, ...) or ModelSamplingFlux (FLUX, Flux 2, Chroma, "
     "Qwen-Image, LTXV, ...) with flow tables, and continuous EDM models with EDM tables"
 )
+
+
+def model_latent(model, latent: dict) -> torch.Tensor:
+    """A LATENT's samples as ComfyUI's samplers take them: an empty latent of another latent format (a 4-channel Empty
+    Latent Image for SD3 or FLUX) gets the model's channels (ComfyUI 0.33 also its own downscale ratios, so Flux 2's
+    resolution is the converted latent's)."""
+    fix = comfy.sample.fix_empty_latent_channels
+    ratios = ("downscale_ratio_spacial", "downscale_ratio_temporal")
+    extra = [latent.get(k) for k in ratios] if len(inspect.signature(fix).parameters) > 2 else []
+    return fix(model, latent["samples"], *extra)
 
 
 def resolution_mu(base_model, latent_shape, steps: int) -> float | None:

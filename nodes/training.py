@@ -13,7 +13,6 @@ each reward call.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import logging
 import math
 import re
@@ -22,7 +21,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import comfy.model_management
-import comfy.sample
 import comfy.sampler_helpers
 import comfy.samplers
 import comfy.utils
@@ -57,15 +55,6 @@ from .scheduling import model_schedule
 
 log = logging.getLogger("epd")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,100}")  # used with fullmatch: "$" would accept "name\n"
-
-
-def training_latent(model, latent: dict) -> torch.Tensor:
-    """A LATENT's samples as ComfyUI's samplers take them: an empty latent of another latent format (a 4-channel Empty
-    Latent Image for SD3 or FLUX) gets the model's channels (ComfyUI 0.33 also its own downscale ratios)."""
-    fix = comfy.sample.fix_empty_latent_channels
-    ratios = ("downscale_ratio_spacial", "downscale_ratio_temporal")
-    extra = [latent.get(k) for k in ratios] if len(inspect.signature(fix).parameters) > 2 else []
-    return fix(model, latent["samples"], *extra)
 
 
 def start_tables(model_sampling, steps: int, points: int, afs: bool, student: str = "epd") -> dict[str, EPDParams]:

@@ -141,6 +141,24 @@ def test_flux2_grid_takes_the_mu_of_its_resolution_like_flux2scheduler():
         sampling.check_grid(params, model.get_model_object("model_sampling"), default * 0.99, mu)
 
 
+def test_flux2_takes_an_empty_latent_image_as_ksampler_does():
+    """ComfyUI (0.33: at Flux 2's own downscale ratio) turns a 4-channel Empty Latent Image into the model's latent
+    before sampling; EPD Scheduler took Flux 2's mu from the unconverted latent (4x the tokens), so EPD KSampler
+    refused its own grid. It now equals EPD KSampler on the latent ComfyUI converts it to."""
+    import nodes as comfy_nodes
+
+    sampling = H.pack_module("nodes.sampling")
+    model = tiny_model("flux2")
+    params = epd_core.load_params(official_path("flux-best.pkl"))
+    (empty,) = comfy_nodes.EmptyLatentImage().generate(256, 256, 1)
+    converted = {"samples": sampling.model_latent(model, empty)}
+    assert converted["samples"].shape[1] == 128
+    run = [1, 1.0, conditioning(1), conditioning(1)]
+    (got,) = N["EPDKSampler"].execute(model, *run, empty, params, 1.0, "batched", True).result
+    (want,) = N["EPDKSampler"].execute(model, *run, converted, params, 1.0, "batched", True).result
+    assert torch.equal(got["samples"], want["samples"])
+
+
 def test_model_sampling_flux_node_upstream_sets_the_grid_mu():
     """FLUX / Flux 2 / Qwen-Image: ComfyUI's ModelSamplingFlux node (the resolution's mu) decides EPD's grid."""
     from comfy_extras.nodes_model_advanced import ModelSamplingFlux
