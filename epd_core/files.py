@@ -29,6 +29,7 @@ from safetensors.torch import save as st_save
 
 from . import __version__
 from .authors_format import read_authors_pickle
+from .bases import BASES
 from .params import MAX_POINTS, MAX_TIME_POINTS, TABLE_NAMES, EPDParams, shown
 from .safe_pickle import PickleRefused
 
@@ -222,6 +223,9 @@ def _load_own(path: Path, data: bytes) -> EPDParams:
         bad = [k for k in _TEXT_PROVENANCE if k in provenance and not isinstance(provenance[k], str)]
         if bad:
             raise ValueError(f"provenance {', '.join(bad)} must be text")
+        if provenance.get("plugin_base") and provenance["plugin_base"] not in BASES:
+            raise ValueError(f"provenance plugin_base {shown(provenance['plugin_base'])} is not a base EPD Plugin "
+                             f"places points by ({', '.join(BASES)})")  # fmt: skip
         shapes = {k: v.get("shape", ()) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
         if not all(isinstance(v, list) and all(isinstance(n, int) for n in v) for v in shapes.values()):
             raise ValueError("tensor shapes must be lists of integers")

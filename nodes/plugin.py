@@ -7,6 +7,8 @@ sampler that calls the model elsewhere.
 
 from __future__ import annotations
 
+import inspect
+
 import comfy.samplers
 import torch
 
@@ -36,20 +38,24 @@ def core_base(name: str) -> str:
     return "euler" if name == "ddim" else name
 
 
-def plugin_info(name: str, params: EPDParams, final_step: str = "estimate") -> str:
+def plugin_info(name: str, params: EPDParams, final_step: str = "estimate", parallel: str = "auto") -> str:
     """What the plugin does over ``name`` with this table, and what it costs (``final_step`` denoise: one call more
-    when the sigmas end at 0)."""
+    when the sigmas end at 0; ``parallel`` sequential: one call per point)."""
     k = params.num_points
     nfe = f"NFE {params.nfe}" + (" (+1 model call when the sigmas end at 0: final_step denoise)"
                                  if final_step == "denoise" else "")  # fmt: skip
+    points = f"{k} points in one batched call" if parallel != "sequential" else f"{k} points one call each"
+    if parallel == "sequential":
+        nfe += f" in batched rounds; parallel sequential takes {params.evaluations} calls per sample"
     rounds = f"2 sequential model rounds per step{' (1 on the AFS first step)' if params.afs else ''}"
     placed = table_placement(params)
     if params.student == "carry":
-        rounds = "1 model round per step, like the bare base"
+        first = "" if params.afs else ", 2 on the first (its plain prediction: the table has no analytic first step)"
+        rounds = f"1 model round per step{first}, like the bare base"
         place = "the points lie along the direction carried from the previous step (no plain prediction)"
         return (
-            f"EPD Plugin over {name}: {params.num_steps - 1} steps, {nfe} ({rounds}: {k} points in one "
-            f"batched call; {params.evaluations} evaluations per sample). Each step: {place}; the step is EPD's "
+            f"EPD Plugin over {name}: {params.num_steps - 1} steps, {nfe} ({rounds}: {points}; "
+            f"{params.evaluations} evaluations per sample). Each step: {place}; the step is EPD's "
             f"weighted sum of the {k} directions, and {name} is answered with the x0 for which its own update, "
             "with its own history, takes that step (so the run is the table's carry trajectory)"
         )
@@ -61,7 +67,7 @@ def plugin_info(name: str, params: EPDParams, final_step: str = "estimate") -> s
         place = f"{placed}'s own update, fed the plain predictions at the grid points, places the points"
     return (
         f"EPD Plugin over {name}: {params.num_steps - 1} steps, {nfe} ({rounds}: the plain prediction at "
-        f"the grid point, then {k} points in one batched call; {params.evaluations} evaluations per sample). Each "
+        f"the grid point, then {points}; {params.evaluations} evaluations per sample). Each "
         f"step: {place}; the step is EPD's weighted sum of the {k} directions, and {name} is answered with the x0 "
         "for which its own update, with its own history, takes that step (so the run is the table's EPD trajectory)"
     )
@@ -81,6 +87,14 @@ class _PluginModel:
         return getattr(self._model, name)
 
 
+def changed_options(base) -> dict:
+    """A SAMPLER's options that differ from its function's defaults (SamplerLMS at order 4 is KSampler's lms)."""
+    empty = inspect.Parameter.empty
+    defaults = {name: p.default for name, p in inspect.signature(base.sampler_function).parameters.items()}
+    return {name: value for name, value in sorted(base.extra_options.items())
+            if defaults.get(name, empty) is empty or defaults[name] != value}  # fmt: skip
+
+
 def make_plugin_sampler(
     base, params: EPDParams, parallel: str = "auto", continuous_time: bool = True, final_step: str = "denoise"
 ):
@@ -95,10 +109,10 @@ def make_plugin_sampler(
             f"EPD Plugin does not support the sampler '{name}' (it needs a deterministic sampler with one model call "
             f"per step whose update the plugin knows; supported: {', '.join(PLUGIN_BASES)})"
         )
-    if base.extra_options:
+    changed = changed_options(base)
+    if changed:
         raise ValueError(
-            f"EPD Plugin supports '{name}' with its default options only (the plugin mirrors its update); "
-            f"got {sorted(base.extra_options)}"
+            f"EPD Plugin supports '{name}' with its default options only (the plugin mirrors its update); got {changed}"
         )
     if parallel not in PARALLEL_MODES:
         raise ValueError(f"parallel must be one of {PARALLEL_MODES}, got {parallel!r}")
@@ -123,4 +137,4 @@ def make_plugin_sampler(
             )  # fmt: skip
 
     sampler = comfy.samplers.KSAMPLER(plugin_function, dict(base.extra_options), dict(base.inpaint_options))
-    return sampler, plugin_info(name, params, final_step)
+    return sampler, plugin_info(name, params, final_step, parallel)

@@ -11,7 +11,7 @@ from epd_core.config import DistillConfig
 from epd_dev import comfy_harness as H
 from epd_dev.comfy_harness import NODES as N
 from epd_dev.shared_data import REFERENCE, official_path, reference_meta
-from epd_dev.tiny_models import KINDS, conditioning, latent, table_for, tiny_model
+from epd_dev.tiny_models import KINDS, conditioning, latent, network_calls, table_for, tiny_model
 
 pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("comfy_nodes")]
 # the pack's nodes.plugin.PLUGIN_BASES (a parameter list is fixed before ComfyUI starts; checked equal below)
@@ -143,6 +143,45 @@ def test_info_says_what_the_plugin_does_and_costs():
     assert "deis's own update" in _plugin("dpmpp_2m", tuned)[1]
     authors_ipndm = epd_core.load_params(official_path("00018-cifar10-4-5-ipndm-uni1.0-afs.pkl"))
     assert "iPNDM extrapolation" in _plugin("lms", authors_ipndm)[1]
+
+
+def test_info_counts_calls_as_the_run_makes_them():
+    """parallel sequential makes one call per point (the info said one batched call); a carry table without the
+    analytic first step makes a plain prediction on its first step (the info said none): counted on the network."""
+    model, pos = tiny_model("eps"), conditioning(1, 1)
+    for params, parallel, says, calls in (
+        (epd_core.load_params(official_path("sd15-best.pkl")), "sequential", "2 points one call each", None),
+        (epd_core.EPDParams.start(5, 2, schedule_type="discrete", schedule_rho=1.0, backend="ldm", student="carry",
+                                  afs=False), "batched", "2 on the first (its plain prediction", 5),
+    ):  # fmt: skip
+        sampler, info = _plugin("euler", params, parallel, "estimate")
+        assert says in info, info
+        if calls is not None:
+            from comfy_extras.nodes_custom_sampler import SamplerCustom
+
+            (sigmas,) = N["EPDScheduler"].execute(model, params, 1.0, True).result
+            with network_calls(model) as seen:
+                SamplerCustom.execute(model, True, 0, 1.0, pos, pos, sampler, sigmas, latent("eps", 1))
+            assert len(seen) == calls and [b for b, _ in seen[:2]] == [1, 2], seen
+
+
+def test_samplerlms_at_its_default_order_is_lms():
+    """SamplerLMS(order 4) is KSamplerSelect's lms (the same options as the function's defaults): accepted, the same
+    run; another order changes the update the plugin mirrors: refused, naming it."""
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import SamplerCustom, SamplerLMS
+
+    params = epd_core.load_params(official_path("sd15-best.pkl"))
+    model, cond = N["EPDAnalyticModel"].execute("sd15_eps", "reference", 0.0).result
+    (sigmas,) = N["EPDScheduler"].execute(model, params, 1.0, True).result
+    lat = {"samples": torch.zeros(2, 4, 8, 8)}
+    outs = []
+    for base in (SamplerLMS.execute(4).result[0], comfy.samplers.sampler_object("lms")):
+        sampler, _ = N["EPDPlugin"].execute(base, params, "batched", "estimate").result
+        outs.append(SamplerCustom.execute(model, True, 3, 1.0, cond, cond, sampler, sigmas, lat).result[0]["samples"])
+    assert torch.equal(*outs)
+    with pytest.raises(ValueError, match=r"default options only .*got \{'order': 3\}"):
+        N["EPDPlugin"].execute(SamplerLMS.execute(3).result[0], params, "batched", "estimate")
 
 
 @pytest.mark.parametrize("base", ["euler", "dpmpp_2m"])

@@ -299,6 +299,7 @@ def test_tables_that_load_must_make_a_grid_and_keep_their_metadata_writable(tmp_
         "range": ({"schedule_type": "logsnr", "sigma_min": 1e-300, "sigma_max": 1e300}, "own time grid"),
         "source": ({"provenance": {"source_file": 5}}, "provenance source_file must be text"),
         "entry": ({"provenance": {"catalogue_entry": ["x"]}}, "provenance catalogue_entry must be text"),
+        "base": ({"provenance": {"plugin_base": "ddim"}}, "provenance plugin_base 'ddim' is not a base EPD Plugin"),
         "deep": ({"provenance": {"notes": deep}}, "metadata nested deeper than"),
     }
     for name, (hyper, why) in cases.items():
