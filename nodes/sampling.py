@@ -156,7 +156,8 @@ def check_grid(params: EPDParams, model_sampling, sigmas: torch.Tensor, mu: floa
         if 1 <= n <= grid.shape[0] and torch.allclose(positive.double(), grid[-n:].float().double(), rtol=1e-5, atol=0):
             return
     grid = grids[0]
-    got = f"{sigmas.shape[0]} sigmas" + (f" from {float(sigmas[0]):.4g} to {float(sigmas[-1]):.4g}" if n else "")
+    zero = " + a final 0" if n < sigmas.shape[0] else ""
+    got = f"{n} time points{zero}" + (f" from {float(sigmas[0]):.4g} to {float(positive[-1]):.4g}" if n else "")
     raise ValueError(
         f"the sigmas are not this EPD table's grid: got {got}, but the table's grid for this model has "
         f"{grid.shape[0]} time points from {float(grid[0]):.4g} to {float(grid[-1]):.4g} (a denoise < 1 keeps its last "

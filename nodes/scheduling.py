@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from ..epd_core import EPDParams, make_schedule
-from .sampling import check_compatible, is_discrete_model, is_flow_model, is_flux_shift
+from .sampling import _table_model, check_compatible, is_discrete_model, is_flow_model, is_flux_shift
 
 
 def model_schedule(params: EPDParams, model_sampling, mu: float | None = None) -> torch.Tensor:
@@ -30,7 +30,11 @@ def model_schedule(params: EPDParams, model_sampling, mu: float | None = None) -
         return make_schedule(params, shift=shift)
     if params.schedule_type == "discrete" or params.backend == "ldm":
         if not is_discrete_model(model_sampling):
-            raise ValueError("a discrete-schedule EPD table needs a discrete-time model (SD1.5, SDXL, ...)")
+            raise ValueError(
+                f"this EPD table was made for {_table_model(params)}, a discrete-time model (SD1.5, SDXL, ...): its "
+                "grid is that model's timesteps, which this continuous-time model does not have. Use a table made "
+                "for this model (an EDM table, or one from EPD Distill)"
+            )
         sig = model_sampling.sigmas.detach().to("cpu", torch.float64)
         return make_schedule(params, alphas_cumprod=1.0 / (1.0 + sig**2))
     return make_schedule(params)

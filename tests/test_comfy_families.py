@@ -253,6 +253,23 @@ def test_a_pixel_space_edm_table_on_a_latent_model_is_an_error_that_says_what_it
     edm, _ = _analytic("edm_ve")
     (sigmas,) = N["EPDScheduler"].execute(edm, params, 1.0, False).result
     assert float(sigmas[0]) == pytest.approx(80.0, rel=1e-4)
+    sd15 = epd_core.load_params(official_path("sd15-best.pkl"))  # the reverse: named, with what to do
+    with pytest.raises(ValueError, match=r"made for .*sd15-best.pkl, a discrete-time model .* Use a table made for"):
+        N["EPDScheduler"].execute(edm, sd15, 1.0, False)
+
+
+def test_a_grid_mismatch_counts_time_points_on_both_sides():
+    """BasicScheduler at the table's step count: its sigmas end in 0, the table's grid does not; the message counted
+    the 0 on one side only and showed two equal numbers."""
+    from comfy_extras.nodes_custom_sampler import BasicScheduler
+
+    params = epd_core.load_params(official_path("sd15-best.pkl"))
+    model, _ = _analytic("sd15_eps")
+    (sigmas,) = BasicScheduler.execute(model, "karras", params.num_steps - 1, 1.0).result
+    sampling = H.pack_module("nodes.sampling")
+    with pytest.raises(ValueError, match="got 10 time points \\+ a final 0 from 14.61 to 0.02917, but the table's "
+                       "grid for this model has 11 time points"):  # fmt: skip
+        sampling.check_grid(params, model.get_model_object("model_sampling"), sigmas, None)
 
 
 def test_the_loader_info_says_which_model_a_table_was_made_for():
