@@ -535,7 +535,7 @@ def rdpo(
     :func:`epd_core.distill.distill` (the key: e.g. the reward's prompt or model file, or the reference's teacher,
     which the run cannot see; the answers: e.g. the reward's scores of fixed latents).
     """
-    if config is not None and not isinstance(config, RDPOConfig):
+    if config is not None and type(config).__name__ != RDPOConfig.__name__:  # by name: ComfyUI loads its own copy
         raise TypeError(f"rdpo: config must be an RDPOConfig, got {type(config).__name__} (a reward goes as reward=)")
     config = config or RDPOConfig()
     denoiser = interruptible(denoiser, check_interrupt)

@@ -607,3 +607,19 @@ def test_training_takes_an_empty_latent_of_another_format_and_whole_sets_of_both
     assert params.metadata["rdpo"]["groups"] == 6 and "(groups 2 -> 6: a multiple of 6)" in info
     assert "3 positive and 2 negative prompts, which repeat together every 6" in info
     assert params.metadata["rdpo"]["kl_to_start"] >= 0
+
+
+def test_rdpo_takes_a_config_made_from_the_repositorys_own_core():
+    """A script that imports ``epd_core`` (as the README's examples do) while ComfyUI has loaded the pack's own copy:
+    the config was refused as 'config must be an RDPOConfig, got RDPOConfig'."""
+    import epd_core.config as top
+
+    pack_rdpo = H.pack_module("epd_core.rdpo")
+    assert pack_rdpo.RDPOConfig is not top.RDPOConfig
+    start = H.pack_module("epd_core.params").EPDParams.start(3, 2)
+    config = top.RDPOConfig(iterations=1, groups=1, k=2, minibatch=2)
+    out = pack_rdpo.rdpo(
+        lambda x, s: 0 * x, start, (1, 2, 2), config, reward=lambda x, c: -x.flatten(1).square().mean(1)
+    )
+    params, curve = out
+    assert params.num_steps == start.num_steps and len(curve) == 1
