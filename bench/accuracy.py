@@ -226,22 +226,17 @@ def bench_model(form: str, mixture: str, samplers, schedulers, nfes, n: int, log
                     continue
                 rows.append({**base, "sampler": sampler, "scheduler": scheduler, "nfe": c.rounds,
                              "evaluations": c.evals, **metrics(gm, out, exact)})  # fmt: skip
-    tables = [(path.stem, load_params(path)) for path in epd_tables(form, mixture)] + start_tables(form, nfes)
-    for stem, params in tables:
+    # the tables of the NFEs run; a table distilled for EPD Plugin is bench.plugin's (on its own noises)
+    tables = [(path.stem, params) for path in epd_tables(form, mixture)
+              if (params := load_params(path)).nfe in nfes and "plugin_base" not in params.metadata]  # fmt: skip
+    for stem, params in tables + start_tables(form, nfes):
         for final, final_step, label in TABLE_ENDINGS:
             sigmas = nodes["EPDScheduler"].execute(model, params, 1.0, final).result[0]
             name = "epd_start" if stem.startswith("start-") else "epd"
-            contenders = [(name, nodes["EPDSampler"].execute(params, PARALLEL, True, "comfyui", final_step).result[0])]
-            base_name = params.metadata.get("plugin_base")
-            if base_name:  # a plugin table runs over the base it was distilled for
-                if final_step == "estimate":
-                    continue
-                plugin = nodes["EPDPlugin"].execute(comfy.samplers.sampler_object(base_name), params, PARALLEL)
-                contenders = [(f"epd_plugin_{base_name}", plugin.result[0])]
-            for name, sampler in contenders:
-                out, c = run(model, sampler, sigmas, noise)
-                rows.append({**base, "sampler": name, "scheduler": f"table:{stem}{label}", "nfe": c.rounds,
-                             "evaluations": c.evals, **metrics(gm, out, exact)})  # fmt: skip
+            sampler = nodes["EPDSampler"].execute(params, PARALLEL, True, "comfyui", final_step).result[0]
+            out, c = run(model, sampler, sigmas, noise)
+            rows.append({**base, "sampler": name, "scheduler": f"table:{stem}{label}", "nfe": c.rounds,
+                         "evaluations": c.evals, **metrics(gm, out, exact)})  # fmt: skip
     log(f"{form}/{mixture}: {len(rows)} runs, answer-key gap {key_gap:.1e}")
     return rows
 
@@ -260,9 +255,22 @@ def case_key(row: dict) -> tuple:
     return row["model"], row["mixture"], row["nfe"]
 
 
-def field_key(row: dict) -> tuple:
-    """A record's case in the field, apart from EPD Plugin's records of that case (``bench.plugin``'s)."""
-    return *case_key(row), row["sampler"].startswith("epd_plugin")
+def run_key(row: dict) -> tuple:
+    """One run of a case: (model, mixture, NFE, sampler, scheduler)."""
+    return row["model"], row.get("mixture"), row["nfe"], row["sampler"], row.get("scheduler")
+
+
+def merge_runs(rows: list[dict], old: list[dict]) -> list[dict]:
+    """``rows`` in place of ``old``'s records of the cases they re-ran (a model, mixture and NFE with a built-in row
+    among ``rows``: its whole field) and of the same runs elsewhere (a table ended by a model call lands at NFE + 1);
+    other cases and EPD Plugin's records (``bench.plugin``'s, on their own noises) stay. A run restricted to some NFEs
+    (``--nfes``, ``--kinds``) dropped the case's other NFEs, whose tables had run too."""
+    cases = {run_key(r)[:3] for r in rows if not r["sampler"].startswith("epd")}
+    runs = {run_key(r) for r in rows}
+    redone = [
+        run_key(r) in runs or (run_key(r)[:3] in cases and not r["sampler"].startswith("epd_plugin")) for r in old
+    ]
+    return [r for r, gone in zip(old, redone, strict=True) if not gone] + rows
 
 
 def merge_cases(rows: list[dict], path: Path, key=case_key) -> list[dict]:
@@ -391,15 +399,13 @@ def plot(rows: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=90)
 
 
-def rewrite_summary(out: Path) -> str:
-    """Re-create the Markdown table and plot from an existing accuracy.json."""
-    rows = json.loads((out / "accuracy.json").read_text())
+def summary_files(rows: list[dict]) -> dict[str, str]:
+    """The text files rendered from ``accuracy.json``'s rows, by name: the best of each case, the summary and the
+    distillation view (every writer of accuracy.json, bench.neural and bench.plugin included, goes through
+    ``bench.report``, which writes them and checks them)."""
     table, summary = summarize(rows)
-    (out / "accuracy.md").write_text(table)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    (out / "distillation.md").write_text(distillation_view(rows))
-    plot(rows, out / "accuracy.png")
-    return table
+    return {"accuracy.md": table, "summary.json": json.dumps(summary, indent=1), "distillation.md":
+            distillation_view(rows)}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -444,12 +450,12 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for job in jobs for r in _bench_job(*job)]
     args.out.mkdir(parents=True, exist_ok=True)
     # the cases run replace their records; other cases, the MNIST rows (bench.neural) and EPD Plugin's stay
-    rows = merge_cases(rows, args.out / "accuracy.json", key=field_key)
+    path = args.out / "accuracy.json"
+    rows = merge_runs(rows, json.loads(path.read_text()) if path.exists() else [])
     (args.out / "accuracy.json").write_text(json.dumps(rows, indent=1))
-    table, summary = summarize(rows)
-    (args.out / "accuracy.md").write_text(table)
-    (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
-    (args.out / "distillation.md").write_text(distillation_view(rows))
+    for name, text in summary_files(rows).items():
+        (args.out / name).write_text(text)
+    table = (args.out / "accuracy.md").read_text()
     try:
         plot(rows, args.out / "accuracy.png")
     except ImportError:

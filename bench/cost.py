@@ -1,9 +1,11 @@
 """Cost benchmark on the CPU: wall time per image against euler at equal NFE, solver overhead, batched-call memory.
 
-* time: a tiny real SD1.5-architecture UNet (random weights) through ComfyUI's sampling path, 64x64 latents,
-  EPD (K = 2) against euler and dpmpp_2m at the same NFE; median of several repetitions, as a ratio to euler;
-* overhead: the solver's own time per step with a near-free denoiser (``x -> 0.9 x``), core only;
-* memory: ComfyUI's own estimate for one model call of the batched K points against a single point.
+* time: a tiny real SD1.5-architecture UNet (random weights) through ComfyUI's sampling path, one 4x8x8 latent,
+  the bundled analytic NFE-10 EPD table (K = 3) against euler and dpmpp_2m at the same NFE; median of several
+  repetitions, as a ratio to euler;
+* overhead: the solver's own time per step with a near-free denoiser (``x -> 0.9 x``) on a 4x64x64 latent, core only;
+* memory: ComfyUI's own estimate for one model call of two batched points against a single point, at 4x64x64 (a
+  512x512 image).
 
     python -m bench.cost [--reps 7]   -> bench/results/cost.json and cost.md     (from the repository root)
 """

@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from bench.accuracy import DETERMINISTIC, PARALLEL, RESULTS, TWO_CALLS, builtin_sigmas, builtin_steps
+from bench.accuracy import DETERMINISTIC, PARALLEL, RESULTS, TWO_CALLS, builtin_sigmas, builtin_steps, merge_runs
 from epd_core import load_params
 from epd_core.files import write_atomic
 from epd_dev import ROOT, comfy_harness, mnist_data, mnist_metrics
@@ -496,8 +496,10 @@ def _ci(value: float, ci, digits: int = 4) -> str:
 def record(rows: list[dict], out: Path, merge: bool = True) -> str:
     """Write a run's rows to ``out``'s ``neural.json``, its summary to ``neural.md`` and ``neural_summary.json``,
     and (``merge``) its rows into ``accuracy.json``; returns the summary table."""
+    path = out / "neural.json"
+    rows = merge_runs(rows, json.loads(path.read_text()) if path.exists() else [])  # a --kinds/--nfes run: its own
     table, summary = summarize(rows, load_paired(out))
-    (out / "neural.json").write_text(json.dumps(rows, indent=1))
+    path.write_text(json.dumps(rows, indent=1))
     (out / "neural.md").write_text(table)
     (out / "neural_summary.json").write_text(json.dumps(summary, indent=1))
     if merge:
@@ -506,12 +508,10 @@ def record(rows: list[dict], out: Path, merge: bool = True) -> str:
 
 
 def merge_into_accuracy(rows: list[dict], path: Path) -> None:
-    """Replace the MNIST models' rows of ``accuracy.json`` by ``rows``; other models' rows and the plugin's rows
-    (``epd_plugin_*``, which :mod:`bench.plugin` records) stay."""
-    models = {r["model"] for r in rows}
+    """Replace the records of ``accuracy.json`` that ``rows`` re-ran (:func:`bench.accuracy.merge_runs`); other
+    models' and NFEs' rows and the plugin's rows (``epd_plugin_*``, which :mod:`bench.plugin` records) stay."""
     old = json.loads(path.read_text()) if path.exists() else []
-    kept = [r for r in old if r["model"] not in models or r["sampler"].startswith("epd_plugin_")]
-    path.write_text(json.dumps(kept + rows, indent=1))
+    path.write_text(json.dumps(merge_runs(rows, old), indent=1))
 
 
 def main(argv: list[str] | None = None) -> int:

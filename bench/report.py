@@ -1,7 +1,8 @@
 """The benchmark headline: the README's tables, rendered from the records in ``bench/results``.
 
-    python -m bench.report                 # headline.md, accuracy.png, and the README's blocks between the markers
-    python -m bench.report --check         # exit 1 when the README's blocks are not what the records say (CI)
+    python -m bench.report          # the README's blocks between the markers, headline.md, accuracy.png and the
+                                    # summaries of accuracy.json (accuracy.md, summary.json, distillation.md)
+    python -m bench.report --check  # exit 1 when the README's blocks or those files are not what the records say
 
 Three tables, each from one benchmark's records: the analytic mixtures at many noises (``carry.json``, written by
 ``python -m bench.carry``), the MNIST models (``neural.json``, ``python -m bench.neural``) and the whole field at
@@ -18,7 +19,8 @@ import sys
 from pathlib import Path
 
 from bench import neural
-from bench.accuracy import RESULTS, plot
+from bench.accuracy import RESULTS, plot, summary_files
+from epd_core import load_params
 from epd_dev import ROOT
 
 README = ROOT / "README.md"
@@ -136,7 +138,7 @@ def field_table(rows: list[dict]) -> str:
             row = [model, mixture, *(_ratio(cells[model, mixture, n]) if (model, mixture, n) in cells else ""
                                      for n in nfes)]  # fmt: skip
             lines.append("| " + " | ".join(row) + " |")
-    students = sorted({"carry" if "-carry" in r["scheduler"] else "epd" for r in epd})
+    students = sorted({_student(r) for r in epd})
     by_count: dict[int, set[str]] = {}
     for r in epd:
         by_count.setdefault(r["samples"], set()).add(r["model"])
@@ -145,6 +147,16 @@ def field_table(rows: list[dict]) -> str:
              f"scheduler against the tables in `weights/demo` when it ran, students: {', '.join(students)}; ratio "
              "of RMSEs, best built-in / best EPD table, at equal NFE; the plot below draws it):")  # fmt: skip
     return f"{intro}\n\n" + "\n".join(lines) + "\n"
+
+
+def _student(row: dict) -> str:
+    """The student of an EPD row's table: recorded, else the bundled table's own (the MNIST K = 4 tables are carry
+    tables without '-carry' in their names), else guessed from the name."""
+    if row.get("student"):
+        return row["student"]
+    stem = row["scheduler"].removeprefix("table:").split("+")[0]
+    path = ROOT / "weights" / "demo" / f"{stem}.safetensors"
+    return load_params(path).student if path.exists() else "carry" if "-carry" in stem else "epd"
 
 
 def headline(results: Path) -> str:
@@ -206,6 +218,14 @@ def render(text: str, results: Path) -> tuple[str, str]:
     return text, block
 
 
+def derived_files(results: Path) -> dict[str, str]:
+    """The text files rendered from the records, by name (``headline.md`` and :func:`summary_files`)."""
+    files = {"headline.md": headline(results)}
+    if (results / "accuracy.json").exists():
+        files.update(summary_files(json.loads((results / "accuracy.json").read_text())))
+    return files
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--results", type=Path, default=RESULTS)
@@ -214,12 +234,20 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     text = args.readme.read_text()
     updated, block = render(text, args.results)
+    files = derived_files(args.results)
     if args.check:
-        if updated != text:
-            print(f"{args.readme} is out of date with {args.results}: run python -m bench.report", file=sys.stderr)
+        if PLUGIN_BEGIN in text and not (args.results / "plugin.json").exists():  # the block would go unchecked
+            print(f"the README has the plugin block but {args.results / 'plugin.json'} is missing", file=sys.stderr)
+            return 1
+        stale = [name for name, content in files.items()
+                 if not (args.results / name).exists() or (args.results / name).read_text() != content]  # fmt: skip
+        if updated != text or stale:
+            print(f"{args.readme} or {', '.join(stale) or 'nothing else'} out of date with {args.results}: run "
+                  "python -m bench.report", file=sys.stderr)  # fmt: skip
             return 1
         return 0
-    (args.results / "headline.md").write_text(block)
+    for name, content in files.items():
+        (args.results / name).write_text(content)
     if (args.results / "accuracy.json").exists():
         plot(json.loads((args.results / "accuracy.json").read_text()), args.results / "accuracy.png")
     args.readme.write_text(updated)

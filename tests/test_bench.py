@@ -73,19 +73,24 @@ def test_plot_and_summary_compare_only_rows_on_the_same_noises():
     assert case["epd"]["sampler"] == "epd" and case["ratio"] == pytest.approx(0.01 / 0.0033)
 
 
-def test_rerunning_one_case_keeps_every_other_record(tmp_path):
+def test_rerunning_one_case_keeps_every_other_record():
     """``bench.accuracy --forms ... --nfes 5`` rewrote accuracy.json with its own rows only, dropping the other
-    models', the MNIST rows and EPD Plugin's."""
-    from bench.accuracy import field_key, merge_cases
+    models', the MNIST rows and EPD Plugin's; then a run of one NFE dropped the case's other NFEs, its tables' rows
+    at NFE + 1 (ended by a model call) counting as re-runs of those cases; ``bench.neural --kinds eps`` dropped
+    every other row of neural.json."""
+    from bench.accuracy import merge_runs
 
-    old = [{"model": m, "mixture": x, "nfe": n, "sampler": s, "rmse": 1.0} for m, x, n, s in
-           [("a", "wide", 5, "euler"), ("a", "wide", 5, "epd_plugin_euler"), ("a", "wide", 10, "euler"),
-            ("b", "wide", 5, "euler"), ("mnist-eps", "mnist", 5, "deis")]]  # fmt: skip
-    path = tmp_path / "accuracy.json"
-    path.write_text(json.dumps(old))
-    new = [{"model": "a", "mixture": "wide", "nfe": 5, "sampler": "euler", "rmse": 0.5}]
-    merged = merge_cases(new, path, key=field_key)
-    assert len(merged) == 5 and new[0] in merged and old[0] not in merged and all(r in merged for r in old[1:])
+    def row(model, nfe, sampler, scheduler="karras", rmse=1.0):
+        return {"model": model, "mixture": "wide", "nfe": nfe, "sampler": sampler, "scheduler": scheduler,
+                "rmse": rmse}  # fmt: skip
+
+    old = [row("a", 5, "euler"), row("a", 5, "epd_plugin_euler"), row("a", 5, "epd", "table:t5"),
+           row("a", 6, "epd", "table:t5+1"), row("a", 6, "epd", "table:other"), row("a", 6, "euler"),
+           row("a", 10, "euler"), row("b", 5, "euler"), row("mnist-eps", 5, "deis")]  # fmt: skip
+    new = [row("a", 5, "euler", rmse=0.5), row("a", 5, "epd", "table:t5", 0.4), row("a", 6, "epd", "table:t5+1", 0.3)]
+    merged = merge_runs(new, old)
+    kept = [old[1], old[4], old[5], old[6], old[7], old[8]]
+    assert sorted(merged, key=json.dumps) == sorted(kept + new, key=json.dumps)
 
 
 def test_every_deterministic_sampler_gets_the_nfe_it_is_run_at():
@@ -222,6 +227,23 @@ def test_quick_neural_benchmark(quick, tmp_path):
     rerun = json.loads((again / "neural.json").read_text())
     assert [r for r in rerun if r["sampler"] != "epd"] == [r for r in rows if r["sampler"] != "epd"]
     assert [r["rmse"] for r in rerun if r["sampler"] == "epd"] == [r["rmse"] for r in epd]
+
+
+def test_a_neural_run_of_one_kind_keeps_the_others_records(quick, tmp_path):
+    """``bench.neural --kinds eps`` (or a one-kind GPU shard through bench.gpu_merge) wrote neural.json with its own
+    rows only: the flow model's records were gone, and from accuracy.json every other NFE of the model."""
+    from bench import neural
+
+    rows = json.loads((quick / "neural.json").read_text())
+    flow = [{**r, "model": "mnist-flow"} for r in rows]
+    tens = [{**r, "nfe": r["nfe"] + 5} for r in rows]  # another NFE of the same model
+    (tmp_path / "neural.json").write_text(json.dumps(flow + tens))
+    (tmp_path / "accuracy.json").write_text(json.dumps(flow + tens))
+    neural.record(rows, tmp_path)
+    for name in ("neural.json", "accuracy.json"):
+        merged = json.loads((tmp_path / name).read_text())
+        assert sorted(merged, key=json.dumps) == sorted(flow + tens + rows, key=json.dumps), name
+    assert "| mnist-flow |" in (tmp_path / "neural.md").read_text()
 
 
 def test_pair_gives_the_ratio_a_paired_interval_from_a_re_run_of_both_contenders(quick, tmp_path):
@@ -552,6 +574,26 @@ def test_readme_headline_matches_the_committed_records():
     from bench import report
 
     assert report.main(["--check"]) == 0
+
+
+def test_report_check_fails_on_stale_summaries_and_a_missing_plugin_record(tmp_path):
+    """bench.neural and bench.plugin add rows to accuracy.json, and only bench.accuracy rewrote its summaries: they
+    lacked the MNIST rows while --check passed; it also passed without plugin.json (its README block unchecked)."""
+    import shutil
+
+    from bench import report
+
+    results, readme = tmp_path / "results", tmp_path / "README.md"
+    shutil.copytree(report.RESULTS, results)
+    shutil.copyfile(report.README, readme)
+    check = ["--check", "--results", str(results), "--readme", str(readme)]
+    assert report.main(check) == 0
+    summary = (results / "accuracy.md").read_text()
+    (results / "accuracy.md").write_text("\n".join(line for line in summary.split("\n") if "mnist" not in line))
+    assert report.main(check) == 1
+    assert report.main(check[1:]) == 0 and (results / "accuracy.md").read_text() == summary  # rewritten
+    (results / "plugin.json").unlink()
+    assert report.main(check) == 1
 
 
 def test_neural_scorer_predicts_as_the_classifier():
