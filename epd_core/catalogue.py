@@ -104,7 +104,7 @@ def load_catalogue(path: str | os.PathLike) -> dict[str, CatalogueEntry]:
             _LOADED[key] = {e.name: e for e in entries}
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise EPDFileError(path, f"cannot read the catalogue: {exc}") from None
-    return _LOADED[key]
+    return dict(_LOADED[key])  # a copy: a caller's change never reaches the next caller (the loader node)
 
 
 def find_entry(name: str, catalogue: dict[str, CatalogueEntry]) -> CatalogueEntry:

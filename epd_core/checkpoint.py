@@ -10,6 +10,7 @@ configuration and, where the caller gives one, of the same model (its answer to 
 
 from __future__ import annotations
 
+import functools
 import glob
 import hashlib
 import json
@@ -125,6 +126,18 @@ def save_checkpoint(path: str | os.PathLike, state: RunState, config: dict[str, 
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(st_save(tensors, metadata=meta), path, overwrite=True)
     return path
+
+
+def with_gradients(train: Callable) -> Callable:
+    """``train`` (a training run) with autograd on in any caller's mode: under ``torch.no_grad()`` or inference mode
+    (how scripts and ComfyUI call models) it failed in its first backward pass."""
+
+    @functools.wraps(train)
+    def run(*args, **kwargs):
+        with torch.inference_mode(False), torch.enable_grad():
+            return train(*args, **kwargs)
+
+    return run
 
 
 def remove_leftovers(path: str | os.PathLike) -> None:

@@ -23,10 +23,10 @@ import torch
 import torch.utils.checkpoint
 
 from .bases import Base, placement
-from .checkpoint import RunState, interruptible, run_checkpointer
+from .checkpoint import RunState, interruptible, run_checkpointer, with_gradients
 from .config import DistillConfig, offset_seed
 from .params import TABLE_NAMES, EPDParams, decode
-from .schedules import make_schedule
+from .schedules import make_schedule, training_grid
 from .selection import DIVERGED, HeldOutCheck, check_iterations
 from .solver import Denoiser, epd_step, evaluate_points, sample
 from .starts import held_out_noises
@@ -303,6 +303,7 @@ def _teacher_targets(denoiser: Denoiser, x: torch.Tensor, fine: torch.Tensor, co
     return targets
 
 
+@with_gradients
 def distill(
     denoiser: Denoiser,
     start: EPDParams,
@@ -344,11 +345,7 @@ def distill(
         raise ValueError("a carry table places its points along its own carried direction; plugin_base needs an "
                          "epd start table")  # fmt: skip
     denoiser = interruptible(denoiser, check_interrupt)
-    # A copy, so that a grid made under inference mode (ComfyUI's) can be saved for backward.
-    base_grid = make_schedule(start) if grid is None else torch.as_tensor(grid, dtype=torch.float64).clone()
-    base_grid = base_grid.to(device)
-    if base_grid.shape[0] != start.num_steps:
-        raise ValueError(f"the grid has {base_grid.shape[0]} points; the table has {start.num_steps}")
+    base_grid = training_grid(start, grid).to(device)
     fine_fixed = _fixed_teacher_grid(start, base_grid, config) if grid is None else None
     if config.afs_mean and start.afs and start.afs_mean is None:
         start = start.replace(afs_mean=first_step_mean(denoiser, start, shape, base_grid[0], config, dtype, device))

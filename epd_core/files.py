@@ -51,6 +51,9 @@ class EPDFileError(ValueError):
         self.problem = problem
         super().__init__(f"{self.path}: {problem}")
 
+    def __reduce__(self):  # picklable, as a worker process's error must be
+        return type(self), (self.path, self.problem)
+
 
 def _read_bounded(path: Path) -> bytes:
     if not path.exists():
@@ -151,6 +154,16 @@ _MAX_JSON_ITEMS = 1 << 16  # counting every reference to a shared list (a pickle
 _TEXT_PROVENANCE = ("source_file", "source_sha256", "catalogue_entry", "model", "command", "plugin_base")
 
 
+def check_provenance(provenance: dict) -> None:
+    """A ``ValueError`` for provenance a table file must not carry (loading refuses it, so saving does too)."""
+    bad = [k for k in _TEXT_PROVENANCE if k in provenance and not isinstance(provenance[k], str)]
+    if bad:
+        raise ValueError(f"provenance {', '.join(bad)} must be text")
+    if provenance.get("plugin_base") and provenance["plugin_base"] not in BASES:
+        raise ValueError(f"provenance plugin_base {shown(provenance['plugin_base'])} is not a base EPD Plugin "
+                         f"places points by ({', '.join(BASES)})")  # fmt: skip
+
+
 def _jsonable(value: Any) -> Any:
     """The JSON-representable parts of metadata (the authors' extra hyper-parameters, a table's provenance), other
     values as their type's name; a ``ValueError`` past :data:`_MAX_JSON_DEPTH` levels or :data:`_MAX_JSON_ITEMS`
@@ -220,12 +233,7 @@ def _load_own(path: Path, data: bytes) -> EPDParams:
         if not isinstance(hyper, dict) or not isinstance(provenance, dict):
             raise ValueError("hyper and provenance metadata must be JSON objects")
         _jsonable(provenance)  # what saving it again needs
-        bad = [k for k in _TEXT_PROVENANCE if k in provenance and not isinstance(provenance[k], str)]
-        if bad:
-            raise ValueError(f"provenance {', '.join(bad)} must be text")
-        if provenance.get("plugin_base") and provenance["plugin_base"] not in BASES:
-            raise ValueError(f"provenance plugin_base {shown(provenance['plugin_base'])} is not a base EPD Plugin "
-                             f"places points by ({', '.join(BASES)})")  # fmt: skip
+        check_provenance(provenance)
         shapes = {k: v.get("shape", ()) for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)}
         if not all(isinstance(v, list) and all(isinstance(n, int) for n in v) for v in shapes.values()):
             raise ValueError("tensor shapes must be lists of integers")
@@ -313,6 +321,7 @@ def save_params(params: EPDParams, path: str | os.PathLike, *, overwrite: bool =
     provenance = dict(params.metadata)
     provenance.setdefault("created_by", f"epd_core {__version__}")
     try:
+        check_provenance(provenance)
         meta = {
             "epd_format": FORMAT_VERSION,
             "hyper": json.dumps(params.hyper(), sort_keys=True),

@@ -17,6 +17,7 @@ With ``fcn`` the last step's ``scale_dir`` is forced to 1.
 from __future__ import annotations
 
 import math
+import numbers
 import reprlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
@@ -168,8 +169,9 @@ class EPDParams:
 
         for name in ("num_steps", "num_points", "max_order"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral):  # numpy's integers too
                 fail(name, f"must be an integer, got {shown(value)}")
+            object.__setattr__(self, name, int(value))
         _check_counts(self.num_steps, self.num_points)
         if not 1 <= self.max_order <= 4:
             fail("max_order", f"must be in 1..4, got {self.max_order}")
@@ -197,7 +199,7 @@ class EPDParams:
             object.__setattr__(self, name, value.detach().to("cpu").clone())
         for name in ("schedule_rho", "scale_dir", "scale_time"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 fail(name, f"must be a finite number, got {shown(value)}")
             object.__setattr__(self, name, float(value))
         if self.schedule_rho <= 0:
@@ -209,7 +211,7 @@ class EPDParams:
             value = getattr(self, name)
             if value is None:
                 continue
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
                 fail(name, f"must be a finite number or None, got {shown(value)}")
             object.__setattr__(self, name, float(value))
         for name in ("sigma_min", "sigma_max", "flowmatch_shift"):

@@ -37,10 +37,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import RunState, interruptible, run_checkpointer
+from .checkpoint import RunState, interruptible, run_checkpointer, with_gradients
 from .config import RDPOConfig
 from .params import Decoded, EPDParams
-from .schedules import make_schedule
+from .schedules import training_grid
 from .solver import Denoiser, sample
 
 __all__ = [
@@ -462,6 +462,11 @@ def _rollouts(denoiser: Denoiser, policy: DirichletPolicy, start: EPDParams, gri
     final = sample(denoiser, x0[context], grid, start, final="estimate", table=decoded)
     with torch.no_grad():
         score = reward(final, context) if reward is not None else fidelity_reward(reference(x0))(final, context)
+        if not isinstance(score, torch.Tensor) or score.shape != (n,) or not bool(torch.isfinite(score).any()):
+            got = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
+            name = getattr(reward, "__name__", type(reward).__name__)
+            raise ValueError(f"the reward {name} must return one finite score per rollout, a tensor of shape "
+                             f"({n},); got {got}{' all non-finite' if got == (n,) else ''}")  # fmt: skip
         return tables, score, policy.log_prob(tables)
 
 
@@ -484,6 +489,7 @@ def _ppo_epoch(policy: DirichletPolicy, opt: torch.optim.Optimizer, tables: Tabl
             opt.step()
 
 
+@with_gradients
 def rdpo(
     denoiser: Denoiser,
     start: EPDParams,
@@ -543,9 +549,7 @@ def rdpo(
         raise ValueError("pass exactly one of reward and reference")
     if prompts < 1 or config.groups % prompts:
         raise ValueError(f"groups ({config.groups}) must be a multiple of the number of prompts ({prompts})")
-    grid = (make_schedule(start) if grid is None else torch.as_tensor(grid, dtype=torch.float64).clone()).to(device)
-    if grid.shape[0] != start.num_steps:
-        raise ValueError(f"the grid has {grid.shape[0]} points; the table has {start.num_steps}")
+    grid = training_grid(start, grid).to(device)
     ending = fitted_final_estimate(start) if final_estimate is None else final_estimate
     # what the rollouts and the guard sample: the grid, then (with the estimate ending) 0 on the last step's estimate
     sigmas = torch.cat([grid, grid.new_zeros(1)]) if ending else grid

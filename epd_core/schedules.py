@@ -9,7 +9,7 @@ where the grid holds ``sigma`` or ``t``. Grids are largest first and end at
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from .params import EPDParams
 
 __all__ = [
+    "training_grid",
     "SCHEDULE_TYPES",
     "sd15_alphas_cumprod",
     "DiscreteVP",
@@ -182,12 +183,18 @@ def make_schedule(
     kind = params.schedule_type
     rho = float(params.schedule_rho)
     if kind == "flowmatch":
+        if sigma_min is not None or sigma_max is not None:
+            raise ValueError(
+                "a flowmatch grid runs from sigma 1 by its shift or mu; sigma_min / sigma_max do not apply"
+            )
         if mu is None and shift is None:
             mu, shift = params.flowmatch_mu, params.flowmatch_shift or 3.0
+        if not (mu is not None and math.isfinite(mu) or mu is None and shift is not None and shift > 0):
+            raise ValueError(f"a flowmatch grid needs a finite mu or a positive shift, got mu {mu}, shift {shift}")
         return flowmatch(n, shift=shift, mu=mu)
     lo, hi = default_sigma_range(params.backend, alphas_cumprod)
-    lo = params.sigma_min if sigma_min is None and params.sigma_min is not None else (sigma_min or lo)
-    hi = params.sigma_max if sigma_max is None and params.sigma_max is not None else (sigma_max or hi)
+    lo = sigma_min if sigma_min is not None else params.sigma_min if params.sigma_min is not None else lo
+    hi = sigma_max if sigma_max is not None else params.sigma_max if params.sigma_max is not None else hi
     if not 0 < lo < hi:
         raise ValueError(f"need 0 < sigma_min < sigma_max, got {lo}, {hi}")
     if kind == "polynomial":
@@ -199,3 +206,23 @@ def make_schedule(
     if kind == "discrete":
         return discrete(n, lo, hi, rho, alphas_cumprod)
     raise ValueError(f"unknown schedule_type {kind!r}; expected one of {SCHEDULE_TYPES}")
+
+
+def training_grid(params: EPDParams, grid: Any = None) -> torch.Tensor:
+    """The time points a training run walks (float64, a copy: a grid made under inference mode can be saved for
+    backward): the table's own schedule, or ``grid``, checked to be its ``num_steps`` positive, strictly decreasing
+    sigmas (a sampling grid's final 0 is not one of them)."""
+    if grid is None:
+        return make_schedule(params)
+    g = torch.as_tensor(grid, dtype=torch.float64).detach().clone()
+    n = params.num_steps
+    if g.ndim != 1:
+        raise ValueError(f"the grid must be a 1-D sequence of sigmas, got shape {tuple(g.shape)}")
+    if g.shape[0] and float(g[-1]) == 0.0:
+        raise ValueError(f"the grid ends in 0 (a sampling grid): training walks the table's {n} time points, give "
+                         "them without the final 0")  # fmt: skip
+    if g.shape[0] != n:
+        raise ValueError(f"the grid has {g.shape[0]} points; the table has {n}")
+    if not bool(torch.isfinite(g).all() and (g > 0).all() and (g[1:] < g[:-1]).all()):
+        raise ValueError("the grid's sigmas must be finite, positive and strictly decreasing")
+    return g

@@ -45,7 +45,10 @@ class HeldOutCheck:
         self, denoiser: Denoiser, start: EPDParams, grid: torch.Tensor, shape: tuple[int, ...],
         config: DistillConfig, dtype: torch.dtype,
     ) -> None:  # fmt: skip
+        if config.keep_best < 1:
+            raise ValueError("a held-out check needs keep_best >= 1 noises (0 means no check)")
         self.denoiser, self.estimate = denoiser, config.final_estimate
+        grid = grid if isinstance(grid, torch.Tensor) else torch.tensor(grid, dtype=torch.float64)
         fine = subdivide(grid.detach(), 2 * config.teacher_m + 1)
         self.noises: list[torch.Tensor] = []
         self.targets: list[torch.Tensor] = []

@@ -188,6 +188,8 @@ def grid_offset(params: EPDParams, sigmas: torch.Tensor) -> tuple[int, bool]:
     A grid of ``num_steps`` points runs the whole table; a shorter one (``denoise < 1``)
     runs the table's last steps. A trailing 0 adds one denoise-to-zero call.
     """
+    if sigmas.ndim != 1:
+        raise ValueError(f"sigmas must be a 1-D grid, got shape {tuple(sigmas.shape)}")
     n = sigmas.shape[0]
     to_zero = n >= 2 and float(sigmas[-1]) == 0.0
     points = n - 1 if to_zero else n

@@ -57,6 +57,8 @@ def start_errors(
     """
     if config.start_noises < 1:
         raise ValueError("a start check needs start_noises >= 1 (0 means no check: keep the first start)")
+    starts = {name: (params, grid if isinstance(grid, torch.Tensor) else torch.tensor(grid, dtype=torch.float64))
+              for name, (params, grid) in starts.items()}  # fmt: skip
     grids = [g for _, g in starts.values()]
     ends = grids[0][[0, -1]]
     if any(not torch.allclose(g[[0, -1]], ends) for g in grids):

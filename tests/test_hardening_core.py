@@ -444,3 +444,142 @@ def test_the_readmes_core_calls_work_as_written():
     assert epd_core.find_entry("tpami-sd15-best", epd_core.load_catalogue(ROOT / "weights" / "catalogue.json"))
     with pytest.raises(TypeError, match="a reward goes as reward="):
         rdpo(lambda x, s: x, EPDParams.start(3, 2), (1, 2, 2), lambda x, c: x.flatten(1).mean(1))
+
+
+# --- the Python API, from a review of it as a script uses it -----------------------------------------------------
+
+
+def _mixture():
+    from epd_core import GaussianMixture
+
+    g = GaussianMixture.reference()
+    return g.denoise_ve, g.shape
+
+
+def test_training_refuses_a_grid_it_cannot_walk_before_training():
+    """A sampling grid ending in 0 trained nothing (NaN losses, the start returned) or shifted rdpo's steps by one;
+    an increasing grid failed only after every iteration."""
+    from epd_core.config import DistillConfig, RDPOConfig
+    from epd_core.distill import distill
+    from epd_core.rdpo import rdpo
+
+    den, shape = _mixture()
+    start = EPDParams.start(4, 2, afs=True)
+    calls = []
+
+    def counted(x, s):
+        calls.append(1)
+        return den(x, s)
+
+    for grid, why in (([80.0, 10.0, 1.0, 0.0], "ends in 0"), ([1.0, 10.0, 20.0, 80.0], "strictly decreasing"),
+                      ([[80.0, 10.0, 1.0, 0.1]], "1-D"), ([80.0, 10.0, 1.0], "has 3 points")):  # fmt: skip
+        with pytest.raises(ValueError, match=why):
+            distill(counted, start, shape, DistillConfig(iterations=50, batch=2), grid=grid)
+        with pytest.raises(ValueError, match=why):
+            rdpo(counted, start, shape, RDPOConfig(iterations=2, groups=2, k=2), grid=grid, reference=lambda x: x)
+    assert calls == []
+
+
+def test_training_runs_the_same_under_no_grad_and_inference_mode():
+    """Scripts (and ComfyUI) call models under torch.no_grad() or inference mode: rdpo failed in its first PPO step
+    there, distill under inference mode."""
+    from epd_core.config import DistillConfig, RDPOConfig
+    from epd_core.distill import distill
+    from epd_core.rdpo import rdpo
+
+    den, shape = _mixture()
+    start = EPDParams.start(4, 2, afs=True)
+    config = RDPOConfig(iterations=2, groups=2, k=2, width=8, blocks=1)
+
+    def both():
+        return (distill(den, start, shape, DistillConfig(iterations=3, batch=2)).r_params,
+                rdpo(den, start, shape, config, reference=lambda x: 0 * x)[0].r_params)  # fmt: skip
+
+    plain = both()
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            got = both()
+        assert all(torch.equal(a, b) for a, b in zip(plain, got, strict=True)), mode
+
+
+def test_a_table_that_would_not_load_is_not_saved(tmp_path):
+    """save_params wrote metadata load_params refuses (a command as a list, an unknown plugin_base), replacing a
+    good file with the default overwrite."""
+    good = tmp_path / "t.safetensors"
+    save_params(EPDParams.start(4, 2), good)
+    before = good.read_bytes()
+    for meta, why in (({"command": ["python", "-m", "x"]}, "command must be text"),
+                      ({"plugin_base": "ddim"}, "plugin_base 'ddim'")):  # fmt: skip
+        with pytest.raises(EPDFileError, match=why):
+            save_params(EPDParams.start(4, 2, metadata=meta), good)
+    assert good.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors"]
+
+
+def test_a_file_error_crosses_process_boundaries():
+    """A worker's failed load became BrokenProcessPool, or hung multiprocessing.Pool (the error did not unpickle)."""
+    import pickle
+    from concurrent.futures import ProcessPoolExecutor
+
+    err = pickle.loads(pickle.dumps(EPDFileError("/x/t.safetensors", "file does not exist")))  # noqa: S301
+    assert (err.path, err.problem, str(err)) == ("/x/t.safetensors", "file does not exist",
+                                                 "/x/t.safetensors: file does not exist")  # fmt: skip
+    with ProcessPoolExecutor(1) as pool, pytest.raises(EPDFileError, match="file does not exist"):
+        pool.submit(load_params, "/nonexistent/t.safetensors").result(timeout=120)
+
+
+def test_schedule_overrides_are_used_or_refused():
+    """sigma_min=0 was replaced by the default; a flow grid ignored sigma_min / sigma_max; shift 0 gave NaN."""
+    from epd_core import make_schedule
+
+    edm = EPDParams.start(5, 2)
+    with pytest.raises(ValueError, match="0 < sigma_min"):
+        make_schedule(edm, sigma_min=0.0)
+    assert float(make_schedule(edm, sigma_min=0.01)[-1]) == pytest.approx(0.01)
+    flow = EPDParams.start(5, 2, schedule_type="flowmatch", schedule_rho=1.0, backend="sd3", flowmatch_shift=3.0)
+    for bad in ({"sigma_min": 0.01}, {"shift": 0.0}, {"shift": -2.0}, {"mu": float("nan")}):
+        with pytest.raises(ValueError):
+            make_schedule(flow, **bad)
+    assert torch.isfinite(make_schedule(flow, mu=1.15)).all()
+
+
+def test_rdpo_names_a_reward_that_does_not_score_each_rollout():
+    from epd_core.config import RDPOConfig
+    from epd_core.rdpo import rdpo
+
+    den, shape = _mixture()
+    config = RDPOConfig(iterations=1, groups=2, k=2, width=8, blocks=1)
+
+    def mean_only(x, context):
+        return x.flatten(1).mean()
+
+    def all_nan(x, context):
+        return torch.full((x.shape[0],), float("nan"))
+
+    for reward, got in ((mean_only, r"got \(\)"), (all_nan, r"got \(4,\) all non-finite")):
+        with pytest.raises(ValueError, match=rf"the reward {reward.__name__} must return one finite score.*{got}"):
+            rdpo(den, EPDParams.start(4, 2, afs=True), shape, config, reward=reward)
+
+
+def test_small_api_inputs_get_clear_answers():
+    """HeldOutCheck with keep_best 0 divided by zero; start_errors took no list grid; load_catalogue handed out its
+    cache; a scalar sigma was an IndexError; numpy integers were 'not an integer'."""
+    import numpy as np
+
+    from epd_core import load_catalogue, make_schedule, sample
+    from epd_core.config import DistillConfig
+    from epd_core.selection import HeldOutCheck
+    from epd_core.starts import start_errors
+
+    den, shape = _mixture()
+    start = EPDParams.start(4, 2)
+    with pytest.raises(ValueError, match="keep_best >= 1"):
+        HeldOutCheck(den, start, make_schedule(start), shape, DistillConfig(keep_best=0), torch.float64)
+    grid = make_schedule(start).tolist()
+    errors = start_errors(den, {"a": (start, grid)}, shape, DistillConfig(start_noises=4, batch=2))
+    assert errors["a"] > 0
+    path = ROOT / "weights" / "catalogue.json"
+    load_catalogue(path).clear()
+    assert len(load_catalogue(path)) > 40
+    with pytest.raises(ValueError, match="1-D grid"):
+        sample(den, torch.zeros(1, *shape), 80.0, start)
+    assert EPDParams.start(np.int64(5), np.int64(2), sigma_max=np.float32(14.6)).num_steps == 5
