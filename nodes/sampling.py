@@ -270,10 +270,15 @@ def _per_sample(tensor, batch: int):
 @contextmanager
 def conds_per_sample(guider, batch: int) -> Iterator[None]:
     """The guider's conditionings of this run repeated to the latent batch where their batch does not divide it, so
-    that a call of K*B rows gives each point's rows their own sample's conditioning, as a call of B would."""
+    that a call of K*B rows gives each point's rows their own sample's conditioning, as a call of B would; a mask of
+    more rows than the batch cut to its first B, the rows ComfyUI uses at batch B."""
     replaced = []
     for cond_list in (getattr(guider, "conds", None) or {}).values():
         for cond in cond_list or ():
+            mask = cond.get("mask") if isinstance(cond, dict) else None
+            if isinstance(mask, torch.Tensor) and mask.ndim > 0 and mask.shape[0] > batch:
+                replaced.append((cond, "mask", mask))
+                cond["mask"] = mask[:batch]
             model_conds = cond.get("model_conds") if isinstance(cond, dict) else None
             for name, value in list((model_conds or {}).items()):
                 if isinstance(value, comfy.conds.CONDConstant):  # the same for every row, never tiled

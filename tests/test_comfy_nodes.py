@@ -458,3 +458,33 @@ def test_every_input_and_output_of_the_packs_nodes_has_a_tooltip():
         missing += [f"{node_id} output {o.display_name or o.io_type}" for o in schema.outputs
                     if not getattr(o, "tooltip", None)]  # fmt: skip
     assert not missing, missing
+
+
+def test_a_mask_of_more_rows_than_the_latent_batch_uses_its_first_rows_as_comfyui_does():
+    """ConditioningSetMask with a mask batch above the latent batch: ComfyUI uses the first B rows at every call; a
+    batched call of K*B rows gave point k mask row k (another image), and a 3-row mask over 2 latents crashed."""
+    import nodes as comfy_nodes
+
+    def strong(batch, seed):
+        ((t, extra),) = conditioning(batch, seed)
+        return [[t * 40, {k: v * 40 for k, v in extra.items()}]]
+
+    def masked(pos, other, mask):
+        (m,) = comfy_nodes.ConditioningSetMask().append(other, mask, "default", 1.0)
+        return comfy_nodes.ConditioningCombine().combine(pos, m)[0]
+
+    model, params = tiny_model("eps"), _table("sd15-best.pkl")
+    two = torch.zeros(2, 64, 64)
+    two[0, :, :32], two[1, :, 32:] = 1, 1
+
+    def run(pos, neg, batch, parallel):
+        args = (model, 3, 4.0, pos, neg, latent("eps", batch), params, 1.0, parallel, True, "estimate")
+        return N["EPDKSampler"].execute(*args).result[0]["samples"]
+
+    for parallel in ("batched", "auto"):
+        full = run(masked(strong(1, 1), strong(1, 5), two), strong(1, 2), 1, parallel)
+        first = run(masked(strong(1, 1), strong(1, 5), two[:1]), strong(1, 2), 1, parallel)
+        assert torch.equal(full, first), parallel
+    three = torch.cat([two, torch.ones(1, 64, 64)])
+    pos, neg = masked(strong(2, 1), strong(2, 5), three), strong(2, 2)
+    torch.testing.assert_close(run(pos, neg, 2, "auto"), run(pos, neg, 2, "sequential"), rtol=1e-4, atol=1e-4)
