@@ -93,6 +93,8 @@ _REFUSED_TYPES = {
     "COSMOS_RFLOW": "a Cosmos rectified-flow model (FLOW_COSMOS, e.g. Cosmos Predict2)",
     "V_PREDICTION_DDPM": "a zero-terminal-SNR v-prediction model (V_PREDICTION_DDPM, e.g. CogVideoX)",
     "StableCascadeSampling": "Stable Cascade's cosine schedule (StableCascadeSampling)",
+    "ModelSamplingDiscreteDistilled": "an LCM-distilled schedule (ModelSamplingDiscrete 'lcm': 50 timesteps, for the "
+    "lcm sampler)",
 }
 SUPPORTED_MODELS = (
     "EPD supports discrete-time EPS and v-prediction models (SD1.5, SDXL, ...) with discrete tables, flow models "

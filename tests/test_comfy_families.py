@@ -104,6 +104,20 @@ def _check_model_type(type_name: str) -> None:
         scheduling.epd_sigmas(other, ms)
 
 
+def test_an_lcm_schedule_is_refused_by_name():
+    """ModelSamplingDiscrete 'lcm' (LCM LoRAs) keeps 50 timesteps and overrides ``timestep``: it passed as a
+    continuous model, refused SD1.5 tables as 'continuous-time' and took an EDM table from sigma 80 (its maximum is
+    14.6)."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+
+    scheduling = H.pack_module("nodes.scheduling")
+    (lcm,) = ModelSamplingDiscrete().patch(tiny_model("eps"), "lcm", False)
+    ms = lcm.get_model_object("model_sampling")
+    for table in ("sd15-best.pkl", TABLES["continuous"]):
+        with pytest.raises(ValueError, match="LCM-distilled schedule .*EPD supports"):
+            scheduling.epd_sigmas(epd_core.load_params(official_path(table)), ms)
+
+
 def test_noise_scale_other_than_one_is_refused_where_comfyui_applies_it():
     """HiDream-O1's flow scales its noise by 8 (newer ComfyUI); EPD's tables are for unit noise."""
     scheduling = H.pack_module("nodes.scheduling")
