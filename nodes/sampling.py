@@ -210,17 +210,24 @@ def epd_run(model, params: EPDParams, x: torch.Tensor, parallel: str, continuous
         check_compatible(params, model_sampling)
         check_grid(params, model_sampling, sigmas, resolution_mu(base, x.shape, params.num_steps - 1))
     check_context_windows(model_options, sigmas)
+    reason = sequential_reason(guider, model_options) if parallel != "sequential" else None
     if parallel == "batched":
         mode: bool | int = True
     elif parallel == "sequential":
         mode = False
-    elif reason := sequential_reason(guider, model_options):
+    elif reason:
         log.info("EPD: the K points go one by one because of %s (parallel 'batched' batches them anyway)", reason)
         mode = False
     else:
         mode = _points_per_call(guider, params, x)
     with exact_timesteps(base, continuous_time), conds_per_sample(guider, x.shape[0]):
-        yield mode, model_sampling
+        try:
+            yield mode, model_sampling
+        except RuntimeError as exc:  # e.g. APG's momentum, sized to the previous call's batch
+            if parallel != "batched" or not reason or isinstance(exc, torch.OutOfMemoryError):
+                raise
+            raise RuntimeError(f"EPD's parallel 'batched' failed under {reason}, which may depend on one call's "
+                               f"batch: {exc}. Use parallel 'auto' (the points one by one there)") from exc  # fmt: skip
 
 
 def check_compatible(params: EPDParams, model_sampling) -> None:

@@ -488,3 +488,15 @@ def test_a_mask_of_more_rows_than_the_latent_batch_uses_its_first_rows_as_comfyu
     three = torch.cat([two, torch.ones(1, 64, 64)])
     pos, neg = masked(strong(2, 1), strong(2, 5), three), strong(2, 2)
     torch.testing.assert_close(run(pos, neg, 2, "auto"), run(pos, neg, 2, "sequential"), rtol=1e-4, atol=1e-4)
+
+
+def test_batched_under_a_patch_that_keeps_state_per_call_says_what_to_do():
+    """APG with momentum keeps a running average sized to the previous call: 'batched' (which batches anyway) failed
+    with a bare torch size error; it now names the patch and 'auto', which runs."""
+    from comfy_extras.nodes_apg import APG
+
+    apg = APG.execute(tiny_model("eps"), 1.0, 5.0, -0.5).result[0]
+    args = (apg, 3, 4.0, conditioning(1, 1), conditioning(1, 2), latent("eps", 1), _table("sd15-best.pkl"), 1.0)
+    with pytest.raises(RuntimeError, match=r"parallel 'batched' failed under sampler_pre_cfg_function.*Use parallel 'auto'"):
+        N["EPDKSampler"].execute(*args, "batched", True, "estimate")
+    assert torch.isfinite(N["EPDKSampler"].execute(*args, "auto", True, "estimate").result[0]["samples"]).all()
