@@ -87,8 +87,9 @@ def _check_tensor_shapes(shapes: dict[str, Any]) -> None:
         numel = 1
         for n in shape:
             numel *= n
-        if numel > limit:
-            raise ValueError(f"tensor {name} of shape {list(shape)} exceeds the size limit of {limit} values")
+            if numel > limit or len(shape) > 8:  # stops at once (a header of 49,000 huge dimensions took 10 s)
+                raise ValueError(f"tensor {shown(name)} of shape {shown(list(shape))} exceeds the size limit of "
+                                 f"{limit} values")  # fmt: skip
 
 
 def _backend_of(hyper: dict[str, Any]) -> str:
@@ -250,10 +251,10 @@ def _load_own(path: Path, data: bytes) -> EPDParams:
         raise EPDFileError(path, f"invalid safetensors file: {exc}") from None
     unknown = sorted(set(hyper) - _HYPER_FIELDS)
     if unknown:
-        raise EPDFileError(path, f"unknown hyper-parameters {unknown}")
+        raise EPDFileError(path, f"unknown hyper-parameters {shown(unknown)}")
     extra = sorted(set(tensors) - set(TABLE_NAMES) - set(OPTIONAL_TENSORS))
     if extra:
-        raise EPDFileError(path, f"unexpected tensors {extra}")
+        raise EPDFileError(path, f"unexpected tensors {shown(extra)}")
     missing = [name for name in TABLE_NAMES if name not in tensors]
     if missing:
         raise EPDFileError(path, f"missing tensors {missing}")

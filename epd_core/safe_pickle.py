@@ -16,6 +16,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from .params import shown
+
 __all__ = ["PickleRefused", "Global", "Opaque", "load_one"]
 
 
@@ -137,40 +139,20 @@ def _pop_mark(stack: list, marks: list) -> list:
     return items
 
 
-_MAX_KEY_DEPTH = 32  # nested tuples / frozensets in a dict key or set item
-_MAX_KEY_ITEMS = 1 << 16  # their items, counting every repeat of a shared one
-
-
-def _hashable(key: Any) -> Any:
-    """``key``, checked before ``hash(key)``: hashing a tuple recurses in C without a depth check (a deep enough
-    key kills the process) and visits a shared item once per reference (a few bytes of memo references make a
-    key of billions of items), so both are bounded first, each distinct container measured once."""
-    depth: dict[int, int] = {}
-    items: dict[int, int] = {}
-    stack: list[tuple[Any, bool]] = [(key, False)]
-    while stack:
-        item, done = stack.pop()
-        if not isinstance(item, (tuple, frozenset)):
-            continue
-        if done:
-            depth[id(item)] = 1 + max((depth.get(id(v), 0) for v in item), default=0)
-            items[id(item)] = len(item) + sum(items.get(id(v), 0) for v in item)
-            if depth[id(item)] > _MAX_KEY_DEPTH:
-                raise PickleRefused("key nested too deeply")
-            if items[id(item)] > _MAX_KEY_ITEMS:
-                raise PickleRefused("key too large")
-        elif id(item) not in depth:  # depth-first: a shared item's first visit ends before its next is popped
-            stack.append((item, True))
-            stack.extend((v, False) for v in item)
-    try:
-        hash(key)
-    except TypeError as exc:
-        raise PickleRefused(f"unhashable key of type {type(key).__name__}") from exc
+def _key(key: Any) -> str:
+    """A dict key, which in an EPD table is text: any other key could be made to hash alike (Python's integer hash is
+    not randomised) or to hash slowly (a tuple of a memoized tuple's 65,536 items, named again and again), making the
+    load quadratic in the file's size."""
+    if not isinstance(key, str):
+        raise PickleRefused(f"key of type {type(key).__name__}; an EPD table's keys are text")
     return key
 
 
 _MAX_DEPTH = 64  # nested containers in the value a pickle returns
 _MAX_EXPANDED = 1 << 20  # its size as repr, str or == walk it: every repeat of a shared item counted, text by length
+
+
+_CONTAINERS = (dict, list, tuple, set, frozenset, Opaque)
 
 
 def _children(item: Any) -> tuple | None:
@@ -194,11 +176,13 @@ def _check_expanded(value: Any) -> Any:
     stack: list[tuple[Any, bool]] = [(value, False)]
     while stack:
         item, done = stack.pop()
-        children = _children(item)
-        if children is None:
+        if not isinstance(item, _CONTAINERS):
             continue
-        if id(item) in open_ and not done:
+        if not done and id(item) in open_:
             raise PickleRefused("a value contains itself; not an EPD table")
+        if not done and id(item) in depth:  # measured already: n references to it cost n steps, not n copies
+            continue
+        children = _children(item)
         if done:
             open_.discard(id(item))
             depth[id(item)] = 1 + max((depth.get(id(v), 0) for v in children), default=0)
@@ -209,7 +193,7 @@ def _check_expanded(value: Any) -> Any:
                 raise PickleRefused(f"values nested more than {_MAX_DEPTH} deep; not an EPD table")
             if size[id(item)] > _MAX_EXPANDED:
                 raise PickleRefused("values repeated by reference past any EPD table's size; not an EPD table")
-        elif id(item) not in depth:  # depth-first: a shared item's first visit ends before its next is popped
+        else:  # depth-first: a shared item's first visit ends before its next is popped
             open_.add(id(item))
             stack.append((item, True))
             stack.extend((v, False) for v in children)
@@ -256,7 +240,7 @@ def load_one(
     def resolve(module: str, name: str) -> Global:
         full = f"{module}.{name}"
         if full not in handlers:
-            raise PickleRefused(f"forbidden global {full!r}")
+            raise PickleRefused(f"forbidden global {shown(full)}")
         return Global(full)
 
     def call(fn: Any, args: Any) -> Any:
@@ -272,7 +256,7 @@ def load_one(
         if not isinstance(target, dict):
             raise PickleRefused(f"SETITEMS on {type(target).__name__}")
         for i in range(0, len(items), 2):
-            target[_hashable(items[i])] = items[i + 1]
+            target[_key(items[i])] = items[i + 1]
 
     while True:
         op = rd.take(1)
@@ -394,16 +378,16 @@ def load_one(
         elif op == SETITEMS:
             items = _pop_mark(stack, marks)
             setitems(top(), items)
-        elif op == EMPTY_SET:
+        elif op == EMPTY_SET:  # a set's items are text, as dict keys (the authors' flux table has an empty set)
             stack.append(set())
         elif op == ADDITEMS:
             items = _pop_mark(stack, marks)
             target = top()
             if not isinstance(target, set):
                 raise PickleRefused(f"ADDITEMS on {type(target).__name__}")
-            target.update(_hashable(x) for x in items)
+            target.update(_key(x) for x in items)
         elif op == FROZENSET:
-            stack.append(frozenset(_hashable(x) for x in _pop_mark(stack, marks)))
+            stack.append(frozenset(_key(x) for x in _pop_mark(stack, marks)))
         # globals and calls
         elif op == GLOBAL:
             module = rd.line().decode("utf-8", "replace")

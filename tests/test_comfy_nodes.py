@@ -497,6 +497,8 @@ def test_batched_under_a_patch_that_keeps_state_per_call_says_what_to_do():
 
     apg = APG.execute(tiny_model("eps"), 1.0, 5.0, -0.5).result[0]
     args = (apg, 3, 4.0, conditioning(1, 1), conditioning(1, 2), latent("eps", 1), _table("sd15-best.pkl"), 1.0)
-    with pytest.raises(RuntimeError, match=r"parallel 'batched' failed under sampler_pre_cfg_function.*Use parallel 'auto'"):
+    with pytest.raises(
+        RuntimeError, match=r"parallel 'batched' failed under sampler_pre_cfg_function.*Use parallel 'auto'"
+    ):
         N["EPDKSampler"].execute(*args, "batched", True, "estimate")
     assert torch.isfinite(N["EPDKSampler"].execute(*args, "auto", True, "estimate").result[0]["samples"]).all()

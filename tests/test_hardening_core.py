@@ -583,3 +583,75 @@ def test_small_api_inputs_get_clear_answers():
     with pytest.raises(ValueError, match="1-D grid"):
         sample(den, torch.zeros(1, *shape), 80.0, start)
     assert EPDParams.start(np.int64(5), np.int64(2), sigma_max=np.float32(14.6)).num_steps == 5
+
+
+# --- crafted pickles from the third review of untrusted files (2026-12-06): each made the load quadratic -------
+
+
+def _text8(s: str) -> bytes:
+    return b"\x8c" + bytes([len(s)]) + s.encode()
+
+
+def test_references_to_one_container_are_measured_once(tmp_path, monkeypatch):
+    """A list of n references to one n-item list: the size check copied the inner list at every reference (n*n; a
+    781 KiB file held ComfyUI's queue for 65 s, deaf to Interrupt). Now each distinct container is walked once."""
+    import epd_core.safe_pickle as sp
+
+    n = 2000
+    path = tmp_path / "shared.pkl"
+    path.write_bytes(b"\x80\x04(" + b"K\x01" * n + b"l\x94" + b"0(" + b"h\x00" * n + b"l.")
+    walked = []
+    real = sp._children
+    monkeypatch.setattr(sp, "_children", lambda item: walked.append(id(item)) or real(item))
+    with pytest.raises(EPDFileError, match="shared.pkl: refused predictor pickle"):
+        load_params(path)
+    assert len(walked) <= 4  # the two lists, opened and closed once each
+
+
+@pytest.mark.parametrize(
+    "name, body, problem",
+    [  # keys Python hashes alike (its integer hash is not randomised), and a set of a shared tuple, named again
+        ("collide", b"}(" + b"".join(b"\x8a\x09" + (7 + m * (2**61 - 1)).to_bytes(9, "little") + b"N"
+                                   for m in range(1, 200)) + b"u", "key of type int; an EPD table's keys are text"),
+        ("set", b"\x8f(" + b"K\x01" * 3 + b"\x90", "key of type int"),
+        ("frozenset", b"(" + b")" * 3 + b"\x91", "key of type tuple"),
+    ],
+)  # fmt: skip
+def test_only_text_keys_and_set_items(tmp_path, name, body, problem):
+    path = tmp_path / f"{name}.pkl"
+    path.write_bytes(b"\x80\x04" + body + b".")
+    with pytest.raises(EPDFileError, match=f"{name}.pkl: refused predictor pickle: {problem}"):
+        load_params(path)
+
+
+def test_a_legacy_storage_named_again_is_decoded_once(tmp_path, monkeypatch):
+    """One 255-byte storage blob, referenced 300 times by memo: each decode was charged only its bytes (263,000 fit
+    the budget, 45 s of CPU). It is decoded once per file now."""
+    import warnings
+
+    import epd_core.authors_format as af
+
+    buffer = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.save(torch.zeros(1).storage(), buffer, _use_new_zipfile_serialization=False)
+    blob = buffer.getvalue()
+    call = _text8("torch.storage") + _text8("_load_from_bytes") + b"\x93\x94"
+    data = b"\x80\x04" + call + b"B" + struct.pack("<I", len(blob)) + blob + b"\x85\x94" + b"00"
+    data += b"h\x00h\x01R0" * 300 + b"N."
+    (path := tmp_path / "legacy.pkl").write_bytes(data)
+    decodes = []
+    real = af.load_one
+    monkeypatch.setattr(af, "load_one", lambda blob_, *a, **k: decodes.append(1) or real(blob_, *a, **k))
+    with pytest.raises(EPDFileError, match="legacy.pkl: refused predictor pickle"):
+        load_params(path)
+    assert len(decodes) <= 6  # the file's own pickle and one decode's five
+
+
+def test_long_names_in_a_file_are_quoted_short(tmp_path):
+    """A forbidden global or a tensor shape of a megabyte went whole into the error (ComfyUI's history and UI)."""
+    path = tmp_path / "long.pkl"
+    path.write_bytes(b"\x80\x04" + b"X" + struct.pack("<I", 100_000) + b"o" * 100_000 + _text8("system") + b"\x93.")
+    with pytest.raises(EPDFileError, match="forbidden global") as err:
+        load_params(path)
+    assert len(str(err.value)) < 300
