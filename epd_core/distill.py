@@ -344,6 +344,8 @@ def distill(
     if start.student == "carry" and config.plugin_base != "euler":
         raise ValueError("a carry table places its points along its own carried direction; plugin_base needs an "
                          "epd start table")  # fmt: skip
+    if start.metadata.get("plugin_base", "euler") != config.plugin_base:  # the run fits, and its checks measure, the
+        start = start.replace(metadata={k: v for k, v in start.metadata.items() if k != "plugin_base"})  # config's
     denoiser = interruptible(denoiser, check_interrupt)
     base_grid = training_grid(start, grid).to(device)
     fine_fixed = _fixed_teacher_grid(start, base_grid, config) if grid is None else None

@@ -185,9 +185,11 @@ class EPDDistill(io.ComfyNode):
         loss += "the run " + " ".join(f"{v:.3g}" for v in d["loss_curve"])
         if feature_encoder is not None:
             loss += f" (last step: {feature_encoder.name} features x {feature_weight:g})"
-        if d["batch"] != batch or d["micro_batch"] not in (config.micro_batch, 0):
-            loss += (f"; batch {d['batch']}, micro_batch {d['micro_batch']}: rounded up to a multiple of "
-                     f"{params.metadata.get('prompts', 1)} ({prompts_text(positive, negative)})")  # fmt: skip
+        rounded = [f"{name} {given} -> {d[name]}" for name, given in (("batch", batch),
+                   ("micro_batch", config.micro_batch)) if d[name] and d[name] != given]  # fmt: skip
+        if rounded:  # micro_batch 0 (the whole batch, or the authors' objective) is never a rounding
+            loss += (f"; {', '.join(rounded)}: rounded up to a multiple of {params.metadata.get('prompts', 1)} "
+                     f"({prompts_text(positive, negative)})")  # fmt: skip
         if config.micro_batch and not d["micro_batch"]:
             loss += "; micro_batch unused: the authors' objective steps on the whole batch's rollout"
         info = f"{describe(params)}; {start_report(params.metadata)}{loss}; {fit_report(d)}{heads_report(params)}; "

@@ -281,7 +281,9 @@ def test_micro_batches_through_a_comfyui_model_train_the_same_table(epd_dir):
     whole, _ = _run(model, "sd3", "whole", micro_batch=0, **run)
     parts, info = _run(model, "sd3", "parts", micro_batch=1, **run)
     assert (whole.metadata["distilled"]["micro_batch"], parts.metadata["distilled"]["micro_batch"]) == (0, 2)
-    assert "batch 4, micro_batch 2: rounded up to a multiple of 2 (" in info  # the memory setting changed
+    assert "; micro_batch 1 -> 2: rounded up to a multiple of 2 (" in info  # the memory setting changed
+    rounded = _run(model, "sd3", "whole2", micro_batch=0, **{**run, "iterations": 1, "batch": 3})[1]
+    assert "; batch 3 -> 4: rounded up to a multiple of 2 (" in rounded  # micro_batch 0 is the whole batch
     for name in (*epd_core.params.TABLE_NAMES, "t_steps"):
         torch.testing.assert_close(getattr(parts, name), getattr(whole, name), rtol=1e-4, atol=1e-5)
     one, _ = _run(model, "sd3", "one", **{**run, "iterations": 1})

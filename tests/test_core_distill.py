@@ -512,3 +512,20 @@ def test_a_seed_at_the_top_of_the_nodes_range_trains():
     start = EPDParams.start(4, 2, schedule_type="polynomial", schedule_rho=7.0, backend="edm")
     config = DistillConfig(iterations=1, batch=2, teacher_m=1, seed=2**64 - 1, keep_best=4)
     assert distill(gm.denoise_ve, start, gm.shape, config).metadata["distilled"]["seed"] == 2**64 - 1
+
+
+def test_a_plugin_table_as_the_start_is_measured_as_it_is_trained_and_saved():
+    """A table distilled for EPD Plugin over deis, fine-tuned by a plain run: the run fits Euler's placement and the
+    saved table drops the start's plugin_base, but the held-out error and keep_best sampled the deis placement (the
+    info said 0.005 for a table that samples at 0.021)."""
+    from epd_core.distill import held_out_errors
+
+    gm = GaussianMixture.reference()
+    plain = EPDParams.start(5, 2, afs=True)
+    start = plain.replace(metadata={"plugin_base": "deis"})
+    config = DistillConfig(iterations=2, batch=4, keep_best=8)
+    fitted = distill(gm.denoise_ve, start, gm.shape, config)
+    assert "plugin_base" not in fitted.metadata
+    measured = held_out_errors(gm.denoise_ve, fitted, make_schedule(fitted), gm.shape, config, torch.float64)
+    assert fitted.metadata["distilled"]["student_error"] == pytest.approx(measured["student_error"], rel=1e-9)
+    assert torch.equal(fitted.r_params, distill(gm.denoise_ve, plain, gm.shape, config).r_params)
