@@ -216,6 +216,7 @@ def first_step_mean(denoiser: Denoiser, start: EPDParams, shape: tuple[int, ...]
         noise = torch.randn((config.batch, *shape), generator=gen, dtype=torch.float64).to(device, dtype)
         x = noise if start.is_flow else noise * t0
         denoised = denoiser(x, t0.expand(x.shape[0])).double()
+        _check_finite(denoised, f"at sigma {float(t0):.4g}")
         part = denoised.transpose(0, 1).flatten(1).sum(1)
         total, count = (part if total is None else total + part), count + x.shape[0]
     return (total / (count * math.prod(shape[1:]))).cpu()
@@ -300,7 +301,16 @@ def _teacher_targets(denoiser: Denoiser, x: torch.Tensor, fine: torch.Tensor, co
     if config.final_estimate:
         end = fine[-1].expand(x.shape[0]).to(x.dtype)
         targets = torch.cat([targets[:-1], denoiser(targets[-1], end).unsqueeze(0)])
+    _check_finite(targets, f"along the teacher's sigmas {float(fine[0]):.4g} to {float(fine[-1]):.4g}")
     return targets
+
+
+def _check_finite(values: torch.Tensor, where: str) -> None:
+    """A ``ValueError`` when the model's answers hold NaN or inf: every training step would be skipped, and the run
+    would save its untouched start as trained."""
+    if not bool(torch.isfinite(values).all()):
+        raise ValueError(f"the model returned non-finite values {where} (a float16 model overflowing? load it in "
+                         "bfloat16 or float32)")  # fmt: skip
 
 
 @with_gradients

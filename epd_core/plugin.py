@@ -65,16 +65,19 @@ class PluginDenoiser:
         self.base = Base(base, self.sigmas)  # mirrors the real base sampler's state: turns steps into answers
 
     def _index(self, sigma: torch.Tensor) -> int:
+        # a sigma in a half-precision latent's dtype (ComfyUI 0.3.75 passes it so) is the grid's to a few of its ulps
+        rtol = max(1e-5, 4 * torch.finfo(sigma.dtype).eps) if sigma.dtype.is_floating_point else 1e-5
         s = sigma.detach().reshape(-1).to("cpu", torch.float64)
-        if not torch.allclose(s, s[:1].expand_as(s)):
+        if not torch.allclose(s, s[:1].expand_as(s), rtol=rtol):
             raise PluginMisuse("EPD Plugin needs one sigma for the whole batch")
-        match = torch.isclose(self.grid, s[:1].expand_as(self.grid), rtol=1e-5, atol=0.0).nonzero()
+        match = torch.isclose(self.grid, s[:1].expand_as(self.grid), rtol=rtol, atol=0.0).nonzero()
         if match.numel() == 0:
             raise PluginMisuse(
                 f"the base sampler evaluated the model at sigma {float(s[0]):.6g}, between the table's grid points; "
                 "it takes several model calls per step, which EPD Plugin does not support"
             )
-        return int(match[0, 0])
+        found = match[:, 0].tolist()
+        return self.next_index if self.next_index in found else found[0]  # at a coarse dtype, the point that is due
 
     def __call__(self, denoiser: Denoiser, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         i = self._index(sigma)

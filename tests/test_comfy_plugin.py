@@ -376,3 +376,20 @@ def test_plugin_info_counts_the_final_denoise_call():
     params = epd_core.load_params(official_path("sd15-best.pkl"))
     assert "+1 model call when the sigmas end at 0" in _plugin("euler", params, final_step="denoise")[1]
     assert "+1 model call" not in _plugin("euler", params, final_step="estimate")[1]
+
+
+def test_a_half_precision_latent_is_sampled_not_refused():
+    """ComfyUI 0.3.75 hands the base sampler's sigma over in the latent's dtype: a bfloat16 one is the grid's only to
+    a few of its ulps, and EPD Plugin refused it, blaming the base ('several model calls per step')."""
+    from comfy_extras.nodes_custom_sampler import KSamplerSelect, SamplerCustom
+
+    model, pos = tiny_model("eps"), conditioning(1, 1)
+    params = N["EPDParamsLoader"].execute("demo/analytic-sd15-reference-nfe10-plugin-dpmpp_2m.safetensors").result[0]
+    (sigmas,) = N["EPDScheduler"].execute(model, params, 1.0, True).result
+    sampler, _ = N["EPDPlugin"].execute(KSamplerSelect.execute("dpmpp_2m").result[0], params, "auto", "estimate").result
+    out = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        lat = {"samples": torch.zeros(1, 4, 8, 8, dtype=dtype)}
+        out[dtype] = SamplerCustom.execute(model, True, 7, 1.0, pos, pos, sampler, sigmas, lat).result[0]["samples"]
+    assert torch.isfinite(out[torch.bfloat16]).all()
+    assert (out[torch.bfloat16].float() - out[torch.float32]).abs().max() < 0.1 * out[torch.float32].abs().max()

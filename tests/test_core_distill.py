@@ -529,3 +529,20 @@ def test_a_plugin_table_as_the_start_is_measured_as_it_is_trained_and_saved():
     measured = held_out_errors(gm.denoise_ve, fitted, make_schedule(fitted), gm.shape, config, torch.float64)
     assert fitted.metadata["distilled"]["student_error"] == pytest.approx(measured["student_error"], rel=1e-9)
     assert torch.equal(fitted.r_params, distill(gm.denoise_ve, plain, gm.shape, config).r_params)
+
+
+@pytest.mark.parametrize("band", [(5.0, 1e9), (0.5, 3.0)])
+def test_a_model_answering_nan_stops_the_run_with_what_happened(band):
+    """A model that returns NaN (a float16 model overflowing) in a band of sigmas: at sigma_max the error was about
+    afs_mean, a field the user never set; lower down every step was skipped and the untrained start was saved as
+    trained."""
+    gm = GaussianMixture.reference()
+    lo, hi = band
+
+    def broken(x, sigma):
+        out = gm.denoise_ve(x, sigma)
+        inside = ((sigma > lo) & (sigma < hi)).view(-1, *([1] * (x.ndim - 1)))
+        return torch.where(inside, torch.full_like(out, float("nan")), out)
+
+    with pytest.raises(ValueError, match="the model returned non-finite values .*float16"):
+        distill(broken, EPDParams.start(5, 2, afs=True), gm.shape, DistillConfig(iterations=3, batch=2))
