@@ -51,7 +51,8 @@ def grid(panels: list[torch.Tensor], columns: int = 10, scale: int = 2, gap: int
     blocks = []
     for images in panels:
         per_class = len(images) // 10
-        rows = [torch.cat(list(images[d * per_class : d * per_class + columns]), dim=1) for d in range(10)]
+        shown = min(columns, per_class)  # a row holds its own digit's samples only
+        rows = [torch.cat(list(images[d * per_class : d * per_class + shown]), dim=1) for d in range(10)]
         blocks.append(torch.cat(rows, dim=0))
         blocks.append(torch.full((blocks[-1].shape[0], gap), 0.5))
     picture = torch.cat(blocks[:-1], dim=1)
@@ -70,6 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "mnist_samples.png")
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.per_class < 1:
+        ap.error("--per-class must be at least 1")
     torch.set_num_threads(args.threads)
     classifier = mnist_metrics.load_classifier()
     held, _ = mnist_data.split("heldout")
@@ -102,8 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
         panels.append(images)
     print(f"real training digits FID {report['fid_real_train_digits']:.3f}, noise FID {report['fid_noise']:.3f}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")  # the scores first: they cost most
     grid(panels).save(args.out)
-    args.out.with_suffix(".json").write_text(json.dumps(report, indent=1) + "\n")
     return report
 
 

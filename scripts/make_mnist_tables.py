@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 
 from epd_core.config import DistillConfig, add_arguments, from_arguments
+from epd_core.files import EPDFileError, check_destination, load_params
 from epd_core.params import DEFAULT_STUDENT, STUDENTS, EPDParams, time_points_for_nfe
 from epd_dev import ROOT, comfy_harness
 
@@ -108,7 +109,7 @@ def make_table(
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--kinds", nargs="+", default=["eps", "flow"])
+    ap.add_argument("--kinds", nargs="+", choices=("eps", "flow"), default=["eps", "flow"])
     ap.add_argument("--nfes", nargs="+", type=int, default=list(range(4, 11)))
     ap.add_argument("--points", type=int, default=2,
                     help="parallel points per step (K); with --init, more than its K splits its points (fewer: its "
@@ -139,7 +140,19 @@ def main(argv: list[str] | None = None) -> int:
     config = from_arguments(args, DistillConfig)
     command = "python -m scripts.make_mnist_tables " + shlex.join(sys.argv[1:] if argv is None else argv)
     scales = {name: value for name in ("scale_dir", "scale_time") if (value := getattr(args, name)) is not None}
+    if args.init is not None:  # the table it fine-tunes sets the NFE, student and first step; each file is named so
+        init = load_params(args.init)
+        steps, afs = time_points_for_nfe(args.nfes[0], args.student, args.afs)
+        if args.nfes != [init.nfe] or (init.student, init.afs) != (args.student, afs):
+            ap.error(f"--init {args.init} is an NFE-{init.nfe} {init.student} table (afs {init.afs}): give --nfes "
+                     f"{init.nfe}, --student {init.student} and --{'' if init.afs else 'no-'}afs")  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
+    try:  # every destination, before hours of training
+        for kind in args.kinds:
+            for nfe in args.nfes:
+                check_destination(args.out / f"mnist-{kind}-nfe{nfe}{args.suffix}.safetensors", overwrite=True)
+    except EPDFileError as exc:
+        ap.error(str(exc))
     for kind in args.kinds:
         for nfe in args.nfes:
             t0 = time.time()

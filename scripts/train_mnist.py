@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
+from epd_core.files import EPDFileError, check_destination
 from epd_dev import mnist_data, mnist_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -293,15 +294,26 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="20 iterations of batch 16 (for the test); needs --out")
     ap.add_argument("--out", type=Path, default=None, help="output file (default demo_models/mnist-KIND.safetensors)")
     args = ap.parse_args(argv)
+    for name in ("iterations", "batch", "lr"):
+        if getattr(args, name) is not None and not getattr(args, name) > 0:
+            ap.error(f"--{name} must be positive")
+    if not (0 <= args.ema < 1 and 0 <= args.label_dropout < 1):
+        ap.error("--ema and --label-dropout must be in [0, 1)")
     iterations, batch, lr = DEFAULTS[args.kind]
-    iterations = args.iterations or iterations
-    batch = args.batch or batch
-    lr = args.lr or lr
+    iterations = iterations if args.iterations is None else args.iterations
+    batch = batch if args.batch is None else args.batch
+    lr = lr if args.lr is None else args.lr
     if args.quick:
         if args.out is None:
             ap.error("--quick needs --out (it never replaces the bundled weights)")
+        if args.iterations is not None or args.batch is not None:
+            ap.error("--quick sets 20 iterations of batch 16; leave out --iterations and --batch")
         iterations, batch = 20, 16
     out = args.out or DEMO_MODELS / f"mnist-{args.kind}.safetensors"
+    try:  # the destination, before the training (15-40 CPU minutes)
+        check_destination(out, overwrite=True)
+    except EPDFileError as exc:
+        ap.error(str(exc))
     torch.set_num_threads(args.threads)
     log_every = 0 if args.quick else 100
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
@@ -286,6 +287,48 @@ def test_training_script_quick_mode(tmp_path):
     assert not list(tmp_path.glob(".*.tmp"))
     with pytest.raises(SystemExit):
         train_mnist.main(["--kind", "eps", "--quick"])
+
+
+def test_the_mnist_scripts_refuse_bad_arguments_before_training(tmp_path, capsys):
+    """From a review of the testbed's scripts: each of these trained for minutes (hours on the real settings) and
+    then failed or wrote the wrong thing: a folder at the destination, a kind 'Flow', an --init table of another
+    NFE saved under every --nfes name (over the bundled tables with --out weights/demo), negative iterations (an
+    untrained model), 0 taken as the default, --quick overriding --iterations."""
+    from scripts import make_mnist_tables, train_mnist
+
+    (tmp_path / "taken.safetensors").mkdir()
+    (tmp_path / "mnist-eps-nfe5.safetensors").mkdir()
+    init = H.ROOT / "weights" / "demo" / "mnist-eps-nfe5-k4.safetensors"
+    cases = [
+        (train_mnist.main, ["--kind", "classifier", "--out", str(tmp_path / "taken.safetensors")], "is a folder"),
+        (train_mnist.main, ["--kind", "classifier", "--iterations", "-5", "--out", str(tmp_path / "c.st")],
+         "--iterations must be positive"),
+        (train_mnist.main, ["--kind", "classifier", "--batch", "0", "--out", str(tmp_path / "c.st")],
+         "--batch must be positive"),
+        (train_mnist.main, ["--kind", "flow", "--quick", "--iterations", "5", "--out", str(tmp_path / "q.st")],
+         "leave out --iterations"),
+        (make_mnist_tables.main, ["--kinds", "eps", "Flow", "--out", str(tmp_path)], "invalid choice: 'Flow'"),
+        (make_mnist_tables.main, ["--kinds", "eps", "--nfes", "5", "--out", str(tmp_path)], "is a folder"),
+        (make_mnist_tables.main, ["--kinds", "eps", "--nfes", "10", "--init", str(init), "--out", str(tmp_path)],
+         "is an NFE-5 carry table"),
+    ]  # fmt: skip
+    for main, argv, problem in cases:
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2 and problem in capsys.readouterr().err, argv
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mnist-eps-nfe5.safetensors", "taken.safetensors"]
+
+
+def test_the_sample_grid_takes_fewer_than_ten_per_class():
+    """make_mnist_grid's picture put ten columns in a row whatever --per-class was: with 5 a row took the next
+    digit's samples and the last row was short (a crash after all the sampling, the scores lost)."""
+    from scripts import make_mnist_grid
+
+    images = torch.arange(10).repeat_interleave(5)[:, None, None].expand(50, 28, 28).float() / 10
+    picture = make_mnist_grid.grid([images], scale=1)
+    assert picture.size == (5 * 28, 10 * 28)
+    rows = torch.tensor(np.asarray(picture)).float()[::28, 0] / 255
+    assert torch.allclose(rows, torch.arange(10) / 10, atol=1 / 255)
 
 
 def test_classifier_and_metrics(heldout, classifier):

@@ -136,3 +136,26 @@ def test_make_weights_refuses_a_name_it_does_not_make():
     assert run.returncode == 2
     assert "not a table this script makes: analytic-sd15-nfe5" in run.stderr
     assert (ROOT / "weights" / "README.md").read_bytes() == readme
+
+
+def test_each_bundled_mnist_tables_command_writes_its_name():
+    """Three tables recorded a --suffix that wrote another file's name (two their own --init table's): run as
+    recorded, they would overwrite the table they start from."""
+    import shlex
+
+    from epd_core import load_params
+
+    for path in sorted((ROOT / "weights" / "demo").glob("mnist-*.safetensors")):
+        command = load_params(path).metadata.get("command", "")
+        if not command.startswith("python -m scripts.make_mnist_tables "):
+            continue
+        values: dict[str, list[str]] = {}
+        for arg in shlex.split(command)[3:]:  # each option's values, as argparse reads them
+            if arg.startswith("--"):
+                name, _, inline = arg.partition("=")
+                values[name] = [inline] if inline else []
+            else:
+                values[name].append(arg)
+        suffix = values.get("--suffix", [""])[0]
+        names = {f"mnist-{k}-nfe{n}{suffix}.safetensors" for k in values["--kinds"] for n in values["--nfes"]}
+        assert path.name in names, (path.name, command)
