@@ -354,8 +354,9 @@ def distill(
     if start.student == "carry" and config.plugin_base != "euler":
         raise ValueError("a carry table places its points along its own carried direction; plugin_base needs an "
                          "epd start table")  # fmt: skip
-    if start.metadata.get("plugin_base", "euler") != config.plugin_base:  # the run fits, and its checks measure, the
-        start = start.replace(metadata={k: v for k, v in start.metadata.items() if k != "plugin_base"})  # config's
+    if start.metadata.get("plugin_base", "euler") != config.plugin_base:
+        # the run fits config.plugin_base's placement: its checks must measure that one, not the start's
+        start = start.replace(metadata={k: v for k, v in start.metadata.items() if k != "plugin_base"})
     denoiser = interruptible(denoiser, check_interrupt)
     base_grid = training_grid(start, grid).to(device)
     fine_fixed = _fixed_teacher_grid(start, base_grid, config) if grid is None else None
@@ -388,14 +389,13 @@ def distill(
         x = noise if start.is_flow else noise * grid_now[0].detach().to(dtype)
         fine = fine_fixed if fine_fixed is not None else subdivide(grid_now.detach(), config.teacher_m)
         targets = _teacher_targets(denoiser, x, fine, config)
-        with torch.enable_grad():
-            if config.objective == "authors":
-                loss = _authors_iteration(denoiser, start, raw, grid_now, x, targets, config, feature_loss, opt)
-            else:
-                opt.zero_grad(set_to_none=True)
-                loss = _accumulate(denoiser, start, raw, ends, logits, grid_now, x, targets, config, feature_loss)
-                if torch.isfinite(loss):
-                    _update(opt, trainable, clip=True)
+        if config.objective == "authors":
+            loss = _authors_iteration(denoiser, start, raw, grid_now, x, targets, config, feature_loss, opt)
+        else:
+            opt.zero_grad(set_to_none=True)
+            loss = _accumulate(denoiser, start, raw, ends, logits, grid_now, x, targets, config, feature_loss)
+            if torch.isfinite(loss):
+                _update(opt, trainable, clip=True)
         sched.step()
         history.append(float(loss.detach()))
         keeper.check(it + 1)
