@@ -100,7 +100,8 @@ class PluginDenoiser:
         d_eff, self.history = epd_step(
             denoiser, x, t_cur, t_next, self.table, step, self.params, self.history, afs, self.parallel, place=place
         )
-        self.estimate = self.x0 = x - t_cur.to(x.dtype) * d_eff  # the ensemble's x0 estimate, as the EPD solver's
+        self.estimate = x - t_cur.to(x.dtype) * d_eff  # the ensemble's x0 estimate, as the EPD solver's
+        self.x0 = self.estimate if self.finish is None else self.finish(self.estimate, sigma)  # what previews show
         if self.base.name == "euler":
             self.base.step(i, x, self.estimate)
             return self.estimate

@@ -231,7 +231,8 @@ def sample(
     table's decoded values, e.g. by ``[steps, B, K]`` per-sample tables (RDPO).
     ``finish(estimate, sigma)``: what the model's wrapper makes of an answer at
     ``sigma`` (ComfyUI's inpainting puts the source back where the mask keeps it),
-    applied to the estimate that stands in for the last call.
+    applied to the estimate that stands in for the last call and to what the
+    callback shows (the trajectory itself uses the raw estimate).
     """
     from .bases import table_placer  # bases builds on this module's Adams-Bashforth rule
 
@@ -254,7 +255,8 @@ def sample(
                                   place=place)  # fmt: skip
         estimate = x - t_cur.to(x.dtype) * d_eff
         if callback is not None:
-            callback({"x": x, "i": i, "sigma": t_cur, "sigma_hat": t_cur, "denoised": estimate})
+            shown = estimate if finish is None else finish(estimate, _per_sample(t_cur, x.shape[0], x))
+            callback({"x": x, "i": i, "sigma": t_cur, "sigma_hat": t_cur, "denoised": shown})
         x = x + (t_next - t_cur).to(x.dtype) * d_eff
 
     if to_zero:

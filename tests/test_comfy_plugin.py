@@ -202,6 +202,42 @@ def test_plugin_estimate_ending_keeps_the_unmasked_area(base):
     assert torch.allclose(out[..., :4], lat["samples"][..., :4], atol=1e-5)
 
 
+@pytest.mark.parametrize("table", ["carry", "lsun"])
+@pytest.mark.parametrize("kind", ["EPD Sampler", "EPD Plugin"])
+def test_inpainting_previews_and_denoised_output_keep_the_source(kind, table):
+    """Every preview and SamplerCustom's ``denoised_output`` show the source where the noise mask keeps it, as
+    ComfyUI's inpainting wrapper makes every model answer. The ensemble's raw estimate is the source there only
+    when the step's weight * scale_dir sum to 1 (not for carry tables, AFS steps or the authors' LSUN table)."""
+    import comfy.sample
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+
+    model = tiny_model("eps")
+    lsun = official_path("00016-lsun_bedroom_ldm-6-9-epd-uni1.0-afs.pkl")
+    params = epd_core.load_params(
+        lsun if table == "lsun" else H.ROOT / "weights/demo/analytic-sd15-reference-nfe5-carry.safetensors"
+    )
+    g = torch.Generator().manual_seed(4)
+    src, noise = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 4, 8, 8, generator=g)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[..., 4:] = 1.0
+    (sigmas,) = N["EPDScheduler"].execute(model, params, 1.0, False).result  # no final call: the last x0 is EPD's
+    if kind == "EPD Sampler":
+        (sampler,) = N["EPDSampler"].execute(params, "auto", True, "comfyui", "estimate").result
+    else:
+        sampler, _ = _plugin("dpmpp_2m", params, "auto", "estimate")
+    shown = []
+    comfy.sample.sample_custom(model, noise, 3.0, sampler, sigmas, conditioning(2, 5), conditioning(2, 6), src,
+                               noise_mask=mask, callback=lambda i, x0, x, total: shown.append(x0))  # fmt: skip
+    kept = model.model.process_latent_in(src)[..., :4]
+    assert len(shown) == sigmas.shape[0] - 1
+    assert max(float((x0[..., :4] - kept).abs().max()) for x0 in shown) < 1e-5
+    lat = {"samples": src, "noise_mask": mask}
+    _, denoised = SamplerCustom.execute(model, True, 2, 3.0, conditioning(2, 5), conditioning(2, 6), sampler, sigmas,
+                                        lat).result  # fmt: skip
+    assert torch.allclose(denoised["samples"][..., :4], src[..., :4], atol=1e-5)
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_plugin_batched_equals_sequential_with_inpainting(batch):
     from comfy_extras.nodes_custom_sampler import SamplerCustom
