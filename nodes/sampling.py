@@ -163,7 +163,26 @@ def check_grid(params: EPDParams, model_sampling, sigmas: torch.Tensor, mu: floa
     raise ValueError(
         f"the sigmas are not this EPD table's grid: got {got}, but the table's grid for this model has "
         f"{grid.shape[0]} time points from {float(grid[0]):.4g} to {float(grid[-1]):.4g} (a denoise < 1 keeps its last "
-        f"ones). Use EPD Scheduler with the same model and table for the sigmas, or EPD KSampler"
+        f"ones){_grid_difference(positive, grid)}. Use EPD Scheduler with the same model and table for the sigmas, "
+        "or EPD KSampler"
+    )
+
+
+def _grid_difference(positive: torch.Tensor, grid: torch.Tensor) -> str:
+    """Where sigmas that are not the table's grid part from it, for :func:`check_grid`'s error."""
+    n = positive.shape[0]
+    if not 1 <= n <= grid.shape[0]:
+        return ""
+    if n < grid.shape[0] and torch.allclose(positive.double(), grid[:n].double(), rtol=1e-5, atol=0):
+        return (
+            f". These are the grid's first {n} time points: EPD runs only a grid's last steps (the low part of "
+            "SplitSigmas), so run another sampler on the first part and EPD on the rest"
+        )
+    tail = grid[-n:].double()
+    j = int((~torch.isclose(positive.double(), tail, rtol=1e-5, atol=0)).nonzero()[0])
+    return (
+        f"; time point {j + 1} of the last {n} is {float(positive[j]):.4g} where the table's is {float(tail[j]):.4g} "
+        "(a table fixes the spacing of its steps, not only their ends)"
     )
 
 

@@ -286,6 +286,27 @@ def test_a_grid_mismatch_counts_time_points_on_both_sides():
         sampling.check_grid(params, model.get_model_object("model_sampling"), sigmas, None)
 
 
+def test_a_grid_mismatch_says_where_the_grids_part():
+    """Same count and ends with another spacing (karras at the table's points) said "got 11 ... from 14.61 to
+    0.02917, but the table's grid has 11 ... from 14.61 to 0.02917"; the first part of a split EPD grid was told to
+    use EPD Scheduler, which it did."""
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import SplitSigmas
+
+    params = epd_core.load_params(official_path("sd15-best.pkl"))
+    model, _ = _analytic("sd15_eps")
+    sampling, model_sampling = H.pack_module("nodes.sampling"), model.get_model_object("model_sampling")
+    karras = comfy.samplers.calculate_sigmas(model_sampling, "karras", params.num_steps)[:-1]
+    with pytest.raises(ValueError, match=r"has 11 time points from 14.61 to 0.02917.*; time point 2 of the last 11 is "
+                       r"9\.\d+ where the table's is \d+\.\d+ \(a table fixes the spacing"):  # fmt: skip
+        sampling.check_grid(params, model_sampling, karras, None)
+    (grid,) = N["EPDScheduler"].execute(model, params, 1.0, True).result
+    high, low = SplitSigmas.execute(grid, 4).result
+    with pytest.raises(ValueError, match="These are the grid's first 5 time points: EPD runs only a grid's last steps"):
+        sampling.check_grid(params, model_sampling, high, None)
+    sampling.check_grid(params, model_sampling, low, None)
+
+
 def test_the_loader_info_says_which_model_a_table_was_made_for():
     tables = H.pack_module("nodes.nodes_tables")
     demo = epd_core.load_params(H.ROOT / "weights" / "demo" / "analytic-sd3-reference-nfe5.safetensors")
