@@ -79,8 +79,8 @@ class EPDScheduler(io.ComfyNode):
                     min=0.0,
                     max=1.0,
                     step=0.01,
-                    tooltip="Fraction of the table's steps to run (img2img keeps the last round(denoise*steps), at "
-                    "least one; 0 returns the input).",
+                    tooltip="Fraction of the table's steps to run (img2img keeps the last denoise*steps, halves "
+                    "rounded up, at least one; 0 returns the input).",
                 ),
                 io.Boolean.Input(
                     "final_denoise",
@@ -131,8 +131,8 @@ class EPDKSampler(io.ComfyNode):
                     min=0.0,
                     max=1.0,
                     step=0.01,
-                    tooltip="Fraction of the table's steps to run (the last round(denoise*steps), at least one; 0 "
-                    "returns the input).",
+                    tooltip="Fraction of the table's steps to run (the last denoise*steps, halves rounded up, at least "
+                    "one; 0 returns the input).",
                 ),
                 parallel_input(),
                 io.Boolean.Input(

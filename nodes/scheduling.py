@@ -7,12 +7,15 @@
   ``ModelSamplingFlux`` nodes upstream are honoured): a FLUX-style
   ``ModelSamplingFlux`` gives ``mu = shift``, a ``ModelSamplingDiscreteFlow`` a static shift; Flux 2 takes the
   ``mu`` of its resolution and step count, as ComfyUI's Flux2Scheduler does (given a latent);
-* ``denoise < 1`` keeps the last ``round(denoise * steps)`` steps of the table's grid
-  (img2img); 0 steps gives an empty grid, which ComfyUI treats as "return the input";
-* ``final_denoise`` appends 0: one extra model call that returns the x0 prediction.
+* ``denoise < 1`` keeps the last ``denoise * steps`` steps of the table's grid, halves rounded up, at least one
+  (img2img); denoise 0 gives an empty grid, which ComfyUI treats as "return the input";
+* ``final_denoise`` appends 0: the sampler then ends on an x0 (the model's answer, or the last step's own estimate
+  under EPD Sampler's ``final_step`` estimate, at no extra call).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -49,7 +52,7 @@ def epd_sigmas(
     grid = model_schedule(params, model_sampling, mu)
     if denoise == 0.0:
         return torch.zeros(0)
-    steps = max(1, round(denoise * (params.num_steps - 1)))  # a small denoise still takes the table's last step
+    steps = max(1, math.floor(denoise * (params.num_steps - 1) + 0.5 + 1e-9))  # halves up; at least the last step
     grid = grid[-(steps + 1) :]
     if final_denoise:
         grid = torch.cat([grid, grid.new_zeros(1)])

@@ -375,6 +375,10 @@ def test_denoise_and_final_denoise_grids():
     # a small denoise keeps the last step (it returned the input untouched, where KSampler samples)
     (small,) = _nodes_out(N["EPDScheduler"], model, params, 0.01, False)
     assert torch.equal(small, full[-2:])
+    # halves round up, one rule for every value (round() took 0.5 of 5 steps to 2 and 0.3 of 5 to 2 as well)
+    five = epd_core.load_params(H.ROOT / "weights" / "demo" / "analytic-sd15-reference-nfe5-carry.safetensors")
+    counts = [_nodes_out(N["EPDScheduler"], model, five, d, False)[0].shape[0] - 1 for d in (0.1, 0.3, 0.5, 0.7, 0.9)]
+    assert counts == [1, 2, 3, 4, 5]
 
 
 def test_loader_lists_models_epd_and_names_bad_files(tmp_path, monkeypatch):
