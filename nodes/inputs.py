@@ -64,7 +64,13 @@ def cfg_input(default: float, tooltip: str) -> io.Float.Input:
 def output_inputs(default_name: str) -> list:
     """Where a training node saves its table."""
     return [
-        io.String.Input("filename", default=default_name, tooltip="Saved as models/epd/<filename>.safetensors."),
+        io.String.Input(
+            "filename",
+            default=default_name,
+            tooltip="Saved as models/epd/<filename>.safetensors (in the first 'epd' folder, where "
+            "extra_model_paths.yaml names one first; over a table of that name in any 'epd' folder only "
+            "with overwrite).",
+        ),
         io.Boolean.Input("overwrite", default=False, tooltip="Replace an existing file of that name."),
     ]
 

@@ -112,8 +112,10 @@ def model_name(model) -> str:
 
 
 def output_path(filename: str, overwrite: bool) -> Path:
-    """``models/epd/<filename>.safetensors``; refuses odd names, names of the pack's bundled or downloadable
-    tables (the trained file would shadow them) and, unless asked, existing files."""
+    """``<filename>.safetensors`` in the first ``epd`` folder (``models/epd`` unless extra_model_paths.yaml names
+    one first), or the file of that name the loader finds in any ``epd`` folder (a new file in the first folder
+    would hide it). Refuses odd names, names of the pack's bundled or downloadable tables (the trained file would
+    shadow them) and, unless asked, existing files."""
     stem = filename.removesuffix(".safetensors")
     if not _NAME.fullmatch(stem) or ".." in stem:
         raise ValueError(f"invalid table name {filename!r}: up to 101 letters, digits, '.', '_' and '-', starting "
@@ -125,9 +127,9 @@ def output_path(filename: str, overwrite: bool) -> Path:
         pass
     if stem.lower() in reserved:
         raise ValueError(f"{stem!r} is the name of a table bundled with or published for the pack; choose another")
-    folder = Path(folder_paths.get_folder_paths("epd")[0])
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{stem}.safetensors"
+    found = folder_paths.get_full_path("epd", f"{stem}.safetensors")
+    path = Path(found) if found is not None else Path(folder_paths.get_folder_paths("epd")[0]) / f"{stem}.safetensors"
+    path.parent.mkdir(parents=True, exist_ok=True)
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise ValueError(
             f"{user_path(path)} exists; set overwrite to replace it, or another filename (a seed whose "

@@ -341,6 +341,27 @@ def test_never_overwrites_without_asking(epd_dir):
             _run(model, "eps", name, iterations=1)
 
 
+def test_a_table_of_that_name_in_another_epd_folder_is_not_hidden(epd_dir, tmp_path_factory):
+    """An extra_model_paths.yaml ``epd`` folder comes first in ComfyUI's list: a training saved there over the name of
+    the user's table in models/epd, with overwrite off, and the loader's name then reached the new file. A name found
+    in any ``epd`` folder is now refused without overwrite and, with it, replaced where the loader finds it."""
+    import folder_paths
+
+    later = tmp_path_factory.mktemp("models_epd")
+    paths, exts = folder_paths.folder_names_and_paths["epd"]
+    folder_paths.folder_names_and_paths["epd"] = (paths[:1] + [str(later)] + paths[1:], exts)
+    model = tiny_model("eps")
+    _run(model, "eps", "mine", iterations=1)
+    (epd_dir / "mine.safetensors").replace(later / "mine.safetensors")
+    before = (later / "mine.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="mine.safetensors exists; set overwrite"):
+        _run(model, "eps", "mine", iterations=1)
+    assert not (epd_dir / "mine.safetensors").exists() and (later / "mine.safetensors").read_bytes() == before
+    _run(model, "eps", "mine", iterations=2, overwrite=True, seed=5)
+    assert not (epd_dir / "mine.safetensors").exists() and (later / "mine.safetensors").read_bytes() != before
+    assert folder_paths.get_full_path("epd", "mine.safetensors") == str(later / "mine.safetensors")
+
+
 def test_a_destination_saving_would_refuse_is_refused_before_training(epd_dir, tmp_path_factory):
     """With overwrite on, a folder or a link named like the table passed the name check; the whole run trained, then
     saving refused it, losing the table and leaving the run's checkpoint behind."""
