@@ -31,6 +31,7 @@ from .training import (
     rdpo_on_model,
     resume_options,
     save_output,
+    saved_generation,
     start_tables,
 )
 
@@ -200,6 +201,11 @@ class EPDDistill(io.ComfyNode):
         if "fallback" in params.metadata:
             info = f"no backward pass through this model, so {params.metadata['fallback']}; {info}"
         return io.NodeOutput(params, info, ui=ui.PreviewText(info))  # the report shows in the queue
+
+    @classmethod
+    def fingerprint_inputs(cls, filename: str = "", **_: object) -> str:
+        """Train again when the table this node saved is deleted or replaced; otherwise ComfyUI's cached run."""
+        return saved_generation(filename)
 
 
 SCALE_HEADS = {
@@ -422,6 +428,11 @@ class EPDRDPO(io.ComfyNode):
         info += (f"; the rollouts' mean reward {curve[0]:.4g} in the first iteration, {r['final_reward']:.4g} over the "
                  f"last fifth; KL to the start {r['kl_to_start']:.3g}{guard_report(r)}; saved {saved}")  # fmt: skip
         return io.NodeOutput(params, info, ui=ui.PreviewText(info))  # the report shows in the queue
+
+    @classmethod
+    def fingerprint_inputs(cls, filename: str = "", **_: object) -> str:
+        """Train again when the table this node saved is deleted or replaced; otherwise ComfyUI's cached run."""
+        return saved_generation(filename)
 
 
 def prompts_text(positive, negative) -> str:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -153,7 +154,35 @@ def save_output(params: EPDParams, path: Path, overwrite: bool) -> str:
     except EPDFileError as exc:
         raise user_error(exc) from None
     checkpoint_path(path).unlink(missing_ok=True)
+    state = _file_state(path)
+    old = _SAVED.get(path.stem, {})
+    _SAVED[path.stem] = {"path": path, "state": state, "seen": state, "generation": old.get("generation", 0)}
     return user_path(path)
+
+
+_SAVED: dict[str, dict] = {}  # a table's name -> the file this server's training saved under it (saved_generation)
+
+
+def _file_state(path: Path) -> tuple[int, int] | None:
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return stat.st_mtime_ns, stat.st_size
+
+
+def saved_generation(filename: object) -> str:
+    """A training node's fingerprint: the same while the file it saved under ``filename`` is as it left it (ComfyUI
+    keeps the cached run), a new one once that file is deleted or replaced, so the next Queue trains again (the
+    cached report said 'saved' about a file no longer there)."""
+    saved = _SAVED.get(str(filename).removesuffix(".safetensors"))
+    if saved is None:
+        return "0"
+    state = _file_state(saved["path"])
+    if state not in (saved["state"], saved["seen"]):
+        saved["generation"] += 1
+        saved["seen"] = state
+    return str(saved["generation"])
 
 
 def checkpoint_path(path: Path) -> Path:
@@ -200,7 +229,7 @@ def distill_on_model(
         start = {"given": start.replace(metadata={k: v for k, v in start.metadata.items() if k != "start"})}
     starts, first = start, next(iter(start.values()))
     ms = model.get_model_object("model_sampling")
-    mu = resolution_mu(model.model, latent.shape, first.num_steps - 1)  # Flux 2's, as EPD KSampler takes it
+    mu = resolution_mu(model.model, latent.shape, first.num_steps - 1, ms)  # Flux 2's, as EPD KSampler takes it
     grids = {name: model_schedule(table, ms, mu) for name, table in starts.items()}
 
     def fit(s: Session) -> EPDParams:
@@ -358,7 +387,8 @@ def _train_on_model(model, positive, negative, cfg, latent, start, config, fit):
     """Run ``fit(session)`` inside ComfyUI's prepared sampling context, on the grid EPD KSampler samples the latent's
     size on (Flux 2's ``mu`` follows the resolution)."""
     model_sampling = model.get_model_object("model_sampling")
-    grid = model_schedule(start, model_sampling, resolution_mu(model.model, latent.shape, start.num_steps - 1))
+    mu = resolution_mu(model.model, latent.shape, start.num_steps - 1, model_sampling)
+    grid = model_schedule(start, model_sampling, mu)
     result: dict = {}
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, negative)

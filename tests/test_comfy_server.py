@@ -161,3 +161,28 @@ def test_distill_with_the_mnist_feature_loss_over_http(server):
     assert table.nfe == 4 and table.metadata["distilled"]["iterations"] == 2
     got = _latents(server, "mnist_features")
     assert got.shape == (10, 4, 14, 14) and torch.isfinite(got).all()
+
+
+def test_a_training_whose_table_was_deleted_trains_again(server):
+    """ComfyUI caches an unchanged node: queued again after its table was deleted, EPD Distill showed the old report
+    ('saved models/epd/...') and no file came back. Unchanged, with its table in place, it is still not rerun."""
+    graph = {
+        "1": {"class_type": "EPDAnalyticModel", "inputs": {"form": "sd15_eps", "mixture": "reference", "shift": 0.0}},
+        "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
+        "3": {"class_type": "EPDDistill", "inputs": {
+            "model": ["1", 0], "positive": ["1", 1], "negative": ["1", 1], "latent_image": ["2", 0], "cfg": 1.0,
+            "nfe": 4, "points": 2, "teacher": "heun", "teacher_steps": 1, "iterations": 2, "batch": 4,
+            "learning_rate": 0.01, "seed": 0, "learn_grid": False, "filename": "deleted_then_queued",
+            "overwrite": False, "start_check": 0, "keep_best": 0}},
+    }  # fmt: skip
+    path = server.base / "models" / "epd" / "deleted_then_queued.safetensors"
+    assert server.run(graph)["status"]["status_str"] == "success" and path.exists()
+    state = path.stat().st_mtime_ns
+    again = server.run(graph)
+    assert again["status"]["status_str"] == "success" and path.stat().st_mtime_ns == state  # cached, not retrained
+    path.unlink()
+    entry = server.run(graph)
+    assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
+    assert path.exists() and "saved models/epd/deleted_then_queued.safetensors" in entry["outputs"]["3"]["text"][0]
+    state = path.stat().st_mtime_ns
+    assert server.run(graph)["status"]["status_str"] == "success" and path.stat().st_mtime_ns == state
