@@ -24,7 +24,22 @@ from .sampling import _table_model, check_compatible, is_discrete_model, is_flow
 
 
 def model_schedule(params: EPDParams, model_sampling, mu: float | None = None) -> torch.Tensor:
-    """The table's full grid (float64, ``num_steps`` points) for this model (``mu``: a resolution's, Flux 2)."""
+    """The table's full grid (float64, ``num_steps`` points) for this model (``mu``: a resolution's, Flux 2); a grid
+    starting above the model's largest sigma is refused (the model's answers there are garbage)."""
+    grid = _model_schedule(params, model_sampling, mu)
+    sigma_max = float(getattr(model_sampling, "sigma_max", math.inf))
+    if float(grid[0]) > sigma_max * (1 + 1e-3):
+        own = "its own grid" if params.t_steps is not None else "its schedule"
+        raise ValueError(
+            f"this EPD table's grid ({own}) starts at sigma {float(grid[0]):.4g}, above this model's largest sigma "
+            f"{sigma_max:.4g}: it was fitted on a model with another noise schedule (zero terminal SNR, or "
+            "ModelSamplingContinuousEDM / V with other settings). Sample it on that model, with the same model "
+            "sampling node and settings, or fit a table for this one with EPD Distill"
+        )
+    return grid
+
+
+def _model_schedule(params: EPDParams, model_sampling, mu: float | None) -> torch.Tensor:
     check_compatible(params, model_sampling)
     if is_flow_model(model_sampling):
         shift = float(getattr(model_sampling, "shift", 3.0))
