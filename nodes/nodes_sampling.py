@@ -103,8 +103,9 @@ class EPDScheduler(io.ComfyNode):
     @classmethod
     def execute(cls, model, epd_params, denoise: float, final_denoise: bool, latent_image=None) -> io.NodeOutput:
         shape = None if latent_image is None else tuple(model_latent(model, latent_image).shape)  # as the sampler's
-        mu = resolution_mu(model.model, shape, epd_params.num_steps - 1)
-        sigmas = epd_sigmas(epd_params, model.get_model_object("model_sampling"), denoise, final_denoise, mu)
+        model_sampling = model.get_model_object("model_sampling")
+        mu = resolution_mu(model.model, shape, epd_params.num_steps - 1, model_sampling)
+        sigmas = epd_sigmas(epd_params, model_sampling, denoise, final_denoise, mu)
         return io.NodeOutput(sigmas)
 
 

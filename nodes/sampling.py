@@ -113,10 +113,16 @@ def model_latent(model, latent: dict) -> torch.Tensor:
     return fix(model, latent["samples"], *extra)
 
 
-def resolution_mu(base_model, latent_shape, steps: int) -> float | None:
+def resolution_mu(base_model, latent_shape, steps: int, model_sampling=None) -> float | None:
     """Flux 2's ``mu`` for this latent size and number of steps, as ComfyUI's Flux2Scheduler computes it (its
-    tokens are the latent's pixels); None for every other model, whose grid does not depend on the resolution."""
+    tokens are the latent's pixels); None for every other model, whose grid does not depend on the resolution, and
+    for a Flux 2 whose ``model_sampling`` (the one sampling uses) a ModelSamplingFlux node set to another mu: that
+    mu decides, as in ComfyUI's own schedulers."""
     if type(base_model).__name__ != "Flux2" or latent_shape is None or len(latent_shape) < 4:
+        return None
+    own = getattr(getattr(base_model, "model_config", None), "sampling_settings", {}).get("shift")
+    shift = getattr(model_sampling, "shift", None)
+    if own is not None and shift is not None and not math.isclose(float(shift), float(own), rel_tol=1e-6):
         return None
     from comfy_extras.nodes_flux import compute_empirical_mu
 
@@ -227,7 +233,7 @@ def epd_run(model, params: EPDParams, x: torch.Tensor, parallel: str, continuous
     check_cfg(guider)
     if model_sampling is not None:
         check_compatible(params, model_sampling)
-        check_grid(params, model_sampling, sigmas, resolution_mu(base, x.shape, params.num_steps - 1))
+        check_grid(params, model_sampling, sigmas, resolution_mu(base, x.shape, params.num_steps - 1, model_sampling))
     check_context_windows(model_options, sigmas)
     reason = sequential_reason(guider, model_options) if parallel != "sequential" else None
     if parallel == "batched":

@@ -155,6 +155,32 @@ def test_flux2_grid_takes_the_mu_of_its_resolution_like_flux2scheduler():
         sampling.check_grid(params, model.get_model_object("model_sampling"), default * 0.99, mu)
 
 
+def test_flux2_under_modelsamplingflux_takes_that_nodes_mu():
+    """A ModelSamplingFlux node upstream sets Flux 2's mu for ComfyUI's schedulers; EPD Scheduler given the latent,
+    EPD KSampler and EPD Distill kept the resolution's mu and sampled as if the node were not there."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingFlux
+
+    model = tiny_model("flux2")
+    (patched,) = ModelSamplingFlux().patch(model, 4.0, 3.0, 1024, 1024)
+    params = epd_core.load_params(official_path("flux-best.pkl"))
+    latent = {"samples": torch.zeros(1, 128, 8, 8)}
+    (own,) = N["EPDScheduler"].execute(patched, params, 1.0, False, latent).result
+    (plain,) = N["EPDScheduler"].execute(model, params, 1.0, False, latent).result
+    shift = float(patched.get_model_object("model_sampling").shift)
+    assert torch.allclose(own.double(), epd_core.make_schedule(params, mu=shift).float().double())
+    assert not torch.allclose(own, plain, rtol=1e-3)
+    seen = {}
+
+    def fit(session):
+        seen["grid"] = session.grid.clone()
+        return params
+
+    training = H.pack_module("nodes.training")
+    config = H.pack_module("epd_core.config").DistillConfig(iterations=1)
+    training._train_on_model(patched, conditioning(1), conditioning(1), 1.0, latent["samples"], params, config, fit)
+    assert torch.allclose(seen["grid"].double(), own.double(), rtol=1e-6)
+
+
 def test_flux2_takes_an_empty_latent_image_as_ksampler_does():
     """ComfyUI (0.33: at Flux 2's own downscale ratio) turns a 4-channel Empty Latent Image into the model's latent
     before sampling; EPD Scheduler took Flux 2's mu from the unconverted latent (4x the tokens), so EPD KSampler
@@ -305,6 +331,27 @@ def test_a_grid_mismatch_says_where_the_grids_part():
     with pytest.raises(ValueError, match="These are the grid's first 5 time points: EPD runs only a grid's last steps"):
         sampling.check_grid(params, model_sampling, high, None)
     sampling.check_grid(params, model_sampling, low, None)
+
+
+def test_a_grid_above_the_models_sigmas_is_refused():
+    """EPD Distill on a zero-terminal-SNR model stores a grid from sigma 4519; on the same network without zsnr
+    (sigma_max 14.6) it sampled from 4519 without a word (RMSE 402 against the exact solution on MNIST)."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+
+    model = tiny_model("eps")
+    (zsnr,) = ModelSamplingDiscrete().patch(model, "eps", True)
+    plain = epd_core.EPDParams.start(4, 1, student="carry", afs=False, schedule_type="discrete", backend="ldm")
+    (grid,) = N["EPDScheduler"].execute(zsnr, plain, 1.0, False).result
+    assert float(grid[0]) > 4000
+    own = plain.replace(t_steps=grid.double())
+    N["EPDScheduler"].execute(zsnr, own, 1.0, False)  # on its own model it samples
+    empty = {"samples": torch.zeros(1, 4, 8, 8)}
+    for node, args in (("EPDScheduler", (model, own, 1.0, False)),
+                       ("EPDKSampler", (model, 0, 1.0, conditioning(1), conditioning(1), empty, own, 1.0, "auto", True,
+                                        "denoise"))):  # fmt: skip
+        with pytest.raises(ValueError, match=r"starts at sigma 45\d\d, above this model's largest sigma 14.61: .*"
+                           "zero terminal SNR"):  # fmt: skip
+            N[node].execute(*args)
 
 
 def test_the_loader_info_says_which_model_a_table_was_made_for():
