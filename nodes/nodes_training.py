@@ -140,7 +140,11 @@ class EPDDistill(io.ComfyNode):
             ],
             outputs=[
                 EPDParamsType.Output(display_name="epd_params", tooltip="The trained table (also saved)."),
-                io.String.Output(display_name="info", tooltip="The training's report (also in the queue)."),
+                io.String.Output(
+                    display_name="info",
+                    tooltip="The training's report: connect Preview as Text to read "
+                    "it (the frontends do not show it otherwise; it is also in the history API).",
+                ),
             ],
         )
 
@@ -200,7 +204,7 @@ class EPDDistill(io.ComfyNode):
             info += "final_step estimate) sample it so"
         if "fallback" in params.metadata:
             info = f"no backward pass through this model, so {params.metadata['fallback']}; {info}"
-        return io.NodeOutput(params, info, ui=ui.PreviewText(info))  # the report shows in the queue
+        return io.NodeOutput(params, info, ui=ui.PreviewText(info))  # the report in the history API
 
     @classmethod
     def fingerprint_inputs(cls, filename: str = "", **_: object) -> str:
@@ -388,7 +392,11 @@ class EPDRDPO(io.ComfyNode):
             ],
             outputs=[
                 EPDParamsType.Output(display_name="epd_params", tooltip="The trained table (also saved)."),
-                io.String.Output(display_name="info", tooltip="The training's report (also in the queue)."),
+                io.String.Output(
+                    display_name="info",
+                    tooltip="The training's report: connect Preview as Text to read "
+                    "it (the frontends do not show it otherwise; it is also in the history API).",
+                ),
             ],
         )
 
@@ -427,7 +435,7 @@ class EPDRDPO(io.ComfyNode):
             info += f" (groups {groups} -> {r['groups']}: a multiple of {r['prompts']})"
         info += (f"; the rollouts' mean reward {curve[0]:.4g} in the first iteration, {r['final_reward']:.4g} over the "
                  f"last fifth; KL to the start {r['kl_to_start']:.3g}{guard_report(r)}; saved {saved}")  # fmt: skip
-        return io.NodeOutput(params, info, ui=ui.PreviewText(info))  # the report shows in the queue
+        return io.NodeOutput(params, info, ui=ui.PreviewText(info))  # the report in the history API
 
     @classmethod
     def fingerprint_inputs(cls, filename: str = "", **_: object) -> str:

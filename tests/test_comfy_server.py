@@ -155,7 +155,7 @@ def test_distill_with_the_mnist_feature_loss_over_http(server):
     errors = [m[1].get("exception_message") for m in entry["status"]["messages"]]
     assert entry["status"]["status_str"] == "success", errors
     table = epd_core.load_params(server.base / "models" / "epd" / "mnist_features.safetensors")
-    (report,) = entry["outputs"]["5"]["text"]  # the training report shows in the queue, with nothing wired to info
+    (report,) = entry["outputs"]["5"]["text"]  # the report is in the history API, with nothing wired to info
     assert "saved" in report and "mnist_features.safetensors" in report
     assert table.metadata["feature_loss"] == {"encoder": "mnist_classifier", "weight": 0.5}
     assert table.nfe == 4 and table.metadata["distilled"]["iterations"] == 2
