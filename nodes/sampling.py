@@ -261,15 +261,18 @@ def check_compatible(params: EPDParams, model_sampling) -> None:
     check_model_family(model_sampling)
     if params.backend == "edm" and is_discrete_model(model_sampling):
         raise ValueError(
-            f"this EPD table was made for {_table_model(params)}, a pixel-space EDM model (sigma up to "
-            f"{float(make_schedule(params)[0]):g}), not for a discrete latent model like this one "
-            "(SD1.5/SDXL-type): its time points would fall outside this model's sigmas. Use a table made for this "
-            "model (a [download] sd15/... table, or one from EPD Distill)"
+            f"this EPD table is a continuous-sigma (EDM) table (sigma up to {float(make_schedule(params)[0]):g}), "
+            f"made for {_table_model(params)}, and this is a discrete-time model (SD1.5/SDXL-type): its time points "
+            "would fall outside this model's sigmas. If the table was fitted on this network under "
+            "ModelSamplingContinuousEDM or ModelSamplingContinuousV, add that node with the same settings; otherwise "
+            "use a table made for this model (a [download] sd15/... table, or one from EPD Distill)"
         )
     flow = is_flow_model(model_sampling)
     if params.is_flow != flow:
         kind = "rectified-flow (SD3/FLUX)" if params.is_flow else "variance-exploding (SD1.5/SDXL/EDM)"
-        model_kind = "a flow model" if flow else "an EPS/V-prediction model"
+        model_kind = "a flow model" if flow else "a discrete EPS/V-prediction model"
+        if not flow and not is_discrete_model(model_sampling):
+            model_kind = "a continuous-sigma (EDM) model"
         raise ValueError(
             f"this EPD table is for {kind} models but the model is {model_kind}: load a table made for this model's "
             "family (the loader's info says which) or fit one with EPD Distill"

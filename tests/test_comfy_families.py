@@ -284,10 +284,10 @@ def test_a_pixel_space_edm_table_on_a_latent_model_is_an_error_that_says_what_it
     params = epd_core.load_params(official_path("00001-cifar10-3-3-epd-uni1.0-afs.pkl"))
     assert params.backend == "edm"
     model, cond = _analytic("sd15_eps")
-    with pytest.raises(ValueError, match="pixel-space EDM") as err:
+    with pytest.raises(ValueError, match=r"continuous-sigma \(EDM\) table .*add that node with the same") as err:
         N["EPDScheduler"].execute(model, params, 1.0, False)
     assert "00001-cifar10-3-3-epd-uni1.0-afs.pkl" in str(err.value)
-    with pytest.raises(ValueError, match="pixel-space EDM"):
+    with pytest.raises(ValueError, match=r"continuous-sigma \(EDM\) table"):
         N["EPDKSampler"].execute(model, 0, 1.0, cond, cond, {"samples": torch.zeros(1, 4, 8, 8)}, params, 1.0,
                                  "auto", False)  # fmt: skip
     edm, _ = _analytic("edm_ve")
@@ -296,6 +296,9 @@ def test_a_pixel_space_edm_table_on_a_latent_model_is_an_error_that_says_what_it
     sd15 = epd_core.load_params(official_path("sd15-best.pkl"))  # the reverse: named, with what to do
     with pytest.raises(ValueError, match=r"made for .*sd15-best.pkl, a discrete-time model .* Use a table made for"):
         N["EPDScheduler"].execute(edm, sd15, 1.0, False)
+    flow = epd_core.load_params(official_path("sd3-512-best.pkl"))  # it said "an EPS/V-prediction model"
+    with pytest.raises(ValueError, match=r"rectified-flow .* but the model is a continuous-sigma \(EDM\) model"):
+        N["EPDScheduler"].execute(edm, flow, 1.0, False)
 
 
 def test_a_grid_mismatch_counts_time_points_on_both_sides():
