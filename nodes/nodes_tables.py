@@ -98,8 +98,9 @@ def catalogue_choice(choice: str) -> CatalogueEntry | None:
 
 
 def resolve_table(choice: str) -> str:
-    """The file name for a choice; a ``[download]`` table missing locally is fetched into models/epd first."""
-    if not choice.startswith(DOWNLOAD):
+    """The file name for a choice; a ``[download]`` table missing locally is fetched into models/epd first. A local
+    file whose own name starts with ``[download] `` is that file."""
+    if not choice.startswith(DOWNLOAD) or folder_paths.get_full_path(FOLDER, choice) is not None:
         return choice
     entry = catalogue_choice(choice)
     if entry is None:

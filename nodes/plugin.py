@@ -101,7 +101,7 @@ def make_plugin_sampler(
     """Wrap a base ``SAMPLER``: its model calls at grid points are answered by the EPD plugin; ``final_step`` says
     how sigmas ending in 0 reach it (``denoise``: the base's own call; ``estimate``: the last step's x0 estimate).
 
-    Returns the new sampler and an info text (with a warning when the table was trained for another base).
+    Returns the new sampler and an info text (the base, the table, and whose update places the table's points).
     """
     name = base_sampler_name(base)
     if name not in PLUGIN_BASES:

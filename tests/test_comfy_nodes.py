@@ -395,6 +395,9 @@ def test_loader_lists_models_epd_and_names_bad_files(tmp_path, monkeypatch):
     assert params.num_steps == 11 and "NFE 20" in info
     with pytest.raises(ValueError, match="bad.pkl"):
         N["EPDParamsLoader"].execute("bad.pkl")
+    epd_core.save_params(_table("sd15-best.pkl"), tmp_path / "[download] mine.safetensors")  # a local file's name
+    params, _ = _nodes_out(N["EPDParamsLoader"], "[download] mine.safetensors")  # was 'no such published table'
+    assert params.num_steps == 11
 
 
 @pytest.mark.parametrize("name", ["sd15-best.pkl", "flux-best.pkl", "00024-ffhq-6-9-ipndm-uni1.0-afs.pkl"])
