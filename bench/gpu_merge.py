@@ -7,7 +7,10 @@ went, ``partial-<kind>.json``); together they are one :mod:`bench.neural` run (o
 through ``EPD_KEY_CACHE``): written to ``neural.json``, ``neural.md`` and ``neural_summary.json`` and merged into
 ``accuracy.json`` as ``bench.neural`` does. ``plugin/<shard>.json``: :mod:`bench.plugin`'s MNIST rows, merged into
 ``plugin.json`` and ``accuracy.json`` and ``plugin.md`` rewritten as ``bench.plugin`` does. ``--skip`` leaves out
-the shards named (for example the EPD rows of tables that were not bundled). ``tables/<job>/``: the checkpoint of
+the shards named (for example the EPD rows of tables that were not bundled). A shard stopped at its deadline holds
+part of its field only (the best built-in could be among the cells it never ran): the merge refuses it unless
+``--allow-partial``. Rows must be on the answer key of the ``neural.json`` they join (same noises and key gap), as
+``bench.neural --add`` checks; a ``table_file`` of the GPU machine points into DIR. ``tables/<job>/``: the checkpoint of
 a training job stopped at its deadline is filed in ``bench/jobs/checkpoints/<job>/``, where the next call of
 ``scripts/gpu_mnist.sh`` continues it; a job that finished has its checkpoint removed there.
 """
@@ -32,6 +35,51 @@ def shard_rows(folder: Path) -> list[dict]:
     if done.is_file():
         return json.loads(done.read_text())
     return [r for part in sorted(folder.glob("partial-*.json")) for r in json.loads(part.read_text())]
+
+
+def unfinished(folders: list[Path], plugin_dir: Path) -> list[str]:
+    """The shards stopped before their end: a neural shard without ``neural.json``, a plugin job with only its
+    ``.partial.json``."""
+    names = [f"neural/{f.name}" for f in folders if not (f / "neural.json").is_file()]
+    for part in sorted(plugin_dir.glob("*.partial.json")):
+        if not part.with_name(part.name.removesuffix(".partial.json") + ".json").is_file():
+            names.append(f"plugin/{part.name}")
+    return names
+
+
+def plugin_shards(plugin_dir: Path, skip: list[str]) -> list[Path]:
+    """Each plugin job's file: its result, or for a stopped job its ``.partial.json``."""
+    shards = []
+    for path in sorted(plugin_dir.glob("*.json")):
+        whole = path.with_name(path.name.removesuffix(".partial.json") + ".json")
+        if path.name in skip or whole.name in skip or (path != whole and whole.is_file()):
+            continue
+        shards.append(path)
+    return shards
+
+
+def check_key(rows: list[dict], recorded: Path) -> None:
+    """Every model's rows on the answer key of the ``neural.json`` they join, where it has that model."""
+    old = {r["model"]: r for r in (json.loads(recorded.read_text()) if recorded.is_file() else [])
+           if r["sampler"] == "exact"}  # fmt: skip
+    for r in rows:
+        key = old.get(r["model"])
+        if key is not None and (r["samples"], r["answer_key_gap"]) != (key["samples"], key["answer_key_gap"]):
+            raise ValueError(f"{r['model']} {r['sampler']} {r['scheduler']}: {r['samples']} noises with key gap "
+                             f"{r['answer_key_gap']:.3g}, but {recorded} holds {key['samples']} with "
+                             f"{key['answer_key_gap']:.3g}: not the same answer key")  # fmt: skip
+
+
+def relative_tables(rows: list[dict], base: Path) -> list[dict]:
+    """``table_file`` as a path inside the unpacked results (the GPU machine's absolute path means nothing here)."""
+    out = []
+    for r in rows:
+        path = r.get("table_file")
+        if path and Path(path).is_absolute():
+            parts = Path(path).parts
+            r = {**r, "table_file": str(base / Path(*parts[parts.index("tables") :])) if "tables" in parts else path}
+        out.append(r)
+    return out
 
 
 def neural_rows(folders: list[Path]) -> list[dict]:
@@ -72,14 +120,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("dir", type=Path)
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--skip", nargs="*", default=[], help="shard folders or files (names) to leave out")
+    ap.add_argument("--allow-partial", action="store_true",
+                    help="merge shards stopped at their deadline too (their field is incomplete)")  # fmt: skip
     args = ap.parse_args(argv)
-    print("\n".join(file_checkpoints(args.dir / "tables")))
     parts = args.dir / "neural"
     folders = sorted(p for p in parts.iterdir() if p.is_dir() and p.name not in args.skip) if parts.is_dir() else []
-    rows = neural_rows(folders)
+    stopped = unfinished(folders, args.dir / "plugin")
+    if stopped and not args.allow_partial:
+        print(f"stopped before their end: {', '.join(stopped)}; their field is incomplete (the best built-in may be "
+              "among the cells they never ran). Leave them out with --skip, or merge them with --allow-partial",
+              file=sys.stderr)  # fmt: skip
+        return 1
+    rows = relative_tables(neural_rows(folders), args.dir)
+    check_key(rows, args.out / "neural.json")
+    print("\n".join(file_checkpoints(args.dir / "tables")))
     if rows:
         print(neural.record(rows, args.out))
-    shards = sorted(p for p in (args.dir / "plugin").glob("*.json") if p.name not in args.skip)
+    shards = plugin_shards(args.dir / "plugin", args.skip)
     prows = [r for p in shards for r in json.loads(p.read_text()) if r["sampler"] != "exact"]
     if prows:
         print(plugin.record(prows, args.out))

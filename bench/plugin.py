@@ -177,12 +177,17 @@ def merge_rows(rows: list[dict], path: Path, only_plugin: bool) -> list[dict]:
     return merged
 
 
+def partial_path(out: Path) -> Path:
+    """Where a job writing ``out`` keeps its rows as it goes: not ``out`` itself, which only a finished job writes."""
+    return out.with_name(out.name.removesuffix(".json") + ".partial.json")
+
+
 def _job(spec: str) -> None:
     job = json.loads(spec)
     if "kind" in job:
         reuse = json.loads(Path(job["reuse"]).read_text()) if job["reuse"] else []
-        rows = bench_plugin_mnist(job["kind"], job["bases"], job["nfes"], job["n"], reuse, partial=Path(job["out"]),
-                                  tables=job.get("tables"))  # fmt: skip
+        rows = bench_plugin_mnist(job["kind"], job["bases"], job["nfes"], job["n"], reuse,
+                                  partial=partial_path(Path(job["out"])), tables=job.get("tables"))  # fmt: skip
     else:
         rows = bench_plugin(job["form"], job["bases"], job["nfes"], job["n"])
     Path(job["out"]).write_text(json.dumps(rows))

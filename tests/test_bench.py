@@ -455,6 +455,36 @@ def test_gpu_shards_merge_into_one_run(tmp_path):
         gpu_merge.neural_rows([tmp_path / "a", tmp_path / "c"])
 
 
+def test_gpu_merge_refuses_stopped_shards_and_rows_of_another_answer_key(tmp_path, capsys):
+    """A shard stopped at its deadline was merged as a whole field (the best built-in at eps NFE 10 was among the
+    cells it never ran: the ratio went from 1.91x to 2.30x), a plugin job's rows so far were its result, and rows on
+    10 noises joined a 2,050-noise neural.json (a 10-noise EPD row against the recorded field: 1.85x)."""
+    from bench import gpu_merge, plugin
+
+    common = {"model": "mnist-eps", "samples": 2050, "answer_key_gap": 0.0094}
+    exact = {**common, "sampler": "exact", "scheduler": "heun/100", "nfe": 200}
+    run = {**common, "sampler": "euler", "scheduler": "beta", "nfe": 5, "rmse": 0.1}
+    results, out = tmp_path / "results", tmp_path / "bench"
+    for shard, name in (("a", "neural.json"), ("b", "partial-eps.json")):
+        (results / "neural" / shard).mkdir(parents=True)
+        (results / "neural" / shard / name).write_text(json.dumps([exact, run]))
+    (results / "plugin").mkdir()
+    stopped = plugin.partial_path(results / "plugin" / "eps0.json")
+    stopped.write_text(json.dumps([{**run, "sampler": "epd_plugin_euler"}]))
+    assert gpu_merge.main([str(results), "--out", str(out)]) == 1
+    assert "neural/b, plugin/eps0.partial.json" in capsys.readouterr().err and not out.exists()
+    assert gpu_merge.plugin_shards(results / "plugin", []) == [stopped]
+    (results / "plugin" / "eps0.json").write_text("[]")  # the job finished: its result, not its rows so far
+    assert gpu_merge.plugin_shards(results / "plugin", []) == [results / "plugin" / "eps0.json"]
+    assert gpu_merge.unfinished([results / "neural" / "a"], results / "plugin") == []
+    out.mkdir()
+    (out / "neural.json").write_text(json.dumps([{**exact, "samples": 10, "answer_key_gap": 0.0049}]))
+    with pytest.raises(ValueError, match="2050 noises with key gap 0.0094, but .* holds 10 with 0.0049"):
+        gpu_merge.main([str(results), "--out", str(out), "--skip", "b"])
+    moved = gpu_merge.relative_tables([{**run, "table_file": "/tmp/epd_gpu/tables/job/t.safetensors"}], results)
+    assert moved[0]["table_file"] == str(results / "tables" / "job" / "t.safetensors")
+
+
 def test_gpu_merge_files_unfinished_jobs_checkpoints(tmp_path):
     """A training job stopped at the GPU call's deadline has its checkpoint filed for the next call; a job that
     finished has the one filed earlier removed; nothing else is touched."""
