@@ -1,7 +1,7 @@
 """GPU latency: batch-1 wall time of EPD (K = 2 and K = 3, the K points in one batched call, and K = 2 one call per
 point) against dpmpp_2m and euler at equal NFE, on a mid-size SD1.5-architecture UNet (random weights, 228M
 parameters, 512x512 image = 64x64 latent, cfg 4, float16 on a GPU), through ComfyUI's sampling path. Run it where a
-GPU is lent; on a CPU use ``--size tiny`` (a smoke test).
+GPU is lent; on a CPU use ``--size tiny --out DIR`` (a smoke test).
 
     python -m bench.gpu_latency [--reps 20] [--nfe 6 10]   -> bench/results/gpu_latency.json (cost.json's format)
 
@@ -109,8 +109,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--nfe", type=int, nargs="+", default=[6, 10])
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--latent", type=int, default=64, help="latent side (64 = a 512x512 image)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, help="default bench/results, on a GPU only (it holds the GPU's figures)")
     args = ap.parse_args(argv)
+    if args.out is None and not torch.cuda.is_available():
+        ap.error("no GPU here: give --out (bench/results/gpu_latency.json holds the GPU measurement the README cites)")
+    args.out = args.out or RESULTS
     if any(n % 2 for n in args.nfe):
         ap.error("--nfe must be even (EPD without the analytic first step: two rounds per step)")
     comfy_harness.setup(cpu=not torch.cuda.is_available())  # the device is fixed by ComfyUI's first start

@@ -20,6 +20,8 @@ fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 python3 -c 'import torch; print("torch", torch.__version__, torch.cuda.get_device_name())'
 export PYTHONUNBUFFERED=1
-python3 -m scripts.gpu_check > "$OUT/gpu_check.json" || echo "gpu_check failed: $?"
+# written whole or not at all: a failed check leaves the recorded gpu_check.json as it was
+python3 -m scripts.gpu_check > "$OUT/gpu_check.json.tmp" && mv "$OUT/gpu_check.json.tmp" "$OUT/gpu_check.json" \
+    || echo "gpu_check failed: $? (output in $OUT/gpu_check.json.tmp)"
 tail -c 3000 "$OUT/gpu_check.json"
 python3 -m bench.gpu_latency --reps "${REPS:-20}" --nfe 6 10 --out "$OUT"

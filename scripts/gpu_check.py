@@ -27,7 +27,11 @@ def parity(device: str) -> list[dict]:
         with safe_open(str(path), "pt") as fh:
             meta = json.loads(fh.metadata()["meta"])
         ref = load_file(str(path))
-        (table,) = list((SHARED / "epd_official").glob(f"*/{meta['predictor_file']}"))
+        tables = list((SHARED / "epd_official").glob(f"*/{meta['predictor_file']}"))
+        if len(tables) != 1:
+            raise SystemExit(f"{path}: its table {meta['predictor_file']!r} is in {len(tables)} folders of "
+                             f"{SHARED / 'epd_official'}, not one")  # fmt: skip
+        (table,) = tables
         p = load_params(table)
         kw = {"sigma_min": meta["sigma_min"], "sigma_max": meta["sigma_max"]} if meta["net_kind"] == "edm" else {}
         grid = make_schedule(p, **kw)
@@ -41,6 +45,8 @@ def parity(device: str) -> list[dict]:
         seq = sample(den, x.to(device), grid, p, parallel=False).cpu()
         row["batched_vs_sequential"] = (seq - sample(den, x.to(device), grid, p).cpu()).abs().max().item()
         rows.append(row)
+    if not rows:
+        raise SystemExit(f"no reference trajectories in {SHARED / 'epd_reference'} (set EPD_SHARED)")
     return rows
 
 

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
+from epd_dev import ROOT
 from epd_dev.comfy_harness import NODES as N
 
 pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("comfy_nodes")]
@@ -200,6 +204,17 @@ def test_gpu_latency_script_runs_on_the_cpu(tmp_path):
     runs = sorted((r["sampler"], r["nfe"]) for r in result["wall_time"])
     assert runs == sorted((s, n) for s in names for n in (4, 6))
     assert all(r["seconds_per_image"] > 0 for r in result["wall_time"])
+    if not torch.cuda.is_available():  # the smoke test overwrote the GPU's recorded figures
+        with pytest.raises(SystemExit):
+            gpu_latency.main(args[:-2])
+
+
+def test_gpu_check_fails_without_reference_trajectories(tmp_path):
+    """Without EPD_SHARED's trajectories it printed an empty parity list and exited 0: a pass with no data (and
+    gpu_bench.sh wrote it over the recorded gpu_check.json)."""
+    env = {**os.environ, "EPD_SHARED": str(tmp_path)}
+    run = subprocess.run([sys.executable, "-m", "scripts.gpu_check"], cwd=ROOT, env=env, capture_output=True, text=True)
+    assert run.returncode != 0 and "no reference trajectories" in run.stderr and run.stdout == ""
 
 
 def test_quick_neural_benchmark(quick, tmp_path):
