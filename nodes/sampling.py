@@ -418,6 +418,7 @@ class _ComfyDenoiser:
         self.extra_args = extra_args
         self.batch = batch
         self.one_sigma_per_call = one_sigma_per_call
+        self.one_point = False  # set by an out-of-memory batched call: the rest of the run goes point by point
 
     def _call(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         comfy.model_management.throw_exception_if_processing_interrupted()  # between chunks, teacher steps, ...
@@ -452,17 +453,36 @@ class _ComfyDenoiser:
         if self.one_sigma_per_call and sigma.numel() > 1 and bool((sigma != sigma[0]).any()):
             starts = [0, *((sigma[1:] != sigma[:-1]).nonzero().flatten() + 1).tolist(), sigma.shape[0]]
             return torch.cat([self._call(x[a:b], sigma[a:b]) for a, b in zip(starts, starts[1:], strict=False)])
-        if x.shape[0] == self.batch:
-            return self._call(x, sigma)
+        if x.shape[0] == self.batch or self.one_point:
+            return self._points(x, sigma)
         try:
             return self._call(x, sigma)
-        except comfy.model_management.OOM_EXCEPTION:
-            log.warning("EPD: out of memory on a batch of %d; redoing the points one by one", x.shape[0])
-            comfy.model_management.soft_empty_cache(True)
-            parts = [
-                self._call(x[i : i + self.batch], sigma[i : i + self.batch]) for i in range(0, x.shape[0], self.batch)
-            ]
-            return torch.cat(parts)
+        except Exception as exc:
+            if not _is_oom(exc):
+                raise
+            if torch.is_grad_enabled():  # point by point would not match what autograd saved (checkpointing)
+                raise torch.OutOfMemoryError(
+                    f"out of memory on a model call of {x.shape[0]} latents while training: lower EPD Distill's "
+                    "micro_batch (or batch), or the latent size"
+                ) from None
+        # Past the except block: the failed call's activations go with its traceback (as ComfyUI's VAE fallback).
+        log.warning("EPD: out of memory on a batch of %d; the points go one by one for the rest of the run", len(x))
+        self.one_point = True
+        comfy.model_management.soft_empty_cache(True)
+        return self._points(x, sigma)
+
+    def _points(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """One call per latent batch (per point of a K*B batch)."""
+        if x.shape[0] == self.batch:
+            return self._call(x, sigma)
+        parts = [self._call(x[i : i + self.batch], sigma[i : i + self.batch]) for i in range(0, len(x), self.batch)]
+        return torch.cat(parts)
+
+
+def _is_oom(exc: BaseException) -> bool:
+    """An out-of-memory error as ComfyUI tells them (0.33 also counts accelerator errors saying so)."""
+    is_oom = getattr(comfy.model_management, "is_oom", None)
+    return bool(is_oom(exc)) if is_oom is not None else isinstance(exc, comfy.model_management.OOM_EXCEPTION)
 
 
 def epd_sampler_function(

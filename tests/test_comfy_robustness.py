@@ -182,8 +182,33 @@ def test_out_of_memory_on_batched_call_redone_sequentially():
 
     m.set_model_unet_function_wrapper(wrapper)
     out = _run(m, params, "batched")
-    assert len(failures) == params.num_steps - 1
+    assert len(failures) == 1  # remembered: it failed again at every step, emptying the cache each time
     assert torch.allclose(out, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_out_of_memory_while_training_is_an_error_that_names_micro_batch():
+    """Redone point by point inside autograd's recomputation (torch.utils.checkpoint), the call gave tensors of other
+    shapes than the forward pass saved: a CheckpointError. While training it is an out-of-memory error saying what to
+    lower."""
+    import comfy.model_management
+
+    training, config_module = H.pack_module("nodes.training"), H.pack_module("epd_core.config")
+    model = tiny_model("eps").clone()
+
+    def wrapper(apply_model, args):
+        if args["input"].shape[0] > 2 and torch.is_grad_enabled():
+            raise comfy.model_management.OOM_EXCEPTION("injected out of memory")
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    model.set_model_unet_function_wrapper(wrapper)
+    config = config_module.DistillConfig(iterations=1, batch=4, teacher="dpm2", teacher_m=1, seed=0, micro_batch=4,
+                                         objective="global", gradient="autograd", start_noises=0,
+                                         keep_best=0)  # fmt: skip
+    start = training.start_tables(model.get_model_object("model_sampling"), 3, 3, False, "carry")
+    with pytest.raises(torch.OutOfMemoryError, match="out of memory on a model call of 4 latents while training: "
+                       "lower EPD Distill's micro_batch"):  # fmt: skip
+        training.distill_on_model(model, conditioning(1, 1), conditioning(1, 2), 3.0, torch.zeros(1, 4, 8, 8), start,
+                                  config)  # fmt: skip
 
 
 def test_interrupt_mid_sampling_and_next_run_is_fresh():
