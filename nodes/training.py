@@ -383,6 +383,15 @@ def per_prompt_groups(config: RDPOConfig, prompts: int) -> RDPOConfig:
     return config if groups == config.groups else dataclasses.replace(config, groups=groups)
 
 
+def _largest_gradient_call(config, start: EPDParams) -> int:
+    """The latents of the largest model call backpropagated through (micro_batch noises x K points), which has to fit:
+    ComfyUI is asked to make room for it. Calls without gradients (teacher, checks, RDPO's rollouts) go point by point
+    when they run out of memory."""
+    if getattr(config, "gradient", None) != "autograd":
+        return 1
+    return max(1, config.micro_batch or config.batch) * start.num_points
+
+
 def _train_on_model(model, positive, negative, cfg, latent, start, config, fit):
     """Run ``fit(session)`` inside ComfyUI's prepared sampling context, on the grid EPD KSampler samples the latent's
     size on (Flux 2's ``mu`` follows the resolution)."""
@@ -393,7 +402,7 @@ def _train_on_model(model, positive, negative, cfg, latent, start, config, fit):
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
-    shape = (1, *latent.shape[1:])
+    shape = (_largest_gradient_call(config, start), *latent.shape[1:])
     memory, minimum = comfy.sampler_helpers.estimate_memory(model, shape, guider.original_conds)
 
     def train(model_k, x, sigmas, extra_args=None, callback=None, disable=None):

@@ -325,6 +325,24 @@ def test_analytic_model_built_by_the_server_trains_with_every_objective(epd_dir,
     assert params.metadata["distilled"]["objective"] == objective and "held-out" in info
 
 
+def test_comfyui_makes_room_for_the_call_backpropagated_through(monkeypatch):
+    """EPD Distill asked ComfyUI for the memory of a one-latent call; the calls it backpropagates through hold
+    micro_batch x K latents (on a GPU ComfyUI kept weights resident that left room for 2 rows)."""
+    import comfy.sampler_helpers
+
+    training, config_module = H.pack_module("nodes.training"), H.pack_module("epd_core.config")
+    asked, estimate = [], comfy.sampler_helpers.estimate_memory
+    monkeypatch.setattr(comfy.sampler_helpers, "estimate_memory", lambda m, shape, *a: asked.append(shape) or
+                        estimate(m, shape, *a))  # fmt: skip
+    model = tiny_model("eps")
+    start = training.start_table(model.get_model_object("model_sampling"), 3, 3, False, "carry")
+    for gradient, rows in (("autograd", 12), ("fd", 1)):
+        config = config_module.DistillConfig(iterations=1, batch=16, micro_batch=4, gradient=gradient)
+        training._train_on_model(model, conditioning(1), conditioning(1), 2.0, torch.zeros(1, 4, 8, 8), start, config,
+                                 lambda session: start)  # fmt: skip
+        assert asked[-1] == (rows, 4, 8, 8)
+
+
 def test_never_overwrites_without_asking(epd_dir):
     model = tiny_model("eps")
     _run(model, "eps", "same", iterations=1)
