@@ -392,7 +392,8 @@ def check_context_windows(model_options: dict | None, sigmas: torch.Tensor) -> N
 
 
 def _points_per_call(guider, params: EPDParams, x: torch.Tensor) -> int:
-    """How many of the K points fit one call, by ComfyUI's own memory estimate."""
+    """How many of the K points fit one call, by ComfyUI's own memory estimate of one conditioning's rows (ComfyUI
+    runs the negative in the same call only where both fit, and none at cfg 1)."""
     base = getattr(guider, "inner_model", None)
     if base is None or not hasattr(base, "memory_required"):
         return params.num_points
@@ -402,7 +403,7 @@ def _points_per_call(guider, params: EPDParams, x: torch.Tensor) -> int:
         free = patcher.get_free_memory(device)
     else:
         free = comfy.model_management.get_free_memory(device)
-    per_point = base.memory_required([2 * x.shape[0]] + list(x.shape[1:]))
+    per_point = base.memory_required([x.shape[0]] + list(x.shape[1:]))
     if per_point <= 0:
         return params.num_points
     return max(1, min(params.num_points, int(free // (1.5 * per_point))))

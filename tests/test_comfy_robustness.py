@@ -166,6 +166,25 @@ def test_low_free_memory_splits_points_with_same_result(monkeypatch):
     assert torch.allclose(out, reference, rtol=1e-4, atol=1e-4)
 
 
+def test_auto_prices_a_point_at_one_conditionings_rows(monkeypatch):
+    """``auto`` priced each point as if its positive and negative always went in one call: where all K points fit
+    ComfyUI's own estimate (cfg 1 runs no negative; above, ComfyUI splits the pair itself when it does not fit) it
+    still went one point per call."""
+    import comfy.model_management
+
+    params = _params()
+    model = tiny_model("eps")
+    shape = latent("eps", BATCH)["samples"].shape
+    one = model.model.memory_required(list(shape))
+    free = int(1.5 * one * params.num_points) + 1
+    monkeypatch.setattr(comfy.model_management, "get_free_memory",
+                        lambda dev=None, torch_free_too=False: (free, free) if torch_free_too else free)  # fmt: skip
+    sampling = H.pack_module("nodes.sampling")
+    guider = comfy.samplers.CFGGuider(model)
+    guider.inner_model = model.model
+    assert sampling._points_per_call(guider, params, torch.zeros(shape)) == params.num_points
+
+
 def test_out_of_memory_on_batched_call_redone_sequentially():
     import comfy.model_management
 
