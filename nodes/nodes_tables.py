@@ -125,19 +125,20 @@ def made_for(params: EPDParams) -> str:
         entry = _all_entries().get(meta["catalogue_entry"])
         model = f"the {entry.family} models of the authors ({entry.name})" if entry else meta["catalogue_entry"]
     kind = _BACKENDS.get(params.backend, f"backend {params.backend!r}")
-    if params.backend == "edm" and (params.sigma_min is None or params.sigma_max is None):
-        grid = f"sigma {float(make_schedule(params)[-1]):g} to {float(make_schedule(params)[0]):g}"
-    elif params.sigma_min is None or params.sigma_max is None:
-        grid = "the model's own sigma range"
-    else:
-        grid = f"sigma {params.sigma_min:g} to {params.sigma_max:g}"
-    if params.flowmatch_shift is not None:
-        grid += f", shift {params.flowmatch_shift:g}"
-    if params.flowmatch_mu is not None:
-        grid += f", mu {params.flowmatch_mu:g}"
-    if params.t_steps is not None:  # sampled on this grid whatever shift or mu the model is given
+    settings = [f"{name} {value:g}" for name, value in (("shift", params.flowmatch_shift), ("mu", params.flowmatch_mu))
+                if value is not None]  # fmt: skip
+    if params.t_steps is not None:  # sampled on this grid whatever sigma range, shift or mu the model has
         t = params.t_steps
-        grid += f"; its own grid {float(t[0]):.4g} to {float(t[-1]):.4g}, kept whatever shift the model has"
+        grid = f"its own grid {float(t[0]):.4g} to {float(t[-1]):.4g}, kept whatever shift the model has"
+        grid += f" (fitted at {', '.join(settings)})" if settings else ""
+    else:
+        if params.backend == "edm" and (params.sigma_min is None or params.sigma_max is None):
+            grid = f"sigma {float(make_schedule(params)[-1]):g} to {float(make_schedule(params)[0]):g}"
+        elif params.sigma_min is None or params.sigma_max is None:
+            grid = "the model's own sigma range"
+        else:
+            grid = f"sigma {params.sigma_min:g} to {params.sigma_max:g}"
+        grid = ", ".join([grid, *settings])
     return f"made for {model}: {kind}; schedule {params.schedule_type}, {grid}"
 
 

@@ -230,6 +230,10 @@ def distill_on_model(
     starts, first = start, next(iter(start.values()))
     ms = model.get_model_object("model_sampling")
     mu = resolution_mu(model.model, latent.shape, first.num_steps - 1, ms)  # Flux 2's, as EPD KSampler takes it
+    if mu is not None:  # a table without its own grid records the mu it is fitted at, not the model's default
+        starts = {name: t.replace(flowmatch_mu=mu) if t.t_steps is None and t.flowmatch_mu is not None else t
+                  for name, t in starts.items()}  # fmt: skip
+        first = next(iter(starts.values()))
     grids = {name: model_schedule(table, ms, mu) for name, table in starts.items()}
 
     def fit(s: Session) -> EPDParams:

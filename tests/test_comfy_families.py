@@ -363,9 +363,25 @@ def test_the_loader_info_says_which_model_a_table_was_made_for():
     info = tables.describe(demo)
     assert "made for analytic sd3" in info and "static shift" in info and "shift 3" in info
     last = f"{float(demo.t_steps[-1]):.4g}"  # a learned grid is kept whatever shift the model is given
-    assert f"its own grid 1 to {last}, kept whatever shift the model has" in info
+    assert f"its own grid 1 to {last}, kept whatever shift the model has (fitted at shift 3)" in info
+    assert "own sigma range" not in info  # it said "the model's own sigma range; its own grid ..."
     iccv = tables.describe(epd_core.load_params(official_path("00001-cifar10-3-3-epd-uni1.0-afs.pkl")))
     assert "ICCV tables' pixel-space" in iccv and "sigma 0.002 to 80" in iccv and "its own grid" not in iccv
+
+
+def test_a_flux2_table_without_its_own_grid_records_the_mu_it_was_fitted_at(tmp_path, monkeypatch):
+    """Fitted on the grid of the latent's resolution, it recorded (and the loader showed) the model's default mu."""
+    import folder_paths
+    from comfy_extras.nodes_flux import compute_empirical_mu
+
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "epd", ([str(tmp_path)], {".safetensors"}))
+    model = tiny_model("flux2")
+    empty = {"samples": torch.zeros(1, 128, 16, 16)}
+    params, info = N["EPDDistill"].execute(model, conditioning(1), conditioning(1), empty, 1.0, 4, 2, "heun", 1, 1, 2,
+                                           0.01, 0, False, "f2", True, start_check=0, keep_best=0).result  # fmt: skip
+    mu = compute_empirical_mu(16 * 16, params.num_steps - 1)
+    assert params.t_steps is None and params.flowmatch_mu == pytest.approx(mu) and mu != pytest.approx(2.02)
+    assert f"mu {params.flowmatch_mu:g}" in info
 
 
 def test_flux2_training_runs_on_the_grid_epd_ksampler_samples_its_latent_on():
