@@ -9,9 +9,9 @@ from pathlib import Path
 import torch
 
 from . import EPDParams, GaussianMixture, load_params, make_schedule, sample, save_params
-from .analytic import ANALYTIC_FORMS, heun
+from .analytic import ANALYTIC_FORMS, MIXTURES, heun
 from .catalogue import DEFAULT_TIMEOUT, MIRROR_ENV, fetch, find_entry, load_catalogue
-from .checkpoint import CheckpointMismatch
+from .checkpoint import CheckpointMismatch, NotACheckpoint
 from .config import DistillConfig, RDPOConfig, add_arguments, from_arguments
 from .files import EPDFileError, check_destination
 from .params import STUDENTS
@@ -49,8 +49,10 @@ def _demo(args: argparse.Namespace) -> int:
     """EPD against Euler at equal NFE on the exact Gaussian-mixture denoiser."""
     if args.batch < 1:
         raise ValueError(f"--batch must be at least 1, got {args.batch}")
+    if not -(2**63) <= args.seed < 2**64:
+        raise ValueError(f"--seed must be in [-2**63, 2**64), got {args.seed}")
     p = load_params(args.table)
-    gm = GaussianMixture.reference()
+    gm = GaussianMixture.named(args.mixture or _table_mixture(p))
     den = gm.denoise_flow if p.is_flow else gm.denoise_ve
     grid = make_schedule(p)
     g = torch.Generator().manual_seed(args.seed)
@@ -58,13 +60,20 @@ def _demo(args: argparse.Namespace) -> int:
     x0 = noise if p.is_flow else noise * grid[0]
     exact = heun(den, x0, make_schedule(p, num_steps=2001))
     epd = sample(den, x0, grid, p)
-    euler_grid = make_schedule(p, num_steps=p.nfe + 1)
+    euler_grid = make_schedule(p.replace(t_steps=None), num_steps=p.nfe + 1)  # the schedule's, not a learned grid
     euler = heun(den, x0, euler_grid, order=1)
     rmse = lambda a: float(((a - exact) ** 2).mean().sqrt())  # noqa: E731
-    print(f"table {args.table}: NFE {p.nfe}, {args.batch} samples")
+    print(f"table {args.table}: NFE {p.nfe}, {args.batch} samples, mixture {args.mixture or _table_mixture(p)}")
     print(f"  EPD   RMSE vs exact ODE solution: {rmse(epd):.5f}")
     print(f"  Euler RMSE at NFE {p.nfe}:          {rmse(euler):.5f}")
     return 0
+
+
+def _table_mixture(p: EPDParams) -> str:
+    """The mixture a table was distilled on, from its metadata (``analytic sd3 / mixture wide``), else the reference."""
+    model = str(p.metadata.get("model", ""))
+    name = model.rsplit("mixture ", 1)[-1].strip() if "mixture " in model else "reference"
+    return name if name in MIXTURES else "reference"
 
 
 def _catalogue(args: argparse.Namespace) -> int:
@@ -103,6 +112,9 @@ def _distill(args: argparse.Namespace, argv: list[str]) -> int:
             form.pop("schedule_rho")  # another schedule: EPDParams' default rho, unless --rho gives one
         form["schedule_type"] = args.schedule
     if args.rho is not None:
+        if form["schedule_type"] == "flowmatch":
+            raise ValueError(f"--rho does not apply to --form {args.form}'s flowmatch schedule: its grid is set by the "
+                             "form's shift or mu")  # fmt: skip
         form["schedule_rho"] = args.rho
     start = EPDParams.start(
         args.steps, args.points, student=args.student, afs=args.afs, max_order=args.max_order,
@@ -132,7 +144,7 @@ def _rdpo(args: argparse.Namespace, argv: list[str]) -> int:
     import shlex
 
     from .analytic import ode_endpoint, ode_state
-    from .rdpo import fitted_final_estimate, rdpo
+    from .rdpo import fitted_final_estimate, guard_report, rdpo
 
     _check_outputs(args)
     if args.exact_steps < 2:
@@ -157,12 +169,12 @@ def _rdpo(args: argparse.Namespace, argv: list[str]) -> int:
     meta = {"model": f"analytic mixture {args.mixture}", "command": "python -m epd_core " + shlex.join(argv),
             "rdpo_start_file": str(args.table)}  # fmt: skip
     config = from_arguments(args, RDPOConfig)
-    params, curve = rdpo(gm.denoise_ve, start, gm.shape, config, reference=exact, progress=progress, metadata=meta,
+    params, _ = rdpo(gm.denoise_ve, start, gm.shape, config, reference=exact, progress=progress, metadata=meta,
                          checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
                          checkpoint_key={"exact_steps": args.exact_steps})  # fmt: skip
     save_params(params, args.out, overwrite=args.force)
     _done(args.checkpoint)
-    print(f"wrote {args.out}: mean reward {curve[0]:.5f} -> {params.metadata['rdpo']['final_reward']:.5f}")
+    print(f"wrote {args.out}{guard_report(params.metadata['rdpo'])}")
     return 0
 
 
@@ -172,6 +184,10 @@ def _check_outputs(args: argparse.Namespace) -> None:
     check_destination(args.out, args.force, "--force replaces it")
     if args.checkpoint and Path(args.checkpoint).resolve() == Path(args.out).resolve():
         raise ValueError("--checkpoint and --out name the same file; give the checkpoint another name")
+    table = getattr(args, "table", None)
+    if args.checkpoint and table and Path(args.checkpoint).resolve() == Path(table).resolve():
+        raise ValueError("--checkpoint names the start table (the checkpoint is removed once the run ends); give the "
+                         "checkpoint another name")  # fmt: skip
 
 
 def _done(checkpoint: str | None) -> None:
@@ -201,6 +217,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("table")
     demo.add_argument("--batch", type=int, default=64)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--mixture", choices=sorted(MIXTURES), help="default: the one the table was distilled on")
     demo.set_defaults(fn=_demo)
     dist = sub.add_parser("distill", help="distil a table for an analytic mixture model (VE/discrete or flow form)")
     dist.add_argument("--form", choices=sorted(ANALYTIC_FORMS), default="sd15")
@@ -247,9 +264,17 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
+    except NotACheckpoint as exc:
+        print(f"error: {exc}; give --checkpoint a new file or a checkpoint of this run", file=sys.stderr)
+        return 2
     except CheckpointMismatch as exc:
         print(f"error: {exc}; remove it to start this run afresh, or give another --checkpoint", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        checkpoint = getattr(args, "checkpoint", None)
+        kept = f"; the checkpoint {checkpoint} is kept: run the same command again to resume" if checkpoint else ""
+        print(f"\ninterrupted{kept}", file=sys.stderr)
+        return 130
     except (EPDFileError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -45,6 +45,7 @@ __all__ = [
 UPSTREAM = "https://raw.githubusercontent.com/BeierZhu/EPD"
 MIRROR_ENV = "EPD_CATALOGUE_MIRROR"
 DEFAULT_TIMEOUT = 60.0
+MAX_TIMEOUT = 86_400.0  # a day: beyond, the deadline overflows the platform's clock
 _CHUNK = 64 * 1024
 _POLL = 0.2  # seconds between checks of the deadline and of an interrupt
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]*")
@@ -344,6 +345,8 @@ def fetch(
     Download folders of this entry that a stopped server left behind (untouched for ``STALE_AFTER_S``, and for
     longer than ``timeout``) are removed.
     """
+    if not (isinstance(timeout, (int, float)) and 0 < timeout <= MAX_TIMEOUT):
+        raise ValueError(f"timeout must be a number of seconds in (0, {MAX_TIMEOUT}], got {timeout!r}")
     dest = Path(dest_dir)
     final = dest / entry.filename
     if dest.is_dir():

@@ -38,6 +38,10 @@ class CheckpointMismatch(ValueError):
     """The checkpoint belongs to another run (configuration or model)."""
 
 
+class NotACheckpoint(CheckpointMismatch):
+    """The file named as the checkpoint is not one (or not readable as one)."""
+
+
 class RunState:
     """What a training loop needs to continue exactly: its modules' tensors, optimizer, scheduler, generator."""
 
@@ -175,7 +179,7 @@ def load_checkpoint(path: str | os.PathLike, state: RunState, config: dict[str, 
         if iteration < 1 or len(curve) != iteration:
             raise ValueError(f"iteration {iteration} with {len(curve)} losses")
     except Exception as exc:  # safetensors, JSON, missing keys
-        raise CheckpointMismatch(f"{path}: unreadable checkpoint ({exc})") from None
+        raise NotACheckpoint(f"{path}: unreadable checkpoint ({exc})") from None
     if saved_config != json.loads(json.dumps(config, sort_keys=True)):
         changed = sorted(k for k in set(saved_config) | set(config) if saved_config.get(k) != config.get(k))
         raise CheckpointMismatch(f"{path}: a checkpoint of another run (differs in {', '.join(changed)})")

@@ -42,6 +42,8 @@ class _Config:
             elif isinstance(f.default, int):
                 if isinstance(value, bool) or not isinstance(value, int):
                     raise ValueError(f"{f.name} must be an integer, got {value!r}")
+                if f.name == "seed" and not -(2**63) <= value < 2**64:  # torch's generators' range
+                    raise ValueError(f"seed must be in [-2**63, 2**64), got {value}")
             elif isinstance(f.default, float):
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
                     raise ValueError(f"{f.name} must be a finite number, got {value!r}")

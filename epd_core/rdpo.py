@@ -619,3 +619,23 @@ def rdpo(
         },
     }
     return policy.export(provenance), curve
+
+
+def guard_report(r: dict) -> str:
+    """What RDPO's held-out checks say of the saved table (the rollouts' rewards are on fresh noises each iteration
+    and include iterations a check rejected), or, without checks, whether the rollouts' mean reward fell."""
+    checks = [c for c in r["guard"] if "metric" in c]
+    if not checks:
+        fell = r["final_reward"] < r["first_reward"]
+        return "; the mean reward fell: the table may be worse than its start (a lower learning rate)" if fell else ""
+    stopped = r["stopped_at"]
+    kept = [c for c in checks if stopped is None or c["iteration"] < stopped][-1]
+    name = {"held_out_fidelity": "fidelity error"}.get(r["guard_metric"], f"metric {r['guard_metric']}")
+    text = (f"; held-out {name} (lower is better) {checks[0]['metric']:.4g} at the start, {kept['metric']:.4g} for "
+            "the saved table")  # fmt: skip
+    if stopped is not None:
+        return text + (f"; stopped after iteration {stopped}: it got worse than the start's, so the table is the "
+                       f"one of iteration {kept['iteration']}")  # fmt: skip
+    if kept["metric"] > checks[0]["metric"]:
+        text += ": worse than its start (a lower learning rate, or keep the start)"
+    return text

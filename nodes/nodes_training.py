@@ -18,6 +18,7 @@ from ..epd_core.config import (
     rdpo_preset,
 )
 from ..epd_core.params import DEFAULT_STUDENT, EPDParams, time_points_for_nfe
+from ..epd_core.rdpo import guard_report
 from .features import clip_vision_encoder
 from .inputs import EncoderType, EPDParamsType, advanced, config_input, epd_params_input, output_inputs, seed_input
 from .nodes_tables import describe
@@ -459,26 +460,6 @@ def _clip_score(vae, clip_vision, clip, prompt: str | None):
     if missing:
         raise ValueError(f"reward clip_score needs vae, clip_vision, clip and a prompt; missing: {', '.join(missing)}")
     return clip_score_reward(vae, clip_vision, clip, prompt)
-
-
-def guard_report(r: dict) -> str:
-    """What RDPO's held-out checks say of the saved table (the rollouts' rewards are on fresh noises each iteration
-    and include iterations a check rejected), or, without checks, whether the rollouts' mean reward fell."""
-    checks = [c for c in r["guard"] if "metric" in c]
-    if not checks:
-        fell = r["final_reward"] < r["first_reward"]
-        return "; the mean reward fell: the table may be worse than its start (a lower learning_rate)" if fell else ""
-    stopped = r["stopped_at"]
-    kept = [c for c in checks if stopped is None or c["iteration"] < stopped][-1]
-    name = {"held_out_fidelity": "fidelity error"}.get(r["guard_metric"], f"metric {r['guard_metric']}")
-    text = (f"; held-out {name} (lower is better) {checks[0]['metric']:.4g} at the start, {kept['metric']:.4g} for "
-            "the saved table")  # fmt: skip
-    if stopped is not None:
-        return text + (f"; stopped after iteration {stopped}: it got worse than the start's, so the table is the "
-                       f"one of iteration {kept['iteration']}")  # fmt: skip
-    if kept["metric"] > checks[0]["metric"]:
-        text += ": worse than its start (a lower learning_rate, or keep the start)"
-    return text
 
 
 def _needs(reward: str, **given):

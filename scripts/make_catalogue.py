@@ -19,6 +19,7 @@ from pathlib import Path
 
 from epd_core import load_params
 from epd_core.catalogue import UPSTREAM, CatalogueEntry
+from epd_core.files import EPDFileError, check_destination, write_atomic
 from epd_dev import ROOT
 from epd_dev.shared_data import OFFICIAL
 
@@ -89,8 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("shared", nargs="?", type=Path, default=default)
     parser.add_argument("--out", type=Path, default=ROOT / "weights" / "catalogue.json")
     args = parser.parse_args(argv)
+    try:
+        check_destination(args.out, True)  # before reading every table
+    except EPDFileError as exc:
+        parser.error(str(exc))
     doc = build(args.shared)
-    args.out.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+    write_atomic((json.dumps(doc, indent=2) + "\n").encode(), args.out, overwrite=True)
     print(f"wrote {args.out}: {len(doc['entries'])} entries")
     return 0
 

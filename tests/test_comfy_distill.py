@@ -621,7 +621,7 @@ def test_rdpo_info_reports_the_held_out_checks_not_the_noisy_rollout_rewards():
     """The rollouts' first reward is one iteration on fresh noises, the last the mean of the last fifth, rejected
     iterations included: the info said 'the mean reward fell' over a table 21% better on the held-out check, and a
     gain over a table the check had reverted to its start."""
-    report = H.pack_module("nodes.nodes_training").guard_report
+    report = H.pack_module("epd_core.rdpo").guard_report  # the node's info and the CLI's last line
     base = {"guard_metric": "held_out_fidelity", "first_reward": -0.03, "final_reward": -0.08, "stopped_at": None}
     better = [{"iteration": 0, "kl": 0.0, "metric": 0.0545}, {"iteration": 50, "kl": 0.1, "metric": 0.0432}]
     text = report({**base, "guard": better})

@@ -432,7 +432,50 @@ def test_a_mismatched_checkpoint_says_what_to_do(tmp_path):
     ck.write_bytes(b"")
     run = _cli_here("distill", "--iterations", "4", "--batch", "2", "--checkpoint", str(ck), "--out",
                     str(tmp_path / "t.safetensors"))  # fmt: skip
-    assert run.returncode == 2 and "remove it to start this run afresh, or give another --checkpoint" in run.stderr
+    assert run.returncode == 2 and "give --checkpoint a new file or a checkpoint of this run" in run.stderr
+    assert "remove it" not in run.stderr  # it is not a checkpoint: it may be the user's own file
+
+
+def test_cli_second_review(tmp_path, monkeypatch):
+    """From a second CLI review: rdpo's --checkpoint naming its start table (told to remove it); --rho on a flow form
+    (ignored, recorded); --timeout inf (a traceback) or nan; --seed beyond torch's range (an unnamed overflow);
+    demo's Euler on a carry table's learned grid (0.162 there, 0.203 on an epd table of the same model and NFE);
+    Ctrl-C (a traceback, no word of the checkpoint)."""
+    start = tmp_path / "start.safetensors"
+    start.write_bytes((ROOT / "weights" / "demo" / "analytic-sd15-reference-nfe5.safetensors").read_bytes())
+    run = _cli_here("rdpo", str(start), "--checkpoint", str(start), "--out", str(tmp_path / "r.safetensors"))
+    assert run.returncode == 2 and "--checkpoint names the start table" in run.stderr
+    run = _cli_here("distill", "--form", "sd3", "--rho", "3", "--out", str(tmp_path / "f.safetensors"))
+    assert run.returncode == 2 and "--rho does not apply to --form sd3's flowmatch schedule" in run.stderr
+    for timeout in ("inf", "nan", "-1", "1e300"):
+        run = _cli_here("fetch", "tpami-sd15-best", "--out", str(tmp_path / "f"), "--timeout", timeout)
+        assert run.returncode == 2 and "timeout must be a number of seconds in (0, 86400" in run.stderr, timeout
+    for command in (
+        ("demo", str(start), "--batch", "2"),
+        ("distill", "--iterations", "1", "--out", str(tmp_path / "s")),
+    ):
+        run = _cli_here(*command, "--seed", str(2**70))
+        assert run.returncode == 2 and "seed must be in [-2**63, 2**64)" in run.stderr, command
+    from scripts import make_catalogue  # a folder as --out: refused before reading the 43 tables (a traceback after)
+
+    with pytest.raises(SystemExit) as exit_:
+        make_catalogue.main([str(tmp_path / "no such shared folder"), "--out", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["start.safetensors"]
+    eulers = []
+    for name in ("analytic-sd15-reference-nfe5-carry", "analytic-sd15-reference-nfe5"):
+        run = _cli_here("demo", str(ROOT / "weights" / "demo" / f"{name}.safetensors"), "--batch", "64")
+        assert run.returncode == 0 and "mixture reference" in run.stdout
+        eulers.append(run.stdout.split("Euler RMSE at NFE 5:")[1].split()[0])
+    assert eulers[0] == eulers[1]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("epd_core.distill.distill", interrupted)
+    ck = tmp_path / "run.ckpt"
+    run = _cli_here("distill", "--iterations", "1", "--out", str(tmp_path / "i.safetensors"), "--checkpoint", str(ck))
+    assert run.returncode == 130 and f"interrupted; the checkpoint {ck} is kept: run the same command" in run.stderr
 
 
 def test_the_readmes_core_calls_work_as_written():
