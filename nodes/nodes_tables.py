@@ -216,6 +216,8 @@ class EPDParamsLoader(io.ComfyNode):
     @classmethod
     def execute(cls, table_name: str) -> io.NodeOutput:
         params = load_table(resolve_table(table_name))
+        if "source_file" not in params.metadata:  # a table trained from this one records it under trained_from
+            params = params.replace(metadata={**params.metadata, "source_file": table_name})
         return io.NodeOutput(params, describe(params) + ending_note(params))
 
 

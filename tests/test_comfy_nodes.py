@@ -398,6 +398,12 @@ def test_loader_lists_models_epd_and_names_bad_files(tmp_path, monkeypatch):
     epd_core.save_params(_table("sd15-best.pkl"), tmp_path / "[download] mine.safetensors")  # a local file's name
     params, _ = _nodes_out(N["EPDParamsLoader"], "[download] mine.safetensors")  # was 'no such published table'
     assert params.num_steps == 11
+    trained = epd_core.EPDParams.start(3, 2)
+    trained = trained.replace(metadata={"tool": "EPD Distill node", "model": "a ComfyUI SD15 model"})
+    epd_core.save_params(trained, tmp_path / "mine.safetensors")
+    params, info = _nodes_out(N["EPDParamsLoader"], "mine.safetensors")  # a table trained from it said nothing of it
+    assert params.carried_metadata()["trained_from"][0]["source_file"] == "mine.safetensors"
+    assert "table from mine.safetensors" in info
 
 
 @pytest.mark.parametrize("name", ["sd15-best.pkl", "flux-best.pkl", "00024-ffhq-6-9-ipndm-uni1.0-afs.pkl"])
