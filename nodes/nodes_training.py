@@ -273,7 +273,9 @@ def start_report(metadata: dict) -> str:
     if "start" not in metadata:
         return ""
     errors = metadata["start"]["untrained_error"]
-    measured = ", ".join(f"{name} {error:.4g}" for name, error in errors.items())
+    distinct = len(set(errors.values()))  # enough digits to tell the chosen grid's error from a near tie
+    digits = next((d for d in range(4, 10) if len({f"{e:.{d}g}" for e in errors.values()}) == distinct), 10)
+    measured = ", ".join(f"{name} {error:.{digits}g}" for name, error in errors.items())
     return f"started on the {metadata['start']['grid']} (untrained error vs the teacher: {measured}); "
 
 

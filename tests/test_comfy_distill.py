@@ -343,6 +343,16 @@ def test_comfyui_makes_room_for_the_call_backpropagated_through(monkeypatch):
         assert asked[-1] == (rows, 4, 8, 8)
 
 
+def test_the_start_report_tells_a_near_tie_apart():
+    """Example 5 said "started on the model grid (... rho-7 grid 0.1636, model grid 0.1636)", though a tie keeps the
+    first candidate: the errors differed below the fourth digit."""
+    report = H.pack_module("nodes.nodes_training").start_report
+    start = {"grid": "model grid", "untrained_error": {"rho-7 grid": 0.163612, "model grid": 0.163604}}
+    assert "rho-7 grid 0.16361, model grid 0.1636" in report({"start": start})
+    start["untrained_error"] = {"rho-7 grid": 0.2, "model grid": 0.1}
+    assert "rho-7 grid 0.2, model grid 0.1)" in report({"start": start})
+
+
 def test_never_overwrites_without_asking(epd_dir):
     model = tiny_model("eps")
     _run(model, "eps", "same", iterations=1)
