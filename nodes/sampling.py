@@ -185,7 +185,10 @@ def _grid_difference(positive: torch.Tensor, grid: torch.Tensor) -> str:
             "SplitSigmas), so run another sampler on the first part and EPD on the rest"
         )
     tail = grid[-n:].double()
-    j = int((~torch.isclose(positive.double(), tail, rtol=1e-5, atol=0)).nonzero()[0])
+    parted = (~torch.isclose(positive.double(), tail, rtol=1e-5, atol=0)).nonzero()
+    if parted.numel() == 0:
+        return ""
+    j = int(parted[0])
     return (
         f"; time point {j + 1} of the last {n} is {float(positive[j]):.4g} where the table's is {float(tail[j]):.4g} "
         "(a table fixes the spacing of its steps, not only their ends)"
