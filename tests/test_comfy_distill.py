@@ -378,14 +378,14 @@ def test_a_table_of_that_name_in_another_epd_folder_is_not_hidden(epd_dir, tmp_p
     later = tmp_path_factory.mktemp("models_epd")
     paths, exts = folder_paths.folder_names_and_paths["epd"]
     folder_paths.folder_names_and_paths["epd"] = (paths[:1] + [str(later)] + paths[1:], exts)
-    model = tiny_model("eps")
-    _run(model, "eps", "mine", iterations=1)
+    model, quick = tiny_model("eps"), {"start_check": 0, "keep_best": 0}  # where it saves is the question
+    _run(model, "eps", "mine", iterations=1, **quick)
     (epd_dir / "mine.safetensors").replace(later / "mine.safetensors")
     before = (later / "mine.safetensors").read_bytes()
     with pytest.raises(ValueError, match="mine.safetensors exists; set overwrite"):
-        _run(model, "eps", "mine", iterations=1)
+        _run(model, "eps", "mine", iterations=1, **quick)
     assert not (epd_dir / "mine.safetensors").exists() and (later / "mine.safetensors").read_bytes() == before
-    _run(model, "eps", "mine", iterations=2, overwrite=True, seed=5)
+    _run(model, "eps", "mine", iterations=2, overwrite=True, seed=5, **quick)
     assert not (epd_dir / "mine.safetensors").exists() and (later / "mine.safetensors").read_bytes() != before
     assert folder_paths.get_full_path("epd", "mine.safetensors") == str(later / "mine.safetensors")
 
