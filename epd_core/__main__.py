@@ -52,7 +52,8 @@ def _demo(args: argparse.Namespace) -> int:
     if not -(2**63) <= args.seed < 2**64:
         raise ValueError(f"--seed must be in [-2**63, 2**64), got {args.seed}")
     p = load_params(args.table)
-    gm = GaussianMixture.named(args.mixture or _table_mixture(p))
+    mixture = args.mixture or _table_mixture(p)
+    gm = GaussianMixture.named(mixture)
     den = gm.denoise_flow if p.is_flow else gm.denoise_ve
     grid = make_schedule(p)
     g = torch.Generator().manual_seed(args.seed)
@@ -63,7 +64,7 @@ def _demo(args: argparse.Namespace) -> int:
     euler_grid = make_schedule(p.replace(t_steps=None), num_steps=p.nfe + 1)  # the schedule's, not a learned grid
     euler = heun(den, x0, euler_grid, order=1)
     rmse = lambda a: float(((a - exact) ** 2).mean().sqrt())  # noqa: E731
-    print(f"table {args.table}: NFE {p.nfe}, {args.batch} samples, mixture {args.mixture or _table_mixture(p)}")
+    print(f"table {args.table}: NFE {p.nfe}, {args.batch} samples, mixture {mixture}")
     print(f"  EPD   RMSE vs exact ODE solution: {rmse(epd):.5f}")
     print(f"  Euler RMSE at NFE {p.nfe}:          {rmse(euler):.5f}")
     return 0
