@@ -18,7 +18,6 @@ from pathlib import Path
 import aiohttp
 
 from . import ROOT
-from .comfy_server import free_port
 
 WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -101,25 +100,26 @@ async def browse(url: str, shots: Path, fmt: str = "png", workflows: list[Path] 
     the page received them, and ``<stem>-run.<fmt>`` the screenshot with the result."""
     if CHROMIUM is None:
         raise RuntimeError("Chromium is required (apt-get install chromium); scripts/setup_env.sh installs it as root")
-    port = free_port()
     results = {}
     with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         proc = subprocess.Popen(  # noqa: S603
             [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
              "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-dev-shm-usage",
-             f"--user-data-dir={profile}", f"--remote-debugging-port={port}", "--window-size=1600,1000",
+             f"--user-data-dir={profile}", "--remote-debugging-port=0", "--window-size=1600,1000",
              "about:blank"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )  # fmt: skip
         try:
             async with aiohttp.ClientSession() as session:
+                active = Path(profile) / "DevToolsActivePort"  # port 0: Chromium picks a free one and writes it here
                 for _ in range(100):
                     try:
+                        port = int(active.read_text().split()[0])
                         async with session.get(f"http://127.0.0.1:{port}/json") as r:
                             targets = await r.json()
                         page = next(t for t in targets if t["type"] == "page")
                         break
-                    except (aiohttp.ClientError, StopIteration):
+                    except (OSError, ValueError, IndexError, aiohttp.ClientError, StopIteration):
                         await asyncio.sleep(0.2)
                 else:
                     raise RuntimeError("Chromium's DevTools did not come up")

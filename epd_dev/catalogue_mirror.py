@@ -87,12 +87,16 @@ class Mirror:
         self.server.server_close()
 
 
+_HELD: list[socket.socket] = []
+
+
 def dead_url() -> str:
-    """A local port nobody listens on: connection refused, as when offline."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}"
+    """A local port nobody listens on: connection refused, as when offline. The port stays bound (not listening) for
+    the process's life, so no server of a test run beside this one can take it."""
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    _HELD.append(s)
+    return f"http://127.0.0.1:{s.getsockname()[1]}"
 
 
 def local_copy(entry: CatalogueEntry) -> Path:

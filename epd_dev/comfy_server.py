@@ -49,17 +49,34 @@ class ComfyServer:
             front = self.base / "frontend"
             front.mkdir(exist_ok=True)
             cmd += ["--front-end-root", str(front)]
+        for _ in range(5):  # a test run beside this one may take the port between free_port and the server's bind
+            if self._start(cmd):
+                return self
+            self.port = free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            cmd[cmd.index("--port") + 1] = str(self.port)
+        raise RuntimeError(f"ComfyUI found its port taken five times; see {self.base / 'server.log'}")
+
+    def _start(self, cmd: list[str]) -> bool:
+        """Start the server; False when another process answers on its port (then this one is stopped)."""
         self.log = open(self.base / "server.log", "wb")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, cwd=comfyui_path(), stdout=self.log, stderr=subprocess.STDOUT)  # noqa: S603
         deadline = time.time() + 120
         while time.time() < deadline:
             if self.proc.poll() is not None:
+                if b"address already in use" in (self.base / "server.log").read_bytes().lower():
+                    self.log.close()
+                    return False
                 raise RuntimeError(f"ComfyUI exited; see {self.base / 'server.log'}")
             try:
-                self.get("/system_stats")
-                return self
+                argv = self.get("/system_stats")["system"].get("argv", [])
             except (urllib.error.URLError, ConnectionError):
                 time.sleep(0.5)
+                continue
+            if str(self.base) in argv:
+                return True
+            self.__exit__()
+            return False
         raise RuntimeError("ComfyUI did not start within 120 s")
 
     def __exit__(self, *exc) -> None:
