@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -16,6 +17,31 @@ from .config import DistillConfig, RDPOConfig, add_arguments, from_arguments
 from .files import EPDFileError, check_destination
 from .params import STUDENTS
 from .schedules import SCHEDULE_TYPES
+
+
+class _ProgressLine(logging.Handler):
+    """The progress line, rewritten in place with a carriage return. A warning logged by the core (RDPO's guard) or
+    an error ends it first, so it gets a line of its own rather than landing on the bar."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.open = False
+
+    def show(self, text: str, done: bool) -> None:
+        print("\r" + text, end="\n" if done else "", flush=True)
+        self.open = not done
+
+    def end(self) -> None:
+        if self.open:
+            print(flush=True)
+            self.open = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.end()
+        print(self.format(record), file=sys.stderr, flush=True)
+
+
+_LINE = _ProgressLine()
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -127,7 +153,7 @@ def _distill(args: argparse.Namespace, argv: list[str]) -> int:
     def progress(i: int, n: int, loss: float) -> None:
         if i == n or i % max(1, n // 20) == 0:
             bar = "#" * (30 * i // n)
-            print(f"\r[{bar:<30}] {i}/{n} loss {loss:.5f}", end="" if i < n else "\n", flush=True)
+            _LINE.show(f"[{bar:<30}] {i}/{n} loss {loss:.5f}", i == n)
 
     config = from_arguments(args, DistillConfig, start_noises=0)  # the form's start: no choice to check
     command = "python -m epd_core " + shlex.join(argv)
@@ -165,7 +191,7 @@ def _rdpo(args: argparse.Namespace, argv: list[str]) -> int:
         return ode_state(gm.denoise_ve, x0, sigma_max, sigma_end, steps=args.exact_steps)
 
     def progress(i: int, n: int, reward: float) -> None:
-        print(f"\riteration {i}/{n} mean reward {reward:.5f}", end="" if i < n else "\n", flush=True)
+        _LINE.show(f"iteration {i}/{n} mean reward {reward:.5f}", i == n)
 
     meta = {"model": f"analytic mixture {args.mixture}", "command": "python -m epd_core " + shlex.join(argv),
             "rdpo_start_file": str(args.table)}  # fmt: skip
@@ -263,24 +289,40 @@ def main(argv: list[str] | None = None) -> int:
     dist.set_defaults(fn=lambda a: _distill(a, argv))
     rd.set_defaults(fn=lambda a: _rdpo(a, argv))
     args = parser.parse_args(argv)
+    core_log = logging.getLogger(__package__ or "epd_core")
+    core_log.addHandler(_LINE)
+    try:
+        return _run(args)
+    finally:
+        _LINE.end()
+        core_log.removeHandler(_LINE)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the subcommand; a refusal is one line on stderr and exit status 2 (130 when interrupted)."""
     try:
         return args.fn(args)
     except NotACheckpoint as exc:
+        _LINE.end()
         print(f"error: {exc}; give --checkpoint a new file or a checkpoint of this run", file=sys.stderr)
         return 2
     except CheckpointMismatch as exc:
+        _LINE.end()
         print(f"error: {exc}; remove it to start this run afresh, or give another --checkpoint", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         checkpoint = getattr(args, "checkpoint", None)
         kept = f"; the checkpoint {checkpoint} is kept: run the same command again to resume" if checkpoint else ""
+        _LINE.open = False  # the line below starts a new one, whether a bar was open or not
         print(f"\ninterrupted{kept}", file=sys.stderr)
         return 130
     except (EPDFileError, ValueError) as exc:
+        _LINE.end()
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:
         name = f"{exc.filename}: " if exc.filename else ""
+        _LINE.end()
         print(f"error: {name}{exc.strerror or exc}", file=sys.stderr)
         return 2
 

@@ -478,6 +478,27 @@ def test_cli_second_review(tmp_path, monkeypatch):
     assert run.returncode == 130 and f"interrupted; the checkpoint {ck} is kept: run the same command" in run.stderr
 
 
+def test_a_warning_or_an_error_does_not_land_on_the_progress_bar(tmp_path, monkeypatch):
+    """The bar is rewritten in place with a carriage return; RDPO's guard warning (logged by the core) and an error
+    after a step were written onto it ("[####  ] 1/2 loss 0.50000EPD RDPO: the guard metric rose ...")."""
+    import logging
+
+    def training(*args, progress, **kwargs):
+        progress(1, 2, 0.5)
+        logging.getLogger("epd_core.rdpo").warning("EPD RDPO: the guard metric rose")
+        progress(2, 2, 0.25)
+        progress(1, 2, 0.5)
+        raise ValueError("the model answered NaN")
+
+    monkeypatch.setattr("epd_core.distill.distill", training)
+    run = _cli_here("distill", "--iterations", "2", "--out", str(tmp_path / "t.safetensors"))
+    assert run.returncode == 2 and "EPD RDPO: the guard metric rose\nerror: the model answered NaN" in run.stderr
+    lines = run.stdout.split("\n")
+    assert len(lines) == 4 and lines[-1] == "", run.stdout  # each bar ended before the warning and the error
+    assert [line.split("] ")[1] for line in lines[:3]] == ["1/2 loss 0.50000", "2/2 loss 0.25000", "1/2 loss 0.50000"]
+    assert not logging.getLogger("epd_core").handlers  # the CLI's handler does not outlive its call
+
+
 def test_the_readmes_core_calls_work_as_written():
     """README: ``rdpo(denoiser, start, shape, reward=...)`` (a reward passed as the config said 'pass exactly one of
     reward and reference') and ``find_entry`` among epd_core's names."""
