@@ -298,33 +298,31 @@ def main(argv: list[str] | None = None) -> int:
         core_log.removeHandler(_LINE)
 
 
+def _refuse(text: str, status: int = 2) -> int:
+    """``text`` on stderr, on a line of its own, and the exit status."""
+    _LINE.end()
+    print(text, file=sys.stderr)
+    return status
+
+
 def _run(args: argparse.Namespace) -> int:
     """Run the subcommand; a refusal is one line on stderr and exit status 2 (130 when interrupted)."""
     try:
         return args.fn(args)
     except NotACheckpoint as exc:
-        _LINE.end()
-        print(f"error: {exc}; give --checkpoint a new file or a checkpoint of this run", file=sys.stderr)
-        return 2
+        return _refuse(f"error: {exc}; give --checkpoint a new file or a checkpoint of this run")
     except CheckpointMismatch as exc:
-        _LINE.end()
-        print(f"error: {exc}; remove it to start this run afresh, or give another --checkpoint", file=sys.stderr)
-        return 2
+        return _refuse(f"error: {exc}; remove it to start this run afresh, or give another --checkpoint")
     except KeyboardInterrupt:
         checkpoint = getattr(args, "checkpoint", None)
         kept = f"; the checkpoint {checkpoint} is kept: run the same command again to resume" if checkpoint else ""
-        _LINE.open = False  # the line below starts a new one, whether a bar was open or not
-        print(f"\ninterrupted{kept}", file=sys.stderr)
-        return 130
+        _LINE.open = False  # the text starts a new line, whether a bar was open or not
+        return _refuse(f"\ninterrupted{kept}", 130)
     except (EPDFileError, ValueError) as exc:
-        _LINE.end()
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return _refuse(f"error: {exc}")
     except OSError as exc:
         name = f"{exc.filename}: " if exc.filename else ""
-        _LINE.end()
-        print(f"error: {name}{exc.strerror or exc}", file=sys.stderr)
-        return 2
+        return _refuse(f"error: {name}{exc.strerror or exc}")
 
 
 if __name__ == "__main__":

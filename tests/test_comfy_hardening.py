@@ -294,12 +294,12 @@ def test_a_file_that_appears_during_training_is_not_replaced(server):
 
 def test_an_interrupted_distill_resumes_to_the_same_table(server):
     epd = server.base / "models" / "epd"
-    _ok(server, _distill_graph("resume_ref", iterations=20, batch=4))
+    _ok(server, _distill_graph("resume_ref", iterations=20, batch=4, start_check=64))
     ck = epd / "resume_run.epd-checkpoint"
-    seconds, entry = _seconds_to_stop(server, _distill_graph("resume_run", iterations=20, batch=4), after=0.0,
-                                      until=ck.exists)  # fmt: skip
+    graph = _distill_graph("resume_run", iterations=20, batch=4, start_check=64)
+    seconds, entry = _seconds_to_stop(server, graph, after=0.0, until=ck.exists)
     assert "execution_interrupted" in _messages(entry) and ck.exists()
-    _ok(server, _distill_graph("resume_run", iterations=20, batch=4))
+    _ok(server, graph)
     a, b = load_params(epd / "resume_run.safetensors"), load_params(epd / "resume_ref.safetensors")
     assert_tables_close(a, b)
     assert torch.allclose(a.t_steps, b.t_steps, rtol=0, atol=1e-9)
@@ -343,9 +343,9 @@ def test_a_server_killed_mid_distill_resumes_to_the_same_table(tmp_path):
     base = tmp_path / "killed"
     epd = base / "models" / "epd"
     ck = epd / "killed_run.epd-checkpoint"
-    graph = _distill_graph("killed_run", iterations=24, batch=4)
+    graph = _distill_graph("killed_run", iterations=24, batch=4, start_check=64)
     with ComfyServer(base) as srv:
-        _ok(srv, _distill_graph("killed_ref", iterations=24, batch=4))
+        _ok(srv, _distill_graph("killed_ref", iterations=24, batch=4, start_check=64))
         code, _answer = srv.post(graph)
         assert code == 200
         deadline = time.time() + 300

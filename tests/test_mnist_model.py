@@ -424,7 +424,7 @@ def test_table_script_resumes_a_stopped_run(tmp_path, request, monkeypatch, capl
     request.addfinalizer(lambda: logging.getLogger("epd").setLevel(level))
     init = Path(__file__).resolve().parents[1] / "weights" / "demo" / "mnist-eps-nfe5-k4scg.safetensors"
     args = ["--kinds", "eps", "--nfes", "5", "--points", "4", "--objective", "global", "--final-estimate",
-            "--init", str(init), "--iterations", "3", "--batch", "2"]  # fmt: skip
+            "--init", str(init), "--iterations", "3", "--batch", "2", "--teacher-m", "1"]  # fmt: skip
     assert make_mnist_tables.main([*args, "--out", str(tmp_path / "whole")]) == 0
     training = comfy_harness.pack_module("nodes.training")
 
