@@ -30,8 +30,11 @@ class ComfyServer:
         self.base = Path(base)
         self.frontend = frontend
         self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
 
     def __enter__(self) -> ComfyServer:
         for sub in ("custom_nodes", "models/epd", "input", "output", "temp", "user"):
@@ -53,7 +56,6 @@ class ComfyServer:
             if self._start(cmd):
                 return self
             self.port = free_port()
-            self.url = f"http://127.0.0.1:{self.port}"
             cmd[cmd.index("--port") + 1] = str(self.port)
         raise RuntimeError(f"ComfyUI found its port taken five times; see {self.base / 'server.log'}")
 
