@@ -12,7 +12,8 @@ part of its field only (the best built-in could be among the cells it never ran)
 ``--allow-partial``. Rows must be on the answer key of the ``neural.json`` they join (same noises and key gap), as
 ``bench.neural --add`` checks; a ``table_file`` of the GPU machine points into DIR. ``tables/<job>/``: the checkpoint of
 a training job stopped at its deadline is filed in ``bench/jobs/checkpoints/<job>/``, where the next call of
-``scripts/gpu_mnist.sh`` continues it; a job that finished has its checkpoint removed there.
+``scripts/gpu_mnist.sh`` continues it; a job that finished has its table filed there instead (the next call keeps it
+and scores it again, rather than training it again).
 """
 
 from __future__ import annotations
@@ -99,15 +100,20 @@ def neural_rows(folders: list[Path]) -> list[dict]:
 
 
 def file_checkpoints(tables: Path, into: Path = CHECKPOINTS) -> list[str]:
-    """Copy the unfinished jobs' checkpoints from ``tables/<job>/`` into ``into/<job>/`` and drop those of jobs
-    whose table is there; returns what was done, one line each."""
+    """Copy the unfinished jobs' checkpoints from ``tables/<job>/`` into ``into/<job>/``; a finished job's table
+    replaces its checkpoint there (the next call keeps it rather than training it again: ``make_mnist_tables
+    --resume``); returns what was done, one line each."""
     done = []
     for job in sorted(p for p in tables.iterdir() if p.is_dir()) if tables.is_dir() else []:
         for table in sorted(job.glob("*.safetensors")):
             stale = into / job.name / (table.name.removesuffix(".safetensors") + ".epd-checkpoint")
-            if stale.exists():
-                stale.unlink()
-                done.append(f"{job.name}/{table.name}: finished, its checkpoint removed")
+            kept = into / job.name / table.name
+            if kept.exists() and kept.read_bytes() == table.read_bytes():
+                continue
+            kept.parent.mkdir(parents=True, exist_ok=True)
+            kept.write_bytes(table.read_bytes())
+            stale.unlink(missing_ok=True)
+            done.append(f"{job.name}/{table.name}: finished, filed (its checkpoint removed)")
         for checkpoint in sorted(job.glob("*.epd-checkpoint")):
             (into / job.name).mkdir(parents=True, exist_ok=True)
             (into / job.name / checkpoint.name).write_bytes(checkpoint.read_bytes())

@@ -9,7 +9,8 @@
 # Every stage runs under a deadline (seconds from the start: STAGE2_S for the benchmarks, TRAIN_S for training,
 # END_S for all); shards write their rows as they go, so a shard stopped at its deadline keeps what it measured.
 # Training keeps a checkpoint next to its table (--resume) and starts from bench/jobs/checkpoints/<folder>/ where an
-# earlier call left one, so a job longer than one call goes on over several (bench.gpu_merge files the checkpoints).
+# earlier call left one, so a job longer than one call goes on over several (bench.gpu_merge files the checkpoints,
+# and a finished job's table, which later calls keep and score again instead of training it afresh).
 # $OUT gets results.tar (rows, logs, tables, checkpoints) and the answer keys (keys-<kind>.safetensors).
 # KEYS=0 skips the answer keys (stage 1), BENCH_KINDS="" the field and the plugin (stage 2): a call for training.
 # Each process's exit status is in its log's .rc (124: stopped at its deadline, or not started past it); the script
@@ -71,7 +72,7 @@ if [ -n "${1:-}" ]; then
     while read -r folder args || [ -n "$folder" ]; do
         { [ -z "$folder" ] || [ "${folder:0:1}" = "#" ]; } && continue
         mkdir -p "$WORK/tables/$folder"
-        cp bench/jobs/checkpoints/"$folder"/*.epd-checkpoint "$WORK/tables/$folder/" 2>/dev/null
+        cp bench/jobs/checkpoints/"$folder"/*.{epd-checkpoint,safetensors} "$WORK/tables/$folder/" 2>/dev/null
         # shellcheck disable=SC2086
         until_s "$TRAIN_S" "$WORK/logs/train-$folder.txt" "$PY" -m scripts.make_mnist_tables $args --resume \
             --out "$WORK/tables/$folder" &

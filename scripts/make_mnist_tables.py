@@ -61,6 +61,17 @@ def split_points(params: EPDParams, points: int, spread: float = 0.1) -> EPDPara
     )
 
 
+def finished_by(path: Path, command: str) -> bool:
+    """``path`` is a table that ``command`` finished: its recorded command, and no checkpoint of a run left beside
+    it (what ``--resume`` continues)."""
+    if not path.is_file() or path.with_name(path.name.removesuffix(".safetensors") + ".epd-checkpoint").exists():
+        return False
+    try:
+        return load_params(path).metadata.get("command") == command
+    except EPDFileError:
+        return False
+
+
 def make_table(
     kind: str, nfe: int, points: int, config: DistillConfig, command: str, out: Path, student: str = DEFAULT_STUDENT,
     feature_weight: float | None = None, suffix: str = "", afs: bool = True, init: Path | None = None,
@@ -130,7 +141,8 @@ def main(argv: list[str] | None = None) -> int:
                     "the steps; with --no-learn-grid they stay)")  # fmt: skip
     ap.add_argument("--resume", action="store_true",
                     help="keep a checkpoint next to each table (<out>/<name>.epd-checkpoint) and continue from one "
-                    "found there (a run stopped at a deadline; same settings and model)")  # fmt: skip
+                    "found there (a run stopped at a deadline; same settings and model); a table this same command "
+                    "finished there is kept")  # fmt: skip
     add_arguments(ap, DistillConfig)
     args = ap.parse_args(sys.argv[1:] if argv is None else argv)
     if args.threads:
@@ -156,6 +168,10 @@ def main(argv: list[str] | None = None) -> int:
     for kind in args.kinds:
         for nfe in args.nfes:
             t0 = time.time()
+            done = args.out / f"mnist-{kind}-nfe{nfe}{args.suffix}.safetensors"
+            if args.resume and finished_by(done, command):  # a call of scripts/gpu_mnist.sh after the one it ended
+                print(f"{done}: finished by this command earlier, kept")
+                continue
             path = make_table(kind, nfe, args.points, config, command, args.out, args.student, args.feature_weight,
                               args.suffix, args.afs, args.init, scales, args.grid, args.resume)  # fmt: skip
             print(f"{path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}: {time.time() - t0:.0f} s")

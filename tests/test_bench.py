@@ -502,7 +502,8 @@ def test_gpu_merge_refuses_stopped_shards_and_rows_of_another_answer_key(tmp_pat
 
 def test_gpu_merge_files_unfinished_jobs_checkpoints(tmp_path):
     """A training job stopped at the GPU call's deadline has its checkpoint filed for the next call; a job that
-    finished has the one filed earlier removed; nothing else is touched."""
+    finished has its table filed in place of the checkpoint filed earlier (a later call kept the job's line and,
+    finding no checkpoint, trained it again from iteration 0); nothing else is touched."""
     from bench import gpu_merge
 
     tables, into = tmp_path / "tables", tmp_path / "checkpoints"
@@ -514,10 +515,13 @@ def test_gpu_merge_files_unfinished_jobs_checkpoints(tmp_path):
     (into / "done" / "mnist-flow-nfe5.epd-checkpoint").write_bytes(b"state at 750")
     (into / "done" / "mnist-flow-nfe10.epd-checkpoint").write_bytes(b"another job's state")
     lines = gpu_merge.file_checkpoints(tables, into)
-    assert lines == ["done/mnist-flow-nfe5.safetensors: finished, its checkpoint removed",
+    assert lines == ["done/mnist-flow-nfe5.safetensors: finished, filed (its checkpoint removed)",
                      "slow/mnist-eps-nfe5.epd-checkpoint: filed, to be continued"]  # fmt: skip
     assert (into / "slow" / "mnist-eps-nfe5.epd-checkpoint").read_bytes() == b"state at 475"
-    assert sorted(p.name for p in (into / "done").iterdir()) == ["mnist-flow-nfe10.epd-checkpoint"]
+    assert sorted(p.name for p in (into / "done").iterdir()) == ["mnist-flow-nfe10.epd-checkpoint",
+                                                                  "mnist-flow-nfe5.safetensors"]  # fmt: skip
+    assert (into / "done" / "mnist-flow-nfe5.safetensors").read_bytes() == b"table"
+    assert gpu_merge.file_checkpoints(tables, into) == ["slow/mnist-eps-nfe5.epd-checkpoint: filed, to be continued"]
     assert gpu_merge.file_checkpoints(tmp_path / "absent", into) == []
 
 

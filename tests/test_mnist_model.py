@@ -410,10 +410,11 @@ def test_table_script_fine_tunes_on_a_given_grid(tmp_path, request):
         make_mnist_tables.main([*args, "--grid", *map(str, grid[:-1])])
 
 
-def test_table_script_resumes_a_stopped_run(tmp_path, request, monkeypatch, caplog):
+def test_table_script_resumes_a_stopped_run(tmp_path, request, monkeypatch, caplog, capsys):
     """``make_mnist_tables --resume`` (what scripts/gpu_mnist.sh runs) keeps a checkpoint next to the table: a run
     stopped before its table was written continues from it, without training again, to the table an uninterrupted
-    run makes, and the checkpoint goes once the table is saved."""
+    run makes, and the checkpoint goes once the table is saved. The same command again keeps the finished table
+    (it trained afresh: scripts/gpu_mnist.sh's next call restarted a finished job); another command trains."""
     import logging
 
     from epd_core.files import load_params
@@ -445,6 +446,16 @@ def test_table_script_resumes_a_stopped_run(tmp_path, request, monkeypatch, capl
     whole, resumed = (load_params(tmp_path / d / "mnist-eps-nfe5.safetensors") for d in ("whole", "resumed"))
     for name in ("t_steps", "r_params", "weight_s", "scale_dir_params", "scale_time_params"):
         assert torch.equal(getattr(whole, name), getattr(resumed, name)), name
+    table = tmp_path / "resumed" / "mnist-eps-nfe5.safetensors"
+    made = table.read_bytes()
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="epd"), monkeypatch.context() as patch:
+        patch.setattr(training, "distill_on_model", stopped)  # training again would stop
+        assert make_mnist_tables.main([*args, "--resume", "--out", str(tmp_path / "resumed")]) == 0
+        assert table.read_bytes() == made
+        with pytest.raises(KeyboardInterrupt):  # another command: its own run
+            make_mnist_tables.main([*args, "--seed", "1", "--resume", "--out", str(tmp_path / "resumed")])
+    assert "finished by this command earlier, kept" in capsys.readouterr().out
 
 
 def test_table_script_splits_points_of_a_narrower_start():
