@@ -27,7 +27,7 @@ from .files import temp_prefix, write_atomic
 
 __all__ = [
     "CheckpointMismatch", "RunState", "Checkpointer", "save_checkpoint", "load_checkpoint", "interruptible", "probe",
-    "PROBE_DIRECTIONS", "answers", "table_digest", "run_checkpointer",
+    "PROBE_DIRECTIONS", "answers", "table_digest", "run_checkpointer", "checkpoint_notes",
 ]  # fmt: skip
 
 FORMAT = "epd-checkpoint-1"
@@ -114,8 +114,10 @@ def _check_like(saved: Any, current: Any, what: str) -> None:
 
 
 def save_checkpoint(path: str | os.PathLike, state: RunState, config: dict[str, Any], iteration: int,
-                    curve: list[float], fingerprint: torch.Tensor | None = None) -> Path:  # fmt: skip
-    """Write the run's state after ``iteration`` iterations atomically to ``path``."""
+                    curve: list[float], fingerprint: torch.Tensor | None = None,
+                    notes: dict[str, Any] | None = None) -> Path:  # fmt: skip
+    """Write the run's state after ``iteration`` iterations atomically to ``path``; ``notes``: the caller's record
+    of what it decided before the run (read back by :func:`checkpoint_notes`, not compared on resume)."""
     path = Path(path)
     tensors, doc = state.pack()
     if fingerprint is not None:
@@ -126,6 +128,7 @@ def save_checkpoint(path: str | os.PathLike, state: RunState, config: dict[str, 
         "iteration": str(iteration),
         "curve": json.dumps(curve),
         "state": json.dumps(doc),
+        "notes": json.dumps(notes or {}),
     }
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(st_save(tensors, metadata=meta), path, overwrite=True)
@@ -151,6 +154,24 @@ def remove_leftovers(path: str | os.PathLike) -> None:
     for tmp in path.parent.glob(f"{glob.escape(temp_prefix(path))}*.tmp"):
         if not tmp.is_dir() or tmp.is_symlink():
             tmp.unlink(missing_ok=True)
+
+
+def checkpoint_notes(path: str | os.PathLike) -> dict[str, Any]:
+    """The ``notes`` a checkpoint at ``path`` was saved with: ``{}`` if there is no checkpoint, it is unreadable or
+    it has none. Untrusted JSON: the caller checks what it uses (and the resumed run checks the rest)."""
+    path = Path(path)
+    try:
+        if not path.is_file() or path.stat().st_size > _MAX_BYTES:
+            return {}
+        with path.open("rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n > _MAX_BYTES:
+                return {}
+            meta = json.loads(f.read(n)).get("__metadata__") or {}
+        notes = json.loads(meta.get("notes", "{}")) if meta.get("format") == FORMAT else {}
+    except (OSError, ValueError, AttributeError, TypeError):
+        return {}
+    return notes if isinstance(notes, dict) else {}
 
 
 def load_checkpoint(path: str | os.PathLike, state: RunState, config: dict[str, Any],
@@ -262,10 +283,11 @@ class Checkpointer:
     """Resume and periodic saves for one training loop (see :func:`epd_core.distill.distill`)."""
 
     def __init__(self, path: str | os.PathLike, every: int, state: RunState, config: dict[str, Any],
-                 fingerprint: torch.Tensor | None) -> None:  # fmt: skip
+                 fingerprint: torch.Tensor | None, notes: dict[str, Any] | None = None) -> None:  # fmt: skip
         if every < 1:
             raise ValueError(f"checkpoint_every must be >= 1, got {every}")
         self.path, self.every, self.state, self.config, self.fingerprint = Path(path), every, state, config, fingerprint
+        self.notes = notes
         self.resumed_at = 0
 
     def resume(self, total: int | None = None) -> tuple[int, list[float]]:
@@ -282,18 +304,19 @@ class Checkpointer:
     def step(self, done: int, curve: list[float], total: int) -> None:
         """After ``done`` iterations: save every ``every`` iterations (not after the last one)."""
         if done % self.every == 0 and done < total:
-            save_checkpoint(self.path, self.state, self.config, done, curve, self.fingerprint)
+            save_checkpoint(self.path, self.state, self.config, done, curve, self.fingerprint, self.notes)
 
 
 def run_checkpointer(path: str | os.PathLike, every: int, state: RunState, denoiser: Callable, start: Any,
                      shape: tuple[int, ...], grid: torch.Tensor, dtype: torch.dtype, device: torch.device | str | None,
-                     options: dict[str, Any], batch: int = 1,
-                     extra: torch.Tensor | None = None) -> Checkpointer:  # fmt: skip
+                     options: dict[str, Any], batch: int = 1, extra: torch.Tensor | None = None,
+                     notes: dict[str, Any] | None = None) -> Checkpointer:  # fmt: skip
     """Checkpoints of a training run from ``start`` (an ``EPDParams``): resumed only with the same ``options``,
     start table, sample shape, grid, dtype, and model and conditioning (their answers to the :func:`probe` inputs,
     ``batch``: the number of prompts the denoiser tiles over its batch). The start's first-step mean (measured on the
     model, so it may differ in its last bits between devices) and ``extra`` (the caller's other models'
-    :func:`answers`) are compared with the probe's tolerance."""
+    :func:`answers`) are compared with the probe's tolerance. ``notes``: saved with each checkpoint, see
+    :func:`save_checkpoint`."""
     from .params import TABLE_NAMES
 
     config = {
@@ -305,4 +328,4 @@ def run_checkpointer(path: str | os.PathLike, every: int, state: RunState, denoi
         fingerprint = torch.cat([fingerprint, start.afs_mean.detach().to("cpu", torch.float32).flatten()])
     if extra is not None:
         fingerprint = torch.cat([fingerprint, extra.detach().to("cpu", torch.float32).flatten()])
-    return Checkpointer(path, every, state, config, fingerprint)
+    return Checkpointer(path, every, state, config, fingerprint, notes)

@@ -332,6 +332,7 @@ def distill(
     checkpoint_every: int = 10,
     checkpoint_key: dict[str, Any] | None = None,
     checkpoint_answers: torch.Tensor | None = None,
+    checkpoint_notes: dict[str, Any] | None = None,
     prompts: int = 1,
 ) -> EPDParams:
     """Fit ``start``'s tables (and, with ``config.learn_grid``, its interior grid points) to a teacher.
@@ -346,7 +347,8 @@ def distill(
     ``checkpoint_key``: the caller's settings that change the result but that the run cannot see (e.g. the feature
     loss's encoder and weight); ``checkpoint_answers``: the caller's other models' answers to fixed inputs
     (:func:`~epd_core.checkpoint.answers`, e.g. the feature encoder's); a checkpoint made with other settings or
-    answers is not resumed. ``prompts``: how many prompts the
+    answers is not resumed. ``checkpoint_notes``: JSON saved with the checkpoint, not compared (e.g. which start a
+    check chose; :func:`~epd_core.checkpoint.checkpoint_notes` reads it). ``prompts``: how many prompts the
     denoiser tiles over its batch (a conditioning batch), so that the checkpoint's probe asks each of them.
     """
     config = config or DistillConfig()
@@ -378,7 +380,7 @@ def distill(
         options = {**config.provenance(), "feature_loss": feature_loss is not None, "key": checkpoint_key or {},
                    "teacher_grid": "schedule" if fine_fixed is not None else "subdivided"}  # fmt: skip
         ckpt = run_checkpointer(checkpoint, checkpoint_every, state, denoiser, start, shape, base_grid, dtype, device,
-                                options, batch=prompts, extra=checkpoint_answers)  # fmt: skip
+                                options, batch=prompts, extra=checkpoint_answers, notes=checkpoint_notes)  # fmt: skip
         first, history = ckpt.resume(config.iterations)
         if first and progress is not None:
             progress(first, config.iterations, history[-1])

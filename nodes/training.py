@@ -30,7 +30,7 @@ import torch
 
 from ..epd_core import EPDParams
 from ..epd_core.catalogue import load_catalogue
-from ..epd_core.checkpoint import CheckpointMismatch, answers, interruptible
+from ..epd_core.checkpoint import CheckpointMismatch, answers, checkpoint_notes, interruptible
 from ..epd_core.config import DistillConfig, RDPOConfig
 from ..epd_core.distill import distill, first_step_mean, recomputed
 from ..epd_core.files import EPDFileError, check_destination, save_params
@@ -239,46 +239,89 @@ def distill_on_model(
     def fit(s: Session) -> EPDParams:
         features = None if encoder is None else final_feature_loss(encoder, feature_weight, s.latent_out, s.reload)
         encoded = None if encoder is None else lambda x: _reloading(s, lambda: encoder.embed(s.latent_out(x)))
-        table, grid, chosen = first, s.grid, {}
-        if len(starts) > 1 and config.start_noises > 0:
-            table, grid, chosen = _choose_start(s, starts, grids, config)
 
-        def run(cfg: DistillConfig, denoiser, extra: dict) -> EPDParams:
-            return _resuming(distill, denoiser, table, s.shape, cfg, grid=grid, dtype=torch.float32, device=s.device,
-                             progress=s.progress, metadata={**metadata, **chosen, **extra}, feature_loss=features,
-                             checkpoint_key={"feature_loss": metadata.get("feature_loss")}, prompts=prompts,
-                             checkpoint_answers=_answers(encoded, s, resume), **resume)  # fmt: skip
+        def train(table: EPDParams, grid: torch.Tensor, chosen: dict, drop_mismatch: bool = True) -> EPDParams:
+            def run(cfg: DistillConfig, denoiser, extra: dict) -> EPDParams:
+                return _resuming(distill, denoiser, table, s.shape, cfg, grid=grid, dtype=torch.float32,
+                                 device=s.device, progress=s.progress, metadata={**metadata, **chosen, **extra},
+                                 feature_loss=features, checkpoint_key={"feature_loss": metadata.get("feature_loss")},
+                                 prompts=prompts, checkpoint_answers=_answers(encoded, s, resume),
+                                 checkpoint_notes=chosen, drop_mismatch=drop_mismatch, **resume)  # fmt: skip
 
-        if config.gradient != "autograd":
-            return run(config, s.denoiser, {})
-        probe = torch.zeros((config.micro_batch or config.batch, *s.shape), device=s.device)
-        reason = backward_failure(s.denoiser, probe, grid[:1].to(probe).expand(probe.shape[0]))
-        if reason is None:  # through the rollout, each call's activations are recomputed in the backward pass
-            return run(config, recomputed(s.denoiser), {})
-        # A model with an operation that has no backward pass (ComfyUI 0.33's Flux rope kernel): the per-step
-        # objective needs none (finite differences).
-        log.warning("EPD Distill: no backward pass through this model (%s); training the per-step objective", reason)
-        local = dataclasses.replace(config, objective="local", gradient="fd")
-        return run(local, s.denoiser, {"fallback": f"objective {config.objective} -> local: {reason}"})
+            if config.gradient != "autograd":
+                return run(config, s.denoiser, {})
+            probe = torch.zeros((config.micro_batch or config.batch, *s.shape), device=s.device)
+            reason = backward_failure(s.denoiser, probe, grid[:1].to(probe).expand(probe.shape[0]))
+            if reason is None:  # through the rollout, each call's activations are recomputed in the backward pass
+                return run(config, recomputed(s.denoiser), {})
+            # A model with an operation that has no backward pass (ComfyUI 0.33's Flux rope kernel): the per-step
+            # objective needs none (finite differences).
+            log.warning("EPD Distill: no backward pass through this model (%s); training the per-step objective",
+                        reason)  # fmt: skip
+            local = dataclasses.replace(config, objective="local", gradient="fd")
+            return run(local, s.denoiser, {"fallback": f"objective {config.objective} -> local: {reason}"})
+
+        if len(starts) < 2 or config.start_noises < 1:
+            return train(first, s.grid, {})
+        noted = _noted_start(resume.get("checkpoint"), starts)
+        if noted is not None:  # a resumed run: the start its check chose, not the check again
+            try:
+                return train(*_start(s, starts, grids, config, noted), {"start": noted}, drop_mismatch=False)
+            except CheckpointMismatch as exc:
+                log.warning("EPD: not resuming: %s", user_text(str(exc)))
+                Path(resume["checkpoint"]).unlink(missing_ok=True)
+        chosen = _choose_start(s, starts, grids, config)
+        return train(*_start(s, starts, grids, config, chosen), {"start": chosen})
 
     return _train_on_model(model, positive, negative, cfg, latent, first, config, fit)
 
 
-def _choose_start(s: Session, starts: dict[str, EPDParams], grids: dict[str, torch.Tensor], config: DistillConfig):
-    """The candidate start whose untrained samples are closest to the teacher: its table (with the data mean of the
-    mean-aware first step, measured once for all), its grid, and the ``start`` metadata recording the check."""
-    denoiser = interruptible(s.denoiser, comfy.model_management.throw_exception_if_processing_interrupted)
+def _with_mean(s: Session, starts: dict[str, EPDParams], config: DistillConfig) -> dict[str, EPDParams]:
+    """The candidate starts with the data mean of the mean-aware first step, measured once for all."""
     first = next(iter(starts.values()))
-    if config.afs_mean and first.afs and first.afs_mean is None:
-        mean = first_step_mean(denoiser, first, s.shape, s.grid[0], config, torch.float32, s.device)
-        starts = {name: table.replace(afs_mean=mean) for name, table in starts.items()}
+    if not (config.afs_mean and first.afs and first.afs_mean is None):
+        return starts
+    denoiser = interruptible(s.denoiser, comfy.model_management.throw_exception_if_processing_interrupted)
+    mean = first_step_mean(denoiser, first, s.shape, s.grid[0], config, torch.float32, s.device)
+    return {name: table.replace(afs_mean=mean) for name, table in starts.items()}
+
+
+def _start(s: Session, starts: dict[str, EPDParams], grids: dict[str, torch.Tensor], config: DistillConfig,
+           chosen: dict) -> tuple[EPDParams, torch.Tensor]:  # fmt: skip
+    """The table (with its first-step mean) and grid of the candidate that ``chosen`` (a start check's record) names."""
+    name = chosen["grid"]
+    return _with_mean(s, {name: starts[name]}, config)[name], grids[name].to(s.device)
+
+
+def _choose_start(s: Session, starts: dict[str, EPDParams], grids: dict[str, torch.Tensor],
+                  config: DistillConfig) -> dict:  # fmt: skip
+    """The start check: which candidate's untrained samples are closest to the teacher, as the ``start`` record of
+    the table's metadata (the candidate's name and every candidate's error)."""
+    denoiser = interruptible(s.denoiser, comfy.model_management.throw_exception_if_processing_interrupted)
+    starts = _with_mean(s, starts, config)
     candidates = {name: (table, grids[name].to(s.device)) for name, table in starts.items()}
     errors = start_errors(denoiser, candidates, s.shape, config, torch.float32,
                           progress=lambda done, total: s.progress(done, total, float("nan")))  # fmt: skip
     name = min(errors, key=errors.get)
     log.info("EPD Distill starts on the %s (untrained error vs the teacher: %s)", name,
              ", ".join(f"{k} {v:.4g}" for k, v in errors.items()))  # fmt: skip
-    return starts[name], candidates[name][1], {"start": {"grid": name, "untrained_error": errors}}
+    return {"grid": name, "untrained_error": errors}
+
+
+def _noted_start(checkpoint: Path | None, starts: dict[str, EPDParams]) -> dict | None:
+    """The start check's record in the run's checkpoint (its notes), if it names one of ``starts`` and gives every
+    candidate's error; the resumed run then checks that the checkpoint's start table is that one."""
+    if checkpoint is None:
+        return None
+    noted = checkpoint_notes(checkpoint).get("start")
+    if not isinstance(noted, dict) or set(noted) != {"grid", "untrained_error"} or noted["grid"] not in starts:
+        return None
+    errors = noted["untrained_error"]
+    if not isinstance(errors, dict) or set(errors) != set(starts):
+        return None
+    if not all(type(v) in (int, float) and math.isfinite(v) for v in errors.values()):
+        return None
+    return noted
 
 
 def rdpo_on_model(
@@ -341,14 +384,15 @@ def _answers(model: Callable[[torch.Tensor], torch.Tensor] | None, s: Session, r
     return answers(model, s.shape, torch.float32, s.device)
 
 
-def _resuming(train: Callable, *args, **options):
+def _resuming(train: Callable, *args, drop_mismatch: bool = True, **options):
     """``train`` (distill or rdpo) with ComfyUI's interrupt checked before every model call; a checkpoint of
-    other settings or another model is dropped (logged) and the run starts afresh."""
+    other settings or another model is dropped (logged) and the run starts afresh (or, without ``drop_mismatch``,
+    :class:`CheckpointMismatch` is raised)."""
     options["check_interrupt"] = comfy.model_management.throw_exception_if_processing_interrupted
     try:
         return train(*args, **options)
     except CheckpointMismatch as exc:
-        if options.get("checkpoint") is None:
+        if options.get("checkpoint") is None or not drop_mismatch:
             raise
         log.warning("EPD: not resuming: %s", user_text(str(exc)))
         Path(options["checkpoint"]).unlink(missing_ok=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -674,3 +676,63 @@ def test_rdpo_takes_a_config_made_from_the_repositorys_own_core():
     )
     params, curve = out
     assert params.num_steps == start.num_steps and len(curve) == 1
+
+
+def test_a_resumed_distill_takes_the_start_its_check_chose_without_checking_again(tmp_path, monkeypatch, caplog):
+    """The start check (1,024 noises through the teacher and every candidate by default) ran again at each resumed
+    call. The checkpoint now notes the check's choice; a resume of the same run takes it and ends with the table and
+    the ``start`` record of an uninterrupted run. A checkpoint of another run, or notes naming no candidate, get the
+    check again."""
+    training = H.pack_module("nodes.training")
+    config_module = H.pack_module("epd_core.config")
+    checkpoint = H.pack_module("epd_core.checkpoint")
+    model, empty = tiny_model("eps"), latent("eps", 1)["samples"]
+    starts = training.start_tables(model.get_model_object("model_sampling"), 4, 2, False, "carry")
+    assert len(starts) > 1
+    monkeypatch.setattr(H.pack_module("epd_core.distill"), "HELD_OUT", 2)  # the table's own check: not the question
+    checks = []
+    original = training.start_errors
+    monkeypatch.setattr(training, "start_errors", lambda *a, **kw: checks.append(1) or original(*a, **kw))
+    config = config_module.DistillConfig(iterations=3, batch=2, teacher_m=1, gradient="fd", start_noises=16)
+
+    def distill(positive=None, **kw):
+        positive = positive or conditioning(1, 1)
+        return training.distill_on_model(model, positive, conditioning(1, 2), 2.0, empty, starts, config, **kw)
+
+    ck = tmp_path / "run.epd-checkpoint"
+    first = distill(checkpoint=ck, checkpoint_every=1)  # uninterrupted; the checkpoint after iteration 2 is left
+    assert len(checks) == 1 and checkpoint.checkpoint_notes(ck) == {"start": first.metadata["start"]}
+    resumed = distill(checkpoint=ck, checkpoint_every=1)
+    assert len(checks) == 1, "the resumed run checked the starts again"
+    assert resumed.metadata["start"] == first.metadata["start"]
+    assert torch.equal(resumed.r_params, first.r_params) and torch.equal(resumed.weight_s, first.weight_s)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="epd"):
+        other = distill(positive=conditioning(1, 3), checkpoint=ck, checkpoint_every=1)  # another run's checkpoint
+    assert "not resuming" in caplog.text and len(checks) == 2
+    assert checkpoint.checkpoint_notes(ck)["start"] == other.metadata["start"]
+    state = ck.read_bytes()
+    n = int.from_bytes(state[:8], "little")
+    header = json.loads(state[8 : 8 + n])
+
+    def forge(notes: str) -> None:
+        header["__metadata__"]["notes"] = notes
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        ck.write_bytes(len(text).to_bytes(8, "little") + text + state[8 + n :])
+
+    forge("not json")
+    assert checkpoint.checkpoint_notes(ck) == {}
+    elsewhere = next(name for name in starts if name != other.metadata["start"]["grid"])
+    forgeries = [  # (notes, whether the resumed run finds that its checkpoint is not of the noted start)
+        (json.dumps({"start": {"grid": "evil"}}), False),
+        (json.dumps({"start": {**other.metadata["start"], "grid": elsewhere}}), True),
+    ]
+    for notes, dropped in forgeries:
+        forge(notes)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="epd"):
+            table = distill(positive=conditioning(1, 3), checkpoint=ck, checkpoint_every=1)
+        assert ("not resuming" in caplog.text) == dropped, (notes, caplog.text)
+        assert torch.equal(table.r_params, other.r_params) and table.metadata["start"] == other.metadata["start"]
+    assert len(checks) == 2 + len(forgeries)
