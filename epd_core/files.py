@@ -342,6 +342,39 @@ def save_params(params: EPDParams, path: str | os.PathLike, *, overwrite: bool =
     return path
 
 
+def lock(path: Path) -> int | None:
+    """An exclusive advisory lock on ``path`` (created if absent): its file descriptor, or ``None`` while another
+    holder (another process, or another descriptor in this one) has it. The system releases it when the holder's
+    process dies, so a killed run leaves no lock held. Release with :func:`unlock`."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            if os.name == "nt":
+                import msvcrt
+
+                msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
+            else:
+                import fcntl
+
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        try:  # the file may have been unlocked and removed between the open and the lock: lock the new one
+            if os.name == "nt" or os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def unlock(path: Path, fd: int) -> None:
+    """Release :func:`lock`'s ``fd`` and remove its file (where an open file can be removed: not on Windows)."""
+    if os.name != "nt":
+        Path(path).unlink(missing_ok=True)
+    os.close(fd)
+
+
 def temp_prefix(path: Path) -> str:
     """The start of :func:`write_atomic`'s temporary names for ``path``: ``.<name>.``, the name cut so that with
     mkstemp's 8 characters and ``.tmp`` it stays within a file system's 255 (a legal long name stays writable)."""

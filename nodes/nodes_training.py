@@ -25,6 +25,7 @@ from .nodes_tables import describe
 from .rewards import clip_score_reward, preference_reward
 from .sampling import model_latent
 from .training import (
+    claimed,
     conditioning_batch,
     distill_on_model,
     model_name,
@@ -182,10 +183,11 @@ class EPDDistill(io.ComfyNode):
         bounds = scale_bounds(table_nfe, start_params, scale_dir=scale_dir, scale_time=scale_time)
         start = with_scale_heads(start, **bounds)
         metadata = {"tool": "EPD Distill node", "model": model_name(model), "cfg": cfg}
-        params = distill_on_model(model, positive, negative, cfg, model_latent(model, latent_image), start, config,
-                                  metadata=metadata, encoder=feature_encoder,
-                                  feature_weight=feature_weight, **resume_options(path, iterations))  # fmt: skip
-        saved = save_output(params, path, overwrite)
+        with claimed(path):
+            params = distill_on_model(model, positive, negative, cfg, model_latent(model, latent_image), start,
+                                      config, metadata=metadata, encoder=feature_encoder,
+                                      feature_weight=feature_weight, **resume_options(path, iterations))  # fmt: skip
+            saved = save_output(params, path, overwrite)
         d = params.metadata["distilled"]
         loss = f"{d['iterations']} iterations{' (auto)' if auto else ''} of {d['batch']} noises, loss by tenth of "
         loss += "the run " + " ".join(f"{v:.3g}" for v in d["loss_curve"])
@@ -427,11 +429,11 @@ class EPDRDPO(io.ComfyNode):
                                        _reward_file(reward_model))  # fmt: skip
             metadata["reward_model"] = reward_model
         path = output_path(filename, overwrite)
-        params, curve = rdpo_on_model(model, positive, negative, cfg, model_latent(model, latent_image), epd_params,
-                                      config,
-                                      teacher_m=teacher_steps, reward=scorer, metadata=metadata,
-                                      **resume_options(path, iterations))  # fmt: skip
-        saved = save_output(params, path, overwrite)
+        with claimed(path):
+            params, curve = rdpo_on_model(model, positive, negative, cfg, model_latent(model, latent_image),
+                                          epd_params, config, teacher_m=teacher_steps, reward=scorer,
+                                          metadata=metadata, **resume_options(path, iterations))  # fmt: skip
+            saved = save_output(params, path, overwrite)
         r = params.metadata["rdpo"]
         info = f"{describe(params)}; {prompts_text(positive, negative)}"
         if r["groups"] != groups:

@@ -17,7 +17,8 @@ import logging
 import math
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from ..epd_core.catalogue import load_catalogue
 from ..epd_core.checkpoint import CheckpointMismatch, answers, checkpoint_notes, interruptible
 from ..epd_core.config import DistillConfig, RDPOConfig
 from ..epd_core.distill import distill, first_step_mean, recomputed
-from ..epd_core.files import EPDFileError, check_destination, save_params
+from ..epd_core.files import EPDFileError, check_destination, lock, save_params, unlock
 from ..epd_core.rdpo import fitted_final_estimate, rdpo
 from ..epd_core.schedules import polynomial
 from ..epd_core.starts import start_errors
@@ -144,6 +145,23 @@ def output_path(filename: str, overwrite: bool) -> Path:
         raise ValueError(f"{user_path(checkpoint_path(path))} is a folder where this run keeps its checkpoint; "
                          "remove it or give another filename")  # fmt: skip
     return path
+
+
+@contextmanager
+def claimed(path: Path) -> Iterator[None]:
+    """Hold ``path`` for one training run (its checkpoint and its table): another run of that name, on another
+    ComfyUI server sharing the folder, is refused at its start. It dropped the running one's checkpoint as "another
+    run's", and the two then wrote one checkpoint in turn (a crash could not resume) or removed each other's
+    checkpoint writes under way (a failed save)."""
+    lock_path = path.with_name(f".{path.name.removesuffix('.safetensors')}.epd-lock")
+    fd = lock(lock_path)
+    if fd is None:
+        raise ValueError(f"{user_path(path)} is being trained by another run (another ComfyUI server sharing this "
+                         "folder?); wait for it to finish, or give another filename")  # fmt: skip
+    try:
+        yield
+    finally:
+        unlock(lock_path, fd)
 
 
 def save_output(params: EPDParams, path: Path, overwrite: bool) -> str:

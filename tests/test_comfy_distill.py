@@ -736,3 +736,43 @@ def test_a_resumed_distill_takes_the_start_its_check_chose_without_checking_agai
         assert ("not resuming" in caplog.text) == dropped, (notes, caplog.text)
         assert torch.equal(table.r_params, other.r_params) and table.metadata["start"] == other.metadata["start"]
     assert len(checks) == 2 + len(forgeries)
+
+
+@pytest.mark.parametrize("node", ["EPDDistill", "EPDRDPO"])
+def test_a_run_of_a_name_another_process_is_training_is_refused_and_leaves_its_checkpoint(epd_dir, node, monkeypatch):
+    """Two ComfyUI servers sharing one epd folder, both training one filename: the second dropped the first's
+    checkpoint as another run's, then both wrote it in turn (a crash could not resume) and removed each other's
+    writes under way (5 of 25 runs failed with FileNotFoundError). A run holds its name; the other is refused at
+    once, and trains once the holder's process has ended (a kill releases it)."""
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(H.pack_module("epd_core.distill"), "HELD_OUT", 2)  # the table's own check: not the question
+    lock = epd_dir / ".shared.epd-lock"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)"), str(lock)],
+        stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        checkpoint = epd_dir / "shared.epd-checkpoint"
+        checkpoint.write_bytes(b"the other run's state")
+        model = tiny_model("eps")
+        start = H.pack_module("nodes.training").start_table(model.get_model_object("model_sampling"), 4, 2, False)
+
+        def run():
+            if node == "EPDDistill":
+                return _run(model, "eps", "shared", iterations=1, start_check=0, keep_best=0)
+            return N["EPDRDPO"].execute(model, conditioning(1, 1), conditioning(1, 2), latent("eps", 1), start, 2.0,
+                                        "fidelity", 1, 1, 2, 2, 20.0, 1e-3, 0, "shared", False).result  # fmt: skip
+
+        with pytest.raises(ValueError, match="/shared.safetensors is being trained by another run"):
+            run()
+        assert checkpoint.read_bytes() == b"the other run's state"
+    finally:
+        holder.kill()
+        holder.wait(30)
+    checkpoint.unlink()
+    run()
+    assert (epd_dir / "shared.safetensors").is_file() and not lock.exists()
+    assert sorted(p.name for p in epd_dir.iterdir()) == ["shared.safetensors"]
