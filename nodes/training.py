@@ -283,13 +283,16 @@ def distill_on_model(
             return train(first, s.grid, {})
         noted = _noted_start(resume.get("checkpoint"), starts)
         if noted is not None:  # a resumed run: the start its check chose, not the check again
+            name = noted["grid"]
             try:
-                return train(*_start(s, starts, grids, config, noted), {"start": noted}, drop_mismatch=False)
+                table = _with_mean(s, {name: starts[name]}, config)[name]
+                return train(table, grids[name].to(s.device), {"start": noted}, drop_mismatch=False)
             except CheckpointMismatch as exc:
                 log.warning("EPD: not resuming: %s", user_text(str(exc)))
                 Path(resume["checkpoint"]).unlink(missing_ok=True)
-        chosen = _choose_start(s, starts, grids, config)
-        return train(*_start(s, starts, grids, config, chosen), {"start": chosen})
+        measured = _with_mean(s, starts, config)
+        chosen = _choose_start(s, measured, grids, config)
+        return train(measured[chosen["grid"]], grids[chosen["grid"]].to(s.device), {"start": chosen})
 
     return _train_on_model(model, positive, negative, cfg, latent, first, config, fit)
 
@@ -304,19 +307,11 @@ def _with_mean(s: Session, starts: dict[str, EPDParams], config: DistillConfig) 
     return {name: table.replace(afs_mean=mean) for name, table in starts.items()}
 
 
-def _start(s: Session, starts: dict[str, EPDParams], grids: dict[str, torch.Tensor], config: DistillConfig,
-           chosen: dict) -> tuple[EPDParams, torch.Tensor]:  # fmt: skip
-    """The table (with its first-step mean) and grid of the candidate that ``chosen`` (a start check's record) names."""
-    name = chosen["grid"]
-    return _with_mean(s, {name: starts[name]}, config)[name], grids[name].to(s.device)
-
-
 def _choose_start(s: Session, starts: dict[str, EPDParams], grids: dict[str, torch.Tensor],
                   config: DistillConfig) -> dict:  # fmt: skip
     """The start check: which candidate's untrained samples are closest to the teacher, as the ``start`` record of
     the table's metadata (the candidate's name and every candidate's error)."""
     denoiser = interruptible(s.denoiser, comfy.model_management.throw_exception_if_processing_interrupted)
-    starts = _with_mean(s, starts, config)
     candidates = {name: (table, grids[name].to(s.device)) for name, table in starts.items()}
     errors = start_errors(denoiser, candidates, s.shape, config, torch.float32,
                           progress=lambda done, total: s.progress(done, total, float("nan")))  # fmt: skip
