@@ -208,18 +208,17 @@ def first_step_mean(denoiser: Denoiser, start: EPDParams, shape: tuple[int, ...]
                     config: DistillConfig, dtype: torch.dtype, device: torch.device | str,
                     noises: int = 64) -> torch.Tensor:  # fmt: skip
     """The data's per-channel mean as the model sees it at the first time point: ``D(x, t0)`` averaged over
-    ``noises`` starting noises (in batches of ``config.batch``, so a conditioning batch tiles as in training, asked in
-    pieces of ``config.micro_batch`` when set)."""
+    ``noises`` starting noises (in batches of ``config.batch``, so a conditioning batch tiles as in training)."""
     gen = torch.Generator().manual_seed(offset_seed(config.seed, 1))
     t0 = t0.to(device, dtype)
     total, count = None, 0
     while count < noises:
         noise = torch.randn((config.batch, *shape), generator=gen, dtype=torch.float64).to(device, dtype)
-        for x in (noise if start.is_flow else noise * t0).split(config.micro_batch or config.batch):
-            denoised = denoiser(x, t0.expand(x.shape[0])).double()
-            _check_finite(denoised, f"at sigma {float(t0):.4g}")
-            part = denoised.transpose(0, 1).flatten(1).sum(1)
-            total, count = (part if total is None else total + part), count + x.shape[0]
+        x = noise if start.is_flow else noise * t0
+        denoised = denoiser(x, t0.expand(x.shape[0])).double()
+        _check_finite(denoised, f"at sigma {float(t0):.4g}")
+        part = denoised.transpose(0, 1).flatten(1).sum(1)
+        total, count = (part if total is None else total + part), count + x.shape[0]
     return (total / (count * math.prod(shape[1:]))).cpu()
 
 

@@ -19,18 +19,9 @@ from .params import EPDParams
 from .solver import Denoiser, sample
 from .teachers import subdivide, teacher_trajectory
 
-__all__ = ["start_errors", "held_out_noises", "held_out_count"]
+__all__ = ["start_errors", "held_out_noises"]
 
-CHUNK = 16  # noises drawn at a time for a held-out check (rounded up to a multiple of the training batch)
-
-
-def _chunk(config: DistillConfig) -> int:
-    return config.batch * -(-CHUNK // config.batch)
-
-
-def held_out_count(config: DistillConfig, count: int) -> int:
-    """How many noises :func:`held_out_noises` gives for ``count``: whole chunks."""
-    return _chunk(config) * -(-count // _chunk(config))
+CHUNK = 16  # noises per model call of a held-out check (rounded up to a multiple of the training batch)
 
 
 def held_out_noises(
@@ -39,13 +30,12 @@ def held_out_noises(
 ) -> Iterator[torch.Tensor]:  # fmt: skip
     """Starting states of at least ``count`` noises that training never sees, drawn from ``config.seed + offset``
     in chunks of a multiple of ``config.batch`` (so a conditioning batch tiles as in training), scaled to ``t0``
-    unless ``flow``; yielded in pieces of ``config.micro_batch`` (or ``config.batch``), so that a check's model calls
-    are no larger than training's (the noises are the same whatever the pieces)."""
+    unless ``flow``."""
     gen = torch.Generator().manual_seed(offset_seed(config.seed, offset))
-    chunk = _chunk(config)
-    for _ in range(held_out_count(config, count) // chunk):
+    chunk = config.batch * -(-CHUNK // config.batch)
+    for _ in range(-(-count // chunk)):
         noise = torch.randn((chunk, *shape), generator=gen, dtype=torch.float64).to(t0.device, dtype)
-        yield from (noise if flow else noise * t0.detach().to(dtype)).split(config.micro_batch or config.batch)
+        yield noise if flow else noise * t0.detach().to(dtype)
 
 
 @torch.no_grad()
@@ -63,8 +53,7 @@ def start_errors(
     the grids with ``config.teacher_m`` points inside every interval, so that it favours no candidate. The noises
     (at least ``config.start_noises``) come in batches of a multiple of ``config.batch`` (so a conditioning batch
     tiles as in training), drawn from ``config.seed + 3``, apart from training's and the held-out check's.
-    ``progress(done, noises)`` is called after every model batch (raise to stop); ``noises``: how many the check
-    samples (:func:`held_out_count` of ``config.start_noises``).
+    ``progress(done, noises)`` is called after every batch (raise to stop).
     """
     if config.start_noises < 1:
         raise ValueError("a start check needs start_noises >= 1 (0 means no check: keep the first start)")
@@ -77,7 +66,7 @@ def start_errors(
     flow = next(iter(starts.values()))[0].is_flow
     union = torch.unique(torch.cat([g.to(grids[0]) for g in grids])).flip(0)
     fine = subdivide(union, config.teacher_m)
-    noises = held_out_count(config, config.start_noises)
+    noises = config.start_noises
     sums, count = dict.fromkeys(starts, 0.0), 0
     for x in held_out_noises(config, 3, noises, shape, flow, ends[0], dtype):
         teacher = teacher_trajectory(denoiser, x, fine, config.teacher)[-1]
@@ -85,6 +74,6 @@ def start_errors(
             sums[name] += float(((sample(denoiser, x, grid.cpu(), params) - teacher).double() ** 2).sum())
         count += x.shape[0]
         if progress is not None:
-            progress(count, noises)
+            progress(min(count, noises), noises)
     per_value = count * teacher[0].numel()
     return {name: (total / per_value) ** 0.5 for name, total in sums.items()}

@@ -206,36 +206,6 @@ def test_micro_batches_give_the_whole_batch_gradient(objective):
     assert parts.metadata["distilled"]["micro_batch"] == 3
 
 
-def test_no_check_calls_the_model_on_more_than_a_micro_batch_and_the_checks_see_the_same_noises():
-    """The start check, ``keep_best``'s checks, the held-out errors and the first step's mean asked the model for 16
-    noises x K points in one call, 4x the largest training call at the node's micro_batch 4 (out of memory where
-    training fits). They go in pieces of ``micro_batch`` (or ``batch``), on the same noises: the same figures, and
-    no call larger than training's (its teacher: ``batch`` noises at one point; its student: the pieces x K)."""
-    from epd_core.starts import start_errors
-
-    start = _start(afs=True, student="carry")
-    grid = make_schedule(start)
-    other = start.replace(t_steps=grid.clone() * torch.tensor([1.0, 1.1, 0.9, 1.0]))
-    config = DistillConfig(iterations=4, batch=8, keep_best=16, start_noises=32, teacher_m=2)
-    rows, figures = {}, {}
-    for micro in (0, 2):
-        calls = []
-
-        def denoiser(x, sigma, calls=calls):
-            calls.append(x.shape[0])
-            return GM.denoise_ve(x, sigma)
-
-        cfg = dataclasses.replace(config, micro_batch=micro)
-        errors = start_errors(denoiser, {"a": (start, grid), "b": (other, other.t_steps)}, GM.shape, cfg)
-        table = distill(denoiser, start, GM.shape, cfg)
-        d = table.metadata["distilled"]
-        rows[micro] = max(calls)
-        figures[micro] = [*errors.values(), d["teacher_error"], d["student_error"], *table.afs_mean.tolist(),
-                          *d["checks"]["errors"]]  # fmt: skip
-    assert rows == {m: max(config.batch, (m or config.batch) * start.num_points) for m in (0, 2)}, rows
-    torch.testing.assert_close(torch.tensor(figures[2]), torch.tensor(figures[0]), rtol=1e-5, atol=1e-8)
-
-
 def test_grid_lr_moves_the_grid_alone():
     """``grid_lr`` is the grid's own learning rate: equal to ``lr`` it trains what ``grid_lr=0`` (lr) trains; tiny,
     the grid stays at its start while the tables learn as before (Adam's steps are per parameter)."""
