@@ -156,6 +156,12 @@ def remove_leftovers(path: str | os.PathLike) -> None:
             tmp.unlink(missing_ok=True)
 
 
+def _metadata(data: bytes) -> dict[str, Any]:
+    """The ``__metadata__`` of a safetensors file's bytes (its header's, JSON)."""
+    n = int.from_bytes(data[:8], "little")
+    return json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+
+
 def checkpoint_notes(path: str | os.PathLike) -> dict[str, Any]:
     """The ``notes`` a checkpoint at ``path`` was saved with: ``{}`` if there is no checkpoint, it is unreadable or
     it has none. Untrusted JSON: the caller checks what it uses (and the resumed run checks the rest)."""
@@ -163,11 +169,7 @@ def checkpoint_notes(path: str | os.PathLike) -> dict[str, Any]:
     try:
         if not path.is_file() or path.stat().st_size > _MAX_BYTES:
             return {}
-        with path.open("rb") as f:
-            n = int.from_bytes(f.read(8), "little")
-            if n > _MAX_BYTES:
-                return {}
-            meta = json.loads(f.read(n)).get("__metadata__") or {}
+        meta = _metadata(path.read_bytes())
         notes = json.loads(meta.get("notes", "{}")) if meta.get("format") == FORMAT else {}
     except (OSError, ValueError, AttributeError, TypeError):
         return {}
@@ -187,8 +189,7 @@ def load_checkpoint(path: str | os.PathLike, state: RunState, config: dict[str, 
     data = path.read_bytes()
     try:
         tensors = st_load(data)
-        n = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8 : 8 + n]).get("__metadata__") or {}
+        meta = _metadata(data)
         if meta.get("format") != FORMAT:
             raise ValueError("not an EPD checkpoint")
         saved_config = json.loads(meta["config"])
