@@ -288,8 +288,7 @@ def distill_on_model(
                 table = _with_mean(s, {name: starts[name]}, config)[name]
                 return train(table, grids[name].to(s.device), {"start": noted}, drop_mismatch=False)
             except CheckpointMismatch as exc:
-                log.warning("EPD: not resuming: %s", user_text(str(exc)))
-                Path(resume["checkpoint"]).unlink(missing_ok=True)
+                _drop(resume["checkpoint"], exc)
         measured = _with_mean(s, starts, config)
         chosen = _choose_start(s, measured, grids, config)
         return train(measured[chosen["grid"]], grids[chosen["grid"]].to(s.device), {"start": chosen})
@@ -407,9 +406,14 @@ def _resuming(train: Callable, *args, drop_mismatch: bool = True, **options):
     except CheckpointMismatch as exc:
         if options.get("checkpoint") is None or not drop_mismatch:
             raise
-        log.warning("EPD: not resuming: %s", user_text(str(exc)))
-        Path(options["checkpoint"]).unlink(missing_ok=True)
+        _drop(options["checkpoint"], exc)
         return train(*args, **options)
+
+
+def _drop(checkpoint: str | os.PathLike, mismatch: CheckpointMismatch) -> None:
+    """Remove a checkpoint of another run (logged), so that this run starts afresh."""
+    log.warning("EPD: not resuming: %s", user_text(str(mismatch)))
+    Path(checkpoint).unlink(missing_ok=True)
 
 
 def in_sampling(reward: Reward, session: Session) -> Reward:

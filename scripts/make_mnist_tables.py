@@ -61,6 +61,11 @@ def split_points(params: EPDParams, points: int, spread: float = 0.1) -> EPDPara
     )
 
 
+def table_path(out: Path, kind: str, nfe: int, suffix: str = "") -> Path:
+    """Where a table of ``kind`` at ``nfe`` is saved."""
+    return out / f"mnist-{kind}-nfe{nfe}{suffix}.safetensors"
+
+
 def finished_by(path: Path, command: str) -> bool:
     """``path`` is a table that ``command`` finished: its recorded command, and no checkpoint of a run left beside
     it (what ``--resume`` continues)."""
@@ -108,7 +113,7 @@ def make_table(
     metadata = {"tool": "scripts/make_mnist_tables.py", "model": f"demo_models/mnist-{kind}", "cfg": CFG,
                 "command": command}  # fmt: skip
     encoder = None if feature_weight is None else nodes["EPDMnistFeatures"].execute().result[0]
-    path = out / f"mnist-{kind}-nfe{nfe}{suffix}.safetensors"
+    path = table_path(out, kind, nfe, suffix)
     options = training.resume_options(path, config.iterations) if resume else {}
     params = training.distill_on_model(model, positive, negative, CFG, torch.zeros(1, 4, 14, 14), start, config,
                                        metadata=metadata, encoder=encoder, feature_weight=feature_weight or 0.0,
@@ -162,13 +167,13 @@ def main(argv: list[str] | None = None) -> int:
     try:  # every destination, before hours of training
         for kind in args.kinds:
             for nfe in args.nfes:
-                check_destination(args.out / f"mnist-{kind}-nfe{nfe}{args.suffix}.safetensors", overwrite=True)
+                check_destination(table_path(args.out, kind, nfe, args.suffix), overwrite=True)
     except EPDFileError as exc:
         ap.error(str(exc))
     for kind in args.kinds:
         for nfe in args.nfes:
             t0 = time.time()
-            done = args.out / f"mnist-{kind}-nfe{nfe}{args.suffix}.safetensors"
+            done = table_path(args.out, kind, nfe, args.suffix)
             if args.resume and finished_by(done, command):  # a call of scripts/gpu_mnist.sh after the one it ended
                 print(f"{done}: finished by this command earlier, kept")
                 continue
