@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import torch
@@ -14,7 +15,7 @@ from .analytic import ANALYTIC_FORMS, MIXTURES, heun
 from .catalogue import DEFAULT_TIMEOUT, MIRROR_ENV, fetch, find_entry, load_catalogue
 from .checkpoint import CheckpointMismatch, NotACheckpoint
 from .config import DistillConfig, RDPOConfig, add_arguments, from_arguments
-from .files import EPDFileError, check_destination
+from .files import EPDFileError, check_destination, claim
 from .params import STUDENTS
 from .schedules import SCHEDULE_TYPES
 
@@ -158,10 +159,11 @@ def _distill(args: argparse.Namespace, argv: list[str]) -> int:
     config = from_arguments(args, DistillConfig, start_noises=0)  # the form's start: no choice to check
     command = "python -m epd_core " + shlex.join(argv)
     meta = {"model": f"analytic {args.form} / mixture {args.mixture}", "command": command}
-    params = distill(den, start, gm.shape, config, progress=progress, metadata=meta, checkpoint=args.checkpoint,
-                     checkpoint_every=args.checkpoint_every)  # fmt: skip
-    save_params(params, args.out, overwrite=args.force)
-    _done(args.checkpoint)
+    with _held(args):
+        params = distill(den, start, gm.shape, config, progress=progress, metadata=meta, checkpoint=args.checkpoint,
+                         checkpoint_every=args.checkpoint_every)  # fmt: skip
+        save_params(params, args.out, overwrite=args.force)
+        _done(args.checkpoint)
     print(f"wrote {args.out}: NFE {params.nfe}, loss {params.metadata['distilled']['final_loss']:.5f}")
     return 0
 
@@ -196,11 +198,12 @@ def _rdpo(args: argparse.Namespace, argv: list[str]) -> int:
     meta = {"model": f"analytic mixture {args.mixture}", "command": "python -m epd_core " + shlex.join(argv),
             "rdpo_start_file": str(args.table)}  # fmt: skip
     config = from_arguments(args, RDPOConfig)
-    params, _ = rdpo(gm.denoise_ve, start, gm.shape, config, reference=exact, progress=progress, metadata=meta,
+    with _held(args):
+        params, _ = rdpo(gm.denoise_ve, start, gm.shape, config, reference=exact, progress=progress, metadata=meta,
                          checkpoint=args.checkpoint, checkpoint_every=args.checkpoint_every,
                          checkpoint_key={"exact_steps": args.exact_steps})  # fmt: skip
-    save_params(params, args.out, overwrite=args.force)
-    _done(args.checkpoint)
+        save_params(params, args.out, overwrite=args.force)
+        _done(args.checkpoint)
     print(f"wrote {args.out}{guard_report(params.metadata['rdpo'])}")
     return 0
 
@@ -215,6 +218,15 @@ def _check_outputs(args: argparse.Namespace) -> None:
     if args.checkpoint and table and Path(args.checkpoint).resolve() == Path(table).resolve():
         raise ValueError("--checkpoint names the start table (the checkpoint is removed once the run ends); give the "
                          "checkpoint another name")  # fmt: skip
+
+
+def _held(args: argparse.Namespace) -> AbstractContextManager:
+    """The run holds its ``--checkpoint``: the same command started again elsewhere is refused at once, where the two
+    wrote one checkpoint in turn (a crash could not resume) and the first to finish removed the other's."""
+    if not args.checkpoint:
+        return nullcontext()
+    return claim(Path(args.checkpoint), f"--checkpoint {args.checkpoint} is in use by another run (the same command "
+                 "running elsewhere?); wait for it to finish, or give another --checkpoint")  # fmt: skip
 
 
 def _done(checkpoint: str | None) -> None:

@@ -20,6 +20,8 @@ import json
 import os
 import struct
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,7 @@ from .safe_pickle import PickleRefused
 
 __all__ = [
     "EPDFileError", "load_params", "save_params", "check_destination", "params_from_authors", "check_table_size",
-    "MAX_FILE_BYTES", "MAX_TIME_POINTS", "MAX_POINTS",
+    "claim", "MAX_FILE_BYTES", "MAX_TIME_POINTS", "MAX_POINTS",
 ]  # fmt: skip
 
 MAX_FILE_BYTES = 16 * 1024 * 1024
@@ -373,6 +375,21 @@ def unlock(path: Path, fd: int) -> None:
     if os.name != "nt":
         Path(path).unlink(missing_ok=True)
     os.close(fd)
+
+
+@contextmanager
+def claim(path: Path, busy: str) -> Iterator[None]:
+    """Hold ``path`` (a table or a checkpoint) for one run, through the lock file ``.<name>.epd-lock`` beside it;
+    ``ValueError(busy)`` at once while another run, in this process or another, holds it."""
+    path = Path(path)
+    lock_path = path.with_name(f".{path.name.removesuffix('.safetensors')}.epd-lock")
+    fd = lock(lock_path)
+    if fd is None:
+        raise ValueError(busy)
+    try:
+        yield
+    finally:
+        unlock(lock_path, fd)
 
 
 def temp_prefix(path: Path) -> str:

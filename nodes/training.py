@@ -34,7 +34,7 @@ from ..epd_core.catalogue import load_catalogue
 from ..epd_core.checkpoint import CheckpointMismatch, answers, checkpoint_notes, interruptible
 from ..epd_core.config import DistillConfig, RDPOConfig
 from ..epd_core.distill import distill, first_step_mean, recomputed
-from ..epd_core.files import EPDFileError, check_destination, lock, save_params, unlock
+from ..epd_core.files import EPDFileError, check_destination, claim, save_params
 from ..epd_core.rdpo import fitted_final_estimate, rdpo
 from ..epd_core.schedules import polynomial
 from ..epd_core.starts import start_errors
@@ -153,15 +153,9 @@ def claimed(path: Path) -> Iterator[None]:
     ComfyUI server sharing the folder, is refused at its start. It dropped the running one's checkpoint as "another
     run's", and the two then wrote one checkpoint in turn (a crash could not resume) or removed each other's
     checkpoint writes under way (a failed save)."""
-    lock_path = path.with_name(f".{path.name.removesuffix('.safetensors')}.epd-lock")
-    fd = lock(lock_path)
-    if fd is None:
-        raise ValueError(f"{user_path(path)} is being trained by another run (another ComfyUI server sharing this "
-                         "folder?); wait for it to finish, or give another filename")  # fmt: skip
-    try:
+    with claim(path, f"{user_path(path)} is being trained by another run (another ComfyUI server sharing this "
+                     "folder?); wait for it to finish, or give another filename"):  # fmt: skip
         yield
-    finally:
-        unlock(lock_path, fd)
 
 
 def save_output(params: EPDParams, path: Path, overwrite: bool) -> str:

@@ -436,6 +436,38 @@ def test_a_mismatched_checkpoint_says_what_to_do(tmp_path):
     assert "remove it" not in run.stderr  # it is not a checkpoint: it may be the user's own file
 
 
+@pytest.mark.parametrize("command", ["distill", "rdpo"])
+def test_a_cli_run_of_a_checkpoint_another_run_holds_is_refused_and_leaves_it(tmp_path, command):
+    """The same command started twice (two shells) wrote one --checkpoint in turn, and the first to finish removed
+    the other's: the nodes hold their filename, the CLI held nothing. The second run is refused at once and leaves
+    the checkpoint as it was; once the holder's process ends (a kill releases it) the run goes on."""
+    import subprocess
+
+    ck = tmp_path / "run.epd-checkpoint"
+    ck.write_bytes(b"the other run's state")
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)"),
+        str(tmp_path / ".run.epd-checkpoint.epd-lock")], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    args = ["--iterations", "1", "--batch", "2", "--checkpoint", str(ck), "--out", str(tmp_path / "t.safetensors")]
+    if command == "rdpo":
+        args = [str(ROOT / "weights" / "demo" / "analytic-sd15-reference-nfe5.safetensors"), "--iterations", "1",
+                "--groups", "2", "--k", "2", "--exact-steps", "8", *args[4:]]  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        run = _cli_here(command, *args)
+        assert run.returncode == 2, run.stderr
+        assert f"--checkpoint {ck} is in use by another run" in run.stderr and "Traceback" not in run.stderr
+        assert ck.read_bytes() == b"the other run's state" and not (tmp_path / "t.safetensors").exists()
+    finally:
+        holder.kill()
+        holder.wait(30)
+    ck.unlink()
+    run = _cli_here(command, *args)
+    assert run.returncode == 0, run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors"]
+
+
 def test_cli_second_review(tmp_path, monkeypatch):
     """From a second CLI review: rdpo's --checkpoint naming its start table (told to remove it); --rho on a flow form
     (ignored, recorded); --timeout inf (a traceback) or nan; --seed beyond torch's range (an unnamed overflow);
