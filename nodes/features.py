@@ -9,7 +9,8 @@ model (:func:`clip_vision_encoder`); on the MNIST demo models the demo classifie
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import comfy.model_management
@@ -49,13 +50,27 @@ def final_feature_loss(encoder: Encoder, weight: float, latent_out: Callable[[to
     return loss
 
 
+@contextmanager
+def vae_of_the_model(vae, latents: torch.Tensor, who: str) -> Iterator[None]:
+    """Name a VAE of another latent format (an SD1.5 VAE on SD3's latents), where torch's channel error names none;
+    a failure of a VAE whose channels match is left as it is."""
+    try:
+        yield
+    except RuntimeError as exc:
+        channels = getattr(vae, "latent_channels", None)
+        if isinstance(exc, torch.OutOfMemoryError) or channels is None or latents.shape[1] == channels:
+            raise
+        raise ValueError(f"{who}: this VAE decodes latents of {channels} channels and the model's have "
+                         f"{latents.shape[1]}; connect the VAE that belongs to the model") from exc  # fmt: skip
+
+
 def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     """``vae``'s frames ``[B, T, H, W, 3]`` in ``[0, 1]`` of LATENT-format ``latents`` (T = 1 for an image VAE; a
     video VAE such as Wan's gives T frames), keeping the graph (ComfyUI's ``VAE.decode`` writes into buffers in
     place)."""
     comfy.model_management.load_models_gpu([vae.patcher])
     make_differentiable(vae.first_stage_model)
-    with saved_copies():
+    with saved_copies(), vae_of_the_model(vae, latents, "feature loss"):
         out = vae.first_stage_model.decode(latents.to(vae.device, vae.vae_dtype))
     if out.ndim == 4:
         out = out.unsqueeze(2)

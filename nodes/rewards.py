@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from .features import vae_of_the_model
+
 Reward = Callable[[torch.Tensor, Any], torch.Tensor]
 
 
@@ -102,7 +104,9 @@ def clip_score_reward(vae, clip_vision, clip, prompt: str) -> Reward:
 
     def clip_score(latents: torch.Tensor, context: Any) -> torch.Tensor:
         with torch.no_grad():
-            score = frame_scores(vae.decode(latents), latents, "clip_score", cosine)
+            with vae_of_the_model(vae, latents, "clip_score"):
+                images = vae.decode(latents)
+            score = frame_scores(images, latents, "clip_score", cosine)
         return score.to(latents.device)
 
     return clip_score
@@ -167,7 +171,9 @@ def preference_reward(vae, clip_vision, path: str) -> Reward:
 
     def preference(latents: torch.Tensor, context: Any) -> torch.Tensor:
         with torch.no_grad():
-            score = frame_scores(vae.decode(latents), latents, "preference", rate)
+            with vae_of_the_model(vae, latents, "preference"):
+                images = vae.decode(latents)
+            score = frame_scores(images, latents, "preference", rate)
         return score.to(latents.device)
 
     return preference

@@ -211,6 +211,27 @@ def test_rewards_score_a_video_vaes_frames(towers, tmp_path):
     torch.testing.assert_close(got, (embeds @ weight[0]).mean(dim=1), atol=1e-4, rtol=1e-4)
 
 
+def test_a_vae_of_another_latent_format_is_named_with_what_to_do(towers, tmp_path):
+    """An SD1.5 VAE (4 channels) on an SD3 model's latents (16) failed in the rewards and the feature loss with
+    torch's convolution error, which names no VAE. A VAE whose channels match still fails as torch says."""
+    rewards = H.pack_module("nodes.rewards")
+    vae, clip_vision, clip = towers
+    head = tmp_path / "head.safetensors"
+    _tiny_head(head)
+    (encoder,) = N["EPDFeatureEncoder"].execute(vae, clip_vision).result
+    sd3 = torch.randn(2, 16, 4, 4)
+    what = "this VAE decodes latents of 4 channels and the model's have 16; connect the VAE that belongs to the model"
+    for who, run in (
+        ("clip_score", lambda x: rewards.clip_score_reward(vae, clip_vision, clip, PROMPT)(x, torch.arange(2))),
+        ("preference", lambda x: rewards.preference_reward(vae, clip_vision, str(head))(x, torch.arange(2))),
+        ("feature loss", encoder.embed),
+    ):
+        with pytest.raises(ValueError, match=f"^{who}: {what}$"):
+            run(sd3)
+        with pytest.raises(RuntimeError):  # 4 channels, one dimension too many: torch's own error, not renamed
+            run(torch.randn(2, 4, 4, 4, 4))
+
+
 def test_a_siglip_vision_model_is_refused_by_the_reward_it_was_given(towers, tmp_path):
     """SigLIP gives no pooled embedding; the preference reward's error said 'clip_score'."""
     rewards = H.pack_module("nodes.rewards")
