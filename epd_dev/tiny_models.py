@@ -191,6 +191,17 @@ def tiny_clip_vision(tmp_path, seed: int = 4, siglip: bool = False):
     return clip_vision
 
 
+def tiny_controlnet(seed: int = 8):
+    """A ControlNet of the tiny SD1.5 UNet's shape (hint images at 8x the latent size) as ComfyUI's ``ControlNet``."""
+    import comfy.cldm.cldm
+    import comfy.controlnet
+    import comfy.model_management
+
+    net = comfy.cldm.cldm.ControlNet(hint_channels=3, **{k: v for k, v in UNET.items() if k != "out_channels"})
+    _fill(net, seed)
+    return comfy.controlnet.ControlNet(net, load_device=comfy.model_management.get_torch_device())
+
+
 def tiny_wan_vae(seed: int = 7):
     """A Wan 2.1 video VAE (16 latent channels, 8x spatial and 4x temporal downscale) at width 8, loaded by ComfyUI
     from its state dict as a user's file is."""

@@ -208,18 +208,38 @@ def continuous_model_sampling(model_sampling):
     return patched
 
 
+def _controls(guider) -> Iterator:
+    """Every ControlNet of the guider's conditionings of this run, each chain followed through
+    ``previous_controlnet`` (and DualModelGuider's negative conditionings, 0.33)."""
+    seen: set[int] = set()
+    for cond_list in [*(getattr(guider, "conds", None) or {}).values(), getattr(guider, "_uncond_conds", None)]:
+        for cond in cond_list or ():
+            control = cond.get("control") if isinstance(cond, dict) else None
+            while control is not None and id(control) not in seen:
+                seen.add(id(control))
+                yield control
+                control = getattr(control, "previous_controlnet", None)
+
+
 @contextmanager
-def exact_timesteps(base, enabled: bool = True) -> Iterator[None]:
-    """While inside, a discrete model ``base`` sees continuous timesteps; restored on exit (also on interrupt)."""
-    saved = getattr(base, "model_sampling", None)
-    patch = enabled and saved is not None and is_discrete_model(saved)
-    if patch:
-        base.model_sampling = continuous_model_sampling(saved)
+def exact_timesteps(base, enabled: bool = True, guider=None) -> Iterator[None]:
+    """While inside, a discrete model ``base`` sees continuous timesteps, and so do what else turns this run's sigmas
+    into timesteps: the ControlNets of ``guider``'s conditionings (each keeps the model sampling it captured before the
+    run) and DualModelGuider's negative model. Restored on exit (also on interrupt)."""
+    owners = [(base, "model_sampling"), (getattr(guider, "uncond_inner", None), "model_sampling")]
+    owners += [(control, "model_sampling_current") for control in _controls(guider)]
+    saved = []
+    for owner, name in owners:
+        model_sampling = getattr(owner, name, None)
+        if enabled and model_sampling is not None and is_discrete_model(model_sampling):
+            saved.append((owner, name, model_sampling))
     try:
+        for owner, name, model_sampling in saved:
+            setattr(owner, name, continuous_model_sampling(model_sampling))
         yield
     finally:
-        if patch:
-            base.model_sampling = saved
+        for owner, name, model_sampling in saved:
+            setattr(owner, name, model_sampling)
 
 
 @contextmanager
@@ -248,7 +268,7 @@ def epd_run(model, params: EPDParams, x: torch.Tensor, parallel: str, continuous
         mode = False
     else:
         mode = _points_per_call(guider, params, x)
-    with exact_timesteps(base, continuous_time), conds_per_sample(guider, x.shape[0]):
+    with exact_timesteps(base, continuous_time, guider), conds_per_sample(guider, x.shape[0]):
         try:
             yield mode, model_sampling
         except RuntimeError as exc:  # e.g. APG's momentum, sized to the previous call's batch

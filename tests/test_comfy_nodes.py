@@ -301,6 +301,58 @@ def test_continuous_timestep_reaches_the_model():
     assert type(model.model.model_sampling).__name__ == type(model.get_model_object("model_sampling")).__name__
 
 
+def test_continuous_timestep_reaches_a_controlnet_and_a_second_model():
+    """A ControlNet keeps the model sampling it captured before the run, and 0.33's DualModelGuider runs the negative
+    pass on a model of its own: both saw ComfyUI's rounded timestep, up to half a step from the UNet's continuous one.
+    They see the UNet's (ControlNet on both trees, the second model where ComfyUI has the guider), and the rounded one
+    without continuous_time."""
+    from comfy_extras import nodes_custom_sampler as custom
+
+    import nodes as comfy_nodes
+    from epd_dev.tiny_models import tiny_controlnet
+
+    model, negative = tiny_model("eps"), tiny_model("eps", seed=1)
+    params = _table("sd15-best.pkl")
+    control = tiny_controlnet()
+    hint = torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(1))
+    pos, neg = comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(conditioning(1), conditioning(1, 2), control,
+                                                                      hint, 0.5, 0.0, 1.0)  # fmt: skip
+    seen = {"unet": [], "other": []}
+
+    def record(key: str, net: torch.nn.Module, name: str | None = None):
+        return net.register_forward_pre_hook(
+            lambda _, a, k: seen[key].append((k[name] if name else a[1]).clone()), with_kwargs=True
+        )
+
+    def check(run, other: torch.nn.Module, name: str | None = None) -> None:
+        hooks = [record("unet", model.model.diffusion_model), record("other", other, name)]
+        try:
+            for flag in (True, False):
+                (sigmas,) = _nodes_out(N["EPDScheduler"], model, params, 1.0, False)
+                (sampler,) = _nodes_out(N["EPDSampler"], params, "auto", flag, "comfyui")
+                run(sampler, sigmas)
+                unet, other_t = torch.cat(seen["unet"]), torch.cat(seen["other"]).to(torch.float32)
+                assert other_t.numel() > params.num_steps and set(other_t.tolist()) == set(unet.tolist())
+                assert ((unet - unet.round()).abs().max() > 0.01) == flag
+                seen["unet"].clear(), seen["other"].clear()
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    latent = {"samples": torch.zeros(1, 4, 8, 8)}
+    check(lambda sampler, sigmas: custom.SamplerCustom.execute(model, True, 1, 2.0, pos, neg, sampler, sigmas, latent),
+          control.control_model, "timesteps")  # fmt: skip
+    assert control.model_sampling_current is None
+    if hasattr(custom, "Guider_DualModel"):  # ComfyUI 0.33
+        guider = custom.Guider_DualModel(model, negative)
+        guider.set_conds(conditioning(1), conditioning(1, 2))
+        guider.set_cfg(2.0)
+        noise = custom.Noise_RandomNoise(1)
+        check(lambda sampler, sigmas: custom.SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, latent),
+              negative.model.diffusion_model)  # fmt: skip
+    assert type(negative.model.model_sampling).__name__ == type(model.model.model_sampling).__name__
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_inpainting_batched_equals_sequential(batch):
     from comfy_extras.nodes_custom_sampler import SamplerCustom
