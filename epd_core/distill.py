@@ -1,14 +1,13 @@
 """Stage 1: distil an EPD table from a many-step teacher (the authors' recipe).
 
-Per iteration: draw a batch of starting noises; a teacher solver with ``M``
-extra points inside every student interval gives the reference state at each
-student grid point; the student takes one EPD step from its *own* current
-state; the loss is the squared distance to the teacher at the matching time,
-summed over steps (the student continues from its detached output). Adam with
-a cosine learning-rate schedule. Optionally each sample's squared distance goes
-through a pseudo-Huber loss (:func:`distance`), the interior grid points are
-learned too (the table then carries its grid), and the final step's loss can
-be replaced by a caller's feature loss.
+Per iteration: draw a batch of starting noises; a teacher solver with ``M`` extra points inside every student
+interval gives the reference trajectory. The ``global`` objective (the node's default) rolls the student out over
+the whole grid and takes the squared distance of its end to the teacher's, backpropagated through the rollout; the
+authors' ``local`` one has the student take one EPD step from its own *detached* state and sums, over steps, the
+squared distance to the teacher at the matching time; ``authors`` keeps the rollout undetached and takes an Adam
+step after every student step. Adam with a cosine learning-rate schedule. Optionally each sample's squared distance
+goes through a pseudo-Huber loss (:func:`distance`), the interior grid points are learned too (the table then
+carries its grid), and the final step's loss can be replaced by a caller's feature loss.
 """
 
 from __future__ import annotations
@@ -50,7 +49,7 @@ class _FiniteDifferenceDenoise(torch.autograd.Function):
     """``D(x + c * direction, s)`` with gradients for ``c`` and ``s`` from forward differences.
 
     The table only moves a point along ``direction`` (through ``c = tau - t_cur``) and its time ``s``, so
-    these two directional derivatives are all training needs: two extra (batched) model calls, no backprop
+    these two directional derivatives are all training needs: one extra model call of twice the batch, no backprop
     through the network (works for models with in-place ops, and needs no activation memory).
     """
 

@@ -11,7 +11,8 @@ reward with a small PPO, touching only the solver's parameters:
   residual network (step embedding, LayerNorm-SiLU-Linear blocks of width 256,
   zero-initialised output): at initialisation the policy's mean *is* the table;
 * each rollout samples a whole table per image; advantages are leave-one-out
-  (RLOO) within groups of ``k`` images sharing a noise, then normalised; the
+  (RLOO) within groups of ``k`` images (sharing a noise, or with ``grouping``
+  "prompt" one prompt), then normalised; the
   clipped PPO objective (clip 0.2), no KL or entropy term, gradient-norm clip
   1.0, Adam; one PPO epoch per rollout in minibatches;
 * optionally (``scale_heads``, on by default) the per-point direction and time

@@ -186,7 +186,8 @@ def grid_offset(params: EPDParams, sigmas: torch.Tensor) -> tuple[int, bool]:
     """Which table step the grid starts at, and whether it ends with a zero (final denoise).
 
     A grid of ``num_steps`` points runs the whole table; a shorter one (``denoise < 1``)
-    runs the table's last steps. A trailing 0 adds one denoise-to-zero call.
+    runs the table's last steps. A trailing 0 ends at sigma 0: one denoise-to-zero call with ``final="denoise"``,
+    the last direction continued to 0 (no call) with ``estimate``.
     """
     if sigmas.ndim != 1:
         raise ValueError(f"sigmas must be a 1-D grid, got shape {tuple(sigmas.shape)}")

@@ -12,7 +12,7 @@ The core's :func:`~epd_core.solver.sample` runs on ComfyUI's model callable
   sigma of a batch (ControlNet, hooks, timestep ranges; a mask function, cfg functions,
   block or attention patches, wrappers) or when a guider makes its own prediction, else
   as many points per call as ComfyUI's memory estimate allows; an out-of-memory
-  error on a batched call redoes that call point by point;
+  error on a batched call redoes that call point by point, and so goes the rest of the run;
 * ``continuous_time``: discrete-time models see the exact continuous timestep
   of each sigma (the authors' interpolation) instead of ComfyUI's nearest integer;
 * ``convention``: ``comfyui`` keeps ComfyUI's start/end scaling; ``authors``
