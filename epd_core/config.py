@@ -14,9 +14,9 @@ from typing import Any
 from .bases import BASES
 from .teachers import TEACHERS
 
-__all__ = ["DistillConfig", "NODE_DISTILL", "node_iterations", "AUTO_ITERATIONS", "NODE_SCALE_BOUNDS",
-           "NODE_SCALE_HEADS_UP_TO_NFE", "node_scale_bounds", "RDPOConfig", "OBJECTIVES", "WEIGHTINGS", "GRADIENTS",
-           "add_arguments", "from_arguments"]  # fmt: skip
+__all__ = ["DistillConfig", "NODE_DISTILL", "NODE_NFE", "NODE_POINTS", "NODE_RDPO_TEACHER_M", "node_iterations",
+           "AUTO_ITERATIONS", "NODE_SCALE_BOUNDS", "NODE_SCALE_HEADS_UP_TO_NFE", "node_scale_bounds", "RDPOConfig",
+           "OBJECTIVES", "WEIGHTINGS", "GRADIENTS", "add_arguments", "from_arguments"]  # fmt: skip
 
 OBJECTIVES = ("local", "global", "authors")
 WEIGHTINGS = ("uniform", "snr")
@@ -174,6 +174,9 @@ class DistillConfig(_Config):
 # "Divergence guard").
 NODE_DISTILL: dict[str, Any] = {"objective": "global", "final_estimate": True, "learn_grid": True, "batch": 16,
                                 "iterations": 0, "micro_batch": 4, "teacher_m": 7, "robust": 0.01}  # fmt: skip
+NODE_NFE = 10  # EPD Distill's nfe input
+NODE_POINTS = 3  # EPD Distill's points input: K of a new table (the bundled analytic tables' K; the benchmark's recipe)
+NODE_RDPO_TEACHER_M = 4  # EPD RDPO's teacher_m: teacher points per step of the fidelity reward's reference
 NODE_ITERATIONS = 1600  # EPD Distill's Adam steps from NFE NODE_ITERATIONS_NFE on (below: that NFE's cost, more steps)
 NODE_ITERATIONS_NFE = 10
 

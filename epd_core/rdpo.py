@@ -356,6 +356,7 @@ def fidelity_reward(reference: torch.Tensor) -> Callable[[torch.Tensor, Any], to
 
 
 GUARD_SEED = 2**31 - 2  # the guard's held-out noises: the same for every run and training seed
+GUARD_SAMPLES = 100  # noises a caller's guard metric is given (each check samples them)
 FIDELITY_GUARD_SAMPLES = 32  # held-out noises of the default guard of a fidelity run (each check samples them)
 
 
@@ -565,7 +566,7 @@ def rdpo(
     guard_name = "held_out_fidelity" if guard is None and reference is not None else getattr(guard, "__name__", None)
     guard_name = "custom" if guard is not None and guard_name is None else guard_name
     if guard_samples is None:
-        guard_samples = 100 if guard is not None else FIDELITY_GUARD_SAMPLES
+        guard_samples = GUARD_SAMPLES if guard is not None else FIDELITY_GUARD_SAMPLES
     watch = _Guard(policy, denoiser, start, sigmas, shape, config, guard, guard_samples, prompts, dtype, device,
                    reference=reference)  # fmt: skip
     ckpt = None

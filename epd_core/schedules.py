@@ -19,6 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "training_grid",
+    "DEFAULT_FLOW_SHIFT",
     "SCHEDULE_TYPES",
     "sd15_alphas_cumprod",
     "DiscreteVP",
@@ -119,11 +120,16 @@ def _shift(sigma: np.ndarray, shift: float) -> np.ndarray:
     return shift * sigma / (1 + (shift - 1) * sigma)
 
 
+DEFAULT_FLOW_SHIFT = 3.0  # SD3's static shift: a flow grid's where neither the table nor the model gives one
+
+
 def _time_shift(mu: float, sigma: np.ndarray) -> np.ndarray:
     return math.exp(mu) / (math.exp(mu) + (1 / sigma - 1))
 
 
-def flowmatch(n: int, shift: float | None = 3.0, mu: float | None = None, base_sigma_min: float = 1e-3) -> torch.Tensor:
+def flowmatch(
+    n: int, shift: float | None = DEFAULT_FLOW_SHIFT, mu: float | None = None, base_sigma_min: float = 1e-3
+) -> torch.Tensor:
     """diffusers' ``FlowMatchEulerDiscreteScheduler.set_timesteps(n)`` without the trailing 0.
 
     * static shift (SD3): the scheduler's ``sigma_min`` is already shifted
@@ -188,7 +194,7 @@ def make_schedule(
                 "a flowmatch grid runs from sigma 1 by its shift or mu; sigma_min / sigma_max do not apply"
             )
         if mu is None and shift is None:
-            mu, shift = params.flowmatch_mu, params.flowmatch_shift or 3.0
+            mu, shift = params.flowmatch_mu, params.flowmatch_shift or DEFAULT_FLOW_SHIFT
         if not (mu is not None and math.isfinite(mu) or mu is None and shift is not None and shift > 0):
             raise ValueError(f"a flowmatch grid needs a finite mu or a positive shift, got mu {mu}, shift {shift}")
         return flowmatch(n, shift=shift, mu=mu)

@@ -8,6 +8,9 @@ from comfy_api.latest import io, ui
 
 from ..epd_core.config import (
     AUTO_ITERATIONS,
+    NODE_NFE,
+    NODE_POINTS,
+    NODE_RDPO_TEACHER_M,
     NODE_SCALE_BOUNDS,
     NODE_SCALE_HEADS_UP_TO_NFE,
     PRESETS,
@@ -20,7 +23,16 @@ from ..epd_core.config import (
 from ..epd_core.params import DEFAULT_STUDENT, EPDParams, time_points_for_nfe
 from ..epd_core.rdpo import guard_report
 from .features import clip_vision_encoder
-from .inputs import EncoderType, EPDParamsType, advanced, config_input, epd_params_input, output_inputs, seed_input
+from .inputs import (
+    EncoderType,
+    EPDParamsType,
+    advanced,
+    cfg_input,
+    config_input,
+    epd_params_input,
+    output_inputs,
+    seed_input,
+)
 from .nodes_tables import describe
 from .rewards import clip_score_reward, preference_reward
 from .sampling import model_latent
@@ -39,9 +51,6 @@ from .training import (
 
 REWARDS = ["fidelity", "clip_score", "preference"]
 REWARD_FOLDER = "epd_rewards"  # models/epd_rewards: preference heads (safetensors)
-DEFAULT_NFE = 10
-DEFAULT_POINTS = 3  # K of a new table (the bundled analytic tables' K; the benchmark's recipe)
-RDPO_TEACHER_M = 4  # teacher points per step of the fidelity reward's reference
 AUTO = -1.0  # EPD Distill's scale_dir / scale_time: node_scale_bounds(nfe)
 
 
@@ -56,8 +65,7 @@ def _training_inputs() -> list:
 
 
 def _cfg_input() -> io.Float.Input:
-    return io.Float.Input("cfg", default=1.0, min=0.0, max=100.0, step=0.1, round=0.01,
-                          tooltip="Guidance used in training: set the cfg you will sample with.")  # fmt: skip
+    return cfg_input(1.0, "Guidance used in training: set the cfg you will sample with.")
 
 
 class EPDDistill(io.ComfyNode):
@@ -77,7 +85,7 @@ class EPDDistill(io.ComfyNode):
                 _cfg_input(),
                 io.Int.Input(
                     "nfe",
-                    default=DEFAULT_NFE,
+                    default=NODE_NFE,
                     min=2,
                     max=64,
                     tooltip="Model rounds per image the table will take (what KSampler's steps are for one-call "
@@ -86,7 +94,7 @@ class EPDDistill(io.ComfyNode):
                     "analytic first step.",
                 ),
                 io.Int.Input(
-                    "points", default=DEFAULT_POINTS, min=1, max=8, tooltip="Parallel intermediate points per step (K)."
+                    "points", default=NODE_POINTS, min=1, max=8, tooltip="Parallel intermediate points per step (K)."
                 ),
                 config_input(d, "teacher"),
                 config_input(d, "teacher_m", "teacher_steps", min=0, max=32),
@@ -358,7 +366,7 @@ class EPDRDPO(io.ComfyNode):
                 ),  # fmt: skip
                 io.Int.Input(
                     "teacher_steps",
-                    default=RDPO_TEACHER_M,
+                    default=NODE_RDPO_TEACHER_M,
                     min=1,
                     max=32,
                     tooltip="fidelity: the teacher's points inside each step (other rewards use no teacher).",

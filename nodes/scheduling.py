@@ -20,6 +20,7 @@ import math
 import torch
 
 from ..epd_core import EPDParams, make_schedule
+from ..epd_core.schedules import DEFAULT_FLOW_SHIFT
 from .sampling import _table_model, check_compatible, is_discrete_model, is_flow_model, is_flux_shift
 
 
@@ -42,7 +43,7 @@ def model_schedule(params: EPDParams, model_sampling, mu: float | None = None) -
 def _model_schedule(params: EPDParams, model_sampling, mu: float | None) -> torch.Tensor:
     check_compatible(params, model_sampling)
     if is_flow_model(model_sampling):
-        shift = float(getattr(model_sampling, "shift", 3.0))
+        shift = float(getattr(model_sampling, "shift", DEFAULT_FLOW_SHIFT))
         if is_flux_shift(model_sampling):
             return make_schedule(params, mu=shift if mu is None else mu)
         return make_schedule(params, shift=shift)

@@ -32,11 +32,11 @@ import torch
 from ..epd_core import EPDParams
 from ..epd_core.catalogue import load_catalogue
 from ..epd_core.checkpoint import CheckpointMismatch, answers, checkpoint_notes, interruptible
-from ..epd_core.config import DistillConfig, RDPOConfig
+from ..epd_core.config import NODE_RDPO_TEACHER_M, DistillConfig, RDPOConfig
 from ..epd_core.distill import distill, first_step_mean, recomputed
 from ..epd_core.files import EPDFileError, check_destination, claim, save_params
-from ..epd_core.rdpo import fitted_final_estimate, rdpo
-from ..epd_core.schedules import polynomial
+from ..epd_core.rdpo import GUARD_SAMPLES, fitted_final_estimate, rdpo
+from ..epd_core.schedules import DEFAULT_FLOW_SHIFT, polynomial
 from ..epd_core.starts import start_errors
 from ..epd_core.teachers import subdivide, teacher_trajectory
 from .autograd import backward_failure, make_differentiable
@@ -89,7 +89,7 @@ def start_table(model_sampling, steps: int, points: int, afs: bool, student: str
 
 def _start_for(model_sampling, steps: int, points: int, afs: bool, student: str) -> EPDParams:
     if is_flow_model(model_sampling):
-        shift = float(getattr(model_sampling, "shift", 3.0))
+        shift = float(getattr(model_sampling, "shift", DEFAULT_FLOW_SHIFT))
         if is_flux_shift(model_sampling):
             return EPDParams.start(steps, points, schedule_type="flowmatch", schedule_rho=1.0, backend="flux",
                                    flowmatch_mu=shift, afs=afs, student=student)  # fmt: skip
@@ -332,8 +332,8 @@ def _noted_start(checkpoint: Path | None, starts: dict[str, EPDParams]) -> dict 
 
 def rdpo_on_model(
     model, positive, negative, cfg: float, latent: torch.Tensor, start: EPDParams, config: RDPOConfig,
-    teacher_m: int = 4, reward: Reward | None = None, metadata: dict | None = None,
-    guard: Callable[[torch.Tensor], float] | None = None, guard_samples: int = 100, **resume,
+    teacher_m: int = NODE_RDPO_TEACHER_M, reward: Reward | None = None, metadata: dict | None = None,
+    guard: Callable[[torch.Tensor], float] | None = None, guard_samples: int = GUARD_SAMPLES, **resume,
 ) -> tuple[EPDParams, list[float]]:  # fmt: skip
     """Run :func:`epd_core.rdpo.rdpo` on a ComfyUI ``MODEL``.
 
@@ -364,7 +364,9 @@ def rdpo_on_model(
 
         def reference(x0):
             with torch.no_grad():
-                end = teacher_trajectory(s.denoiser, x0, subdivide(s.grid.to(x0.device), teacher_m), "dpm2")[-1]
+                end = teacher_trajectory(
+                    s.denoiser, x0, subdivide(s.grid.to(x0.device), teacher_m), DistillConfig.default("teacher")
+                )[-1]
                 if not ending:
                     return end
                 return s.denoiser(end, s.grid[-1].expand(x0.shape[0]).to(x0))  # the teacher's denoised end
