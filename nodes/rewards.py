@@ -81,6 +81,21 @@ def frame_scores(images: torch.Tensor, latents: torch.Tensor, reward: str,
     return score(images[..., :3].flatten(0, 1)).reshape(batch, frames).mean(dim=1)
 
 
+def decoded_reward(vae, name: str, score: Callable[[torch.Tensor], torch.Tensor]) -> Reward:
+    """The reward ``name``: each rollout's latents decoded with ``vae`` and their image (a video's frames: their
+    mean) scored by ``score(images [N, H, W, 3]) -> [N]``."""
+
+    def reward(latents: torch.Tensor, context: Any) -> torch.Tensor:
+        with torch.no_grad():
+            with vae_of_the_model(vae, latents, name):
+                images = vae.decode(latents)
+            scores = frame_scores(images, latents, name, score)
+        return scores.to(latents.device)
+
+    reward.__name__ = reward.__qualname__ = name
+    return reward
+
+
 def clip_score_reward(vae, clip_vision, clip, prompt: str) -> Reward:
     """A reward: decode the latents with ``vae``, score ``100 * cosine(image, prompt)`` with the CLIP models.
 
@@ -102,14 +117,7 @@ def clip_score_reward(vae, clip_vision, clip, prompt: str) -> Reward:
         embeds = image_embeddings(clip_vision, images)
         return 100.0 * torch.nn.functional.cosine_similarity(embeds, text.to(embeds.device)[None], dim=-1)
 
-    def clip_score(latents: torch.Tensor, context: Any) -> torch.Tensor:
-        with torch.no_grad():
-            with vae_of_the_model(vae, latents, "clip_score"):
-                images = vae.decode(latents)
-            score = frame_scores(images, latents, "clip_score", cosine)
-        return score.to(latents.device)
-
-    return clip_score
+    return decoded_reward(vae, "clip_score", cosine)
 
 
 HEAD_FORMAT = "epd-reward-head-v1"
@@ -169,11 +177,4 @@ def preference_reward(vae, clip_vision, path: str) -> Reward:
             embeds = torch.nn.functional.normalize(embeds, dim=-1)
         return head.to(embeds.device)(embeds)[:, 0]
 
-    def preference(latents: torch.Tensor, context: Any) -> torch.Tensor:
-        with torch.no_grad():
-            with vae_of_the_model(vae, latents, "preference"):
-                images = vae.decode(latents)
-            score = frame_scores(images, latents, "preference", rate)
-        return score.to(latents.device)
-
-    return preference
+    return decoded_reward(vae, "preference", rate)
