@@ -18,6 +18,7 @@ from .config import DistillConfig, RDPOConfig, add_arguments, from_arguments
 from .files import EPDFileError, check_destination, claim
 from .params import STUDENTS
 from .schedules import SCHEDULE_TYPES
+from .solver import initial_state
 
 
 class _ProgressLine(logging.Handler):
@@ -85,7 +86,7 @@ def _demo(args: argparse.Namespace) -> int:
     grid = make_schedule(p)
     g = torch.Generator().manual_seed(args.seed)
     noise = torch.randn(args.batch, *gm.shape, generator=g, dtype=torch.float64)
-    x0 = noise if p.is_flow else noise * grid[0]
+    x0 = initial_state(noise, grid[0], p.is_flow)
     exact = heun(den, x0, make_schedule(p, num_steps=2001))
     epd = sample(den, x0, grid, p)
     euler_grid = make_schedule(p.replace(t_steps=None), num_steps=p.nfe + 1)  # the schedule's, not a learned grid

@@ -27,9 +27,9 @@ from .config import DistillConfig, offset_seed
 from .params import TABLE_NAMES, EPDParams, decode
 from .schedules import make_schedule, training_grid
 from .selection import DIVERGED, HeldOutCheck, check_iterations
-from .solver import Denoiser, epd_step, evaluate_points, sample
+from .solver import Denoiser, epd_step, evaluate_points, initial_state, sample
 from .starts import held_out_noises
-from .teachers import subdivide, teacher_trajectory
+from .teachers import subdivide, teacher_end, teacher_trajectory
 
 __all__ = ["distance", "distill", "loss_curve", "recomputed", "student_loss"]
 
@@ -213,7 +213,7 @@ def first_step_mean(denoiser: Denoiser, start: EPDParams, shape: tuple[int, ...]
     total, count = None, 0
     while count < noises:
         noise = torch.randn((config.batch, *shape), generator=gen, dtype=torch.float64).to(device, dtype)
-        x = noise if start.is_flow else noise * t0
+        x = initial_state(noise, t0, start.is_flow)
         denoised = denoiser(x, t0.expand(x.shape[0])).double()
         _check_finite(denoised, f"at sigma {float(t0):.4g}")
         part = denoised.transpose(0, 1).flatten(1).sum(1)
@@ -387,7 +387,7 @@ def distill(
     for it in range(ckpt.resumed_at if ckpt else 0, config.iterations):
         grid_now = _grid_from_logits(ends, logits) if config.learn_grid else base_grid
         noise = torch.randn((config.batch, *shape), generator=gen, dtype=torch.float64).to(device, dtype)
-        x = noise if start.is_flow else noise * grid_now[0].detach().to(dtype)
+        x = initial_state(noise, grid_now[0], start.is_flow)
         fine = fine_fixed if fine_fixed is not None else subdivide(grid_now.detach(), config.teacher_m)
         targets = _teacher_targets(denoiser, x, fine, config)
         if config.objective == "authors":
@@ -512,11 +512,8 @@ def held_out_errors(denoiser: Denoiser, params: EPDParams, grid: torch.Tensor, s
     squared, count = torch.zeros(2, dtype=torch.float64), 0
     sigmas = torch.cat([grid.cpu(), grid.new_zeros(1).cpu()]) if config.final_estimate else grid.cpu()
     for x in held_out_noises(config, 2, HELD_OUT, shape, params.is_flow, grid[0], dtype):
-        fine = teacher_trajectory(denoiser, x, subdivide(grid, 2 * config.teacher_m + 1), config.teacher)[-1]
-        teacher = teacher_trajectory(denoiser, x, subdivide(grid, config.teacher_m), config.teacher)[-1]
-        if config.final_estimate:
-            end = grid[-1].expand(x.shape[0]).to(x.device, x.dtype)
-            fine, teacher = denoiser(fine, end), denoiser(teacher, end)
+        fine, teacher = (teacher_end(denoiser, x, subdivide(grid, m), config.teacher, config.final_estimate)
+                         for m in (2 * config.teacher_m + 1, config.teacher_m))  # fmt: skip
         student = sample(denoiser, x, sigmas, params, final="estimate")
         squared += torch.stack([((a - fine).double() ** 2).sum().cpu() for a in (teacher, student)])
         count += x.numel()

@@ -42,7 +42,7 @@ from .checkpoint import RunState, interruptible, run_checkpointer, with_gradient
 from .config import RDPOConfig
 from .params import Decoded, EPDParams
 from .schedules import training_grid
-from .solver import Denoiser, sample
+from .solver import Denoiser, initial_state, sample
 
 __all__ = [
     "DirichletPolicy",
@@ -396,7 +396,7 @@ class _Guard:
             count = -(-samples // prompts) * prompts
             g = torch.Generator().manual_seed(GUARD_SEED)
             noises = torch.randn((count, *shape), generator=g, dtype=torch.float64).to(device, dtype)
-            self.noises = noises if start.is_flow else noises * grid[0].to(dtype)
+            self.noises = initial_state(noises, grid[0], start.is_flow)
             self.state.update({f"guard.good.{name}": v.detach().clone() for name, v in policy.state_dict().items()})
             if metric is None:
                 with torch.no_grad():
@@ -457,7 +457,7 @@ def _rollouts(denoiser: Denoiser, policy: DirichletPolicy, start: EPDParams, gri
     groups, n = config.groups, config.groups * config.k
     shared = config.grouping == "noise"
     noise = torch.randn((groups if shared else n, *shape), generator=gen, dtype=torch.float64).to(device, dtype)
-    x0 = noise if start.is_flow else noise * grid[0].to(dtype)
+    x0 = initial_state(noise, grid[0], start.is_flow)
     context = torch.arange(n, device=device) % groups if shared else torch.arange(n, device=device)
     tables = policy.sample(n, gen)
     decoded = policy.decoded(tables.map(lambda v: v.to(dtype)))

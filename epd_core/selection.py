@@ -21,7 +21,7 @@ from .config import DIVERGED, DistillConfig
 from .params import EPDParams
 from .solver import Denoiser, sample
 from .starts import held_out_noises
-from .teachers import subdivide, teacher_trajectory
+from .teachers import subdivide, teacher_end
 
 __all__ = ["HeldOutCheck", "check_iterations", "CHECKS", "DIVERGED"]
 
@@ -54,11 +54,8 @@ class HeldOutCheck:
         self.targets: list[torch.Tensor] = []
         with torch.no_grad():
             for x in held_out_noises(config, 4, config.keep_best, shape, start.is_flow, grid[0], dtype):
-                end = teacher_trajectory(denoiser, x, fine, config.teacher)[-1]
-                if self.estimate:
-                    end = denoiser(end, fine[-1].expand(x.shape[0]).to(x.dtype))
                 self.noises.append(x)
-                self.targets.append(end)
+                self.targets.append(teacher_end(denoiser, x, fine, config.teacher, self.estimate))
 
     @property
     def size(self) -> int:

@@ -40,6 +40,7 @@ __all__ = [
     "push_history",
     "adams_bashforth",
     "grid_offset",
+    "initial_state",
 ]
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -204,6 +205,12 @@ def grid_offset(params: EPDParams, sigmas: torch.Tensor) -> tuple[int, bool]:
     if not bool(torch.all(sigmas[:points] > 0)) or not bool(torch.all(sigmas[1:] < sigmas[:-1])):
         raise ValueError("sigmas must be positive and strictly decreasing (a final 0 is allowed)")
     return params.num_steps - points, to_zero
+
+
+def initial_state(noise: torch.Tensor, t0: torch.Tensor, flow: bool) -> torch.Tensor:
+    """The state at the grid's first time point ``t0`` from standard normal ``noise``: the noise itself for a flow
+    (its ``t0`` is 1), ``noise * t0`` on a variance-exploding grid."""
+    return noise if flow else noise * t0.detach().to(noise.device, noise.dtype)
 
 
 @torch.no_grad()

@@ -16,7 +16,7 @@ import torch
 
 from .config import DistillConfig, offset_seed
 from .params import EPDParams
-from .solver import Denoiser, sample
+from .solver import Denoiser, initial_state, sample
 from .teachers import subdivide, teacher_trajectory
 
 __all__ = ["start_errors", "held_out_noises"]
@@ -35,7 +35,7 @@ def held_out_noises(
     chunk = config.batch * -(-CHUNK // config.batch)
     for _ in range(-(-count // chunk)):
         noise = torch.randn((chunk, *shape), generator=gen, dtype=torch.float64).to(t0.device, dtype)
-        yield noise if flow else noise * t0.detach().to(dtype)
+        yield initial_state(noise, t0, flow)
 
 
 @torch.no_grad()

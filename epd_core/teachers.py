@@ -15,7 +15,7 @@ import torch
 from .solver import Denoiser
 from .updates import derivative, dpmpp_2m_update, heun_step
 
-__all__ = ["TEACHERS", "teacher_trajectory", "subdivide"]
+__all__ = ["TEACHERS", "teacher_trajectory", "teacher_end", "subdivide"]
 
 TEACHERS = ("heun", "dpm2", "dpmpp_2m")
 
@@ -40,6 +40,18 @@ def teacher_trajectory(denoiser: Denoiser, x: torch.Tensor, grid: torch.Tensor, 
             old = denoised
         states.append(x)
     return torch.stack(states)
+
+
+@torch.no_grad()
+def teacher_end(
+    denoiser: Denoiser, x: torch.Tensor, grid: torch.Tensor, teacher: str, denoised: bool = False
+) -> torch.Tensor:  # fmt: skip
+    """The teacher's state at ``grid[-1]``; with ``denoised`` the model's answer there, the end a table fitted to
+    finish on its last step's estimate is compared with."""
+    end = teacher_trajectory(denoiser, x, grid, teacher)[-1]
+    if denoised:
+        end = denoiser(end, grid[-1].expand(x.shape[0]).to(x.device, x.dtype))
+    return end
 
 
 def subdivide(grid: torch.Tensor, m: int) -> torch.Tensor:

@@ -38,7 +38,7 @@ from ..epd_core.files import EPDFileError, check_destination, claim, save_params
 from ..epd_core.rdpo import GUARD_SAMPLES, fitted_final_estimate, rdpo
 from ..epd_core.schedules import DEFAULT_FLOW_SHIFT, polynomial
 from ..epd_core.starts import start_errors
-from ..epd_core.teachers import subdivide, teacher_trajectory
+from ..epd_core.teachers import subdivide, teacher_end
 from .autograd import backward_failure, make_differentiable
 from .features import Encoder, final_feature_loss
 from .guard import PACK, user_error, user_path, user_text
@@ -363,13 +363,8 @@ def rdpo_on_model(
                              **common)  # fmt: skip
 
         def reference(x0):
-            with torch.no_grad():
-                end = teacher_trajectory(
-                    s.denoiser, x0, subdivide(s.grid.to(x0.device), teacher_m), DistillConfig.default("teacher")
-                )[-1]
-                if not ending:
-                    return end
-                return s.denoiser(end, s.grid[-1].expand(x0.shape[0]).to(x0))  # the teacher's denoised end
+            fine = subdivide(s.grid.to(x0.device), teacher_m)
+            return teacher_end(s.denoiser, x0, fine, DistillConfig.default("teacher"), denoised=ending)
 
         return _resuming(rdpo, s.denoiser, start, s.shape, config, reference=reference, **common)
 
