@@ -105,16 +105,18 @@ def file_checkpoints(tables: Path, into: Path = CHECKPOINTS) -> list[str]:
     --resume``); returns what was done, one line each."""
     done = []
     for job in sorted(p for p in tables.iterdir() if p.is_dir()) if tables.is_dir() else []:
+        finished = set()
         for table in sorted(job.glob("*.safetensors")):
-            stale = into / job.name / (table.name.removesuffix(".safetensors") + ".epd-checkpoint")
+            checkpoint = table.name.removesuffix(".safetensors") + ".epd-checkpoint"
+            finished.add(checkpoint)  # a kill between the table's save and its checkpoint's removal leaves both
+            (into / job.name / checkpoint).unlink(missing_ok=True)
             kept = into / job.name / table.name
             if kept.exists() and kept.read_bytes() == table.read_bytes():
                 continue
             kept.parent.mkdir(parents=True, exist_ok=True)
             kept.write_bytes(table.read_bytes())
-            stale.unlink(missing_ok=True)
             done.append(f"{job.name}/{table.name}: finished, filed (its checkpoint removed)")
-        for checkpoint in sorted(job.glob("*.epd-checkpoint")):
+        for checkpoint in sorted(c for c in job.glob("*.epd-checkpoint") if c.name not in finished):
             (into / job.name).mkdir(parents=True, exist_ok=True)
             (into / job.name / checkpoint.name).write_bytes(checkpoint.read_bytes())
             done.append(f"{job.name}/{checkpoint.name}: filed, to be continued")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from contextlib import AbstractContextManager, nullcontext
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ from .analytic import ANALYTIC_FORMS, MIXTURES, heun
 from .catalogue import DEFAULT_TIMEOUT, MIRROR_ENV, fetch, find_entry, load_catalogue
 from .checkpoint import CheckpointMismatch, NotACheckpoint
 from .config import DistillConfig, RDPOConfig, add_arguments, from_arguments
-from .files import EPDFileError, check_destination, claim
+from .files import EPDFileError, check_destination, claim, remove_leftovers
 from .params import STUDENTS
 from .schedules import SCHEDULE_TYPES
 from .solver import initial_state
@@ -213,6 +214,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
     """Before a run trains: ``--out`` can be written, and ``--checkpoint`` is another file (it is removed once the
     table is saved)."""
     check_destination(args.out, args.force, "--force replaces it")
+    if args.checkpoint == "":
+        raise ValueError("--checkpoint needs a file name")
     if args.checkpoint and Path(args.checkpoint).resolve() == Path(args.out).resolve():
         raise ValueError("--checkpoint and --out name the same file; give the checkpoint another name")
     table = getattr(args, "table", None)
@@ -221,13 +224,20 @@ def _check_outputs(args: argparse.Namespace) -> None:
                          "checkpoint another name")  # fmt: skip
 
 
-def _held(args: argparse.Namespace) -> AbstractContextManager:
-    """The run holds its ``--checkpoint``: the same command started again elsewhere is refused at once, where the two
-    wrote one checkpoint in turn (a crash could not resume) and the first to finish removed the other's."""
-    if not args.checkpoint:
-        return nullcontext()
-    return claim(Path(args.checkpoint), f"--checkpoint {args.checkpoint} is in use by another run (the same command "
-                 "running elsewhere?); wait for it to finish, or give another --checkpoint")  # fmt: skip
+@contextmanager
+def _held(args: argparse.Namespace) -> Iterator[None]:
+    """The run holds its ``--out`` (as the nodes hold their table) and its ``--checkpoint``: the same command started
+    again elsewhere is refused at once, where the two wrote one checkpoint in turn (a crash could not resume) and the
+    first to finish removed the other's. What a kill during an earlier save of ``--out`` left goes."""
+    with ExitStack() as held:
+        held.enter_context(claim(Path(args.out), f"--out {args.out} is being written by another run (the same "
+                                 "command elsewhere?); wait for it to finish, or give another --out"))  # fmt: skip
+        if args.checkpoint:
+            held.enter_context(claim(Path(args.checkpoint), f"--checkpoint {args.checkpoint} is in use by another "
+                                     "run (the same command running elsewhere?); wait for it to finish, or give "
+                                     "another --checkpoint"))  # fmt: skip
+        remove_leftovers(Path(args.out))
+        yield
 
 
 def _done(checkpoint: str | None) -> None:

@@ -11,7 +11,6 @@ configuration and, where the caller gives one, of the same model (its answer to 
 from __future__ import annotations
 
 import functools
-import glob
 import hashlib
 import json
 import os
@@ -23,7 +22,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .files import temp_prefix, write_atomic
+from .files import remove_leftovers, write_atomic
 
 __all__ = [
     "CheckpointMismatch", "RunState", "Checkpointer", "save_checkpoint", "load_checkpoint", "interruptible", "probe",
@@ -147,15 +146,6 @@ def with_gradients(train: Callable) -> Callable:
     return run
 
 
-def remove_leftovers(path: str | os.PathLike) -> None:
-    """Temporary files of ``path``'s checkpoint writes that a kill left behind (files only: a folder of such a
-    name is not ours)."""
-    path = Path(path)
-    for tmp in path.parent.glob(f"{glob.escape(temp_prefix(path))}*.tmp"):
-        if not tmp.is_dir() or tmp.is_symlink():
-            tmp.unlink(missing_ok=True)
-
-
 def _metadata(data: bytes) -> dict[str, Any]:
     """The ``__metadata__`` of a safetensors file's bytes (its header's, JSON)."""
     n = int.from_bytes(data[:8], "little")
@@ -171,7 +161,7 @@ def checkpoint_notes(path: str | os.PathLike) -> dict[str, Any]:
             return {}
         meta = _metadata(path.read_bytes())
         notes = json.loads(meta.get("notes", "{}")) if meta.get("format") == FORMAT else {}
-    except (OSError, ValueError, AttributeError, TypeError):
+    except (OSError, ValueError, AttributeError, TypeError, RecursionError):
         return {}
     return notes if isinstance(notes, dict) else {}
 
@@ -185,7 +175,7 @@ def load_checkpoint(path: str | os.PathLike, state: RunState, config: dict[str, 
     if not path.exists():
         return None
     if not path.is_file() or path.stat().st_size > _MAX_BYTES:
-        raise CheckpointMismatch(f"{path}: not a checkpoint file")
+        raise NotACheckpoint(f"{path}: not a checkpoint file")
     data = path.read_bytes()
     try:
         tensors = st_load(data)

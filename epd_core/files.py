@@ -15,9 +15,12 @@ Every failure raises :class:`EPDFileError`, which names the file.
 from __future__ import annotations
 
 import errno
+import glob
 import hashlib
 import json
 import os
+import re
+import stat
 import struct
 import tempfile
 from collections.abc import Iterator
@@ -37,7 +40,7 @@ from .safe_pickle import PickleRefused
 
 __all__ = [
     "EPDFileError", "load_params", "save_params", "check_destination", "params_from_authors", "check_table_size",
-    "claim", "MAX_FILE_BYTES", "MAX_TIME_POINTS", "MAX_POINTS",
+    "claim", "lock_path", "remove_leftovers", "MAX_FILE_BYTES", "MAX_TIME_POINTS", "MAX_POINTS",
 ]  # fmt: skip
 
 MAX_FILE_BYTES = 16 * 1024 * 1024
@@ -347,10 +350,13 @@ def save_params(params: EPDParams, path: str | os.PathLike, *, overwrite: bool =
 def lock(path: Path) -> int | None:
     """An exclusive advisory lock on ``path`` (created if absent): its file descriptor, or ``None`` while another
     holder (another process, or another descriptor in this one) has it. The system releases it when the holder's
-    process dies, so a killed run leaves no lock held. Release with :func:`unlock`."""
+    process dies, so a killed run leaves no lock held. Release with :func:`unlock`. A link or anything but a regular
+    file at ``path`` is an ``OSError`` (a planted link is not followed)."""
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0), 0o644)
         try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise OSError(errno.EINVAL, "not a regular file", str(path))
             if os.name == "nt":
                 import msvcrt
 
@@ -359,11 +365,16 @@ def lock(path: Path) -> int | None:
                 import fcntl
 
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
+        except BlockingIOError:
             os.close(fd)
             return None
+        except OSError as exc:
+            os.close(fd)
+            if os.name == "nt" and exc.errno in (errno.EACCES, errno.EDEADLK):  # msvcrt's "locked by another"
+                return None
+            raise
         try:  # the file may have been unlocked and removed between the open and the lock: lock the new one
-            if os.name == "nt" or os.path.samestat(os.fstat(fd), os.stat(path)):
+            if os.name == "nt" or os.path.samestat(os.fstat(fd), os.lstat(path)):
                 return fd
         except FileNotFoundError:
             pass
@@ -377,25 +388,49 @@ def unlock(path: Path, fd: int) -> None:
     os.close(fd)
 
 
+def lock_path(path: Path) -> Path:
+    """The lock file that holds ``path`` for a run: ``.<name>.epd-lock`` beside it, ``.safetensors`` left out; a long
+    name is cut and ends with a hash of the whole, so that the lock's name stays a legal one."""
+    name = path.name.removesuffix(".safetensors")
+    if len(name.encode()) > 236:
+        name = name.encode()[:219].decode(errors="ignore") + "-" + hashlib.sha256(name.encode()).hexdigest()[:16]
+    return path.with_name(f".{name}.epd-lock")
+
+
 @contextmanager
 def claim(path: Path, busy: str) -> Iterator[None]:
-    """Hold ``path`` (a table or a checkpoint) for one run, through the lock file ``.<name>.epd-lock`` beside it;
-    ``ValueError(busy)`` at once while another run, in this process or another, holds it."""
-    path = Path(path)
-    lock_path = path.with_name(f".{path.name.removesuffix('.safetensors')}.epd-lock")
-    fd = lock(lock_path)
+    """Hold ``path`` (a table or a checkpoint) for one run, through its :func:`lock_path`; ``ValueError(busy)`` at
+    once while another run, in this process or another, holds it. A lock file that cannot be one (a folder, a link)
+    is an :class:`EPDFileError`."""
+    held = lock_path(Path(path))
+    try:
+        held.parent.mkdir(parents=True, exist_ok=True)
+        fd = lock(held)
+    except OSError as exc:
+        raise EPDFileError(held, f"cannot hold this run's lock file ({exc.strerror or exc}); remove it") from None
     if fd is None:
         raise ValueError(busy)
     try:
         yield
     finally:
-        unlock(lock_path, fd)
+        unlock(held, fd)
 
 
 def temp_prefix(path: Path) -> str:
     """The start of :func:`write_atomic`'s temporary names for ``path``: ``.<name>.``, the name cut so that with
     mkstemp's 8 characters and ``.tmp`` it stays within a file system's 255 (a legal long name stays writable)."""
     return f".{path.name[:241]}."
+
+
+def remove_leftovers(path: str | os.PathLike) -> None:
+    """The temporary files :func:`write_atomic` left for ``path`` when a kill stopped it: exactly its
+    :func:`temp_prefix`, mkstemp's 8 characters and ``.tmp`` (a longer name that starts like this one is another
+    file's write, perhaps under way; a folder of such a name is not ours)."""
+    path = Path(path)
+    own = re.compile(re.escape(temp_prefix(path)) + r"[a-z0-9_]{8}\.tmp")
+    for tmp in path.parent.glob(f"{glob.escape(temp_prefix(path))}*.tmp"):
+        if own.fullmatch(tmp.name) and (not tmp.is_dir() or tmp.is_symlink()):
+            tmp.unlink(missing_ok=True)
 
 
 def write_atomic(blob: bytes, path: Path, overwrite: bool) -> None:

@@ -18,7 +18,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +34,7 @@ from ..epd_core.catalogue import load_catalogue
 from ..epd_core.checkpoint import CheckpointMismatch, answers, checkpoint_notes, interruptible
 from ..epd_core.config import NODE_RDPO_TEACHER_M, DistillConfig, RDPOConfig
 from ..epd_core.distill import distill, first_step_mean, recomputed
-from ..epd_core.files import EPDFileError, check_destination, claim, save_params
+from ..epd_core.files import EPDFileError, check_destination, claim, remove_leftovers, save_params
 from ..epd_core.rdpo import GUARD_SAMPLES, fitted_final_estimate, rdpo
 from ..epd_core.schedules import DEFAULT_FLOW_SHIFT, polynomial
 from ..epd_core.starts import start_errors
@@ -153,8 +153,14 @@ def claimed(path: Path) -> Iterator[None]:
     ComfyUI server sharing the folder, is refused at its start. It dropped the running one's checkpoint as "another
     run's", and the two then wrote one checkpoint in turn (a crash could not resume) or removed each other's
     checkpoint writes under way (a failed save)."""
-    with claim(path, f"{user_path(path)} is being trained by another run (another ComfyUI server sharing this "
-                     "folder?); wait for it to finish, or give another filename"):  # fmt: skip
+    with ExitStack() as held:
+        try:
+            held.enter_context(claim(path, f"{user_path(path)} is being trained by another run (another ComfyUI "
+                                           "server sharing this folder?); wait for it to finish, or give another "
+                                           "filename"))  # fmt: skip
+        except EPDFileError as exc:
+            raise user_error(exc) from None
+        remove_leftovers(path)  # what a kill during this table's save left
         yield
 
 
@@ -320,12 +326,14 @@ def _noted_start(checkpoint: Path | None, starts: dict[str, EPDParams]) -> dict 
     if checkpoint is None:
         return None
     noted = checkpoint_notes(checkpoint).get("start")
-    if not isinstance(noted, dict) or set(noted) != {"grid", "untrained_error"} or noted["grid"] not in starts:
+    if not isinstance(noted, dict) or set(noted) != {"grid", "untrained_error"}:
+        return None
+    if not isinstance(noted["grid"], str) or noted["grid"] not in starts:
         return None
     errors = noted["untrained_error"]
     if not isinstance(errors, dict) or set(errors) != set(starts):
         return None
-    if not all(type(v) in (int, float) and math.isfinite(v) for v in errors.values()):
+    if not all(type(v) is float and math.isfinite(v) for v in errors.values()):  # as the check records them
         return None
     return noted
 

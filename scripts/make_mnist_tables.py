@@ -115,11 +115,12 @@ def make_table(
     encoder = None if feature_weight is None else nodes["EPDMnistFeatures"].execute().result[0]
     path = table_path(out, kind, nfe, suffix)
     options = training.resume_options(path, config.iterations) if resume else {}
-    params = training.distill_on_model(model, positive, negative, CFG, torch.zeros(1, 4, 14, 14), start, config,
-                                       metadata=metadata, encoder=encoder, feature_weight=feature_weight or 0.0,
-                                       **options)  # fmt: skip
-    training.save_params(params, path, overwrite=True)
-    training.checkpoint_path(path).unlink(missing_ok=True)
+    with training.claimed(path):  # two job lines of one table, as two EPD Distill runs of one filename, are refused
+        params = training.distill_on_model(model, positive, negative, CFG, torch.zeros(1, 4, 14, 14), start, config,
+                                           metadata=metadata, encoder=encoder, feature_weight=feature_weight or 0.0,
+                                           **options)  # fmt: skip
+        training.save_params(params, path, overwrite=True)
+        training.checkpoint_path(path).unlink(missing_ok=True)
     return path
 
 

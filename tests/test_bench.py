@@ -523,6 +523,13 @@ def test_gpu_merge_files_unfinished_jobs_checkpoints(tmp_path):
     assert (into / "done" / "mnist-flow-nfe5.safetensors").read_bytes() == b"table"
     assert gpu_merge.file_checkpoints(tables, into) == ["slow/mnist-eps-nfe5.epd-checkpoint: filed, to be continued"]
     assert gpu_merge.file_checkpoints(tmp_path / "absent", into) == []
+    # the deadline's kill between a table's save and its checkpoint's removal: the table is what is filed, and a
+    # stale checkpoint goes even when the table filed earlier has the same bytes (the next call resumed from it)
+    (tables / "done" / "mnist-flow-nfe5.epd-checkpoint").write_bytes(b"state at 3200")
+    (into / "done" / "mnist-flow-nfe5.epd-checkpoint").write_bytes(b"state at 3100")
+    assert gpu_merge.file_checkpoints(tables, into) == ["slow/mnist-eps-nfe5.epd-checkpoint: filed, to be continued"]
+    assert sorted(p.name for p in (into / "done").iterdir()) == ["mnist-flow-nfe10.epd-checkpoint",
+                                                                  "mnist-flow-nfe5.safetensors"]  # fmt: skip
 
 
 def test_neural_run_replaces_its_own_rows_and_keeps_the_plugins(tmp_path):

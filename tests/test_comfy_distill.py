@@ -723,6 +723,12 @@ def test_a_resumed_distill_takes_the_start_its_check_chose_without_checking_agai
 
     forge("not json")
     assert checkpoint.checkpoint_notes(ck) == {}
+    forge("[" * 100_000 + "]" * 100_000)  # deeper than the JSON reader recurses
+    assert checkpoint.checkpoint_notes(ck) == {}
+    for noted in ({**other.metadata["start"], "grid": [other.metadata["start"]["grid"]]},
+                  {**other.metadata["start"], "untrained_error": dict.fromkeys(starts, 10**400)}):  # fmt: skip
+        forge(json.dumps({"start": noted}))  # these raised (unhashable; too large for a float) at every queue
+        assert checkpoint.checkpoint_notes(ck) == {"start": noted} and training._noted_start(ck, starts) is None
     elsewhere = next(name for name in starts if name != other.metadata["start"]["grid"])
     forgeries = [  # (notes, whether the resumed run finds that its checkpoint is not of the noted start)
         (json.dumps({"start": {"grid": "evil"}}), False),
@@ -773,6 +779,7 @@ def test_a_run_of_a_name_another_process_is_training_is_refused_and_leaves_its_c
         holder.kill()
         holder.wait(30)
     checkpoint.unlink()
+    (epd_dir / ".shared.safetensors.a1b2c3d4.tmp").write_bytes(b"half a table")  # a kill during an earlier save
     run()
     assert (epd_dir / "shared.safetensors").is_file() and not lock.exists()
     assert sorted(p.name for p in epd_dir.iterdir()) == ["shared.safetensors"]

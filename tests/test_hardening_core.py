@@ -344,7 +344,7 @@ def test_a_tables_fields_must_have_their_types_not_what_python_makes_of_them(tmp
 
 def test_a_legal_long_file_name_is_writable_and_its_leftovers_found(tmp_path):
     """The temporary file's name added 14 characters to the table's: a legal 252-character name failed to save."""
-    from epd_core.checkpoint import remove_leftovers
+    from epd_core.files import remove_leftovers
 
     path = tmp_path / ("a" * 240 + ".safetensors")
     save_params(EPDParams.start(4, 2), path)
@@ -356,13 +356,18 @@ def test_a_legal_long_file_name_is_writable_and_its_leftovers_found(tmp_path):
 
 
 def test_a_checkpoint_name_with_glob_characters_removes_only_its_own_leftovers(tmp_path):
-    from epd_core.checkpoint import remove_leftovers
+    """A glob's "[1]" matched "1"; and a name that starts with this one's (``run[1].ckpt.v2``, or the table
+    ``run[1].ckpt.safetensors``) lost its write under way when this run started."""
+    from epd_core.files import remove_leftovers
 
-    mine, other = tmp_path / ".run[1].ckpt.a1.tmp", tmp_path / ".run1.ckpt.b2.tmp"  # "[1]" matched "1"
-    for p in (mine, other):
+    mine = tmp_path / ".run[1].ckpt.a1b2c3_d.tmp"
+    names = (".run1.ckpt.b2c3d4e5.tmp", ".run[1].ckpt.v2.b2c3d4e5.tmp", ".run[1].ckpt.safetensors.x1y2z3w4.tmp",
+             ".run[1].ckpt.a1b2.tmp")  # fmt: skip
+    others = [tmp_path / name for name in names]
+    for p in (mine, *others):
         p.write_bytes(b"x")
     remove_leftovers(tmp_path / "run[1].ckpt")
-    assert not mine.exists() and other.exists()
+    assert not mine.exists() and all(p.exists() for p in others)
 
 
 def test_cli_refuses_before_training_what_would_lose_or_misplace_the_table(tmp_path):
@@ -466,6 +471,70 @@ def test_a_cli_run_of_a_checkpoint_another_run_holds_is_refused_and_leaves_it(tm
     run = _cli_here(command, *args)
     assert run.returncode == 0, run.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["t.safetensors"]
+
+
+def test_the_cli_holds_new_folders_long_names_and_its_out_and_cleans_a_killed_save(tmp_path):
+    """From a review of the lock: a --checkpoint in a folder not made yet, or with a long legal name, was refused
+    (the lock file was opened first; its name outgrew 255 bytes); a folder or "" as --checkpoint was "not a
+    checkpoint; remove it" (it may be the user's own); a kill during the table's save left its temporary file for
+    good. The run now also holds --out, so a second run writing the same table is refused too."""
+    import subprocess
+
+    base = ["distill", "--iterations", "1", "--batch", "2"]
+    out = tmp_path / "t.safetensors"
+    killed = tmp_path / f".{out.name}.a1b2c3d4.tmp"  # what a kill during write_atomic leaves
+    killed.write_bytes(b"half a table")
+    ck = tmp_path / "new" / "deeper" / "run.ckpt"
+    assert _cli_here(*base, "--checkpoint", str(ck), "--out", str(out)).returncode == 0
+    assert out.is_file() and not killed.exists() and sorted(p.name for p in ck.parent.iterdir()) == []
+    long = tmp_path / ("x" * 245 + ".ckpt")
+    run = _cli_here(*base, "--checkpoint", str(long), "--out", str(tmp_path / "u.safetensors"), "--checkpoint-every",
+                    "1")  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    (tmp_path / "photos").mkdir()
+    for checkpoint, said in ((str(tmp_path / "photos"), "not a checkpoint file"), ("", "--checkpoint needs a file")):
+        run = _cli_here(*base, "--checkpoint", checkpoint, "--out", str(tmp_path / "v.safetensors"))
+        assert run.returncode == 2 and said in run.stderr and "remove it" not in run.stderr, run.stderr
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
+        "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)"),
+        str(tmp_path / ".w.epd-lock")], stdout=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        w = tmp_path / "w.safetensors"
+        run = _cli_here(*base, "--out", str(w))
+        assert run.returncode == 2 and f"--out {w} is being written by another run" in run.stderr
+    finally:
+        holder.kill()
+        holder.wait(30)
+    assert not (tmp_path / "w.safetensors").exists()
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".w.epd-lock"]
+
+
+def test_a_lock_file_that_is_a_folder_or_a_link_is_refused_and_no_link_is_followed(tmp_path):
+    """A folder at the lock's name gave a raw IsADirectoryError; a planted link was followed, creating an empty
+    file at its target wherever the server may write."""
+    from epd_core.files import claim, lock_path
+
+    table = tmp_path / "t.safetensors"
+    lock_path(table).mkdir()
+    with pytest.raises(EPDFileError, match=r"\.t\.epd-lock: cannot hold this run's lock file .*; remove it"):
+        with claim(table, "busy"):
+            pass
+    lock_path(table).rmdir()
+    target = tmp_path / "elsewhere" / "planted"
+    target.parent.mkdir()
+    lock_path(table).symlink_to(target)
+    with pytest.raises(EPDFileError, match="cannot hold this run's lock file"):
+        with claim(table, "busy"):
+            pass
+    assert not target.exists() and lock_path(table).is_symlink()
+    lock_path(table).unlink()
+    with claim(table, "busy"):
+        with pytest.raises(ValueError, match="^busy$"):
+            with claim(table, "busy"):
+                pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["elsewhere"]
 
 
 def test_cli_second_review(tmp_path, monkeypatch):
