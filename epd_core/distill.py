@@ -180,9 +180,8 @@ class _Rollout:
         """Take step ``i`` (the table decoded afresh: the authors' loop updates it between steps); its loss."""
         config, x, grid = self.config, self.x, self.grid
         t_cur, t_next = grid[i], grid[i + 1]
-        afs = self.params.afs and i == 0
         place = placement(self.placer, i, x, t_cur) if self.placer is not None else None
-        d_eff, history = epd_step(self.model, x, t_cur, t_next, self.table(), i, self.params, self.history, afs,
+        d_eff, history = epd_step(self.model, x, t_cur, t_next, self.table(), i, self.params, self.history,
                                   evaluate=self.evaluate, place=place)  # fmt: skip
         last = i == self.steps - 1
         if config.final_estimate and last:

@@ -95,10 +95,9 @@ class PluginDenoiser:
             return self.base.answer(i, x, self.x0)
         step = self.offset + i
         t_cur, t_next = self.grid[i], self.grid[i + 1]
-        afs = self.params.afs and step == 0
         place = self.placer(i, x, t_cur) if self.placer is not None else None
         d_eff, self.history = epd_step(
-            denoiser, x, t_cur, t_next, self.table, step, self.params, self.history, afs, self.parallel, place=place
+            denoiser, x, t_cur, t_next, self.table, step, self.params, self.history, self.parallel, place=place
         )
         self.estimate = x - t_cur.to(x.dtype) * d_eff  # the ensemble's x0 estimate, as the EPD solver's
         self.x0 = self.estimate if self.finish is None else self.finish(self.estimate, sigma)  # what previews show

@@ -143,7 +143,6 @@ def epd_step(
     step: int,
     params: EPDParams,
     history: list[torch.Tensor],
-    afs: bool = False,
     parallel: bool | int = True,
     evaluate: PointEvaluator = evaluate_points,
     place: Callable[[torch.Tensor], torch.Tensor] | None = None,
@@ -157,11 +156,12 @@ def epd_step(
     ``d``, no model call at ``t_cur``); an epd student keeps none. ``evaluate`` computes the K directions (training
     swaps in finite differences). ``place(d)``, if given, turns the first direction into the direction the points
     are placed along (the EPD Plugin's base sampler, :mod:`epd_core.bases`); an iPNDM student keeps its own rule.
+    The table's first step (``step`` 0) of an ``afs`` table takes the analytic first direction, no model call.
     """
     if params.student == "carry" and history:
         d = history[-1]
     else:
-        d = first_direction(denoiser, x, t_cur, afs, params.is_flow, params.afs_mean)
+        d = first_direction(denoiser, x, t_cur, params.afs and step == 0, params.is_flow, params.afs_mean)
     if params.student == "ipndm":
         direction = adams_bashforth(d, history, params.max_order)
     else:
@@ -257,10 +257,8 @@ def sample(
     for i in range(grid.shape[0] - 1):
         step = offset + i
         t_cur, t_next = grid[i], grid[i + 1]
-        afs = params.afs and step == 0
         place = placer(i, x, t_cur) if placer is not None else None
-        d_eff, history = epd_step(denoiser, x, t_cur, t_next, table, step, params, history, afs, parallel,
-                                  place=place)  # fmt: skip
+        d_eff, history = epd_step(denoiser, x, t_cur, t_next, table, step, params, history, parallel, place=place)
         estimate = x - t_cur.to(x.dtype) * d_eff
         if callback is not None:
             shown = estimate if finish is None else finish(estimate, _per_sample(t_cur, x.shape[0], x))

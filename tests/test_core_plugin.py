@@ -97,9 +97,8 @@ def _epd_with_placement(params, base, denoiser, x, sigmas):
     grid = sigmas[:-1] if float(sigmas[-1]) == 0 else sigmas
     placer, history, table = Base(base, sigmas), [], params.decoded()
     for i in range(grid.shape[0] - 1):
-        afs = params.afs and i == 0
         place = placement(placer, i, x, grid[i])
-        d_eff, history = epd_step(denoiser, x, grid[i], grid[i + 1], table, i, params, history, afs, place=place)
+        d_eff, history = epd_step(denoiser, x, grid[i], grid[i + 1], table, i, params, history, place=place)
         x = x + (grid[i + 1] - grid[i]) * d_eff
     return denoiser(x, grid[-1:].expand(x.shape[0])) if grid.shape[0] < sigmas.shape[0] else x
 
