@@ -5,8 +5,15 @@ ComfyUI is imported only when ComfyUI calls the entry point, so the package
 The nodes live in ``nodes/nodes_<feature>.py``, each module listing its own in ``NODES``.
 """
 
+from __future__ import annotations
 
-async def comfy_entrypoint():
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from comfy_api.latest import ComfyExtension
+
+
+async def comfy_entrypoint() -> ComfyExtension:
     from comfy_api.latest import ComfyExtension
 
     from .nodes import nodes_demo, nodes_mnist, nodes_sampling, nodes_tables, nodes_training

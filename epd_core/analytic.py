@@ -177,7 +177,7 @@ def rk4(denoiser: Denoiser, x: torch.Tensor, grid: torch.Tensor) -> torch.Tensor
 
 
 def ode_endpoint(
-    denoiser, x: torch.Tensor, sigma_max: float, steps: int = 2000, sigma_min: float = 1e-4
+    denoiser: Denoiser, x: torch.Tensor, sigma_max: float, steps: int = 2000, sigma_min: float = 1e-4
 ) -> torch.Tensor:
     """The probability-flow ODE solution at sigma 0 (VE form), by Heun on an EDM (rho 7) grid in float64.
 
@@ -187,7 +187,9 @@ def ode_endpoint(
     return denoiser(x, torch.tensor(sigma_min, dtype=torch.float64).expand(x.shape[0]))
 
 
-def ode_state(denoiser, x: torch.Tensor, sigma_max: float, sigma_end: float, steps: int = 2000) -> torch.Tensor:
+def ode_state(
+    denoiser: Denoiser, x: torch.Tensor, sigma_max: float, sigma_end: float, steps: int = 2000
+) -> torch.Tensor:
     """The probability-flow ODE's state at ``sigma_end`` > 0 (VE form), by Heun on an EDM (rho 7) grid in
     float64: the exact end of a solver that stops there."""
     return heun(denoiser, x.to(torch.float64), polynomial(steps, sigma_end, sigma_max, 7.0))

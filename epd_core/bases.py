@@ -150,7 +150,7 @@ class Base:
     _MEMORY = {"euler": 0, "ipndm": 3, "ipndm_v": 3, "deis": 2, "lms": 3, "gradient_estimation": 1,
                "dpmpp_2m": 1, "res_multistep": 1}  # fmt: skip
 
-    def __init__(self, name: str, sigmas) -> None:
+    def __init__(self, name: str, sigmas: torch.Tensor) -> None:
         if name not in BASES:
             raise ValueError(f"base must be one of {BASES}, got {name!r}")
         self.name = name

@@ -100,7 +100,9 @@ class AnalyticModel(comfy.model_base.BaseModel):
         return denoised.to(device=x.device, dtype=torch.float32)
 
 
-def analytic_model_patcher(form: str, mixture: str | GaussianMixture = "reference", shift: float | None = None):
+def analytic_model_patcher(
+    form: str, mixture: str | GaussianMixture = "reference", shift: float | None = None
+) -> comfy.model_patcher.ModelPatcher:
     """A ComfyUI ``MODEL`` (ModelPatcher) for an analytic mixture (a bundled one's name, or any mixture)."""
     gm = GaussianMixture.named(mixture) if isinstance(mixture, str) else mixture
     model = AnalyticModel(gm, form, shift)

@@ -39,7 +39,7 @@ def make_differentiable(module: torch.nn.Module) -> int:
     return swapped
 
 
-def saved_copies():
+def saved_copies() -> torch.autograd.graph.saved_tensors_hooks:
     """Autograd keeps copies of the tensors it saves for backward: ComfyUI's CLIP layers add their residuals in
     place (``x += ...``) into tensors a layer norm saved, which would fail the backward pass."""
     return torch.autograd.graph.saved_tensors_hooks(torch.clone, lambda saved: saved)

@@ -140,7 +140,7 @@ def digits_model(path: str | Path = WEIGHTS) -> DigitsModel:
     return load_digits_weights(model, path)
 
 
-def digits_model_patcher(path: str | Path = WEIGHTS):
+def digits_model_patcher(path: str | Path = WEIGHTS) -> comfy.model_patcher.ModelPatcher:
     """A ComfyUI ``MODEL`` (ModelPatcher) of the trained digits UNet."""
     model = digits_model(path)
     device = comfy.model_management.get_torch_device()

@@ -9,7 +9,7 @@ model (:func:`clip_vision_encoder`); on the MNIST demo models the demo classifie
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -17,6 +17,7 @@ import comfy.model_management
 import torch
 
 from .autograd import make_differentiable, saved_copies
+from .comfy_types import VAE, ClipVision
 
 FeatureLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -51,7 +52,7 @@ def final_feature_loss(encoder: Encoder, weight: float, latent_out: Callable[[to
 
 
 @contextmanager
-def vae_of_the_model(vae, latents: torch.Tensor, who: str) -> Iterator[None]:
+def vae_of_the_model(vae: VAE, latents: torch.Tensor, who: str) -> Iterator[None]:
     """Name a VAE of another latent format (an SD1.5 VAE on SD3's latents), where torch's channel error names none;
     a failure of a VAE whose channels match is left as it is."""
     try:
@@ -64,7 +65,7 @@ def vae_of_the_model(vae, latents: torch.Tensor, who: str) -> Iterator[None]:
                          f"{latents.shape[1]}; connect the VAE that belongs to the model") from exc  # fmt: skip
 
 
-def decode(vae, latents: torch.Tensor) -> torch.Tensor:
+def decode(vae: VAE, latents: torch.Tensor) -> torch.Tensor:
     """``vae``'s frames ``[B, T, H, W, 3]`` in ``[0, 1]`` of LATENT-format ``latents`` (T = 1 for an image VAE; a
     video VAE such as Wan's gives T frames), keeping the graph (ComfyUI's ``VAE.decode`` writes into buffers in
     place)."""
@@ -79,7 +80,7 @@ def decode(vae, latents: torch.Tensor) -> torch.Tensor:
     return ((out[:, :3].float() + 1.0) / 2.0).clamp(0.0, 1.0).permute(0, 2, 3, 4, 1)
 
 
-def clip_pixels(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
+def clip_pixels(images: torch.Tensor, size: int, mean: Sequence[float], std: Sequence[float]) -> torch.Tensor:
     """CLIP's preprocessing of images ``[B, H, W, 3]``: shorter side to ``size`` (bicubic, antialiased), centre
     crop, normalise. ComfyUI's ``clip_preprocess`` without its rounding to 8 bits, which would stop the gradient."""
     x = images.movedim(-1, 1)
@@ -94,7 +95,7 @@ def clip_pixels(images: torch.Tensor, size: int, mean, std) -> torch.Tensor:
     return (x - mean) / std
 
 
-def clip_vision_encoder(vae, clip_vision) -> Encoder:
+def clip_vision_encoder(vae: VAE, clip_vision: ClipVision) -> Encoder:
     """Decode with ``vae``, embed with ``clip_vision`` (its projected image embedding, as ``encode_image``)."""
     kind = getattr(clip_vision, "model_type", "clip_vision_model")
     if kind == "siglip2_vision_model":

@@ -22,7 +22,9 @@ def advanced(inp: Any) -> Any:
     return inp
 
 
-def epd_params_input(name: str = "epd_params", tooltip: str = "The EPD table from EPD Parameters Loader.", **kw):
+def epd_params_input(
+    name: str = "epd_params", tooltip: str = "The EPD table from EPD Parameters Loader.", **kw: Any
+) -> io.Input:
     return EPDParamsType.Input(name, tooltip=tooltip, **kw)
 
 
@@ -75,7 +77,9 @@ def output_inputs(default_name: str) -> list:
     ]
 
 
-def config_input(config: type, field: str, name: str | None = None, more: str = "", **limits: Any):
+def config_input(
+    config: type, field: str, name: str | None = None, more: str = "", **limits: Any
+) -> io.Boolean.Input | io.Combo.Input | io.Int.Input | io.Float.Input:
     """A node input for one training hyper-parameter: its default (the node's where the config has one), choices
     and help from the core's config (``more`` added to the help: what the node makes of a value)."""
     default = getattr(config, "node_default", config.default)(field)

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import comfy.model_base
 import comfy.model_management
@@ -164,7 +165,7 @@ class MnistModel(comfy.model_base.BaseModel):
         super().__init__(MnistConfig(kind), model_type=MODEL_TYPES[kind], device=device)
         self.kind = kind
 
-    def encode_adm(self, **kwargs) -> torch.Tensor:
+    def encode_adm(self, **kwargs: Any) -> torch.Tensor:
         token = kwargs.get("cross_attn")
         if token is None or token.ndim != 3 or token.shape[-1] != NUM_CLASSES:
             shape = None if token is None else list(token.shape)

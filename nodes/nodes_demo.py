@@ -101,7 +101,7 @@ class EPDImageGrid(io.ComfyNode):
         )  # fmt: skip
 
     @classmethod
-    def execute(cls, labels: str, **rows) -> io.NodeOutput:
+    def execute(cls, labels: str, **rows: torch.Tensor | None) -> io.NodeOutput:
         batches = [rows[f"row_{i}"] for i in range(1, MAX_ROWS + 1) if rows.get(f"row_{i}") is not None]
         lines = [line.strip() for line in labels.replace("\r\n", "\n").split("\n")]
         while len(lines) > len(batches) and not lines[-1]:  # a trailing newline, not an empty label

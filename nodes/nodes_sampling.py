@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from comfy_api.latest import io
 
+from ..epd_core import EPDParams
+from .comfy_types import Conditioning, ModelPatcher, Sampler
 from .inputs import (
     FINAL_STEP_ABSENT,
     advanced,
@@ -56,7 +58,12 @@ class EPDSampler(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls, epd_params, parallel: str, continuous_time: bool, convention: str, final_step: str = FINAL_STEP_ABSENT
+        cls,
+        epd_params: EPDParams,
+        parallel: str,
+        continuous_time: bool,
+        convention: str,
+        final_step: str = FINAL_STEP_ABSENT,
     ) -> io.NodeOutput:
         return io.NodeOutput(make_sampler(epd_params, parallel, continuous_time, convention, final_step))
 
@@ -101,7 +108,14 @@ class EPDScheduler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, epd_params, denoise: float, final_denoise: bool, latent_image=None) -> io.NodeOutput:
+    def execute(
+        cls,
+        model: ModelPatcher,
+        epd_params: EPDParams,
+        denoise: float,
+        final_denoise: bool,
+        latent_image: dict | None = None,
+    ) -> io.NodeOutput:
         shape = None if latent_image is None else tuple(model_latent(model, latent_image).shape)  # as the sampler's
         model_sampling = model.get_model_object("model_sampling")
         mu = resolution_mu(model.model, shape, epd_params.num_steps - 1, model_sampling)
@@ -149,7 +163,8 @@ class EPDKSampler(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls, model, seed, cfg, positive, negative, latent_image, epd_params, denoise, parallel, final_denoise,
+        cls, model: ModelPatcher, seed: int, cfg: float, positive: Conditioning, negative: Conditioning,
+        latent_image: dict, epd_params: EPDParams, denoise: float, parallel: str, final_denoise: bool,
         final_step: str = FINAL_STEP_ABSENT,
     ) -> io.NodeOutput:  # fmt: skip
         from comfy_extras.nodes_custom_sampler import SamplerCustom
@@ -189,7 +204,9 @@ class EPDPlugin(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, sampler, epd_params, parallel: str, final_step: str = FINAL_STEP_ABSENT) -> io.NodeOutput:
+    def execute(
+        cls, sampler: Sampler, epd_params: EPDParams, parallel: str, final_step: str = FINAL_STEP_ABSENT
+    ) -> io.NodeOutput:
         new_sampler, info = make_plugin_sampler(sampler, epd_params, parallel, final_step=final_step)
         return io.NodeOutput(new_sampler, info)
 

@@ -235,7 +235,7 @@ class EPDParamsPreview(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, epd_params) -> io.NodeOutput:
+    def execute(cls, epd_params: EPDParams) -> io.NodeOutput:
         return io.NodeOutput(table_image(epd_params))
 
 

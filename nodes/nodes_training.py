@@ -22,7 +22,8 @@ from ..epd_core.config import (
 )
 from ..epd_core.params import DEFAULT_STUDENT, EPDParams, time_points_for_nfe
 from ..epd_core.rdpo import guard_report
-from .features import clip_vision_encoder
+from .comfy_types import CLIP, VAE, ClipVision, Conditioning, ModelPatcher
+from .features import Encoder, clip_vision_encoder
 from .inputs import (
     EncoderType,
     EPDParamsType,
@@ -160,10 +161,13 @@ class EPDDistill(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls, model, positive, negative, latent_image, cfg, nfe, points, teacher, teacher_steps, iterations, batch,
-        learning_rate, seed, learn_grid, filename, overwrite, start_params=None, final_estimate=None,
-        objective=None, student=None, feature_encoder=None, feature_weight=1.0, start_check=None,
-        micro_batch=None, keep_best=None, robust=None, scale_dir=AUTO, scale_time=AUTO,
+        cls, model: ModelPatcher, positive: Conditioning, negative: Conditioning, latent_image: dict, cfg: float,
+        nfe: int, points: int, teacher: str, teacher_steps: int, iterations: int, batch: int, learning_rate: float,
+        seed: int, learn_grid: bool, filename: str, overwrite: bool, start_params: EPDParams | None = None,
+        final_estimate: bool | None = None, objective: str | None = None, student: str | None = None,
+        feature_encoder: Encoder | None = None, feature_weight: float = 1.0, start_check: int | None = None,
+        micro_batch: int | None = None, keep_best: int | None = None, robust: float | None = None,
+        scale_dir: float = AUTO, scale_time: float = AUTO,
     ) -> io.NodeOutput:  # fmt: skip
         # The per-step objective needs only the derivatives along the two ways a table moves a point: finite
         # differences, no backpropagation through the network (any architecture, no activation memory). The
@@ -332,7 +336,7 @@ class EPDFeatureEncoder(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, vae, clip_vision) -> io.NodeOutput:
+    def execute(cls, vae: VAE, clip_vision: ClipVision) -> io.NodeOutput:
         return io.NodeOutput(clip_vision_encoder(vae, clip_vision))
 
 
@@ -415,9 +419,11 @@ class EPDRDPO(io.ComfyNode):
 
     @classmethod
     def execute(
-        cls, model, positive, negative, latent_image, epd_params, cfg, reward, teacher_steps, iterations, groups,
-        group_size, concentration, learning_rate, seed, filename, overwrite, vae=None, clip_vision=None, clip=None,
-        prompt="", reward_model="", preset="ours",
+        cls, model: ModelPatcher, positive: Conditioning, negative: Conditioning, latent_image: dict,
+        epd_params: EPDParams, cfg: float, reward: str, teacher_steps: int, iterations: int, groups: int,
+        group_size: int, concentration: float, learning_rate: float, seed: int, filename: str, overwrite: bool,
+        vae: VAE | None = None, clip_vision: ClipVision | None = None, clip: CLIP | None = None, prompt: str = "",
+        reward_model: str = "", preset: str = "ours",
     ) -> io.NodeOutput:  # fmt: skip
         if reward not in REWARDS:  # ComfyUI 0.3.x does not check a V3 combo's value: a typo trained on fidelity
             raise ValueError(f"reward must be one of {', '.join(REWARDS)}, got {reward!r}")
@@ -456,7 +462,7 @@ class EPDRDPO(io.ComfyNode):
         return saved_generation(filename)
 
 
-def prompts_text(positive, negative) -> str:
+def prompts_text(positive: Conditioning, negative: Conditioning) -> str:
     """The prompts a training run went over: ComfyUI tiles each conditioning batch, so a positive and a negative of
     different counts repeat together every lcm rows."""
     p, q = conditioning_batch(positive), conditioning_batch(negative)

@@ -15,6 +15,7 @@ import torch
 from ..epd_core import EPDParams
 from ..epd_core.plugin import PluginDenoiser, table_placement
 from ..epd_core.solver import FINAL_STEPS
+from .comfy_types import Sampler
 from .sampling import PARALLEL_MODES, _ComfyDenoiser, epd_run
 
 # The allow-list: deterministic bases with one model call per grid point whose update the core mirrors (checked at
@@ -25,7 +26,7 @@ PLUGIN_BASES = (
 )  # fmt: skip
 
 
-def base_sampler_name(sampler) -> str:
+def base_sampler_name(sampler: Sampler) -> str:
     """The ComfyUI name of a KSAMPLER's function (``sample_dpmpp_2m`` -> ``dpmpp_2m``)."""
     fn = getattr(sampler, "sampler_function", None)
     name = getattr(fn, "__name__", type(sampler).__name__)
@@ -87,7 +88,7 @@ class _PluginModel:
         return getattr(self._model, name)
 
 
-def changed_options(base) -> dict:
+def changed_options(base: Sampler) -> dict:
     """A SAMPLER's options that differ from its function's defaults (SamplerLMS at order 4 is KSampler's lms)."""
     empty = inspect.Parameter.empty
     defaults = {name: p.default for name, p in inspect.signature(base.sampler_function).parameters.items()}
@@ -96,8 +97,8 @@ def changed_options(base) -> dict:
 
 
 def make_plugin_sampler(
-    base, params: EPDParams, parallel: str = "auto", continuous_time: bool = True, final_step: str = "denoise"
-):
+    base: Sampler, params: EPDParams, parallel: str = "auto", continuous_time: bool = True, final_step: str = "denoise"
+) -> tuple[Sampler, str]:
     """Wrap a base ``SAMPLER``: its model calls at grid points are answered by the EPD plugin; ``final_step`` says
     how sigmas ending in 0 reach it (``denoise``: the base's own call; ``estimate``: the last step's x0 estimate).
 

@@ -18,12 +18,13 @@ from typing import Any
 
 import torch
 
+from .comfy_types import CLIP, VAE, ClipVision
 from .features import vae_of_the_model
 
 Reward = Callable[[torch.Tensor, Any], torch.Tensor]
 
 
-def prompt_embedding(clip, prompt: str) -> torch.Tensor:
+def prompt_embedding(clip: CLIP, prompt: str) -> torch.Tensor:
     """The prompt's pooled text embedding projected into CLIP's joint space, ``[D]`` (float32).
 
     ``CLIP.encode_from_tokens(return_pooled=True)`` projects only where the model's default says so (SD2's
@@ -57,7 +58,7 @@ def _pooled(clip, tokens: dict, projected: bool) -> torch.Tensor | None:
     return None if pooled is None else pooled.float().reshape(-1, pooled.shape[-1])[0]
 
 
-def image_embeddings(clip_vision, images: torch.Tensor, reward: str = "clip_score") -> torch.Tensor:
+def image_embeddings(clip_vision: ClipVision, images: torch.Tensor, reward: str = "clip_score") -> torch.Tensor:
     """Projected image embeddings ``[B, D]`` (float32) of images ``[B, H, W, 3]`` in 0..1; ComfyUI's
     ``encode_image`` resizes, centre-crops and normalises. ``reward`` names the reward in errors."""
     embeds = clip_vision.encode_image(images, crop=True)["image_embeds"]
@@ -81,7 +82,7 @@ def frame_scores(images: torch.Tensor, latents: torch.Tensor, reward: str,
     return score(images[..., :3].flatten(0, 1)).reshape(batch, frames).mean(dim=1)
 
 
-def decoded_reward(vae, name: str, score: Callable[[torch.Tensor], torch.Tensor]) -> Reward:
+def decoded_reward(vae: VAE, name: str, score: Callable[[torch.Tensor], torch.Tensor]) -> Reward:
     """The reward ``name``: each rollout's latents decoded with ``vae`` and their image (a video's frames: their
     mean) scored by ``score(images [N, H, W, 3]) -> [N]``."""
 
@@ -96,7 +97,7 @@ def decoded_reward(vae, name: str, score: Callable[[torch.Tensor], torch.Tensor]
     return reward
 
 
-def clip_score_reward(vae, clip_vision, clip, prompt: str) -> Reward:
+def clip_score_reward(vae: VAE, clip_vision: ClipVision, clip: CLIP, prompt: str) -> Reward:
     """A reward: decode the latents with ``vae``, score ``100 * cosine(image, prompt)`` with the CLIP models.
 
     The prompt is encoded once here; the dimensions of both embeddings are checked before any training.
@@ -159,7 +160,7 @@ def load_reward_head(path: str) -> tuple[torch.nn.Sequential, bool]:
     return torch.nn.Sequential(*layers[:-1]).eval(), meta.get("normalize", "true") == "true"
 
 
-def preference_reward(vae, clip_vision, path: str) -> Reward:
+def preference_reward(vae: VAE, clip_vision: ClipVision, path: str) -> Reward:
     """A reward: decode with ``vae``, embed with ``clip_vision``, score with the preference head in ``path``
     (:func:`load_reward_head`; e.g. the LAION aesthetic predictor on CLIP ViT-L/14 image embeddings). Its input
     width is checked against the vision model's before any training."""

@@ -25,8 +25,9 @@ import copy
 import inspect
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import comfy.conds
 import comfy.model_management
@@ -40,6 +41,7 @@ from ..epd_core import EPDParams, make_schedule
 from ..epd_core import sample as epd_sample
 from ..epd_core.schedules import DiscreteVP
 from ..epd_core.solver import FINAL_STEPS
+from .comfy_types import BaseModel, Guider, ModelPatcher, ModelSampling, SamplerModel
 
 PARALLEL_MODES = ("auto", "batched", "sequential")
 CONVENTIONS = ("comfyui", "authors")
@@ -70,16 +72,16 @@ class _ContinuousTime:
         return t.to(device=sigma.device, dtype=sigma.dtype)
 
 
-def is_flow_model(model_sampling) -> bool:
+def is_flow_model(model_sampling: ModelSampling) -> bool:
     return isinstance(model_sampling, comfy.model_sampling.CONST)
 
 
-def model_type_names(model_sampling) -> set[str]:
+def model_type_names(model_sampling: ModelSampling) -> set[str]:
     """The class names a ComfyUI ``model_sampling`` is built from (its prediction type and its sigma schedule)."""
     return {cls.__name__ for cls in type(model_sampling).__mro__}
 
 
-def is_flux_shift(model_sampling) -> bool:
+def is_flux_shift(model_sampling: ModelSampling) -> bool:
     """``ModelSamplingFlux`` (FLUX, Flux 2, Chroma, Qwen-Image, LTXV, ...): its ``shift`` is the grid's ``mu``."""
     return "ModelSamplingFlux" in model_type_names(model_sampling)
 
@@ -103,7 +105,7 @@ SUPPORTED_MODELS = (
 )
 
 
-def model_latent(model, latent: dict) -> torch.Tensor:
+def model_latent(model: ModelPatcher, latent: dict) -> torch.Tensor:
     """A LATENT's samples as ComfyUI's samplers take them: an empty latent of another latent format (a 4-channel Empty
     Latent Image for SD3 or FLUX) gets the model's channels (ComfyUI 0.33 also its own downscale ratios, so Flux 2's
     resolution is the converted latent's)."""
@@ -113,7 +115,12 @@ def model_latent(model, latent: dict) -> torch.Tensor:
     return fix(model, latent["samples"], *extra)
 
 
-def resolution_mu(base_model, latent_shape, steps: int, model_sampling=None) -> float | None:
+def resolution_mu(
+    base_model: BaseModel | None,
+    latent_shape: tuple[int, ...] | None,
+    steps: int,
+    model_sampling: ModelSampling | None = None,
+) -> float | None:
     """Flux 2's ``mu`` for this latent size and number of steps, as ComfyUI's Flux2Scheduler computes it (its
     tokens are the latent's pixels); None for every other model, whose grid does not depend on the resolution, and
     for a Flux 2 whose ``model_sampling`` (the one sampling uses) a ModelSamplingFlux node set to another mu: that
@@ -129,7 +136,7 @@ def resolution_mu(base_model, latent_shape, steps: int, model_sampling=None) -> 
     return float(compute_empirical_mu(int(latent_shape[-2]) * int(latent_shape[-1]), steps))
 
 
-def check_model_family(model_sampling) -> None:
+def check_model_family(model_sampling: ModelSampling) -> None:
     """Refuse, by name, the model kinds whose sampling EPD's grid and update do not match."""
     names = model_type_names(model_sampling)
     for name, what in _REFUSED_TYPES.items():
@@ -143,14 +150,14 @@ def check_model_family(model_sampling) -> None:
         )
 
 
-def check_cfg(guider) -> None:
+def check_cfg(guider: Guider | None) -> None:
     """A non-finite guidance scale gives an all-NaN latent: refuse it."""
     cfg = getattr(guider, "cfg", None)
     if isinstance(cfg, (int, float)) and not math.isfinite(cfg):
         raise ValueError(f"cfg must be a finite number, got {cfg}")
 
 
-def check_grid(params: EPDParams, model_sampling, sigmas: torch.Tensor, mu: float | None = None) -> None:
+def check_grid(params: EPDParams, model_sampling: ModelSampling, sigmas: torch.Tensor, mu: float | None = None) -> None:
     """The sigmas must be the table's own grid for this model (EPD Scheduler's), or its last steps (``denoise``),
     optionally ending in 0: a grid of another length or spacing would run the table's steps at the wrong times.
     With a resolution's ``mu`` (Flux 2) the grid of the model's own ``mu`` is accepted too: EPD Scheduler's without
@@ -195,11 +202,11 @@ def _grid_difference(positive: torch.Tensor, grid: torch.Tensor) -> str:
     )
 
 
-def is_discrete_model(model_sampling) -> bool:
+def is_discrete_model(model_sampling: ModelSampling) -> bool:
     return type(model_sampling).timestep is comfy.model_sampling.ModelSamplingDiscrete.timestep
 
 
-def continuous_model_sampling(model_sampling):
+def continuous_model_sampling(model_sampling: ModelSampling) -> ModelSampling:
     """A copy of a discrete ``model_sampling`` whose ``timestep`` is continuous."""
     patched = copy.copy(model_sampling)
     patched.__class__ = type(
@@ -222,7 +229,7 @@ def _controls(guider) -> Iterator:
 
 
 @contextmanager
-def exact_timesteps(base, enabled: bool = True, guider=None) -> Iterator[None]:
+def exact_timesteps(base: BaseModel | None, enabled: bool = True, guider: Guider | None = None) -> Iterator[None]:
     """While inside, a discrete model ``base`` sees continuous timesteps, and so do what else turns this run's sigmas
     into timesteps: the ControlNets of ``guider``'s conditionings (each keeps the model sampling it captured before the
     run) and DualModelGuider's negative model. Restored on exit (also on interrupt)."""
@@ -243,8 +250,9 @@ def exact_timesteps(base, enabled: bool = True, guider=None) -> Iterator[None]:
 
 
 @contextmanager
-def epd_run(model, params: EPDParams, x: torch.Tensor, parallel: str, continuous_time: bool, sigmas: torch.Tensor,
-            model_options: dict | None = None):  # fmt: skip
+def epd_run(model: SamplerModel, params: EPDParams, x: torch.Tensor, parallel: str, continuous_time: bool,
+            sigmas: torch.Tensor, model_options: dict | None = None
+            ) -> Iterator[tuple[bool | int, ModelSampling | None]]:  # fmt: skip
     """Checks the table, the grid and cfg against ComfyUI's wrapped model, picks how the K points are batched
     (``model_options``: the sampler's, whose patches ``auto`` looks at), patches time.
 
@@ -278,7 +286,7 @@ def epd_run(model, params: EPDParams, x: torch.Tensor, parallel: str, continuous
                                f"batch: {exc}. Use parallel 'auto' (the points one by one there)") from exc  # fmt: skip
 
 
-def check_compatible(params: EPDParams, model_sampling) -> None:
+def check_compatible(params: EPDParams, model_sampling: ModelSampling) -> None:
     """A model kind EPD does not sample, or a flow table on an EPS/V model (or the reverse), is an error, not a bad
     image."""
     check_model_family(model_sampling)
@@ -328,7 +336,7 @@ def _per_sample(tensor, batch: int):
 
 
 @contextmanager
-def conds_per_sample(guider, batch: int) -> Iterator[None]:
+def conds_per_sample(guider: Guider | None, batch: int) -> Iterator[None]:
     """The guider's conditionings of this run repeated to the latent batch where their batch does not divide it, so
     that a call of K*B rows gives each point's rows their own sample's conditioning, as a call of B would; a mask of
     more rows than the batch cut to its first B, the rows ComfyUI uses at batch B."""
@@ -354,7 +362,7 @@ def conds_per_sample(guider, batch: int) -> Iterator[None]:
             model_conds[name] = value
 
 
-def first_sigma_reader(guider, model_options: dict | None) -> str | None:
+def first_sigma_reader(guider: Guider | None, model_options: dict | None) -> str | None:
     """What in a sampling context may read only the first sigma of a call: a conditioning's ControlNet, hooks or
     timestep range, or a model patch (:func:`_first_sigma_patch`); None if nothing does."""
     if _conds_need_sequential(guider):
@@ -362,7 +370,7 @@ def first_sigma_reader(guider, model_options: dict | None) -> str | None:
     return _first_sigma_patch(model_options)
 
 
-def sequential_reason(guider, model_options: dict | None) -> str | None:
+def sequential_reason(guider: Guider | None, model_options: dict | None) -> str | None:
     """Why the K points of a step cannot share one call, or None: something reads only the first
     sigma of a call (:func:`first_sigma_reader`); a guider with its own ``predict_noise`` (PerpNeg) may combine the
     rows of a call."""
@@ -510,12 +518,12 @@ def _is_oom(exc: BaseException) -> bool:
 
 
 def epd_sampler_function(
-    model,
+    model: SamplerModel,
     x: torch.Tensor,
     sigmas: torch.Tensor,
-    extra_args=None,
-    callback=None,
-    disable=None,
+    extra_args: dict | None = None,
+    callback: Callable[[dict[str, Any]], None] | None = None,
+    disable: bool | None = None,
     *,
     params: EPDParams,
     parallel: str = "auto",

@@ -21,10 +21,11 @@ import torch
 
 from ..epd_core import EPDParams, make_schedule
 from ..epd_core.schedules import DEFAULT_FLOW_SHIFT
+from .comfy_types import ModelSampling
 from .sampling import _table_model, check_compatible, is_discrete_model, is_flow_model, is_flux_shift
 
 
-def model_schedule(params: EPDParams, model_sampling, mu: float | None = None) -> torch.Tensor:
+def model_schedule(params: EPDParams, model_sampling: ModelSampling, mu: float | None = None) -> torch.Tensor:
     """The table's full grid (float64, ``num_steps`` points) for this model (``mu``: a resolution's, Flux 2); a grid
     starting above the model's largest sigma is refused (the model's answers there are garbage)."""
     grid = _model_schedule(params, model_sampling, mu)
@@ -60,7 +61,11 @@ def _model_schedule(params: EPDParams, model_sampling, mu: float | None) -> torc
 
 
 def epd_sigmas(
-    params: EPDParams, model_sampling, denoise: float = 1.0, final_denoise: bool = False, mu: float | None = None
+    params: EPDParams,
+    model_sampling: ModelSampling,
+    denoise: float = 1.0,
+    final_denoise: bool = False,
+    mu: float | None = None,
 ) -> torch.Tensor:
     """SIGMAS for ComfyUI (float32, as its own schedulers): the table's grid, cut for ``denoise``, maybe ending in 0."""
     if not 0.0 <= denoise <= 1.0:

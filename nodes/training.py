@@ -21,6 +21,7 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import comfy.model_management
 import comfy.sampler_helpers
@@ -40,6 +41,7 @@ from ..epd_core.schedules import DEFAULT_FLOW_SHIFT, polynomial
 from ..epd_core.starts import start_errors
 from ..epd_core.teachers import subdivide, teacher_end
 from .autograd import backward_failure, make_differentiable
+from .comfy_types import Conditioning, ModelPatcher, ModelSampling
 from .features import Encoder, final_feature_loss
 from .guard import PACK, user_error, user_path, user_text
 from .rewards import Reward
@@ -59,7 +61,9 @@ log = logging.getLogger("epd")
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,100}")  # used with fullmatch: "$" would accept "name\n"
 
 
-def start_tables(model_sampling, steps: int, points: int, afs: bool, student: str = "epd") -> dict[str, EPDParams]:
+def start_tables(
+    model_sampling: ModelSampling, steps: int, points: int, afs: bool, student: str = "epd"
+) -> dict[str, EPDParams]:
     """The untrained start tables EPD Distill chooses from for a ComfyUI model, by name; the first wins a tie.
 
     An ``epd`` table starts on the model's own grid. A ``carry`` table may also start on a grid of its own between
@@ -82,7 +86,7 @@ def start_tables(model_sampling, steps: int, points: int, afs: bool, student: st
     return {name: model_grid.replace(t_steps=own), "model grid": model_grid}
 
 
-def start_table(model_sampling, steps: int, points: int, afs: bool, student: str = "epd") -> EPDParams:
+def start_table(model_sampling: ModelSampling, steps: int, points: int, afs: bool, student: str = "epd") -> EPDParams:
     """The first of :func:`start_tables`: the start a tie keeps."""
     return next(iter(start_tables(model_sampling, steps, points, afs, student).values()))
 
@@ -104,7 +108,7 @@ def _start_for(model_sampling, steps: int, points: int, afs: bool, student: str)
                            sigma_min=lo, sigma_max=hi, student=student)  # fmt: skip
 
 
-def model_name(model) -> str:
+def model_name(model: ModelPatcher) -> str:
     """The ComfyUI model a table is fitted to, as its metadata's ``model``: its configuration's class (SD15, SDXL,
     SD3, Flux, ...), the graph's checkpoint name being unknown to the node."""
     inner = getattr(model, "model", None)
@@ -228,9 +232,9 @@ class Session:
 
 
 def distill_on_model(
-    model, positive, negative, cfg: float, latent: torch.Tensor, start: EPDParams | dict[str, EPDParams],
-    config: DistillConfig, metadata: dict | None = None, encoder: Encoder | None = None, feature_weight: float = 1.0,
-    **resume,
+    model: ModelPatcher, positive: Conditioning, negative: Conditioning, cfg: float, latent: torch.Tensor,
+    start: EPDParams | dict[str, EPDParams], config: DistillConfig, metadata: dict | None = None,
+    encoder: Encoder | None = None, feature_weight: float = 1.0, **resume: Any,
 ) -> EPDParams:  # fmt: skip
     """Run :func:`epd_core.distill.distill` on a ComfyUI ``MODEL`` with CFG guidance (``resume``: its
     ``checkpoint`` and ``checkpoint_every``, see :func:`resume_options`). With an ``encoder`` the final step's
@@ -339,9 +343,10 @@ def _noted_start(checkpoint: Path | None, starts: dict[str, EPDParams]) -> dict 
 
 
 def rdpo_on_model(
-    model, positive, negative, cfg: float, latent: torch.Tensor, start: EPDParams, config: RDPOConfig,
-    teacher_m: int = NODE_RDPO_TEACHER_M, reward: Reward | None = None, metadata: dict | None = None,
-    guard: Callable[[torch.Tensor], float] | None = None, guard_samples: int = GUARD_SAMPLES, **resume,
+    model: ModelPatcher, positive: Conditioning, negative: Conditioning, cfg: float, latent: torch.Tensor,
+    start: EPDParams, config: RDPOConfig, teacher_m: int = NODE_RDPO_TEACHER_M, reward: Reward | None = None,
+    metadata: dict | None = None, guard: Callable[[torch.Tensor], float] | None = None,
+    guard_samples: int = GUARD_SAMPLES, **resume: Any,
 ) -> tuple[EPDParams, list[float]]:  # fmt: skip
     """Run :func:`epd_core.rdpo.rdpo` on a ComfyUI ``MODEL``.
 
@@ -425,7 +430,7 @@ def in_sampling(reward: Reward, session: Session) -> Reward:
     return scored
 
 
-def conditioning_batch(*conditionings) -> int:
+def conditioning_batch(*conditionings: Conditioning) -> int:
     """How many rows make one whole set of the conditionings' prompts: ComfyUI tiles each conditioning batch over the
     latent batch by index, so row j has prompt j mod C of each; the sets repeat every lcm of their batches (a
     positive of 3 prompts and a negative of 2: 6). 1 for none."""
