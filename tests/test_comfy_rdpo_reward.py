@@ -228,8 +228,9 @@ def test_a_vae_of_another_latent_format_is_named_with_what_to_do(towers, tmp_pat
     ):
         with pytest.raises(ValueError, match=f"^{who}: {what}$"):
             run(sd3)
-        with pytest.raises(RuntimeError):  # 4 channels, one dimension too many: torch's own error, not renamed
-            run(torch.randn(2, 4, 4, 4, 4))
+    with pytest.raises(RuntimeError, match="^the VAE's own failure$"):  # channels that match: not renamed
+        with H.pack_module("nodes.features").vae_of_the_model(vae, torch.zeros(2, 4, 4, 4), "clip_score"):
+            raise RuntimeError("the VAE's own failure")
 
 
 def test_a_siglip_vision_model_is_refused_by_the_reward_it_was_given(towers, tmp_path):
