@@ -16,7 +16,7 @@ from .analytic import ANALYTIC_FORMS, MIXTURES, heun
 from .catalogue import DEFAULT_TIMEOUT, MIRROR_ENV, fetch, find_entry, load_catalogue
 from .checkpoint import CheckpointMismatch, NotACheckpoint
 from .config import DistillConfig, RDPOConfig, add_arguments, from_arguments
-from .files import EPDFileError, check_destination, claim, remove_leftovers
+from .files import EPDFileError, check_destination, claim, lock_path, remove_leftovers
 from .params import STUDENTS
 from .schedules import SCHEDULE_TYPES
 from .solver import initial_state
@@ -216,6 +216,8 @@ def _check_outputs(args: argparse.Namespace) -> None:
     check_destination(args.out, args.force, "--force replaces it")
     if args.checkpoint == "":
         raise ValueError("--checkpoint needs a file name")
+    if args.checkpoint and Path(args.checkpoint).is_dir():
+        raise ValueError(f"--checkpoint {args.checkpoint} is a folder; give a file name")
     if args.checkpoint and Path(args.checkpoint).resolve() == Path(args.out).resolve():
         raise ValueError("--checkpoint and --out name the same file; give the checkpoint another name")
     table = getattr(args, "table", None)
@@ -232,7 +234,7 @@ def _held(args: argparse.Namespace) -> Iterator[None]:
     with ExitStack() as held:
         held.enter_context(claim(Path(args.out), f"--out {args.out} is being written by another run (the same "
                                  "command elsewhere?); wait for it to finish, or give another --out"))  # fmt: skip
-        if args.checkpoint:
+        if args.checkpoint and lock_path(Path(args.checkpoint)) != lock_path(Path(args.out)):  # x and x.safetensors
             held.enter_context(claim(Path(args.checkpoint), f"--checkpoint {args.checkpoint} is in use by another "
                                      "run (the same command running elsewhere?); wait for it to finish, or give "
                                      "another --checkpoint"))  # fmt: skip

@@ -308,7 +308,7 @@ def check_destination(
     except OSError as exc:
         raise EPDFileError(path, f"cannot write in its folder ({exc.strerror or exc})") from None
     os.close(fd)
-    os.unlink(probe)
+    Path(probe).unlink(missing_ok=True)  # a run starting on this name may have cleared it as a leftover
     return path
 
 
@@ -388,12 +388,19 @@ def unlock(path: Path, fd: int) -> None:
     os.close(fd)
 
 
+def _cut(name: str, size: int) -> str:
+    """``name``'s start of at most ``size`` bytes as the file system stores it (a character is up to 4)."""
+    return os.fsencode(name)[:size].decode("utf-8", errors="ignore")
+
+
 def lock_path(path: Path) -> Path:
     """The lock file that holds ``path`` for a run: ``.<name>.epd-lock`` beside it, ``.safetensors`` left out; a long
     name is cut and ends with a hash of the whole, so that the lock's name stays a legal one."""
+    if not path.name:
+        raise EPDFileError(path, "is not a file name")
     name = path.name.removesuffix(".safetensors")
-    if len(name.encode()) > 236:
-        name = name.encode()[:219].decode(errors="ignore") + "-" + hashlib.sha256(name.encode()).hexdigest()[:16]
+    if len(os.fsencode(name)) > 236:
+        name = _cut(name, 219) + "-" + hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
     return path.with_name(f".{name}.epd-lock")
 
 
@@ -407,7 +414,9 @@ def claim(path: Path, busy: str) -> Iterator[None]:
         held.parent.mkdir(parents=True, exist_ok=True)
         fd = lock(held)
     except OSError as exc:
-        raise EPDFileError(held, f"cannot hold this run's lock file ({exc.strerror or exc}); remove it") from None
+        planted = exc.errno in (errno.ELOOP, errno.EISDIR, errno.EINVAL) and held.parent.is_dir()
+        fix = "; remove it" if planted else ""  # a link, a folder, a fifo: not a lock file this pack made
+        raise EPDFileError(held, f"cannot hold this run's lock file ({exc.strerror or exc}){fix}") from None
     if fd is None:
         raise ValueError(busy)
     try:
@@ -418,8 +427,9 @@ def claim(path: Path, busy: str) -> Iterator[None]:
 
 def temp_prefix(path: Path) -> str:
     """The start of :func:`write_atomic`'s temporary names for ``path``: ``.<name>.``, the name cut so that with
-    mkstemp's 8 characters and ``.tmp`` it stays within a file system's 255 (a legal long name stays writable)."""
-    return f".{path.name[:241]}."
+    mkstemp's 8 characters and ``.tmp`` it stays within a file system's 255 bytes (a legal long name stays
+    writable, whatever its characters)."""
+    return f".{_cut(path.name, 241)}."
 
 
 def remove_leftovers(path: str | os.PathLike) -> None:

@@ -492,9 +492,15 @@ def test_the_cli_holds_new_folders_long_names_and_its_out_and_cleans_a_killed_sa
                     "1")  # fmt: skip
     assert run.returncode == 0, run.stderr
     (tmp_path / "photos").mkdir()
-    for checkpoint, said in ((str(tmp_path / "photos"), "not a checkpoint file"), ("", "--checkpoint needs a file")):
+    (tmp_path / "afile").write_bytes(b"the user's")
+    for checkpoint, said in ((str(tmp_path / "photos"), "is a folder; give a file name"), (".", "is a folder"),
+                             ("", "--checkpoint needs a file"),
+                             (str(tmp_path / "afile" / "ck"), "cannot hold this run's lock file")):  # fmt: skip
         run = _cli_here(*base, "--checkpoint", checkpoint, "--out", str(tmp_path / "v.safetensors"))
         assert run.returncode == 2 and said in run.stderr and "remove it" not in run.stderr, run.stderr
+    same = tmp_path / "same"  # its lock is the table's: one lock holds both
+    run = _cli_here(*base, "--checkpoint", str(same), "--out", str(same) + ".safetensors", "--checkpoint-every", "1")
+    assert run.returncode == 0, run.stderr
     holder = subprocess.Popen([sys.executable, "-c", (
         "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
         "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(600)"),
@@ -509,6 +515,9 @@ def test_the_cli_holds_new_folders_long_names_and_its_out_and_cleans_a_killed_sa
         holder.wait(30)
     assert not (tmp_path / "w.safetensors").exists()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".w.epd-lock"]
+    wide = tmp_path / ("é" * 120 + ".safetensors")  # 252 bytes: legal, and its temporary name was not
+    assert _cli_here(*base, "--out", str(wide), "--checkpoint", str(tmp_path / "wide.ckpt")).returncode == 0
+    assert load_params(wide).num_steps == 4
 
 
 def test_a_lock_file_that_is_a_folder_or_a_link_is_refused_and_no_link_is_followed(tmp_path):
