@@ -39,6 +39,8 @@ def parallel_input() -> io.Combo.Input:
     )
 
 
+CONTINUOUS_TIME = True  # EPD Sampler's continuous_time, and what EPD KSampler runs with
+CONVENTION = "comfyui"  # EPD Sampler's convention, and what EPD KSampler runs with
 FINAL_STEP = "estimate"  # the widget's default: sigma 0 on the last step's own x0 estimate, no extra model call
 FINAL_STEP_ABSENT = "denoise"  # a prompt without the input (saved before it existed): a final 0 was a model call
 

@@ -7,6 +7,8 @@ from comfy_api.latest import io
 from ..epd_core import EPDParams
 from .comfy_types import Conditioning, ModelPatcher, Sampler
 from .inputs import (
+    CONTINUOUS_TIME,
+    CONVENTION,
     FINAL_STEP_ABSENT,
     advanced,
     cfg_input,
@@ -35,7 +37,7 @@ class EPDSampler(io.ComfyNode):
                 advanced(
                     io.Boolean.Input(
                         "continuous_time",
-                        default=True,
+                        default=CONTINUOUS_TIME,
                         tooltip="Discrete models (SD1.5, SDXL) see the exact fractional timestep of each point, as "
                         "in the authors' code, instead of ComfyUI's nearest integer step.",
                     )
@@ -44,7 +46,7 @@ class EPDSampler(io.ComfyNode):
                     io.Combo.Input(
                         "convention",
                         options=list(CONVENTIONS),
-                        default="comfyui",
+                        default=CONVENTION,
                         tooltip="comfyui: ComfyUI's start/end scaling; authors: start from noise * sigma_max and "
                         "skip the flow end division, exactly as the authors' sampler.",
                     )
@@ -170,7 +172,7 @@ class EPDKSampler(io.ComfyNode):
         from comfy_extras.nodes_custom_sampler import SamplerCustom
 
         sigmas = EPDScheduler.execute(model, epd_params, denoise, final_denoise, latent_image).result[0]
-        sampler = EPDSampler.execute(epd_params, parallel, True, "comfyui", final_step).result[0]
+        sampler = EPDSampler.execute(epd_params, parallel, CONTINUOUS_TIME, CONVENTION, final_step).result[0]
         out = SamplerCustom.execute(model, True, seed, cfg, positive, negative, sampler, sigmas, latent_image)
         return io.NodeOutput(out.result[0])
 

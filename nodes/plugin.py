@@ -39,7 +39,7 @@ def core_base(name: str) -> str:
     return "euler" if name == "ddim" else name
 
 
-def plugin_info(name: str, params: EPDParams, final_step: str = "estimate", parallel: str = "auto") -> str:
+def plugin_info(name: str, params: EPDParams, final_step: str, parallel: str = "auto") -> str:
     """What the plugin does over ``name`` with this table, and what it costs (``final_step`` denoise: one call more
     when the sigmas end at 0; ``parallel`` sequential: one call per point)."""
     k = params.num_points
