@@ -25,6 +25,7 @@ from pathlib import Path
 
 from bench import neural, plugin
 from bench.accuracy import RESULTS
+from epd_core.checkpoint import checkpoint_path
 from epd_dev import ROOT
 
 CHECKPOINTS = ROOT / "bench" / "jobs" / "checkpoints"
@@ -107,7 +108,7 @@ def file_checkpoints(tables: Path, into: Path = CHECKPOINTS) -> list[str]:
     for job in sorted(p for p in tables.iterdir() if p.is_dir()) if tables.is_dir() else []:
         finished = set()
         for table in sorted(job.glob("*.safetensors")):
-            checkpoint = table.name.removesuffix(".safetensors") + ".epd-checkpoint"
+            checkpoint = checkpoint_path(table).name
             finished.add(checkpoint)  # a kill between the table's save and its checkpoint's removal leaves both
             (into / job.name / checkpoint).unlink(missing_ok=True)
             kept = into / job.name / table.name

@@ -26,11 +26,17 @@ from .files import remove_leftovers, write_atomic
 
 __all__ = [
     "CheckpointMismatch", "RunState", "Checkpointer", "save_checkpoint", "load_checkpoint", "interruptible", "probe",
-    "PROBE_DIRECTIONS", "answers", "table_digest", "run_checkpointer", "checkpoint_notes",
+    "PROBE_DIRECTIONS", "answers", "table_digest", "run_checkpointer", "checkpoint_notes", "checkpoint_path",
 ]  # fmt: skip
 
 FORMAT = "epd-checkpoint-1"
 _MAX_BYTES = 1 << 30
+
+
+def checkpoint_path(table: Path) -> Path:
+    """Where a run writing the table ``table`` keeps its checkpoint: ``<name>.epd-checkpoint`` beside it (not a table:
+    the loader does not list it)."""
+    return table.with_name(table.name.removesuffix(".safetensors") + ".epd-checkpoint")
 
 
 class CheckpointMismatch(ValueError):

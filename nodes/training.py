@@ -32,7 +32,7 @@ import torch
 
 from ..epd_core import EPDParams
 from ..epd_core.catalogue import load_catalogue
-from ..epd_core.checkpoint import CheckpointMismatch, answers, checkpoint_notes, interruptible
+from ..epd_core.checkpoint import CheckpointMismatch, answers, checkpoint_notes, checkpoint_path, interruptible
 from ..epd_core.config import NODE_RDPO_TEACHER_M, DistillConfig, RDPOConfig
 from ..epd_core.distill import distill, first_step_mean, recomputed
 from ..epd_core.files import EPDFileError, check_destination, claim, remove_leftovers, save_params
@@ -205,11 +205,6 @@ def saved_generation(filename: object) -> str:
         saved["generation"] += 1
         saved["seen"] = state
     return str(saved["generation"])
-
-
-def checkpoint_path(path: Path) -> Path:
-    """Where a run writing ``path`` keeps its checkpoint (not a table: the loader does not list it)."""
-    return path.with_name(path.name.removesuffix(".safetensors") + ".epd-checkpoint")
 
 
 def resume_options(path: Path, iterations: int) -> dict:

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from epd_core.checkpoint import checkpoint_path
 from epd_core.config import DistillConfig, add_arguments, from_arguments
 from epd_core.files import EPDFileError, check_destination, load_params
 from epd_core.params import DEFAULT_STUDENT, STUDENTS, EPDParams, time_points_for_nfe
@@ -69,7 +70,7 @@ def table_path(out: Path, kind: str, nfe: int, suffix: str = "") -> Path:
 def finished_by(path: Path, command: str) -> bool:
     """``path`` is a table that ``command`` finished: its recorded command, and no checkpoint of a run left beside
     it (what ``--resume`` continues)."""
-    if not path.is_file() or path.with_name(path.name.removesuffix(".safetensors") + ".epd-checkpoint").exists():
+    if not path.is_file() or checkpoint_path(path).exists():
         return False
     try:
         return load_params(path).metadata.get("command") == command
