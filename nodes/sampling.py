@@ -215,17 +215,26 @@ def continuous_model_sampling(model_sampling: ModelSampling) -> ModelSampling:
     return patched
 
 
-def _controls(guider) -> Iterator:
+def _run_conds(guider: Guider | None, second_model: bool = False) -> Iterator[dict]:
+    """Each conditioning of the guider's run (its processed ``conds``), and with ``second_model`` those of
+    DualModelGuider's negative model too (0.33)."""
+    lists = [*(getattr(guider, "conds", None) or {}).values()]
+    if second_model:
+        lists.append(getattr(guider, "_uncond_conds", None))
+    for cond_list in lists:
+        yield from (cond for cond in cond_list or () if isinstance(cond, dict))
+
+
+def _controls(guider: Guider | None) -> Iterator:
     """Every ControlNet of the guider's conditionings of this run, each chain followed through
-    ``previous_controlnet`` (and DualModelGuider's negative conditionings, 0.33)."""
+    ``previous_controlnet`` (DualModelGuider's negative conditionings included)."""
     seen: set[int] = set()
-    for cond_list in [*(getattr(guider, "conds", None) or {}).values(), getattr(guider, "_uncond_conds", None)]:
-        for cond in cond_list or ():
-            control = cond.get("control") if isinstance(cond, dict) else None
-            while control is not None and id(control) not in seen:
-                seen.add(id(control))
-                yield control
-                control = getattr(control, "previous_controlnet", None)
+    for cond in _run_conds(guider, second_model=True):
+        control = cond.get("control")
+        while control is not None and id(control) not in seen:
+            seen.add(id(control))
+            yield control
+            control = getattr(control, "previous_controlnet", None)
 
 
 @contextmanager
@@ -315,13 +324,8 @@ def _table_model(params: EPDParams) -> str:
     return meta.get("model") or meta.get("catalogue_entry") or meta.get("source_file") or "another model"
 
 
-def _conds_need_sequential(guider) -> bool:
-    conds = getattr(guider, "conds", None) or {}
-    for cond_list in conds.values():
-        for cond in cond_list or ():
-            if any(cond.get(key) is not None for key in _FIRST_SIGMA_ONLY):
-                return True
-    return False
+def _conds_need_sequential(guider: Guider | None) -> bool:
+    return any(cond.get(key) is not None for cond in _run_conds(guider) for key in _FIRST_SIGMA_ONLY)
 
 
 def _per_sample(tensor, batch: int):
@@ -341,20 +345,19 @@ def conds_per_sample(guider: Guider | None, batch: int) -> Iterator[None]:
     that a call of K*B rows gives each point's rows their own sample's conditioning, as a call of B would; a mask of
     more rows than the batch cut to its first B, the rows ComfyUI uses at batch B."""
     replaced = []
-    for cond_list in (getattr(guider, "conds", None) or {}).values():
-        for cond in cond_list or ():
-            mask = cond.get("mask") if isinstance(cond, dict) else None
-            if isinstance(mask, torch.Tensor) and mask.ndim > 0 and mask.shape[0] > batch:
-                replaced.append((cond, "mask", mask))
-                cond["mask"] = mask[:batch]
-            model_conds = cond.get("model_conds") if isinstance(cond, dict) else None
-            for name, value in list((model_conds or {}).items()):
-                if isinstance(value, comfy.conds.CONDConstant):  # the same for every row, never tiled
-                    continue
-                fitted = _per_sample(value.cond, batch)
-                if fitted is not value.cond:
-                    replaced.append((model_conds, name, value))
-                    model_conds[name] = value._copy_with(fitted)
+    for cond in _run_conds(guider):
+        mask = cond.get("mask")
+        if isinstance(mask, torch.Tensor) and mask.ndim > 0 and mask.shape[0] > batch:
+            replaced.append((cond, "mask", mask))
+            cond["mask"] = mask[:batch]
+        model_conds = cond.get("model_conds")
+        for name, value in list((model_conds or {}).items()):
+            if isinstance(value, comfy.conds.CONDConstant):  # the same for every row, never tiled
+                continue
+            fitted = _per_sample(value.cond, batch)
+            if fitted is not value.cond:
+                replaced.append((model_conds, name, value))
+                model_conds[name] = value._copy_with(fitted)
     try:
         yield
     finally:
