@@ -34,8 +34,9 @@ from ..epd_core import EPDParams
 from ..epd_core.catalogue import load_catalogue
 from ..epd_core.checkpoint import CheckpointMismatch, answers, checkpoint_notes, checkpoint_path, interruptible
 from ..epd_core.config import NODE_RDPO_TEACHER_M, DistillConfig, RDPOConfig
-from ..epd_core.distill import distill, first_step_mean, recomputed
+from ..epd_core.distill import distill, first_step_mean
 from ..epd_core.files import EPDFileError, check_destination, claim, remove_leftovers, save_params
+from ..epd_core.objective import recomputed
 from ..epd_core.rdpo import GUARD_SAMPLES, fitted_final_estimate, rdpo
 from ..epd_core.schedules import DEFAULT_FLOW_SHIFT, polynomial
 from ..epd_core.starts import start_errors

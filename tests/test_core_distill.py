@@ -14,7 +14,8 @@ from epd_core import EPDParams, GaussianMixture, load_params, make_schedule, sam
 from epd_core.__main__ import main as cli_main
 from epd_core.analytic import ode_endpoint
 from epd_core.config import DistillConfig
-from epd_core.distill import distance, distill, loss_curve, recomputed, student_loss
+from epd_core.distill import distill, loss_curve
+from epd_core.objective import distance, recomputed, student_loss
 from epd_core.params import TABLE_NAMES
 from epd_core.selection import DIVERGED, HeldOutCheck, check_iterations
 from epd_core.teachers import TEACHERS, subdivide, teacher_trajectory

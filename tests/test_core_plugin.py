@@ -145,7 +145,7 @@ def test_ipndm_table_over_any_base_is_the_authors_ipndm_plugin(base):
 def test_distillation_trains_the_plugins_trajectory():
     """``plugin_base`` makes the student's steps the plugin's over that base (placement included)."""
     from epd_core.config import DistillConfig
-    from epd_core.distill import student_loss
+    from epd_core.objective import student_loss
     from epd_core.params import TABLE_NAMES
 
     p = load_params(official_path("sd15-best.pkl"))
