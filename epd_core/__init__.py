@@ -4,7 +4,8 @@ Public API: :func:`load_params`, :func:`save_params` (failures raise :class:`EPD
 and its :class:`Decoded` values, :func:`make_schedule`, :func:`sample`, the exact test model
 :class:`GaussianMixture`, and the published tables on request: :func:`load_catalogue`, :func:`find_entry`,
 :func:`fetch` of a :class:`CatalogueEntry` (see each module's docstring). Training: :mod:`epd_core.distill`
-(its objective: :mod:`epd_core.objective`), :mod:`epd_core.rdpo`; their settings: :mod:`epd_core.config`.
+(its objective: :mod:`epd_core.objective`), :mod:`epd_core.rdpo`
+(its policy: :mod:`epd_core.policy`); their settings: :mod:`epd_core.config`.
 """
 
 __version__ = "0.1.0"

@@ -11,7 +11,8 @@ import torch
 from epd_core import EPDParams, GaussianMixture, load_params, make_schedule, sample
 from epd_core.analytic import ode_endpoint
 from epd_core.config import RDPOConfig
-from epd_core.rdpo import DirichletPolicy, TableSample, _dirichlet, ppo_clip_loss, rdpo, rloo_advantages
+from epd_core.policy import DirichletPolicy, TableSample, _dirichlet
+from epd_core.rdpo import ppo_clip_loss, rdpo, rloo_advantages
 from epd_dev.shared_data import official_path
 
 pytestmark = pytest.mark.core
