@@ -426,10 +426,14 @@ def claim(path: Path, busy: str) -> Iterator[None]:
 
 
 def temp_prefix(path: Path) -> str:
-    """The start of :func:`write_atomic`'s temporary names for ``path``: ``.<name>.``, the name cut so that with
-    mkstemp's 8 characters and ``.tmp`` it stays within a file system's 255 bytes (a legal long name stays
-    writable, whatever its characters)."""
-    return f".{_cut(path.name, 241)}."
+    """The start of :func:`write_atomic`'s temporary names for ``path``: ``.<name>.``, a name longer than 241 bytes
+    cut and ended with a hash of the whole, so that with mkstemp's 8 characters and ``.tmp`` it stays within a file
+    system's 255 bytes (a legal long name stays writable, whatever its characters) and two long names that start
+    alike keep apart (:func:`remove_leftovers` of one would take the other's write under way)."""
+    name = path.name
+    if len(os.fsencode(name)) > 241:
+        name = _cut(name, 224) + "-" + hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+    return f".{name}."
 
 
 def remove_leftovers(path: str | os.PathLike) -> None:

@@ -344,15 +344,35 @@ def test_a_tables_fields_must_have_their_types_not_what_python_makes_of_them(tmp
 
 def test_a_legal_long_file_name_is_writable_and_its_leftovers_found(tmp_path):
     """The temporary file's name added 14 characters to the table's: a legal 252-character name failed to save."""
-    from epd_core.files import remove_leftovers
+    from epd_core.files import remove_leftovers, temp_prefix
 
     path = tmp_path / ("a" * 240 + ".safetensors")
     save_params(EPDParams.start(4, 2), path)
     assert load_params(path).num_steps == 4 and [p.name for p in tmp_path.iterdir()] == [path.name]
-    left = tmp_path / f".{path.name[:241]}.abcdefgh.tmp"  # what a write killed mid-way leaves
+    left = tmp_path / f"{temp_prefix(path)}abcdefgh.tmp"  # what a write killed mid-way leaves
+    assert len(left.name) <= 255
     left.write_bytes(b"partial")
     remove_leftovers(path)
     assert [p.name for p in tmp_path.iterdir()] == [path.name]
+
+
+def test_two_long_names_that_start_alike_keep_their_writes_apart(tmp_path):
+    """From a review: the temporary names of two tables whose names share their first 241 bytes were the same
+    cut, so one run's start (its :func:`remove_leftovers`) deleted the other's write under way, whose save then
+    failed; their lock files, ended with a hash, did not stop the two runs."""
+    from epd_core.files import lock_path, remove_leftovers, temp_prefix
+
+    a, b = (tmp_path / ("x" * 241 + f"{c}.safetensors") for c in "AB")
+    assert temp_prefix(a) != temp_prefix(b) and lock_path(a) != lock_path(b)
+    writing = tmp_path / f"{temp_prefix(a)}abcdefgh.tmp"  # a's save under way
+    writing.write_bytes(b"partial")
+    remove_leftovers(b)
+    assert writing.exists()
+    remove_leftovers(a)
+    assert not writing.exists()
+    for path in (a, b):
+        save_params(EPDParams.start(4, 2), path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([a.name, b.name])
 
 
 def test_a_checkpoint_name_with_glob_characters_removes_only_its_own_leftovers(tmp_path):
