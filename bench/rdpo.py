@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{after['accuracy']:.3f}, KL {info['kl_to_start']:.3g}, stopped {info['stopped_at']}, {seconds:.0f} s",
               flush=True)  # fmt: skip
         if args.save is not None and seed == args.seeds[0]:
-            training.save_params(params, args.save, overwrite=True)
+            comfy_harness.pack_module("epd_core.files").save_params(params, args.save, overwrite=True)
         if args.grid is not None and seed == args.seeds[0]:
             from scripts.make_mnist_grid import grid
 

@@ -37,18 +37,8 @@ from .inputs import (
 from .nodes_tables import describe
 from .rewards import clip_score_reward, preference_reward
 from .sampling import model_latent
-from .training import (
-    claimed,
-    conditioning_batch,
-    distill_on_model,
-    model_name,
-    output_path,
-    rdpo_on_model,
-    resume_options,
-    save_output,
-    saved_generation,
-    start_tables,
-)
+from .table_files import claimed, output_path, resume_options, save_output, saved_generation
+from .training import conditioning_batch, distill_on_model, model_name, rdpo_on_model, start_tables
 
 REWARDS = ["fidelity", "clip_score", "preference"]
 REWARD_FOLDER = "epd_rewards"  # models/epd_rewards: preference heads (safetensors)

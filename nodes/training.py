@@ -7,7 +7,7 @@ with autograd enabled, and hands the input back unchanged. Progress goes to
 ComfyUI's progress bar; an interrupt stops it and nothing is saved. An RDPO
 reward may run models of its own (a VAE, CLIP) inside that context; loading
 them may push the sampled model off the device, so it is loaded back after
-each reward call.
+each reward call. The table's file (its name, the lock held while training it, its save): :mod:`.table_files`.
 """
 
 from __future__ import annotations
@@ -16,9 +16,7 @@ import dataclasses
 import logging
 import math
 import os
-import re
-from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,15 +25,12 @@ import comfy.model_management
 import comfy.sampler_helpers
 import comfy.samplers
 import comfy.utils
-import folder_paths
 import torch
 
 from ..epd_core import EPDParams
-from ..epd_core.catalogue import load_catalogue
-from ..epd_core.checkpoint import CheckpointMismatch, answers, checkpoint_notes, checkpoint_path, interruptible
+from ..epd_core.checkpoint import CheckpointMismatch, answers, checkpoint_notes, interruptible
 from ..epd_core.config import NODE_RDPO_TEACHER_M, DistillConfig, RDPOConfig
 from ..epd_core.distill import distill, first_step_mean
-from ..epd_core.files import EPDFileError, check_destination, claim, remove_leftovers, save_params
 from ..epd_core.objective import recomputed
 from ..epd_core.rdpo import GUARD_SAMPLES, fitted_final_estimate, rdpo
 from ..epd_core.schedules import DEFAULT_FLOW_SHIFT, polynomial
@@ -44,7 +39,7 @@ from ..epd_core.teachers import subdivide, teacher_end
 from .autograd import backward_failure, make_differentiable
 from .comfy_types import Conditioning, ModelPatcher, ModelSampling
 from .features import Encoder, final_feature_loss
-from .guard import PACK, user_error, user_path, user_text
+from .guard import user_text
 from .rewards import Reward
 from .sampling import (
     _ComfyDenoiser,
@@ -59,7 +54,6 @@ from .sampling import (
 from .scheduling import model_schedule
 
 log = logging.getLogger("epd")
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,100}")  # used with fullmatch: "$" would accept "name\n"
 
 
 def start_tables(
@@ -116,102 +110,6 @@ def model_name(model: ModelPatcher) -> str:
     config = getattr(inner, "model_config", None)
     name = type(config).__name__ if config is not None else type(inner).__name__
     return f"a ComfyUI {name} model"
-
-
-def output_path(filename: str, overwrite: bool) -> Path:
-    """``<filename>.safetensors`` in the first ``epd`` folder (``models/epd`` unless extra_model_paths.yaml names
-    one first), or the file of that name the loader finds in any ``epd`` folder (a new file in the first folder
-    would hide it). Refuses odd names, names of the pack's bundled or downloadable tables (the trained file would
-    shadow them) and, unless asked, existing files."""
-    stem = filename.removesuffix(".safetensors")
-    if not _NAME.fullmatch(stem) or ".." in stem:
-        raise ValueError(f"invalid table name {filename!r}: up to 101 letters, digits, '.', '_' and '-', starting "
-                         "with a letter or digit, without '..'")  # fmt: skip
-    reserved = {p.stem.lower() for p in (PACK / "weights").rglob("*") if p.suffix in (".safetensors", ".pkl")}
-    try:
-        reserved |= {name.lower() for name in load_catalogue(PACK / "weights" / "catalogue.json")}
-    except EPDFileError:
-        pass
-    if stem.lower() in reserved:
-        raise ValueError(f"{stem!r} is the name of a table bundled with or published for the pack; choose another")
-    found = folder_paths.get_full_path("epd", f"{stem}.safetensors")
-    path = Path(found) if found is not None else Path(folder_paths.get_folder_paths("epd")[0]) / f"{stem}.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if (path.exists() or path.is_symlink()) and not overwrite:
-        raise ValueError(
-            f"{user_path(path)} exists; set overwrite to replace it, or another filename (a seed whose "
-            "'control after generate' is 'randomize' trains again on every Queue: set it to 'fixed')"
-        )
-    try:  # what saving refuses (a folder or a link of that name), refused before the training rather than after
-        check_destination(path, overwrite)
-    except EPDFileError as exc:
-        raise user_error(exc) from None
-    if checkpoint_path(path).is_dir():
-        raise ValueError(f"{user_path(checkpoint_path(path))} is a folder where this run keeps its checkpoint; "
-                         "remove it or give another filename")  # fmt: skip
-    return path
-
-
-@contextmanager
-def claimed(path: Path) -> Iterator[None]:
-    """Hold ``path`` for one training run (its checkpoint and its table): another run of that name, on another
-    ComfyUI server sharing the folder, is refused at its start. It dropped the running one's checkpoint as "another
-    run's", and the two then wrote one checkpoint in turn (a crash could not resume) or removed each other's
-    checkpoint writes under way (a failed save)."""
-    with ExitStack() as held:
-        try:
-            held.enter_context(claim(path, f"{user_path(path)} is being trained by another run (another ComfyUI "
-                                           "server sharing this folder?); wait for it to finish, or give another "
-                                           "filename"))  # fmt: skip
-        except EPDFileError as exc:
-            raise user_error(exc) from None
-        remove_leftovers(path)  # what a kill during this table's save left
-        yield
-
-
-def save_output(params: EPDParams, path: Path, overwrite: bool) -> str:
-    """Save a trained table; without ``overwrite`` a file that appeared during training is kept. Returns the
-    file's name as the user knows it. The run's checkpoint goes once the table is saved."""
-    try:
-        save_params(params, path, overwrite=overwrite)
-    except EPDFileError as exc:
-        raise user_error(exc) from None
-    checkpoint_path(path).unlink(missing_ok=True)
-    state = _file_state(path)
-    old = _SAVED.get(path.stem, {})
-    _SAVED[path.stem] = {"path": path, "state": state, "seen": state, "generation": old.get("generation", 0)}
-    return user_path(path)
-
-
-_SAVED: dict[str, dict] = {}  # a table's name -> the file this server's training saved under it (saved_generation)
-
-
-def _file_state(path: Path) -> tuple[int, int] | None:
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return stat.st_mtime_ns, stat.st_size
-
-
-def saved_generation(filename: object) -> str:
-    """A training node's fingerprint: the same while the file it saved under ``filename`` is as it left it (ComfyUI
-    keeps the cached run), a new one once that file is deleted or replaced, so the next Queue trains again (the
-    cached report said 'saved' about a file no longer there)."""
-    saved = _SAVED.get(str(filename).removesuffix(".safetensors"))
-    if saved is None:
-        return "0"
-    state = _file_state(saved["path"])
-    if state not in (saved["state"], saved["seen"]):
-        saved["generation"] += 1
-        saved["seen"] = state
-    return str(saved["generation"])
-
-
-def resume_options(path: Path, iterations: int) -> dict:
-    """Checkpoint options for a node's run writing ``path``: about 20 saves per run, at least every 25
-    iterations; a later run with the same settings and model resumes from it."""
-    return {"checkpoint": checkpoint_path(path), "checkpoint_every": max(1, min(25, iterations // 20))}
 
 
 @dataclass

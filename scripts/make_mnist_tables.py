@@ -93,7 +93,7 @@ def make_table(
     without ``init`` it is the one start (no start check between grids). With ``resume`` the run keeps a checkpoint
     next to the table, as EPD Distill does, and continues from one left there by a run that was stopped."""
     nodes = comfy_harness.setup()
-    training = comfy_harness.pack_module("nodes.training")
+    training, files = comfy_harness.pack_module("nodes.training"), comfy_harness.pack_module("nodes.table_files")
     (model,) = nodes["EPDMnistModel"].execute(kind).result
     positive, negative = nodes["EPDMnistClass"].execute("0-9").result
     steps, afs = time_points_for_nfe(nfe, student, afs)
@@ -115,13 +115,12 @@ def make_table(
                 "command": command}  # fmt: skip
     encoder = None if feature_weight is None else nodes["EPDMnistFeatures"].execute().result[0]
     path = table_path(out, kind, nfe, suffix)
-    options = training.resume_options(path, config.iterations) if resume else {}
-    with training.claimed(path):  # two job lines of one table, as two EPD Distill runs of one filename, are refused
+    options = files.resume_options(path, config.iterations) if resume else {}
+    with files.claimed(path):  # two job lines of one table, as two EPD Distill runs of one filename, are refused
         params = training.distill_on_model(model, positive, negative, CFG, torch.zeros(1, 4, 14, 14), start, config,
                                            metadata=metadata, encoder=encoder, feature_weight=feature_weight or 0.0,
                                            **options)  # fmt: skip
-        training.save_params(params, path, overwrite=True)
-        training.checkpoint_path(path).unlink(missing_ok=True)
+        files.save_output(params, path, overwrite=True)  # and drops the checkpoint, as EPD Distill does
     return path
 
 

@@ -427,13 +427,13 @@ def test_table_script_resumes_a_stopped_run(tmp_path, request, monkeypatch, capl
     args = ["--kinds", "eps", "--nfes", "5", "--points", "4", "--objective", "global", "--final-estimate",
             "--init", str(init), "--iterations", "3", "--batch", "2", "--teacher-m", "1"]  # fmt: skip
     assert make_mnist_tables.main([*args, "--out", str(tmp_path / "whole")]) == 0
-    training = comfy_harness.pack_module("nodes.training")
+    training, files = comfy_harness.pack_module("nodes.training"), comfy_harness.pack_module("nodes.table_files")
 
     def stopped(*_, **__):
         raise KeyboardInterrupt("stopped at the deadline")
 
     with monkeypatch.context() as patch:
-        patch.setattr(training, "save_params", stopped)
+        patch.setattr(files, "save_params", stopped)
         with pytest.raises(KeyboardInterrupt):
             make_mnist_tables.main([*args, "--resume", "--out", str(tmp_path / "resumed")])
     checkpoint = tmp_path / "resumed" / "mnist-eps-nfe5.epd-checkpoint"
