@@ -365,8 +365,8 @@ def _train_on_model(model, positive, negative, cfg, latent, start, config, fit):
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(positive, negative)
     guider.set_cfg(cfg)
-    shape = (_largest_gradient_call(config, start), *latent.shape[1:])
-    memory, minimum = comfy.sampler_helpers.estimate_memory(model, shape, guider.original_conds)
+    zeros, packed = _training_latent(latent, _largest_gradient_call(config, start))
+    memory, minimum = comfy.sampler_helpers.estimate_memory(model, packed, guider.original_conds)
 
     def train(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
         sampling = model_k.inner_model
@@ -401,6 +401,19 @@ def _train_on_model(model, positive, negative, cfg, latent, start, config, fit):
             result["out"] = fit(session)
         return x
 
-    guider.sample(torch.zeros(shape), torch.zeros(shape), comfy.samplers.KSAMPLER(train), grid.float(),
-                  seed=config.seed)  # fmt: skip
+    guider.sample(zeros, zeros, comfy.samplers.KSAMPLER(train), grid.float(), seed=config.seed)
     return result["out"]
+
+
+def _training_latent(latent: torch.Tensor, batch: int) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Zeros of ``latent``'s form with ``batch`` samples, and the shape the samplers see. A nested latent (ComfyUI
+    0.33's video with audio, as LTX-2's) stays nested: the guider packs its parts into one ``[B, 1, N]`` latent, as
+    it does for sampling, so that training fits the latent EPD KSampler samples (its shape alone is the first
+    part's)."""
+    if not getattr(latent, "is_nested", False):
+        shape = (batch, *latent.shape[1:])
+        return torch.zeros(shape), shape
+    import comfy.nested_tensor  # only a ComfyUI that makes nested latents has it
+
+    parts = [torch.zeros((batch, *part.shape[1:])) for part in latent.unbind()]
+    return comfy.nested_tensor.NestedTensor(parts), (batch, 1, sum(math.prod(p.shape[1:]) for p in parts))

@@ -783,3 +783,58 @@ def test_a_run_of_a_name_another_process_is_training_is_refused_and_leaves_its_c
     run()
     assert (epd_dir / "shared.safetensors").is_file() and not lock.exists()
     assert sorted(p.name for p in epd_dir.iterdir()) == ["shared.safetensors"]
+
+
+class _Elementwise(torch.nn.Module):
+    """A network of any latent's shape (a packed ``[B, 1, N]`` one included): ``x`` scaled by the timestep."""
+
+    dtype = torch.float32
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.tensor(0.5))
+        self.seen: list[tuple[int, ...]] = []
+
+    def forward(self, x, timesteps, context=None, **kw):
+        self.seen.append(tuple(x.shape[1:]))
+        return x * self.w * (timesteps.float() / 1000.0).reshape(-1, *([1] * (x.ndim - 1))) + 0.01 * context.mean()
+
+
+def test_training_fits_the_latent_epd_ksampler_samples(epd_dir, monkeypatch):
+    """From a review: ComfyUI 0.33 samples a nested latent (LTX-2's video with audio) packed into one ``[B, 1, N]``;
+    EPD Distill and EPD RDPO trained on its first part alone (a nested tensor's shape), so the table's first-step
+    mean had that part's channels and EPD KSampler refused it on the latent it was fitted for. Training sees the
+    latent sampling sees, nested (where this ComfyUI has them) or not, and the table samples it."""
+    import comfy.model_base
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    from epd_dev.tiny_models import UNET
+
+    monkeypatch.setattr(H.pack_module("epd_core.distill"), "HELD_OUT", 2)  # the table's own check: not the question
+    config = comfy.supported_models.SD15(dict(UNET))
+    base = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.EPS)
+    base.diffusion_model = net = _Elementwise()
+    model = comfy.model_patcher.ModelPatcher(base, load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    latents = {"plain": torch.zeros(1, 4, 8, 8)}
+    nested = getattr(getattr(comfy, "nested_tensor", None), "NestedTensor", None)
+    if nested is not None:  # ComfyUI 0.33
+        latents["nested"] = nested([torch.zeros(1, 4, 8, 8), torch.zeros(1, 2, 16)])
+    pos, neg = conditioning(1, 1), conditioning(1, 2)
+    for name, samples in latents.items():
+        lat = {"samples": samples}
+        args = _args(f"form_{name}", iterations=2, nfe=4, start_check=4, keep_best=4)
+        net.seen.clear()
+        table = N["EPDDistill"].execute(model, pos, neg, lat, **args).result[0]
+        trained = set(net.seen)
+        net.seen.clear()
+        out = N["EPDKSampler"].execute(model, 0, 2.0, pos, neg, lat, table, 1.0, "batched", True).result[0]["samples"]
+        assert trained == set(net.seen) == ({(1, 288)} if name == "nested" else {(4, 8, 8)}), name
+        assert table.afs_mean is not None and table.afs_mean.numel() == next(iter(trained))[0], name
+        parts = out.unbind() if name == "nested" else [out]
+        assert [p.shape for p in parts] == [p.shape for p in (samples.unbind() if name == "nested" else [samples])]
+        rdpo = {**node_defaults(N["EPDRDPO"]), "cfg": 2.0, "reward": "fidelity", "teacher_steps": 2, "iterations": 1,
+                "groups": 2, "group_size": 2, "seed": 0, "filename": f"rdpo_{name}"}  # fmt: skip
+        net.seen.clear()
+        N["EPDRDPO"].execute(model, pos, neg, lat, epd_params=table, **rdpo)
+        assert set(net.seen) == trained, name
