@@ -222,8 +222,18 @@ def compare(base: list[dict], rows: list[dict], base_label: str, label: str) -> 
 
 
 def parse_settings(items: list[str]) -> dict:
-    """``["iterations=3200", "seed=1"]`` -> ``{"iterations": 3200, "seed": 1}`` (values are JSON)."""
-    return {k: json.loads(v) for k, v in (s.split("=", 1) for s in items)}
+    """``["iterations=3200", "objective=global"]`` -> ``{"iterations": 3200, "objective": "global"}``: a value is
+    JSON where it reads as JSON (numbers, ``true``, ``null``), else the string as written."""
+    settings = {}
+    for item in items:
+        name, sep, text = item.partition("=")
+        if not sep or not name:
+            raise SystemExit(f"{item!r}: give a setting as NAME=VALUE (e.g. points=3 or objective=global)")
+        try:
+            settings[name] = json.loads(text)
+        except json.JSONDecodeError:
+            settings[name] = text
+    return settings
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -157,6 +157,16 @@ def test_rdpo_bench_flags_override_the_preset_even_at_our_defaults():
     assert (config.iterations, config.groups, config.scale_std) == (20, 10, RDPOConfig.authors().scale_std)
 
 
+def test_bench_settings_take_the_words_the_docs_show():
+    """The documented ``--set points=3 objective=global`` failed with a JSON error: a bare word is now the string."""
+    from bench.defaults import parse_settings
+
+    assert parse_settings(["points=3", "objective=global", "learn_grid=false", "grid_lr=0.03", "note=a=b"]) == {
+        "points": 3, "objective": "global", "learn_grid": False, "grid_lr": 0.03, "note": "a=b"}  # fmt: skip
+    with pytest.raises(SystemExit, match="NAME=VALUE"):
+        parse_settings(["points"])
+
+
 def test_the_field_table_says_the_noise_counts_its_records_have():
     """The intro said '1,024 noises' as fixed text while the MNIST rows of the same table are on 2,050."""
     from bench.report import field_table
