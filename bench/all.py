@@ -3,7 +3,8 @@
 In order: ``bench.accuracy`` (the whole field at 1,024 noises, and the plot), ``bench.carry`` (the analytic
 mixtures at 8,192 noises, built-ins picked from the first), ``bench.neural`` (the MNIST models), ``bench.plugin``
 (the EPD Plugin over each base), then ``bench.report``, which writes the README's headline from their records.
-The full run takes hours on a 2-core CPU (most of it ``bench.neural``; ``--neural-samples`` sets its noises).
+The full run takes more than a day on a 2-core CPU (most of it ``bench.neural`` at its 2,050 noises per MNIST model;
+``--neural-samples`` sets fewer). Without ``--out`` it rewrites ``bench/results``.
 ``--quick`` is the small version CI runs: each benchmark's quick settings, written to ``--out`` with a copy of the
 README there, so the repository's results stay as they are.
 """

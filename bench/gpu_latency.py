@@ -1,7 +1,7 @@
 """GPU latency: batch-1 wall time of EPD (K = 2 and K = 3, the K points in one batched call, and K = 2 one call per
 point) against dpmpp_2m and euler at equal NFE, on a mid-size SD1.5-architecture UNet (random weights, 228M
 parameters, 512x512 image = 64x64 latent, cfg 4, float16 on a GPU), through ComfyUI's sampling path. Run it where a
-GPU is lent; on a CPU use ``--size tiny --out DIR`` (a smoke test).
+GPU is lent; on a CPU use ``--size tiny --latent 8 --reps 1 --out DIR`` (a smoke test).
 
     python -m bench.gpu_latency [--reps 20] [--nfe 6 10]   -> bench/results/gpu_latency.json (cost.json's format)
 

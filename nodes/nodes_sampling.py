@@ -190,7 +190,8 @@ class EPDPlugin(io.ComfyNode):
             "model rounds per step with an EPD table (one on an AFS first step), one with a carry table (the bare "
             "sampler's cost, ended on final_step's estimate, the default). Euler + plugin is exactly EPD. Supported: "
             + ", ".join(PLUGIN_BASES)
-            + ". Use with EPD Scheduler and a table distilled for the sampler.",
+            + ". Use with EPD Scheduler and a carry table (the same trajectory over every base) or one distilled "
+            "with that plugin_base.",
             inputs=[
                 io.Sampler.Input(
                     "sampler", tooltip="The base sampler, e.g. from KSamplerSelect (dpmpp_2m, ipndm, ...)."

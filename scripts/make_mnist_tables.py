@@ -10,7 +10,7 @@ command in the table's metadata.
     python -m scripts.make_mnist_tables --kinds flow --nfes 5 10 --iterations 100
     python -m scripts.make_mnist_tables --nfes 5 --feature-weight 0.1 --out /tmp/featured   # EPD MNIST Features
     python -m scripts.make_mnist_tables --nfes 5 10 --points 4 --learn-grid --objective global --final-estimate \
-        --suffix -k4                                                          # the K = 4 learned-grid tables
+        --suffix=-k4                                                          # the K = 4 learned-grid tables
     python -m scripts.make_mnist_tables --kinds flow --nfes 10 --points 4 --learn-grid --objective global \
         --final-estimate --init weights/demo/mnist-flow-nfe10-k4.safetensors --seed 1 --lr 0.003 --out /tmp/more
                                                                  # fine-tune a table on more noises

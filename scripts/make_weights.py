@@ -1,7 +1,12 @@
-"""Regenerate every table bundled in weights/demo/ (each records its own command in its metadata) and weights/README.md.
+"""Regenerate the analytic tables bundled in weights/demo/ (``analytic-*``) and weights/README.md.
 
-python -m scripts.make_weights                  # all tables: about 15 minutes on 2 CPU cores, and 1-2 minutes
-                                                # for each NFE-5 carry table (EPD Distill's defaults)
+Each table records its own command in its metadata (weights/README.md lists them). The MNIST and digits tables come
+from ``scripts.make_mnist_tables``, ``scripts.make_digits_tables`` and ``bench.rdpo``: run the command a table
+records. ``mnist-eps-nfe5-epd`` (``bench.rdpo``'s start) records only its settings ("provisional"): it was made
+by an early ``distill_on_model`` call and cannot be rebuilt bit for bit.
+
+python -m scripts.make_weights                  # all analytic tables: about 15 minutes on 2 CPU cores, plus about
+                                                # 7 minutes for each NFE-5 carry table (EPD Distill's defaults)
 python -m scripts.make_weights --readme         # only weights/README.md, from the tables' metadata
 python -m scripts.make_weights NAME.safetensors # only the named ones, replaced in place
 """
@@ -143,7 +148,7 @@ def distil(name: str, args: str, root: Path = ROOT) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", help="tables to regenerate in place (file names in weights/demo/, "
-                        "e.g. analytic-sd15-nfe5.safetensors); none: all")  # fmt: skip
+                        "e.g. analytic-sd15-reference-nfe5.safetensors); none: all")  # fmt: skip
     parser.add_argument("--readme", action="store_true", help="only rewrite weights/README.md")
     args = parser.parse_args(argv)
     unknown = sorted(set(args.names) - {START, *DISTILLED})
@@ -166,7 +171,8 @@ def main(argv: list[str] | None = None) -> None:
 def write_readme() -> None:
     """weights/README.md: every bundled demo table with its model, NFE and the command that made it."""
     lines = ["# Bundled tables", "", "Made by this project (the authors' tables are not redistributed; see the main",
-             "README). Regenerate all with `python -m scripts.make_weights`; each file's metadata records its command.",
+             "README). Each file's metadata records its command, listed below: `python -m scripts.make_weights`",
+             "regenerates the `analytic-*` tables, the other commands the MNIST and digits tables.",
              "They are for the pack's demo models, so they live in `demo/` (the loader lists them as `demo/<name>`),",
              "apart from tables for real models.",
              "", "| file | model | NFE | command |", "|---|---|---|---|"]  # fmt: skip
