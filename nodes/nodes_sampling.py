@@ -6,6 +6,7 @@ from comfy_api.latest import io
 
 from ..epd_core import EPDParams
 from .comfy_types import Conditioning, ModelPatcher, Sampler
+from .families import resolution_mu
 from .inputs import (
     CONTINUOUS_TIME,
     CONVENTION,
@@ -18,7 +19,7 @@ from .inputs import (
     seed_input,
 )
 from .plugin import PLUGIN_BASES, make_plugin_sampler
-from .sampling import CONVENTIONS, make_sampler, model_latent, resolution_mu
+from .sampling import CONVENTIONS, make_sampler, model_latent
 from .scheduling import epd_sigmas
 
 

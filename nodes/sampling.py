@@ -37,11 +37,13 @@ import comfy.samplers
 import torch
 from comfy.utils import repeat_to_batch_size
 
-from ..epd_core import EPDParams, make_schedule
+from ..epd_core import EPDParams
 from ..epd_core import sample as epd_sample
 from ..epd_core.schedules import DiscreteVP
 from ..epd_core.solver import FINAL_STEPS
 from .comfy_types import BaseModel, Guider, ModelPatcher, ModelSampling, SamplerModel
+from .families import check_compatible, is_discrete_model, is_flow_model, resolution_mu
+from .scheduling import check_grid
 
 PARALLEL_MODES = ("auto", "batched", "sequential")
 CONVENTIONS = ("comfyui", "authors")
@@ -72,39 +74,6 @@ class _ContinuousTime:
         return t.to(device=sigma.device, dtype=sigma.dtype)
 
 
-def is_flow_model(model_sampling: ModelSampling) -> bool:
-    return isinstance(model_sampling, comfy.model_sampling.CONST)
-
-
-def model_type_names(model_sampling: ModelSampling) -> set[str]:
-    """The class names a ComfyUI ``model_sampling`` is built from (its prediction type and its sigma schedule)."""
-    return {cls.__name__ for cls in type(model_sampling).__mro__}
-
-
-def is_flux_shift(model_sampling: ModelSampling) -> bool:
-    """``ModelSamplingFlux`` (FLUX, Flux 2, Chroma, Qwen-Image, LTXV, ...): its ``shift`` is the grid's ``mu``."""
-    return "ModelSamplingFlux" in model_type_names(model_sampling)
-
-
-# Model kinds EPD does not sample, by the class name of their prediction type or sigma schedule (names, so the
-# types of newer ComfyUI versions need no import).
-_REFUSED_TYPES = {
-    "IMG_TO_IMG_FLOW": "an image-to-image flow model (IMG_TO_IMG_FLOW, e.g. WAN 2.1 FlowRVS)",
-    "IMG_TO_IMG_VELOCITY": "an image-to-image velocity model (IMG_TO_IMG_VELOCITY)",
-    "IMG_TO_IMG": "an image-to-image model (IMG_TO_IMG)",
-    "COSMOS_RFLOW": "a Cosmos rectified-flow model (FLOW_COSMOS, e.g. Cosmos Predict2)",
-    "V_PREDICTION_DDPM": "a zero-terminal-SNR v-prediction model (V_PREDICTION_DDPM, e.g. CogVideoX)",
-    "StableCascadeSampling": "Stable Cascade's cosine schedule (StableCascadeSampling)",
-    "ModelSamplingDiscreteDistilled": "an LCM-distilled schedule (ModelSamplingDiscrete 'lcm': 50 timesteps, for the "
-    "lcm sampler)",
-}
-SUPPORTED_MODELS = (
-    "EPD supports discrete-time EPS and v-prediction models (SD1.5, SDXL, ...) with discrete tables, flow models "
-    "with a static shift (SD3, Wan, HunyuanVideo, Z-Image, ...) or ModelSamplingFlux (FLUX, Flux 2, Chroma, "
-    "Qwen-Image, LTXV, ...) with flow tables, and continuous EDM models with EDM tables"
-)
-
-
 def model_latent(model: ModelPatcher, latent: dict) -> torch.Tensor:
     """A LATENT's samples as ComfyUI's samplers take them: an empty latent of another latent format (a 4-channel Empty
     Latent Image for SD3 or FLUX) gets the model's channels (ComfyUI 0.33 also its own downscale ratios, so Flux 2's
@@ -115,95 +84,11 @@ def model_latent(model: ModelPatcher, latent: dict) -> torch.Tensor:
     return fix(model, latent["samples"], *extra)
 
 
-def resolution_mu(
-    base_model: BaseModel | None,
-    latent_shape: tuple[int, ...] | None,
-    steps: int,
-    model_sampling: ModelSampling | None = None,
-) -> float | None:
-    """Flux 2's ``mu`` for this latent size and number of steps, as ComfyUI's Flux2Scheduler computes it (its
-    tokens are the latent's pixels); None for every other model, whose grid does not depend on the resolution, and
-    for a Flux 2 whose ``model_sampling`` (the one sampling uses) a ModelSamplingFlux node set to another mu: that
-    mu decides, as in ComfyUI's own schedulers."""
-    if type(base_model).__name__ != "Flux2" or latent_shape is None or len(latent_shape) < 4:
-        return None
-    own = getattr(getattr(base_model, "model_config", None), "sampling_settings", {}).get("shift")
-    shift = getattr(model_sampling, "shift", None)
-    if own is not None and shift is not None and not math.isclose(float(shift), float(own), rel_tol=1e-6):
-        return None
-    from comfy_extras.nodes_flux import compute_empirical_mu
-
-    return float(compute_empirical_mu(int(latent_shape[-2]) * int(latent_shape[-1]), steps))
-
-
-def check_model_family(model_sampling: ModelSampling) -> None:
-    """Refuse, by name, the model kinds whose sampling EPD's grid and update do not match."""
-    names = model_type_names(model_sampling)
-    for name, what in _REFUSED_TYPES.items():
-        if name in names:
-            raise ValueError(f"EPD cannot sample {what}. {SUPPORTED_MODELS}")
-    noise_scale = float(getattr(model_sampling, "noise_scale", 1.0))
-    if noise_scale != 1.0:
-        raise ValueError(
-            f"EPD cannot sample a flow model with noise_scale {noise_scale:g} (e.g. HiDream-O1): its tables are made "
-            f"for unit noise. {SUPPORTED_MODELS}"
-        )
-
-
 def check_cfg(guider: Guider | None) -> None:
     """A non-finite guidance scale gives an all-NaN latent: refuse it."""
     cfg = getattr(guider, "cfg", None)
     if isinstance(cfg, (int, float)) and not math.isfinite(cfg):
         raise ValueError(f"cfg must be a finite number, got {cfg}")
-
-
-def check_grid(params: EPDParams, model_sampling: ModelSampling, sigmas: torch.Tensor, mu: float | None = None) -> None:
-    """The sigmas must be the table's own grid for this model (EPD Scheduler's), or its last steps (``denoise``),
-    optionally ending in 0: a grid of another length or spacing would run the table's steps at the wrong times.
-    With a resolution's ``mu`` (Flux 2) the grid of the model's own ``mu`` is accepted too: EPD Scheduler's without
-    its optional latent."""
-    from .scheduling import model_schedule
-
-    positive = sigmas[:-1] if sigmas.shape[0] >= 2 and float(sigmas[-1]) == 0.0 else sigmas
-    n = positive.shape[0]
-    grids = [model_schedule(params, model_sampling, option) for option in dict.fromkeys((mu, None))]
-    for grid in grids:
-        if 1 <= n <= grid.shape[0] and torch.allclose(positive.double(), grid[-n:].float().double(), rtol=1e-5, atol=0):
-            return
-    grid = grids[0]
-    zero = " + a final 0" if n < sigmas.shape[0] else ""
-    got = f"{n} time points{zero}" + (f" from {float(sigmas[0]):.4g} to {float(positive[-1]):.4g}" if n else "")
-    raise ValueError(
-        f"the sigmas are not this EPD table's grid: got {got}, but the table's grid for this model has "
-        f"{grid.shape[0]} time points from {float(grid[0]):.4g} to {float(grid[-1]):.4g} (a denoise < 1 keeps its last "
-        f"ones){_grid_difference(positive, grid)}. Use EPD Scheduler with the same model and table for the sigmas, "
-        "or EPD KSampler"
-    )
-
-
-def _grid_difference(positive: torch.Tensor, grid: torch.Tensor) -> str:
-    """Where sigmas that are not the table's grid part from it, for :func:`check_grid`'s error."""
-    n = positive.shape[0]
-    if not 1 <= n <= grid.shape[0]:
-        return ""
-    if n < grid.shape[0] and torch.allclose(positive.double(), grid[:n].double(), rtol=1e-5, atol=0):
-        return (
-            f". These are the grid's first {n} time points: EPD runs only a grid's last steps (the low part of "
-            "SplitSigmas), so run another sampler on the first part and EPD on the rest"
-        )
-    tail = grid[-n:].double()
-    parted = (~torch.isclose(positive.double(), tail, rtol=1e-5, atol=0)).nonzero()
-    if parted.numel() == 0:
-        return ""
-    j = int(parted[0])
-    return (
-        f"; time point {j + 1} of the last {n} is {float(positive[j]):.4g} where the table's is {float(tail[j]):.4g} "
-        "(a table fixes the spacing of its steps, not only their ends)"
-    )
-
-
-def is_discrete_model(model_sampling: ModelSampling) -> bool:
-    return type(model_sampling).timestep is comfy.model_sampling.ModelSamplingDiscrete.timestep
 
 
 def continuous_model_sampling(model_sampling: ModelSampling) -> ModelSampling:
@@ -293,35 +178,6 @@ def epd_run(model: SamplerModel, params: EPDParams, x: torch.Tensor, parallel: s
                 raise
             raise RuntimeError(f"EPD's parallel 'batched' failed under {reason}, which may depend on one call's "
                                f"batch: {exc}. Use parallel 'auto' (the points one by one there)") from exc  # fmt: skip
-
-
-def check_compatible(params: EPDParams, model_sampling: ModelSampling) -> None:
-    """A model kind EPD does not sample, or a flow table on an EPS/V model (or the reverse), is an error, not a bad
-    image."""
-    check_model_family(model_sampling)
-    if params.backend == "edm" and is_discrete_model(model_sampling):
-        raise ValueError(
-            f"this EPD table is a continuous-sigma (EDM) table (sigma up to {float(make_schedule(params)[0]):g}), "
-            f"made for {_table_model(params)}, and this is a discrete-time model (SD1.5/SDXL-type): its time points "
-            "would fall outside this model's sigmas. If the table was fitted on this network under "
-            "ModelSamplingContinuousEDM or ModelSamplingContinuousV, add that node with the same settings; otherwise "
-            "use a table made for this model (a [download] sd15/... table, or one from EPD Distill)"
-        )
-    flow = is_flow_model(model_sampling)
-    if params.is_flow != flow:
-        kind = "rectified-flow (SD3/FLUX)" if params.is_flow else "variance-exploding (SD1.5/SDXL/EDM)"
-        model_kind = "a flow model" if flow else "a discrete EPS/V-prediction model"
-        if not flow and not is_discrete_model(model_sampling):
-            model_kind = "a continuous-sigma (EDM) model"
-        raise ValueError(
-            f"this EPD table is for {kind} models but the model is {model_kind}: load a table made for this model's "
-            "family (the loader's info says which) or fit one with EPD Distill"
-        )
-
-
-def _table_model(params: EPDParams) -> str:
-    meta = params.metadata
-    return meta.get("model") or meta.get("catalogue_entry") or meta.get("source_file") or "another model"
 
 
 def _conds_need_sequential(guider: Guider | None) -> bool:

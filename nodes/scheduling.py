@@ -22,7 +22,7 @@ import torch
 from ..epd_core import EPDParams, make_schedule
 from ..epd_core.schedules import DEFAULT_FLOW_SHIFT
 from .comfy_types import ModelSampling
-from .sampling import _table_model, check_compatible, is_discrete_model, is_flow_model, is_flux_shift
+from .families import _table_model, check_compatible, is_discrete_model, is_flow_model, is_flux_shift
 
 
 def model_schedule(params: EPDParams, model_sampling: ModelSampling, mu: float | None = None) -> torch.Tensor:
@@ -78,3 +78,46 @@ def epd_sigmas(
     if final_denoise:
         grid = torch.cat([grid, grid.new_zeros(1)])
     return grid.float()
+
+
+def check_grid(params: EPDParams, model_sampling: ModelSampling, sigmas: torch.Tensor, mu: float | None = None) -> None:
+    """The sigmas must be the table's own grid for this model (EPD Scheduler's), or its last steps (``denoise``),
+    optionally ending in 0: a grid of another length or spacing would run the table's steps at the wrong times.
+    With a resolution's ``mu`` (Flux 2) the grid of the model's own ``mu`` is accepted too: EPD Scheduler's without
+    its optional latent."""
+    positive = sigmas[:-1] if sigmas.shape[0] >= 2 and float(sigmas[-1]) == 0.0 else sigmas
+    n = positive.shape[0]
+    grids = [model_schedule(params, model_sampling, option) for option in dict.fromkeys((mu, None))]
+    for grid in grids:
+        if 1 <= n <= grid.shape[0] and torch.allclose(positive.double(), grid[-n:].float().double(), rtol=1e-5, atol=0):
+            return
+    grid = grids[0]
+    zero = " + a final 0" if n < sigmas.shape[0] else ""
+    got = f"{n} time points{zero}" + (f" from {float(sigmas[0]):.4g} to {float(positive[-1]):.4g}" if n else "")
+    raise ValueError(
+        f"the sigmas are not this EPD table's grid: got {got}, but the table's grid for this model has "
+        f"{grid.shape[0]} time points from {float(grid[0]):.4g} to {float(grid[-1]):.4g} (a denoise < 1 keeps its last "
+        f"ones){_grid_difference(positive, grid)}. Use EPD Scheduler with the same model and table for the sigmas, "
+        "or EPD KSampler"
+    )
+
+
+def _grid_difference(positive: torch.Tensor, grid: torch.Tensor) -> str:
+    """Where sigmas that are not the table's grid part from it, for :func:`check_grid`'s error."""
+    n = positive.shape[0]
+    if not 1 <= n <= grid.shape[0]:
+        return ""
+    if n < grid.shape[0] and torch.allclose(positive.double(), grid[:n].double(), rtol=1e-5, atol=0):
+        return (
+            f". These are the grid's first {n} time points: EPD runs only a grid's last steps (the low part of "
+            "SplitSigmas), so run another sampler on the first part and EPD on the rest"
+        )
+    tail = grid[-n:].double()
+    parted = (~torch.isclose(positive.double(), tail, rtol=1e-5, atol=0)).nonzero()
+    if parted.numel() == 0:
+        return ""
+    j = int(parted[0])
+    return (
+        f"; time point {j + 1} of the last {n} is {float(positive[j]):.4g} where the table's is {float(tail[j]):.4g} "
+        "(a table fixes the spacing of its steps, not only their ends)"
+    )

@@ -38,19 +38,11 @@ from ..epd_core.starts import start_errors
 from ..epd_core.teachers import subdivide, teacher_end
 from .autograd import backward_failure, make_differentiable
 from .comfy_types import Conditioning, ModelPatcher, ModelSampling
+from .families import is_discrete_model, is_flow_model, is_flux_shift, resolution_mu
 from .features import Encoder, final_feature_loss
 from .guard import user_text
 from .rewards import Reward
-from .sampling import (
-    _ComfyDenoiser,
-    check_context_windows,
-    exact_timesteps,
-    first_sigma_reader,
-    is_discrete_model,
-    is_flow_model,
-    is_flux_shift,
-    resolution_mu,
-)
+from .sampling import _ComfyDenoiser, check_context_windows, exact_timesteps, first_sigma_reader
 from .scheduling import model_schedule
 
 log = logging.getLogger("epd")

@@ -144,15 +144,15 @@ def test_flux2_grid_takes_the_mu_of_its_resolution_like_flux2scheduler():
         (sigmas,) = N["EPDScheduler"].execute(model, params, 1.0, False, latent).result
         mu = compute_empirical_mu(side * side, steps)
         assert torch.allclose(sigmas.double(), epd_core.make_schedule(params, mu=mu).float().double())
-        sampling = H.pack_module("nodes.sampling")
-        sampling.check_grid(params, model.get_model_object("model_sampling"), sigmas, mu)
+        scheduling = H.pack_module("nodes.scheduling")
+        scheduling.check_grid(params, model.get_model_object("model_sampling"), sigmas, mu)
     (default,) = N["EPDScheduler"].execute(model, params, 1.0, False).result
     shift = float(model.get_model_object("model_sampling").shift)
     assert torch.allclose(default.double(), epd_core.make_schedule(params, mu=shift).float().double())
     assert not torch.allclose(default, sigmas)
-    sampling.check_grid(params, model.get_model_object("model_sampling"), default, mu)  # the sampler takes it too
+    scheduling.check_grid(params, model.get_model_object("model_sampling"), default, mu)  # the sampler takes it too
     with pytest.raises(ValueError, match="not this EPD table's grid"):
-        sampling.check_grid(params, model.get_model_object("model_sampling"), default * 0.99, mu)
+        scheduling.check_grid(params, model.get_model_object("model_sampling"), default * 0.99, mu)
 
 
 def test_flux2_under_modelsamplingflux_takes_that_nodes_mu():
@@ -309,10 +309,10 @@ def test_a_grid_mismatch_counts_time_points_on_both_sides():
     params = epd_core.load_params(official_path("sd15-best.pkl"))
     model, _ = _analytic("sd15_eps")
     (sigmas,) = BasicScheduler.execute(model, "karras", params.num_steps - 1, 1.0).result
-    sampling = H.pack_module("nodes.sampling")
+    scheduling = H.pack_module("nodes.scheduling")
     with pytest.raises(ValueError, match="got 10 time points \\+ a final 0 from 14.61 to 0.02917, but the table's "
                        "grid for this model has 11 time points"):  # fmt: skip
-        sampling.check_grid(params, model.get_model_object("model_sampling"), sigmas, None)
+        scheduling.check_grid(params, model.get_model_object("model_sampling"), sigmas, None)
 
 
 def test_a_grid_mismatch_says_where_the_grids_part():
@@ -324,16 +324,16 @@ def test_a_grid_mismatch_says_where_the_grids_part():
 
     params = epd_core.load_params(official_path("sd15-best.pkl"))
     model, _ = _analytic("sd15_eps")
-    sampling, model_sampling = H.pack_module("nodes.sampling"), model.get_model_object("model_sampling")
+    scheduling, model_sampling = H.pack_module("nodes.scheduling"), model.get_model_object("model_sampling")
     karras = comfy.samplers.calculate_sigmas(model_sampling, "karras", params.num_steps)[:-1]
     with pytest.raises(ValueError, match=r"has 11 time points from 14.61 to 0.02917.*; time point 2 of the last 11 is "
                        r"9\.\d+ where the table's is \d+\.\d+ \(a table fixes the spacing"):  # fmt: skip
-        sampling.check_grid(params, model_sampling, karras, None)
+        scheduling.check_grid(params, model_sampling, karras, None)
     (grid,) = N["EPDScheduler"].execute(model, params, 1.0, True).result
     high, low = SplitSigmas.execute(grid, 4).result
     with pytest.raises(ValueError, match="These are the grid's first 5 time points: EPD runs only a grid's last steps"):
-        sampling.check_grid(params, model_sampling, high, None)
-    sampling.check_grid(params, model_sampling, low, None)
+        scheduling.check_grid(params, model_sampling, high, None)
+    scheduling.check_grid(params, model_sampling, low, None)
 
 
 def test_a_grid_above_the_models_sigmas_is_refused():
