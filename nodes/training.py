@@ -390,7 +390,16 @@ def _train_on_model(model, positive, negative, cfg, latent, start, config, fit):
             )
             if getattr(config, "gradient", None) == "autograd":  # distillation through the model
                 make_differentiable(base)
-            result["out"] = fit(session)
+            try:
+                result["out"] = fit(session)
+            except RuntimeError as exc:  # e.g. APG's momentum, sized to the last call's batch; training's vary
+                if reader is None or isinstance(exc, torch.OutOfMemoryError):
+                    raise
+                raise RuntimeError(
+                    f"EPD training failed under {reader}, which may keep state between model calls or need one batch "
+                    f"size (training calls the model on batches of several sizes): {exc}. Train on the model from "
+                    "before that node; the table samples the patched model too"
+                ) from exc
         return x
 
     guider.sample(zeros, zeros, comfy.samplers.KSAMPLER(train), grid.float(), seed=config.seed)

@@ -838,3 +838,20 @@ def test_training_fits_the_latent_epd_ksampler_samples(epd_dir, monkeypatch):
         net.seen.clear()
         N["EPDRDPO"].execute(model, pos, neg, lat, epd_params=table, **rdpo)
         assert set(net.seen) == trained, name
+
+
+def test_training_under_a_patch_that_keeps_state_per_call_says_what_to_do(epd_dir):
+    """From a review: APG with momentum keeps a running average sized to the last model call, and training calls the
+    model on batches of several sizes (the first-step mean, the start check, the rollouts): EPD Distill failed with a
+    bare torch size error. It names the patch and what to do, and the model without the patch trains."""
+    from comfy_extras.nodes_apg import APG
+
+    model = tiny_model("eps")
+    apg = APG.execute(model, 1.0, 5.0, 0.5).result[0]
+    pos, neg, lat = conditioning(2, 1), conditioning(2, 2), latent("eps", 1)
+    args = _args("apg", iterations=1, nfe=4, start_check=4, keep_best=4)
+    with pytest.raises(RuntimeError, match=r"training failed under sampler_pre_cfg_function.*the model from before"):
+        N["EPDDistill"].execute(apg, pos, neg, lat, **args)
+    assert not (epd_dir / "apg.safetensors").exists()
+    N["EPDDistill"].execute(model, pos, neg, lat, **args)
+    assert (epd_dir / "apg.safetensors").is_file()
