@@ -37,7 +37,7 @@ from ..epd_core.schedules import DEFAULT_FLOW_SHIFT, polynomial
 from ..epd_core.starts import start_errors
 from ..epd_core.teachers import subdivide, teacher_end
 from .autograd import backward_failure, make_differentiable
-from .comfy_types import Conditioning, ModelPatcher, ModelSampling
+from .comfy_types import BaseModel, Conditioning, ModelPatcher, ModelSampling
 from .families import is_discrete_model, is_flow_model, is_flux_shift, resolution_mu
 from .features import Encoder, final_feature_loss
 from .guard import user_text
@@ -386,7 +386,7 @@ def _train_on_model(model, positive, negative, cfg, latent, start, config, fit):
                 log.info("EPD: %s may read one sigma per call: the student's points go one call per time point", reader)
             den = _ComfyDenoiser(model_k, extra, x.shape[0], one_sigma_per_call=reader is not None)
             session = Session(
-                den, tuple(x.shape[1:]), grid.to(x.device), x.device, progress, base.process_latent_out, reload
+                den, tuple(x.shape[1:]), grid.to(x.device), x.device, progress, _latent_out(base, latent), reload
             )
             if getattr(config, "gradient", None) == "autograd":  # distillation through the model
                 make_differentiable(base)
@@ -404,6 +404,17 @@ def _train_on_model(model, positive, negative, cfg, latent, start, config, fit):
 
     guider.sample(zeros, zeros, comfy.samplers.KSAMPLER(train), grid.float(), seed=config.seed)
     return result["out"]
+
+
+def _latent_out(base: BaseModel, latent: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The model's latents as a LATENT holds them, for rewards, guards and feature encoders. Of a nested latent,
+    which the samplers see packed, its first part (LTX-2's video), as a VAE decodes it."""
+    if not getattr(latent, "is_nested", False):
+        return base.process_latent_out
+    import comfy.utils
+
+    shapes = [part.shape for part in latent.unbind()]
+    return lambda x: comfy.utils.unpack_latents(base.process_latent_out(x), shapes)[0]
 
 
 def _training_latent(latent: torch.Tensor, batch: int) -> tuple[torch.Tensor, tuple[int, ...]]:

@@ -804,7 +804,8 @@ def test_training_fits_the_latent_epd_ksampler_samples(epd_dir, monkeypatch):
     """From a review: ComfyUI 0.33 samples a nested latent (LTX-2's video with audio) packed into one ``[B, 1, N]``;
     EPD Distill and EPD RDPO trained on its first part alone (a nested tensor's shape), so the table's first-step
     mean had that part's channels and EPD KSampler refused it on the latent it was fitted for. Training sees the
-    latent sampling sees, nested (where this ComfyUI has them) or not, and the table samples it."""
+    latent sampling sees, nested (where this ComfyUI has them) or not, and the table samples it; a reward gets the
+    nested latent's first part (LTX-2's video) as a LATENT holds it, which a VAE decodes, not the packed one."""
     import comfy.model_base
     import comfy.model_patcher
     import comfy.supported_models
@@ -821,6 +822,12 @@ def test_training_fits_the_latent_epd_ksampler_samples(epd_dir, monkeypatch):
     if nested is not None:  # ComfyUI 0.33
         latents["nested"] = nested([torch.zeros(1, 4, 8, 8), torch.zeros(1, 2, 16)])
     pos, neg = conditioning(1, 1), conditioning(1, 2)
+    config, rewarded = H.pack_module("epd_core.config").RDPOConfig(iterations=1, groups=2, k=2), []
+
+    def reward(x: torch.Tensor, _) -> torch.Tensor:
+        rewarded.append(tuple(x.shape))
+        return x.flatten(1).mean(1)
+
     for name, samples in latents.items():
         lat = {"samples": samples}
         args = _args(f"form_{name}", iterations=2, nfe=4, start_check=4, keep_best=4)
@@ -838,6 +845,9 @@ def test_training_fits_the_latent_epd_ksampler_samples(epd_dir, monkeypatch):
         net.seen.clear()
         N["EPDRDPO"].execute(model, pos, neg, lat, epd_params=table, **rdpo)
         assert set(net.seen) == trained, name
+        rewarded.clear()  # a reward (a VAE's decode) gets the latent's first part, as a LATENT holds it
+        H.pack_module("nodes.training").rdpo_on_model(model, pos, neg, 2.0, samples, table, config, reward=reward)
+        assert set(rewarded) == {(4, 4, 8, 8)}, name
 
 
 def test_training_under_a_patch_that_keeps_state_per_call_says_what_to_do(epd_dir):
