@@ -42,7 +42,14 @@ from .families import is_discrete_model, is_flow_model, is_flux_shift, resolutio
 from .features import Encoder, final_feature_loss
 from .guard import user_text
 from .rewards import Reward
-from .sampling import _ComfyDenoiser, check_context_windows, exact_timesteps, first_sigma_reader
+from .sampling import (
+    _ComfyDenoiser,
+    _first_sigma_patch,
+    _is_oom,
+    check_context_windows,
+    exact_timesteps,
+    first_sigma_reader,
+)
 from .scheduling import model_schedule
 
 log = logging.getLogger("epd")
@@ -393,10 +400,11 @@ def _train_on_model(model, positive, negative, cfg, latent, start, config, fit):
             try:
                 result["out"] = fit(session)
             except RuntimeError as exc:  # e.g. APG's momentum, sized to the last call's batch; training's vary
-                if reader is None or isinstance(exc, torch.OutOfMemoryError):
+                patch = _first_sigma_patch(extra.get("model_options"))
+                if patch is None or _is_oom(exc):  # out of memory stays what ComfyUI's tips and unloading look for
                     raise
                 raise RuntimeError(
-                    f"EPD training failed under {reader}, which may keep state between model calls or need one batch "
+                    f"EPD training failed under {patch}, which may keep state between model calls or need one batch "
                     f"size (training calls the model on batches of several sizes): {exc}. Train on the model from "
                     "before that node; the table samples the patched model too"
                 ) from exc

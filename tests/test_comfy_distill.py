@@ -865,3 +865,38 @@ def test_training_under_a_patch_that_keeps_state_per_call_says_what_to_do(epd_di
     assert not (epd_dir / "apg.safetensors").exists()
     N["EPDDistill"].execute(model, pos, neg, lat, **args)
     assert (epd_dir / "apg.safetensors").is_file()
+
+
+def test_a_training_error_is_put_on_a_model_patch_only_where_there_is_one(epd_dir):
+    """From a review of the message above: it was given to every error of a run whose conditioning has a timestep
+    range (no model node there to take away), and on ComfyUI 0.33 it turned an accelerator's out-of-memory error into
+    a plain one, so ComfyUI neither gave its out-of-memory tips nor unloaded the models."""
+    from comfy_extras.nodes_apg import APG
+
+    import nodes as comfy_nodes
+
+    sampling = H.pack_module("nodes.sampling")
+    model = tiny_model("eps")
+    apg = APG.execute(model, 1.0, 5.0, 0.0).result[0]  # without momentum: APG itself does not fail
+    ranged = comfy_nodes.ConditioningSetTimestepRange().set_range(conditioning(2, 1), 0.0, 0.8)[0]
+    oom = torch.AcceleratorError("CUDA error: out of memory")
+    args = _args("failing", iterations=1, nfe=4, start_check=4, keep_best=4)
+
+    def raising(error: Exception):
+        def hook(*_):
+            raise error
+
+        return model.model.diffusion_model.register_forward_pre_hook(hook)
+
+    for run, error in ((model, RuntimeError("boom")), (apg, oom)):
+        positive = ranged if run is model else conditioning(2, 1)
+        hook = raising(error)
+        try:
+            with pytest.raises(RuntimeError) as raised:
+                N["EPDDistill"].execute(run, positive, conditioning(2, 2), latent("eps", 1), **args)
+        finally:
+            hook.remove()
+        patched = run is apg and not sampling._is_oom(error)  # 0.3.75 does not count an accelerator error as one
+        assert ("training failed under" in str(raised.value)) == patched
+        assert not patched or "under sampler_pre_cfg_function" in str(raised.value)
+        assert sampling._is_oom(raised.value) == sampling._is_oom(error)
