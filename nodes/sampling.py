@@ -174,7 +174,7 @@ def epd_run(model: SamplerModel, params: EPDParams, x: torch.Tensor, parallel: s
         try:
             yield mode, model_sampling
         except RuntimeError as exc:  # e.g. APG's momentum, sized to the previous call's batch
-            if parallel != "batched" or not reason or isinstance(exc, torch.OutOfMemoryError):
+            if parallel != "batched" or not reason or _is_oom(exc):  # out of memory stays what ComfyUI looks for
                 raise
             raise RuntimeError(f"EPD's parallel 'batched' failed under {reason}, which may depend on one call's "
                                f"batch: {exc}. Use parallel 'auto' (the points one by one there)") from exc  # fmt: skip

@@ -567,3 +567,15 @@ def test_batched_under_a_patch_that_keeps_state_per_call_says_what_to_do():
     ):
         N["EPDKSampler"].execute(*args, "batched", True, "estimate")
     assert torch.isfinite(N["EPDKSampler"].execute(*args, "auto", True, "estimate").result[0]["samples"]).all()
+    sampling, oom = H.pack_module("nodes.sampling"), torch.AcceleratorError("CUDA error: out of memory")
+
+    def out_of_memory(*_):
+        raise oom
+
+    hook = apg.model.diffusion_model.register_forward_pre_hook(out_of_memory)
+    try:  # an out-of-memory error stays one where this ComfyUI counts it (0.33: its tips, its unloading)
+        with pytest.raises(RuntimeError) as raised:
+            N["EPDKSampler"].execute(*args, "batched", True, "estimate")
+    finally:
+        hook.remove()
+    assert sampling._is_oom(raised.value) == sampling._is_oom(oom)
