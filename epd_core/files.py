@@ -393,15 +393,20 @@ def _cut(name: str, size: int) -> str:
     return os.fsencode(name)[:size].decode("utf-8", errors="ignore")
 
 
+def _fitted(name: str, size: int) -> str:
+    """``name`` if it takes at most ``size`` bytes, else its start cut to leave room for ``-`` and a 16-digit hash of
+    the whole: a legal name in what is left of a file name's 255 bytes, and two long names that start alike differ."""
+    if len(os.fsencode(name)) <= size:
+        return name
+    return _cut(name, size - 17) + "-" + hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
+
+
 def lock_path(path: Path) -> Path:
     """The lock file that holds ``path`` for a run: ``.<name>.epd-lock`` beside it, ``.safetensors`` left out; a long
     name is cut and ends with a hash of the whole, so that the lock's name stays a legal one."""
     if not path.name:
         raise EPDFileError(path, "is not a file name")
-    name = path.name.removesuffix(".safetensors")
-    if len(os.fsencode(name)) > 236:
-        name = _cut(name, 219) + "-" + hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
-    return path.with_name(f".{name}.epd-lock")
+    return path.with_name(f".{_fitted(path.name.removesuffix('.safetensors'), 236)}.epd-lock")
 
 
 @contextmanager
@@ -430,10 +435,7 @@ def temp_prefix(path: Path) -> str:
     cut and ended with a hash of the whole, so that with mkstemp's 8 characters and ``.tmp`` it stays within a file
     system's 255 bytes (a legal long name stays writable, whatever its characters) and two long names that start
     alike keep apart (:func:`remove_leftovers` of one would take the other's write under way)."""
-    name = path.name
-    if len(os.fsencode(name)) > 241:
-        name = _cut(name, 224) + "-" + hashlib.sha256(os.fsencode(name)).hexdigest()[:16]
-    return f".{name}."
+    return f".{_fitted(path.name, 241)}."
 
 
 def remove_leftovers(path: str | os.PathLike) -> None:
