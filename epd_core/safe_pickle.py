@@ -129,14 +129,13 @@ class _Reader:
         self.pos = end + 1
         return out
 
+    def number(self, fmt: str) -> int | float:
+        """One fixed-width number in ``struct`` format ``fmt``."""
+        return struct.unpack(fmt, self.take(struct.calcsize(fmt)))[0]
 
-def _pop_mark(stack: list, marks: list) -> list:
-    if not marks:
-        raise PickleRefused("no MARK on the stack")
-    start = marks.pop()
-    items = stack[start:]
-    del stack[start:]
-    return items
+    def sized(self, fmt: str) -> bytes:
+        """Bytes preceded by their length in ``struct`` format ``fmt``."""
+        return self.take(self.number(fmt))
 
 
 def _key(key: Any) -> str:
@@ -206,6 +205,266 @@ def _decode_long(raw: bytes) -> int:
     return int.from_bytes(raw, "little", signed=True)
 
 
+# Opcodes that push one value read from the stream, and how each reads it.
+_LITERALS: dict[bytes, Callable[[_Reader], Any]] = {
+    NONE: lambda rd: None,
+    NEWTRUE: lambda rd: True,
+    NEWFALSE: lambda rd: False,
+    BININT1: lambda rd: rd.number("<B"),
+    BININT2: lambda rd: rd.number("<H"),
+    BININT: lambda rd: rd.number("<i"),
+    LONG1: lambda rd: _decode_long(rd.sized("<B")),
+    LONG4: lambda rd: _decode_long(rd.sized("<i")),
+    INT: lambda rd: _parse_int_line(rd.line()),
+    LONG: lambda rd: _parse_int_line(rd.line().rstrip(LONG)),
+    BINFLOAT: lambda rd: rd.number(">d"),
+    FLOAT: lambda rd: _parse_float_line(rd.line()),
+    SHORT_BINUNICODE: lambda rd: _utf8(rd.sized("<B")),
+    BINUNICODE: lambda rd: _utf8(rd.sized("<I")),
+    BINUNICODE8: lambda rd: _utf8(rd.sized("<Q")),
+    UNICODE: lambda rd: rd.line().decode("raw_unicode_escape"),
+    SHORT_BINBYTES: lambda rd: rd.sized("<B"),
+    BINBYTES: lambda rd: rd.sized("<I"),
+    BINBYTES8: lambda rd: rd.sized("<Q"),
+    SHORT_BINSTRING: lambda rd: rd.sized("<B").decode("latin-1"),
+    BINSTRING: lambda rd: rd.sized("<i").decode("latin-1"),
+    EMPTY_LIST: lambda rd: [],
+    EMPTY_TUPLE: lambda rd: (),
+    EMPTY_DICT: lambda rd: {},
+    EMPTY_SET: lambda rd: set(),  # a set's items are text, as dict keys (the authors' flux table has an empty set)
+}
+
+# Memo opcodes and how each reads its key: PUT stores the stack's top under it, GET pushes what it holds.
+_PUT_KEYS: dict[bytes, Callable[[_Reader], int]] = {
+    PUT: lambda rd: _memo_key(rd.line()),
+    BINPUT: lambda rd: rd.number("<B"),
+    LONG_BINPUT: lambda rd: rd.number("<I"),
+}
+_GET_KEYS: dict[bytes, Callable[[_Reader], int]] = {
+    GET: lambda rd: _memo_key(rd.line()),
+    BINGET: lambda rd: rd.number("<B"),
+    LONG_BINGET: lambda rd: rd.number("<I"),
+}
+
+
+class _Machine:
+    """The pickle virtual machine: the stream, the stack with its marks, and the memo. Each opcode that is not a
+    literal or a memo access is one method, named after it in :data:`_OPERATIONS`."""
+
+    def __init__(
+        self, data: bytes, pos: int, handlers: Mapping[str, Handler], persistent_load: Callable[[Any], Any] | None
+    ) -> None:
+        self.rd = _Reader(data, pos)
+        self.handlers = handlers
+        self.persistent_load = persistent_load
+        self.stack: list[Any] = []
+        self.marks: list[int] = []
+        self.memo: dict[int, Any] = {}
+
+    def run(self) -> Any:
+        """Execute opcodes up to STOP and return the one value left on the stack."""
+        rd, stack = self.rd, self.stack
+        while True:
+            op = rd.take(1)
+            if op == STOP:
+                if len(stack) != 1 or self.marks:
+                    raise PickleRefused("malformed stream at STOP")
+                return _check_expanded(stack[0])
+            if op in _LITERALS:
+                stack.append(_LITERALS[op](rd))
+            elif op in _PUT_KEYS:
+                self.memo[_PUT_KEYS[op](rd)] = self.top()
+            elif op == MEMOIZE:
+                self.memo[len(self.memo)] = self.top()
+            elif op in _GET_KEYS:
+                key = _GET_KEYS[op](rd)
+                if key not in self.memo:
+                    raise PickleRefused(f"memo entry {key} is missing")
+                stack.append(self.memo[key])
+            elif op in _OPERATIONS:
+                _OPERATIONS[op](self)
+            else:
+                raise PickleRefused(f"unsupported opcode {op!r} at offset {rd.pos - 1}")
+
+    # the stack
+    def fence(self) -> None:
+        if len(self.stack) <= (self.marks[-1] if self.marks else 0):
+            raise PickleRefused("stack underflow")
+
+    def pop(self) -> Any:
+        self.fence()
+        return self.stack.pop()
+
+    def top(self) -> Any:
+        self.fence()
+        return self.stack[-1]
+
+    def pop_mark(self) -> list:
+        if not self.marks:
+            raise PickleRefused("no MARK on the stack")
+        start = self.marks.pop()
+        items = self.stack[start:]
+        del self.stack[start:]
+        return items
+
+    def proto(self) -> None:
+        if self.rd.take(1)[0] > _MAX_PROTO:
+            raise PickleRefused("unsupported pickle protocol")
+
+    def frame(self) -> None:
+        self.rd.take(8)
+
+    def mark(self) -> None:
+        self.marks.append(len(self.stack))
+
+    def dup(self) -> None:
+        self.stack.append(self.top())
+
+    # containers
+    def list_(self) -> None:
+        self.stack.append(self.pop_mark())
+
+    def append(self) -> None:
+        item = self.pop()
+        self.extend_list([item], "APPEND")
+
+    def appends(self) -> None:
+        self.extend_list(self.pop_mark(), "APPENDS")
+
+    def extend_list(self, items: list, op: str) -> None:
+        target = self.top()
+        if not isinstance(target, list):
+            raise PickleRefused(f"{op} on {type(target).__name__}")
+        target.extend(items)
+
+    def tuple_(self) -> None:
+        self.stack.append(tuple(self.pop_mark()))
+
+    def small_tuple(self, n: int) -> None:
+        items = [self.pop() for _ in range(n)][::-1]
+        self.stack.append(tuple(items))
+
+    def dict_(self) -> None:
+        d: dict = {}
+        _set_items(d, self.pop_mark())
+        self.stack.append(d)
+
+    def setitem(self) -> None:
+        value = self.pop()
+        key = self.pop()
+        _set_items(self.top(), [key, value])
+
+    def setitems(self) -> None:
+        items = self.pop_mark()
+        _set_items(self.top(), items)
+
+    def additems(self) -> None:
+        items = self.pop_mark()
+        target = self.top()
+        if not isinstance(target, set):
+            raise PickleRefused(f"ADDITEMS on {type(target).__name__}")
+        target.update(_key(x) for x in items)
+
+    def frozenset_(self) -> None:
+        self.stack.append(frozenset(_key(x) for x in self.pop_mark()))
+
+    # globals and calls: only names in ``handlers``, called through the project's handler
+    def resolve(self, module: str, name: str) -> Global:
+        full = f"{module}.{name}"
+        if full not in self.handlers:
+            raise PickleRefused(f"forbidden global {shown(full)}")
+        return Global(full)
+
+    def global_(self) -> None:
+        module = self.rd.line().decode("utf-8", "replace")
+        name = self.rd.line().decode("utf-8", "replace")
+        self.stack.append(self.resolve(module, name))
+
+    def stack_global(self) -> None:
+        name = self.pop()
+        module = self.pop()
+        if not isinstance(module, str) or not isinstance(name, str):
+            raise PickleRefused("STACK_GLOBAL with non-string names")
+        self.stack.append(self.resolve(module, name))
+
+    def call(self) -> None:
+        """REDUCE and NEWOBJ: a global and its argument tuple."""
+        args = self.pop()
+        fn = self.pop()
+        self.stack.append(self.called(fn, args))
+
+    def newobj_ex(self) -> None:
+        kwargs = self.pop()
+        args = self.pop()
+        cls = self.pop()
+        if kwargs:
+            raise PickleRefused("NEWOBJ_EX with keyword arguments")
+        self.stack.append(self.called(cls, args))
+
+    def called(self, fn: Any, args: Any) -> Any:
+        if not isinstance(fn, Global):
+            raise PickleRefused(f"call of a non-global ({type(fn).__name__})")
+        if not isinstance(args, tuple):
+            raise PickleRefused("call arguments are not a tuple")
+        return self.handlers[fn.name](args)
+
+    def build(self) -> None:
+        state = self.pop()
+        obj = self.top()
+        if not isinstance(obj, Opaque):
+            raise PickleRefused(f"BUILD on {type(obj).__name__}")
+        obj.state = state
+
+    def binpersid(self) -> None:
+        pid = self.pop()
+        if self.persistent_load is None:
+            raise PickleRefused("persistent id not allowed here")
+        self.stack.append(self.persistent_load(pid))
+
+    def persid(self) -> None:
+        raise PickleRefused("text persistent ids are not supported")
+
+
+def _set_items(target: Any, items: list) -> None:
+    """SETITEM(S) and DICT: ``items`` are alternate keys and values; keys must be text (:func:`_key`)."""
+    if len(items) % 2:
+        raise PickleRefused("odd number of items for a dict")
+    if not isinstance(target, dict):
+        raise PickleRefused(f"SETITEMS on {type(target).__name__}")
+    for i in range(0, len(items), 2):
+        target[_key(items[i])] = items[i + 1]
+
+
+_OPERATIONS: dict[bytes, Callable[[_Machine], None]] = {
+    PROTO: _Machine.proto,
+    FRAME: _Machine.frame,
+    MARK: _Machine.mark,
+    POP: _Machine.pop,
+    POP_MARK: _Machine.pop_mark,
+    DUP: _Machine.dup,
+    LIST: _Machine.list_,
+    APPEND: _Machine.append,
+    APPENDS: _Machine.appends,
+    TUPLE: _Machine.tuple_,
+    TUPLE1: lambda m: m.small_tuple(1),
+    TUPLE2: lambda m: m.small_tuple(2),
+    TUPLE3: lambda m: m.small_tuple(3),
+    DICT: _Machine.dict_,
+    SETITEM: _Machine.setitem,
+    SETITEMS: _Machine.setitems,
+    ADDITEMS: _Machine.additems,
+    FROZENSET: _Machine.frozenset_,
+    GLOBAL: _Machine.global_,
+    STACK_GLOBAL: _Machine.stack_global,
+    REDUCE: _Machine.call,
+    NEWOBJ: _Machine.call,
+    NEWOBJ_EX: _Machine.newobj_ex,
+    BUILD: _Machine.build,
+    BINPERSID: _Machine.binpersid,
+    PERSID: _Machine.persid,
+}
+
+
 def load_one(
     data: bytes,
     handlers: Mapping[str, Handler],
@@ -220,215 +479,9 @@ def load_one(
     soon as it is named. ``persistent_load`` receives persistent ids; without
     it they are refused.
     """
-    rd = _Reader(data, pos)
-    stack: list[Any] = []
-    marks: list[int] = []
-    memo: dict[int, Any] = {}
-
-    def fence() -> None:
-        if len(stack) <= (marks[-1] if marks else 0):
-            raise PickleRefused("stack underflow")
-
-    def pop() -> Any:
-        fence()
-        return stack.pop()
-
-    def top() -> Any:
-        fence()
-        return stack[-1]
-
-    def resolve(module: str, name: str) -> Global:
-        full = f"{module}.{name}"
-        if full not in handlers:
-            raise PickleRefused(f"forbidden global {shown(full)}")
-        return Global(full)
-
-    def call(fn: Any, args: Any) -> Any:
-        if not isinstance(fn, Global):
-            raise PickleRefused(f"call of a non-global ({type(fn).__name__})")
-        if not isinstance(args, tuple):
-            raise PickleRefused("call arguments are not a tuple")
-        return handlers[fn.name](args)
-
-    def setitems(target: Any, items: list) -> None:
-        if len(items) % 2:
-            raise PickleRefused("odd number of items for a dict")
-        if not isinstance(target, dict):
-            raise PickleRefused(f"SETITEMS on {type(target).__name__}")
-        for i in range(0, len(items), 2):
-            target[_key(items[i])] = items[i + 1]
-
-    while True:
-        op = rd.take(1)
-        if op == STOP:
-            if len(stack) != 1 or marks:
-                raise PickleRefused("malformed stream at STOP")
-            return _check_expanded(stack[0]), rd.pos
-        if op == PROTO:
-            if rd.take(1)[0] > _MAX_PROTO:
-                raise PickleRefused("unsupported pickle protocol")
-        elif op == FRAME:
-            rd.take(8)
-        elif op == MARK:
-            marks.append(len(stack))
-        elif op == POP:
-            pop()
-        elif op == POP_MARK:
-            _pop_mark(stack, marks)
-        elif op == DUP:
-            stack.append(top())
-        # memo
-        elif op == PUT:
-            memo[_memo_key(rd.line())] = top()
-        elif op == BINPUT:
-            memo[rd.take(1)[0]] = top()
-        elif op == LONG_BINPUT:
-            memo[struct.unpack("<I", rd.take(4))[0]] = top()
-        elif op == MEMOIZE:
-            memo[len(memo)] = top()
-        elif op in (GET, BINGET, LONG_BINGET):
-            if op == GET:
-                key = _memo_key(rd.line())
-            elif op == BINGET:
-                key = rd.take(1)[0]
-            else:
-                key = struct.unpack("<I", rd.take(4))[0]
-            if key not in memo:
-                raise PickleRefused(f"memo entry {key} is missing")
-            stack.append(memo[key])
-        # constants and numbers
-        elif op == NONE:
-            stack.append(None)
-        elif op == NEWTRUE:
-            stack.append(True)
-        elif op == NEWFALSE:
-            stack.append(False)
-        elif op == BININT1:
-            stack.append(rd.take(1)[0])
-        elif op == BININT2:
-            stack.append(struct.unpack("<H", rd.take(2))[0])
-        elif op == BININT:
-            stack.append(struct.unpack("<i", rd.take(4))[0])
-        elif op == LONG1:
-            stack.append(_decode_long(rd.take(rd.take(1)[0])))
-        elif op == LONG4:
-            stack.append(_decode_long(rd.take(struct.unpack("<i", rd.take(4))[0])))
-        elif op == INT:
-            stack.append(_parse_int_line(rd.line()))
-        elif op == LONG:
-            stack.append(_parse_int_line(rd.line().rstrip(LONG)))
-        elif op == BINFLOAT:
-            stack.append(struct.unpack(">d", rd.take(8))[0])
-        elif op == FLOAT:
-            stack.append(_parse_float_line(rd.line()))
-        # strings and bytes
-        elif op == SHORT_BINUNICODE:
-            stack.append(_utf8(rd.take(rd.take(1)[0])))
-        elif op == BINUNICODE:
-            stack.append(_utf8(rd.take(struct.unpack("<I", rd.take(4))[0])))
-        elif op == BINUNICODE8:
-            stack.append(_utf8(rd.take(struct.unpack("<Q", rd.take(8))[0])))
-        elif op == UNICODE:
-            stack.append(rd.line().decode("raw_unicode_escape"))
-        elif op == SHORT_BINBYTES:
-            stack.append(rd.take(rd.take(1)[0]))
-        elif op == BINBYTES:
-            stack.append(rd.take(struct.unpack("<I", rd.take(4))[0]))
-        elif op == BINBYTES8:
-            stack.append(rd.take(struct.unpack("<Q", rd.take(8))[0]))
-        elif op == SHORT_BINSTRING:
-            stack.append(rd.take(rd.take(1)[0]).decode("latin-1"))
-        elif op == BINSTRING:
-            stack.append(rd.take(struct.unpack("<i", rd.take(4))[0]).decode("latin-1"))
-        # containers
-        elif op == EMPTY_LIST:
-            stack.append([])
-        elif op == LIST:
-            stack.append(_pop_mark(stack, marks))
-        elif op == APPEND:
-            item = pop()
-            lst = top()
-            if not isinstance(lst, list):
-                raise PickleRefused(f"APPEND on {type(lst).__name__}")
-            lst.append(item)
-        elif op == APPENDS:
-            items = _pop_mark(stack, marks)
-            lst = top()
-            if not isinstance(lst, list):
-                raise PickleRefused(f"APPENDS on {type(lst).__name__}")
-            lst.extend(items)
-        elif op == EMPTY_TUPLE:
-            stack.append(())
-        elif op == TUPLE:
-            stack.append(tuple(_pop_mark(stack, marks)))
-        elif op in (TUPLE1, TUPLE2, TUPLE3):
-            n = (TUPLE1, TUPLE2, TUPLE3).index(op) + 1
-            items = [pop() for _ in range(n)][::-1]
-            stack.append(tuple(items))
-        elif op == EMPTY_DICT:
-            stack.append({})
-        elif op == DICT:
-            d: dict = {}
-            setitems(d, _pop_mark(stack, marks))
-            stack.append(d)
-        elif op == SETITEM:
-            value = pop()
-            key = pop()
-            setitems(top(), [key, value])
-        elif op == SETITEMS:
-            items = _pop_mark(stack, marks)
-            setitems(top(), items)
-        elif op == EMPTY_SET:  # a set's items are text, as dict keys (the authors' flux table has an empty set)
-            stack.append(set())
-        elif op == ADDITEMS:
-            items = _pop_mark(stack, marks)
-            target = top()
-            if not isinstance(target, set):
-                raise PickleRefused(f"ADDITEMS on {type(target).__name__}")
-            target.update(_key(x) for x in items)
-        elif op == FROZENSET:
-            stack.append(frozenset(_key(x) for x in _pop_mark(stack, marks)))
-        # globals and calls
-        elif op == GLOBAL:
-            module = rd.line().decode("utf-8", "replace")
-            name = rd.line().decode("utf-8", "replace")
-            stack.append(resolve(module, name))
-        elif op == STACK_GLOBAL:
-            name = pop()
-            module = pop()
-            if not isinstance(module, str) or not isinstance(name, str):
-                raise PickleRefused("STACK_GLOBAL with non-string names")
-            stack.append(resolve(module, name))
-        elif op == REDUCE:
-            args = pop()
-            fn = pop()
-            stack.append(call(fn, args))
-        elif op == NEWOBJ:
-            args = pop()
-            cls = pop()
-            stack.append(call(cls, args))
-        elif op == NEWOBJ_EX:
-            kwargs = pop()
-            args = pop()
-            cls = pop()
-            if kwargs:
-                raise PickleRefused("NEWOBJ_EX with keyword arguments")
-            stack.append(call(cls, args))
-        elif op == BUILD:
-            state = pop()
-            obj = top()
-            if not isinstance(obj, Opaque):
-                raise PickleRefused(f"BUILD on {type(obj).__name__}")
-            obj.state = state
-        elif op == BINPERSID:
-            pid = pop()
-            if persistent_load is None:
-                raise PickleRefused("persistent id not allowed here")
-            stack.append(persistent_load(pid))
-        elif op == PERSID:
-            raise PickleRefused("text persistent ids are not supported")
-        else:
-            raise PickleRefused(f"unsupported opcode {op!r} at offset {rd.pos - 1}")
+    machine = _Machine(data, pos, handlers, persistent_load)
+    value = machine.run()
+    return value, machine.rd.pos
 
 
 def _memo_key(raw: bytes) -> int:
