@@ -53,16 +53,20 @@ class TableSample:
 
     ``segments`` ``[n, steps, K+1]`` (the positions as segments of ``[0, 1]``), ``weights`` ``[n, steps, K]``;
     ``scale_dir`` / ``scale_time`` ``[n, steps, K]`` where the policy samples them, else ``None``.
+    ``log_segments`` / ``log_weights``: the exact logs of the Dirichlet draws, which the log-probability uses
+    where given (a draw of a small concentration can lie far below the smallest value the tables keep, 1e-6).
     """
 
     segments: torch.Tensor
     weights: torch.Tensor
     scale_dir: torch.Tensor | None = None
     scale_time: torch.Tensor | None = None
+    log_segments: torch.Tensor | None = None
+    log_weights: torch.Tensor | None = None
 
     def map(self, fn: Callable[[torch.Tensor], torch.Tensor]) -> TableSample:
         """The same tables with ``fn`` applied to every tensor (indexing, casting, expanding)."""
-        values = (self.segments, self.weights, self.scale_dir, self.scale_time)
+        values = (self.segments, self.weights, self.scale_dir, self.scale_time, self.log_segments, self.log_weights)
         return TableSample(*(None if v is None else fn(v) for v in values))
 
     def __getitem__(self, index: Any) -> TableSample:
@@ -173,18 +177,19 @@ class DirichletPolicy(nn.Module):
         """``n`` tables (reparameterisation-free): positions, weights, then each sampled scale."""
         generator = _generator(generator)
         a_pos, a_w, locs, stds = self._outputs()
-        segments, weights = _dirichlet(a_pos.detach(), n, generator), _dirichlet(a_w.detach(), n, generator)
+        segments, log_segments = _dirichlet(a_pos.detach(), n, generator)
+        weights, log_weights = _dirichlet(a_w.detach(), n, generator)
         scales = {}
         for name, loc in locs.items():
             value = _log_normal(loc.detach(), stds[name].detach(), n, generator)
             scales[name] = torch.where(getattr(self, f"{name}_mask"), value, getattr(self, name))
-        return TableSample(segments, weights, **scales)
+        return TableSample(segments, weights, **scales, log_segments=log_segments, log_weights=log_weights)
 
     def log_prob(self, tables: TableSample) -> torch.Tensor:
         """Log-probability of whole tables, ``[n]``: both Dirichlets and the sampled scales, summed over steps."""
         a_pos, a_w, locs, stds = self._outputs()
-        dirichlet = torch.distributions.Dirichlet
-        out = dirichlet(a_pos).log_prob(tables.segments).sum(-1) + dirichlet(a_w).log_prob(tables.weights).sum(-1)
+        out = _dirichlet_log_prob(a_pos, tables.segments, tables.log_segments).sum(-1)
+        out = out + _dirichlet_log_prob(a_w, tables.weights, tables.log_weights).sum(-1)
         for name, loc in locs.items():
             value = getattr(tables, name)
             if value is None:
@@ -270,12 +275,22 @@ def _log_normal(loc: torch.Tensor, std: torch.Tensor | float, n: int, generator:
     return torch.exp(loc.double().cpu() + std * z).to(loc)
 
 
-def _dirichlet(alpha: torch.Tensor, n: int, generator: torch.Generator | None) -> torch.Tensor:
-    """Dirichlet samples from normalised Gamma draws (seedable, unlike torch.distributions), normalised in log
-    space: draws of small concentrations underflow to 0 together."""
+def _dirichlet(alpha: torch.Tensor, n: int, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``n`` Dirichlet draws from normalised Gamma draws (seedable, unlike torch.distributions), normalised in log
+    space (draws of small concentrations underflow to 0 together): the draws kept at least 1e-6 for the tables, and
+    their exact logs for :func:`_dirichlet_log_prob`."""
     a = alpha.unsqueeze(0).expand(n, *alpha.shape).double().cpu()
-    p = torch.softmax(_log_gamma(a, _generator(generator)), dim=-1).clamp_min(1e-6)  # finite log-probs in float32
-    return (p / p.sum(-1, keepdim=True)).to(alpha)
+    log_gamma = _log_gamma(a, _generator(generator))
+    p = torch.softmax(log_gamma, dim=-1).clamp_min(1e-6)
+    return (p / p.sum(-1, keepdim=True)).to(alpha), torch.log_softmax(log_gamma, dim=-1).to(alpha)
+
+
+def _dirichlet_log_prob(alpha: torch.Tensor, value: torch.Tensor, log_value: torch.Tensor | None) -> torch.Tensor:
+    """Log-density of ``Dirichlet(alpha)`` at ``value`` (over the last dimension), from ``log_value`` where given.
+    A draw's exact log keeps the score-function gradient unbiased at small concentrations, where the table's value,
+    kept at least 1e-6, would not (at a concentration of 0.05 most draws lie below it)."""
+    log_x = torch.log(value) if log_value is None else log_value.to(alpha)
+    return ((alpha - 1) * log_x).sum(-1) + torch.lgamma(alpha.sum(-1)) - torch.lgamma(alpha).sum(-1)
 
 
 def _log_gamma(a: torch.Tensor, generator: torch.Generator, rounds: int = 1000) -> torch.Tensor:
