@@ -243,7 +243,7 @@ class RDPOConfig(_Config):
     grouping: str = _opt(
         "noise",
         "what a group's k rollouts share: noise (one noise and prompt, k sampled tables; ours) or prompt (one "
-        "prompt, k noises and k tables; the authors')",
+        "prompt, k noises and k tables; the authors' preset, whose code mixes prompts in a group)",
         GROUPINGS,
     )
     minibatch: int = _opt(16, "rollouts per PPO minibatch")
@@ -276,7 +276,8 @@ class RDPOConfig(_Config):
 
     @classmethod
     def authors(cls, **override: Any) -> RDPOConfig:
-        """The authors' settings: groups of k rollouts sharing a prompt with their own noises, learnable log-std
+        """The authors' settings: groups of k rollouts with their own noises (one prompt each; the authors' code mixes
+        prompts in a group, README "Stage 2: RDPO"), learnable log-std
         of the scale heads starting at 0.05, width 128 with 2 blocks, concentration 20 (SD1.5; 10 for SD3),
         PPO clip 0.2, lr 7e-5, minibatch 4 (``cfgs/sd15.yaml``); ``override`` changes any of them."""
         preset = dict(grouping="prompt", learn_std=True, scale_std=0.05, width=128, blocks=2, concentration=20.0,

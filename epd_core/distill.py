@@ -3,9 +3,9 @@
 Per iteration: draw a batch of starting noises; a teacher solver with ``M`` extra points inside every student
 interval gives the reference trajectory. The ``global`` objective (the node's default) rolls the student out over
 the whole grid and takes the squared distance of its end to the teacher's, backpropagated through the rollout; the
-authors' ``local`` one has the student take one EPD step from its own *detached* state and sums, over steps, the
-squared distance to the teacher at the matching time; ``authors`` keeps the rollout undetached and takes an Adam
-step after every student step (the objectives themselves: :mod:`epd_core.objective`). Adam with a cosine
+per-step ``local`` one has the student take one EPD step from its own *detached* state and sums, over steps, the
+squared distance to the teacher at the matching time; ``authors``, the authors' loop, keeps the rollout undetached
+and takes an Adam step after every student step (the objectives themselves: :mod:`epd_core.objective`). Adam with a cosine
 learning-rate schedule. Optionally each sample's squared distance goes through a pseudo-Huber loss
 (:func:`~epd_core.objective.distance`), the interior grid points are learned too (the table then carries its grid),
 and the final step's loss can be replaced by a caller's feature loss.
