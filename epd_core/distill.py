@@ -5,8 +5,8 @@ interval gives the reference trajectory. The ``global`` objective (the node's de
 the whole grid and takes the squared distance of its end to the teacher's, backpropagated through the rollout; the
 per-step ``local`` one has the student take one EPD step from its own *detached* state and sums, over steps, the
 squared distance to the teacher at the matching time; ``authors``, the authors' loop, keeps the rollout undetached
-and takes an Adam step after every student step (the objectives themselves: :mod:`epd_core.objective`). Adam with a cosine
-learning-rate schedule. Optionally each sample's squared distance goes through a pseudo-Huber loss
+and takes an Adam step after every student step (the objectives themselves: :mod:`epd_core.objective`). Adam with
+a cosine learning-rate schedule. Optionally each sample's squared distance goes through a pseudo-Huber loss
 (:func:`~epd_core.objective.distance`), the interior grid points are learned too (the table then carries its grid),
 and the final step's loss can be replaced by a caller's feature loss.
 """
@@ -30,6 +30,7 @@ from .selection import DIVERGED, HeldOutCheck, check_iterations
 from .solver import Denoiser, initial_state, sample
 from .starts import held_out_noises
 from .teachers import subdivide, teacher_end, teacher_trajectory
+from .updates import euler_step
 
 __all__ = ["distill", "held_out_errors", "loss_curve"]
 
@@ -348,17 +349,22 @@ def held_out_errors(denoiser: Denoiser, params: EPDParams, grid: torch.Tensor, s
 
     The reference is the teacher with ``2M + 1`` points per step (twice as fine); ``teacher_error`` is the RMS
     distance of the training teacher (``M``) to it at the last grid point, ``student_error`` the student's. A
-    student cannot get much closer to the truth than its teacher: a small ratio says the teacher limits it. With
-    ``config.final_estimate`` each ends as it is sampled: the student on its last step's estimate, the teachers on
-    the model's denoised end.
+    student cannot get much closer to the truth than its teacher: a small ratio says the teacher limits it.
+    ``euler_error``: Euler's along the student's own time points, one call per point, which a trained table
+    should beat (a table worse than that is broken, not merely coarse). With ``config.final_estimate`` each ends as
+    it is sampled: the student and Euler on the last step's estimate, the teachers on the model's denoised end.
     """
-    squared, count = torch.zeros(2, dtype=torch.float64), 0
+    squared, count = torch.zeros(3, dtype=torch.float64), 0
     sigmas = torch.cat([grid.cpu(), grid.new_zeros(1).cpu()]) if config.final_estimate else grid.cpu()
     for x in held_out_noises(config, 2, HELD_OUT, shape, params.is_flow, grid[0], dtype):
         fine, teacher = (teacher_end(denoiser, x, subdivide(grid, m), config.teacher, config.final_estimate)
                          for m in (2 * config.teacher_m + 1, config.teacher_m))  # fmt: skip
         student = sample(denoiser, x, sigmas, params, final="estimate")
-        squared += torch.stack([((a - fine).double() ** 2).sum().cpu() for a in (teacher, student)])
+        euler = x
+        for t_cur, t_next in zip(sigmas[:-1].to(x.device), sigmas[1:].to(x.device), strict=True):
+            euler = euler_step(denoiser, euler, t_cur, t_next)
+        squared += torch.stack([((a - fine).double() ** 2).sum().cpu() for a in (teacher, student, euler)])
         count += x.numel()
-    teacher_error, student_error = (squared / count).sqrt().tolist()
-    return {"teacher_error": teacher_error, "student_error": student_error, "held_out_noises": count // x[0].numel()}
+    teacher_error, student_error, euler_error = (squared / count).sqrt().tolist()
+    return {"teacher_error": teacher_error, "student_error": student_error, "euler_error": euler_error,
+            "held_out_noises": count // x[0].numel()}  # fmt: skip

@@ -290,7 +290,11 @@ def fit_report(distilled: dict) -> str:
     student, teacher = distilled["student_error"], distilled["teacher_error"]
     text = (f"held-out RMS error vs a 2x finer teacher: table {student:.4g}, teacher {teacher:.4g} "
             f"({distilled['held_out_noises']} noises)")  # fmt: skip
-    if teacher > 0.2 * student:
+    euler = distilled.get("euler_error")
+    if euler is not None and student > euler:
+        text += (f" - WORSE than Euler on the table's own time points ({euler:.4g}): train longer (iterations), or "
+                 "try student carry")  # fmt: skip
+    elif teacher > 0.2 * student:
         text += " - the teacher limits the table: raise teacher_steps"
     return text + checks_report(distilled)
 

@@ -355,6 +355,18 @@ def test_the_start_report_tells_a_near_tie_apart():
     assert "rho-7 grid 0.2, model grid 0.1)" in report({"start": start})
 
 
+def test_the_fit_report_says_when_a_table_is_worse_than_euler():
+    """A table further from the truth than Euler on its own time points is broken, not merely coarse (EPD Distill
+    with student epd at NFE 2 and a short run: 6.9 against Euler's 0.63); the info said only "saved"."""
+    report = H.pack_module("nodes.nodes_training").fit_report
+    distilled = {"student_error": 6.938, "teacher_error": 0.069, "euler_error": 0.627, "held_out_noises": 64}
+    assert "WORSE than Euler on the table's own time points (0.627): train longer" in report(distilled)
+    distilled["student_error"] = 0.3
+    assert "Euler" not in report(distilled) and "teacher limits" in report(distilled)
+    del distilled["euler_error"]  # a table trained before the check measured Euler
+    assert "Euler" not in report(distilled)
+
+
 def test_never_overwrites_without_asking(epd_dir):
     model = tiny_model("eps")
     _run(model, "eps", "same", iterations=1)

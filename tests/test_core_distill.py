@@ -497,14 +497,35 @@ def test_the_recorded_held_out_error_scores_the_table_as_it_is_sampled():
     config = DistillConfig(iterations=2, batch=4, teacher_m=1, final_estimate=True, learn_grid=False)
     table = distill(gm.denoise_ve, start, gm.shape, config)
     grid = make_schedule(table)
-    squared, count = 0.0, 0
+    sigmas = torch.cat([grid, torch.zeros(1, dtype=grid.dtype)])
+    squared, euler_squared, count = 0.0, 0.0, 0
     for x in held_out_noises(config, 2, HELD_OUT, gm.shape, False, grid[0], torch.float64):
         fine = teacher_trajectory(gm.denoise_ve, x, subdivide(grid, 2 * config.teacher_m + 1), config.teacher)[-1]
         fine = gm.denoise_ve(fine, grid[-1].expand(x.shape[0]))
-        end = sample(gm.denoise_ve, x, torch.cat([grid, torch.zeros(1, dtype=grid.dtype)]), table, final="estimate")
+        end = sample(gm.denoise_ve, x, sigmas, table, final="estimate")
         squared += float(((end - fine) ** 2).sum())
+        euler = x
+        for t_cur, t_next in zip(sigmas[:-1], sigmas[1:], strict=True):  # Euler on the table's points, then to 0
+            euler = euler + (t_next - t_cur) * (euler - gm.denoise_ve(euler, t_cur.expand(x.shape[0]))) / t_cur
+        euler_squared += float(((euler - fine) ** 2).sum())
         count += x.numel()
     assert table.metadata["distilled"]["student_error"] == pytest.approx((squared / count) ** 0.5, rel=1e-9)
+    assert table.metadata["distilled"]["euler_error"] == pytest.approx((euler_squared / count) ** 0.5, rel=1e-9)
+
+
+def test_a_table_worse_than_euler_on_its_own_points_is_recorded_so():
+    """EPD Distill with student epd at NFE 2 (one step of one point, at the geometric midpoint of sigma 14.6 to 0.03)
+    and a short budget saved a table 11x further from the truth than one Euler step, and said nothing: the midpoint's
+    direction, applied over the whole step, overshoots by about (14.6 - 0.03) / 0.66. The held-out check now
+    measures Euler along the table's own points, which the node's info compares."""
+    gm = GaussianMixture.reference()
+    hyper = dict(schedule_type="polynomial", schedule_rho=7.0, backend="edm", sigma_min=0.0292, sigma_max=14.6)
+    broken = distill(gm.denoise_ve, EPDParams.start(2, 1, **hyper), gm.shape, DistillConfig(iterations=1, batch=2,
+                     teacher_m=1)).metadata["distilled"]  # fmt: skip
+    assert broken["student_error"] > 5 * broken["euler_error"]
+    sound = distill(gm.denoise_ve, EPDParams.start(6, 2, **hyper), gm.shape, DistillConfig(iterations=40, batch=16,
+                    teacher_m=2)).metadata["distilled"]  # fmt: skip
+    assert sound["student_error"] < 0.5 * sound["euler_error"]
 
 
 def test_a_seed_at_the_top_of_the_nodes_range_trains():
