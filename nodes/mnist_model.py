@@ -140,7 +140,10 @@ def images_to_latent(images: torch.Tensor) -> torch.Tensor:
 def latent_to_images(latent: torch.Tensor) -> torch.Tensor:
     """Latents ``[B, 4, 14, 14]`` -> grey digits ``[B, 28, 28]`` in ``[0, 1]`` (white on black)."""
     if latent.ndim != 4 or tuple(latent.shape[1:]) != LATENT_SHAPE:
-        raise ValueError(f"MNIST latents have shape [B, {', '.join(map(str, LATENT_SHAPE))}], got {list(latent.shape)}")
+        raise ValueError(
+            f"MNIST latents have shape [B, {', '.join(map(str, LATENT_SHAPE))}] (EPD MNIST Decode also takes the demo "
+            f"digits' [B, 4, 8, 8]), got {list(latent.shape)}"
+        )
     x = torch.nn.functional.pixel_shuffle(latent.to(torch.float32), 2)[:, 0]
     return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
 

@@ -64,7 +64,8 @@ class EPDDigitsModel(io.ComfyNode):
             category="advanced/model",
             description="A small neural diffusion model trained by this pack (ComfyUI's own UNet, 1M parameters, "
             "on scikit-learn's 8x8 digits; SD1.5 EPS schedule; no download). Unconditional: use a 64x64 empty "
-            "latent (4x8x8) and the empty conditioning; pixel_shuffle(2) of the latent is a 16x16 grey digit.",
+            "latent (4x8x8) and the empty conditioning; pixel_shuffle(2) of the latent is a 16x16 grey digit, which "
+            "EPD MNIST Decode shows.",
             inputs=[],
             outputs=[
                 io.Model.Output(tooltip="The digits UNet as a ComfyUI model (demo_models/digits-unet.safetensors)."),

@@ -6,6 +6,8 @@ import torch
 from comfy_api.latest import io
 
 from .autograd import make_differentiable
+from .digits_model import LATENT_SHAPE as DIGITS_LATENT_SHAPE
+from .digits_model import latent_to_image as digits_latent_to_image
 from .features import Encoder
 from .inputs import EncoderType
 from .mnist_classifier import load_classifier
@@ -73,19 +75,28 @@ class EPDMnistDecode(io.ComfyNode):
             display_name="EPD MNIST Decode",
             category="latent",
             description="Turns an EPD MNIST latent (4x14x14) into the 28x28 grey digit it encodes (pixel shuffle), "
-            "enlarged by an integer factor (nearest neighbour).",
+            "or an EPD Demo Digits Model latent (4x8x8) into its 16x16 digit, enlarged by an integer factor (nearest "
+            "neighbour).",
             inputs=[
                 io.Latent.Input(
-                    "samples", tooltip="An EPD MNIST latent [B, 4, 14, 14] (from a sampler on EPD MNIST Model)."
+                    "samples",
+                    tooltip="An EPD MNIST latent [B, 4, 14, 14] (from a sampler on EPD MNIST Model) or an EPD Demo "
+                    "Digits Model latent [B, 4, 8, 8].",
                 ),
                 io.Int.Input("scale", default=4, min=1, max=16, tooltip="Enlargement: 4 gives 112x112 images."),
             ],
-            outputs=[io.Image.Output(tooltip="White digits on black, [B, 28*scale, 28*scale, 3].")],
+            outputs=[
+                io.Image.Output(
+                    tooltip="White digits on black, [B, 28*scale, 28*scale, 3] (16*scale for the demo digits)."
+                )
+            ],
         )
 
     @classmethod
     def execute(cls, samples: dict, scale: int = 4) -> io.NodeOutput:
-        grey = latent_to_images(samples["samples"])
+        latent = samples["samples"]
+        digits = latent.ndim == 4 and tuple(latent.shape[1:]) == DIGITS_LATENT_SHAPE
+        grey = digits_latent_to_image(latent) if digits else latent_to_images(latent)
         if scale > 1:
             grey = grey.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
         return io.NodeOutput(grey[..., None].expand(-1, -1, -1, 3).contiguous().to(torch.float32))

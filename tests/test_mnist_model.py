@@ -222,7 +222,18 @@ def test_class_node_and_decode_node():
     assert decoded.shape == (3, 112, 112, 3)
     assert torch.allclose(decoded[:, ::4, ::4, 0], images[:3], atol=1e-6)
     with pytest.raises(ValueError, match="MNIST latents"):
-        mn.EPDMnistDecode.execute({"samples": torch.zeros(1, 4, 8, 8)}, 1)
+        mn.EPDMnistDecode.execute({"samples": torch.zeros(1, 4, 64, 64)}, 1)
+
+
+def test_the_decode_node_shows_the_demo_digits_model_s_latents():
+    """EPD Demo Digits Model's samples ([B, 4, 8, 8]) could not be shown by any node of the pack: EPD MNIST Decode
+    refused them, though they decode by the same pixel shuffle into a 16x16 digit."""
+    dm = H.pack_module("nodes.digits_model")
+    digits = torch.randint(0, 17, (2, 8, 8), generator=torch.Generator().manual_seed(0)).float()  # grey levels 0..16
+    latent = dm.digits_to_latent(digits)
+    (decoded,) = mn.EPDMnistDecode.execute({"samples": latent}, 2).result
+    assert decoded.shape == (2, 32, 32, 3)
+    assert torch.equal(decoded[:, ::2, ::2, 0], dm.latent_to_image(latent))
 
 
 def test_a_text_prompt_is_refused_with_a_clear_error():
