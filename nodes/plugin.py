@@ -27,10 +27,13 @@ PLUGIN_BASES = (
 
 
 def base_sampler_name(sampler: Sampler) -> str:
-    """The ComfyUI name of a KSAMPLER's function (``sample_dpmpp_2m`` -> ``dpmpp_2m``)."""
+    """The ComfyUI name of a KSAMPLER's function (``sample_dpmpp_2m`` -> ``dpmpp_2m``); ComfyUI's ``ddim`` is its
+    Euler with random noise for inpainting."""
     fn = getattr(sampler, "sampler_function", None)
     name = getattr(fn, "__name__", type(sampler).__name__)
     name = name.removeprefix("sample_").removesuffix("_function")
+    if name == "euler" and (getattr(sampler, "inpaint_options", None) or {}).get("random", False):
+        return "ddim"
     return {"unipc": "uni_pc", "unipc_bh2": "uni_pc_bh2"}.get(name, name)
 
 

@@ -85,6 +85,16 @@ def test_every_supported_base_runs(kind, base):
     assert out.shape == lat["samples"].shape and torch.isfinite(out).all()
 
 
+def test_every_supported_base_is_named_as_the_user_picked_it():
+    """ComfyUI's ddim is its euler with random inpainting noise: EPD Plugin over ddim said "EPD Plugin over euler"."""
+    import comfy.samplers
+
+    name = H.pack_module("nodes.plugin").base_sampler_name
+    assert [name(comfy.samplers.sampler_object(base)) for base in PLUGIN_BASES] == list(PLUGIN_BASES)
+    _, info = _plugin("ddim", epd_core.load_params(official_path("sd15-best.pkl")))
+    assert info.startswith("EPD Plugin over ddim:"), info
+
+
 @pytest.mark.parametrize("base", ["euler_ancestral", "dpmpp_2m_sde", "heun", "dpm_2", "lcm", "dpm_adaptive"])
 def test_unsupported_bases_are_refused_with_the_list(base):
     params = epd_core.load_params(official_path("sd15-best.pkl"))
