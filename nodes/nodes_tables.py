@@ -15,7 +15,7 @@ from ..epd_core.catalogue import CatalogueEntry, load_catalogue
 from ..epd_core.rdpo import fitted_final_estimate
 from .guard import catalogue_file, user_error, user_text
 from .inputs import EPDParamsType, epd_params_input
-from .preview import table_image
+from .preview import table_image, table_shape
 
 FOLDER = "epd"
 EXTENSIONS = {".safetensors", ".pkl"}
@@ -145,8 +145,8 @@ def made_for(params: EPDParams) -> str:
 def describe(params: EPDParams) -> str:
     source = params.metadata.get("source_file", "")
     return (
-        f"{params.backend} table{' from ' + source if source else ''}: {params.num_steps - 1} steps x "
-        f"{params.num_points} points, NFE {params.nfe}, student {params.student}, schedule {params.schedule_type}\n"
+        f"{params.backend} table{' from ' + source if source else ''}: {table_shape(params)}, NFE {params.nfe}, "
+        f"student {params.student}, schedule {params.schedule_type}\n"
         f"{made_for(params)}"
     )
 

@@ -50,7 +50,7 @@ def plugin_info(name: str, params: EPDParams, final_step: str, parallel: str = "
                                  if final_step == "denoise" else "")  # fmt: skip
     points = f"{k} points in one batched call" if parallel != "sequential" else f"{k} points one call each"
     if parallel == "sequential":
-        nfe += f" in batched rounds; parallel sequential takes {params.evaluations} calls per sample"
+        nfe += f" in batched rounds; parallel sequential makes {params.evaluations} model calls, each over the batch"
     rounds = f"2 sequential model rounds per step{' (1 on the AFS first step)' if params.afs else ''}"
     placed = table_placement(params)
     if params.student == "carry":
@@ -128,7 +128,7 @@ def make_plugin_sampler(
             return x
         grid = sigmas.detach().to("cpu", torch.float64)
         model_options = (extra_args or {}).get("model_options")
-        with epd_run(model, params, x, parallel, continuous_time, grid, model_options) as (mode, _):
+        with epd_run(model, params, x, parallel, continuous_time, grid, model_options, plugin=True) as (mode, _):
             finish = _ComfyDenoiser(model, extra_args or {}, x.shape[0]).finish
             plugin = PluginDenoiser(params, sigmas, mode, base=core_base(name), final=final_step, finish=finish)
 

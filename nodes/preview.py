@@ -16,6 +16,12 @@ MAX_ROWS = 56  # steps drawn; the image stays below 760 x 2,330 pixels whatever 
 MAX_MARKS = 16  # points drawn per step
 
 
+def table_shape(params: EPDParams) -> str:
+    """``"3 steps x 2 points"``, in the singular where a count is 1."""
+    steps, points = params.num_steps - 1, params.num_points
+    return f"{steps} step{'s' * (steps != 1)} x {points} point{'s' * (points != 1)}"
+
+
 def _values(draw: ImageDraw.ImageDraw, name: str, values: list[float], room: float) -> str:
     """``name`` and the values (two decimals), as many whole values as fit ``room`` pixels, then a count of the rest."""
     text = f"{name}:"
@@ -45,7 +51,7 @@ def draw_table(params: EPDParams, width: int = 760, row: int = 40) -> Image.Imag
         return left + (hi - math.log(t)) / (hi - lo) * (right - left)
 
     kind = "flow t" if params.is_flow else "sigma"
-    draw.text((8, 6), f"EPD table: {steps} steps x {params.num_points} points, NFE {params.nfe}, "
+    draw.text((8, 6), f"EPD table: {table_shape(params)}, NFE {params.nfe}, "
                       f"{params.schedule_type} grid ({kind}, log scale)", fill=_TEXT)  # fmt: skip
     for t in grid.tolist()[: MAX_ROWS + 1]:
         draw.line([(x_of(t), 24), (x_of(t), height - 6)], fill=(225, 225, 222))

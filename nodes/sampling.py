@@ -145,10 +145,10 @@ def exact_timesteps(base: BaseModel | None, enabled: bool = True, guider: Guider
 
 @contextmanager
 def epd_run(model: SamplerModel, params: EPDParams, x: torch.Tensor, parallel: str, continuous_time: bool,
-            sigmas: torch.Tensor, model_options: dict | None = None
+            sigmas: torch.Tensor, model_options: dict | None = None, plugin: bool = False,
             ) -> Iterator[tuple[bool | int, ModelSampling | None]]:  # fmt: skip
     """Checks the table, the grid and cfg against ComfyUI's wrapped model, picks how the K points are batched
-    (``model_options``: the sampler's, whose patches ``auto`` looks at), patches time.
+    (``model_options``: the sampler's, whose patches ``auto`` looks at), patches time. ``plugin``: for EPD Plugin.
 
     Yields ``(mode, model_sampling)``: ``mode`` for :func:`epd_core.sample`'s ``parallel``.
     """
@@ -158,7 +158,8 @@ def epd_run(model: SamplerModel, params: EPDParams, x: torch.Tensor, parallel: s
     check_cfg(guider)
     if model_sampling is not None:
         check_compatible(params, model_sampling)
-        check_grid(params, model_sampling, sigmas, resolution_mu(base, x.shape, params.num_steps - 1, model_sampling))
+        mu = resolution_mu(base, x.shape, params.num_steps - 1, model_sampling)
+        check_grid(params, model_sampling, sigmas, mu, plugin)
     check_context_windows(model_options, sigmas)
     reason = sequential_reason(guider, model_options) if parallel != "sequential" else None
     if parallel == "batched":

@@ -80,11 +80,17 @@ def epd_sigmas(
     return grid.float()
 
 
-def check_grid(params: EPDParams, model_sampling: ModelSampling, sigmas: torch.Tensor, mu: float | None = None) -> None:
+def check_grid(
+    params: EPDParams,
+    model_sampling: ModelSampling,
+    sigmas: torch.Tensor,
+    mu: float | None = None,
+    plugin: bool = False,
+) -> None:
     """The sigmas must be the table's own grid for this model (EPD Scheduler's), or its last steps (``denoise``),
     optionally ending in 0: a grid of another length or spacing would run the table's steps at the wrong times.
     With a resolution's ``mu`` (Flux 2) the grid of the model's own ``mu`` is accepted too: EPD Scheduler's without
-    its optional latent."""
+    its optional latent. ``plugin``: the error is for EPD Plugin, whose user keeps a base sampler EPD KSampler lacks."""
     positive = sigmas[:-1] if sigmas.shape[0] >= 2 and float(sigmas[-1]) == 0.0 else sigmas
     n = positive.shape[0]
     grids = [model_schedule(params, model_sampling, option) for option in dict.fromkeys((mu, None))]
@@ -97,8 +103,8 @@ def check_grid(params: EPDParams, model_sampling: ModelSampling, sigmas: torch.T
     raise ValueError(
         f"the sigmas are not this EPD table's grid: got {got}, but the table's grid for this model has "
         f"{grid.shape[0]} time points from {float(grid[0]):.4g} to {float(grid[-1]):.4g} (a denoise < 1 keeps its last "
-        f"ones){_grid_difference(positive, grid)}. Use EPD Scheduler with the same model and table for the sigmas, "
-        "or EPD KSampler"
+        f"ones){_grid_difference(positive, grid)}. Use EPD Scheduler with the same model and table for the sigmas"
+        + ("" if plugin else ", or EPD KSampler")
     )
 
 

@@ -175,6 +175,25 @@ def test_info_counts_calls_as_the_run_makes_them():
             assert len(seen) == calls and [b for b, _ in seen[:2]] == [1, 2], seen
 
 
+def test_the_plugin_s_texts_say_what_a_plugin_user_can_do():
+    """Three texts a plugin user met: the sequential info said "calls per sample" of calls over the whole batch; the
+    wrong-grid error offered EPD KSampler, which would drop the user's base sampler; a one-step, one-point table
+    read "1 steps x 1 points"."""
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+
+    params = epd_core.load_params(official_path("sd15-best.pkl"))
+    sampler, info = _plugin("euler", params, "sequential")
+    assert f"makes {params.evaluations} model calls, each over the batch" in info and "calls per sample" not in info
+    model, pos = tiny_model("eps"), conditioning(1, 1)
+    (sigmas,) = N["EPDScheduler"].execute(model, params, 1.0, True).result
+    with pytest.raises(ValueError, match="not this EPD table's grid") as error:
+        SamplerCustom.execute(model, True, 0, 1.0, pos, pos, sampler, sigmas * 0.9, latent("eps", 1))
+    assert str(error.value).endswith("Use EPD Scheduler with the same model and table for the sigmas")
+    tables = H.pack_module("nodes.nodes_tables")
+    one = epd_core.EPDParams.start(2, 1, schedule_type="discrete", schedule_rho=1.0, backend="ldm")
+    assert "1 step x 1 point, NFE" in tables.describe(one) and "10 steps x 2 points" in tables.describe(params)
+
+
 def test_samplerlms_at_its_default_order_is_lms():
     """SamplerLMS(order 4) is KSamplerSelect's lms (the same options as the function's defaults): accepted, the same
     run; another order changes the update the plugin mirrors: refused, naming it."""
