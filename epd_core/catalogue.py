@@ -370,7 +370,12 @@ def fetch(
             raise EPDFileError(final, f"download of {entry.name} from {url} refused: {exc}") from None
         except (urllib.error.URLError, HTTPException, OSError, ValueError) as exc:  # ValueError: a malformed URL
             problem = _network_problem(exc, timeout)
-            raise EPDFileError(final, f"cannot download {entry.name} from {url}: {problem}") from None
+            raise EPDFileError(
+                final,
+                f"cannot download {entry.name} from {url}: {problem}. Without a network here, fetch it on a machine "
+                f"with one (python -m epd_core fetch {entry.name}, in this pack's folder) and copy {final.name} into "
+                f"{dest}",
+            ) from None
         final = _convert(entry, raw, url, final)
         ok = True
     finally:

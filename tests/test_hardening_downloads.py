@@ -74,9 +74,13 @@ def test_redirects_to_another_scheme_host_or_port_are_refused(mirror, tmp_path, 
 def test_a_malformed_redirect_is_an_error_naming_the_entry(mirror, tmp_path, target):
     """urllib raises a bare ValueError on these; it escaped fetch, naming neither the entry nor the mirror."""
     mirror.mode, mirror.target = "redirect", target
-    with pytest.raises(EPDFileError, match=f"cannot download {ENTRY.name} from {mirror.url}.*ValueError"):
+    with pytest.raises(EPDFileError, match=f"cannot download {ENTRY.name} from {mirror.url}.*ValueError") as error:
         fetch(ENTRY, tmp_path, base_url=mirror.url, timeout=10)
     assert list(tmp_path.iterdir()) == []
+    # and it says what to do without a network (it said only "... (offline?)")
+    assert f"python -m epd_core fetch {ENTRY.name}, in this pack's folder) and copy {ENTRY.filename} into" in str(
+        error.value
+    )
 
 
 def test_a_fetch_that_another_fetch_of_the_entry_overtook_returns_its_file(mirror, tmp_path, monkeypatch):
