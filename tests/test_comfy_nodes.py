@@ -355,13 +355,18 @@ def test_continuous_timestep_reaches_a_controlnet_and_a_second_model():
 
 @pytest.mark.parametrize("batch", [1, 3])
 def test_inpainting_batched_equals_sequential(batch):
+    """Each sample its own mask (the right half, the top half, all): a batched call of K x B rows must give row
+    ``k * B + j`` sample j's mask (a mask tiled point by point instead passed while every sample had the same one)."""
     from comfy_extras.nodes_custom_sampler import SamplerCustom
 
     model = tiny_model("eps")
     params = _table("sd15-best.pkl")
     g = torch.Generator().manual_seed(4)
     latent = {"samples": torch.randn(batch, 4, 8, 8, generator=g), "noise_mask": torch.zeros(batch, 1, 8, 8)}
-    latent["noise_mask"][:, :, :, 4:] = 1.0
+    latent["noise_mask"][0, :, :, 4:] = 1.0
+    if batch > 1:
+        latent["noise_mask"][1, :, :4, :] = 1.0
+        latent["noise_mask"][2:] = 1.0
     (sigmas,) = _nodes_out(N["EPDScheduler"], model, params, 1.0, True)  # final denoise: kept area exact
     outs = {}
     for mode in ("batched", "sequential"):
@@ -369,7 +374,42 @@ def test_inpainting_batched_equals_sequential(batch):
         pos, neg = conditioning(batch, 5), conditioning(batch, 6)
         outs[mode] = SamplerCustom.execute(model, True, 2, 3.0, pos, neg, sampler, sigmas, latent).result[0]["samples"]
     assert torch.allclose(outs["batched"], outs["sequential"], rtol=1e-4, atol=1e-4)
-    assert torch.allclose(outs["batched"][..., :4], latent["samples"][..., :4], atol=1e-5)
+    kept = (latent["noise_mask"] == 0).expand_as(latent["samples"])
+    assert torch.allclose(outs["batched"][kept], latent["samples"][kept], atol=1e-5)
+
+
+def test_batched_equals_sequential_with_three_points_and_after_out_of_memory():
+    """Every other batched test in ComfyUI uses tables of K = 2 points, where a wrong order of the points past the
+    first in a batched call cannot show; here K = 3, batched, sequential, and batched falling back point by point
+    after an out-of-memory error."""
+    import comfy.model_management
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+
+    batch, ref = 2, _table("sd15-best.pkl")
+    params = epd_core.EPDParams.start(ref.num_steps, 3, **{k: v for k, v in ref.hyper().items()
+                                                           if k not in ("num_steps", "num_points")})  # fmt: skip
+    g = torch.Generator().manual_seed(0)
+    params = params.replace(**{n: torch.randn(getattr(params, n).shape, generator=g) for n in ("r_params", "weight_s")})
+    lat = {"samples": torch.zeros(batch, 4, 8, 8)}
+    pos, neg = conditioning(batch, 5), conditioning(batch, 6)
+
+    def run(model, mode):
+        (sigmas,) = _nodes_out(N["EPDScheduler"], model, params, 1.0, True)
+        (sampler,) = _nodes_out(N["EPDSampler"], params, mode, True, "comfyui")
+        return SamplerCustom.execute(model, True, 2, 3.0, pos, neg, sampler, sigmas, lat).result[0]["samples"]
+
+    sequential, batched = run(tiny_model("eps"), "sequential"), run(tiny_model("eps"), "batched")
+    assert torch.allclose(batched, sequential, rtol=1e-4, atol=1e-4), (batched - sequential).abs().max()
+    model = tiny_model("eps").clone()
+
+    def wrapper(apply_model, args):  # a call of the K points together runs out of memory
+        if args["input"].shape[0] > 2 * batch:
+            raise comfy.model_management.OOM_EXCEPTION("injected out of memory")
+        return apply_model(args["input"], args["timestep"], **args["c"])
+
+    model.set_model_unet_function_wrapper(wrapper)
+    fallback = run(model, "batched")
+    assert torch.allclose(fallback, sequential, rtol=1e-4, atol=1e-4), (fallback - sequential).abs().max()
 
 
 @pytest.mark.parametrize("final", ["denoise", "estimate"])

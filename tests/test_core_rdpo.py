@@ -199,6 +199,9 @@ def test_ppo_clip_hand_example():
     # ratios 1.5 (clipped to 1.2 for A>0), 0.5 (min(0.5, 0.8) = 0.5), 1.1 with A<0: min(-2.2, -2.2)
     expected = -torch.tensor([1.2, 0.5, -2.2]).mean()
     assert torch.allclose(ppo_clip_loss(logp_new, logp_old, adv, 0.2), expected)
+    # ratio 0.5 with A<0: the lower clip binds, min(-1.0, 0.8 * -2) = -1.6 (no case above reached it)
+    assert torch.allclose(ppo_clip_loss(torch.log(torch.tensor([0.5])), torch.zeros(1), torch.tensor([-2.0]), 0.2),
+                          torch.tensor(1.6))  # fmt: skip
 
 
 def test_per_sample_tables_equal_the_solver():

@@ -849,3 +849,11 @@ def test_long_names_in_a_file_are_quoted_short(tmp_path):
     with pytest.raises(EPDFileError, match="forbidden global") as err:
         load_params(path)
     assert len(str(err.value)) < 300
+
+
+@pytest.mark.parametrize("name", ["scale_dir", "scale_time"])
+def test_a_scale_bound_of_one_is_refused(name):
+    """A bound of 1 lets a scale reach 0 (a point's direction or time dropped); [0, 1) was checked, its edge not."""
+    EPDParams.start(3, 2, **{name: 0.999})
+    with pytest.raises(ValueError, match=r"bound must be in \[0, 1\), got 1"):
+        EPDParams.start(3, 2, **{name: 1.0})
