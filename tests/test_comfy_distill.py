@@ -912,3 +912,35 @@ def test_a_training_error_is_put_on_a_model_patch_only_where_there_is_one(epd_di
         assert ("training failed under" in str(raised.value)) == patched
         assert not patched or "under sampler_pre_cfg_function" in str(raised.value)
         assert sampling._is_oom(raised.value) == sampling._is_oom(error)
+
+
+def test_a_bundled_table_s_name_in_another_case_is_refused(epd_dir):
+    """On a case-insensitive file system "Digits-NFE5" would shadow the bundled digits-nfe5; the reserved names were
+    compared in one case only (the tests' names were all lower case)."""
+    tf = H.pack_module("nodes.table_files")
+    with pytest.raises(ValueError, match="bundled"):
+        tf.output_path("Digits-NFE5", False)
+
+
+def test_the_fingerprint_of_a_table_replaced_outside_stays_the_same_between_calls(epd_dir):
+    """ComfyUI reruns a node whose fingerprint changes: a saved table replaced outside the server gets a new
+    fingerprint once, then the same one at every call (the check compared the state with the saved one only)."""
+    import os
+
+    tf = H.pack_module("nodes.table_files")
+    path = tf.output_path("fp_stable", False)
+    tf.save_output(epd_core.EPDParams.start(4, 2), path, False)
+    assert tf.saved_generation("fp_stable") == tf.saved_generation("fp_stable.safetensors") == "0"
+    path.write_bytes(b"someone else's file")
+    os.utime(path, ns=(1, 1))
+    first = tf.saved_generation("fp_stable")
+    assert first != "0" and tf.saved_generation("fp_stable") == first
+
+
+def test_a_checkpoint_s_start_record_of_other_candidates_is_not_taken(monkeypatch):
+    """A resumed run takes the start its checkpoint noted only if the noted check measured the same candidates."""
+    training = H.pack_module("nodes.training")
+    notes = {"start": {"grid": "model grid", "untrained_error": {"model grid": 0.1, "uniform grid": 0.2}}}
+    monkeypatch.setattr(training, "checkpoint_notes", lambda path: notes)
+    assert training._noted_start("ckpt", {"rho-7 grid": object(), "model grid": object()}) is None
+    assert training._noted_start("ckpt", {"uniform grid": object(), "model grid": object()}) is not None

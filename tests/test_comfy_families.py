@@ -403,3 +403,14 @@ def test_flux2_training_runs_on_the_grid_epd_ksampler_samples_its_latent_on():
     training._train_on_model(model, conditioning(1), conditioning(1), 1.0, latent["samples"], params,
                              config_module.DistillConfig(iterations=1), fit)  # fmt: skip
     assert torch.allclose(seen["grid"].double(), expected.double(), rtol=1e-6)
+
+
+def test_flux2_s_mu_counts_a_wide_latent_s_pixels():
+    """Flux 2's mu follows the latent's pixel count, height x width; every latent of the tests was square, where
+    width x width passed."""
+    from comfy_extras.nodes_flux import compute_empirical_mu
+
+    families = H.pack_module("nodes.families")
+    flux2 = type("Flux2", (), {})()  # resolution_mu knows Flux 2 by its class name
+    assert families.resolution_mu(flux2, (1, 128, 32, 48), 8) == float(compute_empirical_mu(32 * 48, 8))
+    assert families.resolution_mu(flux2, (1, 128, 48, 32), 8) == families.resolution_mu(flux2, (1, 128, 32, 48), 8)

@@ -320,3 +320,40 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
     with pytest.raises(EPDFileError, match="disk full"):
         save_params(p, dst)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_leftovers_of_another_name_that_starts_like_this_one_s_temporary_are_kept(tmp_path):
+    """Only this file's own temporary names are leftovers: a name that merely starts like one is another write's."""
+    from epd_core.files import remove_leftovers, temp_prefix
+
+    path = tmp_path / "a.safetensors"
+    other = tmp_path / f"{temp_prefix(path)}abcdefgh.tmp.x.tmp"
+    other.write_bytes(b"x")
+    mine = tmp_path / f"{temp_prefix(path)}abcdefgh.tmp"
+    mine.write_bytes(b"x")
+    remove_leftovers(path)
+    assert other.exists() and not mine.exists()
+
+
+def test_a_lock_file_removed_between_open_and_lock_is_locked_afresh(tmp_path, monkeypatch):
+    """The previous holder unlocks and removes the lock file between this run's open and its lock: the lock on the
+    unlinked file must not count, or two runs would train the same table."""
+    import fcntl
+
+    from epd_core.files import lock, unlock
+
+    path = tmp_path / ".t.epd-lock"
+    real, calls = fcntl.flock, []
+
+    def racing(fd, op):
+        calls.append(fd)
+        if len(calls) == 1:
+            path.unlink()
+        return real(fd, op)
+
+    monkeypatch.setattr(fcntl, "flock", racing)
+    fd = lock(path)
+    monkeypatch.setattr(fcntl, "flock", real)
+    assert fd is not None and path.exists()
+    assert lock(path) is None  # the file at the path is the one held
+    unlock(path, fd)
