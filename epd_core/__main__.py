@@ -17,7 +17,7 @@ from .catalogue import DEFAULT_TIMEOUT, MIRROR_ENV, fetch, find_entry, load_cata
 from .checkpoint import CheckpointMismatch, NotACheckpoint
 from .config import DistillConfig, RDPOConfig, add_arguments, from_arguments
 from .files import EPDFileError, check_destination, claim, lock_path, remove_leftovers
-from .params import STUDENTS
+from .params import STUDENTS, counted
 from .schedules import SCHEDULE_TYPES
 from .solver import initial_state
 
@@ -70,7 +70,7 @@ def _convert(args: argparse.Namespace) -> int:
     check_destination(args.dst, args.force, "--force replaces it")
     p = load_params(args.src)
     save_params(p, args.dst, overwrite=args.force)
-    print(f"wrote {args.dst} ({p.num_steps - 1} steps, {p.num_points} points, NFE {p.nfe})")
+    print(f"wrote {args.dst} ({counted(p.num_steps - 1, 'step')}, {counted(p.num_points, 'point')}, NFE {p.nfe})")
     return 0
 
 

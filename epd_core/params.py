@@ -64,6 +64,11 @@ def shown(value: Any) -> str:
     return _SHORT.repr(value)
 
 
+def counted(n: int, noun: str) -> str:
+    """``"1 step"``, ``"3 steps"``: a count and its noun, in the singular where the count is 1."""
+    return f"{n} {noun}{'s' * (n != 1)}"
+
+
 class Decoded(NamedTuple):
     """Per-step values a solver step uses, each ``[num_steps - 1, num_points]``."""
 

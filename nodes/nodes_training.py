@@ -202,8 +202,8 @@ class EPDDistill(io.ComfyNode):
                      f"({prompts_text(positive, negative)})")  # fmt: skip
         if config.micro_batch and not d["micro_batch"]:
             loss += "; micro_batch unused: the authors' objective steps on the whole batch's rollout"
-        info = f"{describe(params)}; {start_report(params.metadata)}{loss}; {fit_report(d)}{heads_report(params)}; "
-        info += f"saved {saved}"
+        info = f"{describe(params)}; {start_report(params.metadata)}{loss}; {fit_report(d, params.student)}"
+        info += f"{heads_report(params)}; saved {saved}"
         if d.get("final_estimate"):
             info += "; fitted to end at sigma 0 on its own estimate: EPD KSampler's defaults (final_denoise on, "
             info += "final_step estimate) sample it so"
@@ -283,8 +283,8 @@ def start_report(metadata: dict) -> str:
     return f"started on the {metadata['start']['grid']} (untrained error vs the teacher: {measured}); "
 
 
-def fit_report(distilled: dict) -> str:
-    """The held-out errors of a distilled table, and what they mean for the user."""
+def fit_report(distilled: dict, kind: str = DEFAULT_STUDENT) -> str:
+    """The held-out errors of a distilled table (of student ``kind``), and what they mean for the user."""
     if "student_error" not in distilled:
         return "no held-out check (plugin table)"
     student, teacher = distilled["student_error"], distilled["teacher_error"]
@@ -292,8 +292,8 @@ def fit_report(distilled: dict) -> str:
             f"({distilled['held_out_noises']} noises)")  # fmt: skip
     euler = distilled.get("euler_error")
     if euler is not None and student > euler:
-        text += (f" - WORSE than Euler on the table's own time points ({euler:.4g}): train longer (iterations), or "
-                 "try student carry")  # fmt: skip
+        text += f" - WORSE than Euler on the table's own time points ({euler:.4g}): train longer (iterations)"
+        text += "" if kind == "carry" else ", or try student carry"
     elif teacher > 0.2 * student:
         text += " - the teacher limits the table: raise teacher_steps"
     return text + checks_report(distilled)

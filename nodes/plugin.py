@@ -13,6 +13,7 @@ import comfy.samplers
 import torch
 
 from ..epd_core import EPDParams
+from ..epd_core.params import counted
 from ..epd_core.plugin import PluginDenoiser, table_placement
 from ..epd_core.solver import FINAL_STEPS
 from .comfy_types import Sampler
@@ -48,7 +49,8 @@ def plugin_info(name: str, params: EPDParams, final_step: str, parallel: str = "
     k = params.num_points
     nfe = f"NFE {params.nfe}" + (" (+1 model call when the sigmas end at 0: final_step denoise)"
                                  if final_step == "denoise" else "")  # fmt: skip
-    points = f"{k} points in one batched call" if parallel != "sequential" else f"{k} points one call each"
+    points = counted(k, "point") + (" in one batched call" if parallel != "sequential" else " one call each")
+    steps, directions = counted(params.num_steps - 1, "step"), counted(k, "direction")
     if parallel == "sequential":
         nfe += f" in batched rounds; parallel sequential makes {params.evaluations} model calls, each over the batch"
     rounds = f"2 sequential model rounds per step{' (1 on the AFS first step)' if params.afs else ''}"
@@ -58,9 +60,9 @@ def plugin_info(name: str, params: EPDParams, final_step: str, parallel: str = "
         rounds = f"1 model round per step{first}, like the bare base"
         place = "the points lie along the direction carried from the previous step (no plain prediction)"
         return (
-            f"EPD Plugin over {name}: {params.num_steps - 1} steps, {nfe} ({rounds}: {points}; "
+            f"EPD Plugin over {name}: {steps}, {nfe} ({rounds}: {points}; "
             f"{params.evaluations} evaluations per sample). Each step: {place}; the step is EPD's "
-            f"weighted sum of the {k} directions, and {name} is answered with the x0 for which its own update, "
+            f"weighted sum of the {directions}, and {name} is answered with the x0 for which its own update, "
             "with its own history, takes that step (so the run is the table's carry trajectory)"
         )
     if params.student == "ipndm":
@@ -70,9 +72,9 @@ def plugin_info(name: str, params: EPDParams, final_step: str, parallel: str = "
     else:
         place = f"{placed}'s own update, fed the plain predictions at the grid points, places the points"
     return (
-        f"EPD Plugin over {name}: {params.num_steps - 1} steps, {nfe} ({rounds}: the plain prediction at "
+        f"EPD Plugin over {name}: {steps}, {nfe} ({rounds}: the plain prediction at "
         f"the grid point, then {points}; {params.evaluations} evaluations per sample). Each "
-        f"step: {place}; the step is EPD's weighted sum of the {k} directions, and {name} is answered with the x0 "
+        f"step: {place}; the step is EPD's weighted sum of the {directions}, and {name} is answered with the x0 "
         "for which its own update, with its own history, takes that step (so the run is the table's EPD trajectory)"
     )
 

@@ -9,6 +9,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..epd_core import EPDParams, make_schedule
+from ..epd_core.params import counted
 from ..epd_core.solver import point_times
 
 _BG, _AXIS, _POINT, _TEXT = (250, 250, 247), (120, 120, 120), (214, 96, 39), (30, 30, 30)
@@ -18,8 +19,7 @@ MAX_MARKS = 16  # points drawn per step
 
 def table_shape(params: EPDParams) -> str:
     """``"3 steps x 2 points"``, in the singular where a count is 1."""
-    steps, points = params.num_steps - 1, params.num_points
-    return f"{steps} step{'s' * (steps != 1)} x {points} point{'s' * (points != 1)}"
+    return f"{counted(params.num_steps - 1, 'step')} x {counted(params.num_points, 'point')}"
 
 
 def _values(draw: ImageDraw.ImageDraw, name: str, values: list[float], room: float) -> str:

@@ -360,11 +360,13 @@ def test_the_fit_report_says_when_a_table_is_worse_than_euler():
     with student epd at NFE 2 and a short run: 6.9 against Euler's 0.63); the info said only "saved"."""
     report = H.pack_module("nodes.nodes_training").fit_report
     distilled = {"student_error": 6.938, "teacher_error": 0.069, "euler_error": 0.627, "held_out_noises": 64}
-    assert "WORSE than Euler on the table's own time points (0.627): train longer" in report(distilled)
+    assert "WORSE than Euler on the table's own time points (0.627): train longer" in report(distilled, "epd")
+    assert report(distilled, "epd").endswith("train longer (iterations), or try student carry")
+    assert report(distilled, "carry").endswith("train longer (iterations)")  # not the student it is already
     distilled["student_error"] = 0.3
-    assert "Euler" not in report(distilled) and "teacher limits" in report(distilled)
+    assert "Euler" not in report(distilled, "epd") and "teacher limits" in report(distilled, "epd")
     del distilled["euler_error"]  # a table trained before the check measured Euler
-    assert "Euler" not in report(distilled)
+    assert "Euler" not in report(distilled, "epd")
 
 
 def test_never_overwrites_without_asking(epd_dir):

@@ -192,6 +192,9 @@ def test_the_plugin_s_texts_say_what_a_plugin_user_can_do():
     tables = H.pack_module("nodes.nodes_tables")
     one = epd_core.EPDParams.start(2, 1, schedule_type="discrete", schedule_rho=1.0, backend="ldm")
     assert "1 step x 1 point, NFE" in tables.describe(one) and "10 steps x 2 points" in tables.describe(params)
+    _, info = _plugin("euler", one)
+    assert info.startswith("EPD Plugin over euler: 1 step, NFE") and "then 1 point in one batched call" in info
+    assert "weighted sum of the 1 direction," in info
 
 
 def test_samplerlms_at_its_default_order_is_lms():
