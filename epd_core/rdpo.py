@@ -35,6 +35,10 @@ __all__ = ["rloo_advantages", "ppo_clip_loss", "fidelity_reward", "guard_iterati
 
 _log = logging.getLogger("epd")
 
+ROLLOUT_CHUNK = 1024
+"""Most rollouts sampled together (rounded up to a multiple of the prompts): an interrupt lands within one chunk's
+model call, however many rollouts an iteration has (the node allows 256 groups x 64)."""
+
 
 def rloo_advantages(rewards: torch.Tensor, k: int, normalize: bool = True) -> torch.Tensor:
     """Leave-one-out advantages within consecutive groups of ``k``: ``R_i - mean_{j != i} R_j``."""
@@ -158,19 +162,24 @@ def fitted_final_estimate(params: EPDParams) -> bool:
 
 
 def _rollouts(denoiser: Denoiser, policy: DirichletPolicy, start: EPDParams, grid: torch.Tensor,
-              shape: tuple[int, ...], config: RDPOConfig, gen: torch.Generator, reward, reference,
+              shape: tuple[int, ...], config: RDPOConfig, gen: torch.Generator, reward, reference, prompts: int,
               dtype: torch.dtype, device: torch.device | str | None):  # fmt: skip
     """One iteration's ``groups * k`` rollouts, each with a table drawn from the policy; returns the tables, their
     rewards and log-probabilities. Rollout ``j`` belongs to group ``j % groups``; with grouping "noise" a group's
-    rollouts share one noise."""
+    rollouts share one noise. They are sampled in chunks of :data:`ROLLOUT_CHUNK`, each starting at a multiple of
+    ``prompts`` (so rollout ``j`` keeps prompt ``j % prompts``)."""
     groups, n = config.groups, config.groups * config.k
     shared = config.grouping == "noise"
     noise = torch.randn((groups if shared else n, *shape), generator=gen, dtype=torch.float64).to(device, dtype)
     x0 = initial_state(noise, grid[0], start.is_flow)
     context = torch.arange(n, device=device) % groups if shared else torch.arange(n, device=device)
     tables = policy.sample(n, gen)
-    decoded = policy.decoded(tables.map(lambda v: v.to(dtype)))
-    final = sample(denoiser, x0[context], grid, start, final="estimate", table=decoded)
+    chunk = -(-ROLLOUT_CHUNK // prompts) * prompts
+    final = torch.cat([
+        sample(denoiser, x0[context[a : a + chunk]], grid, start, final="estimate",
+               table=policy.decoded(tables[a : a + chunk].map(lambda v: v.to(dtype))))
+        for a in range(0, n, chunk)
+    ])  # fmt: skip
     with torch.no_grad():
         score = reward(final, context) if reward is not None else fidelity_reward(reference(x0))(final, context)
         if not isinstance(score, torch.Tensor) or score.shape != (n,) or not bool(torch.isfinite(score).any()):
@@ -247,7 +256,8 @@ def rdpo(
     100; a run with a ``reference`` and no ``guard`` is guarded by :func:`held_out_fidelity` on
     :data:`FIDELITY_GUARD_SAMPLES` noises (the fidelity reward itself, on noises the rollouts never see).
 
-    ``check_interrupt()`` runs before every model call and every PPO minibatch (raise to stop); ``checkpoint`` /
+    ``check_interrupt()`` runs before every model call (the rollouts go in chunks of :data:`ROLLOUT_CHUNK`) and
+    every PPO minibatch (raise to stop); ``checkpoint`` /
     ``checkpoint_every`` / ``checkpoint_key`` / ``checkpoint_answers``: periodic saves and resume, as in
     :func:`epd_core.distill.distill` (the key: e.g. the reward's prompt or model file, or the reference's teacher,
     which the run cannot see; the answers: e.g. the reward's scores of fixed latents).
@@ -297,7 +307,7 @@ def rdpo(
     k, groups = config.k, config.groups
     for it in range(first_it, config.iterations):
         tables, score, logp_old = _rollouts(denoiser, policy, start, sigmas, shape, config, gen, reward, reference,
-                                            dtype, device)  # fmt: skip
+                                            prompts, dtype, device)  # fmt: skip
         # groups are the columns of [k, groups]: rollouts g, g + groups, ...
         adv = rloo_advantages(score.float().reshape(k, groups).T.reshape(-1), k).reshape(groups, k).T.reshape(-1)
         _ppo_epoch(policy, opt, tables, logp_old, adv, config, gen, check_interrupt)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from epd_core import EPDParams, GaussianMixture, load_params, make_schedule, sample
+from epd_core import rdpo as rdpo_module
 from epd_core.analytic import ode_endpoint
 from epd_core.config import RDPOConfig
 from epd_core.policy import DirichletPolicy, TableSample, _dirichlet, _dirichlet_log_prob
@@ -367,6 +368,33 @@ def test_groups_share_a_prompt(grouping):
     moved, _ = rdpo(den, start, GM.shape, config, reward=lambda f, c: (torch.arange(len(f)) // 6).double(),
                     prompts=2)  # fmt: skip
     assert not _same_results(moved, start)
+
+
+def test_rollouts_go_in_chunks_that_keep_each_rollouts_prompt(monkeypatch):
+    """An iteration's rollouts go through the model in chunks (an interrupt lands within one chunk's call); a chunk
+    starts at a multiple of the prompts, so a denoiser that tiles prompts over its batch, as ComfyUI does, answers
+    each rollout with its own prompt and the run equals the unchunked one."""
+    start = _bounded_start(3)
+    sizes = []
+
+    def tiled(x, sigma):  # row i answers for prompt i % 2
+        sizes.append(len(x))
+        prompt = (torch.arange(len(x), dtype=x.dtype) % 2).reshape(-1, 1, 1, 1)
+        return GM.denoise_ve(x, sigma) * (1 + 0.2 * prompt)
+
+    def reward(final, context):
+        return -final.square().mean((1, 2, 3))
+
+    config = RDPOConfig(iterations=2, groups=4, k=3, lr=1e-2, guard_every=0)
+    whole, whole_curve = rdpo(tiled, start, GM.shape, config, reward=reward, prompts=2)
+    assert set(sizes) == {12, 12 * start.num_points}
+    sizes.clear()
+    monkeypatch.setattr(rdpo_module, "ROLLOUT_CHUNK", 3)  # rounds up to 4, a multiple of the 2 prompts
+    chunked, chunked_curve = rdpo(tiled, start, GM.shape, config, reward=reward, prompts=2)
+    assert set(sizes) == {4, 4 * start.num_points}
+    assert chunked_curve == pytest.approx(whole_curve, rel=1e-12)
+    assert torch.allclose(chunked.r_params, whole.r_params, atol=1e-10)
+    assert torch.allclose(chunked.weight_s, whole.weight_s, atol=1e-10)
 
 
 def _same_results(a: EPDParams, b: EPDParams) -> bool:
