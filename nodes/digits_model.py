@@ -9,7 +9,7 @@ nodes treat it exactly like an SD1.5 checkpoint: ``x = x0 + sigma * eps``, the n
 
 Latents are ``[B, 4, 8, 8]`` (a 64x64 EmptyLatentImage) with an identity latent format: a digit is upsampled
 (bilinear) to 16x16 grey levels in ``[-1, 1]`` and pixel-unshuffled into 4 channels of 8x8
-(``digits_to_latent``); ``latent_to_image`` is the inverse, for previews.
+(``digits_to_latent``); ``nodes.mnist_model.latent_to_grey`` is the inverse, for previews.
 
 The weights (``demo_models/digits-unet.safetensors``) are read with ``safetensors`` only and must match the
 configuration below key for key.
@@ -75,12 +75,6 @@ def digits_to_latent(images: torch.Tensor) -> torch.Tensor:
     x = images.to(torch.float32).reshape(-1, 1, 8, 8) / 16.0
     x = torch.nn.functional.interpolate(x, size=(16, 16), mode="bilinear", align_corners=False)
     return torch.nn.functional.pixel_unshuffle(x * 2.0 - 1.0, 2)
-
-
-def latent_to_image(latent: torch.Tensor) -> torch.Tensor:
-    """Latents ``[B, 4, 8, 8]`` -> grey images ``[B, 16, 16]`` in ``[0, 1]`` (white digit on black)."""
-    x = torch.nn.functional.pixel_shuffle(latent.to(torch.float32), 2)[:, 0]
-    return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
 
 
 class DigitsConfig(comfy.supported_models_base.BASE):

@@ -137,6 +137,13 @@ def images_to_latent(images: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.pixel_unshuffle(x, 2)
 
 
+def latent_to_grey(latent: torch.Tensor) -> torch.Tensor:
+    """The pack's pixel-space decoder: latents ``[B, 4, H, W]`` (grey levels in ``[-1, 1]``, pixel-unshuffled 2x2)
+    -> grey images ``[B, 2H, 2W]`` in ``[0, 1]``; the MNIST models' and the demo digits model's (``[B, 4, 8, 8]``)."""
+    x = torch.nn.functional.pixel_shuffle(latent.to(torch.float32), 2)[:, 0]
+    return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
 def latent_to_images(latent: torch.Tensor) -> torch.Tensor:
     """Latents ``[B, 4, 14, 14]`` -> grey digits ``[B, 28, 28]`` in ``[0, 1]`` (white on black)."""
     if latent.ndim != 4 or tuple(latent.shape[1:]) != LATENT_SHAPE:
@@ -144,8 +151,7 @@ def latent_to_images(latent: torch.Tensor) -> torch.Tensor:
             f"MNIST latents have shape [B, {', '.join(map(str, LATENT_SHAPE))}] (EPD MNIST Decode also takes the demo "
             f"digits' [B, 4, 8, 8]), got {list(latent.shape)}"
         )
-    x = torch.nn.functional.pixel_shuffle(latent.to(torch.float32), 2)[:, 0]
-    return ((x + 1.0) / 2.0).clamp(0.0, 1.0)
+    return latent_to_grey(latent)
 
 
 class MnistConfig(comfy.supported_models_base.BASE):

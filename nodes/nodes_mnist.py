@@ -7,11 +7,10 @@ from comfy_api.latest import io
 
 from .autograd import make_differentiable
 from .digits_model import LATENT_SHAPE as DIGITS_LATENT_SHAPE
-from .digits_model import latent_to_image as digits_latent_to_image
 from .features import Encoder
 from .inputs import EncoderType
 from .mnist_classifier import load_classifier
-from .mnist_model import KINDS, class_token, latent_to_images, mnist_model_patcher, weights_path
+from .mnist_model import KINDS, class_token, latent_to_grey, latent_to_images, mnist_model_patcher, weights_path
 
 CLASSES = [str(d) for d in range(10)] + ["none"]
 ALL_DIGITS = "0-9"
@@ -96,7 +95,7 @@ class EPDMnistDecode(io.ComfyNode):
     def execute(cls, samples: dict, scale: int = 4) -> io.NodeOutput:
         latent = samples["samples"]
         digits = latent.ndim == 4 and tuple(latent.shape[1:]) == DIGITS_LATENT_SHAPE
-        grey = digits_latent_to_image(latent) if digits else latent_to_images(latent)
+        grey = latent_to_grey(latent) if digits else latent_to_images(latent)
         if scale > 1:
             grey = grey.repeat_interleave(scale, dim=1).repeat_interleave(scale, dim=2)
         return io.NodeOutput(grey[..., None].expand(-1, -1, -1, 3).contiguous().to(torch.float32))

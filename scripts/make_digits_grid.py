@@ -3,7 +3,7 @@
 python -m scripts.make_digits_grid [--weights PATH] [--steps 30] [--seed 0] [--out docs/digits_samples.png]
 
 Runs inside a real ComfyUI (CPU): EmptyLatentImage 64x64 x16 -> KSampler(euler, normal, cfg 1) on the model
-from the EPD Demo Digits Model node; each latent is decoded with ``latent_to_image`` (16x16 grey) and upscaled
+from the EPD Demo Digits Model node; each latent is decoded with ``latent_to_grey`` (16x16 grey) and upscaled
 with PIL nearest.
 """
 
@@ -34,8 +34,8 @@ def sample_digits(weights: Path | None = None, count: int = 16, steps: int = 30,
 
 
 def grid_image(latents: torch.Tensor, cols: int = 4, scale: int = 8, pad: int = 1) -> Image.Image:
-    dm = comfy_harness.pack_module("nodes.digits_model")
-    images = (dm.latent_to_image(latents) * 255).round().to(torch.uint8)
+    mm = comfy_harness.pack_module("nodes.mnist_model")
+    images = (mm.latent_to_grey(latents) * 255).round().to(torch.uint8)
     rows = -(-len(images) // cols)
     side = 16 * scale
     grid = Image.new("L", (cols * (side + pad) + pad, rows * (side + pad) + pad), 96)
