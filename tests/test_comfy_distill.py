@@ -441,6 +441,31 @@ def test_interrupt_stops_and_saves_nothing(epd_dir, check):
     assert type(model.model.model_sampling).__name__.startswith("ModelSampling")
 
 
+def test_training_guides_the_model_as_the_sampler_does():
+    """From a mutation audit: positive and negative swapped, or the cfg ignored, in what training samples went
+    unnoticed. The model a training run sees is ComfyUI's CFG of its positive and negative at its cfg: with each
+    side measured alone (a prompt guided against itself), D = D(negative) + cfg * (D(positive) - D(negative))."""
+    training = H.pack_module("nodes.training")
+    model, empty = tiny_model("sd3"), latent("sd3", 2)["samples"]  # the tiny SD1.5 UNet barely reads its prompts
+    start = training.start_table(model.get_model_object("model_sampling"), 4, 2, False, "epd")
+    config = H.pack_module("epd_core.config").DistillConfig(iterations=1, batch=2)
+    noise = torch.randn(empty.shape, generator=torch.Generator().manual_seed(0))
+
+    def answer(positive, negative, cfg):
+        def fit(s):
+            sigma = s.grid[0].to(noise).expand(2)
+            return s.denoiser(noise * sigma[0], sigma).detach()
+
+        return training._train_on_model(model, positive, negative, cfg, empty, start, config, fit)
+
+    positive, negative = conditioning(2, 1), conditioning(2, 2)
+    d_pos, d_neg = answer(positive, positive, 3.0), answer(negative, negative, 3.0)
+    gap = float((d_pos - d_neg).abs().max())
+    assert gap > 1e-2, gap
+    error = float((answer(positive, negative, 3.0) - (d_neg + 3.0 * (d_pos - d_neg))).abs().max())
+    assert error < 1e-3 * gap, (error, gap)
+
+
 def test_the_progress_bar_counts_the_training_after_the_start_check(epd_dir):
     """The start check's noises, then the iterations: newer ComfyUI sends a bar's value only beyond the last one sent,
     so on one bar the training (1, 2, ... below the check's 16) showed nothing until its end."""

@@ -328,3 +328,28 @@ def test_rdpo_node_trains_on_every_prompt_of_a_batch(epd_dir, preset):
     info = params.metadata["rdpo"]
     assert info["prompts"] == 3 and info["groups"] == 3 and seen == [6, 6]
     assert info["grouping"] == ("prompt" if preset == "authors" else "noise") and params.metadata["prompts"] == 3
+
+
+def test_the_guard_sees_latents_as_the_reward_does():
+    """From a mutation audit: a guard handed the model's own latents instead of the LATENT format a VAE decodes (SD1.5's
+    are 1 / 0.18215 = 5.5x larger) went unnoticed. With the guard's seed and a policy pinned to its start, the guard's
+    first check and the first rollouts sample the same noises with (nearly) the same table, so they see the same."""
+    training, rdpo_module = H.pack_module("nodes.training"), H.pack_module("epd_core.rdpo")
+    model = tiny_model("eps")
+    config = H.pack_module("epd_core.config").RDPOConfig(
+        iterations=1, groups=4, k=2, concentration=1e6, scale_heads=False, seed=rdpo_module.GUARD_SEED
+    )
+    rewarded, guarded = [], []
+
+    def reward(latents, context):
+        rewarded.append(latents.clone())
+        return latents.flatten(1).mean(1)
+
+    def guard(latents):
+        guarded.append(latents.clone())
+        return 0.0
+
+    training.rdpo_on_model(model, conditioning(1, 1), conditioning(1, 2), 2.0, latent("eps", 1)["samples"],
+                           _start(model), config, reward=reward, guard=guard, guard_samples=4)  # fmt: skip
+    assert guarded[0].shape == rewarded[0][:4].shape == (4, 4, 8, 8)
+    assert torch.allclose(guarded[0], rewarded[0][:4], rtol=1e-2, atol=1e-2 * float(rewarded[0].abs().max()))
