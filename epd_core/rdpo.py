@@ -36,8 +36,8 @@ __all__ = ["rloo_advantages", "ppo_clip_loss", "fidelity_reward", "guard_iterati
 _log = logging.getLogger("epd")
 
 ROLLOUT_CHUNK = 1024
-"""Most rollouts sampled together (rounded up to a multiple of the prompts): an interrupt lands within one chunk's
-model call, however many rollouts an iteration has (the node allows 256 groups x 64)."""
+"""Most rollouts (or guard samples) sampled together, rounded up to a multiple of the prompts: an interrupt lands
+within one chunk's model call, however many rollouts an iteration has (the node allows 256 groups x 64)."""
 
 
 def rloo_advantages(rewards: torch.Tensor, k: int, normalize: bool = True) -> torch.Tensor:
@@ -89,6 +89,13 @@ def guard_iterations(config: RDPOConfig) -> list[int]:
     return [0] + [it for it in range(1, n + 1) if (every and it % every == 0) or it == n]
 
 
+def _in_chunks(fn: Callable[[slice], torch.Tensor], n: int, prompts: int) -> torch.Tensor:
+    """``fn(rows)`` over ``n`` rows in slices of :data:`ROLLOUT_CHUNK`, concatenated; each slice starts at a multiple
+    of ``prompts``, so row ``j`` keeps prompt ``j % prompts`` in a denoiser that tiles them over its batch."""
+    chunk = -(-ROLLOUT_CHUNK // prompts) * prompts
+    return torch.cat([fn(slice(a, a + chunk)) for a in range(0, n, chunk)])
+
+
 class _Guard:
     """The guard against reward hacking (see :func:`rdpo`): the policy's KL to the start at every check and, with a
     ``metric``, its mean table's metric on fixed held-out noises. Its ``state`` (every check's KL and metric, NaN
@@ -102,6 +109,7 @@ class _Guard:
         reference: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:  # fmt: skip
         self.policy, self.denoiser, self.grid, self.config, self.metric = policy, denoiser, grid, config, metric
+        self.prompts = prompts
         self.at = guard_iterations(config)
         self.state = {"guard.checks": torch.full((len(self.at), 2), math.nan, dtype=torch.float64)}
         self.noises = None
@@ -113,7 +121,7 @@ class _Guard:
             self.state.update({f"guard.good.{name}": v.detach().clone() for name, v in policy.state_dict().items()})
             if metric is None:
                 with torch.no_grad():
-                    self.metric = held_out_fidelity(reference(self.noises))
+                    self.metric = held_out_fidelity(_in_chunks(lambda i: reference(self.noises[i]), count, prompts))
 
     @property
     def checks(self) -> list[dict[str, float]]:
@@ -135,7 +143,9 @@ class _Guard:
         kl = float(self.policy.kl_to_start())
         value = math.nan
         if self.noises is not None:
-            final = sample(self.denoiser, self.noises, self.grid, self.policy.export(), final="estimate")
+            table = self.policy.export()
+            final = _in_chunks(lambda i: sample(self.denoiser, self.noises[i], self.grid, table, final="estimate"),
+                               self.noises.shape[0], self.prompts)  # fmt: skip
             value = float(self.metric(final))
         self.state["guard.checks"][self.at.index(it)] = torch.tensor([kl, value], dtype=torch.float64)
         if self.noises is None:
@@ -166,22 +176,24 @@ def _rollouts(denoiser: Denoiser, policy: DirichletPolicy, start: EPDParams, gri
               dtype: torch.dtype, device: torch.device | str | None):  # fmt: skip
     """One iteration's ``groups * k`` rollouts, each with a table drawn from the policy; returns the tables, their
     rewards and log-probabilities. Rollout ``j`` belongs to group ``j % groups``; with grouping "noise" a group's
-    rollouts share one noise. They are sampled in chunks of :data:`ROLLOUT_CHUNK`, each starting at a multiple of
-    ``prompts`` (so rollout ``j`` keeps prompt ``j % prompts``)."""
+    rollouts share one noise. They, and the reference's teacher, run in chunks (:func:`_in_chunks`); the reward
+    scores them all in one call."""
     groups, n = config.groups, config.groups * config.k
     shared = config.grouping == "noise"
     noise = torch.randn((groups if shared else n, *shape), generator=gen, dtype=torch.float64).to(device, dtype)
     x0 = initial_state(noise, grid[0], start.is_flow)
     context = torch.arange(n, device=device) % groups if shared else torch.arange(n, device=device)
     tables = policy.sample(n, gen)
-    chunk = -(-ROLLOUT_CHUNK // prompts) * prompts
-    final = torch.cat([
-        sample(denoiser, x0[context[a : a + chunk]], grid, start, final="estimate",
-               table=policy.decoded(tables[a : a + chunk].map(lambda v: v.to(dtype))))
-        for a in range(0, n, chunk)
-    ])  # fmt: skip
+
+    def rollouts(rows: slice) -> torch.Tensor:
+        table = policy.decoded(tables[rows].map(lambda v: v.to(dtype)))
+        return sample(denoiser, x0[context[rows]], grid, start, final="estimate", table=table)
+
+    final = _in_chunks(rollouts, n, prompts)
     with torch.no_grad():
-        score = reward(final, context) if reward is not None else fidelity_reward(reference(x0))(final, context)
+        if reward is None:
+            reward = fidelity_reward(_in_chunks(lambda i: reference(x0[i]), x0.shape[0], prompts))
+        score = reward(final, context)
         if not isinstance(score, torch.Tensor) or score.shape != (n,) or not bool(torch.isfinite(score).any()):
             got = tuple(score.shape) if isinstance(score, torch.Tensor) else type(score).__name__
             name = getattr(reward, "__name__", type(reward).__name__)

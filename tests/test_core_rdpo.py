@@ -395,6 +395,22 @@ def test_rollouts_go_in_chunks_that_keep_each_rollouts_prompt(monkeypatch):
     assert chunked_curve == pytest.approx(whole_curve, rel=1e-12)
     assert torch.allclose(chunked.r_params, whole.r_params, atol=1e-10)
     assert torch.allclose(chunked.weight_s, whole.weight_s, atol=1e-10)
+    # the fidelity reward's teacher too, here over a noise per rollout (grouping "prompt")
+    grid = make_schedule(start)
+
+    def ref(x0):
+        return ode_endpoint(tiled, x0, float(grid[0]), steps=4)
+
+    config = dataclasses.replace(config, grouping="prompt")
+    sizes.clear()
+    chunked, chunked_curve = rdpo(tiled, start, GM.shape, config, reference=ref, prompts=2)
+    assert sizes and max(sizes) <= 4 * start.num_points and max(sizes) % 2 == 0
+    monkeypatch.setattr(rdpo_module, "ROLLOUT_CHUNK", 1024)
+    sizes.clear()
+    whole, whole_curve = rdpo(tiled, start, GM.shape, config, reference=ref, prompts=2)
+    assert 12 in sizes
+    assert chunked_curve == pytest.approx(whole_curve, rel=1e-12)
+    assert torch.allclose(chunked.r_params, whole.r_params, atol=1e-10)
 
 
 def _same_results(a: EPDParams, b: EPDParams) -> bool:
