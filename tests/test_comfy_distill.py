@@ -17,14 +17,18 @@ pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("comfy_nodes")]
 
 
 @pytest.fixture
-def epd_dir(tmp_path, monkeypatch):
+def few_held_out(monkeypatch):
+    """The saved table's held-out errors on 2 noises, not 64, where that check is not the question: the same code,
+    and 90% of a short test run's time was those 64 noises' teachers (the 64 are tested in test_core_distill.py)."""
+    monkeypatch.setattr(H.pack_module("epd_core.distill"), "HELD_OUT", 2)
+
+
+@pytest.fixture
+def epd_dir(tmp_path, monkeypatch, few_held_out):
     import folder_paths
 
     paths, exts = folder_paths.folder_names_and_paths["epd"]
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "epd", ([str(tmp_path)] + list(paths), exts))
-    # The saved table's held-out errors on 2 noises, not 64: the same code, and 90% of a short test run's time was
-    # those 64 noises' teachers (the 64 are tested in test_core_distill.py)
-    monkeypatch.setattr(H.pack_module("epd_core.distill"), "HELD_OUT", 2)
     return tmp_path
 
 
@@ -615,12 +619,11 @@ def test_distill_asks_one_sigma_per_call_when_a_conditioning_reads_only_the_firs
 
 @pytest.mark.parametrize("change", ["second prompt", "late prompt", "feature weight", "feature encoder",
                                     "rdpo teacher_steps", "rdpo reward model"])  # fmt: skip
-def test_a_checkpoint_of_other_conditioning_or_reward_is_dropped_not_resumed(tmp_path, caplog, change, monkeypatch):
+def test_a_checkpoint_of_other_conditioning_or_reward_is_dropped_not_resumed(tmp_path, caplog, change, few_held_out):
     """What changes a run but is neither the model nor the config: the second prompt of a conditioning batch, a
     prompt the late steps alone see (a timestep range), the feature loss's weight, its encoder (another of the same
     name), RDPO's fidelity teacher, its reward (another of the same name). A checkpoint made before the change is
     dropped ("not resuming"), and the run ends as a fresh one does."""
-    monkeypatch.setattr(H.pack_module("epd_core.distill"), "HELD_OUT", 2)  # the table's own check: not the question
     training, features = H.pack_module("nodes.training"), H.pack_module("nodes.features")
     config_module = H.pack_module("epd_core.config")
     model, empty = tiny_model("eps"), latent("eps", 1)["samples"]
@@ -722,7 +725,9 @@ def test_rdpo_takes_a_config_made_from_the_repositorys_own_core():
     assert params.num_steps == start.num_steps and len(curve) == 1
 
 
-def test_a_resumed_distill_takes_the_start_its_check_chose_without_checking_again(tmp_path, monkeypatch, caplog):
+def test_a_resumed_distill_takes_the_start_its_check_chose_without_checking_again(
+    tmp_path, monkeypatch, caplog, few_held_out
+):
     """The start check (1,024 noises through the teacher and every candidate by default) ran again at each resumed
     call. The checkpoint now notes the check's choice; a resume of the same run takes it and ends with the table and
     the ``start`` record of an uninterrupted run. A checkpoint of another run, or notes naming no candidate, get the
@@ -733,7 +738,6 @@ def test_a_resumed_distill_takes_the_start_its_check_chose_without_checking_agai
     model, empty = tiny_model("eps"), latent("eps", 1)["samples"]
     starts = training.start_tables(model.get_model_object("model_sampling"), 4, 2, False, "carry")
     assert len(starts) > 1
-    monkeypatch.setattr(H.pack_module("epd_core.distill"), "HELD_OUT", 2)  # the table's own check: not the question
     checks = []
     original = training.start_errors
     monkeypatch.setattr(training, "start_errors", lambda *a, **kw: checks.append(1) or original(*a, **kw))
@@ -797,7 +801,6 @@ def test_a_run_of_a_name_another_process_is_training_is_refused_and_leaves_its_c
     import subprocess
     import sys
 
-    monkeypatch.setattr(H.pack_module("epd_core.distill"), "HELD_OUT", 2)  # the table's own check: not the question
     lock = epd_dir / ".shared.epd-lock"
     holder = subprocess.Popen([sys.executable, "-c", (
         "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
@@ -856,7 +859,6 @@ def test_training_fits_the_latent_epd_ksampler_samples(epd_dir, monkeypatch):
 
     from epd_dev.tiny_models import UNET
 
-    monkeypatch.setattr(H.pack_module("epd_core.distill"), "HELD_OUT", 2)  # the table's own check: not the question
     config = comfy.supported_models.SD15(dict(UNET))
     base = comfy.model_base.BaseModel(config, model_type=comfy.model_base.ModelType.EPS)
     base.diffusion_model = net = _Elementwise()
