@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from comfy_api.latest import ComfyExtension
 
+WEB_DIRECTORY = "./web"  # the frontend's part: workflows saved by earlier versions load onto today's widgets
+
 
 async def comfy_entrypoint() -> ComfyExtension:
     from comfy_api.latest import ComfyExtension

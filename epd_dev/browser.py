@@ -90,14 +90,16 @@ async def _wait(dt: DevTools, expression: str, timeout: float, what: str):
 
 
 async def browse(url: str, shots: Path, fmt: str = "png", workflows: list[Path] | None = None,
-                 run: Path | None = None, module: str = "epd_solver") -> dict:  # fmt: skip
+                 run: Path | None = None, module: str = "epd_solver",
+                 saved: tuple[Path, ...] = ()) -> dict:  # fmt: skip
     """Open ComfyUI's frontend at ``url`` and load each workflow (default: the example workflows) as the template
     browser does: fetched from ``/api/workflow_templates/<module>/<name>.json`` and given to
     ``app.loadGraphData``; save a screenshot ``shots/<stem>.<fmt>``. Returns ``registered`` (the node types the
     page knows) and, per workflow stem, its ``nodes`` after loading (type, bounding box, size, the frontend's
     minimum size, widgets by name and value, whether the type is missing). ``run``: a workflow among them to
     queue from the page afterwards (``app.queuePrompt``); its ``run`` entry then holds the prompt's outputs as
-    the page received them, and ``<stem>-run.<fmt>`` the screenshot with the result."""
+    the page received them, and ``<stem>-run.<fmt>`` the screenshot with the result. ``saved``: workflow files
+    (not templates) to open afterwards as a user opens a file; their nodes are listed under their stems."""
     if CHROMIUM is None:
         raise RuntimeError("Chromium is required (apt-get install chromium); scripts/setup_env.sh installs it as root")
     results = {}
@@ -145,6 +147,9 @@ async def browse(url: str, shots: Path, fmt: str = "png", workflows: list[Path] 
                         results[path.stem] = {"nodes": await dt.js(NODE_INFO)}
                         shot = await dt.call("Page.captureScreenshot", format=fmt)
                         (shots / f"{path.stem}.{fmt}").write_bytes(base64.b64decode(shot["data"]))
+                    for path in saved:
+                        await dt.js(f"app.loadGraphData({path.read_text()}).then(() => true)")
+                        results[path.stem] = {"nodes": await dt.js(NODE_INFO)}
                     if run is not None:
                         results["run"] = await _run_from_page(dt, run, shots, fmt)
         finally:

@@ -22,6 +22,7 @@ from epd_dev.comfy_server import ComfyServer
 
 pytestmark = pytest.mark.browser
 DEMO = WORKFLOWS[0]  # the file names order the templates: the demo that needs no download comes first
+SAVED = sorted((ROOT / "tests" / "saved_workflows").glob("*.json"))  # saved by earlier versions of the pack
 
 
 def _same(a, b) -> bool:
@@ -42,7 +43,7 @@ def test_example_workflows_load_as_saved_and_the_demo_runs_from_the_page(tmp_pat
     shots.mkdir()
     with ComfyServer(tmp_path / "base", frontend=True) as server:
         templates = server.get("/workflow_templates")
-        results = asyncio.run(browse(server.url + "/", shots, run=DEMO))
+        results = asyncio.run(browse(server.url + "/", shots, run=DEMO, saved=tuple(SAVED)))
         history = server.get("/history")
     assert sorted(templates["epd_solver"]) == [p.stem for p in WORKFLOWS]
     for node in ("EPDParamsLoader", "EPDSampler", "EPDScheduler", "EPDKSampler", "EPDPlugin", "EPDDistill",
@@ -82,6 +83,15 @@ def test_example_workflows_load_as_saved_and_the_demo_runs_from_the_page(tmp_pat
         assert (shots / f"{path.stem}.png").stat().st_size > 10_000
     print(f"\n{len(WORKFLOWS)} workflows, {compared} widget values compared, {overlaps} overlapping node pairs")
     assert overlaps == 0
+
+    # Workflows saved by earlier versions: each saved value on the widget it was saved for (web/, by name)
+    assert SAVED
+    for path in SAVED:
+        expected = json.loads(path.read_text())["extra"]["epd_expected"]
+        loaded = {str(n["id"]): {w["name"]: w["value"] for w in n["widgets"]} for n in results[path.stem]["nodes"]}
+        for node, widgets in expected.items():
+            wrong = {k: (loaded[node].get(k), v) for k, v in widgets.items() if not _same(loaded[node].get(k), v)}
+            assert not wrong, (path.name, node, wrong)  # name: (loaded, saved)
 
     # The demo queued from the page: its PreviewImage received the grid, the page shows it, the history has it.
     api = json.loads((ROOT / "example_workflows" / "api" / "epd_mnist_demo.json").read_text())

@@ -41,7 +41,16 @@ def test_pyproject_metadata():
 def test_comfy_node_validate_and_pack(tmp_path):
     clone = tmp_path / "epd_solver"
     subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)  # noqa: S603, S607
-    product = ("nodes", "epd_core", "weights", "demo_models", "example_workflows", "__init__.py", "pyproject.toml")
+    product = (
+        "nodes",
+        "epd_core",
+        "web",
+        "weights",
+        "demo_models",
+        "example_workflows",
+        "__init__.py",
+        "pyproject.toml",
+    )
     for path in product:
         src = ROOT / path  # the working tree, so the test also checks uncommitted edits
         dst = clone / path
@@ -62,7 +71,7 @@ def test_comfy_node_validate_and_pack(tmp_path):
         names = set(zf.namelist())
     for required in ("__init__.py", "pyproject.toml", "nodes/nodes_sampling.py", "nodes/sampling.py",
                      "epd_core/solver.py", "epd_core/safe_pickle.py",
-                     "example_workflows/api/epd_mnist_demo.json"):  # fmt: skip
+                     "example_workflows/api/epd_mnist_demo.json", "web/epd_saved_workflows.js"):  # fmt: skip
         assert required in names, required
     assert any(n.startswith("weights/") and n.endswith(".safetensors") for n in names)
     assert "weights/catalogue.json" in names  # the loader lists and fetches published tables from it
