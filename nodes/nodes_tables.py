@@ -88,6 +88,15 @@ def local_tables() -> list[str]:
     return [n for n in names if not any(part.startswith(".") for part in n.replace("\\", "/").split("/"))]
 
 
+def moved_table(name: str) -> str:
+    """A table's current name: until 2026-11-28 the demo models' tables lay in the pack's ``weights/`` itself, so a
+    workflow saved then names ``x.safetensors`` where the pack now lists ``demo/x.safetensors`` (the same table); any
+    name that is a table, or has no such twin, is returned unchanged."""
+    if name in (local := local_tables()) or f"demo/{name}" not in local:
+        return name
+    return f"demo/{name}"
+
+
 def catalogue_choice(choice: str) -> CatalogueEntry | None:
     """The catalogue entry behind a ``[download]`` choice (downloaded or not), else None; the older form
     ``[download] <name>`` (without the family) still names its entry, so saved workflows keep loading."""
@@ -101,7 +110,7 @@ def resolve_table(choice: str) -> str:
     """The file name for a choice; a ``[download]`` table missing locally is fetched into models/epd first. A local
     file whose own name starts with ``[download] `` is that file."""
     if not choice.startswith(DOWNLOAD) or folder_paths.get_full_path(FOLDER, choice) is not None:
-        return choice
+        return moved_table(choice)
     entry = catalogue_choice(choice)
     if entry is None:
         raise ValueError(f"{choice!r}: no such published table in the EPD catalogue")
@@ -191,8 +200,9 @@ class EPDParamsLoader(io.ComfyNode):
 
     @classmethod
     def validate_inputs(cls, table_name: str | None = None) -> bool | str:
-        """Like the combo check, but a ``[download]`` choice stays valid after its table was downloaded."""
-        if table_name is None or table_name in local_tables() or catalogue_choice(table_name):
+        """Like the combo check, but a ``[download]`` choice stays valid after its table was downloaded, and a demo
+        table's name from before it moved to ``demo/`` is that table."""
+        if table_name is None or moved_table(table_name) in local_tables() or catalogue_choice(table_name):
             return True
         where = user_text(str(folder_paths.get_folder_paths(FOLDER)))
         return f"EPD table {table_name!r} not found in {where} nor in the catalogue"
@@ -206,7 +216,7 @@ class EPDParamsLoader(io.ComfyNode):
         entry = catalogue_choice(table_name or "")
         if entry is not None:
             return hashlib.sha256(f"{entry.family}/{entry.name}:{entry.sha256}".encode()).hexdigest()
-        path = folder_paths.get_full_path(FOLDER, table_name or "")
+        path = folder_paths.get_full_path(FOLDER, moved_table(table_name or ""))
         try:
             stat = Path(path).stat()
         except (TypeError, OSError):  # no such file (yet): the name decides

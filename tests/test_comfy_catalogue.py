@@ -6,9 +6,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import torch
 
 from epd_core import load_params
 from epd_core.catalogue import MIRROR_ENV, find_entry, load_catalogue
+from epd_core.params import TABLE_NAMES
 from epd_dev import ROOT
 from epd_dev.catalogue_mirror import assert_same_table, dead_url, local_copy
 from epd_dev.shared_data import OFFICIAL
@@ -146,3 +148,20 @@ def test_a_table_rewritten_under_its_name_is_loaded_again(loader_env):
     assert loader.fingerprint_inputs(table_name="[download] no-such-table") == "[download] no-such-table"
     # ComfyUI writes the fingerprint into the prompt it embeds in every saved image: no folder of the user's in it
     assert str(epd_dir) not in first and "mine" not in first and len(first) == 64
+
+
+def test_a_demo_table_by_its_name_from_before_demo_is_that_table(loader_env):
+    """Until 2026-11-28 the demo models' tables lay in weights/ itself: workflows saved then name
+    ``analytic-sd15-reference-nfe10.safetensors``, which validation refused ("not found") though the pack ships the
+    same table as ``demo/analytic-sd15-reference-nfe10.safetensors``. The old name now loads it."""
+    comfy_nodes, execution, _ = loader_env
+    loader = comfy_nodes["EPDParamsLoader"]
+    old, new = "analytic-sd15-reference-nfe10.safetensors", "demo/analytic-sd15-reference-nfe10.safetensors"
+    graph = _graph(old)
+    assert asyncio.run(execution.validate_prompt("p1", graph, None))[0]
+    assert loader.fingerprint_inputs(table_name=old) == loader.fingerprint_inputs(table_name=new)
+    (got, info), (ref, _) = loader.execute(old).result, loader.execute(new).result
+    assert all(torch.equal(getattr(got, n), getattr(ref, n)) for n in (*TABLE_NAMES, "t_steps"))
+    assert got.hyper() == ref.hyper()
+    assert "NFE 10" in info
+    assert "not found" in loader.validate_inputs(table_name="no-such-table.safetensors")
