@@ -85,7 +85,8 @@ def flux_config() -> dict:
 def tiny_model(kind: str = "eps", seed: int = 0):
     """A ModelPatcher of a real ComfyUI architecture with random weights.
 
-    ``eps`` / ``v``: SD1.5 UNet (discrete schedule, EPS or V-prediction); ``sd3``: MMDiT with
+    ``eps`` / ``v``: SD1.5 UNet (discrete schedule, EPS or V-prediction); ``inpaint``: its EPS inpainting form (9 input
+    channels: the latent, the mask, the masked image); ``sd3``: MMDiT with
     ``ModelSamplingDiscreteFlow`` (shift 3); ``flux``: Flux with ``ModelSamplingFlux`` (mu 1.15); ``flux2``:
     ComfyUI's Flux 2 model class and sampling (``ModelSamplingFlux``, mu 2.02) around the tiny Flux network with Flux
     2's 128 latent channels.
@@ -95,10 +96,12 @@ def tiny_model(kind: str = "eps", seed: int = 0):
     import comfy.model_patcher
     import comfy.supported_models
 
-    if kind in ("eps", "v"):
-        config = comfy.supported_models.SD15(dict(UNET))
-        mtype = comfy.model_base.ModelType.EPS if kind == "eps" else comfy.model_base.ModelType.V_PREDICTION
+    if kind in ("eps", "v", "inpaint"):
+        config = comfy.supported_models.SD15(dict(UNET, in_channels=9 if kind == "inpaint" else 4))
+        mtype = comfy.model_base.ModelType.V_PREDICTION if kind == "v" else comfy.model_base.ModelType.EPS
         model = comfy.model_base.BaseModel(config, model_type=mtype)
+        if kind == "inpaint":  # as ComfyUI loads a 9-channel SD1.5 checkpoint: the mask and masked image concatenated
+            model.set_inpaint()
     elif kind == "sd3":
         model = comfy.supported_models.SD3(dict(SD3)).get_model({})
     elif kind == "flux":
@@ -200,6 +203,22 @@ def tiny_controlnet(seed: int = 8):
     net = comfy.cldm.cldm.ControlNet(hint_channels=3, **{k: v for k, v in UNET.items() if k != "out_channels"})
     _fill(net, seed)
     return comfy.controlnet.ControlNet(net, load_device=comfy.model_management.get_torch_device())
+
+
+def two_hints(positive: list, negative: list) -> tuple[list, list, list]:
+    """``positive`` and ``negative`` under a tiny ControlNet (ControlNetApplyAdvanced, strength 0.9) of 2 hint images,
+    zeros then ones; also the list each ControlNet call appends to: per row, whether it got the second hint."""
+    import nodes as comfy_nodes
+
+    control = tiny_controlnet()
+    hints = torch.stack([torch.zeros(64, 64, 3), torch.ones(64, 64, 3)])
+    pos, neg = comfy_nodes.ControlNetApplyAdvanced().apply_controlnet(positive, negative, control, hints, 0.9, 0.0,
+                                                                      1.0)  # fmt: skip
+    seen: list = []
+    control.control_model.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(kwargs["hint"].flatten(1).mean(1) > 0.5), with_kwargs=True
+    )
+    return pos, neg, seen
 
 
 def tiny_wan_vae(seed: int = 7):

@@ -37,8 +37,16 @@ from .inputs import (
 from .nodes_tables import describe
 from .rewards import clip_score_reward, preference_reward
 from .sampling import model_latent
-from .table_files import claimed, output_path, resume_options, save_output, saved_generation
-from .training import conditioning_batch, distill_on_model, model_name, rdpo_on_model, start_tables
+from .table_files import (
+    claimed,
+    output_path,
+    prompt_settings,
+    resume_options,
+    save_output,
+    saved_generation,
+    settings_key,
+)
+from .training import conditioning_batch, distill_on_model, model_name, rdpo_on_model, sample_inputs, start_tables
 
 REWARDS = ["fidelity", "clip_score", "preference"]
 REWARD_FOLDER = "epd_rewards"  # models/epd_rewards: preference heads (safetensors)
@@ -66,6 +74,7 @@ class EPDDistill(io.ComfyNode):
         return io.Schema(
             node_id="EPDDistill",
             is_output_node=True,  # it saves a file: a graph that only trains runs
+            hidden=[io.Hidden.dynprompt, io.Hidden.unique_id],  # the run's settings, for fingerprint_inputs
             display_name="EPD Distill",
             category="sampling/epd_training",
             description="Fits an EPD table to this model (Stage 1 of the papers): a many-step teacher solves the ODE "
@@ -189,7 +198,7 @@ class EPDDistill(io.ComfyNode):
             params = distill_on_model(model, positive, negative, cfg, model_latent(model, latent_image), start,
                                       config, metadata=metadata, encoder=feature_encoder,
                                       feature_weight=feature_weight, **resume_options(path, iterations))  # fmt: skip
-            saved = save_output(params, path, overwrite)
+            saved = save_output(params, path, overwrite, prompt_settings(cls.hidden, input_names(cls)))
         d = params.metadata["distilled"]
         loss = f"{d['iterations']} iterations{' (auto)' if auto else ''} of {d['batch']} noises, loss by tenth of "
         loss += "the run " + " ".join(f"{v:.3g}" for v in d["loss_curve"])
@@ -212,9 +221,10 @@ class EPDDistill(io.ComfyNode):
         return io.NodeOutput(params, info, ui=ui.PreviewText(info))  # the report in the history API
 
     @classmethod
-    def fingerprint_inputs(cls, filename: str = "", **_: object) -> str:
-        """Train again when the table this node saved is deleted or replaced; otherwise ComfyUI's cached run."""
-        return saved_generation(filename)
+    def fingerprint_inputs(cls, filename: str = "", **inputs: object) -> str:
+        """Train again when the table this node saved with these inputs is deleted or replaced (by another run
+        too); otherwise ComfyUI's cached run."""
+        return saved_generation(filename, settings_key({"filename": filename, **inputs}))
 
 
 SCALE_HEADS = {
@@ -341,6 +351,7 @@ class EPDRDPO(io.ComfyNode):
         return io.Schema(
             node_id="EPDRDPO",
             is_output_node=True,  # it saves a file: a graph that only trains runs
+            hidden=[io.Hidden.dynprompt, io.Hidden.unique_id],  # the run's settings, for fingerprint_inputs
             display_name="EPD RDPO",
             category="sampling/epd_training",
             description="Fine-tunes an EPD table with RDPO (Stage 2 of the TPAMI paper): the table becomes a "
@@ -441,7 +452,7 @@ class EPDRDPO(io.ComfyNode):
             params, curve = rdpo_on_model(model, positive, negative, cfg, model_latent(model, latent_image),
                                           epd_params, config, teacher_m=teacher_steps, reward=scorer,
                                           metadata=metadata, **resume_options(path, iterations))  # fmt: skip
-            saved = save_output(params, path, overwrite)
+            saved = save_output(params, path, overwrite, prompt_settings(cls.hidden, input_names(cls)))
         r = params.metadata["rdpo"]
         info = f"{describe(params)}; {prompts_text(positive, negative)}"
         if r["groups"] != groups:
@@ -451,18 +462,28 @@ class EPDRDPO(io.ComfyNode):
         return io.NodeOutput(params, info, ui=ui.PreviewText(info))  # the report in the history API
 
     @classmethod
-    def fingerprint_inputs(cls, filename: str = "", **_: object) -> str:
-        """Train again when the table this node saved is deleted or replaced; otherwise ComfyUI's cached run."""
-        return saved_generation(filename)
+    def fingerprint_inputs(cls, filename: str = "", **inputs: object) -> str:
+        """Train again when the table this node saved with these inputs is deleted or replaced (by another run
+        too); otherwise ComfyUI's cached run."""
+        return saved_generation(filename, settings_key({"filename": filename, **inputs}))
+
+
+def input_names(node: type[io.ComfyNode]) -> set[str]:
+    """A node's input names, as ComfyUI gives them to its fingerprint."""
+    return {spec.id for spec in node.define_schema().inputs}
 
 
 def prompts_text(positive: Conditioning, negative: Conditioning) -> str:
     """The prompts a training run went over: ComfyUI tiles each conditioning batch, so a positive and a negative of
-    different counts repeat together every lcm rows."""
+    different counts repeat together every lcm rows (and with batched masks, images or pooled outputs, every lcm of
+    all)."""
     p, q = conditioning_batch(positive), conditioning_batch(negative)
-    if p == q:
-        return f"{p} prompt(s)"
-    return f"{p} positive and {q} negative prompts, which repeat together every {math.lcm(p, q)}"
+    together, rows = math.lcm(p, q), sample_inputs(positive, negative)
+    text = (
+        f"{p} prompt(s)" if p == q else f"{p} positive and {q} negative prompts, which repeat together every {together}"
+    )
+    held = "with the masks, images and pooled outputs they hold"
+    return text if rows == together else f"{text}; {held}, every {rows} rows"
 
 
 def _clip_score(vae, clip_vision, clip, prompt: str | None):

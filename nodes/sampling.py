@@ -115,11 +115,16 @@ def _controls(guider: Guider | None) -> Iterator:
     ``previous_controlnet`` (DualModelGuider's negative conditionings included)."""
     seen: set[int] = set()
     for cond in _run_conds(guider, second_model=True):
-        control = cond.get("control")
-        while control is not None and id(control) not in seen:
-            seen.add(id(control))
-            yield control
-            control = getattr(control, "previous_controlnet", None)
+        yield from control_chain(cond.get("control"), seen)
+
+
+def control_chain(control: object, seen: set[int] | None = None) -> Iterator:
+    """A ControlNet and those it chains through ``previous_controlnet``, each once (``seen``: ids met before)."""
+    seen = set() if seen is None else seen
+    while control is not None and id(control) not in seen:
+        seen.add(id(control))
+        yield control
+        control = getattr(control, "previous_controlnet", None)
 
 
 @contextmanager
@@ -200,7 +205,8 @@ def _per_sample(tensor, batch: int):
 def conds_per_sample(guider: Guider | None, batch: int) -> Iterator[None]:
     """The guider's conditionings of this run repeated to the latent batch where their batch does not divide it, so
     that a call of K*B rows gives each point's rows their own sample's conditioning, as a call of B would; a mask of
-    more rows than the batch cut to its first B, the rows ComfyUI uses at batch B."""
+    more rows than the batch cut to its first B, the rows ComfyUI uses at batch B; ControlNet hints likewise
+    (:func:`_tiles_hint`)."""
     replaced = []
     for cond in _run_conds(guider):
         mask = cond.get("mask")
@@ -215,11 +221,28 @@ def conds_per_sample(guider: Guider | None, batch: int) -> Iterator[None]:
             if fitted is not value.cond:
                 replaced.append((model_conds, name, value))
                 model_conds[name] = value._copy_with(fitted)
+    hints = [(control, control.cond_hint_original) for control in _controls(guider) if _tiles_hint(control, batch)]
+    for control, hint in hints:
+        control.cond_hint_original, control.cond_hint = repeat_to_batch_size(hint, batch), None
     try:
         yield
     finally:
         for model_conds, name, value in replaced:
             model_conds[name] = value
+        for control, hint in hints:
+            control.cond_hint_original, control.cond_hint = hint, None
+
+
+def _tiles_hint(control, batch: int) -> bool:
+    """Whether a ControlNet's or T2I-Adapter's hint of M images is to be repeated to the latent batch: ComfyUI tiles
+    it over a call's rows by index and keeps it tiled to the first call, so a first call of K*B rows gave point k's
+    row j hint (k*B + j) mod M where M does not divide B (a hint of 2B images, which ComfyUI gives the positive's and
+    the negative's rows as they are, is left so)."""
+    hint = getattr(control, "cond_hint_original", None)
+    if not isinstance(hint, torch.Tensor) or hint.ndim < 4:
+        return False
+    size = hint.shape[0]
+    return size > 1 and batch % size != 0 and size != 2 * batch
 
 
 def first_sigma_reader(guider: Guider | None, model_options: dict | None) -> str | None:
@@ -303,13 +326,15 @@ def _points_per_call(guider, params: EPDParams, x: torch.Tensor) -> int:
 class _ComfyDenoiser:
     """``denoiser(x, sigma)`` over ComfyUI's wrapped model, tiling inpainting inputs for K*B batches. With
     ``one_sigma_per_call`` a batch of several sigmas goes as one call per run of equal sigma (for conditionings and
-    patches that read only the first sigma of a call; the core's batches run point-major, one sigma per point)."""
+    patches that read only the first sigma of a call; the core's batches run point-major, one sigma per point), each
+    padded to whole sets of ``rows`` rows (the conditionings' inputs, see :meth:`_aligned`)."""
 
-    def __init__(self, model, extra_args: dict, batch: int, one_sigma_per_call: bool = False) -> None:
+    def __init__(self, model, extra_args: dict, batch: int, one_sigma_per_call: bool = False, rows: int = 1) -> None:
         self.model = model
         self.extra_args = extra_args
         self.batch = batch
         self.one_sigma_per_call = one_sigma_per_call
+        self.rows = rows
         self.one_point = False  # set by an out-of-memory batched call: the rest of the run goes point by point
 
     def _call(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
@@ -344,7 +369,7 @@ class _ComfyDenoiser:
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if self.one_sigma_per_call and sigma.numel() > 1 and bool((sigma != sigma[0]).any()):
             starts = [0, *((sigma[1:] != sigma[:-1]).nonzero().flatten() + 1).tolist(), sigma.shape[0]]
-            return torch.cat([self._call(x[a:b], sigma[a:b]) for a, b in zip(starts, starts[1:], strict=False)])
+            return torch.cat([self._aligned(x[a:b], sigma[a:b], a) for a, b in zip(starts, starts[1:], strict=False)])
         if x.shape[0] == self.batch or self.one_point:
             return self._points(x, sigma)
         try:
@@ -362,6 +387,18 @@ class _ComfyDenoiser:
         self.one_point = True
         comfy.model_management.soft_empty_cache(True)
         return self._points(x, sigma)
+
+    def _aligned(self, x: torch.Tensor, sigma: torch.Tensor, offset: int) -> torch.Tensor:
+        """The rows ``offset`` on of a batch, called as whole sets of :attr:`rows` rows: ComfyUI gives a call's row j
+        the prompt, mask or hint j mod their count, so a run of one sigma starting inside a set (RDPO's rollouts, each
+        on its own table, go one row per call) is padded with copies of its first and last rows."""
+        before = offset % self.rows
+        after = -(before + len(x)) % self.rows
+        if not before and not after:
+            return self._call(x, sigma)
+        first, last = torch.zeros(before, dtype=torch.long), torch.full((after,), len(x) - 1)
+        index = torch.cat([first, torch.arange(len(x)), last]).to(x.device)
+        return self._call(x[index], sigma[index])[before : before + len(x)]
 
     def _points(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """One call per latent batch (per point of a K*B batch)."""

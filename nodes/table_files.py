@@ -2,18 +2,21 @@
 
 The name is checked before the run (:func:`output_path`), the file is held against a second run of that name
 (:func:`claimed`), its checkpoint is kept beside it (:func:`resume_options`), and the saved file's state gives the
-node's fingerprint for ComfyUI's cache (:func:`saved_generation`).
+node's fingerprint for ComfyUI's cache (:func:`saved_generation`, per run settings: :func:`settings_key`).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import folder_paths
+from comfy_execution.graph_utils import is_link
 
 from ..epd_core import EPDParams
 from ..epd_core.catalogue import load_catalogue
@@ -75,21 +78,24 @@ def claimed(path: Path) -> Iterator[None]:
         yield
 
 
-def save_output(params: EPDParams, path: Path, overwrite: bool) -> str:
+def save_output(params: EPDParams, path: Path, overwrite: bool, settings: str | None = None) -> str:
     """Save a trained table; without ``overwrite`` a file that appeared during training is kept. Returns the
-    file's name as the user knows it. The run's checkpoint goes once the table is saved."""
+    file's name as the user knows it. The run's checkpoint goes once the table is saved. ``settings``: the run's
+    :func:`settings_key` (None outside ComfyUI's executor), for :func:`saved_generation`."""
     try:
         save_params(params, path, overwrite=overwrite)
     except EPDFileError as exc:
         raise user_error(exc) from None
     checkpoint_path(path).unlink(missing_ok=True)
     state = _file_state(path)
-    old = _SAVED.get(path.stem, {})
-    _SAVED[path.stem] = {"path": path, "state": state, "seen": state, "generation": old.get("generation", 0)}
+    runs = _SAVED.setdefault(path.stem, {})
+    old = runs.get(settings, {})
+    runs[settings] = {"path": path, "state": state, "seen": state, "generation": old.get("generation", 0)}
     return user_path(path)
 
 
-_SAVED: dict[str, dict] = {}  # a table's name -> the file this server's training saved under it (saved_generation)
+# a table's name -> the run settings that saved it (settings_key) -> the file as that run left it (saved_generation)
+_SAVED: dict[str, dict[str | None, dict]] = {}
 
 
 def _file_state(path: Path) -> tuple[int, int] | None:
@@ -100,11 +106,34 @@ def _file_state(path: Path) -> tuple[int, int] | None:
     return stat.st_mtime_ns, stat.st_size
 
 
-def saved_generation(filename: object) -> str:
-    """A training node's fingerprint: the same while the file it saved under ``filename`` is as it left it (ComfyUI
-    keeps the cached run), a new one once that file is deleted or replaced, so the next Queue trains again (the
-    cached report said 'saved' about a file no longer there)."""
-    saved = _SAVED.get(str(filename).removesuffix(".safetensors"))
+def settings_key(inputs: Mapping[str, object]) -> str:
+    """A training node's constant inputs (its widgets) hashed: the same for the inputs ComfyUI gives the fingerprint
+    (a linked input as None) and for the node's inputs in the prompt (a linked input as a link)."""
+    constants = {name: value for name, value in inputs.items() if value is not None and not is_link(value)}
+    return hashlib.sha256(json.dumps(constants, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def prompt_settings(hidden: object, names: Collection[str]) -> str | None:
+    """The :func:`settings_key` of the executing node's inputs in its prompt (``hidden``: a V3 node's
+    ``cls.hidden``, with the dynamic prompt, which holds the nodes a node expansion made too, and the node's id);
+    None when called outside ComfyUI's executor. Only the node's inputs (``names``) count: ComfyUI gives the
+    fingerprint no other key of the prompt (an API prompt's ``steps`` from before ``nfe``)."""
+    dynprompt, node_id = getattr(hidden, "dynprompt", None), getattr(hidden, "unique_id", None)
+    if dynprompt is None or node_id is None or not dynprompt.has_node(str(node_id)):
+        return None
+    inputs = dynprompt.get_node(str(node_id)).get("inputs")
+    if not isinstance(inputs, dict):
+        return None
+    return settings_key({name: value for name, value in inputs.items() if name in names})
+
+
+def saved_generation(filename: object, settings: str | None = None) -> str:
+    """A training node's fingerprint: the same while the file its run with these ``settings`` saved under
+    ``filename`` is as that run left it (ComfyUI keeps the cached run), a new one once that file is deleted or
+    replaced, so the next Queue trains again (the cached report said 'saved' about a file no longer there). A run
+    with other settings saving that name replaces it too: under ComfyUI's LRU cache, settings A, then B, then A
+    again gave A's cached report and table while the file held B's table."""
+    saved = _SAVED.get(str(filename).removesuffix(".safetensors"), {}).get(settings)
     if saved is None:
         return "0"
     state = _file_state(saved["path"])

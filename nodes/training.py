@@ -47,6 +47,7 @@ from .sampling import (
     _first_sigma_patch,
     _is_oom,
     check_context_windows,
+    control_chain,
     exact_timesteps,
     first_sigma_reader,
 )
@@ -135,7 +136,7 @@ def distill_on_model(
     ``start``: a table, or named candidates (:func:`start_tables`); of several, the one whose untrained samples
     are closest to the teacher is trained (:func:`epd_core.starts.start_errors`), recorded as ``start`` in the
     table's metadata."""
-    prompts = conditioning_batch(positive, negative)
+    prompts = sample_inputs(positive, negative)
     config = per_prompt_batch(config, prompts)
     metadata = {**(metadata or {}), "prompts": prompts}
     if encoder is not None:
@@ -249,7 +250,7 @@ def rdpo_on_model(
     ``config.groups`` is rounded up to a multiple of C and rollout ``j`` has prompt ``j % C``, so a group's
     rollouts share one. ``guard(latents) -> metric`` (LATENT format, lower is better): see ``rdpo``.
     """
-    prompts = conditioning_batch(positive, negative)
+    prompts = sample_inputs(positive, negative)
     config = per_prompt_groups(config, prompts)
     metadata = {**(metadata or {}), "prompts": prompts, **({"teacher_steps": teacher_m} if reward is None else {})}
     # what the reward depends on beyond its name: a checkpoint made with other values is not resumed
@@ -331,6 +332,58 @@ def conditioning_batch(*conditionings: Conditioning) -> int:
     return math.lcm(*sizes) if sizes else 1
 
 
+_PER_SAMPLE = ("mask", "concat_latent_image", "concat_mask")
+"""A conditioning's batched inputs beside its prompts: ConditioningSetMask's masks, InpaintModelConditioning's images
+and masks (which inpainting models read)."""
+_RESIZED = ("concat_latent_image", "concat_mask")
+"""Of those, the ones ComfyUI resizes to the batch it prepares sampling at, in blocks (of 2 images over 4 rows:
+0, 0, 1, 1), before tiling them over each call's batch by index."""
+
+
+def sample_inputs(*conditionings: Conditioning) -> int:
+    """How many rows make one whole set of what the conditionings give each sample: their prompts
+    (:func:`conditioning_batch`), their batched masks, inpainting images, reference latents and hints
+    (:func:`_per_sample_inputs`) and a pooled output of its own batch (SDXL's, SD3's), which ComfyUI also tiles over
+    the latent batch by index (a call whose batch masks do not divide fails). Training batches are multiples of it."""
+    extras = [c[1] for cond in conditionings for c in (cond or []) if len(c) > 1 and isinstance(c[1], dict)]
+    inputs = [value.shape[0] for extra in extras for value in _per_sample_inputs(extra) if _batched(value)]
+    pooled = [p.shape[0] for e in extras if isinstance(p := e.get("pooled_output"), torch.Tensor) and p.ndim > 1]
+    return math.lcm(conditioning_batch(*conditionings), *inputs, *pooled)
+
+
+def _per_sample_inputs(extra: dict) -> list:
+    """A conditioning entry's inputs of :data:`_PER_SAMPLE`, its reference latents (ReferenceLatent: Flux Kontext,
+    Qwen Image Edit) and its ControlNets' and T2I-Adapters' hint images, each of which ComfyUI tiles over a call's batch
+    by index."""
+    return [extra.get(key) for key in _PER_SAMPLE] + list(extra.get("reference_latents") or []) + _hints(extra)
+
+
+def _hints(extra: dict) -> list:
+    """The hint images of a conditioning entry's ControlNet chain (``previous_controlnet`` followed). A ControlNet
+    keeps its hint tiled to the first call's batch and tiles later calls from that, so a call of fewer rows than a
+    whole set of hints (the checkpoint's probe of one row) left every later call the first hint alone."""
+    return [getattr(control, "cond_hint_original", None) for control in control_chain(extra.get("control"))]
+
+
+def _batched(value: object) -> bool:
+    """A mask or an image with a batch dimension (``[M, H, W]``, ``[M, C, H, W]``, ...)."""
+    return isinstance(value, torch.Tensor) and value.ndim >= 3
+
+
+def _tiled_inputs(conditioning: Conditioning, batch: int) -> Conditioning:
+    """``conditioning`` with its inputs of :data:`_RESIZED` repeated by index to ``batch`` (a multiple of their
+    rows), so that ComfyUI's resizing leaves them as they are: resized in blocks, a training call of K points
+    (point-major) gave a noise's points and its teacher other images. Row j has image j mod M at every call, as its
+    prompt j mod C."""
+    out = []
+    for entry in conditioning or []:
+        extra = entry[1] if len(entry) > 1 and isinstance(entry[1], dict) else {}
+        tiled = {key: comfy.utils.repeat_to_batch_size(value, batch) for key in _RESIZED
+                 if _batched(value := extra.get(key)) and 1 < value.shape[0] != batch}  # fmt: skip
+        out.append([entry[0], {**extra, **tiled}, *entry[2:]] if tiled else entry)
+    return out
+
+
 def per_prompt_batch(config: DistillConfig, prompts: int) -> DistillConfig:
     """``config`` with its batch and micro-batch rounded up to a multiple of ``prompts``: ComfyUI tiles a
     conditioning batch over the noises by index, so every iteration then trains on every prompt (the K points line
@@ -361,10 +414,12 @@ def _train_on_model(model, positive, negative, cfg, latent, start, config, fit):
     mu = resolution_mu(model.model, latent.shape, start.num_steps - 1, model_sampling)
     grid = model_schedule(start, model_sampling, mu)
     result: dict = {}
+    rows = sample_inputs(positive, negative)
+    batch = -(-_largest_gradient_call(config, start) // rows) * rows  # the conditionings are prepared at this batch
     guider = comfy.samplers.CFGGuider(model)
-    guider.set_conds(positive, negative)
+    guider.set_conds(_tiled_inputs(positive, batch), _tiled_inputs(negative, batch))
     guider.set_cfg(cfg)
-    zeros, packed = _training_latent(latent, _largest_gradient_call(config, start))
+    zeros, packed = _training_latent(latent, batch)
     memory, minimum = comfy.sampler_helpers.estimate_memory(model, packed, guider.original_conds)
 
     def train(model_k, x, sigmas, extra_args=None, callback=None, disable=None):
@@ -391,7 +446,7 @@ def _train_on_model(model, positive, negative, cfg, latent, start, config, fit):
             reader = first_sigma_reader(sampling, extra.get("model_options"))
             if reader:
                 log.info("EPD: %s may read one sigma per call: the student's points go one call per time point", reader)
-            den = _ComfyDenoiser(model_k, extra, x.shape[0], one_sigma_per_call=reader is not None)
+            den = _ComfyDenoiser(model_k, extra, x.shape[0], one_sigma_per_call=reader is not None, rows=rows)
             session = Session(
                 den, tuple(x.shape[1:]), grid.to(x.device), x.device, progress, _latent_out(base, latent), reload
             )

@@ -11,7 +11,7 @@ import epd_core
 from bench.defaults import node_defaults
 from epd_dev import comfy_harness as H
 from epd_dev.comfy_harness import NODES as N
-from epd_dev.tiny_models import conditioning, latent, network_calls, tiny_model
+from epd_dev.tiny_models import conditioning, latent, network_calls, tiny_model, two_hints
 
 pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("comfy_nodes")]
 
@@ -218,6 +218,123 @@ def test_distill_trains_on_every_prompt_of_a_conditioning_batch(epd_dir):
     same = [[three[0][0][:1].repeat(3, 1, 1), {"pooled_output": three[0][1]["pooled_output"][:1].repeat(3, 1)}]]
     other, _ = node.execute(model, same, conditioning(1, 2), empty, **_args("same", batch=4, **quick)).result
     assert not torch.equal(params.r_params, other.r_params)
+
+
+def test_training_tiles_a_batch_of_conditioning_masks_as_it_tiles_prompts(epd_dir, monkeypatch):
+    """ConditioningSetMask with 2 masks (one per image of a latent batch of 2, which EPD KSampler samples): ComfyUI
+    tiles masks over the batch by index, as it tiles prompts, and fails a call they do not divide. EPD Distill at
+    batch 3 and EPD RDPO with 3 groups failed with torch's size error; their batches now round up to whole sets."""
+    import nodes as comfy_nodes
+
+    two = torch.zeros(2, 64, 64)
+    two[0, :, :32], two[1, :, 32:] = 1, 1
+    (masked,) = comfy_nodes.ConditioningSetMask().append(conditioning(1, 5), two, "default", 1.0)
+    (pos,) = comfy_nodes.ConditioningCombine().combine(conditioning(1, 1), masked)
+    model, neg, empty = tiny_model("eps"), conditioning(1, 2), latent("eps", 1)
+    quick = {"nfe": 4, "teacher_steps": 1, "start_check": 0, "keep_best": 0}  # the batch is the question
+    monkeypatch.setattr(H.pack_module("epd_core.starts"), "CHUNK", 1)  # held-out checks on one batch of noises
+    start, info = N["EPDDistill"].execute(model, pos, neg, empty, **_args("masks", 1, batch=3, **quick)).result
+    assert start.metadata["distilled"]["batch"] == 4
+    assert (
+        "batch 3 -> 4: rounded up to a multiple of 2 (1 prompt(s); with the masks, images and pooled outputs they "
+        "hold, every 2 rows)" in info
+    )
+    monkeypatch.setattr(H.pack_module("epd_core.rdpo"), "FIDELITY_GUARD_SAMPLES", 2)  # rounded up to 2 rows
+    params, info = N["EPDRDPO"].execute(model, pos, neg, empty, start, 2.0, "fidelity", 1, 1, 3, 2, 20.0, 1e-3, 0,
+                                        "masks_rdpo", False).result  # fmt: skip
+    assert params.metadata["rdpo"]["groups"] == 4 and "(groups 3 -> 4: a multiple of 2)" in info
+
+
+def test_training_gives_a_noise_one_inpainting_image_at_every_call(epd_dir, monkeypatch):
+    """An inpainting model conditioned on 2 images (InpaintModelConditioning's concat_latent_image over a batch):
+    ComfyUI resized them to the batch training prepared in blocks (rows 0, 0, 1, 1), so a noise's K points got other
+    images in EPD Distill's point-major calls, and EPD RDPO (prepared at one row) saw the first image alone. Each
+    call's row j now has image j mod 2, as sampling gives latent j (the network's masked-image channels tell)."""
+    import node_helpers
+
+    model = tiny_model("inpaint")
+    images = torch.stack([torch.full((4, 8, 8), 1.0), torch.full((4, 8, 8), -1.0)])
+
+    def inpainting(cond):
+        return node_helpers.conditioning_set_values(
+            cond, {"concat_latent_image": images, "concat_mask": torch.ones(1, 1, 64, 64)}
+        )
+
+    pos, neg, empty = inpainting(conditioning(1, 1)), inpainting(conditioning(1, 2)), latent("inpaint", 1)
+    seen = []
+    model.model.diffusion_model.register_forward_pre_hook(lambda _, args: seen.append(args[0][:, 5].mean((1, 2)) < 0))
+    monkeypatch.setattr(H.pack_module("epd_core.starts"), "CHUNK", 1)  # held-out checks on one batch of noises
+    monkeypatch.setattr(H.pack_module("epd_core.rdpo"), "FIDELITY_GUARD_SAMPLES", 2)
+    quick = {"nfe": 4, "teacher_steps": 1, "start_check": 0, "keep_best": 0, "micro_batch": 2}
+    start, _ = N["EPDDistill"].execute(model, pos, neg, empty, **_args("inpaint", 1, batch=4, **quick)).result
+    N["EPDRDPO"].execute(model, pos, neg, empty, start, 2.0, "fidelity", 1, 1, 1, 2, 20.0, 1e-3, 0, "inpaint_rdpo",
+                         False)  # fmt: skip
+    assert len(seen) > 50 and all(torch.equal(row, torch.arange(len(row)) % 2 == 1) for row in seen)
+
+
+def test_training_gives_a_noise_one_reference_latent_at_every_call(epd_dir, monkeypatch):
+    """ReferenceLatent of a latent batch of 2 (Flux Kontext editing 2 images at cfg 1; sampling gives latent j
+    image j): ComfyUI tiles reference latents over a call's batch by index, and EPD Distill at batch 3 did not count
+    them, so a call of 3 noises x K points gave a noise's points other images (rows 0 and 3). Its batch now rounds up
+    to whole sets."""
+    from comfy_extras.nodes_edit_model import ReferenceLatent
+
+    model = tiny_model("flux")
+    images = {"samples": torch.stack([torch.full((16, 8, 8), 1.0), torch.full((16, 8, 8), -1.0)])}
+    pos = ReferenceLatent.execute(conditioning(1, 1), images).result[0]
+    seen = []
+    hook = model.model.diffusion_model.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(kwargs["ref_latents"][0].flatten(1).mean(1) < 0), with_kwargs=True
+    )
+    monkeypatch.setattr(H.pack_module("epd_core.starts"), "CHUNK", 1)  # held-out checks on one batch of noises
+    quick = {"nfe": 4, "teacher_steps": 1, "start_check": 0, "keep_best": 0}  # the batch is the question
+    params, _ = N["EPDDistill"].execute(model, pos, conditioning(1, 2), latent("flux", 1),
+                                        **_args("reference", 1, batch=3, cfg=1.0, **quick)).result  # fmt: skip
+    hook.remove()
+    assert params.metadata["distilled"]["batch"] == 4
+    assert len(seen) > 50 and all(torch.equal(row, torch.arange(len(row)) % 2 == 1) for row in seen)
+
+
+def test_training_gives_a_noise_one_controlnet_hint_at_every_call(epd_dir, monkeypatch):
+    """A ControlNet of 2 hint images (one per latent of a batch of 2, which EPD KSampler samples): ComfyUI tiles the
+    hint over a call's batch by index and keeps it tiled to the first call's batch, from which later calls are tiled.
+    Training did not count the hints, and its checkpoint probe (one row) left every later call hint 0 alone; the
+    batch now rounds up to whole sets (EPD RDPO's groups too), and row j has hint j mod 2 at every call. EPD RDPO's
+    rollouts, each on its own table, went one row per call (a ControlNet reads one sigma per call), so rollout 1 got
+    rollout 0's hint (and prompt, mask) and left the ControlNet the first hint alone; its calls now hold whole sets."""
+    model = tiny_model("eps")
+    pos, neg, seen = two_hints(conditioning(1, 1), conditioning(1, 2))
+    monkeypatch.setattr(H.pack_module("epd_core.starts"), "CHUNK", 1)  # held-out checks on one batch of noises
+    # the batch is the question; with a ControlNet training falls back to the per-step objective anyway
+    quick = {"nfe": 4, "teacher_steps": 1, "start_check": 0, "keep_best": 0, "objective": "local"}
+    start, _ = N["EPDDistill"].execute(model, pos, neg, latent("eps", 1), **_args("hints", 1, batch=3, **quick)).result
+    assert start.metadata["distilled"]["batch"] == 4
+    monkeypatch.setattr(H.pack_module("epd_core.rdpo"), "FIDELITY_GUARD_SAMPLES", 2)
+    params, _ = N["EPDRDPO"].execute(model, pos, neg, latent("eps", 1), start, 2.0, "fidelity", 1, 1, 2, 2, 20.0, 1e-3,
+                                     0, "hints_rdpo", False).result  # fmt: skip
+    rows = [half for call in seen for half in call.chunk(2)]  # cond and uncond rows
+    assert len(rows) > 100 and all(torch.equal(row, torch.arange(len(row)) % 2 == 1) for row in rows)
+
+
+def test_training_gives_a_noise_one_pooled_output_at_every_call(epd_dir, monkeypatch):
+    """A conditioning of 1 prompt whose pooled output holds 2 (SD3's or SDXL's ``y``; sampling gives latent j pooled
+    output j): ComfyUI tiles it over a call's batch by index, and EPD Distill at batch 3 did not count it, so a call
+    of 3 noises x K points gave a noise's points other pooled outputs. Its batch now rounds up to whole sets."""
+    model = tiny_model("sd3")
+    text = conditioning(1, 1)[0][0]
+    pos = [[text, {"pooled_output": torch.stack([torch.ones(32), -torch.ones(32)])}]]
+    neg = [[text, {"pooled_output": torch.zeros(1, 32)}]]
+    seen = []
+    hook = model.model.diffusion_model.register_forward_pre_hook(
+        lambda _, args, kwargs: seen.append(kwargs["y"][kwargs["y"][:, 0].abs() > 0.5, 0] < 0), with_kwargs=True
+    )
+    monkeypatch.setattr(H.pack_module("epd_core.starts"), "CHUNK", 1)  # held-out checks on one batch of noises
+    quick = {"nfe": 4, "teacher_steps": 1, "start_check": 0, "keep_best": 0, "objective": "local"}
+    empty = latent("sd3", 1)
+    params, _ = N["EPDDistill"].execute(model, pos, neg, empty, **_args("pooled", 1, batch=3, **quick)).result
+    hook.remove()
+    assert params.metadata["distilled"]["batch"] == 4
+    assert len(seen) > 50 and all(torch.equal(row, torch.arange(len(row)) % 2 == 1) for row in seen)
 
 
 @pytest.mark.parametrize("objective", ["global", "authors"])
@@ -969,6 +1086,41 @@ def test_the_fingerprint_of_a_table_replaced_outside_stays_the_same_between_call
     os.utime(path, ns=(1, 1))
     first = tf.saved_generation("fp_stable")
     assert first != "0" and tf.saved_generation("fp_stable") == first
+
+
+@pytest.mark.parametrize("node_id", ["EPDDistill", "EPDRDPO"])
+def test_a_table_saved_by_a_run_of_other_settings_changes_the_fingerprint(epd_dir, node_id):
+    """A training queued with settings A, then B (overwrite, the same file), then A again got ComfyUI's cached
+    run ('saved ...') while the file held B's table: the fingerprint followed the file per name, not per settings."""
+    from comfy_api.latest import io
+
+    tf = H.pack_module("nodes.table_files")
+    node = N[node_id]
+    from comfy_execution.graph import DynamicPrompt
+
+    assert {io.Hidden.dynprompt, io.Hidden.unique_id} <= set(node.define_schema().hidden)
+    widgets = {"filename": "fp_runs", "learning_rate": 0.01, "seed": 0, "overwrite": True}
+    prompt = DynamicPrompt(
+        {"7": {"class_type": node_id, "inputs": {**widgets, "model": ["1", 0], "positive": ["2", 0]}}}
+    )
+    names = {*widgets, "model", "positive"}
+    settings_a = tf.prompt_settings(
+        io.HiddenHolder.from_dict({io.Hidden.dynprompt: prompt, io.Hidden.unique_id: "7"}), names
+    )
+    expanded = DynamicPrompt({})  # a node a node expansion made is in the dynamic prompt only
+    expanded.add_ephemeral_node("9.0.7", prompt.get_node("7"), "9", "9")
+    holder = io.HiddenHolder.from_dict({io.Hidden.dynprompt: expanded, io.Hidden.unique_id: "9.0.7"})
+    assert tf.prompt_settings(holder, names) == settings_a
+    fingerprint_a = {**widgets, "model": None, "positive": None}  # ComfyUI gives the fingerprint no linked value
+    assert settings_a == tf.settings_key(fingerprint_a) and tf.prompt_settings(None, names) is None
+    settings_b = tf.settings_key({**fingerprint_a, "learning_rate": 0.05})
+    path = tf.output_path("fp_runs", True)
+    tf.save_output(epd_core.EPDParams.start(4, 2), path, True, settings_a)
+    queued_a = node.fingerprint_inputs(**fingerprint_a)
+    assert queued_a == node.fingerprint_inputs(**fingerprint_a)  # unchanged: ComfyUI's cached run
+    tf.save_output(epd_core.EPDParams.start(5, 2), path, True, settings_b)
+    assert node.fingerprint_inputs(**fingerprint_a) != queued_a  # B's table in the file: A trains again
+    assert tf.saved_generation("fp_runs", settings_b) == "0"  # B's own run is still the file
 
 
 def test_a_checkpoint_s_start_record_of_other_candidates_is_not_taken(monkeypatch):

@@ -353,6 +353,28 @@ def test_continuous_timestep_reaches_a_controlnet_and_a_second_model():
     assert type(negative.model.model_sampling).__name__ == type(model.model.model_sampling).__name__
 
 
+def test_batched_gives_each_sample_its_controlnet_hint_at_every_point():
+    """A ControlNet of 2 hint images over a latent batch of 3 (ComfyUI gives latent j hint j mod 2): ComfyUI tiles
+    the hint over a call's rows by index and keeps it tiled to the first call. A table with the analytic first step
+    makes the K points' call (K*B rows) the first, so 'batched' gave point 1's rows other samples' hints; the hint is
+    now repeated to the latent batch first, as prompts are, and batched equals sequential."""
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+
+    from epd_dev.tiny_models import two_hints
+
+    model, ref = tiny_model("eps"), _table("sd15-best.pkl")
+    hyper = {k: v for k, v in ref.hyper().items() if k not in ("num_steps", "num_points", "afs")}
+    params = epd_core.EPDParams.start(ref.num_steps, 2, afs=True, **hyper)  # the K points' call comes first
+    pos, neg, seen = two_hints(conditioning(1, 1), conditioning(1, 2))
+    (sigmas,) = _nodes_out(N["EPDScheduler"], model, params, 1.0, True)
+    outs = {}
+    for mode in ("batched", "sequential"):
+        (sampler,) = _nodes_out(N["EPDSampler"], params, mode, True, "comfyui")
+        outs[mode] = SamplerCustom.execute(model, True, 2, 2.0, pos, neg, sampler, sigmas, latent("eps", 3)).result[0]
+    assert len(seen) > 10 and all(torch.equal(row, torch.arange(len(row)) % 3 % 2 == 1) for row in seen)
+    assert torch.allclose(outs["batched"]["samples"], outs["sequential"]["samples"], atol=1e-4)
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 def test_inpainting_batched_equals_sequential(batch):
     """Each sample its own mask (the right half, the top half, all): a batched call of K x B rows must give row

@@ -163,18 +163,23 @@ def test_distill_with_the_mnist_feature_loss_over_http(server):
     assert got.shape == (10, 4, 14, 14) and torch.isfinite(got).all()
 
 
-def test_a_training_whose_table_was_deleted_trains_again(server):
-    """ComfyUI caches an unchanged node: queued again after its table was deleted, EPD Distill showed the old report
-    ('saved models/epd/...') and no file came back. Unchanged, with its table in place, it is still not rerun."""
-    graph = {
+def _training(filename: str, learning_rate: float = 0.01, overwrite: bool = False) -> dict:
+    """EPD Distill on the analytic model, a few seconds' run."""
+    return {
         "1": {"class_type": "EPDAnalyticModel", "inputs": {"form": "sd15_eps", "mixture": "reference", "shift": 0.0}},
         "2": {"class_type": "EmptyLatentImage", "inputs": {"width": 64, "height": 64, "batch_size": 1}},
         "3": {"class_type": "EPDDistill", "inputs": {
             "model": ["1", 0], "positive": ["1", 1], "negative": ["1", 1], "latent_image": ["2", 0], "cfg": 1.0,
             "nfe": 4, "points": 2, "teacher": "heun", "teacher_steps": 1, "iterations": 2, "batch": 4,
-            "learning_rate": 0.01, "seed": 0, "learn_grid": False, "filename": "deleted_then_queued",
-            "overwrite": False, "start_check": 0, "keep_best": 0}},
+            "learning_rate": learning_rate, "seed": 0, "learn_grid": False, "filename": filename,
+            "overwrite": overwrite, "start_check": 0, "keep_best": 0}},
     }  # fmt: skip
+
+
+def test_a_training_whose_table_was_deleted_trains_again(server):
+    """ComfyUI caches an unchanged node: queued again after its table was deleted, EPD Distill showed the old report
+    ('saved models/epd/...') and no file came back. Unchanged, with its table in place, it is still not rerun."""
+    graph = _training("deleted_then_queued")
     path = server.base / "models" / "epd" / "deleted_then_queued.safetensors"
     assert server.run(graph)["status"]["status_str"] == "success" and path.exists()
     state = path.stat().st_mtime_ns
@@ -186,3 +191,29 @@ def test_a_training_whose_table_was_deleted_trains_again(server):
     assert path.exists() and "saved models/epd/deleted_then_queued.safetensors" in entry["outputs"]["3"]["text"][0]
     state = path.stat().st_mtime_ns
     assert server.run(graph)["status"]["status_str"] == "success" and path.stat().st_mtime_ns == state
+
+
+def test_a_table_overwritten_by_a_run_of_other_settings_trains_again(server):
+    """Learning rate A, then a graph training A and B (overwrite, the same filename), then A again: ComfyUI kept A's
+    run and its report ('saved ...') while the file held B's table (any cache keeping A: the default, --cache-lru).
+    A trains again; queued once more, it is ComfyUI's cached run."""
+    a, b = (_training("overwritten_runs", lr, overwrite=True) for lr in (0.01, 0.05))
+    both = {**a, "4": {**b["3"], "inputs": {**b["3"]["inputs"], "model": a["3"]["inputs"]["model"]}}}
+    path = server.base / "models" / "epd" / "overwritten_runs.safetensors"
+    for graph, lr in ((a, 0.01), (both, 0.05), (a, 0.01)):
+        assert server.run(graph)["status"]["status_str"] == "success"
+        assert epd_core.load_params(path).metadata["distilled"]["lr"] == lr
+    state = path.stat().st_mtime_ns
+    assert server.run(a)["status"]["status_str"] == "success" and path.stat().st_mtime_ns == state
+
+
+def test_a_training_queued_with_an_input_it_no_longer_has_trains_again_once_deleted(server):
+    """An API prompt from before EPD Distill's nfe, updated with nfe but still holding steps and afs: ComfyUI gives
+    the fingerprint only the node's inputs, while the run saved under all the prompt's, so the fingerprint stayed
+    '0' and a deleted table was ComfyUI's cached run ('saved ...', no file). Extra keys are left out of both."""
+    graph = _training("extra_inputs")
+    graph["3"]["inputs"].update(steps=3, afs=False)
+    path = server.base / "models" / "epd" / "extra_inputs.safetensors"
+    assert server.run(graph)["status"]["status_str"] == "success" and path.exists()
+    path.unlink()
+    assert server.run(graph)["status"]["status_str"] == "success" and path.exists()
