@@ -13,7 +13,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from epd_core import EPDParams, GaussianMixture, load_params, make_schedule, sample
 from epd_core.__main__ import main as cli_main
 from epd_core.analytic import ode_endpoint
-from epd_core.config import DistillConfig
+from epd_core.config import DistillConfig, node_iterations, node_scale_bounds
 from epd_core.distill import distill, loss_curve
 from epd_core.objective import distance, recomputed, student_loss
 from epd_core.params import TABLE_NAMES
@@ -309,6 +309,16 @@ def test_each_teacher_step_is_its_formula():
         assert torch.allclose(states[i + 1], rule, rtol=1e-10, atol=1e-12), i
 
 
+def test_an_unknown_teacher_is_refused_not_run_as_another():
+    """``teacher_trajectory`` is public (``teacher_end``, the checks); a name it does not know is refused, where
+    without its check it ran as dpmpp_2m and every core test passed."""
+    grid = torch.tensor([14.6, 2.0, 0.03], dtype=torch.float64)
+    x = torch.zeros(1, *GM.shape, dtype=torch.float64)
+    for name in ("euler", "Heun", "dpmpp_2m_sde"):
+        with pytest.raises(ValueError, match="teacher must be one of"):
+            teacher_trajectory(GM.denoise_ve, x, grid, name)
+
+
 def test_subdivide_inserts_points_log_uniformly():
     grid = torch.tensor([14.6, 2.0, 0.03], dtype=torch.float64)
     fine = subdivide(grid, 3)
@@ -500,6 +510,20 @@ def test_keep_best_replaces_a_diverged_table_by_the_best_checked_one(learn_grid,
     assert same != diverges and "checks" not in last.metadata["distilled"]
 
 
+def test_a_held_out_check_with_the_estimate_ending_scores_the_table_as_sampled():
+    """With ``final_estimate`` the check samples a table as EPD KSampler does, on to sigma 0 on its last step's
+    estimate, against the teacher's denoised end; sampling it to the grid's last point instead passed every core
+    test (no keep_best test fitted the estimate ending)."""
+    start = _start(sigma_min=0.05)
+    grid = make_schedule(start)
+    config = DistillConfig(keep_best=8, teacher_m=1, final_estimate=True)
+    check = HeldOutCheck(GM.denoise_ve, start, grid, GM.shape, config, torch.float64)
+    (x,), (target,) = check.noises, check.targets
+    estimate = sample(GM.denoise_ve, x, torch.cat([grid, grid.new_zeros(1)]), start, final="estimate")
+    assert check(start, grid) == pytest.approx(float((estimate - target).pow(2).mean().sqrt()), rel=1e-9)
+    assert not torch.allclose(estimate, sample(GM.denoise_ve, x, grid, start), atol=1e-2)  # the ending matters here
+
+
 def test_keep_best_ends_with_the_start_when_training_only_makes_it_worse():
     """Fine-tuning a trained table with a destructive learning rate: every check is worse than the start and the
     last one diverged, so the run ends with the start's table, unchanged."""
@@ -623,3 +647,17 @@ def test_a_model_answering_nan_stops_the_run_with_what_happened(band):
 
     with pytest.raises(ValueError, match="the model returned non-finite values .*float16"):
         distill(broken, EPDParams.start(5, 2, afs=True), gm.shape, DistillConfig(iterations=3, batch=2))
+
+
+def test_epd_distills_auto_settings_follow_the_nfe_as_documented():
+    """EPD Distill's defaults as functions of the NFE (README, "Iterations by the NFE" and "Scale heads by the NFE"):
+    1,600 iterations from NFE 10 on and 16,000 / NFE below; every point's scales learned within 1 +- 0.2 (direction)
+    and 1 +- 0.1 (time) up to NFE 7, no heads above; a teacher with M = 7. No core test checked them."""
+    for nfe in range(1, 31):
+        expected = 1600 if nfe >= 10 else 16000 / nfe
+        assert node_iterations(nfe) == pytest.approx(expected, abs=0.5), nfe
+        heads = {"scale_dir": 0.2, "scale_time": 0.1} if nfe <= 7 else {"scale_dir": 0.0, "scale_time": 0.0}
+        assert node_scale_bounds(nfe) == heads, nfe
+    with pytest.raises(ValueError, match="nfe must be >= 1"):
+        node_iterations(0)
+    assert DistillConfig.node_default("teacher_m") == 7 and DistillConfig.default("teacher_m") == 3

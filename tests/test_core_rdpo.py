@@ -13,7 +13,7 @@ from epd_core import rdpo as rdpo_module
 from epd_core.analytic import ode_endpoint
 from epd_core.config import RDPOConfig
 from epd_core.policy import DirichletPolicy, TableSample, _dirichlet, _dirichlet_log_prob
-from epd_core.rdpo import ppo_clip_loss, rdpo, rloo_advantages
+from epd_core.rdpo import _in_chunks, guard_iterations, ppo_clip_loss, rdpo, rloo_advantages
 from epd_dev.shared_data import official_path
 
 pytestmark = pytest.mark.core
@@ -307,7 +307,7 @@ def test_an_interrupt_lands_between_ppo_minibatches_not_after_the_update():
 def test_authors_preset_and_checks():
     a = RDPOConfig.authors()
     assert (a.grouping, a.learn_std, a.scale_std, a.width, a.blocks) == ("prompt", True, 0.05, 128, 2)
-    assert (a.concentration, a.clip, a.lr) == (20.0, 0.2, 7e-5)
+    assert (a.concentration, a.clip, a.lr, a.minibatch) == (20.0, 0.2, 7e-5, 4)  # cfgs/sd15.yaml
     assert RDPOConfig.authors(concentration=10.0).concentration == 10.0
     assert RDPOConfig().grouping == "noise" and not RDPOConfig().learn_std
     with pytest.raises(ValueError, match="grouping"):
@@ -317,8 +317,11 @@ def test_authors_preset_and_checks():
              prompts=2)  # fmt: skip
 
 
-def test_learned_log_std_log_prob_and_kl_match_torch():
-    p = _bounded_start()
+@pytest.mark.parametrize("fcn", [False, True])
+def test_learned_log_std_log_prob_and_kl_match_torch(fcn):
+    """With ``fcn`` the last step's direction scales are fixed: their learned log-std moves neither the
+    log-probability nor the KL (a KL over every entry passed every core test)."""
+    p = _bounded_start(fcn=fcn)
     policy = DirichletPolicy(p, scale_std=0.05, learn_std=True)
     assert policy.head.out_features == (2 + 2 * 2) * p.num_points + 1
     stds = policy.stds()
@@ -334,9 +337,12 @@ def test_learned_log_std_log_prob_and_kl_match_torch():
     kl = dist.kl_divergence(dist.Dirichlet(a_pos), dist.Dirichlet(torch.exp(policy.log_base_pos))).sum()
     kl = kl + dist.kl_divergence(dist.Dirichlet(a_w), dist.Dirichlet(torch.exp(policy.log_base_w))).sum()
     for name in ("scale_dir", "scale_time"):
-        expected = expected + dist.LogNormal(locs[name], stds[name]).log_prob(getattr(tables, name)).sum((-2, -1))
+        learned = getattr(policy, f"{name}_mask")
+        assert bool(learned.all()) != (fcn and name == "scale_dir")
+        log_prob = dist.LogNormal(locs[name], stds[name]).log_prob(getattr(tables, name))
+        expected = expected + log_prob[:, learned].sum(-1)
         start = dist.Normal(torch.log(getattr(policy, name)), 0.05)
-        kl = kl + dist.kl_divergence(dist.Normal(locs[name], stds[name]), start).sum()
+        kl = kl + dist.kl_divergence(dist.Normal(locs[name], stds[name]), start)[learned].sum()
     assert torch.allclose(policy.log_prob(tables), expected, rtol=1e-5)
     assert (
         float(policy.kl_to_start().detach()) == pytest.approx(float(kl.detach()), rel=1e-4) and float(kl.detach()) > 0
@@ -411,6 +417,28 @@ def test_rollouts_go_in_chunks_that_keep_each_rollouts_prompt(monkeypatch):
     assert 12 in sizes
     assert chunked_curve == pytest.approx(whole_curve, rel=1e-12)
     assert torch.allclose(chunked.r_params, whole.r_params, atol=1e-10)
+
+
+def test_chunks_cover_every_row_once_from_multiples_of_the_prompts(monkeypatch):
+    """``_in_chunks`` returns every row once, in order, from slices that start at multiples of the prompts, whatever
+    the remainder (a last chunk of one row was dropped and every core test passed: 12 rollouts in chunks of 4)."""
+    monkeypatch.setattr(rdpo_module, "ROLLOUT_CHUNK", 3)
+    for prompts in (1, 2, 3):
+        for n in range(1, 15):
+            starts = []
+
+            def rows(i: slice, n: int = n, starts: list = starts) -> torch.Tensor:
+                starts.append(i.start)
+                return torch.arange(n)[i]
+
+            assert torch.equal(_in_chunks(rows, n, prompts), torch.arange(n)), (prompts, n)
+            assert all(a % prompts == 0 for a in starts)
+
+
+def test_the_guard_checks_the_start_every_nth_iteration_and_the_last():
+    every = lambda n, e: guard_iterations(RDPOConfig(iterations=n, guard_every=e))  # noqa: E731
+    assert every(12, 5) == [0, 5, 10, 12] and every(10, 5) == [0, 5, 10]
+    assert every(7, 0) == [0, 7] and every(3, 1) == [0, 1, 2, 3]
 
 
 def _same_results(a: EPDParams, b: EPDParams) -> bool:
@@ -543,3 +571,26 @@ def test_a_fidelity_run_is_guarded_by_its_held_out_fidelity():
     info = new.metadata["rdpo"]
     assert info["guard_metric"] == "held_out_fidelity" and all("metric" in c for c in info["guard"])
     assert info["stopped_at"] is not None and _same_results(new, start)
+
+
+def test_each_head_output_moves_its_own_parameter():
+    """The head's outputs, in order: the K + 1 segment concentrations, the K weight concentrations, then per sampled
+    scale the K log-normal locations in units of ``scale_std`` (``delta_c = scale_std * h``). Raising one output by
+    ``e`` multiplies its own concentration by ``exp(e)`` (or moves its own location by ``scale_std * e``) and moves
+    nothing else; a head read one column off, or a location moved by ``h`` itself, passed every core test."""
+    p = _bounded_start()
+    policy = DirichletPolicy(p, scale_std=0.03)
+    k = p.num_points
+    base = [v.detach().clone() for v in (*policy.alphas(), *policy.locs().values())]
+    for j in range(policy.head.out_features):
+        with torch.no_grad():
+            policy.head.bias.zero_()
+            policy.head.bias[j] = 0.5
+        moved = [v.detach() for v in (*policy.alphas(), *policy.locs().values())]
+        group = 0 if j <= k else 1 + (j - k - 1) // k
+        col = j if j <= k else (j - k - 1) % k
+        for g, (before, after) in enumerate(zip(base, moved, strict=True)):
+            expected = before.clone()
+            if g == group:
+                expected[:, col] = before[:, col] * math.exp(0.5) if g < 2 else before[:, col] + 0.03 * 0.5
+            assert torch.allclose(after, expected, rtol=1e-6, atol=1e-7), (j, g)

@@ -7,6 +7,7 @@ import torch
 
 from epd_core import EPDParams, GaussianMixture, load_params, make_schedule, sample
 from epd_core.params import time_points_for_nfe
+from epd_core.schedules import DiscreteVP, sd15_alphas_cumprod, training_grid
 from epd_core.solver import adams_bashforth, grid_offset
 from epd_dev.shared_data import official_path
 
@@ -253,3 +254,54 @@ def test_sampling_builds_no_autograd_graph(plugin_base):
     x = torch.randn(4, *gm.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * grid[0]
     out = sample(lambda x, s: gm.denoise_ve(x, s) * weight, x, grid, params)
     assert not out.requires_grad
+
+
+def test_discrete_vp_timesteps_are_the_models_indices():
+    """``DiscreteVP.timestep`` (the fractional timesteps EPD gives ComfyUI's discrete models) is index ``i`` at the
+    model's own ``sigma_i = sqrt((1 - a_i) / a_i)``, as ComfyUI's ``ModelSamplingDiscrete.timestep`` is, and halfway
+    in ``log(alpha)`` between two of them it is halfway between their indices. An index off by one passed every
+    core test."""
+    ac = sd15_alphas_cumprod()
+    vp = DiscreteVP(ac)
+    idx = torch.tensor([0, 1, 17, 500, 998, 999])
+    assert torch.allclose(vp.timestep(((1 - ac[idx]) / ac[idx]).sqrt()), idx.double(), rtol=0, atol=1e-9)
+    log_alpha = 0.25 * torch.log(ac[idx[:-1]] * ac[idx[:-1] + 1])
+    assert torch.allclose(vp.timestep(torch.expm1(-2 * log_alpha).sqrt()), idx[:-1].double() + 0.5, rtol=0, atol=1e-9)
+
+
+def test_discrete_vp_extrapolates_along_its_end_segments():
+    """Past its table DPM-Solver's ``interpolate_fn`` continues the end segment: ``log(alpha)`` below ``t = 1 / N``
+    and ``t`` above ``sigma(1)`` (a model's sigma_max just past the schedule's end) keep the slope of their last
+    segment, not the chord of the whole table."""
+    ac = torch.tensor([0.99, 0.9, 0.5], dtype=torch.float64)
+    vp, la = DiscreteVP(ac), 0.5 * torch.log(ac)
+    t = torch.tensor(0.32, dtype=torch.float64)  # before t_0 = 1/3
+    expected = la[0] + (t - 1 / 3) * (la[1] - la[0]) * 3
+    assert torch.allclose(vp.sigma(t), torch.expm1(-2 * expected).sqrt(), rtol=1e-12)
+    beyond = la[2] - 0.3  # a sigma above sigma(1)
+    expected_t = 1 + (beyond - la[2]) / (la[2] - la[1]) / 3
+    assert torch.allclose(vp.sigma_inv(torch.expm1(-2 * beyond).sqrt()), expected_t, rtol=1e-12)
+
+
+def test_a_tables_own_grid_is_its_schedule_only_at_its_own_length():
+    """A table that carries its grid (``t_steps``) samples on it; asked for another number of steps or another
+    range, ``make_schedule`` builds the table's schedule instead (returning the carried grid regardless passed every
+    core test)."""
+    p = EPDParams.start(4, 2, schedule_type="polynomial", schedule_rho=7.0, sigma_min=0.002, sigma_max=80.0)
+    own = torch.tensor([80.0, 9.0, 0.7, 0.002], dtype=torch.float64)
+    q = p.replace(t_steps=own)
+    assert torch.equal(make_schedule(q), own)
+    assert torch.equal(make_schedule(q, num_steps=6), make_schedule(p, num_steps=6))
+    assert torch.equal(make_schedule(q, sigma_max=40.0), make_schedule(p, sigma_max=40.0))
+    for bad in ([80.0, 9.0, 9.0, 0.002], [80.0, 0.7, 9.0, 0.002]):  # a repeated point passed every core test
+        with pytest.raises(ValueError, match="t_steps: must be finite, positive and strictly decreasing"):
+            p.replace(t_steps=torch.tensor(bad, dtype=torch.float64))
+
+
+def test_a_training_grid_is_checked_to_decrease_strictly():
+    p = EPDParams.start(4, 2, schedule_type="polynomial", schedule_rho=7.0, sigma_min=0.002, sigma_max=80.0)
+    given = [80.0, 5.0, 0.5, 0.002]
+    assert torch.equal(training_grid(p, given), torch.tensor(given, dtype=torch.float64))
+    for bad in ([80.0, 5.0, 5.0, 0.002], [80.0, 0.5, 5.0, 0.002], [80.0, 5.0, 0.5, -0.002]):
+        with pytest.raises(ValueError, match="strictly decreasing"):
+            training_grid(p, bad)

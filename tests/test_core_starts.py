@@ -81,3 +81,12 @@ def test_start_errors_do_not_depend_on_the_candidates_order():
     ahead = start_errors(gm.denoise_ve, first, gm.shape, config)
     behind = start_errors(gm.denoise_ve, dict(reversed(list(first.items()))), gm.shape, config)
     assert all(ahead[name] == pytest.approx(behind[name], rel=1e-9) for name in first)
+
+
+def test_start_errors_are_the_rms_over_the_noises_sampled():
+    """The noises come in chunks of 16 (a multiple of the batch), so ``start_noises`` 5 samples the same 16 noises as
+    16 does and reports the same errors: the RMS over the values sampled, not over the noises asked for (which passed
+    every core test: the ranking does not change)."""
+    starts = _starts()
+    few, chunk = (start_errors(GM.denoise_ve, starts, GM.shape, DistillConfig(start_noises=n)) for n in (5, 16))
+    assert few == pytest.approx(chunk, rel=1e-12)
