@@ -88,11 +88,12 @@ def local_tables() -> list[str]:
     return [n for n in names if not any(part.startswith(".") for part in n.replace("\\", "/").split("/"))]
 
 
-def moved_table(name: str) -> str:
+def moved_table(name: str, local: list[str] | None = None) -> str:
     """A table's current name: until 2026-11-28 the demo models' tables lay in the pack's ``weights/`` itself, so a
     workflow saved then names ``x.safetensors`` where the pack now lists ``demo/x.safetensors`` (the same table); any
-    name that is a table, or has no such twin, is returned unchanged."""
-    if name in (local := local_tables()) or f"demo/{name}" not in local:
+    name that is a table, or has no such twin, is returned unchanged. ``local``: :func:`local_tables`, if listed."""
+    local = local_tables() if local is None else local
+    if name in local or f"demo/{name}" not in local:
         return name
     return f"demo/{name}"
 
@@ -202,7 +203,8 @@ class EPDParamsLoader(io.ComfyNode):
     def validate_inputs(cls, table_name: str | None = None) -> bool | str:
         """Like the combo check, but a ``[download]`` choice stays valid after its table was downloaded, and a demo
         table's name from before it moved to ``demo/`` is that table."""
-        if table_name is None or moved_table(table_name) in local_tables() or catalogue_choice(table_name):
+        local = local_tables()
+        if table_name is None or moved_table(table_name, local) in local or catalogue_choice(table_name):
             return True
         where = user_text(str(folder_paths.get_folder_paths(FOLDER)))
         return f"EPD table {table_name!r} not found in {where} nor in the catalogue"
