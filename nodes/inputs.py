@@ -51,8 +51,8 @@ def final_step_input() -> io.Combo.Input:
         options=list(FINAL_STEPS),
         default=FINAL_STEP,
         optional=True,
-        tooltip="How sigmas ending in 0 (final_denoise) reach it: estimate = the last step's own x0 estimate (its "
-        "update extended to 0), no extra call; denoise = one more model call.",
+        tooltip="How sigmas ending in 0 (EPD Scheduler's or EPD KSampler's final_denoise) reach it: estimate = the "
+        "last step's own x0 estimate (its update extended to 0), no extra call; denoise = one more model call.",
     )
 
 
