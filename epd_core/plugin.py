@@ -3,7 +3,8 @@
 A base solver (Euler, DPM-Solver++(2M), iPNDM, ...) walks the grid and asks for one x0 prediction per grid
 point. At grid point ``t_cur`` :class:`PluginDenoiser` takes one EPD step (the authors' EPD-Plugin):
 
-1. the plain prediction ``D(x, t_cur)`` (the first round; none with AFS) and its direction ``d``;
+1. the plain prediction ``D(x, t_cur)`` (the first round; none on an AFS first step, nor on a ``carry`` table's
+   later steps, whose ``d`` is the direction carried from the previous step) and its direction ``d``;
 2. the K points are placed on a proposed step, ``x_k = x + (tau_k - t_cur) * direction``, and evaluated in one
    batched call (the second round). The table says which method proposes it (:func:`table_placement`): a table
    distilled for a base (``DistillConfig.plugin_base``) uses that base's own update, fed the plain predictions
