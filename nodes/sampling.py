@@ -84,11 +84,19 @@ def model_latent(model: ModelPatcher, latent: dict) -> torch.Tensor:
     return fix(model, latent["samples"], *extra)
 
 
+# The guidance scales a guider keeps (CFGGuider's cfg; DualCFGGuider's cfg1 / cfg2, its inputs cfg_conds /
+# cfg_cond2_negative; PerpNegGuider's neg_scale; LTXV's dual guider's video / audio cfg), by the input that sets them.
+_GUIDANCE_SCALES = {"cfg": "cfg", "cfg1": "cfg_conds", "cfg2": "cfg_cond2_negative", "neg_scale": "neg_scale",
+                    "video_cfg": "video_cfg", "audio_cfg": "audio_cfg"}  # fmt: skip
+
+
 def check_cfg(guider: Guider | None) -> None:
-    """A non-finite guidance scale gives an all-NaN latent: refuse it."""
-    cfg = getattr(guider, "cfg", None)
-    if isinstance(cfg, (int, float)) and not math.isfinite(cfg):
-        raise ValueError(f"cfg must be a finite number, got {cfg}")
+    """A non-finite guidance scale gives an all-NaN latent: refuse it (each scale the guider keeps)."""
+    for name, shown in _GUIDANCE_SCALES.items():
+        value = getattr(guider, name, None)
+        if isinstance(value, (int, float)) and not math.isfinite(value):
+            where = "" if name == "cfg" else f" (of the guider {type(guider).__name__})"
+            raise ValueError(f"{shown} must be a finite number, got {value}{where}")
 
 
 def continuous_model_sampling(model_sampling: ModelSampling) -> ModelSampling:

@@ -278,6 +278,34 @@ def test_non_finite_cfg_is_refused(cfg):
         SamplerCustom.execute(model, True, 0, cfg, pos, neg, sampler, sigmas, latent)
 
 
+@pytest.mark.parametrize(("guider", "scale"), [("dual", "cfg_conds"), ("dual", "cfg_cond2_negative"),
+                                             ("perpneg", "neg_scale")])  # fmt: skip
+def test_a_non_finite_scale_of_another_guider_is_refused(guider, scale):
+    """DualCFGGuider keeps its scales in cfg1 / cfg2 and PerpNegGuider its negative's in neg_scale: a NaN or inf
+    there gave an all-NaN latent without a word (only CFGGuider's cfg was checked)."""
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import DualCFGGuider, RandomNoise, SamplerCustomAdvanced
+    from comfy_extras.nodes_perpneg import PerpNegGuider
+
+    model = tiny_model("eps")
+    pos, neg, mid = conditioning(1, 1), conditioning(1, 2), conditioning(1, 3)
+    bad = {"cfg_conds": math.nan, "cfg_cond2_negative": math.inf, "neg_scale": math.nan}
+    value = {name: bad[name] if name == scale else 2.0 for name in bad}
+    if guider == "dual":
+        args = (model, pos, mid, neg, value["cfg_conds"], value["cfg_cond2_negative"], "regular")
+        (made,) = DualCFGGuider.execute(*args).result
+    else:
+        (made,) = PerpNegGuider.execute(model, pos, neg, mid, 3.0, value["neg_scale"]).result
+    params = epd_core.load_params(official_path("sd15-best.pkl"))
+    (sigmas,) = N["EPDScheduler"].execute(model, params, 1.0, False).result
+    samplers = [N["EPDSampler"].execute(params, "auto", True, "comfyui").result[0],
+                N["EPDPlugin"].execute(comfy.samplers.sampler_object("euler"), params, "auto").result[0]]  # fmt: skip
+    for sampler in samplers:
+        with pytest.raises(ValueError, match=f"{scale} must be a finite number, got (nan|inf) \\(of the guider"):
+            SamplerCustomAdvanced.execute(RandomNoise.execute(0).result[0], made, sampler, sigmas,
+                                          {"samples": torch.zeros(1, 4, 8, 8)})  # fmt: skip
+
+
 def test_a_pixel_space_edm_table_on_a_latent_model_is_an_error_that_says_what_it_was_made_for():
     """The authors' ICCV tables (sigma up to 80, for CIFAR-10/FFHQ/ImageNet 64) used to run on an SD1.5-type model
     without a word; on a continuous EDM model they still run."""
