@@ -113,11 +113,14 @@ def _grid_difference(positive: torch.Tensor, grid: torch.Tensor) -> str:
     n = positive.shape[0]
     if not 1 <= n <= grid.shape[0]:
         return ""
-    if n < grid.shape[0] and torch.allclose(positive.double(), grid[:n].double(), rtol=1e-5, atol=0):
-        return (
-            f". These are the grid's first {n} time points: EPD runs only a grid's last steps (the low part of "
-            "SplitSigmas), so run another sampler on the first part and EPD on the rest"
-        )
+    for start in range(grid.shape[0] - n):  # a part that ends before the grid's end (the tail is the grid's own)
+        if torch.allclose(positive.double(), grid[start : start + n].double(), rtol=1e-5, atol=0):
+            which = f"time point {start + 1}" if n == 1 else f"time points {start + 1} to {start + n}"
+            which = f"first {n} time points" if start == 0 and n > 1 else which
+            return (
+                f". These are the grid's {which}: EPD runs only a grid's last steps (the low part of "
+                "SplitSigmas), so run another sampler on the first part and EPD on the rest"
+            )
     tail = grid[-n:].double()
     parted = (~torch.isclose(positive.double(), tail, rtol=1e-5, atol=0)).nonzero()
     if parted.numel() == 0:

@@ -346,7 +346,8 @@ def test_a_grid_mismatch_counts_time_points_on_both_sides():
 def test_a_grid_mismatch_says_where_the_grids_part():
     """Same count and ends with another spacing (karras at the table's points) said "got 11 ... from 14.61 to
     0.02917, but the table's grid has 11 ... from 14.61 to 0.02917"; the first part of a split EPD grid was told to
-    use EPD Scheduler, which it did."""
+    use EPD Scheduler, which it did; so was the first part of a split denoise cut (a middle part of the grid), and that
+    its table fixes the spacing of its steps."""
     import comfy.samplers
     from comfy_extras.nodes_custom_sampler import SplitSigmas
 
@@ -360,6 +361,11 @@ def test_a_grid_mismatch_says_where_the_grids_part():
     (grid,) = N["EPDScheduler"].execute(model, params, 1.0, True).result
     high, low = SplitSigmas.execute(grid, 4).result
     with pytest.raises(ValueError, match="These are the grid's first 5 time points: EPD runs only a grid's last steps"):
+        scheduling.check_grid(params, model_sampling, high, None)
+    scheduling.check_grid(params, model_sampling, low, None)
+    (cut,) = N["EPDScheduler"].execute(model, params, 0.6, True).result  # the grid's last 6 steps
+    high, low = SplitSigmas.execute(cut, 3).result  # time points 5 to 8 of 11
+    with pytest.raises(ValueError, match="These are the grid's time points 5 to 8: EPD runs only a grid's last steps"):
         scheduling.check_grid(params, model_sampling, high, None)
     scheduling.check_grid(params, model_sampling, low, None)
 
