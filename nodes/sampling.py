@@ -214,9 +214,9 @@ def conds_per_sample(guider: Guider | None, batch: int) -> Iterator[None]:
     """The guider's conditionings of this run repeated to the latent batch where their batch does not divide it, so
     that a call of K*B rows gives each point's rows their own sample's conditioning, as a call of B would; a mask of
     more rows than the batch cut to its first B, the rows ComfyUI uses at batch B; ControlNet hints likewise
-    (:func:`_tiles_hint`)."""
+    (:func:`_tiles_hint`). DualModelGuider's negative conditionings (0.33) too."""
     replaced = []
-    for cond in _run_conds(guider):
+    for cond in _run_conds(guider, second_model=True):
         mask = cond.get("mask")
         if isinstance(mask, torch.Tensor) and mask.ndim > 0 and mask.shape[0] > batch:
             replaced.append((cond, "mask", mask))

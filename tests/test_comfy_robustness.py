@@ -129,6 +129,30 @@ def test_a_prompt_batch_that_does_not_divide_the_latent_batch_reaches_its_sample
         assert torch.allclose(runs[mode], runs["sequential"], rtol=1e-5, atol=1e-5), mode
 
 
+def test_a_negative_prompt_batch_of_dual_model_guider_reaches_its_samples_in_one_call():
+    """0.33's DualModelGuider runs the negative on a model of its own, with conditionings outside the guider's
+    ``conds``: two negative prompts over three samples were left to ComfyUI's tiling of K*3 rows, so parallel
+    'batched' gave point 1's samples negatives [1, 0, 1] (0.005 off sequential), as the main prompts once did."""
+    from comfy_extras import nodes_custom_sampler as custom
+
+    if not hasattr(custom, "Guider_DualModel"):
+        pytest.skip("this ComfyUI has no DualModelGuider (0.33 has)")
+    params = _params()
+    model, negative = tiny_model("eps"), tiny_model("eps", seed=1)
+    guider = custom.Guider_DualModel(model, negative)
+    guider.set_conds(_amplified(1, 1), _amplified(2, 2))
+    guider.set_cfg(3.0)
+    sigmas = N["EPDScheduler"].execute(model, params, 1.0, False).result[0]
+    outs = {}
+    for mode in ("batched", "sequential"):
+        sampler = N["EPDSampler"].execute(params, mode, True, "comfyui").result[0]
+        noise = custom.Noise_RandomNoise(3)
+        outs[mode] = custom.SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, latent("eps", 3)).result[0][
+            "samples"
+        ]
+    assert torch.allclose(outs["batched"], outs["sequential"], rtol=1e-5, atol=1e-5)
+
+
 def test_perp_neg_guider_projects_each_point_alone():
     """PerpNegGuider's prediction sums over the rows of a call: in one call the K points shared one projection."""
     from comfy_extras.nodes_custom_sampler import RandomNoise, SamplerCustomAdvanced
