@@ -111,6 +111,22 @@ def check_grid(
 def _grid_difference(positive: torch.Tensor, grid: torch.Tensor) -> str:
     """Where sigmas that are not the table's grid part from it, for :func:`check_grid`'s error."""
     n = positive.shape[0]
+    rises = (positive[1:] >= positive[:-1]).nonzero()
+    if n >= 2 and bool((positive[1:] > positive[:-1]).all()):
+        return (
+            ". These sigmas increase (FlipSigmas: unsampling, from the image toward noise); an EPD table steps only "
+            "from noise toward the image, so unsample with another sampler (e.g. euler) and sample back with EPD"
+        )
+    zeros = (positive <= 0).nonzero()
+    if zeros.numel():
+        j = int(zeros[0])
+        return f"; time point {j + 1} is {float(positive[j]):.4g}: only the last sigma may be 0"
+    if rises.numel():
+        j = int(rises[0])
+        return (
+            f"; time point {j + 2} ({float(positive[j + 1]):.4g}) is not below time point {j + 1} "
+            f"({float(positive[j]):.4g}): sigmas must decrease (a 0 may end them)"
+        )
     if not 1 <= n <= grid.shape[0]:
         return ""
     for start in range(grid.shape[0] - n):  # a part that ends before the grid's end (the tail is the grid's own)

@@ -370,6 +370,27 @@ def test_a_grid_mismatch_says_where_the_grids_part():
     scheduling.check_grid(params, model_sampling, low, None)
 
 
+def test_a_grid_mismatch_names_sigmas_that_do_not_decrease():
+    """FlipSigmas (unsampling), a repeated sigma or a 0 in the middle of EPD Scheduler's grid were told only that
+    the counts differ and to use EPD Scheduler, which the user had."""
+    from comfy_extras.nodes_custom_sampler import FlipSigmas
+
+    params = epd_core.load_params(official_path("sd15-best.pkl"))
+    model, _ = _analytic("sd15_eps")
+    scheduling, model_sampling = H.pack_module("nodes.scheduling"), model.get_model_object("model_sampling")
+    (grid,) = N["EPDScheduler"].execute(model, params, 1.0, True).result
+    cases = {
+        "These sigmas increase \\(FlipSigmas: unsampling": FlipSigmas.execute(grid).result[0],
+        r"time point 3 \(8\.307\) is not below time point 2 \(8\.307\): sigmas must decrease": torch.cat(
+            [grid[:2], grid[1:]]
+        ),
+        "time point 3 is 0: only the last sigma may be 0": torch.cat([grid[:2], grid.new_zeros(1), grid[2:]]),
+    }
+    for message, sigmas in cases.items():
+        with pytest.raises(ValueError, match=message):
+            scheduling.check_grid(params, model_sampling, sigmas, None)
+
+
 def test_a_grid_above_the_models_sigmas_is_refused():
     """EPD Distill on a zero-terminal-SNR model stores a grid from sigma 4519; on the same network without zsnr
     (sigma_max 14.6) it sampled from 4519 without a word (RMSE 402 against the exact solution on MNIST)."""
