@@ -132,25 +132,32 @@ def test_a_prompt_batch_that_does_not_divide_the_latent_batch_reaches_its_sample
 def test_a_negative_prompt_batch_of_dual_model_guider_reaches_its_samples_in_one_call():
     """0.33's DualModelGuider runs the negative on a model of its own, with conditionings outside the guider's
     ``conds``: two negative prompts over three samples were left to ComfyUI's tiling of K*3 rows, so parallel
-    'batched' gave point 1's samples negatives [1, 0, 1] (0.005 off sequential), as the main prompts once did."""
+    'batched' gave point 1's samples negatives [1, 0, 1] (0.005 off sequential), as the main prompts once did. A
+    ComfyUI without the guider (0.3.75) runs the same two negatives through CFGGuider, whose conds hold them."""
+    import comfy.samplers
     from comfy_extras import nodes_custom_sampler as custom
 
-    if not hasattr(custom, "Guider_DualModel"):
-        pytest.skip("this ComfyUI has no DualModelGuider (0.33 has)")
     params = _params()
     model, negative = tiny_model("eps"), tiny_model("eps", seed=1)
-    guider = custom.Guider_DualModel(model, negative)
-    guider.set_conds(_amplified(1, 1), _amplified(2, 2))
-    guider.set_cfg(3.0)
+    dual = hasattr(custom, "Guider_DualModel")
     sigmas = N["EPDScheduler"].execute(model, params, 1.0, False).result[0]
     outs = {}
-    for mode in ("batched", "sequential"):
-        sampler = N["EPDSampler"].execute(params, mode, True, "comfyui").result[0]
-        noise = custom.Noise_RandomNoise(3)
-        outs[mode] = custom.SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, latent("eps", 3)).result[0][
-            "samples"
-        ]
-    assert torch.allclose(outs["batched"], outs["sequential"], rtol=1e-5, atol=1e-5)
+    for negatives in ("two", "flipped"):
+        neg = _amplified(2, 2)
+        if negatives == "flipped":
+            ((tensor, extra),) = neg
+            neg = [[tensor.flip(0), extra]]
+        guider = custom.Guider_DualModel(model, negative) if dual else comfy.samplers.CFGGuider(model)
+        guider.set_conds(_amplified(1, 1), neg)
+        guider.set_cfg(3.0)
+        for mode in ("batched", "sequential"):
+            sampler = N["EPDSampler"].execute(params, mode, True, "comfyui").result[0]
+            noise = custom.Noise_RandomNoise(3)
+            run = custom.SamplerCustomAdvanced.execute(noise, guider, sampler, sigmas, latent("eps", 3))
+            outs[negatives, mode] = run.result[0]["samples"]
+    assert (outs["flipped", "sequential"] - outs["two", "sequential"]).abs().max() > 1e-3  # the negatives matter
+    for negatives in ("two", "flipped"):
+        assert torch.allclose(outs[negatives, "batched"], outs[negatives, "sequential"], rtol=1e-5, atol=1e-5)
 
 
 def test_perp_neg_guider_projects_each_point_alone():
