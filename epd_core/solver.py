@@ -124,7 +124,9 @@ def first_direction(
         if mean is not None:
             if x.ndim < 2 or x.shape[1] != mean.numel():
                 raise ValueError(
-                    f"the table's first-step mean has {mean.numel()} channels; the latent has shape {list(x.shape)}"
+                    f"the table's first-step mean (afs_mean) has {mean.numel()} channels and the latent has shape "
+                    f"{list(x.shape)}: the table was fitted for another latent format; use a table fitted for this "
+                    "model (EPD Distill on it)"
                 )
             x = x - mean.to(x).reshape(1, -1, *([1] * (x.ndim - 2)))
         return x / scale.to(x.dtype)

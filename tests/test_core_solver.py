@@ -305,3 +305,12 @@ def test_a_training_grid_is_checked_to_decrease_strictly():
     for bad in ([80.0, 5.0, 5.0, 0.002], [80.0, 0.5, 5.0, 0.002], [80.0, 5.0, 0.5, -0.002]):
         with pytest.raises(ValueError, match="strictly decreasing"):
             training_grid(p, bad)
+
+
+def test_a_first_step_mean_of_another_latent_format_says_what_to_do():
+    """A table's ``afs_mean`` fitted on latents of other channels fails naming the mismatch and the remedy."""
+    p = load_params(official_path("sd3-512-best.pkl"))
+    table = p.replace(afs=True, afs_mean=torch.zeros(16, dtype=torch.float64))
+    x = torch.randn(1, 4, 8, 8, dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"16 channels .*\[1, 4, 8, 8\].*another latent format.*EPD Distill"):
+        sample(GaussianMixture.reference().denoise_flow, x, make_schedule(table), table)
