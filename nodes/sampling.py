@@ -136,10 +136,17 @@ def control_chain(control: object, seen: set[int] | None = None) -> Iterator:
 
 
 @contextmanager
-def exact_timesteps(base: BaseModel | None, enabled: bool = True, guider: Guider | None = None) -> Iterator[None]:
+def exact_timesteps(
+    base: BaseModel | None, enabled: bool = True, guider: Guider | None = None
+) -> Iterator[Callable[[], None]]:
     """While inside, a discrete model ``base`` sees continuous timesteps, and so do what else turns this run's sigmas
     into timesteps: the ControlNets of ``guider``'s conditionings (each keeps the model sampling it captured before the
-    run) and DualModelGuider's negative model. Restored on exit (also on interrupt)."""
+    run) and DualModelGuider's negative model. Restored on exit (also on interrupt).
+
+    Yields ``refresh``, to call after ComfyUI loaded a model back that it had unloaded (training, when a feature
+    encoder or reward model took the memory): reloading re-sets the model's object patches, so a
+    ``ModelSamplingDiscrete`` node's (v-prediction, zero terminal SNR) replaced the continuous one and the rest of
+    the run got ComfyUI's rounded timesteps."""
     owners = [(base, "model_sampling"), (getattr(guider, "uncond_inner", None), "model_sampling")]
     owners += [(control, "model_sampling_current") for control in _controls(guider)]
     saved = []
@@ -147,10 +154,17 @@ def exact_timesteps(base: BaseModel | None, enabled: bool = True, guider: Guider
         model_sampling = getattr(owner, name, None)
         if enabled and model_sampling is not None and is_discrete_model(model_sampling):
             saved.append((owner, name, model_sampling))
+
+    def refresh() -> None:
+        for owner, name, _ in saved:
+            current = getattr(owner, name, None)
+            if current is not None and is_discrete_model(current):  # not the continuous copy: re-patched
+                setattr(owner, name, continuous_model_sampling(current))
+
     try:
         for owner, name, model_sampling in saved:
             setattr(owner, name, continuous_model_sampling(model_sampling))
-        yield
+        yield refresh
     finally:
         for owner, name, model_sampling in saved:
             setattr(owner, name, model_sampling)

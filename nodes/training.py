@@ -439,8 +439,9 @@ def _train_on_model(model, positive, negative, cfg, latent, start, config, fit):
         def reload() -> None:
             comfy.model_management.load_models_gpu([sampling.model_patcher, *sampling.loaded_models],
                                                    memory_required=memory, minimum_memory_required=minimum)  # fmt: skip
+            continuous()  # a model loaded back has its object patches again (ModelSamplingDiscrete's)
 
-        with exact_timesteps(base, True, sampling), torch.inference_mode(False), torch.enable_grad():
+        with exact_timesteps(base, True, sampling) as continuous, torch.inference_mode(False), torch.enable_grad():
             extra = dict(extra_args or {}, denoise_mask=None)
             check_context_windows(extra.get("model_options"), grid)
             reader = first_sigma_reader(sampling, extra.get("model_options"))

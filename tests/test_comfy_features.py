@@ -159,3 +159,33 @@ def test_distill_node_trains_on_the_feature_loss(epd_dir, towers):
     local, _ = _distill(model, "local", encoder, weight=10.0, objective="local")
     assert local.metadata["distilled"]["gradient"] == "fd" and torch.isfinite(local.r_params).all()
     assert not torch.allclose(local.r_params, local_plain.r_params)
+
+
+def test_a_model_sampling_node_keeps_continuous_timesteps_after_the_encoder_unloads_the_model(epd_dir):
+    """A feature encoder (a VAE, CLIP vision) that needs the memory makes ComfyUI unload the sampled model, and
+    training loads it back; loading re-sets the model's object patches, so under a ModelSamplingDiscrete node
+    (v-prediction or zero-terminal-SNR checkpoints need one) every later call got ComfyUI's rounded timesteps, while
+    sampling sees continuous ones: the table was fitted to another model function."""
+    import comfy.model_management
+    from comfy_extras.nodes_model_advanced import ModelSamplingDiscrete
+
+    from epd_dev.tiny_models import network_calls
+
+    features = H.pack_module("nodes.features")
+    (model,) = ModelSamplingDiscrete().patch(tiny_model("eps"), "v_prediction", False)
+    patched = model.get_model_object("model_sampling")
+    embedded = []
+
+    def embed(z):
+        embedded.append(1)
+        comfy.model_management.unload_all_models()  # what loading a VAE does where memory is short
+        return z.flatten(1)
+
+    args = (conditioning(1, 1), conditioning(1, 2), latent("eps", 1), 1.0, 4, 2, "dpm2", 1, 1, 2, 0.05, 0, False,
+            "unloaded", False)  # fmt: skip
+    with network_calls(model) as calls, torch.inference_mode():
+        N["EPDDistill"].execute(model, *args, feature_encoder=features.Encoder("unloading", embed), start_check=0)
+    assert embedded
+    rounded = [bool(torch.equal(t, t.round())) for _, t in calls]
+    assert not all(rounded[-len(rounded) // 2 :]), "the model saw only integer timesteps after it was loaded back"
+    assert model.model.model_sampling is patched
