@@ -60,6 +60,19 @@ def _model_schedule(params: EPDParams, model_sampling, mu: float | None) -> torc
     return make_schedule(params)
 
 
+def fitted_at(params: EPDParams, model_sampling: ModelSampling, mu: float | None = None) -> EPDParams:
+    """``params`` recording the flow shift or ``mu`` its grid takes on this model (``mu``: a resolution's, Flux 2),
+    for a table trained there: :func:`model_schedule` takes the model's, not the table's, so a table trained from a
+    shift-3 start under ModelSamplingSD3 at 6 is fitted at shift 6. A table with its own grid (which no shift moves)
+    and a table or model that is no flow (an error of :func:`model_schedule`'s) are returned as they are."""
+    if params.t_steps is not None or not (params.is_flow and is_flow_model(model_sampling)):
+        return params
+    shift = float(getattr(model_sampling, "shift", DEFAULT_FLOW_SHIFT))
+    if is_flux_shift(model_sampling):
+        return params.replace(flowmatch_mu=shift if mu is None else mu, flowmatch_shift=None)
+    return params.replace(flowmatch_shift=shift, flowmatch_mu=None)
+
+
 def epd_sigmas(
     params: EPDParams,
     model_sampling: ModelSampling,

@@ -51,7 +51,7 @@ from .sampling import (
     exact_timesteps,
     first_sigma_reader,
 )
-from .scheduling import model_schedule
+from .scheduling import fitted_at, model_schedule
 
 log = logging.getLogger("epd")
 
@@ -146,10 +146,9 @@ def distill_on_model(
     starts, first = start, next(iter(start.values()))
     ms = model.get_model_object("model_sampling")
     mu = resolution_mu(model.model, latent.shape, first.num_steps - 1, ms)  # Flux 2's, as EPD KSampler takes it
-    if mu is not None:  # a table without its own grid records the mu it is fitted at, not the model's default
-        starts = {name: t.replace(flowmatch_mu=mu) if t.t_steps is None and t.flowmatch_mu is not None else t
-                  for name, t in starts.items()}  # fmt: skip
-        first = next(iter(starts.values()))
+    # a table without its own grid records the shift or mu it is fitted at (the model's), not its start's
+    starts = {name: fitted_at(t, ms, mu) for name, t in starts.items()}
+    first = next(iter(starts.values()))
     grids = {name: model_schedule(table, ms, mu) for name, table in starts.items()}
 
     def fit(s: Session) -> EPDParams:
@@ -252,6 +251,8 @@ def rdpo_on_model(
     """
     prompts = sample_inputs(positive, negative)
     config = per_prompt_groups(config, prompts)
+    ms = model.get_model_object("model_sampling")  # the table records the shift or mu it is trained at
+    start = fitted_at(start, ms, resolution_mu(model.model, latent.shape, start.num_steps - 1, ms))
     metadata = {**(metadata or {}), "prompts": prompts, **({"teacher_steps": teacher_m} if reward is None else {})}
     # what the reward depends on beyond its name: a checkpoint made with other values is not resumed
     key = {name: metadata.get(name) for name in ("teacher_steps", "reward_prompt", "reward_model")}

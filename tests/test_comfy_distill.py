@@ -1130,3 +1130,25 @@ def test_a_checkpoint_s_start_record_of_other_candidates_is_not_taken(monkeypatc
     monkeypatch.setattr(training, "checkpoint_notes", lambda path: notes)
     assert training._noted_start("ckpt", {"rho-7 grid": object(), "model grid": object()}) is None
     assert training._noted_start("ckpt", {"uniform grid": object(), "model grid": object()}) is not None
+
+
+def test_a_table_trained_under_another_shift_records_that_shift(epd_dir):
+    """A table without its own grid samples on the model's shift, so it is fitted at the shift of the model it is
+    trained on. EPD Distill from a shift-3 start (and EPD RDPO from a shift-3 table) on a model under ModelSamplingSD3
+    at 6 trained on the shift-6 grid but recorded shift 3: the loader's info named a shift it was not fitted at (and,
+    with learn_grid, a grid ending at shift 6's sigma 'fitted at shift 3')."""
+    from comfy_extras.nodes_model_advanced import ModelSamplingSD3
+
+    tables, training = H.pack_module("nodes.nodes_tables"), H.pack_module("nodes.training")
+    sd3 = tiny_model("sd3")
+    (model,) = ModelSamplingSD3().patch(sd3, 6.0)
+    start = training.start_table(sd3.get_model_object("model_sampling"), 4, 2, False, "epd")
+    assert start.flowmatch_shift == 3.0 and start.t_steps is None
+    quick = {"nfe": 6, "teacher_steps": 1, "start_check": 0, "keep_best": 0, "student": "epd", "start_params": start}
+    params, _ = _run(model, "sd3", "shift6", iterations=1, **quick)
+    grown, _ = _run(model, "sd3", "shift6_grid", iterations=1, learn_grid=True, **quick)
+    rdpo, _ = N["EPDRDPO"].execute(model, conditioning(1, 1), conditioning(1, 2), latent("sd3", 1), start, 2.0,
+                                   "fidelity", 1, 1, 1, 2, 20.0, 1e-3, 0, "shift6_rdpo", False).result  # fmt: skip
+    for table in (params, grown, rdpo):
+        assert table.flowmatch_shift == 6.0
+    assert tables.made_for(params).endswith("shift 6") and "(fitted at shift 6)" in tables.made_for(grown)
