@@ -34,8 +34,8 @@ def output_path(filename: str, overwrite: bool) -> Path:
     shadow them) and, unless asked, existing files."""
     stem = filename.removesuffix(".safetensors")
     if not _NAME.fullmatch(stem) or ".." in stem:
-        raise ValueError(f"invalid table name {filename!r}: up to 101 letters, digits, '.', '_' and '-', starting "
-                         "with a letter or digit, without '..'")  # fmt: skip
+        raise ValueError(f"invalid table name {filename!r}: up to 101 ASCII letters (A-Z, a-z), digits, '.', '_' "
+                         "and '-', starting with a letter or digit, without '..'")  # fmt: skip
     reserved = {p.stem.lower() for p in (PACK / "weights").rglob("*") if p.suffix in (".safetensors", ".pkl")}
     try:
         reserved |= {name.lower() for name in load_catalogue(PACK / "weights" / "catalogue.json")}

@@ -508,6 +508,8 @@ def test_never_overwrites_without_asking(epd_dir):
     for name in ("_draft", "v2..final", "x" * 102):  # each of the allowed characters: the message says the rule
         with pytest.raises(ValueError, match="starting with a letter or digit, without '..'"):
             _run(model, "eps", name, iterations=1)
+    with pytest.raises(ValueError, match=r"ASCII letters \(A-Z, a-z\)"):  # "letters" alone: a unicode one is a letter
+        _run(model, "eps", "t\u00e4bl\u00e9", iterations=1)
 
 
 def test_a_table_of_that_name_in_another_epd_folder_is_not_hidden(epd_dir, tmp_path_factory):
