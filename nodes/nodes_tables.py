@@ -39,13 +39,18 @@ def register_folder() -> None:
 
 
 _CACHE: dict[tuple[str, int, int], EPDParams] = {}
+MISSING_TABLE_HINT = (
+    ": pick one of EPD Params Loader's tables (press R in ComfyUI to refresh its list), or put the file in one of "
+    "these folders"
+)
 
 
 def load_table(name: str) -> EPDParams:
     """Load a table by its name in the ``epd`` folder; errors name the file."""
     path = folder_paths.get_full_path(FOLDER, name)
     if path is None:
-        raise user_error(ValueError(f"EPD table {name!r} not found in {folder_paths.get_folder_paths(FOLDER)}"))
+        where = folder_paths.get_folder_paths(FOLDER)
+        raise user_error(ValueError(f"EPD table {name!r} not found in {where}{MISSING_TABLE_HINT}"))
     stat = os.stat(path)
     key = (path, stat.st_mtime_ns, stat.st_size)
     if key not in _CACHE:
@@ -207,7 +212,7 @@ class EPDParamsLoader(io.ComfyNode):
         if table_name is None or moved_table(table_name, local) in local or catalogue_choice(table_name):
             return True
         where = user_text(str(folder_paths.get_folder_paths(FOLDER)))
-        return f"EPD table {table_name!r} not found in {where} nor in the catalogue"
+        return f"EPD table {table_name!r} not found in {where} nor in the catalogue{MISSING_TABLE_HINT}"
 
     @classmethod
     def fingerprint_inputs(cls, table_name: str | None = None) -> str:

@@ -164,4 +164,7 @@ def test_a_demo_table_by_its_name_from_before_demo_is_that_table(loader_env):
     assert all(torch.equal(getattr(got, n), getattr(ref, n)) for n in (*TABLE_NAMES, "t_steps"))
     assert got.hyper() == ref.hyper()
     assert "NFE 10" in info
-    assert "not found" in loader.validate_inputs(table_name="no-such-table.safetensors")
+    missing = loader.validate_inputs(table_name="no-such-table.safetensors")
+    assert "not found" in missing and "refresh its list" in missing  # and what to do
+    with pytest.raises(ValueError, match="not found in .*refresh its list"):  # a file gone after validation
+        loader.execute("no-such-table.safetensors")
