@@ -36,6 +36,7 @@ import comfy.sample
 import comfy.samplers
 import torch
 from comfy.utils import repeat_to_batch_size
+from tqdm.auto import tqdm
 
 from ..epd_core import EPDParams
 from ..epd_core import sample as epd_sample
@@ -456,14 +457,21 @@ def epd_sampler_function(
     extra_args = {} if extra_args is None else extra_args
     sigmas = sigmas.detach().to("cpu", torch.float64)
     options = extra_args.get("model_options")
-    with epd_run(model, params, x, parallel, continuous_time, sigmas, options) as (mode, model_sampling):
+    bar = tqdm(total=sigmas.shape[-1] - 1, disable=disable)  # the console bar of ComfyUI's samplers (their trange)
+
+    def step(info: dict[str, Any]) -> None:
+        if callback is not None:
+            callback(info)
+        bar.update(1)
+
+    with bar, epd_run(model, params, x, parallel, continuous_time, sigmas, options) as (mode, model_sampling):
         flow = model_sampling is not None and is_flow_model(model_sampling)
         if convention == "authors" and not flow and model_sampling is not None:
             s0 = float(sigmas[0])
             if s0 >= float(model_sampling.sigma_max) * (1 - 1e-5):
                 x = x * (s0 / (1.0 + s0**2) ** 0.5)
         den = _ComfyDenoiser(model, extra_args, x.shape[0])
-        out = epd_sample(den, x, sigmas, params, callback=callback, parallel=mode, final=final, finish=den.finish)
+        out = epd_sample(den, x, sigmas, params, callback=step, parallel=mode, final=final, finish=den.finish)
     if convention == "authors" and flow and float(sigmas[-1]) > 0:
         out = out * (1.0 - float(sigmas[-1]))
     return out

@@ -120,6 +120,26 @@ def test_final_step_estimate_costs_no_call():
     assert torch.equal(custom["samples"], estimate)
 
 
+def test_epd_sampler_draws_the_console_progress_bar_as_comfyuis_samplers(capfd):
+    """ComfyUI's samplers draw a console progress bar of len(sigmas) - 1 steps unless ``disable`` (ComfyUI's
+    disable_pbar); EPD Sampler (and so EPD KSampler) took ``disable`` and drew none: the terminal showed no progress."""
+    import comfy.sample
+    import comfy.samplers
+
+    params = _table("sd15-best.pkl")
+    model, cond = _nodes_out(N["EPDAnalyticModel"], "sd15_eps", "reference", 0.0)
+    (sigmas,) = _nodes_out(N["EPDScheduler"], model, params, 1.0, True)
+    steps, zeros = len(sigmas) - 1, torch.zeros(1, 4, 8, 8)
+    samplers = {"euler": comfy.samplers.sampler_object("euler"),
+                "epd": _nodes_out(N["EPDSampler"], params, "auto", True, "comfyui")[0]}  # fmt: skip
+    for name, sampler in samplers.items():
+        for disable in (False, True):
+            capfd.readouterr()
+            comfy.sample.sample_custom(model, zeros, 1.0, sampler, sigmas, cond, cond, zeros, disable_pbar=disable)
+            shown = f"{steps}/{steps}" in capfd.readouterr().err
+            assert shown is not disable, (name, disable)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("cfg", [1.0, 4.0])
 def test_batched_equals_sequential_with_different_prompts(kind, cfg):
