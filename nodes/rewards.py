@@ -1,8 +1,8 @@
 """Rewards for EPD RDPO in ComfyUI: a CLIP score from the user's own VAE, CLIP vision and CLIP text models.
 
 A reward here is ``reward(latents, context) -> scores``: ``latents`` are the rollouts' final latents in
-ComfyUI's LATENT format (what VAE Decode takes), ``context`` each rollout's group index; one score per
-rollout, higher is better.
+ComfyUI's LATENT format (what VAE Decode takes), ``context`` each rollout's index into the iteration's noises
+(its group's under grouping "noise", its own under "prompt"); one score per rollout, higher is better.
 
 The CLIP score is ``100 * cosine(image embedding, prompt embedding)`` in CLIP's joint space, so both models
 must be the two towers of one CLIP and the text model must carry its projection. Pairs that work in ComfyUI:
