@@ -43,9 +43,11 @@ def flags(**args: str | int | bool | None) -> str:
 
 
 def recipe(form: str, mixture: str, nfe: int) -> str:
+    """The two-round EPD tables. Fitted before the mean-aware first step, their AFS assumes data mean 0
+    (``--no-afs-mean``): without the flag the command now fits a mean, and another table than the one shipped."""
     steps, afs = time_points_for_nfe(nfe)
     local = not 5 <= nfe <= 7
-    return flags(form=form, mixture=mixture, steps=steps, **COMMON, afs=afs,
+    return flags(form=form, mixture=mixture, steps=steps, **COMMON, afs=afs, no_afs_mean=afs,
                  objective="local" if local else "global", weighting="snr" if local else None)  # fmt: skip
 
 

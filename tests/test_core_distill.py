@@ -395,6 +395,25 @@ def test_bundled_tables_record_the_command_that_regenerates_them():
         assert command == f"python -m epd_core distill {args} --out weights/demo/{name}", name
 
 
+def test_bundled_tables_commands_fit_the_first_step_they_carry():
+    """A bundled AFS table carries a data mean exactly where its recorded command fits one. The two-round tables
+    were fitted before the mean-aware first step; their command without ``--no-afs-mean`` now fits a mean, so
+    make_weights rebuilt another table than the one shipped (analytic-sd15-reference-nfe3 came back with an
+    ``afs_mean`` and a grid 0.09 away)."""
+    import argparse
+    import shlex
+
+    from epd_dev import ROOT as root
+    from scripts import make_weights
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--afs-mean", action=argparse.BooleanOptionalAction, default=DistillConfig().afs_mean)
+    for name, args in make_weights.DISTILLED.items():
+        table = load_params(root / "weights" / "demo" / name)
+        fits_mean = parser.parse_known_args(shlex.split(args))[0].afs_mean
+        assert not table.afs or (table.afs_mean is not None) == fits_mean, name
+
+
 def test_make_weights_replaces_a_table_and_puts_it_back_when_the_run_fails(tmp_path):
     """Regenerating a bundled table replaces it (recording the command as the table test above expects); a run that
     fails leaves the old file in place and nothing beside it."""
