@@ -48,9 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.stage != "rdpo":
             steps, afs = time_points_for_nfe(nfe)
             start = training.start_table(model.get_model_object("model_sampling"), steps, args.points, afs)
+            # afs_mean off: the bundled tables were fitted before the mean-aware first step (AFS assumes mean 0)
             distill_config = config.DistillConfig(
                 iterations=args.iterations, batch=args.batch, teacher="heun", teacher_m=args.teacher_m,
-                seed=args.seed, learn_grid=True, weighting="snr", gradient="fd",
+                seed=args.seed, learn_grid=True, weighting="snr", gradient="fd", afs_mean=False,
             )  # fmt: skip
             meta = {"model": "digits UNet (demo_models/digits-unet.safetensors)", "command": command}
             params = training.distill_on_model(model, cond, cond, 1.0, latent, start, distill_config, metadata=meta)

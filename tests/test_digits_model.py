@@ -188,22 +188,25 @@ def test_loader_does_not_offer_the_unet_as_a_table():
 
 
 def test_tables_script_distils_then_refines_with_rdpo(tmp_path):
-    """make_digits_tables: Stage 1 through ComfyUI, then Stage 2 (RDPO) from the Stage 1 file it wrote."""
+    """make_digits_tables: Stage 1 through ComfyUI, then Stage 2 (RDPO) from the Stage 1 file it wrote. Its AFS
+    table is of the bundled one's kind: no data mean (the script fitted one, 0.5 off the bundled table's 0)."""
     from scripts import make_digits_tables
 
     threads = torch.get_num_threads()
-    args = ["--iterations", "2", "--batch", "4", "--rdpo-iterations", "2", "--nfe", "4", "--rdpo-nfe", "4",
+    args = ["--iterations", "2", "--batch", "4", "--rdpo-iterations", "2", "--nfe", "5", "--rdpo-nfe", "5",
             "--out-dir", str(tmp_path)]  # fmt: skip
     try:
         assert make_digits_tables.main(args) == 0
     finally:
         torch.set_num_threads(threads)
-    distilled = epd_core.load_params(tmp_path / "digits-nfe4.safetensors")
-    refined = epd_core.load_params(tmp_path / "digits-nfe4-rdpo.safetensors")
-    assert distilled.nfe == refined.nfe == 4 and distilled.metadata["distilled"]["iterations"] == 2
+    distilled = epd_core.load_params(tmp_path / "digits-nfe5.safetensors")
+    refined = epd_core.load_params(tmp_path / "digits-nfe5-rdpo.safetensors")
+    assert distilled.nfe == refined.nfe == 5 and distilled.metadata["distilled"]["iterations"] == 2
+    bundled = epd_core.load_params(ROOT / "weights" / "demo" / "digits-nfe5.safetensors")
+    assert distilled.afs and bundled.afs and distilled.afs_mean is None and bundled.afs_mean is None
     rdpo = refined.metadata["rdpo"]
     assert rdpo["iterations"] == 2 and rdpo["reward"] == "fidelity"
-    assert refined.metadata["rdpo_start_file"] == "digits-nfe4.safetensors"
+    assert refined.metadata["rdpo_start_file"] == "digits-nfe5.safetensors"
     assert torch.equal(refined.t_steps, distilled.t_steps)
     assert not torch.equal(refined.weight_s, distilled.weight_s)
 
