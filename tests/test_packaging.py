@@ -168,3 +168,17 @@ def test_each_bundled_mnist_tables_command_writes_its_name():
         suffix = values.get("--suffix", [""])[0]
         names = {f"mnist-{k}-nfe{n}{suffix}.safetensors" for k in values["--kinds"] for n in values["--nfes"]}
         assert path.name in names, (path.name, command)
+
+
+def test_readme_names_the_benchmarks_bench_all_runs(tmp_path):
+    """The README's headline paragraph names the benchmarks bench.all runs: it said "every accuracy benchmark
+    below", while bench.defaults, bench.unseen, bench.diagnose and bench.rdpo are not among them."""
+    import re
+
+    from bench import all as bench_all
+
+    readme = (ROOT / "README.md").read_text()
+    paragraph = readme[readme.index("**Headline.** `python -m bench.all` runs") :].split("\n\n")[0]
+    named = re.search(r"runs the benchmarks of the headline and the plugin table, (.*?) \(", paragraph, re.S).group(1)
+    runs = [module.__name__ for _, module, _ in bench_all.plan(tmp_path, False, None)]
+    assert re.findall(r"`(bench\.\w+)`", named) == runs
