@@ -182,3 +182,15 @@ def test_readme_names_the_benchmarks_bench_all_runs(tmp_path):
     named = re.search(r"runs the benchmarks of the headline and the plugin table, (.*?) \(", paragraph, re.S).group(1)
     runs = [module.__name__ for _, module, _ in bench_all.plan(tmp_path, False, None)]
     assert re.findall(r"`(bench\.\w+)`", named) == runs
+
+
+def test_fixtures_named_in_the_marker_descriptions_exist():
+    """pytest.ini's comfy marker said ComfyUI is started by "the comfy fixture"; the fixture is comfy_nodes."""
+    import configparser
+    import re
+
+    markers = configparser.ConfigParser()
+    markers.read(ROOT / "pytest.ini")
+    named = re.findall(r"by the (\w+) fixture", markers["pytest"]["markers"])
+    conftest = (ROOT / "tests" / "conftest.py").read_text()
+    assert named and all(re.search(rf"^def {name}\(", conftest, re.M) for name in named), named
