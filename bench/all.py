@@ -1,4 +1,5 @@
-"""Every accuracy benchmark, then the README's headline: ``python -m bench.all [--quick] [--out DIR]``.
+"""The benchmarks of the headline and the plugin table, then the README's headline:
+``python -m bench.all [--quick] [--out DIR]``.
 
 In order: ``bench.accuracy`` (the whole field at 1,024 noises, and the plot), ``bench.carry`` (the analytic
 mixtures at 8,192 noises, built-ins picked from the first), ``bench.neural`` (the MNIST models), ``bench.plugin``
