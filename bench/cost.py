@@ -2,7 +2,7 @@
 
 * time: a tiny real SD1.5-architecture UNet (random weights) through ComfyUI's sampling path, one 4x8x8 latent,
   the bundled analytic NFE-10 EPD table (K = 3) against euler and dpmpp_2m at the same NFE; median of several
-  repetitions, as a ratio to euler;
+  repetitions, the samplers taking turns, as a ratio to euler;
 * overhead: the solver's own time per step with a near-free denoiser (``x -> 0.9 x``) on a 4x64x64 latent, core only;
 * memory: ComfyUI's own estimate for one model call of two batched points against a single point, at 4x64x64 (a
   512x512 image).
@@ -17,6 +17,7 @@ import json
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,14 +29,23 @@ from epd_dev.tiny_models import conditioning, tiny_model
 RESULTS = ROOT / "bench" / "results"
 
 
-def _median_time(fn, reps: int) -> float:
-    fn()  # warm-up
-    times = []
+def median_times(fns: dict[str, Callable[[], object]], reps: int, sync: Callable[[], None] | None = None) -> dict:
+    """Each function's median wall time over ``reps`` rounds, the functions taking turns within a round (after one
+    warm-up each): a change of the machine's load or clock during the measurement then reaches every sampler alike,
+    where timing one sampler's repetitions after another's would read it as a difference between the samplers.
+    ``sync`` (e.g. ``torch.cuda.synchronize``) runs before and after each timed call."""
+    sync = sync or (lambda: None)
+    for fn in fns.values():
+        fn()  # warm-up (loads the model onto the device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def wall_time(reps: int, nfe_table: str = "analytic-sd15-reference-nfe10.safetensors") -> list[dict]:
@@ -54,13 +64,13 @@ def wall_time(reps: int, nfe_table: str = "analytic-sd15-reference-nfe10.safeten
     runs = {"epd": (epd, epd_sigmas)}
     for name in ("euler", "dpmpp_2m"):
         runs[name] = (comfy.samplers.sampler_object(name), comfy.samplers.calculate_sigmas(ms, "karras", params.nfe))
-    out = []
-    for name, (sampler, sigmas) in runs.items():
 
-        def go(sampler=sampler, sigmas=sigmas):
-            comfy.sample.sample_custom(model, noise, 4.0, sampler, sigmas, pos, neg, latent, disable_pbar=True, seed=0)
+    def go(sampler, sigmas) -> Callable[[], object]:
+        return lambda: comfy.sample.sample_custom(model, noise, 4.0, sampler, sigmas, pos, neg, latent,
+                                                  disable_pbar=True, seed=0)  # fmt: skip
 
-        out.append({"sampler": name, "nfe": params.nfe, "seconds_per_image": _median_time(go, reps)})
+    medians = median_times({name: go(*run) for name, run in runs.items()}, reps)
+    out = [{"sampler": name, "nfe": params.nfe, "seconds_per_image": t} for name, t in medians.items()]
     base = next(r["seconds_per_image"] for r in out if r["sampler"] == "euler")
     for r in out:
         r["ratio_to_euler"] = r["seconds_per_image"] / base
@@ -75,7 +85,7 @@ def solver_overhead(reps: int) -> dict:
     def free(x, sigma):
         return 0.9 * x
 
-    t = _median_time(lambda: sample(free, x, grid, params), reps)
+    t = median_times({"epd": lambda: sample(free, x, grid, params)}, reps)["epd"]
     return {"steps": params.num_steps - 1, "microseconds_per_step": 1e6 * t / (params.num_steps - 1)}
 
 

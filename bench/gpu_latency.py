@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from bench.cost import median_times
 from epd_core import EPDParams
 from epd_core.params import time_points_for_nfe
 from epd_dev import ROOT, comfy_harness
@@ -51,22 +51,6 @@ def unet(size: str):
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
 
 
-def _timed(fn, reps: int) -> float:
-    def sync() -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-
-    fn()  # warm-up (loads the model onto the device)
-    times = []
-    for _ in range(reps):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def latency(size: str, nfe: int, reps: int, hw: int) -> list[dict]:
     import comfy.sample
     import comfy.samplers
@@ -89,13 +73,14 @@ def latency(size: str, nfe: int, reps: int, hw: int) -> list[dict]:
                       nodes["EPDScheduler"].execute(model, params, 1.0, False).result[0])  # fmt: skip
     for name in ("euler", "dpmpp_2m"):
         runs[name] = (comfy.samplers.sampler_object(name), comfy.samplers.calculate_sigmas(ms, "karras", nfe))
-    out = []
-    for name, (sampler, sigmas) in runs.items():
 
-        def go(sampler=sampler, sigmas=sigmas):
-            comfy.sample.sample_custom(model, noise, 4.0, sampler, sigmas, pos, neg, latent, disable_pbar=True, seed=0)
+    def go(sampler, sigmas) -> Callable[[], object]:
+        return lambda: comfy.sample.sample_custom(model, noise, 4.0, sampler, sigmas, pos, neg, latent,
+                                                  disable_pbar=True, seed=0)  # fmt: skip
 
-        out.append({"sampler": name, "nfe": nfe, "seconds_per_image": _timed(go, reps)})
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else None
+    medians = median_times({name: go(*run) for name, run in runs.items()}, reps, sync)
+    out = [{"sampler": name, "nfe": nfe, "seconds_per_image": t} for name, t in medians.items()]
     base = {r["sampler"]: r["seconds_per_image"] for r in out}
     for r in out:
         r["ratio_to_euler"] = r["seconds_per_image"] / base["euler"]

@@ -203,6 +203,19 @@ def test_cost_benchmark_runs(tmp_path):
     assert result["memory"]["ratio"] > 1.0
 
 
+def test_cost_timings_take_turns_so_a_load_change_reaches_every_sampler():
+    """The samplers' repetitions alternate (one warm-up each first): timed one sampler after another, a change of the
+    machine's load read as a gap between samplers making the same model calls (dpmpp_2m 1.28x euler in one run)."""
+    from bench.cost import median_times
+
+    order: list[str] = []
+    fns = {name: (lambda name=name: order.append(name)) for name in ("epd", "euler", "dpmpp_2m")}
+    syncs: list[int] = []
+    medians = median_times(fns, 3, sync=lambda: syncs.append(1))
+    assert order == ["epd", "euler", "dpmpp_2m"] * 4
+    assert set(medians) == set(fns) and len(syncs) == 2 * 9
+
+
 def test_gpu_latency_script_runs_on_the_cpu(tmp_path):
     """The GPU latency script (run where a GPU is lent) as a CPU smoke test on the tiny UNet."""
     from bench import gpu_latency
