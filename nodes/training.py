@@ -46,6 +46,7 @@ from .sampling import (
     _ComfyDenoiser,
     _first_sigma_patch,
     _is_oom,
+    check_cfg,
     check_context_windows,
     control_chain,
     exact_timesteps,
@@ -420,6 +421,7 @@ def _train_on_model(model, positive, negative, cfg, latent, start, config, fit):
     guider = comfy.samplers.CFGGuider(model)
     guider.set_conds(_tiled_inputs(positive, batch), _tiled_inputs(negative, batch))
     guider.set_cfg(cfg)
+    check_cfg(guider)  # a NaN passes ComfyUI's range check; the first call would blame the model's precision
     zeros, packed = _training_latent(latent, batch)
     memory, minimum = comfy.sampler_helpers.estimate_memory(model, packed, guider.original_conds)
 

@@ -1154,3 +1154,20 @@ def test_a_table_trained_under_another_shift_records_that_shift(epd_dir):
     for table in (params, grown, rdpo):
         assert table.flowmatch_shift == 6.0
     assert tables.made_for(params).endswith("shift 6") and "(fitted at shift 6)" in tables.made_for(grown)
+
+
+def test_training_refuses_a_nan_cfg_before_any_model_call(epd_dir):
+    """ComfyUI's range check lets a NaN through (an API prompt's ``NaN``); training then failed at its first call
+    with 'the model returned non-finite values ... a float16 model overflowing?', blaming the model, as the sampling
+    nodes' check does not."""
+    model = tiny_model("eps")
+    start = H.pack_module("nodes.training").start_table(model.get_model_object("model_sampling"), 4, 2, False)
+    args = (conditioning(1, 1), conditioning(1, 2), latent("eps", 1))
+    with network_calls(model) as calls:
+        with pytest.raises(ValueError, match="cfg must be a finite number, got nan"):
+            N["EPDDistill"].execute(model, *args, **_args("bad", 1, cfg=float("nan"), nfe=4, start_check=0))
+        with pytest.raises(ValueError, match="cfg must be a finite number, got nan"):
+            N["EPDRDPO"].execute(model, *args, start, float("nan"), "fidelity", 1, 1, 2, 2, 20.0, 1e-3, 0, "bad_rdpo",
+                                 False)  # fmt: skip
+    assert calls == []
+    assert list(epd_dir.iterdir()) == []
