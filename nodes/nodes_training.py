@@ -249,6 +249,8 @@ def scale_bounds(nfe: int, start_params: EPDParams | None, **inputs: float | Non
     """
     auto, bounds = node_scale_bounds(nfe), {}
     for name, value in inputs.items():
+        if value is not None and not math.isfinite(value):  # a NaN passes ComfyUI's range check and every comparison
+            raise ValueError(f"{name} must be a finite number, got {value}")
         if value is not None and AUTO < value < 0:  # a widget dragged from -1 towards a small bound
             raise ValueError(f"{name} {value:g}: -1 is auto, 0 no head, a positive value the bound (1 +- value)")
         if value is None or value < 0:

@@ -1171,3 +1171,17 @@ def test_training_refuses_a_nan_cfg_before_any_model_call(epd_dir):
                                  False)  # fmt: skip
     assert calls == []
     assert list(epd_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("head", ["scale_dir", "scale_time"])
+def test_a_nan_scale_bound_is_refused_not_read_as_no_head(epd_dir, head):
+    """A NaN fails every comparison, so ``bound > 0`` read it as 0 and the run trained without the head it was asked
+    for, saying nothing (infinity failed later, at the table's check)."""
+    model = tiny_model("eps")
+    args = (conditioning(1, 1), conditioning(1, 2), latent("eps", 1))
+    with network_calls(model) as calls:
+        for value in (float("nan"), float("inf")):
+            with pytest.raises(ValueError, match=f"{head} must be a finite number, got {value}"):
+                N["EPDDistill"].execute(model, *args, **_args("bad", 1, nfe=4, start_check=0, **{head: value}))
+    assert calls == []
+    assert list(epd_dir.iterdir()) == []
