@@ -3,6 +3,8 @@ labelled image grid the demo workflow ends in."""
 
 from __future__ import annotations
 
+import math
+
 import torch
 from comfy_api.latest import io
 
@@ -51,6 +53,8 @@ class EPDAnalyticModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, form: str, mixture: str, shift: float) -> io.NodeOutput:
+        if not math.isfinite(shift):  # a NaN passes ComfyUI's range check and read as 0 (the default shift)
+            raise ValueError(f"shift must be a finite number, got {shift}")
         model = analytic_model_patcher(form, mixture, shift if shift > 0 else None)
         return io.NodeOutput(model, [[torch.zeros(1, 1, 8), {}]])
 

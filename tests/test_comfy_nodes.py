@@ -56,6 +56,14 @@ def test_analytic_model_reproduces_reference_through_comfyui(name):
     assert steps == list(range(params.num_steps - 1))
 
 
+@pytest.mark.parametrize("shift", [float("nan"), float("inf")])
+def test_analytic_model_refuses_a_shift_that_is_not_finite(shift):
+    """A NaN passes ComfyUI's range check and read as 0 (the form's default shift); infinity made a model of shift
+    inf."""
+    with pytest.raises(ValueError, match=f"shift must be a finite number, got {shift}"):
+        N["EPDAnalyticModel"].execute("sd3_flow", "reference", shift)
+
+
 @pytest.mark.parametrize("form,table", [("sd15_eps", "sd15-best.pkl"), ("sd3_flow", "sd3-512-best.pkl")])
 def test_comfyui_convention_differs_by_documented_scaling(form, table):
     """Default ComfyUI convention: EPS starts at noise*sqrt(1+s0^2); flow divides the end by (1 - s_last)."""
