@@ -1173,10 +1173,10 @@ def test_training_refuses_a_nan_cfg_before_any_model_call(epd_dir):
     assert list(epd_dir.iterdir()) == []
 
 
-@pytest.mark.parametrize("head", ["scale_dir", "scale_time"])
+@pytest.mark.parametrize("head", ["scale_dir", "scale_time", "feature_weight"])
 def test_a_nan_scale_bound_is_refused_not_read_as_no_head(epd_dir, head):
     """A NaN fails every comparison, so ``bound > 0`` read it as 0 and the run trained without the head it was asked
-    for, saying nothing (infinity failed later, at the table's check)."""
+    for, saying nothing (infinity failed later, at the table's check); a NaN feature weight made every loss NaN."""
     model = tiny_model("eps")
     args = (conditioning(1, 1), conditioning(1, 2), latent("eps", 1))
     with network_calls(model) as calls:
