@@ -249,6 +249,10 @@ def distill(
         if ckpt is not None:
             ckpt.step(it + 1, history, config.iterations)
 
+    if not any(opt.state.get(p) for p in trainable):
+        raise ValueError("no iteration had a finite loss (each was NaN or inf), so nothing was learned: check the "
+                         "feature loss's encoder and weight, and that the model answers finite values at the "
+                         "table's points")  # fmt: skip
     table, final_grid = _table(start, *keeper.best(raw, logits), base_grid, config.learn_grid)
     fitted = table.replace(teacher=config.teacher, teacher_steps_m=config.teacher_m)
     errors = {}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 from contextlib import redirect_stdout
 
 import pytest
@@ -348,14 +349,23 @@ def test_the_snr_weighting_weighs_each_step_by_one_over_one_plus_t_squared():
 
 
 def test_nan_gradients_do_not_poison_the_table():
+    """Non-finite gradient entries are zeroed; a loss that is never finite is refused, not saved as trained."""
+
     def flaky(x, sigma):
         out = GM.denoise_ve(x, sigma)
         if x.requires_grad or x.shape[0] > 8:  # the K points of a step
             out = out + (sigma.reshape(-1, 1, 1, 1) * float("nan")) * (sigma.reshape(-1, 1, 1, 1) < 1.0)
         return out
 
-    p = distill(flaky, _start(), GM.shape, DistillConfig(iterations=5, batch=8))
+    def nan_gradient(x, sigma):  # the same answers, a NaN derivative (d sqrt(u) / du at u = 0, times 0)
+        out = GM.denoise_ve(x, sigma)
+        return out + torch.sqrt(0 * x) if x.requires_grad else out
+
+    p = distill(nan_gradient, _start(), GM.shape, DistillConfig(iterations=5, batch=8))
     assert all(torch.isfinite(getattr(p, n)).all() for n in TABLE_NAMES)
+    assert math.isfinite(p.metadata["distilled"]["final_loss"])
+    with pytest.raises(ValueError, match="no iteration had a finite loss"):
+        distill(flaky, _start(), GM.shape, DistillConfig(iterations=5, batch=8))
 
 
 def test_progress_can_stop_and_nothing_is_returned():
@@ -561,6 +571,23 @@ def test_keep_best_is_off_where_the_rms_error_is_not_the_objective():
     featured = distill(GM.denoise_ve, _start(), GM.shape, config, feature_loss=lambda a, b: ((a - b) ** 2).mean())
     plugin = distill(GM.denoise_ve, _start(), GM.shape, dataclasses.replace(config, plugin_base="dpmpp_2m"))
     assert "checks" not in featured.metadata["distilled"] and "checks" not in plugin.metadata["distilled"]
+
+
+@pytest.mark.parametrize("objective", ["local", "global"])
+def test_a_run_without_one_finite_loss_is_refused_not_saved_as_trained(objective):
+    """Non-finite losses are skipped (a rare sample); when every one was (a NaN feature weight, an encoder or
+    student points answering NaN), the run returned its start untouched as a trained table."""
+    config = DistillConfig(iterations=2, batch=2, teacher_m=1, objective=objective,
+                           gradient="autograd" if objective == "global" else "fd")  # fmt: skip
+    with pytest.raises(ValueError, match="no iteration had a finite loss"):
+        distill(GM.denoise_ve, _start(), GM.shape, config, feature_loss=lambda a, b: a.sum() * math.nan)
+    half = {"calls": 0}
+
+    def sometimes(a, b):  # every other iteration finite: the run trains and ends normally
+        half["calls"] += 1
+        return ((a - b) ** 2).mean() * (1.0 if half["calls"] % 2 else math.nan)
+
+    assert distill(GM.denoise_ve, _start(), GM.shape, config, feature_loss=sometimes).nfe == _start().nfe
 
 
 def test_a_table_distilled_from_another_keeps_what_it_is_not_how_the_other_was_run():
