@@ -168,11 +168,11 @@ class EPDDistill(io.ComfyNode):
         micro_batch: int | None = None, keep_best: int | None = None, robust: float | None = None,
         scale_dir: float = AUTO, scale_time: float = AUTO,
     ) -> io.NodeOutput:  # fmt: skip
+        if not math.isfinite(feature_weight):  # a NaN passes ComfyUI's range check
+            raise ValueError(f"feature_weight must be a finite number, got {feature_weight}")
         # The per-step objective needs only the derivatives along the two ways a table moves a point: finite
         # differences, no backpropagation through the network (any architecture, no activation memory). The
         # objectives that reach earlier steps through the rollout need autograd through the model.
-        if not math.isfinite(feature_weight):  # a NaN passes ComfyUI's range check
-            raise ValueError(f"feature_weight must be a finite number, got {feature_weight}")
         default = DistillConfig.node_default
         objective = objective or default("objective")
         final_estimate = default("final_estimate") if final_estimate is None else final_estimate
