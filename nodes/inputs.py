@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from typing import Any
 
 from comfy_api.latest import io
@@ -94,3 +95,11 @@ def config_input(
     if isinstance(default, int):
         return io.Int.Input(name, default=default, tooltip=tooltip, **limits)
     return io.Float.Input(name, default=default, tooltip=tooltip, **limits)
+
+
+def check_finite(**values: float | None) -> None:
+    """Refuse a NaN or inf input by name: it passes ComfyUI's range check (an API prompt's ``NaN``) and fails every
+    comparison, so a check such as ``bound > 0`` would read it as 0."""
+    for name, value in values.items():
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"{name} must be a finite number, got {value}")

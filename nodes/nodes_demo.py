@@ -3,8 +3,6 @@ labelled image grid the demo workflow ends in."""
 
 from __future__ import annotations
 
-import math
-
 import torch
 from comfy_api.latest import io
 
@@ -12,6 +10,7 @@ from ..epd_core.analytic import MIXTURES
 from .analytic_model import FORMS, analytic_model_patcher
 from .digits_model import digits_model_patcher
 from .image_grid import MAX_ROWS, labelled_grid
+from .inputs import check_finite
 
 
 class EPDAnalyticModel(io.ComfyNode):
@@ -53,8 +52,7 @@ class EPDAnalyticModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, form: str, mixture: str, shift: float) -> io.NodeOutput:
-        if not math.isfinite(shift):  # a NaN passes ComfyUI's range check and read as 0 (the default shift)
-            raise ValueError(f"shift must be a finite number, got {shift}")
+        check_finite(shift=shift)  # a NaN read as 0, the default shift
         model = analytic_model_patcher(form, mixture, shift if shift > 0 else None)
         return io.NodeOutput(model, [[torch.zeros(1, 1, 8), {}]])
 

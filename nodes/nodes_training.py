@@ -29,6 +29,7 @@ from .inputs import (
     EPDParamsType,
     advanced,
     cfg_input,
+    check_finite,
     config_input,
     epd_params_input,
     output_inputs,
@@ -168,8 +169,7 @@ class EPDDistill(io.ComfyNode):
         micro_batch: int | None = None, keep_best: int | None = None, robust: float | None = None,
         scale_dir: float = AUTO, scale_time: float = AUTO,
     ) -> io.NodeOutput:  # fmt: skip
-        if not math.isfinite(feature_weight):  # a NaN passes ComfyUI's range check
-            raise ValueError(f"feature_weight must be a finite number, got {feature_weight}")
+        check_finite(feature_weight=feature_weight)
         # The per-step objective needs only the derivatives along the two ways a table moves a point: finite
         # differences, no backpropagation through the network (any architecture, no activation memory). The
         # objectives that reach earlier steps through the rollout need autograd through the model.
@@ -251,8 +251,7 @@ def scale_bounds(nfe: int, start_params: EPDParams | None, **inputs: float | Non
     """
     auto, bounds = node_scale_bounds(nfe), {}
     for name, value in inputs.items():
-        if value is not None and not math.isfinite(value):  # a NaN passes ComfyUI's range check and every comparison
-            raise ValueError(f"{name} must be a finite number, got {value}")
+        check_finite(**{name: value})
         if value is not None and AUTO < value < 0:  # a widget dragged from -1 towards a small bound
             raise ValueError(f"{name} {value:g}: -1 is auto, 0 no head, a positive value the bound (1 +- value)")
         if value is None or value < 0:
