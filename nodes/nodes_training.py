@@ -249,9 +249,9 @@ def scale_bounds(nfe: int, start_params: EPDParams | None, **inputs: float | Non
     """The bound of each scale head to add: the input's own, or for auto (-1 or absent) that of
     :func:`node_scale_bounds` at the table's ``nfe``, unless the start table has the head already (it keeps its own).
     """
+    check_finite(**inputs)
     auto, bounds = node_scale_bounds(nfe), {}
     for name, value in inputs.items():
-        check_finite(**{name: value})
         if value is not None and AUTO < value < 0:  # a widget dragged from -1 towards a small bound
             raise ValueError(f"{name} {value:g}: -1 is auto, 0 no head, a positive value the bound (1 +- value)")
         if value is None or value < 0:
