@@ -25,14 +25,31 @@ DOWNLOAD = "[download] "
 log = logging.getLogger("epd")
 
 
+def _other_copy(path: str) -> bool:
+    """Whether ``path`` is the ``weights/`` folder of another installed copy of this pack."""
+    folder = Path(path)
+    return (
+        folder.name == PACK_WEIGHTS.name
+        and (folder / CATALOGUE.name).is_file()
+        and (folder.parent / "epd_core").is_dir()
+        and os.path.realpath(folder) != os.path.realpath(PACK_WEIGHTS)
+    )
+
+
 def register_folder() -> None:
-    """``models/epd`` (and ``extra_model_paths.yaml`` entries named ``epd``) plus the pack's ``weights/``."""
+    """``models/epd`` (and ``extra_model_paths.yaml`` entries named ``epd``) plus the pack's ``weights/``. Another
+    copy of the pack (an old clone beside a new one) registered its own ``weights/`` first, while ComfyUI keeps the
+    nodes of the copy loaded last: this copy's bundled tables replace that copy's, so the nodes read their own."""
     default = os.path.join(folder_paths.models_dir, FOLDER)
     if FOLDER not in folder_paths.folder_names_and_paths:
         folder_paths.folder_names_and_paths[FOLDER] = ([default], set(EXTENSIONS))
     paths, exts = folder_paths.folder_names_and_paths[FOLDER]
     if isinstance(exts, set):
         exts.update(EXTENSIONS)
+    for other in [path for path in paths if _other_copy(path)]:
+        paths.remove(other)
+        log.warning("EPD: two copies of this pack are installed, %s and %s; ComfyUI uses the nodes of the latter, "
+                    "and so its tables. Remove one.", Path(other).parent, PACK_WEIGHTS.parent)  # fmt: skip
     for path in (default, str(PACK_WEIGHTS)):
         if path not in paths:
             paths.append(path)

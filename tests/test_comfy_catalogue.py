@@ -168,3 +168,51 @@ def test_a_demo_table_by_its_name_from_before_demo_is_that_table(loader_env):
     assert "not found" in missing and "refresh its list" in missing  # and what to do
     with pytest.raises(ValueError, match="not found in .*refresh its list"):  # a file gone after validation
         loader.execute("no-such-table.safetensors")
+
+
+_TWO_COPIES = """
+import asyncio, json, logging, sys
+from epd_dev.comfy_harness import comfyui_path
+sys.path.insert(0, str(comfyui_path()))
+import comfy.cli_args
+comfy.cli_args.args.cpu = True
+import utils.extra_config, utils.install_util
+import folder_paths, nodes
+warnings = []
+handler = logging.Handler()
+handler.emit = lambda record: warnings.append(record.getMessage())
+logging.getLogger("epd").addHandler(handler)
+for copy in sys.argv[1:-1]:
+    assert asyncio.run(nodes.load_custom_node(copy))
+loader = nodes.NODE_CLASS_MAPPINGS["EPDParamsLoader"]
+loader.INPUT_TYPES()
+print(json.dumps({"module": loader.RELATIVE_PYTHON_MODULE, "table": folder_paths.get_full_path("epd", sys.argv[-1]),
+                  "warnings": warnings}))
+"""
+
+
+def test_two_installed_copies_read_the_tables_of_the_copy_whose_nodes_comfyui_keeps(tmp_path):
+    """An old clone beside a new one (``epd_solver`` and Manager's ``comfyui-epd-solver``): ComfyUI keeps the nodes
+    of the copy it loads last, while the first copy's ``weights/`` came first in the ``epd`` folders, so the new
+    nodes loaded the old copy's bundled tables (and the reverse). Each copy's tables follow its nodes; a warning
+    names both copies. A process of its own (about 20 s, importing ComfyUI): the session's ComfyUI must not get a
+    second copy's nodes."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+
+    name = "demo/analytic-sd15-start-nfe10.safetensors"
+    copies = [tmp_path / "custom_nodes" / folder for folder in ("epd_solver", "comfyui-epd-solver.v2")]
+    for copy in copies:
+        copy.mkdir(parents=True)
+        for part in ("__init__.py", "nodes", "epd_core", "weights"):
+            (shutil.copytree if (ROOT / part).is_dir() else shutil.copy)(ROOT / part, copy / part)  # fmt: skip
+    shutil.copy(ROOT / "weights" / "demo" / "analytic-sd15-reference-nfe5.safetensors", copies[0] / "weights" / name)
+    run = subprocess.run([sys.executable, "-c", _TWO_COPIES, *map(str, copies), name], cwd=ROOT,  # noqa: S603
+                         capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    got = json.loads(run.stdout.splitlines()[-1])
+    assert got["module"] == "custom_nodes.comfyui-epd-solver.v2"
+    assert got["table"] == str(copies[1] / "weights" / name)
+    assert len(got["warnings"]) == 1 and str(copies[0]) in got["warnings"][0] and str(copies[1]) in got["warnings"][0]
