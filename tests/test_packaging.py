@@ -11,7 +11,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import tomllib
+import tomlkit  # comfy-cli's; tomllib is Python 3.11+ and the README's quick start runs on 3.10
 
 import epd_core
 
@@ -22,7 +22,7 @@ COMFY = Path(sys.executable).with_name("comfy")
 
 
 def test_pyproject_metadata():
-    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    meta = tomlkit.parse((ROOT / "pyproject.toml").read_text()).unwrap()
     project = meta["project"]
     assert "comfyui" not in project["name"].lower()
     assert project["version"].count(".") == 2 and all(p.isdigit() for p in project["version"].split("."))
@@ -77,6 +77,28 @@ def test_comfy_node_validate_and_pack(tmp_path):
     assert "weights/catalogue.json" in names  # the loader lists and fetches published tables from it
     assert "demo_models/digits-unet.safetensors" in names  # EPD Demo Digits Model loads it
     assert not any(n.endswith(".pkl") for n in names), "the authors' files must never be bundled"
+
+
+NEW_MODULES = {"tomllib": (3, 11), "wsgiref.types": (3, 11)}  # the standard library's modules since Python 3.10
+
+
+def test_sources_run_on_the_oldest_python_the_pack_declares():
+    """``requires-python`` and the README's quick start say Python 3.10+: no syntax or standard-library module of a
+    later Python in any source (tests/test_packaging.py imported ``tomllib``, 3.11+, so on 3.10 the whole suite
+    stopped at collection)."""
+    oldest = tomlkit.parse((ROOT / "pyproject.toml").read_text()).unwrap()["project"]["requires-python"]
+    version = tuple(int(part) for part in oldest.removeprefix(">=").split("."))
+    assert version == (3, 10) and "3.10+" in (ROOT / "README.md").read_text()
+    tops = [p for p in ROOT.iterdir() if not p.name.startswith(".")]  # not the environments
+    sources = [p for top in tops for p in (top.rglob("*.py") if top.is_dir() else [top]) if p.suffix == ".py"]
+    assert len(sources) > 100
+    for path in sources:
+        tree = ast.parse(path.read_text(), feature_version=version)
+        for node in ast.walk(tree):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            late = [n for n in names if NEW_MODULES.get(n, version) > version]
+            assert not late, f"{path.relative_to(ROOT)}: {late} needs a newer Python than {oldest}"
 
 
 def _dotted(node: ast.AST) -> str:
