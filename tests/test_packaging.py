@@ -101,6 +101,24 @@ def test_sources_run_on_the_oldest_python_the_pack_declares():
             assert not late, f"{path.relative_to(ROOT)}: {late} needs a newer Python than {oldest}"
 
 
+def test_readme_names_every_package_the_product_imports():
+    """The install section's list of run-time dependencies is what the product imports beside the standard library
+    and ComfyUI (it named torch, numpy and safetensors; the nodes also import Pillow and tqdm)."""
+    import re
+
+    comfyui = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "folder_paths"}
+    pip_names = {"PIL": "Pillow"}
+    imported = set()
+    for path in list((ROOT / "epd_core").glob("*.py")) + list((ROOT / "nodes").glob("*.py")) + [ROOT / "__init__.py"]:
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            names += [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else []
+            imported |= {name.split(".")[0] for name in names}
+    packages = {pip_names.get(n, n) for n in imported - set(sys.stdlib_module_names) - comfyui - {"__future__"}}
+    sentence = re.search(r"^Run-time dependencies are (.*?), which ComfyUI", (ROOT / "README.md").read_text(), re.M)
+    assert packages <= set(re.findall(r"\w+", sentence.group(1))), packages
+
+
 def _dotted(node: ast.AST) -> str:
     if isinstance(node, ast.Name):
         return node.id
