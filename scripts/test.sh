@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Run the tests (installs what they need on first use): ruff, the whole suite on ComfyUI 0.3.75 (.venv) and the
-# ComfyUI-facing tests again on ComfyUI 0.33.0 (.venv-033, tree in .comfy-033/). Arguments go to both pytest runs; a
+# Run the tests (installs what they need on first use): ruff (lint and format), the whole suite on ComfyUI 0.3.75
+# (.venv) and the ComfyUI-facing tests again on ComfyUI 0.33.0 (.venv-033, tree in .comfy-033/). Arguments go to both pytest runs; a
 # marker expression (-m EXPR) is combined with the 0.33 run's "not core", and arguments that name tests (tests/...)
 # replace that selection. EPD_TREES="0.3.75" (or "0.33.0") runs one tree. Both trees run side by side (one torch thread
 # each), unless EPD_TEST_SERIAL=1.
@@ -67,6 +67,7 @@ run_033() {
 rc=0
 if has_tree 0.3.75; then
   "$VENV/bin/ruff" check . || rc=1
+  "$VENV/bin/ruff" format --check . || rc=1
 fi
 if has_tree 0.3.75 && has_tree 0.33.0 && [[ "${EPD_TEST_SERIAL:-0}" != 1 ]]; then
   # Each pytest runs on one torch thread (tests/conftest.py), so the two trees run side by side, one per core; the

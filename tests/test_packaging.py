@@ -36,6 +36,7 @@ def test_pyproject_metadata():
     comfy = meta["tool"]["comfy"]
     assert {"PublisherId", "DisplayName", "Icon", "includes"} <= set(comfy)
     assert {"weights", "demo_models", "example_workflows"} <= set(comfy["includes"])
+    assert comfy["requires-comfyui"] == ">=0.3.75"  # the oldest tree the tests run on; older ones lack the node API
 
 
 def test_comfy_node_validate_and_pack(tmp_path):
