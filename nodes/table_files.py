@@ -132,15 +132,22 @@ def saved_generation(filename: object, settings: str | None = None) -> str:
     ``filename`` is as that run left it (ComfyUI keeps the cached run), a new one once that file is deleted or
     replaced, so the next Queue trains again (the cached report said 'saved' about a file no longer there). A run
     with other settings saving that name replaces it too: under ComfyUI's LRU cache, settings A, then B, then A
-    again gave A's cached report and table while the file held B's table."""
-    saved = _SAVED.get(str(filename).removesuffix(".safetensors"), {}).get(settings)
+    again gave A's cached report and table while the file held B's table. A linked ``filename`` (None: ComfyUI
+    gives the fingerprint constants only) counts every table saved with these settings: it looked up a table
+    named 'None', so a deleted table fed its name by a String node was never trained again."""
+    names = list(_SAVED) if filename is None else [str(filename).removesuffix(".safetensors")]
+    return str(sum(_generation(_SAVED[name].get(settings)) for name in names if name in _SAVED))
+
+
+def _generation(saved: dict | None) -> int:
+    """How many times the file a run saved (``saved``: its :data:`_SAVED` entry) was deleted or replaced since."""
     if saved is None:
-        return "0"
+        return 0
     state = _file_state(saved["path"])
     if state not in (saved["state"], saved["seen"]):
         saved["generation"] += 1
         saved["seen"] = state
-    return str(saved["generation"])
+    return saved["generation"]
 
 
 def resume_options(path: Path, iterations: int) -> dict:

@@ -217,3 +217,18 @@ def test_a_training_queued_with_an_input_it_no_longer_has_trains_again_once_dele
     assert server.run(graph)["status"]["status_str"] == "success" and path.exists()
     path.unlink()
     assert server.run(graph)["status"]["status_str"] == "success" and path.exists()
+
+
+def test_a_training_whose_linked_filename_was_deleted_trains_again(server):
+    """filename fed by a String node: ComfyUI gives the fingerprint None for a linked input, which looked up a table
+    named 'None', so queued again after its table was deleted EPD Distill showed the cached 'saved ...' and no file
+    came back. It trains again; queued once more, it is ComfyUI's cached run."""
+    graph = _training("linked_filename")
+    graph["4"] = {"class_type": "PrimitiveString", "inputs": {"value": "linked_filename"}}
+    graph["3"]["inputs"]["filename"] = ["4", 0]
+    path = server.base / "models" / "epd" / "linked_filename.safetensors"
+    assert server.run(graph)["status"]["status_str"] == "success" and path.exists()
+    path.unlink()
+    assert server.run(graph)["status"]["status_str"] == "success" and path.exists()
+    state = path.stat().st_mtime_ns
+    assert server.run(graph)["status"]["status_str"] == "success" and path.stat().st_mtime_ns == state
