@@ -120,6 +120,16 @@ def moved_table(name: str, local: list[str] | None = None) -> str:
     return f"demo/{name}"
 
 
+def table_state(name: str) -> str | None:
+    """A local table's path, time and size, or None where there is no such file (yet)."""
+    path = folder_paths.get_full_path(FOLDER, name)
+    try:
+        stat = Path(path).stat()
+    except (TypeError, OSError):
+        return None
+    return f"{path}:{stat.st_mtime_ns}:{stat.st_size}"
+
+
 def catalogue_choice(choice: str) -> CatalogueEntry | None:
     """The catalogue entry behind a ``[download]`` choice (downloaded or not), else None; the older form
     ``[download] <name>`` (without the family) still names its entry, so saved workflows keep loading."""
@@ -236,16 +246,17 @@ class EPDParamsLoader(io.ComfyNode):
         """A hash of the file's path, time and size: a table rewritten under its name (EPD Distill with overwrite, the
         CLI, a copy) is loaded again, not taken from ComfyUI's cache of this node's result. Hashed because ComfyUI
         stores the value in the prompt it writes into every saved image. A ``[download]`` choice is its catalogue
-        entry (the download is checked against its sha256), fetched or not: the node's own download changes nothing."""
-        entry = catalogue_choice(table_name or "")
+        entry (the download is checked against its sha256), fetched or not: the node's own download changes nothing.
+        A linked ``table_name`` (None: ComfyUI gives the fingerprint constants only, e.g. a name from Create List) is
+        every local table: a table rewritten under a linked name was ComfyUI's cached, old table."""
+        if table_name is None:
+            states = [table_state(name) for name in local_tables()]
+            return hashlib.sha256("\n".join(str(state) for state in states).encode()).hexdigest()
+        entry = catalogue_choice(table_name)
         if entry is not None:
             return hashlib.sha256(f"{entry.family}/{entry.name}:{entry.sha256}".encode()).hexdigest()
-        path = folder_paths.get_full_path(FOLDER, moved_table(table_name or ""))
-        try:
-            stat = Path(path).stat()
-        except (TypeError, OSError):  # no such file (yet): the name decides
-            return str(table_name)
-        return hashlib.sha256(f"{path}:{stat.st_mtime_ns}:{stat.st_size}".encode()).hexdigest()
+        state = table_state(moved_table(table_name))
+        return str(table_name) if state is None else hashlib.sha256(state.encode()).hexdigest()
 
     @classmethod
     def execute(cls, table_name: str) -> io.NodeOutput:

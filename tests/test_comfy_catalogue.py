@@ -150,6 +150,26 @@ def test_a_table_rewritten_under_its_name_is_loaded_again(loader_env):
     assert str(epd_dir) not in first and "mine" not in first and len(first) == 64
 
 
+def test_a_table_rewritten_under_a_linked_name_is_loaded_again(loader_env):
+    """A linked table_name (a name from Create List, or a node of type '*') reaches the fingerprint as None, whose
+    fingerprint was the constant 'None': ComfyUI served the old table once the file was rewritten. It is now every
+    local table's state, unchanged while no table changes."""
+    import os
+    import shutil
+
+    comfy_nodes, _, epd_dir = loader_env
+    loader = comfy_nodes["EPDParamsLoader"]
+    epd_dir.mkdir(parents=True)
+    path = epd_dir / "mine.pkl"
+    shutil.copyfile(OFFICIAL / "tpami" / "sd15-best.pkl", path)
+    first = loader.fingerprint_inputs(table_name=None)
+    assert loader.fingerprint_inputs(table_name=None) == first
+    shutil.copyfile(OFFICIAL / "tpami" / "sd3-512-best.pkl", path)
+    os.utime(path, ns=(path.stat().st_atime_ns, path.stat().st_mtime_ns + 10**9))
+    assert loader.fingerprint_inputs(table_name=None) != first
+    assert str(epd_dir) not in first and len(first) == 64
+
+
 def test_a_demo_table_by_its_name_from_before_demo_is_that_table(loader_env):
     """Until 2026-11-28 the demo models' tables lay in weights/ itself: workflows saved then name
     ``analytic-sd15-reference-nfe10.safetensors``, which validation refused ("not found") though the pack ships the
