@@ -131,16 +131,17 @@ def make_plugin_sampler(
         grid = sigmas.detach().to("cpu", torch.float64)
         model_options = (extra_args or {}).get("model_options")
         with epd_run(model, params, x, parallel, continuous_time, grid, model_options, plugin=True) as (mode, _):
-            finish = _ComfyDenoiser(model, extra_args or {}, x.shape[0]).finish
-            plugin = PluginDenoiser(params, sigmas, mode, base=core_base(name), final=final_step, finish=finish)
+            den = _ComfyDenoiser(model, extra_args or {}, x.shape[0])
+            plugin = PluginDenoiser(params, sigmas, mode, base=core_base(name), final=final_step, finish=den.finish)
 
             def shown(info: dict) -> None:  # previews and denoised_output get EPD's x0, not the base's answer
                 callback({**info, "denoised": plugin.x0 if plugin.x0 is not None else info["denoised"]})
 
-            return base.sampler_function(
+            out = base.sampler_function(
                 _PluginModel(model, plugin), x, sigmas, extra_args=extra_args, callback=callback and shown,
                 disable=disable, **options,
             )  # fmt: skip
+        return out if float(grid[-1]) == 0 else den.settle(out, x, grid)
 
     sampler = comfy.samplers.KSAMPLER(plugin_function, dict(base.extra_options), dict(base.inpaint_options))
     return sampler, plugin_info(name, params, final_step, parallel)

@@ -380,14 +380,31 @@ class _ComfyDenoiser:
     def finish(self, estimate: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """``estimate`` standing in for the model's answer at ``sigma``, as ComfyUI's inpainting wrapper makes every
         answer (``KSamplerX0Inpaint``): the source latent where the noise mask keeps it."""
-        mask, latent = self.extra_args.get("denoise_mask"), getattr(self.model, "latent_image", None)
+        mask, latent = self._mask(sigma), getattr(self.model, "latent_image", None)
         if mask is None or latent is None:
             return estimate
-        mask_function = self.extra_args.get("model_options", {}).get("denoise_mask_function")
-        if mask_function is not None:
-            extra = {"model": self.model.inner_model, "sigmas": self.model.sigmas}
-            mask = mask_function(sigma, mask, extra_options=extra)
         return estimate * mask + latent * (1.0 - mask)
+
+    def settle(self, x: torch.Tensor, start: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+        """``x`` at the grid's last sigma above 0, with the area the noise mask keeps where ComfyUI's samplers leave it:
+        the inpainting wrapper answers the source there, and for a constant answer their steps are exact, taking the
+        ``start`` at ``sigmas[0]`` along the ODE to the source plus ``(start - source) * sigmas[-1] / sigmas[0]``.
+        EPD's steps, whose sum of weight * scale_dir need not be 1, are not exact for it."""
+        sigma = sigmas[-1].to(x).expand(x.shape[0])
+        mask, latent = self._mask(sigma), getattr(self.model, "latent_image", None)
+        if mask is None or latent is None:
+            return x
+        kept = latent + (start - latent) * float(sigmas[-1] / sigmas[0])
+        return x * mask + kept * (1.0 - mask)
+
+    def _mask(self, sigma: torch.Tensor) -> torch.Tensor | None:
+        """The noise mask at ``sigma``, through the model's mask function (DifferentialDiffusion) as ComfyUI's
+        inpainting wrapper applies it; None without one."""
+        mask = self.extra_args.get("denoise_mask")
+        mask_function = self.extra_args.get("model_options", {}).get("denoise_mask_function")
+        if mask is None or mask_function is None:
+            return mask
+        return mask_function(sigma, mask, extra_options={"model": self.model.inner_model, "sigmas": self.model.sigmas})
 
     def __call__(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         if self.one_sigma_per_call and sigma.numel() > 1 and bool((sigma != sigma[0]).any()):
@@ -464,6 +481,7 @@ def epd_sampler_function(
             callback(info)
         bar.update(1)
 
+    start = x
     with bar, epd_run(model, params, x, parallel, continuous_time, sigmas, options) as (mode, model_sampling):
         flow = model_sampling is not None and is_flow_model(model_sampling)
         if convention == "authors" and not flow and model_sampling is not None:
@@ -472,6 +490,8 @@ def epd_sampler_function(
                 x = x * (s0 / (1.0 + s0**2) ** 0.5)
         den = _ComfyDenoiser(model, extra_args, x.shape[0])
         out = epd_sample(den, x, sigmas, params, callback=step, parallel=mode, final=final, finish=den.finish)
+        if float(sigmas[-1]) > 0:
+            out = den.settle(out, start, sigmas)
     if convention == "authors" and flow and float(sigmas[-1]) > 0:
         out = out * (1.0 - float(sigmas[-1]))
     return out

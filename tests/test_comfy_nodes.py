@@ -482,6 +482,30 @@ def test_inpainting_keeps_the_unmasked_area_with_either_final_step(name, final):
     assert (out[..., 4:] - latent["samples"][..., 4:]).abs().max() > 0.1  # the masked area is sampled
 
 
+@pytest.mark.parametrize("plugin", [False, True])
+def test_inpainting_without_final_denoise_keeps_the_unmasked_area_as_comfyuis_samplers(plugin):
+    """Sigmas ending above 0 (final_denoise off) return the sampler's state, whose kept area ComfyUI's samplers (exact
+    for the constant answer their inpainting wrapper gives there) leave at the source noised to the last sigma. EPD's
+    steps, whose sum of weight * scale_dir is not 1 (the authors' LSUN table: 0.959), left 0.4 of noise there."""
+    import comfy.samplers
+    from comfy_extras.nodes_custom_sampler import SamplerCustom
+
+    model, params = tiny_model("eps"), _table("00016-lsun_bedroom_ldm-6-9-epd-uni1.0-afs.pkl")
+    g = torch.Generator().manual_seed(4)
+    latent = {"samples": torch.randn(2, 4, 8, 8, generator=g), "noise_mask": torch.zeros(2, 1, 8, 8)}
+    latent["noise_mask"][:, :, :, 4:] = 1.0
+    (sigmas,) = _nodes_out(N["EPDScheduler"], model, params, 1.0, False)
+    if plugin:
+        sampler = N["EPDPlugin"].execute(comfy.samplers.sampler_object("euler"), params, "auto").result[0]
+    else:
+        (sampler,) = _nodes_out(N["EPDSampler"], params, "auto", True, "comfyui")
+    pos, neg = conditioning(2, 5), conditioning(2, 6)
+    ends = (sampler, comfy.samplers.sampler_object("euler"))
+    outs = [SamplerCustom.execute(model, True, 2, 3.0, pos, neg, s, sigmas, latent).result[0]["samples"] for s in ends]
+    assert torch.allclose(outs[0][..., :4], outs[1][..., :4], atol=1e-5), (outs[0] - outs[1])[..., :4].abs().max()
+    assert (outs[0][..., 4:] - outs[1][..., 4:]).abs().max() > 0.01  # the masked area is EPD's own
+
+
 def test_flow_table_on_eps_model_is_a_clear_error():
     model = tiny_model("eps")
     with pytest.raises(ValueError, match="rectified-flow"):
