@@ -242,7 +242,9 @@ def sample(
     ``finish(estimate, sigma)``: what the model's wrapper makes of an answer at
     ``sigma`` (ComfyUI's inpainting puts the source back where the mask keeps it),
     applied to the estimate that stands in for the last call and to what the
-    callback shows (the trajectory itself uses the raw estimate).
+    callback shows (the trajectory itself uses the raw estimate). A float16 or
+    bfloat16 ``x`` is integrated in float32, as ComfyUI's samplers do after
+    their first call.
     """
     from .bases import table_placer  # bases builds on this module's Adams-Bashforth rule
 
@@ -252,6 +254,7 @@ def sample(
     offset, to_zero = grid_offset(params, sigmas)
     grid = sigmas[:-1] if to_zero else sigmas
     table = params.decoded(torch.float64) if table is None else table
+    x = x.to(torch.promote_types(x.dtype, torch.float32))  # a half-precision latent's rounding would compound
     history: list[torch.Tensor] = []
     estimate = None
     placer = table_placer(params, sigmas)

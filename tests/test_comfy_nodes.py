@@ -128,6 +128,28 @@ def test_final_step_estimate_costs_no_call():
     assert torch.equal(custom["samples"], estimate)
 
 
+def test_a_bfloat16_latent_is_integrated_in_float32_as_by_comfyuis_euler():
+    """ComfyUI 0.3.75 samples a bfloat16 LATENT as it is (0.33 casts it to float32) and its model answers in the
+    latent's dtype, so EPD Sampler's whole trajectory stayed in bfloat16, where Euler goes on in float32 after its
+    first call: its distance to the float32 run was 3.8x Euler's."""
+    from comfy_extras.nodes_custom_sampler import KSamplerSelect, SamplerCustom
+
+    params = _table("sd15-best.pkl")
+    model, cond = _nodes_out(N["EPDAnalyticModel"], "sd15_eps", "reference", 0.0)
+    (sigmas,) = _nodes_out(N["EPDScheduler"], model, params, 1.0, True)
+    samplers = {"epd": _nodes_out(N["EPDSampler"], params, "auto", True, "comfyui", "estimate")[0],
+                "euler": KSamplerSelect.execute("euler").result[0]}  # fmt: skip
+    errors = {}
+    for name, sampler in samplers.items():
+        out = {}
+        for dtype in (torch.float32, torch.bfloat16):
+            lat = {"samples": torch.zeros(4, 4, 8, 8, dtype=dtype)}
+            out[dtype] = SamplerCustom.execute(model, True, 7, 1.0, cond, cond, sampler, sigmas, lat).result[0]
+        assert out[torch.bfloat16]["samples"].dtype == torch.float32
+        errors[name] = float((out[torch.bfloat16]["samples"] - out[torch.float32]["samples"]).square().mean().sqrt())
+    assert errors["epd"] < 1.5 * errors["euler"], errors
+
+
 def test_epd_sampler_draws_the_console_progress_bar_as_comfyuis_samplers(capfd):
     """ComfyUI's samplers draw a console progress bar of len(sigmas) - 1 steps unless ``disable`` (ComfyUI's
     disable_pbar); EPD Sampler (and so EPD KSampler) took ``disable`` and drew none: the terminal showed no progress."""
