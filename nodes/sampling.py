@@ -72,7 +72,8 @@ class _ContinuousTime:
             vp = DiscreteVP(1.0 / (1.0 + self.sigmas.detach().to("cpu", torch.float64) ** 2))
             self.__dict__["_epd_vp"] = vp
         t = vp.timestep(sigma.detach().to("cpu", torch.float64)).clamp(0, len(vp.t_array) - 1)
-        return t.to(device=sigma.device, dtype=sigma.dtype)
+        # at least float32: a bfloat16 sigma's timestep 999 would round to 1000, past the model's last one
+        return t.to(device=sigma.device, dtype=torch.promote_types(sigma.dtype, torch.float32))
 
 
 def model_latent(model: ModelPatcher, latent: dict) -> torch.Tensor:

@@ -326,6 +326,17 @@ def test_batched_call_is_one_model_call_point_major():
         assert torch.allclose(ts, expected, rtol=1e-6)
 
 
+def test_a_half_precision_sigmas_continuous_timestep_is_not_rounded_to_its_dtype():
+    """ComfyUI 0.3.75 passes the sigma in a bfloat16 latent's dtype (EPD Plugin's base sampler does at every step),
+    and the continuous timestep came back in that dtype: 999 became 1000, past the model's last timestep, and 899.2
+    became 900 (ComfyUI's own timestep is an exact integer index)."""
+    model_sampling = tiny_model("eps").get_model_object("model_sampling")
+    continuous = H.pack_module("nodes.sampling").continuous_model_sampling(model_sampling)
+    sigma = torch.tensor([14.6146, 8.3072]).bfloat16()
+    assert torch.equal(continuous.timestep(sigma), continuous.timestep(sigma.float()))
+    assert float(continuous.timestep(sigma).max()) <= 999
+
+
 def test_continuous_timestep_reaches_the_model():
     from comfy_extras.nodes_custom_sampler import SamplerCustom
 
