@@ -23,7 +23,7 @@ import torch
 
 from .checkpoint import RunState, interruptible, run_checkpointer, with_gradients
 from .config import DistillConfig, offset_seed
-from .objective import Rollout, student_loss
+from .objective import FD_STEP, Rollout, student_loss
 from .params import TABLE_NAMES, EPDParams
 from .schedules import make_schedule, training_grid
 from .selection import DIVERGED, HeldOutCheck, check_iterations
@@ -75,7 +75,7 @@ def _update(opt: torch.optim.Optimizer, trainable: list[torch.Tensor], clip: boo
     opt.step()
 
 
-def _accumulate(denoiser, start, raw, ends, logits, grid, x, targets, config, feature_loss) -> torch.Tensor:
+def _accumulate(denoiser, start, raw, ends, logits, grid, x, targets, config, feature_loss, fd_step) -> torch.Tensor:
     """Backpropagate :func:`~epd_core.objective.student_loss` over ``x`` in chunks of ``config.micro_batch`` noises
     (the gradients add up to the whole batch's: the loss is a mean over samples); returns the batch's loss."""
     n = x.shape[0]
@@ -84,7 +84,8 @@ def _accumulate(denoiser, start, raw, ends, logits, grid, x, targets, config, fe
     for lo in range(0, n, size):
         part = slice(lo, min(lo + size, n))
         grid_part = _grid_from_logits(ends, logits) if config.learn_grid else grid
-        loss, _ = student_loss(denoiser, start, raw, grid_part, x[part], targets[:, part], config, feature_loss)
+        loss, _ = student_loss(denoiser, start, raw, grid_part, x[part], targets[:, part], config, feature_loss,
+                               fd_step)  # fmt: skip
         loss = loss * (x[part].shape[0] / n)
         if torch.isfinite(loss):
             loss.backward()
@@ -176,6 +177,7 @@ def distill(
     checkpoint_answers: torch.Tensor | None = None,
     checkpoint_notes: dict[str, Any] | None = None,
     prompts: int = 1,
+    fd_step: float = FD_STEP,
 ) -> EPDParams:
     """Fit ``start``'s tables (and, with ``config.learn_grid``, its interior grid points) to a teacher.
 
@@ -192,6 +194,8 @@ def distill(
     answers is not resumed. ``checkpoint_notes``: JSON saved with the checkpoint, not compared (e.g. which start a
     check chose; :func:`~epd_core.checkpoint.checkpoint_notes` reads it). ``prompts``: how many prompts the
     denoiser tiles over its batch (a conditioning batch), so that the checkpoint's probe asks each of them.
+    ``fd_step``: the finite-difference step of ``config.gradient == "fd"``
+    (:func:`~epd_core.objective.fd_step` of the model's compute dtype).
     """
     config = config or DistillConfig()
     if config.objective == "authors" and config.micro_batch:  # their per-step loop keeps the whole batch's rollout
@@ -238,7 +242,7 @@ def distill(
             loss = _authors_iteration(denoiser, start, raw, grid_now, x, targets, config, feature_loss, opt)
         else:
             opt.zero_grad(set_to_none=True)
-            loss = _accumulate(denoiser, start, raw, ends, logits, grid_now, x, targets, config, feature_loss)
+            loss = _accumulate(denoiser, start, raw, ends, logits, grid_now, x, targets, config, feature_loss, fd_step)
             if torch.isfinite(loss):
                 _update(opt, trainable, clip=True)
         sched.step()

@@ -9,6 +9,7 @@ activations, :func:`recomputed`) or from finite differences along the two direct
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -19,7 +20,17 @@ from .config import DistillConfig
 from .params import TABLE_NAMES, Decoded, EPDParams, decode
 from .solver import Denoiser, epd_step, evaluate_points
 
-__all__ = ["Rollout", "distance", "recomputed", "student_loss"]
+__all__ = ["FD_STEP", "Rollout", "distance", "fd_step", "recomputed", "student_loss"]
+
+FD_STEP = 1e-3  # the finite-difference step, relative to the noise level, for a model computing in float32 or finer
+
+
+def fd_step(dtype: torch.dtype) -> float:
+    """The finite-difference step for a model computing in ``dtype``: :data:`FD_STEP`, or the square root of the
+    dtype's machine epsilon where that is larger (0.031 in float16, 0.088 in bfloat16), which balances the model's
+    rounding against the difference's truncation (at 1e-3 a bfloat16 model's gradient is off by 13x)."""
+    return max(FD_STEP, torch.finfo(dtype).eps ** 0.5)
+
 
 FeatureLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # (student's final state, teacher's) -> loss
 
@@ -57,7 +68,7 @@ class _FiniteDifferenceDenoise(torch.autograd.Function):
         return (grad * d_c).flatten(1).sum(1), (grad * d_s).flatten(1).sum(1), None, None, None, None
 
 
-def _evaluate_points_fd(denoiser, x, direction, offset, sigma, tau, parallel=True, eps=1e-3):
+def _evaluate_points_fd(denoiser, x, direction, offset, sigma, tau, parallel=True, eps=FD_STEP):
     """:func:`~epd_core.solver.evaluate_points` with finite-difference gradients through the model (all K in
     one call, point-major)."""
     k, b = offset.shape[-1], x.shape[0]
@@ -100,6 +111,7 @@ def student_loss(
     targets: torch.Tensor,
     config: DistillConfig | None = None,
     feature_loss: FeatureLoss | None = None,
+    fd_step: float = FD_STEP,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The student's distance to the teacher under ``config``; returns (loss, student's final state).
 
@@ -109,7 +121,8 @@ def student_loss(
     per-step losses of the undetached rollout (the training loop then updates after every step, see
     :func:`distill`; here their sum, for evaluation).
 
-    ``gradient``: ``autograd`` backpropagates through the denoiser; ``fd`` uses finite differences.
+    ``gradient``: ``autograd`` backpropagates through the denoiser; ``fd`` uses finite differences of step ``fd_step``
+    (see :func:`fd_step`).
     ``weighting``: ``uniform`` (the authors') or ``snr``: each step's error divided by ``1 + t_next^2``, i.e.
     measured at the model's input scale, so the early high-noise steps that decide the image's layout count
     as much as the late ones.
@@ -120,7 +133,7 @@ def student_loss(
     ``robust``: each step's distance is :func:`distance` with that pseudo-Huber scale (0: the squared error).
     """
     config = config or DistillConfig()
-    rollout = Rollout(denoiser, params, raw, grid, x, config)
+    rollout = Rollout(denoiser, params, raw, grid, x, config, fd_step)
     total = x.new_zeros(())
     for i in range(rollout.steps):
         loss = rollout.step(i, targets, feature_loss)
@@ -143,10 +156,10 @@ class Rollout:
 
     def __init__(
         self, denoiser: Denoiser, params: EPDParams, raw: dict[str, torch.Tensor], grid: torch.Tensor, x: torch.Tensor,
-        config: DistillConfig,
+        config: DistillConfig, fd_step: float = FD_STEP,
     ) -> None:  # fmt: skip
         autograd = config.gradient == "autograd"
-        self.evaluate = evaluate_points if autograd else _evaluate_points_fd
+        self.evaluate = evaluate_points if autograd else functools.partial(_evaluate_points_fd, eps=fd_step)
         self.model = denoiser if autograd else _no_grad(denoiser)
         self.params, self.raw, self.grid, self.x, self.config = params, raw, grid, x, config
         self.local = config.objective == "local"

@@ -31,7 +31,7 @@ from ..epd_core import EPDParams
 from ..epd_core.checkpoint import CheckpointMismatch, answers, checkpoint_notes, interruptible
 from ..epd_core.config import NODE_RDPO_TEACHER_M, DistillConfig, RDPOConfig
 from ..epd_core.distill import distill, first_step_mean
-from ..epd_core.objective import recomputed
+from ..epd_core.objective import fd_step, recomputed
 from ..epd_core.rdpo import GUARD_SAMPLES, fitted_final_estimate, rdpo
 from ..epd_core.schedules import DEFAULT_FLOW_SHIFT, polynomial
 from ..epd_core.starts import start_errors
@@ -162,7 +162,8 @@ def distill_on_model(
                                  device=s.device, progress=s.progress, metadata={**metadata, **chosen, **extra},
                                  feature_loss=features, checkpoint_key={"feature_loss": metadata.get("feature_loss")},
                                  prompts=prompts, checkpoint_answers=_answers(encoded, s, resume),
-                                 checkpoint_notes=chosen, drop_mismatch=drop_mismatch, **resume)  # fmt: skip
+                                 checkpoint_notes=chosen, drop_mismatch=drop_mismatch,
+                                 fd_step=fd_step(compute_dtype(model)), **resume)  # fmt: skip
 
             if config.gradient != "autograd":
                 return run(config, s.denoiser, {})
@@ -192,6 +193,14 @@ def distill_on_model(
         return train(measured[chosen["grid"]], grids[chosen["grid"]].to(s.device), {"start": chosen})
 
     return _train_on_model(model, positive, negative, cfg, latent, first, config, fit)
+
+
+def compute_dtype(model: ModelPatcher) -> torch.dtype:
+    """The dtype ``model`` computes in: its manual-cast dtype (half-precision or fp8 weights cast per layer), else its
+    weights'; float32 for a model that says neither."""
+    inner = model.model
+    cast = getattr(inner, "manual_cast_dtype", None)
+    return cast if cast is not None else getattr(inner, "get_dtype", lambda: torch.float32)()
 
 
 def _with_mean(s: Session, starts: dict[str, EPDParams], config: DistillConfig) -> dict[str, EPDParams]:

@@ -499,3 +499,22 @@ def test_table_script_splits_points_of_a_narrower_start():
                 assert bool((r.min(1).values < d.r[:, j]).all() and (r.max(1).values > d.r[:, j]).all())
         moved = sample(gm.denoise_ve, x * sigmas[0], sigmas, wide)
         assert 0 < float((moved - base).abs().max()) < 0.01 * float(base.abs().max())
+
+
+def test_training_takes_the_finite_difference_step_of_the_dtype_the_model_computes_in():
+    """EPD Distill's per-step objective differences the model's answers: a model loaded in half precision (weights
+    stored so, or cast per layer) needs the step its rounding allows, a float32 one keeps the float32 step."""
+    tr = H.pack_module("nodes.training")
+    objective = H.pack_module("epd_core.objective")
+    (model,) = mn.EPDMnistModel.execute("eps").result
+    assert tr.compute_dtype(model) == torch.float32
+    for weights, cast in ((torch.bfloat16, None), (torch.float16, torch.float32), (torch.float32, torch.bfloat16)):
+        config = mm.MnistConfig("eps")
+        config.set_inference_dtype(weights, cast)
+        base = comfy.model_base.BaseModel(config, model_type=model.model.model_type)
+        cpu = torch.device("cpu")
+        half = comfy.model_patcher.ModelPatcher(base, load_device=cpu, offload_device=cpu)
+        computes = cast or weights
+        assert tr.compute_dtype(half) == computes
+        step = objective.fd_step(tr.compute_dtype(half))
+        assert step == (objective.FD_STEP if computes == torch.float32 else torch.finfo(computes).eps ** 0.5)
