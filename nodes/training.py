@@ -197,10 +197,11 @@ def distill_on_model(
 
 def compute_dtype(model: ModelPatcher) -> torch.dtype:
     """The dtype ``model`` computes in: its manual-cast dtype (half-precision or fp8 weights cast per layer), else its
-    weights'; float32 for a model that says neither."""
+    weights'; float32 for a model that says neither (the analytic models' own networks have no dtype)."""
     inner = model.model
     cast = getattr(inner, "manual_cast_dtype", None)
-    return cast if cast is not None else getattr(inner, "get_dtype", lambda: torch.float32)()
+    dtype = cast if cast is not None else getattr(inner, "get_dtype", lambda: None)()
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
 def _with_mean(s: Session, starts: dict[str, EPDParams], config: DistillConfig) -> dict[str, EPDParams]:

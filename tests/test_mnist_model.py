@@ -508,6 +508,12 @@ def test_training_takes_the_finite_difference_step_of_the_dtype_the_model_comput
     objective = H.pack_module("epd_core.objective")
     (model,) = mn.EPDMnistModel.execute("eps").result
     assert tr.compute_dtype(model) == torch.float32
+    from epd_dev.tiny_models import tiny_model
+
+    analytic = H.pack_module("nodes.nodes_demo").EPDAnalyticModel
+    for form in H.pack_module("nodes.analytic_model").FORMS:
+        assert tr.compute_dtype(analytic.execute(form, "reference", 0.0).result[0]) == torch.float32
+    assert tr.compute_dtype(tiny_model("flux")) == torch.float32  # a network whose config names no dtype
     for weights, cast in ((torch.bfloat16, None), (torch.float16, torch.float32), (torch.float32, torch.bfloat16)):
         config = mm.MnistConfig("eps")
         config.set_inference_dtype(weights, cast)
