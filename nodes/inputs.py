@@ -103,3 +103,23 @@ def check_finite(**values: float | None) -> None:
     for name, value in values.items():
         if value is not None and not math.isfinite(value):
             raise ValueError(f"{name} must be a finite number, got {value}")
+
+
+def check_declared(node: type[io.ComfyNode], **values: Any) -> None:
+    """Refuse a value outside the range or the options ``node`` declares for that input, by name: ComfyUI checks them
+    only on a widget's own value, not on one that arrives by a link (a Primitive or Int node, another node's output).
+    None (an absent optional input) is not checked."""
+    declared = {inp.id: inp for inp in node.define_schema().inputs}
+    for name, value in values.items():
+        inp = declared[name]
+        if value is None:
+            continue
+        if isinstance(inp, io.Combo.Input) and value not in inp.options:
+            raise ValueError(f"{name} must be one of {', '.join(map(str, inp.options))}, got {value!r}")
+        if isinstance(inp, io.Float.Input):
+            check_finite(**{name: value})
+        if isinstance(inp, (io.Int.Input, io.Float.Input)):
+            low = -math.inf if inp.min is None else inp.min
+            high = math.inf if inp.max is None else inp.max
+            if not low <= value <= high:
+                raise ValueError(f"{name} must be in {low}..{high}, got {value}")

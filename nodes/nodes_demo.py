@@ -10,7 +10,7 @@ from ..epd_core.analytic import MIXTURES
 from .analytic_model import FORMS, analytic_model_patcher
 from .digits_model import digits_model_patcher
 from .image_grid import MAX_ROWS, labelled_grid
-from .inputs import check_finite
+from .inputs import check_declared
 
 
 class EPDAnalyticModel(io.ComfyNode):
@@ -52,7 +52,7 @@ class EPDAnalyticModel(io.ComfyNode):
 
     @classmethod
     def execute(cls, form: str, mixture: str, shift: float) -> io.NodeOutput:
-        check_finite(shift=shift)  # a NaN read as 0, the default shift
+        check_declared(cls, shift=shift)  # a NaN read as 0, the default shift; a negative shift too
         model = analytic_model_patcher(form, mixture, shift if shift > 0 else None)
         return io.NodeOutput(model, [[torch.zeros(1, 1, 8), {}]])
 

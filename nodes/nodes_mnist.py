@@ -8,7 +8,7 @@ from comfy_api.latest import io
 from .autograd import make_differentiable
 from .digits_model import LATENT_SHAPE as DIGITS_LATENT_SHAPE
 from .features import Encoder
-from .inputs import EncoderType
+from .inputs import EncoderType, check_declared
 from .mnist_classifier import load_classifier
 from .mnist_model import KINDS, class_token, latent_to_grey, latent_to_images, mnist_model_patcher, weights_path
 
@@ -93,6 +93,7 @@ class EPDMnistDecode(io.ComfyNode):
 
     @classmethod
     def execute(cls, samples: dict, scale: int = 4) -> io.NodeOutput:
+        check_declared(cls, scale=scale)
         latent = samples["samples"]
         digits = latent.ndim == 4 and tuple(latent.shape[1:]) == DIGITS_LATENT_SHAPE
         grey = latent_to_grey(latent) if digits else latent_to_images(latent)

@@ -29,6 +29,7 @@ from .inputs import (
     EPDParamsType,
     advanced,
     cfg_input,
+    check_declared,
     check_finite,
     config_input,
     epd_params_input,
@@ -169,7 +170,11 @@ class EPDDistill(io.ComfyNode):
         micro_batch: int | None = None, keep_best: int | None = None, robust: float | None = None,
         scale_dir: float = AUTO, scale_time: float = AUTO,
     ) -> io.NodeOutput:  # fmt: skip
-        check_finite(feature_weight=feature_weight)
+        check_declared(cls, cfg=cfg, nfe=nfe, points=points, teacher=teacher, teacher_steps=teacher_steps,
+                       iterations=iterations, batch=batch, learning_rate=learning_rate, seed=seed,
+                       objective=objective, student=student, feature_weight=feature_weight, start_check=start_check,
+                       micro_batch=micro_batch, keep_best=keep_best, robust=robust, scale_dir=scale_dir,
+                       scale_time=scale_time)  # fmt: skip
         # The per-step objective needs only the derivatives along the two ways a table moves a point: finite
         # differences, no backpropagation through the network (any architecture, no activation memory). The
         # objectives that reach earlier steps through the rollout need autograd through the model.
@@ -435,6 +440,9 @@ class EPDRDPO(io.ComfyNode):
     ) -> io.NodeOutput:  # fmt: skip
         if reward not in REWARDS:  # ComfyUI 0.3.x does not check a V3 combo's value: a typo trained on fidelity
             raise ValueError(f"reward must be one of {', '.join(REWARDS)}, got {reward!r}")
+        check_declared(cls, cfg=cfg, teacher_steps=teacher_steps, iterations=iterations, groups=groups,
+                       group_size=group_size, concentration=concentration, learning_rate=learning_rate, seed=seed,
+                       preset=preset)  # fmt: skip
         config = rdpo_preset(preset, iterations=iterations, groups=groups, k=group_size, concentration=concentration,
                              lr=learning_rate, seed=seed)  # fmt: skip
         metadata = {"tool": "EPD RDPO node", "model": model_name(model), "cfg": cfg}

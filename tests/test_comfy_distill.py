@@ -1185,3 +1185,38 @@ def test_a_nan_scale_bound_is_refused_not_read_as_no_head(epd_dir, head):
                 N["EPDDistill"].execute(model, *args, **_args("bad", 1, nfe=4, start_check=0, **{head: value}))
     assert calls == []
     assert list(epd_dir.iterdir()) == []
+
+
+OUT_OF_RANGE = [  # (node, input, value): each outside the range or options the node declares for the input
+    ("EPDDistill", "nfe", 1),
+    ("EPDDistill", "points", 9),
+    ("EPDDistill", "seed", -1),
+    ("EPDRDPO", "teacher_steps", 0),
+    ("EPDRDPO", "learning_rate", 2.0),
+    ("EPDAnalyticModel", "shift", -1.0),
+    ("EPDMnistDecode", "scale", 17),
+]
+
+
+@pytest.mark.parametrize("node,name,value", OUT_OF_RANGE)
+def test_a_linked_value_outside_the_declared_range_is_refused_by_name(epd_dir, node, name, value):
+    """ComfyUI checks min, max and options only on a widget's own value: one that arrives by a link (a Primitive or
+    Int node) reached the node unchecked, and EPD Distill saved a table of NFE 1 or of 9 points, RDPO one trained
+    against a teacher of 0 points, EPD MNIST Decode enlarged by any factor."""
+    model = tiny_model("eps")
+    args = (conditioning(1, 1), conditioning(1, 2), latent("eps", 1))
+    start = H.pack_module("nodes.training").start_table(model.get_model_object("model_sampling"), 4, 2, False)
+    rdpo = dict(epd_params=start, cfg=2.0, reward="fidelity", teacher_steps=1, iterations=1, groups=1, group_size=2,
+                concentration=20.0, learning_rate=1e-3, seed=0, filename="bad_rdpo", overwrite=False)  # fmt: skip
+    training = dict(zip(("model", "positive", "negative", "latent_image"), (model, *args), strict=True))
+    given = {
+        "EPDDistill": training | _args("bad", 1, nfe=4, start_check=0),
+        "EPDRDPO": training | rdpo,
+        "EPDAnalyticModel": dict(form="sd3_flow", mixture="reference", shift=0.0),
+        "EPDMnistDecode": dict(samples={"samples": torch.zeros(1, 4, 14, 14)}, scale=4),
+    }[node] | {name: value}
+    with network_calls(model) as calls:
+        with pytest.raises(ValueError, match=f"^{name} must be (in|one of) .*, got '?{value}'?$"):
+            N[node].execute(**given)
+    assert calls == []
+    assert list(epd_dir.iterdir()) == []
