@@ -257,13 +257,19 @@ def test_recomputed_denoiser_gives_the_same_values_and_gradients():
     assert len(calls) == 1
 
 
-def test_finite_difference_gradients_match_autograd():
+def _gradient_case():
+    """A table off its start, a batch of noises on its grid and the teacher's states there."""
     start = _start(scale_time=0.05, scale_dir=0.05)
     g = torch.Generator().manual_seed(0)
     start = start.replace(r_params=start.r_params + 0.3 * torch.randn(3, 2, generator=g))
     grid = make_schedule(start)
     x = torch.randn(8, 4, 8, 8, dtype=torch.float64, generator=g) * grid[0]
     targets = teacher_trajectory(GM.denoise_ve, x, subdivide(grid, 3))[::4]
+    return start, grid, x, targets
+
+
+def test_finite_difference_gradients_match_autograd():
+    start, grid, x, targets = _gradient_case()
     grads = {}
     for mode in ("autograd", "fd"):
         raw = {n: getattr(start, n).double().clone().requires_grad_(True) for n in TABLE_NAMES}
@@ -713,12 +719,7 @@ def test_finite_differences_of_a_half_precision_model_take_a_step_its_rounding_a
     """A model computing in bfloat16 answers to about 3 significant digits: the float32 step (1e-3 of the noise level)
     differences its rounding, so training's per-step objective got gradients 40% off here (13x their size on the
     MNIST UNet in bfloat16)."""
-    start = _start(scale_time=0.05, scale_dir=0.05)
-    g = torch.Generator().manual_seed(0)
-    start = start.replace(r_params=start.r_params + 0.3 * torch.randn(3, 2, generator=g))
-    grid = make_schedule(start)
-    x = torch.randn(8, 4, 8, 8, dtype=torch.float64, generator=g) * grid[0]
-    targets = teacher_trajectory(GM.denoise_ve, x, subdivide(grid, 3))[::4]
+    start, grid, x, targets = _gradient_case()
 
     def rounded(x, sigma):  # as a model computing in bfloat16 (ComfyUI casts its input and answer)
         return GM.denoise_ve(x.bfloat16().to(x.dtype), sigma).bfloat16().to(x.dtype)
