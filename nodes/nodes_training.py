@@ -438,9 +438,8 @@ class EPDRDPO(io.ComfyNode):
         vae: VAE | None = None, clip_vision: ClipVision | None = None, clip: CLIP | None = None, prompt: str = "",
         reward_model: str = "", preset: str = "ours",
     ) -> io.NodeOutput:  # fmt: skip
-        if reward not in REWARDS:  # ComfyUI 0.3.x does not check a V3 combo's value: a typo trained on fidelity
-            raise ValueError(f"reward must be one of {', '.join(REWARDS)}, got {reward!r}")
-        check_declared(cls, cfg=cfg, teacher_steps=teacher_steps, iterations=iterations, groups=groups,
+        # ComfyUI 0.3.x does not check a V3 combo's value (a typo of reward trained on fidelity), nor any linked one
+        check_declared(cls, reward=reward, cfg=cfg, teacher_steps=teacher_steps, iterations=iterations, groups=groups,
                        group_size=group_size, concentration=concentration, learning_rate=learning_rate, seed=seed,
                        preset=preset)  # fmt: skip
         config = rdpo_preset(preset, iterations=iterations, groups=groups, k=group_size, concentration=concentration,
