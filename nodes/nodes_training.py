@@ -30,7 +30,6 @@ from .inputs import (
     advanced,
     cfg_input,
     check_declared,
-    check_finite,
     config_input,
     epd_params_input,
     output_inputs,
@@ -253,8 +252,8 @@ def _scale_bound_input(name: str) -> io.Float.Input:
 def scale_bounds(nfe: int, start_params: EPDParams | None, **inputs: float | None) -> dict[str, float]:
     """The bound of each scale head to add: the input's own, or for auto (-1 or absent) that of
     :func:`node_scale_bounds` at the table's ``nfe``, unless the start table has the head already (it keeps its own).
+    Finite inputs (EPD Distill's ``check_declared``).
     """
-    check_finite(**inputs)
     auto, bounds = node_scale_bounds(nfe), {}
     for name, value in inputs.items():
         if value is not None and AUTO < value < 0:  # a widget dragged from -1 towards a small bound

@@ -141,7 +141,7 @@ def make_plugin_sampler(
                 _PluginModel(model, plugin), x, sigmas, extra_args=extra_args, callback=callback and shown,
                 disable=disable, **options,
             )  # fmt: skip
-        return out if float(grid[-1]) == 0 else den.settle(out, x, grid)
+        return den.settle(out, x, grid)
 
     sampler = comfy.samplers.KSAMPLER(plugin_function, dict(base.extra_options), dict(base.inpaint_options))
     return sampler, plugin_info(name, params, final_step, parallel)

@@ -387,10 +387,13 @@ class _ComfyDenoiser:
         return estimate * mask + latent * (1.0 - mask)
 
     def settle(self, x: torch.Tensor, start: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
-        """``x`` at the grid's last sigma above 0, with the area the noise mask keeps where ComfyUI's samplers leave it:
-        the inpainting wrapper answers the source there, and for a constant answer their steps are exact, taking the
+        """``x`` at the grid's last sigma, with the area the noise mask keeps where ComfyUI's samplers leave it
+        (unchanged where that sigma is 0: the estimate's ``finish`` has put the source there already). The inpainting
+        wrapper answers the source there, and for a constant answer their steps are exact, taking the
         ``start`` at ``sigmas[0]`` along the ODE to the source plus ``(start - source) * sigmas[-1] / sigmas[0]``.
         EPD's steps, whose sum of weight * scale_dir need not be 1, are not exact for it."""
+        if float(sigmas[-1]) <= 0:
+            return x
         sigma = sigmas[-1].to(x).expand(x.shape[0])
         mask, latent = self._mask(sigma), getattr(self.model, "latent_image", None)
         if mask is None or latent is None:
@@ -491,8 +494,7 @@ def epd_sampler_function(
                 x = x * (s0 / (1.0 + s0**2) ** 0.5)
         den = _ComfyDenoiser(model, extra_args, x.shape[0])
         out = epd_sample(den, x, sigmas, params, callback=step, parallel=mode, final=final, finish=den.finish)
-        if float(sigmas[-1]) > 0:
-            out = den.settle(out, start, sigmas)
+        out = den.settle(out, start, sigmas)
     if convention == "authors" and flow and float(sigmas[-1]) > 0:
         out = out * (1.0 - float(sigmas[-1]))
     return out
