@@ -107,6 +107,12 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, projections: int = 128)
     return float(((pa - pb) ** 2).mean().sqrt())
 
 
+def rank(value: float) -> float:
+    """A metric as a ``min`` key: NaN (a diverged run) ranks last. Compared as it is, a NaN listed first came out
+    least, and a diverged sampler was picked as the best built-in with a ratio of "nanx"."""
+    return math.inf if math.isnan(value) else value
+
+
 def metrics(gm: GaussianMixture | DigitClasses, out: torch.Tensor, exact: torch.Tensor) -> dict:
     """RMSE to the answer key and distribution metrics: the sliced Wasserstein distance to the exact samples, and
     which samples landed in another mode than the exact solution (mixture component, or digit class; they dominate
@@ -309,8 +315,8 @@ def summarize(rows: list[dict]) -> tuple[str, list[dict]]:
             epd = [r for r in sub if r["nfe"] == nfe and r["sampler"].startswith("epd") and r["sampler"] != "epd_start"]
             if not builtin or not epd:
                 continue
-            b = min(builtin, key=lambda r: r["rmse"])
-            e = min(epd, key=lambda r: r["rmse"])
+            b = min(builtin, key=lambda r: rank(r["rmse"]))
+            e = min(epd, key=lambda r: rank(r["rmse"]))
             ratio = b["rmse"] / e["rmse"]
             summary.append({"model": model, "mixture": mixture, "nfe": nfe, "best_builtin": b, "epd": e,
                             "ratio": ratio})  # fmt: skip
@@ -361,7 +367,7 @@ def plot_lines(rows: list[dict]) -> dict[tuple[str, str], dict[str, dict[int, fl
             continue
         name = PLUGIN_LINE if r["sampler"].startswith("epd_plugin_") else r["sampler"]
         best = lines.setdefault((r["model"], r["mixture"]), {}).setdefault(name, {})
-        best[r["nfe"]] = min(r["rmse"], best.get(r["nfe"], math.inf))
+        best[r["nfe"]] = min(r["rmse"], best.get(r["nfe"], math.inf), key=rank)
     return lines
 
 

@@ -31,6 +31,7 @@ from bench.accuracy import (
     case_key,
     merge_cases,
     metrics,
+    rank,
     run,
 )
 from epd_core import GaussianMixture, load_params
@@ -60,7 +61,7 @@ def case(form: str, mixture: str, nfe: int, n: int, top: int, ranking: list[dict
     base = {"model": f"analytic-{form}", "mixture": mixture, "samples": n, "answer_key_gap": gap}
     rows = []
     ranked = sorted((r for r in ranking if r["model"] == base["model"] and r["mixture"] == mixture and r["nfe"] == nfe
-                     and not r["sampler"].startswith("epd")), key=lambda r: r["rmse"])  # fmt: skip
+                     and not r["sampler"].startswith("epd")), key=lambda r: rank(r["rmse"]))  # fmt: skip
     for r in ranked[:top]:
         sampler, scheduler = r["sampler"], r["scheduler"]
         sigmas = builtin_sigmas(ms, sampler, scheduler, builtin_steps(sampler, nfe))
@@ -89,12 +90,12 @@ def summarize(rows: list[dict]) -> str:
         builtin = [r for r in sub if not r["sampler"].startswith("epd")]
         if not builtin:
             continue
-        b = min(builtin, key=lambda r: r["rmse"])
+        b = min(builtin, key=lambda r: rank(r["rmse"]))
         cells = [model, mixture, nfe, f"{b['sampler']} / {b['scheduler']}", f"{b['rmse']:.4f}"]
         for student in ("epd", "carry"):
             tables = [r for r in sub if r["sampler"] == f"epd_{student}"]
             if tables:
-                t = min(tables, key=lambda r: r["rmse"])
+                t = min(tables, key=lambda r: rank(r["rmse"]))
                 cells += [t["scheduler"].removeprefix("table:"), f"{t['rmse']:.4f}", f"{b['rmse'] / t['rmse']:.2f}x"]
             else:
                 cells += ["", "", ""]

@@ -28,7 +28,7 @@ from statistics import geometric_mean
 
 import torch
 
-from bench.accuracy import FORMS, PARALLEL, RESULTS, builtin_sigmas, builtin_steps, case_key, metrics, run
+from bench.accuracy import FORMS, PARALLEL, RESULTS, builtin_sigmas, builtin_steps, case_key, metrics, rank, run
 from bench.carry import MIXTURES, held_out
 from bench.neural import paired_ratio_interval, per_sample_mse
 from epd_dev import comfy_harness
@@ -48,7 +48,7 @@ def best_builtin(carry: list[dict], form: str, mixture: str, nfe: int, n: int) -
     """The built-in with the lowest RMSE of ``carry.json``'s case, when it ran on the same ``n`` noises."""
     rows = [r for r in carry if case_key(r) == (f"analytic-{form}", mixture, nfe) and r["samples"] == n
             and not r["sampler"].startswith("epd")]  # fmt: skip
-    return min(rows, key=lambda r: r["rmse"]) if rows else None
+    return min(rows, key=lambda r: rank(r["rmse"])) if rows else None
 
 
 def numerics() -> str:

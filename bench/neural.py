@@ -44,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from bench.accuracy import DETERMINISTIC, PARALLEL, RESULTS, TWO_CALLS, builtin_sigmas, builtin_steps, merge_runs
+from bench.accuracy import DETERMINISTIC, PARALLEL, RESULTS, TWO_CALLS, builtin_sigmas, builtin_steps, merge_runs, rank
 from epd_core import load_params
 from epd_core.files import write_atomic
 from epd_dev import ROOT, comfy_harness, mnist_data, mnist_metrics
@@ -445,8 +445,8 @@ def summarize(rows: list[dict], paired: list[dict] = ()) -> tuple[str, list[dict
             epd = [r for r in sub if r["nfe"] == nfe and r["sampler"] == "epd"]
             if not builtin or not epd:
                 continue
-            b, e = min(builtin, key=lambda r: r["rmse"]), min(epd, key=lambda r: r["rmse"])
-            bf = min(builtin, key=lambda r: r["fid"])
+            b, e = min(builtin, key=lambda r: rank(r["rmse"])), min(epd, key=lambda r: rank(r["rmse"]))
+            bf = min(builtin, key=lambda r: rank(r["fid"]))
             s = {"model": model, "nfe": nfe, "best_builtin": b, "best_builtin_fid": bf, "epd": e,
                  "ratio": b["rmse"] / e["rmse"], "ratio_ci": paired_ci(paired, b, e),
                  "fid_ratio": bf["fid"] / e["fid"]}  # fmt: skip

@@ -38,6 +38,7 @@ from bench.accuracy import (
     builtin_sigmas,
     builtin_steps,
     metrics,
+    rank,
     run,
 )
 from epd_core import GaussianMixture, load_params
@@ -153,7 +154,7 @@ def compare(rows: list[dict]) -> tuple[str, list[dict]]:
                 plug = [r for r in sub if r["sampler"] == f"epd_plugin_{base}"]
                 if not bare or not plug:
                     continue
-                b, p = min(bare, key=lambda r: r["rmse"]), min(plug, key=lambda r: r["rmse"])
+                b, p = min(bare, key=lambda r: rank(r["rmse"])), min(plug, key=lambda r: rank(r["rmse"]))
                 ratio = b["rmse"] / p["rmse"]
                 fid = f"{b['fid']:.1f} / {p['fid']:.1f}" if "fid" in b and "fid" in p else ""
                 out.append({"model": model, "base": base, "nfe": nfe, "bare": b, "plugin": p, "ratio": ratio})

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from bench import neural
-from bench.accuracy import RESULTS, plot, summary_files
+from bench.accuracy import RESULTS, plot, rank, summary_files
 from epd_core import load_params
 from epd_dev import ROOT
 
@@ -57,7 +57,7 @@ def mixture_ratios(rows: list[dict]) -> dict[tuple, dict[str, float]]:
         for student in ("epd", "carry"):
             mine = [r["rmse"] for r in sub if r["sampler"] == f"epd_{student}"]
             if mine:
-                out.setdefault(key, {})[student] = min(builtin) / min(mine)
+                out.setdefault(key, {})[student] = min(builtin, key=rank) / min(mine, key=rank)
     return out
 
 
@@ -129,7 +129,7 @@ def field_table(rows: list[dict]) -> str:
         sub = [q for q in rows if (q["model"], q["mixture"], q["nfe"]) == key]
         builtin = [q["rmse"] for q in sub if not q["sampler"].startswith("epd")]
         if builtin:
-            cells[key] = min(builtin) / min(q["rmse"] for q in sub if q["sampler"] == "epd")
+            cells[key] = min(builtin, key=rank) / min((q["rmse"] for q in sub if q["sampler"] == "epd"), key=rank)
     nfes = sorted({k[2] for k in cells})
     head = ["model", "mixture", *(f"NFE {n}" for n in nfes)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

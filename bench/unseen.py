@@ -36,6 +36,7 @@ from bench.accuracy import (
     builtin_steps,
     merge_cases,
     metrics,
+    rank,
     run,
 )
 from bench.defaults import node_defaults, parse_settings
@@ -115,7 +116,7 @@ def case(name: str, nfe: int, n: int, settings: dict, log=print) -> list[dict]:
         if sampler not in comfy.samplers.KSampler.DISCARD_PENULTIMATE_SIGMA_SAMPLERS and steps == nfe:
             for label, sigmas in tuned_schedules(TUNED_KIND[form], nfe).items():
                 score(sampler, label, comfy.samplers.sampler_object(sampler), sigmas)
-    best = min(rows, key=lambda r: r["rmse"])
+    best = min(rows, key=lambda r: rank(r["rmse"]))
     t0 = time.time()
     params = fit(nodes, model, nfe, settings)
     train_s = time.time() - t0

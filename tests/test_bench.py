@@ -77,6 +77,32 @@ def test_plot_and_summary_compare_only_rows_on_the_same_noises():
     assert case["epd"]["sampler"] == "epd" and case["ratio"] == pytest.approx(0.01 / 0.0033)
 
 
+def test_a_diverged_run_is_never_picked_as_the_best():
+    """``min`` over a list whose first RMSE is NaN returned the NaN row: a diverged built-in was the "best built-in"
+    of every summary and the headline's ratio read "nanx"."""
+    from bench import accuracy, carry, neural, plugin, report
+
+    row = {"model": "mnist-eps", "mixture": "mnist", "nfe": 5, "samples": 10, "wrong_mode": 0, "rmse_ci": [0, 1],
+           "accuracy": 1.0, "wrong_mode_rate": 0.0, "wrong_mode_ci": [0, 0.3]}  # fmt: skip
+    nan = float("nan")
+    rows = [{**row, "sampler": "lms", "scheduler": "karras", "rmse": nan, "fid": nan},
+            {**row, "sampler": "euler", "scheduler": "karras", "rmse": 0.2, "fid": 40.0},
+            {**row, "sampler": "epd", "scheduler": "table:t+estimate", "rmse": nan, "fid": nan},
+            {**row, "sampler": "epd", "scheduler": "table:u+estimate", "rmse": 0.1, "fid": 50.0}]  # fmt: skip
+    (case,) = neural.summarize(rows)[1]
+    assert case["best_builtin"]["sampler"] == case["best_builtin_fid"]["sampler"] == "euler"
+    assert case["epd"]["scheduler"] == "table:u+estimate" and case["ratio"] == pytest.approx(2.0)
+    (case,) = accuracy.summarize(rows)[1]
+    assert case["best_builtin"]["sampler"] == "euler" and case["ratio"] == pytest.approx(2.0)
+    assert "| mnist-eps | mnist | 2.00x |" in report.field_table(rows)
+    students = [{**r, "sampler": r["sampler"].replace("epd", "epd_carry")} for r in rows]
+    assert report.mixture_ratios(students)["mnist-eps", "mnist", 5]["carry"] == pytest.approx(2.0)
+    assert "| euler / karras | 0.2000 |" in carry.summarize(students)
+    bases = [{**r, "sampler": "euler" if r["sampler"] != "epd" else "epd_plugin_euler"} for r in rows]
+    (case,) = plugin.compare(bases)[1]
+    assert case["ratio"] == pytest.approx(2.0)
+
+
 def test_rerunning_one_case_keeps_every_other_record():
     """``bench.accuracy --forms ... --nfes 5`` rewrote accuracy.json with its own rows only, dropping the other
     models', the MNIST rows and EPD Plugin's; then a run of one NFE dropped the case's other NFEs, its tables' rows
