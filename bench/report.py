@@ -1,7 +1,8 @@
 """The benchmark headline: the README's tables, rendered from the records in ``bench/results``.
 
-    python -m bench.report          # the README's blocks between the markers, headline.md, accuracy.png and the
-                                    # summaries of accuracy.json (accuracy.md, summary.json, distillation.md)
+    python -m bench.report          # the README's blocks between the markers, headline.md, accuracy.png, the
+                                    # summaries of accuracy.json (accuracy.md, summary.json, distillation.md) and
+                                    # of the other records (carry.md, neural.md, neural_summary.json, plugin.md)
     python -m bench.report --check  # exit 1 when the README's blocks or those files are not what the records say
 
 Three tables, each from one benchmark's records: the analytic mixtures at many noises (``carry.json``, written by
@@ -219,10 +220,23 @@ def render(text: str, results: Path) -> tuple[str, str]:
 
 
 def derived_files(results: Path) -> dict[str, str]:
-    """The text files rendered from the records, by name (``headline.md`` and :func:`summary_files`)."""
+    """The text files rendered from the records, by name: ``headline.md``, :func:`summary_files` and the summaries
+    each benchmark writes beside its record (``carry.md``, ``neural.md``, ``neural_summary.json``, ``plugin.md``,
+    which the README cites and ``--check`` passed stale)."""
+    from bench import carry, plugin
+
     files = {"headline.md": headline(results)}
-    if (results / "accuracy.json").exists():
-        files.update(summary_files(json.loads((results / "accuracy.json").read_text())))
+    records = {name: json.loads((results / name).read_text()) for name in ("accuracy.json", "carry.json",
+               "neural.json", "plugin.json") if (results / name).exists()}  # fmt: skip
+    if "accuracy.json" in records:
+        files.update(summary_files(records["accuracy.json"]))
+    if "carry.json" in records:
+        files["carry.md"] = carry.summarize(records["carry.json"])
+    if "neural.json" in records:
+        table, summary = neural.summarize(records["neural.json"], neural.load_paired(results))
+        files.update({"neural.md": table, "neural_summary.json": json.dumps(summary, indent=1)})
+    if "plugin.json" in records:
+        files["plugin.md"] = plugin.compare(records["plugin.json"])[0]
     return files
 
 

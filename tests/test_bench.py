@@ -701,6 +701,23 @@ def test_report_check_fails_on_stale_summaries_and_a_missing_plugin_record(tmp_p
     assert report.main(check) == 1
 
 
+def test_report_check_fails_on_a_stale_summary_beside_any_record(tmp_path):
+    """carry.md, neural.md, neural_summary.json and plugin.md (the README's "where" for its figures) went unchecked:
+    --check passed with any of them out of date with the record it summarises."""
+    import shutil
+
+    from bench import report
+
+    results, readme = tmp_path / "results", tmp_path / "README.md"
+    shutil.copytree(report.RESULTS, results)
+    shutil.copyfile(report.README, readme)
+    files = report.derived_files(results)
+    for name in ("carry.md", "neural.md", "neural_summary.json", "plugin.md"):
+        assert files[name] == (results / name).read_text(), name
+    (results / "neural.md").write_text(files["neural.md"].replace("1", "2", 1))
+    assert report.main(["--check", "--results", str(results), "--readme", str(readme)]) == 1
+
+
 def test_neural_scorer_predicts_as_the_classifier():
     """The scorer reuses the FID features for its class predictions: the same classes as the classifier's own pass."""
     from bench.neural import Scorer
