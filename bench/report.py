@@ -185,7 +185,7 @@ def plugin_table(rows: list[dict]) -> str:
         tables = [s["plugin"]["scheduler"].removeprefix("table:") for s in cells.values()]
         met[0] += sum(s["ratio"] >= PLUGIN_TARGET for s in cells.values())
         met[1] += len(cells)
-        row = [FORMS.get(model, model), nfe, max(set(tables), key=tables.count),
+        row = [FORMS.get(model, model), nfe, max(dict.fromkeys(tables), key=tables.count),  # a tie: the first base's
                *(_ratio(cells[b]["ratio"], PLUGIN_TARGET) if b in cells else "" for b in bases)]  # fmt: skip
         lines.append("| " + " | ".join(str(c) for c in row) + " |")
     counts: dict[str, set[int]] = {}

@@ -674,6 +674,23 @@ def test_plugin_block_is_rendered_from_the_plugin_records(tmp_path):
     assert blank(text) == blank(readme)  # only the blocks change
 
 
+def test_plugin_block_names_the_same_table_in_every_process_when_bases_tie():
+    """The block's "most bases" table was the max of a set: where two tables led as many bases, the one named hung on
+    the process's string hashing, so bench.report and a later --check could render different READMEs."""
+    from bench import report
+
+    def row(sampler, scheduler, rmse):
+        return {"model": "analytic-sd15_eps", "mixture": "reference", "nfe": 10, "samples": 64, "wrong_mode": 0,
+                "sampler": sampler, "scheduler": scheduler, "rmse": rmse}  # fmt: skip
+
+    # two names this process's hashing puts in a set in the other order (the first base's table listed second)
+    pairs = ((f"t{i}", f"u{i}") for i in range(100))
+    first, second = next((a, b) for a, b in pairs if list({a, b})[0] == b)
+    rows = [row("dpmpp_2m", "karras", 0.1), row("epd_plugin_dpmpp_2m", f"table:{first}", 0.05),
+            row("ipndm", "beta", 0.06), row("epd_plugin_ipndm", f"table:{second}", 0.05)]  # fmt: skip
+    assert f"| analytic SD1.5 | 10 | {first} |" in report.plugin_table(rows)
+
+
 def test_readme_headline_matches_the_committed_records():
     """The README's headline is what bench.report renders from bench/results (regenerate, never edit by hand)."""
     from bench import report
