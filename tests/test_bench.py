@@ -655,6 +655,17 @@ def test_headline_is_rendered_from_the_records(quick):
     assert report.replace_block(readme, "") == report.replace_block(report.README.read_text(), "")  # only the block
 
 
+def test_mnist_headline_says_how_many_noises_each_digit_has(tmp_path):
+    """The intro said "ten per digit" whatever the run: the headline's 2,050 noises are 205 per digit."""
+    from bench import report
+
+    row = {"model": "mnist-eps", "mixture": "mnist", "nfe": 5, "samples": 2050, "rmse_ci": [0, 1], "fid": 40.0,
+           "accuracy": 1.0, "wrong_mode": 0, "wrong_mode_rate": 0.0, "wrong_mode_ci": [0, 0.01]}  # fmt: skip
+    rows = [{**row, "sampler": "euler", "scheduler": "karras", "rmse": 0.2},
+            {**row, "sampler": "epd", "scheduler": "table:t+estimate", "rmse": 0.1}]  # fmt: skip
+    assert "2,050 noises, 205 per digit," in report.neural_table(rows, tmp_path)
+
+
 def test_plugin_block_is_rendered_from_the_plugin_records(tmp_path):
     """The README's plugin block: per model and NFE, each base's best bare RMSE / its best plugin RMSE."""
     from bench import report
