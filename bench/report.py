@@ -80,7 +80,7 @@ def mixtures_table(rows: list[dict]) -> str:
                     if s in r and target is not None:
                         met[s][n][0] += r[s] >= target
                         met[s][n][1] += 1
-                parts.append(f"{_ratio(r.get('epd'))} → {_ratio(r.get('carry'), target)}")
+                parts.append(f"{_ratio(r.get('epd'), target)} → {_ratio(r.get('carry'), target)}")
             cells.append(" / ".join(parts))
         lines.append("| " + " | ".join(cells) + " |")
     counts = "; ".join(

@@ -655,6 +655,18 @@ def test_headline_is_rendered_from_the_records(quick):
     assert report.replace_block(readme, "") == report.replace_block(report.README.read_text(), "")  # only the block
 
 
+def test_mixture_headline_bolds_every_ratio_that_meets_its_target():
+    """It says "bold: the target met" but bolded only the carry tables': an `epd` table's 1.84x at NFE 5 (target 1.5x)
+    stood plain beside the count that included it."""
+    from bench import report
+
+    row = {"model": "analytic-sd3_flow", "mixture": "reference", "nfe": 5, "samples": 64, "scheduler": "karras"}
+    rows = [{**row, "sampler": "euler", "rmse": 0.2}, {**row, "sampler": "epd_epd", "rmse": 0.1},
+            {**row, "sampler": "epd_carry", "rmse": 0.05}]  # fmt: skip
+    table = report.mixtures_table(rows)
+    assert "**2.00x** → **4.00x**" in table and "`carry` 1 of 1, `epd` 1 of 1" in table
+
+
 def test_mnist_headline_says_how_many_noises_each_digit_has(tmp_path):
     """The intro said "ten per digit" whatever the run: the headline's 2,050 noises are 205 per digit."""
     from bench import report
