@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .files import remove_leftovers, write_atomic
+from .files import EPDFileError, remove_leftovers, write_atomic
 
 __all__ = [
     "CheckpointMismatch", "RunState", "Checkpointer", "save_checkpoint", "load_checkpoint", "interruptible", "probe",
@@ -122,7 +122,8 @@ def save_checkpoint(path: str | os.PathLike, state: RunState, config: dict[str, 
                     curve: list[float], fingerprint: torch.Tensor | None = None,
                     notes: dict[str, Any] | None = None) -> Path:  # fmt: skip
     """Write the run's state after ``iteration`` iterations atomically to ``path``; ``notes``: the caller's record
-    of what it decided before the run (read back by :func:`checkpoint_notes`, not compared on resume)."""
+    of what it decided before the run (read back by :func:`checkpoint_notes`, not compared on resume). A failed
+    write (a full disk, no permission) is an :class:`EPDFileError` naming the checkpoint; the last one saved stays."""
     path = Path(path)
     tensors, doc = state.pack()
     if fingerprint is not None:
@@ -135,8 +136,12 @@ def save_checkpoint(path: str | os.PathLike, state: RunState, config: dict[str, 
         "state": json.dumps(doc),
         "notes": json.dumps(notes or {}),
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(st_save(tensors, metadata=meta), path, overwrite=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(st_save(tensors, metadata=meta), path, overwrite=True)
+    except OSError as exc:
+        raise EPDFileError(path, f"cannot save this run's checkpoint ({exc.strerror or exc}); free space on its "
+                           "disk or make its folder writable, then run again") from None  # fmt: skip
     return path
 
 

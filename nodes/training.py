@@ -31,6 +31,7 @@ from ..epd_core import EPDParams
 from ..epd_core.checkpoint import CheckpointMismatch, answers, checkpoint_notes, interruptible
 from ..epd_core.config import NODE_RDPO_TEACHER_M, DistillConfig, RDPOConfig
 from ..epd_core.distill import distill, first_step_mean
+from ..epd_core.files import EPDFileError
 from ..epd_core.objective import fd_step, recomputed
 from ..epd_core.rdpo import GUARD_SAMPLES, fitted_final_estimate, rdpo
 from ..epd_core.schedules import DEFAULT_FLOW_SHIFT, polynomial
@@ -40,7 +41,7 @@ from .autograd import backward_failure, make_differentiable
 from .comfy_types import BaseModel, Conditioning, ModelPatcher, ModelSampling
 from .families import is_discrete_model, is_flow_model, is_flux_shift, resolution_mu
 from .features import Encoder, final_feature_loss
-from .guard import user_text
+from .guard import user_error, user_text
 from .rewards import Reward
 from .sampling import (
     _ComfyDenoiser,
@@ -312,12 +313,15 @@ def _resuming(train: Callable, *args, drop_mismatch: bool = True, **options):
     :class:`CheckpointMismatch` is raised)."""
     options["check_interrupt"] = comfy.model_management.throw_exception_if_processing_interrupted
     try:
-        return train(*args, **options)
-    except CheckpointMismatch as exc:
-        if options.get("checkpoint") is None or not drop_mismatch:
-            raise
-        _drop(options["checkpoint"], exc)
-        return train(*args, **options)
+        try:
+            return train(*args, **options)
+        except CheckpointMismatch as exc:
+            if options.get("checkpoint") is None or not drop_mismatch:
+                raise
+            _drop(options["checkpoint"], exc)
+            return train(*args, **options)
+    except EPDFileError as exc:  # a checkpoint that cannot be saved, named as the user knows it
+        raise user_error(exc) from None
 
 
 def _drop(checkpoint: str | os.PathLike, mismatch: CheckpointMismatch) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 
 import pytest
 import torch
@@ -552,6 +554,26 @@ def test_a_destination_saving_would_refuse_is_refused_before_training(epd_dir, t
     (epd_dir / ".run.epd-checkpoint.abcdefgh.tmp").mkdir()  # named like a killed write's leftover: not removed
     _run(model, "eps", "run", iterations=2, start_check=0)
     assert (epd_dir / ".run.epd-checkpoint.abcdefgh.tmp").is_dir() and (epd_dir / "run.safetensors").is_file()
+
+
+def test_a_checkpoint_that_cannot_be_written_names_it_and_leaves_nothing_behind(epd_dir, monkeypatch):
+    """A full disk at a checkpoint save ended the run with a bare "[Errno 28] No space left on device": no file
+    named, nothing said about what to do."""
+    real = os.fsync
+
+    def full(fd: int) -> None:
+        if ".full.epd-checkpoint." in os.readlink(f"/proc/self/fd/{fd}"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(ValueError, match=r"^<epd folder 0>/full.epd-checkpoint: cannot save this run's checkpoint "
+                                         r"\(No space left on device\); free space"):  # fmt: skip
+        _run(tiny_model("eps"), "eps", "full", iterations=4, start_check=0)
+    assert sorted(p.name for p in epd_dir.iterdir()) == []  # no temporary file, no lock
+    monkeypatch.setattr(os, "fsync", real)
+    _run(tiny_model("eps"), "eps", "full", iterations=4, start_check=0)
+    assert sorted(p.name for p in epd_dir.iterdir()) == ["full.safetensors"]
 
 
 @pytest.mark.parametrize("check", [16, 0])
