@@ -59,6 +59,18 @@ class _Refused(Exception):
     """The server's answer is not the published file (size, length or hash)."""
 
 
+class _WriteFailed(Exception):
+    """The download's own file could not be written (a full disk): not a network problem."""
+
+
+def _local(write: Callable[[], object]) -> None:
+    """``write()`` on the download's own file, its ``OSError`` as :class:`_WriteFailed`."""
+    try:
+        write()
+    except OSError as exc:
+        raise _WriteFailed(exc.strerror or str(exc)) from None
+
+
 @dataclass(frozen=True)
 class CatalogueEntry:
     """One published table: where it lives upstream, what it holds, how it is stored locally."""
@@ -277,7 +289,8 @@ def _stream(transfer: _Transfer, entry: CatalogueEntry, url: str, out: Path, tim
             if received > entry.size:
                 raise _Refused(f"the server sent more than the published {entry.size} bytes")
             digest.update(chunk)
-            fh.write(chunk)
+            _local(lambda: fh.write(chunk))  # noqa: B023 (called at once)
+        _local(fh.flush)
     if transfer.aborted.is_set():
         return
     if received < entry.size:
@@ -368,6 +381,9 @@ def fetch(
             _download(entry, url, raw, timeout, opener, check_interrupt)
         except _Refused as exc:
             raise EPDFileError(final, f"download of {entry.name} from {url} refused: {exc}") from None
+        except _WriteFailed as exc:
+            raise EPDFileError(final, f"cannot write {entry.name} into {dest}: {exc}; free space on that disk or make "
+                               "the folder writable") from None  # fmt: skip
         except (urllib.error.URLError, HTTPException, OSError, ValueError) as exc:  # ValueError: a malformed URL
             problem = _network_problem(exc, timeout)
             raise EPDFileError(

@@ -7,6 +7,7 @@ and can misbehave on request: flip a byte, close early, send too much, never ans
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -14,6 +15,7 @@ import os
 import re
 import time
 from contextlib import redirect_stdout
+from pathlib import Path
 
 import pytest
 
@@ -137,6 +139,24 @@ def test_a_server_that_never_answers_times_out_and_leaves_nothing(mirror, tmp_pa
     assert 0.9 < elapsed < 3.0, elapsed  # the socket timeout, plus a little slack on a busy machine
     assert "tpami-flux-best" in str(err.value) and mirror.requests
     assert not (tmp_path / "models").exists()
+
+
+def test_a_full_disk_during_a_download_says_so_and_leaves_nothing(mirror, tmp_path, monkeypatch):
+    """A full disk while the download was written read as a network failure: "Without a network here, fetch it on a
+    machine with one ... and copy it into" the same full folder."""
+    opened = Path.open
+
+    class Full(io.BufferedWriter):
+        def write(self, data: bytes) -> int:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    def full(self: Path, mode: str = "r", *args, **kwargs):
+        return Full(io.FileIO(self, mode)) if mode == "wb" else opened(self, mode, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "open", full)
+    with pytest.raises(EPDFileError, match=r"cannot write tpami-sd15-best into .*: No space left on device; free"):
+        fetch(find_entry("tpami-sd15-best", CATALOGUE), tmp_path, base_url=mirror.url)
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_offline_is_a_clear_error_and_leaves_nothing(tmp_path):
