@@ -45,7 +45,11 @@ def output_path(filename: str, overwrite: bool) -> Path:
         raise ValueError(f"{stem!r} is the name of a table bundled with or published for the pack; choose another")
     found = folder_paths.get_full_path("epd", f"{stem}.safetensors")
     path = Path(found) if found is not None else Path(folder_paths.get_folder_paths("epd")[0]) / f"{stem}.safetensors"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file of a folder's name on the way, no permission
+        raise ValueError(f"{user_path(path.parent)}: cannot create this folder for the table ({exc.strerror or exc}); "
+                         "fix the 'epd' folder in extra_model_paths.yaml or its permissions") from None  # fmt: skip
     if (path.exists() or path.is_symlink()) and not overwrite:
         raise ValueError(
             f"{user_path(path)} exists; set overwrite to replace it, or another filename (a seed whose "

@@ -576,6 +576,18 @@ def test_a_checkpoint_that_cannot_be_written_names_it_and_leaves_nothing_behind(
     assert sorted(p.name for p in epd_dir.iterdir()) == ["full.safetensors"]
 
 
+def test_an_epd_folder_that_cannot_be_created_is_named_before_training(tmp_path, monkeypatch, few_held_out):
+    """A file on the way to the configured epd folder gave a bare "[Errno 20] Not a directory" and the server's
+    absolute path."""
+    import folder_paths
+
+    (tmp_path / "afile").write_text("x")
+    _, exts = folder_paths.folder_names_and_paths["epd"]
+    monkeypatch.setitem(folder_paths.folder_names_and_paths, "epd", ([str(tmp_path / "afile" / "epd")], exts))
+    with pytest.raises(ValueError, match=r"^<epd folder 0>: cannot create this folder for the table \(Not a dir"):
+        _run(tiny_model("eps"), "eps", "x", iterations=2, start_check=0)
+
+
 @pytest.mark.parametrize("check", [16, 0])
 def test_interrupt_stops_and_saves_nothing(epd_dir, check):
     """Cancel at the first progress report: in the start check (its 16 noises) or, without one, at iteration 1."""
