@@ -499,7 +499,7 @@ def record(rows: list[dict], out: Path, merge: bool = True) -> str:
     path = out / "neural.json"
     rows = merge_runs(rows, json.loads(path.read_text()) if path.exists() else [])  # a --kinds/--nfes run: its own
     table, summary = summarize(rows, load_paired(out))
-    path.write_text(json.dumps(rows, indent=1))
+    write_atomic(json.dumps(rows, indent=1).encode(), path, overwrite=True)  # a failed write keeps the earlier runs
     (out / "neural.md").write_text(table)
     (out / "neural_summary.json").write_text(json.dumps(summary, indent=1))
     if merge:
@@ -509,9 +509,10 @@ def record(rows: list[dict], out: Path, merge: bool = True) -> str:
 
 def merge_into_accuracy(rows: list[dict], path: Path) -> None:
     """Replace the records of ``accuracy.json`` that ``rows`` re-ran (:func:`bench.accuracy.merge_runs`); other
-    models' and NFEs' rows and the plugin's rows (``epd_plugin_*``, which :mod:`bench.plugin` records) stay."""
+    models' and NFEs' rows and the plugin's rows (``epd_plugin_*``, which :mod:`bench.plugin` records) stay. The file
+    is replaced atomically: a failed write (a full disk) leaves the old records."""
     old = json.loads(path.read_text()) if path.exists() else []
-    path.write_text(json.dumps(merge_runs(rows, old), indent=1))
+    write_atomic(json.dumps(merge_runs(rows, old), indent=1).encode(), path, overwrite=True)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -595,6 +595,33 @@ def test_neural_run_replaces_its_own_rows_and_keeps_the_plugins(tmp_path):
     assert sorted(json.loads(path.read_text()), key=json.dumps) == sorted([*old[1:], *new], key=json.dumps)
 
 
+def test_a_record_write_that_fails_keeps_the_earlier_records(tmp_path):
+    """A write of neural.json or accuracy.json that failed (a full disk: here a file size limit) left the file
+    truncated: every earlier run's records were lost, and the next merge failed on the broken JSON."""
+    import resource
+    import signal
+
+    from bench import neural
+
+    old = [{"model": "sd15", "sampler": "euler", "scheduler": "beta", "nfe": 5, "rmse": 0.3}]
+    for name in ("neural.json", "accuracy.json"):
+        (tmp_path / name).write_text(json.dumps(old))
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit: EFBIG, not a killed process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (len(json.dumps(old)) + 10, limits[1]))
+    try:
+        with pytest.raises(OSError):
+            neural.merge_into_accuracy([{**old[0], "model": "mnist-eps"}], tmp_path / "accuracy.json")
+        with pytest.raises(OSError):
+            neural.record([{**old[0], "model": "mnist-eps", "sampler": "epd"}], tmp_path)
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    for name in ("neural.json", "accuracy.json"):
+        assert json.loads((tmp_path / name).read_text()) == old, name
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
 def test_plugin_benchmark_compares_each_base_at_equal_nfe_and_replaces_plugin_rows(tmp_path):
     from bench import plugin
 
