@@ -42,6 +42,7 @@ from bench.accuracy import (
     run,
 )
 from epd_core import GaussianMixture, load_params
+from epd_core.files import write_atomic
 from epd_dev import ROOT, comfy_harness
 
 FORMS = ("sd15_eps", "sd3_flow")
@@ -174,7 +175,7 @@ def merge_rows(rows: list[dict], path: Path, only_plugin: bool) -> list[dict]:
     new = [r for r in rows if r["sampler"].startswith("epd_plugin_") or not only_plugin]
     old = json.loads(path.read_text()) if path.exists() else []
     merged = [r for r in old if not any(_same_run(r, n) for n in new)] + new
-    path.write_text(json.dumps(merged, indent=1))
+    write_atomic(json.dumps(merged, indent=1).encode(), path, overwrite=True)  # a failed write keeps the old rows
     return merged
 
 

@@ -596,15 +596,15 @@ def test_neural_run_replaces_its_own_rows_and_keeps_the_plugins(tmp_path):
 
 
 def test_a_record_write_that_fails_keeps_the_earlier_records(tmp_path):
-    """A write of neural.json or accuracy.json that failed (a full disk: here a file size limit) left the file
-    truncated: every earlier run's records were lost, and the next merge failed on the broken JSON."""
+    """A write of bench.neural's or bench.plugin's records that failed (a full disk: here a file size limit) left
+    the file truncated: every earlier run's records were lost, and the next merge failed on the broken JSON."""
     import resource
     import signal
 
-    from bench import neural
+    from bench import neural, plugin
 
-    old = [{"model": "sd15", "sampler": "euler", "scheduler": "beta", "nfe": 5, "rmse": 0.3}]
-    for name in ("neural.json", "accuracy.json"):
+    old = [{"model": "sd15", "mixture": "m", "sampler": "euler", "scheduler": "beta", "nfe": 5, "rmse": 0.3}]
+    for name in ("neural.json", "accuracy.json", "plugin.json"):
         (tmp_path / name).write_text(json.dumps(old))
     limits = resource.getrlimit(resource.RLIMIT_FSIZE)
     handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit: EFBIG, not a killed process
@@ -614,10 +614,12 @@ def test_a_record_write_that_fails_keeps_the_earlier_records(tmp_path):
             neural.merge_into_accuracy([{**old[0], "model": "mnist-eps"}], tmp_path / "accuracy.json")
         with pytest.raises(OSError):
             neural.record([{**old[0], "model": "mnist-eps", "sampler": "epd"}], tmp_path)
+        with pytest.raises(OSError):
+            plugin.merge_rows([{**old[0], "sampler": "epd_plugin_euler"}], tmp_path / "plugin.json", True)
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
         signal.signal(signal.SIGXFSZ, handler)
-    for name in ("neural.json", "accuracy.json"):
+    for name in ("neural.json", "accuracy.json", "plugin.json"):
         assert json.loads((tmp_path / name).read_text()) == old, name
     assert not list(tmp_path.glob(".*.tmp"))
 
