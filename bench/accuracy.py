@@ -32,6 +32,7 @@ import torch
 
 from epd_core import EPDParams, GaussianMixture, load_params
 from epd_core.analytic import ANALYTIC_FORMS, MIXTURES, rk4
+from epd_core.files import write_atomic
 from epd_core.params import time_points_for_nfe
 from epd_core.schedules import polynomial
 from epd_dev import ROOT, comfy_harness
@@ -458,7 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     # the cases run replace their records; other cases, the MNIST rows (bench.neural) and EPD Plugin's stay
     path = args.out / "accuracy.json"
     rows = merge_runs(rows, json.loads(path.read_text()) if path.exists() else [])
-    (args.out / "accuracy.json").write_text(json.dumps(rows, indent=1))
+    write_atomic(json.dumps(rows, indent=1).encode(), path, overwrite=True)  # a failed write keeps the old records
     for name, text in summary_files(rows).items():
         (args.out / name).write_text(text)
     table = (args.out / "accuracy.md").read_text()

@@ -595,13 +595,14 @@ def test_neural_run_replaces_its_own_rows_and_keeps_the_plugins(tmp_path):
     assert sorted(json.loads(path.read_text()), key=json.dumps) == sorted([*old[1:], *new], key=json.dumps)
 
 
-def test_a_record_write_that_fails_keeps_the_earlier_records(tmp_path):
-    """A write of bench.neural's or bench.plugin's records that failed (a full disk: here a file size limit) left
-    the file truncated: every earlier run's records were lost, and the next merge failed on the broken JSON."""
+def test_a_record_write_that_fails_keeps_the_earlier_records(tmp_path, monkeypatch):
+    """A write of bench.neural's, bench.plugin's or bench.accuracy's records that failed (a full disk: here a file
+    size limit) left the file truncated: every earlier run's records were lost, and the next merge failed on the
+    broken JSON."""
     import resource
     import signal
 
-    from bench import neural, plugin
+    from bench import accuracy, neural, plugin
 
     old = [{"model": "sd15", "mixture": "m", "sampler": "euler", "scheduler": "beta", "nfe": 5, "rmse": 0.3}]
     for name in ("neural.json", "accuracy.json", "plugin.json"):
@@ -616,6 +617,10 @@ def test_a_record_write_that_fails_keeps_the_earlier_records(tmp_path):
             neural.record([{**old[0], "model": "mnist-eps", "sampler": "epd"}], tmp_path)
         with pytest.raises(OSError):
             plugin.merge_rows([{**old[0], "sampler": "epd_plugin_euler"}], tmp_path / "plugin.json", True)
+        monkeypatch.setattr(accuracy, "_bench_job", lambda *job: [{**old[0], "model": "sd15_eps"}])
+        with pytest.raises(OSError):
+            accuracy.main(["--forms", "sd15_eps", "--mixtures", "reference", "--no-neural", "--workers", "1",
+                           "--out", str(tmp_path)])  # fmt: skip
     finally:
         resource.setrlimit(resource.RLIMIT_FSIZE, limits)
         signal.signal(signal.SIGXFSZ, handler)
