@@ -457,7 +457,10 @@ def write_atomic(blob: bytes, path: Path, overwrite: bool) -> None:
             fh.write(blob)
             fh.flush()
             os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; a table is a shareable file
+        try:
+            os.chmod(tmp, 0o644)  # mkstemp creates 0600; a table is a shareable file
+        except PermissionError:  # a FAT / exFAT or SMB drive keeps its mount's modes and refuses the change
+            pass
         if overwrite:
             os.replace(tmp, path)
         else:

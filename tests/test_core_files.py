@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import pickle
@@ -320,6 +321,21 @@ def test_save_is_atomic_on_failure(tmp_path, monkeypatch):
     with pytest.raises(EPDFileError, match="disk full"):
         save_params(p, dst)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_drive_that_refuses_modes_still_saves(tmp_path, monkeypatch):
+    """A FAT / exFAT or SMB drive refuses ``chmod`` (EPERM: its mount decides the modes): the table is saved whole,
+    not lost after the whole training run; other failures still stop the save."""
+    p = load_params(official_path("sd15-best.pkl"))
+    dst = tmp_path / "t.safetensors"
+
+    def refuse(*a, **k):
+        raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(os, "chmod", refuse)
+    save_params(p, dst)
+    assert torch.equal(load_params(dst).r_params, p.r_params)
+    assert [q.name for q in tmp_path.iterdir()] == ["t.safetensors"]
 
 
 def test_leftovers_of_another_name_that_starts_like_this_one_s_temporary_are_kept(tmp_path):
