@@ -287,7 +287,9 @@ def rdpo(
     # what the rollouts and the guard sample: the grid, then (with the estimate ending) 0 on the last step's estimate
     sigmas = torch.cat([grid, grid.new_zeros(1)]) if ending else grid
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)  # the residual network's initial weights: deterministic for a seed
+        # the residual network's initial weights, made on the CPU: deterministic for a seed. Only the CPU generator,
+        # which fork_rng restores: torch.manual_seed would reseed a GPU's global generator for the rest of the session
+        torch.random.default_generator.manual_seed(config.seed)
         policy = DirichletPolicy(start, config.concentration, config.width, config.blocks, config.scale_std,
                                  config.scale_heads, config.learn_std).to(device)  # fmt: skip
     opt = torch.optim.Adam(policy.parameters(), lr=config.lr)

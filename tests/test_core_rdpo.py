@@ -275,6 +275,19 @@ def test_rdpo_is_deterministic_for_a_seed(bounds):
     assert runs[0][0].metadata["rdpo"]["scale_heads"] == (["scale_dir", "scale_time"] if bounds[0] else [])
 
 
+def test_rdpo_leaves_the_global_generators_as_it_found_them(monkeypatch):
+    """The policy's seeded start touches no global generator: the CPU's comes back as it was, and a GPU's is never
+    reseeded (``torch.manual_seed`` seeds every device's, and ``fork_rng(devices=[])`` restores only the CPU's)."""
+    start = EPDParams.start(3, 2, schedule_type="polynomial", schedule_rho=7.0, backend="edm")
+    grid = make_schedule(start)
+    seeded = []
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", seeded.append)
+    before = torch.get_rng_state()
+    rdpo(GM.denoise_ve, start, GM.shape, RDPOConfig(iterations=1, groups=2, k=2, seed=5),
+         reference=lambda x0: ode_endpoint(GM.denoise_ve, x0, float(grid[0]), steps=10))  # fmt: skip
+    assert seeded == [] and torch.equal(torch.get_rng_state(), before)
+
+
 def test_an_interrupt_lands_between_ppo_minibatches_not_after_the_update():
     """At large group counts the PPO update is thousands of minibatches with no model call (2.4 s at the node's
     256 x 64): a stop pressed after an iteration's last model call must land inside that update."""
