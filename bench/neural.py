@@ -20,12 +20,15 @@ Chroma on the flow model). The best built-in is picked on the same data it is sc
     python -m bench.neural                    # full run -> bench/results/neural.{json,md}, rows in accuracy.json
     python -m bench.neural --quick            # a small version (CI)
     python -m bench.neural --pair             # paired intervals of each cell's ratio -> neural_paired.json
+    python -m bench.neural --fresh 7          # each cell's two picks on new noises (seed 7) -> neural_fresh.json
     python -m bench.neural --kinds flow --nfes 5 --samplers --tables weights/demo/<new table> --add
                                               # score one new table and add its rows to the results
 
 The ratio of two rows' RMSEs gets a paired interval from ``--pair``: it re-runs each model and NFE's best built-in
 and best EPD table on the recorded noises and bootstraps the noises jointly (both contenders see the same noises, so
-their errors are correlated and the ratio is known better than the two rows' own intervals say).
+their errors are correlated and the ratio is known better than the two rows' own intervals say). Both picks are
+made on the noises they are scored on (the best of many tables, the best of many built-ins), so ``--fresh SEED``
+scores the same two contenders, paired, on new noises with their own answer key: the ratio without the pick's luck.
 
 With ``EPD_KEY_CACHE`` set to a folder, each model's answer key is kept there (safetensors, with a checksum of the
 noises it was made from) and read back by later runs on the same noises: shards of one benchmark run in parallel
@@ -59,6 +62,7 @@ TUNED = {
     "flow": [("OptimalSteps", m) for m in ("FLUX", "Wan", "Chroma")],
 }
 TABLES = ROOT / "weights" / "demo"
+FRESH = "neural_fresh.json"  # the picks scored on new noises (--fresh)
 
 
 class Rounds:
@@ -244,10 +248,11 @@ class Contest:
     (or keeps its row from ``reuse``, an earlier run on the same noises and answer key) and records its scored row
     in ``rows``; ``save`` writes them to ``partial`` as the run goes (a run stopped at a deadline keeps them)."""
 
-    def __init__(self, kind: str, n: int, reuse=(), log=print, partial: Path | None = None) -> None:
+    def __init__(self, kind: str, n: int, reuse=(), log=print, partial: Path | None = None,
+                 seed: int = HELD_OUT_SEED) -> None:  # fmt: skip
         self.partial, self.kind = partial, kind
         self.nodes, self.model, self.positive, self.negative = setup(kind)
-        self.noise = torch.randn(n, 4, 14, 14, generator=torch.Generator().manual_seed(HELD_OUT_SEED))
+        self.noise = torch.randn(n, 4, 14, 14, generator=torch.Generator().manual_seed(seed))
         t0 = time.time()
         self.exact, gap = cached_answer_key(self.model, kind, self.positive, self.negative, self.noise)
         log(f"mnist-{kind}: answer key in {time.time() - t0:.0f} s, step-halving gap {gap:.2e}")
@@ -383,13 +388,45 @@ def pair(kind: str, rows: list[dict], nfes=NFES, log=print) -> list[dict]:
     return out
 
 
-def record_paired(entries: list[dict], out: Path) -> None:
-    """Fold ``entries`` into ``out``'s ``neural_paired.json`` (replacing those of the same model and NFE) and
-    rewrite the summary from ``neural.json`` with them."""
+def fresh(kind: str, rows: list[dict], seed: int, nfes=NFES, log=print) -> list[dict]:
+    """For each NFE of model ``kind``: the best built-in and the best EPD table of ``rows`` (picked on the recorded
+    noises) run on as many new noises drawn with ``seed``, against those noises' own answer key; the ratio with its
+    paired interval."""
+    model = f"mnist-{kind}"
+    _, summary = summarize([r for r in rows if r["model"] == model])
+    summary = [s for s in summary if s["nfe"] in nfes]
+    if not summary:
+        return []
+    if seed == HELD_OUT_SEED:
+        raise ValueError(f"--fresh {seed} draws the recorded noises again; give another seed")
+    contest = Contest(kind, summary[0]["epd"]["samples"], log=log, seed=seed)
+    out = []
+    for s in summary:
+        errors = {}
+        for side in ("best_builtin", "epd"):
+            sampler, sigmas = contender(contest, s[side])
+            final, c = run(contest.model, contest.positive, contest.negative, sampler, sigmas, contest.noise)
+            if c.rounds != s["nfe"]:
+                raise RuntimeError(f"{model} {contender_label(s[side])}: {c.rounds} rounds, the row {s['nfe']}")
+            errors[side] = per_sample_mse(final, contest.exact)
+        ratio = float((errors["best_builtin"].mean() / errors["epd"].mean()).sqrt())
+        ci = paired_ratio_interval(errors["best_builtin"], errors["epd"])
+        log(f"{model} NFE {s['nfe']} on new noises (seed {seed}): ratio {ratio:.3f}x, paired 95% "
+            f"[{ci[0]:.3f}, {ci[1]:.3f}] (recorded {s['ratio']:.3f}x)")  # fmt: skip
+        out.append({"model": model, "nfe": s["nfe"], "samples": contest.noise.shape[0], "noise_seed": seed,
+                    "answer_key_gap": contest.common["answer_key_gap"],
+                    "builtin": contender_label(s["best_builtin"]), "epd": contender_label(s["epd"]),
+                    "ratio": ratio, "ratio_ci": list(ci), "recorded_ratio": s["ratio"]})  # fmt: skip
+    return out
+
+
+def record_paired(entries: list[dict], out: Path, name: str = "neural_paired.json") -> None:
+    """Fold ``entries`` into ``out``'s ``name`` (``neural_paired.json``, or ``neural_fresh.json`` for
+    :func:`fresh`'s; replacing those of the same model and NFE) and rewrite the summary from ``neural.json``."""
     keys = {(p["model"], p["nfe"]) for p in entries}
-    kept = [p for p in load_paired(out) if (p["model"], p["nfe"]) not in keys]
+    kept = [p for p in load_paired(out, name) if (p["model"], p["nfe"]) not in keys]
     paired = sorted(kept + entries, key=lambda p: (p["model"], p["nfe"]))
-    write_atomic(json.dumps(paired, indent=1).encode(), out / "neural_paired.json", overwrite=True)
+    write_atomic(json.dumps(paired, indent=1).encode(), out / name, overwrite=True)
     record(json.loads((out / "neural.json").read_text()), out, merge=False)
 
 
@@ -431,9 +468,10 @@ def reusable(rows, base: dict) -> dict[tuple, dict]:
     return {(r["sampler"], r["scheduler"], r["nfe"]): r for r in builtin}
 
 
-def summarize(rows: list[dict], paired: list[dict] = ()) -> tuple[str, list[dict]]:
+def summarize(rows: list[dict], paired: list[dict] = (), fresh: list[dict] = ()) -> tuple[str, list[dict]]:
     """Per model and NFE: the best built-in by RMSE and by FID, and the best EPD table; the ratios, with the paired
-    interval of ``paired`` (see :func:`pair`) where it was measured on these two contenders and noises."""
+    interval of ``paired`` (see :func:`pair`) where it was measured on these two contenders and noises, and the
+    ratio of the same two on new noises (``fresh``, see :func:`fresh`) where it was measured."""
     lines = ["| model | NFE | best built-in (RMSE) | RMSE [95%] | FID | EPD table | RMSE [95%] | FID | accuracy | "
              "wrong class [95%] | RMSE ratio [95% paired] | best built-in (FID) | FID | FID ratio |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -449,7 +487,7 @@ def summarize(rows: list[dict], paired: list[dict] = ()) -> tuple[str, list[dict
             bf = min(builtin, key=lambda r: rank(r["fid"]))
             s = {"model": model, "nfe": nfe, "best_builtin": b, "best_builtin_fid": bf, "epd": e,
                  "ratio": b["rmse"] / e["rmse"], "ratio_ci": paired_ci(paired, b, e),
-                 "fid_ratio": bf["fid"] / e["fid"]}  # fmt: skip
+                 "fresh": measured(fresh, b, e), "fid_ratio": bf["fid"] / e["fid"]}  # fmt: skip
             summary.append(s)
             cells = [model, nfe, f"{b['sampler']} / {b['scheduler']}", _ci(b["rmse"], b["rmse_ci"]), f"{b['fid']:.2f}",
                      e["scheduler"].removeprefix("table:"), _ci(e["rmse"], e["rmse_ci"]), f"{e['fid']:.2f}",
@@ -464,15 +502,21 @@ def contender_label(row: dict) -> str:
     return f"{row['sampler']} / {row['scheduler']}"
 
 
-def paired_ci(paired, builtin: dict, epd: dict) -> list[float] | None:
-    """The paired interval of ``paired`` measured for exactly these two rows (model, NFE, contenders, noises and
-    recorded ratio: a row scored again since has no paired interval until ``--pair`` runs again)."""
-    for p in paired:
+def measured(entries, builtin: dict, epd: dict) -> dict | None:
+    """The entry of ``entries`` (:func:`pair`'s or :func:`fresh`'s) measured for exactly these two rows (model, NFE,
+    contenders, sample count and recorded ratio: a row scored again since has none until it is measured again)."""
+    for p in entries:
         same = (p["model"], p["nfe"], p["samples"]) == (epd["model"], epd["nfe"], epd["samples"])
         same = same and math.isclose(p["recorded_ratio"], builtin["rmse"] / epd["rmse"], rel_tol=1e-9)
         if same and (p["builtin"], p["epd"]) == (contender_label(builtin), contender_label(epd)):
-            return p["ratio_ci"]
+            return p
     return None
+
+
+def paired_ci(paired, builtin: dict, epd: dict) -> list[float] | None:
+    """The paired interval of ``paired`` measured for exactly these two rows (see :func:`measured`)."""
+    entry = measured(paired, builtin, epd)
+    return entry["ratio_ci"] if entry else None
 
 
 def paired_text(ci: list[float] | None) -> str:
@@ -481,11 +525,19 @@ def paired_text(ci: list[float] | None) -> str:
 
 
 def ratio_text(s: dict) -> str:
-    return f"{s['ratio']:.2f}x" + paired_text(s["ratio_ci"])
+    return f"{s['ratio']:.2f}x" + paired_text(s["ratio_ci"]) + fresh_text(s)
 
 
-def load_paired(folder: Path) -> list[dict]:
-    path = Path(folder) / "neural_paired.json"
+def fresh_text(s: dict, mark=lambda ratio: f"{ratio:.2f}x") -> str:
+    """``; new noises 1.98x [1.90, 2.07]`` for a summary cell scored by :func:`fresh` (``mark`` writes the ratio),
+    "" without it."""
+    f = s.get("fresh")
+    return f"; new noises {mark(f['ratio'])}{paired_text(f['ratio_ci'])}" if f else ""
+
+
+def load_paired(folder: Path, name: str = "neural_paired.json") -> list[dict]:
+    """The entries of ``folder``'s ``name`` (``neural_paired.json`` or ``neural_fresh.json``); none without it."""
+    path = Path(folder) / name
     return json.loads(path.read_text()) if path.exists() else []
 
 
@@ -498,7 +550,7 @@ def record(rows: list[dict], out: Path, merge: bool = True) -> str:
     and (``merge``) its rows into ``accuracy.json``; returns the summary table."""
     path = out / "neural.json"
     rows = merge_runs(rows, json.loads(path.read_text()) if path.exists() else [])  # a --kinds/--nfes run: its own
-    table, summary = summarize(rows, load_paired(out))
+    table, summary = summarize(rows, load_paired(out), load_paired(out, FRESH))
     write_atomic(json.dumps(rows, indent=1).encode(), path, overwrite=True)  # a failed write keeps the earlier runs
     (out / "neural.md").write_text(table)
     (out / "neural_summary.json").write_text(json.dumps(summary, indent=1))
@@ -532,6 +584,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pair", action="store_true",
                     help="re-run each cell's best built-in and EPD table of <out>/neural.json for the ratio's paired "
                     "interval (<out>/neural_paired.json)")  # fmt: skip
+    ap.add_argument("--fresh", type=int, metavar="SEED",
+                    help="run each cell's best built-in and EPD table of <out>/neural.json on as many new noises of "
+                    f"this seed, with their own answer key: the ratio free of the picks (<out>/{FRESH})")  # fmt: skip
     ap.add_argument("--add", action="store_true",
                     help="add this run's EPD rows to <out>'s results (same noises and answer key) instead of "
                     "replacing them: score new tables without re-running the field")  # fmt: skip
@@ -548,6 +603,13 @@ def main(argv: list[str] | None = None) -> int:
         record_paired([p for kind in args.kinds for p in pair(kind, rows, args.nfes)], args.out)
         print((args.out / "neural.md").read_text())
         print(f"paired in {time.time() - t0:.0f} s -> {args.out}")
+        return 0
+    if args.fresh is not None:
+        rows = json.loads((args.out / "neural.json").read_text())
+        entries = [p for kind in args.kinds for p in fresh(kind, rows, args.fresh, args.nfes)]
+        record_paired(entries, args.out, FRESH)
+        print((args.out / "neural.md").read_text())
+        print(f"scored on new noises in {time.time() - t0:.0f} s -> {args.out}")
         return 0
     n = args.samples or (20 if args.quick else 2050)
     n = -(-n // 10) * 10

@@ -3,7 +3,8 @@
     python -m bench.report          # the README's blocks between the markers, headline.md, accuracy.png, the
                                     # summaries of accuracy.json (accuracy.md, summary.json, distillation.md) and
                                     # of the other records (carry.md, neural.md, neural_summary.json, plugin.md)
-    python -m bench.report --check  # exit 1 when the README's blocks or those files are not what the records say
+    python -m bench.report --check  # exit 1 when the README's blocks or those text files are not what the records
+                                    # say (not accuracy.png: a plot's bytes vary with matplotlib's version)
 
 Three tables, each from one benchmark's records: the analytic mixtures at many noises (``carry.json``, written by
 ``python -m bench.carry``), the MNIST models (``neural.json``, ``python -m bench.neural``) and the whole field at
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from functools import partial
 from pathlib import Path
 
 from bench import neural
@@ -96,17 +98,18 @@ def mixtures_table(rows: list[dict]) -> str:
 
 
 def neural_table(rows: list[dict], results: Path) -> str:
-    _, summary = neural.summarize(rows, neural.load_paired(results))
+    _, summary = neural.summarize(rows, neural.load_paired(results), neural.load_paired(results, neural.FRESH))
     exact = {r["model"]: r for r in rows if r["sampler"] == "exact"}
     head = ["model", "NFE", "best built-in (RMSE)", "RMSE [95%]", "EPD table", "RMSE [95%]", "ratio",
             "FID: best built-in / EPD / exact ODE"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for s in summary:
         b, e, bf = s["best_builtin"], s["epd"], s["best_builtin_fid"]
-        x = exact.get(s["model"])
+        x, target = exact.get(s["model"]), NEURAL_TARGET.get(s["nfe"])
         cells = [s["model"], s["nfe"], f"{b['sampler']} / {b['scheduler']}", neural._ci(b["rmse"], b["rmse_ci"]),
                  e["scheduler"].removeprefix("table:"), neural._ci(e["rmse"], e["rmse_ci"]),
-                 _ratio(s["ratio"], NEURAL_TARGET.get(s["nfe"])) + neural.paired_text(s["ratio_ci"]),
+                 _ratio(s["ratio"], target) + neural.paired_text(s["ratio_ci"])
+                 + neural.fresh_text(s, partial(_ratio, target=target)),
                  f"{bf['fid']:.1f} ({bf['sampler']} / {bf['scheduler']}) / {e['fid']:.1f} / "
                  + (f"{x['fid']:.1f}" if x else "-")]  # fmt: skip
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
@@ -115,7 +118,9 @@ def neural_table(rows: list[dict], results: Path) -> str:
     intro = (f"**MNIST models** (`python -m bench.neural`, {', '.join(f'{s:,}' for s in samples)} noises, {per_digit} "
              "per digit, cfg 3; every deterministic sampler x KSampler scheduler and the tuned schedules; RMSE to the "
              "network's own ODE end point with 95% intervals; ratio with its paired 95% interval where "
-             "`--pair` measured it; targets 2x at NFE 5, 1.5x at NFE 10, bold when met):")  # fmt: skip
+             "`--pair` measured it, and the same two contenders' ratio on as many new noises where `--fresh` "
+             "measured it (both picks are made on the noises they are scored on); targets 2x at NFE 5, 1.5x at "
+             "NFE 10, bold when met):")  # fmt: skip
     return f"{intro}\n\n" + "\n".join(lines) + "\n"
 
 
@@ -234,7 +239,9 @@ def derived_files(results: Path) -> dict[str, str]:
     if "carry.json" in records:
         files["carry.md"] = carry.summarize(records["carry.json"])
     if "neural.json" in records:
-        table, summary = neural.summarize(records["neural.json"], neural.load_paired(results))
+        table, summary = neural.summarize(
+            records["neural.json"], neural.load_paired(results), neural.load_paired(results, neural.FRESH)
+        )
         files.update({"neural.md": table, "neural_summary.json": json.dumps(summary, indent=1)})
     if "plugin.json" in records:
         files["plugin.md"] = plugin.compare(records["plugin.json"])[0]

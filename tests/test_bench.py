@@ -340,6 +340,41 @@ def test_pair_gives_the_ratio_a_paired_interval_from_a_re_run_of_both_contenders
         neural.main(["--pair", "--kinds", "eps", "--nfes", "5", "--out", str(out)])
 
 
+def test_fresh_scores_both_picks_on_new_noises_with_their_own_answer_key(quick, tmp_path):
+    """``--fresh SEED`` runs each cell's best built-in and EPD table (picked on the recorded noises) on as many new
+    noises with their own answer key: the ratio without the picks' luck, shown beside the recorded one until a row
+    changes; the recorded noises' own seed is refused."""
+    import shutil
+
+    from bench import neural, report
+
+    out = tmp_path / "fresh"
+    shutil.copytree(quick, out)
+    assert neural.main(["--fresh", "5", "--kinds", "eps", "--nfes", "5", "--out", str(out)]) == 0
+    (entry,) = json.loads((out / neural.FRESH).read_text())
+    (cell,) = [s for s in json.loads((out / "neural_summary.json").read_text()) if s["model"] == "mnist-eps"]
+    (exact,) = [r for r in json.loads((out / "neural.json").read_text()) if r["sampler"] == "exact"]
+    assert (entry["model"], entry["nfe"], entry["samples"], entry["noise_seed"]) == ("mnist-eps", 5, 20, 5)
+    assert (entry["builtin"], entry["epd"]) == (neural.contender_label(cell["best_builtin"]),
+                                                neural.contender_label(cell["epd"]))  # fmt: skip
+    assert entry["recorded_ratio"] == cell["ratio"] and cell["fresh"] == entry
+    assert entry["answer_key_gap"] != exact["answer_key_gap"]  # other noises, their own key
+    assert entry["ratio"] != pytest.approx(cell["ratio"], rel=1e-6)
+    lo, hi = entry["ratio_ci"]
+    assert lo < entry["ratio"] < hi
+    text = f"new noises {entry['ratio']:.2f}x [{lo:.2f}, {hi:.2f}]"
+    assert text in (out / "neural.md").read_text()
+    headline = report.neural_table(json.loads((out / "neural.json").read_text()), out)
+    assert text in headline.replace("**", "")  # the headline bolds a ratio that meets its target
+
+    rows = json.loads((out / "neural.json").read_text())  # a pick scored again: the fresh ratio was another pair's
+    best = next(r for r in rows if r["scheduler"] == cell["epd"]["scheduler"] and r["sampler"] == "epd")
+    best["rmse"] *= 0.8
+    assert neural.summarize(rows, [], neural.load_paired(out, neural.FRESH))[1][0]["fresh"] is None
+    with pytest.raises(ValueError, match="draws the recorded noises again"):
+        neural.main(["--fresh", str(neural.HELD_OUT_SEED), "--kinds", "eps", "--nfes", "5", "--out", str(out)])
+
+
 def test_mnist_diagnosis_splits_the_error_and_finds_commit_steps(quick, tmp_path):
     """``bench.diagnose --mnist``: both contenders reproduce their rows, the wrong-class shares and commit steps
     account for every wrong sample, and a continuation of a few samples in class slots equals the whole batch's."""
