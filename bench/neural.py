@@ -353,45 +353,25 @@ def contender(contest: Contest, row: dict):
     return comfy.samplers.sampler_object(name), sigmas
 
 
-def rerun(contest: Contest, row: dict, callback=None) -> tuple[torch.Tensor, torch.Tensor]:
+def rerun(contest: Contest, row: dict, callback=None, reproduce: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """Run ``row``'s contender again on the contest's noises (``callback`` as in :func:`run`) and check that it
-    reproduces the row (its round count, and its RMSE to 2%: CPU and GPU rows differ by about 1e-4). Returns the
-    end and the sigmas it ran."""
+    reproduces the row: its round count, and (``reproduce``: the row's own noises) its RMSE to 2% (CPU and GPU rows
+    differ by about 1e-4). Returns the end and the sigmas it ran."""
     sampler, sigmas = contender(contest, row)
     final, c = run(contest.model, contest.positive, contest.negative, sampler, sigmas, contest.noise, callback)
     again = rmse(final, contest.exact)
-    if c.rounds != row["nfe"] or not math.isclose(again, row["rmse"], rel_tol=0.02):
+    if c.rounds != row["nfe"] or reproduce and not math.isclose(again, row["rmse"], rel_tol=0.02):
         raise RuntimeError(f"{row['model']} {contender_label(row)} at NFE {row['nfe']}: the re-run gives RMSE "
                            f"{again:.4g} in {c.rounds} rounds, the row {row['rmse']:.4g} in {row['nfe']}; "
                            "not the same contender, noises or answer key")  # fmt: skip
     return final, sigmas
 
 
-def pair(kind: str, rows: list[dict], nfes=NFES, log=print) -> list[dict]:
+def pair(kind: str, rows: list[dict], nfes=NFES, log=print, seed: int | None = None) -> list[dict]:
     """For each NFE of model ``kind``: re-run the best built-in and the best EPD table of ``rows`` on the same
-    noises and answer key, check that they reproduce their rows, and bootstrap the ratio's paired interval."""
-    model = f"mnist-{kind}"
-    _, summary = summarize([r for r in rows if r["model"] == model])
-    summary = [s for s in summary if s["nfe"] in nfes]
-    if not summary:
-        return []
-    contest = Contest(kind, summary[0]["epd"]["samples"], log=log)
-    out = []
-    for s in summary:
-        errors = {side: per_sample_mse(rerun(contest, s[side])[0], contest.exact) for side in ("best_builtin", "epd")}
-        ratio = float((errors["best_builtin"].mean() / errors["epd"].mean()).sqrt())
-        ci = paired_ratio_interval(errors["best_builtin"], errors["epd"])
-        log(f"{model} NFE {s['nfe']}: ratio {ratio:.3f}x, paired 95% [{ci[0]:.3f}, {ci[1]:.3f}]")
-        out.append({"model": model, "nfe": s["nfe"], "samples": contest.noise.shape[0],
-                    "builtin": contender_label(s["best_builtin"]), "epd": contender_label(s["epd"]),
-                    "ratio": ratio, "ratio_ci": list(ci), "recorded_ratio": s["ratio"]})  # fmt: skip
-    return out
-
-
-def fresh(kind: str, rows: list[dict], seed: int, nfes=NFES, log=print) -> list[dict]:
-    """For each NFE of model ``kind``: the best built-in and the best EPD table of ``rows`` (picked on the recorded
-    noises) run on as many new noises drawn with ``seed``, against those noises' own answer key; the ratio with its
-    paired interval."""
+    noises and answer key, check that they reproduce their rows, and bootstrap the ratio's paired interval. With
+    ``seed``: the same two picks on as many new noises drawn with it, against their own answer key (the ratio without
+    the luck of picks made on the scored noises; :data:`FRESH`)."""
     model = f"mnist-{kind}"
     _, summary = summarize([r for r in rows if r["model"] == model])
     summary = [s for s in summary if s["nfe"] in nfes]
@@ -399,30 +379,25 @@ def fresh(kind: str, rows: list[dict], seed: int, nfes=NFES, log=print) -> list[
         return []
     if seed == HELD_OUT_SEED:
         raise ValueError(f"--fresh {seed} draws the recorded noises again; give another seed")
-    contest = Contest(kind, summary[0]["epd"]["samples"], log=log, seed=seed)
+    contest = Contest(kind, summary[0]["epd"]["samples"], log=log, seed=HELD_OUT_SEED if seed is None else seed)
+    fresh = {} if seed is None else {"noise_seed": seed, "answer_key_gap": contest.common["answer_key_gap"]}
     out = []
     for s in summary:
-        errors = {}
-        for side in ("best_builtin", "epd"):
-            sampler, sigmas = contender(contest, s[side])
-            final, c = run(contest.model, contest.positive, contest.negative, sampler, sigmas, contest.noise)
-            if c.rounds != s["nfe"]:
-                raise RuntimeError(f"{model} {contender_label(s[side])}: {c.rounds} rounds, the row {s['nfe']}")
-            errors[side] = per_sample_mse(final, contest.exact)
+        errors = {side: per_sample_mse(rerun(contest, s[side], reproduce=seed is None)[0], contest.exact)
+                  for side in ("best_builtin", "epd")}  # fmt: skip
         ratio = float((errors["best_builtin"].mean() / errors["epd"].mean()).sqrt())
         ci = paired_ratio_interval(errors["best_builtin"], errors["epd"])
-        log(f"{model} NFE {s['nfe']} on new noises (seed {seed}): ratio {ratio:.3f}x, paired 95% "
-            f"[{ci[0]:.3f}, {ci[1]:.3f}] (recorded {s['ratio']:.3f}x)")  # fmt: skip
-        out.append({"model": model, "nfe": s["nfe"], "samples": contest.noise.shape[0], "noise_seed": seed,
-                    "answer_key_gap": contest.common["answer_key_gap"],
+        where = "" if seed is None else f" on new noises (seed {seed}, recorded {s['ratio']:.3f}x)"
+        log(f"{model} NFE {s['nfe']}{where}: ratio {ratio:.3f}x, paired 95% [{ci[0]:.3f}, {ci[1]:.3f}]")
+        out.append({"model": model, "nfe": s["nfe"], "samples": contest.noise.shape[0], **fresh,
                     "builtin": contender_label(s["best_builtin"]), "epd": contender_label(s["epd"]),
                     "ratio": ratio, "ratio_ci": list(ci), "recorded_ratio": s["ratio"]})  # fmt: skip
     return out
 
 
 def record_paired(entries: list[dict], out: Path, name: str = "neural_paired.json") -> None:
-    """Fold ``entries`` into ``out``'s ``name`` (``neural_paired.json``, or ``neural_fresh.json`` for
-    :func:`fresh`'s; replacing those of the same model and NFE) and rewrite the summary from ``neural.json``."""
+    """Fold ``entries`` into ``out``'s ``name`` (``neural_paired.json``, or :data:`FRESH` for new noises'),
+    replacing those of the same model and NFE, and rewrite the summary from ``neural.json``."""
     keys = {(p["model"], p["nfe"]) for p in entries}
     kept = [p for p in load_paired(out, name) if (p["model"], p["nfe"]) not in keys]
     paired = sorted(kept + entries, key=lambda p: (p["model"], p["nfe"]))
@@ -471,7 +446,7 @@ def reusable(rows, base: dict) -> dict[tuple, dict]:
 def summarize(rows: list[dict], paired: list[dict] = (), fresh: list[dict] = ()) -> tuple[str, list[dict]]:
     """Per model and NFE: the best built-in by RMSE and by FID, and the best EPD table; the ratios, with the paired
     interval of ``paired`` (see :func:`pair`) where it was measured on these two contenders and noises, and the
-    ratio of the same two on new noises (``fresh``, see :func:`fresh`) where it was measured."""
+    ratio of the same two on new noises (``fresh``, :func:`pair` with a seed) where it was measured."""
     lines = ["| model | NFE | best built-in (RMSE) | RMSE [95%] | FID | EPD table | RMSE [95%] | FID | accuracy | "
              "wrong class [95%] | RMSE ratio [95% paired] | best built-in (FID) | FID | FID ratio |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -503,8 +478,9 @@ def contender_label(row: dict) -> str:
 
 
 def measured(entries, builtin: dict, epd: dict) -> dict | None:
-    """The entry of ``entries`` (:func:`pair`'s or :func:`fresh`'s) measured for exactly these two rows (model, NFE,
-    contenders, sample count and recorded ratio: a row scored again since has none until it is measured again)."""
+    """The entry of ``entries`` (:func:`pair`'s, on the recorded noises or new ones) measured for exactly these two
+    rows (model, NFE, contenders, sample count and recorded ratio: a row scored again since has none until it is
+    measured again)."""
     for p in entries:
         same = (p["model"], p["nfe"], p["samples"]) == (epd["model"], epd["nfe"], epd["samples"])
         same = same and math.isclose(p["recorded_ratio"], builtin["rmse"] / epd["rmse"], rel_tol=1e-9)
@@ -529,7 +505,7 @@ def ratio_text(s: dict) -> str:
 
 
 def fresh_text(s: dict, mark=lambda ratio: f"{ratio:.2f}x") -> str:
-    """``; new noises 1.98x [1.90, 2.07]`` for a summary cell scored by :func:`fresh` (``mark`` writes the ratio),
+    """``; new noises 1.98x [1.90, 2.07]`` for a summary cell scored on new noises (``mark`` writes the ratio),
     "" without it."""
     f = s.get("fresh")
     return f"; new noises {mark(f['ratio'])}{paired_text(f['ratio_ci'])}" if f else ""
@@ -598,18 +574,12 @@ def main(argv: list[str] | None = None) -> int:
     import comfy.samplers
 
     t0 = time.time()
-    if args.pair:
+    if args.pair or args.fresh is not None:
         rows = json.loads((args.out / "neural.json").read_text())
-        record_paired([p for kind in args.kinds for p in pair(kind, rows, args.nfes)], args.out)
+        entries = [p for kind in args.kinds for p in pair(kind, rows, args.nfes, seed=args.fresh)]
+        record_paired(entries, args.out, "neural_paired.json" if args.fresh is None else FRESH)
         print((args.out / "neural.md").read_text())
         print(f"paired in {time.time() - t0:.0f} s -> {args.out}")
-        return 0
-    if args.fresh is not None:
-        rows = json.loads((args.out / "neural.json").read_text())
-        entries = [p for kind in args.kinds for p in fresh(kind, rows, args.fresh, args.nfes)]
-        record_paired(entries, args.out, FRESH)
-        print((args.out / "neural.md").read_text())
-        print(f"scored on new noises in {time.time() - t0:.0f} s -> {args.out}")
         return 0
     n = args.samples or (20 if args.quick else 2050)
     n = -(-n // 10) * 10
