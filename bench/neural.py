@@ -511,6 +511,11 @@ def fresh_text(s: dict, mark=lambda ratio: f"{ratio:.2f}x") -> str:
     return f"; new noises {mark(f['ratio'])}{paired_text(f['ratio_ci'])}" if f else ""
 
 
+def summarize_with(rows: list[dict], folder: Path) -> tuple[str, list[dict]]:
+    """:func:`summarize` with the paired and new-noise entries recorded in ``folder``."""
+    return summarize(rows, load_paired(folder), load_paired(folder, FRESH))
+
+
 def load_paired(folder: Path, name: str = "neural_paired.json") -> list[dict]:
     """The entries of ``folder``'s ``name`` (``neural_paired.json`` or ``neural_fresh.json``); none without it."""
     path = Path(folder) / name
@@ -526,7 +531,7 @@ def record(rows: list[dict], out: Path, merge: bool = True) -> str:
     and (``merge``) its rows into ``accuracy.json``; returns the summary table."""
     path = out / "neural.json"
     rows = merge_runs(rows, json.loads(path.read_text()) if path.exists() else [])  # a --kinds/--nfes run: its own
-    table, summary = summarize(rows, load_paired(out), load_paired(out, FRESH))
+    table, summary = summarize_with(rows, out)
     write_atomic(json.dumps(rows, indent=1).encode(), path, overwrite=True)  # a failed write keeps the earlier runs
     (out / "neural.md").write_text(table)
     (out / "neural_summary.json").write_text(json.dumps(summary, indent=1))

@@ -98,7 +98,7 @@ def mixtures_table(rows: list[dict]) -> str:
 
 
 def neural_table(rows: list[dict], results: Path) -> str:
-    _, summary = neural.summarize(rows, neural.load_paired(results), neural.load_paired(results, neural.FRESH))
+    _, summary = neural.summarize_with(rows, results)
     exact = {r["model"]: r for r in rows if r["sampler"] == "exact"}
     head = ["model", "NFE", "best built-in (RMSE)", "RMSE [95%]", "EPD table", "RMSE [95%]", "ratio",
             "FID: best built-in / EPD / exact ODE"]  # fmt: skip
@@ -239,9 +239,7 @@ def derived_files(results: Path) -> dict[str, str]:
     if "carry.json" in records:
         files["carry.md"] = carry.summarize(records["carry.json"])
     if "neural.json" in records:
-        table, summary = neural.summarize(
-            records["neural.json"], neural.load_paired(results), neural.load_paired(results, neural.FRESH)
-        )
+        table, summary = neural.summarize_with(records["neural.json"], results)
         files.update({"neural.md": table, "neural_summary.json": json.dumps(summary, indent=1)})
     if "plugin.json" in records:
         files["plugin.md"] = plugin.compare(records["plugin.json"])[0]
