@@ -433,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.job:
         job = json.loads(args.job)
         rows = _bench_job(*job["job"])
-        Path(job["out"]).write_text(json.dumps(rows))
+        write_atomic(json.dumps(rows).encode(), Path(job["out"]), overwrite=True)
         return 0
     t0 = time.time()
     if args.quick:
@@ -461,7 +461,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = merge_runs(rows, json.loads(path.read_text()) if path.exists() else [])
     write_atomic(json.dumps(rows, indent=1).encode(), path, overwrite=True)  # a failed write keeps the old records
     for name, text in summary_files(rows).items():
-        (args.out / name).write_text(text)
+        write_atomic(text.encode(), args.out / name, overwrite=True)
     table = (args.out / "accuracy.md").read_text()
     try:
         plot(rows, args.out / "accuracy.png")

@@ -35,6 +35,7 @@ from bench.accuracy import (
     run,
 )
 from epd_core import GaussianMixture, load_params
+from epd_core.files import write_atomic
 from epd_dev import ROOT, comfy_harness
 
 MIXTURES = ("reference", "wide", "multimodal")
@@ -123,9 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         rows = [r for part in parts for r in part]
     args.out.mkdir(parents=True, exist_ok=True)
     rows = merge_cases(rows, args.out / "carry.json")
-    (args.out / "carry.json").write_text(json.dumps(rows, indent=1))
+    write_atomic(json.dumps(rows, indent=1).encode(), args.out / "carry.json", overwrite=True)
     table = summarize(rows)
-    (args.out / "carry.md").write_text(table)
+    write_atomic(table.encode(), args.out / "carry.md", overwrite=True)
     print(table)
     return 0
 

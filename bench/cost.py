@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from epd_core import EPDParams, load_params, make_schedule, sample
+from epd_core.files import write_atomic
 from epd_dev import ROOT, comfy_harness
 from epd_dev.tiny_models import conditioning, tiny_model
 
@@ -108,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
     result = {"device": "cpu", "wall_time": wall_time(args.reps), "overhead": solver_overhead(args.reps),
               "memory": batched_memory()}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cost.json").write_text(json.dumps(result, indent=1))
+    write_atomic(json.dumps(result, indent=1).encode(), args.out / "cost.json", overwrite=True)
     lines = ["| sampler | NFE | seconds per image | ratio to euler |", "|---|---|---|---|"]
     for r in result["wall_time"]:
         cells = [r["sampler"], r["nfe"], f"{r['seconds_per_image']:.4f}", f"{r['ratio_to_euler']:.2f}"]
@@ -119,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         f"EPD solver overhead: {o['microseconds_per_step']:.0f} us per step (near-free denoiser).",
         f"ComfyUI's memory estimate for one call with both points: {m['ratio']:.2f}x a single point's.",
     ]
-    (args.out / "cost.md").write_text("\n".join(lines) + "\n")
+    write_atomic(("\n".join(lines) + "\n").encode(), args.out / "cost.md", overwrite=True)
     print("\n".join(lines))
     return 0
 

@@ -31,6 +31,7 @@ import torch
 from bench.accuracy import FORMS, PARALLEL, RESULTS, builtin_sigmas, builtin_steps, case_key, metrics, rank, run
 from bench.carry import MIXTURES, held_out
 from bench.neural import paired_ratio_interval, per_sample_mse
+from epd_core.files import write_atomic
 from epd_dev import comfy_harness
 
 # Each ending: its label, EPD Scheduler's final_denoise, EPD Sampler's final_step. The last is EPD KSampler's defaults
@@ -287,8 +288,9 @@ def main(argv: list[str] | None = None) -> int:
             for mixture in args.mixtures:
                 for nfe in args.nfes:
                     rows += case(form, mixture, nfe, args.samples, settings, carry, args.keep_tables)
-                    (args.out / "defaults.json").write_text(json.dumps(rows, indent=1))  # a run cut short keeps these
-                    (args.out / "defaults.md").write_text(summarize(rows))
+                    # after each case: a run cut short keeps these
+                    write_atomic(json.dumps(rows, indent=1).encode(), args.out / "defaults.json", overwrite=True)
+                    write_atomic(summarize(rows).encode(), args.out / "defaults.md", overwrite=True)
     finally:
         node_distill.clear()
         node_distill.update(saved)

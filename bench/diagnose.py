@@ -37,7 +37,7 @@ import torch
 from bench.accuracy import HELD_OUT_SEED, RESULTS, exact_endpoint, mixture_denoiser
 from bench.defaults import best_builtin
 from epd_core.analytic import GaussianMixture
-from epd_core.files import load_params
+from epd_core.files import load_params, write_atomic
 from epd_core.schedules import make_schedule
 from epd_core.solver import sample
 from epd_core.teachers import subdivide, teacher_trajectory
@@ -286,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         keys = {(r["model"], r["nfe"]) for r in found}
         kept = [r for r in json.loads(path.read_text()) if (r["model"], r["nfe"]) not in keys] if path.is_file() else []
         rows = sorted(kept + found, key=lambda r: (r["model"], r["nfe"]))
-        path.write_text(json.dumps(rows, indent=1))
-        (args.out / "diagnosis_mnist.md").write_text(summarize_mnist(rows))
+        write_atomic(json.dumps(rows, indent=1).encode(), path, overwrite=True)
+        write_atomic(summarize_mnist(rows).encode(), args.out / "diagnosis_mnist.md", overwrite=True)
         print(summarize_mnist(rows))
         return 0
     if args.tables is None:
@@ -298,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(diagnose(path, args.samples, builtins))
         print(f"{path.stem}: {rows[-1]['rmse']:.4f}, committed at {rows[-1]['commit_step']}", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "diagnosis.json").write_text(json.dumps(rows, indent=1))
-    (args.out / "diagnosis.md").write_text(summarize(rows))
+    write_atomic(json.dumps(rows, indent=1).encode(), args.out / "diagnosis.json", overwrite=True)
+    write_atomic(summarize(rows).encode(), args.out / "diagnosis.md", overwrite=True)
     print(summarize(rows))
     return 0
 

@@ -20,6 +20,7 @@ import torch
 
 from bench.cost import median_times
 from epd_core import EPDParams
+from epd_core.files import write_atomic
 from epd_core.params import time_points_for_nfe
 from epd_dev import ROOT, comfy_harness
 from epd_dev.tiny_models import UNET, _init
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
               "torch": torch.__version__, "reps": args.reps,
               "wall_time": [r for n in args.nfe for r in latency(args.size, n, args.reps, args.latent)]}  # fmt: skip
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "gpu_latency.json").write_text(json.dumps(result, indent=1))
+    write_atomic(json.dumps(result, indent=1).encode(), args.out / "gpu_latency.json", overwrite=True)
     for r in result["wall_time"]:
         print(f"{r['sampler']:>15}  NFE {r['nfe']}  {1000 * r['seconds_per_image']:8.1f} ms  "
               f"x{r['ratio_to_dpmpp_2m']:.2f} dpmpp_2m")  # fmt: skip

@@ -533,8 +533,8 @@ def record(rows: list[dict], out: Path, merge: bool = True) -> str:
     rows = merge_runs(rows, json.loads(path.read_text()) if path.exists() else [])  # a --kinds/--nfes run: its own
     table, summary = summarize_with(rows, out)
     write_atomic(json.dumps(rows, indent=1).encode(), path, overwrite=True)  # a failed write keeps the earlier runs
-    (out / "neural.md").write_text(table)
-    (out / "neural_summary.json").write_text(json.dumps(summary, indent=1))
+    write_atomic(table.encode(), out / "neural.md", overwrite=True)
+    write_atomic(json.dumps(summary, indent=1).encode(), out / "neural_summary.json", overwrite=True)
     if merge:
         merge_into_accuracy(rows, out / "accuracy.json")
     return table

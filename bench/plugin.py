@@ -137,7 +137,7 @@ def record(rows: list[dict], out: Path) -> str:
     ``plugin.md`` from the merged records and return it."""
     out.mkdir(parents=True, exist_ok=True)
     table, _ = compare(merge_rows(rows, out / "plugin.json", only_plugin=False))
-    (out / "plugin.md").write_text(table)
+    write_atomic(table.encode(), out / "plugin.md", overwrite=True)
     merge_rows(rows, out / "accuracy.json", only_plugin=True)
     return table
 
@@ -192,7 +192,7 @@ def _job(spec: str) -> None:
                                   partial=partial_path(Path(job["out"])), tables=job.get("tables"))  # fmt: skip
     else:
         rows = bench_plugin(job["form"], job["bases"], job["nfes"], job["n"])
-    Path(job["out"]).write_text(json.dumps(rows))
+    write_atomic(json.dumps(rows).encode(), Path(job["out"]), overwrite=True)
 
 
 def main(argv: list[str] | None = None) -> int:

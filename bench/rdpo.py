@@ -30,6 +30,7 @@ from bench.accuracy import PARALLEL
 from bench.neural import CFG, run, setup
 from epd_core import load_params
 from epd_core.config import RDPOConfig, add_arguments, rdpo_preset
+from epd_core.files import write_atomic
 from epd_dev import ROOT, comfy_harness, mnist_data, mnist_metrics, mnist_rewards
 
 START = ROOT / "weights" / "demo" / "mnist-eps-nfe5-epd.safetensors"  # the Stage-1 table the recorded runs started from
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     if args.append and args.out.is_file():
         runs = json.loads(args.out.read_text()) + runs
-    args.out.write_text(json.dumps(runs, indent=1) + "\n")
+    write_atomic((json.dumps(runs, indent=1) + "\n").encode(), args.out, overwrite=True)
     print(f"wrote {args.out}")
     return 0
 

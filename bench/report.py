@@ -24,6 +24,7 @@ from pathlib import Path
 from bench import neural
 from bench.accuracy import RESULTS, plot, rank, summary_files
 from epd_core import load_params
+from epd_core.files import write_atomic
 from epd_dev import ROOT
 
 README = ROOT / "README.md"
@@ -267,10 +268,10 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         return 0
     for name, content in files.items():
-        (args.results / name).write_text(content)
+        write_atomic(content.encode(), args.results / name, overwrite=True)
     if (args.results / "accuracy.json").exists():
         plot(json.loads((args.results / "accuracy.json").read_text()), args.results / "accuracy.png")
-    args.readme.write_text(updated)
+    write_atomic(updated.encode(), args.readme, overwrite=True)
     print(block)
     return 0
 

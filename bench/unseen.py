@@ -42,6 +42,7 @@ from bench.accuracy import (
 from bench.defaults import node_defaults, parse_settings
 from bench.neural import paired_ratio_interval, per_sample_mse, tuned_schedules, wilson
 from epd_core import GaussianMixture
+from epd_core.files import write_atomic
 from epd_dev import comfy_harness
 
 # name: (form, flow shift or None, the mixture's seed)
@@ -181,9 +182,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     rows = merge_cases(new, args.out / "unseen.json", key=record_key)
     rows.sort(key=record_key)
-    (args.out / "unseen.json").write_text(json.dumps(rows, indent=1))
+    write_atomic(json.dumps(rows, indent=1).encode(), args.out / "unseen.json", overwrite=True)
     table = summarize(rows)
-    (args.out / "unseen.md").write_text(table)
+    write_atomic(table.encode(), args.out / "unseen.md", overwrite=True)
     print(table)
     return 0
 

@@ -664,6 +664,45 @@ def test_a_record_write_that_fails_keeps_the_earlier_records(tmp_path, monkeypat
     assert not list(tmp_path.glob(".*.tmp"))
 
 
+def test_report_write_that_fails_keeps_the_readme_and_the_summaries(tmp_path):
+    """bench.report rewrote the summaries and the README with ``write_text``: a full disk (here a file size limit)
+    truncated them, the README's prose included."""
+    import resource
+    import shutil
+    import signal
+
+    from bench import report
+
+    results, readme = tmp_path / "results", tmp_path / "README.md"
+    shutil.copytree(report.RESULTS, results)
+    shutil.copyfile(report.README, readme)
+    before = {p.name: p.read_bytes() for p in [readme, *results.iterdir()]}
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (100, limits[1]))
+    try:
+        with pytest.raises(OSError):
+            report.main(["--results", str(results), "--readme", str(readme)])
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+    assert {p.name: p.read_bytes() for p in [readme, *results.iterdir()]} == before
+
+
+def test_benchmarks_write_their_files_whole_or_not_at_all():
+    """A record the benchmarks merge into (carry.json, unseen.json, diagnosis_mnist.json, bench.rdpo --append) or
+    rewrite (the summaries, the README) went through ``write_text``, which truncates the file before a write that can
+    fail; ``write_atomic`` keeps the old file then."""
+    import ast
+
+    found = []
+    for path in sorted((ROOT / "bench").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "write_text":
+                found.append(f"{path.name}:{node.lineno}")
+    assert not found
+
+
 def test_plugin_benchmark_compares_each_base_at_equal_nfe_and_replaces_plugin_rows(tmp_path):
     from bench import plugin
 
