@@ -156,8 +156,9 @@ def test_test_script_refuses_an_unknown_or_empty_tree_list(trees):
 
 def test_test_script_combines_a_marker_with_the_033_selection():
     """``-m EXPR`` narrows both runs: the 0.33 run keeps its "not core" and collects nothing for ``-m core``
-    (pytest's 5, accepted for a narrowed selection); an exported COMFYUI_PATH does not leak into the 0.3.75 run."""
-    env = dict(os.environ, COMFYUI_PATH="/nonexistent")
+    (pytest's 5, accepted for a narrowed selection); an exported COMFYUI_PATH does not leak into the 0.3.75 run. Both
+    trees, whatever EPD_TREES the suite itself was started with."""
+    env = {k: v for k, v in os.environ.items() if k != "EPD_TREES"} | {"COMFYUI_PATH": "/nonexistent"}
     run = subprocess.run(["bash", "scripts/test.sh", "-m", "core", "--collect-only", "-q"], cwd=ROOT, env=env,  # noqa: S603, S607
                          capture_output=True, text=True, timeout=600)  # fmt: skip
     out = run.stdout + run.stderr
