@@ -30,14 +30,15 @@ their errors are correlated and the ratio is known better than the two rows' own
 made on the noises they are scored on (the best of many tables, the best of many built-ins), so ``--fresh SEED``
 scores the same two contenders, paired, on new noises with their own answer key: the ratio without the pick's luck.
 
-With ``EPD_KEY_CACHE`` set to a folder, each model's answer key is kept there (safetensors, with a checksum of the
-noises it was made from) and read back by later runs on the same noises: shards of one benchmark run in parallel
-processes compute it once.
+With ``EPD_KEY_CACHE`` set to a folder, each model's answer key is kept there (safetensors, a file per set of noises,
+named by their digest and holding a checksum of them) and read back by later runs on the same noises: shards of one
+benchmark run in parallel processes compute it once, and a ``--fresh`` run keeps the recorded noises' key.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -129,7 +130,8 @@ def cached_answer_key(model, kind, positive, negative, noise) -> tuple[torch.Ten
         return answer_key(model, kind, positive, negative, noise)
     from safetensors.torch import load_file, save
 
-    path = Path(folder) / f"mnist-{kind}-{noise.shape[0]}-heun{KEY_STEPS}.safetensors"
+    digest = hashlib.sha256(noise.detach().cpu().float().contiguous().numpy().tobytes()).hexdigest()[:12]
+    path = Path(folder) / f"mnist-{kind}-{noise.shape[0]}-heun{KEY_STEPS}-{digest}.safetensors"  # --fresh: another
     checksum = noise.double().sum().reshape(1)
     if path.is_file():
         saved = load_file(path)

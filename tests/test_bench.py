@@ -16,6 +16,15 @@ from epd_dev.comfy_harness import NODES as N
 pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("comfy_nodes")]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def key_cache(tmp_path_factory):
+    """One answer key per model and noises for the whole module (``EPD_KEY_CACHE``): the quick fixture's, the tests
+    that re-run its cells and the diagnosis would otherwise each run the Heun key again (about 20 s each)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("EPD_KEY_CACHE", str(tmp_path_factory.mktemp("keys")))
+        yield
+
+
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     """``python -m bench.all --quick``: the quick accuracy, carry and neural benchmarks, then the headline."""
@@ -505,9 +514,12 @@ def test_answer_key_cache_is_shared_by_runs_on_the_same_noises(tmp_path, monkeyp
     again = neural.cached_answer_key(None, "eps", None, None, noise)
     assert calls == ["eps", "eps"]  # the second run read the key back
     assert torch.equal(again[0], first[0]) and again[1] == first[1] == 0.125
-    assert [p.name for p in (tmp_path / "keys").iterdir()] == ["mnist-eps-20-heun100.safetensors"]  # no temp left
+    (name,) = [p.name for p in (tmp_path / "keys").iterdir()]  # no temp left
+    assert name.startswith("mnist-eps-20-heun100-") and name.endswith(".safetensors")
     neural.cached_answer_key(None, "eps", None, None, noise + 1)  # other noises, same count: not the cached key
     assert calls == ["eps", "eps", "eps"]
+    neural.cached_answer_key(None, "eps", None, None, noise)  # and both kept: a --fresh run overwrote the recorded
+    assert calls == ["eps", "eps", "eps"]  # noises' key, and the next run paid for it again (55 minutes a model)
 
 
 def test_answer_key_cache_reads_a_key_summed_under_another_thread_count(tmp_path, monkeypatch):
@@ -521,7 +533,7 @@ def test_answer_key_cache_reads_a_key_summed_under_another_thread_count(tmp_path
     monkeypatch.setenv("EPD_KEY_CACHE", str(tmp_path))
     noise = torch.randn(20, 4, 14, 14, generator=torch.Generator().manual_seed(0))
     neural.cached_answer_key(None, "eps", None, None, noise)
-    path = tmp_path / "mnist-eps-20-heun100.safetensors"
+    (path,) = tmp_path.glob("mnist-eps-20-heun100-*.safetensors")
     saved = load_file(path)
     save_file({**saved, "noise_sum": saved["noise_sum"] + 6e-14, "gap": torch.tensor([0.5], dtype=torch.float64)}, path)
     assert neural.cached_answer_key(None, "eps", None, None, noise)[1] == 0.5  # read back, not recomputed
