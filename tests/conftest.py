@@ -49,6 +49,16 @@ def comfy_nodes() -> Mapping[str, type]:
     return comfy_harness.NODES
 
 
+@pytest.fixture
+def few_held_out(comfy_nodes: Mapping[str, type], monkeypatch: pytest.MonkeyPatch) -> None:
+    """The saved table's held-out errors on 2 noises, not 64, where that check is not the question: the same code,
+    and most of a short training test's time was those 64 noises' teachers (the 64 are tested in
+    test_core_distill.py)."""
+    from epd_dev import comfy_harness
+
+    monkeypatch.setattr(comfy_harness.pack_module("epd_core.distill"), "HELD_OUT", 2)
+
+
 @pytest.fixture(scope="module")
 def _mirror() -> Iterator[Mirror]:
     m = Mirror()

@@ -19,13 +19,6 @@ pytestmark = [pytest.mark.comfy, pytest.mark.usefixtures("comfy_nodes")]
 
 
 @pytest.fixture
-def few_held_out(monkeypatch):
-    """The saved table's held-out errors on 2 noises, not 64, where that check is not the question: the same code,
-    and 90% of a short test run's time was those 64 noises' teachers (the 64 are tested in test_core_distill.py)."""
-    monkeypatch.setattr(H.pack_module("epd_core.distill"), "HELD_OUT", 2)
-
-
-@pytest.fixture
 def epd_dir(tmp_path, monkeypatch, few_held_out):
     import folder_paths
 

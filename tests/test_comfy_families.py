@@ -424,13 +424,12 @@ def test_the_loader_info_says_which_model_a_table_was_made_for():
     assert "ICCV tables' pixel-space" in iccv and "sigma 0.002 to 80" in iccv and "its own grid" not in iccv
 
 
-def test_a_flux2_table_without_its_own_grid_records_the_mu_it_was_fitted_at(tmp_path, monkeypatch):
+def test_a_flux2_table_without_its_own_grid_records_the_mu_it_was_fitted_at(tmp_path, monkeypatch, few_held_out):
     """Fitted on the grid of the latent's resolution, it recorded (and the loader showed) the model's default mu."""
     import folder_paths
     from comfy_extras.nodes_flux import compute_empirical_mu
 
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "epd", ([str(tmp_path)], {".safetensors"}))
-    monkeypatch.setattr(H.pack_module("epd_core.distill"), "HELD_OUT", 2)  # the saved table's check: not the question
     model = tiny_model("flux2")
     empty = {"samples": torch.zeros(1, 128, 16, 16)}
     params, info = N["EPDDistill"].execute(model, conditioning(1), conditioning(1), empty, 1.0, 4, 2, "heun", 1, 1, 2,

@@ -22,14 +22,11 @@ def towers(tmp_path_factory):
 
 
 @pytest.fixture
-def epd_dir(tmp_path, monkeypatch):
+def epd_dir(tmp_path, monkeypatch, few_held_out):
     import folder_paths
 
     paths, exts = folder_paths.folder_names_and_paths["epd"]
     monkeypatch.setitem(folder_paths.folder_names_and_paths, "epd", ([str(tmp_path)] + list(paths), exts))
-    # The saved table's held-out errors on 2 noises, not 64: the same code, and 90% of a short test run's time was
-    # those 64 noises' teachers (the 64 are tested in test_core_distill.py)
-    monkeypatch.setattr(H.pack_module("epd_core.distill"), "HELD_OUT", 2)
     return tmp_path
 
 

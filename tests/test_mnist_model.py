@@ -397,13 +397,6 @@ def test_epd_ksampler_keeps_sample_j_on_class_j_mod_10_in_a_batch_of_four(kind):
     assert torch.allclose(runs["batched"]["samples"][3], alone["samples"][3], atol=1e-5)
 
 
-@pytest.fixture
-def few_held_out(monkeypatch):
-    """The saved table's held-out errors on 2 noises, not 64: the same code, and 24 of a 3-iteration table run's 39 s
-    were those 64 noises' teachers (the 64 are tested in test_core_distill.py; these tests ask about the script)."""
-    monkeypatch.setattr(H.pack_module("epd_core.distill"), "HELD_OUT", 2)
-
-
 @pytest.mark.usefixtures("few_held_out")
 def test_table_script_fine_tunes_on_a_given_grid(tmp_path, request):
     """``make_mnist_tables --grid`` starts from the given time points instead of the ``--init`` table's own; with
