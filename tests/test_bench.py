@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -642,22 +643,32 @@ def test_neural_run_replaces_its_own_rows_and_keeps_the_plugins(tmp_path):
     assert sorted(json.loads(path.read_text()), key=json.dumps) == sorted([*old[1:], *new], key=json.dumps)
 
 
+@contextlib.contextmanager
+def file_size_limit(nbytes: int):
+    """A full disk, as far as a write is concerned: files may not grow past ``nbytes``."""
+    import resource
+    import signal
+
+    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit: EFBIG, not a killed process
+    resource.setrlimit(resource.RLIMIT_FSIZE, (nbytes, limits[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
 def test_a_record_write_that_fails_keeps_the_earlier_records(tmp_path, monkeypatch):
     """A write of bench.neural's, bench.plugin's or bench.accuracy's records that failed (a full disk: here a file
     size limit) left the file truncated: every earlier run's records were lost, and the next merge failed on the
     broken JSON."""
-    import resource
-    import signal
-
     from bench import accuracy, neural, plugin
 
     old = [{"model": "sd15", "mixture": "m", "sampler": "euler", "scheduler": "beta", "nfe": 5, "rmse": 0.3}]
     for name in ("neural.json", "accuracy.json", "plugin.json"):
         (tmp_path / name).write_text(json.dumps(old))
-    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit: EFBIG, not a killed process
-    resource.setrlimit(resource.RLIMIT_FSIZE, (len(json.dumps(old)) + 10, limits[1]))
-    try:
+    with file_size_limit(len(json.dumps(old)) + 10):
         with pytest.raises(OSError):
             neural.merge_into_accuracy([{**old[0], "model": "mnist-eps"}], tmp_path / "accuracy.json")
         with pytest.raises(OSError):
@@ -668,9 +679,6 @@ def test_a_record_write_that_fails_keeps_the_earlier_records(tmp_path, monkeypat
         with pytest.raises(OSError):
             accuracy.main(["--forms", "sd15_eps", "--mixtures", "reference", "--no-neural", "--workers", "1",
                            "--out", str(tmp_path)])  # fmt: skip
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
-        signal.signal(signal.SIGXFSZ, handler)
     for name in ("neural.json", "accuracy.json", "plugin.json"):
         assert json.loads((tmp_path / name).read_text()) == old, name
     assert not list(tmp_path.glob(".*.tmp"))
@@ -679,9 +687,7 @@ def test_a_record_write_that_fails_keeps_the_earlier_records(tmp_path, monkeypat
 def test_report_write_that_fails_keeps_the_readme_and_the_summaries(tmp_path):
     """bench.report rewrote the summaries and the README with ``write_text``: a full disk (here a file size limit)
     truncated them, the README's prose included."""
-    import resource
     import shutil
-    import signal
 
     from bench import report
 
@@ -689,15 +695,8 @@ def test_report_write_that_fails_keeps_the_readme_and_the_summaries(tmp_path):
     shutil.copytree(report.RESULTS, results)
     shutil.copyfile(report.README, readme)
     before = {p.name: p.read_bytes() for p in [readme, *results.iterdir()]}
-    limits = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (100, limits[1]))
-    try:
-        with pytest.raises(OSError):
-            report.main(["--results", str(results), "--readme", str(readme)])
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, limits)
-        signal.signal(signal.SIGXFSZ, handler)
+    with file_size_limit(100), pytest.raises(OSError):
+        report.main(["--results", str(results), "--readme", str(readme)])
     assert {p.name: p.read_bytes() for p in [readme, *results.iterdir()]} == before
 
 
